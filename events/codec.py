@@ -1,0 +1,69 @@
+"""The stream-entry codec: every entry is exactly `{type, data}` with JSON data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+import msgspec
+
+from events.types import EVENT_TYPES, Event
+
+T = TypeVar("T", bound=Event)
+
+_encoder = msgspec.json.Encoder()
+_decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
+
+
+class DecodeError(ValueError):
+    """An entry that is not a well-formed event; `reason` is a short stable label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def encode(event: Event) -> dict[str, bytes]:
+    return {"type": type(event).__name__.encode(), "data": _encoder.encode(event)}
+
+
+def encode_json(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None:
+    value = fields.get(name.encode())
+    if value is None:
+        value = fields.get(name)
+    if value is None:
+        return None
+    return value.encode() if isinstance(value, str) else value
+
+
+def decode(fields: Mapping[bytes | str, bytes | str]) -> Event:
+    """Decode one entry's fields; raises DecodeError with a reason label."""
+    type_name = _field(fields, "type")
+    data = _field(fields, "data")
+    if type_name is None or data is None:
+        raise DecodeError("missing_field", f"fields present: {sorted(map(str, fields))}")
+    decoder = _decoders.get(type_name.decode(errors="replace"))
+    if decoder is None:
+        raise DecodeError("unknown_type", type_name.decode(errors="replace")[:100])
+    try:
+        return decoder.decode(data)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as exc:
+        raise DecodeError("invalid_data", str(exc)[:300]) from exc
+
+
+def decode_as(fields: Mapping[bytes | str, bytes | str], cls: type[T]) -> T:
+    event = decode(fields)
+    if not isinstance(event, cls):
+        raise DecodeError("unexpected_type", f"{type(event).__name__} where {cls.__name__} belongs")
+    return event
+
+
+def to_builtins(event: Event) -> dict[str, object]:
+    out = msgspec.to_builtins(event)
+    assert isinstance(out, dict)
+    return out

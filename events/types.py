@@ -1,0 +1,275 @@
+"""Event types: the public vocabulary of every stream.
+
+Every event is a msgspec Struct; the class name is the `type` field of the
+stream entry and the encoded struct is its `data` field (see `codec`).
+Fields are only ever added with defaults, so older entries keep decoding.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Mode = Literal["per_request", "serial_bundle", "batch_api"]
+Winner = Literal["essay_a", "essay_b"]
+FinalizeReason = Literal["stable", "budget", "all_pairs", "failed", "stalled"]
+
+ERROR_TYPES: tuple[str, ...] = (
+    "rate_limit",
+    "overloaded",
+    "server_error",
+    "timeout",
+    "connection",
+    "max_tokens",
+    "invalid_request",
+    "authentication",
+    "permission",
+    "billing",
+    "request_too_large",
+    "refusal",
+    "parse_error",
+    "expired",
+)
+ErrorType = Literal[
+    "rate_limit",
+    "overloaded",
+    "server_error",
+    "timeout",
+    "connection",
+    "max_tokens",
+    "invalid_request",
+    "authentication",
+    "permission",
+    "billing",
+    "request_too_large",
+    "refusal",
+    "parse_error",
+    "expired",
+]
+
+
+def now_iso() -> str:
+    """UTC time with fixed microsecond width, so that timestamps compare as strings."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Essay(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An essay as registered. Anchors keep `is_anchor` and their grade in every event."""
+
+    essay_id: str
+    text: str
+    is_anchor: bool = False
+    anchor_grade: str | None = None
+    mock_quality: float | None = None
+
+
+class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):
+    mode: Mode = "per_request"
+    provider: str = "mock"
+    model: str = "mock-judge-1"
+    total_budget: int = 0
+    wave_size: int = 0
+    min_waves: int = 2
+    max_waves: int = 50
+    stability_threshold: float = 0.05
+    max_attempts_per_pair: int = 2
+    max_failure_ratio: float = 0.5
+    seed: int = 0
+    grade_scale: list[str] = msgspec.field(default_factory=list)
+    grade_scale_name: str = "swedish_6"
+    preferred_bundle_size: int = 64
+    overrides: dict[str, str] = msgspec.field(default_factory=dict)
+    prompt_version: str = "v1"
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
+    error_type: ErrorType
+    retryable: bool
+    message: str
+    provider: str = ""
+    model: str = ""
+    correlation_id: str = ""
+    status_code: int | None = None
+    retry_after_s: float | None = None
+
+
+class TokenUsage(msgspec.Struct, frozen=True, omit_defaults=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+
+class PairRequest(msgspec.Struct, frozen=True):
+    """One pair of a wave, as recorded on `WaveSubmitted`."""
+
+    correlation_id: str
+    essay_a: str
+    essay_b: str
+
+
+class EssayScore(msgspec.Struct, frozen=True, omit_defaults=True):
+    essay_id: str
+    theta: float
+    se: float
+    rank: int = 0
+    grade: str | None = None
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    event_id: str = msgspec.field(default_factory=new_id)
+    occurred_at: str = msgspec.field(default_factory=now_iso)
+    schema_version: int = SCHEMA_VERSION
+
+
+# --- cj:batches -------------------------------------------------------------
+
+
+class BatchRegistered(Event, frozen=True, kw_only=True):
+    batch_id: str
+    essays: list[Essay]
+    config: BatchConfig
+    denominator: int
+
+
+class WaveSubmitted(Event, frozen=True, kw_only=True):
+    batch_id: str
+    wave: int
+    pairs: list[PairRequest]
+
+
+class BatchScored(Event, frozen=True, kw_only=True):
+    batch_id: str
+    wave: int
+    scores: list[EssayScore]
+    max_delta: float | None = None
+    ssr: float | None = None
+    position_bias: float | None = None
+    position_bias_se: float | None = None
+    connected: bool = True
+    comparisons: int = 0
+
+
+class BatchFinalized(Event, frozen=True, kw_only=True):
+    batch_id: str
+    reason: FinalizeReason
+    # Requests still in flight at a forced finalization: their callbacks are late.
+    abandoned: list[str] = msgspec.field(default_factory=list)
+
+
+class BatchFailed(Event, frozen=True, kw_only=True):
+    batch_id: str
+    reason: str
+    message: str = ""
+    abandoned: list[str] = msgspec.field(default_factory=list)
+
+
+# --- lps:requests -----------------------------------------------------------
+
+
+class ComparisonRequested(Event, frozen=True, kw_only=True):
+    batch_id: str
+    correlation_id: str
+    wave: int
+    essay_a: Essay
+    essay_b: Essay
+    mode: Mode = "per_request"
+    provider: str = "mock"
+    model: str = "mock-judge-1"
+    preferred_bundle_size: int = 64
+    overrides: dict[str, str] = msgspec.field(default_factory=dict)
+    seed: int = 0
+    prompt_version: str = "v1"
+
+
+# --- lps:dispatches ---------------------------------------------------------
+
+
+class BundleDispatched(Event, frozen=True, kw_only=True):
+    bundle_id: str
+    mode: Mode
+    provider: str
+    model: str
+    consumer: str
+    correlation_ids: list[str]
+    batch_ids: list[str]
+    size: int
+    provider_batch_id: str | None = None
+
+
+class ProviderAttemptFailed(Event, frozen=True, kw_only=True):
+    batch_id: str
+    correlation_id: str
+    attempt: int
+    error: ErrorDetail
+    will_retry: bool
+    delay_s: float = 0.0
+
+
+class RequestExpired(Event, frozen=True, kw_only=True):
+    batch_id: str
+    correlation_id: str
+    entry_id: str
+    consumer: str
+    deliveries: int
+    idle_s: float
+
+
+# --- cj:callbacks -----------------------------------------------------------
+
+
+class ComparisonCompleted(Event, frozen=True, kw_only=True):
+    batch_id: str
+    correlation_id: str
+    essay_a_id: str
+    essay_b_id: str
+    winner: Winner
+    confidence: float
+    justification: str = ""
+    provider: str = ""
+    model: str = ""
+    latency_ms: float = 0.0
+    usage: TokenUsage = msgspec.field(default_factory=TokenUsage)
+    prompt_sha256: str = ""
+    attempts: int = 1
+    source_service: str = "lps"
+
+
+class ComparisonFailed(Event, frozen=True, kw_only=True):
+    batch_id: str
+    correlation_id: str
+    essay_a_id: str
+    essay_b_id: str
+    error: ErrorDetail
+    attempts: int = 1
+    source_service: str = "lps"
+
+
+Callback = ComparisonCompleted | ComparisonFailed
+BatchEvent = BatchRegistered | WaveSubmitted | BatchScored | BatchFinalized | BatchFailed
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        BatchRegistered,
+        WaveSubmitted,
+        BatchScored,
+        BatchFinalized,
+        BatchFailed,
+        ComparisonRequested,
+        BundleDispatched,
+        ProviderAttemptFailed,
+        RequestExpired,
+        ComparisonCompleted,
+        ComparisonFailed,
+    )
+}

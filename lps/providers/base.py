@@ -1,0 +1,36 @@
+"""What every provider offers the LPS worker: judge one request, or fail with an ErrorDetail."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from events.types import ComparisonRequested, ErrorDetail, TokenUsage, Winner
+
+
+class Judgement(msgspec.Struct, frozen=True):
+    winner: Winner
+    confidence: float
+    justification: str
+    usage: TokenUsage = msgspec.field(default_factory=TokenUsage)
+    prompt_sha256: str = ""
+    latency_ms: float = 0.0
+
+
+class ProviderError(Exception):
+    """One failed provider attempt, already classified."""
+
+    def __init__(self, detail: ErrorDetail) -> None:
+        super().__init__(f"{detail.error_type}: {detail.message}")
+        self.detail = detail
+
+
+class Provider(Protocol):
+    name: str
+
+    async def judge(self, request: ComparisonRequested) -> Judgement:
+        """One provider call for one request. Raises ProviderError; never retries by itself."""
+        ...
+
+    async def aclose(self) -> None: ...
