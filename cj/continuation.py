@@ -1,0 +1,273 @@
+"""What happens when a wave is complete: score, then the next wave or the end of the batch.
+
+`decide` is pure: given the batch state it returns the events to append (or None).
+`advance` runs it under WATCH on the batch hash and appends its events together
+with their projection writes in one MULTI/EXEC, so that of several consumers
+racing on the same batch exactly one wins each step; the others see the new
+state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from redis.exceptions import WatchError
+
+from cj.grades import project_grades
+from cj.pairs import PairHistory, plan_wave
+from cj.scoring import Comparison, fit_bt, max_abs_delta, ssr
+from events import codec
+from events.metrics import CJ_COMPLETION, CJ_FINALIZED
+from events.names import Keys
+from events.types import (
+    BatchEvent,
+    BatchFailed,
+    BatchFinalized,
+    BatchScored,
+    ComparisonRequested,
+    EssayScore,
+    FinalizeReason,
+    PairRequest,
+    WaveSubmitted,
+    new_id,
+)
+from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event
+from projections.store import immediate_load, queue_state_write
+
+log = structlog.get_logger("cj.continuation")
+
+BUNDLE_CAP = 64
+
+
+@dataclass
+class Decision:
+    events: list[BatchEvent] = field(default_factory=list)
+    requests: list[ComparisonRequested] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> BatchFinalized | BatchFailed | None:
+        last = self.events[-1] if self.events else None
+        return last if isinstance(last, BatchFinalized | BatchFailed) else None
+
+
+def comparisons_of(state: BatchState) -> list[Comparison]:
+    out = []
+    for cid in sorted(state.corr):
+        value = state.corr[cid]
+        if value.startswith("c "):
+            _, a, b = state.pairs[cid]
+            out.append(Comparison(a, b, value.endswith("essay_a")))
+    return out
+
+
+def history_of(state: BatchState) -> list[PairHistory]:
+    out = []
+    for cid in sorted(state.pairs):
+        _, a, b = state.pairs[cid]
+        value = state.corr.get(cid, PENDING)
+        if value == PENDING:
+            out.append(PairHistory(a, b, "pending"))
+        elif value.startswith("c "):
+            winner = "essay_a" if value.endswith("essay_a") else "essay_b"
+            out.append(PairHistory(a, b, "completed", winner))
+        else:  # failed or abandoned
+            out.append(PairHistory(a, b, "failed"))
+    return out
+
+
+def score(state: BatchState) -> BatchScored:
+    ids = [e.essay_id for e in state.essays]
+    comparisons = comparisons_of(state)
+    fit = fit_bt(ids, comparisons)
+    anchors = {e.essay_id: e.anchor_grade for e in state.essays if e.is_anchor and e.anchor_grade}
+    grades = project_grades(fit.theta, fit.se, anchors, state.config.grade_scale)
+    order = sorted(ids, key=lambda i: (-fit.theta[i], i))
+    previous = {s.essay_id: s.theta for s in state.scores.scores} if state.scores else {}
+    delta = max_abs_delta(previous, fit.theta)
+    reliability = ssr(fit.theta, fit.se)
+    return BatchScored(
+        batch_id=state.batch_id,
+        wave=state.waves,
+        scores=[
+            EssayScore(
+                essay_id=i,
+                theta=round(fit.theta[i], 6),
+                se=round(fit.se[i], 6),
+                rank=rank,
+                grade=grades.assignments[i].grade if i in grades.assignments else None,
+            )
+            for rank, i in enumerate(order, start=1)
+        ],
+        max_delta=None if math.isinf(delta) else round(delta, 6),
+        ssr=None if reliability is None else round(reliability, 6),
+        position_bias=None if fit.eta is None else round(fit.eta, 6),
+        position_bias_se=None if fit.eta_se is None else round(fit.eta_se, 6),
+        connected=fit.connected,
+        comparisons=len(comparisons),
+    )
+
+
+def _finish(state: BatchState, reason: FinalizeReason) -> BatchFinalized:
+    abandoned = sorted(c for c, v in state.corr.items() if v == PENDING)
+    return BatchFinalized(batch_id=state.batch_id, reason=reason, abandoned=abandoned)
+
+
+def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequested]] | None:
+    cfg = state.config
+    remaining = state.denominator - state.submitted
+    if remaining <= 0:
+        return None
+    wave = state.waves + 1
+    # The first wave lays a connected graph with a few comparisons per essay; later waves refine.
+    size = min(cfg.wave_size * (2 if wave == 1 else 1), remaining)
+    scores = {s.essay_id: (s.theta, s.se) for s in state.scores.scores} if state.scores else None
+    anchors = {e.essay_id: e.anchor_grade for e in state.essays if e.is_anchor and e.anchor_grade}
+    planned = plan_wave(
+        batch_id=state.batch_id,
+        wave=wave,
+        seed=cfg.seed,
+        essay_ids=[e.essay_id for e in state.essays],
+        anchors=anchors,
+        grade_scale=cfg.grade_scale,
+        history=history_of(state),
+        size=size,
+        max_attempts_per_pair=cfg.max_attempts_per_pair,
+        scores=scores,
+    )
+    if not planned:
+        return None
+    essays = {e.essay_id: e for e in state.essays}
+    pairs = [PairRequest(new_id(), a, b) for a, b in planned]
+    bundle = max(1, min(len(pairs), BUNDLE_CAP))
+    requests = [
+        ComparisonRequested(
+            batch_id=state.batch_id,
+            correlation_id=p.correlation_id,
+            wave=wave,
+            essay_a=essays[p.essay_a],
+            essay_b=essays[p.essay_b],
+            mode=cfg.mode,
+            provider=cfg.provider,
+            model=cfg.model,
+            preferred_bundle_size=bundle,
+            overrides=cfg.overrides,
+            seed=cfg.seed,
+            prompt_version=cfg.prompt_version,
+        )
+        for p in pairs
+    ]
+    return WaveSubmitted(batch_id=state.batch_id, wave=wave, pairs=pairs), requests
+
+
+def decide(state: BatchState) -> Decision | None:
+    """The next step of a batch whose callbacks are all in, or None when there is none."""
+    if state.terminal or state.in_flight > 0:
+        return None
+    decision = Decision()
+    cfg = state.config
+    if state.waves > state.scored_wave:
+        scored = score(state)
+        decision.events.append(scored)
+        if state.accepted and state.failed / state.accepted > cfg.max_failure_ratio:
+            decision.events.append(
+                BatchFailed(
+                    batch_id=state.batch_id,
+                    reason="too_many_failures",
+                    message=f"{state.failed} of {state.accepted} comparisons failed "
+                    f"(limit {cfg.max_failure_ratio:.0%})",
+                )
+            )
+            return decision
+        if state.completed == 0:
+            decision.events.append(
+                BatchFailed(batch_id=state.batch_id, reason="no_comparisons",
+                            message="no comparison succeeded")
+            )
+            return decision
+        stable = (
+            state.waves >= cfg.min_waves
+            and scored.max_delta is not None
+            and scored.max_delta < cfg.stability_threshold
+        )
+        if stable:
+            decision.events.append(_finish(state, "stable"))
+            return decision
+        if state.submitted >= state.denominator or state.waves >= cfg.max_waves:
+            decision.events.append(_finish(state, "budget"))
+            return decision
+    wave = next_wave(state)
+    if wave is None:
+        if state.completed == 0:
+            decision.events.append(
+                BatchFailed(batch_id=state.batch_id, reason="no_pairs", message="no pair could be formed")
+            )
+        else:
+            reason: FinalizeReason = "budget" if state.submitted >= state.denominator else "all_pairs"
+            decision.events.append(_finish(state, reason))
+        return decision
+    submitted, requests = wave
+    decision.events.append(submitted)
+    decision.requests = requests
+    return decision
+
+
+def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision) -> BatchState:
+    """Buffer the decision's appends and projection writes (inside MULTI)."""
+    touched: list[str] = []
+    for request in decision.requests:
+        pipe.xadd(keys.requests, codec.encode(request))
+    for event in decision.events:
+        pipe.xadd(keys.batches, codec.encode(event))
+        state = apply_batch_event(state, event)
+        if isinstance(event, WaveSubmitted):
+            touched.extend(p.correlation_id for p in event.pairs)
+        elif isinstance(event, BatchFinalized | BatchFailed):
+            touched.extend(c for c in event.abandoned if state.corr.get(c) == ABANDONED)
+    queue_state_write(pipe, keys, state, full=False, corr_ids=touched)
+    return state
+
+
+async def advance(r: Any, keys: Keys, batch_id: str, *, max_tries: int = 50) -> Decision | None:
+    """Take the batch's next step if it has one; safe to call from any number of consumers."""
+    async with r.pipeline(transaction=True) as pipe:
+        for _ in range(max_tries):
+            try:
+                await pipe.watch(keys.batch(batch_id))
+                state = await immediate_load(pipe, keys, batch_id)
+                decision = decide(state) if state is not None else None
+                if state is None or decision is None:
+                    await pipe.unwatch()
+                    return None
+                pipe.multi()
+                state = queue_decision(pipe, keys, state, decision)
+                await pipe.execute()
+            except WatchError:
+                continue
+            _report(state, decision)
+            return decision
+    log.warning("advance_gave_up", batch_id=batch_id, tries=max_tries)
+    return None
+
+
+def _report(state: BatchState, decision: Decision) -> None:
+    CJ_COMPLETION.labels(state.batch_id).set(
+        state.accepted / state.denominator if state.denominator else 0.0
+    )
+    for event in decision.events:
+        if isinstance(event, WaveSubmitted):
+            log.info("wave_submitted", batch_id=state.batch_id, wave=event.wave, pairs=len(event.pairs))
+        elif isinstance(event, BatchScored):
+            log.info("batch_scored", batch_id=state.batch_id, wave=event.wave,
+                     max_delta=event.max_delta, ssr=event.ssr)
+    terminal = decision.terminal
+    if isinstance(terminal, BatchFinalized):
+        CJ_FINALIZED.labels(terminal.reason).inc()
+        log.info("batch_finalized", batch_id=state.batch_id, reason=terminal.reason,
+                 completed=state.completed, failed=state.failed, abandoned=len(terminal.abandoned))
+    elif isinstance(terminal, BatchFailed):
+        CJ_FINALIZED.labels("failed").inc()
+        log.warning("batch_failed", batch_id=state.batch_id, reason=terminal.reason,
+                    message=terminal.message)

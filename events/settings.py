@@ -1,0 +1,32 @@
+"""Runtime settings from the environment (`CJS_*`, `REDIS_URL`), validated by pydantic."""
+
+from __future__ import annotations
+
+import socket
+import os
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CJS_", extra="ignore")
+
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    prefix: str = ""
+    processing_timeout_s: float = Field(default=120.0, gt=0)
+    max_deliveries: int = Field(default=3, ge=1)
+    batch_idle_timeout_s: float = Field(default=900.0, gt=0)
+    reaper_interval_s: float = Field(default=10.0, gt=0)
+    dead_consumer_after_s: float = Field(default=3600.0, gt=0)
+    retry_max_attempts: int = Field(default=4, ge=1)
+    retry_base_delay_s: float = Field(default=0.5, ge=0)
+    retry_max_delay_s: float = Field(default=20.0, ge=0)
+    retry_max_after_s: float = Field(default=60.0, ge=0)
+    read_count: int = Field(default=64, ge=1)
+    block_ms: int = Field(default=1000, ge=1)
+    log_format: str = "auto"
+
+
+def consumer_name(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"

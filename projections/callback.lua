@@ -1,0 +1,57 @@
+-- Apply one callback to its batch projection and acknowledge its entry, atomically.
+-- A transcription of projections/batch.py:apply_callback; tests hold the two equal.
+-- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash
+-- ARGV: 1 group, 2 entry id, 3 correlation id, 4 corr value ("c <entry> <winner>" / "f <entry> <type>"),
+--       5 occurred_at
+-- Returns {outcome, in_flight}. "replayed" when the entry was no longer pending in the group:
+-- another consumer already applied it (idempotence by entry id).
+if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then
+  return {'replayed', -1}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HINCRBY', KEYS[5], 'orphans_unknown_batch', 1)
+  return {'orphan', -1}
+end
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  if am ~= bm then return am < bm end
+  return as < bs
+end
+redis.call('HINCRBY', KEYS[1], 'callbacks_received', 1)
+local cid = ARGV[3]
+local new = ARGV[4]
+local kind = string.sub(new, 1, 1)
+local counter = (kind == 'c') and 'completed' or 'failed'
+local current = redis.call('HGET', KEYS[2], cid)
+if not current then
+  redis.call('HINCRBY', KEYS[1], 'orphans', 1)
+  redis.call('HINCRBY', KEYS[3], cid, 1)
+  return {'orphan', -1}
+end
+if current == 'abandoned' then
+  redis.call('HINCRBY', KEYS[1], 'late_callbacks', 1)
+  return {'late', -1}
+end
+if current == 'pending' then
+  redis.call('HSET', KEYS[2], cid, new)
+  redis.call('HINCRBY', KEYS[1], counter, 1)
+  local left = redis.call('HINCRBY', KEYS[1], 'in_flight', -1)
+  local last = redis.call('HGET', KEYS[1], 'last_event_at')
+  if (not last) or ARGV[5] > last then
+    redis.call('HSET', KEYS[1], 'last_event_at', ARGV[5])
+  end
+  return {'accepted', left}
+end
+local old_kind, old_entry = string.match(current, '^(%a) (%S+)')
+if before(ARGV[2], old_entry) then
+  redis.call('HSET', KEYS[2], cid, new)
+  if old_kind ~= kind then
+    local old_counter = (old_kind == 'c') and 'completed' or 'failed'
+    redis.call('HINCRBY', KEYS[1], counter, 1)
+    redis.call('HINCRBY', KEYS[1], old_counter, -1)
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
+return {'duplicate', -1}

@@ -1,0 +1,165 @@
+"""The batch projection in Redis: its encoding, loading, and the atomic writers.
+
+Layout per batch (all under the key prefix):
+- `proj:batch:<id>`          hash of scalars (status, counters, timestamps)
+- `proj:batch:<id>:docs`     hash: essays, config, scores (JSON)
+- `proj:batch:<id>:corr`     hash: correlation id -> request state
+- `proj:batch:<id>:pairs`    hash: correlation id -> [wave, essay_a, essay_b]
+- `proj:batch:<id>:orphans`  hash: unknown correlation id -> times seen
+- `proj:batches`             hash: batch id -> registered_at (the index)
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from events.names import Keys
+from events.types import BatchConfig, BatchScored, Callback, Essay
+from projections.batch import COUNTERS, BatchState, corr_value
+
+_json = msgspec.json.Encoder()
+_essays = msgspec.json.Decoder(list[Essay])
+_config = msgspec.json.Decoder(BatchConfig)
+_scores = msgspec.json.Decoder(BatchScored)
+_pair = msgspec.json.Decoder(tuple[int, str, str])
+
+CALLBACK_LUA = resources.files("projections").joinpath("callback.lua").read_text()
+
+TEXT_FIELDS = (
+    "batch_id",
+    "status",
+    "registered_at",
+    "last_event_at",
+    "finalize_reason",
+    "failure_message",
+    "completed_at",
+)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def scalar_fields(state: BatchState) -> dict[str, str]:
+    fields = {name: str(getattr(state, name)) for name in TEXT_FIELDS}
+    fields.update({name: str(getattr(state, name)) for name in COUNTERS})
+    fields["denominator"] = str(state.denominator)
+    fields["total_budget"] = str(state.config.total_budget)
+    return fields
+
+
+def encode_state(state: BatchState, keys: Keys) -> dict[str, dict[str, str]]:
+    """Every key of the projection with its full contents: the canonical form replay compares."""
+    b = state.batch_id
+    docs = {
+        "essays": _json.encode(state.essays).decode(),
+        "config": _json.encode(state.config).decode(),
+    }
+    if state.scores is not None:
+        docs["scores"] = _json.encode(state.scores).decode()
+    out = {
+        keys.batch(b): scalar_fields(state),
+        keys.batch_docs(b): docs,
+        keys.batch_corr(b): dict(state.corr),
+        keys.batch_pairs(b): {c: _json.encode(p).decode() for c, p in state.pairs.items()},
+        keys.batch_orphans(b): {c: str(n) for c, n in state.orphan_ids.items()},
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def decode_state(raw: dict[str, dict[bytes | str, bytes | str]], keys: Keys, batch_id: str) -> BatchState | None:
+    scal = {_s(k): _s(v) for k, v in raw.get(keys.batch(batch_id), {}).items()}
+    docs = {_s(k): v for k, v in raw.get(keys.batch_docs(batch_id), {}).items()}
+    if not scal or "essays" not in docs:
+        return None
+    state = BatchState(
+        batch_id=batch_id,
+        essays=_essays.decode(docs["essays"]),
+        config=_config.decode(docs["config"]),
+        denominator=int(scal["denominator"]),
+        registered_at=scal["registered_at"],
+    )
+    for name in TEXT_FIELDS[1:]:
+        setattr(state, name, scal.get(name, ""))
+    for name in COUNTERS:
+        setattr(state, name, int(scal.get(name, 0)))
+    if "scores" in docs:
+        state.scores = _scores.decode(docs["scores"])
+    state.corr = {_s(k): _s(v) for k, v in raw.get(keys.batch_corr(batch_id), {}).items()}
+    state.pairs = {_s(k): _pair.decode(v) for k, v in raw.get(keys.batch_pairs(batch_id), {}).items()}
+    state.orphan_ids = {_s(k): int(v) for k, v in raw.get(keys.batch_orphans(batch_id), {}).items()}
+    return state
+
+
+async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | str, bytes | str]]:
+    names = keys.batch_keys(batch_id)
+    pipe = r.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(name)
+    values = await pipe.execute()
+    return {name: value for name, value in zip(names, values, strict=True) if value}
+
+
+async def load_state(r: Any, keys: Keys, batch_id: str) -> BatchState | None:
+    return decode_state(await read_raw(r, keys, batch_id), keys, batch_id)
+
+
+async def immediate_load(pipe: Any, keys: Keys, batch_id: str) -> BatchState | None:
+    """Load through a pipeline in WATCH (immediate-execution) mode."""
+    raw: dict[str, dict[bytes | str, bytes | str]] = {}
+    for name in keys.batch_keys(batch_id):
+        value = await pipe.hgetall(name)
+        if value:
+            raw[name] = value
+    return decode_state(raw, keys, batch_id)
+
+
+def queue_state_write(pipe: Any, keys: Keys, state: BatchState, *, full: bool, corr_ids: list[str] | None = None) -> None:
+    """Queue writes bringing Redis to `state`: all of it (`full`) or the scalars, docs and the
+    given correlation ids (what one CJ-written event can change)."""
+    encoded = encode_state(state, keys)
+    b = state.batch_id
+    if full:
+        for name in keys.batch_keys(b):
+            pipe.delete(name)
+        for name, mapping in encoded.items():
+            pipe.hset(name, mapping=mapping)
+        pipe.hset(keys.batch_index, b, state.registered_at)
+        return
+    pipe.hset(keys.batch(b), mapping=encoded[keys.batch(b)])
+    pipe.hset(keys.batch_docs(b), mapping=encoded[keys.batch_docs(b)])
+    if corr_ids:
+        pipe.hset(keys.batch_corr(b), mapping={c: state.corr[c] for c in corr_ids})
+        pairs = {c: _json.encode(state.pairs[c]).decode() for c in corr_ids if c in state.pairs}
+        if pairs:
+            pipe.hset(keys.batch_pairs(b), mapping=pairs)
+
+
+class CallbackApplier:
+    """Runs callback.lua: apply + XACK in one atomic step."""
+
+    def __init__(self, r: aioredis.Redis, keys: Keys, group: str) -> None:
+        self._script = r.register_script(CALLBACK_LUA)
+        self._keys = keys
+        self._group = group
+
+    async def queue(self, pipe: Any, callback: Callback, entry_id: str) -> None:
+        """Buffer the script call in `pipe` (a non-transactional pipeline is enough: the script is atomic)."""
+        k = self._keys
+        b = callback.batch_id
+        await self._script(
+            keys=[k.batch(b), k.batch_corr(b), k.batch_orphans(b), k.callbacks, k.stats],
+            args=[self._group, entry_id, callback.correlation_id, corr_value(callback, entry_id),
+                  callback.occurred_at],
+            client=pipe,
+        )
+
+
+async def list_batches(r: Any, keys: Keys) -> list[str]:
+    """Batch ids, oldest registration first."""
+    index = {_s(k): _s(v) for k, v in (await r.hgetall(keys.batch_index)).items()}
+    return sorted(index, key=lambda b: (index[b], b))
