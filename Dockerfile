@@ -1,0 +1,22 @@
+# cj-streams: one image for every role (cj, lps, all); the role is the command's argument.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY events ./events
+COPY projections ./projections
+COPY cj ./cj
+COPY lps ./lps
+COPY tools ./tools
+RUN pip install . && useradd --create-home --uid 10001 cjs
+
+USER cjs
+EXPOSE 9100
+# SIGTERM drains in-flight work; compose gives it stop_grace_period to do so.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["cjs"]
+CMD ["worker", "all", "--metrics-port", "9100"]

@@ -1,0 +1,93 @@
+"""Connecting to Redis (or the embedded one) and running consumers in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cj.consumer import CJConsumer
+from events.names import Keys
+from events.settings import Settings, consumer_name
+from lps.providers.base import Provider
+from lps.retry import RetryPolicy
+from lps.worker import LPSWorker
+
+
+def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:
+    """A client for REDIS_URL, or an embedded in-process Redis (fakeredis) when none is set."""
+    if settings.redis_url:
+        client = aioredis.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            health_check_interval=15,
+        )
+        return client, settings.redis_url
+    if not embedded_ok:
+        raise RuntimeError("REDIS_URL is not set: workers need a shared Redis server")
+    import fakeredis
+
+    return fakeredis.FakeAsyncRedis(decode_responses=False), "embedded (fakeredis)"
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=settings.retry_max_attempts,
+        base_delay_s=settings.retry_base_delay_s,
+        max_delay_s=settings.retry_max_delay_s,
+        max_retry_after_s=settings.retry_max_after_s,
+    )
+
+
+@dataclass
+class InProcess:
+    """CJ consumers and LPS workers as tasks of this process."""
+
+    r: Any
+    keys: Keys
+    settings: Settings
+    providers: Callable[[str], Provider]
+    cj_consumers: int = 1
+    lps_workers: int = 1
+    concurrency: int = 8
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        s = self.settings
+        for i in range(self.cj_consumers):
+            cj = CJConsumer(self.r, self.keys, f"{consumer_name('cj')}-{i}", count=100,
+                            block_ms=min(s.block_ms, 200))
+            self.tasks.append(asyncio.create_task(cj.run(self.stop, sweep_every_s=s.reaper_interval_s)))
+        for i in range(self.lps_workers):
+            lps = LPSWorker(
+                self.r, self.keys, f"{consumer_name('lps')}-{i}", self.providers,
+                policy=retry_policy(s), concurrency=self.concurrency, count=s.read_count,
+                block_ms=min(s.block_ms, 200), processing_timeout_s=s.processing_timeout_s,
+                max_deliveries=s.max_deliveries,
+            )
+            self.tasks.append(asyncio.create_task(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s)))
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def check(self) -> None:
+        """Raise the first error of a task that died."""
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

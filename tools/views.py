@@ -1,0 +1,72 @@
+"""What `status` and `results` show, built from the batch projection (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from projections.batch import BatchState, completion_pct
+
+
+def status_view(state: BatchState) -> dict[str, Any]:
+    return {
+        "batch_id": state.batch_id,
+        "status": state.status,
+        "mode": state.config.mode,
+        "provider": state.config.provider,
+        "model": state.config.model,
+        "essays": len(state.essays),
+        "anchors": sum(e.is_anchor for e in state.essays),
+        "total_budget": state.config.total_budget,
+        "denominator": state.denominator,
+        "submitted": state.submitted,
+        "completed": state.completed,
+        "failed": state.failed,
+        "in_flight": state.in_flight,
+        "callbacks_received": state.callbacks_received,
+        "callbacks_accepted": state.accepted,
+        "completion_pct": completion_pct(state),
+        "duplicates": state.duplicates,
+        "orphans": state.orphans,
+        "orphan_correlation_ids": sorted(state.orphan_ids),
+        "late_callbacks": state.late_callbacks,
+        "waves": state.waves,
+        "finalize_reason": state.finalize_reason or None,
+        "failure_message": state.failure_message or None,
+        "registered_at": state.registered_at,
+        "last_event_at": state.last_event_at,
+        "completed_at": state.completed_at or None,
+    }
+
+
+def results_view(state: BatchState) -> dict[str, Any]:
+    scores = state.scores
+    by_id = {s.essay_id: s for s in scores.scores} if scores else {}
+    essays = []
+    for essay in state.essays:
+        s = by_id.get(essay.essay_id)
+        essays.append(
+            {
+                "essay_id": essay.essay_id,
+                "is_anchor": essay.is_anchor,
+                "anchor_grade": essay.anchor_grade,
+                "theta": s.theta if s else None,
+                "se": s.se if s else None,
+                "rank": s.rank if s else None,
+                "grade": s.grade if s else None,
+            }
+        )
+    essays.sort(key=lambda e: (e["rank"] is None, e["rank"] or 0, e["essay_id"]))
+    return {
+        "batch_id": state.batch_id,
+        "status": state.status,
+        "wave": scores.wave if scores else None,
+        "comparisons": scores.comparisons if scores else 0,
+        "ssr": scores.ssr if scores else None,
+        "position_bias": (
+            {"estimate": scores.position_bias, "se": scores.position_bias_se}
+            if scores and scores.position_bias is not None
+            else None
+        ),
+        "connected": scores.connected if scores else None,
+        "essays": essays,
+    }
