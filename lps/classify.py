@@ -1,0 +1,300 @@
+"""Provider failures → `ErrorDetail`, by HTTP status and the body's `error.type`.
+
+Never by SDK exception class: the SDK maps statuses to classes, but the class
+hierarchy (and which statuses it knows) changes between SDK versions, while the
+wire format (status, `error.type`, `error.details.error_code`, `retry-after-ms` /
+`retry-after`) is the API's contract. Only failures that have no HTTP response
+(timeouts, refused or dropped connections) are told apart by the exception.
+
+Every message that leaves this module is scrubbed of credentials and truncated.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import anthropic
+
+from events.types import ErrorDetail, ErrorType
+
+MAX_MESSAGE_CHARS = 500
+
+# `error.details.error_code` values of a 429 that no amount of waiting fixes soon
+# (the monthly tier cap, a contract cap): retrying only burns attempts.
+SPEND_LIMIT_CODES = frozenset({"enforced_spend_limit_reached", "contract_spend_limit_reached"})
+_SPEND_LIMIT_WORDS = re.compile(r"spend(ing)?[ _-]limit|usage limit", re.IGNORECASE)
+
+# Statuses whose meaning does not depend on the body.
+_BY_STATUS: dict[int, tuple[ErrorType, bool]] = {
+    400: ("invalid_request", False),
+    401: ("authentication", False),
+    402: ("billing", False),
+    403: ("permission", False),
+    404: ("invalid_request", False),
+    408: ("timeout", True),
+    409: ("server_error", True),
+    413: ("request_too_large", False),
+    422: ("invalid_request", False),
+    500: ("server_error", True),
+    502: ("server_error", True),
+    503: ("server_error", True),
+    504: ("timeout", True),
+}
+
+# `error.type` of the body, for statuses not in the table above (or absent: batch results).
+_BY_BODY_TYPE: dict[str, tuple[ErrorType, bool]] = {
+    "invalid_request_error": ("invalid_request", False),
+    "not_found_error": ("invalid_request", False),
+    "authentication_error": ("authentication", False),
+    "permission_error": ("permission", False),
+    "billing_error": ("billing", False),
+    "request_too_large": ("request_too_large", False),
+    "timeout_error": ("timeout", True),
+    "api_error": ("server_error", True),
+    "conflict_error": ("server_error", True),
+}
+
+# Stop reasons that end a comparison without a usable tool call.
+_BY_STOP_REASON: dict[str, tuple[ErrorType, bool]] = {
+    "max_tokens": ("max_tokens", False),
+    "model_context_window_exceeded": ("max_tokens", False),
+    "refusal": ("refusal", False),
+}
+
+_KEY_PATTERNS = (
+    re.compile(r"sk-ant-[A-Za-z0-9_\-]+"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/=]{8,}"),
+    re.compile(r"(?i)(x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),
+)
+
+
+def _env_secrets() -> list[str]:
+    return [
+        v
+        for v in (os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_AUTH_TOKEN"))
+        if v and len(v) >= 6
+    ]
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without credentials (given secrets, env keys, anything key-shaped), truncated."""
+    for secret in [*secrets, *_env_secrets()]:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    text = _KEY_PATTERNS[0].sub("[REDACTED]", text)
+    text = _KEY_PATTERNS[1].sub(r"\1[REDACTED]", text)
+    text = _KEY_PATTERNS[2].sub(r"\1[REDACTED]", text)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+    return text
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, else `retry-after` (s or HTTP date).
+
+    None when absent or unreadable; never negative.
+    """
+    lowered = {k.lower(): v for k, v in headers.items()}
+    ms = lowered.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+            if math.isfinite(value):
+                return max(0.0, value)
+        except ValueError:
+            pass
+    raw = lowered.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return max(0.0, value) if math.isfinite(value) else None
+    except ValueError:
+        pass
+    parsed = email.utils.parsedate_tz(raw)
+    if parsed is None:
+        return None
+    when = float(email.utils.mktime_tz(parsed))
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def _body_error(body: object) -> tuple[str | None, str | None, str | None]:
+    """(error.type, error.message, error.details.error_code) of an Anthropic error body."""
+    if not isinstance(body, Mapping):
+        return None, (body if isinstance(body, str) and body else None), None
+    error = body.get("error")
+    if not isinstance(error, Mapping):
+        return None, None, None
+    etype = error.get("type")
+    message = error.get("message")
+    details = error.get("details")
+    code = details.get("error_code") if isinstance(details, Mapping) else None
+    return (
+        etype if isinstance(etype, str) else None,
+        message if isinstance(message, str) else None,
+        code if isinstance(code, str) else None,
+    )
+
+
+def classify_response(
+    status: int | None,
+    body: object,
+    headers: Mapping[str, str] | None = None,
+    *,
+    provider: str = "anthropic",
+    model: str = "",
+    correlation_id: str = "",
+    secrets: Iterable[str] = (),
+) -> ErrorDetail:
+    """Classify an error response (or an errored batch result, where `status` is None)."""
+    headers = headers or {}
+    etype, api_message, error_code = _body_error(body)
+    retry_after = parse_retry_after(headers)
+
+    error_type: ErrorType
+    retryable: bool
+    if status == 529 or etype == "overloaded_error":
+        error_type, retryable = "overloaded", True
+    elif status == 429 or etype == "rate_limit_error":
+        error_type = "rate_limit"
+        spend_limit = error_code in SPEND_LIMIT_CODES or (
+            error_code is None
+            and retry_after is None
+            and bool(api_message and _SPEND_LIMIT_WORDS.search(api_message))
+        )
+        retryable = not spend_limit
+        if spend_limit:
+            retry_after = None
+    elif status is not None and status in _BY_STATUS:
+        error_type, retryable = _BY_STATUS[status]
+    elif etype is not None and etype in _BY_BODY_TYPE:
+        error_type, retryable = _BY_BODY_TYPE[etype]
+    elif status is not None and status >= 500:
+        error_type, retryable = "server_error", True
+    elif status is not None and status >= 400:
+        error_type, retryable = "invalid_request", False
+    else:
+        error_type, retryable = "server_error", True
+
+    parts = [f"HTTP {status}" if status is not None else "batch result errored"]
+    if etype:
+        parts.append(etype)
+    if error_code:
+        parts.append(error_code)
+    if api_message:
+        parts.append(api_message)
+    request_id = {k.lower(): v for k, v in headers.items()}.get("request-id")
+    if request_id:
+        parts.append(f"request_id={request_id}")
+    return ErrorDetail(
+        error_type=error_type,
+        retryable=retryable,
+        message=scrub(": ".join(parts), secrets),
+        provider=provider,
+        model=model,
+        correlation_id=correlation_id,
+        status_code=status,
+        retry_after_s=retry_after if retryable else None,
+    )
+
+
+def classify_exception(
+    exc: BaseException,
+    *,
+    provider: str = "anthropic",
+    model: str = "",
+    correlation_id: str = "",
+    secrets: Iterable[str] = (),
+) -> ErrorDetail:
+    """Classify an exception raised by an SDK call; TypeError for a non-API exception."""
+    common: dict[str, Any] = {
+        "provider": provider,
+        "model": model,
+        "correlation_id": correlation_id,
+    }
+    if isinstance(exc, anthropic.APIStatusError):
+        return classify_response(
+            exc.status_code,
+            exc.body,
+            dict(exc.response.headers),
+            secrets=secrets,
+            **common,
+        )
+    if isinstance(exc, anthropic.APIResponseValidationError):
+        return ErrorDetail(
+            error_type="parse_error",
+            retryable=True,
+            message=scrub(f"HTTP {exc.status_code}: response did not match the schema", secrets),
+            status_code=exc.status_code,
+            **common,
+        )
+    if isinstance(exc, anthropic.APITimeoutError):
+        return ErrorDetail(
+            error_type="timeout",
+            retryable=True,
+            message="request timed out (no response within the client timeout)",
+            **common,
+        )
+    if isinstance(exc, anthropic.APIConnectionError):
+        cause = exc.__cause__
+        why = f": {type(cause).__name__}" if cause is not None else ""
+        return ErrorDetail(
+            error_type="connection",
+            retryable=True,
+            message=scrub(f"connection error{why}", secrets),
+            **common,
+        )
+    raise TypeError(f"not a provider API error: {type(exc).__name__}") from exc
+
+
+def classify_stop_reason(
+    stop_reason: str | None,
+    *,
+    provider: str = "anthropic",
+    model: str = "",
+    correlation_id: str = "",
+) -> ErrorDetail | None:
+    """ErrorDetail for a stop reason leaving no usable answer (max_tokens, refusal), else None."""
+    if stop_reason is None or stop_reason not in _BY_STOP_REASON:
+        return None
+    error_type, retryable = _BY_STOP_REASON[stop_reason]
+    return ErrorDetail(
+        error_type=error_type,
+        retryable=retryable,
+        message=f"stop_reason={stop_reason}",
+        provider=provider,
+        model=model,
+        correlation_id=correlation_id,
+        status_code=200,
+    )
+
+
+def parse_error(
+    message: str,
+    *,
+    provider: str = "anthropic",
+    model: str = "",
+    correlation_id: str = "",
+    status_code: int | None = 200,
+    secrets: Iterable[str] = (),
+) -> ErrorDetail:
+    """The answer arrived but is not a valid `record_comparison` call.
+
+    Retryable: a forced tool call that came out malformed is a sampling accident, and
+    the attempt bound keeps it from looping.
+    """
+    return ErrorDetail(
+        error_type="parse_error",
+        retryable=True,
+        message=scrub(message, secrets),
+        provider=provider,
+        model=model,
+        correlation_id=correlation_id,
+        status_code=status_code,
+    )
