@@ -159,6 +159,7 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
 def apply_callback(state: BatchState, callback: Callback, entry_id: str) -> tuple[BatchState, str]:
     """Apply one callback; returns the state and how the callback was counted."""
     state.callbacks_received += 1
+    _touch(state, callback)  # every callback counts as activity, so the max commutes
     cid = callback.correlation_id
     current = state.corr.get(cid)
     if current is None:
@@ -176,7 +177,6 @@ def apply_callback(state: BatchState, callback: Callback, entry_id: str) -> tupl
         else:
             state.failed += 1
         state.in_flight -= 1
-        _touch(state, callback)
         return state, CallbackOutcome.ACCEPTED
     # Already accepted: the earliest entry of the stream wins, whatever order we see them in.
     old_kind, old_entry, _ = current.split(" ", 2)

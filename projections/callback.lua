@@ -20,6 +20,10 @@ local function before(a, b)
   return as < bs
 end
 redis.call('HINCRBY', KEYS[1], 'callbacks_received', 1)
+local last = redis.call('HGET', KEYS[1], 'last_event_at')
+if (not last) or ARGV[5] > last then
+  redis.call('HSET', KEYS[1], 'last_event_at', ARGV[5])
+end
 local cid = ARGV[3]
 local new = ARGV[4]
 local kind = string.sub(new, 1, 1)
@@ -38,10 +42,6 @@ if current == 'pending' then
   redis.call('HSET', KEYS[2], cid, new)
   redis.call('HINCRBY', KEYS[1], counter, 1)
   local left = redis.call('HINCRBY', KEYS[1], 'in_flight', -1)
-  local last = redis.call('HGET', KEYS[1], 'last_event_at')
-  if (not last) or ARGV[5] > last then
-    redis.call('HSET', KEYS[1], 'last_event_at', ARGV[5])
-  end
   return {'accepted', left}
 end
 local old_kind, old_entry = string.match(current, '^(%a) (%S+)')
