@@ -182,20 +182,19 @@ def classify_response(
     else:
         error_type, retryable = "server_error", True
 
-    parts = [f"HTTP {status}" if status is not None else "batch result errored"]
+    head = f"HTTP {status}" if status is not None else "batch item errored"
     if etype:
-        parts.append(etype)
+        head += f" {etype}"
     if error_code:
-        parts.append(error_code)
-    if api_message:
-        parts.append(api_message)
+        head += f"/{error_code}"
+    text = f"{head}: {api_message}" if api_message else head
     request_id = {k.lower(): v for k, v in headers.items()}.get("request-id")
     if request_id:
-        parts.append(f"request_id={request_id}")
+        text += f" (request_id {request_id})"
     return ErrorDetail(
         error_type=error_type,
         retryable=retryable,
-        message=scrub(": ".join(parts), secrets),
+        message=scrub(text, secrets),
         provider=provider,
         model=model,
         correlation_id=correlation_id,

@@ -1,16 +1,29 @@
 """The one retry policy: every provider attempt goes through here, so every attempt is seen.
 
-Bounded attempts, exponential backoff with full jitter, Retry-After honoured up to a cap.
+Bounded attempts; Retry-After honoured (never shortened; a little jitter on top so that
+workers woken by the same Retry-After do not all call at once) unless it exceeds
+`max_retry_after_s`, in which case we stop instead of hammering early; exponential
+backoff with jitter otherwise; a bound on the total time spent waiting. With a shared
+`Cooldown`, a 429/529 seen by one worker makes every worker wait before its next call
+to that provider/model.
+
+The caller (the LPS worker) gets one `on_attempt_failed(attempt, detail, will_retry,
+delay_s)` per failed attempt, in order, before any sleep, and turns it into a
+`ProviderAttemptFailed` event; `record_attempt_failed` counts it in the metrics. So:
+HTTP calls == failed attempts + (1 if the outcome is a judgement else 0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from events.metrics import LPS_PROVIDER_ERRORS, LPS_RETRIES
 from events.types import ComparisonRequested, ErrorDetail
+from lps.cooldown import Cooldown
 from lps.providers.base import Judgement, Provider, ProviderError
 
 OnAttemptFailed = Callable[[int, ErrorDetail, bool, float], Awaitable[None]]
@@ -20,20 +33,57 @@ Sleep = Callable[[float], Awaitable[None]]
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 4
+    """Attempts in all, the first included."""
     base_delay_s: float = 0.5
+    """Backoff ceiling of the first retry; doubles per retry, up to `max_delay_s`."""
     max_delay_s: float = 20.0
     max_retry_after_s: float = 60.0
+    """A Retry-After longer than this is not waited for: the attempt fails for good."""
+    retry_after_jitter: float = 0.1
+    """A Retry-After of r seconds is waited as r * (1 + U(0, retry_after_jitter))."""
+    max_total_delay_s: float = 180.0
+    """No retry whose delay would take the total waited past this."""
 
-    def delay_for(self, attempt: int, detail: ErrorDetail, rng: random.Random) -> float | None:
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
+        """`CJS_RETRY_MAX_ATTEMPTS`, `CJS_RETRY_BASE_DELAY_S`, `CJS_RETRY_MAX_DELAY_S`,
+        `CJS_RETRY_MAX_RETRY_AFTER_S`, `CJS_RETRY_MAX_TOTAL_DELAY_S`."""
+        env = os.environ if env is None else env
+        d = cls()
+        policy = cls(
+            max_attempts=int(env.get("CJS_RETRY_MAX_ATTEMPTS", d.max_attempts)),
+            base_delay_s=float(env.get("CJS_RETRY_BASE_DELAY_S", d.base_delay_s)),
+            max_delay_s=float(env.get("CJS_RETRY_MAX_DELAY_S", d.max_delay_s)),
+            max_retry_after_s=float(env.get("CJS_RETRY_MAX_RETRY_AFTER_S", d.max_retry_after_s)),
+            retry_after_jitter=d.retry_after_jitter,
+            max_total_delay_s=float(env.get("CJS_RETRY_MAX_TOTAL_DELAY_S", d.max_total_delay_s)),
+        )
+        if policy.max_attempts < 1:
+            raise ValueError("CJS_RETRY_MAX_ATTEMPTS must be >= 1")
+        return policy
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Jittered exponential backoff after failed attempt `attempt` (1-based):
+        uniform in [c/2, c] with c = min(max_delay_s, base_delay_s * 2**(attempt-1))."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        return rng.uniform(ceiling / 2, ceiling)
+
+    def delay_for(
+        self, attempt: int, detail: ErrorDetail, rng: random.Random, *, waited_s: float = 0.0
+    ) -> float | None:
         """Seconds to wait before attempt `attempt + 1`, or None when not to retry."""
         if not detail.retryable or attempt >= self.max_attempts:
             return None
         if detail.retry_after_s is not None:
             if detail.retry_after_s > self.max_retry_after_s:
                 return None
-            return max(0.0, detail.retry_after_s)
-        ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
-        return rng.uniform(ceiling / 2, ceiling)
+            ra = max(0.0, detail.retry_after_s)
+            delay = ra * (1.0 + rng.uniform(0.0, self.retry_after_jitter))
+        else:
+            delay = self.backoff(attempt, rng)
+        if waited_s + delay > self.max_total_delay_s:
+            return None
+        return delay
 
 
 @dataclass(frozen=True)
@@ -41,6 +91,22 @@ class Outcome:
     judgement: Judgement | None
     error: ErrorDetail | None
     attempts: int
+    waited_s: float = 0.0
+    """Seconds slept between attempts and for cooldowns."""
+
+
+def record_attempt_failed(
+    detail: ErrorDetail, will_retry: bool, *, provider: str = "", model: str = ""
+) -> None:
+    """Count one failed attempt: `lps_provider_errors_total` and, if retried, `lps_retries_total`.
+
+    `provider`/`model` fill in when the detail does not carry them.
+    """
+    p = detail.provider or provider
+    m = detail.model or model
+    LPS_PROVIDER_ERRORS.labels(provider=p, model=m, error_type=detail.error_type).inc()
+    if will_retry:
+        LPS_RETRIES.labels(provider=p, error_type=detail.error_type).inc()
 
 
 async def judge_with_retries(
@@ -51,17 +117,29 @@ async def judge_with_retries(
     *,
     rng: random.Random | None = None,
     sleep: Sleep = asyncio.sleep,
+    cooldown: Cooldown | None = None,
 ) -> Outcome:
+    """Judge `request`, retrying per `policy`. Never raises ProviderError; other exceptions
+    (bugs, cancellation) propagate."""
     rng = rng or random.Random()
     attempt = 0
+    waited = 0.0
     while True:
+        if cooldown is not None:
+            budget = max(0.0, policy.max_total_delay_s - waited)
+            cap = min(budget, policy.max_retry_after_s)
+            waited += await cooldown.wait(provider.name, request.model, sleep, max_wait_s=cap)
         attempt += 1
         try:
-            return Outcome(await provider.judge(request), None, attempt)
+            judgement = await provider.judge(request)
+            return Outcome(judgement, None, attempt, waited)
         except ProviderError as exc:
             detail = exc.detail
-        delay = policy.delay_for(attempt, detail, rng)
+        if cooldown is not None:
+            await cooldown.note_error(detail, provider=provider.name, model=request.model)
+        delay = policy.delay_for(attempt, detail, rng, waited_s=waited)
         await on_attempt_failed(attempt, detail, delay is not None, delay or 0.0)
         if delay is None:
-            return Outcome(None, detail, attempt)
+            return Outcome(None, detail, attempt, waited)
         await sleep(delay)
+        waited += delay

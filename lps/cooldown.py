@@ -1,0 +1,126 @@
+"""A provider/model cooldown shared by every worker, in Redis.
+
+After a 429 or 529 one worker sets `lps:cooldown:<provider>:<model>` to the time until
+which nobody should call that provider/model (the server's Retry-After, else a short
+default), and every worker waits for it before its next attempt. One rate limit then
+costs one failed call instead of a storm of them.
+
+The key holds the end of the cooldown as epoch seconds and expires with it (PX), so it
+cleans itself up. A new cooldown only ever extends the one in force (a Lua script
+compares and sets atomically). Redis trouble never blocks judging: the cooldown fails
+open (logs, and reports no cooldown).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from events.names import Keys
+from events.types import ErrorDetail
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# KEYS[1] cooldown key; ARGV[1] until (epoch s, decimal string); ARGV[2] ttl ms.
+# Sets the key only if it extends the cooldown in force; returns the `until` in force.
+_EXTEND = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local new = tonumber(ARGV[1])
+if new > cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return tostring(cur)
+"""
+
+COOLDOWN_ERROR_TYPES = frozenset({"rate_limit", "overloaded"})
+
+
+@dataclass
+class Cooldown:
+    """Shared cooldown. `redis` is a `redis.asyncio.Redis` (or `fakeredis.FakeAsyncRedis`)."""
+
+    redis: Any
+    keys: Keys = field(default_factory=Keys)
+    default_s: dict[str, float] = field(
+        default_factory=lambda: {"rate_limit": 5.0, "overloaded": 2.0}
+    )
+    max_s: float = 120.0
+    clock: Clock = time.time
+
+    async def remaining(self, provider: str, model: str) -> float:
+        """Seconds left in the cooldown of provider/model (0 when none)."""
+        try:
+            raw = await self.redis.get(self.keys.cooldown(provider, model))
+        except Exception as exc:  # fail open
+            log.warning("cooldown read failed: %s", type(exc).__name__)
+            return 0.0
+        if raw is None:
+            return 0.0
+        try:
+            until = float(raw)
+        except ValueError:
+            return 0.0
+        return min(self.max_s, max(0.0, until - self.clock()))
+
+    async def trigger(self, provider: str, model: str, seconds: float) -> float:
+        """Cool provider/model down for `seconds` (capped at `max_s`) unless a longer cooldown
+        is already in force. Returns the seconds left of the cooldown now in force."""
+        if not math.isfinite(seconds) or seconds <= 0:
+            return await self.remaining(provider, model)
+        seconds = min(seconds, self.max_s)
+        now = self.clock()
+        until = now + seconds
+        ttl_ms = max(1, math.ceil(seconds * 1000))
+        try:
+            in_force = await self.redis.eval(
+                _EXTEND, 1, self.keys.cooldown(provider, model), repr(until), str(ttl_ms)
+            )
+        except Exception as exc:  # fail open
+            log.warning("cooldown write failed: %s", type(exc).__name__)
+            return 0.0
+        if isinstance(in_force, bytes):
+            in_force = in_force.decode()
+        try:
+            return min(self.max_s, max(0.0, float(in_force) - now))
+        except (TypeError, ValueError):
+            return seconds
+
+    async def note_error(
+        self, detail: ErrorDetail, *, provider: str | None = None, model: str | None = None
+    ) -> float:
+        """Start (or extend) a cooldown for a retryable 429/529-like error.
+
+        The key is `provider`/`model` when given, else the detail's. Returns seconds in force.
+        """
+        if detail.error_type not in COOLDOWN_ERROR_TYPES or not detail.retryable:
+            return 0.0
+        seconds = detail.retry_after_s
+        if seconds is None or seconds <= 0:
+            seconds = self.default_s.get(detail.error_type, 0.0)
+        return await self.trigger(
+            detail.provider if provider is None else provider,
+            detail.model if model is None else model,
+            seconds,
+        )
+
+    async def clear(self, provider: str, model: str) -> None:
+        await self.redis.delete(self.keys.cooldown(provider, model))
+
+    async def wait(
+        self, provider: str, model: str, sleep: Sleep, *, max_wait_s: float | None = None
+    ) -> float:
+        """Sleep out the cooldown of provider/model (at most `max_wait_s`); returns seconds."""
+        left = await self.remaining(provider, model)
+        if max_wait_s is not None:
+            left = min(left, max_wait_s)
+        if left > 0:
+            await sleep(left)
+        return left

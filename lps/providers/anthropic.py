@@ -1,0 +1,404 @@
+"""The Anthropic provider: one `messages.create` per attempt through the official SDK.
+
+- The SDK's own retries are off (`max_retries=0`): `lps.retry` owns every retry, so
+  every HTTP attempt is seen, counted and becomes an event.
+- Credentials and base URL are read by the SDK itself (`ANTHROPIC_API_KEY`,
+  `ANTHROPIC_BASE_URL`, ...); the key is never put in a message, log or event
+  (`lps.classify.scrub` runs over every message that leaves here).
+- The answer is a forced call of the tool `record_comparison`, validated strictly:
+  a missing or unknown winner, a confidence outside 1–5 (or not a number), a missing
+  justification, extra fields, or no / several tool calls are a `parse_error`. A
+  confidence is never rescaled and a winner never defaulted.
+- Metrics recorded here (and only here): `lps_provider_latency_seconds{provider,model}`
+  for every HTTP attempt, successful or not, and `lps_tokens_total{kind}` for every
+  response that reports usage. Errors and retries are counted by the worker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import anthropic
+from anthropic.types import Message
+from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
+
+from events.metrics import LPS_PROVIDER_LATENCY, LPS_TOKENS
+from events.types import ComparisonRequested, ErrorDetail, TokenUsage, Winner
+from lps.classify import classify_exception, classify_stop_reason, parse_error, scrub
+from lps.prompt import (
+    CACHE_TTLS,
+    CONFIDENCE_MAX,
+    CONFIDENCE_MIN,
+    TOOL_NAME,
+    CacheTTL,
+    PromptError,
+    RenderedPrompt,
+    build_prompt,
+)
+from lps.providers.base import Judgement, ProviderError
+
+PROVIDER_NAME = "anthropic"
+DEFAULT_MODEL = "claude-sonnet-4-5"
+MAX_TOKENS_LIMIT = 8192
+
+# Sampling parameters do not exist in SDK 2.x, and the API version it speaks
+# (anthropic-version 2026-10-21) answers 400 to any of them, even at default values.
+UNSUPPORTED_OVERRIDES = frozenset({"temperature", "top_p", "top_k"})
+SUPPORTED_OVERRIDES = frozenset({"max_tokens", "cache_ttl", "timeout_s"})
+
+_WINNERS: tuple[Winner, ...] = ("essay_a", "essay_b")
+_TOOL_FIELDS = frozenset({"winner", "justification", "confidence"})
+
+
+class ProviderConfigError(RuntimeError):
+    """The provider cannot be built (for example: no credentials in the environment)."""
+
+
+@dataclass(frozen=True)
+class AnthropicSettings:
+    """Defaults for every request; a request's `overrides` can change the per-request ones."""
+
+    model: str = DEFAULT_MODEL
+    max_tokens: int = 1024
+    cache_ttl: CacheTTL = "5m"
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AnthropicSettings:
+        """`CJS_ANTHROPIC_MODEL`, `CJS_ANTHROPIC_MAX_TOKENS`, `CJS_ANTHROPIC_CACHE_TTL` (5m|1h),
+        `CJS_ANTHROPIC_TIMEOUT_S`, `CJS_ANTHROPIC_CONNECT_TIMEOUT_S`."""
+        env = os.environ if env is None else env
+        base = cls()
+        ttl = env.get("CJS_ANTHROPIC_CACHE_TTL", base.cache_ttl)
+        if ttl not in CACHE_TTLS:
+            raise ProviderConfigError(f"CJS_ANTHROPIC_CACHE_TTL must be one of {CACHE_TTLS}")
+        try:
+            return cls(
+                model=env.get("CJS_ANTHROPIC_MODEL", base.model),
+                max_tokens=int(env.get("CJS_ANTHROPIC_MAX_TOKENS", base.max_tokens)),
+                cache_ttl=ttl,
+                timeout_s=float(env.get("CJS_ANTHROPIC_TIMEOUT_S", base.timeout_s)),
+                connect_timeout_s=float(
+                    env.get("CJS_ANTHROPIC_CONNECT_TIMEOUT_S", base.connect_timeout_s)
+                ),
+            )
+        except ValueError as exc:
+            raise ProviderConfigError(f"bad CJS_ANTHROPIC_* setting: {exc}") from None
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The per-request knobs after applying a request's overrides to the settings."""
+
+    max_tokens: int
+    cache_ttl: CacheTTL
+    timeout_s: float
+
+
+def validate_overrides(overrides: Mapping[str, str]) -> list[str]:
+    """Problems with a batch's `overrides` for this provider (empty when fine).
+
+    Meant for submit time, so that a bad override fails the submission rather than
+    every comparison of the batch.
+    """
+    problems: list[str] = []
+    for key, value in overrides.items():
+        if key in UNSUPPORTED_OVERRIDES:
+            problems.append(
+                f"override {key!r} is not supported: the Anthropic API version used by the SDK "
+                "rejects sampling parameters"
+            )
+        elif key not in SUPPORTED_OVERRIDES:
+            problems.append(f"unknown override {key!r}; supported: {sorted(SUPPORTED_OVERRIDES)}")
+        elif key == "max_tokens":
+            try:
+                n = int(value)
+            except ValueError:
+                problems.append(f"override max_tokens must be an integer, got {value!r}")
+                continue
+            if not 1 <= n <= MAX_TOKENS_LIMIT:
+                problems.append(f"override max_tokens must be in 1..{MAX_TOKENS_LIMIT}, got {n}")
+        elif key == "cache_ttl":
+            if value not in CACHE_TTLS:
+                problems.append(f"override cache_ttl must be one of {CACHE_TTLS}, got {value!r}")
+        elif key == "timeout_s":
+            try:
+                t = float(value)
+            except ValueError:
+                problems.append(f"override timeout_s must be a number, got {value!r}")
+                continue
+            if not (math.isfinite(t) and t > 0):
+                problems.append(f"override timeout_s must be positive, got {value!r}")
+    return problems
+
+
+def call_options(settings: AnthropicSettings, overrides: Mapping[str, str]) -> CallOptions:
+    """Settings with a request's overrides applied. Raises PromptError on a bad override."""
+    problems = validate_overrides(overrides)
+    if problems:
+        raise PromptError("; ".join(problems))
+    return CallOptions(
+        max_tokens=int(overrides.get("max_tokens", settings.max_tokens)),
+        cache_ttl=cast(CacheTTL, overrides.get("cache_ttl", settings.cache_ttl)),
+        timeout_s=float(overrides.get("timeout_s", settings.timeout_s)),
+    )
+
+
+def validate_tool_input(value: object) -> tuple[Winner, str, float]:
+    """(winner, justification, confidence) of a `record_comparison` input, or ValueError."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"tool input is not an object: {type(value).__name__}")
+    extra = set(value) - _TOOL_FIELDS
+    if extra:
+        raise ValueError(f"unexpected fields in tool input: {sorted(map(str, extra))}")
+    winner = value.get("winner")
+    if winner is None:
+        raise ValueError("tool input has no winner")
+    if winner not in _WINNERS:
+        raise ValueError(f"winner must be 'essay_a' or 'essay_b', got {winner!r}")
+    justification = value.get("justification")
+    if not isinstance(justification, str):
+        raise ValueError("tool input has no justification string")
+    confidence = value.get("confidence")
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float):
+        raise ValueError(f"confidence must be a number, got {confidence!r}")
+    confidence = float(confidence)
+    if not (math.isfinite(confidence) and CONFIDENCE_MIN <= confidence <= CONFIDENCE_MAX):
+        raise ValueError(
+            f"confidence must be within {CONFIDENCE_MIN:g}..{CONFIDENCE_MAX:g}, got {confidence!r}"
+        )
+    return cast(Winner, winner), justification, confidence
+
+
+def usage_of(message: Message) -> TokenUsage:
+    usage = getattr(message, "usage", None)
+    if usage is None:
+        return TokenUsage()
+
+    def n(name: str) -> int:
+        v = getattr(usage, name, None)
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else 0
+
+    return TokenUsage(
+        input_tokens=n("input_tokens"),
+        output_tokens=n("output_tokens"),
+        cache_read_input_tokens=n("cache_read_input_tokens"),
+        cache_creation_input_tokens=n("cache_creation_input_tokens"),
+    )
+
+
+def record_tokens(usage: TokenUsage) -> None:
+    """`lps_tokens_total{kind}`, kind = TokenUsage field name (input_tokens: uncached input)."""
+    for kind in (
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    ):
+        value = getattr(usage, kind)
+        if value:
+            LPS_TOKENS.labels(kind=kind).inc(value)
+
+
+def judgement_from_message(
+    message: Message,
+    *,
+    model: str,
+    correlation_id: str,
+    prompt_sha256: str,
+    latency_ms: float = 0.0,
+    secrets: Sequence[str] = (),
+) -> Judgement:
+    """The Judgement in a 200 response, or ProviderError (max_tokens, refusal, parse_error)."""
+    where: dict[str, Any] = {
+        "provider": PROVIDER_NAME,
+        "model": model,
+        "correlation_id": correlation_id,
+    }
+    stop = classify_stop_reason(getattr(message, "stop_reason", None), **where)
+    if stop is not None:
+        raise ProviderError(stop)
+    content = getattr(message, "content", None) or []
+    calls = [
+        block
+        for block in content
+        if getattr(block, "type", None) == "tool_use" and getattr(block, "name", None) == TOOL_NAME
+    ]
+    if len(calls) != 1:
+        raise ProviderError(
+            parse_error(
+                f"expected exactly one {TOOL_NAME} call, got {len(calls)} "
+                f"(stop_reason={getattr(message, 'stop_reason', None)})",
+                secrets=secrets,
+                **where,
+            )
+        )
+    raw_input: Any = getattr(calls[0], "input", None)
+    try:
+        winner, justification, confidence = validate_tool_input(raw_input)
+    except ValueError as exc:
+        raise ProviderError(
+            parse_error(f"invalid {TOOL_NAME} input: {exc}", secrets=secrets, **where)
+        ) from None
+    return Judgement(
+        winner=winner,
+        confidence=confidence,
+        justification=justification,
+        usage=usage_of(message),
+        prompt_sha256=prompt_sha256,
+        latency_ms=latency_ms,
+    )
+
+
+@dataclass
+class PreparedCall:
+    """One request rendered for the API: what `messages.create` (or a batch item) is sent."""
+
+    model: str
+    options: CallOptions
+    prompt: RenderedPrompt
+    correlation_id: str
+
+    def params(self) -> MessageCreateParamsNonStreaming:
+        """The body of `messages.create`, as a Message Batches item's `params`."""
+        return {
+            "model": self.model,
+            "max_tokens": self.options.max_tokens,
+            "system": self.prompt.system,
+            "messages": self.prompt.messages,
+            "tools": self.prompt.tools,
+            "tool_choice": self.prompt.tool_choice,
+        }
+
+
+@dataclass
+class AnthropicProvider:
+    """`Provider` for the Anthropic Messages API. Build it with `AnthropicProvider.from_env()`."""
+
+    settings: AnthropicSettings = field(default_factory=AnthropicSettings)
+    client: anthropic.AsyncAnthropic | None = None
+    name: str = PROVIDER_NAME
+    records_call_metrics: bool = True
+    """This provider records `lps_provider_latency_seconds` (per HTTP attempt) and
+    `lps_tokens_total` (per response) itself; a worker must not record them again."""
+
+    def __post_init__(self) -> None:
+        if self.client is None:
+            self.client = make_client(self.settings)
+        if (
+            self.client.api_key is None
+            and self.client.auth_token is None
+            and self.client.credentials is None
+        ):
+            raise ProviderConfigError(
+                "no Anthropic credentials: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN)"
+            )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AnthropicProvider:
+        """Settings from `CJS_ANTHROPIC_*`; key and base URL read by the SDK from `ANTHROPIC_*`."""
+        return cls(settings=AnthropicSettings.from_env(env))
+
+    @property
+    def sdk(self) -> anthropic.AsyncAnthropic:
+        assert self.client is not None
+        return self.client
+
+    def secrets(self) -> list[str]:
+        return [s for s in (self.sdk.api_key, self.sdk.auth_token) if s]
+
+    def _error(self, request: ComparisonRequested, model: str, message: str) -> ProviderError:
+        return ProviderError(
+            ErrorDetail(
+                error_type="invalid_request",
+                retryable=False,
+                message=scrub(message, self.secrets()),
+                provider=self.name,
+                model=model,
+                correlation_id=request.correlation_id,
+            )
+        )
+
+    def prepare(self, request: ComparisonRequested) -> PreparedCall:
+        """Render one request. Raises ProviderError(invalid_request) for bad overrides/prompt."""
+        model = request.model or self.settings.model
+        try:
+            options = call_options(self.settings, request.overrides)
+            prompt = build_prompt(request, cache_ttl=options.cache_ttl)
+        except PromptError as exc:
+            raise self._error(request, model, str(exc)) from None
+        return PreparedCall(model, options, prompt, request.correlation_id)
+
+    async def judge(self, request: ComparisonRequested) -> Judgement:
+        call = self.prepare(request)
+        model = call.model
+        started = time.perf_counter()
+        try:
+            raw = await self.sdk.messages.with_raw_response.create(
+                model=model,
+                max_tokens=call.options.max_tokens,
+                system=call.prompt.system,
+                messages=call.prompt.messages,
+                tools=call.prompt.tools,
+                tool_choice=call.prompt.tool_choice,
+                timeout=anthropic.Timeout(
+                    call.options.timeout_s, connect=self.settings.connect_timeout_s
+                ),
+            )
+            message = await raw.parse()
+        except anthropic.APIError as exc:
+            self._observe(model, started)
+            raise ProviderError(
+                classify_exception(
+                    exc,
+                    provider=self.name,
+                    model=model,
+                    correlation_id=request.correlation_id,
+                    secrets=self.secrets(),
+                )
+            ) from None
+        except (ValueError, TypeError) as exc:  # a 2xx body that is not a Message
+            self._observe(model, started)
+            raise ProviderError(
+                parse_error(
+                    f"unreadable response body: {type(exc).__name__}",
+                    provider=self.name,
+                    model=model,
+                    correlation_id=request.correlation_id,
+                )
+            ) from None
+        latency_s = self._observe(model, started)
+        usage = usage_of(message)
+        record_tokens(usage)
+        return judgement_from_message(
+            message,
+            model=model,
+            correlation_id=request.correlation_id,
+            prompt_sha256=call.prompt.sha256,
+            latency_ms=latency_s * 1000.0,
+            secrets=self.secrets(),
+        )
+
+    def _observe(self, model: str, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        LPS_PROVIDER_LATENCY.labels(provider=self.name, model=model).observe(elapsed)
+        return elapsed
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+
+def make_client(settings: AnthropicSettings) -> anthropic.AsyncAnthropic:
+    """An SDK client with retries off; key and base URL come from the environment, as the SDK
+    reads them (`ANTHROPIC_API_KEY` / `ANTHROPIC_AUTH_TOKEN`, `ANTHROPIC_BASE_URL`)."""
+    return anthropic.AsyncAnthropic(
+        max_retries=0,
+        timeout=anthropic.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+    )

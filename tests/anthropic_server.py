@@ -1,0 +1,491 @@
+"""A loopback HTTP server that speaks enough of Anthropic's wire format for the real SDK.
+
+`POST /v1/messages` plays a script of replies (success with a `record_comparison`
+tool call, 429 with `retry-after` / `retry-after-ms`, 429 spend limit, 529, 500, 400,
+401, 402, 403, 413, a slow reply that outlives the client timeout, a dropped
+connection, `max_tokens`, `refusal`, malformed tool input, ...); when the script is
+empty it answers with a success. The Message Batches endpoints (`POST
+/v1/messages/batches`, `GET .../{id}`, `GET .../{id}/results` as JSONL, `POST
+.../{id}/cancel`) keep batches in memory; a batch ends after a set number of polls,
+and each item's result can be scripted by `custom_id`.
+
+Every request is recorded (method, path, lower-cased headers, JSON body) so tests can
+assert what the SDK really sent. A small prompt-cache simulation fills `usage`: the
+first request with a given cached prefix (tools + system up to a `cache_control`
+block) reports `cache_creation_input_tokens`, later ones `cache_read_input_tokens`.
+
+Stdlib only: `ThreadingHTTPServer` in a daemon thread; `stop()` wakes slow replies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+JSON = dict[str, Any]
+BodyFn = Callable[[JSON, "AnthropicTestServer"], Any]
+
+REASONS = {529: "Overloaded"}
+
+
+@dataclass
+class Reply:
+    """One scripted response. `body` is JSON-able, bytes/str (sent raw) or a function of
+    (request body, server) returning either."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+    drop: bool = False
+    """Close the connection without answering (a connection error for the client)."""
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+# --- reply builders --------------------------------------------------------------
+
+
+def message_json(
+    content: list[JSON],
+    *,
+    stop_reason: str | None,
+    usage: JSON | None = None,
+    model: str = "claude-sonnet-4-5",
+) -> JSON:
+    return {
+        "id": "msg_test",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": usage or {"input_tokens": 10, "output_tokens": 5},
+    }
+
+
+def tool_use_block(tool_input: Any, name: str = "record_comparison") -> JSON:
+    return {"type": "tool_use", "id": "toolu_test", "name": name, "input": tool_input}
+
+
+def _simulated(content: list[JSON], stop_reason: str | None, usage: JSON | None) -> BodyFn:
+    def body(request: JSON, server: AnthropicTestServer) -> JSON:
+        return message_json(
+            content,
+            stop_reason=stop_reason,
+            usage=usage if usage is not None else server.simulate_usage(request),
+            model=str(request.get("model", "claude-sonnet-4-5")),
+        )
+
+    return body
+
+
+def success(
+    winner: str = "essay_a",
+    confidence: float = 4,
+    justification: str = "Essay A develops its argument more fully.",
+    *,
+    usage: JSON | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    tool_input = {"winner": winner, "justification": justification, "confidence": confidence}
+    return Reply(
+        200, _simulated([tool_use_block(tool_input)], "tool_use", usage), headers=headers or {}
+    )
+
+
+def tool_reply(
+    tool_input: Any, *, name: str = "record_comparison", stop_reason: str = "tool_use"
+) -> Reply:
+    """A tool call with arbitrary (possibly malformed) input."""
+    return Reply(200, _simulated([tool_use_block(tool_input, name)], stop_reason, None))
+
+
+def content_reply(content: list[JSON], stop_reason: str | None) -> Reply:
+    return Reply(200, _simulated(content, stop_reason, None))
+
+
+def text_reply(text: str = "I think essay A is better.", stop_reason: str = "end_turn") -> Reply:
+    return content_reply([{"type": "text", "text": text}], stop_reason)
+
+
+def max_tokens_reply() -> Reply:
+    return content_reply(
+        [tool_use_block({"winner": "essay_a", "justification": "Essay A is"})], "max_tokens"
+    )
+
+
+def refusal_reply() -> Reply:
+    return content_reply([], "refusal")
+
+
+def error_json(etype: str, message: str, error_code: str | None = None) -> JSON:
+    error: JSON = {"type": etype, "message": message}
+    if error_code is not None:
+        error["details"] = {"error_code": error_code}
+    return {"type": "error", "error": error, "request_id": "req_test"}
+
+
+def error_reply(
+    status: int,
+    etype: str,
+    message: str = "scripted error",
+    *,
+    headers: dict[str, str] | None = None,
+    error_code: str | None = None,
+) -> Reply:
+    h = {"request-id": "req_test", **(headers or {})}
+    return Reply(status, error_json(etype, message, error_code), headers=h)
+
+
+def rate_limited(
+    retry_after: str | float | None = None, retry_after_ms: str | float | None = None
+) -> Reply:
+    headers: dict[str, str] = {}
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
+    if retry_after_ms is not None:
+        headers["retry-after-ms"] = str(retry_after_ms)
+    return error_reply(
+        429,
+        "rate_limit_error",
+        "Number of request tokens has exceeded your per-minute rate limit",
+        headers=headers,
+    )
+
+
+def spend_limited() -> Reply:
+    return error_reply(
+        429,
+        "rate_limit_error",
+        "Your organization has reached its monthly usage limit.",
+        error_code="enforced_spend_limit_reached",
+    )
+
+
+def overloaded() -> Reply:
+    return error_reply(529, "overloaded_error", "Overloaded")
+
+
+def server_error(status: int = 500) -> Reply:
+    return error_reply(status, "api_error", "Internal server error")
+
+
+def slow(delay_s: float, then: Reply | None = None) -> Reply:
+    reply = then or success()
+    return Reply(reply.status, reply.body, dict(reply.headers), delay_s=delay_s)
+
+
+def drop_connection() -> Reply:
+    return Reply(drop=True)
+
+
+# --- batch results ---------------------------------------------------------------
+
+
+def batch_succeeded(reply: Reply | None = None) -> Reply:
+    """The `result` of a batch item: a message (the body of a 200 reply)."""
+    return reply or success()
+
+
+def batch_errored(etype: str = "invalid_request_error", message: str = "bad item") -> JSON:
+    return {"type": "errored", "error": error_json(etype, message)}
+
+
+def batch_expired() -> JSON:
+    return {"type": "expired"}
+
+
+def batch_canceled() -> JSON:
+    return {"type": "canceled"}
+
+
+@dataclass
+class FakeBatch:
+    id: str
+    requests: list[JSON]
+    polls_until_end: int
+    polls: int = 0
+    canceled: bool = False
+
+    @property
+    def ended(self) -> bool:
+        return self.polls >= self.polls_until_end
+
+    def cancel(self) -> None:
+        """Canceling now, ended at the next poll; unscripted items then end `canceled`."""
+        self.canceled = True
+        self.polls_until_end = min(self.polls_until_end, self.polls + 1)
+
+
+# --- the server -----------------------------------------------------------------
+
+
+class AnthropicTestServer:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._script: deque[Reply] = deque()
+        self._batch_create_script: deque[Reply] = deque()
+        self._stopping = threading.Event()
+        self._ids = itertools.count(1)
+        self._cache: set[str] = set()
+        self.requests: list[Recorded] = []
+        self.batches: dict[str, FakeBatch] = {}
+        self.batch_results: dict[str, Reply | JSON] = {}
+        """Result per custom_id for batch items: a Reply (→ succeeded) or a result JSON."""
+        self.batch_polls_until_end = 1
+        """GETs of a batch that answer `in_progress` before it is `ended`."""
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    # lifecycle
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> AnthropicTestServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    # scripting
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self._script.extend(replies)
+
+    def script_batch_create(self, *replies: Reply) -> None:
+        with self._lock:
+            self._batch_create_script.extend(replies)
+
+    def pending_script(self) -> int:
+        with self._lock:
+            return len(self._script)
+
+    def calls(self, path: str = "/v1/messages", method: str = "POST") -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path and r.method == method]
+
+    def simulate_usage(self, request: JSON) -> JSON:
+        """Usage with a simulated prompt cache over tools + system (when marked cacheable)."""
+        system = request.get("system")
+        prefix_tokens = 0
+        cached = False
+        if isinstance(system, list) and system:
+            marked = any(isinstance(b, dict) and b.get("cache_control") for b in system)
+            prefix = json.dumps([request.get("tools"), system], sort_keys=True)
+            prefix_tokens = max(1, len(prefix) // 4)
+            if marked:
+                key = hashlib.sha256(f"{request.get('model')}|{prefix}".encode()).hexdigest()
+                with self._lock:
+                    cached = key in self._cache
+                    self._cache.add(key)
+                usage = {
+                    "input_tokens": max(1, len(json.dumps(request.get("messages"))) // 4),
+                    "output_tokens": 40,
+                    "cache_read_input_tokens": prefix_tokens if cached else 0,
+                    "cache_creation_input_tokens": 0 if cached else prefix_tokens,
+                }
+                return usage
+        return {
+            "input_tokens": prefix_tokens + max(1, len(json.dumps(request.get("messages"))) // 4),
+            "output_tokens": 40,
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 0,
+        }
+
+    # internals
+    def _next_reply(self, queue: deque[Reply]) -> Reply:
+        with self._lock:
+            return queue.popleft() if queue else success()
+
+    def _batch_json(self, batch: FakeBatch) -> JSON:
+        n = len(batch.requests)
+        status = "ended" if batch.ended else ("canceling" if batch.canceled else "in_progress")
+        results = [self._result_for(item, batch) for item in batch.requests]
+        counts = {"processing": n, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        if batch.ended:
+            counts["processing"] = 0
+            for result in results:
+                counts[str(result["type"])] += 1
+        return {
+            "id": batch.id,
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": counts,
+            "created_at": "2026-01-01T00:00:00Z",
+            "expires_at": "2026-01-02T00:00:00Z",
+            "ended_at": "2026-01-01T00:10:00Z" if batch.ended else None,
+            "cancel_initiated_at": "2026-01-01T00:05:00Z" if batch.canceled else None,
+            "archived_at": None,
+            "results_url": (
+                f"{self.url}/v1/messages/batches/{batch.id}/results" if batch.ended else None
+            ),
+        }
+
+    def _result_for(self, item: JSON, batch: FakeBatch) -> JSON:
+        custom_id = str(item.get("custom_id"))
+        scripted = self.batch_results.get(custom_id)
+        if scripted is None and batch.canceled:
+            return batch_canceled()
+        if scripted is None or isinstance(scripted, Reply):
+            reply = scripted or success()
+            body = reply.body
+            if callable(body):
+                body = body(item.get("params") or {}, self)
+            return {"type": "succeeded", "message": body}
+        return scripted
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _read_body(self) -> Any:
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                if not raw:
+                    return None
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    return raw.decode(errors="replace")
+
+            def _record(self, body: Any) -> None:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                path = self.path.split("?", 1)[0]
+                with server._lock:
+                    server.requests.append(Recorded(self.command, path, headers, body))
+
+            def _send(self, reply: Reply, request_body: Any = None) -> None:
+                if reply.delay_s > 0 and server._stopping.wait(reply.delay_s):
+                    return
+                if reply.drop:
+                    self.close_connection = True
+                    return
+                body = reply.body
+                if callable(body):
+                    body = body(request_body if isinstance(request_body, dict) else {}, server)
+                if isinstance(body, bytes):
+                    payload, ctype = body, "application/octet-stream"
+                elif isinstance(body, str):
+                    payload, ctype = body.encode(), "text/plain"
+                else:
+                    payload, ctype = json.dumps(body).encode(), "application/json"
+                try:
+                    self.send_response(reply.status, REASONS.get(reply.status))
+                    self.send_header("content-type", ctype)
+                    self.send_header("content-length", str(len(payload)))
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def do_POST(self) -> None:
+                body = self._read_body()
+                self._record(body)
+                path = self.path.split("?", 1)[0]
+                if path == "/v1/messages":
+                    if isinstance(body, dict):
+                        rejected = sorted({"temperature", "top_p", "top_k"} & set(body))
+                        if rejected:
+                            self._send(
+                                error_reply(
+                                    400,
+                                    "invalid_request_error",
+                                    f"{rejected[0]}: Extra inputs are not permitted",
+                                )
+                            )
+                            return
+                    self._send(server._next_reply(server._script), body)
+                elif path == "/v1/messages/batches":
+                    with server._lock:
+                        scripted = (
+                            server._batch_create_script.popleft()
+                            if server._batch_create_script
+                            else None
+                        )
+                    if scripted is not None:
+                        self._send(scripted, body)
+                        return
+                    requests = body.get("requests", []) if isinstance(body, dict) else []
+                    batch_id = f"msgbatch_{next(server._ids):04d}"
+                    batch = FakeBatch(batch_id, list(requests), server.batch_polls_until_end)
+                    with server._lock:
+                        server.batches[batch_id] = batch
+                    self._send(Reply(200, server._batch_json(batch)))
+                elif (m := re.fullmatch(r"/v1/messages/batches/([^/]+)/cancel", path)) is not None:
+                    batch_or_none = server.batches.get(m.group(1))
+                    if batch_or_none is None:
+                        self._send(error_reply(404, "not_found_error", "no such batch"))
+                        return
+                    batch_or_none.cancel()
+                    self._send(Reply(200, server._batch_json(batch_or_none)))
+                else:
+                    self._send(error_reply(404, "not_found_error", f"no route {path}"))
+
+            def do_GET(self) -> None:
+                self._record(None)
+                path = self.path.split("?", 1)[0]
+                m = re.fullmatch(r"/v1/messages/batches/([^/]+)(/results)?", path)
+                batch = server.batches.get(m.group(1)) if m else None
+                if m is None or batch is None:
+                    self._send(error_reply(404, "not_found_error", f"no such resource {path}"))
+                    return
+                if m.group(2):
+                    if not batch.ended:
+                        self._send(error_reply(400, "invalid_request_error", "not ended"))
+                        return
+                    # Results come out of request order: matching must use custom_id.
+                    lines = [
+                        json.dumps(
+                            {
+                                "custom_id": item.get("custom_id"),
+                                "result": server._result_for(item, batch),
+                            }
+                        )
+                        for item in reversed(batch.requests)
+                    ]
+                    self._send(Reply(200, ("\n".join(lines) + "\n").encode()))
+                    return
+                batch.polls += 1
+                self._send(Reply(200, server._batch_json(batch)))
+
+        return Handler
+
+
+@contextmanager
+def running_server() -> Iterator[AnthropicTestServer]:
+    server = AnthropicTestServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
