@@ -1,0 +1,478 @@
+"""Pair generation for comparative judgement waves (pure functions, no I/O).
+
+`plan_wave` chooses the unordered pairs of one wave and the position of each
+essay (``essay_a`` is shown first). Its rules:
+
+* Determinism: every random choice comes from a numpy Generator seeded by a
+  SHA-256 of (batch_id, wave, seed); essays are handled in sorted order and
+  the history is reduced to counts, so the order of ``essay_ids`` and of
+  ``history`` does not matter.
+* No repeats: a pair with a completed or pending request is never requested
+  again. A pair whose requests all failed may be requested again, up to
+  ``max_attempts_per_pair`` requests in total.
+* Position balance (DESIGN invariant 8): over every request of the batch
+  (pending, completed and failed alike) each essay's count(essay_a) −
+  count(essay_b) stays in {−1, 0, 1}. Positions are assigned from the running
+  balances, one pair at a time, and a pair is only accepted when it can be
+  oriented without leaving that range; so the invariant holds after every
+  accepted pair, hence after every wave of any size. (If the history given is
+  already out of range, no essay's |balance| is ever made worse.)
+* Coverage first: essays with fewer than ``min_comparisons`` comparisons
+  (completed + pending) are brought up to it with random cycles through them
+  (wave 1: ⌈k/2⌉ random Hamiltonian cycles, i.e. a connected graph of degree
+  ≥ k); then any disconnected components of the comparison graph are linked.
+* Adaptive fill: the rest of the wave goes to the pairs that reduce the total
+  posterior variance of θ most, estimated from the latest fit: informative
+  pairs have close θ (P(win) near ½) and large SE. Student–anchor pairs get a
+  bonus while the student has not yet met an anchor of that grade, so each
+  student is compared with anchors spanning its likely grades. Pairs are taken
+  greedily, updating the variances of the essays already chosen in the wave,
+  so that a wave spreads over the essays that need it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse
+from scipy.sparse.csgraph import connected_components
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.intp]
+BoolArray = npt.NDArray[np.bool_]
+
+# Gaussian stand-in for the logistic density σ'(x): peak ¼ and unit mass.
+_S2 = 16.0 / (2.0 * math.pi)
+# SE assumed for an essay without a score (no fit yet, or added later).
+_DEFAULT_SE = 1.5
+# Candidate partners kept per essay for the adaptive greedy search.
+_PARTNERS_PER_ESSAY = 24
+
+
+@dataclass(frozen=True)
+class PairHistory:
+    essay_a: str
+    essay_b: str
+    outcome: Literal["pending", "completed", "failed"]
+    winner: Literal["essay_a", "essay_b"] | None = None
+
+
+def pair_key(a: str, b: str) -> tuple[str, str]:
+    """The normalised (unordered) key of a pair."""
+    return (a, b) if a <= b else (b, a)
+
+
+def position_balance(history: Sequence[PairHistory]) -> dict[str, int]:
+    """count(essay_a) − count(essay_b) per essay over every request in ``history``."""
+    bal: dict[str, int] = {}
+    for h in history:
+        bal[h.essay_a] = bal.get(h.essay_a, 0) + 1
+        bal[h.essay_b] = bal.get(h.essay_b, 0) - 1
+    return bal
+
+
+def wave_rng(batch_id: str, wave: int, seed: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"cj-pairs\x1f{batch_id}\x1f{wave}\x1f{seed}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "big"))
+
+
+def expected_information(mu: FloatArray, var: FloatArray) -> FloatArray:
+    """E[σ'(d)] for d ~ N(mu, var): the expected Fisher information of one comparison."""
+    t = _S2 + var
+    return 0.25 * np.sqrt(_S2 / t) * np.exp(-0.5 * mu * mu / t)
+
+
+def _expected_information_scalar(mu: float, var: float) -> float:
+    t = _S2 + var
+    return 0.25 * math.sqrt(_S2 / t) * math.exp(-0.5 * mu * mu / t)
+
+
+class _Planner:
+    def __init__(
+        self,
+        ids: list[str],
+        anchors: Mapping[str, str],
+        history: Sequence[PairHistory],
+        max_attempts_per_pair: int,
+        size: int,
+        rng: np.random.Generator,
+    ) -> None:
+        self.ids = ids
+        self.n = n = len(ids)
+        self.index = {e: i for i, e in enumerate(ids)}
+        self.rng = rng
+        self.size = size
+        self.out: list[tuple[str, str]] = []
+        m = len(history)
+        ha = np.empty(m, dtype=np.intp)
+        hb = np.empty(m, dtype=np.intp)
+        live = np.empty(m, dtype=np.bool_)
+        for k, h in enumerate(history):
+            try:
+                ha[k] = self.index[h.essay_a]
+                hb[k] = self.index[h.essay_b]
+            except KeyError as exc:
+                raise ValueError(f"history refers to an unknown essay: {exc.args[0]!r}") from None
+            if ha[k] == hb[k]:
+                raise ValueError(f"history pairs essay {h.essay_a!r} with itself")
+            live[k] = h.outcome != "failed"
+        self.balance = np.bincount(ha, minlength=n) - np.bincount(hb, minlength=n)
+        self.count = np.bincount(ha[live], minlength=n) + np.bincount(hb[live], minlength=n)
+        attempts = np.zeros((n, n), dtype=np.int32)
+        np.add.at(attempts, (ha, hb), 1)
+        attempts += attempts.T
+        used = np.zeros((n, n), dtype=np.bool_)
+        used[ha[live], hb[live]] = True
+        used |= used.T
+        self.eligible: BoolArray = ~used & (attempts < max_attempts_per_pair)
+        np.fill_diagonal(self.eligible, False)
+        self.edges_a: list[int] = [int(x) for x in ha[live]]
+        self.edges_b: list[int] = [int(x) for x in hb[live]]
+        self.wave_count = np.zeros(n, dtype=np.intp)
+        # Anchors: grade index per essay (-1 for students) and which grades each
+        # student has already met.
+        grades = sorted(set(anchors.values()))
+        gidx = {g: i for i, g in enumerate(grades)}
+        self.anchor_grade = np.full(n, -1, dtype=np.intp)
+        for e, g in anchors.items():
+            if e in self.index:
+                self.anchor_grade[self.index[e]] = gidx[g]
+        self.met_grade = np.zeros((n, max(len(grades), 1)), dtype=np.bool_)
+        for x, y in zip(self.edges_a, self.edges_b, strict=True):
+            self._meet(x, y)
+
+    # -- state -------------------------------------------------------------
+
+    def _meet(self, x: int, y: int) -> None:
+        gx, gy = self.anchor_grade[x], self.anchor_grade[y]
+        if gy >= 0 and gx < 0:
+            self.met_grade[x, gy] = True
+        if gx >= 0 and gy < 0:
+            self.met_grade[y, gx] = True
+
+    @property
+    def full(self) -> bool:
+        return len(self.out) >= self.size
+
+    def _options(self, i: int, j: int) -> tuple[bool, bool]:
+        """Whether (i, j) resp. (j, i) keeps both balances in range, or at least not worse."""
+        bi, bj = int(self.balance[i]), int(self.balance[j])
+
+        def ok(old: int, new: int) -> bool:
+            return abs(new) <= 1 or abs(new) < abs(old)
+
+        return ok(bi, bi + 1) and ok(bj, bj - 1), ok(bj, bj + 1) and ok(bi, bi - 1)
+
+    def orientation(self, i: int, j: int) -> tuple[int, int] | None:
+        """(a, b) keeping both balances in range (or not worse), or None."""
+        i_first, j_first = self._options(i, j)
+        if i_first and j_first:
+            bi, bj = int(self.balance[i]), int(self.balance[j])
+            ci = max(abs(bi + 1), abs(bj - 1))
+            cj = max(abs(bj + 1), abs(bi - 1))
+            if ci != cj:
+                return (i, j) if ci < cj else (j, i)
+            return (i, j) if self.rng.random() < 0.5 else (j, i)
+        if i_first:
+            return (i, j)
+        if j_first:
+            return (j, i)
+        return None
+
+    def can_add(self, i: int, j: int) -> bool:
+        if i == j or not self.eligible[i, j]:
+            return False
+        i_first, j_first = self._options(i, j)
+        return i_first or j_first
+
+    def add(self, i: int, j: int) -> bool:
+        if self.full or not self.can_add(i, j):
+            return False
+        ab = self.orientation(i, j)
+        if ab is None:
+            return False
+        a, b = ab
+        self.balance[a] += 1
+        self.balance[b] -= 1
+        self.count[a] += 1
+        self.count[b] += 1
+        self.wave_count[a] += 1
+        self.wave_count[b] += 1
+        self.eligible[a, b] = self.eligible[b, a] = False
+        self.edges_a.append(a)
+        self.edges_b.append(b)
+        self._meet(a, b)
+        self.out.append((self.ids[a], self.ids[b]))
+        return True
+
+    # -- coverage ------------------------------------------------------------
+
+    def best_partner(self, i: int, closeness: FloatArray | None) -> int | None:
+        """An eligible partner for i: fewest comparisons, then closest θ, then random."""
+        cand = np.flatnonzero(self.eligible[i])
+        if len(cand) == 0:
+            return None
+        bi = int(self.balance[i])
+        if bi != 0:
+            cand = cand[self.balance[cand] != bi]
+            if len(cand) == 0:
+                return None
+        key = self.count[cand].astype(np.float64)
+        if closeness is not None:
+            key = key + 0.01 * np.abs(closeness[cand] - closeness[i])
+        key = key + 1e-6 * self.rng.random(len(cand))
+        return int(cand[int(np.argmin(key))])
+
+    def cover(self, k: int, closeness: FloatArray | None) -> None:
+        """Bring every essay to >= k comparisons: random cycles through those short of it."""
+        for _ in range(k + 2):
+            if self.full:
+                return
+            short = np.flatnonzero(self.count < k)
+            if len(short) == 0:
+                return
+            order = [int(x) for x in self.rng.permutation(short)]
+            before = len(self.out)
+            need_one = bool(np.all(self.count[short] == k - 1))
+            counts_before = self.count.copy()
+            if len(order) >= 3 and not need_one:
+                self._cycle(order)
+            elif len(order) >= 2:
+                self._matching(order)
+            for i in order:  # left out of this round: pair with anyone eligible
+                if self.count[i] == counts_before[i] and not self.full:
+                    j = self.best_partner(i, closeness)
+                    if j is not None:
+                        self.add(i, j)
+            if len(self.out) == before:
+                return
+
+    def _cycle(self, order: list[int]) -> None:
+        start = order[0]
+        current = start
+        remaining = order[1:]
+        while remaining and not self.full:
+            nxt = None
+            for pos, v in enumerate(remaining):
+                if self.can_add(current, v):
+                    nxt = remaining.pop(pos)
+                    break
+            if nxt is None:
+                current = remaining.pop(0)  # dead end: restart the path from here
+                continue
+            self.add(current, nxt)
+            current = nxt
+        if current != start and not self.full:
+            self.add(current, start)
+
+    def _matching(self, order: list[int]) -> None:
+        remaining = list(order)
+        while len(remaining) >= 2 and not self.full:
+            i = remaining.pop(0)
+            for pos, v in enumerate(remaining):
+                if self.can_add(i, v):
+                    remaining.pop(pos)
+                    self.add(i, v)
+                    break
+
+    # -- connectivity --------------------------------------------------------
+
+    def components(self) -> tuple[int, IntArray]:
+        g = scipy.sparse.coo_matrix(
+            (np.ones(len(self.edges_a)), (self.edges_a, self.edges_b)), shape=(self.n, self.n)
+        ).tocsr()
+        k, labels = connected_components(g, directed=False)
+        return int(k), labels.astype(np.intp)
+
+    def connect(self, closeness: FloatArray | None) -> None:
+        """Link the components of the comparison graph in a random chain."""
+        k, labels = self.components()
+        if k <= 1:
+            return
+        comps = [np.flatnonzero(labels == c) for c in self.rng.permutation(k)]
+        for left, right in itertools.pairwise(comps):
+            if self.full:
+                return
+            sub = self.eligible[np.ix_(left, right)].copy()
+            bl = self.balance[left][:, None]
+            br = self.balance[right][None, :]
+            sub &= ~((bl == br) & (bl != 0))
+            if not sub.any():
+                continue
+            cost = self.count[left][:, None] + self.count[right][None, :] + 0.0
+            if closeness is not None:
+                cost = cost + 0.01 * np.abs(closeness[left][:, None] - closeness[right][None, :])
+            cost = cost + 1e-6 * self.rng.random(cost.shape)
+            cost[~sub] = np.inf
+            r, c = np.unravel_index(int(np.argmin(cost)), cost.shape)
+            self.add(int(left[r]), int(right[c]))
+
+    # -- adaptive ------------------------------------------------------------
+
+    def adaptive(
+        self,
+        theta: FloatArray,
+        var: FloatArray,
+        anchor_bonus: float,
+        per_essay_cap: int,
+    ) -> None:
+        n = self.n
+        var = var.copy()
+        jitter = 1.0 + 1e-9 * self.rng.random((n, n))
+        jitter = np.minimum(jitter, jitter.T)
+        is_anchor = self.anchor_grade >= 0
+
+        def pair_bonus(i: IntArray, j: IntArray) -> FloatArray:
+            gi = self.anchor_grade[i]
+            gj = self.anchor_grade[j]
+            bonus = np.ones(len(i))
+            s_i = (gi < 0) & (gj >= 0)
+            s_j = (gj < 0) & (gi >= 0)
+            if anchor_bonus > 0 and is_anchor.any():
+                new_i = s_i & ~self.met_grade[i, np.maximum(gj, 0)]
+                new_j = s_j & ~self.met_grade[j, np.maximum(gi, 0)]
+                bonus[new_i | new_j] += anchor_bonus
+            return bonus
+
+        def gain(i: IntArray, j: IntArray) -> FloatArray:
+            vi, vj = var[i], var[j]
+            v = vi + vj
+            info = expected_information(theta[i] - theta[j], v)
+            return (vi * vi + vj * vj) * info / (1.0 + v * info) * pair_bonus(i, j) * jitter[i, j]
+
+        anchor_grade = [int(g) for g in self.anchor_grade]
+
+        def gain1(x: int, y: int) -> float:
+            vx, vy = float(var[x]), float(var[y])
+            v = vx + vy
+            info = _expected_information_scalar(float(theta[x] - theta[y]), v)
+            value = (vx * vx + vy * vy) * info / (1.0 + v * info) * float(jitter[x, y])
+            gx, gy = anchor_grade[x], anchor_grade[y]
+            if anchor_bonus > 0 and (gx < 0) != (gy < 0):
+                student, grade = (x, gy) if gx < 0 else (y, gx)
+                if not self.met_grade[student, grade]:
+                    value *= 1.0 + anchor_bonus
+            return value
+
+        while not self.full:
+            ok = self.eligible & (self.wave_count < per_essay_cap)[:, None]
+            ok &= (self.wave_count < per_essay_cap)[None, :]
+            bal = self.balance
+            ok &= ~((bal[:, None] == bal[None, :]) & (bal[:, None] != 0))
+            ii, jj = np.nonzero(np.triu(ok, 1))
+            if len(ii) == 0:
+                return
+            values = gain(ii, jj)
+            # Keep each essay's best partners: a wide but bounded candidate set.
+            mat = np.full((n, n), -np.inf)
+            mat[ii, jj] = values
+            mat[jj, ii] = values
+            kk = min(_PARTNERS_PER_ESSAY, n - 1)
+            top = np.argpartition(-mat, kk - 1, axis=1)[:, :kk]
+            rows = np.repeat(np.arange(n), kk)
+            cols = top.ravel()
+            keep = np.isfinite(mat[rows, cols])
+            lo = np.minimum(rows[keep], cols[keep])
+            hi = np.maximum(rows[keep], cols[keep])
+            uniq = np.unique(lo * n + hi)
+            ci = uniq // n
+            cj = uniq % n
+            cv = mat[ci, cj]
+            version = [0] * n
+            heap = [(-float(v), int(x), int(y), 0, 0) for v, x, y in zip(cv, ci, cj, strict=True)]
+            heapq.heapify(heap)
+            th = [float(t) for t in theta]
+            added = 0
+            while heap and not self.full:
+                _, x, y, vx, vy = heapq.heappop(heap)
+                if (
+                    self.wave_count[x] >= per_essay_cap
+                    or self.wave_count[y] >= per_essay_cap
+                    or not self.can_add(x, y)
+                ):
+                    continue
+                if vx != version[x] or vy != version[y]:
+                    # Stale: an endpoint was chosen since; re-rank with its new variance.
+                    v_now = gain1(x, y)
+                    heapq.heappush(heap, (-v_now, x, y, version[x], version[y]))
+                    continue
+                if not self.add(x, y):
+                    continue
+                added += 1
+                vv = float(var[x] + var[y])
+                info = _expected_information_scalar(th[x] - th[y], vv)
+                shrink = info / (1.0 + vv * info)
+                var[x] -= var[x] * var[x] * shrink
+                var[y] -= var[y] * var[y] * shrink
+                version[x] += 1
+                version[y] += 1
+            if added == 0:
+                return
+
+
+def plan_wave(
+    *,
+    batch_id: str,
+    wave: int,
+    seed: int,
+    essay_ids: Sequence[str],
+    anchors: Mapping[str, str],
+    grade_scale: Sequence[str],
+    history: Sequence[PairHistory],
+    size: int,
+    max_attempts_per_pair: int = 2,
+    scores: Mapping[str, tuple[float, float]] | None = None,
+    min_comparisons: int = 4,
+    anchor_bonus: float = 0.5,
+    per_essay_cap: int | None = None,
+) -> list[tuple[str, str]]:
+    """The ordered pairs (essay_a, essay_b) of one wave; see the module docstring.
+
+    ``anchors`` maps anchor essay ids to grades (anchors not in ``essay_ids`` are
+    added as essays). ``scores`` maps essay ids to (θ, SE) of the latest fit.
+    Returns fewer than ``size`` pairs, possibly none, when no eligible pair can
+    be added without a repeat or breaking position balance.
+    ``per_essay_cap`` bounds how often one essay appears in the adaptive part of
+    a wave (default: about twice its fair share, at least 3).
+    """
+    for e, g in anchors.items():
+        if grade_scale and g not in grade_scale:
+            raise ValueError(f"anchor {e!r} has grade {g!r}, not on the grade scale")
+    ids = sorted(set(essay_ids) | set(anchors))
+    n = len(ids)
+    if n < 2 or size <= 0:
+        return []
+    rng = wave_rng(batch_id, wave, seed)
+    planner = _Planner(ids, anchors, history, max_attempts_per_pair, size, rng)
+
+    theta = np.zeros(n)
+    var = np.full(n, _DEFAULT_SE**2)
+    closeness: FloatArray | None = None
+    if scores:
+        known = [s for s in scores.values() if math.isfinite(s[0]) and math.isfinite(s[1])]
+        default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
+        for i, e in enumerate(ids):
+            sc = scores.get(e)
+            if sc is not None and math.isfinite(sc[0]) and math.isfinite(sc[1]):
+                theta[i] = sc[0]
+                var[i] = max(sc[1] ** 2, 1e-6)
+            else:
+                var[i] = default_var
+        closeness = theta
+
+    planner.cover(min_comparisons, closeness)
+    planner.connect(closeness)
+    if not planner.full:
+        cap = per_essay_cap
+        if cap is None:
+            cap = max(3, 2 * math.ceil(2 * size / n))
+        planner.adaptive(theta, var, anchor_bonus, cap)
+    return planner.out
