@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from typing import Any
@@ -100,6 +101,9 @@ def demo(mode: str, profile: str | None, seed: int, essays: int | None, budget: 
     """
     common.quiet_logs(as_json)
     s = common.settings()
+    if "CJS_RETRY_BASE_DELAY_S" not in os.environ:
+        # The mock judge's faults are simulated: back off in tens of milliseconds, not seconds.
+        s = s.model_copy(update={"retry_base_delay_s": 0.02, "retry_max_delay_s": 0.2})
     try:
         mock = profile_from_env(profile)
     except ValueError as exc:
