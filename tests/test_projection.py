@@ -20,7 +20,15 @@ from events.types import BatchFinalized
 from projections.batch import apply_batch_event, apply_callback, register
 from projections.replay import replay
 from projections.store import CallbackApplier, load_state
-from tests.helpers import append_and_read, canonical, completed, failed, registration, snapshot, wave
+from tests.helpers import (
+    append_and_read,
+    canonical,
+    completed,
+    failed,
+    registration,
+    snapshot,
+    wave,
+)
 
 B = "b1"
 
@@ -75,8 +83,14 @@ ops_strategy = st.lists(
 )
 
 
-async def _scenario(r: Any, keys: Keys, n_pairs: int, ops: list[tuple[int, bool, bool]],
-                    order: list[int], finalize_after: int | None) -> None:
+async def _scenario(
+    r: Any,
+    keys: Keys,
+    n_pairs: int,
+    ops: list[tuple[int, bool, bool]],
+    order: list[int],
+    finalize_after: int | None,
+) -> None:
     await ensure_group(r, keys.callbacks, CJ_GROUP)
     await append_registration(r, keys, registration(4, batch_id=B, budget=6))
     await _append_batch_event(r, keys, wave(B, 1, [(f"c{i}", "e0", "e1") for i in range(n_pairs)]))
@@ -90,7 +104,9 @@ async def _scenario(r: Any, keys: Keys, n_pairs: int, ops: list[tuple[int, bool,
         if finalize_after is not None and step == finalize_after:
             state = await load_state(r, keys, B)
             abandoned = sorted(c for c, v in state.corr.items() if v == "pending")
-            await _append_batch_event(r, keys, BatchFinalized(batch_id=B, reason="budget", abandoned=abandoned))
+            await _append_batch_event(
+                r, keys, BatchFinalized(batch_id=B, reason="budget", abandoned=abandoned)
+            )
         async with r.pipeline(transaction=False) as pipe:
             await applier.queue(pipe, events[index], ids[index])
             await pipe.execute()
@@ -102,10 +118,13 @@ async def _scenario(r: Any, keys: Keys, n_pairs: int, ops: list[tuple[int, bool,
     assert live.accepted + live.duplicates + live.orphans + live.late_callbacks == len(events)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(n_pairs=st.integers(1, 6), ops=ops_strategy, data=st.data())
-def test_lua_apply_in_any_order_equals_replay_fakeredis(n_pairs: int, ops: list[tuple[int, bool, bool]],
-                                                        data: st.DataObject) -> None:
+def test_lua_apply_in_any_order_equals_replay_fakeredis(
+    n_pairs: int, ops: list[tuple[int, bool, bool]], data: st.DataObject
+) -> None:
     order = data.draw(st.permutations(range(len(ops))))
     finalize_after = data.draw(st.none() | st.integers(0, len(ops) - 1))
 
@@ -129,7 +148,9 @@ def test_lua_apply_in_any_order_equals_replay_real_redis(redis_server: Any) -> N
 
         async def main() -> None:
             r = aioredis.from_url(redis_server.url)
-            await _scenario(r, Keys(f"{uuid.uuid4().hex[:8]}:"), n_pairs, ops, list(order), finalize_after)
+            await _scenario(
+                r, Keys(f"{uuid.uuid4().hex[:8]}:"), n_pairs, ops, list(order), finalize_after
+            )
             await r.aclose()
 
         asyncio.run(main())
