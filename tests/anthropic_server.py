@@ -66,7 +66,7 @@ def message_json(
     *,
     stop_reason: str | None,
     usage: JSON | None = None,
-    model: str = "claude-sonnet-4-5",
+    model: str = "claude-sonnet-4-6",
 ) -> JSON:
     return {
         "id": "msg_test",
@@ -90,7 +90,7 @@ def _simulated(content: list[JSON], stop_reason: str | None, usage: JSON | None)
             content,
             stop_reason=stop_reason,
             usage=usage if usage is not None else server.simulate_usage(request),
-            model=str(request.get("model", "claude-sonnet-4-5")),
+            model=str(request.get("model", "claude-sonnet-4-6")),
         )
 
     return body
@@ -253,7 +253,9 @@ class AnthropicTestServer:
         """GETs of a batch that answer `in_progress` before it is `ended`."""
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
 
     # lifecycle
     @property
@@ -489,3 +491,25 @@ def running_server() -> Iterator[AnthropicTestServer]:
         yield server
     finally:
         server.stop()
+
+
+# --- helpers for tests -----------------------------------------------------------
+
+TEST_KEY = "sk-ant-test-0123456789abcdefSECRET"
+
+
+def client_env(monkeypatch: Any, server: AnthropicTestServer, tmp_path: Any) -> None:
+    """Point the SDK at `server` the way production does: through the environment."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", TEST_KEY)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+    monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "anthropic-config"))
+    for name in (
+        "ANTHROPIC_AUTH_TOKEN",
+        "ANTHROPIC_PROFILE",
+        "ANTHROPIC_CUSTOM_HEADERS",
+        "CJS_ANTHROPIC_MODEL",
+        "CJS_ANTHROPIC_MAX_TOKENS",
+        "CJS_ANTHROPIC_CACHE_TTL",
+        "CJS_ANTHROPIC_TIMEOUT_S",
+    ):
+        monkeypatch.delenv(name, raising=False)

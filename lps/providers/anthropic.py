@@ -43,7 +43,13 @@ from lps.prompt import (
 from lps.providers.base import Judgement, ProviderError
 
 PROVIDER_NAME = "anthropic"
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-sonnet-4-6"
+"""Not deprecated in SDK 2.14 (claude-sonnet-4-5 is: EOL 2026-11-30); accepts a forced tool call."""
+
+# Models documented to reject forced tool use (`tool_choice` any/tool) with a 400.
+FORCED_TOOL_UNSUPPORTED_MODELS = frozenset(
+    {"claude-sonnet-5-5", "claude-opus-5-5", "claude-fable-5-1"}
+)
 MAX_TOKENS_LIMIT = 8192
 
 # Sampling parameters do not exist in SDK 2.x, and the API version it speaks
@@ -136,6 +142,16 @@ def validate_overrides(overrides: Mapping[str, str]) -> list[str]:
             if not (math.isfinite(t) and t > 0):
                 problems.append(f"override timeout_s must be positive, got {value!r}")
     return problems
+
+
+def model_problems(model: str) -> list[str]:
+    """Problems with judging on `model` (empty when fine); for submit-time validation too."""
+    if model in FORCED_TOOL_UNSUPPORTED_MODELS:
+        return [
+            f"model {model!r} rejects forced tool use (tool_choice), which the judge protocol "
+            "needs; choose another model"
+        ]
+    return []
 
 
 def call_options(settings: AnthropicSettings, overrides: Mapping[str, str]) -> CallOptions:
@@ -290,7 +306,13 @@ class AnthropicProvider:
 
     def __post_init__(self) -> None:
         if self.client is None:
-            self.client = make_client(self.settings)
+            try:
+                self.client = make_client(self.settings)
+            except anthropic.AnthropicError as exc:  # e.g. CredentialsError: nothing configured
+                raise ProviderConfigError(
+                    "no usable Anthropic credentials: set ANTHROPIC_API_KEY "
+                    f"({type(exc).__name__}: {scrub(str(exc))})"
+                ) from None
         if (
             self.client.api_key is None
             and self.client.auth_token is None
@@ -328,6 +350,9 @@ class AnthropicProvider:
     def prepare(self, request: ComparisonRequested) -> PreparedCall:
         """Render one request. Raises ProviderError(invalid_request) for bad overrides/prompt."""
         model = request.model or self.settings.model
+        problems = model_problems(model)
+        if problems:
+            raise self._error(request, model, "; ".join(problems))
         try:
             options = call_options(self.settings, request.overrides)
             prompt = build_prompt(request, cache_ttl=options.cache_ttl)
