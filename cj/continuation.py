@@ -54,18 +54,19 @@ class Decision:
 
 
 def comparisons_of(state: BatchState) -> list[Comparison]:
+    # Ordered by content, not by correlation id (random), so a seed reproduces a run.
     out = []
-    for cid in sorted(state.corr):
-        value = state.corr[cid]
+    for cid, value in state.corr.items():
         if value.startswith("c "):
             _, a, b = state.pairs[cid]
             out.append(Comparison(a, b, value.endswith("essay_a")))
+    out.sort(key=lambda c: (c.essay_a, c.essay_b, c.winner_is_a))
     return out
 
 
 def history_of(state: BatchState) -> list[PairHistory]:
     out = []
-    for cid in sorted(state.pairs):
+    for cid in sorted(state.pairs, key=lambda c: (*state.pairs[c], state.corr.get(c, PENDING))):
         _, a, b = state.pairs[cid]
         value = state.corr.get(cid, PENDING)
         if value == PENDING:

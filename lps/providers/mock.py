@@ -110,7 +110,9 @@ class MockProvider:
         seed = self.seed if self.seed is not None else request.seed
         attempt = self._attempts.get(request.correlation_id, 0) + 1
         self._attempts[request.correlation_id] = attempt
-        rng = _rng(seed, request.essay_a.essay_id, request.essay_b.essay_id, request.correlation_id, attempt)
+        # Not the correlation id (random): the same seed must reproduce the same judgements.
+        rng = _rng(seed, request.batch_id, request.wave, request.essay_a.essay_id, request.essay_b.essay_id,
+                   attempt)
         if p.latency_ms > 0:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * p.latency_ms / 1000.0)
         draw = rng.random()
