@@ -1,0 +1,113 @@
+"""The whole pipeline on a real redis-server: several CJ consumers and LPS workers, both modes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from cj.continuation import advance
+from cj.registration import append_registration
+from events import codec
+from events.names import CJ_GROUP, LPS_GROUP, Keys
+from events.settings import Settings
+from events.types import (
+    BundleDispatched,
+    ComparisonCompleted,
+    ComparisonFailed,
+    ComparisonRequested,
+    ProviderAttemptFailed,
+)
+from lps.providers.mock import PROFILES
+from lps.providers.registry import make_provider
+from projections.replay import read_stream, replay
+from projections.store import load_state
+from tests.helpers import canonical, registration, snapshot
+from tools.runtime import InProcess
+
+pytestmark = pytest.mark.redis
+
+
+async def _events(r: Any, stream: str) -> list[tuple[str, Any]]:
+    return [(entry_id, codec.decode(fields)) async for entry_id, fields in read_stream(r, stream)]
+
+
+async def _wait_terminal(r: Any, keys: Keys, batch_id: str, runner: InProcess) -> Any:
+    for _ in range(3000):
+        runner.check()
+        state = await load_state(r, keys, batch_id)
+        if state.terminal:
+            return state
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"batch not finalized: {state.accepted}/{state.denominator}")
+
+
+@pytest.mark.parametrize(
+    ("mode", "profile"), [("per_request", "flaky"), ("serial_bundle", "flaky")]
+)
+async def test_every_request_ends_in_exactly_one_accepted_callback(
+    real_redis: Any, mode: str, profile: str
+) -> None:
+    r = real_redis
+    keys = Keys(f"p{uuid.uuid4().hex[:6]}:")
+    settings = Settings(retry_base_delay_s=0.001, retry_max_delay_s=0.01, block_ms=50)
+    reg = registration(24, batch_id="b-" + mode, mode=mode, budget=150)
+    await append_registration(r, keys, reg)
+    runner = InProcess(
+        r,
+        keys,
+        settings,
+        lambda name: make_provider(name, mock_profile=PROFILES[profile]),
+        cj_consumers=2,
+        lps_workers=2,
+        concurrency=4,
+    )
+    runner.start()
+    await advance(r, keys, reg.batch_id)
+    try:
+        state = await _wait_terminal(r, keys, reg.batch_id, runner)
+    finally:
+        await runner.close()
+
+    requests = [e for _, e in await _events(r, keys.requests) if isinstance(e, ComparisonRequested)]
+    callbacks = [e for _, e in await _events(r, keys.callbacks)]
+    dispatches = [e for _, e in await _events(r, keys.dispatches)]
+    per_corr = Counter(c.correlation_id for c in callbacks)
+    assert set(per_corr) == {q.correlation_id for q in requests}
+    assert set(per_corr.values()) == {1}, "one callback per request"
+    assert state.accepted == len(requests) == state.submitted <= state.denominator
+    assert state.completed == sum(isinstance(c, ComparisonCompleted) for c in callbacks)
+    assert state.failed == sum(isinstance(c, ComparisonFailed) for c in callbacks)
+    # Provider calls = failed attempts + completed comparisons; flaky produced some of each.
+    attempts = [d for d in dispatches if isinstance(d, ProviderAttemptFailed)]
+    assert attempts and {a.error.error_type for a in attempts} <= {
+        "rate_limit",
+        "overloaded",
+        "server_error",
+        "timeout",
+        "max_tokens",
+    }
+    bundles = [d for d in dispatches if isinstance(d, BundleDispatched)]
+    if mode == "serial_bundle":
+        assert bundles and all(1 <= b.size <= 64 for b in bundles)
+        assert sum(b.size for b in bundles) == len(requests)
+        # One failing item never takes its bundle down: items after a failure still complete.
+        for bundle in bundles:
+            outcomes = {
+                c.correlation_id: c for c in callbacks if c.correlation_id in bundle.correlation_ids
+            }
+            assert len(outcomes) == bundle.size
+    else:
+        assert not bundles
+    # Positions and anchors travel on every request.
+    anchors = {e.essay_id for e in reg.essays if e.is_anchor}
+    for q in requests:
+        assert q.essay_a.is_anchor == (q.essay_a.essay_id in anchors)
+        assert q.mode == mode and q.provider == "mock"
+    for stream, group in ((keys.requests, LPS_GROUP), (keys.callbacks, CJ_GROUP)):
+        assert (await r.xpending(stream, group))["pending"] == 0
+    states, _ = await replay(r, keys, {reg.batch_id})
+    assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)
