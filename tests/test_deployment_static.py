@@ -1,0 +1,76 @@
+"""compose.yaml, the Dockerfile and the Prometheus config agree (Docker does not run here)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from click.testing import CliRunner
+
+from tools.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _dockerfile() -> list[str]:
+    return [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+
+
+def test_workers_run_commands_the_cli_accepts() -> None:
+    services = _compose()["services"]
+    assert {"redis", "cj", "lps", "prometheus"} <= set(services)
+    entrypoint = next(line for line in _dockerfile() if line.startswith("ENTRYPOINT"))
+    assert '"cjs"' in entrypoint
+    for name in ("cj", "lps"):
+        command = services[name]["command"]
+        assert command[:2] == ["worker", name]
+        # The command parses: --help after the real arguments exits 0 only if every option exists.
+        result = CliRunner().invoke(main, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert services[name]["environment"]["REDIS_URL"].startswith("redis://redis:6379")
+        port = command[command.index("--metrics-port") + 1]
+        assert str(port) in [str(p) for p in services[name]["expose"]]
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_redis_has_aof_and_a_volume() -> None:
+    redis = _compose()["services"]["redis"]
+    assert "--appendonly" in redis["command"]
+    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_prometheus_scrapes_the_worker_ports_and_loads_the_alert_rules() -> None:
+    services = _compose()["services"]
+    mounts = {v.split(":")[1]: ROOT / v.split(":")[0] for v in services["prometheus"]["volumes"]}
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    assert "/etc/prometheus/alerts.yml" in config["rule_files"]
+    assert mounts["/etc/prometheus/alerts.yml"].exists()
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for name in ("cj", "lps"):
+        sd = jobs[name]["dns_sd_configs"][0]
+        assert sd["names"] == [name]
+        port = services[name]["command"][services[name]["command"].index("--metrics-port") + 1]
+        assert str(sd["port"]) == str(port)
+    rules = yaml.safe_load(mounts["/etc/prometheus/alerts.yml"].read_text())
+    assert rules["groups"] and all(group["rules"] for group in rules["groups"])
+
+
+def test_dockerfile_copies_every_package_and_exposes_the_metrics_port() -> None:
+    lines = _dockerfile()
+    copied = {shlex.split(line)[1] for line in lines if line.startswith("COPY")}
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    for package in {p.split(".")[0] for p in packages}:
+        assert package in copied, f"Dockerfile does not copy {package}/"
+    assert "EXPOSE 9100" in lines
+    assert any(re.match(r"FROM python:3\.1[1-9]", line) for line in lines)
