@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,10 +11,13 @@ from typing import Any
 
 import fakeredis
 import pytest
+import yaml
 from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
 
+from events import metrics
 from events.names import Keys
-from events.types import ComparisonRequested, ErrorDetail, Essay
+from events.types import ComparisonRequested, ErrorDetail, Essay, TokenUsage
 from lps.cooldown import Cooldown
 from lps.providers.anthropic import AnthropicProvider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
@@ -408,3 +412,55 @@ def test_delay_for_rules() -> None:
     final = ErrorDetail(error_type="billing", retryable=False, message="")
     assert policy.delay_for(1, final, rng) is None
     assert policy.delay_for(1, ra, rng, waited_s=176.0) is None  # total delay bound
+
+
+# --- the alert rules and the operations doc speak of real metrics -----------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+_METRIC = re.compile(r"\b((?:lps|cj|events)_[a-z_]+)\b")
+_KIND = re.compile(r'kind=~?"([^"]+)"')
+
+
+def known_series() -> set[str]:
+    out: set[str] = set()
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            for family in obj.describe():
+                if family.type == "counter":
+                    out.add(family.name + "_total")
+                elif family.type == "histogram":
+                    out |= {family.name + s for s in ("_bucket", "_count", "_sum")}
+                else:
+                    out.add(family.name)
+    return out
+
+
+def test_alert_rules_are_well_formed_and_use_known_metrics() -> None:
+    doc = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    rules = [rule for group in doc["groups"] for rule in group["rules"]]
+    assert len({r["alert"] for r in rules}) == len(rules) >= 10
+    series = known_series()
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}
+        assert rule["annotations"]["summary"]
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+        used = set(_METRIC.findall(rule["expr"]))
+        assert used <= series, (rule["alert"], used - series)
+        for kinds in _KIND.findall(rule["expr"]):
+            assert set(kinds.split("|")) <= set(TokenUsage.__struct_fields__)
+
+
+def test_operations_doc_uses_known_metrics_and_names_every_alert() -> None:
+    text = (ROOT / "docs/operations.md").read_text()
+    queries = "\n".join(re.findall(r"```promql\n(.*?)```", text, flags=re.S))
+    assert "lps_provider_errors_total" in queries and "lps_retries_total" in queries
+    assert "cache_read_input_tokens" in queries
+    used = set(_METRIC.findall(queries))
+    assert used <= known_series(), used - known_series()
+    for kinds in _KIND.findall(queries):
+        assert set(kinds.split("|")) <= set(TokenUsage.__struct_fields__)
+    doc = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            assert rule["alert"] in text, rule["alert"]
