@@ -464,3 +464,75 @@ def test_operations_doc_uses_known_metrics_and_names_every_alert() -> None:
     for group in doc["groups"]:
         for rule in group["rules"]:
             assert rule["alert"] in text, rule["alert"]
+
+
+# --- end to end through the LPS worker: one callback per request, every attempt an event ---
+
+
+async def test_worker_every_request_one_callback_and_every_attempt_an_event(
+    provider: AnthropicProvider, server: AnthropicTestServer
+) -> None:
+    from events import codec
+    from events.types import ComparisonCompleted, ComparisonFailed, ProviderAttemptFailed
+    from lps.worker import LPSWorker
+
+    r: Any = fakeredis.FakeAsyncRedis()
+    keys = Keys("e2e:")
+    server.script(
+        rate_limited(retry_after_ms=5),
+        overloaded(),
+        success(),
+        server_error(502),
+        drop_connection(),
+        error_reply(400, "invalid_request_error"),
+        success("essay_b", 2),
+        tool_reply({"winner": "essay_c", "justification": "j", "confidence": 3}),
+        spend_limited(),
+        max_tokens_reply(),
+    )  # then successes
+    policy = RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.002)
+    worker = LPSWorker(
+        r, keys, "w1", lambda name: provider, policy=policy, concurrency=3, block_ms=20
+    )
+    await worker.start()
+    requests = [make_request(f"corr-e2e-{i}") for i in range(8)]
+    for request in requests:
+        await r.xadd(keys.requests, codec.encode(request))
+    try:
+        for _ in range(50):
+            await worker.step()
+            if await r.xlen(keys.callbacks) >= len(requests):
+                break
+    finally:
+        await worker.committer.stop()
+    callbacks = [codec.decode(f) for _, f in await r.xrange(keys.callbacks)]
+    dispatches = [codec.decode(f) for _, f in await r.xrange(keys.dispatches)]
+    attempts_failed = [e for e in dispatches if isinstance(e, ProviderAttemptFailed)]
+    completed = [c for c in callbacks if isinstance(c, ComparisonCompleted)]
+    failed = [c for c in callbacks if isinstance(c, ComparisonFailed)]
+    finished: list[ComparisonCompleted | ComparisonFailed] = [*completed, *failed]
+    # exactly one callback per request
+    assert len(finished) == len(callbacks)
+    assert sorted(c.correlation_id for c in finished) == sorted(q.correlation_id for q in requests)
+    # every HTTP call is either a ProviderAttemptFailed or a ComparisonCompleted
+    assert len(server.calls()) == len(attempts_failed) + len(completed)
+    # attempts on the callbacks agree with the events
+    for c in finished:
+        mine = [a for a in attempts_failed if a.correlation_id == c.correlation_id]
+        assert c.attempts == len(mine) + (1 if isinstance(c, ComparisonCompleted) else 0)
+    assert {f.error.error_type for f in failed} <= {
+        "invalid_request",
+        "rate_limit",
+        "max_tokens",
+        "parse_error",
+        "server_error",
+        "connection",
+        "overloaded",
+    }
+    assert await r.xpending(keys.requests, "lps") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+    await r.aclose()
