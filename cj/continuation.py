@@ -9,6 +9,7 @@ state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,8 +185,11 @@ def decide(state: BatchState) -> Decision | None:
             return decision
         if state.completed == 0:
             decision.events.append(
-                BatchFailed(batch_id=state.batch_id, reason="no_comparisons",
-                            message="no comparison succeeded")
+                BatchFailed(
+                    batch_id=state.batch_id,
+                    reason="no_comparisons",
+                    message="no comparison succeeded",
+                )
             )
             return decision
         stable = (
@@ -203,10 +207,14 @@ def decide(state: BatchState) -> Decision | None:
     if wave is None:
         if state.completed == 0:
             decision.events.append(
-                BatchFailed(batch_id=state.batch_id, reason="no_pairs", message="no pair could be formed")
+                BatchFailed(
+                    batch_id=state.batch_id, reason="no_pairs", message="no pair could be formed"
+                )
             )
         else:
-            reason: FinalizeReason = "budget" if state.submitted >= state.denominator else "all_pairs"
+            reason: FinalizeReason = (
+                "budget" if state.submitted >= state.denominator else "all_pairs"
+            )
             decision.events.append(_finish(state, reason))
         return decision
     submitted, requests = wave
@@ -238,7 +246,8 @@ async def advance(r: Any, keys: Keys, batch_id: str, *, max_tries: int = 50) -> 
             try:
                 await pipe.watch(keys.batch(batch_id))
                 state = await immediate_load(pipe, keys, batch_id)
-                decision = decide(state) if state is not None else None
+                # Scoring is CPU work: keep the event loop (and the LPS work beside it) responsive.
+                decision = await asyncio.to_thread(decide, state) if state is not None else None
                 if state is None or decision is None:
                     await pipe.unwatch()
                     return None
@@ -259,16 +268,33 @@ def _report(state: BatchState, decision: Decision) -> None:
     )
     for event in decision.events:
         if isinstance(event, WaveSubmitted):
-            log.info("wave_submitted", batch_id=state.batch_id, wave=event.wave, pairs=len(event.pairs))
+            log.info(
+                "wave_submitted", batch_id=state.batch_id, wave=event.wave, pairs=len(event.pairs)
+            )
         elif isinstance(event, BatchScored):
-            log.info("batch_scored", batch_id=state.batch_id, wave=event.wave,
-                     max_delta=event.max_delta, ssr=event.ssr)
+            log.info(
+                "batch_scored",
+                batch_id=state.batch_id,
+                wave=event.wave,
+                max_delta=event.max_delta,
+                ssr=event.ssr,
+            )
     terminal = decision.terminal
     if isinstance(terminal, BatchFinalized):
         CJ_FINALIZED.labels(terminal.reason).inc()
-        log.info("batch_finalized", batch_id=state.batch_id, reason=terminal.reason,
-                 completed=state.completed, failed=state.failed, abandoned=len(terminal.abandoned))
+        log.info(
+            "batch_finalized",
+            batch_id=state.batch_id,
+            reason=terminal.reason,
+            completed=state.completed,
+            failed=state.failed,
+            abandoned=len(terminal.abandoned),
+        )
     elif isinstance(terminal, BatchFailed):
         CJ_FINALIZED.labels("failed").inc()
-        log.warning("batch_failed", batch_id=state.batch_id, reason=terminal.reason,
-                    message=terminal.message)
+        log.warning(
+            "batch_failed",
+            batch_id=state.batch_id,
+            reason=terminal.reason,
+            message=terminal.message,
+        )

@@ -28,7 +28,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *, aof: bool = True, fsync: str = "always") -> None:
+        """AOF with `appendfsync always` by default: a crash loses nothing the tests wrote."""
+        self._aof = aof
         binary = shutil.which("redis-server")
         assert binary, "redis-server not found"
         self.proc = subprocess.Popen(
@@ -41,9 +43,9 @@ class RedisServer:
                 "--dir",
                 str(self.dir),
                 "--appendonly",
-                "yes",
+                "yes" if aof else "no",
                 "--appendfsync",
-                "always",
+                fsync,
                 "--save",
                 "",
                 "--protected-mode",
@@ -76,7 +78,7 @@ class RedisServer:
 
     def restart(self) -> None:
         self.stop()
-        self.start()
+        self.start(aof=getattr(self, "_aof", True))
 
 
 def redis_required() -> bool:
