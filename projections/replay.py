@@ -7,13 +7,16 @@ batch events that follow their wave).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from events import codec
-from events.names import Keys
+from events.names import CJ_GROUP, Keys
 from events.types import BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
-from projections.batch import BatchState, apply_batch_event, apply_callback, register
+from projections.batch import BatchState, apply_batch_event, apply_callback, entry_id_key, register
 
 PAGE = 5000
 
@@ -75,3 +78,183 @@ async def replay(r: Any, keys: Keys, batch_ids: set[str] | None = None) -> tuple
         if batch_ids is None or getattr(event, "batch_id", None) in batch_ids:
             callbacks.append((entry_id, event))
     return fold(batch_events, callbacks), seen
+
+
+# --- replay against a live namespace ------------------------------------------------------------
+#
+# A callback reaches the live projection only through the `cj` group (callback.lua applies it and
+# acknowledges it in one step). So at any instant the live projection is the fold of the
+# `cj:batches` events appended so far and of the callbacks the group has acknowledged: entries up
+# to its last-delivered id that are not pending. Entries not yet delivered, or delivered and still
+# pending, will be applied later by a consumer; folding them now would make the live projection
+# count them twice (as duplicates) once it does. `Horizon` is that instant, read in one MULTI.
+
+PEL_PAGE = 10_000
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """What the live projection had applied when it was read."""
+
+    batches_last: str | None  # last entry of cj:batches (None: empty)
+    callbacks_delivered: str | None  # the cj group's last-delivered id (None: no group yet)
+    pending: frozenset[str] = frozenset()
+
+    def batch_event_in(self, entry_id: str) -> bool:
+        last = self.batches_last
+        return last is not None and entry_id_key(entry_id) <= entry_id_key(last)
+
+    def callback_applied(self, entry_id: str) -> bool:
+        if self.callbacks_delivered is None:
+            return False
+        return (entry_id_key(entry_id) <= entry_id_key(self.callbacks_delivered)
+                and entry_id not in self.pending)
+
+
+def queue_horizon(pipe: Any, keys: Keys) -> None:
+    """Queue the three reads of a horizon (inside MULTI, with other reads, for one instant)."""
+    pipe.xrevrange(keys.batches, max="+", min="-", count=1)
+    pipe.xinfo_groups(keys.callbacks)
+    pipe.xpending_range(keys.callbacks, CJ_GROUP, min="-", max="+", count=PEL_PAGE)
+
+
+async def horizon_from(r: Any, keys: Keys, last: Any, groups: Any, pel: Any) -> Horizon:
+    """The horizon from the replies of `queue_horizon` (errors mean: no stream or no group)."""
+    batches_last = _text(last[0][0]) if isinstance(last, list) and last else None
+    delivered: str | None = None
+    if isinstance(groups, list):
+        for group in groups:
+            if _text(group["name"]) == CJ_GROUP:
+                delivered = _text(group["last-delivered-id"])
+    pending: set[str] = set()
+    if delivered is not None and isinstance(pel, list):
+        pending.update(_text(p["message_id"]) for p in pel)
+        while len(pel) == PEL_PAGE:  # a huge backlog: page on (outside the instant; see README)
+            ms, seq = _text(pel[-1]["message_id"]).split("-")
+            pel = await r.xpending_range(keys.callbacks, CJ_GROUP, min=f"{ms}-{int(seq) + 1}",
+                                         max="+", count=PEL_PAGE)
+            pending.update(_text(p["message_id"]) for p in pel)
+    return Horizon(batches_last, delivered, frozenset(pending))
+
+
+async def read_horizon(r: Any, keys: Keys) -> Horizon:
+    async with r.pipeline(transaction=True) as pipe:
+        queue_horizon(pipe, keys)
+        replies = await pipe.execute(raise_on_error=False)
+    return await horizon_from(r, keys, *replies)
+
+
+async def read_pages(
+    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+"
+) -> AsyncIterator[list[Any]]:
+    """Pages of `stream` up to `max_id` (XRANGE ... COUNT), the next page read while the caller
+    works on the current one."""
+    if max_id == "":
+        return
+
+    async def fetch(start: str) -> list[Any]:
+        result: list[Any] = await r.xrange(stream, min=start, max=max_id, count=page)
+        return result
+
+    task = asyncio.ensure_future(fetch("-"))
+    try:
+        while True:
+            entries = await task
+            if not entries:
+                return
+            if len(entries) == page:
+                ms, seq = _text(entries[-1][0]).split("-")
+                task = asyncio.ensure_future(fetch(f"{ms}-{int(seq) + 1}"))
+            yield entries
+            if len(entries) < page:
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+@dataclass
+class ReplayResult:
+    states: dict[str, BatchState]
+    horizon: Horizon
+    events: int = 0  # entries read from cj:batches and cj:callbacks
+    callbacks_applied: int = 0
+    callbacks_unapplied: int = 0  # in the stream, not yet applied by the cj group
+    unknown_batch_callbacks: int = 0  # applied callbacks naming no registered batch
+    undecodable: int = 0
+    seconds: float = 0.0
+
+
+def _wanted(data: Any, needles: list[bytes] | None) -> bool:
+    """Cheap pre-filter on the raw JSON: a batch's events contain its id verbatim (JSON encoders
+    escape no plain ASCII), so entries without any wanted id need no decoding."""
+    if needles is None:
+        return True
+    raw = data if isinstance(data, bytes) else str(data).encode()
+    return any(n in raw for n in needles)
+
+
+async def replay_live(
+    r: Any, keys: Keys, batch_ids: set[str] | None = None, *, horizon: Horizon | None = None,
+    page: int = PAGE,
+) -> ReplayResult:
+    """Rebuild batch states as the live projection has them at `horizon` (read now when None):
+    the same `apply` functions, the same order as `replay`, only applied callbacks."""
+    started = time.perf_counter()
+    hz = horizon if horizon is not None else await read_horizon(r, keys)
+    out = ReplayResult(states={}, horizon=hz)
+    needles = None
+    if batch_ids is not None and len(batch_ids) <= 16:
+        needles = [b.encode() for b in sorted(batch_ids)]
+    states = out.states
+    if hz.batches_last is not None:
+        async for entries in read_pages(r, keys.batches, page=page, max_id=hz.batches_last):
+            out.events += len(entries)
+            for _, fields in entries:
+                if not _wanted(fields.get(b"data", fields.get("data")), needles):
+                    continue
+                try:
+                    event = codec.decode(fields)
+                except codec.DecodeError:
+                    out.undecodable += 1
+                    continue
+                b = getattr(event, "batch_id", None)
+                if batch_ids is not None and b not in batch_ids:
+                    continue
+                if isinstance(event, BatchRegistered):
+                    states[event.batch_id] = register(event)
+                elif b in states:
+                    apply_batch_event(states[b], event)  # type: ignore[arg-type]
+    delivered = hz.callbacks_delivered
+    async for entries in read_pages(r, keys.callbacks, page=page):
+        out.events += len(entries)
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            if (delivered is None or entry_id_key(entry_id) > entry_id_key(delivered)
+                    or entry_id in hz.pending):
+                out.callbacks_unapplied += 1
+                continue
+            if not _wanted(fields.get(b"data", fields.get("data")), needles):
+                continue
+            try:
+                callback = codec.decode(fields)
+            except codec.DecodeError:
+                out.undecodable += 1
+                continue
+            if not isinstance(callback, ComparisonCompleted | ComparisonFailed):
+                continue
+            if batch_ids is not None and callback.batch_id not in batch_ids:
+                continue
+            out.callbacks_applied += 1
+            state = states.get(callback.batch_id)
+            if state is None:
+                out.unknown_batch_callbacks += 1
+            else:
+                apply_callback(state, callback, entry_id)
+    out.seconds = time.perf_counter() - started
+    return out

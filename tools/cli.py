@@ -6,6 +6,7 @@ import click
 
 from tools.cmd_batch import results, status, submit
 from tools.cmd_demo import demo
+from tools.cmd_replay import replay
 from tools.cmd_worker import worker
 
 
@@ -20,5 +21,5 @@ def main() -> None:
     """
 
 
-for command in (demo, submit, status, results, worker):
+for command in (demo, submit, status, results, worker, replay):
     main.add_command(command)
