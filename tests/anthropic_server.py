@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import re
+import ssl
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -497,6 +498,18 @@ def running_server() -> Iterator[AnthropicTestServer]:
 # --- helpers for tests -----------------------------------------------------------
 
 TEST_KEY = "sk-ant-test-0123456789abcdefSECRET"
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
+def http_client() -> Any:
+    """An SDK http client sharing one SSL context: building one per client costs ~40 ms,
+    which over a hundred tests is most of their time (the loopback server is plain http)."""
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    import anthropic
+
+    return anthropic.DefaultAsyncHttpxClient(verify=_SSL_CONTEXT)
 
 
 def client_env(monkeypatch: Any, server: AnthropicTestServer, tmp_path: Any) -> None:

@@ -22,6 +22,7 @@ from tests.anthropic_server import (
     batch_errored,
     batch_expired,
     client_env,
+    http_client,
     max_tokens_reply,
     rate_limited,
     refusal_reply,
@@ -63,7 +64,7 @@ def env(server: AnthropicTestServer, monkeypatch: pytest.MonkeyPatch, tmp_path: 
 
 @pytest.fixture
 async def batches(env: None) -> AsyncIterator[MessageBatches]:
-    provider = AnthropicProvider.from_env()
+    provider = AnthropicProvider.from_env(http_client=http_client())
     yield MessageBatches(provider)
     await provider.aclose()
 

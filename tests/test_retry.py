@@ -27,6 +27,7 @@ from tests.anthropic_server import (
     client_env,
     drop_connection,
     error_reply,
+    http_client,
     max_tokens_reply,
     overloaded,
     rate_limited,
@@ -88,7 +89,7 @@ async def provider(
     server: AnthropicTestServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> AsyncIterator[AnthropicProvider]:
     client_env(monkeypatch, server, tmp_path)
-    p = AnthropicProvider.from_env()
+    p = AnthropicProvider.from_env(http_client=http_client())
     yield p
     await p.aclose()
 

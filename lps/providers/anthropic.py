@@ -323,9 +323,24 @@ class AnthropicProvider:
             )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> AnthropicProvider:
-        """Settings from `CJS_ANTHROPIC_*`; key and base URL read by the SDK from `ANTHROPIC_*`."""
-        return cls(settings=AnthropicSettings.from_env(env))
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, http_client: Any | None = None
+    ) -> AnthropicProvider:
+        """Settings from `CJS_ANTHROPIC_*`; key and base URL read by the SDK from `ANTHROPIC_*`.
+
+        `http_client`: an `anthropic.DefaultAsyncHttpxClient` to share (connection pool,
+        SSL context) between providers; by default the SDK makes its own.
+        """
+        settings = AnthropicSettings.from_env(env)
+        if http_client is None:
+            return cls(settings=settings)
+        try:
+            client = make_client(settings, http_client=http_client)
+        except anthropic.AnthropicError as exc:
+            raise ProviderConfigError(
+                f"no usable Anthropic credentials: set ANTHROPIC_API_KEY ({type(exc).__name__})"
+            ) from None
+        return cls(settings=settings, client=client)
 
     @property
     def sdk(self) -> anthropic.AsyncAnthropic:
@@ -420,10 +435,13 @@ class AnthropicProvider:
             await self.client.close()
 
 
-def make_client(settings: AnthropicSettings) -> anthropic.AsyncAnthropic:
+def make_client(
+    settings: AnthropicSettings, *, http_client: Any | None = None
+) -> anthropic.AsyncAnthropic:
     """An SDK client with retries off; key and base URL come from the environment, as the SDK
     reads them (`ANTHROPIC_API_KEY` / `ANTHROPIC_AUTH_TOKEN`, `ANTHROPIC_BASE_URL`)."""
     return anthropic.AsyncAnthropic(
         max_retries=0,
         timeout=anthropic.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+        http_client=http_client,
     )
