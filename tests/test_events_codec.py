@@ -1,0 +1,79 @@
+"""The wire format: two fields, JSON data, and dead letters for anything else."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cj.consumer import CJConsumer
+from events import codec
+from events.names import CJ_GROUP, Keys
+from events.types import EVENT_TYPES
+from tests.helpers import completed
+
+
+def test_entry_has_exactly_type_and_json_data_with_ids_and_time() -> None:
+    event = completed("b", "c1")
+    fields = codec.encode(event)
+    assert set(fields) == {"type", "data"}
+    assert fields["type"] == b"ComparisonCompleted"
+    data = json.loads(fields["data"])
+    assert {"event_id", "occurred_at", "batch_id", "correlation_id"} <= set(data)
+    assert data["occurred_at"].endswith("Z") and len(data["occurred_at"]) == 27
+    assert codec.decode(fields) == event
+    assert codec.decode({k: v.decode() for k, v in fields.items()}) == event
+
+
+def test_every_event_type_round_trips_by_name() -> None:
+    assert set(EVENT_TYPES) == {
+        "BatchRegistered",
+        "WaveSubmitted",
+        "BatchScored",
+        "BatchFinalized",
+        "BatchFailed",
+        "ComparisonRequested",
+        "BundleDispatched",
+        "ProviderAttemptFailed",
+        "RequestExpired",
+        "ComparisonCompleted",
+        "ComparisonFailed",
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"type": b"ComparisonCompleted"}, "missing_field"),
+        ({b"type": b"Nope", b"data": b"{}"}, "unknown_type"),
+        ({b"type": b"ComparisonCompleted", b"data": b"{not json"}, "invalid_data"),
+        ({b"type": b"ComparisonCompleted", b"data": b'{"batch_id": 3}'}, "invalid_data"),
+    ],
+)
+def test_bad_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason: str) -> None:
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode(fields)
+    assert err.value.reason == reason
+
+
+async def test_undecodable_callbacks_are_dead_lettered_and_acknowledged(
+    fake_redis: Any, keys: Keys
+) -> None:
+    r = fake_redis
+    consumer = CJConsumer(r, keys, "c1", block_ms=10)
+    await consumer.start()
+    bad_id = (
+        await r.xadd(keys.callbacks, {"type": "ComparisonCompleted", "data": "garbage"})
+    ).decode()
+    await r.xadd(keys.callbacks, {"hello": "world"})
+    await r.xadd(keys.callbacks, codec.encode(completed("no-such-batch", "c9")))
+    assert await consumer.step() == 3
+    dlq = await r.xrange(keys.dlq("cj:callbacks"))
+    assert len(dlq) == 2
+    first = {k.decode(): v.decode() for k, v in dlq[0][1].items()}
+    assert first["reason"] == "invalid_data" and first["source_id"] == bad_id
+    assert json.loads(first["fields"]) == {"type": "ComparisonCompleted", "data": "garbage"}
+    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
+    # The valid callback for an unknown batch is an orphan, counted globally.
+    assert await r.hget(keys.stats, "orphans_unknown_batch") == b"1"
