@@ -26,22 +26,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis.asyncio as aioredis  # noqa: E402
-from redis.asyncio.connection import Connection  # noqa: E402
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 
-from cj.consumer import CJConsumer  # noqa: E402
-from cj.continuation import Decision, advance, queue_decision  # noqa: E402
-from cj.registration import append_registration  # noqa: E402
-from events import codec  # noqa: E402
-from events.names import CJ_GROUP, Keys  # noqa: E402
-from events.settings import Settings  # noqa: E402
-from lps.providers.mock import MockProfile  # noqa: E402
-from lps.providers.registry import make_provider  # noqa: E402
-from projections.store import load_state  # noqa: E402
-from tests.helpers import completed, registration, wave  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
-from tools.logs import configure  # noqa: E402
-from tools.runtime import InProcess  # noqa: E402
+from cj.consumer import CJConsumer
+from cj.continuation import Decision, advance, queue_decision
+from cj.registration import append_registration
+from events import codec
+from events.names import CJ_GROUP, Keys
+from events.settings import Settings
+from lps.providers.mock import MockProfile
+from lps.providers.registry import make_provider
+from projections.store import load_state
+from tests.helpers import completed, registration, wave
+from tests.redis_server import RedisServer
+from tools.logs import configure
+from tools.runtime import InProcess
 
 ZERO = MockProfile("bench", position_bias=0.3, noise=0.5, latency_ms=0.0)
 

@@ -57,7 +57,9 @@ def _entries(response: Any) -> list[Entry]:
 class GroupReader:
     """Reads a stream for one consumer of a group: own pending entries first, then new ones."""
 
-    def __init__(self, r: Any, stream: str, group: str, consumer: str, *, count: int, block_ms: int):
+    def __init__(
+        self, r: Any, stream: str, group: str, consumer: str, *, count: int, block_ms: int
+    ):
         self.r = r
         self.stream = stream
         self.group = group
@@ -104,7 +106,13 @@ def dead_letter_fields(
 
 
 def queue_dead_letter(
-    pipe: Any, keys: Keys, stream_name: str, entry: Entry, error: DecodeError, group: str, consumer: str
+    pipe: Any,
+    keys: Keys,
+    stream_name: str,
+    entry: Entry,
+    error: DecodeError,
+    group: str,
+    consumer: str,
 ) -> None:
     """Buffer the move of one undecodable entry to its DLQ, with the XACK (inside MULTI)."""
     pipe.xadd(keys.dlq(stream_name), dead_letter_fields(stream_name, entry, error, group, consumer))
@@ -119,7 +127,9 @@ def queue_dead_letter(
     )
 
 
-def split_decoded(entries: list[Entry]) -> tuple[list[tuple[Entry, Event]], list[tuple[Entry, DecodeError]]]:
+def split_decoded(
+    entries: list[Entry],
+) -> tuple[list[tuple[Entry, Event]], list[tuple[Entry, DecodeError]]]:
     good: list[tuple[Entry, Event]] = []
     bad: list[tuple[Entry, DecodeError]] = []
     for entry in entries:

@@ -152,7 +152,9 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
         _close(state, "finalized", event.reason, event.abandoned, event)
     elif isinstance(event, BatchFailed):
         _close(state, "failed", "failed", event.abandoned, event)
-        state.failure_message = f"{event.reason}: {event.message}" if event.message else event.reason
+        state.failure_message = (
+            f"{event.reason}: {event.message}" if event.message else event.reason
+        )
     return state
 
 

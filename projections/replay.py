@@ -38,7 +38,9 @@ async def read_stream(r: Any, stream: str, *, page: int = PAGE) -> AsyncIterator
             return
 
 
-def fold(batch_events: Iterable[Event], callbacks: Iterable[tuple[str, Event]]) -> dict[str, BatchState]:
+def fold(
+    batch_events: Iterable[Event], callbacks: Iterable[tuple[str, Event]]
+) -> dict[str, BatchState]:
     """The pure fold: batch events in order, then callbacks in entry-id order."""
     states: dict[str, BatchState] = {}
     for event in batch_events:
@@ -56,7 +58,9 @@ def fold(batch_events: Iterable[Event], callbacks: Iterable[tuple[str, Event]]) 
     return states
 
 
-async def replay(r: Any, keys: Keys, batch_ids: set[str] | None = None) -> tuple[dict[str, BatchState], int]:
+async def replay(
+    r: Any, keys: Keys, batch_ids: set[str] | None = None
+) -> tuple[dict[str, BatchState], int]:
     """Rebuild the projections of `batch_ids` (all when None); returns the states and events read."""
     batch_events: list[Event] = []
     callbacks: list[tuple[str, Event]] = []
@@ -111,8 +115,10 @@ class Horizon:
     def callback_applied(self, entry_id: str) -> bool:
         if self.callbacks_delivered is None:
             return False
-        return (entry_id_key(entry_id) <= entry_id_key(self.callbacks_delivered)
-                and entry_id not in self.pending)
+        return (
+            entry_id_key(entry_id) <= entry_id_key(self.callbacks_delivered)
+            and entry_id not in self.pending
+        )
 
 
 def queue_horizon(pipe: Any, keys: Keys) -> None:
@@ -135,8 +141,9 @@ async def horizon_from(r: Any, keys: Keys, last: Any, groups: Any, pel: Any) -> 
         pending.update(_text(p["message_id"]) for p in pel)
         while len(pel) == PEL_PAGE:  # a huge backlog: page on (outside the instant; see README)
             ms, seq = _text(pel[-1]["message_id"]).split("-")
-            pel = await r.xpending_range(keys.callbacks, CJ_GROUP, min=f"{ms}-{int(seq) + 1}",
-                                         max="+", count=PEL_PAGE)
+            pel = await r.xpending_range(
+                keys.callbacks, CJ_GROUP, min=f"{ms}-{int(seq) + 1}", max="+", count=PEL_PAGE
+            )
             pending.update(_text(p["message_id"]) for p in pel)
     return Horizon(batches_last, delivered, frozenset(pending))
 
@@ -200,7 +207,11 @@ def _wanted(data: Any, needles: list[bytes] | None) -> bool:
 
 
 async def replay_live(
-    r: Any, keys: Keys, batch_ids: set[str] | None = None, *, horizon: Horizon | None = None,
+    r: Any,
+    keys: Keys,
+    batch_ids: set[str] | None = None,
+    *,
+    horizon: Horizon | None = None,
     page: int = PAGE,
 ) -> ReplayResult:
     """Rebuild batch states as the live projection has them at `horizon` (read now when None):
@@ -235,8 +246,11 @@ async def replay_live(
         out.events += len(entries)
         for raw_id, fields in entries:
             entry_id = _text(raw_id)
-            if (delivered is None or entry_id_key(entry_id) > entry_id_key(delivered)
-                    or entry_id in hz.pending):
+            if (
+                delivered is None
+                or entry_id_key(entry_id) > entry_id_key(delivered)
+                or entry_id in hz.pending
+            ):
                 out.callbacks_unapplied += 1
                 continue
             if not _wanted(fields.get(b"data", fields.get("data")), needles):

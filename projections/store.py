@@ -71,7 +71,9 @@ def encode_state(state: BatchState, keys: Keys) -> dict[str, dict[str, str]]:
     return {k: v for k, v in out.items() if v}
 
 
-def decode_state(raw: dict[str, dict[bytes | str, bytes | str]], keys: Keys, batch_id: str) -> BatchState | None:
+def decode_state(
+    raw: dict[str, dict[bytes | str, bytes | str]], keys: Keys, batch_id: str
+) -> BatchState | None:
     scal = {_s(k): _s(v) for k, v in raw.get(keys.batch(batch_id), {}).items()}
     docs = {_s(k): v for k, v in raw.get(keys.batch_docs(batch_id), {}).items()}
     if not scal or "essays" not in docs:
@@ -90,7 +92,9 @@ def decode_state(raw: dict[str, dict[bytes | str, bytes | str]], keys: Keys, bat
     if "scores" in docs:
         state.scores = _scores.decode(docs["scores"])
     state.corr = {_s(k): _s(v) for k, v in raw.get(keys.batch_corr(batch_id), {}).items()}
-    state.pairs = {_s(k): _pair.decode(v) for k, v in raw.get(keys.batch_pairs(batch_id), {}).items()}
+    state.pairs = {
+        _s(k): _pair.decode(v) for k, v in raw.get(keys.batch_pairs(batch_id), {}).items()
+    }
     state.orphan_ids = {_s(k): int(v) for k, v in raw.get(keys.batch_orphans(batch_id), {}).items()}
     return state
 
@@ -118,7 +122,9 @@ async def immediate_load(pipe: Any, keys: Keys, batch_id: str) -> BatchState | N
     return decode_state(raw, keys, batch_id)
 
 
-def queue_state_write(pipe: Any, keys: Keys, state: BatchState, *, full: bool, corr_ids: list[str] | None = None) -> None:
+def queue_state_write(
+    pipe: Any, keys: Keys, state: BatchState, *, full: bool, corr_ids: list[str] | None = None
+) -> None:
     """Queue writes bringing Redis to `state`: all of it (`full`) or the scalars, docs and the
     given correlation ids (what one CJ-written event can change)."""
     encoded = encode_state(state, keys)
@@ -153,8 +159,13 @@ class CallbackApplier:
         b = callback.batch_id
         await self._script(
             keys=[k.batch(b), k.batch_corr(b), k.batch_orphans(b), k.callbacks, k.stats],
-            args=[self._group, entry_id, callback.correlation_id, corr_value(callback, entry_id),
-                  callback.occurred_at],
+            args=[
+                self._group,
+                entry_id,
+                callback.correlation_id,
+                corr_value(callback, entry_id),
+                callback.occurred_at,
+            ],
             client=pipe,
         )
 

@@ -69,7 +69,9 @@ def test_prometheus_scrapes_the_worker_ports_and_loads_the_alert_rules() -> None
 def test_dockerfile_copies_every_package_and_exposes_the_metrics_port() -> None:
     lines = _dockerfile()
     copied = {shlex.split(line)[1] for line in lines if line.startswith("COPY")}
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]
     for package in {p.split(".")[0] for p in packages}:
         assert package in copied, f"Dockerfile does not copy {package}/"
     assert "EXPOSE 9100" in lines

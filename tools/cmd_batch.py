@@ -18,18 +18,50 @@ from tools.views import results_view, status_view
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--mode", type=click.Choice(["per_request", "serial_bundle", "batch_api"]), default="per_request",
-              show_default=True, help="How LPS sends the batch's requests to the provider.")
-@click.option("--provider", type=click.Choice(["mock", "anthropic"]), default="mock", show_default=True)
-@click.option("--model", default=None, help="Provider model id [default: mock-judge-1 / claude-sonnet-4-5].")
-@click.option("--budget", type=int, default=None, help="Total comparisons [default: 10 per essay, at most all pairs].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for pair generation (and the mock judge).")
-@click.option("--grade-scale", default=None,
-              help="Scale name or comma-separated grades, lowest first (needed for CSV; overrides the file).")
+@click.option(
+    "--mode",
+    type=click.Choice(["per_request", "serial_bundle", "batch_api"]),
+    default="per_request",
+    show_default=True,
+    help="How LPS sends the batch's requests to the provider.",
+)
+@click.option(
+    "--provider", type=click.Choice(["mock", "anthropic"]), default="mock", show_default=True
+)
+@click.option(
+    "--model", default=None, help="Provider model id [default: mock-judge-1 / claude-sonnet-4-5]."
+)
+@click.option(
+    "--budget",
+    type=int,
+    default=None,
+    help="Total comparisons [default: 10 per essay, at most all pairs].",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for pair generation (and the mock judge).",
+)
+@click.option(
+    "--grade-scale",
+    default=None,
+    help="Scale name or comma-separated grades, lowest first (needed for CSV; overrides the file).",
+)
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; append nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
-def submit(file: Path, mode: str, provider: str, model: str | None, budget: int | None, seed: int,
-           grade_scale: str | None, dry_run: bool, as_json: bool) -> None:
+def submit(
+    file: Path,
+    mode: str,
+    provider: str,
+    model: str | None,
+    budget: int | None,
+    seed: int,
+    grade_scale: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
     """Register a batch from FILE (JSON or CSV) and submit its first wave.
 
     JSON: {"grade_scale"?: NAME|[grades], "essays": [{"essay_id", "text",
@@ -42,8 +74,16 @@ def submit(file: Path, mode: str, provider: str, model: str | None, budget: int 
         scale_arg = [g.strip() for g in grade_scale.split(",") if g.strip()]
     try:
         batch, scale_name, grades = parse_input(file, scale_arg)
-        event = build_registration(batch, scale_name, grades, mode=mode, provider=provider,  # type: ignore[arg-type]
-                                   model=model, budget=budget, seed=seed)
+        event = build_registration(
+            batch,
+            scale_name,
+            grades,
+            mode=mode,
+            provider=provider,  # type: ignore[arg-type]
+            model=model,
+            budget=budget,
+            seed=seed,
+        )
     except InputError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(common.EXIT_USAGE)
@@ -54,13 +94,24 @@ def submit(file: Path, mode: str, provider: str, model: str | None, budget: int 
             if e.anchor_grade:
                 per_grade[e.anchor_grade] += 1
         cfg = event.config
-        waves = 1 + max(0, math.ceil((event.denominator - 2 * cfg.wave_size) / max(1, cfg.wave_size)))
+        waves = 1 + max(
+            0, math.ceil((event.denominator - 2 * cfg.wave_size) / max(1, cfg.wave_size))
+        )
         plan = {
-            "dry_run": True, "essays": n, "students": n - sum(per_grade.values()),
-            "anchors_per_grade": per_grade, "grade_scale": scale_name, "total_budget": cfg.total_budget,
-            "denominator": event.denominator, "all_pairs": n * (n - 1) // 2, "wave_size": cfg.wave_size,
-            "max_waves_estimate": min(cfg.max_waves, waves), "estimated_provider_calls": event.denominator,
-            "mode": cfg.mode, "provider": cfg.provider, "model": cfg.model,
+            "dry_run": True,
+            "essays": n,
+            "students": n - sum(per_grade.values()),
+            "anchors_per_grade": per_grade,
+            "grade_scale": scale_name,
+            "total_budget": cfg.total_budget,
+            "denominator": event.denominator,
+            "all_pairs": n * (n - 1) // 2,
+            "wave_size": cfg.wave_size,
+            "max_waves_estimate": min(cfg.max_waves, waves),
+            "estimated_provider_calls": event.denominator,
+            "mode": cfg.mode,
+            "provider": cfg.provider,
+            "model": cfg.model,
         }
         if as_json:
             common.emit_json(plan)
@@ -131,14 +182,20 @@ def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
         return
     columns = ["rank", "essay_id", "is_anchor", "anchor_grade", "theta", "se", "grade"]
     if as_csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(
+            sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(view["essays"])
         return
-    click.echo(f"batch {view['batch_id']}  status {view['status']}  wave {view['wave']}  "
-               f"comparisons {view['comparisons']}  SSR {view['ssr']}")
+    click.echo(
+        f"batch {view['batch_id']}  status {view['status']}  wave {view['wave']}  "
+        f"comparisons {view['comparisons']}  SSR {view['ssr']}"
+    )
     for row in view["essays"]:
         theta = "" if row["theta"] is None else f"{row['theta']:7.2f}"
         se = "" if row["se"] is None else f"{row['se']:6.2f}"
-        click.echo(f"{row['rank'] or '':>4}  {row['essay_id']:<20} {row['anchor_grade'] or '':<5} "
-                   f"{theta:>7} {se:>6}  {row['grade'] or '-'}")
+        click.echo(
+            f"{row['rank'] or '':>4}  {row['essay_id']:<20} {row['anchor_grade'] or '':<5} "
+            f"{theta:>7} {se:>6}  {row['grade'] or '-'}"
+        )

@@ -19,11 +19,23 @@ log = structlog.get_logger("tools.worker")
 
 @click.command()
 @click.argument("role", type=click.Choice(["cj", "lps", "all"]))
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True,
-              help="LPS: units of work judged at once.")
-@click.option("--consumers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Consumers of the role in this process.")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="LPS: units of work judged at once.",
+)
+@click.option(
+    "--consumers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Consumers of the role in this process.",
+)
 def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int) -> None:
     """Run CJ and/or LPS consumers until SIGTERM/SIGINT (then drain and exit 0).
 
@@ -39,7 +51,10 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     async def main() -> None:
         r, where = connect(s, embedded_ok=False)
         runner = InProcess(
-            r, common.keys_for(s), s, make_provider,
+            r,
+            common.keys_for(s),
+            s,
+            make_provider,
             cj_consumers=consumers if role in ("cj", "all") else 0,
             lps_workers=consumers if role in ("lps", "all") else 0,
             concurrency=concurrency,
@@ -47,8 +62,14 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.stop.set)
-        log.info("worker_started", role=role, redis=where.split("@")[-1], consumers=consumers,
-                 concurrency=concurrency, metrics_port=metrics_port)
+        log.info(
+            "worker_started",
+            role=role,
+            redis=where.split("@")[-1],
+            consumers=consumers,
+            concurrency=concurrency,
+            metrics_port=metrics_port,
+        )
         runner.start()
         await runner.stop.wait()
         log.info("worker_draining", role=role)

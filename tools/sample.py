@@ -13,18 +13,57 @@ from typing import Any
 
 GRADES = ("F", "E", "D", "C", "B", "A")
 
-_TOPICS = ("a journey that changed me", "why we should protect the oceans", "my favourite place",
-           "a day without phones", "the importance of friendship", "learning from mistakes")
-_PLAIN = ("good", "nice", "big", "thing", "stuff", "very", "really", "went", "got", "like", "fun", "bad")
-_RICH = ("remarkable", "consequently", "nevertheless", "perspective", "vivid", "subtle", "profound",
-         "illuminating", "resilience", "ambivalent", "meticulous", "therefore", "ultimately", "curiosity",
-         "tension", "reflection", "juxtaposed", "nuanced", "compelling", "deliberate", "evocative")
+_TOPICS = (
+    "a journey that changed me",
+    "why we should protect the oceans",
+    "my favourite place",
+    "a day without phones",
+    "the importance of friendship",
+    "learning from mistakes",
+)
+_PLAIN = (
+    "good",
+    "nice",
+    "big",
+    "thing",
+    "stuff",
+    "very",
+    "really",
+    "went",
+    "got",
+    "like",
+    "fun",
+    "bad",
+)
+_RICH = (
+    "remarkable",
+    "consequently",
+    "nevertheless",
+    "perspective",
+    "vivid",
+    "subtle",
+    "profound",
+    "illuminating",
+    "resilience",
+    "ambivalent",
+    "meticulous",
+    "therefore",
+    "ultimately",
+    "curiosity",
+    "tension",
+    "reflection",
+    "juxtaposed",
+    "nuanced",
+    "compelling",
+    "deliberate",
+    "evocative",
+)
 _GLUE = ("the", "and", "I", "it", "was", "to", "of", "in", "we", "that", "my", "a", "with", "for")
 
 
 def _text(rng: random.Random, quality: float, topic: str) -> str:
     # Quality drives length and vocabulary variety.
-    n_words = max(40, int(170 * (1.5 ** quality) + rng.gauss(0, 12)))
+    n_words = max(40, int(170 * (1.5**quality) + rng.gauss(0, 12)))
     rich_share = min(0.45, max(0.0, 0.12 + 0.09 * quality))
     words = []
     for _ in range(n_words):
@@ -40,18 +79,31 @@ def _text(rng: random.Random, quality: float, topic: str) -> str:
     return f"{topic.capitalize()}. " + " ".join(sentences)
 
 
-def generate(n_students: int = 30, anchors_per_grade: int = 2, seed: int = 20260101) -> dict[str, Any]:
+def generate(
+    n_students: int = 30, anchors_per_grade: int = 2, seed: int = 20260101
+) -> dict[str, Any]:
     rng = random.Random(seed)
     essays: list[dict[str, Any]] = []
     for g, grade in enumerate(GRADES):
         for k in range(anchors_per_grade):
             q = round(-2.0 + 0.8 * g + rng.uniform(-0.15, 0.15), 3)
-            essays.append({"essay_id": f"ANCHOR-{grade}-{k + 1}", "anchor_grade": grade,
-                           "mock_quality": q, "text": _text(rng, q, rng.choice(_TOPICS))})
+            essays.append(
+                {
+                    "essay_id": f"ANCHOR-{grade}-{k + 1}",
+                    "anchor_grade": grade,
+                    "mock_quality": q,
+                    "text": _text(rng, q, rng.choice(_TOPICS)),
+                }
+            )
     for s in range(n_students):
         q = round(max(-2.5, min(2.5, rng.gauss(0.0, 0.9))), 3)
-        essays.append({"essay_id": f"STU-{s + 1:03d}", "mock_quality": q,
-                       "text": _text(rng, q, rng.choice(_TOPICS))})
+        essays.append(
+            {
+                "essay_id": f"STU-{s + 1:03d}",
+                "mock_quality": q,
+                "text": _text(rng, q, rng.choice(_TOPICS)),
+            }
+        )
     return {"grade_scale": "swedish_6", "essays": essays}
 
 

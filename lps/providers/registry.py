@@ -8,7 +8,9 @@ from lps.providers.mock import MockProfile, MockProvider
 PROVIDERS = ("mock", "anthropic")
 
 
-def make_provider(name: str, *, mock_profile: MockProfile | None = None, mock_seed: int | None = None) -> Provider:
+def make_provider(
+    name: str, *, mock_profile: MockProfile | None = None, mock_seed: int | None = None
+) -> Provider:
     if name == "mock":
         return MockProvider(mock_profile, mock_seed)
     if name == "anthropic":
