@@ -33,6 +33,7 @@ from events.types import (
     FinalizeReason,
     PairRequest,
     WaveSubmitted,
+    Winner,
     new_id,
 )
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event
@@ -73,7 +74,7 @@ def history_of(state: BatchState) -> list[PairHistory]:
         if value == PENDING:
             out.append(PairHistory(a, b, "pending"))
         elif value.startswith("c "):
-            winner = "essay_a" if value.endswith("essay_a") else "essay_b"
+            winner: Winner = "essay_a" if value.endswith("essay_a") else "essay_b"
             out.append(PairHistory(a, b, "completed", winner))
         else:  # failed or abandoned
             out.append(PairHistory(a, b, "failed"))

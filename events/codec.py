@@ -51,7 +51,8 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Event:
     if decoder is None:
         raise DecodeError("unknown_type", type_name.decode(errors="replace")[:100])
     try:
-        return decoder.decode(data)  # type: ignore[no-any-return]
+        event: Event = decoder.decode(data)
+        return event
     except msgspec.DecodeError as exc:
         raise DecodeError("invalid_data", str(exc)[:300]) from exc
 

@@ -6,12 +6,13 @@ import csv
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from cj.continuation import advance
 from cj.registration import InputError, append_registration, build_registration, parse_input
+from events.types import Mode
 from tools import common
 from tools.views import results_view, status_view
 
@@ -78,8 +79,8 @@ def submit(
             batch,
             scale_name,
             grades,
-            mode=mode,
-            provider=provider,  # type: ignore[arg-type]
+            mode=cast(Mode, mode),
+            provider=provider,
             model=model,
             budget=budget,
             seed=seed,

@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import click
 import msgspec
@@ -16,7 +16,7 @@ from cj.continuation import advance
 from cj.registration import BatchIn, InputError, append_registration, build_registration, scale_of
 from events import codec
 from events.names import Keys
-from events.types import ComparisonCompleted, ProviderAttemptFailed, new_id
+from events.types import ComparisonCompleted, Mode, ProviderAttemptFailed, new_id
 from lps.providers.mock import PROFILES, profile_from_env, quality_of
 from lps.providers.registry import make_provider
 from projections.batch import BatchState, completion_pct
@@ -81,13 +81,13 @@ def _print_report(view: dict[str, Any]) -> None:
     ssr = "n/a" if view["ssr"] is None else f"{view['ssr']:.3f}"
     rho = "n/a" if view["spearman_true"] is None else f"{view['spearman_true']:.3f}"
     click.echo(
-        f"\nSSR {ssr}   Spearman(theta, true quality) {rho}   provider calls {view['provider_calls']}"
-        f"   wall {view['wall_s']:.2f}s"
+        f"\nSSR {ssr}   Spearman(theta, true quality) {rho}   "
+        f"provider calls {view['provider_calls']}   wall {view['wall_s']:.2f}s"
     )
     click.echo(
         "counters: submitted {submitted}/{denominator}  completed {completed}  failed {failed}  "
-        "completion {completion_pct}%  duplicates {duplicates}  orphans {orphans}  late {late_callbacks}  "
-        "waves {waves}".format(**status)
+        "completion {completion_pct}%  duplicates {duplicates}  orphans {orphans}  "
+        "late {late_callbacks}  waves {waves}".format(**status)
     )
 
 
@@ -159,7 +159,7 @@ def demo(
             batch_in,
             scale_name,
             grades,
-            mode=mode,  # type: ignore[arg-type]
+            mode=cast(Mode, mode),
             budget=budget,
             seed=seed,
         )

@@ -16,5 +16,5 @@ def make_provider(
     if name == "anthropic":
         from lps.providers.anthropic import AnthropicProvider  # the SDK loads only when used
 
-        return AnthropicProvider.from_env()  # type: ignore[no-any-return]
+        return AnthropicProvider.from_env()
     raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
