@@ -1,0 +1,126 @@
+"""Continuation decisions (pure) and how batches end, through the real consumers on fakeredis."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from cj.continuation import advance, decide
+from cj.registration import append_registration
+from events.names import Keys
+from events.settings import Settings
+from events.types import BatchFailed, BatchFinalized, BatchScored, WaveSubmitted
+from lps.providers.mock import PROFILES, MockProfile
+from lps.providers.registry import make_provider
+from projections.batch import apply_batch_event, apply_callback, register
+from projections.store import load_state
+from tests.helpers import completed, failed, registration
+from tools.runtime import InProcess
+
+
+def _state_after_wave(n: int = 6, budget: int | None = None, **kw: Any) -> Any:
+    state = register(registration(n, batch_id="b", budget=budget, **kw))
+    decision = decide(state)
+    assert decision is not None
+    (wave,) = decision.events
+    assert isinstance(wave, WaveSubmitted)
+    assert len(decision.requests) == len(wave.pairs) <= state.denominator
+    return apply_batch_event(state, wave), wave
+
+
+def test_first_decision_is_a_wave_within_the_budget() -> None:
+    state, wave = _state_after_wave(6, budget=5)
+    assert wave.wave == 1 and len(wave.pairs) == 5 == state.submitted == state.in_flight
+
+
+def test_nothing_happens_while_callbacks_are_in_flight() -> None:
+    state, wave = _state_after_wave(6)
+    for pair in wave.pairs[:-1]:
+        apply_callback(
+            state, completed("b", pair.correlation_id, "essay_a", pair.essay_a, pair.essay_b), "1-1"
+        )
+    assert state.in_flight == 1
+    assert decide(state) is None
+
+
+def test_budget_used_finalizes_after_scoring() -> None:
+    state, wave = _state_after_wave(6, budget=8)
+    for i, pair in enumerate(wave.pairs):
+        apply_callback(
+            state,
+            completed("b", pair.correlation_id, "essay_a", pair.essay_a, pair.essay_b),
+            f"{i}-0",
+        )
+    decision = decide(state)
+    assert decision is not None
+    scored, final = decision.events
+    assert isinstance(scored, BatchScored) and scored.comparisons == 8
+    assert isinstance(final, BatchFinalized) and final.reason == "budget" and final.abandoned == []
+
+
+def test_mostly_failures_fail_the_batch_with_a_reason() -> None:
+    state, wave = _state_after_wave(6)
+    for i, pair in enumerate(wave.pairs):
+        cb = failed("b", pair.correlation_id) if i % 4 else completed("b", pair.correlation_id)
+        apply_callback(state, cb, f"{i}-0")
+    decision = decide(state)
+    assert decision is not None
+    assert isinstance(decision.terminal, BatchFailed)
+    assert decision.terminal.reason == "too_many_failures"
+    assert decide(apply_batch_event(state, decision.terminal)) is None
+
+
+def test_terminal_batches_never_advance() -> None:
+    state, _ = _state_after_wave(4)
+    apply_batch_event(
+        state, BatchFinalized(batch_id="b", reason="stalled", abandoned=list(state.corr))
+    )
+    assert state.in_flight == 0 and decide(state) is None
+
+
+async def _run(r: Any, keys: Keys, profile: MockProfile, **kw: Any) -> Any:
+    reg = registration(12, batch_id="run", **kw)
+    await append_registration(r, keys, reg)
+    runner = InProcess(
+        r,
+        keys,
+        Settings(retry_base_delay_s=0.0, retry_max_delay_s=0.0, block_ms=20),
+        lambda name: make_provider(name, mock_profile=profile),
+    )
+    runner.start()
+    await advance(r, keys, reg.batch_id)
+    try:
+        for _ in range(2000):
+            runner.check()
+            state = await load_state(r, keys, reg.batch_id)
+            if state.terminal:
+                return state
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.close()
+    raise AssertionError("batch did not end")
+
+
+async def test_a_judge_that_always_fails_ends_the_batch_failed(fake_redis: Any, keys: Keys) -> None:
+    broken = MockProfile("broken", latency_ms=0.0, faults=(("max_tokens", 1.0),))
+    state = await _run(fake_redis, keys, broken)
+    assert state.status == "failed" and state.finalize_reason == "failed"
+    assert "too_many_failures" in state.failure_message
+    assert state.completed == 0 and state.failed == state.submitted
+
+
+async def test_an_ideal_judge_reaches_stability(fake_redis: Any, keys: Keys) -> None:
+    ideal = dataclasses.replace(PROFILES["ideal"])
+    state = await _run(fake_redis, keys, ideal, stability_threshold=5.0, budget=66)
+    assert state.status == "finalized" and state.finalize_reason == "stable"
+    assert state.waves == 2 and state.submitted < state.denominator
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for metric in REGISTRY.collect()
+        for s in metric.samples
+    }
+    assert samples[("cj_batches_finalized_total", (("reason", "stable"),))] >= 1
+    assert samples[("cj_callbacks_total", (("outcome", "accepted"),))] >= state.accepted
