@@ -286,6 +286,8 @@ FAULTS: list[tuple[str, Reply, str, bool, int | None, float | None]] = [
     ("refusal", refusal_reply(), "refusal", False, 200, None),
     ("dropped connection", drop_connection(), "connection", True, None, None),
     ("html 502", Reply(502, "<html>bad gateway</html>"), "server_error", True, 502, None),
+    ("200 not json", Reply(200, "not json"), "parse_error", True, 200, None),
+    ("200 not a message", Reply(200, {"unexpected": True}), "parse_error", True, 200, None),
 ]
 
 
