@@ -19,7 +19,7 @@ from redis.exceptions import WatchError
 
 from cj.grades import project_grades
 from cj.pairs import PairHistory, plan_wave
-from cj.scoring import Comparison, fit_bt, max_abs_delta, ssr
+from cj.scoring import Comparison, fit_bt, max_abs_delta, split_half, ssr
 from events import codec
 from events.metrics import CJ_COMPLETION, CJ_FINALIZED
 from events.names import Keys
@@ -81,7 +81,12 @@ def history_of(state: BatchState) -> list[PairHistory]:
     return out
 
 
+def _r(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None or math.isinf(value) or math.isnan(value) else round(value, digits)
+
+
 def score(state: BatchState) -> BatchScored:
+    """Fit BT on the accepted comparisons, project grades, and say what is doubtful."""
     ids = [e.essay_id for e in state.essays]
     comparisons = comparisons_of(state)
     fit = fit_bt(ids, comparisons)
@@ -89,27 +94,42 @@ def score(state: BatchState) -> BatchScored:
     grades = project_grades(fit.theta, fit.se, anchors, state.config.grade_scale)
     order = sorted(ids, key=lambda i: (-fit.theta[i], i))
     previous = {s.essay_id: s.theta for s in state.scores.scores} if state.scores else {}
-    delta = max_abs_delta(previous, fit.theta)
-    reliability = ssr(fit.theta, fit.se)
-    return BatchScored(
-        batch_id=state.batch_id,
-        wave=state.waves,
-        scores=[
+    warnings = list(grades.warnings)
+    if not fit.connected:
+        warnings.append(
+            f"comparison graph is not connected ({fit.components} components): "
+            "scores of different components are not comparable"
+        )
+    scores = []
+    for rank, i in enumerate(order, start=1):
+        assignment = grades.assignments.get(i)
+        scores.append(
             EssayScore(
                 essay_id=i,
                 theta=round(fit.theta[i], 6),
                 se=round(fit.se[i], 6),
                 rank=rank,
-                grade=grades.assignments[i].grade if i in grades.assignments else None,
+                grade=assignment.grade if assignment else None,
+                grade_probabilities=(
+                    {g: round(p, 4) for g, p in assignment.probabilities.items()} if assignment else {}
+                ),
+                confidence=assignment.confidence if assignment else None,
             )
-            for rank, i in enumerate(order, start=1)
-        ],
-        max_delta=None if math.isinf(delta) else round(delta, 6),
-        ssr=None if reliability is None else round(reliability, 6),
-        position_bias=None if fit.eta is None else round(fit.eta, 6),
-        position_bias_se=None if fit.eta_se is None else round(fit.eta_se, 6),
+        )
+    return BatchScored(
+        batch_id=state.batch_id,
+        wave=state.waves,
+        scores=scores,
+        max_delta=_r(max_abs_delta(previous, fit.theta)),
+        ssr=_r(ssr(fit.theta, fit.se)),
+        position_bias=_r(fit.eta),
+        position_bias_se=_r(fit.eta_se),
         connected=fit.connected,
+        components=fit.components,
         comparisons=len(comparisons),
+        split_half=_r(split_half(ids, comparisons, seed=state.config.seed)),
+        grade_boundaries={g: round(b, 6) for g, b in grades.boundaries.items()},
+        warnings=warnings,
     )
 
 

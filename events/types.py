@@ -123,6 +123,9 @@ class EssayScore(msgspec.Struct, frozen=True, omit_defaults=True):
     se: float
     rank: int = 0
     grade: str | None = None
+    # Probability of every grade of the scale, and a high/mid/low label.
+    grade_probabilities: dict[str, float] = msgspec.field(default_factory=dict)
+    confidence: str | None = None
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -157,6 +160,11 @@ class BatchScored(Event, frozen=True, kw_only=True):
     position_bias_se: float | None = None
     connected: bool = True
     comparisons: int = 0
+    components: int = 1
+    # Split-half reliability (Spearman–Brown); SSR is inflated by adaptive pairing, this is not.
+    split_half: float | None = None
+    grade_boundaries: dict[str, float] = msgspec.field(default_factory=dict)
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 class BatchFinalized(Event, frozen=True, kw_only=True):

@@ -142,3 +142,29 @@ def test_submit_dry_run_plans_without_redis(tmp_path: Path) -> None:
 def test_submit_needs_redis_url(tmp_path: Path) -> None:
     result = _run(["submit", str(_write(tmp_path, "b.json", GOOD))])
     assert result.exit_code != 0 and "REDIS_URL" in result.output
+
+
+def test_positions_and_results_report_balance_bias_and_grades(redis_server: Any) -> None:
+    """`positions` and `results` on a batch the demo ran on a real server."""
+    env = {"REDIS_URL": redis_server.url, "CJS_PREFIX": "pos:"}
+    demo = _one_json(_run(["demo", "--json", "--essays", "16", "--seed", "5"], env).stdout)
+    batch = demo["batch_id"]
+    report = _one_json(_run(["positions", batch, "--json"], env).stdout)
+    # Invariant 8: every essay's A-count minus B-count is in {-1, 0, 1}.
+    assert report["max_abs_balance"] <= 1
+    assert all(abs(e["as_a"] - e["as_b"]) <= 1 for e in report["essays"])
+    assert report["comparisons"] == demo["status"]["completed"]
+    assert 0 <= report["binomial_p_value"] <= 1
+    assert report["position_bias"]["se"] > 0
+    groups = report["groups"]
+    assert groups["anchors"]["as_a"] + groups["students"]["as_a"] == report["requested"]
+    results = _one_json(_run(["results", batch, "--json"], env).stdout)
+    assert results["ssr"] == demo["ssr"] and results["split_half"] is not None
+    students = [e for e in results["essays"] if not e["is_anchor"]]
+    for e in students:
+        assert abs(sum(e["grade_probabilities"].values()) - 1) < 0.01
+        assert e["grade"] == max(e["grade_probabilities"], key=e["grade_probabilities"].get)
+        assert e["confidence"] in ("high", "mid", "low")
+    assert isinstance(results["warnings"], list)
+    text = _run(["positions", batch], env)
+    assert text.exit_code == 0 and "binomial p" in text.stdout

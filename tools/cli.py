@@ -1,13 +1,17 @@
-"""The `cjs` command line."""
+"""The `cjs` command line.
+
+Every module `tools/cmd_*.py` contributes the click commands it defines, so a
+new command is a new module and nothing else.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import click
 
-from tools.cmd_batch import results, status, submit
-from tools.cmd_demo import demo
-from tools.cmd_replay import replay
-from tools.cmd_worker import worker
+import tools
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,5 +25,22 @@ def main() -> None:
     """
 
 
-for command in (demo, submit, status, results, worker, replay):
-    main.add_command(command)
+def info_module(info: pkgutil.ModuleInfo) -> str:
+    return f"tools.{info.name}"
+
+
+def _register() -> None:
+    for info in sorted(pkgutil.iter_modules(tools.__path__), key=lambda m: m.name):
+        if not info.name.startswith("cmd_"):
+            continue
+        module = importlib.import_module(info_module(info))
+        for value in vars(module).values():
+            defined_here = getattr(
+                getattr(value, "callback", None), "__module__", ""
+            ) == info_module(info)
+            # Only commands the module defines, not ones it imports.
+            if isinstance(value, click.Command) and defined_here:
+                main.add_command(value)
+
+
+_register()

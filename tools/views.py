@@ -53,6 +53,8 @@ def results_view(state: BatchState) -> dict[str, Any]:
                 "se": s.se if s else None,
                 "rank": s.rank if s else None,
                 "grade": s.grade if s else None,
+                "grade_probabilities": s.grade_probabilities if s else {},
+                "confidence": s.confidence if s else None,
             }
         )
     essays.sort(key=lambda e: (e["rank"] is None, e["rank"] or 0, e["essay_id"]))
@@ -67,6 +69,14 @@ def results_view(state: BatchState) -> dict[str, Any]:
             if scores and scores.position_bias is not None
             else None
         ),
+        "split_half": scores.split_half if scores else None,
+        "reliability_note": (
+            "ssr is computed on adaptively chosen pairs and runs high; "
+            "split_half re-fits two random halves of the comparisons"
+        ),
         "connected": scores.connected if scores else None,
+        "grade_scale": state.config.grade_scale,
+        "grade_boundaries": scores.grade_boundaries if scores else {},
+        "warnings": scores.warnings if scores else [],
         "essays": essays,
     }
