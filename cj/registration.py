@@ -106,6 +106,23 @@ def scale_of(batch: BatchIn) -> tuple[str, tuple[str, ...]]:
     return name, grades
 
 
+def default_model(provider: str) -> str:
+    if provider == "anthropic":
+        from lps.providers.anthropic import DEFAULT_MODEL
+
+        return DEFAULT_MODEL
+    return "mock-judge-1"
+
+
+def provider_problems(provider: str, model: str, overrides: dict[str, str]) -> list[str]:
+    """What would make every comparison of the batch fail, caught before anything is appended."""
+    if provider != "anthropic":
+        return []
+    from lps.providers.anthropic import model_problems, validate_overrides
+
+    return [*model_problems(model), *validate_overrides(overrides)]
+
+
 def default_budget(n: int) -> int:
     """Enough for adaptive CJ to settle: about 10 comparisons per essay, never above all pairs."""
     return min(n * (n - 1) // 2, 10 * n)
@@ -143,7 +160,7 @@ def build_registration(
     config = BatchConfig(
         mode=mode,
         provider=provider,
-        model=model or ("mock-judge-1" if provider == "mock" else "claude-sonnet-4-5"),
+        model=model or default_model(provider),
         total_budget=total_budget,
         wave_size=n,
         min_waves=min_waves,
@@ -153,6 +170,9 @@ def build_registration(
         grade_scale_name=scale_name,
         preferred_bundle_size=MAX_BUNDLE,
     )
+    problems = provider_problems(provider, config.model, config.overrides)
+    if problems:
+        raise InputError("; ".join(problems))
     return BatchRegistered(
         batch_id=batch_id or new_id(),
         essays=essays,

@@ -168,3 +168,13 @@ def test_positions_and_results_report_balance_bias_and_grades(redis_server: Any)
     assert isinstance(results["warnings"], list)
     text = _run(["positions", batch], env)
     assert text.exit_code == 0 and "binomial p" in text.stdout
+
+
+def test_submit_refuses_a_model_that_cannot_judge(tmp_path: Path) -> None:
+    path = _write(tmp_path, "b.json", GOOD)
+    result = _run(
+        ["submit", str(path), "--provider", "anthropic", "--model", "claude-opus-5-5", "--dry-run"]
+    )
+    assert result.exit_code == 2 and "forced tool use" in result.stderr
+    ok = _run(["submit", str(path), "--provider", "anthropic", "--dry-run", "--json"])
+    assert ok.exit_code == 0 and _one_json(ok.stdout)["model"] == "claude-sonnet-4-6"

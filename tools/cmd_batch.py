@@ -30,7 +30,7 @@ from tools.views import results_view, status_view
     "--provider", type=click.Choice(["mock", "anthropic"]), default="mock", show_default=True
 )
 @click.option(
-    "--model", default=None, help="Provider model id [default: mock-judge-1 / claude-sonnet-4-5]."
+    "--model", default=None, help="Provider model id [default: mock-judge-1 / claude-sonnet-4-6]."
 )
 @click.option(
     "--budget",
