@@ -1,4 +1,11 @@
-"""The CJ consumer of `cj:callbacks`: apply each callback, advance batches whose wave is done."""
+"""The CJ consumer of `cj:callbacks`: apply each callback, advance batches whose wave is done.
+
+Its reaper pass (`maintain`) reclaims callback entries left pending by a consumer that
+died between reading and applying them (the apply is idempotent by entry id: the Lua
+script applies only if its XACK acknowledged something), dead-letters an entry
+delivered more than `max_deliveries` times (reason `max_deliveries`), advances batches
+with nothing in flight (`sweep`), updates the pending gauge and prunes dead consumers.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,13 @@ from typing import Any
 import structlog
 
 from cj.continuation import advance
+from events import codec
 from events.codec import DecodeError
 from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
-from events.metrics import CJ_CALLBACKS, CJ_ORPHANS
+from events.metrics import CJ_CALLBACKS, CJ_ORPHANS, LPS_STUCK
 from events.names import CALLBACKS, CJ_GROUP, Keys
+from events.pending import StuckAction, claim_idle, prune_dead_consumers, update_pending_gauge
+from events.resilience import REDIS_DOWN, Backoff, sleep_unless
 from events.types import ComparisonCompleted, ComparisonFailed
 from projections.store import CallbackApplier, list_batches
 
@@ -19,11 +29,27 @@ log = structlog.get_logger("cj.consumer")
 
 
 class CJConsumer:
-    def __init__(self, r: Any, keys: Keys, consumer: str, *, count: int = 100, block_ms: int = 1000):
+    def __init__(
+        self,
+        r: Any,
+        keys: Keys,
+        consumer: str,
+        *,
+        count: int = 100,
+        block_ms: int = 1000,
+        processing_timeout_s: float = 120.0,
+        max_deliveries: int = 3,
+        dead_consumer_after_s: float = 3600.0,
+    ):
         self.r = r
         self.keys = keys
         self.consumer = consumer
-        self.reader = GroupReader(r, keys.callbacks, CJ_GROUP, consumer, count=count, block_ms=block_ms)
+        self.processing_timeout_s = processing_timeout_s
+        self.max_deliveries = max_deliveries
+        self.dead_consumer_after_s = dead_consumer_after_s
+        self.reader = GroupReader(
+            r, keys.callbacks, CJ_GROUP, consumer, count=count, block_ms=block_ms
+        )
         self.applier = CallbackApplier(r, keys, CJ_GROUP)
 
     async def start(self) -> None:
@@ -48,7 +74,9 @@ class CJConsumer:
         if bad:
             async with self.r.pipeline(transaction=True) as pipe:
                 for entry, error in bad:
-                    queue_dead_letter(pipe, self.keys, CALLBACKS, entry, error, CJ_GROUP, self.consumer)
+                    queue_dead_letter(
+                        pipe, self.keys, CALLBACKS, entry, error, CJ_GROUP, self.consumer
+                    )
                 await pipe.execute()
         if not callbacks:
             return
@@ -67,8 +95,17 @@ class CJConsumer:
                 if int(left) <= 0:
                     to_advance.add(callback.batch_id)
                 continue
+            details: dict[str, Any] = {}
             if outcome == "orphan":
                 CJ_ORPHANS.labels(callback.source_service or "unknown").inc()
+                known = bool(await self.r.exists(self.keys.batch(callback.batch_id)))
+                details = {
+                    "unknown": "correlation_id" if known else "batch_id",
+                    "essay_a_id": callback.essay_a_id,
+                    "essay_b_id": callback.essay_b_id,
+                    "event_id": callback.event_id,
+                    "occurred_at": callback.occurred_at,
+                }
             log.warning(
                 f"callback_{outcome}",
                 batch_id=callback.batch_id,
@@ -76,6 +113,7 @@ class CJConsumer:
                 entry_id=entry.entry_id,
                 source_service=callback.source_service,
                 event_type=type(callback).__name__,
+                **details,
             )
         for batch_id in sorted(to_advance):
             await advance(self.r, self.keys, batch_id)
@@ -90,13 +128,106 @@ class CJConsumer:
                 moved += await advance(self.r, self.keys, batch_id) is not None
         return moved
 
-    async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 10.0) -> None:
-        await self.start()
+    async def reclaim(self) -> list[StuckAction]:
+        """Claim callback entries idle past the processing timeout and apply them again; an
+        entry delivered more than `max_deliveries` times goes to `dlq:cj:callbacks`."""
+        claimed, deleted = await claim_idle(
+            self.r,
+            self.keys.callbacks,
+            CJ_GROUP,
+            self.consumer,
+            int(self.processing_timeout_s * 1000),
+        )
+        if deleted:
+            log.warning(
+                "stuck_callbacks_deleted", stream=CALLBACKS, group=CJ_GROUP, entry_ids=deleted
+            )
+        actions: list[StuckAction] = []
+        retry: list[Entry] = []
+        dead: list[tuple[Entry, DecodeError]] = []
+        for c in claimed:
+            try:
+                event = codec.decode(c.entry.fields)
+            except DecodeError:
+                event = None
+            expire = c.deliveries > self.max_deliveries
+            action = StuckAction(
+                stream=CALLBACKS,
+                group=CJ_GROUP,
+                entry_id=c.entry.entry_id,
+                action="dead_lettered" if expire else "reclaimed",
+                consumer=c.previous_consumer,
+                claimed_by=self.consumer,
+                idle_s=round(c.idle_ms / 1000, 3),
+                deliveries=c.deliveries,
+                batch_id=getattr(event, "batch_id", None),
+                correlation_id=getattr(event, "correlation_id", None),
+            )
+            actions.append(action)
+            LPS_STUCK.labels(action.action).inc()
+            log.warning(f"stuck_callback_{action.action}", **action.log_fields())
+            if expire:
+                dead.append(
+                    (
+                        c.entry,
+                        DecodeError(
+                            "max_deliveries",
+                            f"delivered {c.deliveries} times (limit {self.max_deliveries})",
+                        ),
+                    )
+                )
+            else:
+                retry.append(c.entry)
+        if dead:
+            async with self.r.pipeline(transaction=True) as pipe:
+                for entry, error in dead:
+                    queue_dead_letter(
+                        pipe, self.keys, CALLBACKS, entry, error, CJ_GROUP, self.consumer
+                    )
+                await pipe.execute()
+        if retry:
+            await self.handle(retry)
+        return actions
+
+    async def maintain(self) -> list[StuckAction]:
+        """One reaper pass: reclaim, sweep, pending gauge, dead consumers."""
+        actions = await self.reclaim()
         await self.sweep()
+        await update_pending_gauge(self.r, self.keys.callbacks, CALLBACKS, CJ_GROUP)
+        await prune_dead_consumers(
+            self.r,
+            self.keys.callbacks,
+            CJ_GROUP,
+            dead_after_ms=int(self.dead_consumer_after_s * 1000),
+            keep=[self.consumer],
+        )
+        return actions
+
+    async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 10.0) -> None:
+        """Consume until `stop` is set; the page in hand is applied before returning (its
+        entries are acknowledged by the apply itself). Survives Redis restarts."""
         loop = asyncio.get_running_loop()
-        next_sweep = loop.time() + sweep_every_s
+        backoff = Backoff()
+        next_sweep = 0.0  # a first pass at once: recovers what a previous run left
         while not stop.is_set():
-            await self.step()
-            if loop.time() >= next_sweep:
-                await self.sweep()
-                next_sweep = loop.time() + sweep_every_s
+            try:
+                if next_sweep == 0.0:
+                    await self.start()
+                    await self.sweep()
+                    next_sweep = loop.time() + sweep_every_s
+                await self.step()
+                if loop.time() >= next_sweep:
+                    await self.maintain()
+                    next_sweep = loop.time() + sweep_every_s
+                backoff.reset()
+            except REDIS_DOWN as exc:
+                delay = backoff.next()
+                log.warning(
+                    "redis_unavailable",
+                    consumer=self.consumer,
+                    error=str(exc)[:200],
+                    retry_in_s=delay,
+                )
+                self.reader.rewind()
+                await sleep_unless(stop, delay)
+        log.info("cj_consumer_stopped", consumer=self.consumer)

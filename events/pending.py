@@ -1,11 +1,22 @@
-"""Pending-entry maintenance: reclaiming stuck entries, keeping slow ones alive, pruning consumers."""
+"""Pending-entry maintenance: reclaiming stuck entries, keeping slow ones alive, releasing
+entries at shutdown, pruning dead consumers, and the pending-entries gauge."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from events.consumer import Entry, _s
+from events.metrics import LPS_PENDING
+
+log = structlog.get_logger("events.pending")
+
+# Entries a worker hands back at shutdown wait here, already idle past the processing
+# timeout, so the next reaper pass of any live worker claims them.
+HANDOFF_CONSUMER = "released"
 
 
 @dataclass(frozen=True)
@@ -14,6 +25,39 @@ class Claimed:
     deliveries: int
     idle_ms: int
     previous_consumer: str
+
+
+@dataclass(frozen=True)
+class StuckAction:
+    """What a reaper did with one stuck pending entry (logged, counted, and reported by
+    `cjs stuck --reclaim`). `action`: reclaimed, expired or dead_lettered."""
+
+    stream: str
+    group: str
+    entry_id: str
+    action: str
+    consumer: str  # the consumer that held it
+    claimed_by: str
+    idle_s: float
+    deliveries: int  # after the claim
+    batch_id: str | None = None
+    correlation_id: str | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "group": self.group,
+            "entry_id": self.entry_id,
+            "batch_id": self.batch_id,
+            "correlation_id": self.correlation_id,
+            "consumer": self.consumer,
+            "claimed_by": self.claimed_by,
+            "idle_s": self.idle_s,
+            "deliveries": self.deliveries,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.log_fields(), "action": self.action}
 
 
 async def claim_idle(
@@ -61,22 +105,156 @@ async def pending_details(
     min_idle_ms: int | None = None,
     consumer: str | None = None,
     count: int = 10_000,
+    page: int = 1000,
 ) -> list[dict[str, Any]]:
+    """XPENDING (extended form) in pages, oldest entry first: up to `count` rows of
+    `{entry_id, consumer, idle_ms, deliveries}`."""
     kwargs: dict[str, Any] = {}
     if min_idle_ms is not None:
         kwargs["idle"] = min_idle_ms
     if consumer is not None:
         kwargs["consumername"] = consumer
-    rows = await r.xpending_range(stream, group, min="-", max="+", count=count, **kwargs)
-    return [
-        {
-            "entry_id": _s(row["message_id"]),
-            "consumer": _s(row["consumer"]),
-            "idle_ms": int(row["time_since_delivered"]),
-            "deliveries": int(row["times_delivered"]),
-        }
-        for row in rows
+    out: list[dict[str, Any]] = []
+    start = "-"
+    while len(out) < count:
+        rows = await r.xpending_range(
+            stream, group, min=start, max="+", count=min(page, count - len(out)), **kwargs
+        )
+        out.extend(
+            {
+                "entry_id": _s(row["message_id"]),
+                "consumer": _s(row["consumer"]),
+                "idle_ms": int(row["time_since_delivered"]),
+                "deliveries": int(row["times_delivered"]),
+            }
+            for row in rows
+        )
+        if len(rows) < page:
+            break
+        start = "(" + out[-1]["entry_id"]
+    return out
+
+
+async def claim_ids(
+    r: Any, stream: str, group: str, consumer: str, min_idle_ms: int, rows: list[dict[str, Any]]
+) -> list[Claimed]:
+    """XCLAIM the given pending rows (from `pending_details`) if they are still idle for
+    `min_idle_ms`: of racing claimers exactly one wins each entry. Returns what this
+    consumer won, with delivery counts after the claim; entries deleted from the stream
+    meanwhile are dropped from the group by Redis and not returned."""
+    if not rows:
+        return []
+    reply = await r.xclaim(stream, group, consumer, min_idle_ms, [row["entry_id"] for row in rows])
+    won = {_s(entry_id): fields for entry_id, fields in reply or [] if fields is not None}
+    out = []
+    for row in rows:
+        fields = won.get(row["entry_id"])
+        if fields is not None:
+            # XCLAIM adds one delivery; the count before it is in `row`.
+            out.append(
+                Claimed(
+                    Entry(row["entry_id"], fields),
+                    row["deliveries"] + 1,
+                    row["idle_ms"],
+                    row["consumer"],
+                )
+            )
+    return out
+
+
+async def pending_count(r: Any, stream: str, group: str) -> int:
+    summary = await r.xpending(stream, group)
+    return int(summary["pending"]) if summary else 0
+
+
+async def update_pending_gauge(r: Any, stream: str, stream_name: str, group: str) -> int:
+    """Set `lps_pending_entries{stream, group}` (stream named without the key prefix)."""
+    n = await pending_count(r, stream, group)
+    LPS_PENDING.labels(stream_name, group).set(n)
+    return n
+
+
+async def release_entries(
+    r: Any, stream: str, group: str, consumer: str, entry_ids: Iterable[str], *, idle_ms: int
+) -> int:
+    """Hand entries this consumer will not finish to `HANDOFF_CONSUMER`, marked idle for
+    `idle_ms` (the processing timeout) so the next reclaim takes them at once, with the
+    delivery count of each put back by one: an entry given back untouched is not a failed
+    delivery. Returns how many were released."""
+    wanted = set(entry_ids)
+    if not wanted:
+        return 0
+    rows = [
+        p
+        for p in await pending_details(r, stream, group, consumer=consumer)
+        if p["entry_id"] in wanted
     ]
+    by_count: dict[int, list[str]] = {}
+    for row in rows:
+        by_count.setdefault(max(0, row["deliveries"] - 1), []).append(row["entry_id"])
+    async with r.pipeline(transaction=True) as pipe:
+        for retries, ids in sorted(by_count.items()):
+            pipe.xclaim(
+                stream,
+                group,
+                HANDOFF_CONSUMER,
+                0,
+                ids,
+                idle=idle_ms,
+                retrycount=retries,
+                justid=True,
+            )
+        await pipe.execute()
+    return len(rows)
+
+
+# Delete a consumer only if it has nothing pending and has been idle long enough, checked in
+# the same atomic step as the delete (XGROUP DELCONSUMER silently drops pending entries).
+# KEYS: 1 stream; ARGV: 1 group, 2 consumer, 3 min idle ms. Returns 1 deleted, 0 kept, -1 gone.
+_PRUNE_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p > 0 then return 0 end
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, c in ipairs(consumers) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] == ARGV[2] then
+    if tonumber(f['idle']) < tonumber(ARGV[3]) then return 0 end
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    return 1
+  end
+end
+return -1
+"""
+
+
+async def prune_consumer(
+    r: Any, stream: str, group: str, consumer: str, *, min_idle_ms: int
+) -> bool:
+    """Remove one consumer if (atomically) it has nothing pending and is idle for `min_idle_ms`."""
+    return int(await r.eval(_PRUNE_LUA, 1, stream, group, consumer, min_idle_ms)) == 1
+
+
+async def prune_dead_consumers(
+    r: Any, stream: str, group: str, *, dead_after_ms: int, keep: Iterable[str] = ()
+) -> list[str]:
+    """Remove the consumers of `group` idle for `dead_after_ms` with nothing pending."""
+    spared = set(keep)
+    removed = []
+    for info in await r.xinfo_consumers(stream, group):
+        name = _s(info["name"])
+        if name in spared or int(info["pending"]) > 0 or int(info["idle"]) < dead_after_ms:
+            continue
+        if await prune_consumer(r, stream, group, name, min_idle_ms=dead_after_ms):
+            removed.append(name)
+            log.info(
+                "dead_consumer_removed",
+                stream=stream,
+                group=group,
+                consumer=name,
+                idle_s=round(int(info["idle"]) / 1000, 1),
+            )
+    return removed
 
 
 async def keep_alive(r: Any, stream: str, group: str, consumer: str, entry_ids: list[str]) -> None:

@@ -9,6 +9,7 @@ a fast judge costs one round trip per group of results, not per result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,7 +31,17 @@ from events.metrics import (
     LPS_TOKENS,
 )
 from events.names import LPS_GROUP, REQUESTS, Keys
-from events.pending import Claimed, claim_idle, keep_alive
+from events.pending import (
+    Claimed,
+    StuckAction,
+    claim_ids,
+    keep_alive,
+    pending_details,
+    prune_dead_consumers,
+    release_entries,
+    update_pending_gauge,
+)
+from events.resilience import REDIS_DOWN, Backoff, sleep_unless
 from events.types import (
     BundleDispatched,
     ComparisonCompleted,
@@ -60,11 +71,15 @@ def bundle_size(preferred: int) -> int:
     return min(preferred, SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL)
 
 
-def plan_units(items: list[tuple[Entry, ComparisonRequested]]) -> list[list[tuple[Entry, ComparisonRequested]]]:
+def plan_units(
+    items: list[tuple[Entry, ComparisonRequested]],
+) -> list[list[tuple[Entry, ComparisonRequested]]]:
     """Split a page into units of work: one per request, or bundles of the same provider,
     model and overrides for `serial_bundle` / `batch_api` requests."""
     units: list[list[tuple[Entry, ComparisonRequested]]] = []
-    groups: dict[tuple[str, str, str, str], list[tuple[Entry, ComparisonRequested]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, str], list[tuple[Entry, ComparisonRequested]]] = defaultdict(
+        list
+    )
     for entry, req in items:
         if req.mode == "per_request":
             units.append([(entry, req)])
@@ -102,7 +117,9 @@ class Committer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def commit(self, entry_id: str, callback: Event, extra: list[tuple[str, Event]] | None = None) -> None:
+    async def commit(
+        self, entry_id: str, callback: Event, extra: list[tuple[str, Event]] | None = None
+    ) -> None:
         item = _Commit(entry_id, callback, extra or [], asyncio.get_running_loop().create_future())
         await self._queue.put(item)
         assert item.done is not None
@@ -151,6 +168,7 @@ class LPSWorker:
         block_ms: int = 1000,
         processing_timeout_s: float = 120.0,
         max_deliveries: int = 3,
+        dead_consumer_after_s: float = 3600.0,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -159,11 +177,16 @@ class LPSWorker:
         self._provider_cache: dict[str, Provider] = {}
         self.policy = policy or RetryPolicy()
         self.concurrency = concurrency
-        self.reader = GroupReader(r, keys.requests, LPS_GROUP, consumer, count=count, block_ms=block_ms)
+        self.reader = GroupReader(
+            r, keys.requests, LPS_GROUP, consumer, count=count, block_ms=block_ms
+        )
         self.committer = Committer(r, keys)
         self.processing_timeout_s = processing_timeout_s
         self.max_deliveries = max_deliveries
+        self.dead_consumer_after_s = dead_consumer_after_s
         self.in_hand: set[str] = set()
+        # Set by run() to its stop event: units not started when it is set are released.
+        self._stop = asyncio.Event()
         self._sem = asyncio.Semaphore(concurrency)
         self._rng = random.Random()
 
@@ -190,28 +213,51 @@ class LPSWorker:
         return len(entries)
 
     async def handle(self, entries: list[Entry]) -> None:
+        # Entries already being worked on by this process (a rewound reader re-reads its own
+        # pending entries, some of which a reclaim may hold) are not taken twice.
+        entries = [e for e in entries if e.entry_id not in self.in_hand]
+        if not entries:
+            return
+        ids = {e.entry_id for e in entries}
+        self.in_hand.update(ids)
+        try:
+            await self._handle(entries)
+        finally:
+            self.in_hand.difference_update(ids)
+
+    async def _handle(self, entries: list[Entry]) -> None:
         good, bad = split_decoded(entries)
         requests: list[tuple[Entry, ComparisonRequested]] = []
         for entry, event in good:
             if isinstance(event, ComparisonRequested):
                 requests.append((entry, event))
             else:
-                bad.append((entry, DecodeError("unexpected_type", f"{type(event).__name__} on {REQUESTS}")))
+                bad.append(
+                    (entry, DecodeError("unexpected_type", f"{type(event).__name__} on {REQUESTS}"))
+                )
         if bad:
             async with self.r.pipeline(transaction=True) as pipe:
                 for entry, error in bad:
-                    queue_dead_letter(pipe, self.keys, REQUESTS, entry, error, LPS_GROUP, self.consumer)
+                    queue_dead_letter(
+                        pipe, self.keys, REQUESTS, entry, error, LPS_GROUP, self.consumer
+                    )
                 await pipe.execute()
         requests = await self._skip_done(requests)
         if not requests:
             return
-        self.in_hand.update(e.entry_id for e, _ in requests)
-        try:
-            await asyncio.gather(*(self._run_unit(u) for u in plan_units(requests)))
-        finally:
-            self.in_hand.difference_update(e.entry_id for e, _ in requests)
+        # Every unit runs to its end even when one fails, so nothing is left half-done behind
+        # an error; the first error is raised afterwards (its entries stay pending and are
+        # read again or reclaimed).
+        results = await asyncio.gather(
+            *(self._run_unit(u) for u in plan_units(requests)), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
-    async def _skip_done(self, requests: list[tuple[Entry, ComparisonRequested]]) -> list[tuple[Entry, ComparisonRequested]]:
+    async def _skip_done(
+        self, requests: list[tuple[Entry, ComparisonRequested]]
+    ) -> list[tuple[Entry, ComparisonRequested]]:
         """A redelivered request whose callback already exists is acknowledged, not judged again."""
         if not requests:
             return requests
@@ -229,11 +275,39 @@ class LPSWorker:
 
     async def _run_unit(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
         async with self._sem:
+            if self._stop.is_set():
+                await self._release(unit)
+                return
             first = unit[0][1]
             if first.mode != "per_request":
                 await self._dispatch(unit)
-            for entry, req in unit:  # a bundle is judged in sequence; each item stands alone
+            for i, (entry, req) in enumerate(
+                unit
+            ):  # a bundle is judged in sequence; each item stands alone
+                if i and self._stop.is_set():
+                    await self._release(unit[i:])
+                    return
                 await self._judge_one(entry, req)
+
+    async def _release(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
+        """At shutdown: hand back requests not started, for a live worker to take at once."""
+        ids = [e.entry_id for e, _ in unit]
+        n = await release_entries(
+            self.r,
+            self.keys.requests,
+            LPS_GROUP,
+            self.consumer,
+            ids,
+            idle_ms=int(self.processing_timeout_s * 1000),
+        )
+        LPS_STUCK.labels("released").inc(n)
+        log.info(
+            "requests_released",
+            entries=n,
+            consumer=self.consumer,
+            batch_ids=sorted({q.batch_id for _, q in unit}),
+            correlation_ids=[q.correlation_id for _, q in unit],
+        )
 
     async def _dispatch(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
         first = unit[0][1]
@@ -249,35 +323,62 @@ class LPSWorker:
         )
         await self.r.xadd(self.keys.dispatches, codec.encode(event))
         LPS_BUNDLE_SIZE.labels(first.mode).observe(len(unit))
-        log.info("bundle_dispatched", bundle_id=event.bundle_id, size=len(unit),
-                 batch_ids=event.batch_ids, provider=first.provider, model=first.model)
+        log.info(
+            "bundle_dispatched",
+            bundle_id=event.bundle_id,
+            size=len(unit),
+            batch_ids=event.batch_ids,
+            provider=first.provider,
+            model=first.model,
+        )
 
     async def _judge_one(self, entry: Entry, req: ComparisonRequested) -> None:
         provider_name = req.provider
         try:
             provider = self.provider(provider_name)
         except Exception as exc:  # unknown provider or bad configuration: fail this request only
-            detail = ErrorDetail(error_type="invalid_request", retryable=False, message=str(exc)[:300],
-                                 provider=provider_name, model=req.model, correlation_id=req.correlation_id)
+            detail = ErrorDetail(
+                error_type="invalid_request",
+                retryable=False,
+                message=str(exc)[:300],
+                provider=provider_name,
+                model=req.model,
+                correlation_id=req.correlation_id,
+            )
             await self._finish(entry, req, Outcome(None, detail, 0))
             return
 
-        async def attempt_failed(attempt: int, detail: ErrorDetail, will_retry: bool, delay: float) -> None:
+        async def attempt_failed(
+            attempt: int, detail: ErrorDetail, will_retry: bool, delay: float
+        ) -> None:
             LPS_PROVIDER_ERRORS.labels(provider_name, req.model, detail.error_type).inc()
             if will_retry:
                 LPS_RETRIES.labels(provider_name, detail.error_type).inc()
             event = ProviderAttemptFailed(
-                batch_id=req.batch_id, correlation_id=req.correlation_id, attempt=attempt,
-                error=detail, will_retry=will_retry, delay_s=round(delay, 4),
+                batch_id=req.batch_id,
+                correlation_id=req.correlation_id,
+                attempt=attempt,
+                error=detail,
+                will_retry=will_retry,
+                delay_s=round(delay, 4),
             )
             await self.r.xadd(self.keys.dispatches, codec.encode(event))
-            log.warning("provider_attempt_failed", batch_id=req.batch_id, correlation_id=req.correlation_id,
-                        attempt=attempt, error_type=detail.error_type, status_code=detail.status_code,
-                        will_retry=will_retry, delay_s=round(delay, 3))
+            log.warning(
+                "provider_attempt_failed",
+                batch_id=req.batch_id,
+                correlation_id=req.correlation_id,
+                attempt=attempt,
+                error_type=detail.error_type,
+                status_code=detail.status_code,
+                will_retry=will_retry,
+                delay_s=round(delay, 3),
+            )
 
         loop = asyncio.get_running_loop()
         started = loop.time()
-        outcome = await judge_with_retries(provider, req, self.policy, attempt_failed, rng=self._rng)
+        outcome = await judge_with_retries(
+            provider, req, self.policy, attempt_failed, rng=self._rng
+        )
         LPS_PROVIDER_LATENCY.labels(provider_name, req.model).observe(loop.time() - started)
         await self._finish(entry, req, outcome)
 
@@ -286,14 +387,26 @@ class LPSWorker:
         if outcome.judgement is not None:
             j = outcome.judgement
             callback = ComparisonCompleted(
-                batch_id=req.batch_id, correlation_id=req.correlation_id,
-                essay_a_id=req.essay_a.essay_id, essay_b_id=req.essay_b.essay_id,
-                winner=j.winner, confidence=j.confidence, justification=j.justification,
-                provider=req.provider, model=req.model, latency_ms=round(j.latency_ms, 3),
-                usage=j.usage, prompt_sha256=j.prompt_sha256, attempts=outcome.attempts,
+                batch_id=req.batch_id,
+                correlation_id=req.correlation_id,
+                essay_a_id=req.essay_a.essay_id,
+                essay_b_id=req.essay_b.essay_id,
+                winner=j.winner,
+                confidence=j.confidence,
+                justification=j.justification,
+                provider=req.provider,
+                model=req.model,
+                latency_ms=round(j.latency_ms, 3),
+                usage=j.usage,
+                prompt_sha256=j.prompt_sha256,
+                attempts=outcome.attempts,
             )
-            for kind in ("input_tokens", "output_tokens", "cache_read_input_tokens",
-                         "cache_creation_input_tokens"):
+            for kind in (
+                "input_tokens",
+                "output_tokens",
+                "cache_read_input_tokens",
+                "cache_creation_input_tokens",
+            ):
                 value = getattr(j.usage, kind)
                 if value:
                     LPS_TOKENS.labels(kind).inc(value)
@@ -301,9 +414,12 @@ class LPSWorker:
         else:
             assert outcome.error is not None
             callback = ComparisonFailed(
-                batch_id=req.batch_id, correlation_id=req.correlation_id,
-                essay_a_id=req.essay_a.essay_id, essay_b_id=req.essay_b.essay_id,
-                error=outcome.error, attempts=outcome.attempts,
+                batch_id=req.batch_id,
+                correlation_id=req.correlation_id,
+                essay_a_id=req.essay_a.essay_id,
+                essay_b_id=req.essay_b.essay_id,
+                error=outcome.error,
+                attempts=outcome.attempts,
             )
             result = "failed"
         await self.committer.commit(entry.entry_id, callback)
@@ -315,45 +431,95 @@ class LPSWorker:
         """Keep slow but healthy work from looking stuck."""
         await keep_alive(self.r, self.keys.requests, LPS_GROUP, self.consumer, sorted(self.in_hand))
 
-    async def reclaim(self) -> list[Claimed]:
-        """Claim requests stuck with other consumers; expire those delivered too often."""
-        claimed, _ = await claim_idle(
-            self.r, self.keys.requests, LPS_GROUP, self.consumer, int(self.processing_timeout_s * 1000)
-        )
-        if not claimed:
+    async def reclaim(self) -> list[StuckAction]:
+        """Claim requests idle past the processing timeout (their worker died or hung) and
+        process them again; expire those already delivered `max_deliveries` times.
+
+        Entries delivered once (victims of a crash) are claimed together and judged as usual.
+        Entries delivered more often are suspects (one of them may be what kills its
+        workers): each is claimed alone and finished before the next is claimed, so a poison
+        request burns only its own deliveries, never those of requests claimed with it.
+        """
+        timeout_ms = int(self.processing_timeout_s * 1000)
+        rows = [
+            row
+            for row in await pending_details(
+                self.r, self.keys.requests, LPS_GROUP, min_idle_ms=timeout_ms
+            )
+            if not (row["consumer"] == self.consumer and row["entry_id"] in self.in_hand)
+        ]
+        if not rows:
             return []
+        to_expire = [row for row in rows if row["deliveries"] >= self.max_deliveries]
+        fresh = [row for row in rows if row["deliveries"] <= 1 and row not in to_expire]
+        suspects = [row for row in rows if row not in to_expire and row not in fresh]
+        actions: list[StuckAction] = []
+        claimed = await claim_ids(
+            self.r, self.keys.requests, LPS_GROUP, self.consumer, timeout_ms, to_expire + fresh
+        )
+        actions += await self._process_claimed(claimed)
+        for row in suspects:
+            if self._stop.is_set():
+                break
+            one = await claim_ids(
+                self.r, self.keys.requests, LPS_GROUP, self.consumer, timeout_ms, [row]
+            )
+            actions += await self._process_claimed(one)
+        return actions
+
+    async def _process_claimed(self, claimed: list[Claimed]) -> list[StuckAction]:
+        actions: list[StuckAction] = []
         retry: list[Entry] = []
         for c in claimed:
+            req: ComparisonRequested | None
             try:
                 req = codec.decode_as(c.entry.fields, ComparisonRequested)
             except DecodeError:
-                retry.append(c.entry)  # handle() dead-letters it
-                continue
-            fields = dict(batch_id=req.batch_id, correlation_id=req.correlation_id, entry_id=c.entry.entry_id,
-                          previous_consumer=c.previous_consumer, idle_s=round(c.idle_ms / 1000, 1),
-                          deliveries=c.deliveries)
-            if c.deliveries > self.max_deliveries:
-                LPS_STUCK.labels("expired").inc()
-                log.warning("stuck_request_expired", **fields)
+                req = None  # handle() dead-letters it
+            expire = req is not None and c.deliveries > self.max_deliveries
+            action = StuckAction(
+                stream=REQUESTS,
+                group=LPS_GROUP,
+                entry_id=c.entry.entry_id,
+                action="expired" if expire else "reclaimed",
+                consumer=c.previous_consumer,
+                claimed_by=self.consumer,
+                idle_s=round(c.idle_ms / 1000, 3),
+                deliveries=c.deliveries,
+                batch_id=req.batch_id if req else None,
+                correlation_id=req.correlation_id if req else None,
+            )
+            actions.append(action)
+            LPS_STUCK.labels(action.action).inc()
+            log.warning(f"stuck_request_{action.action}", **action.log_fields())
+            if expire:
+                assert req is not None
                 await self._expire(c, req)
             else:
-                LPS_STUCK.labels("reclaimed").inc()
-                log.warning("stuck_request_reclaimed", **fields)
                 retry.append(c.entry)
         if retry:
             await self.handle(retry)
-        return claimed
+        return actions
 
     async def _expire(self, c: Claimed, req: ComparisonRequested) -> None:
         expired = RequestExpired(
-            batch_id=req.batch_id, correlation_id=req.correlation_id, entry_id=c.entry.entry_id,
-            consumer=c.previous_consumer, deliveries=c.deliveries - 1, idle_s=round(c.idle_ms / 1000, 3),
+            batch_id=req.batch_id,
+            correlation_id=req.correlation_id,
+            entry_id=c.entry.entry_id,
+            consumer=c.previous_consumer,
+            deliveries=c.deliveries - 1,
+            idle_s=round(c.idle_ms / 1000, 3),
         )
         failed = ComparisonFailed(
-            batch_id=req.batch_id, correlation_id=req.correlation_id,
-            essay_a_id=req.essay_a.essay_id, essay_b_id=req.essay_b.essay_id,
+            batch_id=req.batch_id,
+            correlation_id=req.correlation_id,
+            essay_a_id=req.essay_a.essay_id,
+            essay_b_id=req.essay_b.essay_id,
             error=ErrorDetail(
-                error_type="expired", retryable=False, provider=req.provider, model=req.model,
+                error_type="expired",
+                retryable=False,
+                provider=req.provider,
+                model=req.model,
                 correlation_id=req.correlation_id,
                 message=f"no result after {c.deliveries - 1} deliveries",
             ),
@@ -362,25 +528,73 @@ class LPSWorker:
         await self.committer.commit(c.entry.entry_id, failed, [(self.keys.dispatches, expired)])
         LPS_REQUESTS.labels(req.provider, req.model, req.mode, "expired").inc()
 
+    async def maintain(self) -> list[StuckAction]:
+        """One reaper pass: reclaim stuck requests, pending gauge, prune dead consumers."""
+        actions = await self.reclaim()
+        await update_pending_gauge(self.r, self.keys.requests, REQUESTS, LPS_GROUP)
+        await prune_dead_consumers(
+            self.r,
+            self.keys.requests,
+            LPS_GROUP,
+            dead_after_ms=int(self.dead_consumer_after_s * 1000),
+            keep=[self.consumer],
+        )
+        return actions
+
     async def run(self, stop: asyncio.Event, *, maintenance_every_s: float = 10.0) -> None:
-        await self.start()
-        loop = asyncio.get_running_loop()
-        next_maintenance = loop.time() + maintenance_every_s
+        """Consume until `stop` is set, then finish the provider calls in progress, release the
+        requests not started (see `_release`) and return with nothing pending for this consumer.
+        Survives Redis restarts: on a connection error it backs off, then reads its own pending
+        entries again."""
+        self._stop = stop
+        backoff = Backoff()
+        started = False
+        while not started and not stop.is_set():
+            try:
+                await self.start()
+                started = True
+            except REDIS_DOWN as exc:
+                log.warning("redis_unavailable", consumer=self.consumer, error=str(exc)[:200])
+                await sleep_unless(stop, backoff.next())
+        if not started:
+            return
 
-        async def maintenance() -> None:
-            while not stop.is_set():
-                await asyncio.sleep(min(maintenance_every_s, self.processing_timeout_s / 3))
-                await self.refresh_in_hand()
+        async def keep_alive_loop() -> None:
+            every = min(maintenance_every_s, self.processing_timeout_s / 3)
+            while not await sleep_unless(stop, every):
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self.refresh_in_hand()
 
-        keeper = asyncio.create_task(maintenance())
+        async def maintenance_loop() -> None:
+            while not await sleep_unless(stop, maintenance_every_s):
+                try:
+                    await self.maintain()
+                except REDIS_DOWN as exc:
+                    log.warning("maintenance_failed", consumer=self.consumer, error=str(exc)[:200])
+
+        keeper = asyncio.create_task(keep_alive_loop())
+        reaper = asyncio.create_task(maintenance_loop())
         try:
             while not stop.is_set():
-                await self.step()
-                if loop.time() >= next_maintenance:
-                    await self.reclaim()
-                    next_maintenance = loop.time() + maintenance_every_s
+                try:
+                    await self.step()
+                    backoff.reset()
+                except REDIS_DOWN as exc:
+                    delay = backoff.next()
+                    log.warning(
+                        "redis_unavailable",
+                        consumer=self.consumer,
+                        error=str(exc)[:200],
+                        retry_in_s=delay,
+                    )
+                    self.reader.rewind()
+                    await sleep_unless(stop, delay)
         finally:
+            if not stop.is_set():  # an unexpected error: the process is going down anyway
+                reaper.cancel()
+            # The reaper finishes (or releases) what it holds; the keeper runs until then.
+            await asyncio.gather(reaper, return_exceptions=True)
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
             await self.close()
-
+            log.info("lps_worker_stopped", consumer=self.consumer)

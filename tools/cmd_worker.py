@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 
 import click
 import structlog
@@ -37,7 +39,10 @@ log = structlog.get_logger("tools.worker")
     help="Consumers of the role in this process.",
 )
 def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int) -> None:
-    """Run CJ and/or LPS consumers until SIGTERM/SIGINT (then drain and exit 0).
+    """Run CJ and/or LPS consumers until SIGTERM/SIGINT, then drain and exit 0: reading
+    stops, provider calls in progress finish, requests not started are handed back for
+    another worker, and nothing stays pending for this worker's consumers. A second signal
+    exits at once. If a consumer dies of an unexpected error the process exits 1.
 
     Needs REDIS_URL. Logs are JSON lines on stderr.
     """
@@ -48,7 +53,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     if metrics_port is not None:
         start_http_server(metrics_port)
 
-    async def main() -> None:
+    async def main() -> int:
         r, where = connect(s, embedded_ok=False)
         runner = InProcess(
             r,
@@ -60,8 +65,16 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
             concurrency=concurrency,
         )
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if runner.stop.is_set():
+                log.warning("worker_forced_exit", role=role, signal=sig.name)
+                os._exit(128 + sig.value)
+            log.info("worker_signal", role=role, signal=sig.name)
+            runner.stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runner.stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         log.info(
             "worker_started",
             role=role,
@@ -71,10 +84,17 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
             metrics_port=metrics_port,
         )
         runner.start()
-        await runner.stop.wait()
+        stopping = asyncio.create_task(runner.stop.wait())
+        await asyncio.wait([stopping, *runner.tasks], return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in runner.tasks if t.done() and not t.cancelled() and t.exception()]
+        for task in crashed:
+            exc = task.exception()
+            log.error("consumer_crashed", role=role, error=repr(exc)[:500])
         log.info("worker_draining", role=role)
         await runner.close()
+        stopping.cancel()
         await r.aclose()
-        log.info("worker_stopped", role=role)
+        log.info("worker_stopped", role=role, exit_code=1 if crashed else 0)
+        return 1 if crashed else 0
 
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))

@@ -66,17 +66,36 @@ class InProcess:
     def start(self) -> None:
         s = self.settings
         for i in range(self.cj_consumers):
-            cj = CJConsumer(self.r, self.keys, f"{consumer_name('cj')}-{i}", count=100,
-                            block_ms=min(s.block_ms, 200))
-            self.tasks.append(asyncio.create_task(cj.run(self.stop, sweep_every_s=s.reaper_interval_s)))
+            cj = CJConsumer(
+                self.r,
+                self.keys,
+                f"{consumer_name('cj')}-{i}",
+                count=100,
+                block_ms=min(s.block_ms, 200),
+                processing_timeout_s=s.processing_timeout_s,
+                max_deliveries=s.max_deliveries,
+                dead_consumer_after_s=s.dead_consumer_after_s,
+            )
+            self.tasks.append(
+                asyncio.create_task(cj.run(self.stop, sweep_every_s=s.reaper_interval_s))
+            )
         for i in range(self.lps_workers):
             lps = LPSWorker(
-                self.r, self.keys, f"{consumer_name('lps')}-{i}", self.providers,
-                policy=retry_policy(s), concurrency=self.concurrency, count=s.read_count,
-                block_ms=min(s.block_ms, 200), processing_timeout_s=s.processing_timeout_s,
+                self.r,
+                self.keys,
+                f"{consumer_name('lps')}-{i}",
+                self.providers,
+                policy=retry_policy(s),
+                concurrency=self.concurrency,
+                count=s.read_count,
+                block_ms=min(s.block_ms, 200),
+                processing_timeout_s=s.processing_timeout_s,
                 max_deliveries=s.max_deliveries,
+                dead_consumer_after_s=s.dead_consumer_after_s,
             )
-            self.tasks.append(asyncio.create_task(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s)))
+            self.tasks.append(
+                asyncio.create_task(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
+            )
 
     async def close(self) -> None:
         self.stop.set()

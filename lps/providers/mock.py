@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from events.types import ComparisonRequested, Essay, ErrorDetail, ErrorType, TokenUsage
+from events.types import ComparisonRequested, ErrorDetail, ErrorType, Essay, TokenUsage
 from lps.providers.base import Judgement, ProviderError
 
 
@@ -46,6 +46,7 @@ PROFILES: dict[str, MockProfile] = {
     "slow": MockProfile("slow", latency_ms=250.0),
 }
 DEFAULT_PROFILE = "cj_generic_batch"
+POISON_EXIT_CODE = 86
 
 _FAULTS: dict[str, tuple[bool, int | None, str]] = {
     "rate_limit": (True, 429, "rate limit exceeded (mock)"),
@@ -101,18 +102,39 @@ class MockProvider:
         env_seed = os.environ.get("CJS_MOCK_SEED")
         self.seed = seed if seed is not None else (int(env_seed) if env_seed else None)
         self._attempts: dict[str, int] = {}
+        # Test-only: CJS_MOCK_POISON_MARKER makes a request "poison" (it kills its worker
+        # process, every time) when it equals the request's correlation id or occurs in
+        # either essay's text. Unset, the normal path never looks at it.
+        self._poison = os.environ.get("CJS_MOCK_POISON_MARKER") or None
 
     async def aclose(self) -> None:
         return None
 
+    def _is_poison(self, request: ComparisonRequested) -> bool:
+        marker = self._poison
+        assert marker is not None
+        return (
+            request.correlation_id == marker
+            or marker in request.essay_a.text
+            or marker in request.essay_b.text
+        )
+
     async def judge(self, request: ComparisonRequested) -> Judgement:
+        if self._poison is not None and self._is_poison(request):
+            os._exit(POISON_EXIT_CODE)  # no cleanup, no flush: like a segfault or the OOM killer
         p = self.profile
         seed = self.seed if self.seed is not None else request.seed
         attempt = self._attempts.get(request.correlation_id, 0) + 1
         self._attempts[request.correlation_id] = attempt
         # Not the correlation id (random): the same seed must reproduce the same judgements.
-        rng = _rng(seed, request.batch_id, request.wave, request.essay_a.essay_id, request.essay_b.essay_id,
-                   attempt)
+        rng = _rng(
+            seed,
+            request.batch_id,
+            request.wave,
+            request.essay_a.essay_id,
+            request.essay_b.essay_id,
+            attempt,
+        )
         if p.latency_ms > 0:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * p.latency_ms / 1000.0)
         draw = rng.random()
@@ -138,7 +160,9 @@ class MockProvider:
             latency_ms=p.latency_ms,
         )
 
-    def _raise(self, error_type: ErrorType, request: ComparisonRequested, rng: random.Random) -> None:
+    def _raise(
+        self, error_type: ErrorType, request: ComparisonRequested, rng: random.Random
+    ) -> None:
         retryable, status, message = _FAULTS[error_type]
         retry_after = round(rng.uniform(0.01, 0.05), 3) if error_type == "rate_limit" else None
         raise ProviderError(

@@ -1,0 +1,202 @@
+"""Stalled batches: open batches with no event for `CJS_BATCH_IDLE_TIMEOUT_S`.
+
+A batch stalls when the callbacks it waits for will never come (its requests were
+lost outside the pipeline, or no LPS worker runs) or when its continuation never
+ran. `cjs stuck` lists such batches; `cjs stuck --reclaim` ends them, always with
+events and through the same WATCH / MULTI path as `cj.continuation.advance`
+(`queue_decision` writes the events and their projection together):
+
+- when the comparisons that succeeded support a scoring (at least one, the
+  comparison graph connected, failures within the batch's `max_failure_ratio`):
+  `BatchScored`, then `BatchFinalized` with reason `stalled`;
+- otherwise `BatchFailed` with reason `stalled` and a message saying why.
+
+Either way `abandoned` names the correlation ids still pending: their callbacks,
+should they come, count as late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from redis.exceptions import WatchError
+
+from cj.continuation import Decision, queue_decision, score
+from events.metrics import CJ_COMPLETION, CJ_FINALIZED
+from events.names import Keys
+from events.types import BatchFailed, BatchFinalized
+from projections.batch import PENDING, BatchState, completion_pct
+from projections.store import immediate_load, list_batches, load_state
+
+log = structlog.get_logger("cj.reaper")
+
+
+def parse_time(value: str) -> datetime | None:
+    """An event timestamp (ISO-8601, UTC) as an aware datetime; None when unparsable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def idle_seconds(state: BatchState, now: datetime) -> float | None:
+    last = parse_time(state.last_event_at)
+    return None if last is None else max(0.0, (now - last).total_seconds())
+
+
+def is_stalled(state: BatchState, idle_timeout_s: float, now: datetime) -> bool:
+    idle = idle_seconds(state, now)
+    return not state.terminal and idle is not None and idle >= idle_timeout_s
+
+
+def pending_ids(state: BatchState) -> list[str]:
+    return sorted(c for c, v in state.corr.items() if v == PENDING)
+
+
+def stalled_view(state: BatchState, now: datetime) -> dict[str, Any]:
+    idle = idle_seconds(state, now)
+    return {
+        "batch_id": state.batch_id,
+        "status": state.status,
+        "last_event_at": state.last_event_at,
+        "idle_s": None if idle is None else round(idle, 3),
+        "waves": state.waves,
+        "denominator": state.denominator,
+        "submitted": state.submitted,
+        "completed": state.completed,
+        "failed": state.failed,
+        "in_flight": state.in_flight,
+        "completion_pct": completion_pct(state),
+        "pending_correlation_ids": pending_ids(state),
+    }
+
+
+async def find_stalled(
+    r: Any, keys: Keys, idle_timeout_s: float, *, now: datetime | None = None
+) -> list[BatchState]:
+    """Open batches whose last event is `idle_timeout_s` old or older, oldest registration first."""
+    now = now or datetime.now(UTC)
+    cutoff = now - timedelta(seconds=idle_timeout_s)
+    batch_ids = await list_batches(r, keys)
+    if not batch_ids:
+        return []
+    async with r.pipeline(transaction=False) as pipe:
+        for batch_id in batch_ids:
+            pipe.hmget(keys.batch(batch_id), "status", "last_event_at")
+        rows = await pipe.execute()
+    out = []
+    for batch_id, (status, last) in zip(batch_ids, rows, strict=True):
+        if status is None or status.decode() in ("finalized", "failed"):
+            continue
+        last_at = parse_time(last.decode() if last else "")
+        if last_at is None or last_at > cutoff:
+            continue
+        state = await load_state(r, keys, batch_id)
+        if state is not None and is_stalled(state, idle_timeout_s, now):
+            out.append(state)
+    return out
+
+
+def stalled_decision(state: BatchState, idle_timeout_s: float, now: datetime) -> Decision | None:
+    """Pure: the events that end a stalled batch, or None when it is not (or no longer) stalled."""
+    if not is_stalled(state, idle_timeout_s, now):
+        return None
+    abandoned = pending_ids(state)
+    idle = idle_seconds(state, now) or 0.0
+    cfg = state.config
+    why = ""
+    decision = Decision()
+    if state.completed == 0:
+        why = f"no comparison succeeded ({state.failed} failed, {len(abandoned)} never answered)"
+    else:
+        scored = score(state)
+        ratio = state.failed / state.accepted if state.accepted else 0.0
+        if not scored.connected:
+            why = f"the {state.completed} successful comparisons do not connect every essay"
+        elif ratio > cfg.max_failure_ratio:
+            why = (
+                f"{state.failed} of {state.accepted} comparisons failed "
+                f"(limit {cfg.max_failure_ratio:.0%})"
+            )
+        else:
+            decision.events.append(scored)
+            decision.events.append(
+                BatchFinalized(batch_id=state.batch_id, reason="stalled", abandoned=abandoned)
+            )
+            return decision
+    decision.events.append(
+        BatchFailed(
+            batch_id=state.batch_id,
+            reason="stalled",
+            message=f"no event for {idle:.0f}s; {why}",
+            abandoned=abandoned,
+        )
+    )
+    return decision
+
+
+async def finalize_stalled(
+    r: Any,
+    keys: Keys,
+    batch_id: str,
+    idle_timeout_s: float,
+    *,
+    now: datetime | None = None,
+    max_tries: int = 50,
+) -> Decision | None:
+    """End a stalled batch under WATCH; None when it is not stalled (any more). A callback
+    applied meanwhile changes the batch hash, so the check and the events are one step."""
+    async with r.pipeline(transaction=True) as pipe:
+        for _ in range(max_tries):
+            try:
+                await pipe.watch(keys.batch(batch_id))
+                state = await immediate_load(pipe, keys, batch_id)
+                when = now or datetime.now(UTC)
+                decision = (
+                    await asyncio.to_thread(stalled_decision, state, idle_timeout_s, when)
+                    if state is not None
+                    else None
+                )
+                if state is None or decision is None:
+                    await pipe.unwatch()
+                    return None
+                pipe.multi()
+                state = queue_decision(pipe, keys, state, decision)
+                await pipe.execute()
+            except WatchError:
+                continue
+            _report(state, decision)
+            return decision
+    log.warning("finalize_stalled_gave_up", batch_id=batch_id, tries=max_tries)
+    return None
+
+
+def _report(state: BatchState, decision: Decision) -> None:
+    CJ_COMPLETION.labels(state.batch_id).set(
+        state.accepted / state.denominator if state.denominator else 0.0
+    )
+    terminal = decision.terminal
+    abandoned = len(terminal.abandoned) if terminal else 0
+    if isinstance(terminal, BatchFinalized):
+        CJ_FINALIZED.labels(terminal.reason).inc()
+        log.warning(
+            "stalled_batch_finalized",
+            batch_id=state.batch_id,
+            completed=state.completed,
+            failed=state.failed,
+            abandoned=abandoned,
+        )
+    elif isinstance(terminal, BatchFailed):
+        CJ_FINALIZED.labels("failed").inc()
+        log.warning(
+            "stalled_batch_failed",
+            batch_id=state.batch_id,
+            message=terminal.message,
+            abandoned=abandoned,
+        )

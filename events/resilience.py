@@ -1,0 +1,49 @@
+"""Keeping a consumer loop alive across Redis restarts, and stopping it promptly.
+
+redis-py retries a command a few times on its own (see tools/runtime.connect);
+when Redis stays away longer than that, the loops of the workers catch the
+connection error, wait with a capped exponential backoff and try again, instead
+of dying with the process still up (and its consumer silently gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# BusyLoadingError ("LOADING", while Redis replays its AOF) is a ConnectionError.
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    OSError,
+)
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`, waking early when `stop` is set. Returns True when stopped."""
+    if stop.is_set():
+        return True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
+    return stop.is_set()
+
+
+class Backoff:
+    """Capped exponential delays: base, 2·base, 4·base, ... up to cap; reset() after a success."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+        self.base = base
+        self.cap = cap
+        self._next = base
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.base

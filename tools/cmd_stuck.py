@@ -1,0 +1,417 @@
+"""`cjs stuck`: the XPENDING dashboard, stalled batches, and `--reclaim` (the cleanup, now)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from redis.exceptions import ResponseError
+
+from cj.consumer import CJConsumer
+from cj.reaper import finalize_stalled, find_stalled, stalled_view
+from events import codec
+from events.consumer import _s
+from events.names import CONSUMED, STREAMS, Keys
+from events.pending import StuckAction, pending_details, prune_consumer
+from events.settings import Settings, consumer_name
+from events.types import (
+    BatchScored,
+    ComparisonCompleted,
+    ComparisonFailed,
+    ComparisonRequested,
+    Event,
+)
+from lps.providers.registry import make_provider
+from lps.worker import LPSWorker
+from tools import common
+from tools.runtime import retry_policy
+
+
+def _describe(fields: Any) -> dict[str, Any]:
+    """What a pending entry is about: correlation id, batch and essays (None when undecodable)."""
+    try:
+        event: Event = codec.decode(fields)
+    except codec.DecodeError as exc:
+        return {
+            "correlation_id": None,
+            "batch_id": None,
+            "essay_ids": [],
+            "event_type": None,
+            "undecodable": exc.reason,
+        }
+    essays: list[str] = []
+    if isinstance(event, ComparisonRequested):
+        essays = [event.essay_a.essay_id, event.essay_b.essay_id]
+    elif isinstance(event, ComparisonCompleted | ComparisonFailed):
+        essays = [event.essay_a_id, event.essay_b_id]
+    return {
+        "correlation_id": getattr(event, "correlation_id", None),
+        "batch_id": getattr(event, "batch_id", None),
+        "essay_ids": essays,
+        "event_type": type(event).__name__,
+    }
+
+
+async def _group_info(r: Any, stream: str, group: str) -> dict[str, Any] | None:
+    try:
+        groups = await r.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return None
+    for info in groups:
+        if _s(info["name"]) == group:
+            return dict(info)
+    return None
+
+
+async def collect(
+    r: Any, keys: Keys, *, idle_s: float, batch_idle_s: float, limit: int = 1000
+) -> dict[str, Any]:
+    """The dashboard as one JSON-ready object (read-only: creates nothing)."""
+    groups: list[dict[str, Any]] = []
+    stuck: list[dict[str, Any]] = []
+    truncated = False
+    for stream_name, group in CONSUMED:
+        stream = keys.stream(stream_name)
+        info = await _group_info(r, stream, group)
+        if info is None:
+            groups.append(
+                {
+                    "stream": stream_name,
+                    "group": group,
+                    "exists": False,
+                    "pending": 0,
+                    "lag": None,
+                    "oldest_idle_s": None,
+                    "consumers": [],
+                }
+            )
+            continue
+        summary = await r.xpending(stream, group)
+        pending = int(summary["pending"]) if summary else 0
+        rows = await pending_details(r, stream, group, count=limit) if pending else []
+        truncated = truncated or len(rows) < pending
+        oldest: dict[str, float] = {}
+        for row in rows:
+            oldest[row["consumer"]] = max(oldest.get(row["consumer"], 0.0), row["idle_ms"] / 1000)
+        consumers = []
+        for c in await r.xinfo_consumers(stream, group):
+            name = _s(c["name"])
+            consumers.append(
+                {
+                    "consumer": name,
+                    "pending": int(c["pending"]),
+                    "idle_s": round(int(c["idle"]) / 1000, 3),
+                    "oldest_pending_idle_s": round(oldest[name], 3) if name in oldest else None,
+                }
+            )
+        lag = info.get("lag")
+        groups.append(
+            {
+                "stream": stream_name,
+                "group": group,
+                "exists": True,
+                "pending": pending,
+                "lag": None if lag is None else int(lag),
+                "oldest_idle_s": round(max(oldest.values()), 3) if oldest else None,
+                "consumers": consumers,
+            }
+        )
+        over = [row for row in rows if row["idle_ms"] >= idle_s * 1000]
+        if not over:
+            continue
+        async with r.pipeline(transaction=False) as pipe:
+            for row in over:
+                pipe.xrange(stream, min=row["entry_id"], max=row["entry_id"], count=1)
+            found = await pipe.execute()
+        for row, hit in zip(over, found, strict=True):
+            about = (
+                _describe(hit[0][1])
+                if hit
+                else {
+                    "correlation_id": None,
+                    "batch_id": None,
+                    "essay_ids": [],
+                    "event_type": None,
+                    "deleted": True,
+                }
+            )
+            stuck.append(
+                {
+                    "stream": stream_name,
+                    "group": group,
+                    "entry_id": row["entry_id"],
+                    "consumer": row["consumer"],
+                    "idle_s": round(row["idle_ms"] / 1000, 3),
+                    "deliveries": row["deliveries"],
+                    **about,
+                }
+            )
+    now = datetime.now(UTC)
+    stalled = [
+        stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
+    ]
+    dead_letters = {}
+    for stream_name in STREAMS:
+        n = int(await r.xlen(keys.dlq(stream_name)))
+        if n:
+            dead_letters[stream_name] = n
+    return {
+        "prefix": keys.prefix,
+        "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "idle_threshold_s": idle_s,
+        "batch_idle_timeout_s": batch_idle_s,
+        "groups": groups,
+        "stuck": stuck,
+        "stuck_truncated": truncated,
+        "stalled_batches": stalled,
+        "dead_letters": dead_letters,
+    }
+
+
+async def reclaim(r: Any, keys: Keys, s: Settings, *, batch_idle_s: float) -> dict[str, Any]:
+    """One cleanup pass now, as a worker's reaper does it, plus the stalled batches:
+    requests idle past CJS_PROCESSING_TIMEOUT_S are judged again here (or expired after
+    CJS_MAX_DELIVERIES), callback entries are applied again (or dead-lettered), and stalled
+    batches are finalized or failed. The command's own consumers are removed afterwards."""
+    consumer = consumer_name("cjs-stuck")
+    lps = LPSWorker(
+        r,
+        keys,
+        consumer,
+        make_provider,
+        policy=retry_policy(s),
+        count=s.read_count,
+        processing_timeout_s=s.processing_timeout_s,
+        max_deliveries=s.max_deliveries,
+    )
+    await lps.start()
+    try:
+        lps_actions: list[StuckAction] = await lps.reclaim()
+    finally:
+        await lps.close()
+    cj = CJConsumer(
+        r,
+        keys,
+        consumer,
+        processing_timeout_s=s.processing_timeout_s,
+        max_deliveries=s.max_deliveries,
+    )
+    await cj.start()
+    cj_actions = await cj.reclaim()
+    batches = []
+    for state in await find_stalled(r, keys, batch_idle_s):
+        decision = await finalize_stalled(r, keys, state.batch_id, batch_idle_s)
+        terminal = decision.terminal if decision else None
+        if terminal is None:
+            continue
+        batches.append(
+            {
+                "batch_id": state.batch_id,
+                "event": type(terminal).__name__,
+                "reason": terminal.reason,
+                "message": getattr(terminal, "message", None),
+                "scored": any(isinstance(e, BatchScored) for e in decision.events)
+                if decision
+                else False,
+                "abandoned": list(terminal.abandoned),
+            }
+        )
+    for stream_name, group in CONSUMED:
+        await prune_consumer(r, keys.stream(stream_name), group, consumer, min_idle_ms=0)
+    return {
+        "requests": [a.as_dict() for a in lps_actions],
+        "callbacks": [a.as_dict() for a in cj_actions],
+        "batches": batches,
+    }
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _short(value: str | None, width: int = 12) -> str:
+    if not value:
+        return "-"
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def render(view: dict[str, Any]) -> str:
+    """The dashboard as a readable table."""
+    lines = [f"cjs stuck  prefix={view['prefix']!r}  at {view['at']}", ""]
+    lines.append(f"{'stream':<14} {'group':<6} {'pending':>7} {'lag':>6} {'oldest idle':>11}")
+    for g in view["groups"]:
+        if not g["exists"]:
+            lines.append(f"{g['stream']:<14} {g['group']:<6} {'(no group yet)':>26}")
+            continue
+        lag = "-" if g["lag"] is None else str(g["lag"])
+        lines.append(
+            f"{g['stream']:<14} {g['group']:<6} {g['pending']:>7} {lag:>6} "
+            f"{_dur(g['oldest_idle_s']):>11}"
+        )
+        for c in g["consumers"]:
+            lines.append(
+                f"    {c['consumer']:<40} pending {c['pending']:>5}  idle {_dur(c['idle_s']):>7}"
+                f"  oldest pending {_dur(c['oldest_pending_idle_s']):>7}"
+            )
+    lines.append("")
+    stuck = view["stuck"]
+    lines.append(
+        f"Pending entries idle >= {_dur(view['idle_threshold_s'])}: {len(stuck)}"
+        + ("  (list truncated)" if view["stuck_truncated"] else "")
+    )
+    if stuck:
+        lines.append(
+            f"  {'stream':<13} {'entry id':<16} {'consumer':<28} {'idle':>7} {'deliv':>5}  "
+            f"{'batch':<12} {'correlation':<12} essays"
+        )
+        for e in stuck:
+            lines.append(
+                f"  {e['stream']:<13} {e['entry_id']:<16} {_short(e['consumer'], 28):<28} "
+                f"{_dur(e['idle_s']):>7} {e['deliveries']:>5}  {_short(e['batch_id']):<12} "
+                f"{_short(e['correlation_id']):<12} {' vs '.join(e['essay_ids']) or '-'}"
+            )
+    lines.append("")
+    stalled = view["stalled_batches"]
+    lines.append(
+        f"Stalled batches (no event for >= {_dur(view['batch_idle_timeout_s'])}): {len(stalled)}"
+    )
+    for b in stalled:
+        lines.append(
+            f"  {b['batch_id']}  {b['status']:<10} idle {_dur(b['idle_s']):>7}  wave {b['waves']}  "
+            f"submitted {b['submitted']}/{b['denominator']}  completed {b['completed']}  "
+            f"failed {b['failed']}  in flight {b['in_flight']}"
+        )
+    if view["dead_letters"]:
+        lines.append("")
+        lines.append(
+            "Dead letters: "
+            + ", ".join(f"{k} {v}" for k, v in view["dead_letters"].items())
+            + "  (cjs dlq)"
+        )
+    done = view.get("reclaimed")
+    if done is not None:
+        lines.append("")
+        lines.append(
+            f"Reclaimed now: {len(done['requests'])} request(s), {len(done['callbacks'])} "
+            f"callback(s), {len(done['batches'])} stalled batch(es)"
+        )
+        for a in done["requests"] + done["callbacks"]:
+            lines.append(
+                f"  {a['action']:<13} {a['stream']:<13} {a['entry_id']:<16} "
+                f"from {_short(a['consumer'], 28)}  deliveries {a['deliveries']}  "
+                f"batch {_short(a['batch_id'])}"
+            )
+        for b in done["batches"]:
+            lines.append(
+                f"  {b['event']:<15} {b['batch_id']}  reason {b['reason']}  "
+                f"abandoned {len(b['abandoned'])}" + (f"  ({b['message']})" if b["message"] else "")
+            )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option(
+    "--idle",
+    "idle_s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="List pending entries idle this long [default: CJS_PROCESSING_TIMEOUT_S].",
+)
+@click.option(
+    "--batch-idle",
+    "batch_idle_s",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Stalled after this long without an event [default: CJS_BATCH_IDLE_TIMEOUT_S].",
+)
+@click.option(
+    "--reclaim",
+    "do_reclaim",
+    is_flag=True,
+    help="Clean up now: reclaim/expire stuck entries, end stalled batches.",
+)
+@click.option("--watch", is_flag=True, help="Refresh a live view until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes with --watch.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Pending entries examined per group.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+def stuck(
+    idle_s: float | None,
+    batch_idle_s: float | None,
+    do_reclaim: bool,
+    watch: bool,
+    interval: float,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Pending entries per stream and group, entries stuck longer than --idle (with their
+    batch, correlation id and essays), and stalled batches.
+
+    --reclaim runs the cleanup a worker's reaper runs, now: requests idle past
+    CJS_PROCESSING_TIMEOUT_S are judged again by this command (or expired after
+    CJS_MAX_DELIVERIES), stuck callbacks are applied again (or dead-lettered), and each
+    stalled batch ends as BatchFinalized (reason stalled, after a BatchScored) when its
+    successful comparisons support a scoring, else as BatchFailed (reason stalled).
+    JSON: {groups, stuck: [{stream, group, entry_id, consumer, idle_s, deliveries,
+    correlation_id, batch_id, essay_ids}], stalled_batches, dead_letters[, reclaimed]}.
+    """
+    if watch and (as_json or do_reclaim):
+        raise click.UsageError("--watch shows a live view: use it without --json and --reclaim")
+    common.quiet_logs(as_json)
+    s = common.settings()
+    keys = common.keys_for(s)
+    idle = s.processing_timeout_s if idle_s is None else idle_s
+    batch_idle = s.batch_idle_timeout_s if batch_idle_s is None else batch_idle_s
+
+    async def once() -> dict[str, Any]:
+        r = await common.open_redis(s)
+        try:
+            done = await reclaim(r, keys, s, batch_idle_s=batch_idle) if do_reclaim else None
+            view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
+        finally:
+            await r.aclose()
+        if done is not None:
+            view["reclaimed"] = done
+        return view
+
+    async def live() -> None:
+        r = await common.open_redis(s)
+        try:
+            while True:
+                view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
+                click.clear()
+                click.echo(render(view))
+                click.echo(f"\nrefreshing every {interval:g}s; Ctrl-C to stop")
+                await asyncio.sleep(interval)
+        finally:
+            await r.aclose()
+
+    if watch:
+        with contextlib.suppress(KeyboardInterrupt):
+            common.run(live)
+        return
+    view = common.run(once)
+    if as_json:
+        common.emit_json(view)
+    else:
+        click.echo(render(view))
