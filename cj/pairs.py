@@ -320,57 +320,60 @@ class _Planner:
     def adaptive(
         self,
         theta: FloatArray,
-        var: FloatArray,
+        var: FloatArray | None,
         anchor_bonus: float,
         per_essay_cap: int,
     ) -> None:
+        """Greedy A-optimal fill: each step takes the pair that most reduces the total
+        posterior variance of the centred θ, Σ updated after every pair."""
         n = self.n
-        var = var.copy()
+        cov = self._posterior_covariance(theta, var)
         jitter = 1.0 + 1e-9 * self.rng.random((n, n))
         jitter = np.minimum(jitter, jitter.T)
-        is_anchor = self.anchor_grade >= 0
-
-        def pair_bonus(i: IntArray, j: IntArray) -> FloatArray:
-            gi = self.anchor_grade[i]
-            gj = self.anchor_grade[j]
-            bonus = np.ones(len(i))
-            s_i = (gi < 0) & (gj >= 0)
-            s_j = (gj < 0) & (gi >= 0)
-            if anchor_bonus > 0 and is_anchor.any():
-                new_i = s_i & ~self.met_grade[i, np.maximum(gj, 0)]
-                new_j = s_j & ~self.met_grade[j, np.maximum(gi, 0)]
-                bonus[new_i | new_j] += anchor_bonus
-            return bonus
-
-        def gain(i: IntArray, j: IntArray) -> FloatArray:
-            vi, vj = var[i], var[j]
-            v = vi + vj
-            info = expected_information(theta[i] - theta[j], v)
-            return (vi * vi + vj * vj) * info / (1.0 + v * info) * pair_bonus(i, j) * jitter[i, j]
-
         anchor_grade = [int(g) for g in self.anchor_grade]
+        th = [float(t) for t in theta]
 
-        def gain1(x: int, y: int) -> float:
-            vx, vy = float(var[x]), float(var[y])
-            v = vx + vy
-            info = _expected_information_scalar(float(theta[x] - theta[y]), v)
-            value = (vx * vx + vy * vy) * info / (1.0 + v * info) * float(jitter[x, y])
+        def bonus(x: int, y: int) -> float:
             gx, gy = anchor_grade[x], anchor_grade[y]
             if anchor_bonus > 0 and (gx < 0) != (gy < 0):
                 student, grade = (x, gy) if gx < 0 else (y, gx)
                 if not self.met_grade[student, grade]:
-                    value *= 1.0 + anchor_bonus
-            return value
+                    return 1.0 + anchor_bonus
+            return 1.0
+
+        def gain1(x: int, y: int) -> tuple[float, FloatArray, float]:
+            v = cov[:, x] - cov[:, y]
+            d = max(float(v[x] - v[y]), 1e-12)  # Var(θ_x − θ_y)
+            info = _expected_information_scalar(th[x] - th[y], d)
+            vc = v - v.mean()
+            value = info * float(vc @ vc) / (1.0 + info * d)
+            return value * bonus(x, y) * float(jitter[x, y]), v, info
 
         while not self.full:
-            ok = self.eligible & (self.wave_count < per_essay_cap)[:, None]
-            ok &= (self.wave_count < per_essay_cap)[None, :]
+            cap_ok = self.wave_count < per_essay_cap
+            ok = self.eligible & cap_ok[:, None] & cap_ok[None, :]
             bal = self.balance
             ok &= ~((bal[:, None] == bal[None, :]) & (bal[:, None] != 0))
             ii, jj = np.nonzero(np.triu(ok, 1))
             if len(ii) == 0:
                 return
-            values = gain(ii, jj)
+            # All-pairs gains, vectorised: Var(θ_i − θ_j) and ||C Σ (e_i − e_j)||².
+            diag = np.diag(cov)
+            centred = cov - cov.mean(axis=0, keepdims=True)
+            s2 = centred.T @ centred
+            s2d = np.diag(s2)
+            d = np.maximum(diag[ii] + diag[jj] - 2.0 * cov[ii, jj], 1e-12)
+            num = s2d[ii] + s2d[jj] - 2.0 * s2[ii, jj]
+            info = expected_information(theta[ii] - theta[jj], d)
+            values = info * num / (1.0 + info * d) * jitter[ii, jj]
+            if anchor_bonus > 0:
+                gi = self.anchor_grade[ii]
+                gj = self.anchor_grade[jj]
+                stud_i = (gi < 0) & (gj >= 0)
+                stud_j = (gj < 0) & (gi >= 0)
+                new_i = stud_i & ~self.met_grade[ii, np.maximum(gj, 0)]
+                new_j = stud_j & ~self.met_grade[jj, np.maximum(gi, 0)]
+                values = np.where(new_i | new_j, values * (1.0 + anchor_bonus), values)
             # Keep each essay's best partners: a wide but bounded candidate set.
             mat = np.full((n, n), -np.inf)
             mat[ii, jj] = values
@@ -386,36 +389,55 @@ class _Planner:
             ci = uniq // n
             cj = uniq % n
             cv = mat[ci, cj]
-            version = [0] * n
-            heap = [(-float(v), int(x), int(y), 0, 0) for v, x, y in zip(cv, ci, cj, strict=True)]
+            version = 0
+            heap = [(-float(v), int(x), int(y), 0) for v, x, y in zip(cv, ci, cj, strict=True)]
             heapq.heapify(heap)
-            th = [float(t) for t in theta]
             added = 0
             while heap and not self.full:
-                _, x, y, vx, vy = heapq.heappop(heap)
+                _, x, y, ver = heapq.heappop(heap)
                 if (
                     self.wave_count[x] >= per_essay_cap
                     or self.wave_count[y] >= per_essay_cap
                     or not self.can_add(x, y)
                 ):
                     continue
-                if vx != version[x] or vy != version[y]:
-                    # Stale: an endpoint was chosen since; re-rank with its new variance.
-                    v_now = gain1(x, y)
-                    heapq.heappush(heap, (-v_now, x, y, version[x], version[y]))
-                    continue
+                if ver != version:
+                    # Stale: Σ changed since; re-rank with the exact current gain.
+                    value, _, _ = gain1(x, y)
+                    if heap and value < -heap[0][0]:
+                        heapq.heappush(heap, (-value, x, y, version))
+                        continue
                 if not self.add(x, y):
                     continue
                 added += 1
-                vv = float(var[x] + var[y])
-                info = _expected_information_scalar(th[x] - th[y], vv)
-                shrink = info / (1.0 + vv * info)
-                var[x] -= var[x] * var[x] * shrink
-                var[y] -= var[y] * var[y] * shrink
-                version[x] += 1
-                version[y] += 1
+                _, v, inf = gain1(x, y)
+                d_xy = max(float(v[x] - v[y]), 1e-12)
+                cov -= (inf / (1.0 + inf * d_xy)) * np.outer(v, v)
+                version += 1
             if added == 0:
                 return
+
+    def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
+        """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior."""
+        n = self.n
+        ea = np.asarray(self.edges_a, dtype=np.intp)
+        eb = np.asarray(self.edges_b, dtype=np.intp)
+        z = theta[ea] - theta[eb]
+        w = 0.25 / np.cosh(0.5 * z) ** 2  # σ'(z)
+        h = np.zeros((n, n))
+        np.add.at(h, (ea, eb), -w)
+        h += h.T
+        h[np.diag_indices(n)] = -h.sum(axis=1)
+        if var is None:  # no fit yet: a unit prior, variances from the graph alone
+            h[np.diag_indices(n)] += 1.0
+            return np.asarray(np.linalg.inv(h), dtype=np.float64)
+        tau2 = float(np.var(theta) + np.mean(var))
+        h[np.diag_indices(n)] += 1.0 / max(tau2, 1e-2)
+        cov = np.asarray(np.linalg.inv(h), dtype=np.float64)
+        # Keep the correlation structure of the graph but the variances of the latest
+        # fit (which knows η, the fitted prior and comparisons this sketch may not).
+        scale = np.sqrt(var / np.maximum(np.diag(cov), 1e-12))
+        return np.asarray(cov * scale[:, None] * scale[None, :], dtype=np.float64)
 
 
 def plan_wave(
@@ -474,5 +496,5 @@ def plan_wave(
         cap = per_essay_cap
         if cap is None:
             cap = max(3, 2 * math.ceil(2 * size / n))
-        planner.adaptive(theta, var, anchor_bonus, cap)
+        planner.adaptive(theta, var if scores else None, anchor_bonus, cap)
     return planner.out

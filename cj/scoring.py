@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import scipy.linalg
+import scipy.linalg.lapack
 import scipy.sparse
+import scipy.sparse.linalg
 from scipy.sparse.csgraph import connected_components
 
 FloatArray = npt.NDArray[np.float64]
+_MIN_PRIOR_SD = 0.1  # empirical τ never below this (pure noise would drive it to 0)
+_MAX_EXACT_ROUNDS = 20  # exact-variance corrections of the τ fixed point (1–2 typical)
+_DENSE_MAX = 400  # above this many parameters, Newton steps use sparse CG
 IntArray = npt.NDArray[np.intp]
 
 
@@ -50,6 +56,7 @@ class FitResult:
     iterations: int
     n_comparisons: int = 0
     log_posterior: float = 0.0
+    prior_sd: float | None = None  # τ of the θ prior N(0, τ²) when estimated (empirical mode)
 
 
 def _index_comparisons(
@@ -101,16 +108,25 @@ def fit_bt(
     *,
     fit_position: bool = True,
     prior: float = 0.01,
+    prior_mode: Literal["empirical", "fixed"] = "empirical",
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> FitResult:
     """MAP Bradley–Terry fit with optional position bias η; see the module docstring.
+
+    ``prior`` is the precision of the L2 prior on η and, with ``prior_mode="fixed"``,
+    on every θ. With ``prior_mode="empirical"`` (the default) the θ prior is
+    N(0, τ²) with τ estimated from the data (MacKay's evidence fixed point), never
+    weaker than ``prior``: without it sparse or adaptive designs inflate the scale
+    of θ (and η) several-fold and the SEs lose their coverage.
 
     Raises ValueError for duplicate essay ids, unknown essays or self-comparisons,
     and for a non-positive prior (the prior keeps every score finite).
     """
     if not prior > 0:
         raise ValueError("prior must be > 0")
+    if prior_mode not in ("empirical", "fixed"):
+        raise ValueError(f"unknown prior_mode {prior_mode!r}")
     ids = _unique_ids(essay_ids)
     n = len(ids)
     a, b, y = _index_comparisons(ids, comparisons)
@@ -121,7 +137,6 @@ def fit_bt(
         return FitResult({}, {}, None, None, False, 0, True, 0, m)
 
     p = n + 1 if fit_position else n
-    params = np.zeros(p)
 
     # Flat indices into the p×p Hessian for the contributions of each comparison.
     aa = a * p + a
@@ -137,7 +152,15 @@ def fit_bt(
         flat = np.concatenate([aa, bb, ab, ba, ae, ea, be, eb, ee])
     else:
         flat = np.concatenate([aa, bb, ab, ba])
-    diag_prior = np.arange(p) * (p + 1)
+    diag_idx = np.arange(p) * (p + 1)
+    use_sparse = p > _DENSE_MAX
+    if use_sparse:
+        # CSR pattern of the Hessian (row-major order of the flat indices), computed once.
+        uniq, inverse = np.unique(np.concatenate([flat, diag_idx]), return_inverse=True)
+        inverse = inverse[: len(flat)]
+        csr_indices = (uniq % p).astype(np.int32)
+        csr_indptr = np.concatenate([[0], np.cumsum(np.bincount(uniq // p, minlength=p))])
+        diag_pos = np.searchsorted(uniq, diag_idx)
 
     def linear(x: FloatArray) -> FloatArray:
         z = x[a] - x[b]
@@ -145,7 +168,11 @@ def fit_bt(
             z = z + x[n]
         return z
 
-    def grad_hess(x: FloatArray, z: FloatArray) -> tuple[FloatArray, FloatArray]:
+    def objective(x: FloatArray, z: FloatArray, lam: FloatArray) -> float:
+        ll = float(np.sum(y * z - np.logaddexp(0.0, z)))
+        return ll - 0.5 * float(lam @ (x * x))
+
+    def grad_hess(x: FloatArray, z: FloatArray, lam: FloatArray) -> tuple[FloatArray, _Hessian]:
         pr = 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), overflow-free
         r = y - pr
         w = pr * (1.0 - pr)
@@ -156,47 +183,102 @@ def fit_bt(
             weights = np.concatenate([w, w, -w, -w, w, w, -w, -w, w])
         else:
             weights = np.concatenate([w, w, -w, -w])
-        g -= prior * x
+        g -= lam * x
+        if use_sparse:
+            data: FloatArray = np.asarray(
+                np.bincount(inverse, weights=weights, minlength=len(uniq)), dtype=np.float64
+            )
+            data[diag_pos] += lam
+            hs = scipy.sparse.csr_matrix((data, csr_indices, csr_indptr), shape=(p, p))
+            return g, _Hessian(None, hs, data[diag_pos])
         h: FloatArray = np.asarray(
             np.bincount(flat, weights=weights, minlength=p * p), dtype=np.float64
         )
-        h[diag_prior] += prior
-        return g, h.reshape(p, p)
+        h[diag_idx] += lam
+        return g, _Hessian(h.reshape(p, p), None, h[diag_idx])
 
-    z = linear(params)
-    obj = _log_posterior(z, y, params, prior)
-    converged = False
+    def newton(x: FloatArray, lam: FloatArray) -> tuple[FloatArray, FloatArray, float, int, bool]:
+        z = linear(x)
+        obj = objective(x, z, lam)
+        for it in range(1, max_iter + 1):
+            g, h = grad_hess(x, z, lam)
+            step = h.solve(g)
+            if float(g @ step) < 2 * tol:
+                return x, z, obj, it, True
+            t = 1.0
+            while True:
+                cand = x + t * step
+                zc = linear(cand)
+                oc = objective(cand, zc, lam)
+                if oc >= obj - 1e-12 * abs(obj) or t < 1e-8:
+                    break
+                t *= 0.5
+            x, z, obj = cand, zc, oc
+            if float(np.max(np.abs(t * step))) < 1e-10:
+                return x, z, obj, it, True
+        return x, z, obj, max_iter, False
+
+    def covariance(x: FloatArray, z: FloatArray, lam: FloatArray) -> _Covariance:
+        _, h = grad_hess(x, z, lam)
+        return _covariance(h.dense(), n)
+
+    lam = np.full(p, prior)
+    params = np.zeros(p)
+    tau: float | None = None
     iterations = 0
-    for iterations in range(1, max_iter + 1):  # noqa: B007
-        g, h = grad_hess(params, z)
-        step = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, lower=True), g)
-        decrement = float(g @ step)
-        if decrement < 2 * tol:
-            converged = True
-            break
-        t = 1.0
-        while True:
-            cand = params + t * step
-            zc = linear(cand)
-            oc = _log_posterior(zc, y, cand, prior)
-            if oc >= obj - 1e-12 * abs(obj) or t < 1e-8:
-                break
-            t *= 0.5
-        params, z, obj = cand, zc, oc
-        if float(np.max(np.abs(t * step))) < 1e-10:
-            converged = True
-            break
+    converged = True
+    if prior_mode == "empirical":
+        # Evidence (type-II ML, Laplace) fixed point for the θ prior precision λ:
+        # λ = γ / Σθ², γ = Σ(1 − λ·var_i). Solved for x = log λ by a safeguarded
+        # secant method; each evaluation refits θ (warm start) and uses the cheap
+        # var_i ≈ ratio_i / H_ii, and an exact inverse then corrects the ratio.
+        x_lo, x_hi = math.log(prior), math.log(1.0 / _MIN_PRIOR_SD**2)
+        ratio = np.ones(n)
+        z = linear(params)
+        obj = objective(params, z, lam)
+        _, h_last = grad_hess(params, z, lam)
 
-    _, h = grad_hess(params, z)
-    cov = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, lower=True), np.eye(p))
-    cov_t = cov[:n, :n]
-    row_mean = cov_t.mean(axis=1)
-    var_c = np.diag(cov_t) - 2.0 * row_mean + row_mean.mean()
-    se_arr = np.sqrt(np.maximum(var_c, 0.0))
+        def target(xlog: float) -> float:
+            nonlocal params, z, obj, h_last, iterations, converged
+            lam[:n] = math.exp(xlog)
+            params, z, obj, its, ok = newton(params, lam)
+            iterations += its
+            converged = converged and ok
+            _, h_last = grad_hess(params, z, lam)
+            var = ratio / h_last.diag[:n]
+            gamma = float(np.sum(1.0 - lam[:n] * var))
+            ss = float(params[:n] @ params[:n])
+            if gamma <= 1e-9 or ss <= 1e-300:
+                return x_hi - xlog + 1.0  # no signal: push to the strongest prior
+            return math.log(gamma / ss) - xlog
+
+        xlog = 0.0
+        settled = False
+        for _ in range(_MAX_EXACT_ROUNDS):
+            xlog, found = _solve_log_precision(target, xlog, x_lo, x_hi)
+            cov = _covariance(h_last.dense(), n)
+            if not found:
+                break
+            # The same fixed point with the exact variances: done when it agrees.
+            exact = cov.diag[:n]
+            gamma = float(np.sum(1.0 - lam[:n] * exact))
+            ss = float(params[:n] @ params[:n])
+            at_bound = xlog <= x_lo + 1e-9 or xlog >= x_hi - 1e-9
+            if at_bound or (gamma > 0 and ss > 0 and abs(math.log(gamma / ss) - xlog) < 0.01):
+                settled = True
+                break
+            ratio = exact * h_last.diag[:n]
+        converged = converged and settled
+        tau = math.exp(-0.5 * xlog)
+    else:
+        params, z, obj, iterations, converged = newton(params, lam)
+        cov = covariance(params, z, lam)
+
+    se_arr = np.sqrt(np.maximum(cov.centred_theta_var, 0.0))
     theta_arr = params[:n] - params[:n].mean()
 
     eta = float(params[n]) if fit_position else None
-    eta_se = float(math.sqrt(max(cov[n, n], 0.0))) if fit_position else None
+    eta_se = float(math.sqrt(max(cov.diag[n], 0.0))) if fit_position else None
     return FitResult(
         theta={e: float(theta_arr[i]) for i, e in enumerate(ids)},
         se={e: float(se_arr[i]) for i, e in enumerate(ids)},
@@ -208,7 +290,100 @@ def fit_bt(
         iterations=iterations,
         n_comparisons=m,
         log_posterior=obj,
+        prior_sd=tau,
     )
+
+
+def _solve_log_precision(
+    target: Callable[[float], float], x0: float, lo_bound: float, hi_bound: float
+) -> tuple[float, bool]:
+    """Root of target(x) (decreasing through 0) in [lo_bound, hi_bound]; a bound is the
+    answer when the root lies beyond it. Secant steps, kept inside the known bracket."""
+    lo, hi = lo_bound, hi_bound
+    have_lo = have_hi = False
+    x_prev: float | None = None
+    g_prev = 0.0
+    x = min(max(x0, lo_bound), hi_bound)
+    for _ in range(60):
+        g = target(x)
+        if abs(g) < 1e-3:
+            return x, True
+        if g > 0:
+            lo, have_lo = x, True
+            if x >= hi_bound:
+                return x, True
+        else:
+            hi, have_hi = x, True
+            if x <= lo_bound:
+                return x, True
+        if x_prev is not None and g != g_prev:  # noqa: SIM108
+            nxt = x - g * (x - x_prev) / (g - g_prev)  # secant
+        else:
+            nxt = x + g  # plain fixed-point step
+        # The root lies above x when g > 0, below when g < 0: never step the wrong way.
+        if g > 0 and not nxt > x:
+            nxt = x + min(max(g, 0.5), 3.0)
+        elif g < 0 and not nxt < x:
+            nxt = x + max(min(g, -0.5), -3.0)
+        nxt = min(max(nxt, x - 3.0), x + 3.0)
+        if have_lo and have_hi:
+            if not lo < nxt < hi:
+                nxt = 0.5 * (lo + hi)
+        else:
+            nxt = min(max(nxt, lo_bound), hi_bound)
+        x_prev, g_prev = x, g
+        x = nxt
+    return x, False
+
+
+@dataclass
+class _Hessian:
+    """Negative Hessian of the log posterior: dense (small problems) or sparse CSR."""
+
+    full: FloatArray | None
+    sparse: scipy.sparse.csr_matrix | None
+    diag: FloatArray
+
+    def solve(self, g: FloatArray) -> FloatArray:
+        if self.full is not None:
+            return np.asarray(
+                scipy.linalg.cho_solve(scipy.linalg.cho_factor(self.full, lower=True), g),
+                dtype=np.float64,
+            )
+        assert self.sparse is not None
+        precond = scipy.sparse.diags(1.0 / self.diag)
+        step, _ = scipy.sparse.linalg.cg(
+            self.sparse, g, M=precond, rtol=1e-12, atol=0.0, maxiter=10 * len(g)
+        )
+        return np.asarray(step, dtype=np.float64)
+
+    def dense(self) -> FloatArray:
+        if self.full is not None:
+            return self.full
+        assert self.sparse is not None
+        return np.asarray(self.sparse.toarray(), dtype=np.float64)
+
+
+@dataclass
+class _Covariance:
+    diag: FloatArray  # posterior variances of every parameter
+    centred_theta_var: FloatArray  # variances of θ_i − mean(θ)
+
+
+def _covariance(h: FloatArray, n: int) -> _Covariance:
+    """What the SEs need of H⁻¹ (H symmetric positive definite), from its Cholesky factor."""
+    c, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1)
+    if info != 0:  # pragma: no cover - the prior keeps h positive definite
+        raise np.linalg.LinAlgError("Hessian not positive definite")
+    inv, info = scipy.linalg.lapack.dpotri(c, lower=1)  # lower triangle of H⁻¹, zeros above
+    if info != 0:  # pragma: no cover
+        raise np.linalg.LinAlgError("Hessian not invertible")
+    diag = np.asarray(np.diag(inv), dtype=np.float64).copy()
+    block = inv[:n, :n]
+    row_sum = block.sum(axis=1) + block.sum(axis=0) - diag[:n]
+    row_mean = row_sum / n
+    centred = diag[:n] - 2.0 * row_mean + row_mean.mean()
+    return _Covariance(diag, np.asarray(centred, dtype=np.float64))
 
 
 def ssr(theta: Mapping[str, float], se: Mapping[str, float]) -> float | None:

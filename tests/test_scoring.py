@@ -91,6 +91,7 @@ def test_eta_se_coverage() -> None:
 
 
 def test_all_wins_all_losses_and_uncompared_get_finite_scores_large_se() -> None:
+    """With the small fixed prior of the spec (prior_mode="fixed")."""
     mids = [f"m{i}" for i in range(6)]
     ids = ["top", *mids, "bottom"]
     comps = []
@@ -101,7 +102,7 @@ def test_all_wins_all_losses_and_uncompared_get_finite_scores_large_se() -> None
     for x in mids:
         comps.append(Comparison("top", x, True))
         comps.append(Comparison(x, "bottom", True))
-    fit = fit_bt(ids, comps)
+    fit = fit_bt(ids, comps, prior_mode="fixed")
     for e in ids:
         assert math.isfinite(fit.theta[e]) and math.isfinite(fit.se[e])
     assert fit.theta["top"] > max(fit.theta[m] for m in mids) + 2
@@ -111,10 +112,36 @@ def test_all_wins_all_losses_and_uncompared_get_finite_scores_large_se() -> None
     assert fit.se["bottom"] > 3 * fit.se["m0"]
     assert fit.connected and fit.converged
     # An essay without comparisons: finite, prior-sized SE, its own component.
-    with_alone = fit_bt([*ids, "alone"], comps)
+    with_alone = fit_bt([*ids, "alone"], comps, prior_mode="fixed")
     assert with_alone.theta["alone"] == pytest.approx(0.0, abs=1e-6)
     assert with_alone.se["alone"] > 5 and math.isfinite(with_alone.se["alone"])
     assert not with_alone.connected and with_alone.components == 2
+
+
+def test_empirical_prior_extremes_and_uncompared() -> None:
+    """Default (empirical) prior: τ is estimated near the true spread; an essay that wins
+    everything is on top with a larger SE than typical; an uncompared essay gets θ≈0 and
+    an SE about τ, larger than any compared essay's."""
+    ids, theta, comps = simulate(60, 1200, spread=1.5, seed=11)
+    top = ids[int(np.argmax(theta))]
+    extra = [Comparison("champion", e, True) for e in ids[:8]]
+    fit = fit_bt([*ids, "champion", "alone"], comps + extra)
+    assert fit.prior_sd is not None and 1.0 < fit.prior_sd < 2.2
+    assert fit.theta["champion"] > float(np.quantile([fit.theta[e] for e in ids], 0.85))
+    typical = float(np.median([fit.se[e] for e in ids]))
+    assert fit.se["champion"] > 1.3 * typical
+    assert abs(fit.theta["alone"]) < 0.1
+    assert fit.se["alone"] > max(fit.se[e] for e in ids)
+    assert fit.se["alone"] == pytest.approx(fit.prior_sd, rel=0.1)
+    assert fit.theta[top] > 1.0
+    assert fit.converged and fit.components == 2
+
+
+def test_empirical_prior_on_pure_noise_shrinks_to_nothing() -> None:
+    ids, _, comps = simulate(40, 800, spread=0.0, eta=0.0, seed=12)
+    fit = fit_bt(ids, comps)
+    assert fit.prior_sd is not None and fit.prior_sd < 0.35
+    assert max(abs(t) for t in fit.theta.values()) < 0.5
 
 
 def test_disconnected_components_reported() -> None:
