@@ -1,0 +1,155 @@
+"""Running a batch in this process on the mock judge: what `cjs demo` and `cjs validate` share."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any, cast
+
+import click
+import msgspec
+from scipy.stats import spearmanr
+
+from cj.continuation import advance
+from cj.registration import BatchIn, InputError, append_registration, build_registration, scale_of
+from events import codec
+from events.names import Keys
+from events.settings import Settings
+from events.types import BatchRegistered, ComparisonCompleted, Mode, ProviderAttemptFailed, new_id
+from lps.providers.mock import MockProfile, quality_of
+from lps.providers.registry import make_provider
+from projections.batch import BatchState, completion_pct
+from projections.store import load_state
+from tools.runtime import InProcess
+
+
+def mock_settings(s: Settings) -> Settings:
+    """The mock judge's faults are simulated: back off in tens of milliseconds, not seconds
+    (unless CJS_RETRY_BASE_DELAY_S says otherwise)."""
+    if "CJS_RETRY_BASE_DELAY_S" in os.environ:
+        return s
+    return s.model_copy(update={"retry_base_delay_s": 0.02, "retry_max_delay_s": 0.2})
+
+
+def registration_for(
+    data: dict[str, Any], mode: str, *, budget: int | None, seed: int
+) -> BatchRegistered:
+    """A validated `BatchRegistered` for input `data` (the sample or a user's file)."""
+    try:
+        batch_in = BatchIn.model_validate(data)
+        scale_name, grades = scale_of(batch_in)
+        return build_registration(
+            batch_in, scale_name, grades, mode=cast(Mode, mode), budget=budget, seed=seed
+        )
+    except (InputError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+async def with_readable_id(
+    r: Any, keys: Keys, registered: BatchRegistered, base: str
+) -> BatchRegistered:
+    """A readable id that a seed reproduces (pairs derive from it), unique on a shared Redis."""
+    batch_id = base
+    if await r.exists(keys.batch(batch_id)):
+        batch_id = f"{batch_id}-{new_id()[:8]}"
+    return msgspec.structs.replace(registered, batch_id=batch_id)
+
+
+async def run_to_end(
+    r: Any,
+    keys: Keys,
+    s: Settings,
+    registered: BatchRegistered,
+    mock: MockProfile,
+    *,
+    timeout: float,
+    show_bar: bool = False,
+) -> tuple[BatchState, float]:
+    """Register the batch, run CJ and LPS consumers in this process until it is finalized or
+    failed; returns its final state and the wall time."""
+    started = time.perf_counter()
+    await append_registration(r, keys, registered)
+    runner = InProcess(r, keys, s, lambda name: make_provider(name, mock_profile=mock))
+    runner.start()
+    await advance(r, keys, registered.batch_id)
+    try:
+        state = await wait_terminal(r, keys, registered.batch_id, runner, timeout, show_bar)
+    finally:
+        await runner.close()
+    return state, time.perf_counter() - started
+
+
+async def wait_terminal(
+    r: Any, keys: Keys, batch_id: str, runner: InProcess, timeout: float, show_bar: bool
+) -> BatchState:
+    deadline = time.monotonic() + timeout
+    bar = (
+        click.progressbar(length=100, label="comparing", file=sys.stderr, show_pos=False)
+        if show_bar
+        else None
+    )
+    shown = 0
+    try:
+        while True:
+            runner.check()
+            state = await load_state(r, keys, batch_id)
+            assert state is not None
+            if bar is not None:
+                pct = int(completion_pct(state))
+                if pct > shown:
+                    bar.update(pct - shown)
+                    shown = pct
+                bar.label = f"wave {state.waves} {state.accepted}/{state.denominator}"
+            if state.terminal:
+                if bar is not None and shown < 100:
+                    bar.update(100 - shown)
+                return state
+            if time.monotonic() > deadline:
+                raise click.ClickException(
+                    f"batch {batch_id} not finalized after {timeout:.0f}s "
+                    f"({state.accepted}/{state.denominator} callbacks)"
+                )
+            await asyncio.sleep(0.05)
+    finally:
+        if bar is not None:
+            bar.render_finish()
+
+
+async def count_provider_calls(r: Any, keys: Keys, batch_id: str) -> int:
+    """Provider calls = failed attempts + completed comparisons, counted from the streams."""
+    calls = 0
+    for stream, kind in (
+        (keys.dispatches, ProviderAttemptFailed),
+        (keys.callbacks, ComparisonCompleted),
+    ):
+        last = "-"
+        while True:
+            page = await r.xrange(stream, min=last, max="+", count=1000)
+            if last != "-":
+                page = page[1:]
+            if not page:
+                break
+            for _, fields in page:
+                try:
+                    event = codec.decode(fields)
+                except codec.DecodeError:
+                    continue
+                if isinstance(event, kind) and event.batch_id == batch_id:
+                    calls += 1
+            last = page[-1][0].decode()
+    return calls
+
+
+def spearman_true(state: BatchState) -> float | None:
+    """Spearman between the batch's θ and the essays' latent (mock) qualities."""
+    if state.scores is None:
+        return None
+    theta = {s.essay_id: s.theta for s in state.scores.scores}
+    ids = [e.essay_id for e in state.essays if e.essay_id in theta]
+    if len(ids) < 3:
+        return None
+    truth = {e.essay_id: quality_of(e) for e in state.essays}
+    rho = spearmanr([theta[i] for i in ids], [truth[i] for i in ids]).statistic
+    return round(float(rho), 4)
