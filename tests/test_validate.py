@@ -1,0 +1,158 @@
+"""`cjs validate`: per_request vs serial_bundle, in-process and from recorded runs; the HTML report
+renders in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from tests.test_replay import cli, one_json
+from tools.cli import main
+
+ARGS = ["validate", "--essays", "10", "--profile", "flaky", "--seed", "3", "--json"]
+
+
+def _embedded(args: list[str]) -> Any:
+    return CliRunner().invoke(
+        main, args, env={"REDIS_URL": "", "CJS_PREFIX": ""}, catch_exceptions=False
+    )
+
+
+def _check_mode(view: dict[str, Any], mode: str) -> None:
+    assert view["mode"] == mode and view["status"] == "finalized"
+    assert view["counters_match_events"] is True
+    assert all(c["projection"] == c["events"] for c in view["counters"].values())
+    attempts = view["error_rates"]["attempts"]["mock"]
+    assert attempts["calls"] == view["provider_calls"] > 0
+    assert sum(e["count"] for e in attempts["errors"].values()) > 0  # flaky: errors happen
+    assert set(attempts["errors"]) <= {
+        "rate_limit",
+        "overloaded",
+        "server_error",
+        "timeout",
+        "max_tokens",
+    }
+    assert view["error_rates"]["comparisons"]["mock"]["requests"] == view["requests_in_stream"]
+    for group in ("anchors", "students"):
+        pos = view["positions"][group]
+        assert pos["balanced"] and pos["as_a"] + pos["as_b"] > 0
+        assert sum(r["a"] for r in pos["per_essay"]) == pos["as_a"]
+    assert view["positions"]["anchors"]["essays"] + view["positions"]["students"]["essays"] == 10
+    assert view["callbacks"] == {"late": 0, "duplicate": 0, "orphan": 0, "expired_requests": 0}
+    assert view["tokens"]["input_tokens"] > 0 and view["tokens"]["total"] > 0
+    if mode == "serial_bundle":
+        assert view["bundles"]["count"] > 0
+        assert view["bundles"]["requests_bundled"] == view["requests_in_stream"]
+        assert 1 <= view["bundles"]["max_size"] <= 64
+    else:
+        assert view["bundles"]["count"] == 0
+
+
+def test_validate_in_process_compares_the_modes_and_writes_a_report(tmp_path: Path) -> None:
+    result = _embedded([*ARGS, "--report", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    out = one_json(result.stdout)
+    assert set(out["modes"]) == {"per_request", "serial_bundle"}
+    for mode, view in out["modes"].items():
+        _check_mode(view, mode)
+    c = out["comparison"]
+    assert c["modes"] == ["per_request", "serial_bundle"]
+    assert -1 <= c["spearman_between_modes"] <= 1 and c["spearman_between_modes"] > 0.3
+    agree = c["grade_agreement"]["students"]
+    assert agree["n"] > 0 and 0 <= agree["exact"] <= agree["within_one"] <= 1
+    assert c["counters_match_events"] and c["positions_balanced"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "per_request" in md and "Spearman" in md
+    assert page.count("<svg") >= 4  # errors, two balance charts, θ scatter
+    assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page)
+    assert _embedded(["validate", "--modes", "per_request,batch_api"]).exit_code == 2
+
+
+@pytest.mark.redis
+def test_recorded_runs_give_the_same_analysis_as_the_live_ones(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    url = redis_server.url
+    live = one_json(cli(ARGS, url, "v:").stdout)
+    files = []
+    for mode in ("per_request", "serial_bundle"):
+        path = tmp_path / f"{mode}.jsonl.gz"
+        assert (
+            cli(["export", live["modes"][mode]["batch_id"], "-o", str(path)], url, "v:").exit_code
+            == 0
+        )
+        files.append(str(path))
+    recorded = cli(["validate", "--runs", *files, "--json"], url, "")
+    assert recorded.exit_code == 0, recorded.output
+    rec = one_json(recorded.stdout)
+    assert rec["source"] == "recorded runs"
+    for mode in ("per_request", "serial_bundle"):
+        a, b = dict(live["modes"][mode]), dict(rec["modes"][mode])
+        for volatile in ("wall_s", "counters_source"):
+            a.pop(volatile), b.pop(volatile)
+        assert a == b
+    assert rec["comparison"] == live["comparison"]
+
+
+def _png_is_drawn(path: Path) -> tuple[int, int, int]:
+    """(width, height, distinct byte values of the decompressed image data)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height = 8, b"", 0, 0
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    return width, height, len(set(zlib.decompress(idat)))
+
+
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    binary = shutil.which("chromium")
+    if binary is None:
+        if os.environ.get("CJS_REQUIRE_CHROMIUM", "") in ("1", "true", "yes"):
+            pytest.fail("CJS_REQUIRE_CHROMIUM is set but chromium is not installed")
+        pytest.skip("chromium not installed")
+    result = _embedded(
+        ["validate", "--essays", "8", "--seed", "5", "--json", "--report", str(tmp_path / "rep")]
+    )
+    assert result.exit_code == 0, result.output
+    shot = tmp_path / "shot.png"
+    page = (tmp_path / "rep" / "report.html").resolve()
+    subprocess.run(
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.exists() and shot.stat().st_size > 10_000
+    width, height, distinct = _png_is_drawn(shot)
+    assert (width, height) == (1200, 1600)
+    assert distinct > 50  # text, bars and axes, not a blank page
