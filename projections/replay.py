@@ -65,7 +65,7 @@ def fold(
 async def replay(
     r: Any, keys: Keys, batch_ids: set[str] | None = None
 ) -> tuple[dict[str, BatchState], int]:
-    """Rebuild the projections of `batch_ids` (all when None); returns the states and events read."""
+    """Rebuild the projections of `batch_ids` (all when None): the states and the events read."""
     batch_events: list[Event] = []
     callbacks: list[tuple[str, Event]] = []
     seen = 0

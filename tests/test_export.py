@@ -1,4 +1,4 @@
-"""`cjs export` / `cjs import`: a recorded batch carried into another namespace works as the original."""
+"""`cjs export` / `cjs import`: a recorded batch carried elsewhere works as the original."""
 
 from __future__ import annotations
 
