@@ -140,6 +140,8 @@ def run_adaptive(
     wave_frac: float,
     stability: float,
     seed: int,
+    k: int = 4,
+    anchor_bonus: float = 0.5,
 ) -> tuple[Outcome, list[Comparison]]:
     t0 = time.perf_counter()
     n = len(batch.ids)
@@ -154,7 +156,7 @@ def run_adaptive(
     while len(history) < budget:
         wave += 1
         # Wave 1 is the coverage wave (4 comparisons each: 2n pairs); then adaptive waves.
-        step = 2 * n if wave == 1 else max(1, int(wave_frac * n))
+        step = math.ceil(k * n / 2) if wave == 1 else max(1, int(wave_frac * n))
         size = min(budget - len(history), step)
         pairs = plan_wave(
             batch_id=f"bench-{n}-{seed}",
@@ -166,6 +168,8 @@ def run_adaptive(
             history=history,
             size=size,
             scores=scores,
+            min_comparisons=k,
+            anchor_bonus=anchor_bonus,
         )
         if not pairs:
             break
@@ -262,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.15, help="adaptive budget, share of pairs")
     ap.add_argument("--wave-frac", type=float, default=0.5, help="later wave size / n")
     ap.add_argument("--stability", type=float, default=0.05)
+    ap.add_argument("--k", type=int, default=4, help="min_comparisons (wave 1: k·n/2 pairs)")
+    ap.add_argument("--anchor-bonus", type=float, default=0.5, help="plan_wave anchor_bonus")
     ap.add_argument("--spread", type=float, default=1.0, help="SD of latent quality q")
     ap.add_argument("--noise", type=float, default=0.5, help="judge noise SD per call")
     ap.add_argument("--bias", type=float, default=0.3, help="true position bias")
@@ -278,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for seed in range(seeds):
             batch = make_batch(n, seed, args.spread, args.bias, args.noise, wp)
-            adaptive, comps = run_adaptive(batch, args.budget, args.wave_frac, args.stability, seed)
+            adaptive, comps = run_adaptive(
+                batch, args.budget, args.wave_frac, args.stability, seed, args.k, args.anchor_bonus
+            )
             res["adaptive"].append(adaptive)
             res["random"].append(run_random(batch, len(comps)))
             res["all"].append(run_all(batch))

@@ -21,13 +21,20 @@ essay (``essay_a`` is shown first). Its rules:
   (completed + pending) are brought up to it with random cycles through them
   (wave 1: ⌈k/2⌉ random Hamiltonian cycles, i.e. a connected graph of degree
   ≥ k); then any disconnected components of the comparison graph are linked.
-* Adaptive fill: the rest of the wave goes to the pairs that reduce the total
-  posterior variance of θ most, estimated from the latest fit: informative
-  pairs have close θ (P(win) near ½) and large SE. Student–anchor pairs get a
-  bonus while the student has not yet met an anchor of that grade, so each
-  student is compared with anchors spanning its likely grades. Pairs are taken
-  greedily, updating the variances of the essays already chosen in the wave,
-  so that a wave spreads over the essays that need it.
+* Adaptive fill: the rest of the wave goes, greedily, to the pair that most
+  reduces the total posterior variance of the centred θ (A-optimal design).
+  Σ is the inverse Fisher information of the comparisons so far at the latest
+  θ (rescaled to the latest fit's SEs), so the gain of (i, j) is
+  I·‖CΣ(e_i − e_j)‖² / (1 + I·Var(θ_i − θ_j)), with I the expected information
+  of a comparison (largest for close θ) and Var(θ_i − θ_j) large for essays
+  with large SE or far apart in the comparison graph; Σ is updated after every
+  chosen pair. Using the graph's covariance, not each essay's SE alone, keeps
+  the design from degenerating into chains of neighbours whose global order is
+  poorly determined. Student–anchor pairs get a bonus (``anchor_bonus``) while
+  the student has not yet met an anchor of that grade, so students are compared
+  with anchors spanning their likely grades (the information term keeps those
+  anchors near the student's θ). ``per_essay_cap`` bounds an essay's share of
+  one wave, as θ is only an estimate.
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ class _Planner:
         self,
         ids: list[str],
         anchors: Mapping[str, str],
+        grade_scale: Sequence[str],
         history: Sequence[PairHistory],
         max_attempts_per_pair: int,
         size: int,
@@ -139,7 +147,8 @@ class _Planner:
         self.wave_count = np.zeros(n, dtype=np.intp)
         # Anchors: grade index per essay (-1 for students) and which grades each
         # student has already met.
-        grades = sorted(set(anchors.values()))
+        grades = list(dict.fromkeys(grade_scale)) or sorted(set(anchors.values()))
+        grades += sorted(set(anchors.values()) - set(grades))
         gidx = {g: i for i, g in enumerate(grades)}
         self.anchor_grade = np.full(n, -1, dtype=np.intp)
         for e, g in anchors.items():
@@ -473,7 +482,7 @@ def plan_wave(
     if n < 2 or size <= 0:
         return []
     rng = wave_rng(batch_id, wave, seed)
-    planner = _Planner(ids, anchors, history, max_attempts_per_pair, size, rng)
+    planner = _Planner(ids, anchors, grade_scale, history, max_attempts_per_pair, size, rng)
 
     theta = np.zeros(n)
     var = np.full(n, _DEFAULT_SE**2)
