@@ -189,3 +189,26 @@ async def test_horizon_without_group_applies_nothing_and_pages_cover_the_stream(
     assert pages == [10, 10, 5]
     assert [len(p) async for p in read_pages(r, keys.callbacks, page=5)] == [5] * 5
     await r.aclose()
+
+
+async def test_rebuild_restores_the_unknown_batch_counter_and_drops_stale_batches(
+    fake_redis: Any, keys: Keys
+) -> None:
+    r = fake_redis
+    await _setup(r, keys)
+    stray = completed("nobody", "cx")
+    entry_id = (await r.xadd(keys.callbacks, codec.encode(stray))).decode()
+    await r.xreadgroup(CJ_GROUP, "w", {keys.callbacks: ">"}, count=5)
+    async with r.pipeline(transaction=False) as pipe:
+        await CallbackApplier(r, keys, CJ_GROUP).queue(pipe, stray, entry_id)
+        await pipe.execute()
+    assert await r.hget(keys.stats, "orphans_unknown_batch") == b"1"
+    await r.delete(keys.stats)
+    await r.hset(keys.batch_index, "ghost", "2020-01-01T00:00:00.000000Z")  # no events at all
+    await r.hset(keys.batch("ghost"), "status", "running")
+    done = await rebuild(r, keys, None)
+    assert done["stale_removed"] == ["ghost"] and done["result"].unknown_batch_callbacks == 1
+    assert await r.hget(keys.stats, "orphans_unknown_batch") == b"1"
+    assert not await r.exists(keys.batch("ghost"))
+    _, rows = await check(r, keys, None)
+    assert [row["batch_id"] for row in rows] == ["b1"] and rows[0]["matches_live"]
