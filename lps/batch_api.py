@@ -43,10 +43,9 @@ from lps.providers.anthropic import (
     AnthropicProvider,
     PreparedCall,
     judgement_from_message,
-    record_tokens,
     usage_of,
 )
-from lps.providers.base import Judgement, ProviderError
+from lps.providers.base import Judgement, ProviderError, record_tokens
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,8 @@ from events.codec import DecodeError
 from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
 from events.metrics import (
     LPS_BUNDLE_SIZE,
-    LPS_PROVIDER_ERRORS,
-    LPS_PROVIDER_LATENCY,
     LPS_REQUESTS,
-    LPS_RETRIES,
     LPS_STUCK,
-    LPS_TOKENS,
 )
 from events.names import LPS_GROUP, REQUESTS, Keys
 from events.pending import (
@@ -53,8 +49,9 @@ from events.types import (
     RequestExpired,
     new_id,
 )
+from lps.cooldown import Cooldown
 from lps.providers.base import Provider
-from lps.retry import Outcome, RetryPolicy, judge_with_retries
+from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
 
 log = structlog.get_logger("lps.worker")
 
@@ -189,6 +186,8 @@ class LPSWorker:
         self._stop = asyncio.Event()
         self._sem = asyncio.Semaphore(concurrency)
         self._rng = random.Random()
+        # A 429/529 seen here makes every worker wait before its next call to that model.
+        self.cooldown = Cooldown(r, keys)
 
     def provider(self, name: str) -> Provider:
         if name not in self._provider_cache:
@@ -351,9 +350,7 @@ class LPSWorker:
         async def attempt_failed(
             attempt: int, detail: ErrorDetail, will_retry: bool, delay: float
         ) -> None:
-            LPS_PROVIDER_ERRORS.labels(provider_name, req.model, detail.error_type).inc()
-            if will_retry:
-                LPS_RETRIES.labels(provider_name, detail.error_type).inc()
+            record_attempt_failed(detail, will_retry, provider=provider_name, model=req.model)
             event = ProviderAttemptFailed(
                 batch_id=req.batch_id,
                 correlation_id=req.correlation_id,
@@ -374,12 +371,10 @@ class LPSWorker:
                 delay_s=round(delay, 3),
             )
 
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # Latency and tokens are counted by the provider, per HTTP call, not here.
         outcome = await judge_with_retries(
-            provider, req, self.policy, attempt_failed, rng=self._rng
+            provider, req, self.policy, attempt_failed, rng=self._rng, cooldown=self.cooldown
         )
-        LPS_PROVIDER_LATENCY.labels(provider_name, req.model).observe(loop.time() - started)
         await self._finish(entry, req, outcome)
 
     async def _finish(self, entry: Entry, req: ComparisonRequested, outcome: Outcome) -> None:
@@ -401,15 +396,6 @@ class LPSWorker:
                 prompt_sha256=j.prompt_sha256,
                 attempts=outcome.attempts,
             )
-            for kind in (
-                "input_tokens",
-                "output_tokens",
-                "cache_read_input_tokens",
-                "cache_creation_input_tokens",
-            ):
-                value = getattr(j.usage, kind)
-                if value:
-                    LPS_TOKENS.labels(kind).inc(value)
             result = "completed"
         else:
             assert outcome.error is not None

@@ -27,7 +27,7 @@ import anthropic
 from anthropic.types import Message
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 
-from events.metrics import LPS_PROVIDER_LATENCY, LPS_TOKENS
+from events.metrics import LPS_PROVIDER_LATENCY
 from events.types import ComparisonRequested, ErrorDetail, TokenUsage, Winner
 from lps.classify import classify_exception, classify_stop_reason, parse_error, scrub
 from lps.prompt import (
@@ -40,7 +40,7 @@ from lps.prompt import (
     RenderedPrompt,
     build_prompt,
 )
-from lps.providers.base import Judgement, ProviderError
+from lps.providers.base import Judgement, ProviderError, record_tokens
 
 PROVIDER_NAME = "anthropic"
 DEFAULT_MODEL = "claude-sonnet-4-6"
@@ -207,19 +207,6 @@ def usage_of(message: Message) -> TokenUsage:
         cache_read_input_tokens=n("cache_read_input_tokens"),
         cache_creation_input_tokens=n("cache_creation_input_tokens"),
     )
-
-
-def record_tokens(usage: TokenUsage) -> None:
-    """`lps_tokens_total{kind}`, kind = TokenUsage field name (input_tokens: uncached input)."""
-    for kind in (
-        "input_tokens",
-        "output_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_input_tokens",
-    ):
-        value = getattr(usage, kind)
-        if value:
-            LPS_TOKENS.labels(kind=kind).inc(value)
 
 
 def judgement_from_message(

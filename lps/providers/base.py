@@ -6,6 +6,7 @@ from typing import Protocol
 
 import msgspec
 
+from events.metrics import LPS_TOKENS
 from events.types import ComparisonRequested, ErrorDetail, TokenUsage, Winner
 
 
@@ -34,3 +35,16 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def record_tokens(usage: TokenUsage) -> None:
+    """`lps_tokens_total{kind}`, kind = TokenUsage field name (input_tokens: uncached input)."""
+    for kind in (
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    ):
+        value = getattr(usage, kind)
+        if value:
+            LPS_TOKENS.labels(kind=kind).inc(value)

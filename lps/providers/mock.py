@@ -15,8 +15,9 @@ import random
 import re
 from dataclasses import dataclass, replace
 
+from events.metrics import LPS_PROVIDER_LATENCY
 from events.types import ComparisonRequested, ErrorDetail, ErrorType, Essay, TokenUsage
-from lps.providers.base import Judgement, ProviderError
+from lps.providers.base import Judgement, ProviderError, record_tokens
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,10 @@ class MockProvider:
             request.essay_b.essay_id,
             attempt,
         )
-        if p.latency_ms > 0:
-            await asyncio.sleep(rng.uniform(0.5, 1.5) * p.latency_ms / 1000.0)
+        latency_s = rng.uniform(0.5, 1.5) * p.latency_ms / 1000.0 if p.latency_ms > 0 else 0.0
+        if latency_s:
+            await asyncio.sleep(latency_s)
+        LPS_PROVIDER_LATENCY.labels(provider=self.name, model=request.model).observe(latency_s)
         draw = rng.random()
         for error_type, chance in p.faults:
             if draw < chance:
@@ -151,13 +154,15 @@ class MockProvider:
             prob = win_probability(q_a, q_b + rng.gauss(0.0, p.noise), p.position_bias)
             a_wins = rng.random() < prob
         confidence = 1 + min(4, round(abs(prob - 0.5) * 8))
+        usage = TokenUsage(input_tokens=900, output_tokens=60)
+        record_tokens(usage)
         return Judgement(
             winner="essay_a" if a_wins else "essay_b",
             confidence=float(confidence),
             justification="mock judgement from latent qualities",
-            usage=TokenUsage(input_tokens=900, output_tokens=60),
+            usage=usage,
             prompt_sha256="",
-            latency_ms=p.latency_ms,
+            latency_ms=round(latency_s * 1000, 3),
         )
 
     def _raise(
