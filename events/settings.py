@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import os
+import socket
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     retry_max_after_s: float = Field(default=60.0, ge=0)
     read_count: int = Field(default=64, ge=1)
     block_ms: int = Field(default=1000, ge=1)
+    # Retries of one Redis command by the client before the worker loop backs off itself.
+    redis_retries: int = Field(default=8, ge=0)
     log_format: str = "auto"
 
 

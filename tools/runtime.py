@@ -28,7 +28,7 @@ def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:
         client = aioredis.from_url(
             settings.redis_url,
             decode_responses=False,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8),
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=settings.redis_retries),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=15,
         )
