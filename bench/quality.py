@@ -1,6 +1,6 @@
 """Judgement quality of adaptive waves vs random balanced pairs vs all pairs, on the mock judge.
 
-    python bench/quality.py [--seeds 20] [--seeds-300 10] [--sizes 30,100,300] [--json]
+    python bench/quality.py [--seeds 20] [--seeds-300 20] [--sizes 30,100,300] [--json]
 
 Simulation (the mock judge's formula, `lps.providers.mock.win_probability` when it
 imports): every essay has a latent quality q = spread · N(0, 1); a comparison
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="30,100,300")
     ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--seeds-300", type=int, default=10, help="seeds for n >= 300 (runtime)")
+    ap.add_argument("--seeds-300", type=int, default=20, help="seeds for n >= 300 (runtime)")
     ap.add_argument("--budget", type=float, default=0.15, help="adaptive budget, share of pairs")
     ap.add_argument("--wave-frac", type=float, default=0.5, help="later wave size / n")
     ap.add_argument("--stability", type=float, default=0.05)

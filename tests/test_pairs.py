@@ -122,12 +122,12 @@ def test_size_limits_the_wave_and_zero_or_tiny_batches_give_nothing() -> None:
     assert plan([], [], size=10) == []
 
 
-def test_anchor_not_in_essay_ids_is_added_and_bad_anchor_grade_rejected() -> None:
+def test_anchor_not_in_essay_ids_is_added_and_off_scale_grade_tolerated() -> None:
     ids = ids_of(6)
     pairs = plan(ids, [], size=20, anchors={"anchor-x": "C"})
     assert "anchor-x" in degrees(pairs)
-    with pytest.raises(ValueError, match="grade"):
-        plan(ids, [], size=20, anchors={"e000": "Z"})
+    # Validation of anchor grades belongs to registration; planning still works.
+    assert len(plan(ids, [], size=12, anchors={"e000": "Z"})) == 12
 
 
 def test_history_with_unknown_essay_is_rejected() -> None:
