@@ -151,7 +151,9 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
         async with r.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(keys.batch_index, keys.stats, *(keys.batch(b) for b in ids))
+                started = time.perf_counter()
                 result, rows = await check(r, keys, batch_ids)
+                checked = time.perf_counter()
                 if batch_ids is None:
                     known = set(ids)
                     new = [b for b in result.states if b not in known]
@@ -173,7 +175,14 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
                 await pipe.execute()
             except WatchError:
                 continue
-        return {"result": result, "before": rows, "stale_removed": stale, "attempts": attempt}
+        return {
+            "result": result,
+            "before": rows,
+            "stale_removed": stale,
+            "attempts": attempt,
+            "seconds_replay_and_compare": round(checked - started, 3),
+            "seconds_write": round(time.perf_counter() - checked, 3),
+        }
     raise click.ClickException(
         f"the projections kept changing during {REBUILD_TRIES} rebuild attempts: consumers are "
         "applying callbacks; stop the cj workers and run it again"
