@@ -19,9 +19,8 @@ def _lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _views(url: str, prefix: str, b: str) -> dict[str, Any]:
-    return {
-        cmd: one_json(cli([cmd, b, "--json"], url, prefix).stdout) for cmd in ("status", "results")
-    }
+    commands = ("status", "results", "positions")
+    return {cmd: one_json(cli([cmd, b, "--json"], url, prefix).stdout) for cmd in commands}
 
 
 @pytest.mark.redis
