@@ -12,6 +12,8 @@ from the mock judge's formula σ(θ_a − θ_b + 0.3). Rows:
 * fit_bt fixed prior 0.01 (the issue's "small L2 prior"), with and without η.
 * choix.ilsr_pairwise (alpha 1e-4): ML by iterative Luce spectral ranking, no η.
 * choix.opt_pairwise (penalty 0.005 ≙ prior precision 0.01, Newton-CG), no η.
+Then `cj.pairs.plan_wave` (adaptive part included) on 300 essays with a history of
+10,000 pairs, and on 1,000 essays with 20,000.
 
 max |Δθ| compares each row's centred θ with `fit_bt(prior_mode="fixed", prior=0.01,
 fit_position=False)`, the same model choix fits: agreement to ~1e-4 shows the same
@@ -47,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cj.pairs import PairHistory, plan_wave
 from cj.scoring import Comparison, FitResult, fit_bt
 
 
@@ -72,6 +75,37 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, list[float]]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return out, times
+
+
+def time_plan_wave(n: int, history_size: int, size: int, repeats: int) -> list[float]:
+    """plan_wave for n essays with a random balanced history of completed pairs."""
+    rng = np.random.default_rng(7)
+    ids = [f"E{i:04d}" for i in range(n)]
+    anchors = {e: "FEDCBA"[k % 6] for k, e in enumerate(ids[::6])}
+    iu, ju = np.triu_indices(n, 1)
+    picks = rng.choice(len(iu), size=min(history_size, len(iu)), replace=False)
+    history = []
+    for t, k in enumerate(picks):
+        a, b = ids[int(iu[k])], ids[int(ju[k])]
+        if t % 2:
+            a, b = b, a
+        history.append(PairHistory(a, b, "completed", "essay_a"))
+    scores = {e: (float(rng.normal()), float(0.3 + 0.2 * rng.random())) for e in ids}
+    _, times = timed(
+        lambda: plan_wave(
+            batch_id="bench",
+            wave=9,
+            seed=1,
+            essay_ids=ids,
+            anchors=anchors,
+            grade_scale="FEDCBA",
+            history=history,
+            size=size,
+            scores=scores,
+        ),
+        repeats,
+    )
+    return times
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,6 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             add_row("choix.opt_pairwise (L2 0.005, Newton-CG)", np.asarray(params), times, {})
 
+    plans = []
+    for n_plan, hist, size in ((300, 10_000, 150), (300, 10_000, 300), (1000, 20_000, 500)):
+        times = time_plan_wave(n_plan, hist, size, args.repeats)
+        plans.append(
+            {
+                "essays": n_plan,
+                "history": hist,
+                "wave_size": size,
+                "min_s": min(times),
+                "median_s": statistics.median(times),
+            }
+        )
+
     meta = {
         "essays": args.essays,
         "comparisons": args.comparisons,
@@ -172,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "note": choix_note,
     }
     if args.json:
-        print(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(json.dumps({"meta": meta, "rows": rows, "plan_wave": plans}, indent=1))
         return 0
     print(
         f"{args.essays} essays, {args.comparisons} comparisons, {args.repeats} repeats, "
@@ -198,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if choix_note:
         print(choix_note)
+    print()
+    print(f"{'plan_wave':<42} {'min s':>7} {'median s':>9}")
+    for pl in plans:
+        label = f"n={pl['essays']}, history {pl['history']}, wave of {pl['wave_size']}"
+        print(f"{label:<42} {pl['min_s']:>7.3f} {pl['median_s']:>9.3f}")
     return 0
 
 

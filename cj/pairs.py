@@ -49,6 +49,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+import scipy.linalg.blas
 import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
@@ -95,6 +96,13 @@ def expected_information(mu: FloatArray, var: FloatArray) -> FloatArray:
     """E[σ'(d)] for d ~ N(mu, var): the expected Fisher information of one comparison."""
     t = _S2 + var
     return 0.25 * np.sqrt(_S2 / t) * np.exp(-0.5 * mu * mu / t)
+
+
+def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
+    """cov −= c·v·vᵀ in place (BLAS dger on the symmetric matrix's Fortran view)."""
+    out = scipy.linalg.blas.dger(-c, v, v, a=cov.T, overwrite_a=True)
+    if not np.shares_memory(out, cov):  # pragma: no cover - BLAS made a copy
+        cov[...] = out.T
 
 
 def _expected_information_scalar(mu: float, var: float) -> float:
@@ -421,7 +429,7 @@ class _Planner:
                 added += 1
                 _, v, inf = gain1(x, y)
                 d_xy = max(float(v[x] - v[y]), 1e-12)
-                cov -= (inf / (1.0 + inf * d_xy)) * np.outer(v, v)
+                _rank1_downdate(cov, v, inf / (1.0 + inf * d_xy))
                 version += 1
             if added == 0:
                 return
