@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +222,19 @@ def _data_of(flat: list[Any]) -> Any:
     return fields.get(b"data", fields.get("data"))
 
 
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """Replay allocates millions of short-lived objects and few cycles: the cyclic collector would
+    walk the growing states again and again (a quarter of the time on a million events)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 @dataclass
 class ReplayResult:
     states: dict[str, BatchState]
@@ -252,15 +266,8 @@ async def replay_live(
 ) -> ReplayResult:
     """Rebuild batch states as the live projection has them at `horizon` (read now when None):
     the same `apply` functions, the same order as `replay`, only applied callbacks."""
-    # The fold allocates millions of short-lived objects and few cycles: the cyclic collector
-    # would walk the growing states again and again (a quarter of the time on a million events).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with no_gc():
         return await _replay_live(r, keys, batch_ids, horizon, page)
-    finally:
-        if collecting:
-            gc.enable()
 
 
 async def _replay_live(

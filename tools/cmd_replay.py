@@ -19,7 +19,14 @@ from redis.exceptions import WatchError
 
 from events.names import Keys
 from projections.batch import BatchState
-from projections.replay import Horizon, ReplayResult, horizon_from, queue_horizon, replay_live
+from projections.replay import (
+    Horizon,
+    ReplayResult,
+    horizon_from,
+    no_gc,
+    queue_horizon,
+    replay_live,
+)
 from projections.store import encode_state, list_batches, queue_state_write
 from tools import common
 
@@ -123,6 +130,13 @@ async def check(
     r: Any, keys: Keys, batch_ids: list[str] | None
 ) -> tuple[ReplayResult, list[dict[str, Any]]]:
     """Replay `batch_ids` (every batch of the index and the streams when None) and compare."""
+    with no_gc():
+        return await _check(r, keys, batch_ids)
+
+
+async def _check(
+    r: Any, keys: Keys, batch_ids: list[str] | None
+) -> tuple[ReplayResult, list[dict[str, Any]]]:
     ids = batch_ids if batch_ids is not None else await list_batches(r, keys)
     snap = await read_snapshot(r, keys, ids)
     result = await replay_live(
@@ -161,8 +175,9 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
                         await pipe.watch(*(keys.batch(b) for b in new))
                 stale = [row["batch_id"] for row in rows if not row["in_streams"]]
                 pipe.multi()
-                for state in result.states.values():
-                    queue_state_write(pipe, keys, state, full=True)
+                with no_gc():
+                    for state in result.states.values():
+                        queue_state_write(pipe, keys, state, full=True)
                 for b in stale:  # in the index but registered nowhere in the streams
                     for name in keys.batch_keys(b):
                         pipe.delete(name)
