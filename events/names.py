@@ -94,5 +94,9 @@ class Keys:
     def lps_done(self, correlation_id: str) -> str:
         return f"{self.prefix}lps:done:{correlation_id}"
 
+    def lps_provider_batch(self, correlation_id: str) -> str:
+        """The Message Batch holding a `batch_api` request (index of `BundleDispatched`)."""
+        return f"{self.prefix}lps:batchapi:{correlation_id}"
+
     def cooldown(self, provider: str, model: str) -> str:
         return f"{self.prefix}lps:cooldown:{provider}:{model}"

@@ -49,6 +49,7 @@ from events.types import (
     RequestExpired,
     new_id,
 )
+from lps.batch_mode import run_batch_unit
 from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
@@ -166,6 +167,7 @@ class LPSWorker:
         processing_timeout_s: float = 120.0,
         max_deliveries: int = 3,
         dead_consumer_after_s: float = 3600.0,
+        batch_poll_interval_s: float = 30.0,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -181,6 +183,7 @@ class LPSWorker:
         self.processing_timeout_s = processing_timeout_s
         self.max_deliveries = max_deliveries
         self.dead_consumer_after_s = dead_consumer_after_s
+        self.batch_poll_interval_s = batch_poll_interval_s
         self.in_hand: set[str] = set()
         # Set by run() to its stop event: units not started when it is set are released.
         self._stop = asyncio.Event()
@@ -275,20 +278,23 @@ class LPSWorker:
     async def _run_unit(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
         async with self._sem:
             if self._stop.is_set():
-                await self._release(unit)
+                await self.release(unit)
                 return
             first = unit[0][1]
+            if first.mode == "batch_api":
+                await run_batch_unit(self, unit, poll_interval_s=self.batch_poll_interval_s)
+                return
             if first.mode != "per_request":
-                await self._dispatch(unit)
+                await self.dispatch(unit)
             for i, (entry, req) in enumerate(
                 unit
             ):  # a bundle is judged in sequence; each item stands alone
                 if i and self._stop.is_set():
-                    await self._release(unit[i:])
+                    await self.release(unit[i:])
                     return
-                await self._judge_one(entry, req)
+                await self.judge_one(entry, req)
 
-    async def _release(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
+    async def release(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
         """At shutdown: hand back requests not started, for a live worker to take at once."""
         ids = [e.entry_id for e, _ in unit]
         n = await release_entries(
@@ -308,7 +314,7 @@ class LPSWorker:
             correlation_ids=[q.correlation_id for _, q in unit],
         )
 
-    async def _dispatch(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
+    async def dispatch(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
         first = unit[0][1]
         event = BundleDispatched(
             bundle_id=new_id(),
@@ -331,7 +337,7 @@ class LPSWorker:
             model=first.model,
         )
 
-    async def _judge_one(self, entry: Entry, req: ComparisonRequested) -> None:
+    async def judge_one(self, entry: Entry, req: ComparisonRequested) -> None:
         provider_name = req.provider
         try:
             provider = self.provider(provider_name)
@@ -344,7 +350,7 @@ class LPSWorker:
                 model=req.model,
                 correlation_id=req.correlation_id,
             )
-            await self._finish(entry, req, Outcome(None, detail, 0))
+            await self.finish(entry, req, Outcome(None, detail, 0))
             return
 
         async def attempt_failed(
@@ -375,9 +381,9 @@ class LPSWorker:
         outcome = await judge_with_retries(
             provider, req, self.policy, attempt_failed, rng=self._rng, cooldown=self.cooldown
         )
-        await self._finish(entry, req, outcome)
+        await self.finish(entry, req, outcome)
 
-    async def _finish(self, entry: Entry, req: ComparisonRequested, outcome: Outcome) -> None:
+    async def finish(self, entry: Entry, req: ComparisonRequested, outcome: Outcome) -> None:
         callback: Event
         if outcome.judgement is not None:
             j = outcome.judgement
@@ -410,6 +416,27 @@ class LPSWorker:
             result = "failed"
         await self.committer.commit(entry.entry_id, callback)
         LPS_REQUESTS.labels(req.provider, req.model, req.mode, result).inc()
+
+    async def fail(self, entry: Entry, req: ComparisonRequested, detail: ErrorDetail) -> None:
+        """A final failure without our retry loop (Message Batches items): the attempt is an
+        event like any other, so provider calls still equal attempts failed + completed."""
+        record_attempt_failed(detail, False, provider=req.provider, model=req.model)
+        attempt = ProviderAttemptFailed(
+            batch_id=req.batch_id,
+            correlation_id=req.correlation_id,
+            attempt=1,
+            error=detail,
+            will_retry=False,
+        )
+        await self.r.xadd(self.keys.dispatches, codec.encode(attempt))
+        await self.finish(entry, req, Outcome(None, detail, 1))
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def wait_or_stop(self, seconds: float) -> None:
+        await sleep_unless(self._stop, seconds)
 
     # --- pending-entry maintenance --------------------------------------------
 
@@ -529,7 +556,7 @@ class LPSWorker:
 
     async def run(self, stop: asyncio.Event, *, maintenance_every_s: float = 10.0) -> None:
         """Consume until `stop` is set, then finish the provider calls in progress, release the
-        requests not started (see `_release`) and return with nothing pending for this consumer.
+        requests not started (see `release`) and return with nothing pending for this consumer.
         Survives Redis restarts: on a connection error it backs off, then reads its own pending
         entries again."""
         self._stop = stop
