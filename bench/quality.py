@@ -254,6 +254,16 @@ def summarise(n: int, strategy: str, outs: list[Outcome]) -> Row:
     return Row(n, strategy, len(outs), metrics)
 
 
+def ceiling(n: int, comparisons: float, args: argparse.Namespace) -> float:
+    """Rough upper bound on corr(θ̂, q) for any design with this many comparisons: every
+    comparison at P = ½ (Fisher information ¼), the judge noise folded into the logistic
+    scale (σ ∗ N(0, noise²) ≈ σ(x / √(1 + π·noise²/8))), reliability = v / (v + 1/info)."""
+    scale = math.sqrt(1.0 + math.pi * args.noise**2 / 8.0)
+    v = (args.spread / scale) ** 2
+    info = 0.25 * 2.0 * comparisons / n
+    return math.sqrt(v / (v + 1.0 / info))
+
+
 def fmt(v: float | None, spec: str = ".3f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -341,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"n={n}: adaptive − all = {a - al:+.4f} Spearman, adaptive − random = "
                 f"{a - rnd:+.4f}, adaptive uses {fmt(by['adaptive']['share'], '.1%')} of pairs"
             )
+        cmp = by["adaptive"]["comparisons"]
+        if cmp:
+            bound = ceiling(n, cmp, args)
+            print(f"       ceiling for any design with {cmp:.0f} comparisons ≈ {bound:.3f}")
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
