@@ -135,21 +135,19 @@ def plan(n_events: int, n_batches: int, seed: int = 1) -> Iterator[tuple[str, An
     ids = [f"E{i:03d}" for i in range(ESSAYS)]
     for b in batch_ids:
         yield (
-            (
-                keys.batches,
-                BatchRegistered(
-                    batch_id=b,
-                    essays=essays(rng),
-                    denominator=ESSAYS * (ESSAYS - 1) // 2,
-                    config=BatchConfig(
-                        total_budget=callbacks_per_batch,
-                        wave_size=per_wave,
-                        seed=seed,
-                        grade_scale=list("FEDCBA"),
-                        max_waves=WAVES,
-                    ),
+            keys.batches,
+            BatchRegistered(
+                batch_id=b,
+                essays=essays(rng),
+                denominator=ESSAYS * (ESSAYS - 1) // 2,
+                config=BatchConfig(
+                    total_budget=callbacks_per_batch,
+                    wave_size=per_wave,
+                    seed=seed,
+                    grade_scale=list("FEDCBA"),
+                    max_waves=WAVES,
                 ),
-            )
+            ),
         )
     for w in range(1, WAVES + 1):
         n = per_wave if w < WAVES else callbacks_per_batch - per_wave * (WAVES - 1)
@@ -204,22 +202,18 @@ def plan(n_events: int, n_batches: int, seed: int = 1) -> Iterator[tuple[str, An
                 yield (keys.callbacks, cb)  # a duplicate delivery
         for b in batch_ids:
             yield (
-                (
-                    keys.batches,
-                    BatchScored(
-                        batch_id=b,
-                        wave=w,
-                        ssr=0.8,
-                        max_delta=0.1,
-                        comparisons=w * n,
-                        scores=[
-                            EssayScore(
-                                essay_id=i, theta=round(rng.gauss(0, 1), 6), se=0.4, rank=k + 1
-                            )
-                            for k, i in enumerate(ids)
-                        ],
-                    ),
-                )
+                keys.batches,
+                BatchScored(
+                    batch_id=b,
+                    wave=w,
+                    ssr=0.8,
+                    max_delta=0.1,
+                    comparisons=w * n,
+                    scores=[
+                        EssayScore(essay_id=i, theta=round(rng.gauss(0, 1), 6), se=0.4, rank=k + 1)
+                        for k, i in enumerate(ids)
+                    ],
+                ),
             )
     for b in batch_ids:
         yield (keys.batches, BatchFinalized(batch_id=b, reason="budget"))

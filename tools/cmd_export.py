@@ -184,7 +184,7 @@ class Line(msgspec.Struct):
 _line = msgspec.json.Decoder(Line)
 
 
-class ImportError_(click.ClickException):
+class BadExportFile(click.ClickException):
     exit_code = common.EXIT_USAGE
 
 
@@ -202,28 +202,28 @@ def read_export(path: Path) -> dict[str, list[tuple[str, str, bytes, Event]]]:
     try:
         lines = list(_lines(path))
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise ImportError_(f"cannot read {path}: {exc}") from exc
+        raise BadExportFile(f"cannot read {path}: {exc}") from exc
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         try:
             line = _line.decode(text)
         except msgspec.DecodeError as exc:
-            raise ImportError_(f"{path}:{number}: not an export line: {exc}") from exc
+            raise BadExportFile(f"{path}:{number}: not an export line: {exc}") from exc
         if line.stream not in per:
-            raise ImportError_(f"{path}:{number}: unknown stream {line.stream!r}")
+            raise BadExportFile(f"{path}:{number}: unknown stream {line.stream!r}")
         if not _ENTRY_ID.match(line.entry_id):
-            raise ImportError_(f"{path}:{number}: bad entry id {line.entry_id!r}")
+            raise BadExportFile(f"{path}:{number}: bad entry id {line.entry_id!r}")
         if line.type not in EVENT_TYPES:
-            raise ImportError_(f"{path}:{number}: unknown event type {line.type!r}")
+            raise BadExportFile(f"{path}:{number}: unknown event type {line.type!r}")
         data = bytes(line.data)
         try:
             event = codec.decode({"type": line.type.encode(), "data": data})
         except codec.DecodeError as exc:
-            raise ImportError_(f"{path}:{number}: {exc}") from exc
+            raise BadExportFile(f"{path}:{number}: {exc}") from exc
         rows = per[line.stream]
         if rows and entry_id_key(line.entry_id) <= entry_id_key(rows[-1][0]):
-            raise ImportError_(f"{path}:{number}: entry ids of {line.stream} are not increasing")
+            raise BadExportFile(f"{path}:{number}: entry ids of {line.stream} are not increasing")
         rows.append((line.entry_id, line.type, data, event))
     return per
 
@@ -249,7 +249,7 @@ async def load(
     target streams past them, in one MULTI/EXEC; then rebuild the imported batches."""
     batch_ids = [e.batch_id for _, _, _, e in per[STREAMS[0]] if isinstance(e, BatchRegistered)]
     if not batch_ids:
-        raise ImportError_("the file holds no BatchRegistered event: nothing to import")
+        raise BadExportFile("the file holds no BatchRegistered event: nothing to import")
     for b in batch_ids:
         if await _holds_batch(r, keys, b):
             raise click.ClickException(
