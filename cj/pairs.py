@@ -153,6 +153,7 @@ class _Planner:
         self.edges_a: list[int] = [int(x) for x in ha[live]]
         self.edges_b: list[int] = [int(x) for x in hb[live]]
         self.wave_count = np.zeros(n, dtype=np.intp)
+        self.wave_edges: list[tuple[int, int]] = []  # this wave's pairs, as (a, b)
         # Anchors: grade index per essay (-1 for students) and which grades each
         # student has already met.
         grades = list(dict.fromkeys(grade_scale)) or sorted(set(anchors.values()))
@@ -228,7 +229,73 @@ class _Planner:
         self.edges_b.append(b)
         self._meet(a, b)
         self.out.append((self.ids[a], self.ids[b]))
+        self.wave_edges.append((a, b))
         return True
+
+    # -- balance repair ------------------------------------------------------
+
+    def _reverse_path_from(self, i: int, avoid: int) -> bool:
+        """Make room at i (balance ±1) by reversing a directed path of this wave's pairs
+        from i to an essay leaning the other way: i moves by 2, that essay by 2 the
+        other way, the essays between keep their balance."""
+        sign = int(self.balance[i])
+        if sign == 0:
+            return False
+        # sign +1: follow pairs where the current essay is first (a→b); −1: the reverse.
+        nxt: dict[int, list[int]] = {}
+        for k, (a, b) in enumerate(self.wave_edges):
+            src = a if sign > 0 else b
+            nxt.setdefault(src, []).append(k)
+        prev: dict[int, int] = {i: -1}
+        queue = [i]
+        found = -1
+        while queue and found < 0:
+            cur = queue.pop(0)
+            for k in nxt.get(cur, []):
+                a, b = self.wave_edges[k]
+                other = b if sign > 0 else a
+                if other in prev:
+                    continue
+                prev[other] = k
+                if other != avoid and int(self.balance[other]) == -sign:
+                    found = other
+                    break
+                queue.append(other)
+        if found < 0:
+            return False
+        node = found
+        while node != i:
+            k = prev[node]
+            a, b = self.wave_edges[k]
+            self.wave_edges[k] = (b, a)
+            self.out[k] = (self.ids[b], self.ids[a])
+            self.balance[a] -= 2
+            self.balance[b] += 2
+            node = a if sign > 0 else b
+        return True
+
+    def repair_fill(self, k: int) -> None:
+        """Last resort when the wave is not full: take any eligible pair, and one blocked
+        only by position balance (both essays leaning the same way) after reversing a
+        path of this wave's pairs; essays short of k comparisons first. Matters when few
+        pairs are left (small batches near exhaustion, k close to n − 1)."""
+        while not self.full:
+            ii, jj = np.nonzero(np.triu(self.eligible, 1))
+            if len(ii) == 0:
+                return
+            short = (self.count[ii] < k).astype(np.float64) + (self.count[jj] < k)
+            key = -short * 1e6 + self.count[ii] + self.count[jj] + self.rng.random(len(ii))
+            done = False
+            for t in np.argsort(key, kind="stable"):
+                i, j = int(ii[t]), int(jj[t])
+                if self.add(i, j) or (
+                    (self._reverse_path_from(i, j) or self._reverse_path_from(j, i))
+                    and self.add(i, j)
+                ):
+                    done = True
+                    break
+            if not done:
+                return
 
     # -- coverage ------------------------------------------------------------
 
@@ -511,4 +578,6 @@ def plan_wave(
         if cap is None:
             cap = max(3, 2 * math.ceil(2 * size / n))
         planner.adaptive(theta, var if scores else None, anchor_bonus, cap)
+    if not planner.full:
+        planner.repair_fill(min_comparisons)
     return planner.out

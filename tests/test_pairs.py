@@ -104,6 +104,17 @@ def test_wave1_covers_every_essay_on_a_connected_graph(n: int) -> None:
     assert all(abs(v) <= 1 for v in position_balance(as_history(pairs)).values())
 
 
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_one_wave_can_use_every_pair_within_balance(n: int, seed: int) -> None:
+    """k = n − 1 asks for the complete graph in one wave: every pair, balance kept (pairs
+    that both lean the same way are placed by reversing a path of the wave's pairs)."""
+    ids = ids_of(n)
+    pairs = plan(ids, [], size=n * n, seed=seed, min_comparisons=n - 1)
+    assert len({pair_key(a, b) for a, b in pairs}) == len(pairs) == n * (n - 1) // 2
+    assert all(abs(v) <= 1 for v in position_balance(as_history(pairs)).values())
+
+
 def test_wave1_with_room_uses_cycles_balanced_exactly() -> None:
     ids = ids_of(40)
     pairs = plan(ids, [], size=80)  # exactly two Hamiltonian cycles' worth
@@ -168,8 +179,8 @@ def test_never_repeats_until_exhausted_then_returns_fewer() -> None:
         history += as_history(pairs)
     keys = [pair_key(h.essay_a, h.essay_b) for h in history]
     assert len(keys) == len(set(keys))
-    # Nearly every pair gets used; the few left cannot be oriented within balance.
-    assert len(keys) >= 21 - 3
+    # Every pair gets used (balance repaired by reversing paths within a wave).
+    assert len(keys) == 21
     assert plan(ids, history, size=5, wave=99) == []
     assert all(abs(v) <= 1 for v in position_balance(history).values())
 
