@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     retry_base_delay_s: float = Field(default=0.5, ge=0)
     retry_max_delay_s: float = Field(default=20.0, ge=0)
     retry_max_after_s: float = Field(default=60.0, ge=0)
+    # A 429 / 529 without Retry-After pauses every worker's calls to that model this long.
+    cooldown_rate_limit_s: float = Field(default=5.0, ge=0)
+    cooldown_overloaded_s: float = Field(default=2.0, ge=0)
+    # How often a worker asks whether a Message Batch (mode batch_api) has ended.
+    batch_poll_s: float = Field(default=30.0, gt=0)
     read_count: int = Field(default=64, ge=1)
     block_ms: int = Field(default=1000, ge=1)
     # Retries of one Redis command by the client before the worker loop backs off itself.

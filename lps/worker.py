@@ -168,6 +168,7 @@ class LPSWorker:
         max_deliveries: int = 3,
         dead_consumer_after_s: float = 3600.0,
         batch_poll_interval_s: float = 30.0,
+        cooldown: Cooldown | None = None,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -190,7 +191,7 @@ class LPSWorker:
         self._sem = asyncio.Semaphore(concurrency)
         self._rng = random.Random()
         # A 429/529 seen here makes every worker wait before its next call to that model.
-        self.cooldown = Cooldown(r, keys)
+        self.cooldown = cooldown or Cooldown(r, keys)
 
     def provider(self, name: str) -> Provider:
         if name not in self._provider_cache:

@@ -53,7 +53,13 @@ async def test_every_request_ends_in_exactly_one_accepted_callback(
 ) -> None:
     r = real_redis
     keys = Keys(f"p{uuid.uuid4().hex[:6]}:")
-    settings = Settings(retry_base_delay_s=0.001, retry_max_delay_s=0.01, block_ms=50)
+    settings = Settings(
+        retry_base_delay_s=0.001,
+        retry_max_delay_s=0.01,
+        cooldown_rate_limit_s=0.005,
+        cooldown_overloaded_s=0.005,
+        block_ms=50,
+    )
     reg = registration(24, batch_id="b-" + mode, mode=mode, budget=150)
     await append_registration(r, keys, reg)
     runner = InProcess(

@@ -30,7 +30,14 @@ def mock_settings(s: Settings) -> Settings:
     (unless CJS_RETRY_BASE_DELAY_S says otherwise)."""
     if "CJS_RETRY_BASE_DELAY_S" in os.environ:
         return s
-    return s.model_copy(update={"retry_base_delay_s": 0.02, "retry_max_delay_s": 0.2})
+    return s.model_copy(
+        update={
+            "retry_base_delay_s": 0.02,
+            "retry_max_delay_s": 0.2,
+            "cooldown_rate_limit_s": 0.02,
+            "cooldown_overloaded_s": 0.02,
+        }
+    )
 
 
 def registration_for(

@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cj.consumer import CJConsumer
 from events.names import Keys
 from events.settings import Settings, consumer_name
+from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy
 from lps.worker import LPSWorker
@@ -92,6 +93,15 @@ class InProcess:
                 processing_timeout_s=s.processing_timeout_s,
                 max_deliveries=s.max_deliveries,
                 dead_consumer_after_s=s.dead_consumer_after_s,
+                batch_poll_interval_s=s.batch_poll_s,
+                cooldown=Cooldown(
+                    self.r,
+                    self.keys,
+                    default_s={
+                        "rate_limit": s.cooldown_rate_limit_s,
+                        "overloaded": s.cooldown_overloaded_s,
+                    },
+                ),
             )
             self.tasks.append(
                 asyncio.create_task(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
