@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 
+import tools  # noqa: F401  (first: one BLAS thread per process)
 from cj.consumer import CJConsumer
 from cj.continuation import Decision, advance, queue_decision
 from cj.registration import append_registration
@@ -213,14 +214,16 @@ def main() -> None:
         return
     print(report["redis"])
     for row in report["end_to_end"]:
+        rate = f"{row['comparisons_per_s']:,.0f}"
+        trips = row["round_trips_per_comparison"]
         print(
-            f"end to end, {row['workers']} worker process(es): {row['comparisons_per_s']:>9,.0f} comparisons/s "
-            f"({row['comparisons']} in {row['wall_s']} s), {row['round_trips_per_comparison']} round trips "
-            f"per comparison (workers' side)"
+            f"end to end, {row['workers']} worker process(es): {rate} comparisons/s "
+            f"({row['comparisons']} in {row['wall_s']} s), {trips} round trips per comparison"
         )
     p = report["projector"]
+    rate = f"{p['events_per_s']:,.0f}"
     print(
-        f"projector alone: {p['events_per_s']:,.0f} callbacks/s ({p['callbacks']} in {p['seconds']} s), "
+        f"projector alone: {rate} callbacks/s ({p['callbacks']} in {p['seconds']} s), "
         f"{p['round_trips_per_event']} round trips per callback"
     )
 

@@ -8,6 +8,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
+import tools  # noqa: F401  (first: pins BLAS to one thread before numpy loads)
 from events.names import Keys
 from tests.redis_server import RedisServer, skip_or_fail_without_redis
 
