@@ -12,12 +12,16 @@ import asyncio
 import contextlib
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # BusyLoadingError ("LOADING", while Redis replays its AOF) is a ConnectionError.
+# NoScriptError means Redis restarted (its script cache is empty) under a pipeline that the
+# client retried without reloading its scripts: the next attempt loads them again.
 REDIS_DOWN: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
+    NoScriptError,
     ConnectionError,
     OSError,
 )

@@ -265,7 +265,10 @@ async def test_kill_9_mid_bundle_is_reclaimed_by_another_worker(
     await until(a_pruned, 20, "dead consumer pruned")
     print(
         f"\n[kill -9] held by the killed worker: {len(held)}; reclaimed after "
-        f"{reclaim_latency:.2f}s (timeout 1.5s, reaper 0.25s); batch finalized "
+        f"{reclaim_latency:.2f}s (timeout 1.5s, reaper 0.25s; `cjs stuck` and the second "
+        f"worker's start-up included; idle at claim "
+        f"{min(e['idle_s'] for e in reclaimed):.2f}-{max(e['idle_s'] for e in reclaimed):.2f}s); "
+        f"batch finalized "
         f"{total:.2f}s after the kill; {state.submitted} requests, 0 duplicates"
     )
 
@@ -534,7 +537,16 @@ async def test_orphan_duplicate_and_malformed_entries_from_an_outside_client(
         ids["wrongtype"].decode(): "unexpected_type",
     }
     assert {d["source_stream"] for d in dlq["dead_letters"]} == {"cj:callbacks"}
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
+
+    async def gauge_set() -> bool:  # by the worker's periodic reaper pass
+        return 'lps_pending_entries{group="cj",stream="cj:callbacks"} 0.0' in scrape()
+
+    await until(gauge_set, 10, "pending gauge exported")
+    metrics = scrape()
     assert 'cj_orphan_callbacks_total{source_service="rogue"} 2.0' in metrics
     assert 'cj_callbacks_total{outcome="duplicate"} 1.0' in metrics
     assert 'cj_callbacks_total{outcome="accepted"} 1.0' in metrics
@@ -555,3 +567,59 @@ async def test_orphan_duplicate_and_malformed_entries_from_an_outside_client(
     assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)
     cj.send_signal(signal.SIGTERM)
     assert cj.wait(timeout=15) == 0
+
+
+async def test_cjs_stuck_reclaim_expires_judges_and_ends_a_stalled_batch(
+    procs: Procs, real_redis: Any
+) -> None:
+    """The cleanup from the command line, with no LPS worker running at all."""
+    r, keys = real_redis, procs.keys
+    reg = registration(6, batch_id=f"cli-{uuid.uuid4().hex[:6]}")
+    await submit(r, keys, reg)
+    await r.xgroup_create(keys.requests, LPS_GROUP, id="0", mkstream=True)
+    reply = await r.xreadgroup(LPS_GROUP, "lps-gone", {keys.requests: ">"}, count=100)
+    ids = [i.decode() for _, items in reply for i, _ in items]
+    # Long idle; the first one already delivered CJS_MAX_DELIVERIES times.
+    await r.xclaim(keys.requests, LPS_GROUP, "lps-gone", 0, ids[:1], idle=600_000, retrycount=3)
+    await r.xclaim(keys.requests, LPS_GROUP, "lps-gone", 0, ids[1:], idle=600_000, retrycount=1)
+
+    out = procs.cli("stuck", "--reclaim", "--json", "--batch-idle", "0")
+    done = out["reclaimed"]
+    actions = {a["entry_id"]: a["action"] for a in done["requests"]}
+    assert actions == {ids[0]: "expired", **{i: "reclaimed" for i in ids[1:]}}
+    assert done["batches"] == [] and done["skipped_batches"] == [reg.batch_id]
+    assert out["stuck"] == [] and out["groups"][0]["pending"] == 0
+    # The command's own consumer is gone again.
+    names = {c["name"].decode() for c in await r.xinfo_consumers(keys.requests, LPS_GROUP)}
+    assert names == {"lps-gone"}
+
+    # A CJ worker applies the callbacks, which completes wave 1 and submits wave 2; no LPS
+    # worker runs, so wave 2 never gets answered.
+    cj = procs.spawn("cj")
+
+    async def wave_2() -> bool:
+        state = await state_of(r, keys, reg.batch_id)
+        return state.waves == 2 and state.accepted == len(ids)
+
+    await until(wave_2, 30, "wave 1 applied and wave 2 submitted")
+    cj.send_signal(signal.SIGTERM)
+    assert cj.wait(timeout=15) == 0
+    state = await state_of(r, keys, reg.batch_id)
+    waiting = sorted(c for c, v in state.corr.items() if v == "pending")
+    assert waiting and state.in_flight == len(waiting)
+
+    text = subprocess.run(
+        [*CJS, "stuck", "--batch-idle", "0"], env=procs.env, capture_output=True, check=True
+    ).stdout.decode()
+    assert "Stalled batches" in text and reg.batch_id in text
+
+    out = procs.cli("stuck", "--reclaim", "--json", "--batch-idle", "0")
+    [ended] = out["reclaimed"]["batches"]
+    assert ended["batch_id"] == reg.batch_id and ended["abandoned"] == waiting
+    assert (ended["event"], ended["reason"], ended["scored"]) == ("BatchFinalized", "stalled", True)
+    assert out["stalled_batches"] == []
+    state = await state_of(r, keys, reg.batch_id)
+    assert state.status == "finalized" and state.finalize_reason == "stalled"
+    assert state.in_flight == 0 and state.failed == 1 and state.completed == len(ids) - 1
+    states, _ = await replay(r, keys, {reg.batch_id})
+    assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)

@@ -201,8 +201,15 @@ async def reclaim(r: Any, keys: Keys, s: Settings, *, batch_idle_s: float) -> di
     )
     await cj.start()
     cj_actions = await cj.reclaim()
+    # A batch whose entries were just reclaimed is not stalled: their callbacks are on the
+    # way (applied by the CJ workers), so it is left for a later pass.
+    active = {a.batch_id for a in [*lps_actions, *cj_actions] if a.batch_id}
     batches = []
+    skipped = []
     for state in await find_stalled(r, keys, batch_idle_s):
+        if state.batch_id in active:
+            skipped.append(state.batch_id)
+            continue
         decision = await finalize_stalled(r, keys, state.batch_id, batch_idle_s)
         terminal = decision.terminal if decision else None
         if terminal is None:
@@ -225,6 +232,7 @@ async def reclaim(r: Any, keys: Keys, s: Settings, *, batch_idle_s: float) -> di
         "requests": [a.as_dict() for a in lps_actions],
         "callbacks": [a.as_dict() for a in cj_actions],
         "batches": batches,
+        "skipped_batches": skipped,
     }
 
 
@@ -271,12 +279,12 @@ def render(view: dict[str, Any]) -> str:
     if stuck:
         lines.append(
             f"  {'stream':<13} {'entry id':<16} {'consumer':<28} {'idle':>7} {'deliv':>5}  "
-            f"{'batch':<12} {'correlation':<12} essays"
+            f"{'batch':<32} {'correlation':<12} essays"
         )
         for e in stuck:
             lines.append(
                 f"  {e['stream']:<13} {e['entry_id']:<16} {_short(e['consumer'], 28):<28} "
-                f"{_dur(e['idle_s']):>7} {e['deliveries']:>5}  {_short(e['batch_id']):<12} "
+                f"{_dur(e['idle_s']):>7} {e['deliveries']:>5}  {_short(e['batch_id'], 32):<32} "
                 f"{_short(e['correlation_id']):<12} {' vs '.join(e['essay_ids']) or '-'}"
             )
     lines.append("")
@@ -308,12 +316,17 @@ def render(view: dict[str, Any]) -> str:
             lines.append(
                 f"  {a['action']:<13} {a['stream']:<13} {a['entry_id']:<16} "
                 f"from {_short(a['consumer'], 28)}  deliveries {a['deliveries']}  "
-                f"batch {_short(a['batch_id'])}"
+                f"batch {a['batch_id'] or '-'}"
             )
         for b in done["batches"]:
             lines.append(
                 f"  {b['event']:<15} {b['batch_id']}  reason {b['reason']}  "
                 f"abandoned {len(b['abandoned'])}" + (f"  ({b['message']})" if b["message"] else "")
+            )
+        if done["skipped_batches"]:
+            lines.append(
+                "  left for a later pass (their entries were just reclaimed): "
+                + ", ".join(done["skipped_batches"])
             )
     return "\n".join(lines)
 
