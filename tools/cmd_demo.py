@@ -45,6 +45,22 @@ def _print_report(view: dict[str, Any]) -> None:
         f"\nSSR {ssr}   Spearman(theta, true quality) {rho}   "
         f"provider calls {view['provider_calls']}   wall {view['wall_s']:.2f}s"
     )
+    bias = view["position_bias"]
+    if bias is not None:
+        click.echo(
+            f"position bias η {bias['estimate']:+.3f} ± {bias['se']:.3f} logits (slot A)   "
+            f"split-half reliability {view['split_half']:.3f}"
+        )
+    low = [w for w in view["warnings"] if w.startswith("low confidence:")]
+    for warning in view["warnings"]:
+        if warning not in low:
+            click.echo(f"warning: {warning}")
+    if low:
+        names = ", ".join(w.split()[2] for w in low[:6]) + (" ..." if len(low) > 6 else "")
+        click.echo(
+            f"warning: {len(low)} essays have a top grade probability below 0.5 ({names}); "
+            "--json lists each one"
+        )
     click.echo(
         "counters: submitted {submitted}/{denominator}  completed {completed}  failed {failed}  "
         "completion {completion_pct}%  duplicates {duplicates}  orphans {orphans}  "
@@ -151,6 +167,8 @@ def demo(
             ],
             "ssr": results["ssr"],
             "position_bias": results["position_bias"],
+            "split_half": results["split_half"],
+            "warnings": results["warnings"],
             "spearman_true": spearman_true(state),
             "provider_calls": await count_provider_calls(r, keys, state.batch_id),
             "wall_s": round(wall, 3),

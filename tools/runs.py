@@ -20,7 +20,7 @@ from events.settings import Settings
 from events.types import BatchRegistered, ComparisonCompleted, Mode, ProviderAttemptFailed, new_id
 from lps.providers.mock import MockProfile, quality_of
 from lps.providers.registry import make_provider
-from projections.batch import BatchState, completion_pct
+from projections.batch import BatchState
 from projections.store import load_state
 from tools.runtime import InProcess
 
@@ -92,26 +92,27 @@ async def wait_terminal(
     r: Any, keys: Keys, batch_id: str, runner: InProcess, timeout: float, show_bar: bool
 ) -> BatchState:
     deadline = time.monotonic() + timeout
-    bar = (
-        click.progressbar(length=100, label="comparing", file=sys.stderr, show_pos=False)
-        if show_bar
-        else None
-    )
+    bar: Any = None
     shown = 0
     try:
         while True:
             runner.check()
             state = await load_state(r, keys, batch_id)
             assert state is not None
-            if bar is not None:
-                pct = int(completion_pct(state))
-                if pct > shown:
-                    bar.update(pct - shown)
-                    shown = pct
-                bar.label = f"wave {state.waves} {state.accepted}/{state.denominator}"
+            if show_bar:
+                if bar is None:
+                    # Counted in comparisons: a batch that settles early ends short of the budget.
+                    bar = click.progressbar(
+                        length=state.denominator, file=sys.stderr, show_pos=True
+                    )
+                bar.label = (
+                    f"{state.status} ({state.finalize_reason})"
+                    if state.terminal
+                    else f"wave {state.waves}"
+                )
+                bar.update(state.accepted - shown)
+                shown = state.accepted
             if state.terminal:
-                if bar is not None and shown < 100:
-                    bar.update(100 - shown)
                 return state
             if time.monotonic() > deadline:
                 raise click.ClickException(
