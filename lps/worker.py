@@ -585,6 +585,8 @@ class LPSWorker:
                     await self.maintain()
                 except REDIS_DOWN as exc:
                     log.warning("maintenance_failed", consumer=self.consumer, error=str(exc)[:200])
+                except Exception:  # a bug must not silently end reclaiming for this worker
+                    log.exception("maintenance_error", consumer=self.consumer)
 
         keeper = asyncio.create_task(keep_alive_loop())
         reaper = asyncio.create_task(maintenance_loop())
