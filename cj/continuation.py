@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,7 +112,9 @@ def score(state: BatchState) -> BatchScored:
                 rank=rank,
                 grade=assignment.grade if assignment else None,
                 grade_probabilities=(
-                    {g: round(p, 4) for g, p in assignment.probabilities.items()} if assignment else {}
+                    {g: round(p, 4) for g, p in assignment.probabilities.items()}
+                    if assignment
+                    else {}
                 ),
                 confidence=assignment.confidence if assignment else None,
             )
@@ -260,15 +263,24 @@ def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision)
     return state
 
 
-async def advance(r: Any, keys: Keys, batch_id: str, *, max_tries: int = 50) -> Decision | None:
-    """Take the batch's next step if it has one; safe to call from any number of consumers."""
+Decider = Callable[[BatchState], "Decision | None"]
+
+
+async def advance(
+    r: Any, keys: Keys, batch_id: str, *, decider: Decider = decide, max_tries: int = 50
+) -> Decision | None:
+    """Take the batch's next step if it has one; safe to call from any number of consumers.
+
+    `decider` (pure) says what the step is: `decide` for the normal flow, another for
+    forced ends (stalled batches). A callback applied meanwhile changes the batch hash,
+    so the decision and its events are one step."""
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):
             try:
                 await pipe.watch(keys.batch(batch_id))
                 state = await immediate_load(pipe, keys, batch_id)
                 # Scoring is CPU work: keep the event loop (and the LPS work beside it) responsive.
-                decision = await asyncio.to_thread(decide, state) if state is not None else None
+                decision = await asyncio.to_thread(decider, state) if state is not None else None
                 if state is None or decision is None:
                     await pipe.unwatch()
                     return None

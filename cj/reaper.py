@@ -17,19 +17,16 @@ should they come, count as late.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from redis.exceptions import WatchError
 
-from cj.continuation import Decision, queue_decision, score
-from events.metrics import CJ_COMPLETION, CJ_FINALIZED
+from cj.continuation import Decision, advance, score
 from events.names import Keys
 from events.types import BatchFailed, BatchFinalized
 from projections.batch import PENDING, BatchState, completion_pct
-from projections.store import immediate_load, list_batches, load_state
+from projections.store import list_batches, load_state
 
 log = structlog.get_logger("cj.reaper")
 
@@ -150,53 +147,10 @@ async def finalize_stalled(
     now: datetime | None = None,
     max_tries: int = 50,
 ) -> Decision | None:
-    """End a stalled batch under WATCH; None when it is not stalled (any more). A callback
-    applied meanwhile changes the batch hash, so the check and the events are one step."""
-    async with r.pipeline(transaction=True) as pipe:
-        for _ in range(max_tries):
-            try:
-                await pipe.watch(keys.batch(batch_id))
-                state = await immediate_load(pipe, keys, batch_id)
-                when = now or datetime.now(UTC)
-                decision = (
-                    await asyncio.to_thread(stalled_decision, state, idle_timeout_s, when)
-                    if state is not None
-                    else None
-                )
-                if state is None or decision is None:
-                    await pipe.unwatch()
-                    return None
-                pipe.multi()
-                state = queue_decision(pipe, keys, state, decision)
-                await pipe.execute()
-            except WatchError:
-                continue
-            _report(state, decision)
-            return decision
-    log.warning("finalize_stalled_gave_up", batch_id=batch_id, tries=max_tries)
-    return None
+    """End a stalled batch through `advance` (WATCH, one MULTI with its events); None when
+    it is not stalled (any more)."""
 
+    def decider(state: BatchState) -> Decision | None:
+        return stalled_decision(state, idle_timeout_s, now or datetime.now(UTC))
 
-def _report(state: BatchState, decision: Decision) -> None:
-    CJ_COMPLETION.labels(state.batch_id).set(
-        state.accepted / state.denominator if state.denominator else 0.0
-    )
-    terminal = decision.terminal
-    abandoned = len(terminal.abandoned) if terminal else 0
-    if isinstance(terminal, BatchFinalized):
-        CJ_FINALIZED.labels(terminal.reason).inc()
-        log.warning(
-            "stalled_batch_finalized",
-            batch_id=state.batch_id,
-            completed=state.completed,
-            failed=state.failed,
-            abandoned=abandoned,
-        )
-    elif isinstance(terminal, BatchFailed):
-        CJ_FINALIZED.labels("failed").inc()
-        log.warning(
-            "stalled_batch_failed",
-            batch_id=state.batch_id,
-            message=terminal.message,
-            abandoned=abandoned,
-        )
+    return await advance(r, keys, batch_id, decider=decider, max_tries=max_tries)
