@@ -154,7 +154,8 @@ class CallbackApplier:
         self._group = group
 
     async def queue(self, pipe: Any, callback: Callback, entry_id: str) -> None:
-        """Buffer the script call in `pipe` (a non-transactional pipeline is enough: the script is atomic)."""
+        """Buffer the script call in `pipe`; a non-transactional pipeline is enough, the
+        script is atomic on its own."""
         k = self._keys
         b = callback.batch_id
         await self._script(

@@ -1,4 +1,5 @@
-"""The batch projection: pure apply semantics, the Lua transcription equal to it, replay equal to live."""
+"""The batch projection: pure apply semantics, the Lua transcription equal to it,
+replay equal to live."""
 
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ def test_lua_apply_in_any_order_equals_replay_real_redis(redis_server: Any) -> N
 
 
 async def test_replayed_entry_is_applied_once(fake_redis: Any, keys: Keys) -> None:
-    """A callback entry applied by two consumers (reclaim race) counts once: idempotent by entry id."""
+    """A callback entry applied by two consumers (reclaim race) counts once: idempotent by
+    entry id."""
     r = fake_redis
     await ensure_group(r, keys.callbacks, CJ_GROUP)
     await append_registration(r, keys, registration(4, batch_id=B))

@@ -1,4 +1,6 @@
-"""structlog set-up: JSON lines for workers, readable lines on a terminal. Never essay text or keys."""
+"""structlog set-up: JSON lines for workers, readable lines on a terminal.
+
+Never log essay text or keys."""
 
 from __future__ import annotations
 
