@@ -169,6 +169,7 @@ class LPSWorker:
         dead_consumer_after_s: float = 3600.0,
         batch_poll_interval_s: float = 30.0,
         cooldown: Cooldown | None = None,
+        max_pages: int = 2,
     ) -> None:
         self.r = r
         self.keys = keys
@@ -185,6 +186,7 @@ class LPSWorker:
         self.max_deliveries = max_deliveries
         self.dead_consumer_after_s = dead_consumer_after_s
         self.batch_poll_interval_s = batch_poll_interval_s
+        self.max_pages = max_pages
         self.in_hand: set[str] = set()
         # Set by run() to its stop event: units not started when it is set are released.
         self._stop = asyncio.Event()
@@ -590,10 +592,29 @@ class LPSWorker:
 
         keeper = asyncio.create_task(keep_alive_loop())
         reaper = asyncio.create_task(maintenance_loop())
+        # Pages in flight: the next page is read while one is judged, so a long unit (a
+        # serial bundle, a Message Batch being polled) never stops this worker from reading.
+        pages: set[asyncio.Task[None]] = set()
+        failed_pages: list[BaseException] = []
+
+        def page_done(task: asyncio.Task[None]) -> None:
+            pages.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failed_pages.append(task.exception())  # type: ignore[arg-type]
+
         try:
             while not stop.is_set():
                 try:
-                    await self.step()
+                    if failed_pages:
+                        raise failed_pages.pop(0)
+                    if len(pages) >= self.max_pages:
+                        await asyncio.wait(pages, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    entries = await self.reader.read()
+                    if entries:
+                        task = asyncio.create_task(self.handle(entries))
+                        pages.add(task)
+                        task.add_done_callback(page_done)
                     backoff.reset()
                 except REDIS_DOWN as exc:
                     delay = backoff.next()
@@ -606,6 +627,8 @@ class LPSWorker:
                     self.reader.rewind()
                     await sleep_unless(stop, delay)
         finally:
+            # Pages in flight finish what they started and release the rest (stop is set).
+            await asyncio.gather(*pages, return_exceptions=True)
             if not stop.is_set():  # an unexpected error: the process is going down anyway
                 reaper.cancel()
             # The reaper finishes (or releases) what it holds; the keeper runs until then.

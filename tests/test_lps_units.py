@@ -1,20 +1,24 @@
-"""LPS planning: bundle sizes and grouping."""
+"""LPS planning: bundle sizes, grouping, and reading on while a long unit runs."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from events import codec
 from events.consumer import Entry
+from events.names import Keys
 from events.types import ComparisonRequested, Essay
-from lps.worker import SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL, bundle_size, plan_units
+from lps.providers.base import Judgement
+from lps.worker import SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL, LPSWorker, bundle_size, plan_units
 
 
 def _req(
     i: int, mode: str = "serial_bundle", model: str = "m", pref: int = 64, **kw: Any
 ) -> ComparisonRequested:
+    kw.setdefault("batch_id", "b")
+    kw.setdefault("correlation_id", f"c{i}")
     return ComparisonRequested(
-        batch_id="b",
-        correlation_id=f"c{i}",
         wave=1,
         essay_a=Essay("a", "x"),
         essay_b=Essay("b", "y"),
@@ -43,3 +47,57 @@ def test_units_group_by_provider_model_and_overrides_and_respect_the_hint() -> N
         keys = {(r.mode, r.model, tuple(sorted(r.overrides.items()))) for _, r in unit}
         assert len(keys) == 1
     assert sum(len(u) for u in units) == len(items)
+
+
+class GatedJudge:
+    """A provider whose answers for batch `slow` wait until the test opens the gate."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def judge(self, request: ComparisonRequested) -> Judgement:
+        if request.batch_id == "slow":
+            self.started.set()
+            await self.gate.wait()
+        return Judgement(winner="essay_a", confidence=3.0, justification="ok")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_long_bundle_does_not_stop_the_worker_reading(fake_redis: Any, keys: Keys) -> None:
+    r = fake_redis
+    judge = GatedJudge()
+    worker = LPSWorker(r, keys, "w", lambda _: judge, block_ms=10, concurrency=4)
+
+    async def append(batch: str, n: int) -> None:
+        for i in range(n):
+            req = _req(i, provider="gated", batch_id=batch, correlation_id=f"{batch}{i}")
+            await r.xadd(keys.requests, codec.encode(req))
+
+    async def answered(batch: str) -> int:
+        return sum(codec.decode(f).batch_id == batch for _, f in await r.xrange(keys.callbacks))
+
+    await append("slow", 3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, maintenance_every_s=60))
+    await asyncio.wait_for(judge.started.wait(), 5)
+    await append("fast", 3)
+    for _ in range(500):
+        if await answered("fast") == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert await answered("fast") == 3, "requests behind a long bundle were not read"
+    assert await answered("slow") == 0
+    judge.gate.set()
+    for _ in range(500):
+        if await answered("slow") == 3:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    assert await answered("slow") == 3
+    assert (await r.xpending(keys.requests, "lps"))["pending"] == 0
