@@ -54,20 +54,28 @@ class Cooldown:
     )
     max_s: float = 120.0
     clock: Clock = time.time
+    fresh_s: float = 0.0
+    """Reuse a read for this long (per provider/model) instead of asking Redis before every
+    call: at hundreds of calls a second the check was most of a worker's round trips. A
+    cooldown set by another worker is then seen up to `fresh_s` late."""
+    _seen: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict, repr=False)
 
     async def remaining(self, provider: str, model: str) -> float:
         """Seconds left in the cooldown of provider/model (0 when none)."""
+        seen = self._seen.get((provider, model))
+        now = self.clock()
+        if seen is not None and now - seen[1] < self.fresh_s:
+            return min(self.max_s, max(0.0, seen[0] - now))
         try:
             raw = await self.redis.get(self.keys.cooldown(provider, model))
         except Exception as exc:  # fail open
             log.warning("cooldown read failed: %s", type(exc).__name__)
             return 0.0
-        if raw is None:
-            return 0.0
         try:
-            until = float(raw)
+            until = 0.0 if raw is None else float(raw)
         except ValueError:
-            return 0.0
+            until = 0.0
+        self._seen[(provider, model)] = (until, now)
         return min(self.max_s, max(0.0, until - self.clock()))
 
     async def trigger(self, provider: str, model: str, seconds: float) -> float:
@@ -89,9 +97,11 @@ class Cooldown:
         if isinstance(in_force, bytes):
             in_force = in_force.decode()
         try:
-            return min(self.max_s, max(0.0, float(in_force) - now))
+            until_in_force = float(in_force)
         except (TypeError, ValueError):
             return seconds
+        self._seen[(provider, model)] = (until_in_force, now)
+        return min(self.max_s, max(0.0, until_in_force - now))
 
     async def note_error(
         self, detail: ErrorDetail, *, provider: str | None = None, model: str | None = None

@@ -137,3 +137,21 @@ async def test_redis_down_fails_open() -> None:
         assert await c.trigger("anthropic", MODEL, 5.0) == 0.0
     finally:
         await dead.aclose()
+
+
+async def test_a_fresh_read_is_reused_and_a_cooldown_set_here_is_known_at_once(
+    redis_client: Any,
+) -> None:
+    clock = FakeClock()
+    keys = Keys("fresh:")
+    mine = Cooldown(redis_client, keys, clock=clock, fresh_s=0.1)
+    other = Cooldown(redis_client, keys, clock=clock)
+    assert await mine.remaining("anthropic", MODEL) == 0.0
+    await other.note_error(detail("rate_limit", retry_after=5.0))
+    # Within fresh_s the earlier read stands: another worker's cooldown is seen late...
+    assert await mine.remaining("anthropic", MODEL) == 0.0
+    clock.now += 0.2
+    # ...by at most fresh_s.
+    assert await mine.remaining("anthropic", MODEL) == pytest.approx(4.8)
+    await mine.note_error(detail("overloaded", retry_after=30.0))
+    assert await mine.remaining("anthropic", MODEL) == pytest.approx(30.0)

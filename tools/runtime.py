@@ -101,6 +101,7 @@ class InProcess:
                         "rate_limit": s.cooldown_rate_limit_s,
                         "overloaded": s.cooldown_overloaded_s,
                     },
+                    fresh_s=0.1,
                 ),
             )
             self.tasks.append(
