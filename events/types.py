@@ -221,6 +221,7 @@ class ProviderAttemptFailed(Event, frozen=True, kw_only=True):
     error: ErrorDetail
     will_retry: bool
     delay_s: float = 0.0
+    prompt_sha256: str = ""
 
 
 class RequestExpired(Event, frozen=True, kw_only=True):
@@ -260,6 +261,7 @@ class ComparisonFailed(Event, frozen=True, kw_only=True):
     error: ErrorDetail
     attempts: int = 1
     source_service: str = "lps"
+    prompt_sha256: str = ""
 
 
 Callback = ComparisonCompleted | ComparisonFailed

@@ -340,6 +340,11 @@ class LPSWorker:
             model=first.model,
         )
 
+    def prompt_sha256(self, req: ComparisonRequested) -> str:
+        """What the provider rendered for this request, for failure events ("" if it cannot say)."""
+        fingerprint = getattr(self._provider_cache.get(req.provider), "prompt_sha256", None)
+        return str(fingerprint(req)) if callable(fingerprint) else ""
+
     async def judge_one(self, entry: Entry, req: ComparisonRequested) -> None:
         provider_name = req.provider
         try:
@@ -367,6 +372,7 @@ class LPSWorker:
                 error=detail,
                 will_retry=will_retry,
                 delay_s=round(delay, 4),
+                prompt_sha256=self.prompt_sha256(req),
             )
             await self.r.xadd(self.keys.dispatches, codec.encode(event))
             log.warning(
@@ -415,6 +421,7 @@ class LPSWorker:
                 essay_b_id=req.essay_b.essay_id,
                 error=outcome.error,
                 attempts=outcome.attempts,
+                prompt_sha256=self.prompt_sha256(req),
             )
             result = "failed"
         await self.committer.commit(entry.entry_id, callback)
@@ -430,6 +437,7 @@ class LPSWorker:
             attempt=1,
             error=detail,
             will_retry=False,
+            prompt_sha256=self.prompt_sha256(req),
         )
         await self.r.xadd(self.keys.dispatches, codec.encode(attempt))
         await self.finish(entry, req, Outcome(None, detail, 1))

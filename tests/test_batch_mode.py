@@ -134,6 +134,12 @@ async def test_batch_is_polled_to_the_end_and_resumed_by_another_worker(
         e for e in await _events(r, keys.dispatches) if isinstance(e, ProviderAttemptFailed)
     ]
     assert [a.correlation_id for a in attempts] == [requests[2].correlation_id]
+    # The prompt's fingerprint travels on the failure events too.
+    assert (
+        len(failed[0].prompt_sha256) == 64 and attempts[0].prompt_sha256 == failed[0].prompt_sha256
+    )
+    completed_ = [c for c in callbacks if isinstance(c, ComparisonCompleted)]
+    assert all(len(c.prompt_sha256) == 64 for c in completed_)
     (bundle,) = [e for e in await _events(r, keys.dispatches) if isinstance(e, BundleDispatched)]
     assert bundle.mode == "batch_api" and bundle.provider_batch_id == batch.id and bundle.size == 5
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0

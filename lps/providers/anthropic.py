@@ -362,6 +362,13 @@ class AnthropicProvider:
             raise self._error(request, model, str(exc)) from None
         return PreparedCall(model, options, prompt, request.correlation_id)
 
+    def prompt_sha256(self, request: ComparisonRequested) -> str:
+        """The sha256 of the prompt this request renders to ("" when it cannot render)."""
+        try:
+            return self.prepare(request).prompt.sha256
+        except ProviderError:
+            return ""
+
     async def judge(self, request: ComparisonRequested) -> Judgement:
         call = self.prepare(request)
         model = call.model
