@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -19,22 +19,6 @@ Mode = Literal["per_request", "serial_bundle", "batch_api"]
 Winner = Literal["essay_a", "essay_b"]
 FinalizeReason = Literal["stable", "budget", "all_pairs", "failed", "stalled"]
 
-ERROR_TYPES: tuple[str, ...] = (
-    "rate_limit",
-    "overloaded",
-    "server_error",
-    "timeout",
-    "connection",
-    "max_tokens",
-    "invalid_request",
-    "authentication",
-    "permission",
-    "billing",
-    "request_too_large",
-    "refusal",
-    "parse_error",
-    "expired",
-)
 ErrorType = Literal[
     "rate_limit",
     "overloaded",
@@ -51,6 +35,8 @@ ErrorType = Literal[
     "parse_error",
     "expired",
 ]
+
+ERROR_TYPES: tuple[str, ...] = get_args(ErrorType)
 
 
 def now_iso() -> str:

@@ -142,15 +142,7 @@ def submit(
 def status(batch_id: str, as_json: bool) -> None:
     """Completion counters of a batch (all from the projection, equal to the streams)."""
     common.quiet_logs(as_json)
-    s = common.settings()
-
-    async def main() -> dict[str, Any]:
-        r = await common.open_redis(s)
-        state = await common.require_batch(r, common.keys_for(s), batch_id)
-        await r.aclose()
-        return status_view(state)
-
-    view = common.run(main)
+    view = common.batch_view(batch_id, status_view)
     if as_json:
         common.emit_json(view)
         return
@@ -169,15 +161,7 @@ def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
     common.quiet_logs(as_json)
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    s = common.settings()
-
-    async def main() -> dict[str, Any]:
-        r = await common.open_redis(s)
-        state = await common.require_batch(r, common.keys_for(s), batch_id)
-        await r.aclose()
-        return results_view(state)
-
-    view = common.run(main)
+    view = common.batch_view(batch_id, results_view)
     if as_json:
         common.emit_json(view)
         return

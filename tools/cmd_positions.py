@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from cj.positions import position_report
@@ -17,15 +15,7 @@ def positions(batch_id: str, as_json: bool) -> None:
     """Per essay: times in slot A and B and wins in each; anchors vs students; how often
     slot A won, with a binomial test against 50 %; the fitted position bias η."""
     common.quiet_logs(as_json)
-    s = common.settings()
-
-    async def main() -> dict[str, Any]:
-        r = await common.open_redis(s)
-        state = await common.require_batch(r, common.keys_for(s), batch_id)
-        await r.aclose()
-        return position_report(state)
-
-    report = common.run(main)
+    report = common.batch_view(batch_id, position_report)
     if as_json:
         common.emit_json(report)
         return

@@ -37,6 +37,7 @@ from events.types import (
     WaveSubmitted,
 )
 from lps.providers.mock import PROFILES, profile_from_env
+from projections.batch import COUNTERS as BATCH_COUNTERS
 from projections.batch import BatchState, entry_id_key
 from projections.store import load_state
 from tools import common, sample
@@ -45,17 +46,8 @@ from tools.runs import mock_settings, registration_for, run_to_end, spearman_tru
 from tools.runtime import connect
 
 MODES = ("per_request", "serial_bundle")
-COUNTERS = (
-    "submitted",
-    "completed",
-    "failed",
-    "callbacks_received",
-    "duplicates",
-    "orphans",
-    "late_callbacks",
-    "waves",
-    "in_flight",
-)
+# The projection's counters, less the bookkeeping one no event counts.
+COUNTERS = tuple(c for c in BATCH_COUNTERS if c != "scored_wave")
 
 
 @dataclass

@@ -56,6 +56,20 @@ async def open_redis(s: Settings, *, need_server: bool = True) -> Any:
     return client
 
 
+def batch_view(batch_id: str, view: Callable[[BatchState], T]) -> T:
+    """Load one batch's projection from REDIS_URL and build a view of it (exits when missing)."""
+    s = settings()
+
+    async def main() -> T:
+        r = await open_redis(s)
+        try:
+            return view(await require_batch(r, keys_for(s), batch_id))
+        finally:
+            await r.aclose()
+
+    return run(main)
+
+
 async def require_batch(r: Any, keys: Keys, batch_id: str) -> BatchState:
     state = await load_state(r, keys, batch_id)
     if state is None:
