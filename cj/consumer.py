@@ -20,7 +20,7 @@ from events.codec import DecodeError
 from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
 from events.metrics import CJ_CALLBACKS, CJ_ORPHANS, LPS_STUCK
 from events.names import CALLBACKS, CJ_GROUP, Keys
-from events.pending import StuckAction, claim_idle, prune_dead_consumers, update_pending_gauge
+from events.pending import StuckAction, claim_idle, group_upkeep
 from events.resilience import REDIS_DOWN, Backoff, sleep_unless
 from events.types import ComparisonCompleted, ComparisonFailed
 from projections.store import CallbackApplier, list_batches
@@ -193,13 +193,13 @@ class CJConsumer:
         """One reaper pass: reclaim, sweep, pending gauge, dead consumers."""
         actions = await self.reclaim()
         await self.sweep()
-        await update_pending_gauge(self.r, self.keys.callbacks, CALLBACKS, CJ_GROUP)
-        await prune_dead_consumers(
+        await group_upkeep(
             self.r,
-            self.keys.callbacks,
+            self.keys,
+            CALLBACKS,
             CJ_GROUP,
-            dead_after_ms=int(self.dead_consumer_after_s * 1000),
-            keep=[self.consumer],
+            self.consumer,
+            dead_after_s=self.dead_consumer_after_s,
         )
         return actions
 

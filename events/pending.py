@@ -11,6 +11,7 @@ import structlog
 
 from events.consumer import Entry, _s
 from events.metrics import LPS_PENDING
+from events.names import Keys
 
 log = structlog.get_logger("events.pending")
 
@@ -261,3 +262,15 @@ async def keep_alive(r: Any, stream: str, group: str, consumer: str, entry_ids: 
     """Reset the idle time of entries still being worked on, without bumping delivery counts."""
     if entry_ids:
         await r.xclaim(stream, group, consumer, 0, entry_ids, justid=True)
+
+
+async def group_upkeep(
+    r: Any, keys: Keys, stream_name: str, group: str, consumer: str, *, dead_after_s: float
+) -> None:
+    """The part of a reaper pass every group shares: the pending gauge, and removing
+    consumers dead with nothing pending (never `consumer` itself)."""
+    stream = keys.stream(stream_name)
+    await update_pending_gauge(r, stream, stream_name, group)
+    await prune_dead_consumers(
+        r, stream, group, dead_after_ms=int(dead_after_s * 1000), keep=[consumer]
+    )

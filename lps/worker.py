@@ -31,11 +31,10 @@ from events.pending import (
     Claimed,
     StuckAction,
     claim_ids,
+    group_upkeep,
     keep_alive,
     pending_details,
-    prune_dead_consumers,
     release_entries,
-    update_pending_gauge,
 )
 from events.resilience import REDIS_DOWN, Backoff, sleep_unless
 from events.types import (
@@ -555,13 +554,13 @@ class LPSWorker:
     async def maintain(self) -> list[StuckAction]:
         """One reaper pass: reclaim stuck requests, pending gauge, prune dead consumers."""
         actions = await self.reclaim()
-        await update_pending_gauge(self.r, self.keys.requests, REQUESTS, LPS_GROUP)
-        await prune_dead_consumers(
+        await group_upkeep(
             self.r,
-            self.keys.requests,
+            self.keys,
+            REQUESTS,
             LPS_GROUP,
-            dead_after_ms=int(self.dead_consumer_after_s * 1000),
-            keep=[self.consumer],
+            self.consumer,
+            dead_after_s=self.dead_consumer_after_s,
         )
         return actions
 
