@@ -17,6 +17,7 @@ should they come, count as late.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ import structlog
 
 from cj.continuation import Decision, advance, score
 from events.names import Keys
+from events.resilience import REDIS_DOWN, sleep_unless
 from events.types import BatchFailed, BatchFinalized
 from projections.batch import PENDING, BatchState, completion_pct
 from projections.store import list_batches, load_state
@@ -154,3 +156,19 @@ async def finalize_stalled(
         return stalled_decision(state, idle_timeout_s, now or datetime.now(UTC))
 
     return await advance(r, keys, batch_id, decider=decider, max_tries=max_tries)
+
+
+async def run_stalled_reaper(
+    r: Any, keys: Keys, stop: asyncio.Event, *, idle_timeout_s: float, every_s: float
+) -> None:
+    """The `reaper` worker role: end batches stalled for `idle_timeout_s`, as `cjs stuck
+    --reclaim` does, every `every_s`. Safe beside others: each end goes through advance()."""
+    while not stop.is_set():
+        try:
+            for state in await find_stalled(r, keys, idle_timeout_s):
+                await finalize_stalled(r, keys, state.batch_id, idle_timeout_s)
+        except REDIS_DOWN as exc:
+            log.warning("stalled_reaper_redis_unavailable", error=str(exc)[:200])
+        except Exception:  # a bug must not silently end the reaping
+            log.exception("stalled_reaper_error")
+        await sleep_unless(stop, every_s)

@@ -124,3 +124,26 @@ async def test_an_ideal_judge_reaches_stability(fake_redis: Any, keys: Keys) -> 
     }
     assert samples[("cj_batches_finalized_total", (("reason", "stable"),))] >= 1
     assert samples[("cj_callbacks_total", (("outcome", "accepted"),))] >= state.accepted
+
+
+async def test_the_reaper_role_ends_a_batch_nobody_answers(fake_redis: Any, keys: Keys) -> None:
+    """No LPS worker runs: after CJS_BATCH_IDLE_TIMEOUT_S the reaper ends the batch with events,
+    abandoning what is in flight, so nothing waits for ever."""
+    r = fake_redis
+    reg = registration(6, batch_id="lonely")
+    await append_registration(r, keys, reg)
+    await advance(r, keys, reg.batch_id)
+    settings = Settings(batch_idle_timeout_s=0.05, reaper_interval_s=0.02)
+    runner = InProcess(r, keys, settings, make_provider, cj_consumers=0, lps_workers=0, reapers=1)
+    runner.start()
+    try:
+        for _ in range(500):
+            state = await load_state(r, keys, reg.batch_id)
+            if state.terminal:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await runner.close()
+    assert state.status == "failed" and state.failure_message.startswith("stalled")
+    assert state.in_flight == 0 and set(state.corr.values()) == {"abandoned"}
+    assert state.submitted == len(state.corr) > 0

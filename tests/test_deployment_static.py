@@ -28,10 +28,10 @@ def _dockerfile() -> list[str]:
 
 def test_workers_run_commands_the_cli_accepts() -> None:
     services = _compose()["services"]
-    assert {"redis", "cj", "lps", "prometheus"} <= set(services)
+    assert {"redis", "cj", "lps", "reaper", "prometheus"} <= set(services)
     entrypoint = next(line for line in _dockerfile() if line.startswith("ENTRYPOINT"))
     assert '"cjs"' in entrypoint
-    for name in ("cj", "lps"):
+    for name in ("cj", "lps", "reaper"):
         command = services[name]["command"]
         assert command[:2] == ["worker", name]
         # The command parses: --help after the real arguments exits 0 only if every option exists.
@@ -57,7 +57,7 @@ def test_prometheus_scrapes_the_worker_ports_and_loads_the_alert_rules() -> None
     assert "/etc/prometheus/alerts.yml" in config["rule_files"]
     assert mounts["/etc/prometheus/alerts.yml"].exists()
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    for name in ("cj", "lps"):
+    for name in ("cj", "lps", "reaper"):
         sd = jobs[name]["dns_sd_configs"][0]
         assert sd["names"] == [name]
         port = services[name]["command"][services[name]["command"].index("--metrics-port") + 1]

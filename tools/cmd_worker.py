@@ -20,7 +20,7 @@ log = structlog.get_logger("tools.worker")
 
 
 @click.command()
-@click.argument("role", type=click.Choice(["cj", "lps", "all"]))
+@click.argument("role", type=click.Choice(["cj", "lps", "reaper", "all"]))
 @click.option(
     "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."
 )
@@ -39,7 +39,9 @@ log = structlog.get_logger("tools.worker")
     help="Consumers of the role in this process.",
 )
 def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int) -> None:
-    """Run CJ and/or LPS consumers until SIGTERM/SIGINT, then drain and exit 0: reading
+    """Run CJ and/or LPS consumers (or the stalled-batch reaper, which ends batches with no
+    event for CJS_BATCH_IDLE_TIMEOUT_S as `cjs stuck --reclaim` does) until SIGTERM/SIGINT,
+    then drain and exit 0: reading
     stops, provider calls in progress finish, requests not started are handed back for
     another worker, and nothing stays pending for this worker's consumers. A second signal
     exits at once. If a consumer dies of an unexpected error the process exits 1.
@@ -63,6 +65,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
             cj_consumers=consumers if role in ("cj", "all") else 0,
             lps_workers=consumers if role in ("lps", "all") else 0,
             concurrency=concurrency,
+            reapers=1 if role in ("reaper", "all") else 0,
         )
         loop = asyncio.get_running_loop()
 

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cj.consumer import CJConsumer
+from cj.reaper import run_stalled_reaper
 from events.names import Keys
 from events.settings import Settings, consumer_name
 from lps.cooldown import Cooldown
@@ -61,6 +62,7 @@ class InProcess:
     cj_consumers: int = 1
     lps_workers: int = 1
     concurrency: int = 8
+    reapers: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -106,6 +108,19 @@ class InProcess:
             )
             self.tasks.append(
                 asyncio.create_task(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
+            )
+
+        for _ in range(self.reapers):
+            self.tasks.append(
+                asyncio.create_task(
+                    run_stalled_reaper(
+                        self.r,
+                        self.keys,
+                        self.stop,
+                        idle_timeout_s=s.batch_idle_timeout_s,
+                        every_s=s.reaper_interval_s,
+                    )
+                )
             )
 
     async def close(self) -> None:
