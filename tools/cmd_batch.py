@@ -50,6 +50,13 @@ from tools.views import results_view, status_view
     default=None,
     help="Scale name or comma-separated grades, lowest first (needed for CSV; overrides the file).",
 )
+@click.option(
+    "--stability-threshold",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="Finalize as stable once max |Δθ| between waves is below this (after 2 waves).",
+)
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; append nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def submit(
@@ -60,6 +67,7 @@ def submit(
     budget: int | None,
     seed: int,
     grade_scale: str | None,
+    stability_threshold: float,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -84,6 +92,7 @@ def submit(
             model=model,
             budget=budget,
             seed=seed,
+            stability_threshold=stability_threshold,
         )
     except InputError as exc:
         click.echo(f"error: {exc}", err=True)
