@@ -1,0 +1,62 @@
+"""Logs: structured JSON lines that carry batch and correlation ids, never essay text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from cj.continuation import advance
+from cj.registration import BatchIn, append_registration, build_registration, scale_of
+from events.names import Keys
+from events.settings import Settings
+from lps.providers.mock import PROFILES
+from lps.providers.registry import make_provider
+from projections.store import load_state
+from tools.logs import configure
+from tools.runtime import InProcess
+
+
+async def test_worker_logs_are_json_with_ids_and_without_essay_text(
+    fake_redis: Any, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = [f"Secret essay body {i} quokka-{i}-marmalade " * 3 for i in range(8)]
+    batch = BatchIn.model_validate(
+        {"essays": [{"essay_id": f"e{i}", "text": t} for i, t in enumerate(texts)]}
+    )
+    reg = build_registration(batch, *scale_of(batch), budget=20, batch_id="logged")
+    configure(json_logs=True, level="INFO")
+    try:
+        await append_registration(fake_redis, keys, reg)
+        flaky = PROFILES["flaky"]
+        runner = InProcess(
+            fake_redis,
+            keys,
+            Settings(retry_base_delay_s=0.0, cooldown_rate_limit_s=0, cooldown_overloaded_s=0),
+            lambda name: make_provider(
+                name, mock_profile=type(flaky)("flaky", latency_ms=0.0, faults=flaky.faults)
+            ),
+        )
+        runner.start()
+        await advance(fake_redis, keys, reg.batch_id)
+        for _ in range(1000):
+            if (await load_state(fake_redis, keys, reg.batch_id)).terminal:
+                break
+            await asyncio.sleep(0.01)
+        await runner.close()
+    finally:
+        configure(json_logs=None, level="WARNING")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    events = {r["event"] for r in records}
+    assert {"wave_submitted", "batch_scored", "provider_attempt_failed"} <= events
+    for record in records:
+        if record["event"] in ("wave_submitted", "batch_scored", "provider_attempt_failed"):
+            assert record["batch_id"] == "logged"
+        if record["event"] == "provider_attempt_failed":
+            assert record["correlation_id"] and record["error_type"]
+    text = "\n".join(lines)
+    for essay_text in texts:
+        assert "quokka" not in text and essay_text[:20] not in text
