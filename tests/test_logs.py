@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import pytest
-import structlog
 
 from cj.continuation import advance
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
@@ -48,7 +47,7 @@ async def test_worker_logs_are_json_with_ids_and_without_essay_text(
             await asyncio.sleep(0.01)
         await runner.close()
     finally:
-        structlog.reset_defaults()  # other tests capture logs under structlog's defaults
+        configure(json_logs=None, level="WARNING")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     events = {r["event"] for r in records}

@@ -10,6 +10,17 @@ import sys
 import structlog
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written (not when logging was configured), so
+    a replaced or closed stream (test captures, click's runner) never swallows or breaks logs."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
@@ -28,6 +39,6 @@ def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
