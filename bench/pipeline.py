@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     server = RedisServer(Path(tempfile.mkdtemp()))
-    server.start(aof=args.aof)
+    server.start(aof=args.aof, fsync="everysec")
     try:
         report = {
             "redis": "redis-server (local, "
