@@ -21,7 +21,7 @@ from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter,
 from events.metrics import CJ_CALLBACKS, CJ_ORPHANS, LPS_STUCK
 from events.names import CALLBACKS, CJ_GROUP, Keys
 from events.pending import StuckAction, claim_idle, group_upkeep
-from events.resilience import REDIS_DOWN, Backoff, sleep_unless
+from events.resilience import REDIS_DOWN, Backoff, wait_for_redis
 from events.types import ComparisonCompleted, ComparisonFailed
 from projections.store import CallbackApplier, list_batches
 
@@ -221,13 +221,5 @@ class CJConsumer:
                     next_sweep = loop.time() + sweep_every_s
                 backoff.reset()
             except REDIS_DOWN as exc:
-                delay = backoff.next()
-                log.warning(
-                    "redis_unavailable",
-                    consumer=self.consumer,
-                    error=str(exc)[:200],
-                    retry_in_s=delay,
-                )
-                self.reader.rewind()
-                await sleep_unless(stop, delay)
+                await wait_for_redis(stop, backoff, exc, self.reader, self.consumer)
         log.info("cj_consumer_stopped", consumer=self.consumer)

@@ -11,9 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from events.consumer import GroupReader
+
+log = structlog.get_logger("events.resilience")
 
 # BusyLoadingError ("LOADING", while Redis replays its AOF) is a ConnectionError.
 # NoScriptError means Redis restarted (its script cache is empty) under a pipeline that the
@@ -51,3 +56,14 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.base
+
+
+async def wait_for_redis(
+    stop: asyncio.Event, backoff: Backoff, exc: BaseException, reader: GroupReader, consumer: str
+) -> None:
+    """After a lost connection: log, back off, and have the reader re-read its own pending
+    entries (what it held may have been half done when Redis went away)."""
+    delay = backoff.next()
+    log.warning("redis_unavailable", consumer=consumer, error=str(exc)[:200], retry_in_s=delay)
+    reader.rewind()
+    await sleep_unless(stop, delay)

@@ -36,7 +36,7 @@ from events.pending import (
     pending_details,
     release_entries,
 )
-from events.resilience import REDIS_DOWN, Backoff, sleep_unless
+from events.resilience import REDIS_DOWN, Backoff, sleep_unless, wait_for_redis
 from events.types import (
     BundleDispatched,
     ComparisonCompleted,
@@ -624,15 +624,7 @@ class LPSWorker:
                         task.add_done_callback(page_done)
                     backoff.reset()
                 except REDIS_DOWN as exc:
-                    delay = backoff.next()
-                    log.warning(
-                        "redis_unavailable",
-                        consumer=self.consumer,
-                        error=str(exc)[:200],
-                        retry_in_s=delay,
-                    )
-                    self.reader.rewind()
-                    await sleep_unless(stop, delay)
+                    await wait_for_redis(stop, backoff, exc, self.reader, self.consumer)
         finally:
             # Pages in flight finish what they started and release the rest (stop is set).
             await asyncio.gather(*pages, return_exceptions=True)
