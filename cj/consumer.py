@@ -121,9 +121,15 @@ class CJConsumer:
     async def sweep(self) -> int:
         """Advance every open batch that has nothing in flight (recovers a crash between the
         last callback of a wave and its continuation, and starts registered batches)."""
+        batch_ids = await list_batches(self.r, self.keys)
+        if not batch_ids:
+            return 0
+        async with self.r.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.hmget(self.keys.batch(batch_id), "status", "in_flight")
+            rows = await pipe.execute()
         moved = 0
-        for batch_id in await list_batches(self.r, self.keys):
-            status, in_flight = await self.r.hmget(self.keys.batch(batch_id), "status", "in_flight")
+        for batch_id, (status, in_flight) in zip(batch_ids, rows, strict=True):
             if status in (b"registered", b"running") and int(in_flight or 0) == 0:
                 moved += await advance(self.r, self.keys, batch_id) is not None
         return moved
