@@ -157,17 +157,13 @@ class CJConsumer:
             except DecodeError:
                 event = None
             expire = c.deliveries > self.max_deliveries
-            action = StuckAction(
-                stream=CALLBACKS,
-                group=CJ_GROUP,
-                entry_id=c.entry.entry_id,
-                action="dead_lettered" if expire else "reclaimed",
-                consumer=c.previous_consumer,
-                claimed_by=self.consumer,
-                idle_s=round(c.idle_ms / 1000, 3),
-                deliveries=c.deliveries,
-                batch_id=getattr(event, "batch_id", None),
-                correlation_id=getattr(event, "correlation_id", None),
+            action = StuckAction.of(
+                c,
+                CALLBACKS,
+                CJ_GROUP,
+                "dead_lettered" if expire else "reclaimed",
+                self.consumer,
+                event,
             )
             actions.append(action)
             LPS_STUCK.labels(action.action).inc()

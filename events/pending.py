@@ -44,6 +44,24 @@ class StuckAction:
     batch_id: str | None = None
     correlation_id: str | None = None
 
+    @classmethod
+    def of(
+        cls, claimed: Claimed, stream: str, group: str, action: str, claimed_by: str, event: Any
+    ) -> StuckAction:
+        """The record of what happened to `claimed` (whose decoded event, if any, is `event`)."""
+        return cls(
+            stream=stream,
+            group=group,
+            entry_id=claimed.entry.entry_id,
+            action=action,
+            consumer=claimed.previous_consumer,
+            claimed_by=claimed_by,
+            idle_s=round(claimed.idle_ms / 1000, 3),
+            deliveries=claimed.deliveries,
+            batch_id=getattr(event, "batch_id", None),
+            correlation_id=getattr(event, "correlation_id", None),
+        )
+
     def log_fields(self) -> dict[str, Any]:
         return {
             "stream": self.stream,

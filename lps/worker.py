@@ -500,17 +500,8 @@ class LPSWorker:
             except DecodeError:
                 req = None  # handle() dead-letters it
             expire = req is not None and c.deliveries > self.max_deliveries
-            action = StuckAction(
-                stream=REQUESTS,
-                group=LPS_GROUP,
-                entry_id=c.entry.entry_id,
-                action="expired" if expire else "reclaimed",
-                consumer=c.previous_consumer,
-                claimed_by=self.consumer,
-                idle_s=round(c.idle_ms / 1000, 3),
-                deliveries=c.deliveries,
-                batch_id=req.batch_id if req else None,
-                correlation_id=req.correlation_id if req else None,
+            action = StuckAction.of(
+                c, REQUESTS, LPS_GROUP, "expired" if expire else "reclaimed", self.consumer, req
             )
             actions.append(action)
             LPS_STUCK.labels(action.action).inc()
