@@ -29,9 +29,6 @@ import asyncio
 import itertools
 import json
 import random
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,47 +58,11 @@ from events.types import (
     new_id,
 )
 from projections.replay import raw_client, read_pages, replay_live
+from tests.redis_server import RedisServer
 from tools.cmd_replay import check, rebuild
 
 ESSAYS = 100
 WAVES = 10
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            directory,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    sys.exit("redis-server did not start")
 
 
 def essays(rng: random.Random) -> list[Essay]:
@@ -276,8 +237,9 @@ def _rebuild_view(done: dict[str, Any], seconds: float) -> dict[str, Any]:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     keys = Keys("")
     with tempfile.TemporaryDirectory() as tmp:
-        proc, port = start_redis(tmp)
-        r = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+        server = RedisServer(Path(tmp))
+        server.start(aof=False)
+        r = aioredis.from_url(server.url)
         try:
             total, write_s = await write(r, plan(args.events, args.batches))
             mem = (await r.info("memory"))["used_memory_human"]
@@ -297,8 +259,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             one = await replay_live(r, keys, {"bench-0100"}, page=args.page)
         finally:
             await r.aclose()
-            proc.kill()
-            proc.wait()
+            server.stop(kill=True)
     return {
         "events": total,
         "batches": args.batches,
