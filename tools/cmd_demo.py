@@ -21,8 +21,6 @@ from tools.runs import (
 from tools.runtime import connect
 from tools.views import results_view, status_view
 
-__all__ = ["count_provider_calls", "demo", "spearman_true"]
-
 
 def _print_report(view: dict[str, Any]) -> None:
     status = view["status"]
