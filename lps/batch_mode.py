@@ -44,7 +44,7 @@ async def run_batch_unit(worker: LPSWorker, unit: Unit, *, poll_interval_s: floa
         for entry, req in unit:
             await worker.judge_one(entry, req)
         return
-    from lps.batch_api import MessageBatches
+    from lps.message_batches import MessageBatches
 
     batches = MessageBatches(provider)  # type: ignore[arg-type]
     known = await worker.r.mget([worker.keys.lps_provider_batch(q.correlation_id) for _, q in unit])
@@ -82,7 +82,7 @@ async def _submit(worker: LPSWorker, batches: Any, unit: Unit) -> tuple[str | No
         if req.correlation_id in submitted.rejected:
             await worker.fail(entry, req, submitted.rejected[req.correlation_id])
     items = [(e, q) for e, q in unit if q.correlation_id not in submitted.rejected]
-    if submitted.provider_batch_id is None:
+    if submitted.message_batch_id is None:
         return None, []
     sent = [q for _, q in items]
     event = BundleDispatched(
@@ -94,25 +94,25 @@ async def _submit(worker: LPSWorker, batches: Any, unit: Unit) -> tuple[str | No
         correlation_ids=[q.correlation_id for q in sent],
         batch_ids=sorted({q.batch_id for q in sent}),
         size=len(sent),
-        provider_batch_id=submitted.provider_batch_id,
+        provider_batch_id=submitted.message_batch_id,
     )
     async with worker.r.pipeline(transaction=True) as pipe:
         pipe.xadd(worker.keys.dispatches, codec.encode(event))
         for q in sent:
             pipe.set(
                 worker.keys.lps_provider_batch(q.correlation_id),
-                submitted.provider_batch_id,
+                submitted.message_batch_id,
                 ex=INDEX_TTL_S,
             )
         await pipe.execute()
     LPS_BUNDLE_SIZE.labels("batch_api").observe(len(sent))
     log.info(
         "message_batch_submitted",
-        provider_batch_id=submitted.provider_batch_id,
+        provider_batch_id=submitted.message_batch_id,
         size=len(sent),
         batch_ids=event.batch_ids,
     )
-    return str(submitted.provider_batch_id), items
+    return str(submitted.message_batch_id), items
 
 
 async def _poll_until_ended(
