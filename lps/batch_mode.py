@@ -31,14 +31,10 @@ INDEX_TTL_S = 7 * 24 * 3600  # a Message Batch ends within 24 h; results stay 29
 Unit = list[tuple["Entry", ComparisonRequested]]
 
 
-def supports_batches(provider: Any) -> bool:
-    return getattr(provider, "name", "") == "anthropic"
-
-
 async def run_batch_unit(worker: LPSWorker, unit: Unit, *, poll_interval_s: float) -> None:
     first = unit[0][1]
     provider = worker.provider(first.provider)
-    if not supports_batches(provider):
+    if not provider.supports_message_batches:
         # The mock judge has no batch endpoint: judge in sequence, as serial_bundle does.
         await worker.dispatch(unit)
         for entry, req in unit:
@@ -46,7 +42,7 @@ async def run_batch_unit(worker: LPSWorker, unit: Unit, *, poll_interval_s: floa
         return
     from lps.message_batches import MessageBatches
 
-    batches = MessageBatches(provider)  # type: ignore[arg-type]
+    batches = MessageBatches.of(provider)
     known = await worker.r.mget([worker.keys.lps_provider_batch(q.correlation_id) for _, q in unit])
     by_batch: dict[str, Unit] = defaultdict(list)
     fresh: Unit = []

@@ -44,7 +44,7 @@ from lps.providers.anthropic import (
     judgement_from_message,
     usage_of,
 )
-from lps.providers.base import Judgement, ProviderError, record_tokens
+from lps.providers.base import Judgement, Provider, ProviderError, record_tokens
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,14 @@ class MessageBatches:
 
     def __init__(self, provider: AnthropicProvider) -> None:
         self.provider = provider
+
+    @classmethod
+    def of(cls, provider: Provider) -> MessageBatches:
+        """The client of a provider that declares `supports_message_batches`."""
+        # Anthropic is the one provider with Message Batches; another would bring its own client.
+        if not (provider.supports_message_batches and isinstance(provider, AnthropicProvider)):
+            raise TypeError(f"provider {provider.name!r} offers no Message Batches")
+        return cls(provider)
 
     @property
     def _batches(self) -> AsyncBatches:

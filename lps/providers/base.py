@@ -30,6 +30,12 @@ class ProviderError(Exception):
 class Provider(Protocol):
     name: str
 
+    @property
+    def supports_message_batches(self) -> bool:
+        """Capability: the provider offers Message Batches (`lps.message_batches`), so mode
+        `batch_api` submits a bundle as one batch; without it the bundle is judged in sequence."""
+        ...
+
     async def judge(self, request: ComparisonRequested) -> Judgement:
         """One provider call for one request. Raises ProviderError; never retries by itself."""
         ...

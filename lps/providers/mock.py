@@ -97,6 +97,7 @@ def _rng(*parts: object) -> random.Random:
 
 class MockProvider:
     name = "mock"
+    supports_message_batches = False
 
     def __init__(self, profile: MockProfile | None = None, seed: int | None = None) -> None:
         self.profile = profile or profile_from_env()
