@@ -14,6 +14,7 @@ from cj.grade_scales import resolve_scale
 from events import codec
 from events.names import Keys
 from events.types import BatchConfig, BatchRegistered, Essay, Mode, new_id
+from lps.providers.registry import default_model, provider_problems
 from projections.batch import register
 from projections.store import queue_state_write
 
@@ -104,23 +105,6 @@ def scale_of(batch: BatchIn) -> tuple[str, tuple[str, ...]]:
                 f"(scale {name}: {' '.join(grades)})"
             )
     return name, grades
-
-
-def default_model(provider: str) -> str:
-    if provider == "anthropic":
-        from lps.providers.anthropic import DEFAULT_MODEL
-
-        return DEFAULT_MODEL
-    return "mock-judge-1"
-
-
-def provider_problems(provider: str, model: str, overrides: dict[str, str]) -> list[str]:
-    """What would make every comparison of the batch fail, caught before anything is appended."""
-    if provider != "anthropic":
-        return []
-    from lps.providers.anthropic import model_problems, validate_overrides
-
-    return [*model_problems(model), *validate_overrides(overrides)]
 
 
 def default_budget(n: int) -> int:
