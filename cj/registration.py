@@ -13,12 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cj.grade_scales import resolve_scale
 from events import codec
 from events.names import Keys
-from events.types import BatchConfig, BatchRegistered, Essay, Mode, new_id
+from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import default_model, provider_problems
 from projections.batch import register
 from projections.store import queue_state_write
-
-MAX_BUNDLE = 64
 
 
 class InputError(ValueError):
@@ -152,7 +150,7 @@ def build_registration(
         seed=seed,
         grade_scale=list(grades),
         grade_scale_name=scale_name,
-        preferred_bundle_size=MAX_BUNDLE,
+        preferred_bundle_size=MAX_BUNDLE_SIZE,
     )
     problems = provider_problems(provider, config.model, config.overrides)
     if problems:

@@ -8,8 +8,14 @@ from typing import Any
 from events import codec
 from events.consumer import Entry
 from events.names import Keys
-from events.types import BundleDispatched, ComparisonCompleted, ComparisonRequested, Essay
-from lps.modes import SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL, bundle_size, plan_units
+from events.types import (
+    MAX_BUNDLE_SIZE,
+    BundleDispatched,
+    ComparisonCompleted,
+    ComparisonRequested,
+    Essay,
+)
+from lps.modes import bundle_size, plan_units
 from lps.providers.base import Judgement
 from lps.providers.mock import PROFILES, MockProvider
 from lps.worker import LPSWorker
@@ -33,7 +39,7 @@ def _req(
 
 def test_bundle_size_caps_and_falls_back() -> None:
     assert bundle_size(10) == 10
-    assert bundle_size(500) == SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL == 64
+    assert bundle_size(500) == MAX_BUNDLE_SIZE == 64
     assert bundle_size(0) == 64 and bundle_size(-3) == 64
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from events.types import Mode
+from events.types import MAX_BUNDLE_SIZE, Mode
 from lps.modes import batch_api, per_request, serial_bundle
 from lps.modes.base import ModeContext, ModeUnit, Unit
 
 __all__ = ["MODES", "ModeContext", "ModeUnit", "Unit", "bundle_size", "plan_units"]
-
-SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL = 64
 
 MODES: dict[Mode, ModeUnit] = {
     "per_request": per_request.run,
@@ -27,8 +25,8 @@ MODES: dict[Mode, ModeUnit] = {
 def bundle_size(preferred: int) -> int:
     """CJ's hint, capped; an invalid hint falls back to the cap."""
     if not isinstance(preferred, int) or preferred < 1:
-        return SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL
-    return min(preferred, SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL)
+        return MAX_BUNDLE_SIZE
+    return min(preferred, MAX_BUNDLE_SIZE)
 
 
 def plan_units(items: Unit) -> list[Unit]:
