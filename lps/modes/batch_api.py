@@ -6,6 +6,11 @@ The Message Batch id is recorded twice in the dispatch MULTI/EXEC: in the
 `lps:batchapi:<correlation id>` (an index of it), so that whichever worker holds the
 requests after a restart or a reclaim polls the same Message Batch instead of paying
 for a second one. A provider without Message Batches judges the bundle in sequence.
+
+Not covered yet (issue #10): a crash between creating the Message Batch and recording it
+leaves a batch nobody polls, and the next holder pays for a second one. Recording the
+intent before `submit_bundle` and adopting or cancelling on takeover belong here, with
+the client calls they need in `lps.message_batches`.
 """
 
 from __future__ import annotations
