@@ -25,6 +25,7 @@ from events import codec
 from events.metrics import CJ_COMPLETION, CJ_FINALIZED
 from events.names import Keys
 from events.types import (
+    MAX_BUNDLE_SIZE,
     BatchEvent,
     BatchFailed,
     BatchFinalized,
@@ -41,8 +42,6 @@ from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event
 from projections.store import immediate_load, queue_state_write
 
 log = structlog.get_logger("cj.continuation")
-
-BUNDLE_CAP = 64
 
 
 @dataclass
@@ -167,7 +166,7 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
         return None
     essays = {e.essay_id: e for e in state.essays}
     pairs = [PairRequest(new_id(), a, b) for a, b in planned]
-    bundle = max(1, min(len(pairs), BUNDLE_CAP))
+    bundle = max(1, min(len(pairs), MAX_BUNDLE_SIZE))
     requests = [
         ComparisonRequested(
             batch_id=state.batch_id,

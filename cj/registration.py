@@ -13,11 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cj.grade_scales import resolve_scale
 from events import codec
 from events.names import Keys
-from events.types import BatchConfig, BatchRegistered, Essay, Mode, new_id
+from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
+from lps.providers.registry import default_model, provider_problems
 from projections.batch import register
 from projections.store import queue_state_write
-
-MAX_BUNDLE = 64
 
 
 class InputError(ValueError):
@@ -106,23 +105,6 @@ def scale_of(batch: BatchIn) -> tuple[str, tuple[str, ...]]:
     return name, grades
 
 
-def default_model(provider: str) -> str:
-    if provider == "anthropic":
-        from lps.providers.anthropic import DEFAULT_MODEL
-
-        return DEFAULT_MODEL
-    return "mock-judge-1"
-
-
-def provider_problems(provider: str, model: str, overrides: dict[str, str]) -> list[str]:
-    """What would make every comparison of the batch fail, caught before anything is appended."""
-    if provider != "anthropic":
-        return []
-    from lps.providers.anthropic import model_problems, validate_overrides
-
-    return [*model_problems(model), *validate_overrides(overrides)]
-
-
 def default_budget(n: int) -> int:
     """Enough for adaptive CJ to settle: about 10 comparisons per essay, never above all pairs."""
     return min(n * (n - 1) // 2, 10 * n)
@@ -168,7 +150,7 @@ def build_registration(
         seed=seed,
         grade_scale=list(grades),
         grade_scale_name=scale_name,
-        preferred_bundle_size=MAX_BUNDLE,
+        preferred_bundle_size=MAX_BUNDLE_SIZE,
     )
     problems = provider_problems(provider, config.model, config.overrides)
     if problems:

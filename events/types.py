@@ -19,6 +19,10 @@ Mode = Literal["per_request", "serial_bundle", "batch_api"]
 Winner = Literal["essay_a", "essay_b"]
 FinalizeReason = Literal["stable", "budget", "all_pairs", "failed", "stalled"]
 
+MAX_BUNDLE_SIZE = 64
+"""The most requests in one bundle (judged in sequence, or sent as one Message Batch): CJ's
+`preferred_bundle_size` hint never asks for more, and LPS caps whatever hint it gets to it."""
+
 ErrorType = Literal[
     "rate_limit",
     "overloaded",
@@ -72,7 +76,7 @@ class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     seed: int = 0
     grade_scale: list[str] = msgspec.field(default_factory=list)
     grade_scale_name: str = "swedish_6"
-    preferred_bundle_size: int = 64
+    preferred_bundle_size: int = MAX_BUNDLE_SIZE
     overrides: dict[str, str] = msgspec.field(default_factory=dict)
     prompt_version: str = "v1"
 
@@ -93,6 +97,10 @@ class TokenUsage(msgspec.Struct, frozen=True, omit_defaults=True):
     output_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
+
+
+TOKEN_KINDS: tuple[str, ...] = TokenUsage.__struct_fields__
+"""The kinds of token a `TokenUsage` counts, by field name (`input_tokens`: uncached input)."""
 
 
 class PairRequest(msgspec.Struct, frozen=True):
@@ -179,7 +187,7 @@ class ComparisonRequested(Event, frozen=True, kw_only=True):
     mode: Mode = "per_request"
     provider: str = "mock"
     model: str = "mock-judge-1"
-    preferred_bundle_size: int = 64
+    preferred_bundle_size: int = MAX_BUNDLE_SIZE
     overrides: dict[str, str] = msgspec.field(default_factory=dict)
     seed: int = 0
     prompt_version: str = "v1"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,45 +47,16 @@ from events.types import (
     RequestExpired,
     new_id,
 )
-from lps.batch_mode import run_batch_unit
 from lps.cooldown import Cooldown
+from lps.modes import MODES, ModeContext, Unit, plan_units
 from lps.providers.base import Provider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
 
 log = structlog.get_logger("lps.worker")
 
-SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL = 64
 DONE_TTL_S = 7 * 24 * 3600
 
 ProviderFactory = Callable[[str], Provider]
-
-
-def bundle_size(preferred: int) -> int:
-    """CJ's hint, capped; an invalid hint falls back to the cap."""
-    if not isinstance(preferred, int) or preferred < 1:
-        return SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL
-    return min(preferred, SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL)
-
-
-def plan_units(
-    items: list[tuple[Entry, ComparisonRequested]],
-) -> list[list[tuple[Entry, ComparisonRequested]]]:
-    """Split a page into units of work: one per request, or bundles of the same provider,
-    model and overrides for `serial_bundle` / `batch_api` requests."""
-    units: list[list[tuple[Entry, ComparisonRequested]]] = []
-    groups: dict[tuple[str, str, str, str], list[tuple[Entry, ComparisonRequested]]] = defaultdict(
-        list
-    )
-    for entry, req in items:
-        if req.mode == "per_request":
-            units.append([(entry, req)])
-        else:
-            overrides = "&".join(f"{k}={v}" for k, v in sorted(req.overrides.items()))
-            groups[(req.mode, req.provider, req.model, overrides)].append((entry, req))
-    for members in groups.values():
-        cap = min(bundle_size(req.preferred_bundle_size) for _, req in members)
-        units.extend(members[i : i + cap] for i in range(0, len(members), cap))
-    return units
 
 
 @dataclass
@@ -184,7 +154,6 @@ class LPSWorker:
         self.processing_timeout_s = processing_timeout_s
         self.max_deliveries = max_deliveries
         self.dead_consumer_after_s = dead_consumer_after_s
-        self.batch_poll_interval_s = batch_poll_interval_s
         self.max_pages = max_pages
         self.in_hand: set[str] = set()
         # Set by run() to its stop event: units not started when it is set are released.
@@ -193,6 +162,19 @@ class LPSWorker:
         self._rng = random.Random()
         # A 429/529 seen here makes every worker wait before its next call to that model.
         self.cooldown = cooldown or Cooldown(r, keys)
+        self.mode_context = ModeContext(
+            provider=self.provider,
+            judge=self.judge_one,
+            finish=self.finish,
+            fail=self.fail,
+            dispatch=self.dispatch,
+            release=self.release,
+            stopping=lambda: self._stop.is_set(),
+            wait_or_stop=self.wait_or_stop,
+            r=r,
+            keys=keys,
+            poll_interval_s=batch_poll_interval_s,
+        )
 
     def provider(self, name: str) -> Provider:
         if name not in self._provider_cache:
@@ -277,24 +259,12 @@ class LPSWorker:
 
     # --- judging ---------------------------------------------------------------
 
-    async def _run_unit(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
+    async def _run_unit(self, unit: Unit) -> None:
         async with self._sem:
             if self._stop.is_set():
                 await self.release(unit)
                 return
-            first = unit[0][1]
-            if first.mode == "batch_api":
-                await run_batch_unit(self, unit, poll_interval_s=self.batch_poll_interval_s)
-                return
-            if first.mode != "per_request":
-                await self.dispatch(unit)
-            for i, (entry, req) in enumerate(
-                unit
-            ):  # a bundle is judged in sequence; each item stands alone
-                if i and self._stop.is_set():
-                    await self.release(unit[i:])
-                    return
-                await self.judge_one(entry, req)
+            await MODES[unit[0][1].mode](self.mode_context, unit)
 
     async def release(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
         """At shutdown: hand back requests not started, for a live worker to take at once."""
@@ -316,7 +286,13 @@ class LPSWorker:
             correlation_ids=[q.correlation_id for _, q in unit],
         )
 
-    async def dispatch(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
+    async def dispatch(
+        self,
+        unit: Unit,
+        *,
+        message_batch_id: str | None = None,
+        same_transaction: Callable[[Any], object] | None = None,
+    ) -> BundleDispatched:
         first = unit[0][1]
         event = BundleDispatched(
             bundle_id=new_id(),
@@ -327,8 +303,13 @@ class LPSWorker:
             correlation_ids=[r.correlation_id for _, r in unit],
             batch_ids=sorted({r.batch_id for _, r in unit}),
             size=len(unit),
+            provider_batch_id=message_batch_id,
         )
-        await self.r.xadd(self.keys.dispatches, codec.encode(event))
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.keys.dispatches, codec.encode(event))
+            if same_transaction is not None:
+                same_transaction(pipe)
+            await pipe.execute()
         LPS_BUNDLE_SIZE.labels(first.mode).observe(len(unit))
         log.info(
             "bundle_dispatched",
@@ -338,6 +319,7 @@ class LPSWorker:
             provider=first.provider,
             model=first.model,
         )
+        return event
 
     def prompt_sha256(self, req: ComparisonRequested) -> str:
         """What the provider rendered for this request, for failure events ("" if it cannot say)."""
@@ -440,10 +422,6 @@ class LPSWorker:
         )
         await self.r.xadd(self.keys.dispatches, codec.encode(attempt))
         await self.finish(entry, req, Outcome(None, detail, 1))
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
 
     async def wait_or_stop(self, seconds: float) -> None:
         await sleep_unless(self._stop, seconds)

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from events import codec
 from events.types import BundleDispatched, ComparisonRequested, ErrorDetail, Essay, new_id
-from lps.batch_api import MessageBatches, custom_id_for
+from lps.message_batches import MessageBatches, custom_id_for
 from lps.prompt import TOOL_NAME, build_prompt
 from lps.providers.anthropic import AnthropicProvider
 from lps.providers.base import Judgement, ProviderError
@@ -78,7 +78,7 @@ async def test_submit_sends_one_batch_of_cacheable_forced_tool_calls(
 ) -> None:
     requests = make_requests(3)
     submitted = await batches.submit_bundle(requests)
-    assert submitted.provider_batch_id == "msgbatch_0001"
+    assert submitted.message_batch_id == "msgbatch_0001"
     assert submitted.rejected == {}
     assert server.calls("/v1/messages") == []  # no per-request calls
     [create] = server.calls("/v1/messages/batches")
@@ -103,10 +103,10 @@ async def test_poll_until_ended_then_match_results_by_custom_id(
     for request, winner, conf in zip(requests, winners, [1, 2, 4, 5], strict=True):
         server.batch_results[request.correlation_id] = success(winner, conf, f"j-{winner}")
     submitted = await batches.submit_bundle(requests)
-    assert submitted.provider_batch_id is not None
-    assert await batches.poll(submitted.provider_batch_id, requests) is None
-    assert await batches.poll(submitted.provider_batch_id, requests) is None
-    results = await batches.poll(submitted.provider_batch_id, requests)
+    assert submitted.message_batch_id is not None
+    assert await batches.poll(submitted.message_batch_id, requests) is None
+    assert await batches.poll(submitted.message_batch_id, requests) is None
+    results = await batches.poll(submitted.message_batch_id, requests)
     assert results is not None and set(results) == {r.correlation_id for r in requests}
     for request, winner, conf in zip(requests, winners, [1, 2, 4, 5], strict=True):
         j = results[request.correlation_id]
@@ -115,7 +115,7 @@ async def test_poll_until_ended_then_match_results_by_custom_id(
         assert j.prompt_sha256 == build_prompt(request).sha256
         assert j.usage.output_tokens == 40
     # polling an ended batch again gives the same answer (idempotent)
-    again = await batches.poll(submitted.provider_batch_id, requests)
+    again = await batches.poll(submitted.message_batch_id, requests)
     assert again == results
 
 
@@ -146,8 +146,8 @@ async def test_item_outcomes_are_classified(
     for request, outcome in zip(requests, outcomes, strict=True):
         server.batch_results[request.correlation_id] = outcome
     submitted = await batches.submit_bundle(requests)
-    assert submitted.provider_batch_id is not None
-    results = await batches.poll(submitted.provider_batch_id, requests)
+    assert submitted.message_batch_id is not None
+    results = await batches.poll(submitted.message_batch_id, requests)
     assert results is not None
     for request, (error_type, retryable) in zip(requests, expected, strict=True):
         d = results[request.correlation_id]
@@ -166,9 +166,9 @@ async def test_every_request_gets_exactly_one_result(
 ) -> None:
     submitted_requests = make_requests(2)
     submitted = await batches.submit_bundle(submitted_requests)
-    assert submitted.provider_batch_id is not None
+    assert submitted.message_batch_id is not None
     stray = make_requests(1)  # pending with us, but never part of this batch
-    results = await batches.poll(submitted.provider_batch_id, [*submitted_requests, stray[0]])
+    results = await batches.poll(submitted.message_batch_id, [*submitted_requests, stray[0]])
     assert results is not None and len(results) == 3
     missing = results[stray[0].correlation_id]
     assert isinstance(missing, ErrorDetail) and missing.error_type == "server_error"
@@ -181,10 +181,10 @@ async def test_cancel_ends_items_as_expired(
     server.batch_polls_until_end = 100
     requests = make_requests(2)
     submitted = await batches.submit_bundle(requests)
-    assert submitted.provider_batch_id is not None
-    status = await batches.cancel(submitted.provider_batch_id)
+    assert submitted.message_batch_id is not None
+    status = await batches.cancel(submitted.message_batch_id)
     assert status.ended and status.counts["canceled"] == 2
-    results = await batches.poll(submitted.provider_batch_id, requests)
+    results = await batches.poll(submitted.message_batch_id, requests)
     assert results is not None
     assert {r.error_type for r in results.values() if isinstance(r, ErrorDetail)} == {"expired"}
 
@@ -196,7 +196,7 @@ async def test_resume_after_restart_from_the_dispatch_event(
     requests = make_requests(3)
     first = AnthropicProvider.from_env()
     submitted = await MessageBatches(first).submit_bundle(requests)
-    assert submitted.provider_batch_id is not None
+    assert submitted.message_batch_id is not None
     event = BundleDispatched(
         bundle_id=new_id(),
         mode="batch_api",
@@ -206,7 +206,7 @@ async def test_resume_after_restart_from_the_dispatch_event(
         correlation_ids=[r.correlation_id for r in requests],
         batch_ids=["b1"],
         size=len(requests),
-        provider_batch_id=submitted.provider_batch_id,
+        provider_batch_id=submitted.message_batch_id,
     )
     entry: dict[bytes | str, bytes | str] = {k: v for k, v in codec.encode(event).items()}
     await first.aclose()  # the worker dies
@@ -237,7 +237,7 @@ async def test_unrenderable_items_are_rejected_without_sinking_the_bundle(
     assert [i["custom_id"] for i in items] == [good[0].correlation_id, good[1].correlation_id]
     # all rejected: no batch is created at all
     only_bad = await batches.submit_bundle(make_requests(2, overrides={"temperature": "0"}))
-    assert only_bad.provider_batch_id is None and len(only_bad.rejected) == 2
+    assert only_bad.message_batch_id is None and len(only_bad.rejected) == 2
     assert len(server.calls("/v1/messages/batches")) == 1
 
 
@@ -272,8 +272,8 @@ async def test_tokens_of_batch_results_are_counted(
     requests = make_requests(3)
     server.batch_results[requests[0].correlation_id] = refusal_reply()
     submitted = await batches.submit_bundle(requests)
-    assert submitted.provider_batch_id is not None
-    assert await batches.poll(submitted.provider_batch_id, requests) is not None
+    assert submitted.message_batch_id is not None
+    assert await batches.poll(submitted.message_batch_id, requests) is not None
     assert sample("lps_tokens_total", kind="output_tokens") - before == 3 * 40
 
 

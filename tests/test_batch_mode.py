@@ -23,7 +23,7 @@ from events.types import (
     ProviderAttemptFailed,
     new_id,
 )
-from lps.batch_api import custom_id_for
+from lps.message_batches import custom_id_for
 from lps.providers.anthropic import AnthropicProvider
 from lps.worker import LPSWorker
 from projections.replay import read_stream

@@ -8,9 +8,17 @@ from typing import Any
 from events import codec
 from events.consumer import Entry
 from events.names import Keys
-from events.types import ComparisonRequested, Essay
+from events.types import (
+    MAX_BUNDLE_SIZE,
+    BundleDispatched,
+    ComparisonCompleted,
+    ComparisonRequested,
+    Essay,
+)
+from lps.modes import bundle_size, plan_units
 from lps.providers.base import Judgement
-from lps.worker import SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL, LPSWorker, bundle_size, plan_units
+from lps.providers.mock import PROFILES, MockProvider
+from lps.worker import LPSWorker
 
 
 def _req(
@@ -31,7 +39,7 @@ def _req(
 
 def test_bundle_size_caps_and_falls_back() -> None:
     assert bundle_size(10) == 10
-    assert bundle_size(500) == SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL == 64
+    assert bundle_size(500) == MAX_BUNDLE_SIZE == 64
     assert bundle_size(0) == 64 and bundle_size(-3) == 64
 
 
@@ -100,4 +108,23 @@ async def test_a_long_bundle_does_not_stop_the_worker_reading(fake_redis: Any, k
     stop.set()
     await task
     assert await answered("slow") == 3
+    assert (await r.xpending(keys.requests, "lps"))["pending"] == 0
+
+
+async def test_batch_api_on_a_provider_without_message_batches_is_judged_in_sequence(
+    fake_redis: Any, keys: Keys
+) -> None:
+    r = fake_redis
+    worker = LPSWorker(r, keys, "w", lambda _: MockProvider(PROFILES["ideal"], seed=1))
+    assert not worker.provider("mock").supports_message_batches
+    await worker.start()
+    for i in range(3):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="batch_api", provider="mock")))
+    assert await worker.step() == 3
+    await worker.close()
+    (bundle,) = [codec.decode(f) for _, f in await r.xrange(keys.dispatches)]
+    assert isinstance(bundle, BundleDispatched)
+    assert bundle.mode == "batch_api" and bundle.size == 3 and bundle.provider_batch_id is None
+    callbacks = [codec.decode(f) for _, f in await r.xrange(keys.callbacks)]
+    assert all(isinstance(c, ComparisonCompleted) for c in callbacks) and len(callbacks) == 3
     assert (await r.xpending(keys.requests, "lps"))["pending"] == 0

@@ -23,6 +23,7 @@ from cj.registration import InputError, build_registration, parse_input
 from events import codec
 from events.names import Keys
 from events.types import (
+    TOKEN_KINDS,
     BatchFailed,
     BatchFinalized,
     BatchRegistered,
@@ -223,12 +224,7 @@ def analyse(run: Run) -> dict[str, Any]:
     completed = [cb for _, cb in callbacks if isinstance(cb, ComparisonCompleted)]
     tokens = Counter[str]()
     for cb in completed:
-        for kind in (
-            "input_tokens",
-            "output_tokens",
-            "cache_read_input_tokens",
-            "cache_creation_input_tokens",
-        ):
+        for kind in TOKEN_KINDS:
             tokens[kind] += getattr(cb.usage, kind)
     sizes = Counter(b.size for b in bundles)
     scores = state.scores

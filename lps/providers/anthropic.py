@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import anthropic
 from anthropic.types import Message
@@ -287,6 +287,7 @@ class AnthropicProvider:
     settings: AnthropicSettings = field(default_factory=AnthropicSettings)
     client: anthropic.AsyncAnthropic | None = None
     name: str = PROVIDER_NAME
+    supports_message_batches: ClassVar[bool] = True
     records_call_metrics: bool = True
     """This provider records `lps_provider_latency_seconds` (per HTTP attempt) and
     `lps_tokens_total` (per response) itself; a worker must not record them again."""

@@ -7,7 +7,7 @@ from typing import Protocol
 import msgspec
 
 from events.metrics import LPS_TOKENS
-from events.types import ComparisonRequested, ErrorDetail, TokenUsage, Winner
+from events.types import TOKEN_KINDS, ComparisonRequested, ErrorDetail, TokenUsage, Winner
 
 
 class Judgement(msgspec.Struct, frozen=True):
@@ -30,6 +30,12 @@ class ProviderError(Exception):
 class Provider(Protocol):
     name: str
 
+    @property
+    def supports_message_batches(self) -> bool:
+        """Capability: the provider offers Message Batches (`lps.message_batches`), so mode
+        `batch_api` submits a bundle as one batch; without it the bundle is judged in sequence."""
+        ...
+
     async def judge(self, request: ComparisonRequested) -> Judgement:
         """One provider call for one request. Raises ProviderError; never retries by itself."""
         ...
@@ -39,12 +45,7 @@ class Provider(Protocol):
 
 def record_tokens(usage: TokenUsage) -> None:
     """`lps_tokens_total{kind}`, kind = TokenUsage field name (input_tokens: uncached input)."""
-    for kind in (
-        "input_tokens",
-        "output_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_input_tokens",
-    ):
+    for kind in TOKEN_KINDS:
         value = getattr(usage, kind)
         if value:
             LPS_TOKENS.labels(kind=kind).inc(value)

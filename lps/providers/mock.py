@@ -47,6 +47,7 @@ PROFILES: dict[str, MockProfile] = {
     "slow": MockProfile("slow", latency_ms=250.0),
 }
 DEFAULT_PROFILE = "cj_generic_batch"
+DEFAULT_MODEL = "mock-judge-1"
 POISON_EXIT_CODE = 86
 
 _FAULTS: dict[str, tuple[bool, int | None, str]] = {
@@ -97,6 +98,7 @@ def _rng(*parts: object) -> random.Random:
 
 class MockProvider:
     name = "mock"
+    supports_message_batches = False
 
     def __init__(self, profile: MockProfile | None = None, seed: int | None = None) -> None:
         self.profile = profile or profile_from_env()

@@ -1,15 +1,14 @@
-"""Mode `batch_api`: a bundle goes to Anthropic as one Message Batch (half the price).
-
-Flow for the worker:
+"""The Anthropic Message Batches client wrapper: a bundle goes to Anthropic as one Message
+Batch (half the price). Mode `batch_api` (`lps.modes.batch_api`) drives it:
 
 1. `submitted = await batches.submit_bundle(requests)` creates one batch whose items
    are the same `messages.create` bodies as `per_request` would send, each with
    `custom_id = custom_id_for(correlation_id)`. Items that cannot be rendered (bad
    overrides, unknown prompt version) are not sent; they come back at once in
    `submitted.rejected` as ErrorDetails.
-2. The worker records `submitted.provider_batch_id` in `BundleDispatched.provider_batch_id`
+2. The worker records `submitted.message_batch_id` in `BundleDispatched.provider_batch_id`
    and leaves the requests pending (no XACK).
-3. `await batches.poll(provider_batch_id, requests)` → None while the batch is
+3. `await batches.poll(message_batch_id, requests)` → None while the batch is
    processing; once it has ended, `{correlation_id: Judgement | ErrorDetail}` for every
    given request, matched by `custom_id` (results come in any order). `errored` items
    are classified by their `error.type` like an HTTP error; `expired` and `canceled`
@@ -45,12 +44,12 @@ from lps.providers.anthropic import (
     judgement_from_message,
     usage_of,
 )
-from lps.providers.base import Judgement, ProviderError, record_tokens
+from lps.providers.base import Judgement, Provider, ProviderError, record_tokens
 
 log = logging.getLogger(__name__)
 
-BatchResult = Judgement | ErrorDetail
-MAX_BATCH_REQUESTS = 100_000
+ItemResult = Judgement | ErrorDetail
+MAX_MESSAGE_BATCH_REQUESTS = 100_000
 _CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -63,8 +62,8 @@ def custom_id_for(correlation_id: str) -> str:
 
 
 @dataclass(frozen=True)
-class Submitted:
-    provider_batch_id: str | None
+class SubmittedMessageBatch:
+    message_batch_id: str | None
     """None when no item could be sent (all rejected)."""
     custom_ids: dict[str, str] = field(default_factory=dict)
     """correlation_id → custom_id of every item sent."""
@@ -73,8 +72,8 @@ class Submitted:
 
 
 @dataclass(frozen=True)
-class BatchStatus:
-    provider_batch_id: str
+class MessageBatchStatus:
+    message_batch_id: str
     processing_status: str
     counts: dict[str, int]
 
@@ -99,6 +98,14 @@ class MessageBatches:
     def __init__(self, provider: AnthropicProvider) -> None:
         self.provider = provider
 
+    @classmethod
+    def of(cls, provider: Provider) -> MessageBatches:
+        """The client of a provider that declares `supports_message_batches`."""
+        # Anthropic is the one provider with Message Batches; another would bring its own client.
+        if not (provider.supports_message_batches and isinstance(provider, AnthropicProvider)):
+            raise TypeError(f"provider {provider.name!r} offers no Message Batches")
+        return cls(provider)
+
     @property
     def _batches(self) -> AsyncBatches:
         return self.provider.sdk.messages.batches
@@ -110,11 +117,11 @@ class MessageBatches:
             )
         )
 
-    async def submit_bundle(self, requests: Sequence[ComparisonRequested]) -> Submitted:
+    async def submit_bundle(self, requests: Sequence[ComparisonRequested]) -> SubmittedMessageBatch:
         """Create one Message Batch for `requests`. Raises ProviderError if the create call
         fails (nothing was submitted then), ValueError on duplicate correlation ids."""
-        if len(requests) > MAX_BATCH_REQUESTS:
-            raise ValueError(f"at most {MAX_BATCH_REQUESTS} requests per batch")
+        if len(requests) > MAX_MESSAGE_BATCH_REQUESTS:
+            raise ValueError(f"at most {MAX_MESSAGE_BATCH_REQUESTS} requests per batch")
         prepared: list[PreparedCall] = []
         rejected: dict[str, ErrorDetail] = {}
         custom_ids: dict[str, str] = {}
@@ -131,7 +138,7 @@ class MessageBatches:
                 continue
             custom_ids[request.correlation_id] = cid
         if not prepared:
-            return Submitted(None, {}, rejected)
+            return SubmittedMessageBatch(None, {}, rejected)
         items: list[BatchRequest] = [
             {"custom_id": custom_ids[call.correlation_id], "params": call.params()}
             for call in prepared
@@ -140,16 +147,16 @@ class MessageBatches:
             batch = await self._batches.create(requests=items)
         except anthropic.APIError as exc:
             raise self._raise(exc, prepared[0].model) from None
-        return Submitted(str(batch.id), custom_ids, rejected)
+        return SubmittedMessageBatch(str(batch.id), custom_ids, rejected)
 
-    async def status(self, provider_batch_id: str) -> BatchStatus:
+    async def status(self, message_batch_id: str) -> MessageBatchStatus:
         try:
-            batch = await self._batches.retrieve(provider_batch_id)
+            batch = await self._batches.retrieve(message_batch_id)
         except anthropic.APIError as exc:
             raise self._raise(exc) from None
         counts = batch.request_counts
-        return BatchStatus(
-            provider_batch_id=provider_batch_id,
+        return MessageBatchStatus(
+            message_batch_id=message_batch_id,
             processing_status=str(batch.processing_status),
             counts={
                 k: int(getattr(counts, k, 0) or 0)
@@ -158,18 +165,18 @@ class MessageBatches:
         )
 
     async def poll(
-        self, provider_batch_id: str, requests: Sequence[ComparisonRequested]
-    ) -> dict[str, BatchResult] | None:
+        self, message_batch_id: str, requests: Sequence[ComparisonRequested]
+    ) -> dict[str, ItemResult] | None:
         """None while the batch is processing; once ended, one result per given request,
         keyed by correlation id. Raises ProviderError when the API call fails."""
-        status = await self.status(provider_batch_id)
+        status = await self.status(message_batch_id)
         if not status.ended:
             return None
         by_custom_id = {custom_id_for(r.correlation_id): r for r in requests}
-        results: dict[str, BatchResult] = {}
+        results: dict[str, ItemResult] = {}
         lines: list[Any] = []
         try:
-            decoder = await self._batches.results(provider_batch_id)
+            decoder = await self._batches.results(message_batch_id)
             try:
                 async for line in decoder:
                     lines.append(line)
@@ -182,18 +189,18 @@ class MessageBatches:
             request = by_custom_id.get(custom_id)
             if request is None:
                 log.warning(
-                    "batch %s: result for unknown custom_id %s", provider_batch_id, custom_id
+                    "batch %s: result for unknown custom_id %s", message_batch_id, custom_id
                 )
                 continue
             results[request.correlation_id] = self._result(
-                provider_batch_id, request, getattr(line, "result", None)
+                message_batch_id, request, getattr(line, "result", None)
             )
         for request in requests:
             if request.correlation_id not in results:
                 results[request.correlation_id] = ErrorDetail(
                     error_type="server_error",
                     retryable=True,
-                    message=f"batch {provider_batch_id} ended without a result for this request",
+                    message=f"batch {message_batch_id} ended without a result for this request",
                     provider=self.provider.name,
                     model=request.model,
                     correlation_id=request.correlation_id,
@@ -201,8 +208,8 @@ class MessageBatches:
         return results
 
     def _result(
-        self, provider_batch_id: str, request: ComparisonRequested, result: object
-    ) -> BatchResult:
+        self, message_batch_id: str, request: ComparisonRequested, result: object
+    ) -> ItemResult:
         kind = getattr(result, "type", None)
         model = request.model or self.provider.settings.model
         where: dict[str, Any] = {
@@ -236,20 +243,20 @@ class MessageBatches:
             return ErrorDetail(
                 error_type="expired",
                 retryable=True,
-                message=f"batch {provider_batch_id} item {why}",
+                message=f"batch {message_batch_id} item {why}",
                 **where,
             )
         return ErrorDetail(
             error_type="server_error",
             retryable=True,
-            message=f"batch {provider_batch_id}: unknown result type {kind!r}",
+            message=f"batch {message_batch_id}: unknown result type {kind!r}",
             **where,
         )
 
-    async def cancel(self, provider_batch_id: str) -> BatchStatus:
+    async def cancel(self, message_batch_id: str) -> MessageBatchStatus:
         """Ask the API to cancel; items not yet processed end `canceled` (→ expired)."""
         try:
-            await self._batches.cancel(provider_batch_id)
+            await self._batches.cancel(message_batch_id)
         except anthropic.APIError as exc:
             raise self._raise(exc) from None
-        return await self.status(provider_batch_id)
+        return await self.status(message_batch_id)
