@@ -19,11 +19,13 @@ from events import codec
 from events.codec import DecodeError
 from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
 from events.metrics import CJ_CALLBACKS, CJ_ORPHANS, LPS_STUCK
-from events.names import CALLBACKS, CJ_GROUP, Keys
 from events.pending import StuckAction, claim_idle, group_upkeep
 from events.resilience import REDIS_DOWN, Backoff, wait_for_redis
+from events.streams import CALLBACKS, CJ_GROUP
 from events.types import ComparisonCompleted, ComparisonFailed
+from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
+from streams.keys import Keys
 
 log = structlog.get_logger("cj.consumer")
 
@@ -98,7 +100,7 @@ class CJConsumer:
             details: dict[str, Any] = {}
             if outcome == "orphan":
                 CJ_ORPHANS.labels(callback.source_service or "unknown").inc()
-                known = bool(await self.r.exists(self.keys.batch(callback.batch_id)))
+                known = bool(await self.r.exists(pkeys.batch(self.keys, callback.batch_id)))
                 details = {
                     "unknown": "correlation_id" if known else "batch_id",
                     "essay_a_id": callback.essay_a_id,
@@ -126,7 +128,7 @@ class CJConsumer:
             return 0
         async with self.r.pipeline(transaction=False) as pipe:
             for batch_id in batch_ids:
-                pipe.hmget(self.keys.batch(batch_id), "status", "in_flight")
+                pipe.hmget(pkeys.batch(self.keys, batch_id), "status", "in_flight")
             rows = await pipe.execute()
         moved = 0
         for batch_id, (status, in_flight) in zip(batch_ids, rows, strict=True):

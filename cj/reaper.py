@@ -24,11 +24,12 @@ from typing import Any
 import structlog
 
 from cj.continuation import Decision, advance, score
-from events.names import Keys
 from events.resilience import REDIS_DOWN, sleep_unless
 from events.types import BatchFailed, BatchFinalized
+from projections import keys as pkeys
 from projections.batch import PENDING, BatchState, completion_pct
 from projections.store import list_batches, load_state
+from streams.keys import Keys
 
 log = structlog.get_logger("cj.reaper")
 
@@ -87,7 +88,7 @@ async def find_stalled(
         return []
     async with r.pipeline(transaction=False) as pipe:
         for batch_id in batch_ids:
-            pipe.hmget(keys.batch(batch_id), "status", "last_event_at")
+            pipe.hmget(pkeys.batch(keys, batch_id), "status", "last_event_at")
         rows = await pipe.execute()
     out = []
     for batch_id, (status, last) in zip(batch_ids, rows, strict=True):

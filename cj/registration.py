@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cj.grade_scales import resolve_scale
 from events import codec
-from events.names import Keys
 from events.types import BatchConfig, BatchRegistered, Essay, Mode, new_id
 from projections.batch import register
 from projections.store import queue_state_write
+from streams.keys import Keys
 
 MAX_BUNDLE = 64
 

@@ -18,8 +18,8 @@ from redis.exceptions import ResponseError
 
 from events.codec import DecodeError, decode
 from events.metrics import DEAD_LETTERED
-from events.names import Keys
 from events.types import Event, now_iso
+from streams.keys import Keys
 
 log = structlog.get_logger("events.consumer")
 

@@ -11,7 +11,7 @@ import structlog
 
 from events.consumer import Entry, _s
 from events.metrics import LPS_PENDING
-from events.names import Keys
+from streams.keys import Keys
 
 log = structlog.get_logger("events.pending")
 

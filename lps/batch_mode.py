@@ -17,6 +17,7 @@ import structlog
 from events import codec
 from events.metrics import LPS_BUNDLE_SIZE
 from events.types import BundleDispatched, ComparisonRequested, new_id
+from lps import keys as lkeys
 from lps.providers.base import Judgement, ProviderError
 from lps.retry import Outcome
 
@@ -47,7 +48,9 @@ async def run_batch_unit(worker: LPSWorker, unit: Unit, *, poll_interval_s: floa
     from lps.batch_api import MessageBatches
 
     batches = MessageBatches(provider)  # type: ignore[arg-type]
-    known = await worker.r.mget([worker.keys.lps_provider_batch(q.correlation_id) for _, q in unit])
+    known = await worker.r.mget(
+        [lkeys.message_batch(worker.keys, q.correlation_id) for _, q in unit]
+    )
     by_batch: dict[str, Unit] = defaultdict(list)
     fresh: Unit = []
     for item, batch_id in zip(unit, known, strict=True):
@@ -100,7 +103,7 @@ async def _submit(worker: LPSWorker, batches: Any, unit: Unit) -> tuple[str | No
         pipe.xadd(worker.keys.dispatches, codec.encode(event))
         for q in sent:
             pipe.set(
-                worker.keys.lps_provider_batch(q.correlation_id),
+                lkeys.message_batch(worker.keys, q.correlation_id),
                 submitted.provider_batch_id,
                 ex=INDEX_TTL_S,
             )

@@ -26,7 +26,6 @@ from events.metrics import (
     LPS_REQUESTS,
     LPS_STUCK,
 )
-from events.names import LPS_GROUP, REQUESTS, Keys
 from events.pending import (
     Claimed,
     StuckAction,
@@ -37,6 +36,7 @@ from events.pending import (
     release_entries,
 )
 from events.resilience import REDIS_DOWN, Backoff, sleep_unless, wait_for_redis
+from events.streams import LPS_GROUP, REQUESTS
 from events.types import (
     BundleDispatched,
     ComparisonCompleted,
@@ -48,10 +48,12 @@ from events.types import (
     RequestExpired,
     new_id,
 )
+from lps import keys as lkeys
 from lps.batch_mode import run_batch_unit
 from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
+from streams.keys import Keys
 
 log = structlog.get_logger("lps.worker")
 
@@ -147,7 +149,7 @@ class Committer:
                 pipe.xadd(k.callbacks, codec.encode(item.callback))
                 pipe.xack(k.requests, LPS_GROUP, item.entry_id)
                 cid = getattr(item.callback, "correlation_id", "")
-                pipe.set(k.lps_done(cid), item.entry_id, ex=DONE_TTL_S)
+                pipe.set(lkeys.done(k, cid), item.entry_id, ex=DONE_TTL_S)
             await pipe.execute()
 
 
@@ -267,7 +269,7 @@ class LPSWorker:
             return requests
         async with self.r.pipeline(transaction=False) as pipe:
             for _, req in requests:
-                pipe.exists(self.keys.lps_done(req.correlation_id))
+                pipe.exists(lkeys.done(self.keys, req.correlation_id))
             flags = await pipe.execute()
         done = [entry for (entry, _), flag in zip(requests, flags, strict=True) if flag]
         if done:

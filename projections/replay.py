@@ -19,9 +19,10 @@ import msgspec
 import redis.asyncio as aioredis
 
 from events import codec
-from events.names import CJ_GROUP, Keys
+from events.streams import CJ_GROUP
 from events.types import EVENT_TYPES, BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
 from projections.batch import BatchState, apply_batch_event, apply_callback, entry_id_key, register
+from streams.keys import Keys
 
 PAGE = 5000
 

@@ -19,7 +19,6 @@ from cj.reaper import finalize_stalled, find_stalled, stalled_decision
 from cj.registration import append_registration
 from events import codec
 from events.consumer import Entry, _entries
-from events.names import CJ_GROUP, LPS_GROUP, Keys
 from events.pending import (
     HANDOFF_CONSUMER,
     pending_details,
@@ -27,6 +26,7 @@ from events.pending import (
     prune_dead_consumers,
 )
 from events.settings import Settings
+from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BatchFailed,
     BatchFinalized,
@@ -39,6 +39,7 @@ from lps.providers.base import Judgement
 from lps.worker import LPSWorker
 from projections.replay import read_stream, replay
 from projections.store import load_state
+from streams.keys import Keys
 from tests.helpers import append_and_read, canonical, completed, failed, registration, snapshot
 from tools import cmd_dlq, cmd_stuck
 

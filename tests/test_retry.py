@@ -16,11 +16,11 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from events import metrics
-from events.names import Keys
 from events.types import ComparisonRequested, ErrorDetail, Essay, TokenUsage
 from lps.cooldown import Cooldown
 from lps.providers.anthropic import AnthropicProvider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
+from streams.keys import Keys
 from tests.anthropic_server import (
     AnthropicTestServer,
     Reply,

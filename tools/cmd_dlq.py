@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from events.consumer import _s
-from events.names import STREAMS, Keys
+from events.streams import STREAMS
+from streams.keys import Keys
 from tools import common
 
 

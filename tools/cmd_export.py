@@ -25,10 +25,12 @@ import msgspec
 from redis.exceptions import ResponseError, WatchError
 
 from events import codec
-from events.names import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS, Keys
+from events.streams import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
+from projections import keys as pkeys
 from projections.batch import entry_id_key
 from projections.replay import decode_flat, raw_client, read_pages
+from streams.keys import Keys
 from tools import common
 from tools.cmd_replay import rebuild
 
@@ -229,7 +231,9 @@ def read_export(path: Path) -> dict[str, list[tuple[str, str, bytes, Event]]]:
 
 
 async def _holds_batch(r: Any, keys: Keys, batch_id: str) -> bool:
-    if await r.exists(keys.batch(batch_id)) or await r.hexists(keys.batch_index, batch_id):
+    if await r.exists(pkeys.batch(keys, batch_id)) or await r.hexists(
+        pkeys.batch_index(keys), batch_id
+    ):
         return True
     needle = batch_id.encode()
     async for entries in read_pages(raw_client(r), keys.batches):

@@ -14,9 +14,9 @@ from cj.consumer import CJConsumer
 from cj.reaper import finalize_stalled, find_stalled, stalled_view
 from events import codec
 from events.consumer import _s
-from events.names import CONSUMED, STREAMS, Keys
 from events.pending import StuckAction, pending_details, prune_consumer
 from events.settings import Settings, consumer_name
+from events.streams import CONSUMED, STREAMS
 from events.types import (
     BatchScored,
     ComparisonCompleted,
@@ -26,6 +26,7 @@ from events.types import (
 )
 from lps.providers.registry import make_provider
 from lps.worker import LPSWorker
+from streams.keys import Keys
 from tools import common
 from tools.runtime import retry_policy
 

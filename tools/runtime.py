@@ -16,12 +16,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cj.consumer import CJConsumer
 from cj.reaper import run_stalled_reaper
-from events.names import Keys
 from events.settings import Settings, consumer_name
 from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy
 from lps.worker import LPSWorker
+from streams.keys import Keys
 
 
 def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:
