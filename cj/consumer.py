@@ -15,10 +15,10 @@ from typing import Any
 import structlog
 
 from cj.continuation import advance
+from cj.metrics import CJ_CALLBACKS, CJ_ORPHANS
 from events import codec
 from events.codec import DecodeError
 from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
-from events.metrics import CJ_CALLBACKS, CJ_ORPHANS, LPS_STUCK
 from events.pending import StuckAction, claim_idle, group_upkeep
 from events.resilience import REDIS_DOWN, Backoff, wait_for_redis
 from events.streams import CALLBACKS, CJ_GROUP
@@ -26,6 +26,7 @@ from events.types import ComparisonCompleted, ComparisonFailed
 from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
 from streams.keys import Keys
+from streams.metrics import STUCK_ITEMS
 
 log = structlog.get_logger("cj.consumer")
 
@@ -168,7 +169,7 @@ class CJConsumer:
                 event,
             )
             actions.append(action)
-            LPS_STUCK.labels(action.action).inc()
+            STUCK_ITEMS.labels(action.action).inc()
             log.warning(f"stuck_callback_{action.action}", **action.log_fields())
             if expire:
                 dead.append(

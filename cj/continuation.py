@@ -19,10 +19,10 @@ import structlog
 from redis.exceptions import WatchError
 
 from cj.grades import project_grades
+from cj.metrics import CJ_COMPLETION, CJ_FINALIZED
 from cj.pairs import PairHistory, plan_wave
 from cj.scoring import Comparison, fit_bt, max_abs_delta, split_half, ssr
 from events import codec
-from events.metrics import CJ_COMPLETION, CJ_FINALIZED
 from events.types import (
     BatchEvent,
     BatchFailed,

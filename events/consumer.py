@@ -17,9 +17,9 @@ import structlog
 from redis.exceptions import ResponseError
 
 from events.codec import DecodeError, decode
-from events.metrics import DEAD_LETTERED
 from events.types import Event, now_iso
 from streams.keys import Keys
+from streams.metrics import DEAD_LETTERED
 
 log = structlog.get_logger("events.consumer")
 

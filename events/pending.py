@@ -10,8 +10,8 @@ from typing import Any
 import structlog
 
 from events.consumer import Entry, _s
-from events.metrics import LPS_PENDING
 from streams.keys import Keys
+from streams.metrics import PENDING_ENTRIES
 
 log = structlog.get_logger("events.pending")
 
@@ -189,7 +189,7 @@ async def pending_count(r: Any, stream: str, group: str) -> int:
 async def update_pending_gauge(r: Any, stream: str, stream_name: str, group: str) -> int:
     """Set `lps_pending_entries{stream, group}` (stream named without the key prefix)."""
     n = await pending_count(r, stream, group)
-    LPS_PENDING.labels(stream_name, group).set(n)
+    PENDING_ENTRIES.labels(stream_name, group).set(n)
     return n
 
 

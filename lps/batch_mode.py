@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from events import codec
-from events.metrics import LPS_BUNDLE_SIZE
 from events.types import BundleDispatched, ComparisonRequested, new_id
 from lps import keys as lkeys
+from lps.metrics import LPS_BUNDLE_SIZE
 from lps.providers.base import Judgement, ProviderError
 from lps.retry import Outcome
 

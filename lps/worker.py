@@ -21,11 +21,6 @@ import structlog
 from events import codec
 from events.codec import DecodeError
 from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
-from events.metrics import (
-    LPS_BUNDLE_SIZE,
-    LPS_REQUESTS,
-    LPS_STUCK,
-)
 from events.pending import (
     Claimed,
     StuckAction,
@@ -51,9 +46,11 @@ from events.types import (
 from lps import keys as lkeys
 from lps.batch_mode import run_batch_unit
 from lps.cooldown import Cooldown
+from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
 from lps.providers.base import Provider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
 from streams.keys import Keys
+from streams.metrics import STUCK_ITEMS
 
 log = structlog.get_logger("lps.worker")
 
@@ -309,7 +306,7 @@ class LPSWorker:
             ids,
             idle_ms=int(self.processing_timeout_s * 1000),
         )
-        LPS_STUCK.labels("released").inc(n)
+        STUCK_ITEMS.labels("released").inc(n)
         log.info(
             "requests_released",
             entries=n,
@@ -506,7 +503,7 @@ class LPSWorker:
                 c, REQUESTS, LPS_GROUP, "expired" if expire else "reclaimed", self.consumer, req
             )
             actions.append(action)
-            LPS_STUCK.labels(action.action).inc()
+            STUCK_ITEMS.labels(action.action).inc()
             log.warning(f"stuck_request_{action.action}", **action.log_fields())
             if expire:
                 assert req is not None
