@@ -18,15 +18,16 @@ from cj.continuation import advance
 from cj.metrics import CJ_CALLBACKS, CJ_ORPHANS
 from events import codec
 from events.codec import DecodeError
-from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
-from events.pending import StuckAction, claim_idle, group_upkeep
-from events.resilience import REDIS_DOWN, Backoff, wait_for_redis
 from events.streams import CALLBACKS, CJ_GROUP
 from events.types import ComparisonCompleted, ComparisonFailed
 from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
+from streams.dlq import queue_dead_letter
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
+from streams.pending import StuckAction, claim_idle, group_upkeep
+from streams.reader import Entry, GroupReader, ensure_group, split_decoded
+from streams.resilience import REDIS_DOWN, Backoff, wait_for_redis
 
 log = structlog.get_logger("cj.consumer")
 

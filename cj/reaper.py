@@ -24,12 +24,12 @@ from typing import Any
 import structlog
 
 from cj.continuation import Decision, advance, score
-from events.resilience import REDIS_DOWN, sleep_unless
 from events.types import BatchFailed, BatchFinalized
 from projections import keys as pkeys
 from projections.batch import PENDING, BatchState, completion_pct
 from projections.store import list_batches, load_state
 from streams.keys import Keys
+from streams.resilience import REDIS_DOWN, sleep_unless
 
 log = structlog.get_logger("cj.reaper")
 

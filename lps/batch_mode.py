@@ -22,8 +22,8 @@ from lps.providers.base import Judgement, ProviderError
 from lps.retry import Outcome
 
 if TYPE_CHECKING:
-    from events.consumer import Entry
     from lps.worker import LPSWorker
+    from streams.reader import Entry
 
 log = structlog.get_logger("lps.batch_mode")
 

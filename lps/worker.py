@@ -20,17 +20,6 @@ import structlog
 
 from events import codec
 from events.codec import DecodeError
-from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
-from events.pending import (
-    Claimed,
-    StuckAction,
-    claim_ids,
-    group_upkeep,
-    keep_alive,
-    pending_details,
-    release_entries,
-)
-from events.resilience import REDIS_DOWN, Backoff, sleep_unless, wait_for_redis
 from events.streams import LPS_GROUP, REQUESTS
 from events.types import (
     BundleDispatched,
@@ -49,8 +38,20 @@ from lps.cooldown import Cooldown
 from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
 from lps.providers.base import Provider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
+from streams.dlq import queue_dead_letter
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
+from streams.pending import (
+    Claimed,
+    StuckAction,
+    claim_ids,
+    group_upkeep,
+    keep_alive,
+    pending_details,
+    release_entries,
+)
+from streams.reader import Entry, GroupReader, ensure_group, split_decoded
+from streams.resilience import REDIS_DOWN, Backoff, sleep_unless, wait_for_redis
 
 log = structlog.get_logger("lps.worker")
 

@@ -6,11 +6,11 @@ import asyncio
 from typing import Any
 
 from events import codec
-from events.consumer import Entry
 from events.types import ComparisonRequested, Essay
 from lps.providers.base import Judgement
 from lps.worker import SERIAL_BUNDLE_MAX_REQUESTS_PER_CALL, LPSWorker, bundle_size, plan_units
 from streams.keys import Keys
+from streams.reader import Entry
 
 
 def _req(

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from cj.continuation import Decision, queue_decision
 from cj.registration import append_registration
 from events import codec
-from events.consumer import ensure_group
 from events.streams import CJ_GROUP
 from projections import keys as pkeys
 from projections.replay import read_horizon, read_pages, replay_live
 from projections.store import CallbackApplier, load_state
 from streams.keys import Keys
+from streams.reader import ensure_group
 from tests.helpers import canonical, completed, registration, snapshot, wave
 from tools.cli import main
 from tools.cmd_replay import check, rebuild

@@ -28,7 +28,6 @@ import redis.asyncio as aioredis
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
-from events.pending import HANDOFF_CONSUMER, pending_details
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BatchRegistered,
@@ -44,6 +43,7 @@ from projections.batch import BatchState
 from projections.replay import read_stream, replay
 from projections.store import load_state
 from streams.keys import Keys
+from streams.pending import HANDOFF_CONSUMER, pending_details
 from tests.helpers import canonical, registration, snapshot
 from tests.redis_server import RedisServer
 from tools.views import status_view
