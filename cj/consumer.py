@@ -19,6 +19,7 @@ from cj.metrics import CJ_CALLBACKS, CJ_ORPHANS
 from events import codec
 from events.codec import DecodeError
 from events.streams import CALLBACKS, CJ_GROUP
+from events.text import as_str
 from events.types import ComparisonCompleted, ComparisonFailed
 from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
@@ -91,7 +92,7 @@ class CJConsumer:
             results = await pipe.execute()
         to_advance: set[str] = set()
         for (entry, callback), (outcome, left) in zip(callbacks, results, strict=True):
-            outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+            outcome = as_str(outcome)
             if outcome == "replayed":
                 continue
             CJ_CALLBACKS.labels(outcome).inc()

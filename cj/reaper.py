@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from cj.continuation import Decision, advance, score
+from events.text import as_str
 from events.types import BatchFailed, BatchFinalized
 from projections import keys as pkeys
 from projections.batch import PENDING, BatchState, completion_pct
@@ -92,9 +93,9 @@ async def find_stalled(
         rows = await pipe.execute()
     out = []
     for batch_id, (status, last) in zip(batch_ids, rows, strict=True):
-        if status is None or status.decode() in ("finalized", "failed"):
+        if status is None or as_str(status) in ("finalized", "failed"):
             continue
-        last_at = parse_time(last.decode() if last else "")
+        last_at = parse_time(as_str(last) if last else "")
         if last_at is None or last_at > cutoff:
             continue
         state = await load_state(r, keys, batch_id)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from events import codec
+from events.text import as_str
 from events.types import BundleDispatched, ComparisonRequested, new_id
 from lps import keys as lkeys
 from lps.metrics import LPS_BUNDLE_SIZE
@@ -55,7 +56,7 @@ async def run_batch_unit(worker: LPSWorker, unit: Unit, *, poll_interval_s: floa
     fresh: Unit = []
     for item, batch_id in zip(unit, known, strict=True):
         if batch_id:
-            by_batch[batch_id.decode() if isinstance(batch_id, bytes) else batch_id].append(item)
+            by_batch[as_str(batch_id)].append(item)
         else:
             fresh.append(item)
     if fresh:

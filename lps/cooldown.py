@@ -95,8 +95,6 @@ class Cooldown:
         except Exception as exc:  # fail open
             log.warning("cooldown write failed: %s", type(exc).__name__)
             return 0.0
-        if isinstance(in_force, bytes):
-            in_force = in_force.decode()
         try:
             until_in_force = float(in_force)
         except (TypeError, ValueError):

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from events import codec
 from events.streams import CJ_GROUP
+from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
 from projections.batch import BatchState, apply_batch_event, apply_callback, entry_id_key, register
 from streams.keys import Keys
@@ -102,10 +103,6 @@ async def replay(
 PEL_PAGE = 10_000
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass(frozen=True)
 class Horizon:
     """What the live projection had applied when it was read."""
@@ -136,21 +133,21 @@ def queue_horizon(pipe: Any, keys: Keys) -> None:
 
 async def horizon_from(r: Any, keys: Keys, last: Any, groups: Any, pel: Any) -> Horizon:
     """The horizon from the replies of `queue_horizon` (errors mean: no stream or no group)."""
-    batches_last = _text(last[0][0]) if isinstance(last, list) and last else None
+    batches_last = as_str(last[0][0]) if isinstance(last, list) and last else None
     delivered: str | None = None
     if isinstance(groups, list):
         for group in groups:
-            if _text(group["name"]) == CJ_GROUP:
-                delivered = _text(group["last-delivered-id"])
+            if as_str(group["name"]) == CJ_GROUP:
+                delivered = as_str(group["last-delivered-id"])
     pending: set[str] = set()
     if delivered is not None and isinstance(pel, list):
-        pending.update(_text(p["message_id"]) for p in pel)
+        pending.update(as_str(p["message_id"]) for p in pel)
         while len(pel) == PEL_PAGE:  # a huge backlog: page on (outside the instant; see README)
-            ms, seq = _text(pel[-1]["message_id"]).split("-")
+            ms, seq = as_str(pel[-1]["message_id"]).split("-")
             pel = await r.xpending_range(
                 keys.callbacks, CJ_GROUP, min=f"{ms}-{int(seq) + 1}", max="+", count=PEL_PAGE
             )
-            pending.update(_text(p["message_id"]) for p in pel)
+            pending.update(as_str(p["message_id"]) for p in pel)
     return Horizon(batches_last, delivered, frozenset(pending))
 
 
@@ -186,7 +183,7 @@ async def read_pages(
             if not entries:
                 return
             if len(entries) == page:
-                ms, seq = _text(entries[-1][0]).split("-")
+                ms, seq = as_str(entries[-1][0]).split("-")
                 task = asyncio.ensure_future(fetch(f"{ms}-{int(seq) + 1}"))
             yield entries
             if len(entries) < page:
@@ -307,10 +304,10 @@ async def _replay_live(
         whole = (
             delivered is not None
             and not pending
-            and entry_id_key(_text(entries[-1][0])) <= delivered
+            and entry_id_key(as_str(entries[-1][0])) <= delivered
         )
         for raw_id, flat in entries:
-            entry_id = _text(raw_id)
+            entry_id = as_str(raw_id)
             if not whole and (
                 delivered is None or entry_id_key(entry_id) > delivered or entry_id in pending
             ):

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from events.text import as_str
 from events.types import BatchConfig, BatchScored, Callback, Essay
 from projections import keys as pkeys
 from projections.batch import COUNTERS, BatchState, corr_value
@@ -31,10 +32,6 @@ TEXT_FIELDS = (
     "failure_message",
     "completed_at",
 )
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def scalar_fields(state: BatchState) -> dict[str, str]:
@@ -67,8 +64,8 @@ def encode_state(state: BatchState, keys: Keys) -> dict[str, dict[str, str]]:
 def decode_state(
     raw: dict[str, dict[bytes | str, bytes | str]], keys: Keys, batch_id: str
 ) -> BatchState | None:
-    scal = {_s(k): _s(v) for k, v in raw.get(pkeys.batch(keys, batch_id), {}).items()}
-    docs = {_s(k): v for k, v in raw.get(pkeys.batch_docs(keys, batch_id), {}).items()}
+    scal = {as_str(k): as_str(v) for k, v in raw.get(pkeys.batch(keys, batch_id), {}).items()}
+    docs = {as_str(k): v for k, v in raw.get(pkeys.batch_docs(keys, batch_id), {}).items()}
     if not scal or "essays" not in docs:
         return None
     state = BatchState(
@@ -84,12 +81,15 @@ def decode_state(
         setattr(state, name, int(scal.get(name, 0)))
     if "scores" in docs:
         state.scores = _scores.decode(docs["scores"])
-    state.corr = {_s(k): _s(v) for k, v in raw.get(pkeys.batch_corr(keys, batch_id), {}).items()}
+    state.corr = {
+        as_str(k): as_str(v) for k, v in raw.get(pkeys.batch_corr(keys, batch_id), {}).items()
+    }
     state.pairs = {
-        _s(k): _pair.decode(v) for k, v in raw.get(pkeys.batch_pairs(keys, batch_id), {}).items()
+        as_str(k): _pair.decode(v)
+        for k, v in raw.get(pkeys.batch_pairs(keys, batch_id), {}).items()
     }
     state.orphan_ids = {
-        _s(k): int(v) for k, v in raw.get(pkeys.batch_orphans(keys, batch_id), {}).items()
+        as_str(k): int(v) for k, v in raw.get(pkeys.batch_orphans(keys, batch_id), {}).items()
     }
     return state
 
@@ -174,5 +174,5 @@ class CallbackApplier:
 
 async def list_batches(r: Any, keys: Keys) -> list[str]:
     """Batch ids, oldest registration first."""
-    index = {_s(k): _s(v) for k, v in (await r.hgetall(pkeys.batch_index(keys))).items()}
+    index = {as_str(k): as_str(v) for k, v in (await r.hgetall(pkeys.batch_index(keys))).items()}
     return sorted(index, key=lambda b: (index[b], b))

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from redis.exceptions import WatchError
 
+from events.text import as_str
 from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.replay import (
@@ -36,10 +37,6 @@ REBUILD_TRIES = 5
 UNKNOWN_BATCH_FIELD = "orphans_unknown_batch"
 
 Flat = dict[str, dict[str, str]]
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def expected_of(state: BatchState | None, keys: Keys) -> Flat:
@@ -101,9 +98,9 @@ async def read_snapshot(r: Any, keys: Keys, batch_ids: list[str]) -> Snapshot:
         flat: Flat = {}
         for name, value in zip(pkeys.batch_keys(keys, b), chunk[:-1], strict=True):
             if isinstance(value, dict) and value:
-                flat[name] = {_s(k): _s(v) for k, v in value.items()}
+                flat[name] = {as_str(k): as_str(v) for k, v in value.items()}
         if chunk[-1] is not None and not isinstance(chunk[-1], Exception):
-            flat[pkeys.batch_index(keys)] = {b: _s(chunk[-1])}
+            flat[pkeys.batch_index(keys)] = {b: as_str(chunk[-1])}
         snap.live[b] = flat
     return snap
 
