@@ -57,8 +57,9 @@ from events.types import (
     WaveSubmitted,
     new_id,
 )
-from projections.replay import raw_client, read_pages, replay_live
+from projections.replay import replay_live
 from streams.keys import Keys
+from streams.paging import raw_client, read_pages
 from tests.redis_server import RedisServer
 from tools.cmd_replay import check, rebuild
 

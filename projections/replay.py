@@ -7,16 +7,14 @@ batch events that follow their wave).
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from events import codec
 from events.streams import CJ_GROUP
@@ -24,25 +22,7 @@ from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
 from projections.batch import BatchState, apply_batch_event, apply_callback, entry_id_key, register
 from streams.keys import Keys
-
-PAGE = 5000
-
-
-async def read_stream(r: Any, stream: str, *, page: int = PAGE) -> AsyncIterator[tuple[str, Any]]:
-    """Every entry of `stream` in order, read in pages (XRANGE ... COUNT)."""
-    start = "-"
-    while True:
-        entries = await r.xrange(stream, min=start, max="+", count=page)
-        if not entries:
-            return
-        for entry_id, fields in entries:
-            yield (entry_id.decode() if isinstance(entry_id, bytes) else entry_id), fields
-        last = entries[-1][0]
-        last = last.decode() if isinstance(last, bytes) else last
-        ms, seq = last.split("-")
-        start = f"{ms}-{int(seq) + 1}"
-        if len(entries) < page:
-            return
+from streams.paging import PAGE, next_id, raw_client, read_pages, read_stream
 
 
 def fold(
@@ -143,9 +123,9 @@ async def horizon_from(r: Any, keys: Keys, last: Any, groups: Any, pel: Any) -> 
     if delivered is not None and isinstance(pel, list):
         pending.update(as_str(p["message_id"]) for p in pel)
         while len(pel) == PEL_PAGE:  # a huge backlog: page on (outside the instant; see README)
-            ms, seq = as_str(pel[-1]["message_id"]).split("-")
+            start = next_id(as_str(pel[-1]["message_id"]))
             pel = await r.xpending_range(
-                keys.callbacks, CJ_GROUP, min=f"{ms}-{int(seq) + 1}", max="+", count=PEL_PAGE
+                keys.callbacks, CJ_GROUP, min=start, max="+", count=PEL_PAGE
             )
             pending.update(as_str(p["message_id"]) for p in pel)
     return Horizon(batches_last, delivered, frozenset(pending))
@@ -156,42 +136,6 @@ async def read_horizon(r: Any, keys: Keys) -> Horizon:
         queue_horizon(pipe, keys)
         replies = await pipe.execute(raise_on_error=False)
     return await horizon_from(r, keys, *replies)
-
-
-def raw_client(r: Any) -> Any:
-    """A client on `r`'s connection pool whose XRANGE replies are left as Redis sends them
-    (`[[id, [field, value, ...]], ...]`): building a dict per entry costs more than decoding it."""
-    client = aioredis.Redis(connection_pool=r.connection_pool)
-    client.set_response_callback("XRANGE", lambda response, **_: response)
-    return client
-
-
-async def read_pages(
-    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+"
-) -> AsyncIterator[list[Any]]:
-    """Pages of `stream` up to `max_id` (XRANGE ... COUNT), the next page read while the caller
-    works on the current one."""
-
-    async def fetch(start: str) -> list[Any]:
-        result: list[Any] = await r.xrange(stream, min=start, max=max_id, count=page)
-        return result
-
-    task = asyncio.ensure_future(fetch("-"))
-    try:
-        while True:
-            entries = await task
-            if not entries:
-                return
-            if len(entries) == page:
-                ms, seq = as_str(entries[-1][0]).split("-")
-                task = asyncio.ensure_future(fetch(f"{ms}-{int(seq) + 1}"))
-            yield entries
-            if len(entries) < page:
-                return
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 _DECODERS = {name.encode(): msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}

@@ -26,8 +26,8 @@ from events.types import (
 from lps.batch_api import custom_id_for
 from lps.providers.anthropic import AnthropicProvider
 from lps.worker import LPSWorker
-from projections.replay import read_stream
 from streams.keys import Keys
+from streams.paging import read_stream
 from tests.anthropic_server import (
     AnthropicTestServer,
     batch_errored,

@@ -28,9 +28,10 @@ from events.streams import CJ_GROUP
 from events.types import BatchFinalized, ComparisonCompleted
 from projections import keys as pkeys
 from projections.batch import PENDING
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import immediate_load, load_state
 from streams.keys import Keys
+from streams.paging import read_stream
 from tests.helpers import canonical, completed, failed, registration, snapshot, wave
 
 pytestmark = pytest.mark.redis

@@ -23,9 +23,10 @@ from events.types import (
 )
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import load_state
 from streams.keys import Keys
+from streams.paging import read_stream
 from tests.helpers import canonical, registration, snapshot
 from tools.runtime import InProcess
 

@@ -30,10 +30,11 @@ from events.types import (
 )
 from lps.providers.base import Judgement
 from lps.worker import LPSWorker
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import load_state
 from streams.dlq import read_dead_letters
 from streams.keys import Keys
+from streams.paging import read_stream
 from streams.pending import (
     HANDOFF_CONSUMER,
     pending_details,

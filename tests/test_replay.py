@@ -16,9 +16,10 @@ from cj.registration import append_registration
 from events import codec
 from events.streams import CJ_GROUP
 from projections import keys as pkeys
-from projections.replay import read_horizon, read_pages, replay_live
+from projections.replay import read_horizon, replay_live
 from projections.store import CallbackApplier, load_state
 from streams.keys import Keys
+from streams.paging import read_pages
 from streams.reader import ensure_group
 from tests.helpers import canonical, completed, registration, snapshot, wave
 from tools.cli import main

@@ -40,9 +40,10 @@ from events.types import (
 from lps.providers.mock import POISON_EXIT_CODE
 from projections import keys as pkeys
 from projections.batch import BatchState
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import load_state
 from streams.keys import Keys
+from streams.paging import read_stream
 from streams.pending import HANDOFF_CONSUMER, pending_details
 from tests.helpers import canonical, registration, snapshot
 from tests.redis_server import RedisServer

@@ -30,8 +30,9 @@ from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
 from projections import keys as pkeys
 from projections.batch import entry_id_key
-from projections.replay import decode_flat, raw_client, read_pages
+from projections.replay import decode_flat
 from streams.keys import Keys
+from streams.paging import raw_client, read_pages
 from tools import common
 from tools.cmd_replay import rebuild
 

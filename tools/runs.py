@@ -23,6 +23,7 @@ from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.store import load_state
 from streams.keys import Keys
+from streams.paging import read_stream
 from tools.runtime import InProcess
 
 
@@ -133,21 +134,13 @@ async def count_provider_calls(r: Any, keys: Keys, batch_id: str) -> int:
         (keys.dispatches, ProviderAttemptFailed),
         (keys.callbacks, ComparisonCompleted),
     ):
-        last = "-"
-        while True:
-            page = await r.xrange(stream, min=last, max="+", count=1000)
-            if last != "-":
-                page = page[1:]
-            if not page:
-                break
-            for _, fields in page:
-                try:
-                    event = codec.decode(fields)
-                except codec.DecodeError:
-                    continue
-                if isinstance(event, kind) and event.batch_id == batch_id:
-                    calls += 1
-            last = page[-1][0].decode()
+        async for _, fields in read_stream(r, stream):
+            try:
+                event = codec.decode(fields)
+            except codec.DecodeError:
+                continue
+            if isinstance(event, kind) and event.batch_id == batch_id:
+                calls += 1
     return calls
 
 
