@@ -15,8 +15,8 @@ from prometheus_client import REGISTRY
 
 from cj.consumer import CJConsumer
 from cj.continuation import advance
-from cj.reaper import finalize_stalled, find_stalled, stalled_decision
 from cj.registration import append_registration
+from cj.stalls import finalize_stalled, find_stalled, stalled_decision
 from events import codec
 from events.settings import Settings
 from events.streams import CJ_GROUP, LPS_GROUP

@@ -11,7 +11,7 @@ import click
 from redis.exceptions import ResponseError
 
 from cj.consumer import CJConsumer
-from cj.reaper import finalize_stalled, find_stalled, stalled_view
+from cj.stalls import finalize_stalled, find_stalled, stalled_view
 from events import codec
 from events.settings import Settings, consumer_name
 from events.streams import CONSUMED, STREAMS

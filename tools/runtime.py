@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cj.consumer import CJConsumer
-from cj.reaper import run_stalled_reaper
+from cj.stalls import run_stall_finalizer
 from events.settings import Settings, consumer_name
 from lps.cooldown import Cooldown
 from lps.providers.base import Provider
@@ -97,7 +97,7 @@ class InProcess:
         for _ in range(self.reapers):
             self.tasks.append(
                 asyncio.create_task(
-                    run_stalled_reaper(
+                    run_stall_finalizer(
                         self.r,
                         self.keys,
                         self.stop,

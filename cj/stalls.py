@@ -12,7 +12,8 @@ events and through the same WATCH / MULTI path as `cj.continuation.advance`
 - otherwise `BatchFailed` with reason `stalled` and a message saying why.
 
 Either way `abandoned` names the correlation ids still pending: their callbacks,
-should they come, count as late.
+should they come, count as late. The `reaper` worker role is `run_stall_finalizer`
+(not the consumers' reclaim passes, which deal with pending entries).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from projections.store import list_batches, load_state
 from streams.keys import Keys
 from streams.resilience import REDIS_DOWN, sleep_unless
 
-log = structlog.get_logger("cj.reaper")
+log = structlog.get_logger("cj.stalls")
 
 
 def parse_time(value: str) -> datetime | None:
@@ -160,7 +161,7 @@ async def finalize_stalled(
     return await advance(r, keys, batch_id, decider=decider, max_tries=max_tries)
 
 
-async def run_stalled_reaper(
+async def run_stall_finalizer(
     r: Any, keys: Keys, stop: asyncio.Event, *, idle_timeout_s: float, every_s: float
 ) -> None:
     """The `reaper` worker role: end batches stalled for `idle_timeout_s`, as `cjs stuck
