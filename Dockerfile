@@ -8,6 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY events ./events
+COPY streams ./streams
 COPY projections ./projections
 COPY cj ./cj
 COPY lps ./lps

@@ -34,11 +34,12 @@ from cj.consumer import CJConsumer
 from cj.continuation import Decision, advance, queue_decision
 from cj.registration import append_registration
 from events import codec
-from events.names import CJ_GROUP, Keys
 from events.settings import Settings
+from events.streams import CJ_GROUP
 from lps.providers.mock import MockProfile
 from lps.providers.registry import make_provider
 from projections.store import load_state
+from streams.keys import Keys
 from tests.helpers import completed, registration, wave
 from tests.redis_server import RedisServer
 from tools.logs import configure

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis.asyncio as aioredis
 
 from events import codec
-from events.names import CJ_GROUP, Keys
+from events.streams import CJ_GROUP
 from events.types import (
     BatchConfig,
     BatchFinalized,
@@ -57,7 +57,9 @@ from events.types import (
     WaveSubmitted,
     new_id,
 )
-from projections.replay import raw_client, read_pages, replay_live
+from projections.replay import replay_live
+from streams.keys import Keys
+from streams.paging import raw_client, read_pages
 from tests.redis_server import RedisServer
 from tools.cmd_replay import check, rebuild
 

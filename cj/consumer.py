@@ -10,74 +10,38 @@ with nothing in flight (`sweep`), updates the pending gauge and prunes dead cons
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Unpack
 
 import structlog
 
 from cj.continuation import advance
-from events import codec
+from cj.metrics import CJ_CALLBACKS, CJ_ORPHANS
 from events.codec import DecodeError
-from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
-from events.metrics import CJ_CALLBACKS, CJ_ORPHANS, LPS_STUCK
-from events.names import CALLBACKS, CJ_GROUP, Keys
-from events.pending import StuckAction, claim_idle, group_upkeep
-from events.resilience import REDIS_DOWN, Backoff, wait_for_redis
-from events.types import ComparisonCompleted, ComparisonFailed
+from events.streams import CALLBACKS, CJ_GROUP
+from events.text import as_str
+from events.types import Callback, ComparisonCompleted, ComparisonFailed, Event
+from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
+from streams.consumer import GroupConsumer, GroupOptions
+from streams.keys import Keys
+from streams.pending import Claimed, StuckAction, claim_idle
+from streams.reader import Entry
+from streams.resilience import REDIS_DOWN, Backoff, wait_for_redis
 
 log = structlog.get_logger("cj.consumer")
 
 
-class CJConsumer:
-    def __init__(
-        self,
-        r: Any,
-        keys: Keys,
-        consumer: str,
-        *,
-        count: int = 100,
-        block_ms: int = 1000,
-        processing_timeout_s: float = 120.0,
-        max_deliveries: int = 3,
-        dead_consumer_after_s: float = 3600.0,
-    ):
-        self.r = r
-        self.keys = keys
-        self.consumer = consumer
-        self.processing_timeout_s = processing_timeout_s
-        self.max_deliveries = max_deliveries
-        self.dead_consumer_after_s = dead_consumer_after_s
-        self.reader = GroupReader(
-            r, keys.callbacks, CJ_GROUP, consumer, count=count, block_ms=block_ms
-        )
+class CJConsumer(GroupConsumer[Callback]):
+    accepts = (ComparisonCompleted, ComparisonFailed)
+    expire_action = "dead_lettered"
+    stuck_noun = "callback"
+
+    def __init__(self, r: Any, keys: Keys, consumer: str, **options: Unpack[GroupOptions]):
+        super().__init__(r, keys, CALLBACKS, CJ_GROUP, consumer, **options)
         self.applier = CallbackApplier(r, keys, CJ_GROUP)
 
-    async def start(self) -> None:
-        await ensure_group(self.r, self.keys.callbacks, CJ_GROUP)
-
-    async def step(self) -> int:
-        """Read and apply one page of callbacks; returns how many entries it handled."""
-        entries = await self.reader.read()
-        if entries:
-            await self.handle(entries)
-        return len(entries)
-
     async def handle(self, entries: list[Entry]) -> None:
-        good, bad = split_decoded(entries)
-        callbacks = []
-        for entry, event in good:
-            if isinstance(event, ComparisonCompleted | ComparisonFailed):
-                callbacks.append((entry, event))
-            else:
-                err = DecodeError("unexpected_type", f"{type(event).__name__} on {CALLBACKS}")
-                bad.append((entry, err))
-        if bad:
-            async with self.r.pipeline(transaction=True) as pipe:
-                for entry, error in bad:
-                    queue_dead_letter(
-                        pipe, self.keys, CALLBACKS, entry, error, CJ_GROUP, self.consumer
-                    )
-                await pipe.execute()
+        callbacks = await self.accepted(entries)
         if not callbacks:
             return
         # One round trip for the page: each script call is atomic on its own.
@@ -87,7 +51,7 @@ class CJConsumer:
             results = await pipe.execute()
         to_advance: set[str] = set()
         for (entry, callback), (outcome, left) in zip(callbacks, results, strict=True):
-            outcome = outcome.decode() if isinstance(outcome, bytes) else outcome
+            outcome = as_str(outcome)
             if outcome == "replayed":
                 continue
             CJ_CALLBACKS.labels(outcome).inc()
@@ -98,7 +62,7 @@ class CJConsumer:
             details: dict[str, Any] = {}
             if outcome == "orphan":
                 CJ_ORPHANS.labels(callback.source_service or "unknown").inc()
-                known = bool(await self.r.exists(self.keys.batch(callback.batch_id)))
+                known = bool(await self.r.exists(pkeys.batch(self.keys, callback.batch_id)))
                 details = {
                     "unknown": "correlation_id" if known else "batch_id",
                     "essay_a_id": callback.essay_a_id,
@@ -126,7 +90,7 @@ class CJConsumer:
             return 0
         async with self.r.pipeline(transaction=False) as pipe:
             for batch_id in batch_ids:
-                pipe.hmget(self.keys.batch(batch_id), "status", "in_flight")
+                pipe.hmget(pkeys.batch(self.keys, batch_id), "status", "in_flight")
             rows = await pipe.execute()
         moved = 0
         for batch_id, (status, in_flight) in zip(batch_ids, rows, strict=True):
@@ -138,71 +102,33 @@ class CJConsumer:
         """Claim callback entries idle past the processing timeout and apply them again; an
         entry delivered more than `max_deliveries` times goes to `dlq:cj:callbacks`."""
         claimed, deleted = await claim_idle(
-            self.r,
-            self.keys.callbacks,
-            CJ_GROUP,
-            self.consumer,
-            int(self.processing_timeout_s * 1000),
+            self.r, self.stream, CJ_GROUP, self.consumer, self.timeout_ms
         )
         if deleted:
             log.warning(
                 "stuck_callbacks_deleted", stream=CALLBACKS, group=CJ_GROUP, entry_ids=deleted
             )
-        actions: list[StuckAction] = []
-        retry: list[Entry] = []
-        dead: list[tuple[Entry, DecodeError]] = []
-        for c in claimed:
-            try:
-                event = codec.decode(c.entry.fields)
-            except DecodeError:
-                event = None
-            expire = c.deliveries > self.max_deliveries
-            action = StuckAction.of(
-                c,
-                CALLBACKS,
-                CJ_GROUP,
-                "dead_lettered" if expire else "reclaimed",
-                self.consumer,
-                event,
-            )
-            actions.append(action)
-            LPS_STUCK.labels(action.action).inc()
-            log.warning(f"stuck_callback_{action.action}", **action.log_fields())
-            if expire:
-                dead.append(
-                    (
-                        c.entry,
-                        DecodeError(
-                            "max_deliveries",
-                            f"delivered {c.deliveries} times (limit {self.max_deliveries})",
-                        ),
-                    )
+        return await self.settle(claimed)
+
+    async def expire(self, items: list[tuple[Claimed, Event | None]]) -> None:
+        limit = self.max_deliveries
+        await self.dead_letter(
+            [
+                (
+                    c.entry,
+                    DecodeError(
+                        "max_deliveries", f"delivered {c.deliveries} times (limit {limit})"
+                    ),
                 )
-            else:
-                retry.append(c.entry)
-        if dead:
-            async with self.r.pipeline(transaction=True) as pipe:
-                for entry, error in dead:
-                    queue_dead_letter(
-                        pipe, self.keys, CALLBACKS, entry, error, CJ_GROUP, self.consumer
-                    )
-                await pipe.execute()
-        if retry:
-            await self.handle(retry)
-        return actions
+                for c, _ in items
+            ]
+        )
 
     async def maintain(self) -> list[StuckAction]:
         """One reaper pass: reclaim, sweep, pending gauge, dead consumers."""
         actions = await self.reclaim()
         await self.sweep()
-        await group_upkeep(
-            self.r,
-            self.keys,
-            CALLBACKS,
-            CJ_GROUP,
-            self.consumer,
-            dead_after_s=self.dead_consumer_after_s,
-        )
+        await self.upkeep()
         return actions
 
     async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 10.0) -> None:

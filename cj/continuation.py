@@ -19,11 +19,10 @@ import structlog
 from redis.exceptions import WatchError
 
 from cj.grades import project_grades
+from cj.metrics import CJ_COMPLETION, CJ_FINALIZED
 from cj.pairs import PairHistory, plan_wave
 from cj.scoring import Comparison, fit_bt, max_abs_delta, split_half, ssr
 from events import codec
-from events.metrics import CJ_COMPLETION, CJ_FINALIZED
-from events.names import Keys
 from events.types import (
     MAX_BUNDLE_SIZE,
     BatchEvent,
@@ -38,8 +37,10 @@ from events.types import (
     Winner,
     new_id,
 )
+from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event
 from projections.store import immediate_load, queue_state_write
+from streams.keys import Keys
 
 log = structlog.get_logger("cj.continuation")
 
@@ -276,7 +277,7 @@ async def advance(
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):
             try:
-                await pipe.watch(keys.batch(batch_id))
+                await pipe.watch(pkeys.batch(keys, batch_id))
                 state = await immediate_load(pipe, keys, batch_id)
                 # Scoring is CPU work: keep the event loop (and the LPS work beside it) responsive.
                 decision = await asyncio.to_thread(decider, state) if state is not None else None

@@ -12,11 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cj.grade_scales import resolve_scale
 from events import codec
-from events.names import Keys
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import default_model, provider_problems
 from projections.batch import register
 from projections.store import queue_state_write
+from streams.keys import Keys
 
 
 class InputError(ValueError):

@@ -1,1 +1,2 @@
-"""Event types, the stream-entry codec and stream names. Imports nothing else of the project."""
+"""The vocabulary: event types, the stream-entry codec, stream and group names, `as_str`.
+Imports nothing else of the project."""

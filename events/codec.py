@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import msgspec
 
+from events.text import as_str
 from events.types import EVENT_TYPES, Event
 
 T = TypeVar("T", bound=Event)
@@ -47,9 +48,9 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Event:
     data = _field(fields, "data")
     if type_name is None or data is None:
         raise DecodeError("missing_field", f"fields present: {sorted(map(str, fields))}")
-    decoder = _decoders.get(type_name.decode(errors="replace"))
+    decoder = _decoders.get(as_str(type_name))
     if decoder is None:
-        raise DecodeError("unknown_type", type_name.decode(errors="replace")[:100])
+        raise DecodeError("unknown_type", as_str(type_name)[:100])
     try:
         event: Event = decoder.decode(data)
         return event

@@ -20,8 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.names import Keys
 from events.types import ErrorDetail
+from lps import keys as lkeys
+from streams.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Cooldown:
         if seen is not None and now - seen[1] < self.fresh_s:
             return min(self.max_s, max(0.0, seen[0] - now))
         try:
-            raw = await self.redis.get(self.keys.cooldown(provider, model))
+            raw = await self.redis.get(lkeys.cooldown(self.keys, provider, model))
         except Exception as exc:  # fail open
             log.warning("cooldown read failed: %s", type(exc).__name__)
             return 0.0
@@ -89,13 +90,11 @@ class Cooldown:
         ttl_ms = max(1, math.ceil(seconds * 1000))
         try:
             in_force = await self.redis.eval(
-                _EXTEND, 1, self.keys.cooldown(provider, model), repr(until), str(ttl_ms)
+                _EXTEND, 1, lkeys.cooldown(self.keys, provider, model), repr(until), str(ttl_ms)
             )
         except Exception as exc:  # fail open
             log.warning("cooldown write failed: %s", type(exc).__name__)
             return 0.0
-        if isinstance(in_force, bytes):
-            in_force = in_force.decode()
         try:
             until_in_force = float(in_force)
         except (TypeError, ValueError):
@@ -122,7 +121,7 @@ class Cooldown:
         )
 
     async def clear(self, provider: str, model: str) -> None:
-        await self.redis.delete(self.keys.cooldown(provider, model))
+        await self.redis.delete(lkeys.cooldown(self.keys, provider, model))
 
     async def wait(
         self, provider: str, model: str, sleep: Sleep, *, max_wait_s: float | None = None

@@ -21,9 +21,9 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from events.metrics import LPS_PROVIDER_ERRORS, LPS_RETRIES
 from events.types import ComparisonRequested, ErrorDetail
 from lps.cooldown import Cooldown
+from lps.metrics import LPS_PROVIDER_ERRORS, LPS_RETRIES
 from lps.providers.base import Judgement, Provider, ProviderError
 
 OnAttemptFailed = Callable[[int, ErrorDetail, bool, float], Awaitable[None]]

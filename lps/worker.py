@@ -13,29 +13,12 @@ import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import structlog
 
 from events import codec
-from events.codec import DecodeError
-from events.consumer import Entry, GroupReader, ensure_group, queue_dead_letter, split_decoded
-from events.metrics import (
-    LPS_BUNDLE_SIZE,
-    LPS_REQUESTS,
-    LPS_STUCK,
-)
-from events.names import LPS_GROUP, REQUESTS, Keys
-from events.pending import (
-    Claimed,
-    StuckAction,
-    claim_ids,
-    group_upkeep,
-    keep_alive,
-    pending_details,
-    release_entries,
-)
-from events.resilience import REDIS_DOWN, Backoff, sleep_unless, wait_for_redis
+from events.streams import LPS_GROUP, REQUESTS
 from events.types import (
     BundleDispatched,
     ComparisonCompleted,
@@ -47,10 +30,25 @@ from events.types import (
     RequestExpired,
     new_id,
 )
+from lps import keys as lkeys
 from lps.cooldown import Cooldown
+from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, plan_units
 from lps.providers.base import Provider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
+from streams.consumer import GroupConsumer, GroupOptions
+from streams.keys import Keys
+from streams.metrics import STUCK_ITEMS
+from streams.pending import (
+    Claimed,
+    StuckAction,
+    claim_ids,
+    keep_alive,
+    pending_details,
+    release_entries,
+)
+from streams.reader import Entry
+from streams.resilience import REDIS_DOWN, Backoff, sleep_unless, wait_for_redis
 
 log = structlog.get_logger("lps.worker")
 
@@ -117,11 +115,15 @@ class Committer:
                 pipe.xadd(k.callbacks, codec.encode(item.callback))
                 pipe.xack(k.requests, LPS_GROUP, item.entry_id)
                 cid = getattr(item.callback, "correlation_id", "")
-                pipe.set(k.lps_done(cid), item.entry_id, ex=DONE_TTL_S)
+                pipe.set(lkeys.done(k, cid), item.entry_id, ex=DONE_TTL_S)
             await pipe.execute()
 
 
-class LPSWorker:
+class LPSWorker(GroupConsumer[ComparisonRequested]):
+    accepts = (ComparisonRequested,)
+    expire_action = "expired"
+    stuck_noun = "request"
+
     def __init__(
         self,
         r: Any,
@@ -131,29 +133,18 @@ class LPSWorker:
         *,
         policy: RetryPolicy | None = None,
         concurrency: int = 8,
-        count: int = 64,
-        block_ms: int = 1000,
-        processing_timeout_s: float = 120.0,
-        max_deliveries: int = 3,
-        dead_consumer_after_s: float = 3600.0,
         batch_poll_interval_s: float = 30.0,
         cooldown: Cooldown | None = None,
         max_pages: int = 2,
+        **options: Unpack[GroupOptions],
     ) -> None:
-        self.r = r
-        self.keys = keys
-        self.consumer = consumer
+        options.setdefault("count", 64)
+        super().__init__(r, keys, REQUESTS, LPS_GROUP, consumer, **options)
         self.providers = providers
         self._provider_cache: dict[str, Provider] = {}
         self.policy = policy or RetryPolicy()
         self.concurrency = concurrency
-        self.reader = GroupReader(
-            r, keys.requests, LPS_GROUP, consumer, count=count, block_ms=block_ms
-        )
         self.committer = Committer(r, keys)
-        self.processing_timeout_s = processing_timeout_s
-        self.max_deliveries = max_deliveries
-        self.dead_consumer_after_s = dead_consumer_after_s
         self.max_pages = max_pages
         self.in_hand: set[str] = set()
         # Set by run() to its stop event: units not started when it is set are released.
@@ -182,7 +173,7 @@ class LPSWorker:
         return self._provider_cache[name]
 
     async def start(self) -> None:
-        await ensure_group(self.r, self.keys.requests, LPS_GROUP)
+        await super().start()
         self.committer.start()
 
     async def close(self) -> None:
@@ -191,12 +182,6 @@ class LPSWorker:
             await provider.aclose()
 
     # --- reading ---------------------------------------------------------------
-
-    async def step(self) -> int:
-        entries = await self.reader.read()
-        if entries:
-            await self.handle(entries)
-        return len(entries)
 
     async def handle(self, entries: list[Entry]) -> None:
         # Entries already being worked on by this process (a rewound reader re-reads its own
@@ -212,23 +197,7 @@ class LPSWorker:
             self.in_hand.difference_update(ids)
 
     async def _handle(self, entries: list[Entry]) -> None:
-        good, bad = split_decoded(entries)
-        requests: list[tuple[Entry, ComparisonRequested]] = []
-        for entry, event in good:
-            if isinstance(event, ComparisonRequested):
-                requests.append((entry, event))
-            else:
-                bad.append(
-                    (entry, DecodeError("unexpected_type", f"{type(event).__name__} on {REQUESTS}"))
-                )
-        if bad:
-            async with self.r.pipeline(transaction=True) as pipe:
-                for entry, error in bad:
-                    queue_dead_letter(
-                        pipe, self.keys, REQUESTS, entry, error, LPS_GROUP, self.consumer
-                    )
-                await pipe.execute()
-        requests = await self._skip_done(requests)
+        requests = await self._skip_done(await self.accepted(entries))
         if not requests:
             return
         # Every unit runs to its end even when one fails, so nothing is left half-done behind
@@ -249,7 +218,7 @@ class LPSWorker:
             return requests
         async with self.r.pipeline(transaction=False) as pipe:
             for _, req in requests:
-                pipe.exists(self.keys.lps_done(req.correlation_id))
+                pipe.exists(lkeys.done(self.keys, req.correlation_id))
             flags = await pipe.execute()
         done = [entry for (entry, _), flag in zip(requests, flags, strict=True) if flag]
         if done:
@@ -277,7 +246,7 @@ class LPSWorker:
             ids,
             idle_ms=int(self.processing_timeout_s * 1000),
         )
-        LPS_STUCK.labels("released").inc(n)
+        STUCK_ITEMS.labels("released").inc(n)
         log.info(
             "requests_released",
             entries=n,
@@ -441,7 +410,7 @@ class LPSWorker:
         workers): each is claimed alone and finished before the next is claimed, so a poison
         request burns only its own deliveries, never those of requests claimed with it.
         """
-        timeout_ms = int(self.processing_timeout_s * 1000)
+        timeout_ms = self.timeout_ms
         rows = [
             row
             for row in await pending_details(
@@ -458,40 +427,24 @@ class LPSWorker:
         claimed = await claim_ids(
             self.r, self.keys.requests, LPS_GROUP, self.consumer, timeout_ms, to_expire + fresh
         )
-        actions += await self._process_claimed(claimed)
+        actions += await self.settle(claimed)
         for row in suspects:
             if self._stop.is_set():
                 break
             one = await claim_ids(
                 self.r, self.keys.requests, LPS_GROUP, self.consumer, timeout_ms, [row]
             )
-            actions += await self._process_claimed(one)
+            actions += await self.settle(one)
         return actions
 
-    async def _process_claimed(self, claimed: list[Claimed]) -> list[StuckAction]:
-        actions: list[StuckAction] = []
-        retry: list[Entry] = []
-        for c in claimed:
-            req: ComparisonRequested | None
-            try:
-                req = codec.decode_as(c.entry.fields, ComparisonRequested)
-            except DecodeError:
-                req = None  # handle() dead-letters it
-            expire = req is not None and c.deliveries > self.max_deliveries
-            action = StuckAction.of(
-                c, REQUESTS, LPS_GROUP, "expired" if expire else "reclaimed", self.consumer, req
-            )
-            actions.append(action)
-            LPS_STUCK.labels(action.action).inc()
-            log.warning(f"stuck_request_{action.action}", **action.log_fields())
-            if expire:
-                assert req is not None
-                await self._expire(c, req)
-            else:
-                retry.append(c.entry)
-        if retry:
-            await self.handle(retry)
-        return actions
+    def expires(self, claimed: Claimed, event: Event | None) -> bool:
+        # An entry that is no request is not expired but dead-lettered by handle().
+        return isinstance(event, ComparisonRequested) and super().expires(claimed, event)
+
+    async def expire(self, items: list[tuple[Claimed, Event | None]]) -> None:
+        for c, req in items:
+            assert isinstance(req, ComparisonRequested)
+            await self._expire(c, req)
 
     async def _expire(self, c: Claimed, req: ComparisonRequested) -> None:
         expired = RequestExpired(
@@ -523,14 +476,7 @@ class LPSWorker:
     async def maintain(self) -> list[StuckAction]:
         """One reaper pass: reclaim stuck requests, pending gauge, prune dead consumers."""
         actions = await self.reclaim()
-        await group_upkeep(
-            self.r,
-            self.keys,
-            REQUESTS,
-            LPS_GROUP,
-            self.consumer,
-            dead_after_s=self.dead_consumer_after_s,
-        )
+        await self.upkeep()
         return actions
 
     async def run(self, stop: asyncio.Event, *, maintenance_every_s: float = 10.0) -> None:

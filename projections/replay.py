@@ -7,40 +7,22 @@ batch events that follow their wave).
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from events import codec
-from events.names import CJ_GROUP, Keys
+from events.streams import CJ_GROUP
+from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
 from projections.batch import BatchState, apply_batch_event, apply_callback, entry_id_key, register
-
-PAGE = 5000
-
-
-async def read_stream(r: Any, stream: str, *, page: int = PAGE) -> AsyncIterator[tuple[str, Any]]:
-    """Every entry of `stream` in order, read in pages (XRANGE ... COUNT)."""
-    start = "-"
-    while True:
-        entries = await r.xrange(stream, min=start, max="+", count=page)
-        if not entries:
-            return
-        for entry_id, fields in entries:
-            yield (entry_id.decode() if isinstance(entry_id, bytes) else entry_id), fields
-        last = entries[-1][0]
-        last = last.decode() if isinstance(last, bytes) else last
-        ms, seq = last.split("-")
-        start = f"{ms}-{int(seq) + 1}"
-        if len(entries) < page:
-            return
+from streams.keys import Keys
+from streams.paging import PAGE, next_id, raw_client, read_pages, read_stream
 
 
 def fold(
@@ -101,10 +83,6 @@ async def replay(
 PEL_PAGE = 10_000
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass(frozen=True)
 class Horizon:
     """What the live projection had applied when it was read."""
@@ -135,21 +113,21 @@ def queue_horizon(pipe: Any, keys: Keys) -> None:
 
 async def horizon_from(r: Any, keys: Keys, last: Any, groups: Any, pel: Any) -> Horizon:
     """The horizon from the replies of `queue_horizon` (errors mean: no stream or no group)."""
-    batches_last = _text(last[0][0]) if isinstance(last, list) and last else None
+    batches_last = as_str(last[0][0]) if isinstance(last, list) and last else None
     delivered: str | None = None
     if isinstance(groups, list):
         for group in groups:
-            if _text(group["name"]) == CJ_GROUP:
-                delivered = _text(group["last-delivered-id"])
+            if as_str(group["name"]) == CJ_GROUP:
+                delivered = as_str(group["last-delivered-id"])
     pending: set[str] = set()
     if delivered is not None and isinstance(pel, list):
-        pending.update(_text(p["message_id"]) for p in pel)
+        pending.update(as_str(p["message_id"]) for p in pel)
         while len(pel) == PEL_PAGE:  # a huge backlog: page on (outside the instant; see README)
-            ms, seq = _text(pel[-1]["message_id"]).split("-")
+            start = next_id(as_str(pel[-1]["message_id"]))
             pel = await r.xpending_range(
-                keys.callbacks, CJ_GROUP, min=f"{ms}-{int(seq) + 1}", max="+", count=PEL_PAGE
+                keys.callbacks, CJ_GROUP, min=start, max="+", count=PEL_PAGE
             )
-            pending.update(_text(p["message_id"]) for p in pel)
+            pending.update(as_str(p["message_id"]) for p in pel)
     return Horizon(batches_last, delivered, frozenset(pending))
 
 
@@ -158,42 +136,6 @@ async def read_horizon(r: Any, keys: Keys) -> Horizon:
         queue_horizon(pipe, keys)
         replies = await pipe.execute(raise_on_error=False)
     return await horizon_from(r, keys, *replies)
-
-
-def raw_client(r: Any) -> Any:
-    """A client on `r`'s connection pool whose XRANGE replies are left as Redis sends them
-    (`[[id, [field, value, ...]], ...]`): building a dict per entry costs more than decoding it."""
-    client = aioredis.Redis(connection_pool=r.connection_pool)
-    client.set_response_callback("XRANGE", lambda response, **_: response)
-    return client
-
-
-async def read_pages(
-    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+"
-) -> AsyncIterator[list[Any]]:
-    """Pages of `stream` up to `max_id` (XRANGE ... COUNT), the next page read while the caller
-    works on the current one."""
-
-    async def fetch(start: str) -> list[Any]:
-        result: list[Any] = await r.xrange(stream, min=start, max=max_id, count=page)
-        return result
-
-    task = asyncio.ensure_future(fetch("-"))
-    try:
-        while True:
-            entries = await task
-            if not entries:
-                return
-            if len(entries) == page:
-                ms, seq = _text(entries[-1][0]).split("-")
-                task = asyncio.ensure_future(fetch(f"{ms}-{int(seq) + 1}"))
-            yield entries
-            if len(entries) < page:
-                return
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 _DECODERS = {name.encode(): msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
@@ -306,10 +248,10 @@ async def _replay_live(
         whole = (
             delivered is not None
             and not pending
-            and entry_id_key(_text(entries[-1][0])) <= delivered
+            and entry_id_key(as_str(entries[-1][0])) <= delivered
         )
         for raw_id, flat in entries:
-            entry_id = _text(raw_id)
+            entry_id = as_str(raw_id)
             if not whole and (
                 delivered is None or entry_id_key(entry_id) > delivered or entry_id in pending
             ):

@@ -1,13 +1,5 @@
-"""The batch projection in Redis: its encoding, loading, and the atomic writers.
-
-Layout per batch (all under the key prefix):
-- `proj:batch:<id>`          hash of scalars (status, counters, timestamps)
-- `proj:batch:<id>:docs`     hash: essays, config, scores (JSON)
-- `proj:batch:<id>:corr`     hash: correlation id -> request state
-- `proj:batch:<id>:pairs`    hash: correlation id -> [wave, essay_a, essay_b]
-- `proj:batch:<id>:orphans`  hash: unknown correlation id -> times seen
-- `proj:batches`             hash: batch id -> registered_at (the index)
-"""
+"""The batch projection in Redis: its encoding, loading, and the atomic writers (the keys are
+in projections/keys.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +9,11 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from events.names import Keys
+from events.text import as_str
 from events.types import BatchConfig, BatchScored, Callback, Essay
+from projections import keys as pkeys
 from projections.batch import COUNTERS, BatchState, corr_value
+from streams.keys import Keys
 
 _json = msgspec.json.Encoder()
 _essays = msgspec.json.Decoder(list[Essay])
@@ -40,10 +34,6 @@ TEXT_FIELDS = (
 )
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def scalar_fields(state: BatchState) -> dict[str, str]:
     fields = {name: str(getattr(state, name)) for name in TEXT_FIELDS}
     fields.update({name: str(getattr(state, name)) for name in COUNTERS})
@@ -62,11 +52,11 @@ def encode_state(state: BatchState, keys: Keys) -> dict[str, dict[str, str]]:
     if state.scores is not None:
         docs["scores"] = _json.encode(state.scores).decode()
     out = {
-        keys.batch(b): scalar_fields(state),
-        keys.batch_docs(b): docs,
-        keys.batch_corr(b): dict(state.corr),
-        keys.batch_pairs(b): {c: _json.encode(p).decode() for c, p in state.pairs.items()},
-        keys.batch_orphans(b): {c: str(n) for c, n in state.orphan_ids.items()},
+        pkeys.batch(keys, b): scalar_fields(state),
+        pkeys.batch_docs(keys, b): docs,
+        pkeys.batch_corr(keys, b): dict(state.corr),
+        pkeys.batch_pairs(keys, b): {c: _json.encode(p).decode() for c, p in state.pairs.items()},
+        pkeys.batch_orphans(keys, b): {c: str(n) for c, n in state.orphan_ids.items()},
     }
     return {k: v for k, v in out.items() if v}
 
@@ -74,8 +64,8 @@ def encode_state(state: BatchState, keys: Keys) -> dict[str, dict[str, str]]:
 def decode_state(
     raw: dict[str, dict[bytes | str, bytes | str]], keys: Keys, batch_id: str
 ) -> BatchState | None:
-    scal = {_s(k): _s(v) for k, v in raw.get(keys.batch(batch_id), {}).items()}
-    docs = {_s(k): v for k, v in raw.get(keys.batch_docs(batch_id), {}).items()}
+    scal = {as_str(k): as_str(v) for k, v in raw.get(pkeys.batch(keys, batch_id), {}).items()}
+    docs = {as_str(k): v for k, v in raw.get(pkeys.batch_docs(keys, batch_id), {}).items()}
     if not scal or "essays" not in docs:
         return None
     state = BatchState(
@@ -91,16 +81,21 @@ def decode_state(
         setattr(state, name, int(scal.get(name, 0)))
     if "scores" in docs:
         state.scores = _scores.decode(docs["scores"])
-    state.corr = {_s(k): _s(v) for k, v in raw.get(keys.batch_corr(batch_id), {}).items()}
-    state.pairs = {
-        _s(k): _pair.decode(v) for k, v in raw.get(keys.batch_pairs(batch_id), {}).items()
+    state.corr = {
+        as_str(k): as_str(v) for k, v in raw.get(pkeys.batch_corr(keys, batch_id), {}).items()
     }
-    state.orphan_ids = {_s(k): int(v) for k, v in raw.get(keys.batch_orphans(batch_id), {}).items()}
+    state.pairs = {
+        as_str(k): _pair.decode(v)
+        for k, v in raw.get(pkeys.batch_pairs(keys, batch_id), {}).items()
+    }
+    state.orphan_ids = {
+        as_str(k): int(v) for k, v in raw.get(pkeys.batch_orphans(keys, batch_id), {}).items()
+    }
     return state
 
 
 async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | str, bytes | str]]:
-    names = keys.batch_keys(batch_id)
+    names = pkeys.batch_keys(keys, batch_id)
     pipe = r.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(name)
@@ -115,7 +110,7 @@ async def load_state(r: Any, keys: Keys, batch_id: str) -> BatchState | None:
 async def immediate_load(pipe: Any, keys: Keys, batch_id: str) -> BatchState | None:
     """Load through a pipeline in WATCH (immediate-execution) mode."""
     raw: dict[str, dict[bytes | str, bytes | str]] = {}
-    for name in keys.batch_keys(batch_id):
+    for name in pkeys.batch_keys(keys, batch_id):
         value = await pipe.hgetall(name)
         if value:
             raw[name] = value
@@ -130,19 +125,19 @@ def queue_state_write(
     encoded = encode_state(state, keys)
     b = state.batch_id
     if full:
-        for name in keys.batch_keys(b):
+        for name in pkeys.batch_keys(keys, b):
             pipe.delete(name)
         for name, mapping in encoded.items():
             pipe.hset(name, mapping=mapping)
-        pipe.hset(keys.batch_index, b, state.registered_at)
+        pipe.hset(pkeys.batch_index(keys), b, state.registered_at)
         return
-    pipe.hset(keys.batch(b), mapping=encoded[keys.batch(b)])
-    pipe.hset(keys.batch_docs(b), mapping=encoded[keys.batch_docs(b)])
+    pipe.hset(pkeys.batch(keys, b), mapping=encoded[pkeys.batch(keys, b)])
+    pipe.hset(pkeys.batch_docs(keys, b), mapping=encoded[pkeys.batch_docs(keys, b)])
     if corr_ids:
-        pipe.hset(keys.batch_corr(b), mapping={c: state.corr[c] for c in corr_ids})
+        pipe.hset(pkeys.batch_corr(keys, b), mapping={c: state.corr[c] for c in corr_ids})
         pairs = {c: _json.encode(state.pairs[c]).decode() for c in corr_ids if c in state.pairs}
         if pairs:
-            pipe.hset(keys.batch_pairs(b), mapping=pairs)
+            pipe.hset(pkeys.batch_pairs(keys, b), mapping=pairs)
 
 
 class CallbackApplier:
@@ -159,7 +154,13 @@ class CallbackApplier:
         k = self._keys
         b = callback.batch_id
         await self._script(
-            keys=[k.batch(b), k.batch_corr(b), k.batch_orphans(b), k.callbacks, k.stats],
+            keys=[
+                pkeys.batch(k, b),
+                pkeys.batch_corr(k, b),
+                pkeys.batch_orphans(k, b),
+                k.callbacks,
+                pkeys.stats(k),
+            ],
             args=[
                 self._group,
                 entry_id,
@@ -173,5 +174,5 @@ class CallbackApplier:
 
 async def list_batches(r: Any, keys: Keys) -> list[str]:
     """Batch ids, oldest registration first."""
-    index = {_s(k): _s(v) for k, v in (await r.hgetall(keys.batch_index)).items()}
+    index = {as_str(k): as_str(v) for k, v in (await r.hgetall(pkeys.batch_index(keys))).items()}
     return sorted(index, key=lambda b: (index[b], b))

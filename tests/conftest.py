@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import tools  # noqa: F401  (first: pins BLAS to one thread before numpy loads)
-from events.names import Keys
+from streams.keys import Keys
 from tests.redis_server import RedisServer, skip_or_fail_without_redis
 
 

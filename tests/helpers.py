@@ -6,7 +6,7 @@ from typing import Any
 
 from cj.registration import BatchIn, build_registration, scale_of
 from events import codec
-from events.names import CJ_GROUP, Keys
+from events.streams import CJ_GROUP
 from events.types import (
     BatchRegistered,
     ComparisonCompleted,
@@ -16,6 +16,7 @@ from events.types import (
     WaveSubmitted,
 )
 from projections.store import encode_state, read_raw
+from streams.keys import Keys
 
 
 def batch_in(n: int = 6, anchors: int = 2) -> BatchIn:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from events import codec
-from events.names import LPS_GROUP, Keys
+from events.streams import LPS_GROUP
 from events.types import (
     BundleDispatched,
     ComparisonCompleted,
@@ -26,7 +26,8 @@ from events.types import (
 from lps.message_batches import custom_id_for
 from lps.providers.anthropic import AnthropicProvider
 from lps.worker import LPSWorker
-from projections.replay import read_stream
+from streams.keys import Keys
+from streams.paging import read_stream
 from tests.anthropic_server import (
     AnthropicTestServer,
     batch_errored,

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from events.names import Keys
 from events.types import ErrorDetail
+from lps import keys as lkeys
 from lps.cooldown import Cooldown
+from streams.keys import Keys
 
 MODEL = "claude-sonnet-4-6"
 
@@ -58,7 +59,7 @@ async def test_trigger_sets_a_shared_expiring_key(redis_client: Any) -> None:
     assert await a.trigger("anthropic", MODEL, 5.0) == pytest.approx(5.0)
     assert await b.remaining("anthropic", MODEL) == pytest.approx(5.0)
     assert await b.remaining("anthropic", "other-model") == 0.0
-    key = keys.cooldown("anthropic", MODEL)
+    key = lkeys.cooldown(keys, "anthropic", MODEL)
     assert key == f"t:lps:cooldown:anthropic:{MODEL}"
     ttl = await redis_client.pttl(key)
     assert 0 < ttl <= 5000

@@ -9,8 +9,10 @@ import pytest
 
 from cj.consumer import CJConsumer
 from events import codec
-from events.names import CJ_GROUP, Keys
+from events.streams import CJ_GROUP
 from events.types import EVENT_TYPES
+from projections import keys as pkeys
+from streams.keys import Keys
 from tests.helpers import completed
 
 
@@ -76,4 +78,4 @@ async def test_undecodable_callbacks_are_dead_lettered_and_acknowledged(
     assert json.loads(first["fields"]) == {"type": "ComparisonCompleted", "data": "garbage"}
     assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
     # The valid callback for an unknown batch is an orphan, counted globally.
-    assert await r.hget(keys.stats, "orphans_unknown_batch") == b"1"
+    assert await r.hget(pkeys.stats(keys), "orphans_unknown_batch") == b"1"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from events.names import STREAMS
+from events.streams import STREAMS
 from tests.test_replay import cli, on_redis, one_json
 
 

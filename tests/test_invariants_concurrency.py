@@ -24,11 +24,14 @@ from cj.consumer import CJConsumer
 from cj.continuation import Decision, advance, queue_decision
 from cj.registration import append_registration
 from events import codec
-from events.names import CJ_GROUP, Keys
+from events.streams import CJ_GROUP
 from events.types import BatchFinalized, ComparisonCompleted
+from projections import keys as pkeys
 from projections.batch import PENDING
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import immediate_load, load_state
+from streams.keys import Keys
+from streams.paging import read_stream
 from tests.helpers import canonical, completed, failed, registration, snapshot, wave
 
 pytestmark = pytest.mark.redis
@@ -43,7 +46,7 @@ async def _force_close(r: Any, keys: Keys, batch_id: str) -> bool:
     async with r.pipeline(transaction=True) as pipe:
         while True:
             try:
-                await pipe.watch(keys.batch(batch_id))
+                await pipe.watch(pkeys.batch(keys, batch_id))
                 state = await immediate_load(pipe, keys, batch_id)
                 if state.terminal:
                     await pipe.unwatch()

@@ -10,11 +10,11 @@ import pytest
 
 from cj.continuation import advance
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
-from events.names import Keys
 from events.settings import Settings
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from projections.store import load_state
+from streams.keys import Keys
 from tools.logs import configure
 from tools.runtime import InProcess
 

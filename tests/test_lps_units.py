@@ -6,8 +6,6 @@ import asyncio
 from typing import Any
 
 from events import codec
-from events.consumer import Entry
-from events.names import Keys
 from events.types import (
     MAX_BUNDLE_SIZE,
     BundleDispatched,
@@ -19,6 +17,8 @@ from lps.modes import bundle_size, plan_units
 from lps.providers.base import Judgement
 from lps.providers.mock import PROFILES, MockProvider
 from lps.worker import LPSWorker
+from streams.keys import Keys
+from streams.reader import Entry
 
 
 def _req(

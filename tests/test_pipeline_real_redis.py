@@ -12,8 +12,8 @@ import pytest
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
-from events.names import CJ_GROUP, LPS_GROUP, Keys
 from events.settings import Settings
+from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BundleDispatched,
     ComparisonCompleted,
@@ -23,8 +23,10 @@ from events.types import (
 )
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import load_state
+from streams.keys import Keys
+from streams.paging import read_stream
 from tests.helpers import canonical, registration, snapshot
 from tools.runtime import InProcess
 

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from cj.continuation import Decision, queue_decision
 from cj.registration import append_registration
-from events.consumer import ensure_group
-from events.names import CJ_GROUP, Keys
+from events.streams import CJ_GROUP
 from events.types import BatchFinalized
 from projections.batch import apply_batch_event, apply_callback, register
 from projections.replay import replay
 from projections.store import CallbackApplier, load_state
+from streams.keys import Keys
+from streams.reader import ensure_group
 from tests.helpers import (
     append_and_read,
     canonical,

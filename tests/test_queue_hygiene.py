@@ -15,18 +15,11 @@ from prometheus_client import REGISTRY
 
 from cj.consumer import CJConsumer
 from cj.continuation import advance
-from cj.reaper import finalize_stalled, find_stalled, stalled_decision
 from cj.registration import append_registration
+from cj.stalls import finalize_stalled, find_stalled, stalled_decision
 from events import codec
-from events.consumer import Entry, _entries
-from events.names import CJ_GROUP, LPS_GROUP, Keys
-from events.pending import (
-    HANDOFF_CONSUMER,
-    pending_details,
-    prune_consumer,
-    prune_dead_consumers,
-)
 from events.settings import Settings
+from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BatchFailed,
     BatchFinalized,
@@ -37,10 +30,20 @@ from events.types import (
 )
 from lps.providers.base import Judgement
 from lps.worker import LPSWorker
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import load_state
+from streams.dlq import read_dead_letters
+from streams.keys import Keys
+from streams.paging import read_stream
+from streams.pending import (
+    HANDOFF_CONSUMER,
+    pending_details,
+    prune_consumer,
+    prune_dead_consumers,
+)
+from streams.reader import Entry, _entries
 from tests.helpers import append_and_read, canonical, completed, failed, registration, snapshot
-from tools import cmd_dlq, cmd_stuck
+from tools import cmd_stuck
 
 
 def _stuck(action: str) -> float:
@@ -178,7 +181,7 @@ async def test_cj_reclaim_reapplies_idle_callbacks_and_dead_letters_after_max_de
     state = await load_state(r, keys, batch_id)
     assert state is not None and (state.completed, state.callbacks_received) == (2, 2)
     assert state.corr[cids[2]] == "pending"
-    view = await cmd_dlq.collect(r, keys, stream="cj:callbacks")
+    view = await read_dead_letters(r, keys, stream="cj:callbacks")
     assert view["counts"] == {"cj:callbacks": 1}
     letter = view["dead_letters"][0]
     assert letter["reason"] == "max_deliveries" and letter["source_id"] == ids[2]
@@ -492,7 +495,7 @@ async def test_dlq_view_lists_reason_source_and_fields(fake_redis: Any) -> None:
     await r.xadd(keys.callbacks, {"type": "WaveSubmitted", "data": "{}"})
     await r.xadd(keys.callbacks, {"hello": "world"})
     assert await consumer.step() == 3
-    view = await cmd_dlq.collect(r, keys)
+    view = await read_dead_letters(r, keys)
     assert view["total"] == 3 and view["counts"]["cj:callbacks"] == 3
     assert sorted(d["reason"] for d in view["dead_letters"]) == [
         "invalid_data",
@@ -501,4 +504,4 @@ async def test_dlq_view_lists_reason_source_and_fields(fake_redis: Any) -> None:
     ]
     assert {d["source_stream"] for d in view["dead_letters"]} == {"cj:callbacks"}
     assert {"hello": "world"} in [d["fields"] for d in view["dead_letters"]]
-    assert (await cmd_dlq.collect(r, keys, stream="lps:requests"))["total"] == 0
+    assert (await read_dead_letters(r, keys, stream="lps:requests"))["total"] == 0

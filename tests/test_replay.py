@@ -14,10 +14,13 @@ from click.testing import CliRunner
 from cj.continuation import Decision, queue_decision
 from cj.registration import append_registration
 from events import codec
-from events.consumer import ensure_group
-from events.names import CJ_GROUP, Keys
-from projections.replay import read_horizon, read_pages, replay_live
+from events.streams import CJ_GROUP
+from projections import keys as pkeys
+from projections.replay import read_horizon, replay_live
 from projections.store import CallbackApplier, load_state
+from streams.keys import Keys
+from streams.paging import read_pages
+from streams.reader import ensure_group
 from tests.helpers import canonical, completed, registration, snapshot, wave
 from tools.cli import main
 from tools.cmd_replay import check, rebuild
@@ -136,7 +139,7 @@ async def test_pending_and_unread_callbacks_are_not_replayed_twice(
     result, rows = await check(r, keys, ["b1"])
     assert rows[0]["matches_live"], rows
     assert (result.callbacks_applied, result.callbacks_unapplied) == (1, 2)
-    for name in keys.batch_keys("b1"):
+    for name in pkeys.batch_keys(keys, "b1"):
         await r.delete(name)
     await rebuild(r, keys, None)
     rebuilt = await load_state(r, keys, "b1")
@@ -167,8 +170,8 @@ async def test_rebuild_retries_when_a_consumer_writes_meanwhile(
     async def racing_check(*args: Any, **kw: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:  # a consumer touches the batch between WATCH and EXEC
-            await r.hincrby(keys.batch("b1"), "callbacks_received", 0)
-            await r.hset(keys.batch("b1"), "last_event_at", "z")
+            await r.hincrby(pkeys.batch(keys, "b1"), "callbacks_received", 0)
+            await r.hset(pkeys.batch(keys, "b1"), "last_event_at", "z")
         return await real_check(*args, **kw)
 
     monkeypatch.setattr(mod, "check", racing_check)
@@ -202,13 +205,15 @@ async def test_rebuild_restores_the_unknown_batch_counter_and_drops_stale_batche
     async with r.pipeline(transaction=False) as pipe:
         await CallbackApplier(r, keys, CJ_GROUP).queue(pipe, stray, entry_id)
         await pipe.execute()
-    assert await r.hget(keys.stats, "orphans_unknown_batch") == b"1"
-    await r.delete(keys.stats)
-    await r.hset(keys.batch_index, "ghost", "2020-01-01T00:00:00.000000Z")  # no events at all
-    await r.hset(keys.batch("ghost"), "status", "running")
+    assert await r.hget(pkeys.stats(keys), "orphans_unknown_batch") == b"1"
+    await r.delete(pkeys.stats(keys))
+    await r.hset(
+        pkeys.batch_index(keys), "ghost", "2020-01-01T00:00:00.000000Z"
+    )  # no events at all
+    await r.hset(pkeys.batch(keys, "ghost"), "status", "running")
     done = await rebuild(r, keys, None)
     assert done["stale_removed"] == ["ghost"] and done["result"].unknown_batch_callbacks == 1
-    assert await r.hget(keys.stats, "orphans_unknown_batch") == b"1"
-    assert not await r.exists(keys.batch("ghost"))
+    assert await r.hget(pkeys.stats(keys), "orphans_unknown_batch") == b"1"
+    assert not await r.exists(pkeys.batch(keys, "ghost"))
     _, rows = await check(r, keys, None)
     assert [row["batch_id"] for row in rows] == ["b1"] and rows[0]["matches_live"]

@@ -15,12 +15,14 @@ import yaml
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
-from events import metrics
-from events.names import Keys
+from cj import metrics as cj_metrics
 from events.types import ComparisonRequested, ErrorDetail, Essay, TokenUsage
+from lps import metrics as lps_metrics
 from lps.cooldown import Cooldown
 from lps.providers.anthropic import AnthropicProvider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
+from streams import metrics as stream_metrics
+from streams.keys import Keys
 from tests.anthropic_server import (
     AnthropicTestServer,
     Reply,
@@ -424,15 +426,16 @@ _KIND = re.compile(r'kind=~?"([^"]+)"')
 
 def known_series() -> set[str]:
     out: set[str] = set()
-    for obj in vars(metrics).values():
-        if isinstance(obj, MetricWrapperBase):
-            for family in obj.describe():
-                if family.type == "counter":
-                    out.add(family.name + "_total")
-                elif family.type == "histogram":
-                    out |= {family.name + s for s in ("_bucket", "_count", "_sum")}
-                else:
-                    out.add(family.name)
+    for module in (stream_metrics, cj_metrics, lps_metrics):
+        for obj in vars(module).values():
+            if isinstance(obj, MetricWrapperBase):
+                for family in obj.describe():
+                    if family.type == "counter":
+                        out.add(family.name + "_total")
+                    elif family.type == "histogram":
+                        out |= {family.name + s for s in ("_bucket", "_count", "_sum")}
+                    else:
+                        out.add(family.name)
     return out
 
 

@@ -28,8 +28,7 @@ import redis.asyncio as aioredis
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
-from events.names import CJ_GROUP, LPS_GROUP, Keys
-from events.pending import HANDOFF_CONSUMER, pending_details
+from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BatchRegistered,
     ComparisonFailed,
@@ -39,9 +38,13 @@ from events.types import (
     now_iso,
 )
 from lps.providers.mock import POISON_EXIT_CODE
+from projections import keys as pkeys
 from projections.batch import BatchState
-from projections.replay import read_stream, replay
+from projections.replay import replay
 from projections.store import load_state
+from streams.keys import Keys
+from streams.paging import read_stream
+from streams.pending import HANDOFF_CONSUMER, pending_details
 from tests.helpers import canonical, registration, snapshot
 from tests.redis_server import RedisServer
 from tools.views import status_view
@@ -526,7 +529,7 @@ async def test_orphan_duplicate_and_malformed_entries_from_an_outside_client(
     assert (status["completed"], status["duplicates"], status["orphans"]) == (1, 1, 1)
     assert status["orphan_correlation_ids"] == ["never-requested"]
     assert status["callbacks_received"] == 3 and status["failed"] == 0
-    assert int(await r.hget(keys.stats, "orphans_unknown_batch")) == 1
+    assert int(await r.hget(pkeys.stats(keys), "orphans_unknown_batch")) == 1
     dlq = procs.cli("dlq", "--json", "--stream", "cj:callbacks")
     got = {d["source_id"]: d["reason"] for d in dlq["dead_letters"]}
     assert got == {

@@ -7,55 +7,9 @@ from typing import Any
 
 import click
 
-from events.consumer import _s
-from events.names import STREAMS, Keys
+from events.streams import STREAMS
+from streams.dlq import read_dead_letters
 from tools import common
-
-
-def _row(dlq_name: str, entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
-    f = {_s(k): _s(v) for k, v in fields.items()}
-    try:
-        original: Any = json.loads(f.get("fields", "{}"))
-    except json.JSONDecodeError:
-        original = f.get("fields")
-    return {
-        "dlq_stream": dlq_name,
-        "entry_id": _s(entry_id),
-        "source_stream": f.get("source_stream"),
-        "source_id": f.get("source_id"),
-        "reason": f.get("reason"),
-        "detail": f.get("detail"),
-        "group": f.get("group"),
-        "consumer": f.get("consumer"),
-        "at": f.get("at"),
-        "fields": original,
-    }
-
-
-async def collect(
-    r: Any, keys: Keys, *, stream: str | None = None, limit: int = 100
-) -> dict[str, Any]:
-    """Dead letters of every stream (or of `stream`), newest first, up to `limit` per stream."""
-    names = [stream] if stream else list(STREAMS)
-    counts: dict[str, int] = {}
-    letters: list[dict[str, Any]] = []
-    for name in names:
-        dlq = keys.dlq(name)
-        n = int(await r.xlen(dlq))
-        counts[name] = n
-        if n:
-            entries = await r.xrevrange(dlq, max="+", min="-", count=limit)
-            letters.extend(_row(f"dlq:{name}", entry_id, fields) for entry_id, fields in entries)
-    by_reason: dict[str, int] = {}
-    for letter in letters:
-        by_reason[letter["reason"] or "?"] = by_reason.get(letter["reason"] or "?", 0) + 1
-    return {
-        "prefix": keys.prefix,
-        "counts": counts,
-        "total": sum(counts.values()),
-        "shown_by_reason": by_reason,
-        "dead_letters": letters,
-    }
 
 
 @click.command()
@@ -90,7 +44,7 @@ def dlq(stream: str | None, limit: int, as_json: bool) -> None:
     async def main() -> dict[str, Any]:
         r = await common.open_redis(s)
         try:
-            return await collect(r, keys, stream=stream, limit=limit)
+            return await read_dead_letters(r, keys, stream=stream, limit=limit)
         finally:
             await r.aclose()
 

@@ -25,10 +25,14 @@ import msgspec
 from redis.exceptions import ResponseError, WatchError
 
 from events import codec
-from events.names import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS, Keys
+from events.streams import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS
+from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
+from projections import keys as pkeys
 from projections.batch import entry_id_key
-from projections.replay import decode_flat, raw_client, read_pages
+from projections.replay import decode_flat
+from streams.keys import Keys
+from streams.paging import raw_client, read_pages
 from tools import common
 from tools.cmd_replay import rebuild
 
@@ -36,10 +40,6 @@ PROGRESS_EVERY = 200_000
 IMPORT_TRIES = 5
 GROUPS = {REQUESTS: LPS_GROUP, CALLBACKS: CJ_GROUP}
 _ENTRY_ID = re.compile(r"^\d+-\d+$")
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def belongs(event: Event, batch_id: str) -> bool:
@@ -94,7 +94,7 @@ async def collect(
                 event, data = decode_flat(flat)
                 if event is None or not belongs(event, batch_id):
                     continue
-                entry_id = _s(raw_id)
+                entry_id = as_str(raw_id)
                 ms, seq = entry_id_key(entry_id)
                 data_bytes = data if isinstance(data, bytes) else str(data).encode()
                 records.append(
@@ -229,7 +229,9 @@ def read_export(path: Path) -> dict[str, list[tuple[str, str, bytes, Event]]]:
 
 
 async def _holds_batch(r: Any, keys: Keys, batch_id: str) -> bool:
-    if await r.exists(keys.batch(batch_id)) or await r.hexists(keys.batch_index, batch_id):
+    if await r.exists(pkeys.batch(keys, batch_id)) or await r.hexists(
+        pkeys.batch_index(keys), batch_id
+    ):
         return True
     needle = batch_id.encode()
     async for entries in read_pages(raw_client(r), keys.batches):
@@ -265,7 +267,7 @@ async def load(
                 for name in STREAMS:
                     stream = keys.stream(name)
                     last = await pipe.xrevrange(stream, max="+", min="-", count=1)
-                    last_id = _s(last[0][0]) if last else None
+                    last_id = as_str(last[0][0]) if last else None
                     rows = per[name]
                     preserved[name] = (
                         not rows
@@ -278,14 +280,14 @@ async def load(
                         infos = []
                     groups[name] = []
                     for info in infos:
-                        delivered = _s(info["last-delivered-id"])
+                        delivered = as_str(info["last-delivered-id"])
                         if last_id is not None and entry_id_key(delivered) < entry_id_key(last_id):
                             raise click.ClickException(
-                                f"group {_s(info['name'])!r} of {stream} has not read every entry "
-                                "yet; importing now would hand it the imported events too. Let the "
-                                "consumers catch up, or import into a fresh --prefix"
+                                f"group {as_str(info['name'])!r} of {stream} has not read every "
+                                "entry yet; importing now would hand it the imported events too. "
+                                "Let the consumers catch up, or import into a fresh --prefix"
                             )
-                        groups[name].append(_s(info["name"]))
+                        groups[name].append(as_str(info["name"]))
                 pipe.multi()
                 for name in STREAMS:
                     stream = keys.stream(name)

@@ -17,7 +17,8 @@ from typing import Any
 import click
 from redis.exceptions import WatchError
 
-from events.names import Keys
+from events.text import as_str
+from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.replay import (
     Horizon,
@@ -28,6 +29,7 @@ from projections.replay import (
     replay_live,
 )
 from projections.store import encode_state, list_batches, queue_state_write
+from streams.keys import Keys
 from tools import common
 
 DIFF_LIMIT = 100
@@ -37,16 +39,12 @@ UNKNOWN_BATCH_FIELD = "orphans_unknown_batch"
 Flat = dict[str, dict[str, str]]
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def expected_of(state: BatchState | None, keys: Keys) -> Flat:
     """The projection keys a batch must have (its hashes and its index entry)."""
     if state is None:
         return {}
     out = encode_state(state, keys)
-    out[keys.batch_index] = {state.batch_id: state.registered_at}
+    out[pkeys.batch_index(keys)] = {state.batch_id: state.registered_at}
     return out
 
 
@@ -89,20 +87,20 @@ async def read_snapshot(r: Any, keys: Keys, batch_ids: list[str]) -> Snapshot:
     async with r.pipeline(transaction=True) as pipe:
         queue_horizon(pipe, keys)
         for b in batch_ids:
-            for name in keys.batch_keys(b):
+            for name in pkeys.batch_keys(keys, b):
                 pipe.hgetall(name)
-            pipe.hget(keys.batch_index, b)
+            pipe.hget(pkeys.batch_index(keys), b)
         replies = await pipe.execute(raise_on_error=False)
     snap = Snapshot(await horizon_from(r, keys, *replies[:3]))
-    per = len(keys.batch_keys("x")) + 1
+    per = len(pkeys.batch_keys(keys, "x")) + 1
     for i, b in enumerate(batch_ids):
         chunk = replies[3 + i * per : 3 + (i + 1) * per]
         flat: Flat = {}
-        for name, value in zip(keys.batch_keys(b), chunk[:-1], strict=True):
+        for name, value in zip(pkeys.batch_keys(keys, b), chunk[:-1], strict=True):
             if isinstance(value, dict) and value:
-                flat[name] = {_s(k): _s(v) for k, v in value.items()}
+                flat[name] = {as_str(k): as_str(v) for k, v in value.items()}
         if chunk[-1] is not None and not isinstance(chunk[-1], Exception):
-            flat[keys.batch_index] = {b: _s(chunk[-1])}
+            flat[pkeys.batch_index(keys)] = {b: as_str(chunk[-1])}
         snap.live[b] = flat
     return snap
 
@@ -164,7 +162,9 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
         ids = batch_ids if batch_ids is not None else await list_batches(r, keys)
         async with r.pipeline(transaction=True) as pipe:
             try:
-                await pipe.watch(keys.batch_index, keys.stats, *(keys.batch(b) for b in ids))
+                await pipe.watch(
+                    pkeys.batch_index(keys), pkeys.stats(keys), *(pkeys.batch(keys, b) for b in ids)
+                )
                 started = time.perf_counter()
                 result, rows = await check(r, keys, batch_ids)
                 checked = time.perf_counter()
@@ -172,21 +172,23 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
                     known = set(ids)
                     new = [b for b in result.states if b not in known]
                     if new:  # batches missing from the index: watch them too, then go on
-                        await pipe.watch(*(keys.batch(b) for b in new))
+                        await pipe.watch(*(pkeys.batch(keys, b) for b in new))
                 stale = [row["batch_id"] for row in rows if not row["in_streams"]]
                 pipe.multi()
                 with no_gc():
                     for state in result.states.values():
                         queue_state_write(pipe, keys, state, full=True)
                 for b in stale:  # in the index but registered nowhere in the streams
-                    for name in keys.batch_keys(b):
+                    for name in pkeys.batch_keys(keys, b):
                         pipe.delete(name)
-                    pipe.hdel(keys.batch_index, b)
+                    pipe.hdel(pkeys.batch_index(keys), b)
                 if batch_ids is None:
                     if result.unknown_batch_callbacks:
-                        pipe.hset(keys.stats, UNKNOWN_BATCH_FIELD, result.unknown_batch_callbacks)
+                        pipe.hset(
+                            pkeys.stats(keys), UNKNOWN_BATCH_FIELD, result.unknown_batch_callbacks
+                        )
                     else:
-                        pipe.hdel(keys.stats, UNKNOWN_BATCH_FIELD)
+                        pipe.hdel(pkeys.stats(keys), UNKNOWN_BATCH_FIELD)
                 await pipe.execute()
             except WatchError:
                 continue

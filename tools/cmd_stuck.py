@@ -11,12 +11,11 @@ import click
 from redis.exceptions import ResponseError
 
 from cj.consumer import CJConsumer
-from cj.reaper import finalize_stalled, find_stalled, stalled_view
+from cj.stalls import finalize_stalled, find_stalled, stalled_view
 from events import codec
-from events.consumer import _s
-from events.names import CONSUMED, STREAMS, Keys
-from events.pending import StuckAction, pending_details, prune_consumer
 from events.settings import Settings, consumer_name
+from events.streams import CONSUMED, STREAMS
+from events.text import as_str
 from events.types import (
     BatchScored,
     ComparisonCompleted,
@@ -26,6 +25,8 @@ from events.types import (
 )
 from lps.providers.registry import make_provider
 from lps.worker import LPSWorker
+from streams.keys import Keys
+from streams.pending import StuckAction, pending_details, prune_consumer
 from tools import common
 from tools.runtime import retry_policy
 
@@ -61,7 +62,7 @@ async def _group_info(r: Any, stream: str, group: str) -> dict[str, Any] | None:
     except ResponseError:  # no such stream
         return None
     for info in groups:
-        if _s(info["name"]) == group:
+        if as_str(info["name"]) == group:
             return dict(info)
     return None
 
@@ -98,7 +99,7 @@ async def collect(
             oldest[row["consumer"]] = max(oldest.get(row["consumer"], 0.0), row["idle_ms"] / 1000)
         consumers = []
         for c in await r.xinfo_consumers(stream, group):
-            name = _s(c["name"])
+            name = as_str(c["name"])
             consumers.append(
                 {
                     "consumer": name,

@@ -21,7 +21,6 @@ from scipy.stats import spearmanr
 
 from cj.registration import InputError, build_registration, parse_input
 from events import codec
-from events.names import Keys
 from events.types import (
     TOKEN_KINDS,
     BatchFailed,
@@ -41,6 +40,7 @@ from lps.providers.mock import PROFILES, profile_from_env
 from projections.batch import COUNTERS as BATCH_COUNTERS
 from projections.batch import BatchState, entry_id_key
 from projections.store import load_state
+from streams.keys import Keys
 from tools import common, sample
 from tools.cmd_export import collect, load, read_export
 from tools.runs import mock_settings, registration_for, run_to_end, spearman_true, with_readable_id

@@ -10,10 +10,10 @@ from typing import Any, TypeVar
 
 import click
 
-from events.names import Keys
 from events.settings import Settings
 from projections.batch import BatchState
 from projections.store import load_state
+from streams.keys import Keys
 from tools.logs import configure
 from tools.runtime import connect
 

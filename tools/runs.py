@@ -15,13 +15,15 @@ from scipy.stats import spearmanr
 from cj.continuation import advance
 from cj.registration import BatchIn, InputError, append_registration, build_registration, scale_of
 from events import codec
-from events.names import Keys
 from events.settings import Settings
 from events.types import BatchRegistered, ComparisonCompleted, Mode, ProviderAttemptFailed, new_id
 from lps.providers.mock import MockProfile, quality_of
 from lps.providers.registry import make_provider
+from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.store import load_state
+from streams.keys import Keys
+from streams.paging import read_stream
 from tools.runtime import InProcess
 
 
@@ -59,7 +61,7 @@ async def with_readable_id(
 ) -> BatchRegistered:
     """A readable id that a seed reproduces (pairs derive from it), unique on a shared Redis."""
     batch_id = base
-    if await r.exists(keys.batch(batch_id)):
+    if await r.exists(pkeys.batch(keys, batch_id)):
         batch_id = f"{batch_id}-{new_id()[:8]}"
     return msgspec.structs.replace(registered, batch_id=batch_id)
 
@@ -132,21 +134,13 @@ async def count_provider_calls(r: Any, keys: Keys, batch_id: str) -> int:
         (keys.dispatches, ProviderAttemptFailed),
         (keys.callbacks, ComparisonCompleted),
     ):
-        last = "-"
-        while True:
-            page = await r.xrange(stream, min=last, max="+", count=1000)
-            if last != "-":
-                page = page[1:]
-            if not page:
-                break
-            for _, fields in page:
-                try:
-                    event = codec.decode(fields)
-                except codec.DecodeError:
-                    continue
-                if isinstance(event, kind) and event.batch_id == batch_id:
-                    calls += 1
-            last = page[-1][0].decode()
+        async for _, fields in read_stream(r, stream):
+            try:
+                event = codec.decode(fields)
+            except codec.DecodeError:
+                continue
+            if isinstance(event, kind) and event.batch_id == batch_id:
+                calls += 1
     return calls
 
 

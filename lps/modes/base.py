@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from events.consumer import Entry
-from events.names import Keys
 from events.types import BundleDispatched, ComparisonRequested, ErrorDetail
 from lps.providers.base import Provider
 from lps.retry import Outcome
+from streams.keys import Keys
+from streams.reader import Entry
 
 Unit = list[tuple[Entry, ComparisonRequested]]
 

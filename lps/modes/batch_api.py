@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from events.text import as_str
+from lps import keys as lkeys
 from lps.modes.base import ModeContext, Unit
 from lps.modes.serial_bundle import run as judge_in_sequence
 from lps.providers.base import Judgement, ProviderError
@@ -54,7 +55,7 @@ async def run(ctx: ModeContext, unit: Unit) -> None:
 
 async def _recorded_message_batches(ctx: ModeContext, unit: Unit) -> tuple[dict[str, Unit], Unit]:
     """The unit's requests by the Message Batch already holding them, and those in none yet."""
-    known = await ctx.r.mget([ctx.keys.lps_provider_batch(q.correlation_id) for _, q in unit])
+    known = await ctx.r.mget([lkeys.message_batch(ctx.keys, q.correlation_id) for _, q in unit])
     by_message_batch: dict[str, Unit] = defaultdict(list)
     fresh: Unit = []
     for item, message_batch_id in zip(unit, known, strict=True):
@@ -90,7 +91,7 @@ async def _submit(ctx: ModeContext, batches: MessageBatches, unit: Unit) -> tupl
     def index(pipe: Any) -> None:
         for _, q in items:
             pipe.set(
-                ctx.keys.lps_provider_batch(q.correlation_id), message_batch_id, ex=INDEX_TTL_S
+                lkeys.message_batch(ctx.keys, q.correlation_id), message_batch_id, ex=INDEX_TTL_S
             )
 
     event = await ctx.dispatch(items, message_batch_id=message_batch_id, same_transaction=index)

@@ -27,9 +27,9 @@ import anthropic
 from anthropic.types import Message
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 
-from events.metrics import LPS_PROVIDER_LATENCY
 from events.types import ComparisonRequested, ErrorDetail, TokenUsage, Winner
 from lps.classify import classify_exception, classify_stop_reason, parse_error, scrub
+from lps.metrics import LPS_PROVIDER_LATENCY
 from lps.prompt import (
     CACHE_TTLS,
     CONFIDENCE_MAX,

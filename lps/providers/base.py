@@ -6,8 +6,8 @@ from typing import Protocol
 
 import msgspec
 
-from events.metrics import LPS_TOKENS
 from events.types import TOKEN_KINDS, ComparisonRequested, ErrorDetail, TokenUsage, Winner
+from lps.metrics import LPS_TOKENS
 
 
 class Judgement(msgspec.Struct, frozen=True):

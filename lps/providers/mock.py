@@ -15,8 +15,8 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from events.metrics import LPS_PROVIDER_LATENCY
 from events.types import ComparisonRequested, ErrorDetail, ErrorType, Essay, TokenUsage
+from lps.metrics import LPS_PROVIDER_LATENCY
 from lps.providers.base import Judgement, ProviderError, record_tokens
 
 

@@ -1,27 +1,22 @@
-"""Consumer-group plumbing shared by the CJ and LPS consumers.
+"""Reading a stream as one consumer of a group.
 
 Reading starts with the consumer's own pending entries (what it held when it
 died or was restarted) and then new ones. Entries that cannot be decoded are
-moved to `dlq:<stream>` and acknowledged in one MULTI/EXEC, so a bad entry
-never blocks a group and is never lost.
+moved to `dlq:<stream>` (streams/dlq.py), so a bad entry never blocks a group
+and is never lost.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from redis.exceptions import ResponseError
 
 from events.codec import DecodeError, decode
-from events.metrics import DEAD_LETTERED
-from events.names import Keys
-from events.types import Event, now_iso
-
-log = structlog.get_logger("events.consumer")
+from events.text import as_str
+from events.types import Event
 
 Fields = Mapping[bytes | str, bytes | str]
 
@@ -30,10 +25,6 @@ Fields = Mapping[bytes | str, bytes | str]
 class Entry:
     entry_id: str
     fields: Fields
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 async def ensure_group(r: Any, stream: str, group: str) -> None:
@@ -50,7 +41,7 @@ def _entries(response: Any) -> list[Entry]:
         for entry_id, fields in items:
             if fields is None:  # deleted while pending
                 continue
-            out.append(Entry(_s(entry_id), fields))
+            out.append(Entry(as_str(entry_id), fields))
     return out
 
 
@@ -88,43 +79,6 @@ class GroupReader:
         """Read own pending entries again (after a reconnect, or entries handed back)."""
         self._backlog = True
         self._cursor = "0"
-
-
-def dead_letter_fields(
-    stream_name: str, entry: Entry, error: DecodeError, group: str, consumer: str
-) -> dict[str, str]:
-    return {
-        "reason": error.reason,
-        "detail": error.detail,
-        "source_stream": stream_name,
-        "source_id": entry.entry_id,
-        "group": group,
-        "consumer": consumer,
-        "fields": json.dumps({_s(k): _s(v) for k, v in entry.fields.items()}),
-        "at": now_iso(),
-    }
-
-
-def queue_dead_letter(
-    pipe: Any,
-    keys: Keys,
-    stream_name: str,
-    entry: Entry,
-    error: DecodeError,
-    group: str,
-    consumer: str,
-) -> None:
-    """Buffer the move of one undecodable entry to its DLQ, with the XACK (inside MULTI)."""
-    pipe.xadd(keys.dlq(stream_name), dead_letter_fields(stream_name, entry, error, group, consumer))
-    pipe.xack(keys.stream(stream_name), group, entry.entry_id)
-    DEAD_LETTERED.labels(stream_name, error.reason).inc()
-    log.warning(
-        "dead_lettered",
-        stream=stream_name,
-        entry_id=entry.entry_id,
-        reason=error.reason,
-        detail=error.detail[:200],
-    )
 
 
 def split_decoded(

@@ -9,11 +9,12 @@ from typing import Any
 
 import structlog
 
-from events.consumer import Entry, _s
-from events.metrics import LPS_PENDING
-from events.names import Keys
+from events.text import as_str
+from streams.keys import Keys
+from streams.metrics import PENDING_ENTRIES
+from streams.reader import Entry
 
-log = structlog.get_logger("events.pending")
+log = structlog.get_logger("streams.pending")
 
 # Entries a worker hands back at shutdown wait here, already idle past the processing
 # timeout, so the next reaper pass of any live worker claims them.
@@ -95,12 +96,12 @@ async def claim_idle(
     cursor = "0-0"
     while True:
         reply = await r.xautoclaim(stream, group, consumer, min_idle_ms, cursor, count=page)
-        cursor = _s(reply[0])
+        cursor = as_str(reply[0])
         for entry_id, fields in reply[1]:
             if fields is not None:
-                claimed.append((_s(entry_id), fields))
+                claimed.append((as_str(entry_id), fields))
         if len(reply) > 2:
-            deleted.extend(_s(i) for i in reply[2])
+            deleted.extend(as_str(i) for i in reply[2])
         if cursor == "0-0":
             break
     if not claimed:
@@ -141,8 +142,8 @@ async def pending_details(
         )
         out.extend(
             {
-                "entry_id": _s(row["message_id"]),
-                "consumer": _s(row["consumer"]),
+                "entry_id": as_str(row["message_id"]),
+                "consumer": as_str(row["consumer"]),
                 "idle_ms": int(row["time_since_delivered"]),
                 "deliveries": int(row["times_delivered"]),
             }
@@ -164,7 +165,7 @@ async def claim_ids(
     if not rows:
         return []
     reply = await r.xclaim(stream, group, consumer, min_idle_ms, [row["entry_id"] for row in rows])
-    won = {_s(entry_id): fields for entry_id, fields in reply or [] if fields is not None}
+    won = {as_str(entry_id): fields for entry_id, fields in reply or [] if fields is not None}
     out = []
     for row in rows:
         fields = won.get(row["entry_id"])
@@ -187,9 +188,10 @@ async def pending_count(r: Any, stream: str, group: str) -> int:
 
 
 async def update_pending_gauge(r: Any, stream: str, stream_name: str, group: str) -> int:
-    """Set `lps_pending_entries{stream, group}` (stream named without the key prefix)."""
+    """Set the pending-entries gauge (`lps_pending_entries{stream, group}`, stream named
+    without the key prefix)."""
     n = await pending_count(r, stream, group)
-    LPS_PENDING.labels(stream_name, group).set(n)
+    PENDING_ENTRIES.labels(stream_name, group).set(n)
     return n
 
 
@@ -261,7 +263,7 @@ async def prune_dead_consumers(
     spared = set(keep)
     removed = []
     for info in await r.xinfo_consumers(stream, group):
-        name = _s(info["name"])
+        name = as_str(info["name"])
         if name in spared or int(info["pending"]) > 0 or int(info["idle"]) < dead_after_ms:
             continue
         if await prune_consumer(r, stream, group, name, min_idle_ms=dead_after_ms):

@@ -1,6 +1,6 @@
 """Keeping a consumer loop alive across Redis restarts, and stopping it promptly.
 
-redis-py retries a command a few times on its own (see tools/runtime.connect);
+redis-py retries a command a few times on its own (see streams/client.connect);
 when Redis stays away longer than that, the loops of the workers catch the
 connection error, wait with a capped exponential backoff and try again, instead
 of dying with the process still up (and its consumer silently gone).
@@ -16,9 +16,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from events.consumer import GroupReader
+from streams.reader import GroupReader
 
-log = structlog.get_logger("events.resilience")
+log = structlog.get_logger("streams.resilience")
 
 # BusyLoadingError ("LOADING", while Redis replays its AOF) is a ConnectionError.
 # NoScriptError means Redis restarted (its script cache is empty) under a pipeline that the

@@ -12,7 +12,8 @@ events and through the same WATCH / MULTI path as `cj.continuation.advance`
 - otherwise `BatchFailed` with reason `stalled` and a message saying why.
 
 Either way `abandoned` names the correlation ids still pending: their callbacks,
-should they come, count as late.
+should they come, count as late. The `reaper` worker role is `run_stall_finalizer`
+(not the consumers' reclaim passes, which deal with pending entries).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from typing import Any
 import structlog
 
 from cj.continuation import Decision, advance, score
-from events.names import Keys
-from events.resilience import REDIS_DOWN, sleep_unless
+from events.text import as_str
 from events.types import BatchFailed, BatchFinalized
+from projections import keys as pkeys
 from projections.batch import PENDING, BatchState, completion_pct
 from projections.store import list_batches, load_state
+from streams.keys import Keys
+from streams.resilience import REDIS_DOWN, sleep_unless
 
-log = structlog.get_logger("cj.reaper")
+log = structlog.get_logger("cj.stalls")
 
 
 def parse_time(value: str) -> datetime | None:
@@ -87,13 +90,13 @@ async def find_stalled(
         return []
     async with r.pipeline(transaction=False) as pipe:
         for batch_id in batch_ids:
-            pipe.hmget(keys.batch(batch_id), "status", "last_event_at")
+            pipe.hmget(pkeys.batch(keys, batch_id), "status", "last_event_at")
         rows = await pipe.execute()
     out = []
     for batch_id, (status, last) in zip(batch_ids, rows, strict=True):
-        if status is None or status.decode() in ("finalized", "failed"):
+        if status is None or as_str(status) in ("finalized", "failed"):
             continue
-        last_at = parse_time(last.decode() if last else "")
+        last_at = parse_time(as_str(last) if last else "")
         if last_at is None or last_at > cutoff:
             continue
         state = await load_state(r, keys, batch_id)
@@ -158,7 +161,7 @@ async def finalize_stalled(
     return await advance(r, keys, batch_id, decider=decider, max_tries=max_tries)
 
 
-async def run_stalled_reaper(
+async def run_stall_finalizer(
     r: Any, keys: Keys, stop: asyncio.Event, *, idle_timeout_s: float, every_s: float
 ) -> None:
     """The `reaper` worker role: end batches stalled for `idle_timeout_s`, as `cjs stuck

@@ -1,0 +1,31 @@
+"""LPS metrics: provider calls, retries, latency, bundles and tokens. The names are public
+(DESIGN.md, deploy/prometheus/alerts.yml); stream-level metrics are in streams/metrics.py."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LPS_REQUESTS = Counter(
+    "lps_requests_total",
+    "Comparison requests finished by LPS",
+    ["provider", "model", "mode", "outcome"],
+)
+LPS_PROVIDER_ERRORS = Counter(
+    "lps_provider_errors_total",
+    "Failed provider attempts by error type",
+    ["provider", "model", "error_type"],
+)
+LPS_RETRIES = Counter("lps_retries_total", "Provider attempts retried", ["provider", "error_type"])
+LPS_PROVIDER_LATENCY = Histogram(
+    "lps_provider_latency_seconds",
+    "Latency of one provider call",
+    ["provider", "model"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
+LPS_BUNDLE_SIZE = Histogram(
+    "lps_bundle_size",
+    "Requests per dispatched bundle",
+    ["mode"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+LPS_TOKENS = Counter("lps_tokens_total", "Provider tokens by kind", ["kind"])

@@ -1,0 +1,65 @@
+"""Reading a whole stream (or a range of it) in pages: THE one paging loop.
+
+Pages are XRANGE ... COUNT calls; the next page is requested while the caller works on the
+current one, so reading and decoding overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from events.text import as_str
+
+PAGE = 5000
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest entry id after `entry_id` (an inclusive XRANGE start that skips it)."""
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def raw_client(r: Any) -> Any:
+    """A client on `r`'s connection pool whose XRANGE replies are left as Redis sends them
+    (`[[id, [field, value, ...]], ...]`): building a dict per entry costs more than decoding it."""
+    client = aioredis.Redis(connection_pool=r.connection_pool)
+    client.set_response_callback("XRANGE", lambda response, **_: response)
+    return client
+
+
+async def read_pages(
+    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+"
+) -> AsyncIterator[list[Any]]:
+    """Pages of `stream` up to `max_id` (XRANGE ... COUNT), the next page read while the caller
+    works on the current one."""
+
+    async def fetch(start: str) -> list[Any]:
+        result: list[Any] = await r.xrange(stream, min=start, max=max_id, count=page)
+        return result
+
+    task = asyncio.ensure_future(fetch("-"))
+    try:
+        while True:
+            entries = await task
+            if not entries:
+                return
+            if len(entries) == page:
+                task = asyncio.ensure_future(fetch(next_id(as_str(entries[-1][0]))))
+            yield entries
+            if len(entries) < page:
+                return
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def read_stream(r: Any, stream: str, *, page: int = PAGE) -> AsyncIterator[tuple[str, Any]]:
+    """Every entry of `stream` in order, as (entry id, fields)."""
+    async for entries in read_pages(r, stream, page=page):
+        for entry_id, fields in entries:
+            yield as_str(entry_id), fields
