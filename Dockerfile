@@ -11,6 +11,7 @@ COPY events ./events
 COPY projections ./projections
 COPY cj ./cj
 COPY lps ./lps
+COPY app ./app
 COPY tools ./tools
 RUN pip install . && useradd --create-home --uid 10001 cjs
 

@@ -1,6 +1,6 @@
 """Keeping a consumer loop alive across Redis restarts, and stopping it promptly.
 
-redis-py retries a command a few times on its own (see tools/runtime.connect);
+redis-py retries a command a few times on its own (see app/wiring.connect);
 when Redis stays away longer than that, the loops of the workers catch the
 connection error, wait with a capped exponential backoff and try again, instead
 of dying with the process still up (and its consumer silently gone).

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from app.settings import Settings
+from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
 from events.names import CJ_GROUP, LPS_GROUP, Keys
-from events.settings import Settings
 from events.types import (
     BundleDispatched,
     ComparisonCompleted,
@@ -26,7 +27,6 @@ from lps.providers.registry import make_provider
 from projections.replay import read_stream, replay
 from projections.store import load_state
 from tests.helpers import canonical, registration, snapshot
-from tools.runtime import InProcess
 
 pytestmark = pytest.mark.redis
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from app.settings import Settings
 from cj.consumer import CJConsumer
 from cj.continuation import advance
 from cj.reaper import finalize_stalled, find_stalled, stalled_decision
@@ -26,7 +27,6 @@ from events.pending import (
     prune_consumer,
     prune_dead_consumers,
 )
-from events.settings import Settings
 from events.types import (
     BatchFailed,
     BatchFinalized,

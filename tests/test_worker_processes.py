@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from app.views import status_view
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
@@ -44,7 +45,6 @@ from projections.replay import read_stream, replay
 from projections.store import load_state
 from tests.helpers import canonical, registration, snapshot
 from tests.redis_server import RedisServer
-from tools.views import status_view
 
 pytestmark = pytest.mark.redis
 

@@ -10,11 +10,11 @@ from typing import Any, cast
 
 import click
 
+from app.views import results_view, status_view
 from cj.continuation import advance
 from cj.registration import InputError, append_registration, build_registration, parse_input
 from events.types import Mode
 from tools import common
-from tools.views import results_view, status_view
 
 
 @click.command()

@@ -8,9 +8,8 @@ from typing import Any
 
 import click
 
-from lps.providers.mock import PROFILES, profile_from_env
-from tools import common, sample
-from tools.runs import (
+from app import sample
+from app.runs import (
     count_provider_calls,
     mock_settings,
     registration_for,
@@ -18,8 +17,10 @@ from tools.runs import (
     spearman_true,
     with_readable_id,
 )
-from tools.runtime import connect
-from tools.views import results_view, status_view
+from app.views import results_view, status_view
+from app.wiring import connect
+from lps.providers.mock import PROFILES, profile_from_env
+from tools import common
 
 
 def _print_report(view: dict[str, Any]) -> None:

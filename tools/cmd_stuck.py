@@ -10,13 +10,14 @@ from typing import Any
 import click
 from redis.exceptions import ResponseError
 
+from app.settings import Settings, consumer_name
+from app.wiring import retry_policy
 from cj.consumer import CJConsumer
 from cj.reaper import finalize_stalled, find_stalled, stalled_view
 from events import codec
 from events.consumer import _s
 from events.names import CONSUMED, STREAMS, Keys
 from events.pending import StuckAction, pending_details, prune_consumer
-from events.settings import Settings, consumer_name
 from events.types import (
     BatchScored,
     ComparisonCompleted,
@@ -27,7 +28,6 @@ from events.types import (
 from lps.providers.registry import make_provider
 from lps.worker import LPSWorker
 from tools import common
-from tools.runtime import retry_policy
 
 
 def _describe(fields: Any) -> dict[str, Any]:

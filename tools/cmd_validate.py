@@ -19,6 +19,9 @@ import click
 import msgspec
 from scipy.stats import spearmanr
 
+from app import sample
+from app.runs import mock_settings, registration_for, run_to_end, spearman_true, with_readable_id
+from app.wiring import connect
 from cj.registration import InputError, build_registration, parse_input
 from events import codec
 from events.names import Keys
@@ -40,10 +43,8 @@ from lps.providers.mock import PROFILES, profile_from_env
 from projections.batch import COUNTERS as BATCH_COUNTERS
 from projections.batch import BatchState, entry_id_key
 from projections.store import load_state
-from tools import common, sample
+from tools import common
 from tools.cmd_export import collect, load, read_export
-from tools.runs import mock_settings, registration_for, run_to_end, spearman_true, with_readable_id
-from tools.runtime import connect
 
 MODES = ("per_request", "serial_bundle")
 # The projection's counters, less the bookkeeping one no event counts.
@@ -515,7 +516,7 @@ def validate(
         "comparison": comparison,
     }
     if report_dir is not None:
-        from tools.report import write_report
+        from app.report import write_report
 
         out["report"] = {k: str(v) for k, v in write_report(out, report_dir).items()}
     if as_json:

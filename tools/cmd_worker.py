@@ -11,10 +11,10 @@ import click
 import structlog
 from prometheus_client import start_http_server
 
+from app.logs import configure
+from app.wiring import InProcess, connect
 from lps.providers.registry import make_provider
 from tools import common
-from tools.logs import configure
-from tools.runtime import InProcess, connect
 
 log = structlog.get_logger("tools.worker")
 

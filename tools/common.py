@@ -10,12 +10,12 @@ from typing import Any, TypeVar
 
 import click
 
+from app.logs import configure
+from app.settings import Settings
+from app.wiring import connect
 from events.names import Keys
-from events.settings import Settings
 from projections.batch import BatchState
 from projections.store import load_state
-from tools.logs import configure
-from tools.runtime import connect
 
 T = TypeVar("T")
 

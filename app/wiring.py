@@ -14,10 +14,10 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.settings import Settings, consumer_name
 from cj.consumer import CJConsumer
 from cj.reaper import run_stalled_reaper
 from events.names import Keys
-from events.settings import Settings, consumer_name
 from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy

@@ -12,17 +12,17 @@ import click
 import msgspec
 from scipy.stats import spearmanr
 
+from app.settings import Settings
+from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import BatchIn, InputError, append_registration, build_registration, scale_of
 from events import codec
 from events.names import Keys
-from events.settings import Settings
 from events.types import BatchRegistered, ComparisonCompleted, Mode, ProviderAttemptFailed, new_id
 from lps.providers.mock import MockProfile, quality_of
 from lps.providers.registry import make_provider
 from projections.batch import BatchState
 from projections.store import load_state
-from tools.runtime import InProcess
 
 
 def mock_settings(s: Settings) -> Settings:
