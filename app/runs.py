@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
-import click
 import msgspec
 from scipy.stats import spearmanr
 
+from app.errors import InputError, TimedOut
 from app.settings import Settings
 from app.wiring import InProcess
 from cj.continuation import advance
-from cj.registration import BatchIn, InputError, append_registration, build_registration, scale_of
+from cj.registration import BatchIn, append_registration, build_registration, scale_of
+from cj.registration import InputError as RegistrationError
 from events import codec
 from events.names import Keys
 from events.types import BatchRegistered, ComparisonCompleted, Mode, ProviderAttemptFailed, new_id
@@ -23,6 +24,9 @@ from lps.providers.mock import MockProfile, quality_of
 from lps.providers.registry import make_provider
 from projections.batch import BatchState
 from projections.store import load_state
+
+# Called with the batch's state at each poll while it runs.
+Progress = Callable[[BatchState], None]
 
 
 def mock_settings(s: Settings) -> Settings:
@@ -50,8 +54,8 @@ def registration_for(
         return build_registration(
             batch_in, scale_name, grades, mode=cast(Mode, mode), budget=budget, seed=seed
         )
-    except (InputError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (RegistrationError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
 
 
 async def with_readable_id(
@@ -72,57 +76,46 @@ async def run_to_end(
     mock: MockProfile,
     *,
     timeout: float,
-    show_bar: bool = False,
+    progress: Progress | None = None,
 ) -> tuple[BatchState, float]:
     """Register the batch, run CJ and LPS consumers in this process until it is finalized or
-    failed; returns its final state and the wall time."""
+    failed; returns its final state and the wall time. `progress` sees the state as it goes."""
     started = time.perf_counter()
     await append_registration(r, keys, registered)
     runner = InProcess(r, keys, s, lambda name: make_provider(name, mock_profile=mock))
     runner.start()
     await advance(r, keys, registered.batch_id)
     try:
-        state = await wait_terminal(r, keys, registered.batch_id, runner, timeout, show_bar)
+        state = await wait_terminal(r, keys, registered.batch_id, runner, timeout, progress)
     finally:
         await runner.close()
     return state, time.perf_counter() - started
 
 
 async def wait_terminal(
-    r: Any, keys: Keys, batch_id: str, runner: InProcess, timeout: float, show_bar: bool
+    r: Any,
+    keys: Keys,
+    batch_id: str,
+    runner: InProcess,
+    timeout: float,
+    progress: Progress | None = None,
 ) -> BatchState:
+    """Poll the batch until it is finalized or failed (raising a consumer's error at once)."""
     deadline = time.monotonic() + timeout
-    bar: Any = None
-    shown = 0
-    try:
-        while True:
-            runner.check()
-            state = await load_state(r, keys, batch_id)
-            assert state is not None
-            if show_bar:
-                if bar is None:
-                    # Counted in comparisons: a batch that settles early ends short of the budget.
-                    bar = click.progressbar(
-                        length=state.denominator, file=sys.stderr, show_pos=True
-                    )
-                bar.label = (
-                    f"{state.status} ({state.finalize_reason})"
-                    if state.terminal
-                    else f"wave {state.waves}"
-                )
-                bar.update(state.accepted - shown)
-                shown = state.accepted
-            if state.terminal:
-                return state
-            if time.monotonic() > deadline:
-                raise click.ClickException(
-                    f"batch {batch_id} not finalized after {timeout:.0f}s "
-                    f"({state.accepted}/{state.denominator} callbacks)"
-                )
-            await asyncio.sleep(0.05)
-    finally:
-        if bar is not None:
-            bar.render_finish()
+    while True:
+        runner.check()
+        state = await load_state(r, keys, batch_id)
+        assert state is not None
+        if progress is not None:
+            progress(state)
+        if state.terminal:
+            return state
+        if time.monotonic() > deadline:
+            raise TimedOut(
+                f"batch {batch_id} not finalized after {timeout:.0f}s "
+                f"({state.accepted}/{state.denominator} callbacks)"
+            )
+        await asyncio.sleep(0.05)
 
 
 async def count_provider_calls(r: Any, keys: Keys, batch_id: str) -> int:

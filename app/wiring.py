@@ -1,4 +1,4 @@
-"""Connecting to Redis (or the embedded one) and running consumers in this process."""
+"""Running consumers in this process."""
 
 from __future__ import annotations
 
@@ -8,12 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from app.settings import Settings, consumer_name
 from cj.consumer import CJConsumer
 from cj.reaper import run_stalled_reaper
@@ -22,24 +16,6 @@ from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy
 from lps.worker import LPSWorker
-
-
-def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:
-    """A client for REDIS_URL, or an embedded in-process Redis (fakeredis) when none is set."""
-    if settings.redis_url:
-        client = aioredis.from_url(
-            settings.redis_url,
-            decode_responses=False,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=settings.redis_retries),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            health_check_interval=15,
-        )
-        return client, settings.redis_url
-    if not embedded_ok:
-        raise RuntimeError("REDIS_URL is not set: workers need a shared Redis server")
-    import fakeredis
-
-    return fakeredis.FakeAsyncRedis(decode_responses=False), "embedded (fakeredis)"
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:

@@ -12,9 +12,22 @@ import pkgutil
 import click
 
 import tools
+from app.errors import CjsError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Cjs(click.Group):
+    """Shows a CjsError as one line on stderr and exits with its code: the one place."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CjsError as exc:
+            failure = click.ClickException(exc.message)
+            failure.exit_code = exc.exit_code
+            raise failure from exc
+
+
+@click.group(cls=Cjs, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cj-streams")
 def main() -> None:
     """cj-streams: Comparative Judgement of essays with an LLM judge, on Redis Streams.

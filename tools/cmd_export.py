@@ -24,6 +24,8 @@ import click
 import msgspec
 from redis.exceptions import ResponseError, WatchError
 
+from app import errors, settings
+from app.connection import open_redis
 from events import codec
 from events.names import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS, Keys
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
@@ -131,21 +133,19 @@ def export(batch_id: str, output: str, as_json: bool) -> None:
     common.quiet_logs(as_json)
     if as_json and output == "-":
         raise click.UsageError("--json and -o - would both write to stdout")
-    s = common.settings()
+    s = settings.load()
 
     async def main() -> list[Record]:
-        r = await common.open_redis(s)
+        r = await open_redis(s)
         try:
-            return await collect(r, common.keys_for(s), batch_id, Progress(True))
+            return await collect(r, settings.keys_for(s), batch_id, Progress(True))
         finally:
             await r.aclose()
 
     started = time.perf_counter()
     records = common.run(main)
     if not any(rec.type == "BatchRegistered" for rec in records):
-        raise click.ClickException(
-            f"no batch {batch_id!r} in the streams under prefix {s.prefix!r}"
-        )
+        raise errors.NotFound(f"no batch {batch_id!r} in the streams under prefix {s.prefix!r}")
     out = _open_out(output)
     try:
         for rec in records:
@@ -184,10 +184,6 @@ class Line(msgspec.Struct):
 _line = msgspec.json.Decoder(Line)
 
 
-class BadExportFile(click.ClickException):
-    exit_code = common.EXIT_USAGE
-
-
 def _lines(path: Path) -> Iterator[bytes]:
     with path.open("rb") as probe:
         gz = probe.read(2) == b"\x1f\x8b"
@@ -202,28 +198,28 @@ def read_export(path: Path) -> dict[str, list[tuple[str, str, bytes, Event]]]:
     try:
         lines = list(_lines(path))
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise BadExportFile(f"cannot read {path}: {exc}") from exc
+        raise errors.BadFile(f"cannot read {path}: {exc}") from exc
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         try:
             line = _line.decode(text)
         except msgspec.DecodeError as exc:
-            raise BadExportFile(f"{path}:{number}: not an export line: {exc}") from exc
+            raise errors.BadFile(f"{path}:{number}: not an export line: {exc}") from exc
         if line.stream not in per:
-            raise BadExportFile(f"{path}:{number}: unknown stream {line.stream!r}")
+            raise errors.BadFile(f"{path}:{number}: unknown stream {line.stream!r}")
         if not _ENTRY_ID.match(line.entry_id):
-            raise BadExportFile(f"{path}:{number}: bad entry id {line.entry_id!r}")
+            raise errors.BadFile(f"{path}:{number}: bad entry id {line.entry_id!r}")
         if line.type not in EVENT_TYPES:
-            raise BadExportFile(f"{path}:{number}: unknown event type {line.type!r}")
+            raise errors.BadFile(f"{path}:{number}: unknown event type {line.type!r}")
         data = bytes(line.data)
         try:
             event = codec.decode({"type": line.type.encode(), "data": data})
         except codec.DecodeError as exc:
-            raise BadExportFile(f"{path}:{number}: {exc}") from exc
+            raise errors.BadFile(f"{path}:{number}: {exc}") from exc
         rows = per[line.stream]
         if rows and entry_id_key(line.entry_id) <= entry_id_key(rows[-1][0]):
-            raise BadExportFile(f"{path}:{number}: entry ids of {line.stream} are not increasing")
+            raise errors.BadFile(f"{path}:{number}: entry ids of {line.stream} are not increasing")
         rows.append((line.entry_id, line.type, data, event))
     return per
 
@@ -249,10 +245,10 @@ async def load(
     target streams past them, in one MULTI/EXEC; then rebuild the imported batches."""
     batch_ids = [e.batch_id for _, _, _, e in per[STREAMS[0]] if isinstance(e, BatchRegistered)]
     if not batch_ids:
-        raise BadExportFile("the file holds no BatchRegistered event: nothing to import")
+        raise errors.BadFile("the file holds no BatchRegistered event: nothing to import")
     for b in batch_ids:
         if await _holds_batch(r, keys, b):
-            raise click.ClickException(
+            raise errors.Conflict(
                 f"prefix {keys.prefix!r} already holds batch {b!r}; refusing to import it twice "
                 "(import into another --prefix, or delete that namespace first)"
             )
@@ -280,7 +276,7 @@ async def load(
                     for info in infos:
                         delivered = _s(info["last-delivered-id"])
                         if last_id is not None and entry_id_key(delivered) < entry_id_key(last_id):
-                            raise click.ClickException(
+                            raise errors.Conflict(
                                 f"group {_s(info['name'])!r} of {stream} has not read every entry "
                                 "yet; importing now would hand it the imported events too. Let the "
                                 "consumers catch up, or import into a fresh --prefix"
@@ -309,7 +305,7 @@ async def load(
             "attempts": attempt,
             "events_replayed": done["result"].events,
         }
-    raise click.ClickException(f"the target streams kept changing during {IMPORT_TRIES} attempts")
+    raise errors.Conflict(f"the target streams kept changing during {IMPORT_TRIES} attempts")
 
 
 @click.command(name="import")
@@ -321,13 +317,13 @@ def import_(file: Path, prefix: str | None, as_json: bool) -> None:
     so that status, results, positions and replay work as on the original. Refuses a namespace
     that already holds the batch."""
     common.quiet_logs(as_json)
-    s = common.settings()
-    keys = common.keys_for(s, prefix)
+    s = settings.load()
+    keys = settings.keys_for(s, prefix)
     started = time.perf_counter()
     per = read_export(file)
 
     async def main() -> dict[str, Any]:
-        r = await common.open_redis(s)
+        r = await open_redis(s)
         try:
             return await load(r, keys, per)
         finally:

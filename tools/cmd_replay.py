@@ -17,6 +17,8 @@ from typing import Any
 import click
 from redis.exceptions import WatchError
 
+from app import errors, settings
+from app.connection import open_redis
 from events.names import Keys
 from projections.batch import BatchState
 from projections.replay import (
@@ -198,7 +200,7 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
             "seconds_replay_and_compare": round(checked - started, 3),
             "seconds_write": round(time.perf_counter() - checked, 3),
         }
-    raise click.ClickException(
+    raise errors.Conflict(
         f"the projections kept changing during {REBUILD_TRIES} rebuild attempts: consumers are "
         "applying callbacks; stop the cj workers and run it again"
     )
@@ -239,12 +241,12 @@ def _run(batch_id: str | None, all_batches: bool, do_rebuild: bool, as_json: boo
     common.quiet_logs(as_json)
     if bool(batch_id) == all_batches:
         raise click.UsageError("give a BATCH_ID or --all (not both)")
-    s = common.settings()
+    s = settings.load()
     ids = None if all_batches else [batch_id or ""]
 
     async def main() -> dict[str, Any]:
-        r = await common.open_redis(s)
-        keys = common.keys_for(s)
+        r = await open_redis(s)
+        keys = settings.keys_for(s)
         try:
             started = time.perf_counter()
             if do_rebuild:
@@ -268,7 +270,7 @@ def _run(batch_id: str | None, all_batches: bool, do_rebuild: bool, as_json: boo
                 result, rows = await check(r, keys, ids)
                 view = {}
             if ids is not None and not rows[0]["in_streams"] and not rows[0]["in_projection"]:
-                raise click.ClickException(f"no batch {batch_id!r} under prefix {keys.prefix!r}")
+                raise errors.NotFound(f"no batch {batch_id!r} under prefix {keys.prefix!r}")
             summary = _summary(result)
             summary["seconds"] = round(time.perf_counter() - started, 4)
             if ids is not None:

@@ -10,6 +10,8 @@ from typing import Any
 import click
 from redis.exceptions import ResponseError
 
+from app import settings
+from app.connection import open_redis
 from app.settings import Settings, consumer_name
 from app.wiring import retry_policy
 from cj.consumer import CJConsumer
@@ -391,13 +393,13 @@ def stuck(
     if watch and (as_json or do_reclaim):
         raise click.UsageError("--watch shows a live view: use it without --json and --reclaim")
     common.quiet_logs(as_json)
-    s = common.settings()
-    keys = common.keys_for(s)
+    s = settings.load()
+    keys = settings.keys_for(s)
     idle = s.processing_timeout_s if idle_s is None else idle_s
     batch_idle = s.batch_idle_timeout_s if batch_idle_s is None else batch_idle_s
 
     async def once() -> dict[str, Any]:
-        r = await common.open_redis(s)
+        r = await open_redis(s)
         try:
             done = await reclaim(r, keys, s, batch_idle_s=batch_idle) if do_reclaim else None
             view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
@@ -408,7 +410,7 @@ def stuck(
         return view
 
     async def live() -> None:
-        r = await common.open_redis(s)
+        r = await open_redis(s)
         try:
             while True:
                 view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)

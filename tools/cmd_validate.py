@@ -19,9 +19,9 @@ import click
 import msgspec
 from scipy.stats import spearmanr
 
-from app import sample
+from app import errors, sample, settings
+from app.connection import connect
 from app.runs import mock_settings, registration_for, run_to_end, spearman_true, with_readable_id
-from app.wiring import connect
 from cj.registration import InputError, build_registration, parse_input
 from events import codec
 from events.names import Keys
@@ -355,10 +355,10 @@ async def run_modes(
     timeout: float,
     quiet: bool,
 ) -> list[Run]:
-    s = mock_settings(common.settings())
+    s = mock_settings(settings.load())
     mock = profile_from_env(mock_name)
     r, where = connect(s)
-    keys = common.keys_for(s)
+    keys = settings.keys_for(s)
     runs = []
     try:
         for mode in modes:
@@ -492,8 +492,7 @@ def validate(
                     batch_in, scale_name, grades, budget=budget, seed=seed
                 )
             except InputError as exc:
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(common.EXIT_USAGE)
+                raise errors.InputError(str(exc)) from exc
         else:
             registered = registration_for(
                 sample.load(essays), "per_request", budget=budget, seed=seed
