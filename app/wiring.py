@@ -1,10 +1,11 @@
-"""Running consumers in this process."""
+"""The composition root: CJ consumers, LPS workers and the stalled-batch reaper built from
+Settings, and run as tasks of this process. Every place that needs one builds it here, so
+a setting is honoured everywhere or nowhere."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ from lps.providers.base import Provider
 from lps.retry import RetryPolicy
 from lps.worker import LPSWorker
 
+# In-process consumers block at most this long on a read, so that a stop is seen promptly.
+MAX_BLOCK_MS = 200
+
 
 def retry_policy(settings: Settings) -> RetryPolicy:
     return RetryPolicy(
@@ -24,6 +28,60 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         base_delay_s=settings.retry_base_delay_s,
         max_delay_s=settings.retry_max_delay_s,
         max_retry_after_s=settings.retry_max_after_s,
+    )
+
+
+def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
+    return CJConsumer(
+        r,
+        keys,
+        name,
+        count=100,
+        block_ms=min(s.block_ms, MAX_BLOCK_MS),
+        processing_timeout_s=s.processing_timeout_s,
+        max_deliveries=s.max_deliveries,
+        dead_consumer_after_s=s.dead_consumer_after_s,
+    )
+
+
+def lps_worker(
+    r: Any,
+    keys: Keys,
+    s: Settings,
+    name: str,
+    providers: Callable[[str], Provider],
+    *,
+    concurrency: int = 8,
+) -> LPSWorker:
+    return LPSWorker(
+        r,
+        keys,
+        name,
+        providers,
+        policy=retry_policy(s),
+        concurrency=concurrency,
+        count=s.read_count,
+        block_ms=min(s.block_ms, MAX_BLOCK_MS),
+        processing_timeout_s=s.processing_timeout_s,
+        max_deliveries=s.max_deliveries,
+        dead_consumer_after_s=s.dead_consumer_after_s,
+        batch_poll_interval_s=s.batch_poll_s,
+        cooldown=Cooldown(
+            r,
+            keys,
+            default_s={
+                "rate_limit": s.cooldown_rate_limit_s,
+                "overloaded": s.cooldown_overloaded_s,
+            },
+            fresh_s=0.1,
+        ),
+    )
+
+
+def stall_reaper(r: Any, keys: Keys, s: Settings, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
+    """The loop that ends batches with no event for CJS_BATCH_IDLE_TIMEOUT_S."""
+    return run_stalled_reaper(
+        r, keys, stop, idle_timeout_s=s.batch_idle_timeout_s, every_s=s.reaper_interval_s
     )
 
 
@@ -45,59 +103,23 @@ class InProcess:
     def start(self) -> None:
         s = self.settings
         for i in range(self.cj_consumers):
-            cj = CJConsumer(
-                self.r,
-                self.keys,
-                f"{consumer_name('cj')}-{i}",
-                count=100,
-                block_ms=min(s.block_ms, 200),
-                processing_timeout_s=s.processing_timeout_s,
-                max_deliveries=s.max_deliveries,
-                dead_consumer_after_s=s.dead_consumer_after_s,
-            )
-            self.tasks.append(
-                asyncio.create_task(cj.run(self.stop, sweep_every_s=s.reaper_interval_s))
-            )
+            cj = cj_consumer(self.r, self.keys, s, f"{consumer_name('cj')}-{i}")
+            self._spawn(cj.run(self.stop, sweep_every_s=s.reaper_interval_s))
         for i in range(self.lps_workers):
-            lps = LPSWorker(
+            lps = lps_worker(
                 self.r,
                 self.keys,
+                s,
                 f"{consumer_name('lps')}-{i}",
                 self.providers,
-                policy=retry_policy(s),
                 concurrency=self.concurrency,
-                count=s.read_count,
-                block_ms=min(s.block_ms, 200),
-                processing_timeout_s=s.processing_timeout_s,
-                max_deliveries=s.max_deliveries,
-                dead_consumer_after_s=s.dead_consumer_after_s,
-                batch_poll_interval_s=s.batch_poll_s,
-                cooldown=Cooldown(
-                    self.r,
-                    self.keys,
-                    default_s={
-                        "rate_limit": s.cooldown_rate_limit_s,
-                        "overloaded": s.cooldown_overloaded_s,
-                    },
-                    fresh_s=0.1,
-                ),
             )
-            self.tasks.append(
-                asyncio.create_task(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
-            )
-
+            self._spawn(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
         for _ in range(self.reapers):
-            self.tasks.append(
-                asyncio.create_task(
-                    run_stalled_reaper(
-                        self.r,
-                        self.keys,
-                        self.stop,
-                        idle_timeout_s=s.batch_idle_timeout_s,
-                        every_s=s.reaper_interval_s,
-                    )
-                )
-            )
+            self._spawn(stall_reaper(self.r, self.keys, s, self.stop))
+
+    def _spawn(self, loop: Coroutine[Any, Any, None]) -> None:
+        self.tasks.append(asyncio.create_task(loop))
 
     async def close(self) -> None:
         self.stop.set()
@@ -108,7 +130,3 @@ class InProcess:
         for task in self.tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -13,8 +13,7 @@ from redis.exceptions import ResponseError
 from app import settings
 from app.connection import open_redis
 from app.settings import Settings, consumer_name
-from app.wiring import retry_policy
-from cj.consumer import CJConsumer
+from app.wiring import cj_consumer, lps_worker
 from cj.reaper import finalize_stalled, find_stalled, stalled_view
 from events import codec
 from events.consumer import _s
@@ -28,7 +27,6 @@ from events.types import (
     Event,
 )
 from lps.providers.registry import make_provider
-from lps.worker import LPSWorker
 from tools import common
 
 
@@ -179,28 +177,13 @@ async def reclaim(r: Any, keys: Keys, s: Settings, *, batch_idle_s: float) -> di
     CJS_MAX_DELIVERIES), callback entries are applied again (or dead-lettered), and stalled
     batches are finalized or failed. The command's own consumers are removed afterwards."""
     consumer = consumer_name("cjs-stuck")
-    lps = LPSWorker(
-        r,
-        keys,
-        consumer,
-        make_provider,
-        policy=retry_policy(s),
-        count=s.read_count,
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-    )
+    lps = lps_worker(r, keys, s, consumer, make_provider)
     await lps.start()
     try:
         lps_actions: list[StuckAction] = await lps.reclaim()
     finally:
         await lps.close()
-    cj = CJConsumer(
-        r,
-        keys,
-        consumer,
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-    )
+    cj = cj_consumer(r, keys, s, consumer)
     await cj.start()
     cj_actions = await cj.reclaim()
     # A batch whose entries were just reclaimed is not stalled: their callbacks are on the
