@@ -16,11 +16,11 @@ from cj.registration import append_registration
 from events import codec
 from events.consumer import ensure_group
 from events.names import CJ_GROUP, Keys
+from projections.rebuild import check, rebuild
 from projections.replay import read_horizon, read_pages, replay_live
 from projections.store import CallbackApplier, load_state
 from tests.helpers import canonical, completed, registration, snapshot, wave
 from tools.cli import main
-from tools.cmd_replay import check, rebuild
 
 
 def cli(args: list[str], url: str, prefix: str) -> Any:
@@ -159,7 +159,7 @@ async def test_rebuild_retries_when_a_consumer_writes_meanwhile(
 ) -> None:
     r = fake_redis
     await _setup(r, keys)
-    import tools.cmd_replay as mod
+    import projections.rebuild as mod
 
     real_check = mod.check
     calls = {"n": 0}

@@ -26,13 +26,13 @@ from redis.exceptions import ResponseError, WatchError
 
 from app import errors, settings
 from app.connection import open_redis
+from app.replay import rebuild
 from events import codec
 from events.names import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS, Keys
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
 from projections.batch import entry_id_key
 from projections.replay import decode_flat, raw_client, read_pages
 from tools import common
-from tools.cmd_replay import rebuild
 
 PROGRESS_EVERY = 200_000
 IMPORT_TRIES = 5
