@@ -20,6 +20,7 @@ import msgspec
 from scipy.stats import spearmanr
 
 from app import errors, sample, settings
+from app.archive import collect, load, read_export
 from app.connection import connect
 from app.runs import mock_settings, registration_for, run_to_end, spearman_true, with_readable_id
 from cj.registration import InputError, build_registration, parse_input
@@ -44,7 +45,6 @@ from projections.batch import COUNTERS as BATCH_COUNTERS
 from projections.batch import BatchState, entry_id_key
 from projections.store import load_state
 from tools import common
-from tools.cmd_export import collect, load, read_export
 
 MODES = ("per_request", "serial_bundle")
 # The projection's counters, less the bookkeeping one no event counts.
