@@ -95,6 +95,14 @@ class TokenUsage(msgspec.Struct, frozen=True, omit_defaults=True):
     cache_creation_input_tokens: int = 0
 
 
+TOKEN_KINDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+
+
 class PairRequest(msgspec.Struct, frozen=True):
     """One pair of a wave, as recorded on `WaveSubmitted`."""
 
