@@ -1,4 +1,5 @@
-"""Running a batch in this process on the mock judge: what `cjs demo` and `cjs validate` share."""
+"""Running a batch in this process on the mock judge (what `cjs demo` and `cjs validate` share),
+and getting the runs `cjs validate` compares: run here in each mode, or recorded in files."""
 
 from __future__ import annotations
 
@@ -6,21 +7,31 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
-from scipy.stats import spearmanr
 
+from app.archive import collect, load, read_export
+from app.connection import connect
 from app.errors import InputError, TimedOut
-from app.settings import Settings
+from app.settings import Settings, keys_for
+from app.validation import Run
 from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
 from cj.registration import InputError as RegistrationError
 from events import codec
 from events.names import Keys
-from events.types import BatchRegistered, ComparisonCompleted, Mode, ProviderAttemptFailed, new_id
-from lps.providers.mock import MockProfile, quality_of
+from events.types import (
+    BatchRegistered,
+    ComparisonCompleted,
+    Event,
+    Mode,
+    ProviderAttemptFailed,
+    new_id,
+)
+from lps.providers.mock import MockProfile, profile_from_env
 from lps.providers.registry import make_provider
 from projections.batch import BatchState
 from projections.store import load_state
@@ -143,14 +154,74 @@ async def count_provider_calls(r: Any, keys: Keys, batch_id: str) -> int:
     return calls
 
 
-def spearman_true(state: BatchState) -> float | None:
-    """Spearman between the batch's θ and the essays' latent (mock) qualities."""
-    if state.scores is None:
-        return None
-    theta = {s.essay_id: s.theta for s in state.scores.scores}
-    ids = [e.essay_id for e in state.essays if e.essay_id in theta]
-    if len(ids) < 3:
-        return None
-    truth = {e.essay_id: quality_of(e) for e in state.essays}
-    rho = spearmanr([theta[i] for i in ids], [truth[i] for i in ids]).statistic
-    return round(float(rho), 4)
+# --- the runs `cjs validate` compares -----------------------------------------------------------
+
+
+async def events_of(r: Any, keys: Keys, batch_id: str) -> list[tuple[str, str, Event]]:
+    """The batch's events as (stream without prefix, entry id, event), in entry-id order."""
+    out = []
+    for rec in await collect(r, keys, batch_id):
+        out.append((rec.stream, rec.entry_id, codec.decode({"type": rec.type, "data": rec.data})))
+    return out
+
+
+async def run_modes(
+    s: Settings,
+    registered: BatchRegistered,
+    modes: list[str],
+    mock_name: str | None,
+    seed: int,
+    timeout: float,
+    announce: Callable[[str], None] | None = None,
+) -> list[Run]:
+    """Run `registered` once in each mode on the mock judge, one after the other."""
+    s = mock_settings(s)
+    mock = profile_from_env(mock_name)
+    r, where = connect(s)
+    keys = keys_for(s)
+    runs = []
+    try:
+        for mode in modes:
+            config = msgspec.structs.replace(registered.config, mode=cast(Mode, mode))
+            reg = msgspec.structs.replace(registered, config=config)
+            reg = await with_readable_id(
+                r, keys, reg, f"validate-{mode}-s{seed}-n{len(reg.essays)}"
+            )
+            if announce is not None:
+                announce(
+                    f"validate: {mode} on {where}, {len(reg.essays)} essays, judge "
+                    f"mock/{mock.name} ..."
+                )
+            state, wall = await run_to_end(r, keys, s, reg, mock, timeout=timeout)
+            runs.append(
+                Run(mode, await events_of(r, keys, reg.batch_id), state, "live projection", wall)
+            )
+    finally:
+        await r.aclose()
+    return runs
+
+
+async def load_runs(paths: list[Path]) -> list[Run]:
+    """Recorded runs, each imported into its own namespace of an embedded Redis."""
+    import fakeredis
+
+    r = fakeredis.FakeAsyncRedis()
+    runs = []
+    try:
+        for k, path in enumerate(paths):
+            keys = Keys(f"run{k}:")
+            report = await load(r, keys, read_export(path))
+            batch_id = report["batches"][0]
+            state = await load_state(r, keys, batch_id)
+            assert state is not None
+            runs.append(
+                Run(
+                    path.name,
+                    await events_of(r, keys, batch_id),
+                    state,
+                    "rebuilt from the recorded events",
+                )
+            )
+    finally:
+        await r.aclose()
+    return runs

@@ -15,9 +15,9 @@ from app.runs import (
     mock_settings,
     registration_for,
     run_to_end,
-    spearman_true,
     with_readable_id,
 )
+from app.validation import spearman_true
 from app.views import results_view, status_view
 from lps.providers.mock import PROFILES, profile_from_env
 from projections.batch import BatchState
