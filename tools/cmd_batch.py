@@ -13,7 +13,6 @@ import click
 from app import errors, settings
 from app.connection import open_redis
 from app.views import results_view, status_view
-from cj.continuation import advance
 from cj.registration import InputError, append_registration, build_registration, parse_input
 from events.types import Mode
 from tools import common
@@ -131,6 +130,8 @@ def submit(
                 click.echo(f"{key:>26}: {value}")
         return
     s = settings.load()
+
+    from cj.continuation import advance  # scoring (numpy, scipy): only submit needs it
 
     async def main() -> None:
         r = await open_redis(s)
