@@ -12,6 +12,7 @@ from typing import Any
 
 from scipy.stats import spearmanr
 
+from app.views import results_view
 from events.names import CALLBACKS
 from events.types import (
     TOKEN_KINDS,
@@ -34,6 +35,7 @@ from projections.batch import BatchState, entry_id_key
 MODES = ("per_request", "serial_bundle")
 # The projection's counters, less the bookkeeping one no event counts.
 COUNTERS = tuple(c for c in BATCH_COUNTERS if c != "scored_wave")
+ESSAY_FIELDS = ("essay_id", "is_anchor", "anchor_grade", "theta", "se", "grade")
 
 
 @dataclass
@@ -47,6 +49,11 @@ class Run:
 
 def _rate(count: int, total: int) -> float | None:
     return round(count / total, 4) if total else None
+
+
+def _shares(counts: Counter[str], total: int) -> dict[str, dict[str, Any]]:
+    """Per kind, its count and its share of `total`."""
+    return {kind: {"count": c, "rate": _rate(c, total)} for kind, c in sorted(counts.items())}
 
 
 def label_runs(runs: list[Run]) -> None:
@@ -195,7 +202,7 @@ def _attempt_errors(ev: RunEvents) -> dict[str, Any]:
     return {
         p: {
             "calls": n,
-            "errors": {t: {"count": c, "rate": _rate(c, n)} for t, c in sorted(errors[p].items())},
+            "errors": _shares(errors[p], n),
             "error_rate": _rate(sum(errors[p].values()), n),
         }
         for p, n in sorted(calls.items())
@@ -211,7 +218,7 @@ def _comparison_failures(ev: RunEvents, outcomes: dict[str, Callback]) -> dict[s
     return {
         p: {
             "requests": n,
-            "failed": {t: {"count": c, "rate": _rate(c, n)} for t, c in sorted(failed[p].items())},
+            "failed": _shares(failed[p], n),
             "failure_rate": _rate(sum(failed[p].values()), n),
         }
         for p, n in sorted(asked.items())
@@ -290,21 +297,9 @@ def token_totals(completed: list[ComparisonCompleted]) -> dict[str, Any]:
 
 
 def essay_scores(state: BatchState) -> list[dict[str, Any]]:
-    by_id = {s.essay_id: s for s in state.scores.scores} if state.scores else {}
-    out = []
-    for e in state.essays:
-        s = by_id.get(e.essay_id)
-        out.append(
-            {
-                "essay_id": e.essay_id,
-                "is_anchor": e.is_anchor,
-                "anchor_grade": e.anchor_grade,
-                "theta": s.theta if s else None,
-                "se": s.se if s else None,
-                "grade": s.grade if s else None,
-            }
-        )
-    return out
+    """The rows of `results_view` the report uses, in the batch's essay order."""
+    rows = {row["essay_id"]: row for row in results_view(state)["essays"]}
+    return [{k: rows[e.essay_id][k] for k in ESSAY_FIELDS} for e in state.essays]
 
 
 # --- one run, and two compared ------------------------------------------------------------------
