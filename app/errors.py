@@ -2,8 +2,8 @@
 
 Library code raises these (never a click exception); the CLI turns one into a single line on
 stderr and its `exit_code`, in one place (`tools.cli`). Lower layers keep their own exceptions
-(`cj.registration.InputError`, `projections.rebuild.KeptChanging`); the app layer translates
-them where it calls those layers.
+(`cj.registration.InputError`, `projections.rebuild.KeptChanging`), translated into these
+where they are called (app/replay.py, app/runs.py; submit and validate parse input directly).
 """
 
 from __future__ import annotations
