@@ -12,6 +12,7 @@ COPY streams ./streams
 COPY projections ./projections
 COPY cj ./cj
 COPY lps ./lps
+COPY app ./app
 COPY tools ./tools
 RUN pip install . && useradd --create-home --uid 10001 cjs
 

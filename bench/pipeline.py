@@ -30,11 +30,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 
 import tools  # noqa: F401  (first: one BLAS thread per process)
+from app.logs import configure
+from app.settings import Settings
+from app.wiring import InProcess
 from cj.consumer import CJConsumer
 from cj.continuation import Decision, advance, queue_decision
 from cj.registration import append_registration
 from events import codec
-from events.settings import Settings
 from events.streams import CJ_GROUP
 from lps.providers.mock import MockProfile
 from lps.providers.registry import make_provider
@@ -42,8 +44,6 @@ from projections.store import load_state
 from streams.keys import Keys
 from tests.helpers import completed, registration, wave
 from tests.redis_server import RedisServer
-from tools.logs import configure
-from tools.runtime import InProcess
 
 ZERO = MockProfile("bench", position_bias=0.3, noise=0.5, latency_ms=0.0)
 

@@ -15,7 +15,7 @@ Measured, each after the log is written:
   unparsed (the flat reply replay uses), sequential and with the next page prefetched;
 * replay (all batches): `projections.replay.replay_live` (paged reads with prefetch, msgspec
   decode, the pure apply fold);
-* rebuild (all batches): `tools.cmd_replay.rebuild` (the replay, compared with the live keys,
+* rebuild (all batches): `projections.rebuild.rebuild` (the replay, compared with the live keys,
   then every projection written in one MULTI/EXEC under WATCH), first with no projection at all
   (every `proj:*` key lost), then over the live projection; and the comparison alone
   (`cjs replay --all`);
@@ -57,11 +57,11 @@ from events.types import (
     WaveSubmitted,
     new_id,
 )
+from projections.rebuild import check, rebuild
 from projections.replay import replay_live
 from streams.keys import Keys
 from streams.paging import raw_client, read_pages
 from tests.redis_server import RedisServer
-from tools.cmd_replay import check, rebuild
 
 ESSAYS = 100
 WAVES = 10

@@ -188,6 +188,15 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     return WaveSubmitted(batch_id=state.batch_id, wave=wave, pairs=pairs), requests
 
 
+def too_many_failures(state: BatchState) -> str | None:
+    """Why the batch cannot be scored for its failures (more of its accepted callbacks failed
+    than its `max_failure_ratio` allows), or None when they are within the limit."""
+    limit = state.config.max_failure_ratio
+    if state.accepted and state.failed / state.accepted > limit:
+        return f"{state.failed} of {state.accepted} comparisons failed (limit {limit:.0%})"
+    return None
+
+
 def decide(state: BatchState) -> Decision | None:
     """The next step of a batch whose callbacks are all in, or None when there is none."""
     if state.terminal or state.in_flight > 0:
@@ -197,14 +206,10 @@ def decide(state: BatchState) -> Decision | None:
     if state.waves > state.scored_wave:
         scored = score(state)
         decision.events.append(scored)
-        if state.accepted and state.failed / state.accepted > cfg.max_failure_ratio:
+        failures = too_many_failures(state)
+        if failures:
             decision.events.append(
-                BatchFailed(
-                    batch_id=state.batch_id,
-                    reason="too_many_failures",
-                    message=f"{state.failed} of {state.accepted} comparisons failed "
-                    f"(limit {cfg.max_failure_ratio:.0%})",
-                )
+                BatchFailed(batch_id=state.batch_id, reason="too_many_failures", message=failures)
             )
             return decision
         if state.completed == 0:

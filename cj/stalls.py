@@ -24,11 +24,11 @@ from typing import Any
 
 import structlog
 
-from cj.continuation import Decision, advance, score
+from cj.continuation import Decision, advance, score, too_many_failures
 from events.text import as_str
 from events.types import BatchFailed, BatchFinalized
 from projections import keys as pkeys
-from projections.batch import PENDING, BatchState, completion_pct
+from projections.batch import PENDING, TERMINAL, BatchState, completion_pct
 from projections.store import list_batches, load_state
 from streams.keys import Keys
 from streams.resilience import REDIS_DOWN, sleep_unless
@@ -94,7 +94,7 @@ async def find_stalled(
         rows = await pipe.execute()
     out = []
     for batch_id, (status, last) in zip(batch_ids, rows, strict=True):
-        if status is None or as_str(status) in ("finalized", "failed"):
+        if status is None or as_str(status) in TERMINAL:
             continue
         last_at = parse_time(as_str(last) if last else "")
         if last_at is None or last_at > cutoff:
@@ -111,21 +111,17 @@ def stalled_decision(state: BatchState, idle_timeout_s: float, now: datetime) ->
         return None
     abandoned = pending_ids(state)
     idle = idle_seconds(state, now) or 0.0
-    cfg = state.config
     why = ""
     decision = Decision()
     if state.completed == 0:
         why = f"no comparison succeeded ({state.failed} failed, {len(abandoned)} never answered)"
     else:
         scored = score(state)
-        ratio = state.failed / state.accepted if state.accepted else 0.0
+        failures = too_many_failures(state)
         if not scored.connected:
             why = f"the {state.completed} successful comparisons do not connect every essay"
-        elif ratio > cfg.max_failure_ratio:
-            why = (
-                f"{state.failed} of {state.accepted} comparisons failed "
-                f"(limit {cfg.max_failure_ratio:.0%})"
-            )
+        elif failures:
+            why = failures
         else:
             decision.events.append(scored)
             decision.events.append(

@@ -34,7 +34,8 @@ from events.types import (
 
 PENDING = "pending"
 ABANDONED = "abandoned"
-TERMINAL = ("finalized", "failed")
+# The statuses a batch never leaves.
+TERMINAL = frozenset({"finalized", "failed"})
 
 # Scalar fields of the batch hash, in a fixed order so encodings are byte-stable.
 COUNTERS = (

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -65,7 +66,9 @@ def test_demo_is_deterministic_for_a_seed() -> None:
 
 
 def test_every_command_has_help() -> None:
-    for command in main.commands:
+    commands = main.list_commands(click.Context(main))
+    assert len(commands) == 12
+    for command in commands:
         result = _run([command, "--help"])
         assert result.exit_code == 0
         assert "Usage:" in result.output

@@ -8,10 +8,11 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from app.settings import Settings
+from app.wiring import InProcess
 from cj.consumer import CJConsumer
 from cj.continuation import advance, decide
 from cj.registration import append_registration
-from events.settings import Settings
 from events.types import BatchFailed, BatchFinalized, BatchScored, WaveSubmitted
 from lps.providers.mock import PROFILES, MockProfile
 from lps.providers.registry import make_provider
@@ -19,7 +20,6 @@ from projections.batch import apply_batch_event, apply_callback, register
 from projections.store import CallbackApplier, load_state
 from streams.keys import Keys
 from tests.helpers import append_and_read, completed, failed, registration
-from tools.runtime import InProcess
 
 
 def _state_after_wave(n: int = 6, budget: int | None = None, **kw: Any) -> Any:

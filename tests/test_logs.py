@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
+from app.logs import configure
+from app.settings import Settings
+from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
-from events.settings import Settings
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from projections.store import load_state
 from streams.keys import Keys
-from tools.logs import configure
-from tools.runtime import InProcess
 
 
 async def test_worker_logs_are_json_with_ids_and_without_essay_text(

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from app.settings import Settings
+from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
-from events.settings import Settings
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BundleDispatched,
@@ -28,7 +29,6 @@ from projections.store import load_state
 from streams.keys import Keys
 from streams.paging import read_stream
 from tests.helpers import canonical, registration, snapshot
-from tools.runtime import InProcess
 
 pytestmark = pytest.mark.redis
 

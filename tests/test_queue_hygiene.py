@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from app import stuck
+from app.settings import Settings
 from cj.consumer import CJConsumer
 from cj.continuation import advance
 from cj.registration import append_registration
 from cj.stalls import finalize_stalled, find_stalled, stalled_decision
 from events import codec
-from events.settings import Settings
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BatchFailed,
@@ -35,12 +36,7 @@ from projections.store import load_state
 from streams.dlq import read_dead_letters
 from streams.keys import Keys
 from streams.paging import read_stream
-from streams.pending import (
-    HANDOFF_CONSUMER,
-    pending_details,
-    prune_consumer,
-    prune_dead_consumers,
-)
+from streams.pending import HANDOFF_CONSUMER, pending_details, prune_consumer, prune_dead_consumers
 from streams.reader import Entry, _entries
 from tests.helpers import append_and_read, canonical, completed, failed, registration, snapshot
 from tools import cmd_stuck
@@ -370,13 +366,13 @@ async def test_stalled_batch_with_enough_comparisons_is_scored_and_finalized(
     missing = sorted(q.correlation_id for q in requests[-2:])
     # Not stalled for a long timeout; stalled at once for a zero timeout.
     assert await find_stalled(r, keys, 3600) == []
-    view = await cmd_stuck.collect(r, keys, idle_s=0, batch_idle_s=0)
+    view = await stuck.collect(r, keys, idle_s=0, batch_idle_s=0)
     [stalled] = view["stalled_batches"]
     assert stalled["batch_id"] == batch_id and stalled["in_flight"] == 2
     assert stalled["pending_correlation_ids"] == missing
     assert stalled["completed"] == len(answered)
 
-    done = await cmd_stuck.reclaim(r, keys, Settings(), batch_idle_s=0)
+    done = await stuck.reclaim(r, keys, Settings(), batch_idle_s=0)
     assert done["batches"] == [
         {
             "batch_id": batch_id,
@@ -411,7 +407,7 @@ async def test_stalled_batch_without_enough_comparisons_fails_with_a_reason(
     keys = Keys(f"h{uuid.uuid4().hex[:6]}:")
     batch_id, requests = await _batch_with_wave(r, keys, n=6)
     await _apply(r, keys, [failed(batch_id, requests[0].correlation_id)])
-    done = await cmd_stuck.reclaim(r, keys, Settings(), batch_idle_s=0)
+    done = await stuck.reclaim(r, keys, Settings(), batch_idle_s=0)
     [b] = done["batches"]
     assert (b["event"], b["reason"], b["scored"]) == ("BatchFailed", "stalled", False)
     assert "no comparison succeeded" in b["message"]
@@ -465,7 +461,7 @@ async def test_stuck_view_names_batch_correlation_and_essays_of_each_stuck_entry
     await _deliver_to(r, keys.requests, LPS_GROUP, "lps-gone")
     await r.xadd(keys.requests, {"type": "ComparisonRequested", "data": "{broken"})
     await _deliver_to(r, keys.requests, LPS_GROUP, "lps-gone")
-    view = await cmd_stuck.collect(r, keys, idle_s=0, batch_idle_s=3600)
+    view = await stuck.collect(r, keys, idle_s=0, batch_idle_s=3600)
     lps = next(g for g in view["groups"] if g["group"] == "lps")
     assert lps["pending"] == len(requests) + 1 and lps["lag"] == 0
     assert [c["consumer"] for c in lps["consumers"]] == ["lps-gone"]
@@ -482,7 +478,7 @@ async def test_stuck_view_names_batch_correlation_and_essays_of_each_stuck_entry
     text = cmd_stuck.render(view)
     assert "lps-gone" in text and "Stalled batches" in text and batch_id[:11] in text
     # A high threshold lists nothing but still counts.
-    quiet = await cmd_stuck.collect(r, keys, idle_s=3600, batch_idle_s=3600)
+    quiet = await stuck.collect(r, keys, idle_s=3600, batch_idle_s=3600)
     assert quiet["stuck"] == [] and quiet["groups"][0]["pending"] == len(requests) + 1
 
 

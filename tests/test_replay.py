@@ -16,6 +16,7 @@ from cj.registration import append_registration
 from events import codec
 from events.streams import CJ_GROUP
 from projections import keys as pkeys
+from projections.rebuild import check, rebuild
 from projections.replay import read_horizon, replay_live
 from projections.store import CallbackApplier, load_state
 from streams.keys import Keys
@@ -23,7 +24,6 @@ from streams.paging import read_pages
 from streams.reader import ensure_group
 from tests.helpers import canonical, completed, registration, snapshot, wave
 from tools.cli import main
-from tools.cmd_replay import check, rebuild
 
 
 def cli(args: list[str], url: str, prefix: str) -> Any:
@@ -162,7 +162,7 @@ async def test_rebuild_retries_when_a_consumer_writes_meanwhile(
 ) -> None:
     r = fake_redis
     await _setup(r, keys)
-    import tools.cmd_replay as mod
+    import projections.rebuild as mod
 
     real_check = mod.check
     calls = {"n": 0}

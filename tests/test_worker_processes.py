@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from app.views import status_view
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
@@ -47,7 +48,6 @@ from streams.paging import read_stream
 from streams.pending import HANDOFF_CONSUMER, pending_details
 from tests.helpers import canonical, registration, snapshot
 from tests.redis_server import RedisServer
-from tools.views import status_view
 
 pytestmark = pytest.mark.redis
 

@@ -1,4 +1,4 @@
-"""The `cjs` command line and what it needs to run consumers in a process."""
+"""The `cjs` command line: parses, calls app/, renders. The only package that imports click."""
 
 import os
 

@@ -1,20 +1,138 @@
 """The `cjs` command line.
 
-Every module `tools/cmd_*.py` contributes the click commands it defines, so a
-new command is a new module and nothing else.
+A command lives in a module `tools/cmd_*.py`, imported only when that command runs or shows its
+help: `cjs --help`, and commands that need no scoring, load neither numpy nor scipy nor the
+worker stack. A new command is a new module and a row of COMMANDS.
+
+Errors: library code raises `app.errors.CjsError`; `Cjs.invoke` turns one into a single line on
+stderr and the error's exit code, here and nowhere else.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
+from typing import NamedTuple
 
 import click
+from click.utils import make_default_short_help
 
-import tools
+from app.errors import CjsError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Entry(NamedTuple):
+    module: str  # under tools/
+    attribute: str  # the click command in it
+    short_help: str  # the first sentence of its help (a test holds them equal)
+
+
+COMMANDS: dict[str, Entry] = {
+    "demo": Entry(
+        "cmd_demo",
+        "demo",
+        "Run a bundled ENG5-like batch through CJ and the mock judge until it is finalized.",
+    ),
+    "dlq": Entry(
+        "cmd_dlq",
+        "dlq",
+        "List dead letters: undecodable entries and entries delivered too often, each with the "
+        "reason, the original stream and entry id, and the original fields.",
+    ),
+    "export": Entry(
+        "cmd_export",
+        "export",
+        "Write every event of BATCH_ID from the four streams, in stream order, one JSON line "
+        "each: {type, stream, entry_id, data}.",
+    ),
+    "import": Entry(
+        "cmd_export",
+        "import_",
+        "Load an export FILE (.jsonl or .jsonl.gz) into a namespace and rebuild its projections, "
+        "so that status, results, positions and replay work as on the original.",
+    ),
+    "positions": Entry(
+        "cmd_positions",
+        "positions",
+        "Per essay: times in slot A and B and wins in each; anchors vs students; how often "
+        "slot A won, with a binomial test against 50 %; the fitted position bias η.",
+    ),
+    "replay": Entry(
+        "cmd_replay",
+        "replay",
+        "Rebuild BATCH_ID (or --all) from the streams and compare with the live projection.",
+    ),
+    "results": Entry(
+        "cmd_batch", "results", "Scores, standard errors, ranks and grades of a batch."
+    ),
+    "status": Entry(
+        "cmd_batch",
+        "status",
+        "Completion counters of a batch (all from the projection, equal to the streams).",
+    ),
+    "stuck": Entry(
+        "cmd_stuck",
+        "stuck",
+        "Pending entries per stream and group, entries stuck longer than --idle (with their "
+        "batch, correlation id and essays), and stalled batches.",
+    ),
+    "submit": Entry(
+        "cmd_batch",
+        "submit",
+        "Register a batch from FILE (JSON or CSV) and submit its first wave.",
+    ),
+    "validate": Entry(
+        "cmd_validate",
+        "validate",
+        "Run one batch in each mode (or take two recorded runs) and compare them: error rates "
+        "by provider and error type, A/B positions of anchors and students, counters against "
+        "events, late/duplicate/orphan callbacks, provider calls, bundles, tokens, Spearman "
+        "between the modes' θ and grade agreement.",
+    ),
+    "worker": Entry(
+        "cmd_worker",
+        "worker",
+        "Run CJ and/or LPS consumers (or the stalled-batch reaper, which ends batches with no "
+        "event for CJS_BATCH_IDLE_TIMEOUT_S as `cjs stuck --reclaim` does) until "
+        "SIGTERM/SIGINT, then drain and exit 0: reading stops, provider calls in progress "
+        "finish, requests not started are handed back for another worker, and nothing stays "
+        "pending for this worker's consumers.",
+    ),
+}
+
+
+class Cjs(click.Group):
+    """Commands loaded from COMMANDS on first use; CjsError shown as one line with its code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        command = getattr(importlib.import_module(f"tools.{entry.module}"), entry.attribute)
+        assert isinstance(command, click.Command), entry
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # As click's, from the table: listing the commands imports none of them.
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [
+            (name, make_default_short_help(entry.short_help, limit))
+            for name, entry in sorted(COMMANDS.items())
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CjsError as exc:
+            failure = click.ClickException(exc.message)
+            failure.exit_code = exc.exit_code
+            raise failure from exc
+
+
+@click.group(cls=Cjs, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cj-streams")
 def main() -> None:
     """cj-streams: Comparative Judgement of essays with an LLM judge, on Redis Streams.
@@ -23,24 +141,3 @@ def main() -> None:
     CJS_PREFIX (key namespace), CJS_PROCESSING_TIMEOUT_S, CJS_MAX_DELIVERIES,
     CJS_MOCK_PROFILE, ANTHROPIC_API_KEY, ...
     """
-
-
-def info_module(info: pkgutil.ModuleInfo) -> str:
-    return f"tools.{info.name}"
-
-
-def _register() -> None:
-    for info in sorted(pkgutil.iter_modules(tools.__path__), key=lambda m: m.name):
-        if not info.name.startswith("cmd_"):
-            continue
-        module = importlib.import_module(info_module(info))
-        for value in vars(module).values():
-            defined_here = getattr(
-                getattr(value, "callback", None), "__module__", ""
-            ) == info_module(info)
-            # Only commands the module defines, not ones it imports.
-            if isinstance(value, click.Command) and defined_here:
-                main.add_command(value)
-
-
-_register()

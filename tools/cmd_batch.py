@@ -10,11 +10,12 @@ from typing import Any, cast
 
 import click
 
-from cj.continuation import advance
+from app import errors, settings
+from app.connection import open_redis
+from app.views import results_view, status_view
 from cj.registration import InputError, append_registration, build_registration, parse_input
 from events.types import Mode
 from tools import common
-from tools.views import results_view, status_view
 
 
 @click.command()
@@ -95,8 +96,7 @@ def submit(
             stability_threshold=stability_threshold,
         )
     except InputError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(common.EXIT_USAGE)
+        raise errors.InputError(str(exc)) from exc
     if dry_run:
         n = len(event.essays)
         per_grade: dict[str, int] = {g: 0 for g in grades}
@@ -129,11 +129,13 @@ def submit(
             for key, value in plan.items():
                 click.echo(f"{key:>26}: {value}")
         return
-    s = common.settings()
+    s = settings.load()
+
+    from cj.continuation import advance  # scoring (numpy, scipy): only submit needs it
 
     async def main() -> None:
-        r = await common.open_redis(s)
-        keys = common.keys_for(s)
+        r = await open_redis(s)
+        keys = settings.keys_for(s)
         await append_registration(r, keys, event)
         await advance(r, keys, event.batch_id)
         await r.aclose()

@@ -8,18 +8,42 @@ from typing import Any
 
 import click
 
-from lps.providers.mock import PROFILES, profile_from_env
-from tools import common, sample
-from tools.runs import (
+from app import sample, settings
+from app.connection import connect
+from app.runs import (
     count_provider_calls,
     mock_settings,
     registration_for,
     run_to_end,
-    spearman_true,
     with_readable_id,
 )
-from tools.runtime import connect
-from tools.views import results_view, status_view
+from app.validation import spearman_true
+from app.views import results_view, status_view
+from lps.providers.mock import PROFILES, profile_from_env
+from projections.batch import BatchState
+from tools import common
+
+
+class ProgressBar:
+    """The run's progress on stderr, counted in comparisons: a batch that settles early ends
+    short of the budget."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._shown = 0
+
+    def __call__(self, state: BatchState) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(length=state.denominator, file=sys.stderr, show_pos=True)
+        self._bar.label = (
+            f"{state.status} ({state.finalize_reason})" if state.terminal else f"wave {state.waves}"
+        )
+        self._bar.update(state.accepted - self._shown)
+        self._shown = state.accepted
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
 
 
 def _print_report(view: dict[str, Any]) -> None:
@@ -118,7 +142,7 @@ def demo(
     ranking (theta, SE, grade), SSR and the completion counters.
     """
     common.quiet_logs(as_json)
-    s = mock_settings(common.settings())
+    s = mock_settings(settings.load())
     try:
         mock = profile_from_env(profile)
     except ValueError as exc:
@@ -128,20 +152,24 @@ def demo(
     async def main() -> dict[str, Any]:
         nonlocal registered
         r, where = connect(s)
-        keys = common.keys_for(s)
+        keys = settings.keys_for(s)
         registered = await with_readable_id(
             r, keys, registered, f"demo-{mode}-s{seed}-n{len(registered.essays)}"
         )
-        show_bar = not as_json and sys.stderr.isatty()
+        bar = ProgressBar() if not as_json and sys.stderr.isatty() else None
         if not as_json:
             click.echo(
                 f"Redis: {where}; {len(registered.essays)} essays, budget {registered.denominator} "
                 f"comparisons, mode {mode}, judge mock/{mock.name}",
                 err=True,
             )
-        state, wall = await run_to_end(
-            r, keys, s, registered, mock, timeout=timeout, show_bar=show_bar
-        )
+        try:
+            state, wall = await run_to_end(
+                r, keys, s, registered, mock, timeout=timeout, progress=bar
+            )
+        finally:
+            if bar is not None:
+                bar.finish()
         results = results_view(state)
         view = {
             "batch_id": state.batch_id,

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from app import settings
+from app.connection import open_redis
 from events.streams import STREAMS
 from streams.dlq import read_dead_letters
 from tools import common
@@ -38,11 +40,11 @@ def dlq(stream: str | None, limit: int, as_json: bool) -> None:
     common.quiet_logs(as_json)
     if stream is not None and stream.startswith("dlq:"):
         stream = stream[4:]
-    s = common.settings()
-    keys = common.keys_for(s)
+    s = settings.load()
+    keys = settings.keys_for(s)
 
     async def main() -> dict[str, Any]:
-        r = await common.open_redis(s)
+        r = await open_redis(s)
         try:
             return await read_dead_letters(r, keys, stream=stream, limit=limit)
         finally:

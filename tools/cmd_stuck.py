@@ -4,237 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
 from typing import Any
 
 import click
-from redis.exceptions import ResponseError
 
-from cj.consumer import CJConsumer
-from cj.stalls import finalize_stalled, find_stalled, stalled_view
-from events import codec
-from events.settings import Settings, consumer_name
-from events.streams import CONSUMED, STREAMS
-from events.text import as_str
-from events.types import (
-    BatchScored,
-    ComparisonCompleted,
-    ComparisonFailed,
-    ComparisonRequested,
-    Event,
-)
-from lps.providers.registry import make_provider
-from lps.worker import LPSWorker
-from streams.keys import Keys
-from streams.pending import StuckAction, pending_details, prune_consumer
+from app import settings
+from app.connection import open_redis
+from app.stuck import collect, reclaim
 from tools import common
-from tools.runtime import retry_policy
-
-
-def _describe(fields: Any) -> dict[str, Any]:
-    """What a pending entry is about: correlation id, batch and essays (None when undecodable)."""
-    try:
-        event: Event = codec.decode(fields)
-    except codec.DecodeError as exc:
-        return {
-            "correlation_id": None,
-            "batch_id": None,
-            "essay_ids": [],
-            "event_type": None,
-            "undecodable": exc.reason,
-        }
-    essays: list[str] = []
-    if isinstance(event, ComparisonRequested):
-        essays = [event.essay_a.essay_id, event.essay_b.essay_id]
-    elif isinstance(event, ComparisonCompleted | ComparisonFailed):
-        essays = [event.essay_a_id, event.essay_b_id]
-    return {
-        "correlation_id": getattr(event, "correlation_id", None),
-        "batch_id": getattr(event, "batch_id", None),
-        "essay_ids": essays,
-        "event_type": type(event).__name__,
-    }
-
-
-async def _group_info(r: Any, stream: str, group: str) -> dict[str, Any] | None:
-    try:
-        groups = await r.xinfo_groups(stream)
-    except ResponseError:  # no such stream
-        return None
-    for info in groups:
-        if as_str(info["name"]) == group:
-            return dict(info)
-    return None
-
-
-async def collect(
-    r: Any, keys: Keys, *, idle_s: float, batch_idle_s: float, limit: int = 1000
-) -> dict[str, Any]:
-    """The dashboard as one JSON-ready object (read-only: creates nothing)."""
-    groups: list[dict[str, Any]] = []
-    stuck: list[dict[str, Any]] = []
-    truncated = False
-    for stream_name, group in CONSUMED:
-        stream = keys.stream(stream_name)
-        info = await _group_info(r, stream, group)
-        if info is None:
-            groups.append(
-                {
-                    "stream": stream_name,
-                    "group": group,
-                    "exists": False,
-                    "pending": 0,
-                    "lag": None,
-                    "oldest_idle_s": None,
-                    "consumers": [],
-                }
-            )
-            continue
-        summary = await r.xpending(stream, group)
-        pending = int(summary["pending"]) if summary else 0
-        rows = await pending_details(r, stream, group, count=limit) if pending else []
-        truncated = truncated or len(rows) < pending
-        oldest: dict[str, float] = {}
-        for row in rows:
-            oldest[row["consumer"]] = max(oldest.get(row["consumer"], 0.0), row["idle_ms"] / 1000)
-        consumers = []
-        for c in await r.xinfo_consumers(stream, group):
-            name = as_str(c["name"])
-            consumers.append(
-                {
-                    "consumer": name,
-                    "pending": int(c["pending"]),
-                    "idle_s": round(int(c["idle"]) / 1000, 3),
-                    "oldest_pending_idle_s": round(oldest[name], 3) if name in oldest else None,
-                }
-            )
-        lag = info.get("lag")
-        groups.append(
-            {
-                "stream": stream_name,
-                "group": group,
-                "exists": True,
-                "pending": pending,
-                "lag": None if lag is None else int(lag),
-                "oldest_idle_s": round(max(oldest.values()), 3) if oldest else None,
-                "consumers": consumers,
-            }
-        )
-        over = [row for row in rows if row["idle_ms"] >= idle_s * 1000]
-        if not over:
-            continue
-        async with r.pipeline(transaction=False) as pipe:
-            for row in over:
-                pipe.xrange(stream, min=row["entry_id"], max=row["entry_id"], count=1)
-            found = await pipe.execute()
-        for row, hit in zip(over, found, strict=True):
-            about = (
-                _describe(hit[0][1])
-                if hit
-                else {
-                    "correlation_id": None,
-                    "batch_id": None,
-                    "essay_ids": [],
-                    "event_type": None,
-                    "deleted": True,
-                }
-            )
-            stuck.append(
-                {
-                    "stream": stream_name,
-                    "group": group,
-                    "entry_id": row["entry_id"],
-                    "consumer": row["consumer"],
-                    "idle_s": round(row["idle_ms"] / 1000, 3),
-                    "deliveries": row["deliveries"],
-                    **about,
-                }
-            )
-    now = datetime.now(UTC)
-    stalled = [
-        stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
-    ]
-    dead_letters = {}
-    for stream_name in STREAMS:
-        n = int(await r.xlen(keys.dlq(stream_name)))
-        if n:
-            dead_letters[stream_name] = n
-    return {
-        "prefix": keys.prefix,
-        "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "idle_threshold_s": idle_s,
-        "batch_idle_timeout_s": batch_idle_s,
-        "groups": groups,
-        "stuck": stuck,
-        "stuck_truncated": truncated,
-        "stalled_batches": stalled,
-        "dead_letters": dead_letters,
-    }
-
-
-async def reclaim(r: Any, keys: Keys, s: Settings, *, batch_idle_s: float) -> dict[str, Any]:
-    """One cleanup pass now, as a worker's reaper does it, plus the stalled batches:
-    requests idle past CJS_PROCESSING_TIMEOUT_S are judged again here (or expired after
-    CJS_MAX_DELIVERIES), callback entries are applied again (or dead-lettered), and stalled
-    batches are finalized or failed. The command's own consumers are removed afterwards."""
-    consumer = consumer_name("cjs-stuck")
-    lps = LPSWorker(
-        r,
-        keys,
-        consumer,
-        make_provider,
-        policy=retry_policy(s),
-        count=s.read_count,
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-    )
-    await lps.start()
-    try:
-        lps_actions: list[StuckAction] = await lps.reclaim()
-    finally:
-        await lps.close()
-    cj = CJConsumer(
-        r,
-        keys,
-        consumer,
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-    )
-    await cj.start()
-    cj_actions = await cj.reclaim()
-    # A batch whose entries were just reclaimed is not stalled: their callbacks are on the
-    # way (applied by the CJ workers), so it is left for a later pass.
-    active = {a.batch_id for a in [*lps_actions, *cj_actions] if a.batch_id}
-    batches = []
-    skipped = []
-    for state in await find_stalled(r, keys, batch_idle_s):
-        if state.batch_id in active:
-            skipped.append(state.batch_id)
-            continue
-        decision = await finalize_stalled(r, keys, state.batch_id, batch_idle_s)
-        terminal = decision.terminal if decision else None
-        if terminal is None:
-            continue
-        batches.append(
-            {
-                "batch_id": state.batch_id,
-                "event": type(terminal).__name__,
-                "reason": terminal.reason,
-                "message": getattr(terminal, "message", None),
-                "scored": any(isinstance(e, BatchScored) for e in decision.events)
-                if decision
-                else False,
-                "abandoned": list(terminal.abandoned),
-            }
-        )
-    for stream_name, group in CONSUMED:
-        await prune_consumer(r, keys.stream(stream_name), group, consumer, min_idle_ms=0)
-    return {
-        "requests": [a.as_dict() for a in lps_actions],
-        "callbacks": [a.as_dict() for a in cj_actions],
-        "batches": batches,
-        "skipped_batches": skipped,
-    }
 
 
 def _dur(seconds: float | None) -> str:
@@ -392,13 +169,13 @@ def stuck(
     if watch and (as_json or do_reclaim):
         raise click.UsageError("--watch shows a live view: use it without --json and --reclaim")
     common.quiet_logs(as_json)
-    s = common.settings()
-    keys = common.keys_for(s)
+    s = settings.load()
+    keys = settings.keys_for(s)
     idle = s.processing_timeout_s if idle_s is None else idle_s
     batch_idle = s.batch_idle_timeout_s if batch_idle_s is None else batch_idle_s
 
     async def once() -> dict[str, Any]:
-        r = await common.open_redis(s)
+        r = await open_redis(s)
         try:
             done = await reclaim(r, keys, s, batch_idle_s=batch_idle) if do_reclaim else None
             view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
@@ -409,7 +186,7 @@ def stuck(
         return view
 
     async def live() -> None:
-        r = await common.open_redis(s)
+        r = await open_redis(s)
         try:
             while True:
                 view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)

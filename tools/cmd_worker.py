@@ -11,10 +11,11 @@ import click
 import structlog
 from prometheus_client import start_http_server
 
+from app import settings
+from app.connection import connect
+from app.logs import configure
+from app.wiring import InProcess
 from lps.providers.registry import make_provider
-from tools import common
-from tools.logs import configure
-from tools.runtime import InProcess, connect
 
 log = structlog.get_logger("tools.worker")
 
@@ -49,7 +50,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     Needs REDIS_URL. Logs are JSON lines on stderr.
     """
     configure(json_logs=True)
-    s = common.settings()
+    s = settings.load()
     if not s.redis_url:
         raise click.UsageError("REDIS_URL is not set: workers need a shared Redis server")
     if metrics_port is not None:
@@ -59,7 +60,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
         r, where = connect(s, embedded_ok=False)
         runner = InProcess(
             r,
-            common.keys_for(s),
+            settings.keys_for(s),
             s,
             make_provider,
             cj_consumers=consumers if role in ("cj", "all") else 0,

@@ -110,7 +110,7 @@ def generate(
 def load(n_essays: int | None = None) -> dict[str, Any]:
     """The shipped sample, or a generated one with `n_essays` essays in all."""
     if n_essays is None:
-        text = resources.files("tools").joinpath("data/eng5_sample.json").read_text()
+        text = resources.files("app").joinpath("data/eng5_sample.json").read_text()
         data: dict[str, Any] = json.loads(text)
         return data
     if n_essays < 2:

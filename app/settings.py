@@ -8,6 +8,9 @@ import socket
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.errors import ConfigError
+from streams.keys import Keys
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CJS_", extra="ignore")
@@ -37,3 +40,16 @@ class Settings(BaseSettings):
 
 def consumer_name(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def load() -> Settings:
+    """The settings from the environment; a bad value is a ConfigError naming the variable."""
+    try:
+        return Settings()
+    except ValueError as exc:  # pydantic's message names the variable
+        raise ConfigError(f"bad environment setting: {exc}") from exc
+
+
+def keys_for(settings: Settings, prefix: str | None = None) -> Keys:
+    """The key namespace: CJS_PREFIX unless `prefix` overrides it."""
+    return Keys(settings.prefix if prefix is None else prefix)

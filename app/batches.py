@@ -1,0 +1,31 @@
+"""Reading one batch's projection for a front end (the CLI, later a dashboard)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from app.connection import open_redis
+from app.errors import NotFound
+from app.settings import Settings, keys_for
+from projections.batch import BatchState
+from projections.store import load_state
+from streams.keys import Keys
+
+T = TypeVar("T")
+
+
+async def require_batch(r: Any, keys: Keys, batch_id: str) -> BatchState:
+    state = await load_state(r, keys, batch_id)
+    if state is None:
+        raise NotFound(f"no batch {batch_id!r} under prefix {keys.prefix!r}")
+    return state
+
+
+async def read_view(settings: Settings, batch_id: str, view: Callable[[BatchState], T]) -> T:
+    """Load one batch's projection from REDIS_URL and build a view of it."""
+    r = await open_redis(settings)
+    try:
+        return view(await require_batch(r, keys_for(settings), batch_id))
+    finally:
+        await r.aclose()

@@ -1,0 +1,67 @@
+"""What `cjs replay` reports: one batch (or all) replayed from the streams and compared with the
+live projection, optionally written over it first (projections/rebuild.py does the work)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from app.errors import Conflict, NotFound
+from projections import rebuild as projection_rebuild
+from projections.rebuild import check, summary
+from projections.replay import ReplayResult
+from streams.keys import Keys
+
+
+async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, Any]:
+    """`projections.rebuild.rebuild`, with its give-up reported as a Conflict."""
+    try:
+        return await projection_rebuild.rebuild(r, keys, batch_ids)
+    except projection_rebuild.KeptChanging as exc:
+        raise Conflict(str(exc)) from exc
+
+
+async def replay_view(
+    r: Any, keys: Keys, batch_ids: list[str] | None, *, write: bool
+) -> dict[str, Any]:
+    """Replay `batch_ids` (one batch, or every batch when None) and compare with the live keys;
+    with `write`, rebuild them first and compare the result."""
+    started = time.perf_counter()
+    view: dict[str, Any] = {}
+    if write:
+        done = await rebuild(r, keys, batch_ids)
+        result: ReplayResult = done["result"]
+        _, rows = await check(r, keys, batch_ids)
+        view = {
+            "rebuilt": True,
+            "batches_written": len(result.states),
+            "mismatched_before": [
+                row["batch_id"] for row in done["before"] if not row["matches_live"]
+            ],
+            "stale_removed": done["stale_removed"],
+            "orphans_unknown_batch": result.unknown_batch_callbacks if batch_ids is None else None,
+            "attempts": done["attempts"],
+        }
+    else:
+        result, rows = await check(r, keys, batch_ids)
+    if batch_ids is not None and not rows[0]["in_streams"] and not rows[0]["in_projection"]:
+        raise NotFound(f"no batch {batch_ids[0]!r} under prefix {keys.prefix!r}")
+    sizes = summary(result)
+    sizes["seconds"] = round(time.perf_counter() - started, 4)
+    if batch_ids is not None:
+        row = rows[0]
+        return {
+            "batch_id": row["batch_id"],
+            "matches_live": row["matches_live"],
+            "diff": row["diff"],
+            "diff_count": row["diff_count"],
+            **sizes,
+            **view,
+        }
+    return {
+        "matches_live": all(row["matches_live"] for row in rows),
+        "batches": len(rows),
+        "mismatched": [row for row in rows if not row["matches_live"]],
+        **sizes,
+        **view,
+    }

@@ -1,0 +1,228 @@
+"""Running a batch in this process on the mock judge (what `cjs demo` and `cjs validate` share),
+and getting the runs `cjs validate` compares: run here in each mode, or recorded in files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+
+from app.archive import collect, load, read_export
+from app.connection import connect
+from app.errors import InputError, TimedOut
+from app.settings import Settings, keys_for
+from app.validation import Run
+from app.wiring import InProcess
+from cj.continuation import advance
+from cj.registration import BatchIn, append_registration, build_registration, scale_of
+from cj.registration import InputError as RegistrationError
+from events import codec
+from events.types import (
+    BatchRegistered,
+    ComparisonCompleted,
+    Event,
+    Mode,
+    ProviderAttemptFailed,
+    new_id,
+)
+from lps.providers.mock import MockProfile, profile_from_env
+from lps.providers.registry import make_provider
+from projections import keys as pkeys
+from projections.batch import BatchState
+from projections.store import load_state
+from streams.keys import Keys
+
+# Called with the batch's state at each poll while it runs.
+Progress = Callable[[BatchState], None]
+
+
+def mock_settings(s: Settings) -> Settings:
+    """The mock judge's faults are simulated: back off in tens of milliseconds, not seconds
+    (unless CJS_RETRY_BASE_DELAY_S says otherwise)."""
+    if "CJS_RETRY_BASE_DELAY_S" in os.environ:
+        return s
+    return s.model_copy(
+        update={
+            "retry_base_delay_s": 0.02,
+            "retry_max_delay_s": 0.2,
+            "cooldown_rate_limit_s": 0.02,
+            "cooldown_overloaded_s": 0.02,
+        }
+    )
+
+
+def registration_for(
+    data: dict[str, Any], mode: str, *, budget: int | None, seed: int
+) -> BatchRegistered:
+    """A validated `BatchRegistered` for input `data` (the sample or a user's file)."""
+    try:
+        batch_in = BatchIn.model_validate(data)
+        scale_name, grades = scale_of(batch_in)
+        return build_registration(
+            batch_in, scale_name, grades, mode=cast(Mode, mode), budget=budget, seed=seed
+        )
+    except (RegistrationError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
+
+
+async def with_readable_id(
+    r: Any, keys: Keys, registered: BatchRegistered, base: str
+) -> BatchRegistered:
+    """A readable id that a seed reproduces (pairs derive from it), unique on a shared Redis."""
+    batch_id = base
+    if await r.exists(pkeys.batch(keys, batch_id)):
+        batch_id = f"{batch_id}-{new_id()[:8]}"
+    return msgspec.structs.replace(registered, batch_id=batch_id)
+
+
+async def run_to_end(
+    r: Any,
+    keys: Keys,
+    s: Settings,
+    registered: BatchRegistered,
+    mock: MockProfile,
+    *,
+    timeout: float,
+    progress: Progress | None = None,
+) -> tuple[BatchState, float]:
+    """Register the batch, run CJ and LPS consumers in this process until it is finalized or
+    failed; returns its final state and the wall time. `progress` sees the state as it goes."""
+    started = time.perf_counter()
+    await append_registration(r, keys, registered)
+    runner = InProcess(r, keys, s, lambda name: make_provider(name, mock_profile=mock))
+    runner.start()
+    await advance(r, keys, registered.batch_id)
+    try:
+        state = await wait_terminal(r, keys, registered.batch_id, runner, timeout, progress)
+    finally:
+        await runner.close()
+    return state, time.perf_counter() - started
+
+
+async def wait_terminal(
+    r: Any,
+    keys: Keys,
+    batch_id: str,
+    runner: InProcess,
+    timeout: float,
+    progress: Progress | None = None,
+) -> BatchState:
+    """Poll the batch until it is finalized or failed (raising a consumer's error at once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runner.check()
+        state = await load_state(r, keys, batch_id)
+        assert state is not None
+        if progress is not None:
+            progress(state)
+        if state.terminal:
+            return state
+        if time.monotonic() > deadline:
+            raise TimedOut(
+                f"batch {batch_id} not finalized after {timeout:.0f}s "
+                f"({state.accepted}/{state.denominator} callbacks)"
+            )
+        await asyncio.sleep(0.05)
+
+
+async def count_provider_calls(r: Any, keys: Keys, batch_id: str) -> int:
+    """Provider calls = failed attempts + completed comparisons, counted from the streams."""
+    calls = 0
+    for stream, kind in (
+        (keys.dispatches, ProviderAttemptFailed),
+        (keys.callbacks, ComparisonCompleted),
+    ):
+        last = "-"
+        while True:
+            page = await r.xrange(stream, min=last, max="+", count=1000)
+            if last != "-":
+                page = page[1:]
+            if not page:
+                break
+            for _, fields in page:
+                try:
+                    event = codec.decode(fields)
+                except codec.DecodeError:
+                    continue
+                if isinstance(event, kind) and event.batch_id == batch_id:
+                    calls += 1
+            last = page[-1][0].decode()
+    return calls
+
+
+# --- the runs `cjs validate` compares -----------------------------------------------------------
+
+
+async def events_of(r: Any, keys: Keys, batch_id: str) -> list[tuple[str, str, Event]]:
+    """The batch's events as (stream without prefix, entry id, event), in entry-id order."""
+    out = []
+    for rec in await collect(r, keys, batch_id):
+        out.append((rec.stream, rec.entry_id, codec.decode({"type": rec.type, "data": rec.data})))
+    return out
+
+
+async def run_modes(
+    s: Settings,
+    registered: BatchRegistered,
+    modes: list[str],
+    mock_name: str | None,
+    seed: int,
+    timeout: float,
+    announce: Callable[[str], None] | None = None,
+) -> list[Run]:
+    """Run `registered` once in each mode on the mock judge, one after the other."""
+    s = mock_settings(s)
+    mock = profile_from_env(mock_name)
+    r, where = connect(s)
+    keys = keys_for(s)
+    runs = []
+    try:
+        for mode in modes:
+            config = msgspec.structs.replace(registered.config, mode=cast(Mode, mode))
+            reg = msgspec.structs.replace(registered, config=config)
+            reg = await with_readable_id(
+                r, keys, reg, f"validate-{mode}-s{seed}-n{len(reg.essays)}"
+            )
+            if announce is not None:
+                announce(
+                    f"validate: {mode} on {where}, {len(reg.essays)} essays, judge "
+                    f"mock/{mock.name} ..."
+                )
+            state, wall = await run_to_end(r, keys, s, reg, mock, timeout=timeout)
+            runs.append(
+                Run(mode, await events_of(r, keys, reg.batch_id), state, "live projection", wall)
+            )
+    finally:
+        await r.aclose()
+    return runs
+
+
+async def load_runs(paths: list[Path]) -> list[Run]:
+    """Recorded runs, each imported into its own namespace of an embedded Redis."""
+    import fakeredis
+
+    r = fakeredis.FakeAsyncRedis()
+    runs = []
+    try:
+        for k, path in enumerate(paths):
+            keys = Keys(f"run{k}:")
+            report = await load(r, keys, read_export(path))
+            batch_id = report["batches"][0]
+            state = await load_state(r, keys, batch_id)
+            assert state is not None
+            runs.append(
+                Run(
+                    path.name,
+                    await events_of(r, keys, batch_id),
+                    state,
+                    "rebuilt from the recorded events",
+                )
+            )
+    finally:
+        await r.aclose()
+    return runs
