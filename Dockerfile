@@ -1,4 +1,4 @@
-# cj-streams: one image for every role (cj, lps, all); the role is the command's argument.
+# cj-streams: one image for every role (cj, lps, reaper, all); the role is the command's argument.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,9 +12,13 @@ COPY projections ./projections
 COPY cj ./cj
 COPY lps ./lps
 COPY tools ./tools
-RUN pip install . && useradd --create-home --uid 10001 cjs
+RUN pip install . \
+    && groupadd --gid 10001 cjs \
+    && useradd --create-home --uid 10001 --gid 10001 cjs
 
-USER cjs
+# Numeric, so that the runtime (and Kubernetes' runAsNonRoot) can tell it is not root
+# without reading the image's /etc/passwd.
+USER 10001:10001
 EXPOSE 9100
 # SIGTERM drains in-flight work; compose gives it stop_grace_period to do so.
 STOPSIGNAL SIGTERM
