@@ -108,6 +108,8 @@ def test_dockerfile_copies_every_package_and_exposes_the_metrics_port() -> None:
         if (ROOT / package / "__init__.py").exists():
             assert package in copied, f"Dockerfile does not copy {package}/"
     assert "EXPOSE 9100" in lines
+    # No `*_created` series beside every counter and histogram (read by prometheus_client).
+    assert any("PROMETHEUS_DISABLE_CREATED_SERIES=True" in line for line in lines)
     assert any(re.match(r"FROM python:3\.1[1-9]", line) for line in lines)
 
 
