@@ -45,8 +45,8 @@ def render(view: dict[str, Any]) -> str:
         )
         for c in g["consumers"]:
             lines.append(
-                f"    {c['consumer']:<40} pending {c['pending']:>5}  idle {_dur(c['idle_s']):>7}"
-                f"  oldest pending {_dur(c['oldest_pending_idle_s']):>7}"
+                f"    {c['consumer']:<40} {c['verdict']:<7} pending {c['pending']:>5}  "
+                f"idle {_dur(c['idle_s']):>7}  oldest pending {_dur(c['oldest_pending_idle_s']):>7}"
             )
     lines.append("")
     stuck = view["stuck"]
@@ -173,12 +173,15 @@ def stuck(
     keys = settings.keys_for(s)
     idle = s.processing_timeout_s if idle_s is None else idle_s
     batch_idle = s.batch_idle_timeout_s if batch_idle_s is None else batch_idle_s
+    dead_after = s.processing_timeout_s
 
     async def once() -> dict[str, Any]:
         r = await open_redis(s)
         try:
             done = await reclaim(r, keys, s, batch_idle_s=batch_idle) if do_reclaim else None
-            view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
+            view = await collect(
+                r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit, dead_after_s=dead_after
+            )
         finally:
             await r.aclose()
         if done is not None:
@@ -189,7 +192,14 @@ def stuck(
         r = await open_redis(s)
         try:
             while True:
-                view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
+                view = await collect(
+                    r,
+                    keys,
+                    idle_s=idle,
+                    batch_idle_s=batch_idle,
+                    limit=limit,
+                    dead_after_s=dead_after,
+                )
                 click.clear()
                 click.echo(render(view))
                 click.echo(f"\nrefreshing every {interval:g}s; Ctrl-C to stop")
