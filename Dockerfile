@@ -14,10 +14,13 @@ COPY cj ./cj
 COPY lps ./lps
 COPY app ./app
 COPY tools ./tools
+COPY web ./web
 RUN pip install . && useradd --create-home --uid 10001 cjs
 
 USER cjs
 EXPOSE 9100
+# `cjs dashboard --host 0.0.0.0 --port 8080` (compose's dashboard service)
+EXPOSE 8080
 # SIGTERM drains in-flight work; compose gives it stop_grace_period to do so.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cjs"]
