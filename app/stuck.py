@@ -254,17 +254,22 @@ async def _stuck_entries(
             pipe.xrange(stream, min=row["entry_id"], max=row["entry_id"], count=1)
         found = await pipe.execute()
     return [
-        {
-            "stream": stream_name,
-            "group": group,
-            "entry_id": row["entry_id"],
-            "consumer": row["consumer"],
-            "idle_s": round(row["idle_ms"] / 1000, 3),
-            "deliveries": row["deliveries"],
-            **(describe(hit[0][1]) if hit else _unknown(deleted=True)),
-        }
+        _entry_view(stream_name, group, row, hit[0][1] if hit else None)
         for row, hit in zip(over, found, strict=True)
     ]
+
+
+def _entry_view(stream_name: str, group: str, row: dict[str, Any], fields: Any) -> dict[str, Any]:
+    """One pending row with what its entry is about (`fields` None: the entry was deleted)."""
+    return {
+        "stream": stream_name,
+        "group": group,
+        "entry_id": row["entry_id"],
+        "consumer": row["consumer"],
+        "idle_s": round(row["idle_ms"] / 1000, 3),
+        "deliveries": row["deliveries"],
+        **(describe(fields) if fields is not None else _unknown(deleted=True)),
+    }
 
 
 async def _dead_letter_counts(r: Any, keys: Keys) -> dict[str, int]:
@@ -282,6 +287,45 @@ PAGE_SIZE = 50
 # With a batch filter, a page looks at most this many pending rows before it returns what it has
 # (and where to go on from): a page costs a bounded number of XPENDING/XRANGE replies.
 SCAN_LIMIT = 2000
+
+
+# The fields of the given entries in one call (one XRANGE each, inside Redis), keeping only
+# those whose field values contain ARGV[1] (when it is not empty): a batch filter then costs one
+# round trip and a reply of the matches, not one XRANGE reply per pending row. An entry deleted
+# meanwhile is returned as [id, false], unless filtering. KEYS: 1 stream; ARGV: 1 needle, ids.
+_ENTRIES_LUA = """
+local out = {}
+for i = 2, #ARGV do
+  local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #e == 0 then
+    if ARGV[1] == '' then table.insert(out, {ARGV[i], false}) end
+  else
+    local f = e[1][2]
+    local keep = ARGV[1] == ''
+    if not keep then
+      for j = 2, #f, 2 do
+        if string.find(f[j], ARGV[1], 1, true) then keep = true break end
+      end
+    end
+    if keep then table.insert(out, {ARGV[i], f}) end
+  end
+end
+return out
+"""
+
+
+async def _entries_of(
+    r: Any, stream: str, rows: list[dict[str, Any]], needle: str | None
+) -> dict[str, dict[bytes, bytes] | None]:
+    """Entry id -> fields (None: deleted) of the rows' entries, those mentioning `needle` only."""
+    if not rows:
+        return {}
+    reply = await r.eval(_ENTRIES_LUA, 1, stream, needle or "", *[row["entry_id"] for row in rows])
+    out: dict[str, dict[bytes, bytes] | None] = {}
+    for item in reply:
+        flat = item[1] if len(item) > 1 else None
+        out[as_str(item[0])] = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
+    return out
 
 
 async def stuck_page(
@@ -352,8 +396,11 @@ async def stuck_page(
             for row in reply
         ]
         scanned += len(rows)
-        described = await _stuck_entries(r, keys, stream_name, group, rows, 0.0)
-        for e in described:
+        found = await _entries_of(r, stream, rows, batch_id)
+        for row in rows:
+            if row["entry_id"] not in found:
+                continue
+            e = _entry_view(stream_name, group, row, found[row["entry_id"]])
             if batch_id and e["batch_id"] != batch_id:
                 continue
             entries.append(e)

@@ -337,6 +337,14 @@ async def deadletter_page(d: Dashboard, request: Request) -> Response:
     )
 
 
+def _readable(fields: Any) -> Any:
+    """A letter's original fields with its `data` (the event's JSON) parsed, to read."""
+    if isinstance(fields, dict) and isinstance(fields.get("data"), str):
+        with contextlib.suppress(ValueError):
+            return {**fields, "data": json.loads(fields["data"])}
+    return fields
+
+
 async def batches_page(d: Dashboard, request: Request) -> Response:
     status = request.query_params.get("status") or None
     text = (request.query_params.get("q") or "").strip()

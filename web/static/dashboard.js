@@ -106,6 +106,8 @@
       button.disabled = false;
     }
     refresh();
+    // A reclaimed entry leaves once a live worker has taken it: look again shortly.
+    window.setTimeout(refresh, 1200);
   }
 
   async function showText(button) {
