@@ -54,7 +54,7 @@ def plotly_version() -> str:
 
 def _layout(title: str, height: int, **more: Any) -> dict[str, Any]:
     return {
-        "title": {"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}},
+        "title": {"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 15}},
         "height": height,
         "margin": {"l": 70, "r": 30, "t": 50, "b": 60},
         "font": {"family": "system-ui, sans-serif", "size": 12, "color": "#1a202c"},
@@ -346,6 +346,7 @@ def reliability(rows: list[dict[str, Any]]) -> Figure:
     if not rows:
         return _empty(title, "not scored yet")
     x = [r["wave"] for r in rows]
+    values = [float(r[k]) for r in rows for k in ("ssr", "split_half") if r.get(k) is not None]
 
     def line(key: str, name: str, colour: str, axis: str = "y") -> dict[str, Any]:
         return {
@@ -369,7 +370,8 @@ def reliability(rows: list[dict[str, Any]]) -> Figure:
             title,
             320,
             xaxis=_axis("wave", dtick=1),
-            yaxis=_axis("reliability", range=[0, 1.02]),
+            # SSR is negative while the scores are mostly noise: the axis goes down to it.
+            yaxis=_axis("reliability", range=[min([0.0, *values]) - 0.02, 1.02]),
             yaxis2=_axis(
                 "max |Δθ| since the previous wave",
                 overlaying="y",
