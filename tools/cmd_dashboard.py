@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from app import settings
@@ -32,9 +30,15 @@ def dashboard(host: str, port: int) -> None:
             "REDIS_URL is not set. The dashboard reads a shared Redis; "
             "e.g. REDIS_URL=redis://localhost:6379/0"
         )
-    from web.server import serve  # the web stack: only this command loads it
+    from web.server import loopback, serve  # the web stack: only this command loads it
 
-    token = os.environ.get(TOKEN_VARIABLE) or None
+    token = s.dashboard_token.get_secret_value() if s.dashboard_token else None
     mode = "actions allowed with the token" if token else f"read-only ({TOKEN_VARIABLE} unset)"
     click.echo(f"cjs dashboard on http://{host}:{port}/ ({mode}); Ctrl-C to stop", err=True)
+    if token and not loopback(host):
+        click.echo(
+            "warning: beyond this machine the token and session cross the network in clear "
+            "unless a TLS proxy is in front",
+            err=True,
+        )
     serve(s, host=host, port=port, token=token)
