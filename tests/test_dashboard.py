@@ -371,7 +371,14 @@ def test_batch_page_draws_its_charts_and_shows_the_status(tab: Tab, stack: Stack
     balance = tab.page.inner_text("[data-figure='balance']")
     assert "essay" in balance and "e3" in balance
     assert "comparisons" in tab.page.inner_text("[data-figure='waves']")
-    assert "essay number" not in tab.page.inner_text("main")  # essay text only when asked
+    assert "essay number" not in tab.page.inner_text("main")  # essay text only when asked ...
+    tab.page.locator("tr[data-essay='e2'] button.show-text").click()
+    tab.page.wait_for_selector("tr.essay-text pre")
+    assert "logging in" in tab.page.inner_text("tr.essay-text")  # ... and with the token
+    assert len(tab.errors) == 1 and "401" in tab.errors[0]
+    tab.errors.clear()
+    login(tab)
+    tab.page.goto(f"/batches/{stack.batch_id}")
     tab.page.locator("tr[data-essay='e2'] button.show-text").click()
     tab.page.wait_for_selector("tr.essay-text pre")
     assert "essay number 2" in tab.page.inner_text("tr.essay-text")

@@ -72,6 +72,12 @@ class Guard:
         """Whether the page should offer actions (the POST is checked again by `authorize`)."""
         return self.session_of(request) is not None
 
+    def may_read_text(self, request: Request) -> None:
+        """Essay text (student data) is shown only when asked for, and, where a token is set,
+        only to a session that logged in with it."""
+        if not self.read_only and self.session_of(request) is None:
+            raise Refused(401, "essay text is shown after logging in with the dashboard token")
+
     def check_origin(self, request: Request) -> None:
         """Refuse a request that a browser says comes from another site."""
         site = request.headers.get("sec-fetch-site")

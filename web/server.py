@@ -318,6 +318,8 @@ async def deadletters_page(d: Dashboard, request: Request) -> Response:
 async def deadletter_page(d: Dashboard, request: Request) -> Response:
     q = request.query_params
     show_text = q.get("text") == "1"
+    if show_text:
+        d.guard.may_read_text(request)
     letter = await deadletters.inspect(
         d.r, d.keys, q.get("stream", ""), q.get("id", ""), show_text=show_text
     )
@@ -444,6 +446,7 @@ async def api_dlq(d: Dashboard, request: Request) -> Response:
         d.r, d.keys, stream=stream_name, limit=_int(request, "limit", 100, 10_000)
     )
     if request.query_params.get("text") == "1":
+        d.guard.may_read_text(request)
         log.info("dead_letter_text_shown", dlq_stream=stream_name, client=_client(request))
         return _json(view)
     return _json(deadletters.redact_listing(view))
@@ -451,6 +454,8 @@ async def api_dlq(d: Dashboard, request: Request) -> Response:
 
 async def api_deadletter(d: Dashboard, request: Request) -> Response:
     q = request.query_params
+    if q.get("text") == "1":
+        d.guard.may_read_text(request)
     return _json(
         await deadletters.inspect(
             d.r, d.keys, q.get("stream", ""), q.get("id", ""), show_text=q.get("text") == "1"
@@ -489,6 +494,7 @@ async def api_batch_figures(d: Dashboard, request: Request) -> Response:
 
 async def api_essay_text(d: Dashboard, request: Request) -> Response:
     """One essay's text, because the user asked (logged without the text)."""
+    d.guard.may_read_text(request)
     batch_id, essay_id = request.path_params["batch_id"], request.path_params["essay_id"]
     text = await detail_mod.essay_text(d.r, d.keys, batch_id, essay_id)
     log.info("essay_text_shown", batch_id=batch_id, essay_id=essay_id, client=_client(request))
