@@ -147,7 +147,7 @@ class Dashboard:
             "path": request.url.path,
             "refresh_s": REFRESH_S,
             "plotly": self.plotly_name,
-            "now": time.strftime("%H:%M:%S"),
+            "now": time.strftime("%H:%M:%S UTC", time.gmtime()),
         }
         partial = request.query_params.get("partial") == "1"
         name = f"_{template}" if partial else template
