@@ -17,6 +17,7 @@ COPY cj ./cj
 COPY lps ./lps
 COPY app ./app
 COPY tools ./tools
+COPY web ./web
 RUN pip install . \
     && groupadd --gid 10001 cjs \
     && useradd --create-home --uid 10001 --gid 10001 cjs
@@ -25,6 +26,8 @@ RUN pip install . \
 # without reading the image's /etc/passwd.
 USER 10001:10001
 EXPOSE 9100
+# `cjs dashboard --host 0.0.0.0 --port 8080` (compose's dashboard service)
+EXPOSE 8080
 # SIGTERM drains in-flight work; compose gives it stop_grace_period to do so.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cjs"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # Retries of one Redis command by the client before the worker loop backs off itself.
     redis_retries: int = Field(default=8, ge=0)
     log_format: str = "auto"
+    # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.
+    dashboard_token: SecretStr | None = None
 
 
 def consumer_name(role: str) -> str:

@@ -32,16 +32,16 @@ def raw_client(r: Any) -> Any:
 
 
 async def read_pages(
-    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+"
+    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+", min_id: str = "-"
 ) -> AsyncIterator[list[Any]]:
-    """Pages of `stream` up to `max_id` (XRANGE ... COUNT), the next page read while the caller
-    works on the current one."""
+    """Pages of `stream` from `min_id` up to `max_id` (XRANGE ... COUNT), the next page read
+    while the caller works on the current one."""
 
     async def fetch(start: str) -> list[Any]:
         result: list[Any] = await r.xrange(stream, min=start, max=max_id, count=page)
         return result
 
-    task = asyncio.ensure_future(fetch("-"))
+    task = asyncio.ensure_future(fetch(min_id))
     try:
         while True:
             entries = await task

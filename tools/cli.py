@@ -26,6 +26,11 @@ class Entry(NamedTuple):
 
 
 COMMANDS: dict[str, Entry] = {
+    "dashboard": Entry(
+        "cmd_dashboard",
+        "dashboard",
+        "Serve a web dashboard of the streams, stuck items, dead letters and batches.",
+    ),
     "demo": Entry(
         "cmd_demo",
         "demo",
