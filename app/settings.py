@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     retry_base_delay_s: float = Field(default=0.5, ge=0)
     retry_max_delay_s: float = Field(default=20.0, ge=0)
     retry_max_after_s: float = Field(default=60.0, ge=0)
+    # No retry whose delay would take the time one comparison spent waiting past this.
+    retry_max_total_delay_s: float = Field(default=180.0, ge=0)
     # A 429 / 529 without Retry-After pauses every worker's calls to that model this long.
     cooldown_rate_limit_s: float = Field(default=5.0, ge=0)
     cooldown_overloaded_s: float = Field(default=2.0, ge=0)
@@ -35,6 +37,11 @@ class Settings(BaseSettings):
     block_ms: int = Field(default=1000, ge=1)
     # Retries of one Redis command by the client before the worker loop backs off itself.
     redis_retries: int = Field(default=8, ge=0)
+    # A TCP connect (and, for a command line, the first answer) taking longer is a failure:
+    # an unreachable Redis is reported at once rather than after the retries.
+    redis_connect_timeout_s: float = Field(default=2.0, gt=0)
+    # Longest essay text accepted at submit, in characters (both essays go into one prompt).
+    max_essay_chars: int = Field(default=50_000, ge=1)
     log_format: str = "auto"
 
 
