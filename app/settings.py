@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -53,8 +54,18 @@ def load() -> Settings:
     """The settings from the environment; a bad value is a ConfigError naming the variable."""
     try:
         return Settings()
-    except ValueError as exc:  # pydantic's message names the variable
-        raise ConfigError(f"bad environment setting: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(_problem(error) for error in exc.errors())
+        raise ConfigError(f"bad environment setting: {problems}") from exc
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as `VARIABLE=value: what is wrong`, the way the user set it."""
+    name = str(error["loc"][0]) if error["loc"] else ""
+    field = Settings.model_fields.get(name)
+    alias = field.validation_alias if field is not None else None
+    variable = alias if isinstance(alias, str) else f"CJS_{name.upper()}"
+    return f"{variable}={error.get('input')!r}: {error['msg']}"
 
 
 def keys_for(settings: Settings, prefix: str | None = None) -> Keys:

@@ -98,7 +98,7 @@ def _print_report(view: dict[str, Any]) -> None:
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=600.0,
     show_default=True,
     help="Give up after this many seconds.",
