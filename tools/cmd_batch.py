@@ -300,6 +300,10 @@ def _cell(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
 def _batch_fields(view: dict[str, Any]) -> dict[str, Any]:
     bias = view.get("position_bias") or {}
     return {
@@ -341,7 +345,7 @@ def render_results(view: dict[str, Any]) -> str:
     half = _cell(view.get("split_half"), 3) or "n/a"
     lines.append(
         f"SSR {ssr}  split-half {half}  position bias η {eta}  "
-        f"connected {_cell(view.get('connected')) or 'no'}"
+        f"connected {_yes_no(view.get('connected'))}"
     )
     for key, value in view.items():
         if key not in SHOWN and _scalar(value):
