@@ -68,6 +68,8 @@ class ProgressBar:
         self._bar.label = label
         self._bar.update(state.accepted - self._shown)
         self._shown = state.accepted
+        if state.terminal:  # the last label, even when the count did not move
+            self._bar.render_progress()
 
     def finish(self) -> None:
         if self._bar is not None:
