@@ -38,25 +38,56 @@ def test_workers_run_commands_the_cli_accepts() -> None:
         # The command parses: --help after the real arguments exits 0 only if every option exists.
         result = CliRunner().invoke(main, [*command, "--help"])
         assert result.exit_code == 0, result.output
-        assert services[name]["environment"]["REDIS_URL"].startswith("redis://redis:6379")
+        # The password comes from REDIS_PASSWORD, the one Redis requires (see below).
+        assert services[name]["environment"]["REDIS_URL"].startswith(
+            "redis://:${REDIS_PASSWORD:?"
+        ), services[name]["environment"]["REDIS_URL"]
+        assert services[name]["environment"]["REDIS_URL"].endswith("@redis:6379/0")
         port = command[command.index("--metrics-port") + 1]
         assert str(port) in [str(p) for p in services[name]["expose"]]
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+        # The healthcheck asks the metrics endpoint the command opens.
+        check = " ".join(services[name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}/metrics" in check, check
+
+
+def _flag(command: list[str], name: str) -> str:
+    assert name in command, f"redis-server is not given {name}"
+    return command[command.index(name) + 1]
 
 
 def test_redis_has_aof_and_a_volume() -> None:
     redis = _compose()["services"]["redis"]
-    assert "--appendonly" in redis["command"]
-    assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert _flag(redis["command"], "--appendonly") == "yes"
     assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
+def test_redis_requires_a_password_never_evicts_and_listens_on_loopback_only() -> None:
+    redis = _compose()["services"]["redis"]
+    # `:?` makes compose refuse to start without the password instead of running open.
+    assert _flag(redis["command"], "--requirepass").startswith("${REDIS_PASSWORD:?")
+    assert _flag(redis["command"], "--maxmemory")
+    # The streams are the source of truth: Redis must fail writes, not evict keys.
+    assert _flag(redis["command"], "--maxmemory-policy") == "noeviction"
+    assert redis["environment"]["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_published_ports_are_bound_to_loopback() -> None:
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
 def test_prometheus_scrapes_the_worker_ports_and_loads_the_alert_rules() -> None:
     services = _compose()["services"]
     mounts = {v.split(":")[1]: ROOT / v.split(":")[0] for v in services["prometheus"]["volumes"]}
     config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
-    assert "/etc/prometheus/alerts.yml" in config["rule_files"]
-    assert mounts["/etc/prometheus/alerts.yml"].exists()
+    # Relative to the config file: deploy/prometheus/ in the repository (promtool), and
+    # /etc/prometheus/ in the container, where compose mounts the rules beside it.
+    assert config["rule_files"] == ["alerts.yml"]
+    assert mounts["/etc/prometheus/alerts.yml"] == ROOT / "deploy/prometheus/alerts.yml"
+    assert mounts["/etc/prometheus/prometheus.yml"] == ROOT / "deploy/prometheus/prometheus.yml"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     for name in ("cj", "lps", "reaper"):
         sd = jobs[name]["dns_sd_configs"][0]
@@ -82,4 +113,42 @@ def test_dockerfile_copies_every_package_and_exposes_the_metrics_port() -> None:
     for package in packages:
         assert package in copied, f"Dockerfile does not copy {package}/"
     assert "EXPOSE 9100" in lines
+    # No `*_created` series beside every counter and histogram (read by prometheus_client).
+    assert any("PROMETHEUS_DISABLE_CREATED_SERIES=True" in line for line in lines)
     assert any(re.match(r"FROM python:3\.1[1-9]", line) for line in lines)
+
+
+def test_prometheus_sends_alerts_to_the_alertmanager_service() -> None:
+    services = _compose()["services"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = [
+        t
+        for am in config["alerting"]["alertmanagers"]
+        for sc in am["static_configs"]
+        for t in sc["targets"]
+    ]
+    assert targets == ["alertmanager:9093"]
+    alertmanager = services["alertmanager"]
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    mounts = {v.split(":")[1]: ROOT / v.split(":")[0] for v in alertmanager["volumes"]}
+    assert mounts["/etc/alertmanager/alertmanager.yml"] == (
+        ROOT / "deploy/alertmanager/alertmanager.yml"
+    )
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+
+
+def test_worker_down_alerts_count_compose_replicas() -> None:
+    """The *WorkerDown rules compare answering targets with compose's replicas (a vanished
+    crash-looping replica has no `up` series to be 0): the numbers must stay in step."""
+    services = _compose()["services"]
+    groups = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    rules = {r["alert"]: r for g in groups for r in g["rules"]}
+    for alert, job in (
+        ("CJWorkerDown", "cj"),
+        ("LPSWorkerDown", "lps"),
+        ("CJReaperDown", "reaper"),
+    ):
+        replicas = services[job]["deploy"]["replicas"]
+        expr = " ".join(rules[alert]["expr"].split())
+        assert f'count(up{{job="{job}"}} == 1) or vector(0)' in expr, expr
+        assert re.search(rf"\) < {replicas - 0.5}\b", expr), (alert, replicas, expr)

@@ -1,0 +1,222 @@
+"""Every `CJS_*` name an operator is told about is one the code reads, and every one the code
+reads is told about.
+
+Told about: README.md, docs/*.md, everything under deploy/, compose.yaml, the Dockerfile and
+.ci/run. Read: the fields of the pydantic Settings class, the explicit environment reads of
+`CJS_*` literals in the packages, and those of the test harness in tests/ (the
+`CJS_REQUIRE_*` switches the README documents). Docs once told operators to set
+`CJS_RETRY_MAX_RETRY_AFTER_S`, which workers never read.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("events", "streams", "projections", "cj", "lps", "app", "tools")
+NAME = re.compile(r"\bCJS_[A-Z0-9_]*[A-Z0-9]")
+
+# Read by code that no worker runs, so setting them changes nothing in a deployment. They
+# must not be documented. An entry stops applying once Settings has the name.
+UNWIRED = {
+    "CJS_RETRY_MAX_RETRY_AFTER_S": (
+        "read only by lps.retry.RetryPolicy.from_env, which no worker calls: workers build the"
+        " policy from Settings, whose name for it is CJS_RETRY_MAX_AFTER_S"
+    ),
+}
+# Settings fields that no code uses: documenting them would promise an effect.
+# field name -> why; the test fails once the field is used, to have it documented.
+UNUSED_FIELDS = {"log_format": "Settings.log_format is never read; logging ignores it"}
+
+
+def _settings_class() -> Any:
+    # Settings is moving from events/settings.py to app/settings.py.
+    for module in ("app.settings", "events.settings"):
+        try:
+            return importlib.import_module(module).Settings
+        except ModuleNotFoundError as exc:
+            if exc.name not in (module, module.split(".")[0]):
+                raise
+    raise AssertionError("no Settings class in app.settings or events.settings")
+
+
+def _settings_names() -> dict[str, str]:
+    """Environment name -> field name."""
+    settings = _settings_class()
+    prefix = settings.model_config.get("env_prefix", "")
+    names: dict[str, str] = {}
+    for field_name, field in settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, str):
+            envs = [alias]
+        elif isinstance(alias, AliasChoices):
+            envs = [choice for choice in alias.choices if isinstance(choice, str)]
+        else:
+            envs = [f"{prefix}{field_name}"]
+        for env in envs:
+            if env.upper().startswith("CJS_"):
+                names[env.upper()] = field_name
+    return names
+
+
+def _python_files(*dirs: str) -> Iterator[Path]:
+    for d in dirs:
+        if (ROOT / d).is_dir():
+            yield from sorted((ROOT / d).rglob("*.py"))
+
+
+def _is_environ(node: ast.expr) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+        isinstance(node, ast.Name) and node.id in ("environ", "env")
+    )
+
+
+def _cjs(node: ast.expr | None) -> str | None:
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and NAME.fullmatch(node.value)
+    ):
+        return node.value
+    return None
+
+
+def _env_reads(path: Path, *, environ_only: bool) -> set[str]:
+    """`CJS_*` literals read from an environment mapping: `X.get("CJS_…")`,
+    `os.getenv("CJS_…")`, `environ["CJS_…"]` (not assignments) and `"CJS_…" in environ`.
+    With environ_only, `.get` counts only on os.environ (tests build env dicts of their own)."""
+    reads: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            name = _cjs(node.args[0])
+            if name is None:
+                continue
+            if node.func.attr == "getenv" or (
+                node.func.attr == "get" and (not environ_only or _is_environ(node.func.value))
+            ):
+                reads.add(name)
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            if (name := _cjs(node.slice)) and _is_environ(node.value):
+                reads.add(name)
+        elif (
+            isinstance(node, ast.Compare)
+            and isinstance(node.ops[0], ast.In)
+            and (name := _cjs(node.left))
+            and _is_environ(node.comparators[0])
+        ):
+            reads.add(name)
+    return reads
+
+
+def _code_reads() -> dict[str, list[str]]:
+    """Environment name -> where it is read."""
+    where: dict[str, list[str]] = {}
+    for env in _settings_names():
+        where.setdefault(env, []).append("Settings")
+    for path in _python_files(*PACKAGES):
+        for env in _env_reads(path, environ_only=False):
+            where.setdefault(env, []).append(str(path.relative_to(ROOT)))
+    for path in _python_files("tests"):
+        for env in _env_reads(path, environ_only=True):
+            where.setdefault(env, []).append(str(path.relative_to(ROOT)))
+    return where
+
+
+def _documents() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "compose.yaml", ROOT / "Dockerfile", ROOT / ".ci/run"]
+    files += sorted((ROOT / "docs").glob("*.md"))
+    files += sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file())
+    return [p for p in files if p.is_file()]
+
+
+def _documented() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(names, wildcard families such as `CJS_RETRY_*`), each -> the files naming it."""
+    names: dict[str, list[str]] = {}
+    families: dict[str, list[str]] = {}
+    for path in _documents():
+        text = path.read_text()
+        for match in NAME.finditer(text):
+            rest = text[match.end() : match.end() + 2]
+            target = families if rest.startswith(("*", "_*")) else names
+            files = target.setdefault(match.group(), [])
+            if str(path.relative_to(ROOT)) not in files:
+                files.append(str(path.relative_to(ROOT)))
+    return names, families
+
+
+def _unwired() -> dict[str, str]:
+    settings = _settings_names()
+    return {name: why for name, why in UNWIRED.items() if name not in settings}
+
+
+def _unused() -> set[str]:
+    return {env for env, field in _settings_names().items() if field in UNUSED_FIELDS}
+
+
+def test_every_documented_name_is_read() -> None:
+    documented, _ = _documented()
+    read = _code_reads()
+    unknown = {
+        name: files
+        for name, files in documented.items()
+        if name not in read or name in _unwired() or name in _unused()
+    }
+    assert not unknown, (
+        "CJS_* names in the docs/deployment files that no worker reads "
+        f"(fix the name, or add the setting): {unknown}"
+    )
+
+
+def test_every_name_read_is_documented() -> None:
+    documented, _ = _documented()
+    read = _code_reads()
+    undocumented = {
+        name: where
+        for name, where in read.items()
+        if name not in documented and name not in _unwired() and name not in _unused()
+    }
+    assert not undocumented, (
+        f"CJS_* names read by the code but documented nowhere (README's settings table, "
+        f"docs/operations.md): {undocumented}"
+    )
+
+
+def test_wildcard_families_name_real_settings() -> None:
+    _, families = _documented()
+    read = set(_code_reads())
+    for family, files in families.items():
+        prefix = family + "_"
+        assert any(name.startswith(prefix) for name in read), (family, files)
+
+
+def test_exemptions_still_hold() -> None:
+    """UNWIRED: still unreachable from a worker (a package other than lps/retry.py calling
+    RetryPolicy.from_env would make the names live). UNUSED_FIELDS: still unused."""
+    for path in _python_files(*PACKAGES):
+        if path.relative_to(ROOT) == Path("lps/retry.py"):
+            continue
+        assert "RetryPolicy.from_env" not in path.read_text(), (
+            f"{path}: RetryPolicy.from_env now runs, so UNWIRED is wrong: {_unwired()}"
+        )
+    for field in UNUSED_FIELDS:
+        users = [
+            str(path.relative_to(ROOT))
+            for path in _python_files(*PACKAGES)
+            if path.name != "settings.py" and re.search(rf"\.{field}\b", path.read_text())
+        ]
+        assert not users, f"Settings.{field} is used now ({users}): document it, drop the exemption"
+
+
+def test_the_retry_after_cap_is_documented_by_the_name_workers_read() -> None:
+    """The case that started this: workers read CJS_RETRY_MAX_AFTER_S."""
+    documented, _ = _documented()
+    assert "CJS_RETRY_MAX_AFTER_S" in _settings_names()
+    assert "docs/operations.md" in documented["CJS_RETRY_MAX_AFTER_S"]
+    assert "deploy/prometheus/alerts.yml" in documented["CJS_RETRY_MAX_AFTER_S"]
