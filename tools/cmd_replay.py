@@ -69,9 +69,7 @@ def _print(out: dict[str, Any]) -> None:
             f"({len(out['mismatched_before'])} differed before, "
             f"{len(out['stale_removed'])} stale removed)"
         )
-    scanned = (
-        f" ({out['entries_scanned']} stream entries read)" if "entries_scanned" in out else ""
-    )
+    scanned = f" ({out['entries_scanned']} stream entries read)" if "entries_scanned" in out else ""
     click.echo(
         f"{what}: replay {verdict}; {out['events']} events{scanned} in {out['seconds']:.3f}s "
         f"({out['callbacks_unapplied']} callbacks not yet applied by the cj group)"
