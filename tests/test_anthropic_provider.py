@@ -144,18 +144,19 @@ async def test_system_block_is_cached_and_comes_before_the_essays(
 async def test_cached_prefix_is_identical_across_pairs_and_hits_the_cache(
     provider: AnthropicProvider, server: AnthropicTestServer
 ) -> None:
-    read0 = metric("lps_tokens_total", kind="cache_read_input_tokens")
-    created0 = metric("lps_tokens_total", kind="cache_creation_input_tokens")
+    at = {"provider": "anthropic", "model": MODEL}
+    read0 = metric("lps_tokens_total", **at, kind="cache_read_input_tokens")
+    created0 = metric("lps_tokens_total", **at, kind="cache_creation_input_tokens")
     first = await provider.judge(make_request("one essay", "another essay"))
     second = await provider.judge(make_request("a third essay", "a fourth one"))
     b1, b2 = (c.body for c in server.calls())
     assert (b1["tools"], b1["system"]) == (b2["tools"], b2["system"])
     assert first.usage.cache_creation_input_tokens > 0 and first.usage.cache_read_input_tokens == 0
     assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
-    assert metric("lps_tokens_total", kind="cache_creation_input_tokens") - created0 == (
+    assert metric("lps_tokens_total", **at, kind="cache_creation_input_tokens") - created0 == (
         first.usage.cache_creation_input_tokens
     )
-    assert metric("lps_tokens_total", kind="cache_read_input_tokens") - read0 == (
+    assert metric("lps_tokens_total", **at, kind="cache_read_input_tokens") - read0 == (
         second.usage.cache_read_input_tokens
     )
 
@@ -452,14 +453,14 @@ async def test_latency_histogram_counts_every_http_attempt(
 ) -> None:
     labels = {"provider": "anthropic", "model": MODEL}
     before = metric("lps_provider_latency_seconds_count", **labels)
-    tokens_before = metric("lps_tokens_total", kind="output_tokens")
+    tokens_before = metric("lps_tokens_total", **labels, kind="output_tokens")
     server.script(overloaded(), refusal_reply(), success())
     for _ in range(2):
         await judge_error(provider, make_request())
     await provider.judge(make_request())
     assert metric("lps_provider_latency_seconds_count", **labels) - before == 3
     # tokens are counted for every response that reports usage, refusals included
-    assert metric("lps_tokens_total", kind="output_tokens") - tokens_before == 80
+    assert metric("lps_tokens_total", **labels, kind="output_tokens") - tokens_before == 80
 
 
 async def test_api_key_never_leaks(
