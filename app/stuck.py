@@ -23,6 +23,7 @@ from events.types import (
     ComparisonRequested,
     Event,
 )
+from lps.breaker import open_breakers
 from lps.providers.registry import make_provider
 from streams.keys import Keys
 from streams.pending import StuckAction, pending_details, prune_consumer
@@ -71,6 +72,7 @@ async def collect(
     stalled = [
         stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
     ]
+    breakers = [b.view(now.timestamp()) for b in await open_breakers(r, keys)]
     return {
         "prefix": keys.prefix,
         "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -80,6 +82,7 @@ async def collect(
         "stuck": stuck,
         "stuck_truncated": truncated,
         "stalled_batches": stalled,
+        "breakers": breakers,
         "dead_letters": await _dead_letter_counts(r, keys),
     }
 

@@ -10,11 +10,18 @@ from typing import Any, cast
 
 import click
 
-from app import errors, settings
+from app import batches, errors, settings
 from app.connection import open_redis
-from app.views import results_view, status_view
-from cj.registration import InputError, append_registration, build_registration, parse_input
+from app.views import results_view
+from cj.registration import (
+    InputError,
+    append_registration,
+    build_registration,
+    parse_input,
+    submission_warnings,
+)
 from events.types import Mode
+from lps.providers.registry import credential_problems
 from tools import common
 
 
@@ -58,7 +65,17 @@ from tools import common
     show_default=True,
     help="Finalize as stable once max |Δθ| between waves is below this (after 2 waves).",
 )
-@click.option("--dry-run", is_flag=True, help="Validate and print the plan; append nothing.")
+@click.option(
+    "--max-cost-usd",
+    type=float,
+    default=None,
+    help="Money cap: the batch ends (reason cost_limit) before a wave would take it past this.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate and print the plan with its estimated cost; append nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def submit(
     file: Path,
@@ -69,14 +86,16 @@ def submit(
     seed: int,
     grade_scale: str | None,
     stability_threshold: float,
+    max_cost_usd: float | None,
     dry_run: bool,
     as_json: bool,
 ) -> None:
     """Register a batch from FILE (JSON or CSV) and submit its first wave.
 
     JSON: {"grade_scale"?: NAME|[grades], "essays": [{"essay_id", "text",
-    "anchor_grade"?, "mock_quality"?}]}. CSV: the same columns. Bad input exits 2
-    and appends nothing.
+    "anchor_grade"?, "mock_quality"?}]}. CSV: the same columns. Bad input (and, for a
+    real provider, missing credentials) exits 2 and appends nothing. Warnings (prompt
+    caching that cannot engage on the model) go to stderr.
     """
     common.quiet_logs(as_json)
     scale_arg: Any = grade_scale
@@ -94,10 +113,14 @@ def submit(
             budget=budget,
             seed=seed,
             stability_threshold=stability_threshold,
+            max_cost_usd=max_cost_usd,
+            check_credentials=not dry_run,
         )
     except InputError as exc:
         raise errors.InputError(str(exc)) from exc
+    warnings = submission_warnings(event)
     if dry_run:
+        warnings += credential_problems(provider)
         n = len(event.essays)
         per_grade: dict[str, int] = {g: 0 for g in grades}
         for e in event.essays:
@@ -122,13 +145,25 @@ def submit(
             "mode": cfg.mode,
             "provider": cfg.provider,
             "model": cfg.model,
+            "estimated_cost_per_comparison_usd": round(cfg.cost_per_comparison_usd, 6),
+            "estimated_cost_usd": round(cfg.cost_per_comparison_usd * event.denominator, 4),
+            "estimated_first_wave_cost_usd": round(
+                cfg.cost_per_comparison_usd * min(2 * cfg.wave_size, event.denominator), 4
+            ),
+            "max_cost_usd": cfg.max_cost_usd,
+            "warnings": warnings,
         }
         if as_json:
             common.emit_json(plan)
         else:
             for key, value in plan.items():
-                click.echo(f"{key:>26}: {value}")
+                if key != "warnings":
+                    click.echo(f"{key:>34}: {value}")
+            for warning in warnings:
+                click.echo(f"warning: {warning}", err=True)
         return
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     s = settings.load()
 
     from cj.continuation import advance  # scoring (numpy, scipy): only submit needs it
@@ -142,7 +177,7 @@ def submit(
 
     common.run(main)
     if as_json:
-        common.emit_json({"batch_id": event.batch_id})
+        common.emit_json({"batch_id": event.batch_id, "warnings": warnings})
     else:
         click.echo(event.batch_id)
 
@@ -153,14 +188,24 @@ def submit(
 def status(batch_id: str, as_json: bool) -> None:
     """Completion counters of a batch (all from the projection, equal to the streams)."""
     common.quiet_logs(as_json)
-    view = common.batch_view(batch_id, status_view)
+    s = settings.load()
+    view = common.run(lambda: batches.read_status(s, batch_id))
     if as_json:
         common.emit_json(view)
         return
     for key, value in view.items():
         if key == "orphan_correlation_ids":
             value = ", ".join(value) if value else "-"
-        click.echo(f"{key:>22}: {value if value is not None else '-'}")
+        if key == "breakers":
+            value = (
+                "; ".join(
+                    f"OPEN {b['provider']}/{b['model'] or '*'} {b['reason']} "
+                    f"(since {b['opened_at']}, next probe in {b['next_probe_in_s']:.0f}s)"
+                    for b in value
+                )
+                or "-"
+            )
+        click.echo(f"{key:>23}: {value if value is not None else '-'}")
 
 
 @click.command()
@@ -184,9 +229,11 @@ def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
         writer.writeheader()
         writer.writerows(view["essays"])
         return
+    per = view["cost_per_comparison_usd"]
     click.echo(
         f"batch {view['batch_id']}  status {view['status']}  wave {view['wave']}  "
-        f"comparisons {view['comparisons']}  SSR {view['ssr']}"
+        f"comparisons {view['comparisons']}  SSR {view['ssr']}  cost ${view['cost_usd']:.4f}"
+        + (f" (${per:.5f} per comparison)" if per is not None else "")
     )
     for row in view["essays"]:
         theta = "" if row["theta"] is None else f"{row['theta']:7.2f}"
