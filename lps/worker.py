@@ -417,7 +417,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             )
             result = "failed"
             if outcome.rejected:
-                log.warning(
+                log.info(
                     "request_failed_by_breaker",
                     batch_id=req.batch_id,
                     correlation_id=req.correlation_id,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lps.prices import CostEstimate, estimate, price_table
-from lps.prompt import PromptError, pair_tokens, static_prefix_tokens
 from lps.providers.base import Provider
 from lps.providers.mock import DEFAULT_MODEL as MOCK_DEFAULT_MODEL
 from lps.providers.mock import MockProfile, MockProvider
@@ -66,6 +65,8 @@ def cost_estimate(
 ) -> CostEstimate:
     """The expected cost per comparison of a batch of these essays (price table and prompt
     sizes; an average pair of the batch's essays)."""
+    from lps.prompt import PromptError, pair_tokens, static_prefix_tokens  # loads the SDK types
+
     mean = sum(len(t) for t in essay_texts) / max(1, len(essay_texts))
     sample = "x" * int(mean)
     try:
@@ -89,6 +90,8 @@ def cache_warnings(provider: str, model: str, prompt_version: str = "v1") -> lis
     minimum cacheable length is never cached, and every call pays it in full."""
     if provider != "anthropic":
         return []
+    from lps.prompt import PromptError, static_prefix_tokens
+
     price = price_table().price(provider, model)
     minimum = price.min_cacheable_tokens if price is not None else None
     try:
