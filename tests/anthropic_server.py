@@ -41,7 +41,7 @@ import re
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -279,6 +279,7 @@ class AnthropicTestServer:
         self._lock = threading.Lock()
         self._script: deque[Reply] = deque()
         self._batch_create_script: deque[Reply] = deque()
+        self._results_script: deque[Reply] = deque()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._cache: set[str] = set()
@@ -286,6 +287,8 @@ class AnthropicTestServer:
         self.batches: dict[str, FakeBatch] = {}
         self.batch_results: dict[str, Reply | JSON] = {}
         """Result per custom_id for batch items: a Reply (→ succeeded) or a result JSON."""
+        self.batch_default: Callable[[str], Reply | JSON | None] | None = None
+        """Result of an item not in `batch_results`, by custom_id (None: a success)."""
         self.batch_polls_until_end = 1
         """GETs of a batch that answer `in_progress` before it is `ended`."""
         self.usage_log: list[Billed] = []
@@ -295,7 +298,8 @@ class AnthropicTestServer:
         """An ended batch answers `results_url: null` to this many retrievals first."""
         self.results_delay_s = 0.0
         self._fuzz: tuple[float, random.Random] | None = None
-        self.fuzzed = 0
+        self.fuzzed: Counter[str] = Counter()
+        """Faults played by `fuzz`, by endpoint and kind."""
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -326,6 +330,11 @@ class AnthropicTestServer:
     def script_batch_create(self, *replies: Reply) -> None:
         with self._lock:
             self._batch_create_script.extend(replies)
+
+    def script_results(self, *replies: Reply) -> None:
+        """Replies to the next `GET .../results` of an ended batch (then the real results)."""
+        with self._lock:
+            self._results_script.extend(replies)
 
     def fuzz(self, rate: float, seed: int = 0) -> None:
         """From now on, answer `rate` of all requests with a random fault (0 stops)."""
@@ -440,7 +449,7 @@ class AnthropicTestServer:
             "results_url": url,
         }
 
-    def _fuzzed(self) -> Reply | None:
+    def _fuzzed(self, method: str, path: str) -> Reply | None:
         """A random fault, for the share of requests `fuzz` asked for."""
         with self._lock:
             if self._fuzz is None:
@@ -448,11 +457,12 @@ class AnthropicTestServer:
             rate, rng = self._fuzz
             if rng.random() >= rate:
                 return None
-            self.fuzzed += 1
             kind = rng.choice(
                 ["status", "status", "not_json", "wrong_shape", "truncated", "drop", "empty"]
             )
             status = rng.choice([400, 404, 409, 413, 422, 429, 500, 502, 503, 504, 529])
+            endpoint = re.sub(r"msgbatch_\w+", "{id}", f"{method} {path}")
+            self.fuzzed[f"{endpoint} {kind}"] += 1
         if kind == "status":
             return error_reply(status, rng.choice(["api_error", "overloaded_error", "x_error"]))
         if kind == "not_json":
@@ -495,6 +505,8 @@ class AnthropicTestServer:
         scripted = self.batch_results.get(custom_id)
         if scripted is None and batch.canceled:
             return batch_canceled()
+        if scripted is None and self.batch_default is not None:
+            scripted = self.batch_default(custom_id)
         if scripted is None or isinstance(scripted, Reply):
             reply = scripted or success()
             body = reply.body
@@ -537,7 +549,7 @@ class AnthropicTestServer:
                 if server._revoked(headers):
                     self._send(error_reply(401, "authentication_error", "invalid x-api-key"))
                     return True
-                fault = server._fuzzed()
+                fault = server._fuzzed(self.command, path)
                 if fault is not None:
                     self._send(fault)
                     return True
@@ -645,6 +657,13 @@ class AnthropicTestServer:
                 if m.group(2):
                     if not batch.ended:
                         self._send(error_reply(400, "invalid_request_error", "not ended"))
+                        return
+                    with server._lock:
+                        scripted = (
+                            server._results_script.popleft() if server._results_script else None
+                        )
+                    if scripted is not None:
+                        self._send(scripted)
                         return
                     # Results come out of request order: matching must use custom_id.
                     pairs = list(zip(batch.requests, server._end(batch), strict=True))

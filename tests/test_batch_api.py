@@ -27,6 +27,7 @@ from tests.anthropic_server import (
     rate_limited,
     refusal_reply,
     running_server,
+    server_error,
     success,
     tool_reply,
 )
@@ -299,3 +300,31 @@ async def test_duplicate_correlation_ids_are_refused(batches: MessageBatches) ->
     [r] = make_requests(1)
     with pytest.raises(ValueError, match="duplicate"):
         await batches.submit_bundle([r, r])
+
+
+async def test_every_results_failure_is_classified_and_polling_again_recovers(
+    batches: MessageBatches, server: AnthropicTestServer
+) -> None:
+    requests = make_requests(2)
+    submitted = await batches.submit_bundle(requests)
+    assert submitted.message_batch_id is not None
+    server.null_results_url_polls = 2  # our status read, then the SDK's own in results()
+    server.script_results(
+        Reply(200, b'{"custom_id": "x", "result": {"type": "succ'),  # a line cut short
+        Reply(200, b"<html>502 Bad Gateway</html>"),
+        Reply(200, {"custom_id": "a"}, truncate=True),
+        Reply(drop=True),
+        server_error(503),
+    )
+    seen = []
+    for _ in range(6):  # null results_url (AnthropicError), then each scripted fault
+        with pytest.raises(ProviderError) as info:
+            await batches.poll(submitted.message_batch_id, requests)
+        d = info.value.detail
+        seen.append((d.error_type, d.retryable))
+        assert d.provider == "anthropic" and d.message
+        if len(seen) == 1:  # the SDK raised AnthropicError, not an API error
+            assert "results_url" in d.message and d.message.startswith("AnthropicError")
+    assert all(retryable for _, retryable in seen), seen
+    results = await batches.poll(submitted.message_batch_id, requests)
+    assert results is not None and all(isinstance(v, Judgement) for v in results.values())

@@ -131,3 +131,22 @@ def test_submit_time_helpers() -> None:
     assert cache_warnings("mock", "mock-judge-1") == []
     est = cost_estimate("anthropic", SONNET, ["word " * 300] * 4, comparisons=20, batch=False)
     assert 0.001 < est.per_comparison_usd < 0.05 and est.prefix_tokens > 1500
+
+
+async def test_mock_tokens_keep_their_own_series_and_cost_nothing() -> None:
+    from prometheus_client import REGISTRY
+
+    from events.types import ComparisonRequested, Essay
+    from lps.providers.mock import PROFILES, MockProvider
+
+    def tokens(provider: str, model: str) -> float:
+        labels = {"provider": provider, "model": model, "kind": "input_tokens"}
+        return REGISTRY.get_sample_value("lps_tokens_total", labels) or 0.0
+
+    before = tokens("mock", "mock-judge-1")
+    request = ComparisonRequested(
+        batch_id="b", correlation_id="c", wave=1, essay_a=Essay("a", "x"), essay_b=Essay("b", "y")
+    )
+    judgement = await MockProvider(PROFILES["ideal"], seed=1).judge(request)
+    assert judgement.cost_usd == 0.0
+    assert tokens("mock", "mock-judge-1") - before == judgement.usage.input_tokens > 0
