@@ -77,10 +77,10 @@ def completed(
         correlation_id=cid,
         essay_a_id=a,
         essay_b_id=b,
-        winner=winner,
+        winner=winner,  # type: ignore[arg-type]
         confidence=3.0,
         cost_usd=cost_usd,
-    )  # type: ignore[arg-type]
+    )
 
 
 def failed(
