@@ -72,7 +72,14 @@ async def test_kill_9_during_create_poll_and_results_pays_nothing_twice(
     # (and a fresh one is started to be the next spare).
     workers = [procs.spawn("lps"), procs.spawn("lps")]
 
-    async def phase(name: str) -> None:
+    async def started() -> bool:
+        return all(
+            any(e.get("event") == "worker_started" for e in procs.log_of(w)) for w in workers
+        )
+
+    async def phase(name: str, last: bool) -> None:
+        # The spare must be up: it is the one that takes over.
+        await until(started, 60, "both LPS workers started")
         reg = registration(
             6,
             budget=12,
@@ -131,7 +138,8 @@ async def test_kill_9_during_create_poll_and_results_pays_nothing_twice(
         batch.polls_until_end = batch.polls + 2
         server.results_delay_s = 0.0
         workers.remove(victim)
-        workers.append(procs.spawn("lps"))
+        if not last:
+            workers.append(procs.spawn("lps"))
 
         async def finished() -> bool:
             return (await state_of(r, keys, reg.batch_id)).terminal
@@ -164,6 +172,7 @@ async def test_kill_9_during_create_poll_and_results_pays_nothing_twice(
             )
         figures.append(f"{name}: 1 batch, {len(requests)} items billed once, {took:.1f}s")
 
-    for name in ("create", "poll", "results"):
-        await phase(name)
+    phases = ("create", "poll", "results")
+    for name in phases:
+        await phase(name, last=name == phases[-1])
     print("\n[kill -9, batch_api] " + "; ".join(figures))
