@@ -19,6 +19,7 @@ from lps.providers.registry import (
     cost_estimate,
     credential_problems,
     default_model,
+    price_warnings,
     provider_problems,
 )
 from projections.batch import register
@@ -172,15 +173,18 @@ def build_registration(
     if problems:
         raise InputError("; ".join(problems))
     denominator = min(total_budget, all_pairs)
-    estimate = cost_estimate(
-        provider,
-        config.model,
-        [e.text for e in essays],
-        comparisons=denominator,
-        batch=mode == "batch_api",
-        cache_ttl=config.overrides.get("cache_ttl", "5m"),
-        prompt_version=config.prompt_version,
-    )
+    try:
+        estimate = cost_estimate(
+            provider,
+            config.model,
+            [e.text for e in essays],
+            comparisons=denominator,
+            batch=mode == "batch_api",
+            cache_ttl=config.overrides.get("cache_ttl", "5m"),
+            prompt_version=config.prompt_version,
+        )
+    except ValueError as exc:  # a bad CJS_PRICES_FILE
+        raise InputError(f"price table: {exc}") from exc
     config = msgspec.structs.replace(
         config, cost_per_comparison_usd=round(estimate.per_comparison_usd, 9)
     )
@@ -205,10 +209,13 @@ def build_registration(
 
 
 def submission_warnings(event: BatchRegistered) -> list[str]:
-    """What will not stop the batch but the user should know (prompt caching that cannot
-    engage on the chosen model)."""
+    """What will not stop the batch but the user should know: prompt caching that cannot
+    engage on the chosen model, a model without a price (its cost shows as 0)."""
     cfg = event.config
-    return cache_warnings(cfg.provider, cfg.model, cfg.prompt_version)
+    return [
+        *cache_warnings(cfg.provider, cfg.model, cfg.prompt_version),
+        *price_warnings(cfg.provider, cfg.model),
+    ]
 
 
 async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:

@@ -150,3 +150,21 @@ async def test_mock_tokens_keep_their_own_series_and_cost_nothing() -> None:
     judgement = await MockProvider(PROFILES["ideal"], seed=1).judge(request)
     assert judgement.cost_usd == 0.0
     assert tokens("mock", "mock-judge-1") - before == judgement.usage.input_tokens > 0
+
+
+def test_unknown_models_and_bad_price_files_are_said_at_submit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cj.registration import InputError, submission_warnings
+    from tests.helpers import registration
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-0123456789")
+    reg = registration(4, provider="anthropic", model="claude-unknown-9")
+    assert any("no price for anthropic/claude-unknown-9" in w for w in submission_warnings(reg))
+    assert reg.config.cost_per_comparison_usd == 0
+    assert submission_warnings(registration(4, provider="anthropic", model=SONNET)) == []
+    bad = tmp_path / "prices.json"
+    bad.write_text('{"anthropic": {"x": {"input": "free"}}}')
+    monkeypatch.setenv("CJS_PRICES_FILE", str(bad))
+    with pytest.raises(InputError, match="price table"):
+        registration(4, provider="anthropic", model=SONNET)

@@ -105,3 +105,12 @@ def cache_warnings(provider: str, model: str, prompt_version: str = "v1") -> lis
         f"{prefix} tokens, below the model's minimum cacheable length of {minimum}; every call "
         "pays the full input price (choose another model, or expect lps_prompt_cache_hit_ratio 0)"
     ]
+
+
+def price_warnings(provider: str, model: str) -> list[str]:
+    """A model the price table does not know costs 0 in every report: say so."""
+    if price_table().known(provider, model):
+        return []
+    return [
+        f"no price for {provider}/{model}: its cost shows as 0 (add it with CJS_PRICES_FILE)"
+    ]
