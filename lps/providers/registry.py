@@ -111,6 +111,4 @@ def price_warnings(provider: str, model: str) -> list[str]:
     """A model the price table does not know costs 0 in every report: say so."""
     if price_table().known(provider, model):
         return []
-    return [
-        f"no price for {provider}/{model}: its cost shows as 0 (add it with CJS_PRICES_FILE)"
-    ]
+    return [f"no price for {provider}/{model}: its cost shows as 0 (add it with CJS_PRICES_FILE)"]
