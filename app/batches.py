@@ -3,6 +3,7 @@ or the list of batches."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -11,6 +12,7 @@ from app.errors import NotFound
 from app.settings import Settings, keys_for
 from app.views import status_view
 from events.text import as_str
+from lps.breaker import Breaker
 from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.store import decode_state, list_batches, load_state
@@ -129,3 +131,21 @@ async def list_view(
         "matching": len(rows),
         "batches": shown,
     }
+
+
+async def batch_breakers(r: Any, keys: Keys, state: BatchState) -> list[dict[str, Any]]:
+    """The open breakers of the batch's provider and model."""
+    found = await Breaker(r, keys).states(state.config.provider, state.config.model)
+    now = time.time()
+    return [b.view(now) for b in found]
+
+
+async def read_status(settings: Settings, batch_id: str) -> dict[str, Any]:
+    """`status_view` of one batch, with the open breakers that stop its requests."""
+    r = await open_redis(settings)
+    try:
+        keys = keys_for(settings)
+        state = await require_batch(r, keys, batch_id)
+        return status_view(state, await batch_breakers(r, keys, state))
+    finally:
+        await r.aclose()

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from events.text import as_str
 from events.types import BatchConfig, BatchScored, Callback, Essay
 from projections import keys as pkeys
-from projections.batch import COUNTERS, BatchState, corr_value
+from projections.batch import COUNTERS, BatchState, corr_value, cost_of
 from streams.keys import Keys
 
 _json = msgspec.json.Encoder()
@@ -167,6 +167,7 @@ class CallbackApplier:
                 callback.correlation_id,
                 corr_value(callback, entry_id),
                 callback.occurred_at,
+                str(cost_of(callback)),
             ],
             client=pipe,
         )
