@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cj.continuation import Decision, queue_decision
 from cj.registration import BatchIn, build_registration, scale_of
 from events import codec
 from events.streams import CJ_GROUP
@@ -15,7 +19,7 @@ from events.types import (
     PairRequest,
     WaveSubmitted,
 )
-from projections.store import encode_state, read_raw
+from projections.store import encode_state, load_state, read_raw
 from streams.keys import Keys
 
 
@@ -112,3 +116,20 @@ async def snapshot(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[str, str
 
 def canonical(state: Any, keys: Keys) -> dict[str, dict[str, str]]:
     return encode_state(state, keys)
+
+
+async def append_batch_event(r: Any, keys: Keys, event: Any) -> None:
+    """Append a batch event CJ writes itself, with its projection write, in one MULTI/EXEC."""
+    state = await load_state(r, keys, event.batch_id)
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.multi()
+        queue_decision(pipe, keys, state, Decision(events=[event]))
+        await pipe.execute()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Await a condition Redis cannot signal: poll it, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

@@ -41,7 +41,7 @@ from streams.pending import (
     prune_consumer,
     prune_dead_consumers,
 )
-from streams.reader import Entry, _entries
+from streams.reader import _entries
 from tests.helpers import append_and_read, canonical, completed, failed, registration, snapshot
 from tools import cmd_stuck
 
@@ -188,23 +188,6 @@ async def test_cj_reclaim_reapplies_idle_callbacks_and_dead_letters_after_max_de
     assert letter["fields"]["type"] == "ComparisonCompleted" and letter["group"] == CJ_GROUP
     assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
     assert await cj.reclaim() == []
-
-
-@pytest.mark.redis
-async def test_reapplying_a_callback_already_applied_changes_nothing(real_redis: Any) -> None:
-    """A consumer that applied a callback and died before... nothing: the apply acknowledges.
-    But two reclaimers racing on one entry both call the script: the second is a no-op."""
-    r = real_redis
-    keys = Keys(f"h{uuid.uuid4().hex[:6]}:")
-    batch_id, requests = await _batch_with_wave(r, keys)
-    cj = CJConsumer(r, keys, "cj-a")
-    await cj.start()
-    ids = await append_and_read(r, keys, [completed(batch_id, requests[0].correlation_id)], "cj-a")
-    entry = (await r.xrange(keys.callbacks, min=ids[0], max=ids[0]))[0]
-    await cj.handle([Entry(ids[0], entry[1])])
-    first = await snapshot(r, keys, batch_id)
-    await cj.handle([Entry(ids[0], entry[1])])
-    assert await snapshot(r, keys, batch_id) == first
 
 
 @pytest.mark.redis
