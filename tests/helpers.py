@@ -15,10 +15,13 @@ from events.types import (
     BatchRegistered,
     ComparisonCompleted,
     ComparisonFailed,
+    ComparisonRequested,
     ErrorDetail,
+    Essay,
     PairRequest,
     WaveSubmitted,
 )
+from lps.providers.base import Judgement
 from projections.store import encode_state, load_state, read_raw
 from streams.keys import Keys
 
@@ -92,6 +95,36 @@ def failed(batch_id: str, cid: str, error_type: str = "server_error") -> Compari
             message="x",
         ),
     )
+
+
+def request(batch_id: str, cid: str, mode: str = "per_request") -> ComparisonRequested:
+    return ComparisonRequested(
+        batch_id=batch_id,
+        correlation_id=cid,
+        wave=1,
+        essay_a=Essay("e0", "first essay"),
+        essay_b=Essay("e1", "second essay"),
+        mode=mode,  # type: ignore[arg-type]
+        provider="mock",
+        model="mock-1",
+    )
+
+
+class Judge:
+    """A provider that prefers essay A at once and notes what it judged."""
+
+    name = "mock"
+    supports_message_batches = False
+
+    def __init__(self) -> None:
+        self.judged: list[str] = []
+
+    async def judge(self, request: ComparisonRequested) -> Judgement:
+        self.judged.append(request.correlation_id)
+        return Judgement(winner="essay_a", confidence=3.0, justification="a")
+
+    async def aclose(self) -> None:
+        return None
 
 
 async def append_and_read(r: Any, keys: Keys, events: list[Any], consumer: str = "t") -> list[str]:

@@ -467,24 +467,3 @@ async def test_stuck_view_names_batch_correlation_and_essays_of_each_stuck_entry
     # A high threshold lists nothing but still counts.
     quiet = await cmd_stuck.collect(r, keys, idle_s=3600, batch_idle_s=3600)
     assert quiet["stuck"] == [] and quiet["groups"][0]["pending"] == len(requests) + 1
-
-
-async def test_dlq_view_lists_reason_source_and_fields(fake_redis: Any) -> None:
-    r = fake_redis
-    keys = Keys("d:")
-    consumer = CJConsumer(r, keys, "c1", block_ms=10)
-    await consumer.start()
-    await r.xadd(keys.callbacks, {"type": "ComparisonCompleted", "data": "garbage"})
-    await r.xadd(keys.callbacks, {"type": "WaveSubmitted", "data": "{}"})
-    await r.xadd(keys.callbacks, {"hello": "world"})
-    assert await consumer.step() == 3
-    view = await read_dead_letters(r, keys)
-    assert view["total"] == 3 and view["counts"]["cj:callbacks"] == 3
-    assert sorted(d["reason"] for d in view["dead_letters"]) == [
-        "invalid_data",
-        "invalid_data",
-        "missing_field",
-    ]
-    assert {d["source_stream"] for d in view["dead_letters"]} == {"cj:callbacks"}
-    assert {"hello": "world"} in [d["fields"] for d in view["dead_letters"]]
-    assert (await read_dead_letters(r, keys, stream="lps:requests"))["total"] == 0
