@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cj.continuation import Decision, queue_decision
-from cj.registration import BatchIn, build_registration, scale_of
+from cj.continuation import Decision, advance, queue_decision
+from cj.registration import BatchIn, append_registration, build_registration, scale_of
 from events import codec
 from events.streams import CJ_GROUP
 from events.types import (
@@ -24,6 +25,7 @@ from events.types import (
 from lps.providers.base import Judgement
 from projections.store import encode_state, load_state, read_raw
 from streams.keys import Keys
+from streams.paging import read_stream
 
 
 def batch_in(n: int = 6, anchors: int = 2) -> BatchIn:
@@ -166,3 +168,27 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> 
     while not await check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def events_of(r: Any, stream: str) -> list[tuple[str, Any]]:
+    """Every entry of `stream`, decoded: [(entry id, event)]."""
+    return [(i, codec.decode(f)) async for i, f in read_stream(r, stream)]
+
+
+async def batch_with_wave(
+    r: Any, keys: Keys, n: int = 6, **kw: Any
+) -> tuple[str, list[ComparisonRequested]]:
+    """A registered batch advanced to its first wave: its id and its requests."""
+    reg = registration(n, batch_id=f"b-{uuid.uuid4().hex[:8]}", **kw)
+    await append_registration(r, keys, reg)
+    await advance(r, keys, reg.batch_id)
+    requests = [
+        e for _, e in await events_of(r, keys.requests) if isinstance(e, ComparisonRequested)
+    ]
+    return reg.batch_id, [q for q in requests if q.batch_id == reg.batch_id]
+
+
+async def deliver_to(r: Any, stream: str, group: str, consumer: str) -> list[str]:
+    """Read everything new into `consumer` (a consumer that then 'dies')."""
+    reply = await r.xreadgroup(group, consumer, {stream: ">"}, count=10_000)
+    return [i.decode() for _, items in reply for i, _ in items]
