@@ -43,6 +43,14 @@ async def real_redis(redis_server: RedisServer) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
+async def shared_redis(shared_redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A client of the session's shared redis-server (use a key prefix of the test's own)."""
+    client = aioredis.from_url(shared_redis_server.url, decode_responses=False)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
 async def fake_redis() -> AsyncIterator[Any]:
     client = fakeredis.FakeAsyncRedis(decode_responses=False)
     yield client

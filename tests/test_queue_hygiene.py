@@ -44,9 +44,9 @@ async def _apply(r: Any, keys: Keys, callbacks: list[Any]) -> None:
 
 @pytest.mark.redis
 async def test_stalled_batch_with_enough_comparisons_is_scored_and_finalized(
-    real_redis: Any,
+    shared_redis: Any,
 ) -> None:
-    r = real_redis
+    r = shared_redis
     keys = Keys(f"h{uuid.uuid4().hex[:6]}:")
     batch_id, requests = await batch_with_wave(r, keys, n=6)
     winner = {True: "essay_a", False: "essay_b"}
@@ -103,9 +103,9 @@ async def test_stalled_batch_with_enough_comparisons_is_scored_and_finalized(
 
 @pytest.mark.redis
 async def test_stalled_batch_without_enough_comparisons_fails_with_a_reason(
-    real_redis: Any,
+    shared_redis: Any,
 ) -> None:
-    r = real_redis
+    r = shared_redis
     keys = Keys(f"h{uuid.uuid4().hex[:6]}:")
     batch_id, requests = await batch_with_wave(r, keys, n=6)
     await _apply(r, keys, [failed(batch_id, requests[0].correlation_id)])
@@ -154,9 +154,9 @@ def test_stalled_decision_is_pure_and_needs_a_connected_graph() -> None:
 
 @pytest.mark.redis
 async def test_stuck_view_names_batch_correlation_and_essays_of_each_stuck_entry(
-    real_redis: Any,
+    shared_redis: Any,
 ) -> None:
-    r = real_redis
+    r = shared_redis
     keys = Keys(f"h{uuid.uuid4().hex[:6]}:")
     batch_id, requests = await batch_with_wave(r, keys)
     await r.xgroup_create(keys.requests, LPS_GROUP, id="0", mkstream=True)
