@@ -55,8 +55,8 @@ from tests.helpers import (
     wave,
 )
 
-N_ESSAYS = 40
-N_PAIRS = 500
+N_ESSAYS = 30
+N_PAIRS = 300
 CONSUMERS = 4
 
 
