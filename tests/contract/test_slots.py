@@ -396,13 +396,26 @@ async def _batches_of_requests(r: Any, keys: Keys) -> dict[str, str]:
     return out
 
 
-async def _units(
+@dataclass(frozen=True)
+class Recorded:
+    keys: Keys  # the namespace it ran in
+    units: list[tuple[Unit, set[str]]]
+    batch_of: dict[str, str]  # correlation id -> batch id
+
+
+# Both properties look at the same recording of a scenario: it is run once per session.
+_recorded: dict[str, Recorded] = {}
+
+
+async def recorded(
     name: str, r: Any, keys: Keys, parser: AsyncCommandsParser, mp: pytest.MonkeyPatch
-) -> list[tuple[Unit, set[str]]]:
-    scenario = SCENARIOS[name]
-    units = await atomic_units(parser, await scenario.run(r, keys, mp))
-    assert any(u.kind == scenario.kind for u, _ in units), f"no {scenario.kind} recorded"
-    return units
+) -> Recorded:
+    if name not in _recorded:
+        scenario = SCENARIOS[name]
+        units = await atomic_units(parser, await scenario.run(r, keys, mp))
+        assert any(u.kind == scenario.kind for u, _ in units), f"no {scenario.kind} recorded"
+        _recorded[name] = Recorded(keys, units, await _batches_of_requests(r, keys))
+    return _recorded[name]
 
 
 def _cases(partitioned: bool) -> list[Any]:
@@ -427,11 +440,11 @@ async def test_every_unit_is_in_one_slot_under_a_hash_tagged_prefix(
     monkeypatch: pytest.MonkeyPatch,
     scenario: str,
 ) -> None:
-    assert re.fullmatch(r"\{[^}]+\}:", keys.prefix)
-    units = await _units(scenario, r, keys, key_parser, monkeypatch)
-    for _, unit_keys in units:
-        assert all(k.startswith(keys.prefix) for k in unit_keys), unit_keys
-    one_slot(units, lambda key: key)
+    rec = await recorded(scenario, r, keys, key_parser, monkeypatch)
+    assert re.fullmatch(r"\{[^}]+\}:", rec.keys.prefix)
+    for _, unit_keys in rec.units:
+        assert all(k.startswith(rec.keys.prefix) for k in unit_keys), unit_keys
+    one_slot(rec.units, lambda key: key)
 
 
 @pytest.mark.parametrize("scenario", _cases(partitioned=True))
@@ -442,8 +455,8 @@ async def test_every_unit_is_in_one_slot_under_per_partition_tags(
     monkeypatch: pytest.MonkeyPatch,
     scenario: str,
 ) -> None:
-    units = await _units(scenario, r, keys, key_parser, monkeypatch)
-    one_slot(units, partition_tag(keys, await _batches_of_requests(r, keys)))
+    rec = await recorded(scenario, r, keys, key_parser, monkeypatch)
+    one_slot(rec.units, partition_tag(rec.keys, rec.batch_of))
 
 
 async def test_the_slot_check_sees_a_unit_across_slots(
