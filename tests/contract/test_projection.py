@@ -120,7 +120,7 @@ ops_strategy = st.lists(
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(n_pairs=st.integers(1, 6), ops=ops_strategy, data=st.data())
 async def test_lua_apply_in_any_order_equals_replay(
