@@ -15,6 +15,8 @@ from tests.redis_server import RedisServer, skip_or_fail_without_redis
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: for tests that stop, kill or restart it, or that
+    drive the CLI under a fixed prefix."""
     skip_or_fail_without_redis()
     server = RedisServer(tmp_path)
     server.start()
@@ -22,9 +24,28 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop(kill=True)
 
 
+@pytest.fixture(scope="session")
+def shared_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session, shared by every test that only needs a Redis: each
+    works under a key prefix of its own. Nothing here survives a crash, so no AOF."""
+    skip_or_fail_without_redis()
+    server = RedisServer(tmp_path_factory.mktemp("shared-redis"))
+    server.start(aof=False)
+    yield server
+    server.stop(kill=True)
+
+
 @pytest.fixture
 async def real_redis(redis_server: RedisServer) -> AsyncIterator[Any]:
     client = aioredis.from_url(redis_server.url, decode_responses=False)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def shared_redis(shared_redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A client of the session's shared redis-server (use a key prefix of the test's own)."""
+    client = aioredis.from_url(shared_redis_server.url, decode_responses=False)
     yield client
     await client.aclose()
 

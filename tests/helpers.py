@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cj.registration import BatchIn, build_registration, scale_of
+from cj.continuation import Decision, advance, queue_decision
+from cj.registration import BatchIn, append_registration, build_registration, scale_of
 from events import codec
 from events.streams import CJ_GROUP
 from events.types import (
     BatchRegistered,
     ComparisonCompleted,
     ComparisonFailed,
+    ComparisonRequested,
     ErrorDetail,
+    Essay,
     PairRequest,
     WaveSubmitted,
 )
-from projections.store import encode_state, read_raw
+from lps.providers.base import Judgement
+from projections.store import encode_state, load_state, read_raw
 from streams.keys import Keys
+from streams.paging import read_stream
 
 
 def batch_in(n: int = 6, anchors: int = 2) -> BatchIn:
@@ -106,6 +115,36 @@ def failed(
     )
 
 
+def request(batch_id: str, cid: str, mode: str = "per_request") -> ComparisonRequested:
+    return ComparisonRequested(
+        batch_id=batch_id,
+        correlation_id=cid,
+        wave=1,
+        essay_a=Essay("e0", "first essay"),
+        essay_b=Essay("e1", "second essay"),
+        mode=mode,  # type: ignore[arg-type]
+        provider="mock",
+        model="mock-1",
+    )
+
+
+class Judge:
+    """A provider that prefers essay A at once and notes what it judged."""
+
+    name = "mock"
+    supports_message_batches = False
+
+    def __init__(self) -> None:
+        self.judged: list[str] = []
+
+    async def judge(self, request: ComparisonRequested) -> Judgement:
+        self.judged.append(request.correlation_id)
+        return Judgement(winner="essay_a", confidence=3.0, justification="a")
+
+    async def aclose(self) -> None:
+        return None
+
+
 async def append_and_read(r: Any, keys: Keys, events: list[Any], consumer: str = "t") -> list[str]:
     """Append callbacks to the callbacks stream and deliver them to `consumer` of the cj group."""
     ids = []
@@ -128,3 +167,44 @@ async def snapshot(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[str, str
 
 def canonical(state: Any, keys: Keys) -> dict[str, dict[str, str]]:
     return encode_state(state, keys)
+
+
+async def append_batch_event(r: Any, keys: Keys, event: Any) -> None:
+    """Append a batch event CJ writes itself, with its projection write, in one MULTI/EXEC."""
+    state = await load_state(r, keys, event.batch_id)
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.multi()
+        queue_decision(pipe, keys, state, Decision(events=[event]))
+        await pipe.execute()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Await a condition Redis cannot signal: poll it, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def events_of(r: Any, stream: str) -> list[tuple[str, Any]]:
+    """Every entry of `stream`, decoded: [(entry id, event)]."""
+    return [(i, codec.decode(f)) async for i, f in read_stream(r, stream)]
+
+
+async def batch_with_wave(
+    r: Any, keys: Keys, n: int = 6, **kw: Any
+) -> tuple[str, list[ComparisonRequested]]:
+    """A registered batch advanced to its first wave: its id and its requests."""
+    reg = registration(n, batch_id=f"b-{uuid.uuid4().hex[:8]}", **kw)
+    await append_registration(r, keys, reg)
+    await advance(r, keys, reg.batch_id)
+    requests = [
+        e for _, e in await events_of(r, keys.requests) if isinstance(e, ComparisonRequested)
+    ]
+    return reg.batch_id, [q for q in requests if q.batch_id == reg.batch_id]
+
+
+async def deliver_to(r: Any, stream: str, group: str, consumer: str) -> list[str]:
+    """Read everything new into `consumer` (a consumer that then 'dies')."""
+    reply = await r.xreadgroup(group, consumer, {stream: ">"}, count=10_000)
+    return [i.decode() for _, items in reply for i, _ in items]

@@ -1,4 +1,6 @@
-"""Continuation decisions (pure) and how batches end, through the real consumers on fakeredis."""
+"""Continuation decisions (pure) and how batches end, through the real consumers on fakeredis.
+Racing consumers, the sweep and the atomicity of a decision, on every engine:
+tests/contract/test_decision.py."""
 
 from __future__ import annotations
 
@@ -10,16 +12,15 @@ from prometheus_client import REGISTRY
 
 from app.settings import Settings
 from app.wiring import InProcess
-from cj.consumer import CJConsumer
 from cj.continuation import advance, decide
 from cj.registration import append_registration
 from events.types import BatchFailed, BatchFinalized, BatchScored, WaveSubmitted
 from lps.providers.mock import PROFILES, MockProfile
 from lps.providers.registry import make_provider
 from projections.batch import apply_batch_event, apply_callback, register
-from projections.store import CallbackApplier, load_state
+from projections.store import load_state
 from streams.keys import Keys
-from tests.helpers import append_and_read, completed, failed, registration
+from tests.helpers import completed, failed, registration
 
 
 def _state_after_wave(n: int = 6, budget: int | None = None, **kw: Any) -> Any:
@@ -148,37 +149,6 @@ async def test_the_reaper_role_ends_a_batch_nobody_answers(fake_redis: Any, keys
     assert state.status == "failed" and state.failure_message.startswith("stalled")
     assert state.in_flight == 0 and set(state.corr.values()) == {"abandoned"}
     assert state.submitted == len(state.corr) > 0
-
-
-async def test_a_crash_between_the_last_callback_and_the_next_wave_is_recovered_by_the_sweep(
-    fake_redis: Any, keys: Keys
-) -> None:
-    """The callback that completes a wave is applied (and acknowledged) but its consumer dies
-    before advancing: any consumer's sweep takes the step, exactly once."""
-    r = fake_redis
-    reg = registration(6, batch_id="crash", budget=15)
-    await append_registration(r, keys, reg)
-    first = await advance(r, keys, reg.batch_id)
-    assert first is not None
-    (wave,) = first.events
-    consumers = [CJConsumer(r, keys, f"cj-{i}") for i in range(3)]
-    await consumers[0].start()
-    callbacks = [
-        completed(reg.batch_id, p.correlation_id, "essay_a", p.essay_a, p.essay_b)
-        for p in wave.pairs
-    ]
-    ids = await append_and_read(r, keys, callbacks, consumer="cj-0")
-    applier = CallbackApplier(r, keys, "cj")
-    async with r.pipeline(transaction=False) as pipe:
-        for callback, entry_id in zip(callbacks, ids, strict=True):
-            await applier.queue(pipe, callback, entry_id)
-        await pipe.execute()  # ...and the process dies here, before advance()
-    state = await load_state(r, keys, reg.batch_id)
-    assert state.in_flight == 0 and state.waves == 1 and state.scored_wave == 0
-    moved = await asyncio.gather(*(c.sweep() for c in consumers))
-    assert sum(moved) == 1
-    state = await load_state(r, keys, reg.batch_id)
-    assert state.scored_wave == 1 and (state.waves == 2 or state.terminal)
 
 
 # --- permanent failures, account failures, the money cap --------------------------------------

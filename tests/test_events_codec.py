@@ -1,18 +1,14 @@
-"""The wire format: two fields, JSON data, and dead letters for anything else."""
+"""The wire format: two fields, JSON data, a reason for anything else (dead letters on every
+engine: tests/contract/test_dead_letters.py)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
-from cj.consumer import CJConsumer
 from events import codec
-from events.streams import CJ_GROUP
 from events.types import EVENT_TYPES
-from projections import keys as pkeys
-from streams.keys import Keys
 from tests.helpers import completed
 
 
@@ -57,25 +53,3 @@ def test_bad_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason: str
     with pytest.raises(codec.DecodeError) as err:
         codec.decode(fields)
     assert err.value.reason == reason
-
-
-async def test_undecodable_callbacks_are_dead_lettered_and_acknowledged(
-    fake_redis: Any, keys: Keys
-) -> None:
-    r = fake_redis
-    consumer = CJConsumer(r, keys, "c1", block_ms=10)
-    await consumer.start()
-    bad_id = (
-        await r.xadd(keys.callbacks, {"type": "ComparisonCompleted", "data": "garbage"})
-    ).decode()
-    await r.xadd(keys.callbacks, {"hello": "world"})
-    await r.xadd(keys.callbacks, codec.encode(completed("no-such-batch", "c9")))
-    assert await consumer.step() == 3
-    dlq = await r.xrange(keys.dlq("cj:callbacks"))
-    assert len(dlq) == 2
-    first = {k.decode(): v.decode() for k, v in dlq[0][1].items()}
-    assert first["reason"] == "invalid_data" and first["source_id"] == bad_id
-    assert json.loads(first["fields"]) == {"type": "ComparisonCompleted", "data": "garbage"}
-    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
-    # The valid callback for an unknown batch is an orphan, counted globally.
-    assert await r.hget(pkeys.stats(keys), "orphans_unknown_batch") == b"1"

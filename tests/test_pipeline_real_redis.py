@@ -51,9 +51,9 @@ async def _wait_terminal(r: Any, keys: Keys, batch_id: str, runner: InProcess) -
     ("mode", "profile"), [("per_request", "flaky"), ("serial_bundle", "flaky")]
 )
 async def test_every_request_ends_in_exactly_one_accepted_callback(
-    real_redis: Any, mode: str, profile: str
+    shared_redis: Any, mode: str, profile: str
 ) -> None:
-    r = real_redis
+    r = shared_redis
     keys = Keys(f"p{uuid.uuid4().hex[:6]}:")
     settings = Settings(
         retry_base_delay_s=0.001,

@@ -1,4 +1,5 @@
-"""The shared provider/model cooldown, on fakeredis and on a real redis-server."""
+"""The shared provider/model cooldown on every engine: a key every LPS worker reads, extended
+only, by a script."""
 
 from __future__ import annotations
 
@@ -29,14 +30,6 @@ class FakeClock:
         self.now += seconds
 
 
-@pytest.fixture(params=["fake", "real"])
-def redis_client(request: pytest.FixtureRequest) -> Any:
-    """fakeredis, and a real redis-server (skipped without one unless CJS_REQUIRE_REDIS=1)."""
-    if request.param == "fake":
-        return request.getfixturevalue("fake_redis")
-    return request.getfixturevalue("real_redis")
-
-
 def detail(
     error_type: Any, retryable: bool = True, retry_after: float | None = None
 ) -> ErrorDetail:
@@ -50,18 +43,17 @@ def detail(
     )
 
 
-async def test_trigger_sets_a_shared_expiring_key(redis_client: Any) -> None:
+async def test_trigger_sets_a_shared_expiring_key(r: Any, keys: Keys) -> None:
     clock = FakeClock()
-    keys = Keys("t:")
-    a = Cooldown(redis_client, keys, clock=clock)
-    b = Cooldown(redis_client, keys, clock=clock)  # another worker, same redis
+    a = Cooldown(r, keys, clock=clock)
+    b = Cooldown(r, keys, clock=clock)  # another worker, same redis
     assert await a.remaining("anthropic", MODEL) == 0.0
     assert await a.trigger("anthropic", MODEL, 5.0) == pytest.approx(5.0)
     assert await b.remaining("anthropic", MODEL) == pytest.approx(5.0)
     assert await b.remaining("anthropic", "other-model") == 0.0
     key = lkeys.cooldown(keys, "anthropic", MODEL)
-    assert key == f"t:lps:cooldown:anthropic:{MODEL}"
-    ttl = await redis_client.pttl(key)
+    assert key == f"{keys.prefix}lps:cooldown:anthropic:{MODEL}"
+    ttl = await r.pttl(key)
     assert 0 < ttl <= 5000
     clock.now += 2.0
     assert await b.remaining("anthropic", MODEL) == pytest.approx(3.0)
@@ -69,9 +61,9 @@ async def test_trigger_sets_a_shared_expiring_key(redis_client: Any) -> None:
     assert await b.remaining("anthropic", MODEL) == 0.0
 
 
-async def test_a_cooldown_is_only_ever_extended(redis_client: Any) -> None:
+async def test_a_cooldown_is_only_ever_extended(r: Any, keys: Keys) -> None:
     clock = FakeClock()
-    c = Cooldown(redis_client, Keys("t:"), clock=clock)
+    c = Cooldown(r, keys, clock=clock)
     await c.trigger("anthropic", MODEL, 10.0)
     assert await c.trigger("anthropic", MODEL, 2.0) == pytest.approx(10.0)
     assert await c.remaining("anthropic", MODEL) == pytest.approx(10.0)
@@ -79,17 +71,15 @@ async def test_a_cooldown_is_only_ever_extended(redis_client: Any) -> None:
     assert await c.remaining("anthropic", MODEL) == pytest.approx(20.0)
 
 
-async def test_cooldown_is_capped(redis_client: Any) -> None:
-    c = Cooldown(redis_client, Keys("t:"), clock=FakeClock(), max_s=30.0)
+async def test_cooldown_is_capped(r: Any, keys: Keys) -> None:
+    c = Cooldown(r, keys, clock=FakeClock(), max_s=30.0)
     assert await c.trigger("anthropic", MODEL, 3600.0) == pytest.approx(30.0)
     assert await c.trigger("anthropic", MODEL, float("inf")) == pytest.approx(30.0)
 
 
-async def test_note_error_honours_retry_after_and_defaults(redis_client: Any) -> None:
+async def test_note_error_honours_retry_after_and_defaults(r: Any, keys: Keys) -> None:
     clock = FakeClock()
-    c = Cooldown(
-        redis_client, Keys("t:"), clock=clock, default_s={"rate_limit": 5.0, "overloaded": 2.0}
-    )
+    c = Cooldown(r, keys, clock=clock, default_s={"rate_limit": 5.0, "overloaded": 2.0})
     assert await c.note_error(detail("rate_limit", retry_after=3.0)) == pytest.approx(3.0)
     await c.clear("anthropic", MODEL)
     assert await c.note_error(detail("rate_limit")) == pytest.approx(5.0)
@@ -107,9 +97,9 @@ async def test_note_error_honours_retry_after_and_defaults(redis_client: Any) ->
     assert await c.remaining("mock", "m1") == pytest.approx(2.0)
 
 
-async def test_wait_sleeps_out_the_cooldown(redis_client: Any) -> None:
+async def test_wait_sleeps_out_the_cooldown(r: Any, keys: Keys) -> None:
     clock = FakeClock()
-    c = Cooldown(redis_client, Keys("t:"), clock=clock)
+    c = Cooldown(r, keys, clock=clock)
     assert await c.wait("anthropic", MODEL, clock.sleep) == 0.0
     assert clock.sleeps == []
     await c.trigger("anthropic", MODEL, 4.0)
@@ -119,13 +109,11 @@ async def test_wait_sleeps_out_the_cooldown(redis_client: Any) -> None:
     assert clock.sleeps == [pytest.approx(1.5), pytest.approx(2.5)]
 
 
-async def test_prefixes_keep_runs_apart(redis_client: Any) -> None:
+async def test_prefixes_keep_runs_apart(r: Any, keys: Keys) -> None:
     clock = FakeClock()
-    await Cooldown(redis_client, Keys("run1:"), clock=clock).trigger("anthropic", MODEL, 5.0)
-    assert (
-        await Cooldown(redis_client, Keys("run2:"), clock=clock).remaining("anthropic", MODEL)
-        == 0.0
-    )
+    await Cooldown(r, Keys(keys.prefix + "run1:"), clock=clock).trigger("anthropic", MODEL, 5.0)
+    run2 = Cooldown(r, Keys(keys.prefix + "run2:"), clock=clock)
+    assert await run2.remaining("anthropic", MODEL) == 0.0
 
 
 async def test_redis_down_fails_open() -> None:
@@ -141,12 +129,12 @@ async def test_redis_down_fails_open() -> None:
 
 
 async def test_a_fresh_read_is_reused_and_a_cooldown_set_here_is_known_at_once(
-    redis_client: Any,
+    r: Any,
+    keys: Keys,
 ) -> None:
     clock = FakeClock()
-    keys = Keys("fresh:")
-    mine = Cooldown(redis_client, keys, clock=clock, fresh_s=0.1)
-    other = Cooldown(redis_client, keys, clock=clock)
+    mine = Cooldown(r, keys, clock=clock, fresh_s=0.1)
+    other = Cooldown(r, keys, clock=clock)
     assert await mine.remaining("anthropic", MODEL) == 0.0
     await other.note_error(detail("rate_limit", retry_after=5.0))
     # Within fresh_s the earlier read stands: another worker's cooldown is seen late...
@@ -158,13 +146,12 @@ async def test_a_fresh_read_is_reused_and_a_cooldown_set_here_is_known_at_once(
     assert await mine.remaining("anthropic", MODEL) == pytest.approx(30.0)
 
 
-async def test_wait_looks_again_after_sleeping(redis_client: Any) -> None:
+async def test_wait_looks_again_after_sleeping(r: Any, keys: Keys) -> None:
     """Another worker extends the cooldown while this one sleeps: it sleeps again, for what
     is left, instead of calling 0.8 s too early."""
     clock = FakeClock()
-    keys = Keys("again:")
-    mine = Cooldown(redis_client, keys, clock=clock, fresh_s=0.1)
-    other = Cooldown(redis_client, keys, clock=clock)
+    mine = Cooldown(r, keys, clock=clock, fresh_s=0.1)
+    other = Cooldown(r, keys, clock=clock)
     await other.trigger("anthropic", MODEL, 1.0)
 
     async def sleep(seconds: float) -> None:

@@ -1,0 +1,88 @@
+"""The Redis engines the contract tests run on.
+
+The contract tests (tests/contract/test_*.py) state the invariants of docs/design.md once,
+against an `Engine`; the `engine` fixture (tests/contract/conftest.py) runs each of them on
+every engine in `ENGINES`. An engine only says how to reach its Redis (`create_client`), like
+the recorder test cases of the eventsourcing library with their abstract `create_recorder()`.
+Adding one (a Redis Cluster, issue 12) is a subclass of a few lines and an entry in `ENGINES`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from streams.keys import Keys
+
+
+class Engine(ABC):
+    """One Redis for one test: clients to it, and a key namespace of the test's own."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.keys = self.namespace()
+        self._clients: list[Any] = []
+
+    @abstractmethod
+    async def create_client(self) -> Any:
+        """A new client with its own connections (bytes replies), as each worker process has."""
+
+    async def client(self) -> Any:
+        """A client closed at the end of the test."""
+        client = await self.create_client()
+        self._clients.append(client)
+        return client
+
+    @staticmethod
+    def namespace() -> Keys:
+        """A fresh key namespace. Its prefix is a hash tag, so that every key a test touches is
+        in one cluster slot (the layout `CJS_PREFIX='{cjs}:'` gives a deployment)."""
+        return Keys(f"{{t{uuid.uuid4().hex[:12]}}}:")
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+class FakeredisEngine(Engine):
+    """fakeredis: an in-process server per test, shared by the test's clients."""
+
+    name = "fakeredis"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = fakeredis.FakeServer()
+
+    async def create_client(self) -> Any:
+        return fakeredis.FakeAsyncRedis(server=self.server)
+
+
+class RedisServerEngine(Engine):
+    """A real redis-server: one for the session (tests/conftest.py), a namespace per test."""
+
+    name = "redis"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    async def create_client(self) -> Any:
+        return aioredis.from_url(self.url)
+
+
+# name -> how to build the engine for one test (from the test's fixture request).
+ENGINES: dict[str, Callable[[pytest.FixtureRequest], Engine]] = {
+    "fakeredis": lambda request: FakeredisEngine(),
+    "redis": lambda request: RedisServerEngine(request.getfixturevalue("shared_redis_server").url),
+}
+
+# Marks per engine: a real server is a `redis` test (skipped without redis-server unless
+# CJS_REQUIRE_REDIS=1, see tests/redis_server.py).
+MARKS: dict[str, list[pytest.MarkDecorator]] = {"redis": [pytest.mark.redis]}

@@ -1,0 +1,162 @@
+"""Commits on every engine: a request is acknowledged exactly when its result exists.
+
+LPS appends a callback, XACKs its request and sets the request's `lps:done` marker in one
+MULTI/EXEC (an expired request: RequestExpired and ComparisonFailed with them); a request
+already answered is acknowledged, not judged again. CJ applies a callback and XACKs its entry
+in one script call. Checked on what the client sent (tests/contract/recording.py) and on the
+streams."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cj.consumer import CJConsumer
+from events import codec
+from events.streams import CJ_GROUP, LPS_GROUP
+from events.types import ComparisonCompleted, ComparisonFailed, RequestExpired
+from lps import keys as lkeys
+from lps.worker import LPSWorker
+from streams.keys import Keys
+from streams.reader import Entry
+from tests.contract.recording import Unit, recording
+from tests.helpers import (
+    Judge,
+    append_and_read,
+    batch_with_wave,
+    completed,
+    deliver_to,
+    events_of,
+    request,
+)
+
+
+def _appended(unit: Unit, stream: str) -> list[tuple[str, dict[str, Any]]]:
+    """The events a unit XADDs to `stream`: [(type, data)]."""
+    out = []
+    for call in unit.texts("XADD"):
+        if call[1] == stream:
+            fields = dict(zip(call[3::2], call[4::2], strict=True))
+            out.append((fields["type"], json.loads(fields["data"])))
+    return out
+
+
+def _unit_of(units: list[Unit], keys: Keys, cid: str) -> Unit:
+    """The one transaction that appended the callback of `cid`."""
+    found = [
+        u
+        for u in units
+        if any(data["correlation_id"] == cid for _, data in _appended(u, keys.callbacks))
+    ]
+    assert len(found) == 1, f"{cid}: {len(found)} transactions append its callback"
+    return found[0]
+
+
+async def test_a_callback_is_committed_with_its_request_xack_and_done_marker(
+    r: Any, keys: Keys
+) -> None:
+    judge = Judge()
+    worker = LPSWorker(r, keys, "lps-1", lambda _: judge, block_ms=10, concurrency=4)
+    await worker.start()
+    cids = [f"c{i}" for i in range(6)]
+    entry_of = {
+        cid: (await r.xadd(keys.requests, codec.encode(request(f"b{i % 2}", cid)))).decode()
+        for i, cid in enumerate(cids)
+    }
+    try:
+        with recording() as recorder:
+            assert await worker.step() == len(cids)
+    finally:
+        await worker.close()
+
+    units = recorder.transactions()
+    for cid in cids:
+        unit = _unit_of(units, keys, cid)
+        assert (keys.requests, LPS_GROUP, entry_of[cid]) in [c[1:] for c in unit.texts("XACK")]
+        assert any(c[1:3] == (lkeys.done(keys, cid), entry_of[cid]) for c in unit.texts("SET"))
+    # Nothing acknowledges a request outside those transactions.
+    assert not [u for u in recorder.units if u.kind != "transaction" and "XACK" in u.names()]
+    callbacks = [e for _, e in await events_of(r, keys.callbacks)]
+    assert sorted(c.correlation_id for c in callbacks) == cids
+    assert all(isinstance(c, ComparisonCompleted) for c in callbacks)
+    assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
+    for cid in cids:
+        assert (await r.get(lkeys.done(keys, cid))).decode() == entry_of[cid]
+        assert await r.ttl(lkeys.done(keys, cid)) > 0
+
+
+async def test_a_request_already_answered_is_acknowledged_not_judged_again(
+    r: Any, keys: Keys
+) -> None:
+    judge = Judge()
+    worker = LPSWorker(r, keys, "lps-1", lambda _: judge, block_ms=10)
+    await worker.start()
+    try:
+        await r.xadd(keys.requests, codec.encode(request("b1", "c1")))
+        assert await worker.step() == 1
+        again = (await r.xadd(keys.requests, codec.encode(request("b1", "c1")))).decode()
+        assert await worker.step() == 1
+    finally:
+        await worker.close()
+    assert judge.judged == ["c1"]
+    assert [e.correlation_id for _, e in await events_of(r, keys.callbacks)] == ["c1"]
+    assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
+    assert (await r.get(lkeys.done(keys, "c1"))).decode() != again
+
+
+async def test_an_expired_request_ends_with_its_events_and_xack_in_one_transaction(
+    r: Any, keys: Keys
+) -> None:
+    batch_id, requests = await batch_with_wave(r, keys)
+    await r.xgroup_create(keys.requests, LPS_GROUP, id="0", mkstream=True)
+    delivered = await deliver_to(r, keys.requests, LPS_GROUP, "lps-dead")
+    await r.xack(keys.requests, LPS_GROUP, *delivered[1:])
+    entry_id, cid = delivered[0], requests[0].correlation_id
+    await r.xclaim(
+        keys.requests, LPS_GROUP, "lps-dead", 0, [entry_id], idle=600_000, retrycount=3, justid=True
+    )
+    worker = LPSWorker(
+        r, keys, "lps-live", lambda _: Judge(), processing_timeout_s=0.5, max_deliveries=3
+    )
+    await worker.start()
+    try:
+        with recording() as recorder:
+            [action] = await worker.reclaim()
+    finally:
+        await worker.close()
+    assert (action.action, action.batch_id, action.correlation_id) == ("expired", batch_id, cid)
+    unit = _unit_of(recorder.transactions(), keys, cid)
+    [(kind, data)] = _appended(unit, keys.callbacks)
+    assert kind == "ComparisonFailed" and data["error"]["error_type"] == "expired"
+    [(kind, data)] = _appended(unit, keys.dispatches)
+    assert kind == "RequestExpired" and data["entry_id"] == entry_id
+    assert (keys.requests, LPS_GROUP, entry_id) in [c[1:] for c in unit.texts("XACK")]
+    assert any(c[1] == lkeys.done(keys, cid) for c in unit.texts("SET"))
+    [failed] = [e for _, e in await events_of(r, keys.callbacks)]
+    assert isinstance(failed, ComparisonFailed) and failed.correlation_id == cid
+    [expired] = [e for _, e in await events_of(r, keys.dispatches)]
+    assert isinstance(expired, RequestExpired) and expired.deliveries == 3
+    assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
+
+
+async def test_a_callback_is_applied_and_acknowledged_by_one_script_call(
+    r: Any, keys: Keys
+) -> None:
+    batch_id, requests = await batch_with_wave(r, keys)
+    consumer = CJConsumer(r, keys, "cj-1")
+    await consumer.start()
+    callbacks = [completed(batch_id, q.correlation_id) for q in requests[:3]]
+    ids = await append_and_read(r, keys, callbacks, consumer="cj-1")
+    entries = [Entry(i.decode(), fields) for i, fields in await r.xrange(keys.callbacks)]
+    assert [e.entry_id for e in entries] == ids
+    with recording() as recorder:
+        await consumer.handle(entries)
+    # callback.lua: EVALSHA sha 5, KEYS (batch, corr, orphans, callbacks stream, stats), then
+    # ARGV (group, entry id, correlation id, ...): the XACK is the script's own.
+    calls = [c for u in recorder.scripts() for c in u.texts("EVALSHA")]
+    assert [(c[6], c[8], c[9], c[10]) for c in calls] == [
+        (keys.callbacks, CJ_GROUP, i, cb.correlation_id)
+        for i, cb in zip(ids, callbacks, strict=True)
+    ]
+    assert not [u for u in recorder.units if "XACK" in u.names()]
+    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0

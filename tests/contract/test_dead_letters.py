@@ -1,0 +1,109 @@
+"""Dead letters on every engine (invariant 7 of docs/design.md): an entry a consumer cannot use
+goes to `dlq:<stream>` with its reason, in the same MULTI/EXEC as its XACK, and the consumer
+keeps going; `read_dead_letters` shows what was moved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cj.consumer import CJConsumer
+from cj.registration import append_registration
+from events import codec
+from events.streams import CJ_GROUP, LPS_GROUP
+from lps.worker import LPSWorker
+from projections import keys as pkeys
+from projections.store import load_state
+from streams.dlq import read_dead_letters
+from streams.keys import Keys
+from tests.contract.recording import Recorder, recording
+from tests.helpers import Judge, append_batch_event, completed, registration, request, wave
+
+
+def _moved_together(recorder: Recorder, keys: Keys, stream_name: str, ids: list[str]) -> None:
+    """Each dead letter's XADD and its source entry's XACK went in one transaction."""
+    dlq, source = keys.dlq(stream_name), keys.stream(stream_name)
+    units = [u for u in recorder.transactions() if any(c[1] == dlq for c in u.texts("XADD"))]
+    assert len(units) == 1, "one MULTI/EXEC for the page's dead letters"
+    [unit] = units
+    assert sorted(c[3] for c in unit.texts("XACK") if c[1] == source) == sorted(ids)
+    assert [c[1] for c in unit.texts("XADD")] == [dlq] * len(ids)
+    assert set(unit.names()) == {"XADD", "XACK"}
+
+
+async def test_undecodable_callbacks_are_dead_lettered_with_their_xack_and_the_consumer_goes_on(
+    r: Any, keys: Keys
+) -> None:
+    await append_registration(r, keys, registration(4, batch_id="b1"))
+    await append_batch_event(r, keys, wave("b1", 1, [("c0", "e0", "e1"), ("c1", "e0", "e1")]))
+    consumer = CJConsumer(r, keys, "c1", block_ms=10)
+    await consumer.start()
+    bad: list[tuple[str, Any]] = [
+        ("invalid_data", {"type": "ComparisonCompleted", "data": "garbage"}),
+        ("invalid_data", {"type": "WaveSubmitted", "data": "{}"}),
+        ("missing_field", {"hello": "world"}),
+        ("unexpected_type", codec.encode(wave("b1", 2, []))),
+    ]
+    bad_ids = [(await r.xadd(keys.callbacks, fields)).decode() for _, fields in bad]
+    await r.xadd(keys.callbacks, codec.encode(completed("no-such-batch", "c9")))
+    await r.xadd(keys.callbacks, codec.encode(completed("b1", "c0")))
+    with recording() as recorder:
+        assert await consumer.step() == 6
+    _moved_together(recorder, keys, "cj:callbacks", bad_ids)
+
+    view = await read_dead_letters(r, keys)
+    assert view["total"] == 4 and view["counts"]["cj:callbacks"] == 4
+    letters = sorted(view["dead_letters"], key=lambda d: d["source_id"])
+    assert [d["reason"] for d in letters] == [reason for reason, _ in bad]
+    assert [d["source_id"] for d in letters] == bad_ids
+    assert letters[0]["fields"] == {"type": "ComparisonCompleted", "data": "garbage"}
+    assert {"hello": "world"} in [d["fields"] for d in letters]
+    assert {d["source_stream"] for d in letters} == {"cj:callbacks"}
+    assert {(d["group"], d["consumer"]) for d in letters} == {(CJ_GROUP, "c1")}
+    assert (await read_dead_letters(r, keys, stream="lps:requests"))["total"] == 0
+    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
+    # The valid callbacks on either side of them were applied: one for an unknown batch is
+    # counted in the namespace's stats, the other accepted.
+    assert await r.hget(pkeys.stats(keys), "orphans_unknown_batch") == b"1"
+    state = await load_state(r, keys, "b1")
+    assert state is not None and (state.completed, state.in_flight) == (1, 1)
+    # And the consumer goes on with what comes next.
+    await r.xadd(keys.callbacks, {"type": "ComparisonFailed", "data": "[]"})
+    await r.xadd(keys.callbacks, codec.encode(completed("b1", "c1")))
+    assert await consumer.step() == 2
+    state = await load_state(r, keys, "b1")
+    # ... as far as the next wave, which that last callback completed.
+    assert state is not None and (state.completed, state.scored_wave, state.waves) == (2, 1, 2)
+    assert (await read_dead_letters(r, keys))["total"] == 5
+    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
+
+
+async def test_undecodable_requests_are_dead_lettered_with_their_xack_and_the_worker_goes_on(
+    r: Any, keys: Keys
+) -> None:
+    judge = Judge()
+    worker = LPSWorker(r, keys, "lps-1", lambda _: judge, block_ms=10)
+    await worker.start()
+    try:
+        bad_ids = [
+            (await r.xadd(keys.requests, {"type": "ComparisonRequested", "data": "{}"})).decode(),
+            (await r.xadd(keys.requests, codec.encode(completed("b1", "c0")))).decode(),
+        ]
+        await r.xadd(keys.requests, codec.encode(request("b1", "c1")))
+        with recording() as recorder:
+            assert await worker.step() == 3
+        _moved_together(recorder, keys, "lps:requests", bad_ids)
+        await r.xadd(keys.requests, codec.encode(request("b1", "c2")))
+        assert await worker.step() == 1
+    finally:
+        await worker.close()
+    view = await read_dead_letters(r, keys, stream="lps:requests")
+    letters = sorted(view["dead_letters"], key=lambda d: d["source_id"])
+    assert [(d["reason"], d["source_id"]) for d in letters] == [
+        ("invalid_data", bad_ids[0]),
+        ("unexpected_type", bad_ids[1]),
+    ]
+    assert {(d["group"], d["consumer"]) for d in letters} == {(LPS_GROUP, "lps-1")}
+    assert judge.judged == ["c1", "c2"]
+    callbacks = [codec.decode(f) for _, f in await r.xrange(keys.callbacks)]
+    assert [c.correlation_id for c in callbacks] == ["c1", "c2"]
+    assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0

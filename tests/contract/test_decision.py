@@ -1,0 +1,342 @@
+"""Decisions on every engine (invariants 1–5 of docs/design.md).
+
+Several CJ consumers (separate connections) apply hundreds of callbacks with duplicates,
+orphans and late arrivals interleaved, while racing to advance and to close the batch;
+afterwards the counters equal what the streams say, counted here independently of the
+projection code, a replay equals the projection, and there is exactly one `BatchFinalized`.
+A decision (a registration, the next wave, the end) is appended with its projection writes
+in one MULTI/EXEC under WATCH of the batch hash: a callback applied while deciding voids the
+decision, and nothing of it is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cj.consumer import CJConsumer
+from cj.continuation import Decision, advance, decide
+from cj.registration import append_registration
+from cj.stalls import finalize_stalled
+from events import codec
+from events.streams import CJ_GROUP
+from events.types import (
+    BatchFinalized,
+    BatchScored,
+    ComparisonCompleted,
+    ComparisonRequested,
+    WaveSubmitted,
+)
+from projections import keys as pkeys
+from projections.batch import BatchState
+from projections.replay import replay
+from projections.store import CallbackApplier, load_state
+from streams.keys import Keys
+from streams.paging import read_stream
+from streams.reader import ensure_group
+from tests.contract.engines import Engine
+from tests.contract.recording import recording
+from tests.helpers import (
+    append_and_read,
+    append_batch_event,
+    canonical,
+    completed,
+    events_of,
+    failed,
+    registration,
+    snapshot,
+    until,
+    wave,
+)
+
+N_ESSAYS = 30
+N_PAIRS = 300
+CONSUMERS = 4
+
+
+async def _drained(r: Any, keys: Keys) -> None:
+    """Every callback entry delivered and acknowledged."""
+
+    async def drained() -> bool:
+        groups = {g["name"]: g for g in await r.xinfo_groups(keys.callbacks)}
+        group = groups[CJ_GROUP.encode()]
+        return bool(group["pending"] == 0 and group["lag"] == 0)
+
+    await until(drained, timeout=20)
+
+
+async def _append(r: Any, keys: Keys, events: list[Any]) -> None:
+    async with r.pipeline(transaction=False) as pipe:
+        for event in events:
+            pipe.xadd(keys.callbacks, codec.encode(event))
+        await pipe.execute()
+
+
+async def _race(
+    engine: Engine, seed: int, dup_rate: float, orphan_count: int, withheld_rate: float
+) -> None:
+    rng = random.Random(seed)
+    keys = engine.namespace()
+    clients = [await engine.client() for _ in range(CONSUMERS + 1)]
+    r = clients[-1]
+    b = "batch-1"
+    reg = registration(N_ESSAYS, batch_id=b, budget=N_PAIRS)
+    await append_registration(r, keys, reg)
+    ids = [e.essay_id for e in reg.essays]
+    pairs = [(ids[i], ids[j]) for i in range(N_ESSAYS) for j in range(i + 1, N_ESSAYS)][:N_PAIRS]
+    corr = [f"c{i:05d}" for i in range(len(pairs))]
+    await append_batch_event(
+        r, keys, wave(b, 1, [(c, a, bb) for c, (a, bb) in zip(corr, pairs, strict=True)])
+    )
+
+    def callback(c: str) -> Any:
+        if rng.random() < 0.8:
+            return completed(b, c, rng.choice(["essay_a", "essay_b"]))
+        return failed(b, c, rng.choice(["server_error", "rate_limit", "parse_error"]))
+
+    withheld = set(rng.sample(corr, int(withheld_rate * len(corr))))
+    phase1 = [callback(c) for c in corr if c not in withheld]
+    phase1 += [
+        callback(c) for c in rng.sample(corr, int(dup_rate * len(corr))) if c not in withheld
+    ]
+    phase1 += [completed(b, f"orphan-{i}") for i in range(orphan_count)]
+    rng.shuffle(phase1)
+    phase3 = [callback(c) for c in withheld]
+    phase3 += [callback(c) for c in rng.sample(corr, int(dup_rate * len(corr) / 2))]
+    phase3 += [completed(b, f"orphan-late-{i}") for i in range(orphan_count // 2)]
+    rng.shuffle(phase3)
+
+    consumers = [
+        CJConsumer(c, keys, f"cj-{i}", count=rng.choice([7, 50, 100]), block_ms=20)
+        for i, c in enumerate(clients[:CONSUMERS])
+    ]
+    for consumer in consumers:
+        await consumer.start()
+    stop = asyncio.Event()
+
+    async def consume(consumer: CJConsumer) -> None:
+        while not stop.is_set():
+            await consumer.step()
+
+    tasks = [asyncio.create_task(consume(c)) for c in consumers]
+    try:
+        for i in range(0, len(phase1), 211):
+            await _append(r, keys, phase1[i : i + 211])
+        await _drained(r, keys)
+        # Every consumer races to advance (as their sweeps would) and to close the batch by
+        # force (as stalled-batch reapers would).
+        results = await asyncio.gather(*(advance(c, keys, b) for c in clients[:CONSUMERS]))
+        if withheld:
+            assert all(d is None for d in results), "advanced while callbacks were in flight"
+            closers = await asyncio.gather(
+                *(finalize_stalled(c, keys, b, 0) for c in clients[:CONSUMERS])
+            )
+            assert sum(d is not None for d in closers) == 1
+        for i in range(0, len(phase3), 97):
+            await _append(r, keys, phase3[i : i + 97])
+        await _drained(r, keys)
+        await asyncio.gather(*(advance(c, keys, b) for c in clients[:CONSUMERS]))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    # Count the streams directly, independently of the projection code.
+    finals = 0
+    async for _, fields in read_stream(r, keys.batches):
+        event = codec.decode(fields)
+        if isinstance(event, BatchFinalized) and event.batch_id == b:
+            finals += 1
+    by_corr: dict[str, list[tuple[tuple[int, int], Any]]] = defaultdict(list)
+    total = 0
+    async for entry_id, fields in read_stream(r, keys.callbacks):
+        total += 1
+        ms, seq = entry_id.split("-")
+        by_corr[codec.decode(fields).correlation_id].append(
+            ((int(ms), int(seq)), codec.decode(fields))
+        )
+    known = set(corr)
+    expect = {"completed": 0, "failed": 0, "duplicates": 0, "orphans": 0, "late_callbacks": 0}
+    for c, items in by_corr.items():
+        if c not in known:
+            expect["orphans"] += len(items)
+        elif c in withheld:
+            expect["late_callbacks"] += len(items)
+        else:
+            first = min(items, key=lambda t: t[0])[1]
+            expect["completed" if isinstance(first, ComparisonCompleted) else "failed"] += 1
+            expect["duplicates"] += len(items) - 1
+
+    live = await load_state(r, keys, b)
+    got = {k: getattr(live, k) for k in expect}
+    assert got == expect
+    assert live.callbacks_received == total
+    assert finals == 1, "exactly one BatchFinalized"
+    assert live.terminal
+    # Invariant 1: completion never exceeds 100 %.
+    assert live.completed + live.failed == live.accepted <= live.submitted <= live.denominator
+    # Invariant 3: the projection is what a replay of the streams builds, byte for byte.
+    states, _ = await replay(r, keys, {b})
+    assert await snapshot(r, keys, b) == canonical(states[b], keys)
+
+
+@pytest.mark.parametrize("withheld_rate", [0.0, 0.05])
+@settings(
+    max_examples=2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    dup_rate=st.sampled_from([0.0, 0.1, 0.3]),
+    orphan_count=st.integers(0, 60),
+)
+async def test_invariants_hold_under_concurrent_consumers(
+    engine: Engine, withheld_rate: float, seed: int, dup_rate: float, orphan_count: int
+) -> None:
+    """With every callback answered the consumers themselves end the batch (budget); with some
+    withheld nobody may advance, and racing forced ends close it once."""
+    await _race(engine, seed, dup_rate, orphan_count, withheld_rate)
+
+
+async def test_a_crash_between_the_last_callback_and_the_next_wave_is_recovered_by_the_sweep(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """The callback that completes a wave is applied (and acknowledged) but its consumer dies
+    before advancing: any consumer's sweep takes the step, exactly once."""
+    reg = registration(6, batch_id="crash", budget=15)
+    await append_registration(r, keys, reg)
+    first = await advance(r, keys, reg.batch_id)
+    assert first is not None
+    (submitted,) = first.events
+    assert isinstance(submitted, WaveSubmitted)
+    consumers = [CJConsumer(await engine.client(), keys, f"cj-{i}") for i in range(3)]
+    await consumers[0].start()
+    callbacks = [
+        completed(reg.batch_id, p.correlation_id, "essay_a", p.essay_a, p.essay_b)
+        for p in submitted.pairs
+    ]
+    ids = await append_and_read(r, keys, callbacks, consumer="cj-0")
+    applier = CallbackApplier(r, keys, "cj")
+    async with r.pipeline(transaction=False) as pipe:
+        for callback, entry_id in zip(callbacks, ids, strict=True):
+            await applier.queue(pipe, callback, entry_id)
+        await pipe.execute()  # ...and the process dies here, before advance()
+    state = await load_state(r, keys, reg.batch_id)
+    assert state.in_flight == 0 and state.waves == 1 and state.scored_wave == 0
+    moved = await asyncio.gather(*(c.sweep() for c in consumers))
+    assert sum(moved) == 1
+    state = await load_state(r, keys, reg.batch_id)
+    assert state.scored_wave == 1 and (state.waves == 2 or state.terminal)
+
+
+async def test_a_registration_is_appended_with_its_projection_in_one_transaction(
+    r: Any, keys: Keys
+) -> None:
+    reg = registration(4, batch_id="b1")
+    with recording() as recorder:
+        await append_registration(r, keys, reg)
+    [unit] = recorder.transactions()
+    assert [c[1] for c in unit.texts("XADD")] == [keys.batches]
+    written = {c[1] for c in unit.texts("HSET")}
+    assert {pkeys.batch(keys, "b1"), pkeys.batch_docs(keys, "b1"), pkeys.batch_index(keys)} <= (
+        written
+    )
+    [(_, registered)] = await events_of(r, keys.batches)
+    assert registered.event_id == reg.event_id
+    assert await snapshot(r, keys, "b1") == canonical(
+        (await replay(r, keys, {"b1"}))[0]["b1"], keys
+    )
+
+
+async def test_a_decision_is_written_with_its_events_in_one_transaction_under_watch(
+    r: Any, keys: Keys
+) -> None:
+    reg = registration(4, batch_id="b1", budget=4)
+    await append_registration(r, keys, reg)
+    with recording() as recorder:
+        first = await advance(r, keys, "b1")
+    assert first is not None and len(first.requests) == 4
+    [unit] = recorder.transactions()
+    assert unit.names()[0] == "WATCH" and unit.texts("WATCH")[0][1:] == (pkeys.batch(keys, "b1"),)
+    appended = [c[1] for c in unit.texts("XADD")]
+    assert appended == [keys.requests] * 4 + [keys.batches]
+    assert {pkeys.batch(keys, "b1"), pkeys.batch_corr(keys, "b1")} <= {
+        c[1] for c in unit.texts("HSET")
+    }
+    # The end: scores and BatchFinalized, with the projection, in one transaction too.
+    callbacks = [
+        completed("b1", q.correlation_id, "essay_a", q.essay_a.essay_id, q.essay_b.essay_id)
+        for q in first.requests
+    ]
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    ids = await append_and_read(r, keys, callbacks)
+    applier = CallbackApplier(r, keys, CJ_GROUP)
+    async with r.pipeline(transaction=False) as pipe:
+        for callback, entry_id in zip(callbacks, ids, strict=True):
+            await applier.queue(pipe, callback, entry_id)
+        await pipe.execute()
+    with recording() as recorder:
+        last = await advance(r, keys, "b1")
+    assert last is not None and last.terminal is not None
+    [unit] = recorder.transactions()
+    kinds = [dict(zip(c[3::2], c[4::2], strict=True))["type"] for c in unit.texts("XADD")]
+    assert kinds == ["BatchScored", "BatchFinalized"]
+    assert pkeys.batch(keys, "b1") in {c[1] for c in unit.texts("HSET")}
+    state = await load_state(r, keys, "b1")
+    assert state is not None and state.status == "finalized"
+    assert await snapshot(r, keys, "b1") == canonical(
+        (await replay(r, keys, {"b1"}))[0]["b1"], keys
+    )
+
+
+async def test_a_callback_applied_while_deciding_voids_the_decision(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """The decision is taken on what was read under WATCH; a callback applied by another
+    consumer before EXEC changes the batch hash, so nothing of that decision is written and it
+    is taken again on the new state."""
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    await append_registration(r, keys, registration(6, batch_id="b1"))
+    other = await engine.client()
+    stray = completed("b1", "unknown-cid")
+    [entry_id] = await append_and_read(other, keys, [stray])
+    decisions: list[Decision] = []
+
+    def deciding(state: BatchState) -> Decision | None:
+        decision = decide(state)
+        assert decision is not None
+        decisions.append(decision)
+        if len(decisions) == 1:  # another consumer applies a callback meanwhile
+            future = asyncio.run_coroutine_threadsafe(apply_stray(), loop)
+            future.result(timeout=10)
+        return decision
+
+    async def apply_stray() -> None:
+        async with other.pipeline(transaction=False) as pipe:
+            await CallbackApplier(other, keys, CJ_GROUP).queue(pipe, stray, entry_id)
+            await pipe.execute()
+
+    loop = asyncio.get_running_loop()
+    taken = await advance(r, keys, "b1", decider=deciding)
+    assert len(decisions) == 2 and taken is decisions[1]
+    voided = {q.correlation_id for q in decisions[0].requests}
+    requests = [e for _, e in await events_of(r, keys.requests)]
+    assert all(isinstance(q, ComparisonRequested) for q in requests)
+    assert {q.correlation_id for q in requests} == {q.correlation_id for q in taken.requests}
+    assert not voided & {q.correlation_id for q in requests}
+    waves = [e for _, e in await events_of(r, keys.batches) if isinstance(e, WaveSubmitted)]
+    assert len(waves) == 1 and not any(
+        isinstance(e, BatchScored) for _, e in await events_of(r, keys.batches)
+    )
+    state = await load_state(r, keys, "b1")
+    assert state is not None and state.orphans == 1 and state.waves == 1
+    assert set(state.corr) == {q.correlation_id for q in taken.requests}
+    assert await snapshot(r, keys, "b1") == canonical(
+        (await replay(r, keys, {"b1"}))[0]["b1"], keys
+    )

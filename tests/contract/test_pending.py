@@ -1,0 +1,323 @@
+"""Pending entries on every engine (invariant 6 of docs/design.md): entries idle past the
+processing timeout are reclaimed and handled again, and after `max_deliveries` end (an LPS
+request as ComparisonFailed(expired), a CJ callback in the dead letters); suspects are
+claimed one at a time; entries handed back at shutdown are taken at once by a live worker;
+dead consumers go only when idle with nothing pending; the pending gauge is kept."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from cj.consumer import CJConsumer
+from events.streams import CJ_GROUP, LPS_GROUP
+from events.types import ComparisonFailed, ComparisonRequested, RequestExpired
+from lps.providers.base import Judgement
+from lps.worker import LPSWorker
+from projections.store import load_state
+from streams.dlq import read_dead_letters
+from streams.keys import Keys
+from streams.pending import (
+    HANDOFF_CONSUMER,
+    pending_details,
+    prune_consumer,
+    prune_dead_consumers,
+)
+from tests.helpers import (
+    Judge,
+    append_and_read,
+    batch_with_wave,
+    completed,
+    deliver_to,
+    events_of,
+    until,
+)
+
+MAX_DELIVERIES = 3
+
+
+def _stuck(action: str) -> float:
+    return REGISTRY.get_sample_value("lps_stuck_items_total", {"action": action}) or 0.0
+
+
+async def _set_deliveries(
+    r: Any, stream: str, group: str, owner: str, ids: list[str], count: int
+) -> None:
+    """Make entries look delivered `count` times and long idle, still owned by `owner`."""
+    await r.xclaim(stream, group, owner, 0, ids, idle=600_000, retrycount=count, justid=True)
+
+
+class RecordingJudge:
+    """A provider that notes, for each request it judges, how many entries its worker holds."""
+
+    name = "mock"
+
+    def __init__(self, r: Any, stream: str, consumer: str) -> None:
+        self.r, self.stream, self.consumer = r, stream, consumer
+        self.seen: list[tuple[str, int]] = []
+
+    async def judge(self, request: ComparisonRequested) -> Judgement:
+        held = await pending_details(self.r, self.stream, LPS_GROUP, consumer=self.consumer)
+        self.seen.append((request.correlation_id, len(held)))
+        return Judgement(winner="essay_a", confidence=3.0, justification="recorded")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_lps_reclaim_expires_after_max_deliveries_and_isolates_suspects(
+    r: Any, keys: Keys
+) -> None:
+    batch_id, requests = await batch_with_wave(r, keys)
+    await r.xgroup_create(keys.requests, LPS_GROUP, id="0", mkstream=True)
+    ids = await deliver_to(r, keys.requests, LPS_GROUP, "lps-dead")
+    assert len(ids) == len(requests) >= 6
+    by_id = dict(zip(ids, requests, strict=True))
+    expire_id, suspect_id, fresh = ids[0], ids[1], ids[2:]
+    await _set_deliveries(r, keys.requests, LPS_GROUP, "lps-dead", [expire_id], 3)
+    await _set_deliveries(r, keys.requests, LPS_GROUP, "lps-dead", [suspect_id], 2)
+    await _set_deliveries(r, keys.requests, LPS_GROUP, "lps-dead", fresh, 1)
+    judge = RecordingJudge(r, keys.requests, "lps-live")
+    worker = LPSWorker(
+        r, keys, "lps-live", lambda _: judge, processing_timeout_s=0.5, max_deliveries=3
+    )
+    await worker.start()
+    before = (_stuck("expired"), _stuck("reclaimed"))
+    try:
+        actions = await worker.reclaim()
+    finally:
+        await worker.close()
+
+    got = {a.entry_id: a for a in actions}
+    assert got[expire_id].action == "expired" and got[expire_id].deliveries == 4
+    assert got[suspect_id].action == "reclaimed" and got[suspect_id].deliveries == 3
+    assert all(got[i].action == "reclaimed" and got[i].deliveries == 2 for i in fresh)
+    assert all(a.consumer == "lps-dead" and a.batch_id == batch_id for a in actions)
+    assert (_stuck("expired") - before[0], _stuck("reclaimed") - before[1]) == (1, len(ids) - 1)
+    # The fresh ones were judged together; the suspect alone, after them, holding only itself.
+    order = [cid for cid, _ in judge.seen]
+    suspect_cid = by_id[suspect_id].correlation_id
+    assert order[-1] == suspect_cid and dict(judge.seen)[suspect_cid] == 1
+    assert max(held for cid, held in judge.seen if cid != suspect_cid) == len(fresh)
+    # Expired: RequestExpired + ComparisonFailed(expired); every request exactly one callback.
+    expired = [e for _, e in await events_of(r, keys.dispatches) if isinstance(e, RequestExpired)]
+    assert [(e.correlation_id, e.deliveries, e.consumer) for e in expired] == [
+        (by_id[expire_id].correlation_id, 3, "lps-dead")
+    ]
+    callbacks = [e for _, e in await events_of(r, keys.callbacks)]
+    assert sorted(c.correlation_id for c in callbacks) == sorted(q.correlation_id for q in requests)
+    failed_cb = [c for c in callbacks if isinstance(c, ComparisonFailed)]
+    assert [c.error.error_type for c in failed_cb] == ["expired"]
+    assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
+    # A second pass finds nothing.
+    assert await worker.reclaim() == []
+
+
+async def test_cj_reclaim_reapplies_idle_callbacks_and_dead_letters_after_max_deliveries(
+    r: Any, keys: Keys
+) -> None:
+    batch_id, requests = await batch_with_wave(r, keys)
+    cj = CJConsumer(r, keys, "cj-live", processing_timeout_s=0.5, max_deliveries=3)
+    await cj.start()
+    cids = [q.correlation_id for q in requests[:3]]
+    ids = await append_and_read(r, keys, [completed(batch_id, c) for c in cids], consumer="cj-dead")
+    await _set_deliveries(r, keys.callbacks, CJ_GROUP, "cj-dead", ids[:2], 1)
+    await _set_deliveries(r, keys.callbacks, CJ_GROUP, "cj-dead", ids[2:], 3)
+    before = (_stuck("reclaimed"), _stuck("dead_lettered"))
+
+    actions = await cj.reclaim()
+
+    assert [(a.entry_id, a.action, a.deliveries) for a in actions] == [
+        (ids[0], "reclaimed", 2),
+        (ids[1], "reclaimed", 2),
+        (ids[2], "dead_lettered", 4),
+    ]
+    assert {a.batch_id for a in actions} == {batch_id}
+    assert [a.correlation_id for a in actions] == cids
+    assert (_stuck("reclaimed") - before[0], _stuck("dead_lettered") - before[1]) == (2, 1)
+    state = await load_state(r, keys, batch_id)
+    assert state is not None and (state.completed, state.callbacks_received) == (2, 2)
+    assert state.corr[cids[2]] == "pending"
+    view = await read_dead_letters(r, keys, stream="cj:callbacks")
+    assert view["counts"] == {"cj:callbacks": 1}
+    letter = view["dead_letters"][0]
+    assert letter["reason"] == "max_deliveries" and letter["source_id"] == ids[2]
+    assert letter["fields"]["type"] == "ComparisonCompleted" and letter["group"] == CJ_GROUP
+    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
+    assert await cj.reclaim() == []
+
+
+@pytest.mark.parametrize("service", ["cj", "lps"])
+async def test_the_last_allowed_delivery_is_used_and_one_more_ends_the_entry(
+    r: Any, keys: Keys, service: str
+) -> None:
+    """The boundary, on both sides: an entry whose reclaim is its `max_deliveries`-th delivery
+    is handled; one whose reclaim would be delivery `max_deliveries` + 1 ends (expired or
+    dead-lettered) without being handled."""
+    batch_id, requests = await batch_with_wave(r, keys)
+    last, past = requests[0].correlation_id, requests[1].correlation_id
+    judge = Judge()
+    consumer: CJConsumer | LPSWorker
+    if service == "cj":
+        consumer = CJConsumer(
+            r, keys, "live", processing_timeout_s=0.5, max_deliveries=MAX_DELIVERIES
+        )
+        await consumer.start()
+        ids = await append_and_read(r, keys, [completed(batch_id, c) for c in (last, past)], "dead")
+        stream, group = keys.callbacks, CJ_GROUP
+    else:
+        consumer = LPSWorker(
+            r,
+            keys,
+            "live",
+            lambda _: judge,
+            processing_timeout_s=0.5,
+            max_deliveries=MAX_DELIVERIES,
+        )
+        await consumer.start()
+        delivered = await deliver_to(r, keys.requests, LPS_GROUP, "dead")
+        ids = delivered[:2]
+        await r.xack(keys.requests, LPS_GROUP, *delivered[2:])  # the others are done with
+        stream, group = keys.requests, LPS_GROUP
+    await _set_deliveries(r, stream, group, "dead", ids[:1], MAX_DELIVERIES - 1)
+    await _set_deliveries(r, stream, group, "dead", ids[1:], MAX_DELIVERIES)
+    try:
+        actions = await consumer.reclaim()
+    finally:
+        if isinstance(consumer, LPSWorker):
+            await consumer.close()
+
+    ended = "dead_lettered" if service == "cj" else "expired"
+    assert sorted((a.entry_id, a.action, a.deliveries) for a in actions) == [
+        (ids[0], "reclaimed", MAX_DELIVERIES),
+        (ids[1], ended, MAX_DELIVERIES + 1),
+    ]
+    assert (await r.xpending(stream, group))["pending"] == 0
+    if service == "cj":
+        state = await load_state(r, keys, batch_id)
+        assert state is not None and state.corr[last].startswith("c ")
+        assert state.corr[past] == "pending" and state.callbacks_received == 1
+        [letter] = (await read_dead_letters(r, keys, stream="cj:callbacks"))["dead_letters"]
+        assert (letter["source_id"], letter["reason"]) == (ids[1], "max_deliveries")
+    else:
+        assert judge.judged == [last]
+        callbacks = {e.correlation_id: e for _, e in await events_of(r, keys.callbacks)}
+        assert set(callbacks) == {last, past}
+        assert not isinstance(callbacks[last], ComparisonFailed)
+        failed_past = callbacks[past]
+        assert isinstance(failed_past, ComparisonFailed)
+        assert failed_past.error.error_type == "expired"
+
+
+async def test_shutdown_releases_unstarted_bundle_items_to_the_handoff_consumer(
+    r: Any, keys: Keys
+) -> None:
+    batch_id, requests = await batch_with_wave(r, keys, mode="serial_bundle")
+    started = asyncio.Event()
+    judged: list[str] = []
+
+    class SlowJudge:
+        name = "mock"
+
+        async def judge(self, request: ComparisonRequested) -> Judgement:
+            judged.append(request.correlation_id)
+            started.set()
+            await asyncio.sleep(0.05)  # a provider call in progress when the stop comes
+            return Judgement(winner="essay_b", confidence=2.0, justification="slow")
+
+        async def aclose(self) -> None:
+            return None
+
+    worker = LPSWorker(
+        r, keys, "lps-a", lambda _: SlowJudge(), processing_timeout_s=5.0, block_ms=50
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, maintenance_every_s=0.1))
+    await asyncio.wait_for(started.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+    assert len(judged) == 1, "the item in progress finishes, the rest are not started"
+    assert await pending_details(r, keys.requests, LPS_GROUP, consumer="lps-a") == []
+    released = await pending_details(r, keys.requests, LPS_GROUP, consumer=HANDOFF_CONSUMER)
+    assert len(released) == len(requests) - 1
+    # Handed back untouched: the delivery is given back and the entry is already "timed out".
+    assert {p["deliveries"] for p in released} == {0}
+    assert min(p["idle_ms"] for p in released) >= 5000
+    # Any live worker takes them on its next reaper pass, as first deliveries.
+    judged.clear()
+    other = LPSWorker(r, keys, "lps-b", lambda _: SlowJudge(), processing_timeout_s=5.0)
+    await other.start()
+    try:
+        actions = await other.reclaim()
+    finally:
+        await other.close()
+    assert len(actions) == len(released) and {a.deliveries for a in actions} == {1}
+    assert {a.consumer for a in actions} == {HANDOFF_CONSUMER}
+    assert len(judged) == len(released)
+    callbacks = [e for _, e in await events_of(r, keys.callbacks)]
+    assert len(callbacks) == len(requests) == len({c.correlation_id for c in callbacks})
+    assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
+    assert batch_id
+
+
+async def test_dead_consumers_are_pruned_only_when_idle_with_nothing_pending(
+    r: Any, keys: Keys
+) -> None:
+    stream, group = keys.stream("s"), "g"
+    await r.xgroup_create(stream, group, id="0", mkstream=True)
+    for i in range(3):
+        await r.xadd(stream, {"i": str(i)})
+    await r.xreadgroup(group, "holder", {stream: ">"}, count=1)  # keeps one pending
+    for name in ("me", "empty"):  # read one each, then acknowledge it: nothing pending
+        await r.xreadgroup(group, name, {stream: ">"}, count=1)
+        rows = await pending_details(r, stream, group, consumer=name)
+        await r.xack(stream, group, *[row["entry_id"] for row in rows])
+    # Too recent: nobody goes.
+    assert await prune_dead_consumers(r, stream, group, dead_after_ms=60_000) == []
+
+    async def idle_enough() -> bool:
+        infos = await r.xinfo_consumers(stream, group)
+        return min(int(i["idle"]) for i in infos) >= 30
+
+    await until(idle_enough)
+    removed = await prune_dead_consumers(r, stream, group, dead_after_ms=30, keep=["me"])
+    assert removed == ["empty"]
+    names = sorted(i["name"].decode() for i in await r.xinfo_consumers(stream, group))
+    assert names == ["holder", "me"]
+    # The atomic re-check: a consumer with something pending is never deleted.
+    assert await prune_consumer(r, stream, group, "holder", min_idle_ms=0) is False
+    assert (await r.xpending(stream, group))["pending"] == 1
+
+
+async def test_maintenance_sets_the_pending_gauge(r: Any, keys: Keys) -> None:
+    _, requests = await batch_with_wave(r, keys)
+    await r.xgroup_create(keys.requests, LPS_GROUP, id="0", mkstream=True)
+    await deliver_to(r, keys.requests, LPS_GROUP, "lps-busy")
+    worker = LPSWorker(
+        r,
+        keys,
+        "lps-m",
+        lambda _: RecordingJudge(r, keys.requests, "x"),
+        processing_timeout_s=3600,
+        dead_consumer_after_s=3600,
+    )
+    await worker.start()
+    try:
+        await worker.maintain()
+    finally:
+        await worker.close()
+    value = REGISTRY.get_sample_value(
+        "lps_pending_entries", {"stream": "lps:requests", "group": "lps"}
+    )
+    assert value == len(requests)
+    cj = CJConsumer(r, keys, "cj-m")
+    await cj.start()
+    await cj.maintain()
+    assert (
+        REGISTRY.get_sample_value("lps_pending_entries", {"stream": "cj:callbacks", "group": "cj"})
+        == 0
+    )
