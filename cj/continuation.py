@@ -35,6 +35,7 @@ from events.types import (
     PairRequest,
     WaveSubmitted,
     Winner,
+    essay_reference,
     new_id,
 )
 from projections import keys as pkeys
@@ -165,7 +166,9 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     )
     if not planned:
         return None
-    essays = {e.essay_id: e for e in state.essays}
+    # Requests name essays by id and text hash; LPS reads the text registered with the batch.
+    used = {essay_id for pair in planned for essay_id in pair}
+    essays = {e.essay_id: essay_reference(e) for e in state.essays if e.essay_id in used}
     pairs = [PairRequest(new_id(), a, b) for a, b in planned]
     bundle = max(1, min(len(pairs), MAX_BUNDLE_SIZE))
     requests = [

@@ -103,6 +103,13 @@ async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | 
     return {name: value for name, value in zip(names, values, strict=True) if value}
 
 
+async def load_essays(r: Any, keys: Keys, batch_id: str) -> list[Essay] | None:
+    """The batch's essays with their texts, as registered (None when the batch has no live
+    projection): the per-batch essay store LPS resolves requests' essay references from."""
+    raw = await r.hget(pkeys.batch_docs(keys, batch_id), "essays")
+    return None if raw is None else _essays.decode(raw)
+
+
 async def load_state(r: Any, keys: Keys, batch_id: str) -> BatchState | None:
     return decode_state(await read_raw(r, keys, batch_id), keys, batch_id)
 
