@@ -11,11 +11,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cj.grade_scales import resolve_scale
-from events import codec
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import default_model, provider_problems
 from projections.batch import register
-from projections.store import queue_state_write
+from projections.store import queue_registration, queue_state_write
 from streams.keys import Keys
 
 
@@ -164,8 +163,9 @@ def build_registration(
 
 
 async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
-    """Append `BatchRegistered` and write its projection in one MULTI/EXEC."""
+    """Append `BatchRegistered` (with its range hints) and write its projection in one
+    MULTI/EXEC."""
     async with r.pipeline(transaction=True) as pipe:
-        pipe.xadd(keys.batches, codec.encode(event))
+        queue_registration(pipe, keys, event)
         queue_state_write(pipe, keys, register(event), full=True)
         await pipe.execute()

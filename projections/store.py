@@ -9,8 +9,10 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from events import codec
+from events.streams import STREAMS
 from events.text import as_str
-from events.types import BatchConfig, BatchScored, Callback, Essay
+from events.types import BatchConfig, BatchRegistered, BatchScored, Callback, Essay
 from projections import keys as pkeys
 from projections.batch import COUNTERS, BatchState, corr_value
 from streams.keys import Keys
@@ -32,6 +34,35 @@ TEXT_FIELDS = (
     "failure_message",
     "completed_at",
 )
+
+
+# Append `BatchRegistered` and record, in the same atomic step, where the batch begins in every
+# stream (its range hints): its own entry in the first stream, and the last entry of each other
+# stream, which every later entry (the batch's included) follows, ids only growing in a stream.
+# KEYS: 1 range hash, 2.. the streams (cj:batches first); ARGV: 1 data, 2.. their names.
+REGISTER_LUA = """
+local id = redis.call('XADD', KEYS[2], '*', 'type', 'BatchRegistered', 'data', ARGV[1])
+redis.call('HSET', KEYS[1], 'first:' .. ARGV[2], id)
+for i = 3, #KEYS do
+  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  local after = '0-0'
+  if #last > 0 then after = last[1][1] end
+  redis.call('HSET', KEYS[1], 'after:' .. ARGV[i], after)
+end
+return id
+"""
+
+
+def queue_registration(pipe: Any, keys: Keys, event: BatchRegistered) -> None:
+    """Buffer the append of `BatchRegistered` with its range hints (inside MULTI)."""
+    pipe.eval(
+        REGISTER_LUA,
+        1 + len(STREAMS),
+        pkeys.batch_range(keys, event.batch_id),
+        *(keys.stream(name) for name in STREAMS),
+        codec.encode_json(event),
+        *STREAMS,
+    )
 
 
 def scalar_fields(state: BatchState) -> dict[str, str]:
@@ -167,6 +198,7 @@ class CallbackApplier:
                 pkeys.batch_orphans(k, b),
                 k.callbacks,
                 pkeys.stats(k),
+                pkeys.batch_range(k, b),
             ],
             args=[
                 self._group,

@@ -32,16 +32,16 @@ def raw_client(r: Any) -> Any:
 
 
 async def read_pages(
-    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+"
+    r: Any, stream: str, *, page: int = PAGE, max_id: str = "+", min_id: str = "-"
 ) -> AsyncIterator[list[Any]]:
-    """Pages of `stream` up to `max_id` (XRANGE ... COUNT), the next page read while the caller
-    works on the current one."""
+    """Pages of `stream` from `min_id` up to `max_id` (XRANGE ... COUNT), the next page read
+    while the caller works on the current one."""
 
     async def fetch(start: str) -> list[Any]:
         result: list[Any] = await r.xrange(stream, min=start, max=max_id, count=page)
         return result
 
-    task = asyncio.ensure_future(fetch("-"))
+    task = asyncio.ensure_future(fetch(min_id))
     try:
         while True:
             entries = await task
@@ -58,8 +58,10 @@ async def read_pages(
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def read_stream(r: Any, stream: str, *, page: int = PAGE) -> AsyncIterator[tuple[str, Any]]:
-    """Every entry of `stream` in order, as (entry id, fields)."""
-    async for entries in read_pages(r, stream, page=page):
+async def read_stream(
+    r: Any, stream: str, *, page: int = PAGE, min_id: str = "-", max_id: str = "+"
+) -> AsyncIterator[tuple[str, Any]]:
+    """Every entry of `stream` (from `min_id` to `max_id`) in order, as (entry id, fields)."""
+    async for entries in read_pages(r, stream, page=page, min_id=min_id, max_id=max_id):
         for entry_id, fields in entries:
             yield as_str(entry_id), fields
