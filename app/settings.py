@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,14 @@ class Settings(BaseSettings):
     # Retries of one Redis command by the client before the worker loop backs off itself.
     redis_retries: int = Field(default=8, ge=0)
     log_format: str = "auto"
+    # Bounded memory (app/retention.py): finished batches are archived this long after their
+    # end, then trimmed from the streams; dead letters are kept this long.
+    retention_s: float = Field(default=86400.0, ge=0)
+    archive_url: str = "archive"
+    # fsspec storage options of the archive store, as JSON (e.g. {"endpoint_url": ...}).
+    archive_options: dict[str, Any] = Field(default_factory=dict)
+    archive_interval_s: float = Field(default=300.0, gt=0)
+    dlq_retention_s: float = Field(default=30 * 86400.0, ge=0)
 
 
 def consumer_name(role: str) -> str:

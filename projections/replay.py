@@ -194,7 +194,8 @@ Range = tuple[str, str] | None  # (min id, max id) to read; None: nothing to rea
 ALL: Range = ("-", "+")
 
 
-def _lower(hints: Mapping[str, str], name: str) -> str:
+def range_start(hints: Mapping[str, str], name: str) -> str:
+    """Where the batch with range `hints` starts in stream `name` (`-`: not known)."""
     if f"first:{name}" in hints:
         return hints[f"first:{name}"]
     if f"after:{name}" in hints:
@@ -224,7 +225,7 @@ def replay_ranges(
         lows: list[str] = []
         highs: list[str] = []
         for batch_id, h in hints.items():
-            lows.append(_lower(h, name))
+            lows.append(range_start(h, name))
             live = scalars.get(batch_id, {})
             if name == BATCHES or live.get("status") not in TERMINAL:
                 highs.append("+")  # a running batch's range ends now

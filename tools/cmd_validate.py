@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from app import errors, sample, settings
-from app.runs import load_runs, registration_for, run_modes
+from app.runs import batch_runs, load_runs, registration_for, run_modes
 from app.validation import MODES, analyse, compare, label_runs
 from cj.registration import InputError, build_registration, parse_input
 from lps.providers.mock import PROFILES, profile_from_env
@@ -56,6 +56,13 @@ from tools import common
     help="Compare two recorded runs (cjs export files) instead.",
 )
 @click.option(
+    "--batches",
+    "batch_ids",
+    nargs=2,
+    default=None,
+    help="Compare two batches of the namespace (live, or read from the archive) instead.",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -72,6 +79,7 @@ def validate(
     essays: int | None,
     budget: int | None,
     run_files: tuple[Path, Path] | None,
+    batch_ids: tuple[str, str] | None,
     report_dir: Path | None,
     timeout: float,
     as_json: bool,
@@ -81,8 +89,12 @@ def validate(
     late/duplicate/orphan callbacks, provider calls, bundles, tokens, Spearman between the modes'
     θ and grade agreement. Exits 1 when a run's counters disagree with its events."""
     common.quiet_logs(True)
+    if run_files and batch_ids:
+        raise click.UsageError("choose one of --runs and --batches")
     if run_files:
         runs = asyncio.run(load_runs(list(run_files)))
+    elif batch_ids:
+        runs = common.run(lambda: batch_runs(settings.load(), list(batch_ids)))
     else:
         wanted = [m.strip() for m in modes.split(",") if m.strip()]
         bad = [m for m in wanted if m not in MODES]
@@ -118,9 +130,9 @@ def validate(
     scale = runs[0].state.config.grade_scale
     comparison = compare(views[labels[0]], views[labels[1]], scale) if len(labels) >= 2 else None
     out = {
-        "source": "recorded runs" if run_files else "in-process runs",
-        "profile": None if run_files else profile_from_env(profile).name,
-        "seed": None if run_files else seed,
+        "source": "recorded runs" if run_files else "batches" if batch_ids else "in-process runs",
+        "profile": None if run_files or batch_ids else profile_from_env(profile).name,
+        "seed": None if run_files or batch_ids else seed,
         "modes": views,
         "comparison": comparison,
     }
