@@ -40,7 +40,7 @@ from events.types import (
 )
 from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event
-from projections.store import immediate_load, queue_state_write
+from projections.store import immediate_load, queue_batch_event, queue_state_write
 from streams.keys import Keys
 
 log = structlog.get_logger("cj.continuation")
@@ -261,7 +261,7 @@ def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision)
     for request in decision.requests:
         pipe.xadd(keys.requests, codec.encode(request))
     for event in decision.events:
-        pipe.xadd(keys.batches, codec.encode(event))
+        queue_batch_event(pipe, keys, event)
         state = apply_batch_event(state, event)
         if isinstance(event, WaveSubmitted):
             touched.extend(p.correlation_id for p in event.pairs)

@@ -216,10 +216,10 @@ def replay_ranges(
 ) -> dict[str, Range]:
     """Per stream replay reads (`cj:batches`, `cj:callbacks`), the range holding the events of
     the batches whose range hints are `hints` (batch id -> hints): from the earliest start to
-    the end of the stream, or, when every batch is finished, to the latest last applied
-    callback. `scalars`: the batches' live projection hashes (status, callbacks_received); a
-    finished batch that applied callbacks but has no last-applied hint (a projection written
-    before hints) is read to the end of the stream."""
+    the end of the stream, or, when every batch is finished, to the latest end (its last
+    `cj:batches` event, its last applied callback). `scalars`: the batches' live projection
+    hashes (status, callbacks_received); a finished batch without an end hint (a projection
+    written before hints) is read to the end of the stream."""
     out: dict[str, Range] = {}
     for name in (BATCHES, CALLBACKS):
         lows: list[str] = []
@@ -227,10 +227,12 @@ def replay_ranges(
         for batch_id, h in hints.items():
             lows.append(range_start(h, name))
             live = scalars.get(batch_id, {})
-            if name == BATCHES or live.get("status") not in TERMINAL:
+            if live.get("status") not in TERMINAL:
                 highs.append("+")  # a running batch's range ends now
             elif f"last:{name}" in h:
                 highs.append(h[f"last:{name}"])
+            elif name == BATCHES:
+                highs.append("+")  # finished before its end was recorded
             elif f"first:{BATCHES}" in h and live.get("callbacks_received", "0") == "0":
                 continue  # registered with hints and nothing applied: no callback to read
             else:

@@ -10,9 +10,18 @@ import msgspec
 import redis.asyncio as aioredis
 
 from events import codec
-from events.streams import STREAMS
+from events.streams import BATCHES, STREAMS
 from events.text import as_str
-from events.types import BatchConfig, BatchRegistered, BatchScored, Callback, Essay
+from events.types import (
+    BatchConfig,
+    BatchEvent,
+    BatchFailed,
+    BatchFinalized,
+    BatchRegistered,
+    BatchScored,
+    Callback,
+    Essay,
+)
 from projections import keys as pkeys
 from projections.batch import COUNTERS, BatchState, corr_value
 from streams.keys import Keys
@@ -63,6 +72,34 @@ def queue_registration(pipe: Any, keys: Keys, event: BatchRegistered) -> None:
         codec.encode_json(event),
         *STREAMS,
     )
+
+
+# Append a batch's last `cj:batches` event (BatchFinalized / BatchFailed) and record its id as
+# where the batch ends in that stream (a range hint), in one atomic step.
+# KEYS: 1 range hash, 2 cj:batches; ARGV: 1 type, 2 data, 3 the stream's name.
+_LAST_LUA = """
+local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
+redis.call('HSET', KEYS[1], 'last:' .. ARGV[3], id)
+return id
+"""
+
+
+def queue_batch_event(pipe: Any, keys: Keys, event: BatchEvent) -> None:
+    """Buffer the append of a `cj:batches` event of a running batch (inside MULTI); the one
+    that ends it also records its id in the batch's range hints."""
+    if isinstance(event, BatchFinalized | BatchFailed):
+        fields = codec.encode(event)
+        pipe.eval(
+            _LAST_LUA,
+            2,
+            pkeys.batch_range(keys, event.batch_id),
+            keys.batches,
+            fields["type"],
+            fields["data"],
+            BATCHES,
+        )
+    else:
+        pipe.xadd(keys.batches, codec.encode(event))
 
 
 def scalar_fields(state: BatchState) -> dict[str, str]:
