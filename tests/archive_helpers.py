@@ -159,7 +159,11 @@ async def assert_archives_replay_to_before(r: Any, keys: Keys, before: Before, r
     for batch_id, manifest in manifests.items():
         path = Path(manifest.url.removeprefix("file://"))
         assert path.is_relative_to(root)
-        lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
-        state = fold_file(parse_export(lines, str(path)))[batch_id]
-        assert expected_of(state, keys) == before.projections[batch_id], batch_id
+        assert_replays_to(gzip.decompress(path.read_bytes()), batch_id, keys, before)
     return len(manifests)
+
+
+def assert_replays_to(archive: bytes, batch_id: str, keys: Keys, before: Before) -> None:
+    """An archive file's lines (uncompressed) replay to the projection `before` recorded."""
+    state = fold_file(parse_export(archive.splitlines(keepends=True), batch_id))[batch_id]
+    assert expected_of(state, keys) == before.projections[batch_id], batch_id
