@@ -71,7 +71,7 @@ class EssayStore:
                     f"essay {essay.essay_id!r}: the stored text's sha256 {found[1][:12]}… is "
                     f"not the {essay.sha256[:12]}… the request names",
                 )
-            resolved.append(msgspec.structs.replace(essay, text=found[0].text))
+            resolved.append(msgspec.structs.replace(found[0], sha256=essay.sha256))
         return msgspec.structs.replace(req, essay_a=resolved[0], essay_b=resolved[1])
 
     @staticmethod
