@@ -1,5 +1,4 @@
-"""Reading one batch's projection for a front end (the CLI, later a dashboard); an archived
-batch's state is replayed from its archive instead."""
+"""Reading one batch's projection for a front end (the CLI, later a dashboard)."""
 
 from __future__ import annotations
 
@@ -47,12 +46,11 @@ def mark_archived(view: T, manifest: Manifest | None) -> T:
 
 
 async def read_view(settings: Settings, batch_id: str, view: Callable[[BatchState], T]) -> T:
-    """Load one batch (live or archived) from REDIS_URL and build a view of it."""
+    """Load one batch (live, or archived: from its archive) from REDIS_URL and build a view."""
     r = await open_redis(settings)
     try:
-        state, manifest = await load_batch(
-            r, keys_for(settings), batch_id, settings.archive_options
-        )
+        keys = keys_for(settings)
+        state, manifest = await load_batch(r, keys, batch_id, settings.archive_options)
         return mark_archived(view(state), manifest)
     finally:
         await r.aclose()

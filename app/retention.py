@@ -593,12 +593,16 @@ async def run_archiver(
     """The archiving part of the `reaper` worker role: a pass every `every_s` until `stop`.
     Safe beside another archiver: a batch is committed under WATCH, trimming is idempotent."""
     while not stop.is_set():
+        backlog = False
         try:
-            await run_pass(
+            report = await run_pass(
                 r, keys, store, older_than_s=older_than_s, dlq_retention_s=dlq_retention_s
             )
+            # A pass archives at most MAX_BATCHES_PER_PASS: a backlog goes on at once.
+            backlog = len(report.archived) >= MAX_BATCHES_PER_PASS
         except REDIS_DOWN as exc:
             log.warning("archiver_redis_unavailable", error=str(exc)[:200])
         except Exception:  # a bug, or the store unreachable: try again at the next pass
             log.exception("archiver_error")
-        await sleep_unless(stop, every_s)
+        if not backlog:
+            await sleep_unless(stop, every_s)
