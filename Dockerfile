@@ -17,6 +17,7 @@ COPY cj ./cj
 COPY lps ./lps
 COPY app ./app
 COPY tools ./tools
+COPY web ./web
 # The s3 extra: the archive store may be an S3 (or compatible) bucket. /archive is the default
 # archive directory (a volume in compose.yaml), owned by the user the workers run as.
 RUN pip install "./[s3]" \
@@ -29,6 +30,8 @@ RUN pip install "./[s3]" \
 # without reading the image's /etc/passwd.
 USER 10001:10001
 EXPOSE 9100
+# `cjs dashboard --host 0.0.0.0 --port 8080` (compose's dashboard service)
+EXPOSE 8080
 # SIGTERM drains in-flight work; compose gives it stop_grace_period to do so.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cjs"]

@@ -1,4 +1,4 @@
-"""Reading one batch's projection for a front end (the CLI, later a dashboard)."""
+"""Reading batches' projections for a front end (the CLI, the dashboard)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from app.archive import Manifest, archived_manifest, archived_state
 from app.connection import open_redis
 from app.errors import NotFound
 from app.settings import Settings, keys_for
+from app.views import status_view
+from events.text import as_str
+from projections import keys as pkeys
 from projections.batch import BatchState
-from projections.store import load_state
+from projections.store import decode_state, list_batches, load_state
 from streams.keys import Keys
 
 T = TypeVar("T")
@@ -54,3 +57,42 @@ async def read_view(settings: Settings, batch_id: str, view: Callable[[BatchStat
         return mark_archived(view(state), manifest)
     finally:
         await r.aclose()
+
+
+# Fields of `status_view` that need the essays or the correlation map, left out of list rows.
+_HEAVY = ("essays", "anchors", "orphan_correlation_ids")
+
+
+async def batch_rows(r: Any, keys: Keys, *, status: str | None = None) -> list[dict[str, Any]]:
+    """Every batch (or those with `status`) as `status_view` shows it, without the fields that
+    need its essays or correlation map: a list reads two small hashes per batch, newest first."""
+    batch_ids = await list_batches(r, keys)
+    async with r.pipeline(transaction=False) as pipe:
+        for batch_id in batch_ids:
+            pipe.hgetall(pkeys.batch(keys, batch_id))
+            pipe.hget(pkeys.batch_docs(keys, batch_id), "config")
+        replies = await pipe.execute()
+    rows = []
+    for k, batch_id in enumerate(batch_ids):
+        scalars, config = replies[2 * k], replies[2 * k + 1]
+        if not scalars or config is None:
+            continue
+        state = decode_state(
+            {
+                pkeys.batch(keys, batch_id): scalars,
+                pkeys.batch_docs(keys, batch_id): {"essays": b"[]", "config": config},
+            },
+            keys,
+            batch_id,
+        )
+        if state is None or (status is not None and state.status != status):
+            continue
+        view = status_view(state)
+        for name in _HEAVY:
+            view.pop(name)
+        extra = {as_str(f): as_str(v) for f, v in scalars.items()}
+        if "cost_usd" in extra:  # the batch's cost, where the projection keeps one (issue 10)
+            view["cost_usd"] = float(extra["cost_usd"])
+        rows.append(view)
+    rows.reverse()
+    return rows

@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # Retries of one Redis command by the client before the worker loop backs off itself.
     redis_retries: int = Field(default=8, ge=0)
     log_format: str = "auto"
+    # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.
+    dashboard_token: SecretStr | None = None
     # Bounded memory (app/retention.py): finished batches are archived this long after their
     # end, then trimmed from the streams; dead letters are kept this long.
     retention_s: float = Field(default=86400.0, ge=0)

@@ -1,6 +1,7 @@
-"""What `cjs stuck` shows and does: the pending entries of every consumer group, the entries
-stuck longer than a threshold, stalled batches and dead letters (`collect`, read-only), and one
-cleanup pass now (`reclaim`)."""
+"""What `cjs stuck` shows and does: the streams and their consumer groups, the entries stuck
+longer than a threshold, stalled batches and dead letters (`collect`, read-only; `summary` is all
+of it but the entries), one cleanup pass now (`reclaim`), and one entry's action
+(`act_on_entry`: reclaim now, expire, dead-letter), which the dashboard calls too."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from app.errors import Conflict, InputError, NotFound
 from app.settings import Settings, consumer_name
 from app.wiring import cj_consumer, lps_worker
 from cj.continuation import Decision
 from cj.stalls import finalize_stalled, find_stalled, stalled_view
 from events import codec
-from events.streams import CONSUMED, STREAMS
+from events.streams import CALLBACKS, CONSUMED, REQUESTS, STREAMS, dlq_name
 from events.text import as_str
 from events.types import (
     BatchScored,
@@ -24,8 +26,17 @@ from events.types import (
     Event,
 )
 from lps.providers.registry import make_provider
+from streams.dlq import dead_letter
 from streams.keys import Keys
-from streams.pending import StuckAction, pending_details, prune_consumer
+from streams.pending import (
+    HANDOFF_CONSUMER,
+    Claimed,
+    StuckAction,
+    claim_ids,
+    hand_over,
+    pending_details,
+    prune_consumer,
+)
 
 
 def _unknown(**why: Any) -> dict[str, Any]:
@@ -55,33 +66,109 @@ def describe(fields: Any) -> dict[str, Any]:
 # --- the snapshot -------------------------------------------------------------------------------
 
 
-async def collect(
-    r: Any, keys: Keys, *, idle_s: float, batch_idle_s: float, limit: int = 1000
-) -> dict[str, Any]:
-    """The dashboard as one JSON-ready object (read-only: creates nothing)."""
+async def summary(
+    r: Any,
+    keys: Keys,
+    *,
+    batch_idle_s: float,
+    dead_after_s: float,
+    limit: int = 1000,
+) -> tuple[dict[str, Any], list[list[dict[str, Any]]]]:
+    """Everything `collect` shows but the stuck entries (what the dashboard's overview shows),
+    and the pending rows (up to `limit` per group) each group's figures were computed from."""
     groups: list[dict[str, Any]] = []
-    stuck: list[dict[str, Any]] = []
-    truncated = False
+    rows_per_group: list[list[dict[str, Any]]] = []
     for stream_name, group in CONSUMED:
-        view, rows = await _group_view(r, keys, stream_name, group, limit)
+        view, rows = await _group_view(r, keys, stream_name, group, limit, dead_after_s)
         groups.append(view)
-        truncated = truncated or len(rows) < view["pending"]
-        stuck += await _stuck_entries(r, keys, stream_name, group, rows, idle_s)
+        rows_per_group.append(rows)
     now = datetime.now(UTC)
     stalled = [
         stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
     ]
-    return {
+    view = {
         "prefix": keys.prefix,
         "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "idle_threshold_s": idle_s,
         "batch_idle_timeout_s": batch_idle_s,
+        "dead_consumer_after_s": dead_after_s,
+        "streams": await stream_views(r, keys),
         "groups": groups,
-        "stuck": stuck,
-        "stuck_truncated": truncated,
         "stalled_batches": stalled,
         "dead_letters": await _dead_letter_counts(r, keys),
     }
+    return view, rows_per_group
+
+
+async def collect(
+    r: Any,
+    keys: Keys,
+    *,
+    idle_s: float,
+    batch_idle_s: float,
+    limit: int = 1000,
+    dead_after_s: float | None = None,
+) -> dict[str, Any]:
+    """The `cjs stuck` view as one JSON-ready object (read-only: creates nothing). A consumer
+    idle `dead_after_s` (default `idle_s`) is judged dead."""
+    view, rows_per_group = await summary(
+        r,
+        keys,
+        batch_idle_s=batch_idle_s,
+        dead_after_s=idle_s if dead_after_s is None else dead_after_s,
+        limit=limit,
+    )
+    stuck: list[dict[str, Any]] = []
+    truncated = False
+    for g, rows in zip(view["groups"], rows_per_group, strict=True):
+        truncated = truncated or len(rows) < g["pending"]
+        stuck += await _stuck_entries(r, keys, g["stream"], g["group"], rows, idle_s)
+    return {
+        **view,
+        "idle_threshold_s": idle_s,
+        "stuck": stuck,
+        "stuck_truncated": truncated,
+    }
+
+
+async def stream_views(r: Any, keys: Keys) -> list[dict[str, Any]]:
+    """Per stream (and its dead letters): length, entries ever added, first and last entry id."""
+    names = [name for stream in STREAMS for name in (stream, dlq_name(stream))]
+    out = []
+    for name in names:
+        try:
+            info = await r.xinfo_stream(keys.stream(name))
+        except ResponseError:  # no such stream
+            out.append({"stream": name, "exists": False, "length": 0, "entries_added": 0})
+            continue
+        added = info.get("entries-added")
+        out.append(
+            {
+                "stream": name,
+                "exists": True,
+                "length": int(info["length"]),
+                # Redis < 7 does not count them.
+                "entries_added": None if added is None else int(added),
+                "first_entry_id": _entry_id(info.get("first-entry")),
+                "last_entry_id": as_str(info["last-generated-id"]),
+                "groups": int(info.get("groups", 0)),
+            }
+        )
+    return out
+
+
+def _entry_id(entry: Any) -> str | None:
+    return as_str(entry[0]) if entry else None
+
+
+def verdict(consumer: str, pending: int, idle_s: float, dead_after_s: float) -> str:
+    """live (reading, nothing pending), busy (reading or working, holds entries), dead (no
+    read or claim for `dead_after_s`, the processing timeout), or handoff (the `released`
+    consumer: entries handed back for the next worker to take)."""
+    if consumer == HANDOFF_CONSUMER:
+        return "handoff"
+    if idle_s >= dead_after_s:
+        return "dead"
+    return "busy" if pending else "live"
 
 
 async def _group_info(r: Any, stream: str, group: str) -> dict[str, Any] | None:
@@ -96,13 +183,20 @@ async def _group_info(r: Any, stream: str, group: str) -> dict[str, Any] | None:
 
 
 async def _group_view(
-    r: Any, keys: Keys, stream_name: str, group: str, limit: int
+    r: Any, keys: Keys, stream_name: str, group: str, limit: int, dead_after_s: float
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One group's summary, and the details of up to `limit` of its pending entries."""
     stream = keys.stream(stream_name)
     info = await _group_info(r, stream, group)
     if info is None:
-        absent = {"exists": False, "pending": 0, "lag": None, "oldest_idle_s": None}
+        absent = {
+            "exists": False,
+            "pending": 0,
+            "lag": None,
+            "entries_read": None,
+            "last_delivered_id": None,
+            "oldest_idle_s": None,
+        }
         return {"stream": stream_name, "group": group, **absent, "consumers": []}, []
     summary = await r.xpending(stream, group)
     pending = int(summary["pending"]) if summary else 0
@@ -110,14 +204,17 @@ async def _group_view(
     oldest: dict[str, float] = {}
     for row in rows:
         oldest[row["consumer"]] = max(oldest.get(row["consumer"], 0.0), row["idle_ms"] / 1000)
-    consumers = await _consumers(r, stream, group, oldest)
+    consumers = await _consumers(r, stream, group, oldest, dead_after_s)
     lag = info.get("lag")
+    read = info.get("entries-read")
     view = {
         "stream": stream_name,
         "group": group,
         "exists": True,
         "pending": pending,
         "lag": None if lag is None else int(lag),
+        "entries_read": None if read is None else int(read),
+        "last_delivered_id": as_str(info["last-delivered-id"]),
         "oldest_idle_s": round(max(oldest.values()), 3) if oldest else None,
         "consumers": consumers,
     }
@@ -125,17 +222,20 @@ async def _group_view(
 
 
 async def _consumers(
-    r: Any, stream: str, group: str, oldest: dict[str, float]
+    r: Any, stream: str, group: str, oldest: dict[str, float], dead_after_s: float
 ) -> list[dict[str, Any]]:
     out = []
     for c in await r.xinfo_consumers(stream, group):
         name = as_str(c["name"])
+        pending = int(c["pending"])
+        idle_s = round(int(c["idle"]) / 1000, 3)
         out.append(
             {
                 "consumer": name,
-                "pending": int(c["pending"]),
-                "idle_s": round(int(c["idle"]) / 1000, 3),
+                "pending": pending,
+                "idle_s": idle_s,
                 "oldest_pending_idle_s": round(oldest[name], 3) if name in oldest else None,
+                "verdict": verdict(name, pending, idle_s, dead_after_s),
             }
         )
     return out
@@ -154,17 +254,22 @@ async def _stuck_entries(
             pipe.xrange(stream, min=row["entry_id"], max=row["entry_id"], count=1)
         found = await pipe.execute()
     return [
-        {
-            "stream": stream_name,
-            "group": group,
-            "entry_id": row["entry_id"],
-            "consumer": row["consumer"],
-            "idle_s": round(row["idle_ms"] / 1000, 3),
-            "deliveries": row["deliveries"],
-            **(describe(hit[0][1]) if hit else _unknown(deleted=True)),
-        }
+        _entry_view(stream_name, group, row, hit[0][1] if hit else None)
         for row, hit in zip(over, found, strict=True)
     ]
+
+
+def _entry_view(stream_name: str, group: str, row: dict[str, Any], fields: Any) -> dict[str, Any]:
+    """One pending row with what its entry is about (`fields` None: the entry was deleted)."""
+    return {
+        "stream": stream_name,
+        "group": group,
+        "entry_id": row["entry_id"],
+        "consumer": row["consumer"],
+        "idle_s": round(row["idle_ms"] / 1000, 3),
+        "deliveries": row["deliveries"],
+        **(describe(fields) if fields is not None else _unknown(deleted=True)),
+    }
 
 
 async def _dead_letter_counts(r: Any, keys: Keys) -> dict[str, int]:
@@ -174,6 +279,149 @@ async def _dead_letter_counts(r: Any, keys: Keys) -> dict[str, int]:
         if n:
             counts[stream_name] = n
     return counts
+
+
+# --- one page of pending entries (the dashboard's stuck page) ---------------------------------
+
+PAGE_SIZE = 50
+# With a batch filter, a page looks at most this many pending rows before it returns what it has
+# (and where to go on from): a page costs a bounded number of XPENDING/XRANGE replies.
+SCAN_LIMIT = 2000
+
+
+# The fields of the given entries in one call (one XRANGE each, inside Redis), keeping only
+# those whose field values contain ARGV[1] (when it is not empty): a batch filter then costs one
+# round trip and a reply of the matches, not one XRANGE reply per pending row. An entry deleted
+# meanwhile is returned as [id, false], unless filtering. KEYS: 1 stream; ARGV: 1 needle, ids.
+_ENTRIES_LUA = """
+local out = {}
+for i = 2, #ARGV do
+  local e = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
+  if #e == 0 then
+    if ARGV[1] == '' then table.insert(out, {ARGV[i], false}) end
+  else
+    local f = e[1][2]
+    local keep = ARGV[1] == ''
+    if not keep then
+      for j = 2, #f, 2 do
+        if string.find(f[j], ARGV[1], 1, true) then keep = true break end
+      end
+    end
+    if keep then table.insert(out, {ARGV[i], f}) end
+  end
+end
+return out
+"""
+
+
+async def _entries_of(
+    r: Any, stream: str, rows: list[dict[str, Any]], needle: str | None
+) -> dict[str, dict[bytes, bytes] | None]:
+    """Entry id -> fields (None: deleted) of the rows' entries, those mentioning `needle` only."""
+    if not rows:
+        return {}
+    reply = await r.eval(_ENTRIES_LUA, 1, stream, needle or "", *[row["entry_id"] for row in rows])
+    out: dict[str, dict[bytes, bytes] | None] = {}
+    for item in reply:
+        flat = item[1] if len(item) > 1 else None
+        out[as_str(item[0])] = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
+    return out
+
+
+async def stuck_page(
+    r: Any,
+    keys: Keys,
+    *,
+    stream_name: str,
+    min_idle_s: float = 0.0,
+    consumer: str | None = None,
+    batch_id: str | None = None,
+    after: str | None = None,
+    size: int = PAGE_SIZE,
+) -> dict[str, Any]:
+    """One page of the pending entries of `stream_name`'s group idle `min_idle_s` or more,
+    oldest entry first from after the entry id `after`, optionally of one consumer (XPENDING's
+    own filters) and of one batch (read from each entry). Never lists the whole group: the
+    rows come by XPENDING ranges of at most `size` (`SCAN_LIMIT` with a batch filter), and
+    `next_after` says where the next page starts (None at the end)."""
+    group = _GROUP_OF.get(stream_name)
+    if group is None:
+        raise InputError(
+            f"no consumer group reads {stream_name!r}: choose one of {list(_GROUP_OF)}"
+        )
+    stream = keys.stream(stream_name)
+    head: dict[str, Any] = {
+        "stream": stream_name,
+        "group": group,
+        "min_idle_s": min_idle_s,
+        "consumer": consumer,
+        "batch_id": batch_id,
+        "after": after,
+        "size": size,
+    }
+    if await _group_info(r, stream, group) is None:
+        return {
+            **head,
+            "exists": False,
+            "pending": 0,
+            "consumers": {},
+            "entries": [],
+            "next_after": None,
+            "scanned": 0,
+        }
+    summary_reply = await r.xpending(stream, group)
+    per_consumer = {
+        as_str(c["name"]): int(c["pending"]) for c in (summary_reply or {}).get("consumers") or []
+    }
+    kwargs: dict[str, Any] = {"idle": int(min_idle_s * 1000)}
+    if consumer:
+        kwargs["consumername"] = consumer
+    entries: list[dict[str, Any]] = []
+    start = f"({after}" if after else "-"
+    scanned = 0
+    next_after: str | None = None
+    while len(entries) < size and scanned < SCAN_LIMIT:
+        want = min(SCAN_LIMIT - scanned, 500) if batch_id else size - len(entries)
+        try:
+            reply = await r.xpending_range(stream, group, min=start, max="+", count=want, **kwargs)
+        except ResponseError as exc:  # a malformed `after`
+            raise InputError(f"bad page position {after!r}: {exc}") from exc
+        rows: list[dict[str, Any]] = [
+            {
+                "entry_id": as_str(row["message_id"]),
+                "consumer": as_str(row["consumer"]),
+                "idle_ms": int(row["time_since_delivered"]),
+                "deliveries": int(row["times_delivered"]),
+            }
+            for row in reply
+        ]
+        scanned += len(rows)
+        found = await _entries_of(r, stream, rows, batch_id)
+        for row in rows:
+            if row["entry_id"] not in found:
+                continue
+            e = _entry_view(stream_name, group, row, found[row["entry_id"]])
+            if batch_id and e["batch_id"] != batch_id:
+                continue
+            entries.append(e)
+            if len(entries) == size:
+                break
+        if len(rows) < want:
+            next_after = None
+            if len(entries) == size and entries[-1]["entry_id"] != rows[-1]["entry_id"]:
+                next_after = entries[-1]["entry_id"]
+            break
+        next_after = entries[-1]["entry_id"] if len(entries) == size else rows[-1]["entry_id"]
+        start = f"({next_after}"
+    return {
+        **head,
+        "exists": True,
+        "pending": int(summary_reply["pending"]) if summary_reply else 0,
+        "consumers": per_consumer,
+        "entries": entries,
+        "next_after": next_after,
+        "scanned": scanned,
+    }
 
 
 # --- the cleanup --------------------------------------------------------------------------------
@@ -239,3 +487,131 @@ def _ended(batch_id: str, decision: Decision) -> dict[str, Any]:
         "scored": any(isinstance(e, BatchScored) for e in decision.events),
         "abandoned": list(terminal.abandoned),
     }
+
+
+# --- one entry's action (the dashboard's buttons) -------------------------------------------------
+
+# What can be done to one pending entry, per stream: a request can also be expired (it ends as
+# RequestExpired + ComparisonFailed(expired), as after CJS_MAX_DELIVERIES); a callback cannot.
+ENTRY_ACTIONS: dict[str, tuple[str, ...]] = {
+    REQUESTS: ("reclaim", "expire", "dead_letter"),
+    CALLBACKS: ("reclaim", "dead_letter"),
+}
+_GROUP_OF = dict(CONSUMED)
+
+
+async def pending_row(r: Any, keys: Keys, stream_name: str, entry_id: str) -> dict[str, Any]:
+    """The pending row (consumer, idle_ms, deliveries) of one entry; NotFound when not pending."""
+    group = _GROUP_OF.get(stream_name)
+    if group is None:
+        raise InputError(
+            f"no consumer group reads {stream_name!r}: choose one of {list(_GROUP_OF)}"
+        )
+    try:
+        rows = await r.xpending_range(
+            keys.stream(stream_name), group, min=entry_id, max=entry_id, count=1
+        )
+    except ResponseError as exc:  # a malformed id, or no group yet
+        raise InputError(f"{stream_name} {entry_id!r}: {exc}") from exc
+    if not rows:
+        raise NotFound(f"{stream_name} {entry_id} is not pending (done, or handled meanwhile)")
+    row = rows[0]
+    return {
+        "entry_id": as_str(row["message_id"]),
+        "consumer": as_str(row["consumer"]),
+        "idle_ms": int(row["time_since_delivered"]),
+        "deliveries": int(row["times_delivered"]),
+    }
+
+
+async def act_on_entry(
+    r: Any,
+    keys: Keys,
+    s: Settings,
+    *,
+    stream_name: str,
+    entry_id: str,
+    action: str,
+    min_idle_s: float = 0.0,
+) -> dict[str, Any]:
+    """Do `action` to one pending entry now, if it is still idle `min_idle_s` (what the user saw:
+    an entry its consumer took up meanwhile is left alone, Conflict):
+
+    - `reclaim`: hand it to the live workers at once. It moves to the `released` consumer
+      marked idle for CJS_PROCESSING_TIMEOUT_S (its delivery count unchanged), so the next
+      reaper pass of any live worker of the group claims it and handles it as after a crash:
+      no provider call is made from here.
+    - `expire` (requests only): end it here as the workers do after CJS_MAX_DELIVERIES:
+      RequestExpired + ComparisonFailed(expired) appended with its XACK, so its batch goes on.
+    - `dead_letter`: move it to `dlq:<stream>` (reason `manual`) with its XACK, in one MULTI.
+
+    Returns what was done (the entry, its batch and correlation id, never essay text)."""
+    allowed = ENTRY_ACTIONS.get(stream_name)
+    if allowed is None:
+        raise InputError(
+            f"no consumer group reads {stream_name!r}: choose one of {list(_GROUP_OF)}"
+        )
+    if action not in allowed:
+        raise InputError(f"{action!r} is not an action on {stream_name}: one of {list(allowed)}")
+    row = await pending_row(r, keys, stream_name, entry_id)
+    group = _GROUP_OF[stream_name]
+    stream = keys.stream(stream_name)
+    min_idle_ms = int(min_idle_s * 1000)
+    fields = await r.xrange(stream, min=entry_id, max=entry_id, count=1)
+    about = describe(fields[0][1]) if fields else _unknown(deleted=True)
+    done = {
+        "stream": stream_name,
+        "group": group,
+        "entry_id": entry_id,
+        "action": action,
+        "consumer": row["consumer"],
+        "idle_s": round(row["idle_ms"] / 1000, 3),
+        "deliveries": row["deliveries"],
+        "batch_id": about["batch_id"],
+        "correlation_id": about["correlation_id"],
+    }
+    if action == "reclaim":
+        handed = await hand_over(
+            r,
+            stream,
+            group,
+            [entry_id],
+            min_idle_ms=min_idle_ms,
+            idle_ms=int(s.processing_timeout_s * 1000),
+        )
+        if not handed:
+            raise Conflict(f"{stream_name} {entry_id} is no longer idle {min_idle_s:g}s")
+        return {**done, "handed_to": HANDOFF_CONSUMER}
+    if action == "expire" and about["event_type"] != ComparisonRequested.__name__:
+        raise InputError(f"{stream_name} {entry_id} holds no request: dead-letter it instead")
+    consumer = consumer_name("dashboard")
+    try:
+        claimed = await claim_ids(r, stream, group, consumer, min_idle_ms, [row])
+        if not claimed:
+            raise Conflict(f"{stream_name} {entry_id} is no longer idle {min_idle_s:g}s")
+        if action == "expire":
+            await _expire_request(r, keys, s, consumer, claimed[0])
+        else:
+            detail = f"dead-lettered by hand after {row['deliveries']} deliveries"
+            await dead_letter(
+                r,
+                keys,
+                stream_name,
+                [(claimed[0].entry, codec.DecodeError("manual", detail))],
+                group,
+                consumer,
+            )
+    finally:
+        await prune_consumer(r, stream, group, consumer, min_idle_ms=0)
+    return done
+
+
+async def _expire_request(r: Any, keys: Keys, s: Settings, consumer: str, claimed: Claimed) -> None:
+    event = codec.decode(claimed.entry.fields)
+    assert isinstance(event, ComparisonRequested)  # checked before the claim
+    lps = lps_worker(r, keys, s, consumer, make_provider)
+    await lps.start()
+    try:
+        await lps.expire([(claimed, event)])
+    finally:
+        await lps.close()

@@ -182,6 +182,26 @@ async def claim_ids(
     return out
 
 
+async def hand_over(
+    r: Any,
+    stream: str,
+    group: str,
+    entry_ids: list[str],
+    *,
+    min_idle_ms: int,
+    idle_ms: int,
+) -> list[str]:
+    """Move pending entries idle `min_idle_ms` or more to `HANDOFF_CONSUMER`, marked idle for
+    `idle_ms` (the processing timeout: due for the next reclaim of any live worker), delivery
+    counts unchanged. Returns the ids moved; an entry taken up meanwhile is not."""
+    if not entry_ids:
+        return []
+    reply = await r.xclaim(
+        stream, group, HANDOFF_CONSUMER, min_idle_ms, entry_ids, idle=idle_ms, justid=True
+    )
+    return [as_str(i) for i in reply or []]
+
+
 async def pending_count(r: Any, stream: str, group: str) -> int:
     summary = await r.xpending(stream, group)
     return int(summary["pending"]) if summary else 0

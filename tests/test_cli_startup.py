@@ -32,9 +32,11 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r}))
 """
 
 
-def _heavy_imported(args: list[str], env: dict[str, str] | None = None) -> list[str]:
+def _heavy_imported(
+    args: list[str], env: dict[str, str] | None = None, heavy: tuple[str, ...] = HEAVY
+) -> list[str]:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE.format(heavy=set(HEAVY)), *args],
+        [sys.executable, "-c", PROBE.format(heavy=set(heavy)), *args],
         env={**os.environ, "REDIS_URL": "", **(env or {})},
         capture_output=True,
         text=True,
@@ -48,6 +50,12 @@ def _heavy_imported(args: list[str], env: dict[str, str] | None = None) -> list[
 @pytest.mark.parametrize("args", [["--help"], ["dlq", "--help"], ["status", "--help"]])
 def test_help_imports_neither_numpy_nor_scipy(args: list[str]) -> None:
     assert _heavy_imported(args) == []
+
+
+def test_help_and_the_dashboard_help_do_not_load_the_web_stack() -> None:
+    web = ("starlette", "uvicorn", "jinja2", "plotly", "web")
+    assert _heavy_imported(["--help"], heavy=web) == []
+    assert _heavy_imported(["dashboard", "--help"], heavy=(*web, *HEAVY)) == []
 
 
 @pytest.mark.redis

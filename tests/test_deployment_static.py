@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tomllib
@@ -152,3 +153,46 @@ def test_worker_down_alerts_count_compose_replicas() -> None:
         expr = " ".join(rules[alert]["expr"].split())
         assert f'count(up{{job="{job}"}} == 1) or vector(0)' in expr, expr
         assert re.search(rf"\) < {replicas - 0.5}\b", expr), (alert, replicas, expr)
+
+
+def test_the_dashboard_service_runs_a_command_the_cli_accepts_on_loopback_only() -> None:
+    service = _compose()["services"]["dashboard"]
+    result = CliRunner().invoke(main, [*service["command"], "--help"])
+    assert result.exit_code == 0, result.output
+    port = service["command"][service["command"].index("--port") + 1]
+    assert service["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert "CJS_DASHBOARD_TOKEN" in service["environment"]
+    assert "ANTHROPIC_API_KEY" not in service["environment"]
+
+
+def test_grafana_is_provisioned_with_a_dashboard_over_metrics_that_exist() -> None:
+    services = _compose()["services"]
+    mounts = {v.split(":")[1]: ROOT / v.split(":")[0] for v in services["grafana"]["volumes"]}
+    provisioning = mounts["/etc/grafana/provisioning"]
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards" / "cj-streams.yml").read_text())
+    folder = provider["providers"][0]["options"]["path"]
+    dashboards = list(mounts[folder].glob("*.json"))
+    assert dashboards
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    exporter = services["redis-exporter"]
+    assert "REDIS_EXPORTER_CHECK_STREAMS" in exporter["environment"]
+    assert jobs["redis"]["static_configs"][0]["targets"] == ["redis-exporter:9121"]
+    # Every series a panel asks for: one the project defines, or one of redis_exporter's.
+    ours = set(re.findall(r'"((?:lps|cj|events)_[a-z_]+)"', _sources()))
+    for path in dashboards:
+        board = json.loads(path.read_text())
+        exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+        assert len(exprs) >= 20
+        for expr in exprs:
+            for name in re.findall(r"\b((?:lps|cj|events|redis)_[a-z_]+)", expr):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert base in ours or name.startswith("redis_stream_") or name == "up", name
+
+
+def _sources() -> str:
+    return "\n".join(
+        p.read_text() for d in ("streams", "cj", "lps") for p in (ROOT / d).glob("*.py")
+    )

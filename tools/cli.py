@@ -32,6 +32,11 @@ COMMANDS: dict[str, Entry] = {
         "Archive finished batches to CJS_ARCHIVE_URL, then trim the streams below the oldest "
         "entry still needed, and expire old dead letters.",
     ),
+    "dashboard": Entry(
+        "cmd_dashboard",
+        "dashboard",
+        "Serve a web dashboard of the streams, stuck items, dead letters and batches.",
+    ),
     "demo": Entry(
         "cmd_demo",
         "demo",

@@ -10,7 +10,8 @@ import click
 
 from app import settings
 from app.connection import open_redis
-from app.stuck import collect, reclaim
+from app.stuck import act_on_entry, collect, reclaim
+from events.streams import CONSUMED, REQUESTS
 from tools import common
 
 
@@ -45,8 +46,8 @@ def render(view: dict[str, Any]) -> str:
         )
         for c in g["consumers"]:
             lines.append(
-                f"    {c['consumer']:<40} pending {c['pending']:>5}  idle {_dur(c['idle_s']):>7}"
-                f"  oldest pending {_dur(c['oldest_pending_idle_s']):>7}"
+                f"    {c['consumer']:<40} {c['verdict']:<7} pending {c['pending']:>5}  "
+                f"idle {_dur(c['idle_s']):>7}  oldest pending {_dur(c['oldest_pending_idle_s']):>7}"
             )
     lines.append("")
     stuck = view["stuck"]
@@ -82,6 +83,13 @@ def render(view: dict[str, Any]) -> str:
             "Dead letters: "
             + ", ".join(f"{k} {v}" for k, v in view["dead_letters"].items())
             + "  (cjs dlq)"
+        )
+    acted = view.get("acted")
+    if acted is not None:
+        lines.append("")
+        lines.append(
+            f"Done: {acted['action']} {acted['stream']} {acted['entry_id']} "
+            f"(held by {acted['consumer']}, batch {acted['batch_id'] or '-'})"
         )
     done = view.get("reclaimed")
     if done is not None:
@@ -145,6 +153,21 @@ def render(view: dict[str, Any]) -> str:
     show_default=True,
     help="Pending entries examined per group.",
 )
+@click.option(
+    "--act",
+    type=click.Choice(["reclaim", "expire", "dead_letter"]),
+    default=None,
+    help="Do this to the one pending entry --entry (as the dashboard's buttons do), then show.",
+)
+@click.option("--entry", "entry_id", default=None, metavar="ID", help="The entry --act is for.")
+@click.option(
+    "--stream",
+    "stream_name",
+    type=click.Choice([name for name, _ in CONSUMED]),
+    default=REQUESTS,
+    show_default=True,
+    help="The stream of --entry.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def stuck(
     idle_s: float | None,
@@ -153,6 +176,9 @@ def stuck(
     watch: bool,
     interval: float,
     limit: int,
+    act: str | None,
+    entry_id: str | None,
+    stream_name: str,
     as_json: bool,
 ) -> None:
     """Pending entries per stream and group, entries stuck longer than --idle (with their
@@ -163,33 +189,61 @@ def stuck(
     CJS_MAX_DELIVERIES), stuck callbacks are applied again (or dead-lettered), and each
     stalled batch ends as BatchFinalized (reason stalled, after a BatchScored) when its
     successful comparisons support a scoring, else as BatchFailed (reason stalled).
-    JSON: {groups, stuck: [{stream, group, entry_id, consumer, idle_s, deliveries,
-    correlation_id, batch_id, essay_ids}], stalled_batches, dead_letters[, reclaimed]}.
+    --act reclaim|expire|dead_letter --entry ID acts on one pending entry, if it is still idle
+    --idle (default 0): reclaim hands it to the live workers at once, expire ends a request
+    as ComparisonFailed(expired), dead_letter moves it to dlq:<stream>.
+    JSON: {streams, groups, stuck: [{stream, group, entry_id, consumer, idle_s, deliveries,
+    correlation_id, batch_id, essay_ids}], stalled_batches, dead_letters[, reclaimed][, acted]}.
     """
-    if watch and (as_json or do_reclaim):
+    if watch and (as_json or do_reclaim or act):
         raise click.UsageError("--watch shows a live view: use it without --json and --reclaim")
+    if (act is None) != (entry_id is None):
+        raise click.UsageError("--act and --entry go together")
     common.quiet_logs(as_json)
     s = settings.load()
     keys = settings.keys_for(s)
     idle = s.processing_timeout_s if idle_s is None else idle_s
     batch_idle = s.batch_idle_timeout_s if batch_idle_s is None else batch_idle_s
+    dead_after = s.processing_timeout_s
 
     async def once() -> dict[str, Any]:
         r = await open_redis(s)
         try:
+            acted = None
+            if act is not None and entry_id is not None:
+                acted = await act_on_entry(
+                    r,
+                    keys,
+                    s,
+                    stream_name=stream_name,
+                    entry_id=entry_id,
+                    action=act,
+                    min_idle_s=idle_s or 0.0,
+                )
             done = await reclaim(r, keys, s, batch_idle_s=batch_idle) if do_reclaim else None
-            view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
+            view = await collect(
+                r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit, dead_after_s=dead_after
+            )
         finally:
             await r.aclose()
         if done is not None:
             view["reclaimed"] = done
+        if acted is not None:
+            view["acted"] = acted
         return view
 
     async def live() -> None:
         r = await open_redis(s)
         try:
             while True:
-                view = await collect(r, keys, idle_s=idle, batch_idle_s=batch_idle, limit=limit)
+                view = await collect(
+                    r,
+                    keys,
+                    idle_s=idle,
+                    batch_idle_s=batch_idle,
+                    limit=limit,
+                    dead_after_s=dead_after,
+                )
                 click.clear()
                 click.echo(render(view))
                 click.echo(f"\nrefreshing every {interval:g}s; Ctrl-C to stop")
