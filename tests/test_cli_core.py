@@ -67,7 +67,7 @@ def test_demo_is_deterministic_for_a_seed() -> None:
 
 def test_every_command_has_help() -> None:
     commands = main.list_commands(click.Context(main))
-    assert len(commands) == 13
+    assert len(commands) == 14
     for command in commands:
         result = _run([command, "--help"])
         assert result.exit_code == 0
