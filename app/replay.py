@@ -9,6 +9,7 @@ from typing import Any
 
 from app.errors import Conflict, NotFound
 from events.streams import CALLBACKS
+from projections import keys as pkeys
 from projections import rebuild as projection_rebuild
 from projections.rebuild import check, expected_of, summary
 from projections.replay import ReplayResult
@@ -114,6 +115,8 @@ async def replay_view(
         "matches_live": all(row["matches_live"] for row in rows),
         "batches": len(rows),
         "mismatched": [row for row in rows if not row["matches_live"]],
+        # Archived batches are not replayed from the streams (`cjs replay BATCH` reads one).
+        "archived_batches": int(await r.hlen(pkeys.archived_index(keys))),
         **sizes,
         **view,
     }

@@ -248,7 +248,8 @@ def test_commands_read_archived_batches_from_the_archive(redis_server: Any, tmp_
         assert new.pop("archived") is True and new == old
     replayed = one_json(run(["replay", b, "--json"]).stdout)
     assert replayed["matches_live"] and replayed["archived"] and replayed["events"] > 0
-    assert run(["replay", "--all", "--json"]).exit_code == 0
+    all_view = one_json(run(["replay", "--all", "--json"]).stdout)
+    assert all_view["matches_live"] and all_view["archived_batches"] == 2
     exported = run(["export", b, "-o", str(tmp_path / "archived.jsonl"), "--json"])
     assert exported.exit_code == 0, exported.output
     assert (tmp_path / "archived.jsonl").read_bytes() == (tmp_path / "live.jsonl").read_bytes()
