@@ -84,10 +84,19 @@ async def test_finished_batches_are_archived_verified_and_trimmed(
     assert again.archived == [] and not any(again.trimmed.values())
 
 
+@pytest.fixture(params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.redis)])
+def either_redis(request: Any) -> Any:
+    """The test on fakeredis, and again on a real redis-server (groups, pending entries and
+    the trim script as Redis has them)."""
+    if request.param == "fakeredis":
+        return request.getfixturevalue("fake_redis")
+    return request.getfixturevalue("real_redis")
+
+
 async def test_busy_or_recent_batches_stay_and_hold_the_trim(
-    fake_redis: Any, keys: Keys, tmp_path: Path
+    either_redis: Any, keys: Keys, tmp_path: Path
 ) -> None:
-    r = fake_redis
+    r = either_redis
     done = await finished_batch(r, keys, seed=1)
     later = await finished_batch(r, keys, seed=2)
     stalled = await abandoned_batch(r, keys)  # one request pending, the others undelivered
