@@ -84,6 +84,21 @@ async def used_memory(r: Any) -> int:
     return int((await r.info("memory"))["used_memory"])
 
 
+async def memory_parts(r: Any) -> dict[str, int]:
+    """Where used_memory goes: the keys themselves (MEMORY USAGE of each), client buffers,
+    Lua scripts, and Redis' own overhead."""
+    info = await r.info("memory")
+    keys = 0
+    async for key in r.scan_iter(count=1000):
+        keys += int(await r.memory_usage(key, samples=0) or 0)
+    return {
+        "keys": keys,
+        "clients": int(info.get("mem_clients_normal", 0)),
+        "scripts": int(info.get("used_memory_scripts", 0)),
+        "overhead": int(info.get("used_memory_overhead", 0)),
+    }
+
+
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     server = RedisServer(Path(tempfile.mkdtemp()))
     server.start(aof=False)
@@ -154,12 +169,14 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 paused.clear()
                 manifests = await archived_manifests(r, keys)
                 archive_bytes = sum(m.stored_bytes for m in manifests.values())
+                parts = await memory_parts(r)
                 row = {
                     "batch": k,
                     "comparisons": comparisons,
                     "used_memory": as_is,
                     "used_memory_settled": settled,
                     "retained_bytes_per_comparison": round((settled - baseline) / comparisons, 1),
+                    "settled_parts": parts,
                     "archived": len(manifests),
                     "archive_bytes_per_comparison": round(archive_bytes / comparisons),
                     "stream_entries": sum([await r.xlen(keys.stream(n)) for n in STREAMS]),
@@ -173,7 +190,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                         f"{row['retained_bytes_per_comparison']:6.1f} B/comparison), "
                         f"{row['archived']} archived, archive "
                         f"{row['archive_bytes_per_comparison']} B/comparison, "
-                        f"{row['stream_entries']} stream entries, {row['seconds']} s",
+                        f"{row['stream_entries']} stream entries, keys {parts['keys']} B, "
+                        f"client buffers {parts['clients']} B, {row['seconds']} s",
                         flush=True,
                     )
         stop.set()
