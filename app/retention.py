@@ -257,11 +257,14 @@ async def _archive_batch(
         if report.dry_run:
             report.archived.append(row)
             return
-        await asyncio.to_thread(store.write, path, blob)
-        step("batch_written")
-        back = await asyncio.to_thread(store.read, path)
         try:
+            await asyncio.to_thread(store.write, path, blob)
+            step("batch_written")
+            back = await asyncio.to_thread(store.read, path)
             per_back = check_archive(back, manifest)
+        except OSError as exc:  # the store: full, forbidden, unreachable
+            report.problems.append(f"batch {batch_id}: archive store failed: {exc}")
+            return
         except BadFile as exc:
             report.problems.append(f"batch {batch_id}: archive check failed: {exc.message}")
             return
@@ -439,8 +442,12 @@ async def _write_segment(
     """Write entries kept verbatim to a segment file and verify it; False when it failed."""
     data = b"".join(lines)
     path = store.segment_path(keys, kind, stream_name, first, last)
-    await asyncio.to_thread(store.write, path, gzip_bytes(data))
-    back = await asyncio.to_thread(store.read, path)
+    try:
+        await asyncio.to_thread(store.write, path, gzip_bytes(data))
+        back = await asyncio.to_thread(store.read, path)
+    except OSError as exc:  # the store: full, forbidden, unreachable
+        report.problems.append(f"segment {store.url_of(path)}: archive store failed: {exc}")
+        return False
     try:
         ok = gzip.decompress(back) == data and len(data.splitlines()) == len(lines)
     except (OSError, EOFError):

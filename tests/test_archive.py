@@ -272,3 +272,14 @@ def test_commands_read_archived_batches_from_the_archive(redis_server: Any, tmp_
     manifests = on_redis(url, lambda r: r.hgetall(pkeys.archived_index(Keys(prefix))))
     assert sorted(as_str(k) for k in manifests) == sorted(ids)
     assert all(decode_manifest(v).url.startswith("file://") for v in manifests.values())
+
+
+async def test_a_failing_store_deletes_nothing(fake_redis: Any, keys: Keys, tmp_path: Path) -> None:
+    r = fake_redis
+    b = await finished_batch(r, keys, seed=1)
+    (tmp_path / "file").write_text("not a directory")
+    lengths = [await r.xlen(keys.stream(n)) for n in STREAMS]
+    report = await _pass(r, keys, tmp_path / "file" / "archive")
+    assert report.archived == [] and "archive store failed" in report.problems[0]
+    assert await load_state(r, keys, b) is not None and await list_batches(r, keys) == [b]
+    assert [await r.xlen(keys.stream(n)) for n in STREAMS] == lengths
