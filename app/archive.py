@@ -86,7 +86,9 @@ async def collect_many(
 ) -> dict[str, list[Record]]:
     """Every decodable event of each of `batch_ids` in the four streams, in entry-id order, read
     in one pass over each stream from `min_ids[stream]` (its start when not given)."""
-    needles = [(b, b.encode()) for b in batch_ids]
+    # The id as it appears inside the stored JSON (escaped where JSON escapes), so that the
+    # byte filter never skips an entry of the batch.
+    needles = [(b, msgspec.json.encode(b)[1:-1]) for b in batch_ids]
     raw = raw_client(r)
     per_batch: dict[str, list[list[Record]]] = {b: [] for b in batch_ids}
     found = 0

@@ -283,3 +283,13 @@ async def test_a_failing_store_deletes_nothing(fake_redis: Any, keys: Keys, tmp_
     assert report.archived == [] and "archive store failed" in report.problems[0]
     assert await load_state(r, keys, b) is not None and await list_batches(r, keys) == [b]
     assert [await r.xlen(keys.stream(n)) for n in STREAMS] == lengths
+
+
+async def test_collect_finds_batch_ids_that_json_escapes(fake_redis: Any, keys: Keys) -> None:
+    from app.archive import collect
+
+    for b in ('we"ird\\id', "plain"):
+        await fake_redis.xadd(keys.callbacks, codec.encode(completed(b, "c1")))
+    assert [rec.entry_id for rec in await collect(fake_redis, keys, 'we"ird\\id')] == [
+        as_str(i) for i, _ in (await fake_redis.xrange(keys.callbacks))[:1]
+    ]
