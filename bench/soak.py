@@ -12,7 +12,8 @@ Printed:
   settled (after one more pass has archived and trimmed what is due);
 * live bytes per comparison: the growth of `used_memory` over one batch (the archiver paused,
   everything before it archived), less the batch's essay texts (stored twice: in
-  `BatchRegistered` and in the batch projection), per comparison; and the same with the texts;
+  `BatchRegistered` and in the batch projection), per comparison; the same with the texts;
+  and the growth of the keys alone (MEMORY USAGE, no client buffers), per key family;
 * retained bytes per comparison: settled `used_memory` growth since before the first batch,
   per comparison;
 * archive size per comparison (compressed, texts included);
@@ -84,6 +85,22 @@ async def used_memory(r: Any) -> int:
     return int((await r.info("memory"))["used_memory"])
 
 
+def _family(key: str) -> str:
+    parts = key.split(":")
+    if parts[0] == "proj" and len(parts) > 2 and parts[1] == "batch":
+        return "proj:batch" if len(parts) == 3 else f"proj:batch:*:{parts[3]}"
+    return ":".join(parts[:2])
+
+
+async def key_bytes(r: Any) -> dict[str, int]:
+    """MEMORY USAGE summed per key family (a stream, lps:done, proj:batch:*:corr, ...)."""
+    out: dict[str, int] = {}
+    async for key in r.scan_iter(count=1000):
+        family = _family(key.decode())
+        out[family] = out.get(family, 0) + int(await r.memory_usage(key, samples=0) or 0)
+    return out
+
+
 async def memory_parts(r: Any) -> dict[str, int]:
     """Where used_memory goes: the keys themselves (MEMORY USAGE of each), client buffers,
     Lua scripts, and Redis' own overhead."""
@@ -145,21 +162,32 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             )
             if measure:  # the archiver paused: this batch's growth alone
                 before = await settle()
+                keys_before = await key_bytes(r)
             await append_registration(r, keys, reg)
             await advance(r, keys, reg.batch_id)
             state = await wait_terminal(r, keys, reg.batch_id, runner, timeout=600)
             comparisons += state.submitted
             if measure:
                 grown = await used_memory(r) - before
+                keys_after = await key_bytes(r)
+                families = {
+                    f: keys_after.get(f, 0) - keys_before.get(f, 0)
+                    for f in sorted(set(keys_after) | set(keys_before))
+                }
+                in_keys = sum(families.values())
                 text = 2 * sum(len(e.text.encode()) for e in reg.essays)
+                n = state.submitted
                 live.append(
                     {
                         "batch": k,
-                        "comparisons": state.submitted,
-                        "bytes_per_comparison": round(grown / state.submitted),
-                        "bytes_per_comparison_excluding_text": round(
-                            (grown - text) / state.submitted
-                        ),
+                        "comparisons": n,
+                        "bytes_per_comparison": round(grown / n),
+                        "bytes_per_comparison_excluding_text": round((grown - text) / n),
+                        # The keys alone (no client buffers): steadier than used_memory.
+                        "key_bytes_per_comparison_excluding_text": round((in_keys - text) / n),
+                        "key_bytes_per_comparison_by_family": {
+                            f: round(v / n) for f, v in families.items() if v
+                        },
                     }
                 )
                 paused.clear()
@@ -255,9 +283,13 @@ def main() -> None:
     for row in out["live"]:
         print(
             f"live, batch {row['batch']}: {row['bytes_per_comparison_excluding_text']} B per "
-            f"comparison excluding the texts ({row['bytes_per_comparison']} B with them), "
+            f"comparison excluding the texts ({row['bytes_per_comparison']} B with them; "
+            f"keys alone {row['key_bytes_per_comparison_excluding_text']} B), "
             f"{row['comparisons']} comparisons"
         )
+    if out["live"]:
+        families = out["live"][-1]["key_bytes_per_comparison_by_family"]
+        print("live key bytes per comparison by family (texts included):", families)
     print(
         f"used_memory last/first checkpoint: {out['used_memory_ratio_last_to_first_checkpoint']} "
         f"(settled {out['settled_ratio_last_to_first_checkpoint']}); "
