@@ -56,9 +56,9 @@ def new_id() -> str:
 class Essay(msgspec.Struct, frozen=True, omit_defaults=True):
     """An essay as registered. Anchors keep `is_anchor` and their grade in every event.
 
-    In a `ComparisonRequested` an essay is a reference: its id and `sha256`, the hash of the
+    In a `ComparisonRequested` an essay is a reference: no `text`, and `sha256` the hash of the
     text registered in the batch's `BatchRegistered` (see `essay_reference`). Requests written
-    before references embed the whole essay and have no `sha256`; both decode."""
+    before references embed the text and have no `sha256`; both decode."""
 
     essay_id: str
     text: str = ""
@@ -78,9 +78,9 @@ def text_sha256(text: str) -> str:
 
 
 def essay_reference(essay: Essay) -> Essay:
-    """The essay as a request carries it: its id and its text's hash (the rest, text included,
-    is in the batch's `BatchRegistered`)."""
-    return Essay(essay_id=essay.essay_id, sha256=text_sha256(essay.text))
+    """The essay as a request carries it: everything but its text (anchors keep their flag and
+    grade), and the text's hash; the text is in the batch's `BatchRegistered`."""
+    return msgspec.structs.replace(essay, text="", sha256=text_sha256(essay.text))
 
 
 class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):
