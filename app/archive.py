@@ -15,9 +15,11 @@ import gzip
 import hashlib
 import heapq
 import json
+import os
 import re
 import sys
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,15 +141,34 @@ async def batch_records(
     return records
 
 
+def check_output(path: str) -> None:
+    """BadFile at once, before any work, when `path` cannot be written (- is stdout)."""
+    if path == "-":
+        return
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise BadFile(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise BadFile(f"cannot write {path}: there is no directory {parent}")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise BadFile(f"cannot write {path}: permission denied")
+
+
 def write(records: list[Record], path: str) -> None:
     """The export file at `path` (gzip-compressed when it ends in .gz; - is stdout)."""
-    out = _open_out(path)
     try:
-        for rec in records:
-            out.write(rec.line())
-    finally:
-        if out is not sys.stdout.buffer:
-            out.close()
+        out = _open_out(path)
+        try:
+            for rec in records:
+                out.write(rec.line())
+        finally:
+            if out is not sys.stdout.buffer:
+                out.close()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise BadFile(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _open_out(path: str) -> IO[bytes]:
@@ -180,8 +201,11 @@ def read_export(path: Path) -> PerStream:
     """The file's events per stream, validated: (entry id, type, data, event)."""
     try:
         lines = list(_lines(path))
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise BadFile(f"cannot read {path}: {exc}") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        if isinstance(exc, EOFError | zlib.error):
+            why = f"corrupt or truncated gzip data ({exc})"
+        raise BadFile(f"cannot read {path}: {why}") from exc
     return parse_export(lines, str(path))
 
 

@@ -1,8 +1,9 @@
-"""Reading batches' projections for a front end (the CLI, the dashboard)."""
+"""Reading batch projections for a front end (the CLI, the dashboard): one batch's view,
+or the list of batches."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
 from app.archive import Manifest, archived_manifest, archived_state
@@ -96,3 +97,60 @@ async def batch_rows(r: Any, keys: Keys, *, status: str | None = None) -> list[d
         rows.append(view)
     rows.reverse()
     return rows
+
+
+STATUSES = ("registered", "running", "finalized", "failed")
+# `--status open` stands for the statuses a batch can still leave.
+OPEN = ("registered", "running")
+_LISTED = (
+    "status",
+    "registered_at",
+    "last_event_at",
+    "completed_at",
+    "finalize_reason",
+    "denominator",
+    "submitted",
+    "completed",
+    "failed",
+    "in_flight",
+    "waves",
+)
+_NUMBERS = frozenset({"denominator", "submitted", "completed", "failed", "in_flight", "waves"})
+
+
+async def list_view(
+    r: Any, keys: Keys, *, statuses: Iterable[str] = (), limit: int | None = None
+) -> dict[str, Any]:
+    """The batches of the namespace, newest registration first, with their counters (from
+    each batch's scalar hash: one pipelined round trip, no essays or scores loaded); only
+    those in `statuses` when given ("open" for registered and running)."""
+    wanted = {s for name in statuses for s in (OPEN if name == "open" else (name,))}
+    batch_ids = list(reversed(await list_batches(r, keys)))
+    async with r.pipeline(transaction=False) as pipe:
+        for batch_id in batch_ids:
+            pipe.hmget(pkeys.batch(keys, batch_id), *_LISTED)
+        replies = await pipe.execute() if batch_ids else []
+    counts: dict[str, int] = {}
+    rows: list[dict[str, Any]] = []
+    for batch_id, values in zip(batch_ids, replies, strict=True):
+        row: dict[str, Any] = {"batch_id": batch_id}
+        for name, value in zip(_LISTED, values, strict=True):
+            text = as_str(value) if value is not None else ""
+            row[name] = int(text or 0) if name in _NUMBERS else (text or None)
+        accepted = row["completed"] + row["failed"]
+        row["completion_pct"] = (
+            round(100.0 * accepted / row["denominator"], 2) if row["denominator"] else 0.0
+        )
+        status = row["status"] or "?"
+        counts[status] = counts.get(status, 0) + 1
+        if wanted and status not in wanted:
+            continue
+        rows.append(row)
+    shown = rows if limit is None else rows[:limit]
+    return {
+        "prefix": keys.prefix,
+        "total": len(batch_ids),
+        "counts": counts,
+        "matching": len(rows),
+        "batches": shown,
+    }

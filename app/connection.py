@@ -1,26 +1,116 @@
-"""Connecting to the Redis the settings name, or to an embedded one (fakeredis)."""
+"""Connecting to the Redis the settings name, or to an embedded one (fakeredis).
+
+A command line must say at once, and in one line, when that Redis cannot be used: `open_redis`
+checks the connection before the command does anything (one attempt, within
+CJS_REDIS_CONNECT_TIMEOUT_S), where the client itself would retry for seconds; a worker instead
+waits for Redis to come (streams/resilience.py). URLs are shown with their password masked.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from app.errors import RedisUnavailable
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from app.errors import ConfigError, RedisUnavailable
 from app.settings import Settings
 from streams import client as streams_client
 
+EMBEDDED = "embedded (fakeredis)"
+_QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&]*")
+
+
+def mask_url(url: str | None) -> str:
+    """`url` without its password (user names stay): redis://:***@host:6379/0."""
+    if not url:
+        return ""
+    url = _QUERY_PASSWORD.sub(r"\1***", url)
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    except ValueError:  # not parseable as a URL: mask everything between // and @
+        head, sep, tail = url.rpartition("@")
+        return f"{head.split('//')[0]}//***@{tail}" if sep else url
+
 
 def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:
-    """A client for REDIS_URL, or an embedded in-process Redis (fakeredis) when none is set."""
-    return streams_client.connect(
-        settings.redis_url, retries=settings.redis_retries, embedded_ok=embedded_ok
-    )
+    """A client for REDIS_URL, or an embedded in-process Redis (fakeredis) when none is set;
+    with what it is (the URL masked). A REDIS_URL that is no Redis URL is a ConfigError."""
+    url = settings.redis_url
+    if not url and not embedded_ok:
+        raise _missing_url("workers need a shared Redis")
+    try:
+        client, _ = streams_client.connect(
+            url,
+            retries=settings.redis_retries,
+            embedded_ok=embedded_ok,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL {mask_url(url)!r} is not a Redis URL: {exc}") from exc
+    return client, mask_url(url) if url else EMBEDDED
+
+
+def _missing_url(why: str) -> ConfigError:
+    return ConfigError(f"REDIS_URL is not set: {why}; e.g. REDIS_URL=redis://localhost:6379/0")
+
+
+async def check_reachable(client: Any, settings: Settings) -> None:
+    """One connection, handshake and PING within CJS_REDIS_CONNECT_TIMEOUT_S, without the
+    client's retries; RedisUnavailable naming the (masked) URL and the reason otherwise."""
+    pool = client.connection_pool
+    conn = pool.connection_class(**{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
+    timeout = settings.redis_connect_timeout_s
+    where = mask_url(settings.redis_url)
+    try:
+        async with asyncio.timeout(timeout):
+            await conn.connect()
+            await conn.send_command("PING")
+            await conn.read_response()
+    except TimeoutError as exc:
+        raise RedisUnavailable(
+            f"Redis at {where} did not answer within {timeout:g}s (CJS_REDIS_CONNECT_TIMEOUT_S)"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        raise RedisUnavailable(f"cannot use Redis at {where}: {describe(exc)}") from exc
+    finally:
+        await conn.disconnect()
+
+
+def describe(exc: BaseException) -> str:
+    """An error's text for one line: its message, or its class when it has none."""
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
+
+async def open_checked(settings: Settings, *, need_server: bool = True) -> tuple[Any, str]:
+    """A checked client and what it is: REDIS_URL's server (required when `need_server`),
+    else the embedded Redis."""
+    if need_server and not settings.redis_url:
+        raise _missing_url("this command reads a shared Redis")
+    client, where = connect(settings)
+    if settings.redis_url:
+        try:
+            await check_reachable(client, settings)
+        except BaseException:
+            await client.aclose()
+            raise
+    return client, where
 
 
 async def open_redis(settings: Settings, *, need_server: bool = True) -> Any:
     """A client for a command that reads a shared Redis (`need_server`), else maybe embedded."""
-    if need_server and not settings.redis_url:
-        raise RedisUnavailable(
-            "REDIS_URL is not set. This command reads a shared Redis; e.g. REDIS_URL=redis://localhost:6379/0"
-        )
-    client, _ = connect(settings)
+    client, _ = await open_checked(settings, need_server=need_server)
     return client

@@ -8,9 +8,16 @@ where they are called (app/replay.py, app/runs.py; submit and validate parse inp
 
 from __future__ import annotations
 
-# Exit codes: 0 done, 1 the command could not do its job, 2 the user's input or settings are bad.
+# Exit codes (the table in README.md): 0 done; 1 the command could not do its job or its answer
+# is "no"; 2 the user's input, options or settings are bad; 3 something the command needs from
+# its environment is unavailable (Redis, a port); 70 a bug; 130 interrupted; 141 the reader of
+# stdout went away.
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 
 class CjsError(Exception):
@@ -35,8 +42,16 @@ class TimedOut(CjsError):
     """A wait ran past its deadline."""
 
 
-class RedisUnavailable(CjsError):
-    """No Redis to work with (REDIS_URL unset for a command that needs a shared server)."""
+class Unavailable(CjsError):
+    """Something the command needs from its environment cannot be used now: retrying later,
+    or elsewhere, may work."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class RedisUnavailable(Unavailable):
+    """The Redis of REDIS_URL cannot be used: unreachable, not answering in time, refusing the
+    connection (password, database number) or the command (read-only, out of memory)."""
 
 
 class ConfigError(CjsError):

@@ -21,20 +21,31 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def error_text(exc: BaseException | None) -> str:
+    """An error for a log line: its class and its text (`repr` of some errors, redis's among
+    them, is only `module:Class`)."""
+    if exc is None:
+        return ""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
 def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
+    # JSON lines carry a logged exception's traceback as text (`exception`); the console
+    # renderer formats it itself.
+    renderer: list[structlog.typing.Processor] = (
+        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
         if json_logs
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else [structlog.dev.ConsoleRenderer(colors=False)]
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)

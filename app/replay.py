@@ -103,6 +103,10 @@ async def replay_view(
     sizes["seconds"] = round(time.perf_counter() - started, 4)
     if batch_ids is not None:
         row = rows[0]
+        # `events` is the batch's own (its cj:batches events and applied callbacks); the
+        # entries read to find them are `entries_scanned`.
+        sizes["entries_scanned"] = sizes["events"]
+        sizes["events"] = result.batch_events
         return {
             "batch_id": row["batch_id"],
             "matches_live": row["matches_live"],

@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from app import charts
+from app.errors import BadFile
 
 
 def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: a `|` in the text (as in |A−B|) would end the cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
 def _fmt(value: Any) -> str:
@@ -125,11 +136,11 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         f"Source: {out['source']}; profile {out['profile']}, seed {out['seed']}.",
         "",
-        "| | " + " | ".join(labels) + " |",
+        _row(["", *labels]),
         "|---|" + "---|" * len(labels),
     ]
     for name, fn in ROWS:
-        lines.append(f"| {name} | " + " | ".join(str(fn(views[x])) for x in labels) + " |")
+        lines.append(_row([name, *(fn(views[x]) for x in labels)]))
     c = out["comparison"]
     if c:
         g = c["grade_agreement"]
@@ -150,7 +161,7 @@ def markdown(out: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     rows = _error_rows(views)
-    lines += [f"| {' | '.join(r)} |" for r in rows] or ["| – | – | none | 0 | 0 |"]
+    lines += [_row(list(r)) for r in rows] or ["| – | – | none | 0 | 0 |"]
     lines += [
         "",
         "Charts: see report.html (error rates by type, A/B balance per essay, θ of one "
@@ -227,9 +238,22 @@ def html_report(out: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def prepare_directory(directory: Path) -> None:
+    """Create the report's directory now, before the runs: BadFile when it cannot be."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadFile(f"cannot create the report directory {directory}: {exc.strerror}") from exc
+    if not os.access(directory, os.W_OK):
+        raise BadFile(f"cannot write the report into {directory}: permission denied")
+
+
 def write_report(out: dict[str, Any], directory: Path) -> dict[str, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_directory(directory)
     md, page = directory / "report.md", directory / "report.html"
-    md.write_text(markdown(out), encoding="utf-8")
-    page.write_text(html_report(out), encoding="utf-8")
+    try:
+        md.write_text(markdown(out), encoding="utf-8")
+        page.write_text(html_report(out), encoding="utf-8")
+    except OSError as exc:
+        raise BadFile(f"cannot write the report into {directory}: {exc.strerror}") from exc
     return {"markdown": md, "html": page}

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import msgspec
 
 from app.archive import archived_manifest, archived_state, collect, load, read_export
-from app.connection import connect, open_redis
+from app.connection import open_checked, open_redis
 from app.errors import InputError, NotFound, TimedOut
 from app.settings import Settings, keys_for
 from app.validation import Run
@@ -169,6 +170,12 @@ async def events_of(r: Any, keys: Keys, batch_id: str) -> list[tuple[str, str, E
     return out
 
 
+class ModeRuns(NamedTuple):
+    runs: list[Run]
+    source: str  # where they ran, for the report
+    kept_prefix: str | None  # the namespace holding them still (--keep), else None
+
+
 async def run_modes(
     s: Settings,
     registered: BatchRegistered,
@@ -177,12 +184,23 @@ async def run_modes(
     seed: int,
     timeout: float,
     announce: Callable[[str], None] | None = None,
-) -> list[Run]:
-    """Run `registered` once in each mode on the mock judge, one after the other."""
+    *,
+    keep: bool = False,
+) -> ModeRuns:
+    """Run `registered` once in each mode on the mock judge, one after the other; returns the
+    runs and where they ran. On a shared Redis they run in a namespace of their own under
+    CJS_PREFIX (`validate-<id>:`), so that no live worker takes their requests and nothing is
+    left among the live batches: it is deleted afterwards unless `keep`."""
     s = mock_settings(s)
     mock = profile_from_env(mock_name)
-    r, where = connect(s)
-    keys = keys_for(s)
+    r, where = await open_checked(s, need_server=False)
+    shared = bool(s.redis_url)
+    keys = keys_for(s, f"{s.prefix}validate-{new_id()[:8]}:") if shared else keys_for(s)
+    if not shared:
+        source = "in-process runs on an embedded Redis"
+    else:
+        fate = "kept" if keep else "deleted afterwards"
+        source = f"in-process runs on {where}, namespace {keys.prefix!r} ({fate})"
     runs = []
     try:
         for mode in modes:
@@ -193,16 +211,40 @@ async def run_modes(
             )
             if announce is not None:
                 announce(
-                    f"validate: {mode} on {where}, {len(reg.essays)} essays, judge "
-                    f"mock/{mock.name} ..."
+                    f"validate: {mode} on {where} (prefix {keys.prefix!r}), {len(reg.essays)} "
+                    f"essays, judge mock/{mock.name} ..."
                 )
             state, wall = await run_to_end(r, keys, s, reg, mock, timeout=timeout)
             runs.append(
                 Run(mode, await events_of(r, keys, reg.batch_id), state, "live projection", wall)
             )
     finally:
-        await r.aclose()
-    return runs
+        try:
+            if shared and not keep:
+                await delete_namespace(r, keys)
+        finally:
+            await r.aclose()
+    return ModeRuns(runs, source, keys.prefix if shared and keep else None)
+
+
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+async def delete_namespace(r: Any, keys: Keys) -> int:
+    """Delete every key under `keys.prefix` (a namespace of this process's own: never the
+    live one, which other processes share). Returns how many went."""
+    assert keys.prefix, "refusing to delete the empty namespace"
+    pattern = _GLOB.sub(r"\\\1", keys.prefix) + "*"
+    deleted = 0
+    batch: list[Any] = []
+    async for name in r.scan_iter(match=pattern, count=1000):
+        batch.append(name)
+        if len(batch) >= 500:
+            deleted += await r.unlink(*batch)
+            batch = []
+    if batch:
+        deleted += await r.unlink(*batch)
+    return deleted
 
 
 async def batch_runs(s: Settings, batch_ids: list[str]) -> list[Run]:

@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     retry_base_delay_s: float = Field(default=0.5, ge=0)
     retry_max_delay_s: float = Field(default=20.0, ge=0)
     retry_max_after_s: float = Field(default=60.0, ge=0)
+    # No retry whose delay would take the time one comparison spent waiting past this.
+    retry_max_total_delay_s: float = Field(default=180.0, ge=0)
     # A 429 / 529 without Retry-After pauses every worker's calls to that model this long.
     cooldown_rate_limit_s: float = Field(default=5.0, ge=0)
     cooldown_overloaded_s: float = Field(default=2.0, ge=0)
@@ -36,6 +38,11 @@ class Settings(BaseSettings):
     block_ms: int = Field(default=1000, ge=1)
     # Retries of one Redis command by the client before the worker loop backs off itself.
     redis_retries: int = Field(default=8, ge=0)
+    # A TCP connect (and, for a command line, the first answer) taking longer is a failure:
+    # an unreachable Redis is reported at once rather than after the retries.
+    redis_connect_timeout_s: float = Field(default=2.0, gt=0)
+    # Longest essay text accepted at submit, in characters (both essays go into one prompt).
+    max_essay_chars: int = Field(default=50_000, ge=1)
     log_format: str = "auto"
     # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.
     dashboard_token: SecretStr | None = None
@@ -57,8 +64,18 @@ def load() -> Settings:
     """The settings from the environment; a bad value is a ConfigError naming the variable."""
     try:
         return Settings()
-    except ValueError as exc:  # pydantic's message names the variable
-        raise ConfigError(f"bad environment setting: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(_problem(error) for error in exc.errors())
+        raise ConfigError(f"bad environment setting: {problems}") from exc
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as `VARIABLE=value: what is wrong`, the way the user set it."""
+    name = str(error["loc"][0]) if error["loc"] else ""
+    field = Settings.model_fields.get(name)
+    alias = field.validation_alias if field is not None else None
+    variable = alias if isinstance(alias, str) else f"CJS_{name.upper()}"
+    return f"{variable}={error.get('input')!r}: {error['msg']}"
 
 
 def keys_for(settings: Settings, prefix: str | None = None) -> Keys:

@@ -30,6 +30,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
         base_delay_s=settings.retry_base_delay_s,
         max_delay_s=settings.retry_max_delay_s,
         max_retry_after_s=settings.retry_max_after_s,
+        max_total_delay_s=settings.retry_max_total_delay_s,
     )
 
 

@@ -15,7 +15,14 @@ from typing import Any, Unpack
 import structlog
 
 from cj.continuation import advance
-from cj.metrics import CJ_CALLBACKS, CJ_ORPHANS
+from cj.metrics import (
+    CJ_CALLBACKS,
+    CJ_OPEN_BATCHES,
+    CJ_ORPHANS,
+    CJ_STEP_SECONDS,
+    keep_completion_of,
+    show_completion,
+)
 from events.codec import DecodeError
 from events.streams import CALLBACKS, CJ_GROUP
 from events.text import as_str
@@ -45,10 +52,11 @@ class CJConsumer(GroupConsumer[Callback]):
         if not callbacks:
             return
         # One round trip for the page: each script call is atomic on its own.
-        async with self.r.pipeline(transaction=False) as pipe:
-            for entry, callback in callbacks:
-                await self.applier.queue(pipe, callback, entry.entry_id)
-            results = await pipe.execute()
+        with CJ_STEP_SECONDS.labels("apply").time():
+            async with self.r.pipeline(transaction=False) as pipe:
+                for entry, callback in callbacks:
+                    await self.applier.queue(pipe, callback, entry.entry_id)
+                results = await pipe.execute()
         to_advance: set[str] = set()
         for (entry, callback), (outcome, left) in zip(callbacks, results, strict=True):
             outcome = as_str(outcome)
@@ -84,18 +92,35 @@ class CJConsumer(GroupConsumer[Callback]):
 
     async def sweep(self) -> int:
         """Advance every open batch that has nothing in flight (recovers a crash between the
-        last callback of a wave and its continuation, and starts registered batches)."""
+        last callback of a wave and its continuation, and starts registered batches); set the
+        open-batch gauges (count, and completion per open batch only)."""
         batch_ids = await list_batches(self.r, self.keys)
-        if not batch_ids:
-            return 0
         async with self.r.pipeline(transaction=False) as pipe:
             for batch_id in batch_ids:
-                pipe.hmget(pkeys.batch(self.keys, batch_id), "status", "in_flight")
-            rows = await pipe.execute()
+                pipe.hmget(
+                    pkeys.batch(self.keys, batch_id),
+                    "status",
+                    "in_flight",
+                    "completed",
+                    "failed",
+                    "denominator",
+                )
+            rows = await pipe.execute() if batch_ids else []
         moved = 0
-        for batch_id, (status, in_flight) in zip(batch_ids, rows, strict=True):
-            if status in (b"registered", b"running") and int(in_flight or 0) == 0:
+        open_ids = []
+        for batch_id, (status, in_flight, completed, failed, denominator) in zip(
+            batch_ids, rows, strict=True
+        ):
+            if status not in (b"registered", b"running"):
+                continue
+            open_ids.append(batch_id)
+            total = int(denominator or 0)
+            accepted = int(completed or 0) + int(failed or 0)
+            show_completion(batch_id, accepted / total if total else 0.0)
+            if int(in_flight or 0) == 0:
                 moved += await advance(self.r, self.keys, batch_id) is not None
+        CJ_OPEN_BATCHES.set(len(open_ids))
+        keep_completion_of(open_ids)
         return moved
 
     async def reclaim(self) -> list[StuckAction]:

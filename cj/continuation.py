@@ -13,13 +13,20 @@ import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
 from redis.exceptions import WatchError
 
 from cj.grades import project_grades
-from cj.metrics import CJ_COMPLETION, CJ_FINALIZED
+from cj.metrics import (
+    CJ_BATCH_DURATION,
+    CJ_FINALIZED,
+    CJ_STEP_SECONDS,
+    forget_completion,
+    show_completion,
+)
 from cj.pairs import PairHistory, plan_wave
 from cj.scoring import Comparison, fit_bt, max_abs_delta, split_half, ssr
 from events import codec
@@ -39,7 +46,7 @@ from events.types import (
     new_id,
 )
 from projections import keys as pkeys
-from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event
+from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event, failed_reason
 from projections.store import immediate_load, queue_batch_event, queue_state_write
 from streams.keys import Keys
 
@@ -87,6 +94,7 @@ def _r(value: float | None, digits: int = 6) -> float | None:
     return None if value is None or math.isinf(value) or math.isnan(value) else round(value, digits)
 
 
+@CJ_STEP_SECONDS.labels("score").time()
 def score(state: BatchState) -> BatchScored:
     """Fit BT on the accepted comparisons, project grades, and say what is doubtful."""
     ids = [e.essay_id for e in state.essays]
@@ -142,6 +150,7 @@ def _finish(state: BatchState, reason: FinalizeReason) -> BatchFinalized:
     return BatchFinalized(batch_id=state.batch_id, reason=reason, abandoned=abandoned)
 
 
+@CJ_STEP_SECONDS.labels("plan").time()
 def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequested]] | None:
     cfg = state.config
     remaining = state.denominator - state.submitted
@@ -304,9 +313,19 @@ async def advance(
 
 
 def _report(state: BatchState, decision: Decision) -> None:
-    CJ_COMPLETION.labels(state.batch_id).set(
-        state.accepted / state.denominator if state.denominator else 0.0
-    )
+    terminal = decision.terminal
+    if terminal is None:
+        show_completion(
+            state.batch_id, state.accepted / state.denominator if state.denominator else 0.0
+        )
+    else:
+        forget_completion(state.batch_id)
+        reason = (
+            terminal.reason if isinstance(terminal, BatchFinalized) else failed_reason(terminal)
+        )
+        duration = _seconds_between(state.registered_at, state.completed_at)
+        if duration is not None:
+            CJ_BATCH_DURATION.labels(reason).observe(duration)
     for event in decision.events:
         if isinstance(event, WaveSubmitted):
             log.info(
@@ -320,7 +339,6 @@ def _report(state: BatchState, decision: Decision) -> None:
                 max_delta=event.max_delta,
                 ssr=event.ssr,
             )
-    terminal = decision.terminal
     if isinstance(terminal, BatchFinalized):
         CJ_FINALIZED.labels(terminal.reason).inc()
         log.info(
@@ -332,10 +350,19 @@ def _report(state: BatchState, decision: Decision) -> None:
             abandoned=len(terminal.abandoned),
         )
     elif isinstance(terminal, BatchFailed):
-        CJ_FINALIZED.labels("failed").inc()
+        CJ_FINALIZED.labels(failed_reason(terminal)).inc()
         log.warning(
             "batch_failed",
             batch_id=state.batch_id,
             reason=terminal.reason,
             message=terminal.message,
         )
+
+
+def _seconds_between(start: str, end: str) -> float | None:
+    try:
+        return max(
+            0.0, (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+        )
+    except (TypeError, ValueError):
+        return None

@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from redis.exceptions import WatchError
 
 from cj.grade_scales import resolve_scale
+from events import codec
+from events.text import as_str
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import default_model, provider_problems
+from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_registration, queue_state_write
 from streams.keys import Keys
 
+# Longest essay text accepted by default, in characters: both essays of a pair go into one
+# prompt, and an essay is carried in every request naming it.
+MAX_ESSAY_CHARS = 50_000
+
 
 class InputError(ValueError):
     """Bad user input; the message names the problem."""
+
+
+class Contended(Exception):
+    """Other submissions kept writing while this one tried to register."""
 
 
 class EssayIn(BaseModel):
@@ -70,7 +84,8 @@ def _pydantic_message(exc: ValidationError) -> str:
 def parse_input(path: Path, grade_scale: str | None = None) -> tuple[BatchIn, str, tuple[str, ...]]:
     """Read and validate a JSON or CSV batch file. Raises InputError naming the problem."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        # utf-8-sig: files saved by Excel and Notepad start with a byte order mark.
+        raw = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from exc
     try:
@@ -122,11 +137,20 @@ def build_registration(
     stability_threshold: float = 0.05,
     min_waves: int = 2,
     batch_id: str | None = None,
+    max_essay_chars: int = MAX_ESSAY_CHARS,
 ) -> BatchRegistered:
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
     if budget is not None and budget < 1:
         raise InputError(f"--budget must be at least 1, got {budget}")
+    too_long = [e for e in batch.essays if len(e.text) > max_essay_chars]
+    if too_long:
+        first = too_long[0]
+        more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
+        raise InputError(
+            f"essay {first.essay_id!r} is {len(first.text):,} characters long{more}; the limit "
+            f"is {max_essay_chars:,} (CJS_MAX_ESSAY_CHARS)"
+        )
     total_budget = budget if budget is not None else default_budget(n)
     essays = [
         Essay(
@@ -169,3 +193,45 @@ async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> Non
         queue_registration(pipe, keys, event)
         queue_state_write(pipe, keys, register(event), full=True)
         await pipe.execute()
+
+
+def submissions(keys: Keys) -> str:
+    """Hash: content digest -> id of the batch registered with that content (submit's
+    idempotency). Not a projection: nothing rebuilds it; without it a submission registers anew."""
+    return keys.key("cj:submitted")
+
+
+def content_digest(event: BatchRegistered) -> str:
+    """What makes two submissions the same batch: the essays and the whole config (mode,
+    provider, model, budget, seed, scale, thresholds ...), not the ids or the time."""
+    body = msgspec.json.encode({"essays": event.essays, "config": event.config})
+    return hashlib.sha256(body).hexdigest()
+
+
+async def register_once(
+    r: Any, keys: Keys, event: BatchRegistered, *, force: bool = False, max_tries: int = 20
+) -> tuple[str, bool]:
+    """Register `event` unless a batch with the same content is registered (then its id is
+    returned instead); with `force`, register it anyway. Returns (batch id, registered now).
+    Concurrent identical submissions register one batch: the lookup is WATCHed."""
+    digest = content_digest(event)
+    index = submissions(keys)
+    async with r.pipeline(transaction=True) as pipe:
+        for _ in range(max_tries):
+            try:
+                await pipe.watch(index)
+                existing = None if force else await pipe.hget(index, digest)
+                if existing is not None:
+                    batch_id = as_str(existing)
+                    if await pipe.exists(pkeys.batch(keys, batch_id)):
+                        await pipe.unwatch()
+                        return batch_id, False
+                pipe.multi()
+                pipe.xadd(keys.batches, codec.encode(event))
+                queue_state_write(pipe, keys, register(event), full=True)
+                pipe.hset(index, digest, event.batch_id)
+                await pipe.execute()
+                return event.batch_id, True
+            except WatchError:
+                continue
+    raise Contended(f"{index} kept changing during {max_tries} attempts; submit again")

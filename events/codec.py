@@ -47,7 +47,8 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Event:
     type_name = _field(fields, "type")
     data = _field(fields, "data")
     if type_name is None or data is None:
-        raise DecodeError("missing_field", f"fields present: {sorted(map(str, fields))}")
+        present = ", ".join(sorted(as_str(name) for name in fields)) or "none"
+        raise DecodeError("missing_field", f"fields present: {present}")
     decoder = _decoders.get(as_str(type_name))
     if decoder is None:
         raise DecodeError("unknown_type", as_str(type_name)[:100])

@@ -15,7 +15,9 @@ LPS_PROVIDER_ERRORS = Counter(
     "Failed provider attempts by error type",
     ["provider", "model", "error_type"],
 )
-LPS_RETRIES = Counter("lps_retries_total", "Provider attempts retried", ["provider", "error_type"])
+LPS_RETRIES = Counter(
+    "lps_retries_total", "Provider attempts retried", ["provider", "model", "error_type"]
+)
 LPS_PROVIDER_LATENCY = Histogram(
     "lps_provider_latency_seconds",
     "Latency of one provider call",

@@ -106,7 +106,7 @@ def record_attempt_failed(
     m = detail.model or model
     LPS_PROVIDER_ERRORS.labels(provider=p, model=m, error_type=detail.error_type).inc()
     if will_retry:
-        LPS_RETRIES.labels(provider=p, error_type=detail.error_type).inc()
+        LPS_RETRIES.labels(provider=p, model=m, error_type=detail.error_type).inc()
 
 
 async def judge_with_retries(

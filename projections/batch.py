@@ -134,6 +134,12 @@ def _close(state: BatchState, status: str, reason: str, abandoned: list[str], ev
             state.in_flight -= 1
 
 
+def failed_reason(event: BatchFailed) -> str:
+    """The finalize reason of a failed batch: `stalled` when the stalled-batch reaper ended it,
+    else `failed` (the event's own reason, e.g. too_many_failures, is in failure_message)."""
+    return "stalled" if event.reason == "stalled" else "failed"
+
+
 def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
     """Apply an event of `cj:batches` (other than BatchRegistered) to its batch."""
     _touch(state, event)
@@ -152,7 +158,7 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
     elif isinstance(event, BatchFinalized):
         _close(state, "finalized", event.reason, event.abandoned, event)
     elif isinstance(event, BatchFailed):
-        _close(state, "failed", "failed", event.abandoned, event)
+        _close(state, "failed", failed_reason(event), event.abandoned, event)
         state.failure_message = (
             f"{event.reason}: {event.message}" if event.message else event.reason
         )

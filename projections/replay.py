@@ -270,6 +270,7 @@ class ReplayResult:
     states: dict[str, BatchState]
     horizon: Horizon
     events: int = 0  # entries read from cj:batches and cj:callbacks
+    batch_events: int = 0  # of those, the events of the batches replayed that were applied
     callbacks_applied: int = 0
     callbacks_unapplied: int = 0  # in the stream, not yet applied by the cj group
     unknown_batch_callbacks: int = 0  # applied callbacks naming no registered batch
@@ -338,8 +339,10 @@ async def _replay_live(
                     continue
                 if isinstance(event, BatchRegistered):
                     states[event.batch_id] = register(event)
+                    out.batch_events += 1
                 elif b in states:
                     apply_batch_event(states[b], event)  # type: ignore[arg-type]
+                    out.batch_events += 1
     delivered = None if hz.callbacks_delivered is None else entry_id_key(hz.callbacks_delivered)
     pending = hz.pending
     async for entries in _range_pages(raw, keys.callbacks, page, ranges.get(CALLBACKS, ALL)):
@@ -375,5 +378,6 @@ async def _replay_live(
                 out.unknown_batch_callbacks += 1
             else:
                 apply_callback(state, callback, entry_id)
+                out.batch_events += 1
     out.seconds = time.perf_counter() - started
     return out

@@ -11,9 +11,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
-def connect(url: str | None, *, retries: int = 8, embedded_ok: bool = True) -> tuple[Any, str]:
+def connect(
+    url: str | None,
+    *,
+    retries: int = 8,
+    embedded_ok: bool = True,
+    connect_timeout_s: float | None = None,
+) -> tuple[Any, str]:
     """A client for `url` (each command retried `retries` times before the caller sees the
-    error), or an embedded Redis (fakeredis) when `url` is None; returns it and what it is."""
+    error; a TCP connect given up after `connect_timeout_s`), or an embedded Redis (fakeredis)
+    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError."""
     if url:
         client = aioredis.from_url(
             url,
@@ -21,6 +28,7 @@ def connect(url: str | None, *, retries: int = 8, embedded_ok: bool = True) -> t
             retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=15,
+            socket_connect_timeout=connect_timeout_s,
         )
         return client, url
     if not embedded_ok:

@@ -64,7 +64,13 @@ class GroupConsumer(Generic[E]):
         self.stream_name = stream_name
         # The reader holds the connection and who this consumer is.
         self.reader = GroupReader(
-            r, keys.stream(stream_name), group, consumer, count=count, block_ms=block_ms
+            r,
+            keys.stream(stream_name),
+            group,
+            consumer,
+            count=count,
+            block_ms=block_ms,
+            name=stream_name,
         )
         self.processing_timeout_s = processing_timeout_s
         self.max_deliveries = max_deliveries

@@ -1,15 +1,50 @@
 """Stream-level metrics, the same for every consumer group. The Prometheus names are public
-(DESIGN.md, deploy/prometheus/alerts.yml) and keep their historical `lps_` prefix although
-they count the `cj` group too."""
+(docs/design.md, deploy/prometheus/alerts.yml). `lps_pending_entries` keeps its historical `lps_`
+prefix although it counts the `cj` group too: it is deprecated for `stream_pending_entries`
+(same labels, same values) and goes in the release after next."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+import time
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram
 
 DEAD_LETTERED = Counter(
     "events_dead_lettered_total", "Entries moved to a dead-letter stream", ["stream", "reason"]
 )
 PENDING_ENTRIES = Gauge(
-    "lps_pending_entries", "Pending entries per stream and group", ["stream", "group"]
+    "lps_pending_entries",
+    "Pending entries per stream and group (deprecated: use stream_pending_entries)",
+    ["stream", "group"],
+)
+STREAM_PENDING_ENTRIES = Gauge(
+    "stream_pending_entries", "Pending entries per stream and group", ["stream", "group"]
 )
 STUCK_ITEMS = Counter("lps_stuck_items_total", "Stuck pending entries handled", ["action"])
+QUEUE_WAIT = Histogram(
+    "stream_queue_wait_seconds",
+    "From an entry's append to its first delivery to a consumer of the group",
+    ["stream", "group"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
+REDIS_RECONNECTS = Counter(
+    "redis_reconnects_total",
+    "Times a consumer lost its Redis connection and waited to reconnect (once per outage)",
+    ["group"],
+)
+
+
+def set_pending(stream_name: str, group: str, n: int) -> None:
+    PENDING_ENTRIES.labels(stream_name, group).set(n)
+    STREAM_PENDING_ENTRIES.labels(stream_name, group).set(n)
+
+
+def observe_queue_wait(stream_name: str, group: str, entry_ids: Iterable[str]) -> None:
+    """Entry ids begin with Redis's clock in milliseconds at the append."""
+    now_ms = time.time() * 1000
+    histogram = QUEUE_WAIT.labels(stream_name, group)
+    for entry_id in entry_ids:
+        ms = entry_id.partition("-")[0]
+        if ms.isdigit():
+            histogram.observe(max(0.0, now_ms - int(ms)) / 1000)

@@ -11,7 +11,7 @@ import structlog
 
 from events.text import as_str
 from streams.keys import Keys
-from streams.metrics import PENDING_ENTRIES
+from streams.metrics import set_pending
 from streams.reader import Entry
 
 log = structlog.get_logger("streams.pending")
@@ -208,10 +208,10 @@ async def pending_count(r: Any, stream: str, group: str) -> int:
 
 
 async def update_pending_gauge(r: Any, stream: str, stream_name: str, group: str) -> int:
-    """Set the pending-entries gauge (`lps_pending_entries{stream, group}`, stream named
-    without the key prefix)."""
+    """Set the pending-entries gauges (`stream_pending_entries{stream, group}` and the
+    deprecated `lps_pending_entries`, stream named without the key prefix)."""
     n = await pending_count(r, stream, group)
-    PENDING_ENTRIES.labels(stream_name, group).set(n)
+    set_pending(stream_name, group, n)
     return n
 
 

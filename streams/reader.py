@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 from events.codec import DecodeError, decode
 from events.text import as_str
 from events.types import Event
+from streams.metrics import observe_queue_wait
 
 Fields = Mapping[bytes | str, bytes | str]
 
@@ -49,10 +50,20 @@ class GroupReader:
     """Reads a stream for one consumer of a group: own pending entries first, then new ones."""
 
     def __init__(
-        self, r: Any, stream: str, group: str, consumer: str, *, count: int, block_ms: int
+        self,
+        r: Any,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int,
+        block_ms: int,
+        name: str | None = None,
     ):
         self.r = r
         self.stream = stream
+        # The stream's name without the key prefix, as metrics label it.
+        self.name = name or stream
         self.group = group
         self.consumer = consumer
         self.count = count
@@ -73,7 +84,9 @@ class GroupReader:
         response = await self.r.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.count, block=self.block_ms
         )
-        return _entries(response)
+        entries = _entries(response)
+        observe_queue_wait(self.name, self.group, (e.entry_id for e in entries))
+        return entries
 
     def rewind(self) -> None:
         """Read own pending entries again (after a reconnect, or entries handed back)."""

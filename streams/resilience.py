@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streams.metrics import REDIS_RECONNECTS
 from streams.reader import GroupReader
 
 log = structlog.get_logger("streams.resilience")
@@ -57,12 +58,19 @@ class Backoff:
     def reset(self) -> None:
         self._next = self.base
 
+    @property
+    def fresh(self) -> bool:
+        """No failure since the last reset: the next one starts an outage."""
+        return self._next == self.base
+
 
 async def wait_for_redis(
     stop: asyncio.Event, backoff: Backoff, exc: BaseException, reader: GroupReader, consumer: str
 ) -> None:
     """After a lost connection: log, back off, and have the reader re-read its own pending
     entries (what it held may have been half done when Redis went away)."""
+    if backoff.fresh:  # once per outage, not per attempt
+        REDIS_RECONNECTS.labels(reader.group).inc()
     delay = backoff.next()
     log.warning("redis_unavailable", consumer=consumer, error=str(exc)[:200], retry_in_s=delay)
     reader.rewind()

@@ -287,8 +287,8 @@ async def test_record_attempt_failed_counts_errors_and_retries(
     err = {"provider": "anthropic", "model": MODEL}
     e429 = sample("lps_provider_errors_total", **err, error_type="rate_limit")
     e529 = sample("lps_provider_errors_total", **err, error_type="overloaded")
-    r429 = sample("lps_retries_total", provider="anthropic", error_type="rate_limit")
-    r529 = sample("lps_retries_total", provider="anthropic", error_type="overloaded")
+    r429 = sample("lps_retries_total", **err, error_type="rate_limit")
+    r529 = sample("lps_retries_total", **err, error_type="overloaded")
     server.script(rate_limited(retry_after=1), overloaded(), overloaded())
     attempts = Attempts()
 
@@ -308,9 +308,9 @@ async def test_record_attempt_failed_counts_errors_and_retries(
     assert outcome.error is not None and outcome.attempts == 3
     assert sample("lps_provider_errors_total", **err, error_type="rate_limit") - e429 == 1
     assert sample("lps_provider_errors_total", **err, error_type="overloaded") - e529 == 2
-    assert sample("lps_retries_total", provider="anthropic", error_type="rate_limit") - r429 == 1
+    assert sample("lps_retries_total", **err, error_type="rate_limit") - r429 == 1
     # the last overloaded attempt was not retried
-    assert sample("lps_retries_total", provider="anthropic", error_type="overloaded") - r529 == 1
+    assert sample("lps_retries_total", **err, error_type="overloaded") - r529 == 1
 
 
 def test_record_attempt_failed_fills_missing_labels() -> None:

@@ -30,9 +30,6 @@ UNWIRED = {
         "read only by lps.retry.RetryPolicy.from_env, which no worker calls: workers build the"
         " policy from Settings, whose name for it is CJS_RETRY_MAX_AFTER_S"
     ),
-    "CJS_RETRY_MAX_TOTAL_DELAY_S": (
-        "read only by RetryPolicy.from_env; Settings has no field for the 180 s total bound"
-    ),
 }
 # Settings fields that no code uses: documenting them would promise an effect.
 # field name -> why; the test fails once the field is used, to have it documented.

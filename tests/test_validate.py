@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from tests.test_replay import cli, one_json
@@ -86,15 +87,25 @@ def test_recorded_runs_give_the_same_analysis_as_the_live_ones(
     redis_server: Any, tmp_path: Path
 ) -> None:
     url = redis_server.url
-    live = one_json(cli(ARGS, url, "v:").stdout)
+    live = one_json(cli([*ARGS, "--keep"], url, "v:").stdout)
+    kept = live["kept_prefix"]
+    assert kept.startswith("v:validate-") and "namespace 'v:validate-" in live["source"]
     files = []
     for mode in ("per_request", "serial_bundle"):
         path = tmp_path / f"{mode}.jsonl.gz"
         assert (
-            cli(["export", live["modes"][mode]["batch_id"], "-o", str(path)], url, "v:").exit_code
+            cli(["export", live["modes"][mode]["batch_id"], "-o", str(path)], url, kept).exit_code
             == 0
         )
         files.append(str(path))
+    # Without --keep nothing stays behind, and the live namespace never held the runs.
+    small = ["validate", "--essays", "4", "--profile", "ideal", "--json"]
+    again = one_json(cli(small, url, "v:").stdout)
+    assert again["kept_prefix"] is None and "deleted afterwards" in again["source"]
+    client = redis.Redis.from_url(url)
+    names = {k.decode() for k in client.scan_iter(match="v:*")}
+    client.close()
+    assert names and all(n.startswith(kept) for n in names), sorted(names)[:5]
     recorded = cli(["validate", "--runs", *files, "--json"], url, "")
     assert recorded.exit_code == 0, recorded.output
     rec = one_json(recorded.stdout)

@@ -5,17 +5,24 @@ help: `cjs --help`, and commands that need no scoring, load neither numpy nor sc
 worker stack. A new command is a new module and a row of COMMANDS.
 
 Errors: library code raises `app.errors.CjsError`; `Cjs.invoke` turns one into a single line on
-stderr and the error's exit code, here and nowhere else.
+stderr and the error's exit code, here and nowhere else. The same boundary translates the
+errors of the layers below that a user can cause or meet (Redis down, a file that cannot be
+read or written, a corrupt archive, Ctrl-C), so that every problem of one kind ends the same way
+in every command, and a bug shows one line too (CJS_DEBUG=1 shows its traceback).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import zlib
 from typing import NamedTuple
 
 import click
 from click.utils import make_default_short_help
 
+from app import errors
 from app.errors import CjsError
 
 
@@ -41,6 +48,11 @@ COMMANDS: dict[str, Entry] = {
         "cmd_demo",
         "demo",
         "Run a bundled ENG5-like batch through CJ and the mock judge until it is finalized.",
+    ),
+    "batches": Entry(
+        "cmd_batch",
+        "batches",
+        "List the batches of the namespace, newest first, with their status and progress.",
     ),
     "dlq": Entry(
         "cmd_dlq",
@@ -137,10 +149,63 @@ class Cjs(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except CjsError as exc:
-            failure = click.ClickException(exc.message)
-            failure.exit_code = exc.exit_code
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(errors.EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader went away (`cjs results B --csv | head`): nothing left to say to it.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(errors.EXIT_BROKEN_PIPE)
+        except Exception as exc:
+            message, code = failure_of(exc)
+            if code == errors.EXIT_INTERNAL and os.environ.get("CJS_DEBUG"):
+                raise
+            failure = click.ClickException(message)
+            failure.exit_code = code
             raise failure from exc
+        return None  # not reached: ctx.exit raises
+
+
+def failure_of(exc: Exception) -> tuple[str, int]:
+    """The one line and the exit code for an error that reached the command line."""
+    if isinstance(exc, CjsError):
+        return exc.message, exc.exit_code
+    text = str(exc).strip() or type(exc).__name__
+    # Only an error of a module already imported can be raised: checking the modules loaded
+    # keeps `cjs --help` from importing redis (or gzip) just to name their exceptions.
+    redis_errors = sys.modules.get("redis.exceptions")
+    if redis_errors is not None and isinstance(exc, redis_errors.RedisError):
+        from app.connection import mask_url
+
+        where = mask_url(os.environ.get("REDIS_URL")) or "REDIS_URL"
+        down = (
+            redis_errors.ConnectionError,  # includes authentication and loading
+            redis_errors.TimeoutError,
+            redis_errors.ReadOnlyError,
+            redis_errors.OutOfMemoryError,
+            redis_errors.NoPermissionError,
+        )
+        if isinstance(exc, down):
+            return f"Redis at {where} failed: {text}", errors.EXIT_UNAVAILABLE
+        return f"Redis at {where} refused a command: {text}", errors.EXIT_FAILURE
+    gzip = sys.modules.get("gzip")
+    if isinstance(exc, zlib.error | EOFError) or (
+        gzip is not None and isinstance(exc, gzip.BadGzipFile)
+    ):
+        return f"a compressed file is corrupt or truncated: {text}", errors.EXIT_USAGE
+    if isinstance(exc, TimeoutError):
+        return f"timed out: {text}", errors.EXIT_FAILURE
+    if isinstance(exc, OSError):
+        if exc.filename is not None:
+            return f"{exc.filename}: {exc.strerror or text}", errors.EXIT_USAGE
+        return f"{type(exc).__name__}: {text}", errors.EXIT_UNAVAILABLE
+    return (
+        f"internal error, a bug: {type(exc).__name__}: {text} (CJS_DEBUG=1 shows the traceback)",
+        errors.EXIT_INTERNAL,
+    )
 
 
 @click.group(cls=Cjs, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,7 +1,8 @@
-"""`cjs submit`, `cjs status`, `cjs results`."""
+"""`cjs submit`, `cjs status`, `cjs results`, `cjs batches`."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import math
 import sys
@@ -10,11 +11,12 @@ from typing import Any, cast
 
 import click
 
+from app import batches as app_batches
 from app import errors, settings
 from app.connection import open_redis
 from app.views import results_view, status_view
-from cj.registration import InputError, append_registration, build_registration, parse_input
 from events.types import Mode
+from projections.batch import BatchState
 from tools import common
 
 
@@ -59,6 +61,12 @@ from tools import common
     help="Finalize as stable once max |Δθ| between waves is below this (after 2 waves).",
 )
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; append nothing.")
+@click.option(
+    "--new",
+    "force_new",
+    is_flag=True,
+    help="Register a new batch even when one with the same essays and settings exists.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def submit(
     file: Path,
@@ -70,15 +78,20 @@ def submit(
     grade_scale: str | None,
     stability_threshold: float,
     dry_run: bool,
+    force_new: bool,
     as_json: bool,
 ) -> None:
     """Register a batch from FILE (JSON or CSV) and submit its first wave.
 
     JSON: {"grade_scale"?: NAME|[grades], "essays": [{"essay_id", "text",
     "anchor_grade"?, "mock_quality"?}]}. CSV: the same columns. Bad input exits 2
-    and appends nothing.
+    and appends nothing. The same essays with the same settings again give the batch
+    already registered (its id, and "existing": true), unless --new.
     """
+    from cj.registration import Contended, InputError, build_registration, parse_input
+
     common.quiet_logs(as_json)
+    s = settings.load()
     scale_arg: Any = grade_scale
     if grade_scale and "," in grade_scale:
         scale_arg = [g.strip() for g in grade_scale.split(",") if g.strip()]
@@ -94,6 +107,7 @@ def submit(
             budget=budget,
             seed=seed,
             stability_threshold=stability_threshold,
+            max_essay_chars=s.max_essay_chars,
         )
     except InputError as exc:
         raise errors.InputError(str(exc)) from exc
@@ -129,69 +143,307 @@ def submit(
             for key, value in plan.items():
                 click.echo(f"{key:>26}: {value}")
         return
-    s = settings.load()
-
     from cj.continuation import advance  # scoring (numpy, scipy): only submit needs it
+    from cj.registration import register_once
 
-    async def main() -> None:
+    async def main() -> tuple[str, bool]:
         r = await open_redis(s)
         keys = settings.keys_for(s)
-        await append_registration(r, keys, event)
-        await advance(r, keys, event.batch_id)
-        await r.aclose()
+        try:
+            batch_id, new = await register_once(r, keys, event, force=force_new)
+            if new:
+                await advance(r, keys, batch_id)
+        except Contended as exc:
+            raise errors.Conflict(str(exc)) from exc
+        finally:
+            await r.aclose()
+        return batch_id, new
 
-    common.run(main)
+    batch_id, new = common.run(main)
     if as_json:
-        common.emit_json({"batch_id": event.batch_id})
-    else:
-        click.echo(event.batch_id)
+        common.emit_json({"batch_id": batch_id, "existing": not new})
+        return
+    if not new:
+        click.echo(
+            f"already submitted as {batch_id} (same essays and settings); --new registers "
+            "another batch",
+            err=True,
+        )
+    click.echo(batch_id)
 
 
 @click.command()
 @click.argument("batch_id")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Show progress until the batch is finalized or failed, then its counters "
+    "(exit 1 when it failed).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between polls with --watch.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
-def status(batch_id: str, as_json: bool) -> None:
-    """Completion counters of a batch (all from the projection, equal to the streams)."""
+def status(batch_id: str, watch: bool, interval: float, as_json: bool) -> None:
+    """Completion counters of a batch (all from the projection, equal to the streams).
+
+    --watch shows a progress bar on stderr (a line per change when stderr is no terminal)
+    until the batch ends.
+    """
     common.quiet_logs(as_json)
-    view = common.batch_view(batch_id, status_view)
+    if watch:
+        state = _watch(batch_id, interval, bar=common.ProgressBar(lines=not sys.stderr.isatty()))
+        view = status_view(state)
+    else:
+        view = common.batch_view(batch_id, status_view)
     if as_json:
         common.emit_json(view)
-        return
-    for key, value in view.items():
-        if key == "orphan_correlation_ids":
-            value = ", ".join(value) if value else "-"
-        click.echo(f"{key:>22}: {value if value is not None else '-'}")
+    else:
+        for key, value in view.items():
+            if key == "orphan_correlation_ids":
+                value = ", ".join(value) if value else "-"
+            click.echo(f"{key:>22}: {value if value is not None else '-'}")
+    if watch and view["status"] == "failed":
+        sys.exit(errors.EXIT_FAILURE)
+
+
+def _watch(batch_id: str, interval: float, bar: common.ProgressBar) -> BatchState:
+    s = settings.load()
+    keys = settings.keys_for(s)
+
+    async def main() -> BatchState:
+        r = await open_redis(s)
+        try:
+            while True:
+                state = await app_batches.require_batch(r, keys, batch_id)
+                bar(state)
+                if state.terminal:
+                    return state
+                await asyncio.sleep(interval)
+        finally:
+            bar.finish()
+            await r.aclose()
+
+    return common.run(main)
 
 
 @click.command()
 @click.argument("batch_id")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
-@click.option("--csv", "as_csv", is_flag=True, help="Print the essays as CSV.")
+@click.option(
+    "--csv",
+    "as_csv",
+    is_flag=True,
+    help="Print the essays as CSV (one p_<grade> column per grade; warnings on stderr).",
+)
 def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
-    """Scores, standard errors, ranks and grades of a batch."""
+    """Scores, standard errors, ranks and grades of a batch.
+
+    The table and the CSV carry every essay field of --json (theta, se, rank, grade, its
+    probabilities and confidence, ...) and the batch's SSR, split-half reliability and
+    position bias η; warnings follow the table (on stderr with --csv).
+    """
     common.quiet_logs(as_json)
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     view = common.batch_view(batch_id, results_view)
     if as_json:
         common.emit_json(view)
-        return
-    columns = ["rank", "essay_id", "is_anchor", "anchor_grade", "theta", "se", "grade"]
-    if as_csv:
-        writer = csv.DictWriter(
-            sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n"
-        )
-        writer.writeheader()
-        writer.writerows(view["essays"])
-        return
-    click.echo(
-        f"batch {view['batch_id']}  status {view['status']}  wave {view['wave']}  "
-        f"comparisons {view['comparisons']}  SSR {view['ssr']}"
-    )
+    elif as_csv:
+        _results_csv(view)
+    else:
+        click.echo(render_results(view))
+
+
+# The essay fields shown first, in this order; any other scalar field of the view follows.
+ESSAY_COLUMNS = ("rank", "essay_id", "is_anchor", "anchor_grade", "theta", "se", "grade")
+# Batch-level fields the header shows itself; any other scalar field is listed as `key: value`.
+SHOWN = frozenset(
+    {"batch_id", "status", "wave", "comparisons", "ssr", "split_half", "position_bias"}
+    | {"reliability_note", "connected", "grade_scale", "grade_boundaries", "warnings", "essays"}
+)
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _essay_columns(view: dict[str, Any]) -> list[str]:
+    columns = list(ESSAY_COLUMNS)
     for row in view["essays"]:
-        theta = "" if row["theta"] is None else f"{row['theta']:7.2f}"
-        se = "" if row["se"] is None else f"{row['se']:6.2f}"
-        click.echo(
-            f"{row['rank'] or '':>4}  {row['essay_id']:<20} {row['anchor_grade'] or '':<5} "
-            f"{theta:>7} {se:>6}  {row['grade'] or '-'}"
+        for key, value in row.items():
+            if key not in columns and _scalar(value):
+                columns.append(key)
+    return columns
+
+
+def _grades(view: dict[str, Any]) -> list[str]:
+    grades = [str(g) for g in view.get("grade_scale") or []]
+    for row in view["essays"]:
+        for g in row.get("grade_probabilities") or {}:
+            if g not in grades:
+                grades.append(g)
+    return grades
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _batch_fields(view: dict[str, Any]) -> dict[str, Any]:
+    bias = view.get("position_bias") or {}
+    return {
+        "ssr": view.get("ssr"),
+        "split_half": view.get("split_half"),
+        "position_bias": bias.get("estimate"),
+        "position_bias_se": bias.get("se"),
+    }
+
+
+def _results_csv(view: dict[str, Any]) -> None:
+    columns = _essay_columns(view)
+    grades = _grades(view)
+    batch = _batch_fields(view)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow([*columns, *(f"p_{g}" for g in grades), *batch])
+    for row in view["essays"]:
+        probabilities = row.get("grade_probabilities") or {}
+        writer.writerow(
+            [
+                *("" if row.get(c) is None else row.get(c) for c in columns),
+                *("" if probabilities.get(g) is None else probabilities[g] for g in grades),
+                *("" if v is None else v for v in batch.values()),
+            ]
         )
+    for warning in view.get("warnings") or []:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def render_results(view: dict[str, Any]) -> str:
+    """The results as a table with a header row, after the batch's figures, before its warnings."""
+    lines = [
+        f"batch {view['batch_id']}  status {view['status']}  wave {_cell(view['wave']) or '-'}  "
+        f"comparisons {view['comparisons']}  grade scale {' '.join(_grades(view)) or '-'}"
+    ]
+    bias = view.get("position_bias")
+    eta = "n/a" if not bias else f"{bias['estimate']:+.3f} ± {bias['se']:.3f} logits (slot A)"
+    ssr = _cell(view.get("ssr"), 3) or "n/a"
+    half = _cell(view.get("split_half"), 3) or "n/a"
+    lines.append(
+        f"SSR {ssr}  split-half {half}  position bias η {eta}  "
+        f"connected {_yes_no(view.get('connected'))}"
+    )
+    for key, value in view.items():
+        if key not in SHOWN and _scalar(value):
+            lines.append(f"{key.replace('_', ' ')}: {_cell(value, 4) or '-'}")
+    boundaries = view.get("grade_boundaries") or {}
+    if boundaries:
+        lines.append(
+            "grade boundaries (θ): " + "  ".join(f"{g} {_cell(b)}" for g, b in boundaries.items())
+        )
+    columns = _essay_columns(view)
+    grades = _grades(view)
+    widths = {c: len(c) for c in columns}
+    cells = []
+    for row in view["essays"]:
+        cells.append({c: _cell(row.get(c)) for c in columns})
+        for c in columns:
+            widths[c] = max(widths[c], len(cells[-1][c]))
+    numeric = {"rank", "theta", "se"}
+    head = [c.rjust(widths[c]) if c in numeric else c.ljust(widths[c]) for c in columns]
+    lines += [
+        "",
+        "  ".join(head)
+        + ("  " + " ".join(f"{'P(' + g + ')':>5}" for g in grades) if grades else ""),
+    ]
+    for row, shown in zip(view["essays"], cells, strict=True):
+        text = "  ".join(
+            shown[c].rjust(widths[c]) if c in numeric else shown[c].ljust(widths[c])
+            for c in columns
+        )
+        probabilities = row.get("grade_probabilities") or {}
+        if grades:
+            text += "  " + " ".join(
+                f"{'' if probabilities.get(g) is None else f'{probabilities[g]:.2f}':>5}"
+                for g in grades
+            )
+        lines.append(text.rstrip())
+    warnings = view.get("warnings") or []
+    if warnings:
+        lines.append("")
+        lines += [f"warning: {w}" for w in warnings]
+    if view.get("reliability_note"):
+        lines += ["", f"note: {view['reliability_note']}"]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(["open", *app_batches.STATUSES]),
+    multiple=True,
+    help="Only batches in this status (repeatable; open = registered or running).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Newest batches shown.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+def batches(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List the batches of the namespace, newest first, with their status and progress.
+
+    JSON: {prefix, total, counts: {status: n}, matching, batches: [{batch_id, status,
+    registered_at, last_event_at, completed_at, finalize_reason, denominator, submitted,
+    completed, failed, in_flight, waves, completion_pct}]}.
+    """
+    common.quiet_logs(as_json)
+    s = settings.load()
+
+    async def main() -> dict[str, Any]:
+        r = await open_redis(s)
+        try:
+            return await app_batches.list_view(
+                r, settings.keys_for(s), statuses=statuses, limit=limit
+            )
+        finally:
+            await r.aclose()
+
+    view = common.run(main)
+    if as_json:
+        common.emit_json(view)
+        return
+    counts = "  ".join(f"{k} {v}" for k, v in sorted(view["counts"].items())) or "none"
+    click.echo(f"{view['total']} batches under prefix {view['prefix']!r}: {counts}")
+    if not view["batches"]:
+        return
+    width = max(len("batch"), *(len(b["batch_id"]) for b in view["batches"]))
+    click.echo(
+        f"{'batch':<{width}}  {'status':<10} {'reason':<10} {'done':>11} {'%':>6} "
+        f"{'waves':>5}  registered"
+    )
+    for b in view["batches"]:
+        done = f"{b['completed'] + b['failed']}/{b['denominator']}"
+        click.echo(
+            f"{b['batch_id']:<{width}}  {b['status'] or '?':<10} {b['finalize_reason'] or '-':<10} "
+            f"{done:>11} {b['completion_pct']:>6} {b['waves']:>5}  {b['registered_at'] or '-'}"
+        )
+    if view["matching"] > len(view["batches"]):
+        click.echo(f"... {view['matching'] - len(view['batches'])} more (--limit)")

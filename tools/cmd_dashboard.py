@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import click
 
 from app import settings
-from app.errors import RedisUnavailable
+from app.connection import open_redis
+from app.errors import Unavailable
 from app.logs import configure
+from tools import common
 
 TOKEN_VARIABLE = "CJS_DASHBOARD_TOKEN"
 
@@ -25,11 +30,13 @@ def dashboard(host: str, port: int) -> None:
     """
     s = settings.load()
     configure(json_logs=True, level="INFO")
-    if not s.redis_url:
-        raise RedisUnavailable(
-            "REDIS_URL is not set. The dashboard reads a shared Redis; "
-            "e.g. REDIS_URL=redis://localhost:6379/0"
-        )
+
+    async def probe() -> None:
+        client = await open_redis(s)  # ConfigError without REDIS_URL, Unavailable if unreachable
+        await client.aclose()
+
+    common.run(probe)
+    _check_port(host, port)
     from web.server import loopback, serve  # the web stack: only this command loads it
 
     token = s.dashboard_token.get_secret_value() if s.dashboard_token else None
@@ -42,3 +49,16 @@ def dashboard(host: str, port: int) -> None:
             err=True,
         )
     serve(s, host=host, port=port, token=token)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Unavailable, before the server starts, when `host:port` cannot be listened on: uvicorn
+    would otherwise log the error and exit with its own code."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise Unavailable(
+            f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}"
+            + (" (another process listens there)" if exc.errno == errno.EADDRINUSE else "")
+        ) from exc

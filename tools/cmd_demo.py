@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from app import sample, settings
-from app.connection import connect
+from app.connection import open_checked
 from app.runs import (
     count_provider_calls,
     mock_settings,
@@ -20,30 +20,7 @@ from app.runs import (
 from app.validation import spearman_true
 from app.views import results_view, status_view
 from lps.providers.mock import PROFILES, profile_from_env
-from projections.batch import BatchState
 from tools import common
-
-
-class ProgressBar:
-    """The run's progress on stderr, counted in comparisons: a batch that settles early ends
-    short of the budget."""
-
-    def __init__(self) -> None:
-        self._bar: Any = None
-        self._shown = 0
-
-    def __call__(self, state: BatchState) -> None:
-        if self._bar is None:
-            self._bar = click.progressbar(length=state.denominator, file=sys.stderr, show_pos=True)
-        self._bar.label = (
-            f"{state.status} ({state.finalize_reason})" if state.terminal else f"wave {state.waves}"
-        )
-        self._bar.update(state.accepted - self._shown)
-        self._shown = state.accepted
-
-    def finish(self) -> None:
-        if self._bar is not None:
-            self._bar.render_finish()
 
 
 def _print_report(view: dict[str, Any]) -> None:
@@ -65,14 +42,14 @@ def _print_report(view: dict[str, Any]) -> None:
     rho = "n/a" if view["spearman_true"] is None else f"{view['spearman_true']:.3f}"
     click.echo(
         f"\nSSR {ssr}   Spearman(theta, true quality) {rho}   "
-        f"provider calls {view['provider_calls']}   wall {view['wall_s']:.2f}s"
+        f"provider calls {view['provider_calls']} "
+        f"({view['provider_calls'] - view['status']['completed']} failed attempts)   "
+        f"wall {view['wall_s']:.2f}s"
     )
     bias = view["position_bias"]
-    if bias is not None:
-        click.echo(
-            f"position bias η {bias['estimate']:+.3f} ± {bias['se']:.3f} logits (slot A)   "
-            f"split-half reliability {view['split_half']:.3f}"
-        )
+    eta = "n/a" if bias is None else f"{bias['estimate']:+.3f} ± {bias['se']:.3f} logits (slot A)"
+    half = "n/a" if view["split_half"] is None else f"{view['split_half']:.3f}"
+    click.echo(f"position bias η {eta}   split-half reliability {half}")
     low = [w for w in view["warnings"] if w.startswith("low confidence:")]
     for warning in view["warnings"]:
         if warning not in low:
@@ -121,7 +98,7 @@ def _print_report(view: dict[str, Any]) -> None:
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=600.0,
     show_default=True,
     help="Give up after this many seconds.",
@@ -141,7 +118,7 @@ def demo(
     Uses REDIS_URL when set, otherwise an embedded in-process Redis. Prints the
     ranking (theta, SE, grade), SSR and the completion counters.
     """
-    common.quiet_logs(as_json)
+    common.quiet_logs(as_json, level="ERROR")
     s = mock_settings(settings.load())
     try:
         mock = profile_from_env(profile)
@@ -151,12 +128,12 @@ def demo(
 
     async def main() -> dict[str, Any]:
         nonlocal registered
-        r, where = connect(s)
+        r, where = await open_checked(s, need_server=False)
         keys = settings.keys_for(s)
         registered = await with_readable_id(
             r, keys, registered, f"demo-{mode}-s{seed}-n{len(registered.essays)}"
         )
-        bar = ProgressBar() if not as_json and sys.stderr.isatty() else None
+        bar = common.ProgressBar() if not as_json and sys.stderr.isatty() else None
         if not as_json:
             click.echo(
                 f"Redis: {where}; {len(registered.essays)} essays, budget {registered.denominator} "

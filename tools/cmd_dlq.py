@@ -18,6 +18,7 @@ from tools import common
 @click.option(
     "--stream",
     "stream",
+    type=click.Choice([*STREAMS, *(f"dlq:{name}" for name in STREAMS)]),
     default=None,
     metavar="S",
     help=f"Only the dead letters of stream S (one of {', '.join(STREAMS)}).",

@@ -49,6 +49,7 @@ def export(batch_id: str, output: str, as_json: bool) -> None:
     common.quiet_logs(as_json)
     if as_json and output == "-":
         raise click.UsageError("--json and -o - would both write to stdout")
+    archive.check_output(output)
     s = settings.load()
 
     async def main() -> list[archive.Record]:

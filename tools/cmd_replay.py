@@ -27,7 +27,8 @@ from tools import common
 def replay(batch_id: str | None, all_batches: bool, do_rebuild: bool, as_json: bool) -> None:
     """Rebuild BATCH_ID (or --all) from the streams and compare with the live projection.
 
-    Prints {batch_id, matches_live, diff, events, seconds}; exits 1 when they differ.
+    Prints {batch_id, matches_live, diff, events (the batch's), entries_scanned, seconds};
+    exits 1 when they differ.
     With --rebuild the replayed projections replace the live ones (after lost `proj:*`
     keys or a changed projection); stop the cj workers first, or the rebuild retries.
     """
@@ -70,8 +71,9 @@ def _print(out: dict[str, Any]) -> None:
             f"({len(out['mismatched_before'])} differed before, "
             f"{len(out['stale_removed'])} stale removed)"
         )
+    scanned = f" ({out['entries_scanned']} stream entries read)" if "entries_scanned" in out else ""
     click.echo(
-        f"{what}: replay {verdict}; {out['events']} events in {out['seconds']:.3f}s "
+        f"{what}: replay {verdict}; {out['events']} events{scanned} in {out['seconds']:.3f}s "
         f"({out['callbacks_unapplied']} callbacks not yet applied by the cj group)"
     )
     rows = out.get("diff") or [d for m in out.get("mismatched", []) for d in m["diff"]]

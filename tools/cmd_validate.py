@@ -69,7 +69,19 @@ from tools import common
     default=None,
     help="Write report.md and a self-contained report.html here.",
 )
-@click.option("--timeout", type=float, default=600.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Give up on a run after this many seconds.",
+)
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="On a shared Redis, keep the runs' namespace (CJS_PREFIX + validate-<id>:) for "
+    "`cjs export`; by default it is deleted.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def validate(
     input_file: Path | None,
@@ -82,19 +94,30 @@ def validate(
     batch_ids: tuple[str, str] | None,
     report_dir: Path | None,
     timeout: float,
+    keep: bool,
     as_json: bool,
 ) -> None:
     """Run one batch in each mode (or take two recorded runs) and compare them: error rates by
     provider and error type, A/B positions of anchors and students, counters against events,
     late/duplicate/orphan callbacks, provider calls, bundles, tokens, Spearman between the modes'
-    θ and grade agreement. Exits 1 when a run's counters disagree with its events."""
-    common.quiet_logs(True)
+    θ and grade agreement. Exits 1 when a run's counters disagree with its events.
+
+    With REDIS_URL the runs use that server, in a namespace of their own that is deleted
+    afterwards (--keep keeps it); without, an embedded Redis."""
+    common.quiet_logs(True, level="ERROR")
+    s = settings.load()
+    if report_dir is not None:
+        from app.report import prepare_directory
+
+        prepare_directory(report_dir)  # before minutes of runs, not after
     if run_files and batch_ids:
         raise click.UsageError("choose one of --runs and --batches")
     if run_files:
         runs = asyncio.run(load_runs(list(run_files)))
+        source, kept_prefix = "recorded runs", None
     elif batch_ids:
-        runs = common.run(lambda: batch_runs(settings.load(), list(batch_ids)))
+        runs = common.run(lambda: batch_runs(s, list(batch_ids)))
+        source, kept_prefix = "batches", None
     else:
         wanted = [m.strip() for m in modes.split(",") if m.strip()]
         bad = [m for m in wanted if m not in MODES]
@@ -108,7 +131,12 @@ def validate(
             try:
                 batch_in, scale_name, grades = parse_input(input_file)
                 registered = build_registration(
-                    batch_in, scale_name, grades, budget=budget, seed=seed
+                    batch_in,
+                    scale_name,
+                    grades,
+                    budget=budget,
+                    seed=seed,
+                    max_essay_chars=s.max_essay_chars,
                 )
             except InputError as exc:
                 raise errors.InputError(str(exc)) from exc
@@ -117,8 +145,8 @@ def validate(
                 sample.load(essays), "per_request", budget=budget, seed=seed
             )
         announce = None if as_json else _announce
-        runs = asyncio.run(
-            run_modes(settings.load(), registered, wanted, profile, seed, timeout, announce)
+        runs, source, kept_prefix = asyncio.run(
+            run_modes(s, registered, wanted, profile, seed, timeout, announce, keep=keep)
         )
     label_runs(runs)
     views = {}
@@ -130,7 +158,8 @@ def validate(
     scale = runs[0].state.config.grade_scale
     comparison = compare(views[labels[0]], views[labels[1]], scale) if len(labels) >= 2 else None
     out = {
-        "source": "recorded runs" if run_files else "batches" if batch_ids else "in-process runs",
+        "source": source,
+        "kept_prefix": kept_prefix,
         "profile": None if run_files or batch_ids else profile_from_env(profile).name,
         "seed": None if run_files or batch_ids else seed,
         "modes": views,
@@ -153,6 +182,7 @@ def _announce(line: str) -> None:
 
 
 def _print(out: dict[str, Any]) -> None:
+    click.echo(f"source: {out['source']}")
     for label, v in out["modes"].items():
         attempts = v["error_rates"]["attempts"]
         errors = (

@@ -9,21 +9,28 @@ import sys
 
 import click
 import structlog
-from prometheus_client import start_http_server
 
 from app import settings
 from app.connection import connect
-from app.logs import configure
+from app.logs import configure, error_text
+from app.metrics import serve
 from app.wiring import InProcess
 from lps.providers.registry import make_provider
 
 log = structlog.get_logger("tools.worker")
 
+# `timeout` (and some supervisors) signal the process and then its process group: the same
+# stop request arrives twice within microseconds. Only a signal this much later forces the exit.
+REPEAT_WINDOW_S = 1.0
+
 
 @click.command()
 @click.argument("role", type=click.Choice(["cj", "lps", "reaper", "all"]))
 @click.option(
-    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port.",
 )
 @click.option(
     "--concurrency",
@@ -44,20 +51,20 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     event for CJS_BATCH_IDLE_TIMEOUT_S as `cjs stuck --reclaim` does) until SIGTERM/SIGINT,
     then drain and exit 0: reading
     stops, provider calls in progress finish, requests not started are handed back for
-    another worker, and nothing stays pending for this worker's consumers. A second signal
-    exits at once. If a consumer dies of an unexpected error the process exits 1.
+    another worker, and nothing stays pending for this worker's consumers. A second signal,
+    a second or more after the first, exits at once (one sent twice at once, as `timeout`
+    does, still drains). If a consumer dies of an unexpected error the process exits 1.
 
-    Needs REDIS_URL. Logs are JSON lines on stderr.
+    Needs REDIS_URL; waits for that Redis while it is unreachable. Logs are JSON lines on
+    stderr.
     """
     configure(json_logs=True)
     s = settings.load()
-    if not s.redis_url:
-        raise click.UsageError("REDIS_URL is not set: workers need a shared Redis server")
+    r, where = connect(s, embedded_ok=False)
     if metrics_port is not None:
-        start_http_server(metrics_port)
+        serve(metrics_port)
 
     async def main() -> int:
-        r, where = connect(s, embedded_ok=False)
         runner = InProcess(
             r,
             settings.keys_for(s),
@@ -69,11 +76,18 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
             reapers=1 if role in ("reaper", "all") else 0,
         )
         loop = asyncio.get_running_loop()
+        first_signal_at: float | None = None
 
         def on_signal(sig: signal.Signals) -> None:
-            if runner.stop.is_set():
+            nonlocal first_signal_at
+            now = loop.time()
+            if first_signal_at is not None:
+                if now - first_signal_at < REPEAT_WINDOW_S:
+                    log.info("worker_signal_repeated", role=role, signal=sig.name)
+                    return
                 log.warning("worker_forced_exit", role=role, signal=sig.name)
                 os._exit(128 + sig.value)
+            first_signal_at = now
             log.info("worker_signal", role=role, signal=sig.name)
             runner.stop.set()
 
@@ -82,7 +96,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
         log.info(
             "worker_started",
             role=role,
-            redis=where.split("@")[-1],
+            redis=where,
             consumers=consumers,
             concurrency=concurrency,
             metrics_port=metrics_port,
@@ -93,7 +107,12 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
         crashed = [t for t in runner.tasks if t.done() and not t.cancelled() and t.exception()]
         for task in crashed:
             exc = task.exception()
-            log.error("consumer_crashed", role=role, error=repr(exc)[:500])
+            log.error(
+                "consumer_crashed",
+                role=role,
+                error=error_text(exc),
+                exc_info=(type(exc), exc, exc.__traceback__) if exc else None,
+            )
         log.info("worker_draining", role=role)
         await runner.close()
         stopping.cancel()

@@ -12,7 +12,7 @@ import click
 
 from app import batches, settings
 from app.logs import configure
-from projections.batch import BatchState
+from projections.batch import BatchState, completion_pct
 
 T = TypeVar("T")
 
@@ -26,12 +26,51 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
 
 
-def quiet_logs(json_mode: bool) -> None:
-    """Commands keep stdout for their answer; logs go to stderr, warnings only."""
-    configure(json_logs=json_mode or not sys.stderr.isatty(), level="WARNING")
+def quiet_logs(json_mode: bool, *, level: str = "WARNING") -> None:
+    """Commands keep stdout for their answer; logs go to stderr, warnings only (errors only for
+    the commands that run workers in process: their retries are the report's, not noise)."""
+    configure(json_logs=json_mode or not sys.stderr.isatty(), level=level)
 
 
 def batch_view(batch_id: str, view: Callable[[BatchState], T]) -> T:
     """Load one batch's projection from REDIS_URL and build a view of it (exits when missing)."""
     s = settings.load()
     return run(lambda: batches.read_view(s, batch_id, view))
+
+
+class ProgressBar:
+    """A batch's progress on stderr, counted in accepted callbacks of its denominator (a batch
+    that settles early ends short of it): a bar on a terminal; elsewhere (`lines`), a line
+    whenever the status, wave or count changes."""
+
+    def __init__(self, *, lines: bool = False) -> None:
+        self._bar: Any = None
+        self._shown = 0
+        self._lines = lines
+        self._last: tuple[str, int, int] | None = None
+
+    def __call__(self, state: BatchState) -> None:
+        label = (
+            f"{state.status} ({state.finalize_reason})" if state.terminal else f"wave {state.waves}"
+        )
+        if self._lines:
+            key = (state.status, state.waves, state.accepted)
+            if key != self._last:
+                self._last = key
+                click.echo(
+                    f"{state.batch_id}: {label}, {state.accepted}/{state.denominator} "
+                    f"comparisons ({completion_pct(state)}%)",
+                    err=True,
+                )
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=state.denominator, file=sys.stderr, show_pos=True)
+        self._bar.label = label
+        self._bar.update(state.accepted - self._shown)
+        self._shown = state.accepted
+        if state.terminal:  # the last label, even when the count did not move
+            self._bar.render_progress()
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
