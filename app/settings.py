@@ -7,7 +7,7 @@ import socket
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from app.errors import ConfigError
 from streams.keys import Keys
@@ -67,6 +67,8 @@ def load() -> Settings:
     except ValidationError as exc:
         problems = "; ".join(_problem(error) for error in exc.errors())
         raise ConfigError(f"bad environment setting: {problems}") from exc
+    except SettingsError as exc:  # a JSON setting (CJS_ARCHIVE_OPTIONS) that is not JSON
+        raise ConfigError(f"bad environment setting: {exc}: the value must be JSON") from exc
 
 
 def _problem(error: Any) -> str:
