@@ -253,6 +253,8 @@ def test_commands_read_archived_batches_from_the_archive(redis_server: Any, tmp_
     assert [x["batch_id"] for x in report["archived"]] == ids and report["trimmed"][CALLBACKS] > 0
 
     after = [one_json(run(c).stdout) for c in commands]
+    watched = one_json(run(["status", b, "--watch", "--json"]).stdout)
+    assert watched == after[0]
     for old, new in zip(before, after, strict=True):
         assert new.pop("archived") is True and new == old
     replayed = one_json(run(["replay", b, "--json"]).stdout)

@@ -13,6 +13,7 @@ import click
 
 from app import batches as app_batches
 from app import errors, settings
+from app.archive import Manifest
 from app.connection import open_redis
 from app.views import results_view, status_view
 from events.types import Mode
@@ -196,8 +197,10 @@ def status(batch_id: str, watch: bool, interval: float, as_json: bool) -> None:
     """
     common.quiet_logs(as_json)
     if watch:
-        state = _watch(batch_id, interval, bar=common.ProgressBar(lines=not sys.stderr.isatty()))
-        view = status_view(state)
+        state, manifest = _watch(
+            batch_id, interval, bar=common.ProgressBar(lines=not sys.stderr.isatty())
+        )
+        view = app_batches.mark_archived(status_view(state), manifest)
     else:
         view = common.batch_view(batch_id, status_view)
     if as_json:
@@ -211,18 +214,21 @@ def status(batch_id: str, watch: bool, interval: float, as_json: bool) -> None:
         sys.exit(errors.EXIT_FAILURE)
 
 
-def _watch(batch_id: str, interval: float, bar: common.ProgressBar) -> BatchState:
+def _watch(
+    batch_id: str, interval: float, bar: common.ProgressBar
+) -> tuple[BatchState, Manifest | None]:
     s = settings.load()
     keys = settings.keys_for(s)
 
-    async def main() -> BatchState:
+    async def main() -> tuple[BatchState, Manifest | None]:
         r = await open_redis(s)
         try:
             while True:
-                state = await app_batches.require_batch(r, keys, batch_id)
+                # An archived batch (read from its archive) has ended: one look is enough.
+                state, manifest = await app_batches.load_batch(r, keys, batch_id, s.archive_options)
                 bar(state)
                 if state.terminal:
-                    return state
+                    return state, manifest
                 await asyncio.sleep(interval)
         finally:
             bar.finish()
