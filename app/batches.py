@@ -3,6 +3,7 @@ or the list of batches."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -12,6 +13,7 @@ from app.errors import NotFound
 from app.settings import Settings, keys_for
 from app.views import status_view
 from events.text import as_str
+from lps.breaker import Breaker
 from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.store import decode_state, list_batches, load_state
@@ -154,3 +156,22 @@ async def list_view(
         "matching": len(rows),
         "batches": shown,
     }
+
+
+async def batch_breakers(r: Any, keys: Keys, state: BatchState) -> list[dict[str, Any]]:
+    """The open breakers of the batch's provider and model."""
+    found = await Breaker(r, keys).states(state.config.provider, state.config.model)
+    now = time.time()
+    return [b.view(now) for b in found]
+
+
+async def read_status(settings: Settings, batch_id: str) -> dict[str, Any]:
+    """`status_view` of one batch, with the open breakers that stop its requests."""
+    r = await open_redis(settings)
+    try:
+        keys = keys_for(settings)
+        state, manifest = await load_batch(r, keys, batch_id, settings.archive_options)
+        view = status_view(state, await batch_breakers(r, keys, state))
+        return mark_archived(view, manifest)
+    finally:
+        await r.aclose()

@@ -93,8 +93,20 @@ ROWS = (
         lambda v: f"{v['bundles']['count']} ({_fmt(v['bundles']['mean_size'])})",
     ),
     (
-        "tokens (per comparison)",
-        lambda v: f"{v['tokens']['total']} ({_fmt(v['tokens']['per_comparison'])})",
+        "cost USD (per comparison)",
+        lambda v: f"{v['cost']['usd']:.4f} ({_fmt(v['cost']['per_comparison_usd'])})",
+    ),
+    (
+        "tokens per comparison: input / output / cache read / cache write",
+        lambda v: " / ".join(
+            _fmt((v["tokens"]["per_comparison"] or {}).get(k))
+            for k in (
+                "input_tokens",
+                "output_tokens",
+                "cache_read_input_tokens",
+                "cache_creation_input_tokens",
+            )
+        ),
     ),
     (
         "late / duplicate / orphan",

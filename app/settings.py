@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     cooldown_overloaded_s: float = Field(default=2.0, ge=0)
     # How often a worker asks whether a Message Batch (mode batch_api) has ended.
     batch_poll_s: float = Field(default=30.0, gt=0)
+    # An open provider breaker (revoked key, billing) lets one probe call through this often.
+    breaker_probe_s: float = Field(default=60.0, gt=0)
     read_count: int = Field(default=64, ge=1)
     block_ms: int = Field(default=1000, ge=1)
     # Retries of one Redis command by the client before the worker loop backs off itself.

@@ -25,6 +25,7 @@ from events.types import (
     ComparisonRequested,
     Event,
 )
+from lps.breaker import open_breakers
 from lps.providers.registry import make_provider
 from streams.dlq import dead_letter
 from streams.keys import Keys
@@ -86,6 +87,7 @@ async def summary(
     stalled = [
         stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
     ]
+    breakers = [b.view(now.timestamp()) for b in await open_breakers(r, keys)]
     view = {
         "prefix": keys.prefix,
         "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -94,6 +96,7 @@ async def summary(
         "streams": await stream_views(r, keys),
         "groups": groups,
         "stalled_batches": stalled,
+        "breakers": breakers,
         "dead_letters": await _dead_letter_counts(r, keys),
     }
     return view, rows_per_group

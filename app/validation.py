@@ -1,7 +1,8 @@
 """The validation report behind `cjs validate` (pure: no I/O): what a run's events say about
-error rates, A/B positions, counters, callbacks, provider calls, bundles and tokens, and how
-two runs compare. Everything is counted from the events; the projection's counters are then
-checked against those counts (`counters_match_events`). Getting the runs is app/runs.py's job.
+error rates, A/B positions, counters, callbacks, provider calls, bundles, tokens by kind and
+cost, and how two runs compare. Everything is counted from the events; the projection's
+counters are then checked against those counts (`counters_match_events`). Getting the runs
+is app/runs.py's job.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from events.types import (
     ProviderAttemptFailed,
     RequestExpired,
     WaveSubmitted,
+    nano_usd,
 )
 from lps.providers.mock import quality_of
 from projections.batch import COUNTERS as BATCH_COUNTERS
@@ -84,7 +86,7 @@ def count_from_events(run: Run) -> dict[str, int]:
     requested: set[str] = set()
     abandoned: set[str] = set()
     submitted = waves = 0
-    by_cid: dict[str, list[tuple[tuple[int, int], Event]]] = defaultdict(list)
+    by_cid: dict[str, list[tuple[tuple[int, int], Callback]]] = defaultdict(list)
     total = 0
     for stream, entry_id, event in run.events:
         if isinstance(event, WaveSubmitted):
@@ -97,11 +99,13 @@ def count_from_events(run: Run) -> dict[str, int]:
         elif stream == CALLBACKS and isinstance(event, ComparisonCompleted | ComparisonFailed):
             total += 1
             by_cid[event.correlation_id].append((entry_id_key(entry_id), event))
-    completed = failed = duplicates = late = orphans = 0
+    completed = failed = duplicates = late = orphans = cost = 0
     for cid, seen in by_cid.items():
         if cid not in requested:
             orphans += len(seen)
-        elif cid in abandoned:
+            continue
+        cost += sum(nano_usd(cb.cost_usd) for _, cb in seen)
+        if cid in abandoned:
             late += len(seen)
         else:
             first = min(seen, key=lambda pair: pair[0])[1]
@@ -120,6 +124,7 @@ def count_from_events(run: Run) -> dict[str, int]:
         "late_callbacks": late,
         "waves": waves,
         "in_flight": len(requested) - answered - len(abandoned & requested),
+        "cost_nusd": cost,
     }
 
 
@@ -283,16 +288,32 @@ def bundle_sizes(bundles: list[BundleDispatched]) -> dict[str, Any]:
     }
 
 
-def token_totals(completed: list[ComparisonCompleted]) -> dict[str, Any]:
-    tokens = Counter[str]()
-    for cb in completed:
+def token_totals(ev: RunEvents) -> dict[str, Any]:
+    """Tokens of every billed response (completed comparisons and failed attempts alike), by
+    kind. Kinds are never added up: they are priced 1 : 5 : 0.1 : 1.25 (input, output, cache
+    read, cache write); `cost` is the sum that means something."""
+    tokens = Counter[str]({kind: 0 for kind in TOKEN_KINDS})
+    for usage in [cb.usage for cb in ev.completed] + [a.usage for a in ev.attempts]:
         for kind in TOKEN_KINDS:
-            tokens[kind] += getattr(cb.usage, kind)
-    total = sum(tokens.values())
+            tokens[kind] += getattr(usage, kind)
+    n = len(ev.completed)
     return {
-        **{k: tokens[k] for k in sorted(tokens)},
-        "total": total,
-        "per_comparison": round(total / len(completed), 1) if completed else None,
+        "by_kind": dict(sorted(tokens.items())),
+        "per_comparison": {k: round(v / n, 1) for k, v in sorted(tokens.items())} if n else None,
+    }
+
+
+def cost_totals(ev: RunEvents, state: BatchState) -> dict[str, Any]:
+    """What the run cost: the sum over its callbacks (each carries every attempt of its
+    judging), per completed comparison, and the failed attempts' share of it."""
+    total = sum(nano_usd(cb.cost_usd) for _, cb in ev.callbacks if cb.correlation_id in ev.requests)
+    failed_attempts = sum(nano_usd(a.cost_usd) for a in ev.attempts)
+    n = len(ev.completed)
+    return {
+        "usd": round(total / 1e9, 6),
+        "per_comparison_usd": round(total / 1e9 / n, 6) if n else None,
+        "failed_attempts_usd": round(failed_attempts / 1e9, 6),
+        "projection_usd": round(state.cost_usd, 6),
     }
 
 
@@ -333,7 +354,8 @@ def analyse(run: Run) -> dict[str, Any]:
         },
         "provider_calls": len(completed) + len(ev.attempts),
         "bundles": bundle_sizes(ev.bundles),
-        "tokens": token_totals(completed),
+        "tokens": token_totals(ev),
+        "cost": cost_totals(ev, state),
         "ssr": scores.ssr if scores else None,
         "position_bias": scores.position_bias if scores else None,
         "spearman_true": spearman_true(state),
@@ -379,7 +401,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], scale: list[str]) -> dict[str,
         else None,
         "attempt_error_rate": {la: _attempt_error_rate(a), lb: _attempt_error_rate(b)},
         "provider_calls": {la: a["provider_calls"], lb: b["provider_calls"]},
-        "tokens_total": {la: a["tokens"]["total"], lb: b["tokens"]["total"]},
+        "cost_usd": {la: a["cost"]["usd"], lb: b["cost"]["usd"]},
         "bundles": {la: a["bundles"]["count"], lb: b["bundles"]["count"]},
         "counters_match_events": a["counters_match_events"] and b["counters_match_events"],
         "positions_balanced": all(

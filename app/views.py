@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from projections.batch import BatchState, completion_pct
 
 
-def status_view(state: BatchState) -> dict[str, Any]:
+def _usd(value: float) -> float:
+    return round(value, 6)
+
+
+def cost_view(state: BatchState) -> dict[str, Any]:
+    """Cost so far (every callback's attempts, duplicates included) and per completed
+    comparison."""
+    return {
+        "cost_usd": _usd(state.cost_usd),
+        "cost_per_comparison_usd": _usd(state.cost_usd / state.completed)
+        if state.completed
+        else None,
+        "max_cost_usd": state.config.max_cost_usd,
+    }
+
+
+def failure_reason(state: BatchState) -> str | None:
+    """The `reason` of the batch's BatchFailed (the projection keeps "reason: message")."""
+    if state.status != "failed" or not state.failure_message:
+        return None
+    return state.failure_message.split(": ", 1)[0]
+
+
+def status_view(
+    state: BatchState, breakers: Sequence[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`breakers`: the open provider breakers that concern the batch (views of
+    `lps.breaker.BreakerState`), when the caller looked them up."""
     return {
         "batch_id": state.batch_id,
         "status": state.status,
@@ -31,7 +59,10 @@ def status_view(state: BatchState) -> dict[str, Any]:
         "late_callbacks": state.late_callbacks,
         "waves": state.waves,
         "finalize_reason": state.finalize_reason or None,
+        "failure_reason": failure_reason(state),
         "failure_message": state.failure_message or None,
+        **cost_view(state),
+        "breakers": list(breakers or []),
         "registered_at": state.registered_at,
         "last_event_at": state.last_event_at,
         "completed_at": state.completed_at or None,
@@ -75,6 +106,8 @@ def results_view(state: BatchState) -> dict[str, Any]:
             "split_half re-fits two random halves of the comparisons"
         ),
         "connected": scores.connected if scores else None,
+        "cost_usd": _usd(state.cost_usd),
+        "cost_per_comparison_usd": cost_view(state)["cost_per_comparison_usd"],
         "grade_scale": state.config.grade_scale,
         "grade_boundaries": scores.grade_boundaries if scores else {},
         "warnings": scores.warnings if scores else [],

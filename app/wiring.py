@@ -14,6 +14,7 @@ from app.retention import run_archiver
 from app.settings import Settings, consumer_name
 from cj.consumer import CJConsumer
 from cj.stalls import run_stall_finalizer
+from lps.breaker import Breaker
 from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy
@@ -78,6 +79,7 @@ def lps_worker(
             },
             fresh_s=0.1,
         ),
+        breaker=Breaker(r, keys, probe_after_s=s.breaker_probe_s, fresh_s=0.1),
     )
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from redis.exceptions import WatchError
@@ -31,7 +32,9 @@ from cj.pairs import PairHistory, plan_wave
 from cj.scoring import Comparison, fit_bt, max_abs_delta, split_half, ssr
 from events import codec
 from events.types import (
+    ACCOUNT_FAILURES,
     MAX_BUNDLE_SIZE,
+    NANO_USD,
     BatchEvent,
     BatchFailed,
     BatchFinalized,
@@ -51,6 +54,12 @@ from projections.store import immediate_load, queue_batch_event, queue_state_wri
 from streams.keys import Keys
 
 log = structlog.get_logger("cj.continuation")
+
+# Failure kinds (`events.types.failure_kind`) that asking the same pair again cannot fix:
+# LPS does not retry them either. Such a pair is never planned again.
+PERMANENT_FAILURES = frozenset(
+    {"invalid_request", "request_too_large", "refusal", "max_tokens", *ACCOUNT_FAILURES}
+)
 
 
 @dataclass
@@ -86,8 +95,53 @@ def history_of(state: BatchState) -> list[PairHistory]:
             winner: Winner = "essay_a" if value.endswith("essay_a") else "essay_b"
             out.append(PairHistory(a, b, "completed", winner))
         else:  # failed or abandoned
-            out.append(PairHistory(a, b, "failed"))
+            permanent = value.startswith("f ") and _kind(value) in PERMANENT_FAILURES
+            out.append(PairHistory(a, b, "failed", permanent=permanent))
     return out
+
+
+def _kind(corr_value: str) -> str:
+    """The failure kind of a "f <entry id> <kind>" projection value."""
+    return corr_value.split(" ", 2)[-1]
+
+
+def account_failure(state: BatchState) -> tuple[str, str] | None:
+    """(kind, message) when requests of the batch's last wave failed for an account-wide
+    reason (a revoked key, billing, permission, a spend limit: the LPS breaker's reasons):
+    no later wave could fare better, so the batch ends, named by it."""
+    kinds = Counter(
+        _kind(value)
+        for cid, value in state.corr.items()
+        if value.startswith("f ")
+        and _kind(value) in ACCOUNT_FAILURES
+        and state.pairs.get(cid, (0,))[0] == state.waves
+    )
+    if not kinds:
+        return None
+    kind, n = kinds.most_common(1)[0]
+    return kind, (
+        f"{n} comparison(s) of wave {state.waves} failed with {kind}: the provider refuses "
+        "this account (see `cjs status` for the breaker); fix it, then submit again"
+    )
+
+
+def over_cost_cap(state: BatchState, n_requests: int) -> str | None:
+    """Why a wave of `n_requests` would take the batch past its `max_cost_usd`, or None.
+    A comparison is priced at what the batch's comparisons have cost on average so far, or at
+    the estimate made at registration while there is none."""
+    cap = state.config.max_cost_usd
+    if cap is None:
+        return None
+    spent = state.cost_nusd / NANO_USD
+    paid = state.accepted + state.duplicates + state.late_callbacks
+    per = spent / paid if paid and state.cost_nusd else state.config.cost_per_comparison_usd
+    projected = spent + per * n_requests
+    if projected <= cap:
+        return None
+    return (
+        f"${spent:.4f} spent; the next wave of {n_requests} comparisons at ${per:.5f} each "
+        f"would bring it to ${projected:.4f}, past the cap of ${cap:.4f}"
+    )
 
 
 def _r(value: float | None, digits: int = 6) -> float | None:
@@ -218,6 +272,11 @@ def decide(state: BatchState) -> Decision | None:
     if state.waves > state.scored_wave:
         scored = score(state)
         decision.events.append(scored)
+        account = account_failure(state)
+        if account is not None:
+            kind, message = account
+            decision.events.append(_end(state, cast(FinalizeReason, kind), message))
+            return decision
         failures = too_many_failures(state)
         if failures:
             decision.events.append(
@@ -259,9 +318,20 @@ def decide(state: BatchState) -> Decision | None:
             decision.events.append(_finish(state, reason))
         return decision
     submitted, requests = wave
+    over = over_cost_cap(state, len(requests))
+    if over is not None:
+        decision.events.append(_end(state, "cost_limit", over))
+        return decision
     decision.events.append(submitted)
     decision.requests = requests
     return decision
+
+
+def _end(state: BatchState, reason: FinalizeReason, message: str) -> BatchFinalized | BatchFailed:
+    """Stop the batch for `reason`: finalized when it has comparisons to score, else failed."""
+    if state.completed:
+        return _finish(state, reason)
+    return BatchFailed(batch_id=state.batch_id, reason=reason, message=message)
 
 
 def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision) -> BatchState:

@@ -9,7 +9,8 @@ essay (``essay_a`` is shown first). Its rules:
   ``history`` does not matter.
 * No repeats: a pair with a completed or pending request is never requested
   again. A pair whose requests all failed may be requested again, up to
-  ``max_attempts_per_pair`` requests in total.
+  ``max_attempts_per_pair`` requests in total, unless one failed for good
+  (``PairHistory.permanent``).
 * Position balance (DESIGN invariant 8): over every request of the batch
   (pending, completed and failed alike) each essay's count(essay_a) −
   count(essay_b) stays in {−1, 0, 1}. Positions are assigned from the running
@@ -71,6 +72,8 @@ class PairHistory:
     essay_b: str
     outcome: Literal["pending", "completed", "failed"]
     winner: Literal["essay_a", "essay_b"] | None = None
+    permanent: bool = False
+    """A failure that asking again cannot fix (a refusal, a bad request): never re-planned."""
 
 
 def pair_key(a: str, b: str) -> tuple[str, str]:
@@ -147,6 +150,8 @@ class _Planner:
         attempts += attempts.T
         used = np.zeros((n, n), dtype=np.bool_)
         used[ha[live], hb[live]] = True
+        permanent = np.fromiter((h.permanent for h in history), dtype=np.bool_, count=m)
+        used[ha[permanent], hb[permanent]] = True
         used |= used.T
         self.eligible: BoolArray = ~used & (attempts < max_attempts_per_pair)
         np.fill_diagonal(self.eligible, False)

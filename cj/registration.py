@@ -17,7 +17,14 @@ from cj.grade_scales import resolve_scale
 from events import codec
 from events.text import as_str
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
-from lps.providers.registry import default_model, provider_problems
+from lps.providers.registry import (
+    cache_warnings,
+    cost_estimate,
+    credential_problems,
+    default_model,
+    price_warnings,
+    provider_problems,
+)
 from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_registration, queue_state_write
@@ -138,7 +145,11 @@ def build_registration(
     min_waves: int = 2,
     batch_id: str | None = None,
     max_essay_chars: int = MAX_ESSAY_CHARS,
+    max_cost_usd: float | None = None,
+    check_credentials: bool = True,
 ) -> BatchRegistered:
+    """The registration of a batch; InputError when it could not run as asked. Provider
+    credentials are checked unless `check_credentials` is False (a dry run)."""
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
     if budget is not None and budget < 1:
@@ -151,6 +162,8 @@ def build_registration(
             f"essay {first.essay_id!r} is {len(first.text):,} characters long{more}; the limit "
             f"is {max_essay_chars:,} (CJS_MAX_ESSAY_CHARS)"
         )
+    if max_cost_usd is not None and not max_cost_usd > 0:
+        raise InputError(f"--max-cost-usd must be more than 0, got {max_cost_usd}")
     total_budget = budget if budget is not None else default_budget(n)
     essays = [
         Essay(
@@ -174,16 +187,57 @@ def build_registration(
         grade_scale=list(grades),
         grade_scale_name=scale_name,
         preferred_bundle_size=MAX_BUNDLE_SIZE,
+        max_cost_usd=max_cost_usd,
     )
     problems = provider_problems(provider, config.model, config.overrides)
+    if check_credentials:
+        problems += credential_problems(provider)
     if problems:
         raise InputError("; ".join(problems))
+    denominator = min(total_budget, all_pairs)
+    try:
+        estimate = cost_estimate(
+            provider,
+            config.model,
+            [e.text for e in essays],
+            comparisons=denominator,
+            batch=mode == "batch_api",
+            cache_ttl=config.overrides.get("cache_ttl", "5m"),
+            prompt_version=config.prompt_version,
+        )
+    except ValueError as exc:  # a bad CJS_PRICES_FILE
+        raise InputError(f"price table: {exc}") from exc
+    config = msgspec.structs.replace(
+        config, cost_per_comparison_usd=round(estimate.per_comparison_usd, 9)
+    )
+    if max_cost_usd is not None:
+        if not estimate.priced:
+            raise InputError(
+                f"--max-cost-usd: no price for {provider}/{config.model}, so the cap cannot be "
+                "kept; add the model to the price table (CJS_PRICES_FILE)"
+            )
+        first_wave = min(2 * config.wave_size, denominator) * estimate.per_comparison_usd
+        if first_wave > max_cost_usd:
+            raise InputError(
+                f"--max-cost-usd {max_cost_usd:g}: the first wave alone is estimated at "
+                f"${first_wave:.4f}"
+            )
     return BatchRegistered(
         batch_id=batch_id or new_id(),
         essays=essays,
         config=config,
-        denominator=min(total_budget, all_pairs),
+        denominator=denominator,
     )
+
+
+def submission_warnings(event: BatchRegistered) -> list[str]:
+    """What will not stop the batch but the user should know: prompt caching that cannot
+    engage on the chosen model, a model without a price (its cost shows as 0)."""
+    cfg = event.config
+    return [
+        *cache_warnings(cfg.provider, cfg.model, cfg.prompt_version),
+        *price_warnings(cfg.provider, cfg.model),
+    ]
 
 
 async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:

@@ -18,7 +18,20 @@ SCHEMA_VERSION = 1
 
 Mode = Literal["per_request", "serial_bundle", "batch_api"]
 Winner = Literal["essay_a", "essay_b"]
-FinalizeReason = Literal["stable", "budget", "all_pairs", "failed", "stalled"]
+FinalizeReason = Literal[
+    "stable",
+    "budget",
+    "all_pairs",
+    "failed",
+    "stalled",
+    # The batch's money cap (`BatchConfig.max_cost_usd`) would be passed by the next wave.
+    "cost_limit",
+    # An account-wide provider error (the LPS breaker's reasons, see ACCOUNT_FAILURES).
+    "authentication",
+    "permission",
+    "billing",
+    "spend_limit",
+]
 
 MAX_BUNDLE_SIZE = 64
 """The most requests in one bundle (judged in sequence, or sent as one Message Batch): CJ's
@@ -42,6 +55,17 @@ ErrorType = Literal[
 ]
 
 ERROR_TYPES: tuple[str, ...] = get_args(ErrorType)
+
+# `error.details.error_code` values of a 429 that mean an organisation spend cap, not a rate:
+# nothing resumes by waiting. "spend_limit" is ours, for a cap told only by the message.
+SPEND_LIMIT_CODES = frozenset(
+    {"enforced_spend_limit_reached", "contract_spend_limit_reached", "spend_limit"}
+)
+
+# Failures of the account, not of one request: every call to the provider (or, for
+# `permission`, to the model) fails the same way until someone acts. They open the LPS
+# breaker and end a batch with their name as its reason.
+ACCOUNT_FAILURES = frozenset({"authentication", "permission", "billing", "spend_limit"})
 
 
 def now_iso() -> str:
@@ -100,6 +124,10 @@ class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     preferred_bundle_size: int = MAX_BUNDLE_SIZE
     overrides: dict[str, str] = msgspec.field(default_factory=dict)
     prompt_version: str = "v1"
+    max_cost_usd: float | None = None
+    """Money cap: no wave is submitted whose estimated cost would take the batch past it."""
+    cost_per_comparison_usd: float = 0.0
+    """Estimated at registration; the cap uses it until the batch has costs of its own."""
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -111,6 +139,20 @@ class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
     correlation_id: str = ""
     status_code: int | None = None
     retry_after_s: float | None = None
+    error_code: str | None = None
+    """The body's `error.details.error_code` (e.g. `enforced_spend_limit_reached`), if any."""
+
+
+def failure_kind(error: ErrorDetail) -> str:
+    """What a failure is about: its error type, or `spend_limit` for a rate limit that is an
+    organisation's spend cap (a 429 that no waiting fixes)."""
+    if (
+        error.error_type == "rate_limit"
+        and not error.retryable
+        and error.error_code in SPEND_LIMIT_CODES
+    ):
+        return "spend_limit"
+    return error.error_type
 
 
 class TokenUsage(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -122,6 +164,14 @@ class TokenUsage(msgspec.Struct, frozen=True, omit_defaults=True):
 
 TOKEN_KINDS: tuple[str, ...] = TokenUsage.__struct_fields__
 """The kinds of token a `TokenUsage` counts, by field name (`input_tokens`: uncached input)."""
+
+NANO_USD = 1_000_000_000
+"""Costs are summed in integer nano-dollars (exact and order-free); events carry `cost_usd`."""
+
+
+def nano_usd(cost_usd: float) -> int:
+    """A `cost_usd` of an event in integer nano-dollars."""
+    return round(cost_usd * NANO_USD)
 
 
 class PairRequest(msgspec.Struct, frozen=True):
@@ -237,6 +287,10 @@ class ProviderAttemptFailed(Event, frozen=True, kw_only=True):
     will_retry: bool
     delay_s: float = 0.0
     prompt_sha256: str = ""
+    # A billed failure (an HTTP 200 that ended in max_tokens, refusal or a parse error) has
+    # usage and a cost; an error without a response has neither.
+    usage: TokenUsage = msgspec.field(default_factory=TokenUsage)
+    cost_usd: float = 0.0
 
 
 class RequestExpired(Event, frozen=True, kw_only=True):
@@ -266,6 +320,9 @@ class ComparisonCompleted(Event, frozen=True, kw_only=True):
     prompt_sha256: str = ""
     attempts: int = 1
     source_service: str = "lps"
+    cost_usd: float = 0.0
+    """What every attempt of this judging cost (failed attempts included); `usage` is the
+    last attempt's."""
 
 
 class ComparisonFailed(Event, frozen=True, kw_only=True):
@@ -277,6 +334,10 @@ class ComparisonFailed(Event, frozen=True, kw_only=True):
     attempts: int = 1
     source_service: str = "lps"
     prompt_sha256: str = ""
+    usage: TokenUsage = msgspec.field(default_factory=TokenUsage)
+    """The last attempt's usage, when it was billed (an HTTP 200 that was no usable answer)."""
+    cost_usd: float = 0.0
+    """What every attempt of this judging cost."""
 
 
 Callback = ComparisonCompleted | ComparisonFailed

@@ -6,6 +6,9 @@ wire format (status, `error.type`, `error.details.error_code`, `retry-after-ms` 
 `retry-after`) is the API's contract. Only failures that have no HTTP response
 (timeouts, refused or dropped connections) are told apart by the exception.
 
+The server's `x-should-retry: true|false` header, when present, decides whether an error
+is retryable, as it does in the SDK's own retry logic (`_should_retry`).
+
 Every message that leaves this module is scrubbed of credentials and truncated.
 """
 
@@ -21,13 +24,12 @@ from typing import Any
 
 import anthropic
 
-from events.types import ErrorDetail, ErrorType
+from events.types import SPEND_LIMIT_CODES, ErrorDetail, ErrorType
 
 MAX_MESSAGE_CHARS = 500
 
-# `error.details.error_code` values of a 429 that no amount of waiting fixes soon
-# (the monthly tier cap, a contract cap): retrying only burns attempts.
-SPEND_LIMIT_CODES = frozenset({"enforced_spend_limit_reached", "contract_spend_limit_reached"})
+# A 429 whose `error.details.error_code` is in SPEND_LIMIT_CODES (the monthly tier cap, a
+# contract cap) is not fixed by waiting soon: retrying only burns attempts.
 _SPEND_LIMIT_WORDS = re.compile(r"spend(ing)?[ _-]limit|usage limit", re.IGNORECASE)
 
 # Statuses whose meaning does not depend on the body.
@@ -163,11 +165,13 @@ def classify_response(
         error_type, retryable = "overloaded", True
     elif status == 429 or etype == "rate_limit_error":
         error_type = "rate_limit"
-        spend_limit = error_code in SPEND_LIMIT_CODES or (
+        spend_limit = error_code in SPEND_LIMIT_CODES
+        if (
             error_code is None
             and retry_after is None
             and bool(api_message and _SPEND_LIMIT_WORDS.search(api_message))
-        )
+        ):
+            spend_limit, error_code = True, "spend_limit"
         retryable = not spend_limit
         if spend_limit:
             retry_after = None
@@ -181,6 +185,9 @@ def classify_response(
         error_type, retryable = "invalid_request", False
     else:
         error_type, retryable = "server_error", True
+    should_retry = {k.lower(): v for k, v in headers.items()}.get("x-should-retry")
+    if should_retry in ("true", "false"):  # the server's word wins, as in the SDK
+        retryable = should_retry == "true"
 
     head = f"HTTP {status}" if status is not None else "batch item errored"
     if etype:
@@ -200,7 +207,49 @@ def classify_response(
         correlation_id=correlation_id,
         status_code=status,
         retry_after_s=retry_after if retryable else None,
+        error_code=error_code,
     )
+
+
+def unexpected_error(
+    exc: BaseException,
+    *,
+    provider: str = "anthropic",
+    model: str = "",
+    correlation_id: str = "",
+    secrets: Iterable[str] = (),
+) -> ErrorDetail:
+    """Any other failure of an SDK call (an `AnthropicError` that is no API error, such as an
+    ended batch without `results_url`; a body the SDK cannot read): retryable, named by its
+    class, so that it is counted and retried like a server error and never ends a worker."""
+    return ErrorDetail(
+        error_type="server_error",
+        retryable=True,
+        message=scrub(f"{type(exc).__name__}: {exc}", secrets),
+        provider=provider,
+        model=model,
+        correlation_id=correlation_id,
+    )
+
+
+def classify_any(
+    exc: BaseException,
+    *,
+    provider: str = "anthropic",
+    model: str = "",
+    correlation_id: str = "",
+    secrets: Iterable[str] = (),
+) -> ErrorDetail:
+    """`classify_exception` for API errors, `unexpected_error` for anything else."""
+    where: dict[str, Any] = {
+        "provider": provider,
+        "model": model,
+        "correlation_id": correlation_id,
+        "secrets": secrets,
+    }
+    if isinstance(exc, anthropic.APIError):
+        return classify_exception(exc, **where)
+    return unexpected_error(exc, **where)
 
 
 def classify_exception(

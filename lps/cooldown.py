@@ -61,11 +61,12 @@ class Cooldown:
     cooldown set by another worker is then seen up to `fresh_s` late."""
     _seen: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict, repr=False)
 
-    async def remaining(self, provider: str, model: str) -> float:
-        """Seconds left in the cooldown of provider/model (0 when none)."""
+    async def remaining(self, provider: str, model: str, *, fresh: bool = False) -> float:
+        """Seconds left in the cooldown of provider/model (0 when none); `fresh` asks Redis
+        even when a recent read could be reused."""
         seen = self._seen.get((provider, model))
         now = self.clock()
-        if seen is not None and now - seen[1] < self.fresh_s:
+        if not fresh and seen is not None and now - seen[1] < self.fresh_s:
             return min(self.max_s, max(0.0, seen[0] - now))
         try:
             raw = await self.redis.get(lkeys.cooldown(self.keys, provider, model))
@@ -126,10 +127,19 @@ class Cooldown:
     async def wait(
         self, provider: str, model: str, sleep: Sleep, *, max_wait_s: float | None = None
     ) -> float:
-        """Sleep out the cooldown of provider/model (at most `max_wait_s`); returns seconds."""
+        """Sleep out the cooldown of provider/model (at most `max_wait_s` in all); returns the
+        seconds slept. After each sleep it looks again: another worker may have extended the
+        cooldown meanwhile."""
+        slept = 0.0
         left = await self.remaining(provider, model)
-        if max_wait_s is not None:
-            left = min(left, max_wait_s)
-        if left > 0:
+        for _ in range(100):  # a clock that does not move must not spin us forever
+            if left <= 0:
+                break
+            if max_wait_s is not None:
+                left = min(left, max_wait_s - slept)
+                if left <= 0:
+                    break
             await sleep(left)
-        return left
+            slept += left
+            left = await self.remaining(provider, model, fresh=True)
+        return slept

@@ -17,3 +17,30 @@ def message_batch(keys: Keys, correlation_id: str) -> str:
 
 def cooldown(keys: Keys, provider: str, model: str) -> str:
     return keys.key(f"lps:cooldown:{provider}:{model}")
+
+
+def breaker(keys: Keys, provider: str, model: str | None = None) -> str:
+    """The breaker of a provider (every model), or of one of its models."""
+    suffix = f":{model}" if model else ""
+    return keys.key(f"lps:breaker:{provider}{suffix}")
+
+
+def breaker_pattern(keys: Keys) -> str:
+    return keys.key("lps:breaker:*")
+
+
+def batch_intent(keys: Keys, intent_id: str) -> str:
+    """A Message Batch about to be created: written before `batches.create`, so that whoever
+    holds the requests next can find the batch if the creator died before recording it."""
+    return keys.key(f"lps:batchintent:{intent_id}")
+
+
+def batch_intents(keys: Keys) -> str:
+    """Unresolved intents by time (a sorted set), for finding orphaned Message Batches."""
+    return keys.key("lps:batchintents")
+
+
+def recorded_message_batches(keys: Keys) -> str:
+    """Message Batch ids recorded in a `BundleDispatched` (a sorted set by time): a batch not
+    in it, found by listing, belongs to an unresolved intent or to nobody."""
+    return keys.key("lps:batchapi:recorded")

@@ -18,9 +18,18 @@ Batch (half the price). Mode `batch_api` (`lps.modes.batch_api`) drives it:
 Resume after a restart needs nothing but the event: the pending requests plus the
 `provider_batch_id` of their `BundleDispatched` are all `poll` takes.
 
-A failing HTTP call (create, retrieve, results) raises ProviderError with a classified
-ErrorDetail; polling again later is safe (polling is idempotent). Token usage of
-every result is counted in `lps_tokens_total` when the results are read.
+Every failing SDK call (create, retrieve, results, list, cancel) raises ProviderError
+with a classified ErrorDetail, whatever the SDK raised: an API error is classified by its
+status and body, anything else (an ended batch without `results_url`, a results line that
+is not JSON, a dropped connection while streaming results) is a retryable `server_error`
+named by the exception's class. Polling again later is safe (polling is idempotent).
+Token usage and cost (at the batch discount) of every result are counted when the
+results are read; a billed failure (max_tokens, refusal, parse error) carries them in its
+`ItemFailure`.
+
+`submit_bundle` is `prepare` then `create`: mode `batch_api` writes its intent between
+the two, and `find_created` lists recent batches to find one that was created but never
+recorded (by request count and creation time).
 """
 
 from __future__ import annotations
@@ -30,25 +39,34 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
-import anthropic
 from anthropic.resources.messages.batches import AsyncBatches
 from anthropic.types.messages.batch_create_params import Request as BatchRequest
 
-from events.types import ComparisonRequested, ErrorDetail
-from lps.classify import classify_exception, classify_response
+from events.types import ComparisonRequested, ErrorDetail, TokenUsage
+from lps.classify import classify_any, classify_response
 from lps.providers.anthropic import (
     AnthropicProvider,
     PreparedCall,
+    bill,
     judgement_from_message,
-    usage_of,
 )
-from lps.providers.base import Judgement, Provider, ProviderError, record_tokens
+from lps.providers.base import Judgement, Provider, ProviderError
 
 log = logging.getLogger(__name__)
 
-ItemResult = Judgement | ErrorDetail
+
+@dataclass(frozen=True)
+class ItemFailure:
+    """An item that did not end in a judgement; `usage`/`cost_usd` when it was billed."""
+
+    detail: ErrorDetail
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    cost_usd: float = 0.0
+
+
+ItemResult = Judgement | ItemFailure
 MAX_MESSAGE_BATCH_REQUESTS = 100_000
 _CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -72,14 +90,46 @@ class SubmittedMessageBatch:
 
 
 @dataclass(frozen=True)
+class PreparedBundle:
+    """A bundle rendered for `batches.create`: the items to send and those refused."""
+
+    items: list[BatchRequest]
+    custom_ids: dict[str, str]
+    """correlation_id → custom_id of every item to send."""
+    rejected: dict[str, ErrorDetail]
+    model: str
+
+
+@dataclass(frozen=True)
 class MessageBatchStatus:
     message_batch_id: str
     processing_status: str
     counts: dict[str, int]
+    created_at: float = 0.0
+    """Epoch seconds (0 when the API did not say)."""
 
     @property
     def ended(self) -> bool:
         return self.processing_status == "ended"
+
+    @property
+    def requests(self) -> int:
+        return sum(self.counts.values())
+
+
+_COUNT_KINDS = ("processing", "succeeded", "errored", "canceled", "expired")
+
+
+def _status_of(batch: Any) -> MessageBatchStatus:
+    counts = getattr(batch, "request_counts", None)
+    created = getattr(batch, "created_at", None)
+    timestamp = getattr(created, "timestamp", None)
+    return MessageBatchStatus(
+        message_batch_id=str(getattr(batch, "id", "")),
+        processing_status=str(getattr(batch, "processing_status", "")),
+        counts={k: int(getattr(counts, k, 0) or 0) for k in _COUNT_KINDS},
+        created_at=float(timestamp()) if callable(timestamp) else 0.0,
+    )
 
 
 def _as_mapping(obj: object) -> object:
@@ -110,16 +160,25 @@ class MessageBatches:
     def _batches(self) -> AsyncBatches:
         return self.provider.sdk.messages.batches
 
-    def _raise(self, exc: anthropic.APIError, model: str = "") -> ProviderError:
-        return ProviderError(
-            classify_exception(
+    def _raise(self, exc: BaseException, model: str = "") -> NoReturn:
+        raise ProviderError(
+            classify_any(
                 exc, provider=self.provider.name, model=model, secrets=self.provider.secrets()
             )
-        )
+        ) from None
 
     async def submit_bundle(self, requests: Sequence[ComparisonRequested]) -> SubmittedMessageBatch:
         """Create one Message Batch for `requests`. Raises ProviderError if the create call
-        fails (nothing was submitted then), ValueError on duplicate correlation ids."""
+        fails, ValueError on duplicate correlation ids."""
+        prepared = self.prepare(requests)
+        if not prepared.items:
+            return SubmittedMessageBatch(None, {}, prepared.rejected)
+        message_batch_id = await self.create(prepared)
+        return SubmittedMessageBatch(message_batch_id, prepared.custom_ids, prepared.rejected)
+
+    def prepare(self, requests: Sequence[ComparisonRequested]) -> PreparedBundle:
+        """Render the items of a Message Batch; requests that cannot be rendered are
+        `rejected` (nothing is sent for them). ValueError on duplicate correlation ids."""
         if len(requests) > MAX_MESSAGE_BATCH_REQUESTS:
             raise ValueError(f"at most {MAX_MESSAGE_BATCH_REQUESTS} requests per batch")
         prepared: list[PreparedCall] = []
@@ -137,32 +196,56 @@ class MessageBatches:
                 rejected[request.correlation_id] = exc.detail
                 continue
             custom_ids[request.correlation_id] = cid
-        if not prepared:
-            return SubmittedMessageBatch(None, {}, rejected)
         items: list[BatchRequest] = [
             {"custom_id": custom_ids[call.correlation_id], "params": call.params()}
             for call in prepared
         ]
+        model = prepared[0].model if prepared else ""
+        return PreparedBundle(items, custom_ids, rejected, model)
+
+    async def create(self, prepared: PreparedBundle) -> str:
+        """`batches.create` of a prepared bundle; its Message Batch id. Raises ProviderError
+        (a failure without a response leaves it unknown whether the batch was created)."""
         try:
-            batch = await self._batches.create(requests=items)
-        except anthropic.APIError as exc:
-            raise self._raise(exc, prepared[0].model) from None
-        return SubmittedMessageBatch(str(batch.id), custom_ids, rejected)
+            batch = await self._batches.create(requests=prepared.items)
+            batch_id = getattr(batch, "id", None)
+        except Exception as exc:
+            self._raise(exc, prepared.model)
+        if not isinstance(batch_id, str) or not batch_id:
+            raise ProviderError(
+                ErrorDetail(
+                    error_type="parse_error",
+                    retryable=True,
+                    message="batches.create answered without a batch id",
+                    provider=self.provider.name,
+                    model=prepared.model,
+                    status_code=200,
+                )
+            )
+        return batch_id
 
     async def status(self, message_batch_id: str) -> MessageBatchStatus:
         try:
             batch = await self._batches.retrieve(message_batch_id)
-        except anthropic.APIError as exc:
-            raise self._raise(exc) from None
-        counts = batch.request_counts
-        return MessageBatchStatus(
-            message_batch_id=message_batch_id,
-            processing_status=str(batch.processing_status),
-            counts={
-                k: int(getattr(counts, k, 0) or 0)
-                for k in ("processing", "succeeded", "errored", "canceled", "expired")
-            },
-        )
+            return _status_of(batch)
+        except Exception as exc:
+            self._raise(exc)
+
+    async def recent(self, since: float, *, limit: int = 1000) -> list[MessageBatchStatus]:
+        """The Message Batches created at `since` (epoch seconds) or later, newest first (at
+        most `limit`). Raises ProviderError."""
+        out: list[MessageBatchStatus] = []
+        try:
+            async for batch in self._batches.list(limit=min(limit, 100)):
+                status = _status_of(batch)
+                if status.created_at and status.created_at < since:
+                    break
+                out.append(status)
+                if len(out) >= limit:
+                    break
+        except Exception as exc:
+            self._raise(exc)
+        return out
 
     async def poll(
         self, message_batch_id: str, requests: Sequence[ComparisonRequested]
@@ -182,8 +265,8 @@ class MessageBatches:
                     lines.append(line)
             finally:
                 await decoder.close()
-        except anthropic.APIError as exc:
-            raise self._raise(exc) from None
+        except Exception as exc:  # e.g. AnthropicError: an ended batch without results_url
+            self._raise(exc)
         for line in lines:
             custom_id = str(getattr(line, "custom_id", ""))
             request = by_custom_id.get(custom_id)
@@ -197,13 +280,15 @@ class MessageBatches:
             )
         for request in requests:
             if request.correlation_id not in results:
-                results[request.correlation_id] = ErrorDetail(
-                    error_type="server_error",
-                    retryable=True,
-                    message=f"batch {message_batch_id} ended without a result for this request",
-                    provider=self.provider.name,
-                    model=request.model,
-                    correlation_id=request.correlation_id,
+                results[request.correlation_id] = ItemFailure(
+                    ErrorDetail(
+                        error_type="server_error",
+                        retryable=True,
+                        message=f"batch {message_batch_id} ended without a result for this request",
+                        provider=self.provider.name,
+                        model=request.model,
+                        correlation_id=request.correlation_id,
+                    )
                 )
         return results
 
@@ -219,44 +304,61 @@ class MessageBatches:
         }
         if kind == "succeeded":
             message: Any = getattr(result, "message", None)
-            record_tokens(usage_of(message))
             try:
                 call = self.provider.prepare(request)
+            except ProviderError as exc:
+                return ItemFailure(exc.detail)
+            _, cost = bill(
+                self.provider.prices,
+                message,
+                model=model,
+                cache_ttl=call.options.cache_ttl,
+                batch=True,
+                provider=self.provider.name,
+            )
+            try:
                 return judgement_from_message(
                     message,
                     model=model,
                     correlation_id=request.correlation_id,
                     prompt_sha256=call.prompt.sha256,
                     secrets=self.provider.secrets(),
+                    cost_usd=cost,
                 )
             except ProviderError as exc:
-                return exc.detail
+                return ItemFailure(exc.detail, exc.usage, exc.cost_usd)
         if kind == "errored":
             body = _as_mapping(getattr(result, "error", None))
-            return classify_response(None, body, secrets=self.provider.secrets(), **where)
+            return ItemFailure(
+                classify_response(None, body, secrets=self.provider.secrets(), **where)
+            )
         if kind in ("expired", "canceled"):
             why = (
                 "expired: the batch ended (24 h limit) before this request was processed"
                 if kind == "expired"
                 else "canceled: the batch was canceled before this request was processed"
             )
-            return ErrorDetail(
-                error_type="expired",
+            return ItemFailure(
+                ErrorDetail(
+                    error_type="expired",
+                    retryable=True,
+                    message=f"batch {message_batch_id} item {why}",
+                    **where,
+                )
+            )
+        return ItemFailure(
+            ErrorDetail(
+                error_type="server_error",
                 retryable=True,
-                message=f"batch {message_batch_id} item {why}",
+                message=f"batch {message_batch_id}: unknown result type {kind!r}",
                 **where,
             )
-        return ErrorDetail(
-            error_type="server_error",
-            retryable=True,
-            message=f"batch {message_batch_id}: unknown result type {kind!r}",
-            **where,
         )
 
     async def cancel(self, message_batch_id: str) -> MessageBatchStatus:
         """Ask the API to cancel; items not yet processed end `canceled` (→ expired)."""
         try:
             await self._batches.cancel(message_batch_id)
-        except anthropic.APIError as exc:
-            raise self._raise(exc) from None
+        except Exception as exc:
+            self._raise(exc)
         return await self.status(message_batch_id)

@@ -1,9 +1,10 @@
-"""LPS metrics: provider calls, retries, latency, bundles and tokens. The names are public
-(DESIGN.md, deploy/prometheus/alerts.yml); stream-level metrics are in streams/metrics.py."""
+"""LPS metrics: provider calls, retries, latency, bundles, tokens, cost and the breaker. The
+names are public (docs/design.md, deploy/prometheus/alerts.yml); stream-level metrics are in
+streams/metrics.py."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 LPS_REQUESTS = Counter(
     "lps_requests_total",
@@ -30,4 +31,27 @@ LPS_BUNDLE_SIZE = Histogram(
     ["mode"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
-LPS_TOKENS = Counter("lps_tokens_total", "Provider tokens by kind", ["kind"])
+LPS_TOKENS = Counter(
+    "lps_tokens_total", "Provider tokens by provider, model and kind", ["provider", "model", "kind"]
+)
+LPS_COST = Counter(
+    "lps_cost_usd",
+    "Cost of provider responses in USD (price table), by provider, model and kind of token",
+    ["provider", "model", "kind"],
+)
+LPS_CACHE_HIT_RATIO = Gauge(
+    "lps_prompt_cache_hit_ratio",
+    "Share of input tokens read from the prompt cache over this worker's recent responses "
+    "(set after a warm-up)",
+    ["provider", "model"],
+)
+LPS_BREAKER_OPENED = Counter(
+    "lps_breaker_opened_total",
+    "Times an account-wide error opened (or re-opened) a provider breaker",
+    ["provider", "model", "reason"],
+)
+LPS_BREAKER_REJECTED = Counter(
+    "lps_breaker_rejected_total",
+    "Requests failed fast, without a call, by an open breaker",
+    ["provider", "model", "reason"],
+)

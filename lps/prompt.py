@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -211,13 +212,43 @@ class PromptError(ValueError):
     """The request cannot be rendered (unknown prompt version, bad override)."""
 
 
+def _folded(text: str) -> tuple[str, list[int]]:
+    """`text` as the delimiter check sees it, with where each of its characters came from:
+    each character NFKC-normalised (full-width `＜ｅｓｓａｙ＿ａ＞` becomes `<essay_a>`) and
+    zero-width and other format characters (Unicode category Cf) dropped."""
+    out: list[str] = []
+    origin: list[int] = []
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) == "Cf":
+            continue
+        folded = unicodedata.normalize("NFKC", ch) if not ch.isascii() else ch
+        out.append(folded)
+        origin.extend([i] * len(folded))
+    return "".join(out), origin
+
+
 def neutralise_essay_text(text: str) -> str:
     """Essay text with anything that could pass for one of our delimiters defused.
 
-    Only `<` of delimiter-like tags changes (to `&lt;`); every other character of the
-    essay reaches the judge as written.
+    Look-alikes count: the check runs on the text normalised (NFKC, zero-width characters
+    removed), and a delimiter-like tag found there is replaced in the essay by its
+    normalised form with `<` escaped (`&lt;essay_a`). Every other character of the essay
+    reaches the judge as written.
     """
-    return _DELIMITER_LIKE.sub(r"&lt;\1", text)
+    folded, origin = _folded(text)
+    matches = list(_DELIMITER_LIKE.finditer(folded))
+    if not matches:
+        return text
+    out: list[str] = []
+    last = 0
+    for m in matches:
+        start = origin[m.start()]
+        end = origin[m.end() - 1] + 1
+        out.append(text[last:start])
+        out.append("&lt;" + m.group(1))
+        last = end
+    out.append(text[last:])
+    return "".join(out)
 
 
 def render_user_message(essay_a_text: str, essay_b_text: str) -> str:
@@ -284,3 +315,31 @@ def build_prompt(request: ComparisonRequested, *, cache_ttl: CacheTTL = "5m") ->
         tool_choice=TOOL_CHOICE,
         sha256=prompt_sha256(system_text, user_text, tools, TOOL_CHOICE),
     )
+
+
+CHARS_PER_TOKEN = 4.0
+"""English prose and JSON average about four characters per token: good enough for an
+estimate (the API's `count_tokens` is a call; estimates are made offline)."""
+TOOL_USE_OVERHEAD_TOKENS = 350
+"""The system prompt the API adds for tool use with a forced tool choice (counted as input)."""
+USER_TEMPLATE_TOKENS = 60
+"""The fixed words and delimiters around the two essays in the user turn."""
+
+
+def estimated_tokens(text: str) -> int:
+    return int(len(text) / CHARS_PER_TOKEN + 0.5)
+
+
+def static_prefix_tokens(prompt_version: str = "v1") -> int:
+    """Estimated tokens of the cached prefix (tools + system): what must reach the model's
+    minimum cacheable length for prompt caching to engage. PromptError if unknown version."""
+    system_text = SYSTEM_PROMPTS.get(prompt_version)
+    if system_text is None:
+        raise PromptError(f"unknown prompt_version {prompt_version!r}")
+    tools = json.dumps([RECORD_COMPARISON_TOOL], separators=(",", ":"))
+    return estimated_tokens(system_text) + estimated_tokens(tools) + TOOL_USE_OVERHEAD_TOKENS
+
+
+def pair_tokens(essay_a_text: str, essay_b_text: str) -> int:
+    """Estimated tokens of the part of a request that varies per pair (never cached)."""
+    return estimated_tokens(essay_a_text) + estimated_tokens(essay_b_text) + USER_TEMPLATE_TOKENS

@@ -8,9 +8,14 @@ backoff with jitter otherwise; a bound on the total time spent waiting. With a s
 to that provider/model.
 
 The caller (the LPS worker) gets one `on_attempt_failed(attempt, detail, will_retry,
-delay_s)` per failed attempt, in order, before any sleep, and turns it into a
-`ProviderAttemptFailed` event; `record_attempt_failed` counts it in the metrics. So:
-HTTP calls == failed attempts + (1 if the outcome is a judgement else 0).
+delay_s, usage=, cost_usd=)` per failed attempt, in order, before any sleep, and turns it
+into a `ProviderAttemptFailed` event; `record_attempt_failed` counts it in the metrics. So:
+HTTP calls == failed attempts + (1 if the outcome is a judgement else 0). A billed failure
+(an answer that was no valid judgement) passes its usage and cost; the outcome sums the
+cost of every attempt.
+
+With a shared `Breaker`, each attempt first asks it for leave: an open breaker ends the
+request at once with the breaker's error and no call (`Outcome.rejected`).
 """
 
 from __future__ import annotations
@@ -20,14 +25,28 @@ import os
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from events.types import ComparisonRequested, ErrorDetail
+from events.types import NANO_USD, ComparisonRequested, ErrorDetail, TokenUsage, nano_usd
+from lps.breaker import Breaker
 from lps.cooldown import Cooldown
 from lps.metrics import LPS_PROVIDER_ERRORS, LPS_RETRIES
 from lps.providers.base import Judgement, Provider, ProviderError
 
-OnAttemptFailed = Callable[[int, ErrorDetail, bool, float], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class OnAttemptFailed(Protocol):
+    def __call__(
+        self,
+        attempt: int,
+        detail: ErrorDetail,
+        will_retry: bool,
+        delay: float,
+        *,
+        usage: TokenUsage,
+        cost_usd: float,
+    ) -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,12 @@ class Outcome:
     attempts: int
     waited_s: float = 0.0
     """Seconds slept between attempts and for cooldowns."""
+    cost_usd: float = 0.0
+    """What every attempt cost, the failed ones included."""
+    usage: TokenUsage | None = None
+    """The last attempt's usage when it failed billed (the judgement carries its own)."""
+    rejected: bool = False
+    """Ended by an open breaker before the call its `error` names was made."""
 
 
 def record_attempt_failed(
@@ -118,28 +143,50 @@ async def judge_with_retries(
     rng: random.Random | None = None,
     sleep: Sleep = asyncio.sleep,
     cooldown: Cooldown | None = None,
+    breaker: Breaker | None = None,
 ) -> Outcome:
     """Judge `request`, retrying per `policy`. Never raises ProviderError; other exceptions
     (bugs, cancellation) propagate."""
     rng = rng or random.Random()
     attempt = 0
     waited = 0.0
+    spent = 0  # nano-dollars
     while True:
         if cooldown is not None:
             budget = max(0.0, policy.max_total_delay_s - waited)
             cap = min(budget, policy.max_retry_after_s)
             waited += await cooldown.wait(provider.name, request.model, sleep, max_wait_s=cap)
+        ticket = None
+        if breaker is not None:
+            ticket = await breaker.admit(provider.name, request.model, request.correlation_id)
+            if ticket.rejected is not None:
+                return Outcome(
+                    None, ticket.rejected, attempt, waited, spent / NANO_USD, rejected=True
+                )
         attempt += 1
         try:
             judgement = await provider.judge(request)
-            return Outcome(judgement, None, attempt, waited)
         except ProviderError as exc:
-            detail = exc.detail
+            detail, usage, cost = exc.detail, exc.usage, exc.cost_usd
+        except BaseException:
+            if breaker is not None and ticket is not None:
+                breaker.release(ticket)
+            raise
+        else:
+            if breaker is not None and ticket is not None:
+                await breaker.settle(ticket, None)
+            total = (spent + nano_usd(judgement.cost_usd)) / NANO_USD
+            return Outcome(judgement, None, attempt, waited, total)
+        if breaker is not None and ticket is not None:
+            await breaker.settle(ticket, detail)
+        spent += nano_usd(cost)
         if cooldown is not None:
             await cooldown.note_error(detail, provider=provider.name, model=request.model)
         delay = policy.delay_for(attempt, detail, rng, waited_s=waited)
-        await on_attempt_failed(attempt, detail, delay is not None, delay or 0.0)
+        await on_attempt_failed(
+            attempt, detail, delay is not None, delay or 0.0, usage=usage, cost_usd=cost
+        )
         if delay is None:
-            return Outcome(None, detail, attempt, waited)
+            return Outcome(None, detail, attempt, waited, spent / NANO_USD, usage=usage)
         await sleep(delay)
         waited += delay

@@ -28,13 +28,16 @@ from events.types import (
     Event,
     ProviderAttemptFailed,
     RequestExpired,
+    TokenUsage,
     new_id,
 )
 from lps import keys as lkeys
+from lps.breaker import Breaker
 from lps.cooldown import Cooldown
 from lps.essays import EssayStore
 from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, plan_units
+from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
 from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
 from streams.consumer import GroupConsumer, GroupOptions
@@ -136,6 +139,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         concurrency: int = 8,
         batch_poll_interval_s: float = 30.0,
         cooldown: Cooldown | None = None,
+        breaker: Breaker | None = None,
         max_pages: int = 2,
         **options: Unpack[GroupOptions],
     ) -> None:
@@ -154,6 +158,8 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         self._rng = random.Random()
         # A 429/529 seen here makes every worker wait before its next call to that model.
         self.cooldown = cooldown or Cooldown(r, keys)
+        # An account-wide failure (revoked key, billing) seen here stops every worker's calls.
+        self.breaker = breaker or Breaker(r, keys)
         # Requests name essays by reference; their texts come from the batch's essay store.
         self.essays = EssayStore(r, keys)
         self.mode_context = ModeContext(
@@ -161,6 +167,9 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             judge=self.judge_one,
             finish=self.finish,
             fail=self.fail,
+            attempt_failed=self.attempt_failed,
+            breaker=self.breaker,
+            policy=self.policy,
             dispatch=self.dispatch,
             release=self.release,
             stopping=lambda: self._stop.is_set(),
@@ -334,35 +343,65 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             return
 
         async def attempt_failed(
-            attempt: int, detail: ErrorDetail, will_retry: bool, delay: float
+            attempt: int,
+            detail: ErrorDetail,
+            will_retry: bool,
+            delay: float,
+            *,
+            usage: TokenUsage,
+            cost_usd: float,
         ) -> None:
-            record_attempt_failed(detail, will_retry, provider=provider_name, model=req.model)
-            event = ProviderAttemptFailed(
-                batch_id=req.batch_id,
-                correlation_id=req.correlation_id,
-                attempt=attempt,
-                error=detail,
-                will_retry=will_retry,
-                delay_s=round(delay, 4),
-                prompt_sha256=self.prompt_sha256(req),
-            )
-            await self.r.xadd(self.keys.dispatches, codec.encode(event))
-            log.warning(
-                "provider_attempt_failed",
-                batch_id=req.batch_id,
-                correlation_id=req.correlation_id,
-                attempt=attempt,
-                error_type=detail.error_type,
-                status_code=detail.status_code,
-                will_retry=will_retry,
-                delay_s=round(delay, 3),
+            await self.attempt_failed(
+                req, attempt, detail, will_retry, delay, usage=usage, cost_usd=cost_usd
             )
 
-        # Latency and tokens are counted by the provider, per HTTP call, not here.
+        # Latency, tokens and cost are counted by the provider, per HTTP call, not here.
         outcome = await judge_with_retries(
-            provider, req, self.policy, attempt_failed, rng=self._rng, cooldown=self.cooldown
+            provider,
+            req,
+            self.policy,
+            attempt_failed,
+            rng=self._rng,
+            cooldown=self.cooldown,
+            breaker=self.breaker,
         )
         await self.finish(entry, req, outcome)
+
+    async def attempt_failed(
+        self,
+        req: ComparisonRequested,
+        attempt: int,
+        detail: ErrorDetail,
+        will_retry: bool,
+        delay: float = 0.0,
+        *,
+        usage: TokenUsage | None = None,
+        cost_usd: float = 0.0,
+    ) -> None:
+        """One failed provider attempt: its event on `lps:dispatches` and its metrics."""
+        record_attempt_failed(detail, will_retry, provider=req.provider, model=req.model)
+        event = ProviderAttemptFailed(
+            batch_id=req.batch_id,
+            correlation_id=req.correlation_id,
+            attempt=attempt,
+            error=detail,
+            will_retry=will_retry,
+            delay_s=round(delay, 4),
+            prompt_sha256=self.prompt_sha256(req),
+            usage=usage or TokenUsage(),
+            cost_usd=cost_usd,
+        )
+        await self.r.xadd(self.keys.dispatches, codec.encode(event))
+        log.warning(
+            "provider_attempt_failed",
+            batch_id=req.batch_id,
+            correlation_id=req.correlation_id,
+            attempt=attempt,
+            error_type=detail.error_type,
+            status_code=detail.status_code,
+            will_retry=will_retry,
+            delay_s=round(delay, 3),
+        )
 
     async def finish(self, entry: Entry, req: ComparisonRequested, outcome: Outcome) -> None:
         callback: Event
@@ -382,6 +421,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
                 usage=j.usage,
                 prompt_sha256=j.prompt_sha256,
                 attempts=outcome.attempts,
+                cost_usd=outcome.cost_usd,
             )
             result = "completed"
         else:
@@ -394,25 +434,47 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
                 error=outcome.error,
                 attempts=outcome.attempts,
                 prompt_sha256=self.prompt_sha256(req),
+                usage=outcome.usage or TokenUsage(),
+                cost_usd=outcome.cost_usd,
             )
             result = "failed"
+            if outcome.rejected:
+                log.info(
+                    "request_failed_by_breaker",
+                    batch_id=req.batch_id,
+                    correlation_id=req.correlation_id,
+                    error_type=outcome.error.error_type,
+                )
         await self.committer.commit(entry.entry_id, callback)
         LPS_REQUESTS.labels(req.provider, req.model, req.mode, result).inc()
 
-    async def fail(self, entry: Entry, req: ComparisonRequested, detail: ErrorDetail) -> None:
+    async def fail(
+        self,
+        entry: Entry,
+        req: ComparisonRequested,
+        detail: ErrorDetail,
+        *,
+        attempt: int = 1,
+        usage: TokenUsage | None = None,
+        cost_usd: float = 0.0,
+        spent_usd: float = 0.0,
+        call_made: bool = True,
+    ) -> None:
         """A final failure without our retry loop (Message Batches items): the attempt is an
-        event like any other, so provider calls still equal attempts failed + completed."""
-        record_attempt_failed(detail, False, provider=req.provider, model=req.model)
-        attempt = ProviderAttemptFailed(
-            batch_id=req.batch_id,
-            correlation_id=req.correlation_id,
-            attempt=1,
-            error=detail,
-            will_retry=False,
-            prompt_sha256=self.prompt_sha256(req),
+        event like any other, so provider calls still equal attempts failed + completed.
+        `spent_usd`: what earlier attempts of the request cost; `call_made=False` (an open
+        breaker) records no attempt."""
+        if call_made:
+            await self.attempt_failed(req, attempt, detail, False, usage=usage, cost_usd=cost_usd)
+        outcome = Outcome(
+            None,
+            detail,
+            attempt if call_made else attempt - 1,
+            cost_usd=spent_usd + cost_usd,
+            usage=usage,
+            rejected=not call_made,
         )
-        await self.r.xadd(self.keys.dispatches, codec.encode(attempt))
-        await self.finish(entry, req, Outcome(None, detail, 1))
+        await self.finish(entry, req, outcome)
 
     async def wait_or_stop(self, seconds: float) -> None:
         await sleep_unless(self._stop, seconds)
@@ -496,9 +558,16 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         LPS_REQUESTS.labels(req.provider, req.model, req.mode, "expired").inc()
 
     async def maintain(self) -> list[StuckAction]:
-        """One reaper pass: reclaim stuck requests, pending gauge, prune dead consumers."""
+        """One reaper pass: reclaim stuck requests, pending gauge, prune dead consumers,
+        cancel orphaned Message Batches."""
         actions = await self.reclaim()
         await self.upkeep()
+        try:
+            await sweep_orphans(self.mode_context)
+        except REDIS_DOWN:
+            raise
+        except Exception:  # the sweep is a safety net; it must not stop reclaiming
+            log.exception("orphan_sweep_error", consumer=self.consumer)
         return actions
 
     async def run(self, stop: asyncio.Event, *, maintenance_every_s: float = 10.0) -> None:

@@ -11,7 +11,9 @@ consumers did in whatever order they ran:
 - duplicates of one correlation id: the lowest entry id is the accepted one;
 - a forced finalization names the requests still in flight (`abandoned`); a
   callback for those is late, whenever it is applied;
-- `in_flight` and the counters move by increments, `last_event_at` is a max.
+- `in_flight` and the counters move by increments, `last_event_at` is a max;
+- the cost (`cost_nusd`, integer nano-dollars) is a sum over every callback of the batch
+  that is not an orphan (duplicates and late ones were paid for too).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from events.types import (
     Essay,
     Event,
     WaveSubmitted,
+    failure_kind,
+    nano_usd,
 )
 
 PENDING = "pending"
@@ -49,6 +53,7 @@ COUNTERS = (
     "waves",
     "in_flight",
     "scored_wave",
+    "cost_nusd",
 )
 
 
@@ -70,11 +75,14 @@ class BatchState:
     waves: int = 0
     in_flight: int = 0
     scored_wave: int = 0
+    cost_nusd: int = 0
+    """What the batch's provider calls cost so far, in nano-dollars (see `cost_of`)."""
     finalize_reason: str = ""
     failure_message: str = ""
     completed_at: str = ""
     last_event_at: str = ""
-    # correlation_id -> PENDING | ABANDONED | "c <entry_id> <winner>" | "f <entry_id> <error_type>"
+    # correlation_id -> PENDING | ABANDONED | "c <entry_id> <winner>" | "f <entry_id> <kind>"
+    # (kind: the error type, or spend_limit; see events.types.failure_kind)
     corr: dict[str, str] = field(default_factory=dict)
     # correlation_id -> (wave, essay_a, essay_b)
     pairs: dict[str, tuple[int, str, str]] = field(default_factory=dict)
@@ -90,6 +98,10 @@ class BatchState:
     def accepted(self) -> int:
         return self.completed + self.failed
 
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_nusd / 1e9
+
 
 class CallbackOutcome:
     ACCEPTED = "accepted"
@@ -103,10 +115,15 @@ def entry_id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def cost_of(callback: Callback) -> int:
+    """The callback's cost in nano-dollars (all attempts of the judging it ends)."""
+    return nano_usd(callback.cost_usd)
+
+
 def corr_value(callback: Callback, entry_id: str) -> str:
     if isinstance(callback, ComparisonCompleted):
         return f"c {entry_id} {callback.winner}"
-    return f"f {entry_id} {callback.error.error_type}"
+    return f"f {entry_id} {failure_kind(callback.error)}"
 
 
 def register(event: BatchRegistered) -> BatchState:
@@ -175,6 +192,7 @@ def apply_callback(state: BatchState, callback: Callback, entry_id: str) -> tupl
         state.orphans += 1
         state.orphan_ids[cid] = state.orphan_ids.get(cid, 0) + 1
         return state, CallbackOutcome.ORPHAN
+    state.cost_nusd += cost_of(callback)
     if current == ABANDONED:
         state.late_callbacks += 1
         return state, CallbackOutcome.LATE

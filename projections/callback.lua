@@ -3,7 +3,7 @@
 -- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash,
 --       6 range hash (the batch's last applied callback: replay of one batch reads up to it)
 -- ARGV: 1 group, 2 entry id, 3 correlation id, 4 corr value ("c <entry> <winner>" / "f <entry> <type>"),
---       5 occurred_at
+--       5 occurred_at, 6 cost in nano-dollars (summed over every callback but orphans)
 -- Returns {outcome, in_flight}. "replayed" when the entry was no longer pending in the group:
 -- another consumer already applied it (idempotence by entry id).
 if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then
@@ -39,6 +39,7 @@ if not current then
   redis.call('HINCRBY', KEYS[3], cid, 1)
   return {'orphan', -1}
 end
+redis.call('HINCRBY', KEYS[1], 'cost_nusd', ARGV[6])
 if current == 'abandoned' then
   redis.call('HINCRBY', KEYS[1], 'late_callbacks', 1)
   return {'late', -1}

@@ -23,7 +23,7 @@ from events.types import (
     Essay,
 )
 from projections import keys as pkeys
-from projections.batch import COUNTERS, BatchState, corr_value
+from projections.batch import COUNTERS, BatchState, corr_value, cost_of
 from streams.keys import Keys
 
 _json = msgspec.json.Encoder()
@@ -243,6 +243,7 @@ class CallbackApplier:
                 callback.correlation_id,
                 corr_value(callback, entry_id),
                 callback.occurred_at,
+                str(cost_of(callback)),
             ],
             client=pipe,
         )

@@ -12,7 +12,21 @@ and each item's result can be scripted by `custom_id`.
 Every request is recorded (method, path, lower-cased headers, JSON body) so tests can
 assert what the SDK really sent. A small prompt-cache simulation fills `usage`: the
 first request with a given cached prefix (tools + system up to a `cache_control`
-block) reports `cache_creation_input_tokens`, later ones `cache_read_input_tokens`.
+block) reports `cache_creation_input_tokens` (with the `cache_creation` breakdown by
+TTL), later ones `cache_read_input_tokens`.
+
+The server keeps its own bill, `usage_log`: one `Billed` per message it delivered whole
+with usage (a 200 to `/v1/messages`, whatever its stop reason or tool input), and one per
+Message Batch item that succeeded, when the batch ends (fetching results again is free).
+Tests price it independently of the code under test.
+
+More faults: `revoked_keys` (every call with such a key answers 401), Message Batches
+listed newest first (`GET /v1/messages/batches`, paged) and cancelled, an ended batch whose
+`results_url` is null for its first `null_results_url_polls` retrievals, a create that
+registers the batch before it hangs or drops (`Reply(create_first=True)`), slow results
+(`results_delay_s`), and `fuzz(rate, seed)`: that share of all requests, on every endpoint,
+answers a random status, a body that is not JSON, JSON of the wrong shape, a truncated
+body, or nothing at all (a dropped connection).
 
 Stdlib only: `ThreadingHTTPServer` in a daemon thread; `stop()` wakes slow replies.
 """
@@ -22,10 +36,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import random
 import re
 import ssl
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +65,21 @@ class Reply:
     delay_s: float = 0.0
     drop: bool = False
     """Close the connection without answering (a connection error for the client)."""
+    truncate: bool = False
+    """Announce the whole body, send half of it, close (an incomplete read for the client)."""
+    create_first: bool = False
+    """On `POST /v1/messages/batches`: create the batch, then play this reply (a batch that
+    exists although its creator never learnt its id)."""
+
+
+@dataclass
+class Billed:
+    """One line of the server's own bill."""
+
+    model: str
+    usage: dict[str, Any]
+    batch_id: str | None = None
+    custom_id: str | None = None
 
 
 @dataclass
@@ -57,6 +88,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    at: float = field(default_factory=time.monotonic)
 
 
 # --- reply builders --------------------------------------------------------------
@@ -224,6 +256,10 @@ class FakeBatch:
     polls_until_end: int
     polls: int = 0
     canceled: bool = False
+    created_at: float = field(default_factory=time.time)
+    results: list[JSON] | None = None
+    """Fixed (and billed) the first time the batch is seen ended."""
+    null_url_left: int = 0
 
     @property
     def ended(self) -> bool:
@@ -243,6 +279,7 @@ class AnthropicTestServer:
         self._lock = threading.Lock()
         self._script: deque[Reply] = deque()
         self._batch_create_script: deque[Reply] = deque()
+        self._results_script: deque[Reply] = deque()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._cache: set[str] = set()
@@ -250,8 +287,19 @@ class AnthropicTestServer:
         self.batches: dict[str, FakeBatch] = {}
         self.batch_results: dict[str, Reply | JSON] = {}
         """Result per custom_id for batch items: a Reply (→ succeeded) or a result JSON."""
+        self.batch_default: Callable[[str], Reply | JSON | None] | None = None
+        """Result of an item not in `batch_results`, by custom_id (None: a success)."""
         self.batch_polls_until_end = 1
         """GETs of a batch that answer `in_progress` before it is `ended`."""
+        self.usage_log: list[Billed] = []
+        self.revoked_keys: set[str] = set()
+        """Calls with one of these keys answer 401 (a revoked key)."""
+        self.null_results_url_polls = 0
+        """An ended batch answers `results_url: null` to this many retrievals first."""
+        self.results_delay_s = 0.0
+        self._fuzz: tuple[float, random.Random] | None = None
+        self.fuzzed: Counter[str] = Counter()
+        """Faults played by `fuzz`, by endpoint and kind."""
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
@@ -283,6 +331,20 @@ class AnthropicTestServer:
         with self._lock:
             self._batch_create_script.extend(replies)
 
+    def script_results(self, *replies: Reply) -> None:
+        """Replies to the next `GET .../results` of an ended batch (then the real results)."""
+        with self._lock:
+            self._results_script.extend(replies)
+
+    def fuzz(self, rate: float, seed: int = 0) -> None:
+        """From now on, answer `rate` of all requests with a random fault (0 stops)."""
+        with self._lock:
+            self._fuzz = (rate, random.Random(seed)) if rate > 0 else None
+
+    def billed(self) -> list[Billed]:
+        with self._lock:
+            return list(self.usage_log)
+
     def pending_script(self) -> int:
         with self._lock:
             return len(self._script)
@@ -305,11 +367,24 @@ class AnthropicTestServer:
                 with self._lock:
                     cached = key in self._cache
                     self._cache.add(key)
+                ttl = next(
+                    (
+                        b["cache_control"].get("ttl", "5m")
+                        for b in system
+                        if isinstance(b, dict) and isinstance(b.get("cache_control"), dict)
+                    ),
+                    "5m",
+                )
+                written = 0 if cached else prefix_tokens
                 usage = {
                     "input_tokens": max(1, len(json.dumps(request.get("messages"))) // 4),
                     "output_tokens": 40,
                     "cache_read_input_tokens": prefix_tokens if cached else 0,
-                    "cache_creation_input_tokens": 0 if cached else prefix_tokens,
+                    "cache_creation_input_tokens": written,
+                    "cache_creation": {
+                        "ephemeral_5m_input_tokens": written if ttl == "5m" else 0,
+                        "ephemeral_1h_input_tokens": written if ttl == "1h" else 0,
+                    },
                 }
                 return usage
         return {
@@ -324,35 +399,114 @@ class AnthropicTestServer:
         with self._lock:
             return queue.popleft() if queue else success()
 
-    def _batch_json(self, batch: FakeBatch) -> JSON:
+    def _end(self, batch: FakeBatch) -> list[JSON]:
+        """The batch's results, fixed and billed the first time it is seen ended."""
+        if batch.results is None:
+            results = [self._result_for(item, batch) for item in batch.requests]
+            with self._lock:
+                if batch.results is None:
+                    batch.results = results
+                    batch.null_url_left = self.null_results_url_polls
+                    for item, result in zip(batch.requests, results, strict=True):
+                        message = result.get("message")
+                        if result.get("type") == "succeeded" and isinstance(message, dict):
+                            self.usage_log.append(
+                                Billed(
+                                    str(message.get("model")),
+                                    dict(message.get("usage") or {}),
+                                    batch.id,
+                                    str(item.get("custom_id")),
+                                )
+                            )
+        assert batch.results is not None
+        return batch.results
+
+    def _batch_json(self, batch: FakeBatch, *, retrieval: bool = False) -> JSON:
         n = len(batch.requests)
         status = "ended" if batch.ended else ("canceling" if batch.canceled else "in_progress")
-        results = [self._result_for(item, batch) for item in batch.requests]
         counts = {"processing": n, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+        url: str | None = None
         if batch.ended:
             counts["processing"] = 0
-            for result in results:
+            for result in self._end(batch):
                 counts[str(result["type"])] += 1
+            url = f"{self.url}/v1/messages/batches/{batch.id}/results"
+            if retrieval and batch.null_url_left > 0:
+                batch.null_url_left -= 1
+                url = None
+        created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(batch.created_at))
+        created += f".{int(batch.created_at % 1 * 1e6):06d}Z"
         return {
             "id": batch.id,
             "type": "message_batch",
             "processing_status": status,
             "request_counts": counts,
-            "created_at": "2026-01-01T00:00:00Z",
-            "expires_at": "2026-01-02T00:00:00Z",
-            "ended_at": "2026-01-01T00:10:00Z" if batch.ended else None,
-            "cancel_initiated_at": "2026-01-01T00:05:00Z" if batch.canceled else None,
+            "created_at": created,
+            "expires_at": "2099-01-02T00:00:00Z",
+            "ended_at": created if batch.ended else None,
+            "cancel_initiated_at": created if batch.canceled else None,
             "archived_at": None,
-            "results_url": (
-                f"{self.url}/v1/messages/batches/{batch.id}/results" if batch.ended else None
-            ),
+            "results_url": url,
         }
+
+    def _fuzzed(self, method: str, path: str) -> Reply | None:
+        """A random fault, for the share of requests `fuzz` asked for."""
+        with self._lock:
+            if self._fuzz is None:
+                return None
+            rate, rng = self._fuzz
+            if rng.random() >= rate:
+                return None
+            kind = rng.choice(
+                ["status", "status", "not_json", "wrong_shape", "truncated", "drop", "empty"]
+            )
+            status = rng.choice([400, 404, 409, 413, 422, 429, 500, 502, 503, 504, 529])
+            endpoint = re.sub(r"msgbatch_\w+", "{id}", f"{method} {path}")
+            self.fuzzed[f"{endpoint} {kind}"] += 1
+        if kind == "status":
+            return error_reply(status, rng.choice(["api_error", "overloaded_error", "x_error"]))
+        if kind == "not_json":
+            return Reply(rng.choice([200, 500]), b"<html>Bad Gateway</html>")
+        if kind == "wrong_shape":
+            return Reply(200, {"type": "message", "content": 7, "usage": "lots"})
+        if kind == "truncated":
+            return Reply(200, {"type": "message", "content": [], "pad": "x" * 200}, truncate=True)
+        if kind == "empty":
+            return Reply(200, b"")
+        return drop_connection()
+
+    def _list_json(self, query: str) -> JSON:
+        """`GET /v1/messages/batches`: newest first, `limit` per page, `after_id` to page on."""
+        params = dict(p.partition("=")[::2] for p in query.split("&") if p)
+        limit = int(params.get("limit") or 20)
+        with self._lock:
+            ordered = sorted(self.batches.values(), key=lambda b: b.created_at, reverse=True)
+        after = params.get("after_id")
+        if after:
+            ids = [b.id for b in ordered]
+            ordered = ordered[ids.index(after) + 1 :] if after in ids else []
+        page = ordered[:limit]
+        data = [self._batch_json(b) for b in page]
+        return {
+            "data": data,
+            "has_more": len(ordered) > limit,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        }
+
+    def _revoked(self, headers: dict[str, str]) -> bool:
+        if not self.revoked_keys:
+            return False
+        auth = headers.get("authorization", "").removeprefix("Bearer ")
+        return auth in self.revoked_keys or headers.get("x-api-key") in self.revoked_keys
 
     def _result_for(self, item: JSON, batch: FakeBatch) -> JSON:
         custom_id = str(item.get("custom_id"))
         scripted = self.batch_results.get(custom_id)
         if scripted is None and batch.canceled:
             return batch_canceled()
+        if scripted is None and self.batch_default is not None:
+            scripted = self.batch_default(custom_id)
         if scripted is None or isinstance(scripted, Reply):
             reply = scripted or success()
             body = reply.body
@@ -360,6 +514,11 @@ class AnthropicTestServer:
                 body = body(item.get("params") or {}, self)
             return {"type": "succeeded", "message": body}
         return scripted
+
+    def _bill(self, body: Any) -> None:
+        if isinstance(body, dict) and body.get("type") == "message" and "usage" in body:
+            with self._lock:
+                self.usage_log.append(Billed(str(body.get("model")), dict(body["usage"])))
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -381,13 +540,22 @@ class AnthropicTestServer:
                 except ValueError:
                     return raw.decode(errors="replace")
 
-            def _record(self, body: Any) -> None:
+            def _record(self, body: Any) -> bool:
+                """Record the request; True when the server answered it already (a fault)."""
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 path = self.path.split("?", 1)[0]
                 with server._lock:
                     server.requests.append(Recorded(self.command, path, headers, body))
+                if server._revoked(headers):
+                    self._send(error_reply(401, "authentication_error", "invalid x-api-key"))
+                    return True
+                fault = server._fuzzed(self.command, path)
+                if fault is not None:
+                    self._send(fault)
+                    return True
+                return False
 
-            def _send(self, reply: Reply, request_body: Any = None) -> None:
+            def _send(self, reply: Reply, request_body: Any = None, *, bill: bool = False) -> None:
                 if reply.delay_s > 0 and server._stopping.wait(reply.delay_s):
                     return
                 if reply.drop:
@@ -402,6 +570,8 @@ class AnthropicTestServer:
                     payload, ctype = body.encode(), "text/plain"
                 else:
                     payload, ctype = json.dumps(body).encode(), "application/json"
+                if bill and reply.status == 200 and not reply.truncate:
+                    server._bill(body)
                 try:
                     self.send_response(reply.status, REASONS.get(reply.status))
                     self.send_header("content-type", ctype)
@@ -409,13 +579,19 @@ class AnthropicTestServer:
                     for k, v in reply.headers.items():
                         self.send_header(k, v)
                     self.end_headers()
+                    if reply.truncate:
+                        self.wfile.write(payload[: len(payload) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        return
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
 
             def do_POST(self) -> None:
                 body = self._read_body()
-                self._record(body)
+                if self._record(body):
+                    return
                 path = self.path.split("?", 1)[0]
                 if path == "/v1/messages":
                     if isinstance(body, dict):
@@ -429,7 +605,7 @@ class AnthropicTestServer:
                                 )
                             )
                             return
-                    self._send(server._next_reply(server._script), body)
+                    self._send(server._next_reply(server._script), body, bill=True)
                 elif path == "/v1/messages/batches":
                     with server._lock:
                         scripted = (
@@ -437,7 +613,7 @@ class AnthropicTestServer:
                             if server._batch_create_script
                             else None
                         )
-                    if scripted is not None:
+                    if scripted is not None and not scripted.create_first:
                         self._send(scripted, body)
                         return
                     requests = body.get("requests", []) if isinstance(body, dict) else []
@@ -445,7 +621,17 @@ class AnthropicTestServer:
                     batch = FakeBatch(batch_id, list(requests), server.batch_polls_until_end)
                     with server._lock:
                         server.batches[batch_id] = batch
-                    self._send(Reply(200, server._batch_json(batch)))
+                    reply = Reply(200, server._batch_json(batch))
+                    if scripted is not None:  # created; now hang, drop or fail all the same
+                        reply = Reply(
+                            scripted.status if scripted.body is not None else 200,
+                            scripted.body if scripted.body is not None else reply.body,
+                            scripted.headers,
+                            delay_s=scripted.delay_s,
+                            drop=scripted.drop,
+                            truncate=scripted.truncate,
+                        )
+                    self._send(reply)
                 elif (m := re.fullmatch(r"/v1/messages/batches/([^/]+)/cancel", path)) is not None:
                     batch_or_none = server.batches.get(m.group(1))
                     if batch_or_none is None:
@@ -457,8 +643,12 @@ class AnthropicTestServer:
                     self._send(error_reply(404, "not_found_error", f"no route {path}"))
 
             def do_GET(self) -> None:
-                self._record(None)
-                path = self.path.split("?", 1)[0]
+                if self._record(None):
+                    return
+                path, _, query = self.path.partition("?")
+                if path == "/v1/messages/batches":
+                    self._send(Reply(200, server._list_json(query)))
+                    return
                 m = re.fullmatch(r"/v1/messages/batches/([^/]+)(/results)?", path)
                 batch = server.batches.get(m.group(1)) if m else None
                 if m is None or batch is None:
@@ -468,20 +658,29 @@ class AnthropicTestServer:
                     if not batch.ended:
                         self._send(error_reply(400, "invalid_request_error", "not ended"))
                         return
-                    # Results come out of request order: matching must use custom_id.
-                    lines = [
-                        json.dumps(
-                            {
-                                "custom_id": item.get("custom_id"),
-                                "result": server._result_for(item, batch),
-                            }
+                    with server._lock:
+                        scripted = (
+                            server._results_script.popleft() if server._results_script else None
                         )
-                        for item in reversed(batch.requests)
+                    if scripted is not None:
+                        self._send(scripted)
+                        return
+                    # Results come out of request order: matching must use custom_id.
+                    pairs = list(zip(batch.requests, server._end(batch), strict=True))
+                    lines = [
+                        json.dumps({"custom_id": item.get("custom_id"), "result": result})
+                        for item, result in reversed(pairs)
                     ]
-                    self._send(Reply(200, ("\n".join(lines) + "\n").encode()))
+                    self._send(
+                        Reply(
+                            200,
+                            ("\n".join(lines) + "\n").encode(),
+                            delay_s=server.results_delay_s,
+                        )
+                    )
                     return
                 batch.polls += 1
-                self._send(Reply(200, server._batch_json(batch)))
+                self._send(Reply(200, server._batch_json(batch, retrieval=True)))
 
         return Handler
 

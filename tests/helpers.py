@@ -64,29 +64,45 @@ def wave(batch_id: str, number: int, pairs: list[tuple[str, str, str]]) -> WaveS
 
 
 def completed(
-    batch_id: str, cid: str, winner: str = "essay_a", a: str = "e0", b: str = "e1"
+    batch_id: str,
+    cid: str,
+    winner: str = "essay_a",
+    a: str = "e0",
+    b: str = "e1",
+    *,
+    cost_usd: float = 0.0,
 ) -> ComparisonCompleted:
     return ComparisonCompleted(
         batch_id=batch_id,
         correlation_id=cid,
         essay_a_id=a,
         essay_b_id=b,
-        winner=winner,
+        winner=winner,  # type: ignore[arg-type]
         confidence=3.0,
-    )  # type: ignore[arg-type]
+        cost_usd=cost_usd,
+    )
 
 
-def failed(batch_id: str, cid: str, error_type: str = "server_error") -> ComparisonFailed:
+def failed(
+    batch_id: str,
+    cid: str,
+    error_type: str = "server_error",
+    *,
+    cost_usd: float = 0.0,
+    error_code: str | None = None,
+) -> ComparisonFailed:
     return ComparisonFailed(
         batch_id=batch_id,
         correlation_id=cid,
         essay_a_id="e0",
         essay_b_id="e1",
         error=ErrorDetail(
-            error_type=error_type,
-            retryable=False,  # type: ignore[arg-type]
+            error_type=error_type,  # type: ignore[arg-type]
+            retryable=False,
             message="x",
+            error_code=error_code,
         ),
+        cost_usd=cost_usd,
     )
 
 

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from events import codec
-from events.types import BundleDispatched, ComparisonRequested, ErrorDetail, Essay, new_id
-from lps.message_batches import MessageBatches, custom_id_for
+from events.types import BundleDispatched, ComparisonRequested, Essay, new_id
+from lps.message_batches import ItemFailure, MessageBatches, custom_id_for
 from lps.prompt import TOOL_NAME, build_prompt
 from lps.providers.anthropic import AnthropicProvider
 from lps.providers.base import Judgement, ProviderError
@@ -27,6 +27,7 @@ from tests.anthropic_server import (
     rate_limited,
     refusal_reply,
     running_server,
+    server_error,
     success,
     tool_reply,
 )
@@ -150,15 +151,23 @@ async def test_item_outcomes_are_classified(
     results = await batches.poll(submitted.message_batch_id, requests)
     assert results is not None
     for request, (error_type, retryable) in zip(requests, expected, strict=True):
-        d = results[request.correlation_id]
-        assert isinstance(d, ErrorDetail), d
+        f = results[request.correlation_id]
+        assert isinstance(f, ItemFailure), f
+        d = f.detail
         assert (d.error_type, d.retryable) == (error_type, retryable)
         assert (d.provider, d.model, d.correlation_id) == (
             "anthropic",
             MODEL,
             request.correlation_id,
         )
-    assert "canceled" in results[requests[4].correlation_id].message  # type: ignore[union-attr]
+    assert "canceled" in results[requests[4].correlation_id].detail.message  # type: ignore[union-attr]
+    # answers that were no judgement were billed all the same: usage and cost travel with them
+    for billed in requests[5:]:
+        f = results[billed.correlation_id]
+        assert isinstance(f, ItemFailure) and f.usage.output_tokens == 40 and f.cost_usd > 0
+    for free in requests[:5]:
+        f = results[free.correlation_id]
+        assert isinstance(f, ItemFailure) and f.cost_usd == 0
 
 
 async def test_every_request_gets_exactly_one_result(
@@ -171,7 +180,7 @@ async def test_every_request_gets_exactly_one_result(
     results = await batches.poll(submitted.message_batch_id, [*submitted_requests, stray[0]])
     assert results is not None and len(results) == 3
     missing = results[stray[0].correlation_id]
-    assert isinstance(missing, ErrorDetail) and missing.error_type == "server_error"
+    assert isinstance(missing, ItemFailure) and missing.detail.error_type == "server_error"
     assert all(isinstance(results[r.correlation_id], Judgement) for r in submitted_requests)
 
 
@@ -186,7 +195,9 @@ async def test_cancel_ends_items_as_expired(
     assert status.ended and status.counts["canceled"] == 2
     results = await batches.poll(submitted.message_batch_id, requests)
     assert results is not None
-    assert {r.error_type for r in results.values() if isinstance(r, ErrorDetail)} == {"expired"}
+    assert {r.detail.error_type for r in results.values() if isinstance(r, ItemFailure)} == {
+        "expired"
+    }
 
 
 async def test_resume_after_restart_from_the_dispatch_event(
@@ -268,13 +279,14 @@ async def test_unknown_batch_is_an_invalid_request(batches: MessageBatches) -> N
 async def test_tokens_of_batch_results_are_counted(
     batches: MessageBatches, server: AnthropicTestServer
 ) -> None:
-    before = sample("lps_tokens_total", kind="output_tokens")
+    at = {"provider": "anthropic", "model": MODEL}
+    before = sample("lps_tokens_total", **at, kind="output_tokens")
     requests = make_requests(3)
     server.batch_results[requests[0].correlation_id] = refusal_reply()
     submitted = await batches.submit_bundle(requests)
     assert submitted.message_batch_id is not None
     assert await batches.poll(submitted.message_batch_id, requests) is not None
-    assert sample("lps_tokens_total", kind="output_tokens") - before == 3 * 40
+    assert sample("lps_tokens_total", **at, kind="output_tokens") - before == 3 * 40
 
 
 def test_custom_ids() -> None:
@@ -288,3 +300,31 @@ async def test_duplicate_correlation_ids_are_refused(batches: MessageBatches) ->
     [r] = make_requests(1)
     with pytest.raises(ValueError, match="duplicate"):
         await batches.submit_bundle([r, r])
+
+
+async def test_every_results_failure_is_classified_and_polling_again_recovers(
+    batches: MessageBatches, server: AnthropicTestServer
+) -> None:
+    requests = make_requests(2)
+    submitted = await batches.submit_bundle(requests)
+    assert submitted.message_batch_id is not None
+    server.null_results_url_polls = 2  # our status read, then the SDK's own in results()
+    server.script_results(
+        Reply(200, b'{"custom_id": "x", "result": {"type": "succ'),  # a line cut short
+        Reply(200, b"<html>502 Bad Gateway</html>"),
+        Reply(200, {"custom_id": "a"}, truncate=True),
+        Reply(drop=True),
+        server_error(503),
+    )
+    seen = []
+    for _ in range(6):  # null results_url (AnthropicError), then each scripted fault
+        with pytest.raises(ProviderError) as info:
+            await batches.poll(submitted.message_batch_id, requests)
+        d = info.value.detail
+        seen.append((d.error_type, d.retryable))
+        assert d.provider == "anthropic" and d.message
+        if len(seen) == 1:  # the SDK raised AnthropicError, not an API error
+            assert "results_url" in d.message and d.message.startswith("AnthropicError")
+    assert all(retryable for _, retryable in seen), seen
+    results = await batches.poll(submitted.message_batch_id, requests)
+    assert results is not None and all(isinstance(v, Judgement) for v in results.values())

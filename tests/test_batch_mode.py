@@ -23,13 +23,16 @@ from events.types import (
     ProviderAttemptFailed,
     new_id,
 )
+from lps import keys as lkeys
 from lps.message_batches import custom_id_for
+from lps.modes.batch_api import ORPHAN_SWEEP_AFTER_S, Intent, sweep_orphans
 from lps.providers.anthropic import AnthropicProvider
 from lps.worker import LPSWorker
 from streams.keys import Keys
 from streams.paging import read_stream
 from tests.anthropic_server import (
     AnthropicTestServer,
+    Reply,
     batch_errored,
     client_env,
     http_client,
@@ -144,3 +147,114 @@ async def test_batch_is_polled_to_the_end_and_resumed_by_another_worker(
     (bundle,) = [e for e in await _events(r, keys.dispatches) if isinstance(e, BundleDispatched)]
     assert bundle.mode == "batch_api" and bundle.provider_batch_id == batch.id and bundle.size == 5
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
+
+
+async def _run_until_answered(
+    r: Any, keys: Keys, worker: LPSWorker, n: int, *, what: str = "every request answered"
+) -> asyncio.Task[None]:
+    """Run `worker` until `n` callbacks exist; returns its (still running) task."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, maintenance_every_s=0.05))
+
+    async def answered() -> bool:
+        assert not task.done(), "the worker stopped"
+        return int(await r.xlen(keys.callbacks)) >= n
+
+    await _until(answered, what)
+    stop.set()
+    await task
+    return task
+
+
+async def test_a_create_without_an_answer_finds_and_adopts_the_batch(
+    fake_redis: Any, keys: Keys, server: AnthropicTestServer
+) -> None:
+    """The create reached the server but the connection dropped before the answer: the worker
+    does not know the batch id. It lists recent batches, adopts the one matching its intent
+    (same number of requests, created just now) and never creates a second."""
+    r = fake_redis
+    requests = _requests(4)
+    server.script_batch_create(Reply(drop=True, create_first=True))
+    for q in requests:
+        await r.xadd(keys.requests, codec.encode(q))
+    await _run_until_answered(r, keys, _worker(r, keys, "lps-a"), 4)
+    assert len(server.batches) == 1 and len(server.calls("/v1/messages/batches")) == 1
+    assert server.calls("/v1/messages/batches", "GET")  # it listed them
+    (bundle,) = [e for e in await _events(r, keys.dispatches) if isinstance(e, BundleDispatched)]
+    assert bundle.provider_batch_id == next(iter(server.batches))
+    callbacks = await _events(r, keys.callbacks)
+    assert sorted(c.correlation_id for c in callbacks) == sorted(q.correlation_id for q in requests)
+    assert all(isinstance(c, ComparisonCompleted) for c in callbacks)
+    assert await r.zcard(lkeys.batch_intents(keys)) == 0  # the intent is resolved
+
+
+async def test_an_abandoned_intents_late_batch_is_cancelled(
+    fake_redis: Any, keys: Keys, server: AnthropicTestServer
+) -> None:
+    """A batch that turns up for an intent whose requests were submitted again (nobody could
+    see it when they looked) is an orphan: the maintenance pass cancels it."""
+    r = fake_redis
+    server.batch_polls_until_end = 10_000
+    worker = _worker(r, keys, "lps-a")
+    requests = _requests(3)
+    provider = worker.provider("anthropic")
+    from lps.message_batches import MessageBatches
+
+    orphan_id = await MessageBatches.of(provider).create(
+        MessageBatches.of(provider).prepare(requests)
+    )
+    intent = Intent(
+        intent_id="i1",
+        at=server.batches[orphan_id].created_at,
+        count=3,
+        provider="anthropic",
+        model=MODEL,
+        correlation_ids=[q.correlation_id for q in requests],
+        state="abandoned",
+    )
+    await r.hset(lkeys.batch_intent(keys, "i1"), mapping=intent.fields())
+    await r.zadd(lkeys.batch_intents(keys), {"i1": intent.at})
+    # A recorded batch of the same size and time is somebody's: never touched.
+    kept = await MessageBatches.of(provider).create(MessageBatches.of(provider).prepare(requests))
+    await r.zadd(lkeys.recorded_message_batches(keys), {kept: 1.0})
+    assert await sweep_orphans(worker.mode_context, now=intent.at + 1) == []  # too early
+    cancelled = await sweep_orphans(worker.mode_context, now=intent.at + ORPHAN_SWEEP_AFTER_S + 1)
+    assert cancelled == [orphan_id]
+    assert server.batches[orphan_id].canceled and not server.batches[kept].canceled
+    assert await r.zcard(lkeys.batch_intents(keys)) == 0
+    await worker.close()
+
+
+async def test_sdk_errors_in_polling_never_stop_the_worker(
+    fake_redis: Any, keys: Keys, server: AnthropicTestServer
+) -> None:
+    """An ended batch whose results_url is null makes the SDK raise AnthropicError (no API
+    error): classified, retried at the next poll; retryable item results are resubmitted."""
+    r = fake_redis
+    server.null_results_url_polls = 3
+    requests = _requests(4)
+    flaky = {custom_id_for(requests[0].correlation_id), custom_id_for(requests[1].correlation_id)}
+    seen: Counter[str] = Counter()
+
+    def item(custom_id: str) -> Any:
+        seen[custom_id] += 1
+        if custom_id in flaky and seen[custom_id] == 1:
+            return batch_errored("overloaded_error", "busy")
+        return None
+
+    server.batch_default = item
+    for q in requests:
+        await r.xadd(keys.requests, codec.encode(q))
+    await _run_until_answered(r, keys, _worker(r, keys, "lps-a"), 4)
+    callbacks = await _events(r, keys.callbacks)
+    assert all(isinstance(c, ComparisonCompleted) for c in callbacks) and len(callbacks) == 4
+    assert len(server.batches) == 2  # the overloaded items went again, in a batch of their own
+    second = list(server.batches.values())[1]
+    assert {i["custom_id"] for i in second.requests} == flaky
+    attempts = [
+        e for e in await _events(r, keys.dispatches) if isinstance(e, ProviderAttemptFailed)
+    ]
+    assert sorted(custom_id_for(a.correlation_id) for a in attempts) == sorted(flaky)
+    assert all(a.will_retry and a.error.error_type == "overloaded" for a in attempts)
+    retried = [c for c in callbacks if custom_id_for(c.correlation_id) in flaky]
+    assert all(c.attempts == 2 for c in retried)

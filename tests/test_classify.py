@@ -176,3 +176,36 @@ def test_classified_message_never_contains_the_key(monkeypatch: pytest.MonkeyPat
     d = classify_response(401, body("authentication_error", "invalid key sk-ant-secret-value-42"))
     assert "sk-ant-secret-value-42" not in d.message
     assert d.error_type == "authentication"
+
+
+@pytest.mark.parametrize(
+    ("status", "etype", "header", "retryable"),
+    [
+        (400, "invalid_request_error", "true", True),  # the server says retry: we retry
+        (401, "authentication_error", "true", True),
+        (500, "api_error", "false", False),  # the server says don't: we don't
+        (529, "overloaded_error", "false", False),
+        (429, "rate_limit_error", "false", False),
+        (500, "api_error", "maybe", True),  # anything else: the table decides
+    ],
+)
+def test_x_should_retry_is_obeyed_as_the_sdk_does(
+    status: int, etype: str, header: str, retryable: bool
+) -> None:
+    d = classify_response(status, body(etype), {"X-Should-Retry": header, "retry-after": "2"})
+    assert d.retryable is retryable
+    assert d.retry_after_s == (2.0 if retryable else None)
+
+
+def test_spend_limit_is_its_own_failure_kind() -> None:
+    from events.types import failure_kind
+
+    coded = classify_response(429, body("rate_limit_error", "cap", "enforced_spend_limit_reached"))
+    worded = classify_response(429, body("rate_limit_error", "You reached your spend limit"))
+    plain = classify_response(429, body("rate_limit_error", "slow down"), {"retry-after": "1"})
+    assert coded.error_code == "enforced_spend_limit_reached" and worded.error_code == "spend_limit"
+    assert [failure_kind(d) for d in (coded, worded, plain)] == [
+        "spend_limit",
+        "spend_limit",
+        "rate_limit",
+    ]

@@ -179,3 +179,89 @@ async def test_a_crash_between_the_last_callback_and_the_next_wave_is_recovered_
     assert sum(moved) == 1
     state = await load_state(r, keys, reg.batch_id)
     assert state.scored_wave == 1 and (state.waves == 2 or state.terminal)
+
+
+# --- permanent failures, account failures, the money cap --------------------------------------
+
+
+def _answer(state: Any, wave: Any, outcome: Any) -> None:
+    """Apply one callback per pair of `wave`: `outcome(index, pair)` builds it."""
+    for i, pair in enumerate(wave.pairs):
+        apply_callback(state, outcome(i, pair), f"{100 + i}-0")
+
+
+def test_pairs_that_failed_for_good_are_never_asked_again() -> None:
+    state, wave = _state_after_wave(8, budget=28)
+    permanent = {
+        p.correlation_id: kind
+        for p, kind in zip(wave.pairs[:2], ["refusal", "invalid_request"], strict=True)
+    }
+    transient = wave.pairs[2].correlation_id
+
+    def outcome(i: int, pair: Any) -> Any:
+        if pair.correlation_id in permanent:
+            return failed("b", pair.correlation_id, permanent[pair.correlation_id])
+        if pair.correlation_id == transient:
+            return failed("b", pair.correlation_id, "server_error")
+        return completed("b", pair.correlation_id, "essay_a", pair.essay_a, pair.essay_b)
+
+    _answer(state, wave, outcome)
+    decision = decide(state)
+    assert decision is not None and decision.requests
+    asked = {frozenset((q.essay_a.essay_id, q.essay_b.essay_id)) for q in decision.requests}
+    pairs = {p.correlation_id: frozenset((p.essay_a, p.essay_b)) for p in wave.pairs}
+    assert not asked & {pairs[c] for c in permanent}
+
+
+def test_an_account_failure_ends_the_batch_named_by_it() -> None:
+    state, wave = _state_after_wave(6)
+    _answer(state, wave, lambda i, p: failed("b", p.correlation_id, "authentication"))
+    decision = decide(state)
+    assert decision is not None
+    assert (
+        isinstance(decision.terminal, BatchFailed) and decision.terminal.reason == "authentication"
+    )
+    # With comparisons to score, it is finalized with that reason instead.
+    state, wave = _state_after_wave(6)
+    _answer(
+        state,
+        wave,
+        lambda i, p: (
+            completed("b", p.correlation_id, "essay_a", p.essay_a, p.essay_b)
+            if i < 8
+            else failed(
+                "b", p.correlation_id, "rate_limit", error_code="enforced_spend_limit_reached"
+            )
+        ),
+    )
+    decision = decide(state)
+    assert decision is not None and isinstance(decision.terminal, BatchFinalized)
+    assert decision.terminal.reason == "spend_limit"
+
+
+def test_the_money_cap_ends_the_batch_before_a_wave_would_pass_it() -> None:
+    state, wave = _state_after_wave(8, max_cost_usd=0.05)
+    # wave 1: 16 comparisons at $0.002 = $0.032; wave 2 (8 more) would make $0.048: fits
+    _answer(
+        state,
+        wave,
+        lambda i, p: completed(
+            "b", p.correlation_id, "essay_a", p.essay_a, p.essay_b, cost_usd=0.002
+        ),
+    )
+    decision = decide(state)
+    assert decision is not None and decision.requests and decision.terminal is None
+    assert state.cost_usd == 0.032
+    # at $0.003 each, wave 2 ($0.024 more) would pass the cap: the batch ends first
+    state, wave = _state_after_wave(8, max_cost_usd=0.05)
+    _answer(
+        state,
+        wave,
+        lambda i, p: completed(
+            "b", p.correlation_id, "essay_a", p.essay_a, p.essay_b, cost_usd=0.003
+        ),
+    )
+    decision = decide(state)
+    assert decision is not None and not decision.requests
+    assert isinstance(decision.terminal, BatchFinalized)
+    assert decision.terminal.reason == "cost_limit"

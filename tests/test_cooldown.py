@@ -156,3 +156,28 @@ async def test_a_fresh_read_is_reused_and_a_cooldown_set_here_is_known_at_once(
     assert await mine.remaining("anthropic", MODEL) == pytest.approx(4.8)
     await mine.note_error(detail("overloaded", retry_after=30.0))
     assert await mine.remaining("anthropic", MODEL) == pytest.approx(30.0)
+
+
+async def test_wait_looks_again_after_sleeping(redis_client: Any) -> None:
+    """Another worker extends the cooldown while this one sleeps: it sleeps again, for what
+    is left, instead of calling 0.8 s too early."""
+    clock = FakeClock()
+    keys = Keys("again:")
+    mine = Cooldown(redis_client, keys, clock=clock, fresh_s=0.1)
+    other = Cooldown(redis_client, keys, clock=clock)
+    await other.trigger("anthropic", MODEL, 1.0)
+
+    async def sleep(seconds: float) -> None:
+        await clock.sleep(seconds)
+        if len(clock.sleeps) == 1:  # meanwhile another worker meets a 429 asking for 0.8 s
+            await other.trigger("anthropic", MODEL, 0.8)
+
+    slept = await mine.wait("anthropic", MODEL, sleep)
+    assert clock.sleeps == [pytest.approx(1.0), pytest.approx(0.8)]
+    assert slept == pytest.approx(1.8)
+    assert await mine.remaining("anthropic", MODEL, fresh=True) == 0.0
+    # The bound holds across the sleeps.
+    await other.trigger("anthropic", MODEL, 5.0)
+    clock.now += 0.2  # past fresh_s: the new cooldown is seen
+    assert await mine.wait("anthropic", MODEL, clock.sleep, max_wait_s=2.0) == pytest.approx(2.0)
+    assert await mine.remaining("anthropic", MODEL, fresh=True) == pytest.approx(2.8)

@@ -79,9 +79,17 @@ async def _append_batch_event(r: Any, keys: Keys, event: Any) -> None:
         await pipe.execute()
 
 
-# An operation: (correlation index (>= n_pairs means unknown), completed?, winner is a?)
+# An operation: (correlation index (>= n_pairs means unknown), completed?, winner is a?,
+# cost in USD)
 ops_strategy = st.lists(
-    st.tuples(st.integers(0, 7), st.booleans(), st.booleans()), min_size=1, max_size=40
+    st.tuples(
+        st.integers(0, 7),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from([0.0, 0.000123456, 0.0375, 1.1, 1e-9]),
+    ),
+    min_size=1,
+    max_size=40,
 )
 
 
@@ -89,7 +97,7 @@ async def _scenario(
     r: Any,
     keys: Keys,
     n_pairs: int,
-    ops: list[tuple[int, bool, bool]],
+    ops: list[tuple[int, bool, bool, float]],
     order: list[int],
     finalize_after: int | None,
 ) -> None:
@@ -97,8 +105,12 @@ async def _scenario(
     await append_registration(r, keys, registration(4, batch_id=B, budget=6))
     await _append_batch_event(r, keys, wave(B, 1, [(f"c{i}", "e0", "e1") for i in range(n_pairs)]))
     events = [
-        (completed(B, f"c{i}", "essay_a" if a else "essay_b") if ok else failed(B, f"c{i}"))
-        for i, ok, a in ops
+        (
+            completed(B, f"c{i}", "essay_a" if a else "essay_b", cost_usd=cost)
+            if ok
+            else failed(B, f"c{i}", cost_usd=cost)
+        )
+        for i, ok, a, cost in ops
     ]
     ids = await append_and_read(r, keys, events)
     applier = CallbackApplier(r, keys, CJ_GROUP)
@@ -118,6 +130,9 @@ async def _scenario(
     assert live.completed + live.failed == live.accepted <= live.submitted <= live.denominator
     assert live.callbacks_received == len(events)
     assert live.accepted + live.duplicates + live.orphans + live.late_callbacks == len(events)
+    # Every callback but orphans is paid for, summed exactly whatever the order.
+    known = {f"c{i}" for i in range(n_pairs)}
+    assert live.cost_nusd == sum(round(c * 1e9) for i, _, _, c in ops if f"c{i}" in known)
 
 
 @settings(
@@ -125,7 +140,7 @@ async def _scenario(
 )
 @given(n_pairs=st.integers(1, 6), ops=ops_strategy, data=st.data())
 def test_lua_apply_in_any_order_equals_replay_fakeredis(
-    n_pairs: int, ops: list[tuple[int, bool, bool]], data: st.DataObject
+    n_pairs: int, ops: list[tuple[int, bool, bool, float]], data: st.DataObject
 ) -> None:
     order = data.draw(st.permutations(range(len(ops))))
     finalize_after = data.draw(st.none() | st.integers(0, len(ops) - 1))
@@ -144,7 +159,7 @@ def test_lua_apply_in_any_order_equals_replay_real_redis(redis_server: Any) -> N
 
     @settings(max_examples=40, deadline=None)
     @given(n_pairs=st.integers(1, 6), ops=ops_strategy, data=st.data())
-    def check(n_pairs: int, ops: list[tuple[int, bool, bool]], data: st.DataObject) -> None:
+    def check(n_pairs: int, ops: list[tuple[int, bool, bool, float]], data: st.DataObject) -> None:
         order = data.draw(st.permutations(range(len(ops))))
         finalize_after = data.draw(st.none() | st.integers(0, len(ops) - 1))
 

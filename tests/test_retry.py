@@ -61,11 +61,20 @@ class FakeTime:
 @dataclass
 class Attempts:
     seen: list[tuple[int, ErrorDetail, bool, float]] = field(default_factory=list)
+    costs: list[tuple[TokenUsage, float]] = field(default_factory=list)
 
     async def __call__(
-        self, attempt: int, detail: ErrorDetail, will_retry: bool, delay: float
+        self,
+        attempt: int,
+        detail: ErrorDetail,
+        will_retry: bool,
+        delay: float,
+        *,
+        usage: TokenUsage,
+        cost_usd: float,
     ) -> None:
         self.seen.append((attempt, detail, will_retry, delay))
+        self.costs.append((usage, cost_usd))
 
 
 def make_request(correlation_id: str = "corr-r1") -> ComparisonRequested:
@@ -292,9 +301,17 @@ async def test_record_attempt_failed_counts_errors_and_retries(
     server.script(rate_limited(retry_after=1), overloaded(), overloaded())
     attempts = Attempts()
 
-    async def on_failed(attempt: int, detail: ErrorDetail, will_retry: bool, delay: float) -> None:
+    async def on_failed(
+        attempt: int,
+        detail: ErrorDetail,
+        will_retry: bool,
+        delay: float,
+        *,
+        usage: TokenUsage,
+        cost_usd: float,
+    ) -> None:
         record_attempt_failed(detail, will_retry)
-        await attempts(attempt, detail, will_retry, delay)
+        await attempts(attempt, detail, will_retry, delay, usage=usage, cost_usd=cost_usd)
 
     clock = FakeTime()
     outcome = await judge_with_retries(

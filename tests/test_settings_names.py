@@ -78,7 +78,10 @@ def _is_environ(node: ast.expr) -> bool:
     )
 
 
-def _cjs(node: ast.expr | None) -> str | None:
+def _cjs(node: ast.expr | None, constants: dict[str, str] | None = None) -> str | None:
+    """The `CJS_*` name a literal (or a module constant holding one) spells, else None."""
+    if isinstance(node, ast.Name) and constants and node.id in constants:
+        return constants[node.id]
     if (
         isinstance(node, ast.Constant)
         and isinstance(node.value, str)
@@ -88,14 +91,27 @@ def _cjs(node: ast.expr | None) -> str | None:
     return None
 
 
+def _constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level `NAME = "CJS_…"` assignments (e.g. `PRICES_FILE_ENV`)."""
+    found: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and (name := _cjs(node.value)):
+                found[target.id] = name
+    return found
+
+
 def _env_reads(path: Path, *, environ_only: bool) -> set[str]:
     """`CJS_*` literals read from an environment mapping: `X.get("CJS_…")`,
     `os.getenv("CJS_…")`, `environ["CJS_…"]` (not assignments) and `"CJS_…" in environ`.
     With environ_only, `.get` counts only on os.environ (tests build env dicts of their own)."""
     reads: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    constants = _constants(tree)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
-            name = _cjs(node.args[0])
+            name = _cjs(node.args[0], constants)
             if name is None:
                 continue
             if node.func.attr == "getenv" or (

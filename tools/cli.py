@@ -107,8 +107,8 @@ COMMANDS: dict[str, Entry] = {
         "validate",
         "Run one batch in each mode (or take two recorded runs) and compare them: error rates "
         "by provider and error type, A/B positions of anchors and students, counters against "
-        "events, late/duplicate/orphan callbacks, provider calls, bundles, tokens, Spearman "
-        "between the modes' θ and grade agreement.",
+        "events, late/duplicate/orphan callbacks, provider calls, bundles, tokens by kind, "
+        "cost, Spearman between the modes' θ and grade agreement.",
     ),
     "worker": Entry(
         "cmd_worker",

@@ -13,9 +13,8 @@ import click
 
 from app import batches as app_batches
 from app import errors, settings
-from app.archive import Manifest
 from app.connection import open_redis
-from app.views import results_view, status_view
+from app.views import results_view
 from events.types import Mode
 from projections.batch import BatchState
 from tools import common
@@ -61,7 +60,17 @@ from tools import common
     show_default=True,
     help="Finalize as stable once max |Δθ| between waves is below this (after 2 waves).",
 )
-@click.option("--dry-run", is_flag=True, help="Validate and print the plan; append nothing.")
+@click.option(
+    "--max-cost-usd",
+    type=float,
+    default=None,
+    help="Money cap: the batch ends (reason cost_limit) before a wave would take it past this.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate and print the plan with its estimated cost; append nothing.",
+)
 @click.option(
     "--new",
     "force_new",
@@ -78,6 +87,7 @@ def submit(
     seed: int,
     grade_scale: str | None,
     stability_threshold: float,
+    max_cost_usd: float | None,
     dry_run: bool,
     force_new: bool,
     as_json: bool,
@@ -85,11 +95,20 @@ def submit(
     """Register a batch from FILE (JSON or CSV) and submit its first wave.
 
     JSON: {"grade_scale"?: NAME|[grades], "essays": [{"essay_id", "text",
-    "anchor_grade"?, "mock_quality"?}]}. CSV: the same columns. Bad input exits 2
-    and appends nothing. The same essays with the same settings again give the batch
-    already registered (its id, and "existing": true), unless --new.
+    "anchor_grade"?, "mock_quality"?}]}. CSV: the same columns. Bad input (and, for a
+    real provider, missing credentials) exits 2 and appends nothing. The same essays with
+    the same settings again give the batch already registered (its id, and "existing":
+    true), unless --new. Warnings (prompt caching that cannot engage on the model) go to
+    stderr.
     """
-    from cj.registration import Contended, InputError, build_registration, parse_input
+    from cj.registration import (
+        Contended,
+        InputError,
+        build_registration,
+        parse_input,
+        submission_warnings,
+    )
+    from lps.providers.registry import credential_problems
 
     common.quiet_logs(as_json)
     s = settings.load()
@@ -109,10 +128,14 @@ def submit(
             seed=seed,
             stability_threshold=stability_threshold,
             max_essay_chars=s.max_essay_chars,
+            max_cost_usd=max_cost_usd,
+            check_credentials=not dry_run,
         )
     except InputError as exc:
         raise errors.InputError(str(exc)) from exc
+    warnings = submission_warnings(event)
     if dry_run:
+        warnings += credential_problems(provider)
         n = len(event.essays)
         per_grade: dict[str, int] = {g: 0 for g in grades}
         for e in event.essays:
@@ -137,13 +160,25 @@ def submit(
             "mode": cfg.mode,
             "provider": cfg.provider,
             "model": cfg.model,
+            "estimated_cost_per_comparison_usd": round(cfg.cost_per_comparison_usd, 6),
+            "estimated_cost_usd": round(cfg.cost_per_comparison_usd * event.denominator, 4),
+            "estimated_first_wave_cost_usd": round(
+                cfg.cost_per_comparison_usd * min(2 * cfg.wave_size, event.denominator), 4
+            ),
+            "max_cost_usd": cfg.max_cost_usd,
+            "warnings": warnings,
         }
         if as_json:
             common.emit_json(plan)
         else:
             for key, value in plan.items():
-                click.echo(f"{key:>26}: {value}")
+                if key != "warnings":
+                    click.echo(f"{key:>34}: {value}")
+            for warning in warnings:
+                click.echo(f"warning: {warning}", err=True)
         return
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     from cj.continuation import advance  # scoring (numpy, scipy): only submit needs it
     from cj.registration import register_once
 
@@ -162,7 +197,7 @@ def submit(
 
     batch_id, new = common.run(main)
     if as_json:
-        common.emit_json({"batch_id": batch_id, "existing": not new})
+        common.emit_json({"batch_id": batch_id, "existing": not new, "warnings": warnings})
         return
     if not new:
         click.echo(
@@ -197,38 +232,42 @@ def status(batch_id: str, watch: bool, interval: float, as_json: bool) -> None:
     """
     common.quiet_logs(as_json)
     if watch:
-        state, manifest = _watch(
-            batch_id, interval, bar=common.ProgressBar(lines=not sys.stderr.isatty())
-        )
-        view = app_batches.mark_archived(status_view(state), manifest)
-    else:
-        view = common.batch_view(batch_id, status_view)
+        _watch(batch_id, interval, bar=common.ProgressBar(lines=not sys.stderr.isatty()))
+    s = settings.load()
+    view = common.run(lambda: app_batches.read_status(s, batch_id))
     if as_json:
         common.emit_json(view)
     else:
         for key, value in view.items():
             if key == "orphan_correlation_ids":
                 value = ", ".join(value) if value else "-"
-            click.echo(f"{key:>22}: {value if value is not None else '-'}")
+            if key == "breakers":
+                value = "; ".join(_breaker_line(b) for b in value) or "-"
+            click.echo(f"{key:>23}: {value if value is not None else '-'}")
     if watch and view["status"] == "failed":
         sys.exit(errors.EXIT_FAILURE)
 
 
-def _watch(
-    batch_id: str, interval: float, bar: common.ProgressBar
-) -> tuple[BatchState, Manifest | None]:
+def _breaker_line(b: dict[str, Any]) -> str:
+    return (
+        f"OPEN {b['provider']}/{b['model'] or '*'} {b['reason']} "
+        f"(since {b['opened_at']}, next probe in {b['next_probe_in_s']:.0f}s)"
+    )
+
+
+def _watch(batch_id: str, interval: float, bar: common.ProgressBar) -> BatchState:
     s = settings.load()
     keys = settings.keys_for(s)
 
-    async def main() -> tuple[BatchState, Manifest | None]:
+    async def main() -> BatchState:
         r = await open_redis(s)
         try:
             while True:
                 # An archived batch (read from its archive) has ended: one look is enough.
-                state, manifest = await app_batches.load_batch(r, keys, batch_id, s.archive_options)
+                state, _ = await app_batches.load_batch(r, keys, batch_id, s.archive_options)
                 bar(state)
                 if state.terminal:
-                    return state, manifest
+                    return state
                 await asyncio.sleep(interval)
         finally:
             bar.finish()

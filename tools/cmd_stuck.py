@@ -77,6 +77,16 @@ def render(view: dict[str, Any]) -> str:
             f"submitted {b['submitted']}/{b['denominator']}  completed {b['completed']}  "
             f"failed {b['failed']}  in flight {b['in_flight']}"
         )
+    breakers = view.get("breakers") or []
+    if breakers:
+        lines.append("")
+        lines.append(f"Open provider breakers (requests fail fast, no calls): {len(breakers)}")
+        for b in breakers:
+            lines.append(
+                f"  {b['provider']}/{b['model'] or '*'}  {b['reason']}  since {b['opened_at']}  "
+                f"failures {b['failures']}  next probe in {_dur(b['next_probe_in_s'])}  "
+                f"{_short(b['message'], 80)}"
+            )
     if view["dead_letters"]:
         lines.append("")
         lines.append(
@@ -193,7 +203,8 @@ def stuck(
     --idle (default 0): reclaim hands it to the live workers at once, expire ends a request
     as ComparisonFailed(expired), dead_letter moves it to dlq:<stream>.
     JSON: {streams, groups, stuck: [{stream, group, entry_id, consumer, idle_s, deliveries,
-    correlation_id, batch_id, essay_ids}], stalled_batches, dead_letters[, reclaimed][, acted]}.
+    correlation_id, batch_id, essay_ids}], stalled_batches, breakers (open provider
+    breakers), dead_letters[, reclaimed][, acted]}.
     """
     if watch and (as_json or do_reclaim or act):
         raise click.UsageError("--watch shows a live view: use it without --json and --reclaim")

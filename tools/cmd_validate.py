@@ -99,8 +99,9 @@ def validate(
 ) -> None:
     """Run one batch in each mode (or take two recorded runs) and compare them: error rates by
     provider and error type, A/B positions of anchors and students, counters against events,
-    late/duplicate/orphan callbacks, provider calls, bundles, tokens, Spearman between the modes'
-    θ and grade agreement. Exits 1 when a run's counters disagree with its events.
+    late/duplicate/orphan callbacks, provider calls, bundles, tokens by kind, cost, Spearman
+    between the modes' θ and grade agreement. Exits 1 when a run's counters disagree with its
+    events.
 
     With REDIS_URL the runs use that server, in a namespace of their own that is deleted
     afterwards (--keep keeps it); without, an embedded Redis."""
@@ -195,7 +196,7 @@ def _print(out: dict[str, Any]) -> None:
         click.echo(
             f"{label:>14}: {v['status']} ({v['finalize_reason']}), provider calls "
             f"{v['provider_calls']}, bundles {v['bundles']['count']}, "
-            f"tokens {v['tokens']['total']}, "
+            f"cost ${v['cost']['usd']:.4f}, "
             f"counters match events: {v['counters_match_events']}, late/dup/orphan "
             f"{v['callbacks']['late']}/{v['callbacks']['duplicate']}/{v['callbacks']['orphan']}"
         )

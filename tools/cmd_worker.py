@@ -63,6 +63,10 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     r, where = connect(s, embedded_ok=False)
     if metrics_port is not None:
         serve(metrics_port)
+    if role in ("lps", "all"):
+        # The provider SDK loads here, not at the first request: importing it mid-work blocks
+        # the event loop for a second or more, keep-alives of the entries held included.
+        import lps.message_batches  # noqa: F401
 
     async def main() -> int:
         runner = InProcess(

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from events.types import BundleDispatched, ComparisonRequested, ErrorDetail
+from events.types import BundleDispatched, ComparisonRequested, ErrorDetail, TokenUsage
+from lps.breaker import Breaker
 from lps.providers.base import Provider
-from lps.retry import Outcome
+from lps.retry import Outcome, RetryPolicy
 from streams.keys import Keys
 from streams.reader import Entry
 
@@ -35,6 +36,41 @@ class Dispatch(Protocol):
         ...
 
 
+class Fail(Protocol):
+    async def __call__(
+        self,
+        entry: Entry,
+        req: ComparisonRequested,
+        detail: ErrorDetail,
+        *,
+        attempt: int = 1,
+        usage: TokenUsage | None = None,
+        cost_usd: float = 0.0,
+        spent_usd: float = 0.0,
+        call_made: bool = True,
+    ) -> None:
+        """Commit a final failure, recorded as failed provider attempt number `attempt`
+        (none when `call_made` is False: an open breaker stopped it). `usage`/`cost_usd`:
+        that attempt's, when billed; `spent_usd`: what the earlier attempts cost."""
+        ...
+
+
+class AttemptFailed(Protocol):
+    async def __call__(
+        self,
+        req: ComparisonRequested,
+        attempt: int,
+        detail: ErrorDetail,
+        will_retry: bool,
+        delay: float = 0.0,
+        *,
+        usage: TokenUsage | None = None,
+        cost_usd: float = 0.0,
+    ) -> None:
+        """Record one failed attempt that is retried (event and metrics), committing nothing."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModeContext:
     provider: Callable[[str], Provider]
@@ -44,8 +80,12 @@ class ModeContext:
     request XACK and done marker in one MULTI/EXEC); a bad provider fails that request."""
     finish: Callable[[Entry, ComparisonRequested, Outcome], Awaitable[None]]
     """Commit an outcome obtained without the retry loop (a Message Batch item)."""
-    fail: Callable[[Entry, ComparisonRequested, ErrorDetail], Awaitable[None]]
-    """Commit a final failure, recorded as one failed provider attempt."""
+    fail: Fail
+    attempt_failed: AttemptFailed
+    breaker: Breaker
+    """Asked before a call that `judge` does not make (creating a Message Batch)."""
+    policy: RetryPolicy
+    """The one retry policy, for what is retried outside `judge` (Message Batch items)."""
     dispatch: Dispatch
     release: Callable[[Unit], Awaitable[None]]
     """Hand requests not started back to the group, for a live worker to take at once."""

@@ -9,8 +9,12 @@
   a missing or unknown winner, a confidence outside 1–5 (or not a number), a missing
   justification, extra fields, or no / several tool calls are a `parse_error`. A
   confidence is never rescaled and a winner never defaulted.
+- Every response that reports usage is priced (`lps.prices`): the cost travels on the
+  Judgement, or on the ProviderError of an answer that was no valid judgement (those are
+  billed too).
 - Metrics recorded here (and only here): `lps_provider_latency_seconds{provider,model}`
-  for every HTTP attempt, successful or not, and `lps_tokens_total{kind}` for every
+  for every HTTP attempt, successful or not, and `lps_tokens_total` /
+  `lps_cost_usd_total{provider,model,kind}` and the prompt cache hit ratio for every
   response that reports usage. Errors and retries are counted by the worker.
 """
 
@@ -27,9 +31,16 @@ import anthropic
 from anthropic.types import Message
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 
-from events.types import ComparisonRequested, ErrorDetail, TokenUsage, Winner
-from lps.classify import classify_exception, classify_stop_reason, parse_error, scrub
+from events.types import NANO_USD, ComparisonRequested, ErrorDetail, TokenUsage, Winner
+from lps.classify import (
+    classify_exception,
+    classify_stop_reason,
+    parse_error,
+    scrub,
+    unexpected_error,
+)
 from lps.metrics import LPS_PROVIDER_LATENCY
+from lps.prices import PriceTable, price_table
 from lps.prompt import (
     CACHE_TTLS,
     CONFIDENCE_MAX,
@@ -192,14 +203,18 @@ def validate_tool_input(value: object) -> tuple[Winner, str, float]:
     return cast(Winner, winner), justification, confidence
 
 
+def _count(obj: object, name: str) -> int | None:
+    v = obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 def usage_of(message: Message) -> TokenUsage:
     usage = getattr(message, "usage", None)
     if usage is None:
         return TokenUsage()
 
     def n(name: str) -> int:
-        v = getattr(usage, name, None)
-        return int(v) if isinstance(v, int) and not isinstance(v, bool) else 0
+        return _count(usage, name) or 0
 
     return TokenUsage(
         input_tokens=n("input_tokens"),
@@ -207,6 +222,35 @@ def usage_of(message: Message) -> TokenUsage:
         cache_read_input_tokens=n("cache_read_input_tokens"),
         cache_creation_input_tokens=n("cache_creation_input_tokens"),
     )
+
+
+def cache_write_1h_of(message: Message) -> int | None:
+    """Cache writes at the 1 h TTL, when the response breaks them down (`usage.cache_creation`)."""
+    breakdown = getattr(getattr(message, "usage", None), "cache_creation", None)
+    return None if breakdown is None else _count(breakdown, "ephemeral_1h_input_tokens")
+
+
+def bill(
+    prices: PriceTable,
+    message: Message,
+    *,
+    model: str,
+    cache_ttl: str,
+    batch: bool,
+    provider: str = PROVIDER_NAME,
+) -> tuple[TokenUsage, float]:
+    """Usage and cost of one response, counted in the token and cost metrics."""
+    usage = usage_of(message)
+    by_kind = prices.cost_by_kind(
+        provider,
+        model,
+        usage,
+        batch=batch,
+        cache_ttl=cache_ttl,
+        cache_write_1h_tokens=cache_write_1h_of(message),
+    )
+    record_tokens(usage, provider=provider, model=model, cost_by_kind=by_kind, prompt_cache=True)
+    return usage, sum(by_kind.values()) / NANO_USD
 
 
 def judgement_from_message(
@@ -217,24 +261,34 @@ def judgement_from_message(
     prompt_sha256: str,
     latency_ms: float = 0.0,
     secrets: Sequence[str] = (),
+    cost_usd: float = 0.0,
 ) -> Judgement:
-    """The Judgement in a 200 response, or ProviderError (max_tokens, refusal, parse_error)."""
+    """The Judgement in a 200 response, or ProviderError (max_tokens, refusal, parse_error)
+    carrying the response's usage and `cost_usd` (the answer was billed all the same)."""
     where: dict[str, Any] = {
         "provider": PROVIDER_NAME,
         "model": model,
         "correlation_id": correlation_id,
     }
-    stop = classify_stop_reason(getattr(message, "stop_reason", None), **where)
+    usage = usage_of(message)
+
+    def failed(detail: ErrorDetail) -> ProviderError:
+        return ProviderError(detail, usage=usage, cost_usd=cost_usd)
+
+    stop_reason = getattr(message, "stop_reason", None)
+    stop = classify_stop_reason(stop_reason if isinstance(stop_reason, str) else None, **where)
     if stop is not None:
-        raise ProviderError(stop)
-    content = getattr(message, "content", None) or []
+        raise failed(stop)
+    content = getattr(message, "content", None)
+    if not isinstance(content, list):
+        content = []
     calls = [
         block
         for block in content
         if getattr(block, "type", None) == "tool_use" and getattr(block, "name", None) == TOOL_NAME
     ]
     if len(calls) != 1:
-        raise ProviderError(
+        raise failed(
             parse_error(
                 f"expected exactly one {TOOL_NAME} call, got {len(calls)} "
                 f"(stop_reason={getattr(message, 'stop_reason', None)})",
@@ -246,16 +300,17 @@ def judgement_from_message(
     try:
         winner, justification, confidence = validate_tool_input(raw_input)
     except ValueError as exc:
-        raise ProviderError(
+        raise failed(
             parse_error(f"invalid {TOOL_NAME} input: {exc}", secrets=secrets, **where)
         ) from None
     return Judgement(
         winner=winner,
         confidence=confidence,
         justification=justification,
-        usage=usage_of(message),
+        usage=usage,
         prompt_sha256=prompt_sha256,
         latency_ms=latency_ms,
+        cost_usd=cost_usd,
     )
 
 
@@ -291,6 +346,7 @@ class AnthropicProvider:
     records_call_metrics: bool = True
     """This provider records `lps_provider_latency_seconds` (per HTTP attempt) and
     `lps_tokens_total` (per response) itself; a worker must not record them again."""
+    prices: PriceTable = field(default_factory=price_table)
 
     def __post_init__(self) -> None:
         if self.client is None:
@@ -408,9 +464,21 @@ class AnthropicProvider:
                     correlation_id=request.correlation_id,
                 )
             ) from None
+        except anthropic.AnthropicError as exc:  # any other SDK failure: never ends a worker
+            self._observe(model, started)
+            raise ProviderError(
+                unexpected_error(
+                    exc,
+                    provider=self.name,
+                    model=model,
+                    correlation_id=request.correlation_id,
+                    secrets=self.secrets(),
+                )
+            ) from None
         latency_s = self._observe(model, started)
-        usage = usage_of(message)
-        record_tokens(usage)
+        _, cost = bill(
+            self.prices, message, model=model, cache_ttl=call.options.cache_ttl, batch=False
+        )
         return judgement_from_message(
             message,
             model=model,
@@ -418,6 +486,7 @@ class AnthropicProvider:
             prompt_sha256=call.prompt.sha256,
             latency_ms=latency_s * 1000.0,
             secrets=self.secrets(),
+            cost_usd=cost,
         )
 
     def _observe(self, model: str, started: float) -> float:
@@ -428,6 +497,23 @@ class AnthropicProvider:
     async def aclose(self) -> None:
         if self.client is not None:
             await self.client.close()
+
+
+def credential_problems() -> list[str]:
+    """Why no Anthropic client can be built from the environment (empty when one can)."""
+    try:
+        client = anthropic.Anthropic(max_retries=0)
+    except anthropic.AnthropicError as exc:
+        return [
+            "no usable Anthropic credentials: set ANTHROPIC_API_KEY "
+            f"({type(exc).__name__}: {scrub(str(exc))})"
+        ]
+    try:
+        if client.api_key is None and client.auth_token is None and client.credentials is None:
+            return ["no Anthropic credentials: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN)"]
+        return []
+    finally:
+        client.close()
 
 
 def make_client(

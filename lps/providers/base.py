@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Mapping
 from typing import Protocol
 
 import msgspec
 
-from events.types import TOKEN_KINDS, ComparisonRequested, ErrorDetail, TokenUsage, Winner
-from lps.metrics import LPS_TOKENS
+from events.types import (
+    NANO_USD,
+    TOKEN_KINDS,
+    ComparisonRequested,
+    ErrorDetail,
+    TokenUsage,
+    Winner,
+)
+from lps.metrics import LPS_CACHE_HIT_RATIO, LPS_COST, LPS_TOKENS
 
 
 class Judgement(msgspec.Struct, frozen=True):
@@ -17,14 +27,21 @@ class Judgement(msgspec.Struct, frozen=True):
     usage: TokenUsage = msgspec.field(default_factory=TokenUsage)
     prompt_sha256: str = ""
     latency_ms: float = 0.0
+    cost_usd: float = 0.0
+    """What the call cost (price table; 0 for the mock)."""
 
 
 class ProviderError(Exception):
-    """One failed provider attempt, already classified."""
+    """One failed provider attempt, already classified. A billed failure (an answer that was
+    no valid judgement) carries the response's usage and cost."""
 
-    def __init__(self, detail: ErrorDetail) -> None:
+    def __init__(
+        self, detail: ErrorDetail, *, usage: TokenUsage | None = None, cost_usd: float = 0.0
+    ) -> None:
         super().__init__(f"{detail.error_type}: {detail.message}")
         self.detail = detail
+        self.usage = usage or TokenUsage()
+        self.cost_usd = cost_usd
 
 
 class Provider(Protocol):
@@ -43,9 +60,58 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-def record_tokens(usage: TokenUsage) -> None:
-    """`lps_tokens_total{kind}`, kind = TokenUsage field name (input_tokens: uncached input)."""
+CACHE_WARMUP_RESPONSES = 5
+"""Responses per provider/model before the cache hit ratio is reported: the first calls of a
+prefix write the cache, they cannot read it."""
+CACHE_WINDOW_RESPONSES = 50
+
+
+class _CacheHits:
+    """The share of input tokens read from the prompt cache over recent responses."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], deque[tuple[int, int]]] = {}
+        self._count: dict[tuple[str, str], int] = {}
+
+    def observe(self, provider: str, model: str, usage: TokenUsage) -> float | None:
+        total = (
+            usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+        )
+        key = (provider, model)
+        with self._lock:
+            window = self._seen.setdefault(key, deque(maxlen=CACHE_WINDOW_RESPONSES))
+            window.append((usage.cache_read_input_tokens, total))
+            self._count[key] = self._count.get(key, 0) + 1
+            if self._count[key] <= CACHE_WARMUP_RESPONSES:
+                return None
+            read = sum(r for r, _ in window)
+            whole = sum(t for _, t in window)
+        return read / whole if whole else None
+
+
+_CACHE_HITS = _CacheHits()
+
+
+def record_tokens(
+    usage: TokenUsage,
+    *,
+    provider: str,
+    model: str,
+    cost_by_kind: Mapping[str, int] | None = None,
+    prompt_cache: bool = False,
+) -> None:
+    """`lps_tokens_total{provider,model,kind}` (kind = TokenUsage field name; input_tokens is
+    uncached input), `lps_cost_usd_total` from `cost_by_kind` (nano-dollars per kind), and,
+    for a provider that caches the prompt prefix, `lps_prompt_cache_hit_ratio`."""
     for kind in TOKEN_KINDS:
         value = getattr(usage, kind)
         if value:
-            LPS_TOKENS.labels(kind=kind).inc(value)
+            LPS_TOKENS.labels(provider=provider, model=model, kind=kind).inc(value)
+    for kind, nano in (cost_by_kind or {}).items():
+        if nano:
+            LPS_COST.labels(provider=provider, model=model, kind=kind).inc(nano / NANO_USD)
+    if prompt_cache:
+        ratio = _CACHE_HITS.observe(provider, model, usage)
+        if ratio is not None:
+            LPS_CACHE_HIT_RATIO.labels(provider=provider, model=model).set(ratio)

@@ -157,7 +157,7 @@ class MockProvider:
             a_wins = rng.random() < prob
         confidence = 1 + min(4, round(abs(prob - 0.5) * 8))
         usage = TokenUsage(input_tokens=900, output_tokens=60)
-        record_tokens(usage)
+        record_tokens(usage, provider=self.name, model=request.model)
         return Judgement(
             winner="essay_a" if a_wins else "essay_b",
             confidence=float(confidence),
