@@ -18,9 +18,13 @@ COPY lps ./lps
 COPY app ./app
 COPY tools ./tools
 COPY web ./web
-RUN pip install . \
+# The s3 extra: the archive store may be an S3 (or compatible) bucket. /archive is the default
+# archive directory (a volume in compose.yaml), owned by the user the workers run as.
+RUN pip install "./[s3]" \
     && groupadd --gid 10001 cjs \
-    && useradd --create-home --uid 10001 --gid 10001 cjs
+    && useradd --create-home --uid 10001 --gid 10001 cjs \
+    && mkdir /archive \
+    && chown 10001:10001 /archive
 
 # Numeric, so that the runtime (and Kubernetes' runAsNonRoot) can tell it is not root
 # without reading the image's /etc/passwd.

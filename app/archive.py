@@ -10,30 +10,35 @@ order replay depends on is the recorded one; otherwise Redis assigns new ids in 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import hashlib
 import heapq
 import json
 import os
 import re
 import sys
+import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import msgspec
 from redis.exceptions import ResponseError, WatchError
 
-from app.errors import BadFile, Conflict, NotFound
+from app.errors import BadFile, ConfigError, Conflict, NotFound
 from app.replay import rebuild
+from app.settings import Settings
 from events import codec
-from events.streams import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS
+from events.streams import BATCHES, CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS
 from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
 from projections import keys as pkeys
-from projections.batch import entry_id_key
-from projections.replay import decode_flat
+from projections.batch import BatchState, entry_id_key
+from projections.replay import decode_flat, fold
 from streams.keys import Keys
 from streams.paging import raw_client, read_pages
 
@@ -70,37 +75,66 @@ async def collect(
     r: Any, keys: Keys, batch_id: str, progress: Progress | None = None
 ) -> list[Record]:
     """Every decodable event of `batch_id` in the four streams, in entry-id order."""
-    needle = batch_id.encode()
+    return (await collect_many(r, keys, [batch_id], progress=progress))[batch_id]
+
+
+async def collect_many(
+    r: Any,
+    keys: Keys,
+    batch_ids: list[str],
+    *,
+    min_ids: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, list[Record]]:
+    """Every decodable event of each of `batch_ids` in the four streams, in entry-id order, read
+    in one pass over each stream from `min_ids[stream]` (its start when not given)."""
+    # The id as it appears inside the stored JSON (escaped where JSON escapes), so that the
+    # byte filter never skips an entry of the batch.
+    needles = [(b, msgspec.json.encode(b)[1:-1]) for b in batch_ids]
     raw = raw_client(r)
-    per_stream: list[list[Record]] = []
+    per_batch: dict[str, list[list[Record]]] = {b: [] for b in batch_ids}
     found = 0
     for rank, name in enumerate(STREAMS):
-        records: list[Record] = []
-        async for entries in read_pages(raw, keys.stream(name)):
+        records: dict[str, list[Record]] = {b: [] for b in batch_ids}
+        start = (min_ids or {}).get(name, "-")
+        async for entries in read_pages(raw, keys.stream(name), min_id=start):
             for raw_id, flat in entries:
                 data = flat[3] if len(flat) == 4 and flat[2] == b"data" else None
-                if data is not None and needle not in data:
+                wanted = [b for b, n in needles if data is None or n in data]
+                if not wanted:
                     continue
                 event, data = decode_flat(flat)
-                if event is None or not belongs(event, batch_id):
+                if event is None:
+                    continue
+                owners = [b for b in wanted if belongs(event, b)]
+                if not owners:
                     continue
                 entry_id = as_str(raw_id)
                 ms, seq = entry_id_key(entry_id)
                 data_bytes = data if isinstance(data, bytes) else str(data).encode()
-                records.append(
-                    Record((ms, seq, rank), name, entry_id, type(event).__name__, data_bytes)
-                )
+                record = Record((ms, seq, rank), name, entry_id, type(event).__name__, data_bytes)
+                for b in owners:
+                    records[b].append(record)
+                    found += 1
             if progress is not None:
-                progress(len(entries), name, found + len(records))
-        found += len(records)
-        per_stream.append(records)
-    return list(heapq.merge(*per_stream))
+                progress(len(entries), name, found)
+        for b in batch_ids:
+            per_batch[b].append(records[b])
+    return {b: list(heapq.merge(*streams)) for b, streams in per_batch.items()}
 
 
 async def batch_records(
-    r: Any, keys: Keys, batch_id: str, progress: Progress | None = None
+    r: Any,
+    keys: Keys,
+    batch_id: str,
+    progress: Progress | None = None,
+    archive_options: Mapping[str, Any] | None = None,
 ) -> list[Record]:
-    """`collect`, for a batch the streams must register (NotFound otherwise)."""
+    """`collect`, for a batch the streams must register (NotFound otherwise); an archived
+    batch's events come from its archive."""
+    manifest = await archived_manifest(r, keys, batch_id)
+    if manifest is not None:
+        return records_of(await read_archived(manifest, archive_options))
     records = await collect(r, keys, batch_id, progress)
     if not any(rec.type == "BatchRegistered" for rec in records):
         raise NotFound(f"no batch {batch_id!r} in the streams under prefix {keys.prefix!r}")
@@ -165,7 +199,6 @@ def _lines(path: Path) -> Iterator[bytes]:
 
 def read_export(path: Path) -> PerStream:
     """The file's events per stream, validated: (entry id, type, data, event)."""
-    per: PerStream = {name: [] for name in STREAMS}
     try:
         lines = list(_lines(path))
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
@@ -173,6 +206,13 @@ def read_export(path: Path) -> PerStream:
         if isinstance(exc, EOFError | zlib.error):
             why = f"corrupt or truncated gzip data ({exc})"
         raise BadFile(f"cannot read {path}: {why}") from exc
+    return parse_export(lines, str(path))
+
+
+def parse_export(lines: Iterable[bytes], path: str) -> PerStream:
+    """Export lines per stream, validated: (entry id, type, data, event). `path` names the
+    source in error messages."""
+    per: PerStream = {name: [] for name in STREAMS}
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -199,8 +239,10 @@ def read_export(path: Path) -> PerStream:
 
 
 async def _holds_batch(r: Any, keys: Keys, batch_id: str) -> bool:
-    if await r.exists(pkeys.batch(keys, batch_id)) or await r.hexists(
-        pkeys.batch_index(keys), batch_id
+    if (
+        await r.exists(pkeys.batch(keys, batch_id))
+        or await r.hexists(pkeys.batch_index(keys), batch_id)
+        or await r.hexists(pkeys.archived_index(keys), batch_id)
     ):
         return True
     needle = batch_id.encode()
@@ -298,3 +340,204 @@ def _queue_append(
             pipe.xgroup_setid(stream, group, id="$")
         if name in GROUPS and GROUPS[name] not in groups[name]:
             pipe.xgroup_create(stream, GROUPS[name], id="$", mkstream=True)
+
+
+# --- the archive of finished batches ------------------------------------------------------------
+#
+# An archived batch is one export file (the format above, gzip-compressed) in an archive store:
+# a directory, or any fsspec URL (s3://bucket/prefix, gs://..., memory://...). Redis keeps its
+# manifest (`proj:archived`, projections/keys.py): where the file is, how many events, their
+# sha256, per stream the count and last entry id, and the sha256 of the projection the archive
+# replays to. Reads of an archived batch go to the file named there and check it against it.
+
+
+def encode_records(records: Iterable[Record]) -> bytes:
+    """The export lines of `records`, uncompressed."""
+    return b"".join(rec.line() for rec in records)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip with a fixed header time: the same lines always compress to the same bytes."""
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+def _quote(part: str) -> str:
+    return quote(part, safe="-_.")
+
+
+class ArchiveStore:
+    """An archive root: a directory path or an fsspec URL, with its storage options."""
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
+        import fsspec  # only archiving and archived reads need it
+
+        self.url = url
+        self.options = dict(options or {})
+        self.fs, root = fsspec.core.url_to_fs(url, **self.options)
+        self.root = str(root).rstrip("/")
+        self.local = "file" in _protocols(self.fs)
+
+    def path(self, keys: Keys, *parts: str) -> str:
+        """A path under the root, in the namespace's own folder (`ns-<quoted prefix>`)."""
+        return "/".join([self.root, "ns-" + _quote(keys.prefix), *parts])
+
+    def batch_path(self, keys: Keys, batch_id: str) -> str:
+        return self.path(keys, "batches", f"{_quote(batch_id)}.jsonl.gz")
+
+    def segment_path(self, keys: Keys, kind: str, stream: str, first: str, last: str) -> str:
+        return self.path(keys, kind, _quote(stream), f"{first}_{last}.jsonl.gz")
+
+    def url_of(self, path: str) -> str:
+        return str(self.fs.unstrip_protocol(path))
+
+    def write(self, path: str, data: bytes) -> None:
+        """Write `data` at `path` whole: a local file appears by rename, an object store's
+        PUT is atomic by itself."""
+        if self.local:
+            parent = path.rsplit("/", 1)[0]
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with self.fs.open(tmp, "wb") as fh:
+                fh.write(data)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read(self, path: str) -> bytes:
+        return bytes(self.fs.cat_file(path))
+
+
+def store_for(settings: Settings) -> ArchiveStore:
+    """The archive store the settings name (CJS_ARCHIVE_URL, CJS_ARCHIVE_OPTIONS)."""
+    try:
+        return ArchiveStore(settings.archive_url, settings.archive_options)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise ConfigError(f"CJS_ARCHIVE_URL {settings.archive_url!r}: {exc}") from exc
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def read_url(url: str, options: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes of an archive object named by its full URL."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **dict(options or {}))
+    return bytes(fs.cat_file(path))
+
+
+class StreamPart(msgspec.Struct, frozen=True):
+    count: int
+    first: str
+    last: str
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """What Redis keeps of an archived batch (`proj:archived`), and how its file is checked."""
+
+    batch_id: str
+    url: str
+    events: int
+    sha256: str  # of the uncompressed lines
+    stored_bytes: int  # compressed, as stored
+    streams: dict[str, StreamPart]
+    projection_sha256: str  # of the projection the archive replays to
+    status: str
+    registered_at: str
+    completed_at: str
+    archived_at: str
+
+
+_manifest = msgspec.json.Decoder(Manifest)
+_manifest_encoder = msgspec.json.Encoder()
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    return _manifest_encoder.encode(manifest)
+
+
+def decode_manifest(raw: bytes | str) -> Manifest:
+    return _manifest.decode(raw)
+
+
+def canonical_sha256(flat: Mapping[str, Mapping[str, str]]) -> str:
+    """sha256 of a projection's canonical JSON (keys sorted): what `projection_sha256` is."""
+    blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stream_parts(per: PerStream) -> dict[str, StreamPart]:
+    return {
+        name: StreamPart(len(rows), rows[0][0], rows[-1][0]) for name, rows in per.items() if rows
+    }
+
+
+async def archived_manifest(r: Any, keys: Keys, batch_id: str) -> Manifest | None:
+    raw = await r.hget(pkeys.archived_index(keys), batch_id)
+    return None if raw is None else decode_manifest(raw)
+
+
+async def archived_manifests(r: Any, keys: Keys) -> dict[str, Manifest]:
+    rows = await r.hgetall(pkeys.archived_index(keys))
+    return {as_str(k): decode_manifest(v) for k, v in rows.items()}
+
+
+def check_archive(blob: bytes, manifest: Manifest) -> PerStream:
+    """The archive's events, after checking them against the manifest (BadFile otherwise):
+    readable, the same sha256, the same count and entry ids per stream."""
+    try:
+        data = gzip.decompress(blob)
+    except (OSError, EOFError) as exc:
+        raise BadFile(f"archive {manifest.url}: not gzip: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        raise BadFile(
+            f"archive {manifest.url}: sha256 {digest[:12]}… is not the recorded "
+            f"{manifest.sha256[:12]}…"
+        )
+    per = parse_export(data.splitlines(keepends=True), manifest.url)
+    if sum(len(v) for v in per.values()) != manifest.events or stream_parts(per) != dict(
+        manifest.streams
+    ):
+        raise BadFile(f"archive {manifest.url}: events differ from the manifest")
+    return per
+
+
+def records_of(per: PerStream) -> list[Record]:
+    """The events of a file as records, in entry-id order across the streams."""
+    rows = [
+        Record((*entry_id_key(entry_id), rank), name, entry_id, type_name, data)
+        for rank, name in enumerate(STREAMS)
+        for entry_id, type_name, data, _ in per[name]
+    ]
+    rows.sort()
+    return rows
+
+
+def fold_file(per: PerStream) -> dict[str, BatchState]:
+    """The batch states the file's events replay to (the same fold as `cjs replay`)."""
+    return fold(
+        [e for _, _, _, e in per[BATCHES]], [(entry_id, e) for entry_id, _, _, e in per[CALLBACKS]]
+    )
+
+
+async def read_archived(manifest: Manifest, options: Mapping[str, Any] | None = None) -> PerStream:
+    """An archived batch's events, read from its store and checked against its manifest."""
+    try:
+        blob = await asyncio.to_thread(read_url, manifest.url, options)
+    except (OSError, ValueError) as exc:  # missing object, unreachable store
+        raise NotFound(f"archive of batch {manifest.batch_id!r} unreadable: {exc}") from exc
+    return check_archive(blob, manifest)
+
+
+async def archived_state(
+    manifest: Manifest, options: Mapping[str, Any] | None = None
+) -> tuple[BatchState, PerStream]:
+    """An archived batch's state replayed from its archive, and its events."""
+    per = await read_archived(manifest, options)
+    state = fold_file(per).get(manifest.batch_id)
+    if state is None:
+        raise BadFile(f"archive {manifest.url} does not register batch {manifest.batch_id!r}")
+    return state, per

@@ -13,9 +13,9 @@ from typing import Any, NamedTuple, cast
 
 import msgspec
 
-from app.archive import collect, load, read_export
-from app.connection import open_checked
-from app.errors import InputError, TimedOut
+from app.archive import archived_manifest, archived_state, collect, load, read_export
+from app.connection import open_checked, open_redis
+from app.errors import InputError, NotFound, TimedOut
 from app.settings import Settings, keys_for
 from app.validation import Run
 from app.wiring import InProcess
@@ -23,6 +23,7 @@ from cj.continuation import advance
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
 from cj.registration import InputError as RegistrationError
 from events import codec
+from events.streams import STREAMS
 from events.types import (
     BatchRegistered,
     ComparisonCompleted,
@@ -34,7 +35,7 @@ from events.types import (
 from lps.providers.mock import MockProfile, profile_from_env
 from lps.providers.registry import make_provider
 from projections import keys as pkeys
-from projections.batch import BatchState
+from projections.batch import BatchState, entry_id_key
 from projections.store import load_state
 from streams.keys import Keys
 
@@ -76,7 +77,9 @@ async def with_readable_id(
 ) -> BatchRegistered:
     """A readable id that a seed reproduces (pairs derive from it), unique on a shared Redis."""
     batch_id = base
-    if await r.exists(pkeys.batch(keys, batch_id)):
+    if await r.exists(pkeys.batch(keys, batch_id)) or await r.hexists(
+        pkeys.archived_index(keys), batch_id
+    ):
         batch_id = f"{batch_id}-{new_id()[:8]}"
     return msgspec.structs.replace(registered, batch_id=batch_id)
 
@@ -242,6 +245,36 @@ async def delete_namespace(r: Any, keys: Keys) -> int:
     if batch:
         deleted += await r.unlink(*batch)
     return deleted
+
+
+async def batch_runs(s: Settings, batch_ids: list[str]) -> list[Run]:
+    """Batches of the namespace as runs: live ones from the streams and their projection,
+    archived ones replayed from their archive."""
+    r = await open_redis(s)
+    keys = keys_for(s)
+    runs = []
+    try:
+        for batch_id in batch_ids:
+            manifest = await archived_manifest(r, keys, batch_id)
+            if manifest is not None:
+                state, per = await archived_state(manifest, s.archive_options)
+                events = sorted(
+                    (
+                        (name, entry_id, event)
+                        for name in STREAMS
+                        for entry_id, _, _, event in per[name]
+                    ),
+                    key=lambda row: (entry_id_key(row[1]), STREAMS.index(row[0])),
+                )
+                runs.append(Run(batch_id, events, state, "replayed from the archive"))
+                continue
+            live = await load_state(r, keys, batch_id)
+            if live is None:
+                raise NotFound(f"no batch {batch_id!r} under prefix {keys.prefix!r}")
+            runs.append(Run(batch_id, await events_of(r, keys, batch_id), live, "live projection"))
+    finally:
+        await r.aclose()
+    return runs
 
 
 async def load_runs(paths: list[Path]) -> list[Run]:

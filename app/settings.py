@@ -7,7 +7,7 @@ import socket
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from app.errors import ConfigError
 from streams.keys import Keys
@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     log_format: str = "auto"
     # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.
     dashboard_token: SecretStr | None = None
+    # Bounded memory (app/retention.py): finished batches are archived this long after their
+    # end, then trimmed from the streams; dead letters are kept this long.
+    retention_s: float = Field(default=86400.0, ge=0)
+    archive_url: str = "archive"
+    # fsspec storage options of the archive store, as JSON (e.g. {"endpoint_url": ...}).
+    archive_options: dict[str, Any] = Field(default_factory=dict)
+    archive_interval_s: float = Field(default=300.0, gt=0)
+    dlq_retention_s: float = Field(default=30 * 86400.0, ge=0)
 
 
 def consumer_name(role: str) -> str:
@@ -61,6 +69,8 @@ def load() -> Settings:
     except ValidationError as exc:
         problems = "; ".join(_problem(error) for error in exc.errors())
         raise ConfigError(f"bad environment setting: {problems}") from exc
+    except SettingsError as exc:  # a JSON setting (CJS_ARCHIVE_OPTIONS) that is not JSON
+        raise ConfigError(f"bad environment setting: {exc}: the value must be JSON") from exc
 
 
 def _problem(error: Any) -> str:

@@ -9,6 +9,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.archive import store_for
+from app.retention import run_archiver
 from app.settings import Settings, consumer_name
 from cj.consumer import CJConsumer
 from cj.stalls import run_stall_finalizer
@@ -81,6 +83,19 @@ def lps_worker(
     )
 
 
+def archiver(r: Any, keys: Keys, s: Settings, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
+    """The loop that archives finished batches and trims the streams (app/retention.py)."""
+    return run_archiver(
+        r,
+        keys,
+        store_for(s),
+        stop,
+        older_than_s=s.retention_s,
+        dlq_retention_s=s.dlq_retention_s,
+        every_s=s.archive_interval_s,
+    )
+
+
 def stall_reaper(r: Any, keys: Keys, s: Settings, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
     """The loop that ends batches with no event for CJS_BATCH_IDLE_TIMEOUT_S."""
     return run_stall_finalizer(
@@ -120,6 +135,7 @@ class InProcess:
             self._spawn(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
         for _ in range(self.reapers):
             self._spawn(stall_reaper(self.r, self.keys, s, self.stop))
+            self._spawn(archiver(self.r, self.keys, s, self.stop))
 
     def _spawn(self, loop: Coroutine[Any, Any, None]) -> None:
         self.tasks.append(asyncio.create_task(loop))

@@ -45,11 +45,12 @@ from events.types import (
     PairRequest,
     WaveSubmitted,
     Winner,
+    essay_reference,
     new_id,
 )
 from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event, failed_reason
-from projections.store import immediate_load, queue_state_write
+from projections.store import immediate_load, queue_batch_event, queue_state_write
 from streams.keys import Keys
 
 log = structlog.get_logger("cj.continuation")
@@ -228,7 +229,9 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     )
     if not planned:
         return None
-    essays = {e.essay_id: e for e in state.essays}
+    # Requests name essays by id and text hash; LPS reads the text registered with the batch.
+    used = {essay_id for pair in planned for essay_id in pair}
+    essays = {e.essay_id: essay_reference(e) for e in state.essays if e.essay_id in used}
     pairs = [PairRequest(new_id(), a, b) for a, b in planned]
     bundle = max(1, min(len(pairs), MAX_BUNDLE_SIZE))
     requests = [
@@ -337,7 +340,7 @@ def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision)
     for request in decision.requests:
         pipe.xadd(keys.requests, codec.encode(request))
     for event in decision.events:
-        pipe.xadd(keys.batches, codec.encode(event))
+        queue_batch_event(pipe, keys, event)
         state = apply_batch_event(state, event)
         if isinstance(event, WaveSubmitted):
             touched.extend(p.correlation_id for p in event.pairs)

@@ -27,7 +27,7 @@ from lps.providers.registry import (
 )
 from projections import keys as pkeys
 from projections.batch import register
-from projections.store import queue_state_write
+from projections.store import queue_registration, queue_state_write
 from streams.keys import Keys
 
 # Longest essay text accepted by default, in characters: both essays of a pair go into one
@@ -241,9 +241,10 @@ def submission_warnings(event: BatchRegistered) -> list[str]:
 
 
 async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
-    """Append `BatchRegistered` and write its projection in one MULTI/EXEC."""
+    """Append `BatchRegistered` (with its range hints) and write its projection in one
+    MULTI/EXEC."""
     async with r.pipeline(transaction=True) as pipe:
-        pipe.xadd(keys.batches, codec.encode(event))
+        queue_registration(pipe, keys, event)
         queue_state_write(pipe, keys, register(event), full=True)
         await pipe.execute()
 

@@ -7,6 +7,7 @@ Fields are only ever added with defaults, so older entries keep decoding.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Literal, get_args
@@ -77,13 +78,33 @@ def new_id() -> str:
 
 
 class Essay(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An essay as registered. Anchors keep `is_anchor` and their grade in every event."""
+    """An essay as registered. Anchors keep `is_anchor` and their grade in every event.
+
+    In a `ComparisonRequested` an essay is a reference: no `text`, and `sha256` the hash of the
+    text registered in the batch's `BatchRegistered` (see `essay_reference`). Requests written
+    before references embed the text and have no `sha256`; both decode."""
 
     essay_id: str
-    text: str
+    text: str = ""
     is_anchor: bool = False
     anchor_grade: str | None = None
     mock_quality: float | None = None
+    sha256: str = ""
+
+    @property
+    def is_reference(self) -> bool:
+        return bool(self.sha256) and not self.text
+
+
+def text_sha256(text: str) -> str:
+    """The content hash by which a request names an essay's text (sha256 of its UTF-8)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def essay_reference(essay: Essay) -> Essay:
+    """The essay as a request carries it: everything but its text (anchors keep their flag and
+    grade), and the text's hash; the text is in the batch's `BatchRegistered`."""
+    return msgspec.structs.replace(essay, text="", sha256=text_sha256(essay.text))
 
 
 class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -34,6 +34,7 @@ from events.types import (
 from lps import keys as lkeys
 from lps.breaker import Breaker
 from lps.cooldown import Cooldown
+from lps.essays import EssayStore
 from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, plan_units
 from lps.modes.batch_api import sweep_orphans
@@ -159,6 +160,8 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         self.cooldown = cooldown or Cooldown(r, keys)
         # An account-wide failure (revoked key, billing) seen here stops every worker's calls.
         self.breaker = breaker or Breaker(r, keys)
+        # Requests name essays by reference; their texts come from the batch's essay store.
+        self.essays = EssayStore(r, keys)
         self.mode_context = ModeContext(
             provider=self.provider,
             judge=self.judge_one,
@@ -206,7 +209,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             self.in_hand.difference_update(ids)
 
     async def _handle(self, entries: list[Entry]) -> None:
-        requests = await self._skip_done(await self.accepted(entries))
+        requests = await self._resolve(await self._skip_done(await self.accepted(entries)))
         if not requests:
             return
         # Every unit runs to its end even when one fails, so nothing is left half-done behind
@@ -234,6 +237,25 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             await self.r.xack(self.keys.requests, LPS_GROUP, *(e.entry_id for e in done))
             log.info("request_already_answered", entries=len(done))
         return [(e, q) for (e, q), flag in zip(requests, flags, strict=True) if not flag]
+
+    async def _resolve(
+        self, requests: list[tuple[Entry, ComparisonRequested]]
+    ) -> list[tuple[Entry, ComparisonRequested]]:
+        """The requests with their essays' texts; one whose texts cannot be had fails at once."""
+        out = []
+        for entry, req in requests:
+            resolved = await self.essays.resolve(req)
+            if isinstance(resolved, ErrorDetail):
+                log.warning(
+                    "essay_text_unavailable",
+                    batch_id=req.batch_id,
+                    correlation_id=req.correlation_id,
+                    message=resolved.message,
+                )
+                await self.finish(entry, req, Outcome(None, resolved, 0))
+            else:
+                out.append((entry, resolved))
+        return out
 
     # --- judging ---------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 -- Apply one callback to its batch projection and acknowledge its entry, atomically.
 -- A transcription of projections/batch.py:apply_callback; tests hold the two equal.
--- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash
+-- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash,
+--       6 range hash (the batch's last applied callback: replay of one batch reads up to it)
 -- ARGV: 1 group, 2 entry id, 3 correlation id, 4 corr value ("c <entry> <winner>" / "f <entry> <type>"),
 --       5 occurred_at, 6 cost in nano-dollars (summed over every callback but orphans)
 -- Returns {outcome, in_flight}. "replayed" when the entry was no longer pending in the group:
@@ -18,6 +19,10 @@ local function before(a, b)
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   if am ~= bm then return am < bm end
   return as < bs
+end
+local last_applied = redis.call('HGET', KEYS[6], 'last:cj:callbacks')
+if (not last_applied) or before(last_applied, ARGV[2]) then
+  redis.call('HSET', KEYS[6], 'last:cj:callbacks', ARGV[2])
 end
 redis.call('HINCRBY', KEYS[1], 'callbacks_received', 1)
 local last = redis.call('HGET', KEYS[1], 'last_event_at')

@@ -7,7 +7,11 @@ Layout per batch:
 - `proj:batch:<id>:pairs`    hash: correlation id -> [wave, essay_a, essay_b]
 - `proj:batch:<id>:orphans`  hash: unknown correlation id -> times seen
 - `proj:batch:<id>:outcomes` written by nothing today; a full rewrite deletes it
+- `proj:batch:<id>:range`    hash: where the batch's entries lie in each stream (range hints,
+                             not compared by replay: see `batch_range`)
 - `proj:batches`             hash: batch id -> registered_at (the index)
+- `proj:archived`            hash: batch id -> manifest of its archive (what remains of an
+                             archived batch's projection)
 - `proj:stats`               counters not tied to a known batch
 """
 
@@ -54,6 +58,19 @@ def batch_keys(keys: Keys, batch_id: str) -> tuple[str, ...]:
         batch_orphans(keys, batch_id),
         batch_docs(keys, batch_id),
     )
+
+
+def batch_range(keys: Keys, batch_id: str) -> str:
+    """Range hints of one batch, per stream name (without prefix): `first:<stream>` its first
+    entry, `after:<stream>` an entry before its first, `last:<stream>` its last entry applied.
+    Written atomically with what they describe (registration, callback.lua); a missing hint
+    means: read that stream from its start or to its end."""
+    return _part(keys, batch_id, "range")
+
+
+def archived_index(keys: Keys) -> str:
+    """Archived batches: batch id -> the JSON manifest of its archive (the batch's summary)."""
+    return keys.key("proj:archived")
 
 
 def batch_index(keys: Keys) -> str:

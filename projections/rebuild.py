@@ -25,6 +25,7 @@ from projections.replay import (
     no_gc,
     queue_horizon,
     replay_live,
+    replay_ranges,
 )
 from projections.store import encode_state, list_batches, queue_state_write
 from streams.keys import Keys
@@ -81,28 +82,38 @@ def diff(live: Flat, replayed: Flat, limit: int = DIFF_LIMIT) -> tuple[list[dict
 class Snapshot:
     horizon: Horizon
     live: dict[str, Flat] = field(default_factory=dict)
+    ranges: dict[str, dict[str, str]] = field(default_factory=dict)  # range hints per batch
+    archived: frozenset[str] = frozenset()  # batches whose events are in the archive
 
 
 async def read_snapshot(r: Any, keys: Keys, batch_ids: list[str]) -> Snapshot:
-    """The live projections of `batch_ids` and the horizon, read at one instant (one MULTI)."""
+    """The live projections of `batch_ids`, their range hints, the archived batches and the
+    horizon, read at one instant (one MULTI)."""
     async with r.pipeline(transaction=True) as pipe:
         queue_horizon(pipe, keys)
+        pipe.hkeys(pkeys.archived_index(keys))
         for b in batch_ids:
             for name in pkeys.batch_keys(keys, b):
                 pipe.hgetall(name)
             pipe.hget(pkeys.batch_index(keys), b)
+            pipe.hgetall(pkeys.batch_range(keys, b))
         replies = await pipe.execute(raise_on_error=False)
-    snap = Snapshot(await horizon_from(r, keys, *replies[:3]))
-    per = len(pkeys.batch_keys(keys, "x")) + 1
+    archived = replies[3] if isinstance(replies[3], list) else []
+    snap = Snapshot(
+        await horizon_from(r, keys, *replies[:3]), archived=frozenset(map(as_str, archived))
+    )
+    per = len(pkeys.batch_keys(keys, "x")) + 2
     for i, b in enumerate(batch_ids):
-        chunk = replies[3 + i * per : 3 + (i + 1) * per]
+        chunk = replies[4 + i * per : 4 + (i + 1) * per]
         flat: Flat = {}
-        for name, value in zip(pkeys.batch_keys(keys, b), chunk[:-1], strict=True):
+        for name, value in zip(pkeys.batch_keys(keys, b), chunk[:-2], strict=True):
             if isinstance(value, dict) and value:
                 flat[name] = {as_str(k): as_str(v) for k, v in value.items()}
-        if chunk[-1] is not None and not isinstance(chunk[-1], Exception):
-            flat[pkeys.batch_index(keys)] = {b: as_str(chunk[-1])}
+        if chunk[-2] is not None and not isinstance(chunk[-2], Exception):
+            flat[pkeys.batch_index(keys)] = {b: as_str(chunk[-2])}
         snap.live[b] = flat
+        if isinstance(chunk[-1], dict):
+            snap.ranges[b] = {as_str(k): as_str(v) for k, v in chunk[-1].items()}
     return snap
 
 
@@ -138,8 +149,19 @@ async def _check(
 ) -> tuple[ReplayResult, list[dict[str, Any]]]:
     ids = batch_ids if batch_ids is not None else await list_batches(r, keys)
     snap = await read_snapshot(r, keys, ids)
+    ranges = None
+    if batch_ids is not None:  # a few batches: read only the part of the log they lie in
+        ranges = replay_ranges(
+            {b: snap.ranges.get(b, {}) for b in batch_ids},
+            {b: snap.live.get(b, {}).get(pkeys.batch(keys, b), {}) for b in batch_ids},
+        )
     result = await replay_live(
-        r, keys, set(batch_ids) if batch_ids is not None else None, horizon=snap.horizon
+        r,
+        keys,
+        set(batch_ids) if batch_ids is not None else None,
+        horizon=snap.horizon,
+        ranges=ranges,
+        exclude=snap.archived,
     )
     if batch_ids is None:
         extra = sorted(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +17,17 @@ from typing import Any
 import msgspec
 
 from events import codec
-from events.streams import CJ_GROUP
+from events.streams import BATCHES, CALLBACKS, CJ_GROUP
 from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
-from projections.batch import BatchState, apply_batch_event, apply_callback, entry_id_key, register
+from projections.batch import (
+    TERMINAL,
+    BatchState,
+    apply_batch_event,
+    apply_callback,
+    entry_id_key,
+    register,
+)
 from streams.keys import Keys
 from streams.paging import PAGE, next_id, raw_client, read_pages, read_stream
 
@@ -177,6 +184,87 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
+# --- reading one batch's range ------------------------------------------------------------------
+#
+# A batch's entries lie in a range of each stream: from its registration (the range hints
+# written with BatchRegistered, projections/keys.py `batch_range`) to its last applied callback
+# (recorded by callback.lua). Replaying a few batches reads only those ranges, not the log.
+
+Range = tuple[str, str] | None  # (min id, max id) to read; None: nothing to read
+ALL: Range = ("-", "+")
+
+
+def range_start(hints: Mapping[str, str], name: str) -> str:
+    """Where the batch with range `hints` starts in stream `name` (`-`: not known)."""
+    if f"first:{name}" in hints:
+        return hints[f"first:{name}"]
+    if f"after:{name}" in hints:
+        return next_id(hints[f"after:{name}"])
+    return "-"
+
+
+def _key(entry_id: str) -> tuple[float, float]:
+    if entry_id == "-":
+        return (float("-inf"), 0)
+    if entry_id == "+":
+        return (float("inf"), 0)
+    return entry_id_key(entry_id)
+
+
+def replay_ranges(
+    hints: Mapping[str, Mapping[str, str]], scalars: Mapping[str, Mapping[str, str]]
+) -> dict[str, Range]:
+    """Per stream replay reads (`cj:batches`, `cj:callbacks`), the range holding the events of
+    the batches whose range hints are `hints` (batch id -> hints): from the earliest start to
+    the end of the stream, or, when every batch is finished, to the latest end (its last
+    `cj:batches` event, its last applied callback). `scalars`: the batches' live projection
+    hashes (status, callbacks_received); a finished batch without an end hint (a projection
+    written before hints) is read to the end of the stream."""
+    out: dict[str, Range] = {}
+    for name in (BATCHES, CALLBACKS):
+        lows: list[str] = []
+        highs: list[str] = []
+        for batch_id, h in hints.items():
+            lows.append(range_start(h, name))
+            live = scalars.get(batch_id, {})
+            if live.get("status") not in TERMINAL:
+                highs.append("+")  # a running batch's range ends now
+            elif f"last:{name}" in h:
+                highs.append(h[f"last:{name}"])
+            elif name == BATCHES:
+                highs.append("+")  # finished before its end was recorded
+            elif f"first:{BATCHES}" in h and live.get("callbacks_received", "0") == "0":
+                continue  # registered with hints and nothing applied: no callback to read
+            else:
+                highs.append("+")
+        if not highs:
+            out[name] = None
+            continue
+        out[name] = (
+            min(lows, key=_key),
+            max(highs, key=_key),
+        )
+    return out
+
+
+def _cap(max_id: str, cap: str | None) -> str:
+    """The smaller of two max ids (`+` is the largest)."""
+    if cap is None or cap == "+":
+        return max_id
+    if max_id == "+":
+        return cap
+    return max_id if entry_id_key(max_id) <= entry_id_key(cap) else cap
+
+
+async def _range_pages(
+    r: Any, stream: str, page: int, rng: Range, cap: str | None = None
+) -> AsyncIterator[list[Any]]:
+    if rng is None:
+        return
+    async for entries in read_pages(r, stream, page=page, min_id=rng[0], max_id=_cap(rng[1], cap)):
+        yield entries
+
+
 @dataclass
 class ReplayResult:
     states: dict[str, BatchState]
@@ -206,15 +294,26 @@ async def replay_live(
     *,
     horizon: Horizon | None = None,
     page: int = PAGE,
+    ranges: Mapping[str, Range] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> ReplayResult:
     """Rebuild batch states as the live projection has them at `horizon` (read now when None):
-    the same `apply` functions, the same order as `replay`, only applied callbacks."""
+    the same `apply` functions, the same order as `replay`, only applied callbacks. `ranges`
+    (from `replay_ranges`) limits the reads to the part of each stream the batches lie in;
+    the events of `exclude` (archived batches, whose entries may still be in the streams until
+    they are trimmed) are passed over."""
     with no_gc():
-        return await _replay_live(r, keys, batch_ids, horizon, page)
+        return await _replay_live(r, keys, batch_ids, horizon, page, ranges or {}, exclude)
 
 
 async def _replay_live(
-    r: Any, keys: Keys, batch_ids: set[str] | None, horizon: Horizon | None, page: int
+    r: Any,
+    keys: Keys,
+    batch_ids: set[str] | None,
+    horizon: Horizon | None,
+    page: int,
+    ranges: Mapping[str, Range],
+    exclude: frozenset[str],
 ) -> ReplayResult:
     started = time.perf_counter()
     hz = horizon if horizon is not None else await read_horizon(r, keys)
@@ -225,7 +324,8 @@ async def _replay_live(
     states = out.states
     raw = raw_client(r)
     if hz.batches_last is not None:
-        async for entries in read_pages(raw, keys.batches, page=page, max_id=hz.batches_last):
+        batches_range = ranges.get(BATCHES, ALL)
+        async for entries in _range_pages(raw, keys.batches, page, batches_range, hz.batches_last):
             out.events += len(entries)
             for _, flat in entries:
                 if needles is not None and not _wanted(_data_of(flat), needles):
@@ -235,7 +335,7 @@ async def _replay_live(
                     out.undecodable += 1
                     continue
                 b = getattr(event, "batch_id", None)
-                if batch_ids is not None and b not in batch_ids:
+                if (batch_ids is not None and b not in batch_ids) or b in exclude:
                     continue
                 if isinstance(event, BatchRegistered):
                     states[event.batch_id] = register(event)
@@ -245,7 +345,7 @@ async def _replay_live(
                     out.batch_events += 1
     delivered = None if hz.callbacks_delivered is None else entry_id_key(hz.callbacks_delivered)
     pending = hz.pending
-    async for entries in read_pages(raw, keys.callbacks, page=page):
+    async for entries in _range_pages(raw, keys.callbacks, page, ranges.get(CALLBACKS, ALL)):
         out.events += len(entries)
         # Whole pages below the group's last-delivered id with nothing pending need no id checks.
         whole = (
@@ -269,6 +369,8 @@ async def _replay_live(
             if not isinstance(callback, ComparisonCompleted | ComparisonFailed):
                 continue
             if batch_ids is not None and callback.batch_id not in batch_ids:
+                continue
+            if callback.batch_id in exclude:
                 continue
             out.callbacks_applied += 1
             state = states.get(callback.batch_id)

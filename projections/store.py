@@ -9,8 +9,19 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from events import codec
+from events.streams import BATCHES, STREAMS
 from events.text import as_str
-from events.types import BatchConfig, BatchScored, Callback, Essay
+from events.types import (
+    BatchConfig,
+    BatchEvent,
+    BatchFailed,
+    BatchFinalized,
+    BatchRegistered,
+    BatchScored,
+    Callback,
+    Essay,
+)
 from projections import keys as pkeys
 from projections.batch import COUNTERS, BatchState, corr_value, cost_of
 from streams.keys import Keys
@@ -32,6 +43,63 @@ TEXT_FIELDS = (
     "failure_message",
     "completed_at",
 )
+
+
+# Append `BatchRegistered` and record, in the same atomic step, where the batch begins in every
+# stream (its range hints): its own entry in the first stream, and the last entry of each other
+# stream, which every later entry (the batch's included) follows, ids only growing in a stream.
+# KEYS: 1 range hash, 2.. the streams (cj:batches first); ARGV: 1 data, 2.. their names.
+REGISTER_LUA = """
+local id = redis.call('XADD', KEYS[2], '*', 'type', 'BatchRegistered', 'data', ARGV[1])
+redis.call('HSET', KEYS[1], 'first:' .. ARGV[2], id)
+for i = 3, #KEYS do
+  local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  local after = '0-0'
+  if #last > 0 then after = last[1][1] end
+  redis.call('HSET', KEYS[1], 'after:' .. ARGV[i], after)
+end
+return id
+"""
+
+
+def queue_registration(pipe: Any, keys: Keys, event: BatchRegistered) -> None:
+    """Buffer the append of `BatchRegistered` with its range hints (inside MULTI)."""
+    pipe.eval(
+        REGISTER_LUA,
+        1 + len(STREAMS),
+        pkeys.batch_range(keys, event.batch_id),
+        *(keys.stream(name) for name in STREAMS),
+        codec.encode_json(event),
+        *STREAMS,
+    )
+
+
+# Append a batch's last `cj:batches` event (BatchFinalized / BatchFailed) and record its id as
+# where the batch ends in that stream (a range hint), in one atomic step.
+# KEYS: 1 range hash, 2 cj:batches; ARGV: 1 type, 2 data, 3 the stream's name.
+_LAST_LUA = """
+local id = redis.call('XADD', KEYS[2], '*', 'type', ARGV[1], 'data', ARGV[2])
+redis.call('HSET', KEYS[1], 'last:' .. ARGV[3], id)
+return id
+"""
+
+
+def queue_batch_event(pipe: Any, keys: Keys, event: BatchEvent) -> None:
+    """Buffer the append of a `cj:batches` event of a running batch (inside MULTI); the one
+    that ends it also records its id in the batch's range hints."""
+    if isinstance(event, BatchFinalized | BatchFailed):
+        fields = codec.encode(event)
+        pipe.eval(
+            _LAST_LUA,
+            2,
+            pkeys.batch_range(keys, event.batch_id),
+            keys.batches,
+            fields["type"],
+            fields["data"],
+            BATCHES,
+        )
+    else:
+        pipe.xadd(keys.batches, codec.encode(event))
 
 
 def scalar_fields(state: BatchState) -> dict[str, str]:
@@ -103,6 +171,13 @@ async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | 
     return {name: value for name, value in zip(names, values, strict=True) if value}
 
 
+async def load_essays(r: Any, keys: Keys, batch_id: str) -> list[Essay] | None:
+    """The batch's essays with their texts, as registered (None when the batch has no live
+    projection): the per-batch essay store LPS resolves requests' essay references from."""
+    raw = await r.hget(pkeys.batch_docs(keys, batch_id), "essays")
+    return None if raw is None else _essays.decode(raw)
+
+
 async def load_state(r: Any, keys: Keys, batch_id: str) -> BatchState | None:
     return decode_state(await read_raw(r, keys, batch_id), keys, batch_id)
 
@@ -160,6 +235,7 @@ class CallbackApplier:
                 pkeys.batch_orphans(k, b),
                 k.callbacks,
                 pkeys.stats(k),
+                pkeys.batch_range(k, b),
             ],
             args=[
                 self._group,

@@ -122,3 +122,19 @@ async def read_dead_letters(
         "shown_by_reason": by_reason,
         "dead_letters": letters,
     }
+
+
+async def trim_dead_letters(
+    r: Any, keys: Keys, *, older_than_s: float, now_ms: int | None = None
+) -> dict[str, int]:
+    """Dead letters' own retention: delete those older than `older_than_s` from every
+    `dlq:<stream>` (no group reads a DLQ, so nothing else holds them). `now_ms` is the Redis
+    server's clock (entry ids are), read here when not given. Returns deletions per stream."""
+    if now_ms is None:
+        seconds, micros = await r.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+    cutoff = f"{max(0, now_ms - int(older_than_s * 1000))}-0"
+    out: dict[str, int] = {}
+    for name in STREAMS:
+        out[name] = int(await r.xtrim(keys.dlq(name), minid=cutoff, approximate=False))
+    return out

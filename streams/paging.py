@@ -58,8 +58,10 @@ async def read_pages(
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def read_stream(r: Any, stream: str, *, page: int = PAGE) -> AsyncIterator[tuple[str, Any]]:
-    """Every entry of `stream` in order, as (entry id, fields)."""
-    async for entries in read_pages(r, stream, page=page):
+async def read_stream(
+    r: Any, stream: str, *, page: int = PAGE, min_id: str = "-", max_id: str = "+"
+) -> AsyncIterator[tuple[str, Any]]:
+    """Every entry of `stream` (from `min_id` to `max_id`) in order, as (entry id, fields)."""
+    async for entries in read_pages(r, stream, page=page, min_id=min_id, max_id=max_id):
         for entry_id, fields in entries:
             yield as_str(entry_id), fields

@@ -68,6 +68,7 @@ def test_demo_is_deterministic_for_a_seed() -> None:
 def test_every_command_has_help() -> None:
     commands = main.list_commands(click.Context(main))
     assert set(commands) == {
+        "archive",
         "batches",
         "dashboard",
         "demo",

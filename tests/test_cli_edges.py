@@ -218,6 +218,13 @@ MATRIX: list[tuple[str, list[str], dict[str, str], int]] = [
     ("dashboard-redis-down", ["dashboard"], {"REDIS_URL": DOWN}, A),
     ("dashboard-port-taken", ["dashboard", "--port", "{busy}"], {}, A),
     ("dashboard-port-out-of-range", ["dashboard", "--port", "99999"], {}, U),
+    # archive (and reading archived batches)
+    ("archive-negative-age", ["archive", "--older-than", "-1"], {}, U),
+    ("archive-no-redis-url", ["archive", "--dry-run"], {"REDIS_URL": ""}, U),
+    ("archive-redis-down", ["archive", "--dry-run"], {"REDIS_URL": DOWN}, A),
+    ("archive-unknown-store", ["archive", "--dry-run"], {"CJS_ARCHIVE_URL": "nope://x"}, U),
+    ("archive-options-not-json", ["archive", "--dry-run"], {"CJS_ARCHIVE_OPTIONS": "[1"}, U),
+    ("validate-batches-no-batch", ["validate", "--batches", "nope", "{b}"], {}, F),
     # worker (every case fails before a consumer starts)
     ("worker-no-redis-url", ["worker", "all"], {"REDIS_URL": ""}, U),
     ("worker-not-a-url", ["worker", "all"], {"REDIS_URL": "notaurl"}, U),

@@ -33,6 +33,12 @@ class Entry(NamedTuple):
 
 
 COMMANDS: dict[str, Entry] = {
+    "archive": Entry(
+        "cmd_archive",
+        "archive",
+        "Archive finished batches to CJS_ARCHIVE_URL, then trim the streams below the oldest "
+        "entry still needed, and expire old dead letters.",
+    ),
     "dashboard": Entry(
         "cmd_dashboard",
         "dashboard",

@@ -263,7 +263,8 @@ def _watch(batch_id: str, interval: float, bar: common.ProgressBar) -> BatchStat
         r = await open_redis(s)
         try:
             while True:
-                state = await app_batches.require_batch(r, keys, batch_id)
+                # An archived batch (read from its archive) has ended: one look is enough.
+                state, _ = await app_batches.load_batch(r, keys, batch_id, s.archive_options)
                 bar(state)
                 if state.terminal:
                     return state

@@ -55,7 +55,9 @@ def export(batch_id: str, output: str, as_json: bool) -> None:
     async def main() -> list[archive.Record]:
         r = await open_redis(s)
         try:
-            return await archive.batch_records(r, settings.keys_for(s), batch_id, Progress())
+            return await archive.batch_records(
+                r, settings.keys_for(s), batch_id, Progress(), s.archive_options
+            )
         finally:
             await r.aclose()
 

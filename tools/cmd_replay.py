@@ -45,7 +45,9 @@ def _run(batch_id: str | None, all_batches: bool, do_rebuild: bool, as_json: boo
     async def main() -> dict[str, Any]:
         r = await open_redis(s)
         try:
-            return await replay_view(r, settings.keys_for(s), ids, write=do_rebuild)
+            return await replay_view(
+                r, settings.keys_for(s), ids, write=do_rebuild, archive_options=s.archive_options
+            )
         finally:
             await r.aclose()
 

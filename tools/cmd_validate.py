@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from app import errors, sample, settings
-from app.runs import load_runs, registration_for, run_modes
+from app.runs import batch_runs, load_runs, registration_for, run_modes
 from app.validation import MODES, analyse, compare, label_runs
 from cj.registration import InputError, build_registration, parse_input
 from lps.providers.mock import PROFILES, profile_from_env
@@ -56,6 +56,13 @@ from tools import common
     help="Compare two recorded runs (cjs export files) instead.",
 )
 @click.option(
+    "--batches",
+    "batch_ids",
+    nargs=2,
+    default=None,
+    help="Compare two batches of the namespace (live, or read from the archive) instead.",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(path_type=Path, file_okay=False),
@@ -84,6 +91,7 @@ def validate(
     essays: int | None,
     budget: int | None,
     run_files: tuple[Path, Path] | None,
+    batch_ids: tuple[str, str] | None,
     report_dir: Path | None,
     timeout: float,
     keep: bool,
@@ -103,9 +111,14 @@ def validate(
         from app.report import prepare_directory
 
         prepare_directory(report_dir)  # before minutes of runs, not after
+    if run_files and batch_ids:
+        raise click.UsageError("choose one of --runs and --batches")
     if run_files:
         runs = asyncio.run(load_runs(list(run_files)))
         source, kept_prefix = "recorded runs", None
+    elif batch_ids:
+        runs = common.run(lambda: batch_runs(s, list(batch_ids)))
+        source, kept_prefix = "batches", None
     else:
         wanted = [m.strip() for m in modes.split(",") if m.strip()]
         bad = [m for m in wanted if m not in MODES]
@@ -148,8 +161,8 @@ def validate(
     out = {
         "source": source,
         "kept_prefix": kept_prefix,
-        "profile": None if run_files else profile_from_env(profile).name,
-        "seed": None if run_files else seed,
+        "profile": None if run_files or batch_ids else profile_from_env(profile).name,
+        "seed": None if run_files or batch_ids else seed,
         "modes": views,
         "comparison": comparison,
     }
