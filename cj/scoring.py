@@ -110,6 +110,166 @@ def count_components(n: int, a: IntArray, b: IntArray) -> int:
     return int(k)
 
 
+class _Posterior:
+    """The log posterior of the model, its gradient and its negative Hessian.
+
+    Parameters x = (θ_1 … θ_n[, η]); comparison k has winner indicator y_k and
+    linear predictor z_k = θ_a − θ_b (+ η), i.e. z = X x with one +1 and one −1
+    per row of X (and a 1 in the η column). With p = σ(z) and precisions λ:
+
+        log posterior  ℓ(x) = Σ_k [y_k z_k − log(1 + e^{z_k})] − ½ Σ_j λ_j x_j²
+        gradient       g    = Xᵀ (y − p) − λ ∘ x
+        −Hessian       H    = Xᵀ W X + diag(λ),  W = diag(p (1 − p))
+
+    H is assembled by scattering each comparison's four (nine with η) entries
+    into flat indices computed once: dense for up to ``_DENSE_MAX`` parameters,
+    a CSR matrix with a fixed sparsity pattern above.
+    """
+
+    def __init__(self, n: int, a: IntArray, b: IntArray, y: FloatArray, fit_position: bool):
+        self.n, self.a, self.b, self.y = n, a, b, y
+        self.fit_position = fit_position
+        self.p = p = n + 1 if fit_position else n
+        m = len(y)
+        parts = [a * p + a, b * p + b, a * p + b, b * p + a]
+        if fit_position:
+            ee = np.full(m, n * p + n, dtype=np.intp)
+            parts += [a * p + n, n * p + a, b * p + n, n * p + b, ee]
+        self.flat = np.concatenate(parts)
+        self.diag_idx = np.arange(p) * (p + 1)
+        self.sparse = p > _DENSE_MAX
+        if self.sparse:
+            # CSR pattern of the Hessian (row-major order of the flat indices), computed once.
+            uniq, inverse = np.unique(
+                np.concatenate([self.flat, self.diag_idx]), return_inverse=True
+            )
+            self.uniq = uniq
+            self.inverse = inverse[: len(self.flat)]
+            self.csr_indices = (uniq % p).astype(np.int32)
+            self.csr_indptr = np.concatenate([[0], np.cumsum(np.bincount(uniq // p, minlength=p))])
+            self.diag_pos = np.searchsorted(uniq, self.diag_idx)
+
+    def linear(self, x: FloatArray) -> FloatArray:
+        z = x[self.a] - x[self.b]
+        if self.fit_position:
+            z = z + x[self.n]
+        return z
+
+    def value(self, x: FloatArray, z: FloatArray, lam: FloatArray) -> float:
+        ll = float(np.sum(self.y * z - np.logaddexp(0.0, z)))
+        return ll - 0.5 * float(lam @ (x * x))
+
+    def gradient_hessian(
+        self, x: FloatArray, z: FloatArray, lam: FloatArray
+    ) -> tuple[FloatArray, _Hessian]:
+        a, b, n, p = self.a, self.b, self.n, self.p
+        pr = 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), overflow-free
+        r = self.y - pr
+        w = pr * (1.0 - pr)
+        g: FloatArray = np.asarray(np.bincount(a, weights=r, minlength=p), dtype=np.float64)
+        g -= np.bincount(b, weights=r, minlength=p)
+        if self.fit_position:
+            g[n] += float(r.sum())
+            weights = np.concatenate([w, w, -w, -w, w, w, -w, -w, w])
+        else:
+            weights = np.concatenate([w, w, -w, -w])
+        g -= lam * x
+        if self.sparse:
+            data: FloatArray = np.asarray(
+                np.bincount(self.inverse, weights=weights, minlength=len(self.uniq)),
+                dtype=np.float64,
+            )
+            data[self.diag_pos] += lam
+            hs = scipy.sparse.csr_matrix((data, self.csr_indices, self.csr_indptr), shape=(p, p))
+            return g, _Hessian(None, hs, data[self.diag_pos])
+        h: FloatArray = np.asarray(
+            np.bincount(self.flat, weights=weights, minlength=p * p), dtype=np.float64
+        )
+        h[self.diag_idx] += lam
+        return g, _Hessian(h.reshape(p, p), None, h[self.diag_idx])
+
+    def hessian(self, x: FloatArray, lam: FloatArray) -> _Hessian:
+        return self.gradient_hessian(x, self.linear(x), lam)[1]
+
+
+@dataclass
+class _Optimum:
+    x: FloatArray
+    value: float
+    iterations: int
+    converged: bool
+
+
+def _newton(
+    post: _Posterior, x: FloatArray, lam: FloatArray, max_iter: int, tol: float
+) -> _Optimum:
+    """Maximise the (concave) log posterior by Newton steps with backtracking."""
+    z = post.linear(x)
+    obj = post.value(x, z, lam)
+    for it in range(1, max_iter + 1):
+        g, h = post.gradient_hessian(x, z, lam)
+        step = h.solve(g)
+        if float(g @ step) < 2 * tol:
+            return _Optimum(x, obj, it, True)
+        t = 1.0
+        while True:
+            cand = x + t * step
+            zc = post.linear(cand)
+            oc = post.value(cand, zc, lam)
+            if oc >= obj - 1e-12 * abs(obj) or t < 1e-8:
+                break
+            t *= 0.5
+        x, z, obj = cand, zc, oc
+        if float(np.max(np.abs(t * step))) < 1e-10:
+            return _Optimum(x, obj, it, True)
+    return _Optimum(x, obj, max_iter, False)
+
+
+def _evidence_log_precision(
+    post: _Posterior, lam: FloatArray, prior: float, max_iter: int, tol: float
+) -> tuple[float, _Optimum]:
+    """log λ of the θ prior at MacKay's evidence (type-II ML, Laplace) fixed point.
+
+    λ = γ / Σθ², γ = Σ(1 − λ·var_i), solved for log λ by a safeguarded secant method;
+    each evaluation refits θ (warm start) and uses the cheap var_i ≈ ratio_i / H_ii,
+    and an exact inverse of H then corrects the ratio until both agree. Returns the
+    last optimum too (its iterations summed, converged only if the fixed point settled).
+    """
+    n = post.n
+    x_lo, x_hi = math.log(prior), math.log(1.0 / _MIN_PRIOR_SD**2)
+    ratio = np.ones(n)
+    state = _Optimum(np.zeros(post.p), 0.0, 0, True)
+    h_last = post.hessian(state.x, lam)
+
+    def target(xlog: float) -> float:
+        nonlocal state, h_last
+        lam[:n] = math.exp(xlog)
+        opt = _newton(post, state.x, lam, max_iter, tol)
+        state = _Optimum(
+            opt.x, opt.value, state.iterations + opt.iterations, state.converged and opt.converged
+        )
+        h_last = post.hessian(state.x, lam)
+        var = ratio / h_last.diag[:n]
+        return math.log(_evidence_precision(lam[0], var, state.x[:n])) - xlog
+
+    xlog = 0.0
+    settled = False
+    for _ in range(_MAX_EXACT_ROUNDS):
+        xlog, found = _solve_log_precision(target, xlog, x_lo, x_hi)
+        if not found:
+            break
+        # The same fixed point with the exact variances: done when it agrees.
+        exact = _covariance(h_last.dense(), n).diag[:n]
+        fixed_point = math.log(_evidence_precision(lam[0], exact, state.x[:n]))
+        at_bound = xlog <= x_lo + 1e-9 or xlog >= x_hi - 1e-9
+        if at_bound or abs(fixed_point - xlog) < 0.01:
+            settled = True
+            break
+        ratio = exact * h_last.diag[:n]
+    state.converged = state.converged and settled
+    return xlog, state
+
+
 def fit_bt(
     essay_ids: Sequence[str],
     comparisons: Sequence[Comparison],
@@ -140,168 +300,38 @@ def fit_bt(
     a, b, y = _index_comparisons(ids, comparisons)
     m = len(y)
     components = count_components(n, a, b)
-    connected = components == 1
     if n == 0:
         return FitResult({}, {}, None, None, False, 0, True, 0, m)
-
-    p = n + 1 if fit_position else n
-
-    # Flat indices into the p×p Hessian for the contributions of each comparison.
-    aa = a * p + a
-    bb = b * p + b
-    ab = a * p + b
-    ba = b * p + a
-    if fit_position:
-        ae = a * p + n
-        ea = n * p + a
-        be = b * p + n
-        eb = n * p + b
-        ee = np.full(m, n * p + n, dtype=np.intp)
-        flat = np.concatenate([aa, bb, ab, ba, ae, ea, be, eb, ee])
-    else:
-        flat = np.concatenate([aa, bb, ab, ba])
-    diag_idx = np.arange(p) * (p + 1)
-    use_sparse = p > _DENSE_MAX
-    if use_sparse:
-        # CSR pattern of the Hessian (row-major order of the flat indices), computed once.
-        uniq, inverse = np.unique(np.concatenate([flat, diag_idx]), return_inverse=True)
-        inverse = inverse[: len(flat)]
-        csr_indices = (uniq % p).astype(np.int32)
-        csr_indptr = np.concatenate([[0], np.cumsum(np.bincount(uniq // p, minlength=p))])
-        diag_pos = np.searchsorted(uniq, diag_idx)
-
-    def linear(x: FloatArray) -> FloatArray:
-        z = x[a] - x[b]
-        if fit_position:
-            z = z + x[n]
-        return z
-
-    def objective(x: FloatArray, z: FloatArray, lam: FloatArray) -> float:
-        ll = float(np.sum(y * z - np.logaddexp(0.0, z)))
-        return ll - 0.5 * float(lam @ (x * x))
-
-    def grad_hess(x: FloatArray, z: FloatArray, lam: FloatArray) -> tuple[FloatArray, _Hessian]:
-        pr = 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), overflow-free
-        r = y - pr
-        w = pr * (1.0 - pr)
-        g: FloatArray = np.asarray(np.bincount(a, weights=r, minlength=p), dtype=np.float64)
-        g -= np.bincount(b, weights=r, minlength=p)
-        if fit_position:
-            g[n] += float(r.sum())
-            weights = np.concatenate([w, w, -w, -w, w, w, -w, -w, w])
-        else:
-            weights = np.concatenate([w, w, -w, -w])
-        g -= lam * x
-        if use_sparse:
-            data: FloatArray = np.asarray(
-                np.bincount(inverse, weights=weights, minlength=len(uniq)), dtype=np.float64
-            )
-            data[diag_pos] += lam
-            hs = scipy.sparse.csr_matrix((data, csr_indices, csr_indptr), shape=(p, p))
-            return g, _Hessian(None, hs, data[diag_pos])
-        h: FloatArray = np.asarray(
-            np.bincount(flat, weights=weights, minlength=p * p), dtype=np.float64
-        )
-        h[diag_idx] += lam
-        return g, _Hessian(h.reshape(p, p), None, h[diag_idx])
-
-    def newton(x: FloatArray, lam: FloatArray) -> tuple[FloatArray, FloatArray, float, int, bool]:
-        z = linear(x)
-        obj = objective(x, z, lam)
-        for it in range(1, max_iter + 1):
-            g, h = grad_hess(x, z, lam)
-            step = h.solve(g)
-            if float(g @ step) < 2 * tol:
-                return x, z, obj, it, True
-            t = 1.0
-            while True:
-                cand = x + t * step
-                zc = linear(cand)
-                oc = objective(cand, zc, lam)
-                if oc >= obj - 1e-12 * abs(obj) or t < 1e-8:
-                    break
-                t *= 0.5
-            x, z, obj = cand, zc, oc
-            if float(np.max(np.abs(t * step))) < 1e-10:
-                return x, z, obj, it, True
-        return x, z, obj, max_iter, False
-
-    def covariance(x: FloatArray, z: FloatArray, lam: FloatArray) -> _Covariance:
-        _, h = grad_hess(x, z, lam)
-        return _covariance(h.dense(), n)
-
-    lam = np.full(p, prior)
-    params = np.zeros(p)
+    post = _Posterior(n, a, b, y, fit_position)
+    lam = np.full(post.p, prior)
     tau: float | None = None
-    iterations = 0
-    converged = True
     if prior_mode == "empirical":
-        # Evidence (type-II ML, Laplace) fixed point for the θ prior precision λ:
-        # λ = γ / Σθ², γ = Σ(1 − λ·var_i). Solved for x = log λ by a safeguarded
-        # secant method; each evaluation refits θ (warm start) and uses the cheap
-        # var_i ≈ ratio_i / H_ii, and an exact inverse then corrects the ratio.
-        x_lo, x_hi = math.log(prior), math.log(1.0 / _MIN_PRIOR_SD**2)
-        ratio = np.ones(n)
-        z = linear(params)
-        obj = objective(params, z, lam)
-        _, h_last = grad_hess(params, z, lam)
-
-        def target(xlog: float) -> float:
-            nonlocal params, z, obj, h_last, iterations, converged
-            lam[:n] = math.exp(xlog)
-            params, z, obj, its, ok = newton(params, lam)
-            iterations += its
-            converged = converged and ok
-            _, h_last = grad_hess(params, z, lam)
-            var = ratio / h_last.diag[:n]
-            return math.log(_evidence_precision(lam[0], var, params[:n])) - xlog
-
-        xlog = 0.0
-        settled = False
-        for _ in range(_MAX_EXACT_ROUNDS):
-            xlog, found = _solve_log_precision(target, xlog, x_lo, x_hi)
-            cov = _covariance(h_last.dense(), n)
-            if not found:
-                break
-            # The same fixed point with the exact variances: done when it agrees.
-            exact = cov.diag[:n]
-            fixed_point = math.log(_evidence_precision(lam[0], exact, params[:n]))
-            at_bound = xlog <= x_lo + 1e-9 or xlog >= x_hi - 1e-9
-            if at_bound or abs(fixed_point - xlog) < 0.01:
-                settled = True
-                break
-            ratio = exact * h_last.diag[:n]
-        converged = converged and settled
+        xlog, found = _evidence_log_precision(post, lam, prior, max_iter, tol)
         # The Laplace evidence underestimates τ for binary data (and Laplace SEs run a
         # little small): use a weaker prior than its optimum, calibrated by simulation
         # so that ±1.96 SE covers ~95 % of true θ (tests/test_scoring.py).
-        xlog = max(xlog + math.log(_PRIOR_DEFLATION), x_lo)
+        xlog = max(xlog + math.log(_PRIOR_DEFLATION), math.log(prior))
         lam[:n] = math.exp(xlog)
-        params, z, obj, its, ok = newton(params, lam)
-        iterations += its
-        converged = converged and ok
-        cov = covariance(params, z, lam)
+        opt = _newton(post, found.x, lam, max_iter, tol)
+        opt.iterations += found.iterations
+        opt.converged = opt.converged and found.converged
         tau = math.exp(-0.5 * xlog)
     else:
-        params, z, obj, iterations, converged = newton(params, lam)
-        cov = covariance(params, z, lam)
-
+        opt = _newton(post, np.zeros(post.p), lam, max_iter, tol)
+    cov = _covariance(post.hessian(opt.x, lam).dense(), n)
     se_arr = np.sqrt(np.maximum(cov.centred_theta_var, 0.0))
-    theta_arr = params[:n] - params[:n].mean()
-
-    eta = float(params[n]) if fit_position else None
-    eta_se = float(math.sqrt(max(cov.diag[n], 0.0))) if fit_position else None
+    theta_arr = opt.x[:n] - opt.x[:n].mean()
     return FitResult(
         theta={e: float(theta_arr[i]) for i, e in enumerate(ids)},
         se={e: float(se_arr[i]) for i, e in enumerate(ids)},
-        eta=eta,
-        eta_se=eta_se,
-        connected=connected,
+        eta=float(opt.x[n]) if fit_position else None,
+        eta_se=float(math.sqrt(max(cov.diag[n], 0.0))) if fit_position else None,
+        connected=components == 1,
         components=components,
-        converged=converged,
-        iterations=iterations,
+        converged=opt.converged,
+        iterations=opt.iterations,
         n_comparisons=m,
-        log_posterior=obj,
+        log_posterior=opt.value,
         prior_sd=tau,
     )
 
