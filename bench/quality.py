@@ -185,7 +185,7 @@ def run_adaptive(
     out = evaluate(batch, comps, fit)
     if fit is not None:
         out.ssr = ssr(fit.theta, fit.se)
-        out.split_half = split_half(batch.ids, comps, seed=seed)
+        out.split_half = split_half(batch.ids, comps, seed=seed).spearman_brown
     out.stable_share = stable_share
     out.waves = wave
     out.seconds = time.perf_counter() - t0

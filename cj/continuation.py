@@ -130,7 +130,7 @@ def score(state: BatchState) -> BatchScored:
         connected=fit.connected,
         components=fit.components,
         comparisons=len(comparisons),
-        split_half=_r(split_half(ids, comparisons, seed=state.config.seed)),
+        split_half=_r(split_half(ids, comparisons, seed=state.config.seed).spearman_brown),
         grade_boundaries={g: round(b, 6) for g, b in grades.boundaries.items()},
         warnings=warnings,
     )

@@ -9,9 +9,10 @@ Priors: η ~ N(0, 1/prior). For θ, ``prior_mode="fixed"`` uses N(0, 1/prior)
 (a small L2 prior: essentially maximum likelihood), and ``prior_mode="empirical"``
 (the default) uses N(0, τ²) with τ estimated from the data: the evidence
 (type-II ML, Laplace) fixed point of MacKay, with a weak Gamma hyperprior
-against collapse, then halved in precision because the Laplace evidence
-underestimates τ for binary data (this calibration gives nominal SE coverage in
-simulation). Why not plain ML: with adaptive pairing (close θ) or few
+against collapse, then weakened because the Laplace evidence underestimates τ
+for binary data, the more so the less information each essay has
+(``_prior_deflation``; calibrated so that E[θ | θ̂] ≈ θ̂ and ±1.96 SE covers
+~95 % in simulation). Why not plain ML: with adaptive pairing (close θ) or few
 comparisons per essay, ML estimates of θ spread several times wider than the
 truth, η is inflated, and ±1.96 SE covers well under half of the true θ
 (bench/quality.py); the empirical prior fixes all three.
@@ -22,11 +23,23 @@ scores (mean θ = 0), so they do not include the arbitrary location of the
 scale. Essays without comparisons, or that always win or always lose, get
 finite scores (held by the prior) and large standard errors.
 
+Reliabilities (formulas and sources in docs/statistics.md):
+* ``posterior_reliability``: R = var θ̂ / (var θ̂ + mean SE²) of the reported fit —
+  the EAP/posterior reliability, an estimate of the squared correlation between
+  θ̂ and the true θ. The headline figure.
+* ``classical_ssr``: (var θ̂ − mean SE²) / var θ̂ on a near-ML fit (non-extreme
+  essays), as in the CJ literature; adaptive pairing inflates it.
+* ``split_half``: mean over random splits (of comparisons, or of judges) of the
+  correlation between the two halves' fits, with its Spearman–Brown value;
+  adaptive pairing deflates it.
+Each returns no number, but a reason, when the batch cannot support one.
+
 All functions are pure: no I/O.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -39,11 +52,12 @@ import scipy.linalg
 import scipy.linalg.lapack
 import scipy.sparse
 import scipy.sparse.linalg
+import scipy.stats
 from scipy.sparse.csgraph import connected_components
 
 FloatArray = npt.NDArray[np.float64]
 _MIN_PRIOR_SD = 0.1  # empirical τ never below this (pure noise would drive it to 0)
-_PRIOR_DEFLATION = 0.5  # final θ prior precision = this × the evidence optimum
+_DEFLATION_K = 2.5  # see _prior_deflation
 _TAU_SHAPE = 2.0  # Gamma hyperprior on the θ prior precision (empirical mode)
 _TAU_RATE = 0.5
 _MAX_EXACT_ROUNDS = 20  # exact-variance corrections of the τ fixed point (1–2 typical)
@@ -56,6 +70,7 @@ class Comparison:
     essay_a: str
     essay_b: str
     winner_is_a: bool
+    judge: str = ""  # provider/model, for split-half by judge
 
 
 @dataclass(frozen=True)
@@ -270,6 +285,18 @@ def _evidence_log_precision(
     return xlog, state
 
 
+def _prior_deflation(mean_information: float, evidence_var: float) -> float:
+    """Factor (0, 1) on the evidence optimum of the θ prior precision: I / (I + k·τ²·(1 + 1/I)).
+
+    The Laplace (PQL-like) evidence underestimates τ² for binary data, the more so the
+    larger τ² and the less information I each essay has (Breslow & Lin 1995); this
+    weakens the prior accordingly. k was calibrated by simulation (bench/quality.py:
+    quality SD 0.6–1.6, 6–36 comparisons per essay, random and adaptive pairs) so that
+    E[θ | θ̂] ≈ θ̂, ±1.96 SE covers ~95 % and R tracks the true r²."""
+    info = max(mean_information, 1e-12)
+    return info / (info + _DEFLATION_K * evidence_var * (1.0 + 1.0 / info))
+
+
 def fit_bt(
     essay_ids: Sequence[str],
     comparisons: Sequence[Comparison],
@@ -307,10 +334,11 @@ def fit_bt(
     tau: float | None = None
     if prior_mode == "empirical":
         xlog, found = _evidence_log_precision(post, lam, prior, max_iter, tol)
-        # The Laplace evidence underestimates τ for binary data (and Laplace SEs run a
-        # little small): use a weaker prior than its optimum, calibrated by simulation
-        # so that ±1.96 SE covers ~95 % of true θ (tests/test_scoring.py).
-        xlog = max(xlog + math.log(_PRIOR_DEFLATION), math.log(prior))
+        # The Laplace evidence underestimates τ for binary data: use a weaker prior than
+        # its optimum, by how much depending on the information per essay.
+        info = float(np.mean(post.hessian(found.x, lam).diag[:n] - lam[:n]))
+        deflation = _prior_deflation(info, math.exp(-xlog))
+        xlog = max(xlog + math.log(max(deflation, 1e-300)), math.log(prior))
         lam[:n] = math.exp(xlog)
         opt = _newton(post, found.x, lam, max_iter, tol)
         opt.iterations += found.iterations
@@ -437,12 +465,63 @@ def _covariance(h: FloatArray, n: int) -> _Covariance:
     return _Covariance(diag, np.asarray(centred, dtype=np.float64))
 
 
+@dataclass(frozen=True)
+class Reliability:
+    """A reliability coefficient, or None and the reason there is none."""
+
+    value: float | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SplitHalf:
+    """Split-half reliability: the mean correlation r of the halves' θ over ``splits``
+    splits, and its Spearman–Brown value 2r / (1 + r); or None and the reason."""
+
+    r: float | None
+    spearman_brown: float | None
+    splits: int
+    unit: Literal["comparison", "judge"]
+    reason: str = ""
+
+
+MIN_RELIABILITY_ESSAYS = 3
+# A correlation between two halves' scores over fewer essays than this is noise.
+MIN_SPLIT_ESSAYS = 5
+
+
+def _not_enough_essays(n: int) -> str:
+    return f"{n} essays: a reliability needs at least {MIN_RELIABILITY_ESSAYS}"
+
+
+def posterior_reliability(fit: FitResult) -> Reliability:
+    """R = var θ̂ / (var θ̂ + mean SE²) over the essays of the fit (population variance).
+
+    For posterior means θ̂ and posterior SDs, var θ = var θ̂ + E[SE²], so R estimates
+    corr(θ̂, θ)². n/a for fewer than 3 essays, no comparisons or a disconnected graph.
+    """
+    n = len(fit.theta)
+    if n < MIN_RELIABILITY_ESSAYS:
+        return Reliability(None, _not_enough_essays(n))
+    if fit.n_comparisons == 0:
+        return Reliability(None, "no comparisons yet")
+    if not fit.connected:
+        return Reliability(None, f"comparison graph not connected ({fit.components} components)")
+    t = np.array(list(fit.theta.values()), dtype=np.float64)
+    s = np.array([fit.se[e] for e in fit.theta], dtype=np.float64)
+    var = float(np.var(t))
+    error = float(np.mean(s * s))
+    if not math.isfinite(var) or not math.isfinite(error) or var + error <= 0:
+        return Reliability(None, "no finite scores")
+    return Reliability(var / (var + error))
+
+
 def ssr(theta: Mapping[str, float], se: Mapping[str, float]) -> float | None:
     """Scale separation reliability (var θ − mean SE²) / var θ over essays in both maps.
 
     Uses the sample variance (ddof=1). May be negative when the scores are mostly
-    noise. None for fewer than two essays or zero variance. Adaptive pairing
-    inflates SSR (the SEs shrink faster than the true error); report split-half too.
+    noise. None for fewer than two essays or zero variance. Meant for ML estimates
+    (``classical_ssr``): on shrunk MAP scores it equals 2 − 1/R and runs low.
     """
     common = [e for e in theta if e in se]
     if len(common) < 2:
@@ -453,6 +532,49 @@ def ssr(theta: Mapping[str, float], se: Mapping[str, float]) -> float | None:
     if not var > 0 or not math.isfinite(var):
         return None
     return (var - float(np.mean(s * s))) / var
+
+
+def _extreme_essays(ids: Sequence[str], comparisons: Sequence[Comparison]) -> set[str]:
+    """Essays that won every comparison or lost every one (infinite ML scores)."""
+    wins: Counter[str] = Counter()
+    games: Counter[str] = Counter()
+    for c in comparisons:
+        games[c.essay_a] += 1
+        games[c.essay_b] += 1
+        wins[c.essay_a if c.winner_is_a else c.essay_b] += 1
+    return {e for e in ids if games[e] and wins[e] in (0, games[e])}
+
+
+def classical_ssr(
+    essay_ids: Sequence[str], comparisons: Sequence[Comparison], *, fit_position: bool = True
+) -> Reliability:
+    """The classical SSR on a near-ML fit (fixed prior of precision 0.01), over the essays
+    with at least one win and one loss (Rasch practice: extreme scores have no finite ML
+    estimate). Adaptive pairing inflates it (Bramley & Vitello 2019)."""
+    ids = _unique_ids(essay_ids)
+    compared = {e for c in comparisons for e in (c.essay_a, c.essay_b)}
+    extreme = _extreme_essays(ids, comparisons)
+    usable = [e for e in ids if e in compared and e not in extreme]
+    if len(usable) < MIN_RELIABILITY_ESSAYS:
+        return Reliability(
+            None,
+            f"{len(usable)} essays with both a win and a loss: "
+            f"a reliability needs at least {MIN_RELIABILITY_ESSAYS}",
+        )
+    fit = fit_bt(ids, comparisons, fit_position=fit_position, prior_mode="fixed")
+    if not fit.connected:
+        return Reliability(None, f"comparison graph not connected ({fit.components} components)")
+    value = ssr({e: fit.theta[e] for e in usable}, {e: fit.se[e] for e in usable})
+    if value is None:
+        return Reliability(None, "the scores do not vary")
+    if value < 0:
+        return Reliability(None, "error variance exceeds the observed variance (SSR < 0)")
+    return Reliability(value)
+
+
+def spearman_brown(r: float, factor: float = 2.0) -> float:
+    """Reliability of a test ``factor`` times as long as one with reliability r."""
+    return factor * r / (1.0 + (factor - 1.0) * r)
 
 
 def _pearson(x: FloatArray, y: FloatArray) -> float | None:
@@ -466,47 +588,117 @@ def _pearson(x: FloatArray, y: FloatArray) -> float | None:
     return float(xc @ yc) / den
 
 
+def _judge_splits(judges: list[str], splits: int, rng: np.random.Generator) -> list[set[str]]:
+    """Distinct balanced splits of the judges, each as the half holding the first judge:
+    all of them when there are at most ``splits``, else ``splits`` random ones."""
+    size = len(judges) // 2
+    # A half with the first judge in it names each split once (both halves when odd).
+    sizes = [size] if 2 * size == len(judges) else [size, size + 1]
+
+    def canonical(half: frozenset[str]) -> bool:
+        return judges[0] in half and len(half) in sizes
+
+    total = sum(math.comb(len(judges) - 1, k - 1) for k in sizes)
+    if total <= splits:
+        return [
+            set(h)
+            for k in sizes
+            for h in itertools.combinations(judges, k)
+            if canonical(frozenset(h))
+        ]
+    seen: set[frozenset[str]] = set()
+    while len(seen) < splits:
+        order = [str(j) for j in rng.permutation(judges)]
+        half = frozenset(order[:size])
+        seen.add(half if judges[0] in half else frozenset(judges) - half)
+    return [set(h) for h in sorted(seen, key=sorted)]
+
+
+def _half_correlation(
+    ids: list[str],
+    halves: tuple[list[Comparison], list[Comparison]],
+    fit_position: bool,
+) -> float | None:
+    seen = [{e for c in h for e in (c.essay_a, c.essay_b)} for h in halves]
+    both = [e for e in ids if e in seen[0] and e in seen[1]]
+    if len(both) < MIN_SPLIT_ESSAYS:
+        return None
+    fits = [fit_bt(ids, h, fit_position=fit_position) for h in halves]
+    x = np.array([fits[0].theta[e] for e in both], dtype=np.float64)
+    y = np.array([fits[1].theta[e] for e in both], dtype=np.float64)
+    return _pearson(x, y)
+
+
 def split_half(
     essay_ids: Sequence[str],
     comparisons: Sequence[Comparison],
     *,
+    splits: int = 20,
     seed: int = 0,
     fit_position: bool = True,
-    prior: float = 0.01,
-) -> float | None:
-    """Split-half reliability of θ: Spearman–Brown-corrected Pearson r between fits of two
-    random halves of the comparisons (seeded). Only essays compared in both halves count.
-
-    None when fewer than 3 essays are compared in both halves or r is undefined;
-    may be negative for noise.
-    """
+) -> SplitHalf:
+    """Split-half reliability: fit each half (empirical prior, as reported) and correlate
+    θ over the essays compared in both; r is the mean over the splits, Spearman–Brown
+    its full-length value. Halves are random halves of the comparisons, or of the
+    judges (``Comparison.judge``) when there are two or more — then every distinct
+    split when there are at most ``splits``. Seeded; n/a with a reason when fewer than
+    half of the splits give a correlation (too few essays compared in both halves)."""
     ids = _unique_ids(essay_ids)
-    m = len(comparisons)
-    if m < 4:
-        return None
     rng = np.random.default_rng(seed)
-    order = rng.permutation(m)
-    halves = [
-        [comparisons[int(k)] for k in order[: m // 2]],
-        [comparisons[int(k)] for k in order[m // 2 :]],
-    ]
-    seen: list[set[str]] = []
-    thetas: list[dict[str, float]] = []
-    for half in halves:
-        fit = fit_bt(ids, half, fit_position=fit_position, prior=prior)
-        thetas.append(fit.theta)
-        s: set[str] = set()
-        for c in half:
-            s.add(c.essay_a)
-            s.add(c.essay_b)
-        seen.append(s)
-    both = [e for e in ids if e in seen[0] and e in seen[1]]
-    x = np.array([thetas[0][e] for e in both], dtype=np.float64)
-    yv = np.array([thetas[1][e] for e in both], dtype=np.float64)
-    r = _pearson(x, yv)
-    if r is None or r <= -1.0:
+    judges = sorted({c.judge for c in comparisons})
+    unit: Literal["comparison", "judge"] = "judge" if len(judges) >= 2 else "comparison"
+    if len(ids) < MIN_SPLIT_ESSAYS or len(comparisons) < 2 * MIN_SPLIT_ESSAYS:
+        return SplitHalf(
+            None,
+            None,
+            0,
+            unit,
+            f"{len(ids)} essays, {len(comparisons)} comparisons: too few to split "
+            f"(at least {MIN_SPLIT_ESSAYS} essays compared in both halves are needed)",
+        )
+    if unit == "judge":
+        groups = _judge_splits(judges, splits, rng)
+        halves = [
+            (
+                [c for c in comparisons if c.judge in g],
+                [c for c in comparisons if c.judge not in g],
+            )
+            for g in groups
+        ]
+    else:
+        m = len(comparisons)
+        halves = []
+        for _ in range(splits):
+            order = rng.permutation(m)
+            halves.append(
+                (
+                    [comparisons[int(k)] for k in order[: m // 2]],
+                    [comparisons[int(k)] for k in order[m // 2 :]],
+                )
+            )
+    rs = [r for h in halves if (r := _half_correlation(ids, h, fit_position)) is not None]
+    if not rs or 2 * len(rs) < len(halves):
+        return SplitHalf(
+            None,
+            None,
+            len(halves),
+            unit,
+            f"fewer than {MIN_SPLIT_ESSAYS} essays compared in both halves of most splits",
+        )
+    r = float(np.mean(rs))
+    sb = spearman_brown(r) if r > -1.0 else None
+    return SplitHalf(r, sb, len(rs), unit)
+
+
+def rank_agreement(previous: Mapping[str, float], current: Mapping[str, float]) -> float | None:
+    """Spearman's ρ between two sets of scores over the ids in both; None for fewer than 3
+    or a constant side. The stopping rule's test that the ranking has stopped moving."""
+    common = sorted(e for e in current if e in previous)
+    if len(common) < MIN_RELIABILITY_ESSAYS:
         return None
-    return 2.0 * r / (1.0 + r)
+    x = scipy.stats.rankdata([previous[e] for e in common])
+    y = scipy.stats.rankdata([current[e] for e in common])
+    return _pearson(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
 
 
 def max_abs_delta(previous: Mapping[str, float], current: Mapping[str, float]) -> float:
