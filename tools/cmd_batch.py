@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import math
 import sys
 from pathlib import Path
 from typing import Any, cast
 
 import click
 
+from cj import reporting
 from cj.continuation import advance
 from cj.registration import InputError, append_registration, build_registration, parse_input
 from events.types import Mode
@@ -36,7 +36,21 @@ from tools.views import results_view, status_view
     "--budget",
     type=int,
     default=None,
-    help="Total comparisons [default: 10 per essay, at most all pairs].",
+    help="Cap on total comparisons [default: 30 per essay, at most all pairs].",
+)
+@click.option(
+    "--comparisons-per-essay",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Cap as comparisons per essay instead of --budget.",
+)
+@click.option(
+    "--target-reliability",
+    type=click.FloatRange(0, 1),
+    default=0.8,
+    show_default=True,
+    help="Finalize as reliable once the posterior reliability reaches this and the ranking "
+    "has stopped moving (after 10 comparisons per essay).",
 )
 @click.option(
     "--seed",
@@ -50,13 +64,6 @@ from tools.views import results_view, status_view
     default=None,
     help="Scale name or comma-separated grades, lowest first (needed for CSV; overrides the file).",
 )
-@click.option(
-    "--stability-threshold",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.05,
-    show_default=True,
-    help="Finalize as stable once max |Δθ| between waves is below this (after 2 waves).",
-)
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; append nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def submit(
@@ -65,9 +72,10 @@ def submit(
     provider: str,
     model: str | None,
     budget: int | None,
+    comparisons_per_essay: float | None,
+    target_reliability: float,
     seed: int,
     grade_scale: str | None,
-    stability_threshold: float,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -91,38 +99,15 @@ def submit(
             provider=provider,
             model=model,
             budget=budget,
+            comparisons_per_essay=comparisons_per_essay,
+            target_reliability=target_reliability,
             seed=seed,
-            stability_threshold=stability_threshold,
         )
     except InputError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(common.EXIT_USAGE)
     if dry_run:
-        n = len(event.essays)
-        per_grade: dict[str, int] = {g: 0 for g in grades}
-        for e in event.essays:
-            if e.anchor_grade:
-                per_grade[e.anchor_grade] += 1
-        cfg = event.config
-        waves = 1 + max(
-            0, math.ceil((event.denominator - 2 * cfg.wave_size) / max(1, cfg.wave_size))
-        )
-        plan = {
-            "dry_run": True,
-            "essays": n,
-            "students": n - sum(per_grade.values()),
-            "anchors_per_grade": per_grade,
-            "grade_scale": scale_name,
-            "total_budget": cfg.total_budget,
-            "denominator": event.denominator,
-            "all_pairs": n * (n - 1) // 2,
-            "wave_size": cfg.wave_size,
-            "max_waves_estimate": min(cfg.max_waves, waves),
-            "estimated_provider_calls": event.denominator,
-            "mode": cfg.mode,
-            "provider": cfg.provider,
-            "model": cfg.model,
-        }
+        plan = reporting.submit_plan(event, scale_name)
         if as_json:
             common.emit_json(plan)
         else:
@@ -166,7 +151,9 @@ def status(batch_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the essays as CSV.")
 def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
-    """Scores, standard errors, ranks and grades of a batch."""
+    """Scores, standard errors and ranks of a batch; each essay's grade, grade band (the
+    shortest run of grades holding 80 % probability), P(grade) and a high/mid/low label;
+    the posterior reliability R (quote this one) beside SSR and split-half."""
     common.quiet_logs(as_json)
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
@@ -174,22 +161,65 @@ def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
     if as_json:
         common.emit_json(view)
         return
-    columns = ["rank", "essay_id", "is_anchor", "anchor_grade", "theta", "se", "grade"]
+    columns = [
+        "rank",
+        "essay_id",
+        "is_anchor",
+        "anchor_grade",
+        "theta",
+        "se",
+        "grade",
+        "grade_band",
+        "grade_confidence",
+        "confidence",
+    ]
     if as_csv:
         writer = csv.DictWriter(
             sys.stdout, fieldnames=columns, extrasaction="ignore", lineterminator="\n"
         )
         writer.writeheader()
-        writer.writerows(view["essays"])
+        for row in view["essays"]:
+            writer.writerow({**row, "grade_band": " ".join(row["grade_band"])})
         return
+    _print_results(view)
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _print_results(view: dict[str, Any]) -> None:
+    rel = view["reliabilities"]
+    reason = f" ({view['finalize_reason']})" if view["finalize_reason"] else ""
     click.echo(
-        f"batch {view['batch_id']}  status {view['status']}  wave {view['wave']}  "
-        f"comparisons {view['comparisons']}  SSR {view['ssr']}"
+        f"batch {view['batch_id']}  status {view['status']}{reason}  wave {view['wave']}  "
+        f"comparisons {view['comparisons']} ({view['comparisons_per_essay']} per essay)"
+    )
+    post, ssr, half = rel["posterior"], rel["ssr"], rel["split_half"]
+    click.echo(
+        f"reliability R {_fmt(post['value'])}"
+        + (f" (n/a: {post['n_a']})" if post["n_a"] else "")
+        + f"   SSR {_fmt(ssr['value'])} (inflated by adaptive pairing"
+        + (f"; n/a: {ssr['n_a']}" if ssr["n_a"] else "")
+        + ")   split-half "
+        + (
+            f"{_fmt(half['spearman_brown'])} (r {_fmt(half['r'])}, {half['splits']} splits by "
+            f"{half['unit']}, deflated by adaptive pairing)"
+            if half["spearman_brown"] is not None
+            else f"n/a ({half['n_a']})"
+        )
+    )
+    click.echo(
+        f"{'rank':>4}  {'essay':<20} {'anchor':<6} {'theta':>7} {'se':>6}  "
+        f"{'grade':<5} {'band':<7} {'P':>5}  label"
     )
     for row in view["essays"]:
-        theta = "" if row["theta"] is None else f"{row['theta']:7.2f}"
-        se = "" if row["se"] is None else f"{row['se']:6.2f}"
         click.echo(
-            f"{row['rank'] or '':>4}  {row['essay_id']:<20} {row['anchor_grade'] or '':<5} "
-            f"{theta:>7} {se:>6}  {row['grade'] or '-'}"
+            f"{row['rank'] or '':>4}  {row['essay_id']:<20} {row['anchor_grade'] or '':<6} "
+            f"{_fmt(row['theta']):>7} {_fmt(row['se']):>6}  {row['grade'] or '-':<5} "
+            f"{reporting.band_text(row['grade_band']):<7} {_fmt(row['grade_confidence']):>5}  "
+            f"{row['confidence'] or '-'}"
         )
+    note = view["grade_decisions"]["note"]
+    if note:
+        click.echo(f"note: {note}")

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from cj.reporting import band_text
 from lps.providers.mock import PROFILES, profile_from_env
 from tools import common, sample
 from tools.runs import (
@@ -28,27 +29,25 @@ def _print_report(view: dict[str, Any]) -> None:
         f"\nBatch {view['batch_id']}  mode={view['mode']}  profile={view['profile']}  "
         f"status={status['status']} ({status['finalize_reason']})"
     )
-    click.echo(f"{'rank':>4}  {'essay':<14} {'anchor':<6} {'theta':>7} {'se':>6}  grade")
+    click.echo(f"{'rank':>4}  {'essay':<14} {'anchor':<6} {'theta':>7} {'se':>6}  grade band    P")
     for row in view["results"]:
         anchor = row["anchor_grade"] or ""
         theta = "" if row["theta"] is None else f"{row['theta']:7.2f}"
         se = "" if row["se"] is None else f"{row['se']:6.2f}"
+        p = "" if row["grade_confidence"] is None else f"{row['grade_confidence']:.2f}"
         click.echo(
             f"{row['rank'] or '':>4}  {row['essay_id']:<14} {anchor:<6} {theta:>7} {se:>6}  "
-            f"{row['grade'] or '-'}"
+            f"{row['grade'] or '-':<5} {band_text(row['grade_band']):<7} {p:>4}"
         )
-    ssr = "n/a" if view["ssr"] is None else f"{view['ssr']:.3f}"
+    rel = "n/a" if view["reliability"] is None else f"{view['reliability']:.3f}"
     rho = "n/a" if view["spearman_true"] is None else f"{view['spearman_true']:.3f}"
     click.echo(
-        f"\nSSR {ssr}   Spearman(theta, true quality) {rho}   "
+        f"\nreliability R {rel}   Spearman(theta, true quality) {rho}   "
         f"provider calls {view['provider_calls']}   wall {view['wall_s']:.2f}s"
     )
     bias = view["position_bias"]
     if bias is not None:
-        click.echo(
-            f"position bias η {bias['estimate']:+.3f} ± {bias['se']:.3f} logits (slot A)   "
-            f"split-half reliability {view['split_half']:.3f}"
-        )
+        click.echo(f"position bias η {bias['estimate']:+.3f} ± {bias['se']:.3f} logits (slot A)")
     low = [w for w in view["warnings"] if w.startswith("low confidence:")]
     for warning in view["warnings"]:
         if warning not in low:
@@ -159,10 +158,13 @@ def demo(
                         "se",
                         "rank",
                         "grade",
+                        "grade_band",
+                        "grade_confidence",
                     )
                 }
                 for row in results["essays"]
             ],
+            "reliability": results["reliability"],
             "ssr": results["ssr"],
             "position_bias": results["position_bias"],
             "split_half": results["split_half"],

@@ -19,7 +19,9 @@ import click
 import msgspec
 from scipy.stats import spearmanr
 
+from cj.pairs import slot_counts
 from cj.registration import InputError, build_registration, parse_input
+from cj.reporting import grade_agreement, headline
 from events import codec
 from events.names import Keys
 from events.types import (
@@ -172,12 +174,12 @@ def analyse(run: Run) -> dict[str, Any]:
     }
 
     # Positions: how often each essay was shown first (essay_a) or second, and what it won there.
-    per: dict[str, dict[str, int]] = {
-        e.essay_id: {"a": 0, "b": 0, "wins_as_a": 0, "wins_as_b": 0} for e in state.essays
-    }
-    for req in requests.values():
-        per[req.essay_a.essay_id]["a"] += 1
-        per[req.essay_b.essay_id]["b"] += 1
+    slots = slot_counts((r.essay_a.essay_id, r.essay_b.essay_id) for r in requests.values())
+    per: dict[str, dict[str, int]] = {}
+    for e in state.essays:
+        c = slots.get(e.essay_id)
+        per[e.essay_id] = {"a": c.as_a if c else 0, "b": c.as_b if c else 0}
+        per[e.essay_id].update(wins_as_a=0, wins_as_b=0)
     for cid, (_, outcome) in first.items():
         if isinstance(outcome, ComparisonCompleted):
             req = requests[cid]
@@ -265,6 +267,7 @@ def analyse(run: Run) -> dict[str, Any]:
             if completed
             else None,
         },
+        "reliability": headline(scores),
         "ssr": scores.ssr if scores else None,
         "position_bias": scores.position_bias if scores else None,
         "spearman_true": spearman_true(state),
@@ -277,6 +280,9 @@ def analyse(run: Run) -> dict[str, Any]:
                 "theta": by_id[e.essay_id].theta if e.essay_id in by_id else None,
                 "se": by_id[e.essay_id].se if e.essay_id in by_id else None,
                 "grade": by_id[e.essay_id].grade if e.essay_id in by_id else None,
+                "grade_probabilities": (
+                    by_id[e.essay_id].grade_probabilities if e.essay_id in by_id else {}
+                ),
             }
             for e in state.essays
         ],
@@ -293,18 +299,9 @@ def compare(a: dict[str, Any], b: dict[str, Any], scale: list[str]) -> dict[str,
             [ta[i]["theta"] for i in common_ids], [tb[i]["theta"] for i in common_ids]
         ).statistic
         rho = round(float(value), 4)
-    rank = {g: k for k, g in enumerate(scale)}
 
     def agreement(ids: list[str]) -> dict[str, Any]:
-        pairs = [(ta[i]["grade"], tb[i]["grade"]) for i in ids]
-        graded = [(x, y) for x, y in pairs if x is not None and y is not None]
-        exact = sum(x == y for x, y in graded)
-        near = sum(x in rank and y in rank and abs(rank[x] - rank[y]) <= 1 for x, y in graded)
-        return {
-            "n": len(graded),
-            "exact": _rate(exact, len(graded)),
-            "within_one": _rate(near, len(graded)),
-        }
+        return grade_agreement(ta, tb, ids, scale)
 
     students = [i for i in common_ids if not ta[i]["is_anchor"]]
 
@@ -334,6 +331,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], scale: list[str]) -> dict[str,
         "positions_balanced": all(
             v["positions"][g]["balanced"] for v in (a, b) for g in ("anchors", "students")
         ),
+        "reliability": {a["label"]: a["reliability"], b["label"]: b["reliability"]},
         "ssr": {a["label"]: a["ssr"], b["label"]: b["ssr"]},
         "spearman_true": {a["label"]: a["spearman_true"], b["label"]: b["spearman_true"]},
     }
@@ -545,14 +543,15 @@ def _print(out: dict[str, Any]) -> None:
         )
         click.echo(
             f"{'':>14}  errors: {errors}; A share anchors {pos['anchors']['a_share']} "
-            f"students {pos['students']['a_share']}; SSR {v['ssr']}"
+            f"students {pos['students']['a_share']}; reliability R {v['reliability']}"
         )
     c = out["comparison"]
     if c:
         g = c["grade_agreement"]["students"]
         click.echo(
             f"\nSpearman between modes {c['spearman_between_modes']}; student grades "
-            f"agree {g['exact']} (within one {g['within_one']}, n={g['n']})"
+            f"agree {g['exact']} (predicted by their probabilities {g['predicted_exact']}; "
+            f"within one {g['within_one']}, n={g['n']})"
         )
     if "report" in out:
         click.echo(f"report: {out['report']['html']}")
