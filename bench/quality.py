@@ -21,13 +21,13 @@ Sections:
    true r² = corr(θ̂, q)², reported R (posterior), classical SSR (near-ML fit),
    split-half (mean of 20 splits: r and Spearman–Brown), ±1.96 SE coverage of the
    effective θ, |η̂ − η|, grade exact / adjacent (students), expected calibration error
-   of the grade probabilities (top label, 10 bins, pooled over seeds, with the noise
-   floor of a perfectly calibrated predictor) and how often the 80 % band holds the
-   true grade.
+   of the grade probabilities (top label, 10 bins, pooled over seeds — and over all c
+   per design — with the noise floor of a perfectly calibrated predictor) and how often
+   the 80 % band holds the true grade.
 2. Efficiency: the comparisons adaptive (and information) pairing need to reach random
    pairing's Spearman at c = 24, interpolated on their Spearman curves.
 3. The stopping rule (R ≥ 0.80, Spearman between consecutive waves ≥ 0.99, after 10
-   per essay; cap 60 per essay) on batches of quality SD 0.6, 1.0 and 1.6: comparisons
+   per essay; cap 80 per essay) on batches of quality SD 0.6, 1.0 and 1.6: comparisons
    used against the smallest fixed budget giving every spread at least the true r²
    the rule reaches on its worst spread.
 4. The information ceiling: the Pearson correlation no design can beat with c
@@ -383,6 +383,10 @@ def section_designs(args: argparse.Namespace) -> dict[str, Any]:
             records["information"].append(info_recs)
         print(f"  designs: seed {seed + 1}/{args.seeds}", file=sys.stderr, flush=True)
     table = {d: {c: summarise(snaps[d][c]) for c in CS} for d in snaps}
+    pooled = {}
+    for d in snaps:
+        calib = [x for c in CS for s in snaps[d][c] for x in s.calibration]
+        pooled[d] = {"ece": ece(calib), "ece_floor": ece_floor(calib), "students": len(calib)}
     random_curve = [float(v) for v in np.mean(random_spear, axis=0)]
     target = random_curve[curve_c.index(24)]
     efficiency: dict[str, Any] = {"random_spearman_at_24": target}
@@ -396,7 +400,7 @@ def section_designs(args: argparse.Namespace) -> dict[str, Any]:
             "c_to_match": need,
             "share_of_random": None if need is None else need / 24.0,
         }
-    return {"table": table, "efficiency": efficiency}
+    return {"table": table, "pooled_ece": pooled, "efficiency": efficiency}
 
 
 def section_stopping(args: argparse.Namespace) -> dict[str, Any]:
@@ -474,6 +478,11 @@ def print_report(
         "seeds, 'floor' = the ECE of a perfectly calibrated predictor on as many students; "
         "band = share of students whose 80 % band holds the true grade."
     )
+    for d, v in designs["pooled_ece"].items():
+        print(
+            f"   {d}: ECE over all c pooled ({v['students']} students) {v['ece']:.3f}, "
+            f"noise floor {v['ece_floor']:.3f}"
+        )
     eff = designs["efficiency"]
     print(
         "\n2. Comparisons per essay to reach random pairing's Spearman at c = 24 "
@@ -523,6 +532,7 @@ def goals(designs: dict[str, Any], stopping: dict[str, Any]) -> list[tuple[str, 
     ]
     cover = [m["coverage"] or 0.0 for rows in table.values() for m in rows.values()]
     eces = [m["ece"] or 0.0 for rows in table.values() for m in rows.values()]
+    pooled = [v["ece"] for v in designs["pooled_ece"].values()]
     bands = [m["band_hit"] or 0.0 for rows in table.values() for m in rows.values()]
     spreads = stopping["spreads"].values()
     share = designs["efficiency"].get("adaptive", {}).get("share_of_random")
@@ -571,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=100, help="essays per batch")
     ap.add_argument("--seeds", type=int, default=10, help="batches per design (sections 1–2)")
     ap.add_argument("--stop-seeds", type=int, default=10, help="batches per spread (section 3)")
-    ap.add_argument("--stop-cap", type=int, default=60, help="cap, comparisons per essay (3)")
+    ap.add_argument("--stop-cap", type=int, default=80, help="cap, comparisons per essay (3)")
     ap.add_argument("--bias", type=float, default=0.4, help="the judge's position bias (logits)")
     ap.add_argument("--noise", type=float, default=0.5, help="judge noise SD per call")
     ap.add_argument(
