@@ -114,7 +114,7 @@ def stalled_decision(state: BatchState, idle_timeout_s: float, now: datetime) ->
     if state.completed == 0:
         why = f"no comparison succeeded ({state.failed} failed, {len(abandoned)} never answered)"
     else:
-        scored = score(state)
+        scored = score(state, final=True)  # the batch's last scores
         ratio = state.failed / state.accepted if state.accepted else 0.0
         if not scored.connected:
             why = f"the {state.completed} successful comparisons do not connect every essay"
