@@ -114,7 +114,7 @@ def demo(
     """Run a bundled ENG5-like batch through CJ and the mock judge until it is finalized.
 
     Uses REDIS_URL when set, otherwise an embedded in-process Redis. Prints the
-    ranking (theta, SE, grade), SSR and the completion counters.
+    ranking (theta, SE, grade, grade band), the reliability R and the completion counters.
     """
     common.quiet_logs(as_json)
     s = mock_settings(common.settings())
