@@ -14,6 +14,8 @@ from typing import Any
 from scipy.stats import spearmanr
 
 from app.views import results_view
+from cj.pairs import slot_counts
+from cj.reporting import grade_agreement, headline
 from events.streams import CALLBACKS
 from events.types import (
     TOKEN_KINDS,
@@ -37,7 +39,15 @@ from projections.batch import BatchState, entry_id_key
 MODES = ("per_request", "serial_bundle")
 # The projection's counters, less the bookkeeping one no event counts.
 COUNTERS = tuple(c for c in BATCH_COUNTERS if c != "scored_wave")
-ESSAY_FIELDS = ("essay_id", "is_anchor", "anchor_grade", "theta", "se", "grade")
+ESSAY_FIELDS = (
+    "essay_id",
+    "is_anchor",
+    "anchor_grade",
+    "theta",
+    "se",
+    "grade",
+    "grade_probabilities",
+)
 
 
 @dataclass
@@ -234,12 +244,16 @@ def _comparison_failures(ev: RunEvents, outcomes: dict[str, Callback]) -> dict[s
 
 
 def positions(state: BatchState, ev: RunEvents, outcomes: dict[str, Callback]) -> dict[str, Any]:
-    per: dict[str, dict[str, int]] = {
-        e.essay_id: {"a": 0, "b": 0, "wins_as_a": 0, "wins_as_b": 0} for e in state.essays
-    }
-    for req in ev.requests.values():
-        per[req.essay_a.essay_id]["a"] += 1
-        per[req.essay_b.essay_id]["b"] += 1
+    slots = slot_counts((q.essay_a.essay_id, q.essay_b.essay_id) for q in ev.requests.values())
+    per: dict[str, dict[str, int]] = {}
+    for e in state.essays:
+        c = slots.get(e.essay_id)
+        per[e.essay_id] = {
+            "a": c.as_a if c else 0,
+            "b": c.as_b if c else 0,
+            "wins_as_a": 0,
+            "wins_as_b": 0,
+        }
     for cid, outcome in outcomes.items():
         if isinstance(outcome, ComparisonCompleted):
             req = ev.requests[cid]
@@ -356,6 +370,7 @@ def analyse(run: Run) -> dict[str, Any]:
         "bundles": bundle_sizes(ev.bundles),
         "tokens": token_totals(ev),
         "cost": cost_totals(ev, state),
+        "reliability": headline(scores),
         "ssr": scores.ssr if scores else None,
         "position_bias": scores.position_bias if scores else None,
         "spearman_true": spearman_true(state),
@@ -375,18 +390,9 @@ def compare(a: dict[str, Any], b: dict[str, Any], scale: list[str]) -> dict[str,
             [ta[i]["theta"] for i in common_ids], [tb[i]["theta"] for i in common_ids]
         ).statistic
         rho = round(float(value), 4)
-    rank = {g: k for k, g in enumerate(scale)}
 
     def agreement(ids: list[str]) -> dict[str, Any]:
-        pairs = [(ta[i]["grade"], tb[i]["grade"]) for i in ids]
-        graded = [(x, y) for x, y in pairs if x is not None and y is not None]
-        exact = sum(x == y for x, y in graded)
-        near = sum(x in rank and y in rank and abs(rank[x] - rank[y]) <= 1 for x, y in graded)
-        return {
-            "n": len(graded),
-            "exact": _rate(exact, len(graded)),
-            "within_one": _rate(near, len(graded)),
-        }
+        return grade_agreement(ta, tb, ids, scale)
 
     students = [i for i in common_ids if not ta[i]["is_anchor"]]
     la, lb = a["label"], b["label"]
@@ -407,6 +413,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], scale: list[str]) -> dict[str,
         "positions_balanced": all(
             v["positions"][g]["balanced"] for v in (a, b) for g in ("anchors", "students")
         ),
+        "reliability": {la: a["reliability"], lb: b["reliability"]},
         "ssr": {la: a["ssr"], lb: b["ssr"]},
         "spearman_true": {la: a["spearman_true"], lb: b["spearman_true"]},
     }

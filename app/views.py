@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from cj import reporting
+from cj.stopping import per_essay
 from projections.batch import BatchState, completion_pct
 
 
@@ -83,33 +85,39 @@ def results_view(state: BatchState) -> dict[str, Any]:
                 "theta": s.theta if s else None,
                 "se": s.se if s else None,
                 "rank": s.rank if s else None,
-                "grade": s.grade if s else None,
+                **reporting.grade_fields(s),
                 "grade_probabilities": s.grade_probabilities if s else {},
-                "confidence": s.confidence if s else None,
             }
         )
     essays.sort(key=lambda e: (e["rank"] is None, e["rank"] or 0, e["essay_id"]))
+    comparisons = scores.comparisons if scores else 0
     return {
         "batch_id": state.batch_id,
         "status": state.status,
+        "finalize_reason": state.finalize_reason or None,
         "wave": scores.wave if scores else None,
-        "comparisons": scores.comparisons if scores else 0,
+        "comparisons": comparisons,
+        "comparisons_per_essay": round(per_essay(comparisons, len(state.essays)), 2),
+        "reliability": reporting.headline(scores),
+        "reliabilities": reporting.reliabilities(scores),
         "ssr": scores.ssr if scores else None,
+        "split_half": scores.split_half if scores else None,
+        "rank_stability": scores.rank_stability if scores else None,
         "position_bias": (
             {"estimate": scores.position_bias, "se": scores.position_bias_se}
             if scores and scores.position_bias is not None
             else None
         ),
-        "split_half": scores.split_half if scores else None,
         "reliability_note": (
-            "ssr is computed on adaptively chosen pairs and runs high; "
-            "split_half re-fits two random halves of the comparisons"
+            "quote `reliability` (posterior R); `ssr` is inflated and `split_half` deflated "
+            "by adaptive pairing (see `reliabilities`)"
         ),
         "connected": scores.connected if scores else None,
         "cost_usd": _usd(state.cost_usd),
         "cost_per_comparison_usd": cost_view(state)["cost_per_comparison_usd"],
         "grade_scale": state.config.grade_scale,
         "grade_boundaries": scores.grade_boundaries if scores else {},
+        "grade_decisions": reporting.grade_decisions(scores),
         "warnings": scores.warnings if scores else [],
         "essays": essays,
     }

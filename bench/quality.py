@@ -1,25 +1,38 @@
-"""Judgement quality of adaptive waves vs random balanced pairs vs all pairs, on the mock judge.
+"""What the pipeline tells a teacher, against the truth it cannot see (the mock judge).
 
-    python bench/quality.py [--seeds 20] [--seeds-300 20] [--sizes 30,100,300] [--json]
+    python bench/quality.py [--seeds 10] [--stop-seeds 10] [--n 100] [--json]
 
-Simulation (the mock judge's formula, `lps.providers.mock.win_probability` when it
-imports): every essay has a latent quality q = spread · N(0, 1); a comparison
-(a, b) is won by a with probability σ(q_a − (q_b + ε) + bias), ε ~ N(0, noise²)
-per call (defaults: spread 1, noise 0.5, bias 0.3, the mock's cj_generic_batch
-profile). Every 6th essay is an anchor whose grade is its q's sextile in the batch
-(swedish_6); the students' true grades are the same sextiles.
+Simulation: n essays (default 100) with latent quality q = spread · N(0, 1); the mock
+judge's own formula and draws (`lps.providers.mock`): a comparison (a, b) is won by a
+with probability σ(q_a − (q_b + ε) + bias), ε ~ N(0, noise²) (noise 0.5, the
+cj_generic_batch profile; bias 0.4), each draw seeded by (seed, batch, pair in its
+slots, occurrence) as the mock does. On the model's scale the judge's effective
+θ = q / k and η = bias / k, k = √(1 + π·noise²/8). True grades: the batch's sextiles
+of q (swedish_6); two anchors drawn from each grade (12), the rest are students.
 
-Strategies, per batch:
-* adaptive: `plan_wave` wave 1 (min_comparisons = 4, i.e. 2n pairs), then waves
-  of ``--wave-frac`` · n pairs with a BT refit between waves, until the budget
-  (``--budget`` of all pairs) is spent; the share at which max |Δθ| first fell
-  below the stability threshold is reported too.
-* random: uniformly random distinct pairs, as many as adaptive used, positions
-  from running balances.
-* all: every pair once (a balanced round-robin).
-Reported (mean over seeds): Spearman(θ, q) over all essays, grade accuracy over
-students (and within one grade), |η − bias|, the share of the n(n−1)/2 pairs used,
-and for adaptive the SSR and split-half reliability.
+Designs, with the project's own `plan_wave` / `fit_bt` / `project_grades`:
+* adaptive: wave 1 covers every essay 4 times (2n pairs), then one matching per wave
+  (A-optimal pairs, each essay once) with a refit between waves — the pipeline's design;
+* information: the same, pairs chosen by their own expected Fisher information;
+* random: uniformly random distinct pairs, positions from running balances.
+
+Sections:
+1. c = 6, 10, 16, 24, 36 comparisons per essay × adaptive / random: Spearman(θ̂, q),
+   true r² = corr(θ̂, q)², reported R (posterior), classical SSR (near-ML fit),
+   split-half (mean of 20 splits: r and Spearman–Brown), ±1.96 SE coverage of the
+   effective θ, |η̂ − η|, grade exact / adjacent (students), expected calibration error
+   of the grade probabilities (top label, 10 bins, pooled over seeds — and over all c
+   per design — with the noise floor of a perfectly calibrated predictor) and how often
+   the 80 % band holds the true grade.
+2. Efficiency: the comparisons adaptive (and information) pairing need to reach random
+   pairing's Spearman at c = 24, interpolated on their Spearman curves.
+3. The stopping rule (R ≥ 0.80, Spearman between consecutive waves ≥ 0.99, after 10
+   per essay; cap 80 per essay) on batches of quality SD 0.6, 1.0 and 1.6: comparisons
+   used against the smallest fixed budget giving every spread at least the true r²
+   the rule reaches on its worst spread.
+4. The information ceiling: the Pearson correlation no design can beat with c
+   comparisons per essay — and cannot reach.
+Then the issue's goals, measured.
 """
 
 from __future__ import annotations
@@ -28,17 +41,17 @@ import os
 import sys
 
 if __name__ == "__main__":
-    # Threaded OpenBLAS is erratic on a small shared machine (numpy's and scipy's
-    # copies contend); one thread is faster and steadier for these sizes.
+    # Threaded OpenBLAS is erratic on a small shared machine; one thread is faster here.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -46,130 +59,188 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cj.grades import project_grades
-from cj.pairs import PairHistory, plan_wave
-from cj.scoring import Comparison, FitResult, fit_bt, max_abs_delta, split_half, ssr
+from cj.pairs import PairHistory, pair_key, plan_wave
+from cj.scoring import (
+    Comparison,
+    FitResult,
+    classical_ssr,
+    fit_bt,
+    posterior_reliability,
+    rank_agreement,
+    split_half,
+)
+from cj.stopping import StopRule, is_reliable
+from lps.providers.mock import _rng, win_probability
 
 SCALE = ("F", "E", "D", "C", "B", "A")
-
-WinProb = Callable[[float, float, float], float]
-
-
-def _fallback_win_probability(q_a: float, q_b: float, position_bias: float) -> float:
-    return 1.0 / (1.0 + math.exp(-(q_a - q_b + position_bias)))
-
-
-def load_win_probability() -> tuple[WinProb, str]:
-    try:
-        from lps.providers.mock import win_probability
-    except Exception:  # the mock judge may not exist yet
-        return _fallback_win_probability, "bench formula σ(q_a − q_b + bias)"
-    return win_probability, "lps.providers.mock.win_probability"
+CS = (6, 10, 16, 24, 36)
+SPREADS = (0.6, 1.0, 1.6)
 
 
 @dataclass
 class Batch:
+    seed: int
     ids: list[str]
     q: dict[str, float]
+    truth: dict[str, int]  # grade index
     anchors: dict[str, str]
-    truth: dict[str, str]
-    rng: np.random.Generator
     bias: float
     noise: float
-    win_probability: WinProb
+    asked: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    @property
+    def k(self) -> float:
+        return math.sqrt(1.0 + math.pi * self.noise**2 / 8.0)
 
     def judge(self, a: str, b: str) -> bool:
-        eps = float(self.rng.normal(0.0, self.noise)) if self.noise > 0 else 0.0
-        p = self.win_probability(self.q[a], self.q[b] + eps, self.bias)
-        return bool(self.rng.random() < p)
+        """The mock judge's draw for this pair in these slots, at its occurrence."""
+        key = pair_key(a, b)
+        occurrence = self.asked.get(key, 0)
+        self.asked[key] = occurrence + 1
+        rng = _rng(self.seed, f"bench-{self.seed}", a, b, occurrence)
+        prob = win_probability(self.q[a], self.q[b] + rng.gauss(0.0, self.noise), self.bias)
+        return rng.random() < prob
 
 
-def make_batch(n: int, seed: int, spread: float, bias: float, noise: float, wp: WinProb) -> Batch:
+def make_batch(n: int, seed: int, spread: float, bias: float, noise: float) -> Batch:
     rng = np.random.default_rng(10_000 + seed)
     ids = [f"E{i:04d}" for i in range(n)]
     qs = rng.normal(0.0, spread, n)
-    cuts = np.quantile(qs, [k / 6 for k in range(1, 6)])
-    truth = {e: SCALE[int(np.searchsorted(cuts, qs[i]))] for i, e in enumerate(ids)}
-    anchors = {e: truth[e] for e in ids[::6]}
-    return Batch(
-        ids, dict(zip(ids, qs.tolist(), strict=True)), anchors, truth, rng, bias, noise, wp
-    )
+    cuts = np.quantile(qs, [g / 6 for g in range(1, 6)])
+    truth = {e: int(np.searchsorted(cuts, qs[i])) for i, e in enumerate(ids)}
+    anchors: dict[str, str] = {}
+    for g, name in enumerate(SCALE):
+        for e in rng.choice([e for e in ids if truth[e] == g], 2, replace=False):
+            anchors[str(e)] = name
+    return Batch(seed, ids, dict(zip(ids, qs.tolist(), strict=True)), truth, anchors, bias, noise)
+
+
+# --- measuring one snapshot ---------------------------------------------------------------
 
 
 @dataclass
-class Outcome:
+class Snapshot:
     spearman: float
-    grade_acc: float
-    grade_adj: float
+    r2: float
+    reliability: float | None
+    ssr: float | None
+    split_r: float | None
+    split_sb: float | None
+    coverage: float
     eta_err: float
-    share: float
-    comparisons: int
-    ssr: float | None = None
-    split_half: float | None = None
-    stable_share: float | None = None
-    waves: int = 0
-    seconds: float = 0.0
+    exact: float
+    adjacent: float
+    band_hit: float
+    band_width: float
+    # per student: (top probability, hit) for the pooled calibration error
+    calibration: list[tuple[float, bool]] = field(default_factory=list)
 
 
-def evaluate(batch: Batch, comps: list[Comparison], fit: FitResult | None = None) -> Outcome:
-    n = len(batch.ids)
-    fit = fit or fit_bt(batch.ids, comps)
-    theta = np.array([fit.theta[e] for e in batch.ids])
-    q = np.array([batch.q[e] for e in batch.ids])
-    rho = float(spearmanr(theta, q).statistic)
+def measure(batch: Batch, comps: list[Comparison], fit: FitResult, seed: int) -> Snapshot:
+    ids = batch.ids
+    theta = np.array([fit.theta[e] for e in ids])
+    se = np.array([fit.se[e] for e in ids])
+    q = np.array([batch.q[e] for e in ids])
+    effective = (q - q.mean()) / batch.k
     proj = project_grades(fit.theta, fit.se, batch.anchors, SCALE)
-    students = [e for e in batch.ids if e not in batch.anchors]
-    hits = [proj.assignments[e].grade == batch.truth[e] for e in students]
-    adj = [
-        abs(SCALE.index(proj.assignments[e].grade or "F") - SCALE.index(batch.truth[e])) <= 1
-        for e in students
-    ]
-    eta = fit.eta if fit.eta is not None else 0.0
-    return Outcome(
-        spearman=rho,
-        grade_acc=float(np.mean(hits)),
-        grade_adj=float(np.mean(adj)),
-        eta_err=abs(eta - batch.bias),
-        share=len(comps) / (n * (n - 1) / 2),
-        comparisons=len(comps),
+    students = [e for e in ids if e not in batch.anchors]
+    hits, adj, band_hit, width, calib = [], [], [], [], []
+    for e in students:
+        a = proj.assignments[e]
+        g = SCALE.index(a.grade or "F")
+        hits.append(g == batch.truth[e])
+        adj.append(abs(g - batch.truth[e]) <= 1)
+        band = [SCALE.index(x) for x in a.band]
+        band_hit.append(min(band) <= batch.truth[e] <= max(band))
+        width.append(len(band))
+        calib.append((a.top_probability, g == batch.truth[e]))
+    halves = split_half(ids, comps, seed=seed)
+    return Snapshot(
+        spearman=float(spearmanr(theta, q).statistic),
+        r2=float(np.corrcoef(theta, q)[0, 1] ** 2),
+        reliability=posterior_reliability(fit).value,
+        ssr=classical_ssr(ids, comps).value,
+        split_r=halves.r,
+        split_sb=halves.spearman_brown,
+        coverage=float(np.mean(np.abs(theta - effective) <= 1.96 * se)),
+        eta_err=abs((fit.eta or 0.0) - batch.bias / batch.k),
+        exact=float(np.mean(hits)),
+        adjacent=float(np.mean(adj)),
+        band_hit=float(np.mean(band_hit)),
+        band_width=float(np.mean(width)),
+        calibration=calib,
     )
 
 
-def run_adaptive(
+def ece(calibration: Sequence[tuple[float, bool]], bins: int = 10) -> float:
+    """Expected calibration error of the top probability (equal-width bins)."""
+    conf = np.array([c for c, _ in calibration])
+    hit = np.array([h for _, h in calibration], dtype=np.float64)
+    total = 0.0
+    for b in range(bins):
+        m = (conf > b / bins) & (conf <= (b + 1) / bins)
+        if m.any():
+            total += m.mean() * abs(hit[m].mean() - conf[m].mean())
+    return total
+
+
+def ece_floor(calibration: Sequence[tuple[float, bool]], draws: int = 200) -> float:
+    """The ECE a perfectly calibrated predictor shows on this many samples (noise only)."""
+    rng = np.random.default_rng(0)
+    conf = np.array([c for c, _ in calibration])
+    return float(
+        np.mean(
+            [ece(list(zip(conf, rng.random(len(conf)) < conf, strict=True))) for _ in range(draws)]
+        )
+    )
+
+
+# --- running designs -------------------------------------------------------------------
+
+
+@dataclass
+class WaveRecord:
+    c: float
+    spearman: float
+    r2: float
+    reliability: float | None
+    rank_stability: float | None
+
+
+def run_waves(
     batch: Batch,
-    budget_share: float,
-    wave_frac: float,
-    stability: float,
-    seed: int,
-    k: int = 4,
-    anchor_bonus: float = 0.5,
-) -> tuple[Outcome, list[Comparison]]:
-    t0 = time.perf_counter()
+    cap: float,
+    *,
+    selector: str = "a_optimal",
+    snapshots: Sequence[int] = (),
+) -> tuple[list[WaveRecord], dict[int, Snapshot]]:
+    """The pipeline's waves up to ``cap`` comparisons per essay: a record per wave and a
+    full measurement at each c in ``snapshots`` (waves are cut to land on them)."""
     n = len(batch.ids)
-    budget = int(budget_share * n * (n - 1) / 2)
     history: list[PairHistory] = []
     comps: list[Comparison] = []
     scores: dict[str, tuple[float, float]] | None = None
     previous: dict[str, float] = {}
-    stable_share: float | None = None
-    fit: FitResult | None = None
+    records: list[WaveRecord] = []
+    snaps: dict[int, Snapshot] = {}
+    q = [batch.q[e] for e in batch.ids]
     wave = 0
-    while len(history) < budget:
+    stops = [*sorted(c * n // 2 for c in snapshots), int(cap * n / 2)]
+    while len(comps) < cap * n / 2:
         wave += 1
-        # Wave 1 is the coverage wave (4 comparisons each: 2n pairs); then adaptive waves.
-        step = math.ceil(k * n / 2) if wave == 1 else max(1, int(wave_frac * n))
-        size = min(budget - len(history), step)
+        nxt = next(s for s in stops if s > len(comps))
+        size = min(2 * n if wave == 1 else n // 2, nxt - len(comps))
         pairs = plan_wave(
-            batch_id=f"bench-{n}-{seed}",
+            key=f"bench-{batch.seed}",
             wave=wave,
-            seed=seed,
+            seed=batch.seed,
             essay_ids=batch.ids,
             anchors=batch.anchors,
             grade_scale=SCALE,
             history=history,
             size=size,
             scores=scores,
-            min_comparisons=k,
-            anchor_bonus=anchor_bonus,
+            selector=selector,  # type: ignore[arg-type]
         )
         if not pairs:
             break
@@ -179,184 +250,377 @@ def run_adaptive(
             comps.append(Comparison(a, b, win))
         fit = fit_bt(batch.ids, comps)
         scores = {e: (fit.theta[e], fit.se[e]) for e in batch.ids}
-        if stable_share is None and wave >= 2 and max_abs_delta(previous, fit.theta) < stability:
-            stable_share = len(comps) / (n * (n - 1) / 2)
+        theta = [fit.theta[e] for e in batch.ids]
+        records.append(
+            WaveRecord(
+                c=2 * len(comps) / n,
+                spearman=float(spearmanr(theta, q).statistic),
+                r2=float(np.corrcoef(theta, q)[0, 1] ** 2),
+                reliability=posterior_reliability(fit).value,
+                rank_stability=rank_agreement(previous, fit.theta) if previous else None,
+            )
+        )
         previous = fit.theta
-    out = evaluate(batch, comps, fit)
-    if fit is not None:
-        out.ssr = ssr(fit.theta, fit.se)
-        out.split_half = split_half(batch.ids, comps, seed=seed)
-    out.stable_share = stable_share
-    out.waves = wave
-    out.seconds = time.perf_counter() - t0
-    return out, comps
+        if len(comps) * 2 % n == 0 and len(comps) * 2 // n in snapshots:
+            snaps[len(comps) * 2 // n] = measure(batch, comps, fit, batch.seed)
+    return records, snaps
 
 
-def orient(pairs: Sequence[tuple[str, str]], rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Positions from running balances (both orders tried), as the pipeline would."""
-    bal: dict[str, int] = {}
+def random_pairs(batch: Batch, cap: int, rng: np.random.Generator) -> list[Comparison]:
+    """Uniformly random distinct pairs, positions from running balances, judged in order."""
+    n = len(batch.ids)
+    iu, ju = np.triu_indices(n, 1)
+    picks = rng.choice(len(iu), size=min(cap * n // 2, len(iu)), replace=False)
+    balance: dict[str, int] = {}
     out = []
-    for x, y in pairs:
-        bx, by = bal.get(x, 0), bal.get(y, 0)
+    for k in picks:
+        x, y = batch.ids[int(iu[k])], batch.ids[int(ju[k])]
+        bx, by = balance.get(x, 0), balance.get(y, 0)
         if bx > by or (bx == by and rng.random() < 0.5):
             x, y = y, x
-        bal[x] = bal.get(x, 0) + 1
-        bal[y] = bal.get(y, 0) - 1
-        out.append((x, y))
+        balance[x] = balance.get(x, 0) + 1
+        balance[y] = balance.get(y, 0) - 1
+        out.append(Comparison(x, y, batch.judge(x, y)))
     return out
 
 
-def run_random(batch: Batch, count: int) -> Outcome:
+def run_random(
+    batch: Batch, cs: Sequence[int], curve: Sequence[int]
+) -> tuple[dict[int, Snapshot], dict[int, float]]:
+    rng = np.random.default_rng(20_000 + batch.seed)
     n = len(batch.ids)
-    total = n * (n - 1) // 2
-    picks = batch.rng.choice(total, size=min(count, total), replace=False)
-    iu, ju = np.triu_indices(n, 1)
-    pairs = [(batch.ids[int(iu[k])], batch.ids[int(ju[k])]) for k in picks]
-    comps = [Comparison(a, b, batch.judge(a, b)) for a, b in orient(pairs, batch.rng)]
-    return evaluate(batch, comps)
+    comps = random_pairs(batch, max(max(cs), max(curve)), rng)
+    q = [batch.q[e] for e in batch.ids]
+    snaps, spear = {}, {}
+    for c in sorted(set(cs) | set(curve)):
+        part = comps[: c * n // 2]
+        fit = fit_bt(batch.ids, part)
+        spear[c] = float(spearmanr([fit.theta[e] for e in batch.ids], q).statistic)
+        if c in cs:
+            snaps[c] = measure(batch, part, fit, batch.seed)
+    return snaps, spear
 
 
-def run_all(batch: Batch) -> Outcome:
-    n = len(batch.ids)
-    order = [batch.ids[int(k)] for k in batch.rng.permutation(n)]
-    pairs = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            d = j - i
-            # Circulant tournament: out-degree (n−1)/2 each (±½ when n is even).
-            forward = d < n - d or (d == n - d and i < n // 2)
-            pairs.append((order[i], order[j]) if forward else (order[j], order[i]))
-    comps = [Comparison(a, b, batch.judge(a, b)) for a, b in pairs]
-    return evaluate(batch, comps)
+# --- summaries --------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    n: int
-    strategy: str
-    seeds: int
-    metrics: dict[str, float | None] = field(default_factory=dict)
-
-
-def mean_of(values: Sequence[float | None]) -> float | None:
+def mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
-def summarise(n: int, strategy: str, outs: list[Outcome]) -> Row:
+def summarise(snaps: list[Snapshot]) -> dict[str, float | None]:
     keys = [
-        "spearman", "grade_acc", "grade_adj", "eta_err", "share", "comparisons",
-        "ssr", "split_half", "stable_share", "waves", "seconds",
+        "spearman", "r2", "reliability", "ssr", "split_r", "split_sb", "coverage",
+        "eta_err", "exact", "adjacent", "band_hit", "band_width",
     ]  # fmt: skip
-    metrics = {k: mean_of([getattr(o, k) for o in outs]) for k in keys}
-    metrics["spearman_sd"] = float(np.std([o.spearman for o in outs]))
-    metrics["stable_runs"] = float(sum(o.stable_share is not None for o in outs))
-    return Row(n, strategy, len(outs), metrics)
+    out: dict[str, float | None] = {k: mean([getattr(s, k) for s in snaps]) for k in keys}
+    pooled = [c for s in snaps for c in s.calibration]
+    out["ece"] = ece(pooled)
+    out["ece_floor"] = ece_floor(pooled)
+    out["students"] = float(len(pooled))
+    return out
 
 
-def ceiling(n: int, comparisons: float, args: argparse.Namespace) -> float:
-    """Rough upper bound on corr(θ̂, q) for any design with this many comparisons: every
-    comparison at P = ½ (Fisher information ¼), the judge noise folded into the logistic
-    scale (σ ∗ N(0, noise²) ≈ σ(x / √(1 + π·noise²/8))), reliability = v / (v + 1/info)."""
-    scale = math.sqrt(1.0 + math.pi * args.noise**2 / 8.0)
-    v = (args.spread / scale) ** 2
-    info = 0.25 * 2.0 * comparisons / n
-    return math.sqrt(v / (v + 1.0 / info))
+def curve_mean(records: list[list[WaveRecord]], attr: str, cs: Sequence[int]) -> list[float]:
+    """Mean over runs of a per-wave figure, interpolated at each c."""
+    rows = []
+    for recs in records:
+        xs = [r.c for r in recs]
+        ys = [getattr(r, attr) for r in recs]
+        rows.append(np.interp(cs, xs, ys))
+    return [float(v) for v in np.mean(rows, axis=0)]
+
+
+def comparisons_to_reach(
+    curve_c: Sequence[int], curve: Sequence[float], target: float
+) -> float | None:
+    """Smallest c (linear interpolation) at which a rising curve reaches ``target``."""
+    for k in range(1, len(curve)):
+        if curve[k] >= target:
+            lo, hi = curve[k - 1], curve[k]
+            if lo >= target:
+                return float(curve_c[k - 1])
+            return curve_c[k - 1] + (target - lo) / (hi - lo) * (curve_c[k] - curve_c[k - 1])
+    return None
+
+
+def pearson_ceiling(c: float, spread: float, noise: float) -> float:
+    """corr(θ̂, θ) if every comparison carried the most information a comparison can (¼,
+    at P = ½): posterior variance 1 / (c/4 + 1/v) for v = var θ on the judge's scale."""
+    v = (spread / math.sqrt(1.0 + math.pi * noise**2 / 8.0)) ** 2
+    return math.sqrt(v / (v + 1.0 / (0.25 * c)))
 
 
 def fmt(v: float | None, spec: str = ".3f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+# --- sections ---------------------------------------------------------------------------
+
+
+def section_designs(args: argparse.Namespace) -> dict[str, Any]:
+    curve_c = list(range(4, max(CS) + 1))
+    snaps: dict[str, dict[int, list[Snapshot]]] = {
+        d: {c: [] for c in CS} for d in ("adaptive", "random")
+    }
+    records: dict[str, list[list[WaveRecord]]] = {"adaptive": [], "information": []}
+    random_spear: list[list[float]] = []
+    for seed in range(args.seeds):
+        batch = make_batch(args.n, seed, 1.0, args.bias, args.noise)
+        recs, ada = run_waves(batch, max(CS), snapshots=CS)
+        records["adaptive"].append(recs)
+        for c, s in ada.items():
+            snaps["adaptive"][c].append(s)
+        batch = make_batch(args.n, seed, 1.0, args.bias, args.noise)
+        rnd, spear = run_random(batch, CS, curve_c)
+        for c, s in rnd.items():
+            snaps["random"][c].append(s)
+        random_spear.append([spear[c] for c in curve_c])
+        if args.information:
+            batch = make_batch(args.n, seed, 1.0, args.bias, args.noise)
+            info_recs, _ = run_waves(batch, max(CS), selector="information")
+            records["information"].append(info_recs)
+        print(f"  designs: seed {seed + 1}/{args.seeds}", file=sys.stderr, flush=True)
+    table = {d: {c: summarise(snaps[d][c]) for c in CS} for d in snaps}
+    pooled = {}
+    for d in snaps:
+        calib = [x for c in CS for s in snaps[d][c] for x in s.calibration]
+        pooled[d] = {"ece": ece(calib), "ece_floor": ece_floor(calib), "students": len(calib)}
+    random_curve = [float(v) for v in np.mean(random_spear, axis=0)]
+    target = random_curve[curve_c.index(24)]
+    efficiency: dict[str, Any] = {"random_spearman_at_24": target}
+    for name, recs in records.items():
+        if not recs:
+            continue
+        curve = curve_mean(recs, "spearman", curve_c)
+        need = comparisons_to_reach(curve_c, curve, target)
+        efficiency[name] = {
+            "spearman_at_24": curve[curve_c.index(24)],
+            "c_to_match": need,
+            "share_of_random": None if need is None else need / 24.0,
+        }
+    return {"table": table, "pooled_ece": pooled, "efficiency": efficiency}
+
+
+def section_stopping(args: argparse.Namespace) -> dict[str, Any]:
+    rule = StopRule()
+    cap = args.stop_cap
+    curve_c = list(range(4, cap + 1))
+    out: dict[str, Any] = {"cap_per_essay": cap, "spreads": {}}
+    r2_curves: dict[float, list[float]] = {}
+    stops_all: list[float] = []
+    for spread in SPREADS:
+        runs, stops = [], []
+        for seed in range(args.stop_seeds):
+            batch = make_batch(args.n, 100 + seed, spread, args.bias, args.noise)
+            recs, _ = run_waves(batch, cap)
+            runs.append(recs)
+            fired = next(
+                (r for r in recs if is_reliable(rule, r.reliability, r.rank_stability, r.c)), None
+            )
+            stops.append(fired)
+        print(f"  stopping: spread {spread} done", file=sys.stderr, flush=True)
+        fired_runs = [s for s in stops if s is not None]
+        used = [s.c if s is not None else float(cap) for s in stops]
+        stops_all += used
+        r2_curves[spread] = curve_mean(runs, "r2", curve_c)
+        out["spreads"][str(spread)] = {
+            "runs": len(stops),
+            "fired": len(fired_runs),
+            "c_at_stop": mean(used),
+            "r2_at_stop": mean([s.r2 for s in fired_runs]),
+            "reliability_at_stop": mean([s.reliability for s in fired_runs]),
+            "r2_at_cap": r2_curves[spread][-1],
+        }
+    worst = min(v["r2_at_stop"] or 0.0 for v in out["spreads"].values())
+    fixed = next(
+        (c for k, c in enumerate(curve_c) if all(r2_curves[s][k] >= worst for s in SPREADS)), None
+    )
+    used_mean = float(np.mean(stops_all))
+    out["worst_spread_r2"] = worst
+    out["fixed_c_for_worst"] = fixed
+    out["rule_mean_c"] = used_mean
+    out["saving"] = None if fixed is None else 1.0 - used_mean / fixed
+    return out
+
+
+def print_report(
+    args: argparse.Namespace, designs: dict[str, Any], stopping: dict[str, Any]
+) -> None:
+    eta = args.bias / math.sqrt(1 + math.pi * args.noise**2 / 8)
+    print(
+        f"n = {args.n}, q ~ N(0, 1) (section 3: SD 0.6/1.0/1.6), mock judge noise {args.noise}, "
+        f"bias {args.bias} (η on the model's scale {eta:.3f}); 12 anchors; "
+        f"{args.seeds} seeds (sections 1–2), {args.stop_seeds} per spread (3)"
+    )
+    print("\n1. Per design and comparisons per essay (c); R = posterior reliability (reported)")
+    head = (
+        f"{'design':<8} {'c':>3} {'spear':>6} {'r²':>6} {'R':>6} {'R−r²':>6} {'SSR':>6} "
+        f"{'sh r':>6} {'sh SB':>6} {'cover':>6} {'|η̂−η|':>6} {'exact':>6} {'adj':>6} "
+        f"{'ECE':>6} {'floor':>6} {'band':>6} {'width':>6}"
+    )
+    print(head)
+    print("-" * len(head))
+    for design, rows in designs["table"].items():
+        for c, m in rows.items():
+            gap = None if m["reliability"] is None else m["reliability"] - (m["r2"] or 0.0)
+            print(
+                f"{design:<8} {c:>3} {fmt(m['spearman'])} {fmt(m['r2'])} {fmt(m['reliability'])} "
+                f"{fmt(gap, '+.3f')} {fmt(m['ssr'])} {fmt(m['split_r'])} {fmt(m['split_sb'])} "
+                f"{fmt(m['coverage'])} {fmt(m['eta_err'])} {fmt(m['exact'])} {fmt(m['adjacent'])} "
+                f"{fmt(m['ece'])} {fmt(m['ece_floor'])} {fmt(m['band_hit'])} "
+                f"{fmt(m['band_width'], '.2f')}"
+            )
+    print(
+        "   SSR: classical, near-ML fit, inflated by adaptive pairing; split-half (sh): mean of "
+        "20 random splits of the comparisons, deflated by adaptive pairing; ECE pooled over "
+        "seeds, 'floor' = the ECE of a perfectly calibrated predictor on as many students; "
+        "band = share of students whose 80 % band holds the true grade."
+    )
+    for d, v in designs["pooled_ece"].items():
+        print(
+            f"   {d}: ECE over all c pooled ({v['students']} students) {v['ece']:.3f}, "
+            f"noise floor {v['ece_floor']:.3f}"
+        )
+    eff = designs["efficiency"]
+    print(
+        "\n2. Comparisons per essay to reach random pairing's Spearman at c = 24 "
+        f"({eff['random_spearman_at_24']:.4f})"
+    )
+    for name in ("adaptive", "information"):
+        if name in eff:
+            e = eff[name]
+            print(
+                f"   {name:<12} Spearman at 24 {e['spearman_at_24']:.4f}; matches random at "
+                f"c = {fmt(e['c_to_match'], '.1f')} = {fmt(e['share_of_random'], '.0%')} "
+                "of its comparisons"
+            )
+    print(
+        "\n3. Stopping rule (R ≥ 0.80, ρ ≥ 0.99 between waves, ≥ 10 per essay; "
+        f"cap {stopping['cap_per_essay']})"
+    )
+    for spread, v in stopping["spreads"].items():
+        print(
+            f"   quality SD {spread}: fired {v['fired']}/{v['runs']}, "
+            f"c at stop {fmt(v['c_at_stop'], '.1f')}, true r² at stop {fmt(v['r2_at_stop'])}, "
+            f"R at stop {fmt(v['reliability_at_stop'])}"
+        )
+    fixed = stopping["fixed_c_for_worst"]
+    print(
+        f"   worst-spread true r² at stop {stopping['worst_spread_r2']:.3f}; the smallest "
+        f"fixed budget giving every spread at least that: c = {fmt(fixed, '.0f')}; the rule used "
+        f"{stopping['rule_mean_c']:.1f} per essay on average over the mix = "
+        f"{fmt(stopping['saving'], '.0%')} fewer comparisons"
+    )
+    print("\n4. Information ceiling (quality SD 1): Pearson corr(θ̂, θ) ≤")
+    print(
+        "   "
+        + "  ".join(f"c={c}: {pearson_ceiling(c, 1.0, args.noise):.3f}" for c in CS)
+        + "\n   (every comparison at P = ½, information ¼). Not reachable: it needs each pair "
+        "to be an exact tie, i.e. θ known before it is measured; the first wave and every "
+        "estimate's error keep real designs below it."
+    )
+
+
+def goals(designs: dict[str, Any], stopping: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    table = designs["table"]
+    gaps = [
+        (m["reliability"] or 0.0) - (m["r2"] or 0.0)
+        for rows in table.values()
+        for m in rows.values()
+    ]
+    cover = [m["coverage"] or 0.0 for rows in table.values() for m in rows.values()]
+    eces = [m["ece"] or 0.0 for rows in table.values() for m in rows.values()]
+    pooled = [v["ece"] for v in designs["pooled_ece"].values()]
+    bands = [m["band_hit"] or 0.0 for rows in table.values() for m in rows.values()]
+    spreads = stopping["spreads"].values()
+    share = designs["efficiency"].get("adaptive", {}).get("share_of_random")
+    saving = stopping["saving"]
+    return [
+        (
+            "R within ±0.05 of true r², every c, both designs",
+            f"R − r² in [{min(gaps):+.3f}, {max(gaps):+.3f}]",
+            max(abs(g) for g in gaps) <= 0.05,
+        ),
+        (
+            "±1.96 SE coverage in [0.93, 0.97]",
+            f"{min(cover):.3f} – {max(cover):.3f}",
+            min(cover) >= 0.93 and max(cover) <= 0.97,
+        ),
+        (
+            "stopping rule fires on every spread",
+            ", ".join(f"{v['fired']}/{v['runs']}" for v in spreads),
+            all(v["fired"] == v["runs"] for v in spreads),
+        ),
+        (
+            "… with ≥ 30 % fewer comparisons than the fixed budget",
+            fmt(saving, ".0%"),
+            saving is not None and saving >= 0.30,
+        ),
+        (
+            "grade ECE ≤ 0.05 (each design, pooled over c)",
+            f"{min(pooled):.3f} – {max(pooled):.3f} (single cells {min(eces):.3f} – "
+            f"{max(eces):.3f}, noise floor per cell ≈ 0.03)",
+            max(pooled) <= 0.05,
+        ),
+        (
+            "80 % band holds the true grade ≥ 80 %",
+            f"{min(bands):.3f} – {max(bands):.3f}",
+            min(bands) >= 0.80,
+        ),
+        (
+            "adaptive reaches random's Spearman at c = 24 with ≤ 70 %",
+            fmt(share, ".0%"),
+            share is not None and share <= 0.70,
+        ),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", default="30,100,300")
-    ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--seeds-300", type=int, default=20, help="seeds for n >= 300 (runtime)")
-    ap.add_argument("--budget", type=float, default=0.15, help="adaptive budget, share of pairs")
-    ap.add_argument("--wave-frac", type=float, default=0.5, help="later wave size / n")
-    ap.add_argument("--stability", type=float, default=0.05)
-    ap.add_argument("--k", type=int, default=4, help="min_comparisons (wave 1: k·n/2 pairs)")
-    ap.add_argument("--anchor-bonus", type=float, default=0.5, help="plan_wave anchor_bonus")
-    ap.add_argument("--spread", type=float, default=1.0, help="SD of latent quality q")
+    ap.add_argument("--n", type=int, default=100, help="essays per batch")
+    ap.add_argument("--seeds", type=int, default=10, help="batches per design (sections 1–2)")
+    ap.add_argument("--stop-seeds", type=int, default=10, help="batches per spread (section 3)")
+    ap.add_argument("--stop-cap", type=int, default=80, help="cap, comparisons per essay (3)")
+    ap.add_argument("--bias", type=float, default=0.4, help="the judge's position bias (logits)")
     ap.add_argument("--noise", type=float, default=0.5, help="judge noise SD per call")
-    ap.add_argument("--bias", type=float, default=0.3, help="true position bias")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument(
+        "--no-information",
+        dest="information",
+        action="store_false",
+        help="skip the expected-information selector",
+    )
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the report")
     args = ap.parse_args(argv)
-
-    wp, source = load_win_probability()
-    sizes = [int(s) for s in args.sizes.split(",") if s]
-    rows: list[Row] = []
     t0 = time.perf_counter()
-    for n in sizes:
-        seeds = args.seeds if n < 300 else min(args.seeds, args.seeds_300)
-        res: dict[str, list[Outcome]] = {"adaptive": [], "random": [], "all": []}
-
-        for seed in range(seeds):
-            batch = make_batch(n, seed, args.spread, args.bias, args.noise, wp)
-            adaptive, comps = run_adaptive(
-                batch, args.budget, args.wave_frac, args.stability, seed, args.k, args.anchor_bonus
-            )
-            res["adaptive"].append(adaptive)
-            res["random"].append(run_random(batch, len(comps)))
-            res["all"].append(run_all(batch))
-
-        for strategy, outs in res.items():
-            rows.append(summarise(n, strategy, outs))
-        if not args.json:
-            print(
-                f"  n={n}: {seeds} seeds done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr
-            )
-
+    designs = section_designs(args)
+    stopping = section_stopping(args)
+    met = goals(designs, stopping)
     if args.json:
         print(
             json.dumps(
                 {
-                    "judge": source,
                     "settings": vars(args),
-                    "rows": [asdict(r) for r in rows],
+                    "designs": designs,
+                    "stopping": stopping,
+                    "goals": [asdict_goal(g) for g in met],
                 },
                 indent=1,
+                default=str,
             )
         )
         return 0
-
-    print(
-        f"judge: {source}; q ~ N(0, {args.spread}²), noise {args.noise}, bias {args.bias}; "
-        f"adaptive budget {args.budget:.0%} of pairs, waves of {args.wave_frac}·n"
-    )
-    head = (
-        f"{'n':>4} {'strategy':<9} {'seeds':>5} {'spearman':>9} {'±sd':>6} {'grade':>6} "
-        f"{'±1 grd':>6} {'|η−b|':>6} {'share':>6} {'cmp':>6} {'SSR':>6} {'split':>6} "
-        f"{'stable@':>8}"
-    )
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        m = r.metrics
-        stable = fmt(m["stable_share"], ".1%") if r.strategy == "adaptive" else ""
-        print(
-            f"{r.n:>4} {r.strategy:<9} {r.seeds:>5} {fmt(m['spearman'], '9.4f')} "
-            f"{fmt(m['spearman_sd'], '6.3f')} {fmt(m['grade_acc'], '6.3f')} "
-            f"{fmt(m['grade_adj'], '6.3f')} {fmt(m['eta_err'], '6.3f')} "
-            f"{fmt(m['share'], '6.1%')} {fmt(m['comparisons'], '6.0f')} "
-            f"{fmt(m['ssr'], '6.3f')} {fmt(m['split_half'], '6.3f')} {stable:>8}"
-        )
-    for n in sizes:
-        by = {r.strategy: r.metrics for r in rows if r.n == n}
-        a, al = by["adaptive"]["spearman"], by["all"]["spearman"]
-        rnd = by["random"]["spearman"]
-        if a is not None and al is not None and rnd is not None:
-            print(
-                f"n={n}: adaptive − all = {a - al:+.4f} Spearman, adaptive − random = "
-                f"{a - rnd:+.4f}, adaptive uses {fmt(by['adaptive']['share'], '.1%')} of pairs"
-            )
-        cmp = by["adaptive"]["comparisons"]
-        if cmp:
-            bound = ceiling(n, cmp, args)
-            print(f"       ceiling for any design with {cmp:.0f} comparisons ≈ {bound:.3f}")
-    print(f"total {time.perf_counter() - t0:.0f} s")
+    print_report(args, designs, stopping)
+    print("\nGoals (issue 9)")
+    for name, measured, ok in met:
+        print(f"   {'met    ' if ok else 'NOT met'}  {name}: {measured}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def asdict_goal(goal: tuple[str, str, bool]) -> dict[str, Any]:
+    return {"goal": goal[0], "measured": goal[1], "met": goal[2]}
 
 
 if __name__ == "__main__":

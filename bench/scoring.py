@@ -93,7 +93,7 @@ def time_plan_wave(n: int, history_size: int, size: int, repeats: int) -> list[f
     scores = {e: (float(rng.normal()), float(0.3 + 0.2 * rng.random())) for e in ids}
     _, times = timed(
         lambda: plan_wave(
-            batch_id="bench",
+            key="bench",
             wave=9,
             seed=1,
             essay_ids=ids,

@@ -10,6 +10,7 @@ state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -17,10 +18,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
+import msgspec
 import structlog
 from redis.exceptions import WatchError
 
-from cj.grades import project_grades
+from cj.grades import project_grades, single_grade_support
 from cj.metrics import (
     CJ_BATCH_DURATION,
     CJ_FINALIZED,
@@ -28,8 +30,18 @@ from cj.metrics import (
     forget_completion,
     show_completion,
 )
-from cj.pairs import PairHistory, plan_wave
-from cj.scoring import Comparison, fit_bt, max_abs_delta, split_half, ssr
+from cj.pairs import PairHistory, pair_key, plan_wave
+from cj.scoring import (
+    Comparison,
+    FitResult,
+    classical_ssr,
+    fit_bt,
+    max_abs_delta,
+    posterior_reliability,
+    rank_agreement,
+    split_half,
+)
+from cj.stopping import StopRule, is_reliable, per_essay
 from events import codec
 from events.types import (
     ACCOUNT_FAILURES,
@@ -43,6 +55,7 @@ from events.types import (
     EssayScore,
     FinalizeReason,
     PairRequest,
+    Reliabilities,
     WaveSubmitted,
     Winner,
     essay_reference,
@@ -148,9 +161,51 @@ def _r(value: float | None, digits: int = 6) -> float | None:
     return None if value is None or math.isinf(value) or math.isnan(value) else round(value, digits)
 
 
+def content_key(state: BatchState) -> str:
+    """SHA-256 of what the batch is about — its essays and grade scale — not of its random
+    id: with the seed, what the planner (and the mock judge) draw from, so the same input
+    submitted twice with the same seed gives the same waves and judgements. Its first 64
+    bits only: it seeds random draws, and every request carries it (requests stay small)."""
+    body = msgspec.json.encode(
+        [sorted(state.essays, key=lambda e: e.essay_id), list(state.config.grade_scale)]
+    )
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+SPLIT_HALF_LATER = "computed when the batch ends"
+
+
+def _reliabilities(
+    ids: list[str], comparisons: list[Comparison], fit: FitResult, seed: int, final: bool
+) -> Reliabilities:
+    posterior = posterior_reliability(fit)
+    classical = classical_ssr(ids, comparisons)
+    base = Reliabilities(
+        posterior=_r(posterior.value),
+        posterior_na=posterior.reason,
+        ssr=_r(classical.value),
+        ssr_na=classical.reason,
+        split_half_na=SPLIT_HALF_LATER,
+    )
+    if not final:
+        return base
+    # 20 refits of each half: once, for the batch's last scores, not every wave.
+    halves = split_half(ids, comparisons, seed=seed)
+    return msgspec.structs.replace(
+        base,
+        split_half_r=_r(halves.r),
+        split_half=_r(halves.spearman_brown),
+        split_half_splits=halves.splits,
+        split_half_unit=halves.unit,
+        split_half_na=halves.reason,
+    )
+
+
 @CJ_STEP_SECONDS.labels("score").time()
-def score(state: BatchState) -> BatchScored:
-    """Fit BT on the accepted comparisons, project grades, and say what is doubtful."""
+def score(state: BatchState, *, final: bool = False) -> BatchScored:
+    """Fit BT on the accepted comparisons, project grades, and say what is doubtful.
+    ``final``: the batch's last scores, with the split-half reliability and, when the
+    comparisons cannot support single grades, a warning saying so."""
     ids = [e.essay_id for e in state.essays]
     comparisons = comparisons_of(state)
     fit = fit_bt(ids, comparisons)
@@ -164,38 +219,47 @@ def score(state: BatchState) -> BatchScored:
             f"comparison graph is not connected ({fit.components} components): "
             "scores of different components are not comparable"
         )
+    students = [e.essay_id for e in state.essays if not e.is_anchor]
+    single_share, support = single_grade_support(grades.assignments, students)
+    if final and support:
+        warnings.append(support)
     scores = []
     for rank, i in enumerate(order, start=1):
-        assignment = grades.assignments.get(i)
+        a = grades.assignments.get(i)
         scores.append(
             EssayScore(
                 essay_id=i,
                 theta=round(fit.theta[i], 6),
                 se=round(fit.se[i], 6),
                 rank=rank,
-                grade=assignment.grade if assignment else None,
+                grade=a.grade if a else None,
                 grade_probabilities=(
-                    {g: round(p, 4) for g, p in assignment.probabilities.items()}
-                    if assignment
-                    else {}
+                    {g: round(p, 4) for g, p in a.probabilities.items()} if a else {}
                 ),
-                confidence=assignment.confidence if assignment else None,
+                confidence=a.confidence if a else None,
+                grade_band=list(a.band) if a and a.grade else [],
+                grade_confidence=round(a.top_probability, 4) if a and a.grade else None,
             )
         )
+    reliability = _reliabilities(ids, comparisons, fit, state.config.seed, final)
     return BatchScored(
         batch_id=state.batch_id,
         wave=state.waves,
         scores=scores,
         max_delta=_r(max_abs_delta(previous, fit.theta)),
-        ssr=_r(ssr(fit.theta, fit.se)),
+        ssr=reliability.ssr,
         position_bias=_r(fit.eta),
         position_bias_se=_r(fit.eta_se),
         connected=fit.connected,
-        components=fit.components,
         comparisons=len(comparisons),
-        split_half=_r(split_half(ids, comparisons, seed=state.config.seed)),
+        components=fit.components,
+        split_half=reliability.split_half,
         grade_boundaries={g: round(b, 6) for g, b in grades.boundaries.items()},
         warnings=warnings,
+        reliability=reliability,
+        rank_stability=_r(rank_agreement(previous, fit.theta)) if previous else None,
+        single_grade_share=_r(single_share, 4),
+        grade_support=support or "",
     )
 
 
@@ -211,12 +275,14 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     if remaining <= 0:
         return None
     wave = state.waves + 1
-    # The first wave lays a connected graph with a few comparisons per essay; later waves refine.
-    size = min(cfg.wave_size * (2 if wave == 1 else 1), remaining)
+    # The first wave lays a connected graph, four comparisons per essay; later waves are
+    # matchings (each essay at most once) chosen on the latest scores.
+    size = min(2 * len(state.essays) if wave == 1 else cfg.wave_size, remaining)
     scores = {s.essay_id: (s.theta, s.se) for s in state.scores.scores} if state.scores else None
     anchors = {e.essay_id: e.anchor_grade for e in state.essays if e.is_anchor and e.anchor_grade}
+    key = content_key(state)
     planned = plan_wave(
-        batch_id=state.batch_id,
+        key=key,
         wave=wave,
         seed=cfg.seed,
         essay_ids=[e.essay_id for e in state.essays],
@@ -234,6 +300,7 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     essays = {e.essay_id: essay_reference(e) for e in state.essays if e.essay_id in used}
     pairs = [PairRequest(new_id(), a, b) for a, b in planned]
     bundle = max(1, min(len(pairs), MAX_BUNDLE_SIZE))
+    asked = Counter(pair_key(a, b) for _, a, b in state.pairs.values())
     requests = [
         ComparisonRequested(
             batch_id=state.batch_id,
@@ -248,6 +315,8 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
             overrides=cfg.overrides,
             seed=cfg.seed,
             prompt_version=cfg.prompt_version,
+            content_key=key,
+            occurrence=asked[pair_key(p.essay_a, p.essay_b)],
         )
         for p in pairs
     ]
@@ -263,12 +332,35 @@ def too_many_failures(state: BatchState) -> str | None:
     return None
 
 
+def stop_reason(state: BatchState, scored: BatchScored) -> FinalizeReason | None:
+    """``reliable`` when the stopping rule holds, ``budget`` when the cap is reached."""
+    cfg = state.config
+    rule = StopRule(cfg.target_reliability, cfg.rank_stability, cfg.min_comparisons_per_essay)
+    reliability = scored.reliability.posterior if scored.reliability else None
+    if is_reliable(
+        rule, reliability, scored.rank_stability, per_essay(scored.comparisons, len(state.essays))
+    ):
+        return "reliable"
+    if state.submitted >= state.denominator or state.waves >= cfg.max_waves:
+        return "budget"
+    return None
+
+
 def decide(state: BatchState) -> Decision | None:
     """The next step of a batch whose callbacks are all in, or None when there is none."""
     if state.terminal or state.in_flight > 0:
         return None
+    decision = _decide(state)
+    if isinstance(decision.terminal, BatchFinalized):
+        # The batch's last scores carry what is too costly for every wave.
+        for k, event in enumerate(decision.events):
+            if isinstance(event, BatchScored):
+                decision.events[k] = score(state, final=True)
+    return decision
+
+
+def _decide(state: BatchState) -> Decision:
     decision = Decision()
-    cfg = state.config
     if state.waves > state.scored_wave:
         scored = score(state)
         decision.events.append(scored)
@@ -292,16 +384,9 @@ def decide(state: BatchState) -> Decision | None:
                 )
             )
             return decision
-        stable = (
-            state.waves >= cfg.min_waves
-            and scored.max_delta is not None
-            and scored.max_delta < cfg.stability_threshold
-        )
-        if stable:
-            decision.events.append(_finish(state, "stable"))
-            return decision
-        if state.submitted >= state.denominator or state.waves >= cfg.max_waves:
-            decision.events.append(_finish(state, "budget"))
+        reason = stop_reason(state, scored)
+        if reason is not None:
+            decision.events.append(_finish(state, reason))
             return decision
     wave = next_wave(state)
     if wave is None:
@@ -312,10 +397,10 @@ def decide(state: BatchState) -> Decision | None:
                 )
             )
         else:
-            reason: FinalizeReason = (
+            reason_left: FinalizeReason = (
                 "budget" if state.submitted >= state.denominator else "all_pairs"
             )
-            decision.events.append(_finish(state, reason))
+            decision.events.append(_finish(state, reason_left))
         return decision
     submitted, requests = wave
     over = over_cost_cap(state, len(requests))
@@ -406,8 +491,9 @@ def _report(state: BatchState, decision: Decision) -> None:
                 "batch_scored",
                 batch_id=state.batch_id,
                 wave=event.wave,
-                max_delta=event.max_delta,
-                ssr=event.ssr,
+                reliability=event.reliability.posterior if event.reliability else None,
+                rank_stability=event.rank_stability,
+                comparisons=event.comparisons,
             )
     if isinstance(terminal, BatchFinalized):
         CJ_FINALIZED.labels(terminal.reason).inc()

@@ -1,29 +1,28 @@
-"""Grades from anchors: calibrate the grade scale on θ and project every essay onto it.
+"""Grades from anchors: where the grade boundaries lie on θ, and each essay's grade
+probabilities, grade band and confidence label (pure, no I/O).
 
-Calibration (pure, no I/O):
+Model (an ordinal probit with known measurement error; Albert & Chib 1993). Grade g
+holds the essays whose true θ lies between cuts c_g and c_{g+1} (c_0 = −∞, c_k = +∞).
+The Bradley–Terry fit gives every essay a posterior θ ~ N(θ̂, SE²); an anchor's grade
+says its θ lies between its grade's cuts. The cuts' posterior given the anchors is
+sampled by Gibbs (``_sample_cuts``), alternating
 
-1. Trend: a weighted least-squares line θ ≈ α + β·(grade index) through the
-   anchors. With anchors of fewer than two grades, or a non-positive slope,
-   β falls back to a default step (the θ spread of all essays divided over
-   the scale) and a warning says so.
-2. Per-grade means: the anchors' mean θ of a grade, shrunk toward the trend
-   with the weight of ``shrinkage`` pseudo-anchors (so a grade with one or two
-   anchors moves part of the way to the trend, and a grade with none sits on it,
-   i.e. interpolated or extrapolated).
-3. Monotone: isotonic regression (pool-adjacent-violators, weights = anchors +
-   pseudo-anchors) with a minimum step between adjacent grades, so the means
-   strictly increase in grade order.
-4. Boundaries: the lower boundary of each grade (but the lowest) is the
-   midpoint between its mean and the mean below.
-5. Probabilities: grade g has spread σ_w (pooled within-grade SD of the anchors,
-   less their own SE, shrunk toward half a grade step); an essay with score θ
-   and standard error se gets P(g) ∝ N(θ; μ_g, σ_w² + se² + var(μ)) — the same
-   variance for every grade, so the most likely grade is the one whose
-   boundaries contain θ.
-6. Confidence: "high" when the top probability is at least ``high_threshold``,
-   the normalised entropy is at most 0.5 and se is below half a grade step;
-   "low" when the top probability is below ``confidence_threshold`` or se is
-   above a grade step; "mid" otherwise.
+* each anchor's θ given the cuts: N(θ̂_a, SE_a²) truncated to its grade's interval;
+* each cut given the anchors and its neighbours: a weak normal prior centred on the
+  anchors' trend line (θ̂ ≈ α + β·grade index, ``_PRIOR_STEPS`` grade steps wide),
+  truncated above the highest anchor of a lower grade, below the lowest anchor of a
+  higher grade, and between its neighbouring cuts.
+
+An essay's probability of grade g averages Φ((c_{g+1} − θ̂)/SE) − Φ((c_g − θ̂)/SE)
+over the draws (Rao–Blackwellised, so few draws suffice). The sampler's seed is fixed:
+the same scores give the same probabilities. The correlation between an essay's θ and
+the anchors' (they were compared with each other) is ignored.
+
+The grade shown is the most probable one; the band is the smallest run of adjacent
+grades holding at least ``BAND_MASS`` of the probability; the label is "high" when
+the top probability reaches ``BAND_MASS`` (a one-grade band), "mid" from 0.5, else
+"low". The probabilities are calibrated in simulation (bench/quality.py: expected
+calibration error and band coverage), see docs/statistics.md.
 """
 
 from __future__ import annotations
@@ -35,9 +34,20 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from scipy.special import logsumexp, ndtr
 
 FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.intp]
 Confidence = Literal["high", "mid", "low"]
+
+BAND_MASS = 0.8  # a band holds at least this probability; a single grade this sure is "high"
+MID_CONFIDENCE = 0.5
+# Prior SD of a cut around the anchors' trend line, in grade steps: a guard for grades
+# without anchors, weak enough that anchors on both sides decide (calibrated in
+# simulation: tighter priors pulled the outer cuts inwards when anchors are uncertain).
+_PRIOR_STEPS = 3.0
+_PRIOR_STEPS_ONE_GRADE = 1.0  # with anchors of one grade the trend is all there is
+_GRID = 240  # points of θ where the cuts' posteriors are evaluated
 
 
 @dataclass(frozen=True)
@@ -46,65 +56,55 @@ class GradeAssignment:
     grade: str | None
     probabilities: dict[str, float]  # every grade of the scale
     confidence: Confidence
+    band: tuple[str, ...] = ()  # smallest run of adjacent grades with >= BAND_MASS, lowest first
+    top_probability: float = 0.0  # probability of `grade`
 
 
 @dataclass(frozen=True)
 class GradeProjection:
     assignments: dict[str, GradeAssignment]  # students AND anchors
-    boundaries: dict[str, float]  # lower boundary of each grade except the lowest, on θ
-    grade_means: dict[str, float]
+    boundaries: dict[str, float]  # posterior mean of each grade's lower cut (not the lowest)
     warnings: list[str]
-    grade_sd: float | None = None  # within-grade spread σ_w used for the probabilities
 
 
-def isotonic_increasing(
-    values: Sequence[float], weights: Sequence[float], min_step: float = 0.0
-) -> list[float]:
-    """Weighted least-squares fit of values by a sequence increasing by at least min_step."""
-    shifted = [v - k * min_step for k, v in enumerate(values)]
-    # Pool adjacent violators on the shifted values (non-decreasing), then shift back.
-    blocks: list[list[float]] = []  # [mean, weight, length]
-    for v, w in zip(shifted, weights, strict=True):
-        blocks.append([v, max(w, 1e-12), 1.0])
-        while len(blocks) >= 2 and blocks[-2][0] > blocks[-1][0]:
-            m2, w2, n2 = blocks.pop()
-            m1, w1, n1 = blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    out: list[float] = []
-    for m, _, length in blocks:
-        out.extend([m] * int(length))
-    return [v + k * min_step for k, v in enumerate(out)]
-
-
-def _entropy(p: FloatArray) -> float:
-    q = p[p > 0]
-    return float(-(q * np.log(q)).sum())
-
-
-def project_grades(
-    theta: Mapping[str, float],
-    se: Mapping[str, float],
-    anchors: Mapping[str, str],
-    grade_scale: Sequence[str],
-    *,
-    confidence_threshold: float = 0.5,
-    high_threshold: float = 0.75,
-    shrinkage: float = 1.0,
-) -> GradeProjection:
-    """Project every essay in ``theta`` onto ``grade_scale`` (lowest first) using anchors."""
-    grades = list(grade_scale)
-    k = len(grades)
+def grade_band(
+    probabilities: Sequence[float] | FloatArray, mass: float = BAND_MASS
+) -> tuple[int, int]:
+    """(lowest, highest) index of the shortest run of adjacent grades holding at least
+    ``mass``; among runs as short, the one holding most (then the lowest)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    k = len(p)
     if k == 0:
-        raise ValueError("grade scale is empty")
-    gidx = {g: i for i, g in enumerate(grades)}
-    warnings: list[str] = []
-    essays = list(theta)
+        raise ValueError("no grades")
+    cum = np.concatenate([[0.0], np.cumsum(p)])
+    target = min(mass, float(cum[-1])) - 1e-12
+    for width in range(1, k + 1):
+        sums = cum[width:] - cum[:-width]
+        if float(sums.max()) >= target:
+            lo = int(np.argmax(sums))  # first of the largest
+            return lo, lo + width - 1
+    return 0, k - 1  # pragma: no cover - width k holds everything
 
-    def se_of(e: str) -> float:
-        s = se.get(e)
-        return float(s) if s is not None and math.isfinite(s) else math.inf
 
+def confidence_label(top_probability: float) -> Confidence:
+    if top_probability >= BAND_MASS:
+        return "high"
+    if top_probability >= MID_CONFIDENCE:
+        return "mid"
+    return "low"
+
+
+def expected_agreement(p: Mapping[str, float], q: Mapping[str, float]) -> float:
+    """Σ_g p(g)·q(g): how often two grades drawn from these distributions agree — what
+    two runs' grade probabilities predict for their exact agreement on one essay."""
+    return float(sum(p[g] * q.get(g, 0.0) for g in p))
+
+
+def _usable_anchors(
+    theta: Mapping[str, float], anchors: Mapping[str, str], gidx: Mapping[str, int]
+) -> tuple[dict[str, int], list[str]]:
     usable: dict[str, int] = {}
+    warnings: list[str] = []
     for e, g in sorted(anchors.items()):
         if g not in gidx:
             warnings.append(f"anchor {e} has grade {g!r}, which is not on the scale; ignored")
@@ -112,33 +112,19 @@ def project_grades(
             warnings.append(f"anchor {e} has no score; ignored")
         else:
             usable[e] = gidx[g]
+    return usable, warnings
 
-    if not usable:
-        warnings.append("no anchors with scores: grades cannot be projected")
-        uniform = {g: 1.0 / k for g in grades}
-        return GradeProjection(
-            assignments={e: GradeAssignment(e, None, dict(uniform), "low") for e in essays},
-            boundaries={},
-            grade_means={},
-            warnings=warnings,
-        )
 
-    all_theta = np.array([theta[e] for e in essays], dtype=np.float64)
-    spread = float(np.std(all_theta)) if len(all_theta) > 1 else 0.0
-    default_step = max(4.0 * spread / k, 0.25) if spread > 0 else 1.0
-
-    # Anchors by grade.
+def _order_warnings(
+    usable: Mapping[str, int], theta: Mapping[str, float], grades: Sequence[str]
+) -> list[str]:
+    """Any anchor of a lower grade scored above one of a higher grade; grades without anchors."""
     by_grade: list[list[str]] = [[] for _ in grades]
     for e, gi in usable.items():
         by_grade[gi].append(e)
-    counts = np.array([len(x) for x in by_grade], dtype=np.float64)
-    raw = np.array(
-        [np.mean([theta[e] for e in x]) if x else np.nan for x in by_grade], dtype=np.float64
-    )
-
-    # Out-of-order anchors: any anchor of a lower grade scored above one of a higher grade.
-    for lo in range(k):
-        for hi in range(lo + 1, k):
+    warnings = []
+    for lo in range(len(grades)):
+        for hi in range(lo + 1, len(grades)):
             if not by_grade[lo] or not by_grade[hi]:
                 continue
             top_lo = max(by_grade[lo], key=lambda e: theta[e])
@@ -149,20 +135,26 @@ def project_grades(
                     f"(θ={theta[top_lo]:.2f}) scored above {grades[hi]} anchor {bottom_hi} "
                     f"(θ={theta[bottom_hi]:.2f})"
                 )
-
     for gi, g in enumerate(grades):
         if not by_grade[gi]:
             warnings.append(f"grade {g} has no anchor; its position is interpolated")
+    return warnings
 
-    # Trend line through the anchors.
-    xs = np.array([usable[e] for e in usable], dtype=np.float64)
+
+def _trend(
+    usable: Mapping[str, int], theta: Mapping[str, float], k: int
+) -> tuple[float, float, list[str]]:
+    """Least-squares line θ ≈ α + β·(grade index) through the anchors; β falls back to a
+    default step (the θ spread over the scale) for anchors of one grade or a slope ≤ 0."""
+    spread = float(np.std(list(theta.values()))) if len(theta) > 1 else 0.0
+    default_step = max(4.0 * spread / k, 0.25) if spread > 0 else 1.0
+    xs = np.array(list(usable.values()), dtype=np.float64)
     ys = np.array([theta[e] for e in usable], dtype=np.float64)
-    distinct = len(set(usable.values()))
     slope = default_step
-    if distinct >= 2:
-        xm, ym = xs.mean(), ys.mean()
-        sxx = float(((xs - xm) ** 2).sum())
-        fitted = float(((xs - xm) * (ys - ym)).sum()) / sxx
+    warnings = []
+    if len(set(usable.values())) >= 2:
+        sxx = float(((xs - xs.mean()) ** 2).sum())
+        fitted = float(((xs - xs.mean()) * (ys - ys.mean())).sum()) / sxx
         if fitted > 0:
             slope = fitted
         else:
@@ -174,79 +166,179 @@ def project_grades(
         warnings.append(
             f"anchors of only one grade: using a default grade step of {default_step:.2f}"
         )
-    intercept = float(ys.mean() - slope * xs.mean())
-    trend = intercept + slope * np.arange(k)
+    return float(ys.mean() - slope * xs.mean()), slope, warnings
 
-    # Within-grade spread: pooled SD of anchors around their grade means,
-    # less their own estimation error, shrunk toward half a grade step.
-    resid = [theta[e] - raw[usable[e]] for e in usable]
-    df = len(usable) - distinct
-    anchor_err = float(np.mean([min(se_of(e), 10.0) ** 2 for e in usable]))
-    prior_var = (0.5 * slope) ** 2
-    prior_df = 4.0
-    pooled = float(np.sum(np.square(resid))) / df - anchor_err if df > 0 else 0.0
-    within_var = (max(pooled, 0.0) * df + prior_var * prior_df) / (max(df, 0) + prior_df)
-    sigma_w = math.sqrt(within_var)
 
-    shrunk = np.where(
-        counts > 0,
-        (counts * np.nan_to_num(raw) + shrinkage * trend) / (counts + shrinkage),
-        trend,
+def _cut_marginals(
+    grid: FloatArray,
+    anchor_theta: FloatArray,
+    anchor_sd: FloatArray,
+    anchor_grade: IntArray,
+    prior_mean: FloatArray,
+    prior_sd: float,
+) -> FloatArray:
+    """Posterior marginal of each cut on ``grid`` ((k − 1) × G, rows sum to 1).
+
+    The cuts form a chain: grade g's anchors tie c_{g−1} and c_g through
+    Π_a [Φ((c_g − θ̂_a)/SE_a) − Φ((c_{g−1} − θ̂_a)/SE_a)] (zero unless c_{g−1} < c_g),
+    the lowest and highest grades' anchors weigh on one cut each, and every cut has
+    its normal prior. Forward–backward on the grid gives the exact marginals."""
+    k = len(prior_mean) + 1
+    below = ndtr((grid[None, :] - anchor_theta[:, None]) / anchor_sd[:, None])  # P(θ_a < x)
+    # Log space throughout, with probabilities floored: conflicting anchors with tiny SEs
+    # make every configuration improbable, not impossible.
+    node = -0.5 * ((grid[None, :] - prior_mean[:, None]) / prior_sd) ** 2  # log ψ_j(x)
+    node[0] += _log(below[anchor_grade == 0]).sum(axis=0)
+    node[-1] += _log(1.0 - below[anchor_grade == k - 1]).sum(axis=0)
+    ordered = np.where(np.triu(np.ones((len(grid), len(grid)), dtype=bool), 1), 0.0, -np.inf)
+    links = []  # links[g − 1][x, y]: log factor of grade g between cut g − 1 = x and cut g = y
+    for g in range(1, k - 1):
+        log_m = ordered.copy()
+        for b in below[anchor_grade == g]:
+            log_m += _log(b[None, :] - b[:, None])
+        links.append(log_m)
+    alpha = [node[0] - logsumexp(node[0])]
+    for j in range(1, k - 1):
+        a = node[j] + logsumexp(alpha[-1][:, None] + links[j - 1], axis=0)
+        alpha.append(a - logsumexp(a))
+    beta = [np.zeros(len(grid))]
+    for j in range(k - 2, 0, -1):
+        b = logsumexp(links[j - 1] + (node[j] + beta[0])[None, :], axis=1)
+        beta.insert(0, b - logsumexp(b))
+    log_marg = np.array([a + b for a, b in zip(alpha, beta, strict=True)])
+    return np.asarray(
+        np.exp(log_marg - logsumexp(log_marg, axis=1, keepdims=True)), dtype=np.float64
     )
-    means = np.array(
-        isotonic_increasing(
-            [float(x) for x in shrunk],
-            [float(c) + shrinkage for c in counts],
-            min_step=0.1 * slope,
-        )
-    )
-    mean_var = (within_var + anchor_err) / (counts + shrinkage)
-    boundaries = {grades[i]: float(0.5 * (means[i - 1] + means[i])) for i in range(1, k)}
 
-    # Probabilities: common variance for all grades, so argmax matches the boundaries.
-    common_var = within_var + float(np.mean(mean_var))
-    assignments: dict[str, GradeAssignment] = {}
-    low: list[str] = []
-    max_entropy = math.log(k) if k > 1 else 1.0
-    for e in essays:
-        t = float(theta[e])
-        s = min(se_of(e), 1e3)
-        var = common_var + s * s
-        logp = -0.5 * (t - means) ** 2 / var
-        logp -= logp.max()
-        p = np.exp(logp)
-        p /= p.sum()
-        best = int(np.argmax(p))
-        top = float(p[best])
-        h = _entropy(p) / max_entropy
-        conf: Confidence
-        if top < confidence_threshold or s > slope:
-            conf = "low"
-        elif top >= high_threshold and h <= 0.5 and s < 0.5 * slope:
-            conf = "high"
-        else:
-            conf = "mid"
-        assignments[e] = GradeAssignment(
-            essay_id=e,
+
+def _log(p: FloatArray) -> FloatArray:
+    return np.asarray(np.log(np.maximum(p, 1e-300)), dtype=np.float64)
+
+
+def _grid(
+    values: FloatArray, sds: FloatArray, intercept: float, slope: float, k: int
+) -> FloatArray:
+    """Where cuts may lie: every essay's θ̂ ± 4 SE (capped) and the scale's trend ± a step."""
+    reach = 4.0 * np.minimum(sds, 2.0 * slope * k)
+    lo = min(float((values - reach).min()), intercept - slope)
+    hi = max(float((values + reach).max()), intercept + slope * k)
+    return np.linspace(lo, hi, _GRID)
+
+
+def _probabilities(
+    grid: FloatArray, marginals: FloatArray, theta: FloatArray, se: FloatArray
+) -> FloatArray:
+    """P(grade) for each essay (rows): E[Φ((c_g − θ̂)/SE)] under each cut's marginal gives
+    P(θ < c_g), and the grades' probabilities are the steps between."""
+    n = len(theta)
+    below = np.empty((n, marginals.shape[0]))
+    for start in range(0, n, 256):  # bounded memory for large batches
+        t = theta[start : start + 256, None]
+        s = se[start : start + 256, None]
+        below[start : start + 256] = ndtr((grid[None, :] - t) / s) @ marginals.T
+    cumulative = np.concatenate([np.zeros((n, 1)), below, np.ones((n, 1))], axis=1)
+    return np.asarray(np.maximum(np.diff(cumulative, axis=1), 0.0), dtype=np.float64)
+
+
+def _assign(essay: str, p: FloatArray, grades: Sequence[str]) -> tuple[GradeAssignment, float]:
+    p = p / p.sum()
+    best = int(np.argmax(p))
+    lo, hi = grade_band(p)
+    top = float(p[best])
+    return (
+        GradeAssignment(
+            essay_id=essay,
             grade=grades[best],
             probabilities={g: float(p[i]) for i, g in enumerate(grades)},
-            confidence=conf,
-        )
-        if e not in usable and e not in anchors and top < confidence_threshold:
-            low.append(e)
-    for e in low:
-        a = assignments[e]
-        ranked = sorted(a.probabilities.items(), key=lambda kv: -kv[1])[:2]
-        detail = ", ".join(f"{g} {pr:.2f}" for g, pr in ranked)
-        warnings.append(
-            f"low confidence: {e} top grade probability {ranked[0][1]:.2f} "
-            f"< {confidence_threshold:.2f} ({detail})"
-        )
+            confidence=confidence_label(top),
+            band=tuple(grades[lo : hi + 1]),
+            top_probability=top,
+        ),
+        top,
+    )
 
-    return GradeProjection(
-        assignments=assignments,
-        boundaries=boundaries,
-        grade_means={g: float(means[i]) for i, g in enumerate(grades)},
-        warnings=warnings,
-        grade_sd=sigma_w,
+
+def project_grades(
+    theta: Mapping[str, float],
+    se: Mapping[str, float],
+    anchors: Mapping[str, str],
+    grade_scale: Sequence[str],
+    *,
+    confidence_threshold: float = MID_CONFIDENCE,
+) -> GradeProjection:
+    """Project every essay in ``theta`` onto ``grade_scale`` (lowest first) using anchors."""
+    grades = list(grade_scale)
+    k = len(grades)
+    if k == 0:
+        raise ValueError("grade scale is empty")
+    usable, warnings = _usable_anchors(theta, anchors, {g: i for i, g in enumerate(grades)})
+    if not usable:
+        warnings.append("no anchors with scores: grades cannot be projected")
+        uniform = {g: 1.0 / k for g in grades}
+        return GradeProjection(
+            assignments={
+                e: GradeAssignment(e, None, dict(uniform), "low", tuple(grades), 1.0 / k)
+                for e in theta
+            },
+            boundaries={},
+            warnings=warnings,
+        )
+    warnings += _order_warnings(usable, theta, grades)
+    intercept, slope, trend_warnings = _trend(usable, theta, k)
+    warnings += trend_warnings
+
+    def se_of(e: str) -> float:
+        s = se.get(e)
+        return min(float(s), 1e3) if s is not None and math.isfinite(s) else 1e3
+
+    steps = _PRIOR_STEPS if len(set(usable.values())) >= 2 else _PRIOR_STEPS_ONE_GRADE
+    essays = list(theta)
+    values = np.array([theta[e] for e in essays], dtype=np.float64)
+    sds = np.array([max(se_of(e), 1e-6) for e in essays], dtype=np.float64)
+    grid = _grid(values, sds, intercept, slope, k)
+    marginals = (
+        _cut_marginals(
+            grid,
+            np.array([theta[e] for e in usable], dtype=np.float64),
+            np.array([max(se_of(e), 1e-6) for e in usable], dtype=np.float64),
+            np.array(list(usable.values()), dtype=np.intp),
+            np.asarray(intercept + slope * (np.arange(1, k) - 0.5), dtype=np.float64),
+            steps * slope,
+        )
+        if k > 1
+        else np.empty((0, len(grid)))
+    )
+    probs = _probabilities(grid, marginals, values, sds)
+    assignments: dict[str, GradeAssignment] = {}
+    for e, p in zip(essays, probs, strict=True):
+        assignments[e], top = _assign(e, p, grades)
+        if e not in anchors and top < confidence_threshold:
+            ranked = sorted(assignments[e].probabilities.items(), key=lambda kv: -kv[1])[:2]
+            detail = ", ".join(f"{g} {pr:.2f}" for g, pr in ranked)
+            warnings.append(
+                f"low confidence: {e} top grade probability {top:.2f} "
+                f"< {confidence_threshold:.2f} ({detail})"
+            )
+    boundaries = {grades[j + 1]: float(marginals[j] @ grid) for j in range(k - 1)}
+    return GradeProjection(assignments, boundaries, warnings)
+
+
+def single_grade_support(
+    assignments: Mapping[str, GradeAssignment], students: Sequence[str]
+) -> tuple[float | None, str | None]:
+    """The share of students with a one-grade band, and — when that is under half — a
+    sentence saying the batch's comparisons support grade bands, not single grades."""
+    graded = [assignments[e] for e in students if e in assignments and assignments[e].grade]
+    if not graded:
+        return None, None
+    single = sum(1 for a in graded if len(a.band) == 1)
+    share = single / len(graded)
+    if 2 * single >= len(graded):
+        return share, None
+    widths = sorted(len(a.band) for a in graded)
+    median = widths[len(widths) // 2]
+    return share, (
+        f"these comparisons support grade bands, not single grades: {single} of "
+        f"{len(graded)} students have one grade with probability >= {BAND_MASS:.0%} "
+        f"(median band {median} grades); report the bands, or add comparisons or anchors"
     )

@@ -4,9 +4,10 @@
 essay (``essay_a`` is shown first). Its rules:
 
 * Determinism: every random choice comes from a numpy Generator seeded by a
-  SHA-256 of (batch_id, wave, seed); essays are handled in sorted order and
-  the history is reduced to counts, so the order of ``essay_ids`` and of
-  ``history`` does not matter.
+  SHA-256 of (key, wave, seed) — the pipeline's key is the batch's content hash,
+  not its (random) id; essays are handled in sorted order and the history is
+  reduced to counts, so the order of ``essay_ids`` and of ``history`` does not
+  matter.
 * No repeats: a pair with a completed or pending request is never requested
   again. A pair whose requests all failed may be requested again, up to
   ``max_attempts_per_pair`` requests in total, unless one failed for good
@@ -22,6 +23,8 @@ essay (``essay_a`` is shown first). Its rules:
   (completed + pending) are brought up to it with random cycles through them
   (wave 1: ⌈k/2⌉ random Hamiltonian cycles, i.e. a connected graph of degree
   ≥ k); then any disconnected components of the comparison graph are linked.
+* One appearance per essay: once there are scores, every wave is a matching (each
+  essay at most once), so no essay is compared twice on the same stale θ.
 * Adaptive fill: the rest of the wave goes, greedily, to the pair that most
   reduces the total posterior variance of the centred θ (A-optimal design).
   Σ is the inverse Fisher information of the comparisons so far at the latest
@@ -34,8 +37,10 @@ essay (``essay_a`` is shown first). Its rules:
   poorly determined. Student–anchor pairs get a bonus (``anchor_bonus``) while
   the student has not yet met an anchor of that grade, so students are compared
   with anchors spanning their likely grades (the information term keeps those
-  anchors near the student's θ). ``per_essay_cap`` bounds an essay's share of
-  one wave, as θ is only an estimate.
+  anchors near the student's θ). Measured against choosing pairs by their own
+  expected Fisher information alone (``selector="information"``) and against
+  random pairs in bench/quality.py: the A-optimal fill reaches a given Spearman
+  with the fewest comparisons, so it is the default.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import hashlib
 import heapq
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +71,14 @@ _DEFAULT_SE = 1.5
 _PARTNERS_PER_ESSAY = 24
 
 
+Selector = Literal["a_optimal", "information"]
+_Candidate = tuple[float, int, int, int]  # (−gain, i, j, version of Σ it was scored on)
+
+
+def _ix(i: int) -> IntArray:
+    return np.array([i], dtype=np.intp)
+
+
 @dataclass(frozen=True)
 class PairHistory:
     essay_a: str
@@ -81,17 +94,35 @@ def pair_key(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
+@dataclass
+class SlotCounts:
+    """How often an essay was shown first (``essay_a``) and second (``essay_b``)."""
+
+    as_a: int = 0
+    as_b: int = 0
+
+    @property
+    def balance(self) -> int:
+        return self.as_a - self.as_b
+
+
+def slot_counts(pairs: Iterable[tuple[str, str]]) -> dict[str, SlotCounts]:
+    """Slot A/B counts per essay over ordered pairs (essay_a, essay_b): the one place
+    position counts are made (planning, `cjs positions`, `cjs validate`)."""
+    counts: dict[str, SlotCounts] = {}
+    for a, b in pairs:
+        counts.setdefault(a, SlotCounts()).as_a += 1
+        counts.setdefault(b, SlotCounts()).as_b += 1
+    return counts
+
+
 def position_balance(history: Sequence[PairHistory]) -> dict[str, int]:
     """count(essay_a) − count(essay_b) per essay over every request in ``history``."""
-    bal: dict[str, int] = {}
-    for h in history:
-        bal[h.essay_a] = bal.get(h.essay_a, 0) + 1
-        bal[h.essay_b] = bal.get(h.essay_b, 0) - 1
-    return bal
+    return {e: c.balance for e, c in slot_counts((h.essay_a, h.essay_b) for h in history).items()}
 
 
-def wave_rng(batch_id: str, wave: int, seed: int) -> np.random.Generator:
-    digest = hashlib.sha256(f"cj-pairs\x1f{batch_id}\x1f{wave}\x1f{seed}".encode()).digest()
+def wave_rng(key: str, wave: int, seed: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"cj-pairs\x1f{key}\x1f{wave}\x1f{seed}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "big"))
 
 
@@ -123,8 +154,10 @@ class _Planner:
         max_attempts_per_pair: int,
         size: int,
         rng: np.random.Generator,
+        wave_cap: int | None = None,
     ) -> None:
         self.ids = ids
+        self.wave_cap = wave_cap  # appearances of one essay in this wave
         self.n = n = len(ids)
         self.index = {e: i for i, e in enumerate(ids)}
         self.rng = rng
@@ -143,7 +176,9 @@ class _Planner:
             if ha[k] == hb[k]:
                 raise ValueError(f"history pairs essay {h.essay_a!r} with itself")
             live[k] = h.outcome != "failed"
-        self.balance = np.bincount(ha, minlength=n) - np.bincount(hb, minlength=n)
+        self.balance = np.zeros(n, dtype=np.intp)
+        for e, bal in position_balance(history).items():
+            self.balance[self.index[e]] = bal
         self.count = np.bincount(ha[live], minlength=n) + np.bincount(hb[live], minlength=n)
         attempts = np.zeros((n, n), dtype=np.int32)
         np.add.at(attempts, (ha, hb), 1)
@@ -212,6 +247,9 @@ class _Planner:
 
     def can_add(self, i: int, j: int) -> bool:
         if i == j or not self.eligible[i, j]:
+            return False
+        cap = self.wave_cap
+        if cap is not None and (self.wave_count[i] >= cap or self.wave_count[j] >= cap):
             return False
         i_first, j_first = self._options(i, j)
         return i_first or j_first
@@ -406,6 +444,70 @@ class _Planner:
 
     # -- adaptive ------------------------------------------------------------
 
+    def open_pairs(self, per_essay_cap: int) -> tuple[IntArray, IntArray]:
+        """(i, j), i < j, of the pairs that may still join this wave: eligible, both under
+        the cap, and not both leaning the same way (no orientation would keep balance)."""
+        cap = per_essay_cap if self.wave_cap is None else min(per_essay_cap, self.wave_cap)
+        cap_ok = self.wave_count < cap
+        ok = self.eligible & cap_ok[:, None] & cap_ok[None, :]
+        bal = self.balance
+        ok &= ~((bal[:, None] == bal[None, :]) & (bal[:, None] != 0))
+        ii, jj = np.nonzero(np.triu(ok, 1))
+        return ii.astype(np.intp), jj.astype(np.intp)
+
+    def _anchor_factor(self, ii: IntArray, jj: IntArray, anchor_bonus: float) -> FloatArray:
+        """1 + anchor_bonus for a student–anchor pair whose anchor grade the student has
+        not met yet, else 1."""
+        if anchor_bonus <= 0:
+            return np.ones(len(ii))
+        gi, gj = self.anchor_grade[ii], self.anchor_grade[jj]
+        new_i = (gi < 0) & (gj >= 0) & ~self.met_grade[ii, np.maximum(gj, 0)]
+        new_j = (gj < 0) & (gi >= 0) & ~self.met_grade[jj, np.maximum(gi, 0)]
+        return np.where(new_i | new_j, 1.0 + anchor_bonus, 1.0)
+
+    def _all_gains(
+        self, cov: FloatArray, theta: FloatArray, ii: IntArray, jj: IntArray
+    ) -> FloatArray:
+        """A-optimal gain of every open pair at once: I·‖CΣ(e_i − e_j)‖² / (1 + I·d), with
+        d = Var(θ_i − θ_j) and I the expected information of the comparison."""
+        diag = np.diag(cov)
+        centred = cov - cov.mean(axis=0, keepdims=True)
+        s2 = centred.T @ centred
+        s2d = np.diag(s2)
+        d = np.maximum(diag[ii] + diag[jj] - 2.0 * cov[ii, jj], 1e-12)
+        num = s2d[ii] + s2d[jj] - 2.0 * s2[ii, jj]
+        info = expected_information(theta[ii] - theta[jj], d)
+        return np.asarray(info * num / (1.0 + info * d), dtype=np.float64)
+
+    def _exact_gain(
+        self, cov: FloatArray, theta: FloatArray, x: int, y: int
+    ) -> tuple[float, FloatArray, float]:
+        """The A-optimal gain of (x, y) under the current Σ, with Σ(e_x − e_y) and I."""
+        v = cov[:, x] - cov[:, y]
+        d = max(float(v[x] - v[y]), 1e-12)  # Var(θ_x − θ_y)
+        info = _expected_information_scalar(float(theta[x] - theta[y]), d)
+        vc = v - v.mean()
+        return info * float(vc @ vc) / (1.0 + info * d), v, info
+
+    def _shortlist(self, ii: IntArray, jj: IntArray, values: FloatArray) -> list[_Candidate]:
+        """Each essay's best partners (a wide but bounded candidate set), as a max-heap."""
+        n = self.n
+        mat = np.full((n, n), -np.inf)
+        mat[ii, jj] = values
+        mat[jj, ii] = values
+        kk = min(_PARTNERS_PER_ESSAY, n - 1)
+        top = np.argpartition(-mat, kk - 1, axis=1)[:, :kk]
+        rows = np.repeat(np.arange(n), kk)
+        cols = top.ravel()
+        keep = np.isfinite(mat[rows, cols])
+        lo = np.minimum(rows[keep], cols[keep])
+        hi = np.maximum(rows[keep], cols[keep])
+        uniq = np.unique(lo * n + hi)
+        ci, cj = uniq // n, uniq % n
+        heap = [(-float(v), int(x), int(y), 0) for v, x, y in zip(mat[ci, cj], ci, cj, strict=True)]
+        heapq.heapify(heap)
+        return heap
+
     def adaptive(
         self,
         theta: FloatArray,
@@ -414,97 +516,60 @@ class _Planner:
         per_essay_cap: int,
     ) -> None:
         """Greedy A-optimal fill: each step takes the pair that most reduces the total
-        posterior variance of the centred θ, Σ updated after every pair."""
-        n = self.n
+        posterior variance of the centred θ, Σ updated after every pair (rank one). Gains
+        are computed for all open pairs, then re-ranked lazily: a popped candidate whose
+        gain is stale is re-scored and pushed back unless it still leads."""
         cov = self._posterior_covariance(theta, var)
-        jitter = 1.0 + 1e-9 * self.rng.random((n, n))
-        jitter = np.minimum(jitter, jitter.T)
-        anchor_grade = [int(g) for g in self.anchor_grade]
-        th = [float(t) for t in theta]
-
-        def bonus(x: int, y: int) -> float:
-            gx, gy = anchor_grade[x], anchor_grade[y]
-            if anchor_bonus > 0 and (gx < 0) != (gy < 0):
-                student, grade = (x, gy) if gx < 0 else (y, gx)
-                if not self.met_grade[student, grade]:
-                    return 1.0 + anchor_bonus
-            return 1.0
-
-        def gain1(x: int, y: int) -> tuple[float, FloatArray, float]:
-            v = cov[:, x] - cov[:, y]
-            d = max(float(v[x] - v[y]), 1e-12)  # Var(θ_x − θ_y)
-            info = _expected_information_scalar(th[x] - th[y], d)
-            vc = v - v.mean()
-            value = info * float(vc @ vc) / (1.0 + info * d)
-            return value * bonus(x, y) * float(jitter[x, y]), v, info
-
+        jitter = 1.0 + 1e-9 * self.rng.random((self.n, self.n))
+        jitter = np.minimum(jitter, jitter.T)  # breaks exact ties, seeded
         while not self.full:
-            cap_ok = self.wave_count < per_essay_cap
-            ok = self.eligible & cap_ok[:, None] & cap_ok[None, :]
-            bal = self.balance
-            ok &= ~((bal[:, None] == bal[None, :]) & (bal[:, None] != 0))
-            ii, jj = np.nonzero(np.triu(ok, 1))
+            ii, jj = self.open_pairs(per_essay_cap)
             if len(ii) == 0:
                 return
-            # All-pairs gains, vectorised: Var(θ_i − θ_j) and ||C Σ (e_i − e_j)||².
-            diag = np.diag(cov)
-            centred = cov - cov.mean(axis=0, keepdims=True)
-            s2 = centred.T @ centred
-            s2d = np.diag(s2)
-            d = np.maximum(diag[ii] + diag[jj] - 2.0 * cov[ii, jj], 1e-12)
-            num = s2d[ii] + s2d[jj] - 2.0 * s2[ii, jj]
-            info = expected_information(theta[ii] - theta[jj], d)
-            values = info * num / (1.0 + info * d) * jitter[ii, jj]
-            if anchor_bonus > 0:
-                gi = self.anchor_grade[ii]
-                gj = self.anchor_grade[jj]
-                stud_i = (gi < 0) & (gj >= 0)
-                stud_j = (gj < 0) & (gi >= 0)
-                new_i = stud_i & ~self.met_grade[ii, np.maximum(gj, 0)]
-                new_j = stud_j & ~self.met_grade[jj, np.maximum(gi, 0)]
-                values = np.where(new_i | new_j, values * (1.0 + anchor_bonus), values)
-            # Keep each essay's best partners: a wide but bounded candidate set.
-            mat = np.full((n, n), -np.inf)
-            mat[ii, jj] = values
-            mat[jj, ii] = values
-            kk = min(_PARTNERS_PER_ESSAY, n - 1)
-            top = np.argpartition(-mat, kk - 1, axis=1)[:, :kk]
-            rows = np.repeat(np.arange(n), kk)
-            cols = top.ravel()
-            keep = np.isfinite(mat[rows, cols])
-            lo = np.minimum(rows[keep], cols[keep])
-            hi = np.maximum(rows[keep], cols[keep])
-            uniq = np.unique(lo * n + hi)
-            ci = uniq // n
-            cj = uniq % n
-            cv = mat[ci, cj]
-            version = 0
-            heap = [(-float(v), int(x), int(y), 0) for v, x, y in zip(cv, ci, cj, strict=True)]
-            heapq.heapify(heap)
-            added = 0
+            values = self._all_gains(cov, theta, ii, jj) * jitter[ii, jj]
+            heap = self._shortlist(ii, jj, values * self._anchor_factor(ii, jj, anchor_bonus))
+            version = added = 0
             while heap and not self.full:
                 _, x, y, ver = heapq.heappop(heap)
-                if (
-                    self.wave_count[x] >= per_essay_cap
-                    or self.wave_count[y] >= per_essay_cap
-                    or not self.can_add(x, y)
-                ):
+                if not self._open(x, y, per_essay_cap):
                     continue
                 if ver != version:
-                    # Stale: Σ changed since; re-rank with the exact current gain.
-                    value, _, _ = gain1(x, y)
+                    value, _, _ = self._exact_gain(cov, theta, x, y)
+                    value *= float(jitter[x, y])
+                    value *= float(self._anchor_factor(_ix(x), _ix(y), anchor_bonus)[0])
                     if heap and value < -heap[0][0]:
                         heapq.heappush(heap, (-value, x, y, version))
                         continue
                 if not self.add(x, y):
                     continue
                 added += 1
-                _, v, inf = gain1(x, y)
+                _, v, inf = self._exact_gain(cov, theta, x, y)
                 d_xy = max(float(v[x] - v[y]), 1e-12)
                 _rank1_downdate(cov, v, inf / (1.0 + inf * d_xy))
                 version += 1
             if added == 0:
                 return
+
+    def _open(self, x: int, y: int, per_essay_cap: int) -> bool:
+        return (
+            self.wave_count[x] < per_essay_cap
+            and self.wave_count[y] < per_essay_cap
+            and self.can_add(x, y)
+        )
+
+    def information(self, theta: FloatArray, var: FloatArray, per_essay_cap: int) -> None:
+        """Greedy fill by the expected Fisher information of a pair alone,
+        E[σ'(θ_i − θ_j)] with θ_i − θ_j ~ N(θ̂_i − θ̂_j, SE_i² + SE_j²): the closest, least
+        certain pairs first (measured against ``adaptive`` in bench/quality.py)."""
+        ii, jj = self.open_pairs(per_essay_cap)
+        values = expected_information(theta[ii] - theta[jj], var[ii] + var[jj])
+        values = values * (1.0 + 1e-9 * self.rng.random(len(ii)))
+        for t in np.argsort(-values, kind="stable"):
+            if self.full:
+                return
+            x, y = int(ii[t]), int(jj[t])
+            if self._open(x, y, per_essay_cap):
+                self.add(x, y)
 
     def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
         """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior."""
@@ -529,9 +594,28 @@ class _Planner:
         return np.asarray(cov * scale[:, None] * scale[None, :], dtype=np.float64)
 
 
+def _scores_array(
+    ids: Sequence[str], scores: Mapping[str, tuple[float, float]]
+) -> tuple[FloatArray, FloatArray]:
+    """θ and SE² per essay from the latest fit; essays without a finite score get θ = 0
+    and the largest variance of the others."""
+    theta = np.zeros(len(ids))
+    var = np.full(len(ids), _DEFAULT_SE**2)
+    known = [s for s in scores.values() if math.isfinite(s[0]) and math.isfinite(s[1])]
+    default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
+    for i, e in enumerate(ids):
+        sc = scores.get(e)
+        if sc is not None and math.isfinite(sc[0]) and math.isfinite(sc[1]):
+            theta[i] = sc[0]
+            var[i] = max(sc[1] ** 2, 1e-6)
+        else:
+            var[i] = default_var
+    return theta, var
+
+
 def plan_wave(
     *,
-    batch_id: str,
+    key: str,
     wave: int,
     seed: int,
     essay_ids: Sequence[str],
@@ -544,45 +628,48 @@ def plan_wave(
     min_comparisons: int = 4,
     anchor_bonus: float = 0.5,
     per_essay_cap: int | None = None,
+    selector: Selector = "a_optimal",
 ) -> list[tuple[str, str]]:
     """The ordered pairs (essay_a, essay_b) of one wave; see the module docstring.
 
-    ``anchors`` maps anchor essay ids to grades (anchors not in ``essay_ids`` are
-    added as essays). ``scores`` maps essay ids to (θ, SE) of the latest fit.
-    Returns fewer than ``size`` pairs, possibly none, when no eligible pair can
-    be added without a repeat or breaking position balance.
-    ``per_essay_cap`` bounds how often one essay appears in the adaptive part of
-    a wave (default: about twice its fair share, at least 3).
+    ``key`` and ``seed`` (with ``wave``) seed every random choice: the pipeline passes
+    the batch's content hash, so the same input and seed plan the same waves whatever
+    the batch id. ``anchors`` maps anchor essay ids to grades (anchors not in
+    ``essay_ids`` are added as essays). ``scores`` maps essay ids to (θ, SE) of the
+    latest fit. Returns fewer than ``size`` pairs, possibly none, when no eligible pair
+    can be added without a repeat or breaking position balance.
+
+    ``per_essay_cap`` bounds how often one essay appears in the wave. Default: once a
+    wave has scores (every essay at most once: the wave is a matching); without scores
+    (the first, coverage wave) no bound but for its adaptive part, about twice an
+    essay's fair share. ``selector`` picks the adaptive part: "a_optimal" (the default)
+    or "information" (expected Fisher information of each pair alone).
     """
     ids = sorted(set(essay_ids) | set(anchors))
     n = len(ids)
     if n < 2 or size <= 0:
         return []
-    rng = wave_rng(batch_id, wave, seed)
-    planner = _Planner(ids, anchors, grade_scale, history, max_attempts_per_pair, size, rng)
-
-    theta = np.zeros(n)
-    var = np.full(n, _DEFAULT_SE**2)
-    closeness: FloatArray | None = None
-    if scores:
-        known = [s for s in scores.values() if math.isfinite(s[0]) and math.isfinite(s[1])]
-        default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
-        for i, e in enumerate(ids):
-            sc = scores.get(e)
-            if sc is not None and math.isfinite(sc[0]) and math.isfinite(sc[1]):
-                theta[i] = sc[0]
-                var[i] = max(sc[1] ** 2, 1e-6)
-            else:
-                var[i] = default_var
-        closeness = theta
-
+    wave_cap = per_essay_cap if per_essay_cap is not None else (1 if scores else None)
+    planner = _Planner(
+        ids,
+        anchors,
+        grade_scale,
+        history,
+        max_attempts_per_pair,
+        size,
+        wave_rng(key, wave, seed),
+        wave_cap,
+    )
+    theta, var = _scores_array(ids, scores) if scores else (np.zeros(n), np.full(n, 0.0))
+    closeness = theta if scores else None
     planner.cover(min_comparisons, closeness)
     planner.connect(closeness)
     if not planner.full:
-        cap = per_essay_cap
-        if cap is None:
-            cap = max(3, 2 * math.ceil(2 * size / n))
-        planner.adaptive(theta, var if scores else None, anchor_bonus, cap)
+        cap = wave_cap if wave_cap is not None else max(3, 2 * math.ceil(2 * size / n))
+        if scores and selector == "information":
+            planner.information(theta, var, cap)
+        else:
+            planner.adaptive(theta, var if scores else None, anchor_bonus, cap)
     if not planner.full:
         planner.repair_fill(min_comparisons)
     return planner.out

@@ -7,6 +7,7 @@ from typing import Any
 
 from scipy.stats import binomtest
 
+from cj.pairs import slot_counts
 from projections.batch import BatchState
 
 
@@ -21,6 +22,12 @@ class SlotCounts:
     def balance(self) -> int:
         return self.as_a - self.as_b
 
+    def add(self, other: SlotCounts) -> None:
+        self.as_a += other.as_a
+        self.as_b += other.as_b
+        self.wins_as_a += other.wins_as_a
+        self.wins_as_b += other.wins_as_b
+
 
 def _share(wins: int, total: int) -> float | None:
     return None if total == 0 else round(wins / total, 4)
@@ -29,14 +36,13 @@ def _share(wins: int, total: int) -> float | None:
 def position_report(state: BatchState) -> dict[str, Any]:
     """Counts over every requested pair (balance) and every completed one (wins)."""
     anchors = {e.essay_id for e in state.essays if e.is_anchor}
-    per: dict[str, SlotCounts] = {e.essay_id: SlotCounts() for e in state.essays}
-    groups = {"anchors": SlotCounts(), "students": SlotCounts()}
+    slots = slot_counts((a, b) for _, a, b in state.pairs.values())
+    per: dict[str, SlotCounts] = {}
+    for e in state.essays:
+        c = slots.get(e.essay_id)
+        per[e.essay_id] = SlotCounts(c.as_a, c.as_b) if c else SlotCounts()
     a_wins = decided = 0
     for cid, (_, a, b) in state.pairs.items():
-        per[a].as_a += 1
-        per[b].as_b += 1
-        groups["anchors" if a in anchors else "students"].as_a += 1
-        groups["anchors" if b in anchors else "students"].as_b += 1
         value = state.corr.get(cid, "")
         if not value.startswith("c "):
             continue
@@ -44,10 +50,11 @@ def position_report(state: BatchState) -> dict[str, Any]:
         if value.endswith("essay_a"):
             a_wins += 1
             per[a].wins_as_a += 1
-            groups["anchors" if a in anchors else "students"].wins_as_a += 1
         else:
             per[b].wins_as_b += 1
-            groups["anchors" if b in anchors else "students"].wins_as_b += 1
+    groups = {"anchors": SlotCounts(), "students": SlotCounts()}
+    for e in state.essays:
+        groups["anchors" if e.essay_id in anchors else "students"].add(per[e.essay_id])
     p_value = binomtest(a_wins, decided, 0.5).pvalue if decided else None
     scores = state.scores
     essays = [

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from redis.exceptions import WatchError
 
 from cj.grade_scales import resolve_scale
+from cj.stopping import DEFAULT_CAP_PER_ESSAY, DEFAULT_TARGET_RELIABILITY, budget_for
 from events import codec
 from events.text import as_str
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
@@ -127,8 +129,10 @@ def scale_of(batch: BatchIn) -> tuple[str, tuple[str, ...]]:
 
 
 def default_budget(n: int) -> int:
-    """Enough for adaptive CJ to settle: about 10 comparisons per essay, never above all pairs."""
-    return min(n * (n - 1) // 2, 10 * n)
+    """The cap when none is given: DEFAULT_CAP_PER_ESSAY comparisons per essay (each
+    comparison counts for two essays), never above all pairs. The stopping rule usually
+    ends a batch earlier."""
+    return budget_for(n, DEFAULT_CAP_PER_ESSAY)
 
 
 def build_registration(
@@ -140,18 +144,22 @@ def build_registration(
     provider: str = "mock",
     model: str | None = None,
     budget: int | None = None,
+    comparisons_per_essay: float | None = None,
+    target_reliability: float = DEFAULT_TARGET_RELIABILITY,
     seed: int = 0,
-    stability_threshold: float = 0.05,
-    min_waves: int = 2,
     batch_id: str | None = None,
     max_essay_chars: int = MAX_ESSAY_CHARS,
     max_cost_usd: float | None = None,
     check_credentials: bool = True,
 ) -> BatchRegistered:
     """The registration of a batch; InputError when it could not run as asked. Provider
-    credentials are checked unless `check_credentials` is False (a dry run)."""
+    credentials are checked unless `check_credentials` is False (a dry run). The budget (a
+    cap) is ``budget`` comparisons in all, or ``comparisons_per_essay`` each, or the default;
+    one of the two at most."""
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
+    if budget is not None and comparisons_per_essay is not None:
+        raise InputError("give --budget or --comparisons-per-essay, not both")
     if budget is not None and budget < 1:
         raise InputError(f"--budget must be at least 1, got {budget}")
     too_long = [e for e in batch.essays if len(e.text) > max_essay_chars]
@@ -164,7 +172,16 @@ def build_registration(
         )
     if max_cost_usd is not None and not max_cost_usd > 0:
         raise InputError(f"--max-cost-usd must be more than 0, got {max_cost_usd}")
-    total_budget = budget if budget is not None else default_budget(n)
+    if comparisons_per_essay is not None and not comparisons_per_essay > 0:
+        raise InputError(f"--comparisons-per-essay must be > 0, got {comparisons_per_essay}")
+    if not 0.0 <= target_reliability <= 1.0:
+        raise InputError(f"--target-reliability must be in [0, 1], got {target_reliability}")
+    if budget is not None:
+        total_budget = budget
+    elif comparisons_per_essay is not None:
+        total_budget = budget_for(n, comparisons_per_essay)
+    else:
+        total_budget = default_budget(n)
     essays = [
         Essay(
             essay_id=e.essay_id,
@@ -180,10 +197,12 @@ def build_registration(
         provider=provider,
         model=model or default_model(provider),
         total_budget=total_budget,
-        wave_size=n,
-        min_waves=min_waves,
-        stability_threshold=stability_threshold,
+        # Later waves are matchings (each essay once); the first is twice n (see next_wave).
+        wave_size=max(1, n // 2),
+        # Enough waves for the cap: 1 + (budget − 2n) / (n/2), with room for short waves.
+        max_waves=max(50, 2 * (1 + math.ceil(2 * max(0, total_budget - 2 * n) / max(1, n)))),
         seed=seed,
+        target_reliability=target_reliability,
         grade_scale=list(grades),
         grade_scale_name=scale_name,
         preferred_bundle_size=MAX_BUNDLE_SIZE,

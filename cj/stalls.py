@@ -116,7 +116,7 @@ def stalled_decision(state: BatchState, idle_timeout_s: float, now: datetime) ->
     if state.completed == 0:
         why = f"no comparison succeeded ({state.failed} failed, {len(abandoned)} never answered)"
     else:
-        scored = score(state)
+        scored = score(state, final=True)  # the batch's last scores
         failures = too_many_failures(state)
         if not scored.connected:
             why = f"the {state.completed} successful comparisons do not connect every essay"

@@ -18,7 +18,9 @@ SCHEMA_VERSION = 1
 
 Mode = Literal["per_request", "serial_bundle", "batch_api"]
 Winner = Literal["essay_a", "essay_b"]
+# "stable" (max |Δθ| under a threshold) is no longer decided; old events keep it.
 FinalizeReason = Literal[
+    "reliable",
     "stable",
     "budget",
     "all_pairs",
@@ -115,7 +117,7 @@ class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     wave_size: int = 0
     min_waves: int = 2
     max_waves: int = 50
-    stability_threshold: float = 0.05
+    stability_threshold: float = 0.05  # the old "stable" rule's; no longer used
     max_attempts_per_pair: int = 2
     max_failure_ratio: float = 0.5
     seed: int = 0
@@ -128,6 +130,11 @@ class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     """Money cap: no wave is submitted whose estimated cost would take the batch past it."""
     cost_per_comparison_usd: float = 0.0
     """Estimated at registration; the cap uses it until the batch has costs of its own."""
+    # The stopping rule (cj/stopping.py): posterior reliability and rank stability after
+    # a minimum of comparisons per essay; the budget is the cap.
+    target_reliability: float = 0.8
+    rank_stability: float = 0.99
+    min_comparisons_per_essay: float = 10.0
 
 
 class ErrorDetail(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -191,6 +198,23 @@ class EssayScore(msgspec.Struct, frozen=True, omit_defaults=True):
     # Probability of every grade of the scale, and a high/mid/low label.
     grade_probabilities: dict[str, float] = msgspec.field(default_factory=dict)
     confidence: str | None = None
+    # Shortest run of adjacent grades holding >= 80 %, lowest first; P(grade).
+    grade_band: list[str] = msgspec.field(default_factory=list)
+    grade_confidence: float | None = None
+
+
+class Reliabilities(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The reliabilities of one fit; a None value comes with the reason (``*_na``)."""
+
+    posterior: float | None = None  # var θ̂ / (var θ̂ + mean SE²): the headline
+    posterior_na: str = ""
+    ssr: float | None = None  # classical SSR on a near-ML fit: inflated by adaptive pairing
+    ssr_na: str = ""
+    split_half_r: float | None = None  # mean r over splits: deflated by adaptive pairing
+    split_half: float | None = None  # its Spearman–Brown value
+    split_half_splits: int = 0
+    split_half_unit: str = ""  # "comparison" or "judge"
+    split_half_na: str = ""  # also why it is absent (it is computed when a batch ends)
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -226,10 +250,16 @@ class BatchScored(Event, frozen=True, kw_only=True):
     connected: bool = True
     comparisons: int = 0
     components: int = 1
-    # Split-half reliability (Spearman–Brown); SSR is inflated by adaptive pairing, this is not.
+    # Split-half reliability (Spearman–Brown). `ssr` and `split_half` are also in
+    # `reliability`, whose `posterior` is the headline (events before it: MAP-based SSR).
     split_half: float | None = None
     grade_boundaries: dict[str, float] = msgspec.field(default_factory=dict)
     warnings: list[str] = msgspec.field(default_factory=list)
+    reliability: Reliabilities | None = None
+    rank_stability: float | None = None  # Spearman's ρ of θ with the previous wave's
+    # Share of students with a one-grade band, and the note when that is under half.
+    single_grade_share: float | None = None
+    grade_support: str = ""
 
 
 class BatchFinalized(Event, frozen=True, kw_only=True):
@@ -262,6 +292,10 @@ class ComparisonRequested(Event, frozen=True, kw_only=True):
     overrides: dict[str, str] = msgspec.field(default_factory=dict)
     seed: int = 0
     prompt_version: str = "v1"
+    # What a seeded judge may draw from, instead of the random batch and correlation ids:
+    # the batch's content hash and how many requests of this pair came before.
+    content_key: str = ""
+    occurrence: int = 0
 
 
 # --- lps:dispatches ---------------------------------------------------------

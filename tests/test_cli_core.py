@@ -38,7 +38,7 @@ def test_demo_runs_to_a_finalized_batch_with_exact_counters(mode: str, profile: 
     status = out["status"]
     assert out["mode"] == mode and out["profile"] == profile
     assert status["status"] == "finalized"
-    assert status["finalize_reason"] in ("stable", "budget", "all_pairs")
+    assert status["finalize_reason"] in ("reliable", "budget", "all_pairs")
     assert status["completed"] + status["failed"] == status["callbacks_accepted"]
     assert status["callbacks_accepted"] <= status["submitted"] <= status["denominator"]
     assert 0 < status["completion_pct"] <= 100
@@ -155,7 +155,32 @@ def test_submit_dry_run_plans_without_redis(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     plan = _one_json(result.stdout)
     assert plan["essays"] == 3 and plan["anchors_per_grade"]["B"] == 1
-    assert plan["denominator"] == 3 == plan["all_pairs"]
+    assert plan["denominator"] == 3 == plan["all_pairs"] == plan["comparison_cap"]
+    assert plan["expected_comparisons"] <= plan["comparison_cap"]
+
+
+def test_submit_dry_run_shows_the_cap_and_the_expected_comparisons(tmp_path: Path) -> None:
+    essays = [{"essay_id": f"e{i}", "text": f"essay {i}"} for i in range(100)]
+    path = _write(tmp_path, "b.json", {"essays": essays})
+    plan = _one_json(_run(["submit", str(path), "--dry-run", "--json"]).stdout)
+    # Default cap 30 per essay; expected ~21 per essay for R 0.80 at a logit SD of 1.
+    assert plan["comparison_cap"] == 1500 and plan["cap_per_essay"] == 30
+    assert plan["target_reliability"] == 0.8 and plan["min_comparisons_per_essay"] == 10
+    assert 900 < plan["expected_comparisons"] < 1200
+    per = _one_json(
+        _run(["submit", str(path), "--dry-run", "--json", "--comparisons-per-essay", "12"]).stdout
+    )
+    assert per["comparison_cap"] == 600 and per["expected_comparisons"] == 600
+    low = _one_json(
+        _run(["submit", str(path), "--dry-run", "--json", "--target-reliability", "0.5"]).stdout
+    )
+    assert low["target_reliability"] == 0.5 and low["expected_comparisons"] == 500  # the minimum
+    text = _run(["submit", str(path), "--dry-run"])
+    assert "expected_comparisons" in text.stdout and "comparison_cap" in text.stdout
+    both = _run(["submit", str(path), "--dry-run", "--budget", "9", "--comparisons-per-essay", "3"])
+    assert both.exit_code == 2 and "not both" in both.stderr
+    bad = _run(["submit", str(path), "--dry-run", "--target-reliability", "1.5"])
+    assert bad.exit_code == 2
 
 
 def test_submit_needs_redis_url(tmp_path: Path) -> None:
@@ -178,13 +203,38 @@ def test_positions_and_results_report_balance_bias_and_grades(redis_server: Any)
     groups = report["groups"]
     assert groups["anchors"]["as_a"] + groups["students"]["as_a"] == report["requested"]
     results = _one_json(_run(["results", batch, "--json"], env).stdout)
-    assert results["ssr"] == demo["ssr"] and results["split_half"] is not None
+    assert results["reliability"] == demo["reliability"]
+    assert 0 < results["reliability"] < 1
+    assert results["reliability"] == results["reliabilities"]["posterior"]["value"]
+    half = results["reliabilities"]["split_half"]
+    assert half["splits"] == 20 and half["unit"] == "comparison"
+    assert half["spearman_brown"] == pytest.approx(2 * half["r"] / (1 + half["r"]), abs=1e-5)
+    assert "inflates" in results["reliabilities"]["ssr"]["note"]
+    assert "deflates" in half["note"]
     students = [e for e in results["essays"] if not e["is_anchor"]]
+    scale = results["grade_scale"]
     for e in students:
-        assert abs(sum(e["grade_probabilities"].values()) - 1) < 0.01
-        assert e["grade"] == max(e["grade_probabilities"], key=e["grade_probabilities"].get)
+        probs = e["grade_probabilities"]
+        assert abs(sum(probs.values()) - 1) < 0.01
+        assert e["grade"] == max(probs, key=probs.get)
         assert e["confidence"] in ("high", "mid", "low")
+        assert e["grade_confidence"] == probs[e["grade"]]
+        band = e["grade_band"]
+        assert e["grade"] in band and band == scale[scale.index(band[0]) :][: len(band)]
+        assert sum(probs[g] for g in band) >= 0.8 - 0.01
+    decisions = results["grade_decisions"]
+    assert 0 <= decisions["single_grade_share"] <= 1
+    assert (decisions["note"] is None) == decisions["single_grades_supported"]
     assert isinstance(results["warnings"], list)
+    table = _run(["results", batch], env)
+    assert table.exit_code == 0 and "reliability R" in table.stdout and "band" in table.stdout
+    rows = _run(["results", batch, "--csv"], env).stdout.splitlines()
+    header = rows[0].split(",")
+    assert {"grade_band", "grade_confidence", "confidence"} <= set(header)
+    assert len(rows) == 1 + 16
+    band = header.index("grade_band")
+    # A band is its grades lowest first, space-separated, in one cell.
+    assert all(row.split(",")[band] for row in rows[1:])
     text = _run(["positions", batch], env)
     assert text.exit_code == 0 and "binomial p" in text.stdout
 

@@ -8,13 +8,14 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import msgspec
 from prometheus_client import REGISTRY
 
 from app.settings import Settings
 from app.wiring import InProcess
-from cj.continuation import advance, decide
+from cj.continuation import advance, decide, stop_reason
 from cj.registration import append_registration
-from events.types import BatchFailed, BatchFinalized, BatchScored, WaveSubmitted
+from events.types import BatchFailed, BatchFinalized, BatchScored, Reliabilities, WaveSubmitted
 from lps.providers.mock import PROFILES, MockProfile
 from lps.providers.registry import make_provider
 from projections.batch import apply_batch_event, apply_callback, register
@@ -83,8 +84,8 @@ def test_terminal_batches_never_advance() -> None:
     assert state.in_flight == 0 and decide(state) is None
 
 
-async def _run(r: Any, keys: Keys, profile: MockProfile, **kw: Any) -> Any:
-    reg = registration(12, batch_id="run", **kw)
+async def _run(r: Any, keys: Keys, profile: MockProfile, n: int = 12, **kw: Any) -> Any:
+    reg = registration(n, batch_id="run", **kw)
     await append_registration(r, keys, reg)
     runner = InProcess(
         r,
@@ -114,18 +115,67 @@ async def test_a_judge_that_always_fails_ends_the_batch_failed(fake_redis: Any, 
     assert state.completed == 0 and state.failed == state.submitted
 
 
-async def test_an_ideal_judge_reaches_stability(fake_redis: Any, keys: Keys) -> None:
-    ideal = dataclasses.replace(PROFILES["ideal"])
-    state = await _run(fake_redis, keys, ideal, stability_threshold=5.0, budget=66)
-    assert state.status == "finalized" and state.finalize_reason == "stable"
-    assert state.waves == 2 and state.submitted < state.denominator
+async def test_the_stopping_rule_ends_a_batch_as_reliable_before_its_budget(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """24 essays the mock judge tells apart easily: R passes 0.8 early, so the batch ends
+    `reliable` once every essay has had its minimum of 10 comparisons, well before the
+    budget (all 276 pairs, under the default cap of 30 per essay)."""
+    profile = dataclasses.replace(PROFILES["cj_generic_batch"], latency_ms=0.0)
+    state = await _run(fake_redis, keys, profile, n=24)
+    assert state.status == "finalized" and state.finalize_reason == "reliable"
+    assert state.denominator == 276 and 120 <= state.submitted < 160  # cap: all 276 pairs
+    final = state.scores
+    assert final is not None and final.reliability is not None
+    assert final.reliability.posterior is not None and final.reliability.posterior >= 0.8
+    assert final.rank_stability is not None and final.rank_stability >= 0.99
+    # The last scores carry the split-half reliability; every earlier wave says when.
+    assert final.reliability.split_half_splits == 20 and final.reliability.split_half is not None
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for metric in REGISTRY.collect()
         for s in metric.samples
     }
-    assert samples[("cj_batches_finalized_total", (("reason", "stable"),))] >= 1
+    assert samples[("cj_batches_finalized_total", (("reason", "reliable"),))] >= 1
     assert samples[("cj_callbacks_total", (("outcome", "accepted"),))] >= state.accepted
+
+
+def _scored(state: Any, reliability: float | None, rank: float | None, comparisons: int) -> Any:
+    return BatchScored(
+        batch_id=state.batch_id,
+        wave=state.waves,
+        scores=[],
+        comparisons=comparisons,
+        reliability=Reliabilities(posterior=reliability),
+        rank_stability=rank,
+    )
+
+
+def test_stop_reason_on_synthetic_batches() -> None:
+    """The rule, with the defaults (R >= 0.80, ρ >= 0.99, 10 comparisons per essay), on a
+    registered 20-essay batch whose counters are set by hand."""
+    state = register(registration(20, batch_id="s", budget=150))
+    state.waves, state.submitted = 5, 100  # 100 comparisons: exactly 10 per essay
+    assert stop_reason(state, _scored(state, 0.85, 0.995, 100)) == "reliable"
+    assert stop_reason(state, _scored(state, 0.79, 0.995, 100)) is None  # R short
+    assert stop_reason(state, _scored(state, 0.85, 0.98, 100)) is None  # ranking moving
+    assert stop_reason(state, _scored(state, 0.85, 0.995, 99)) is None  # 9.9 per essay
+    assert stop_reason(state, _scored(state, None, 0.995, 100)) is None  # no R
+    assert stop_reason(state, _scored(state, 0.85, None, 100)) is None  # first wave
+    state.submitted = 150  # the cap
+    assert stop_reason(state, _scored(state, 0.5, 0.5, 150)) == "budget"
+    assert stop_reason(state, _scored(state, 0.85, 0.995, 150)) == "reliable"
+    lax = dataclasses.replace(
+        state, config=msgspec.structs.replace(state.config, target_reliability=0.5)
+    )
+    lax.submitted = 100
+    assert stop_reason(lax, _scored(lax, 0.6, 0.995, 100)) == "reliable"
+
+
+def test_old_stable_batches_still_decode_and_are_never_advanced() -> None:
+    state, _ = _state_after_wave(4)
+    apply_batch_event(state, BatchFinalized(batch_id="b", reason="stable"))
+    assert state.finalize_reason == "stable" and decide(state) is None
 
 
 async def test_the_reaper_role_ends_a_batch_nobody_answers(fake_redis: Any, keys: Keys) -> None:

@@ -177,9 +177,7 @@ async def test_status_cost_equals_the_servers_bill_priced_independently(
                 ][pick]
 
             server.batch_default = item
-        state = await run_batch(
-            r, keys, settings_for(redis_server, keys), 6, 15, mode, stability_threshold=1e-9
-        )
+        state = await run_batch(r, keys, settings_for(redis_server, keys), 6, 15, mode)
         bill = server.billed()[start:]
         expected = independent_cost(bill)
         status = cli_status(redis_server, keys, state.batch_id)
@@ -234,7 +232,6 @@ async def test_the_money_cap_ends_the_batch_before_a_wave_would_pass_it(
         66,
         "per_request",
         max_cost_usd=cap,
-        stability_threshold=1e-9,
     )
     assert state.status == "finalized" and state.finalize_reason == "cost_limit"
     assert state.cost_usd <= cap

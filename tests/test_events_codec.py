@@ -7,8 +7,10 @@ import json
 
 import pytest
 
+from app.views import results_view
 from events import codec
 from events.types import EVENT_TYPES
+from projections.batch import apply_batch_event, register
 from tests.helpers import completed
 
 
@@ -53,3 +55,66 @@ def test_bad_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason: str
     with pytest.raises(codec.DecodeError) as err:
         codec.decode(fields)
     assert err.value.reason == reason
+
+
+def test_entries_written_before_issue_9_still_decode_and_fold() -> None:
+    """Old BatchScored (MAP-based ssr, no reliabilities or bands), a `stable` finalize,
+    a config without the stopping rule and a request without content key or occurrence:
+    all decode, with the new fields at their defaults, and fold into a batch state."""
+    old_config = {"mode": "per_request", "total_budget": 10, "wave_size": 4, "seed": 3}
+    registered = codec.decode(
+        {
+            "type": "BatchRegistered",
+            "data": json.dumps(
+                {
+                    "batch_id": "old",
+                    "essays": [{"essay_id": "a", "text": "x"}, {"essay_id": "b", "text": "y"}],
+                    "config": {**old_config, "stability_threshold": 0.05},
+                    "denominator": 1,
+                }
+            ),
+        }
+    )
+    scored = codec.decode(
+        {
+            "type": "BatchScored",
+            "data": json.dumps(
+                {
+                    "batch_id": "old",
+                    "wave": 1,
+                    "scores": [{"essay_id": "a", "theta": 0.5, "se": 1.0, "grade": "C"}],
+                    "ssr": -224.0,
+                    "split_half": None,
+                }
+            ),
+        }
+    )
+    finalized = codec.decode(
+        {"type": "BatchFinalized", "data": json.dumps({"batch_id": "old", "reason": "stable"})}
+    )
+    request = codec.decode(
+        {
+            "type": "ComparisonRequested",
+            "data": json.dumps(
+                {
+                    "batch_id": "old",
+                    "correlation_id": "c1",
+                    "wave": 1,
+                    "essay_a": {"essay_id": "a", "text": "x"},
+                    "essay_b": {"essay_id": "b", "text": "y"},
+                }
+            ),
+        }
+    )
+    assert registered.config.target_reliability == 0.8  # the new rule's default
+    assert scored.reliability is None and scored.scores[0].grade_band == []
+    assert scored.scores[0].grade_confidence is None and scored.rank_stability is None
+    assert finalized.reason == "stable"
+    assert (request.content_key, request.occurrence) == ("", 0)
+    state = register(registered)
+    for event in (scored, finalized):
+        state = apply_batch_event(state, event)
+    assert state.finalize_reason == "stable" and state.scores == scored
+    view = results_view(state)
+    assert view["reliability"] is None and view["ssr"] == -224.0
+    assert "before reliabilities" in view["reliabilities"]["posterior"]["n_a"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import msgspec
 import pytest
 
 from events.types import ERROR_TYPES, ComparisonRequested, Essay
@@ -48,6 +49,29 @@ def test_same_seed_same_judgements_and_position_bias_shows() -> None:
     # Equal qualities: slot A wins about σ(0.3) ≈ 0.574 of the time (noise flattens it a little).
     assert 0.54 < share_a < 0.60
     assert abs(win_probability(0.0, 0.0, 0.3) - 0.5744) < 1e-3
+
+
+def test_outcomes_follow_content_pair_slots_and_occurrence_not_ids_or_attempts() -> None:
+    """What lets a replay separate a mode's effect from noise: the same judgement for the
+    same batch content, pair, slots and occurrence, whatever the (random) batch and
+    correlation ids and however often a worker had to retry."""
+    zero = type(PROFILES["cj_generic_batch"])("z", latency_ms=0.0)
+
+    def req(i: int, **kw: object) -> ComparisonRequested:
+        base = {"batch_id": "b", "correlation_id": f"c{i}", "content_key": "k", "occurrence": 0}
+        return msgspec.structs.replace(_req(i), **{**base, **kw})
+
+    requests = [req(i) for i in range(400)]
+    first = asyncio.run(_judge_all(MockProvider(zero), requests))
+    renamed = [req(i, batch_id="other", correlation_id=f"x{i}", wave=7) for i in range(400)]
+    assert asyncio.run(_judge_all(MockProvider(zero), renamed)) == first
+    retried = MockProvider(zero)
+    retried._attempts = {f"c{i}": 2 for i in range(400)}  # a third attempt for each
+    assert asyncio.run(_judge_all(retried, requests)) == first
+    other_key = [req(i, content_key="k2") for i in range(400)]
+    again = [req(i, occurrence=1) for i in range(400)]
+    assert asyncio.run(_judge_all(MockProvider(zero), other_key)) != first
+    assert asyncio.run(_judge_all(MockProvider(zero), again)) != first
 
 
 def test_ideal_judge_always_prefers_the_better_essay() -> None:

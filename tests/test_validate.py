@@ -72,9 +72,12 @@ def test_validate_in_process_compares_the_modes_and_writes_a_report(tmp_path: Pa
         _check_mode(view, mode)
     c = out["comparison"]
     assert c["modes"] == ["per_request", "serial_bundle"]
-    assert -1 <= c["spearman_between_modes"] <= 1  # 10 essays of a noisy judge: any value
+    # Same input and seed: both modes plan the same waves and the mock judges them alike
+    # (its draws follow the batch content, not the batch id), so only the mode differs.
+    assert c["spearman_between_modes"] == 1.0 and c["mean_abs_theta_diff"] == 0.0
     agree = c["grade_agreement"]["students"]
-    assert agree["n"] > 0 and 0 <= agree["exact"] <= agree["within_one"] <= 1
+    assert agree["n"] > 0 and agree["exact"] == agree["within_one"] == 1.0
+    assert 0 < agree["predicted_exact"] <= 1
     assert c["counters_match_events"] and c["positions_balanced"]
     md = (tmp_path / "rep" / "report.md").read_text()
     page = (tmp_path / "rep" / "report.html").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from events.types import (
     ComparisonFailed,
     ComparisonRequested,
     RequestExpired,
+    WaveSubmitted,
     new_id,
     now_iso,
 )
@@ -625,3 +627,67 @@ async def test_cjs_stuck_reclaim_expires_judges_and_ends_a_stalled_batch(
     assert state.in_flight == 0 and state.failed == 1 and state.completed == len(ids) - 1
     states, _ = await replay(r, keys, {reg.batch_id})
     assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)
+
+
+async def test_same_input_and_seed_give_the_same_waves_and_judgements_whatever_the_workers(
+    procs: Procs, real_redis: Any, tmp_path: Path
+) -> None:
+    """`cjs submit` of one input twice with --seed 17, side by side under two key prefixes:
+    one batch judged by a single `cjs worker all` at concurrency 1, the other by a CJ
+    worker and two LPS workers at concurrency 8 with jittered latency. Batch ids,
+    correlation ids, workers and timing differ; the waves (pairs, in order, in their
+    slots) and every judgement do not."""
+    r = real_redis
+    rng = random.Random(9)
+    essays = [
+        {"essay_id": f"s{i:02d}", "text": f"essay {i}", "mock_quality": rng.gauss(0, 1)}
+        for i in range(16)
+    ]
+    essays += [
+        {"essay_id": f"a{g}", "text": f"anchor {g}", "anchor_grade": g, "mock_quality": q}
+        for g, q in zip("FEDCBA", (-1.5, -0.9, -0.3, 0.3, 0.9, 1.5), strict=True)
+    ]
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps({"essays": essays}))
+    mock = {"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_SEED": "5"}
+    one = {**mock, "CJS_PREFIX": f"{procs.prefix}one:", "CJS_MOCK_LATENCY_MS": "0"}
+    many = {**mock, "CJS_PREFIX": f"{procs.prefix}many:", "CJS_MOCK_LATENCY_MS": "8"}
+    workers = [
+        procs.spawn("all", "--concurrency", "1", **one),
+        procs.spawn("cj", **many),
+        procs.spawn("lps", "--concurrency", "8", **many),
+        procs.spawn("lps", "--concurrency", "8", **many),
+    ]
+    runs = []
+    for env in (one, many):
+        out = procs.cli(
+            "submit", str(path), "--seed", "17", "--comparisons-per-essay", "9", "--json", **env
+        )
+        runs.append((Keys(env["CJS_PREFIX"]), str(out["batch_id"])))
+
+    async def both_done() -> bool:
+        states = [await state_of(r, k, b) for k, b in runs]
+        return all(s.terminal for s in states)
+
+    await until(both_done, 120, "both batches finalized")
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(timeout=15) == 0
+
+    async def record(keys: Keys, batch_id: str) -> tuple[list[Any], dict[Any, str]]:
+        waves = [e for _, e in await events_of(r, keys.batches) if isinstance(e, WaveSubmitted)]
+        slot = {p.correlation_id: (e.wave, p.essay_a, p.essay_b) for e in waves for p in e.pairs}
+        judged = {slot[c.correlation_id]: c.winner for _, c in await events_of(r, keys.callbacks)}
+        return [(e.wave, [(p.essay_a, p.essay_b) for p in e.pairs]) for e in waves], judged
+
+    (waves_1, judged_1), (waves_2, judged_2) = [await record(k, b) for k, b in runs]
+    assert runs[0][1] != runs[1][1] and len(waves_1) >= 3
+    assert waves_1 == waves_2
+    assert len(judged_1) == sum(len(p) for _, p in waves_1) and judged_1 == judged_2
+    assert 0 < sum(w == "essay_a" for w in judged_1.values()) < len(judged_1)  # a noisy judge
+    s1, s2 = [await state_of(r, k, b) for k, b in runs]
+    assert s1.finalize_reason == s2.finalize_reason
+    assert s1.scores is not None and s2.scores is not None
+    assert [(s.essay_id, s.theta, s.grade) for s in s1.scores.scores] == [
+        (s.essay_id, s.theta, s.grade) for s in s2.scores.scores
+    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import math
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -39,7 +38,21 @@ from tools import common
     "--budget",
     type=int,
     default=None,
-    help="Total comparisons [default: 10 per essay, at most all pairs].",
+    help="Cap on total comparisons [default: 30 per essay, at most all pairs].",
+)
+@click.option(
+    "--comparisons-per-essay",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Cap as comparisons per essay instead of --budget.",
+)
+@click.option(
+    "--target-reliability",
+    type=click.FloatRange(0, 1),
+    default=0.8,
+    show_default=True,
+    help="Finalize as reliable once the posterior reliability reaches this and the ranking "
+    "has stopped moving (after 10 comparisons per essay).",
 )
 @click.option(
     "--seed",
@@ -52,13 +65,6 @@ from tools import common
     "--grade-scale",
     default=None,
     help="Scale name or comma-separated grades, lowest first (needed for CSV; overrides the file).",
-)
-@click.option(
-    "--stability-threshold",
-    type=click.FloatRange(min=0, min_open=True),
-    default=0.05,
-    show_default=True,
-    help="Finalize as stable once max |Δθ| between waves is below this (after 2 waves).",
 )
 @click.option(
     "--max-cost-usd",
@@ -84,9 +90,10 @@ def submit(
     provider: str,
     model: str | None,
     budget: int | None,
+    comparisons_per_essay: float | None,
+    target_reliability: float,
     seed: int,
     grade_scale: str | None,
-    stability_threshold: float,
     max_cost_usd: float | None,
     dry_run: bool,
     force_new: bool,
@@ -101,6 +108,7 @@ def submit(
     true), unless --new. Warnings (prompt caching that cannot engage on the model) go to
     stderr.
     """
+    from cj import reporting
     from cj.registration import (
         Contended,
         InputError,
@@ -125,8 +133,9 @@ def submit(
             provider=provider,
             model=model,
             budget=budget,
+            comparisons_per_essay=comparisons_per_essay,
+            target_reliability=target_reliability,
             seed=seed,
-            stability_threshold=stability_threshold,
             max_essay_chars=s.max_essay_chars,
             max_cost_usd=max_cost_usd,
             check_credentials=not dry_run,
@@ -136,30 +145,8 @@ def submit(
     warnings = submission_warnings(event)
     if dry_run:
         warnings += credential_problems(provider)
-        n = len(event.essays)
-        per_grade: dict[str, int] = {g: 0 for g in grades}
-        for e in event.essays:
-            if e.anchor_grade:
-                per_grade[e.anchor_grade] += 1
         cfg = event.config
-        waves = 1 + max(
-            0, math.ceil((event.denominator - 2 * cfg.wave_size) / max(1, cfg.wave_size))
-        )
-        plan = {
-            "dry_run": True,
-            "essays": n,
-            "students": n - sum(per_grade.values()),
-            "anchors_per_grade": per_grade,
-            "grade_scale": scale_name,
-            "total_budget": cfg.total_budget,
-            "denominator": event.denominator,
-            "all_pairs": n * (n - 1) // 2,
-            "wave_size": cfg.wave_size,
-            "max_waves_estimate": min(cfg.max_waves, waves),
-            "estimated_provider_calls": event.denominator,
-            "mode": cfg.mode,
-            "provider": cfg.provider,
-            "model": cfg.model,
+        plan = reporting.submit_plan(event, scale_name) | {
             "estimated_cost_per_comparison_usd": round(cfg.cost_per_comparison_usd, 6),
             "estimated_cost_usd": round(cfg.cost_per_comparison_usd * event.denominator, 4),
             "estimated_first_wave_cost_usd": round(
@@ -288,9 +275,13 @@ def _watch(batch_id: str, interval: float, bar: common.ProgressBar) -> BatchStat
 def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
     """Scores, standard errors, ranks and grades of a batch.
 
-    The table and the CSV carry every essay field of --json (theta, se, rank, grade, its
-    probabilities and confidence, ...) and the batch's SSR, split-half reliability and
-    position bias η; warnings follow the table (on stderr with --csv).
+    Each essay's grade, grade band (the shortest run of grades holding 80 % probability),
+    P(grade) and a high/mid/low label; the posterior reliability R (quote this one) beside
+    SSR and split-half.
+
+    The table and the CSV carry every essay field of --json (theta, se, rank, grade, band,
+    probabilities, confidence, ...) and the batch's reliabilities and position bias η;
+    warnings follow the table (on stderr with --csv).
     """
     common.quiet_logs(as_json)
     if as_json and as_csv:
@@ -308,7 +299,8 @@ def results(batch_id: str, as_json: bool, as_csv: bool) -> None:
 ESSAY_COLUMNS = ("rank", "essay_id", "is_anchor", "anchor_grade", "theta", "se", "grade")
 # Batch-level fields the header shows itself; any other scalar field is listed as `key: value`.
 SHOWN = frozenset(
-    {"batch_id", "status", "wave", "comparisons", "ssr", "split_half", "position_bias"}
+    {"batch_id", "status", "wave", "comparisons", "reliability", "ssr", "split_half"}
+    | {"position_bias"}
     | {"reliability_note", "connected", "grade_scale", "grade_boundaries", "warnings", "essays"}
 )
 
@@ -317,11 +309,16 @@ def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
+def _cellable(value: Any) -> bool:
+    """A value one cell can show: a scalar, or a list of scalars (a grade band)."""
+    return _scalar(value) or (isinstance(value, list) and all(_scalar(v) for v in value))
+
+
 def _essay_columns(view: dict[str, Any]) -> list[str]:
     columns = list(ESSAY_COLUMNS)
     for row in view["essays"]:
         for key, value in row.items():
-            if key not in columns and _scalar(value):
+            if key not in columns and _cellable(value):
                 columns.append(key)
     return columns
 
@@ -338,6 +335,8 @@ def _grades(view: dict[str, Any]) -> list[str]:
 def _cell(value: Any, digits: int = 2) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):
+        return " ".join(_cell(v, digits) for v in value)
     if isinstance(value, bool):
         return "yes" if value else ""
     if isinstance(value, float):
@@ -359,6 +358,13 @@ def _batch_fields(view: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _csv_value(value: Any) -> Any:
+    """A CSV cell: lists (a grade band) as space-separated text, None as empty."""
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return "" if value is None else value
+
+
 def _results_csv(view: dict[str, Any]) -> None:
     columns = _essay_columns(view)
     grades = _grades(view)
@@ -369,7 +375,7 @@ def _results_csv(view: dict[str, Any]) -> None:
         probabilities = row.get("grade_probabilities") or {}
         writer.writerow(
             [
-                *("" if row.get(c) is None else row.get(c) for c in columns),
+                *(_csv_value(row.get(c)) for c in columns),
                 *("" if probabilities.get(g) is None else probabilities[g] for g in grades),
                 *("" if v is None else v for v in batch.values()),
             ]
@@ -386,10 +392,11 @@ def render_results(view: dict[str, Any]) -> str:
     ]
     bias = view.get("position_bias")
     eta = "n/a" if not bias else f"{bias['estimate']:+.3f} ± {bias['se']:.3f} logits (slot A)"
+    posterior = _cell(view.get("reliability"), 3) or "n/a"
     ssr = _cell(view.get("ssr"), 3) or "n/a"
     half = _cell(view.get("split_half"), 3) or "n/a"
     lines.append(
-        f"SSR {ssr}  split-half {half}  position bias η {eta}  "
+        f"reliability R {posterior}  SSR {ssr}  split-half {half}  position bias η {eta}  "
         f"connected {_yes_no(view.get('connected'))}"
     )
     for key, value in view.items():

@@ -19,6 +19,7 @@ from app.runs import (
 )
 from app.validation import spearman_true
 from app.views import results_view, status_view
+from cj.reporting import band_text
 from lps.providers.mock import PROFILES, profile_from_env
 from tools import common
 
@@ -29,19 +30,20 @@ def _print_report(view: dict[str, Any]) -> None:
         f"\nBatch {view['batch_id']}  mode={view['mode']}  profile={view['profile']}  "
         f"status={status['status']} ({status['finalize_reason']})"
     )
-    click.echo(f"{'rank':>4}  {'essay':<14} {'anchor':<6} {'theta':>7} {'se':>6}  grade")
+    click.echo(f"{'rank':>4}  {'essay':<14} {'anchor':<6} {'theta':>7} {'se':>6}  grade band    P")
     for row in view["results"]:
         anchor = row["anchor_grade"] or ""
         theta = "" if row["theta"] is None else f"{row['theta']:7.2f}"
         se = "" if row["se"] is None else f"{row['se']:6.2f}"
+        p = "" if row["grade_confidence"] is None else f"{row['grade_confidence']:.2f}"
         click.echo(
             f"{row['rank'] or '':>4}  {row['essay_id']:<14} {anchor:<6} {theta:>7} {se:>6}  "
-            f"{row['grade'] or '-'}"
+            f"{row['grade'] or '-':<5} {band_text(row['grade_band']):<7} {p:>4}"
         )
-    ssr = "n/a" if view["ssr"] is None else f"{view['ssr']:.3f}"
+    rel = "n/a" if view["reliability"] is None else f"{view['reliability']:.3f}"
     rho = "n/a" if view["spearman_true"] is None else f"{view['spearman_true']:.3f}"
     click.echo(
-        f"\nSSR {ssr}   Spearman(theta, true quality) {rho}   "
+        f"\nreliability R {rel}   Spearman(theta, true quality) {rho}   "
         f"provider calls {view['provider_calls']} "
         f"({view['provider_calls'] - view['status']['completed']} failed attempts)   "
         f"wall {view['wall_s']:.2f}s"
@@ -116,7 +118,7 @@ def demo(
     """Run a bundled ENG5-like batch through CJ and the mock judge until it is finalized.
 
     Uses REDIS_URL when set, otherwise an embedded in-process Redis. Prints the
-    ranking (theta, SE, grade), SSR and the completion counters.
+    ranking (theta, SE, grade, grade band), the reliability R and the completion counters.
     """
     common.quiet_logs(as_json, level="ERROR")
     s = mock_settings(settings.load())
@@ -164,10 +166,13 @@ def demo(
                         "se",
                         "rank",
                         "grade",
+                        "grade_band",
+                        "grade_confidence",
                     )
                 }
                 for row in results["essays"]
             ],
+            "reliability": results["reliability"],
             "ssr": results["ssr"],
             "position_bias": results["position_bias"],
             "split_half": results["split_half"],

@@ -202,14 +202,15 @@ def _print(out: dict[str, Any]) -> None:
         )
         click.echo(
             f"{'':>14}  errors: {errors}; A share anchors {pos['anchors']['a_share']} "
-            f"students {pos['students']['a_share']}; SSR {v['ssr']}"
+            f"students {pos['students']['a_share']}; reliability R {v['reliability']}"
         )
     c = out["comparison"]
     if c:
         g = c["grade_agreement"]["students"]
         click.echo(
             f"\nSpearman between modes {c['spearman_between_modes']}; student grades "
-            f"agree {g['exact']} (within one {g['within_one']}, n={g['n']})"
+            f"agree {g['exact']} (predicted by their probabilities {g['predicted_exact']}; "
+            f"within one {g['within_one']}, n={g['n']})"
         )
     if "report" in out:
         click.echo(f"report: {out['report']['html']}")

@@ -1,8 +1,10 @@
 """The mock judge: a seeded stand-in for an LLM with latent essay qualities.
 
 P(essay_a wins) = σ(q_a − q_b + position_bias + ε), ε ~ N(0, noise²) per call.
-Every draw is a function of (seed, essay ids, correlation id, attempt), so a run
-is reproducible for a seed and independent of worker scheduling.
+Every draw is a function of (seed, the batch's content key, the pair in its slots,
+the request's occurrence of that pair, and — for faults and latency only — the
+attempt), so a run is reproducible for a seed and independent of worker scheduling
+and of the random batch and correlation ids.
 """
 
 from __future__ import annotations
@@ -129,15 +131,19 @@ class MockProvider:
         seed = self.seed if self.seed is not None else request.seed
         attempt = self._attempts.get(request.correlation_id, 0) + 1
         self._attempts[request.correlation_id] = attempt
-        # Not the correlation id (random): the same seed must reproduce the same judgements.
-        rng = _rng(
+        # Not the batch or correlation ids (random): the batch's content, the pair in its
+        # slots and how often it was asked before, so the same input and seed give the
+        # same judgements whichever worker answers, whenever. Faults and latency also
+        # depend on the attempt; the outcome does not.
+        pair = (
             seed,
-            request.batch_id,
-            request.wave,
+            request.content_key or request.batch_id,
             request.essay_a.essay_id,
             request.essay_b.essay_id,
-            attempt,
+            request.occurrence,
         )
+        rng = _rng(*pair, attempt)
+        outcome = _rng(*pair)
         latency_s = rng.uniform(0.5, 1.5) * p.latency_ms / 1000.0 if p.latency_ms > 0 else 0.0
         if latency_s:
             await asyncio.sleep(latency_s)
@@ -153,8 +159,8 @@ class MockProvider:
             a_wins = (q_a, request.essay_a.essay_id) >= (q_b, request.essay_b.essay_id)
             prob = 1.0 if a_wins else 0.0
         else:
-            prob = win_probability(q_a, q_b + rng.gauss(0.0, p.noise), p.position_bias)
-            a_wins = rng.random() < prob
+            prob = win_probability(q_a, q_b + outcome.gauss(0.0, p.noise), p.position_bias)
+            a_wins = outcome.random() < prob
         confidence = 1 + min(4, round(abs(prob - 0.5) * 8))
         usage = TokenUsage(input_tokens=900, output_tokens=60)
         record_tokens(usage, provider=self.name, model=request.model)
