@@ -21,7 +21,7 @@ from lps.providers.registry import default_model, provider_problems
 from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_state_write
-from streams.keys import Keys
+from streams.keys import Keys, partition_of
 
 # Longest essay text accepted by default, in characters: both essays of a pair go into one
 # prompt, and an essay is carried in every request naming it.
@@ -187,7 +187,9 @@ def build_registration(
 
 
 async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
-    """Append `BatchRegistered` and write its projection in one MULTI/EXEC."""
+    """Append `BatchRegistered` and write its projection in one MULTI/EXEC (in the batch's
+    partition)."""
+    keys = keys.for_batch(event.batch_id)
     async with r.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.batches, codec.encode(event))
         queue_state_write(pipe, keys, register(event), full=True)
@@ -212,8 +214,13 @@ async def register_once(
 ) -> tuple[str, bool]:
     """Register `event` unless a batch with the same content is registered (then its id is
     returned instead); with `force`, register it anyway. Returns (batch id, registered now).
-    Concurrent identical submissions register one batch: the lookup is WATCHed."""
+    Concurrent identical submissions register one batch: the lookup is WATCHed. The lookup
+    lives in the partition of the content digest, and the batch is given an id of that
+    partition (so that lookup and registration are one transaction in one slot)."""
     digest = content_digest(event)
+    keys = keys.for_partition(partition_of(digest, keys.partitions))
+    while keys.partition_of(event.batch_id) != keys.partition:
+        event = msgspec.structs.replace(event, batch_id=new_id())
     index = submissions(keys)
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):

@@ -16,4 +16,5 @@ def message_batch(keys: Keys, correlation_id: str) -> str:
 
 
 def cooldown(keys: Keys, provider: str, model: str) -> str:
-    return keys.key(f"lps:cooldown:{provider}:{model}")
+    """Shared by every partition: a provider's pause holds for all of its calls."""
+    return keys.shared(f"lps:cooldown:{provider}:{model}")

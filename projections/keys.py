@@ -7,8 +7,11 @@ Layout per batch:
 - `proj:batch:<id>:pairs`    hash: correlation id -> [wave, essay_a, essay_b]
 - `proj:batch:<id>:orphans`  hash: unknown correlation id -> times seen
 - `proj:batch:<id>:outcomes` written by nothing today; a full rewrite deletes it
-- `proj:batches`             hash: batch id -> registered_at (the index)
-- `proj:stats`               counters not tied to a known batch
+- `proj:batches`             hash: batch id -> registered_at (the index of a partition)
+- `proj:stats`               counters not tied to a known batch (per partition)
+
+A batch's keys are in its partition whatever partition the given `Keys` names
+(`keys.for_batch`); the index and stats are a partition's own.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from streams.keys import Keys
 
 
 def batch(keys: Keys, batch_id: str) -> str:
-    return keys.key(f"proj:batch:{batch_id}")
+    return keys.for_batch(batch_id).key(f"proj:batch:{batch_id}")
 
 
 def _part(keys: Keys, batch_id: str, part: str) -> str:

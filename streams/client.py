@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -17,10 +18,29 @@ def connect(
     retries: int = 8,
     embedded_ok: bool = True,
     connect_timeout_s: float | None = None,
+    cluster: bool = False,
 ) -> tuple[Any, str]:
     """A client for `url` (each command retried `retries` times before the caller sees the
     error; a TCP connect given up after `connect_timeout_s`), or an embedded Redis (fakeredis)
-    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError."""
+    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError.
+
+    With `cluster`, `url` names any node of a Redis Cluster and the client is redis-py's
+    `RedisCluster`: it follows MOVED/ASK, refreshes its view of the slots after a failover,
+    runs a MULTI/WATCH on the node owning its (one) slot and an EVALSHA where its keys are."""
+    if url and cluster:
+        return (
+            RedisCluster.from_url(
+                url,
+                decode_responses=False,
+                retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
+                socket_connect_timeout=connect_timeout_s,
+                # A failover leaves slots uncovered for a few seconds: commands wait
+                # (ClusterDownError is retried), they are not refused at once.
+                require_full_coverage=False,
+                reinitialize_steps=1,
+            ),
+            url,
+        )
     if url:
         client = aioredis.from_url(
             url,
