@@ -9,7 +9,30 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class TopologyChanged(RedisConnectionError):
+    """The cluster moved under a command: a blocked XREADGROUP on a key whose slot moved
+    away (`UNBLOCKED the stream key no longer exists`), or a connection of a node closed by
+    a refresh of the slots while a command was on it (redis-py then fails with an
+    AttributeError). Transient, like a lost connection: the worker waits and reads again."""
+
+
+class Cluster(RedisCluster):
+    """redis-py's `RedisCluster`, with the two faults of a moving cluster it does not
+    absorb reported as `TopologyChanged` (a ConnectionError) instead."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):
+                raise TopologyChanged(str(exc)) from exc
+            raise
+        except AttributeError as exc:
+            raise TopologyChanged(f"connection closed under {args[0]!r}: {exc}") from exc
 
 
 def connect(
@@ -29,7 +52,7 @@ def connect(
     runs a MULTI/WATCH on the node owning its (one) slot and an EVALSHA where its keys are."""
     if url and cluster:
         return (
-            RedisCluster.from_url(
+            Cluster.from_url(
                 url,
                 decode_responses=False,
                 retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),

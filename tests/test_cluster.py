@@ -34,6 +34,8 @@ from tests.redis_cluster import RedisClusterServer, skip_or_fail_without_cluster
 pytestmark = pytest.mark.redis
 
 PARTITIONS = 6
+# Extra callbacks (re-sent commits) seen per batch: reported, never counted.
+DUPLICATES: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +119,18 @@ async def _check_exact(r: Any, keys: Keys, states: dict[str, Any]) -> None:
     nothing pending, and a replay of each batch's partition equal to the live projection."""
     for b, state in states.items():
         part = keys.for_batch(b)
-        callbacks = [c for c in await _events(r, part.callbacks) if c.batch_id == b]
-        per_corr = Counter(c.correlation_id for c in callbacks)
-        assert set(per_corr.values()) == {1}, "one callback per request"
-        assert state.accepted == len(per_corr) == state.submitted
-        assert state.completed == sum(isinstance(c, ComparisonCompleted) for c in callbacks)
-        assert state.failed == sum(isinstance(c, ComparisonFailed) for c in callbacks)
+        entries = [(eid, codec.decode(f)) async for eid, f in read_stream(r, part.callbacks)]
+        callbacks = [c for _, c in entries if c.batch_id == b]
+        # A commit whose reply a failover swallowed is sent again: the same result may be
+        # appended twice. The projection counts the first of each and the rest as duplicates.
+        first: dict[str, Any] = {}
+        for c in callbacks:
+            first.setdefault(c.correlation_id, c)
+        assert state.accepted == len(first) == state.submitted
+        assert state.completed == sum(isinstance(c, ComparisonCompleted) for c in first.values())
+        assert state.failed == sum(isinstance(c, ComparisonFailed) for c in first.values())
+        assert state.duplicates == len(callbacks) - len(first)
+        DUPLICATES[b] = state.duplicates
         finals = [
             e
             for e in await _events(r, part.batches)
@@ -135,13 +143,9 @@ async def _check_exact(r: Any, keys: Keys, states: dict[str, Any]) -> None:
         assert await snapshot(r, keys, b) == canonical(replayed[b], keys)
 
 
-async def test_partition_keys_spread_over_the_masters(
-    cluster: RedisClusterServer, rc: Any
-) -> None:
+async def test_partition_keys_spread_over_the_masters(cluster: RedisClusterServer, rc: Any) -> None:
     keys = Keys("x:", partitions=16)
-    owners = Counter(
-        rc.get_node_from_key(keys.for_partition(p).batches).port for p in range(16)
-    )
+    owners = Counter(rc.get_node_from_key(keys.for_partition(p).batches).port for p in range(16))
     assert len(owners) == 3 and max(owners.values()) <= 7
     # every key of a partition in one slot
     part = keys.for_partition(5)
