@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,6 +20,22 @@ class TopologyChanged(RedisConnectionError):
     AttributeError). Transient, like a lost connection: the worker waits and reads again."""
 
 
+def _moved(exc: Exception, what: object) -> Exception:
+    if isinstance(exc, AttributeError):
+        return TopologyChanged(f"connection closed under {what!r}: {exc}")
+    if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
+        return TopologyChanged(str(exc))
+    return exc
+
+
+class _Pipeline(ClusterPipeline):
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute(*args, **kwargs)
+        except (AttributeError, ResponseError) as exc:
+            raise _moved(exc, "pipeline") from exc
+
+
 class Cluster(RedisCluster):
     """redis-py's `RedisCluster`, with the two faults of a moving cluster it does not
     absorb reported as `TopologyChanged` (a ConnectionError) instead."""
@@ -27,12 +43,13 @@ class Cluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
-        except ResponseError as exc:
-            if str(exc).startswith("UNBLOCKED"):
-                raise TopologyChanged(str(exc)) from exc
-            raise
-        except AttributeError as exc:
-            raise TopologyChanged(f"connection closed under {args[0]!r}: {exc}") from exc
+        except (AttributeError, ResponseError) as exc:
+            raise _moved(exc, args[0]) from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = _Pipeline  # type: ignore[type-abstract]
+        return pipe
 
 
 def connect(

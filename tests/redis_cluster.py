@@ -132,24 +132,27 @@ class RedisClusterServer:
         for node in self.nodes:
             while node.cli("PING").strip() != "PONG":
                 self._check(deadline)
-        args = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        created = subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *args,
-                "--cluster-replicas",
-                str(self.replicas),
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}")
+        if self.masters == 1 and self.replicas == 0:  # `--cluster create` wants 3 masters
+            self.nodes[0].cli("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
+        else:
+            args = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            created = subprocess.run(
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *args,
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-500:]}")
         self.wait_ok(deadline)
 
     def _check(self, deadline: float) -> None:
