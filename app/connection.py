@@ -57,6 +57,7 @@ def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:
             retries=settings.redis_retries,
             embedded_ok=embedded_ok,
             connect_timeout_s=settings.redis_connect_timeout_s,
+            cluster=settings.redis_cluster,
         )
     except ValueError as exc:
         raise ConfigError(f"REDIS_URL {mask_url(url)!r} is not a Redis URL: {exc}") from exc
@@ -69,11 +70,24 @@ def _missing_url(why: str) -> ConfigError:
 
 async def check_reachable(client: Any, settings: Settings) -> None:
     """One connection, handshake and PING within CJS_REDIS_CONNECT_TIMEOUT_S, without the
-    client's retries; RedisUnavailable naming the (masked) URL and the reason otherwise."""
-    pool = client.connection_pool
-    conn = pool.connection_class(**{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
+    client's retries; RedisUnavailable naming the (masked) URL and the reason otherwise.
+    A cluster client: its first view of the cluster (CLUSTER SLOTS from REDIS_URL's node)."""
     timeout = settings.redis_connect_timeout_s
     where = mask_url(settings.redis_url)
+    if not hasattr(client, "connection_pool"):  # RedisCluster
+        try:
+            async with asyncio.timeout(timeout * 2):
+                await client.initialize()
+                await client.ping()
+        except TimeoutError as exc:
+            raise RedisUnavailable(
+                f"Redis Cluster at {where} did not answer within {timeout * 2:g}s"
+            ) from exc
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"cannot use Redis Cluster at {where}: {describe(exc)}") from exc
+        return
+    pool = client.connection_pool
+    conn = pool.connection_class(**{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
     try:
         async with asyncio.timeout(timeout):
             await conn.connect()

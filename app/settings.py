@@ -18,6 +18,17 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     prefix: str = ""
+    # Partitions of the key space (fixed at deploy time; 1 keeps the single-node layout).
+    partitions: int = Field(default=1, ge=1, le=1024)
+    # REDIS_URL names any node of a Redis Cluster (redis-py's RedisCluster is used).
+    redis_cluster: bool = False
+    # Commits acknowledging a request or applying a callback wait (WAIT) for this many
+    # replicas (0 or 1) at most CJS_REPLICA_ACK_TIMEOUT_MS.
+    min_replicas_ack: int = Field(default=0, ge=0, le=1)
+    replica_ack_timeout_ms: int = Field(default=1000, ge=1)
+    # The partitions this worker reads ("" = all; e.g. "0-3,8"): spread partitions over
+    # worker processes; a partition no worker reads waits for one.
+    worker_partitions: str = ""
     processing_timeout_s: float = Field(default=120.0, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     batch_idle_timeout_s: float = Field(default=900.0, gt=0)
@@ -83,5 +94,33 @@ def _problem(error: Any) -> str:
 
 
 def keys_for(settings: Settings, prefix: str | None = None) -> Keys:
-    """The key namespace: CJS_PREFIX unless `prefix` overrides it."""
-    return Keys(settings.prefix if prefix is None else prefix)
+    """The key namespace (every partition): CJS_PREFIX unless `prefix` overrides it. A
+    prefix with a hash tag would put every partition in one slot: a ConfigError."""
+    prefix = settings.prefix if prefix is None else prefix
+    if (settings.partitions > 1 or settings.redis_cluster) and "{" in prefix:
+        raise ConfigError(
+            f"CJS_PREFIX={prefix!r} holds a hash tag: with CJS_PARTITIONS or "
+            "CJS_REDIS_CLUSTER the partitions carry their own ({p<k>})"
+        )
+    return Keys(prefix, partitions=settings.partitions, tagged=settings.redis_cluster)
+
+
+def worker_partitions(settings: Settings, keys: Keys) -> list[Keys]:
+    """The partitions this worker reads: CJS_WORKER_PARTITIONS ("0-3,8"), else all."""
+    spec = settings.worker_partitions.strip()
+    if not spec:
+        return keys.all_partitions()
+    chosen: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            chosen.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError as exc:
+        raise ConfigError(f"CJS_WORKER_PARTITIONS={spec!r}: {exc}") from exc
+    bad = sorted(p for p in chosen if not 0 <= p < settings.partitions)
+    if bad:
+        raise ConfigError(
+            f"CJS_WORKER_PARTITIONS={spec!r}: no partition {bad[0]} "
+            f"(CJS_PARTITIONS={settings.partitions})"
+        )
+    return [keys.for_partition(p) for p in sorted(chosen)]

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.archive import store_for
 from app.retention import run_archiver
-from app.settings import Settings, consumer_name
+from app.settings import Settings, consumer_name, worker_partitions
 from cj.consumer import CJConsumer
 from cj.stalls import run_stall_finalizer
 from lps.breaker import Breaker
@@ -45,6 +45,8 @@ def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
         processing_timeout_s=s.processing_timeout_s,
         max_deliveries=s.max_deliveries,
         dead_consumer_after_s=s.dead_consumer_after_s,
+        replicas_ack=s.min_replicas_ack,
+        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
     )
 
 
@@ -69,6 +71,8 @@ def lps_worker(
         processing_timeout_s=s.processing_timeout_s,
         max_deliveries=s.max_deliveries,
         dead_consumer_after_s=s.dead_consumer_after_s,
+        replicas_ack=s.min_replicas_ack,
+        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
         batch_poll_interval_s=s.batch_poll_s,
         cooldown=Cooldown(
             r,
@@ -103,6 +107,11 @@ def stall_reaper(r: Any, keys: Keys, s: Settings, stop: asyncio.Event) -> Corout
     )
 
 
+def _name(base: str, i: int, part: Keys) -> str:
+    """A consumer's name: `<role>-<host>-<pid>-<i>`, and `.p<k>` with several partitions."""
+    return f"{base}-{i}" if part.partitions == 1 else f"{base}-{i}.p{part.partition}"
+
+
 @dataclass
 class InProcess:
     """CJ consumers and LPS workers as tasks of this process."""
@@ -119,20 +128,26 @@ class InProcess:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
+        """Each consumer reads every partition of CJS_WORKER_PARTITIONS (all by default) with
+        a loop of its own per partition, so a busy partition never starves another."""
         s = self.settings
+        parts = worker_partitions(s, self.keys)
         for i in range(self.cj_consumers):
-            cj = cj_consumer(self.r, self.keys, s, f"{consumer_name('cj')}-{i}")
-            self._spawn(cj.run(self.stop, sweep_every_s=s.reaper_interval_s))
+            for part in parts:
+                name = _name(consumer_name("cj"), i, part)
+                cj = cj_consumer(self.r, part, s, name)
+                self._spawn(cj.run(self.stop, sweep_every_s=s.reaper_interval_s))
         for i in range(self.lps_workers):
-            lps = lps_worker(
-                self.r,
-                self.keys,
-                s,
-                f"{consumer_name('lps')}-{i}",
-                self.providers,
-                concurrency=self.concurrency,
-            )
-            self._spawn(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
+            for part in parts:
+                lps = lps_worker(
+                    self.r,
+                    part,
+                    s,
+                    _name(consumer_name("lps"), i, part),
+                    self.providers,
+                    concurrency=self.concurrency,
+                )
+                self._spawn(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
         for _ in range(self.reapers):
             self._spawn(stall_reaper(self.r, self.keys, s, self.stop))
             self._spawn(archiver(self.r, self.keys, s, self.stop))

@@ -30,6 +30,7 @@ from events.types import Callback, ComparisonCompleted, ComparisonFailed, Event
 from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
 from streams.consumer import GroupConsumer, GroupOptions
+from streams.durability import is_cluster
 from streams.keys import Keys
 from streams.pending import Claimed, StuckAction, claim_idle
 from streams.reader import Entry
@@ -53,10 +54,14 @@ class CJConsumer(GroupConsumer[Callback]):
             return
         # One round trip for the page: each script call is atomic on its own.
         with CJ_STEP_SECONDS.labels("apply").time():
-            async with self.r.pipeline(transaction=False) as pipe:
-                for entry, callback in callbacks:
-                    await self.applier.queue(pipe, callback, entry.entry_id)
-                results = await pipe.execute()
+            if is_cluster(self.r):  # EVALSHA one by one: each loads its script where it runs
+                results = [await self.applier.apply(c, e.entry_id) for e, c in callbacks]
+            else:
+                async with self.r.pipeline(transaction=False) as pipe:
+                    for entry, callback in callbacks:
+                        await self.applier.queue(pipe, callback, entry.entry_id)
+                    results = await pipe.execute()
+            await self.durable()
         to_advance: set[str] = set()
         for (entry, callback), (outcome, left) in zip(callbacks, results, strict=True):
             outcome = as_str(outcome)

@@ -420,7 +420,9 @@ def _end(state: BatchState, reason: FinalizeReason, message: str) -> BatchFinali
 
 
 def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision) -> BatchState:
-    """Buffer the decision's appends and projection writes (inside MULTI)."""
+    """Buffer the decision's appends and projection writes (inside MULTI), in the batch's
+    partition."""
+    keys = keys.for_batch(state.batch_id)
     touched: list[str] = []
     for request in decision.requests:
         pipe.xadd(keys.requests, codec.encode(request))
@@ -445,7 +447,8 @@ async def advance(
 
     `decider` (pure) says what the step is: `decide` for the normal flow, another for
     forced ends (stalled batches). A callback applied meanwhile changes the batch hash,
-    so the decision and its events are one step."""
+    so the decision and its events are one step (in the batch's partition)."""
+    keys = keys.for_batch(batch_id)
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):
             try:

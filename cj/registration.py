@@ -30,7 +30,7 @@ from lps.providers.registry import (
 from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_registration, queue_state_write
-from streams.keys import Keys
+from streams.keys import Keys, partition_of
 
 # Longest essay text accepted by default, in characters: both essays of a pair go into one
 # prompt, and an essay is carried in every request naming it.
@@ -261,7 +261,8 @@ def submission_warnings(event: BatchRegistered) -> list[str]:
 
 async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
     """Append `BatchRegistered` (with its range hints) and write its projection in one
-    MULTI/EXEC."""
+    MULTI/EXEC (in the batch's partition)."""
+    keys = keys.for_batch(event.batch_id)
     async with r.pipeline(transaction=True) as pipe:
         queue_registration(pipe, keys, event)
         queue_state_write(pipe, keys, register(event), full=True)
@@ -286,8 +287,13 @@ async def register_once(
 ) -> tuple[str, bool]:
     """Register `event` unless a batch with the same content is registered (then its id is
     returned instead); with `force`, register it anyway. Returns (batch id, registered now).
-    Concurrent identical submissions register one batch: the lookup is WATCHed."""
+    Concurrent identical submissions register one batch: the lookup is WATCHed. The lookup
+    lives in the partition of the content digest, and the batch is given an id of that
+    partition (so that lookup and registration are one transaction in one slot)."""
     digest = content_digest(event)
+    keys = keys.for_partition(partition_of(digest, keys.partitions))
+    while keys.partition_of(event.batch_id) != keys.partition:
+        event = msgspec.structs.replace(event, batch_id=new_id())
     index = submissions(keys)
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):

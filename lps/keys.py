@@ -16,17 +16,19 @@ def message_batch(keys: Keys, correlation_id: str) -> str:
 
 
 def cooldown(keys: Keys, provider: str, model: str) -> str:
-    return keys.key(f"lps:cooldown:{provider}:{model}")
+    """Shared by every partition: a provider's pause holds for all of its calls."""
+    return keys.shared(f"lps:cooldown:{provider}:{model}")
 
 
 def breaker(keys: Keys, provider: str, model: str | None = None) -> str:
-    """The breaker of a provider (every model), or of one of its models."""
+    """The breaker of a provider (every model), or of one of its models; shared by every
+    partition, as the account it guards is."""
     suffix = f":{model}" if model else ""
-    return keys.key(f"lps:breaker:{provider}{suffix}")
+    return keys.shared(f"lps:breaker:{provider}{suffix}")
 
 
 def breaker_pattern(keys: Keys) -> str:
-    return keys.key("lps:breaker:*")
+    return keys.shared("lps:breaker:*")
 
 
 def batch_intent(keys: Keys, intent_id: str) -> str:

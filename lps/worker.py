@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Unpack
 
@@ -72,9 +72,13 @@ class _Commit:
 class Committer:
     """Appends results: callback + XACK + done marker, many results per MULTI/EXEC."""
 
-    def __init__(self, r: Any, keys: Keys) -> None:
+    def __init__(
+        self, r: Any, keys: Keys, after: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self.r = r
         self.keys = keys
+        # Run after each commit, before its callers hear of it (waiting for a replica).
+        self.after = after
         self._queue: asyncio.Queue[_Commit] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -121,6 +125,8 @@ class Committer:
                 cid = getattr(item.callback, "correlation_id", "")
                 pipe.set(lkeys.done(k, cid), item.entry_id, ex=DONE_TTL_S)
             await pipe.execute()
+        if self.after is not None:
+            await self.after()
 
 
 class LPSWorker(GroupConsumer[ComparisonRequested]):
@@ -149,7 +155,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         self._provider_cache: dict[str, Provider] = {}
         self.policy = policy or RetryPolicy()
         self.concurrency = concurrency
-        self.committer = Committer(r, keys)
+        self.committer = Committer(r, keys, self.durable)
         self.max_pages = max_pages
         self.in_hand: set[str] = set()
         # Set by run() to its stop event: units not started when it is set are released.

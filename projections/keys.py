@@ -9,10 +9,13 @@ Layout per batch:
 - `proj:batch:<id>:outcomes` written by nothing today; a full rewrite deletes it
 - `proj:batch:<id>:range`    hash: where the batch's entries lie in each stream (range hints,
                              not compared by replay: see `batch_range`)
-- `proj:batches`             hash: batch id -> registered_at (the index)
+- `proj:batches`             hash: batch id -> registered_at (the index of a partition)
 - `proj:archived`            hash: batch id -> manifest of its archive (what remains of an
                              archived batch's projection)
-- `proj:stats`               counters not tied to a known batch
+- `proj:stats`               counters not tied to a known batch (per partition)
+
+A batch's keys are in its partition whatever partition the given `Keys` names
+(`keys.for_batch`); the index and stats are a partition's own.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from streams.keys import Keys
 
 
 def batch(keys: Keys, batch_id: str) -> str:
-    return keys.key(f"proj:batch:{batch_id}")
+    return keys.for_batch(batch_id).key(f"proj:batch:{batch_id}")
 
 
 def _part(keys: Keys, batch_id: str, part: str) -> str:

@@ -199,6 +199,7 @@ def queue_state_write(
     given correlation ids (what one CJ-written event can change)."""
     encoded = encode_state(state, keys)
     b = state.batch_id
+    keys = keys.for_batch(b)
     if full:
         for name in pkeys.batch_keys(keys, b):
             pipe.delete(name)
@@ -223,20 +224,24 @@ class CallbackApplier:
         self._keys = keys
         self._group = group
 
-    async def queue(self, pipe: Any, callback: Callback, entry_id: str) -> None:
+    async def apply(self, callback: Callback, entry_id: str) -> Any:
+        """Run the script now (a cluster client: EVALSHA on the node of the batch's slot,
+        loading the script there first when that node does not know it)."""
+        return await self.queue(None, callback, entry_id)
+
+    async def queue(self, pipe: Any, callback: Callback, entry_id: str) -> Any:
         """Buffer the script call in `pipe`; a non-transactional pipeline is enough, the
-        script is atomic on its own."""
-        k = self._keys
+        script is atomic on its own. Without `pipe`, run it now and return its result."""
         b = callback.batch_id
-        await self._script(
-            keys=[
-                pkeys.batch(k, b),
-                pkeys.batch_corr(k, b),
-                pkeys.batch_orphans(k, b),
-                k.callbacks,
-                pkeys.stats(k),
-                pkeys.batch_range(k, b),
-            ],
+        k = self._keys
+        if k.partition is None or k.partition_of(b) == k.partition:
+            batch_keys = [pkeys.batch(k, b), pkeys.batch_corr(k, b), pkeys.batch_orphans(k, b)]
+            range_key = pkeys.batch_range(k, b)
+        else:  # a batch of another partition is unknown here (and a script stays in one slot)
+            batch_keys = [k.key(f"proj:batch:{b}{part}") for part in ("", ":corr", ":orphans")]
+            range_key = k.key(f"proj:batch:{b}:range")
+        return await self._script(
+            keys=[*batch_keys, k.callbacks, pkeys.stats(k), range_key],
             args=[
                 self._group,
                 entry_id,
@@ -250,6 +255,10 @@ class CallbackApplier:
 
 
 async def list_batches(r: Any, keys: Keys) -> list[str]:
-    """Batch ids, oldest registration first."""
-    index = {as_str(k): as_str(v) for k, v in (await r.hgetall(pkeys.batch_index(keys))).items()}
+    """Batch ids, oldest registration first: of the partition `keys` names, or of every
+    partition for a namespace-wide `Keys`."""
+    index: dict[str, str] = {}
+    for part in keys.all_partitions():
+        raw = await r.hgetall(pkeys.batch_index(part))
+        index.update({as_str(k): as_str(v) for k, v in raw.items()})
     return sorted(index, key=lambda b: (index[b], b))

@@ -5,10 +5,51 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class TopologyChanged(RedisConnectionError):
+    """The cluster moved under a command: a blocked XREADGROUP on a key whose slot moved
+    away (`UNBLOCKED the stream key no longer exists`), or a connection of a node closed by
+    a refresh of the slots while a command was on it (redis-py then fails with an
+    AttributeError). Transient, like a lost connection: the worker waits and reads again."""
+
+
+def _moved(exc: Exception, what: object) -> Exception:
+    if isinstance(exc, AttributeError):
+        return TopologyChanged(f"connection closed under {what!r}: {exc}")
+    if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
+        return TopologyChanged(str(exc))
+    return exc
+
+
+class _Pipeline(ClusterPipeline):
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute(*args, **kwargs)
+        except (AttributeError, ResponseError) as exc:
+            raise _moved(exc, "pipeline") from exc
+
+
+class Cluster(RedisCluster):
+    """redis-py's `RedisCluster`, with the two faults of a moving cluster it does not
+    absorb reported as `TopologyChanged` (a ConnectionError) instead."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (AttributeError, ResponseError) as exc:
+            raise _moved(exc, args[0]) from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = _Pipeline  # type: ignore[type-abstract]
+        return pipe
 
 
 def connect(
@@ -17,10 +58,29 @@ def connect(
     retries: int = 8,
     embedded_ok: bool = True,
     connect_timeout_s: float | None = None,
+    cluster: bool = False,
 ) -> tuple[Any, str]:
     """A client for `url` (each command retried `retries` times before the caller sees the
     error; a TCP connect given up after `connect_timeout_s`), or an embedded Redis (fakeredis)
-    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError."""
+    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError.
+
+    With `cluster`, `url` names any node of a Redis Cluster and the client is redis-py's
+    `RedisCluster`: it follows MOVED/ASK, refreshes its view of the slots after a failover,
+    runs a MULTI/WATCH on the node owning its (one) slot and an EVALSHA where its keys are."""
+    if url and cluster:
+        return (
+            Cluster.from_url(
+                url,
+                decode_responses=False,
+                retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
+                socket_connect_timeout=connect_timeout_s,
+                # A failover leaves slots uncovered for a few seconds: commands wait
+                # (ClusterDownError is retried), they are not refused at once.
+                require_full_coverage=False,
+                reinitialize_steps=1,
+            ),
+            url,
+        )
     if url:
         client = aioredis.from_url(
             url,

@@ -16,6 +16,7 @@ from events import codec
 from events.codec import DecodeError
 from events.types import Event
 from streams.dlq import dead_letter
+from streams.durability import wait_for_replicas
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
 from streams.pending import Claimed, StuckAction, group_upkeep
@@ -34,6 +35,8 @@ class GroupOptions(TypedDict, total=False):
     processing_timeout_s: float  # a pending entry idle this long is reclaimed
     max_deliveries: int  # an entry delivered more often is expired
     dead_consumer_after_s: float  # idle consumers with nothing pending are removed
+    replicas_ack: int  # commits wait for this many replicas (CJS_MIN_REPLICAS_ACK)
+    replica_ack_timeout_ms: int  # ... at most this long
 
 
 class GroupConsumer(Generic[E]):
@@ -59,8 +62,12 @@ class GroupConsumer(Generic[E]):
         processing_timeout_s: float = 120.0,
         max_deliveries: int = 3,
         dead_consumer_after_s: float = 3600.0,
+        replicas_ack: int = 0,
+        replica_ack_timeout_ms: int = 1000,
     ) -> None:
         self.keys = keys
+        self.replicas_ack = replicas_ack
+        self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.stream_name = stream_name
         # The reader holds the connection and who this consumer is.
         self.reader = GroupReader(
@@ -95,6 +102,10 @@ class GroupConsumer(Generic[E]):
     @property
     def timeout_ms(self) -> int:
         return int(self.processing_timeout_s * 1000)
+
+    async def durable(self) -> None:
+        """After a commit: wait for CJS_MIN_REPLICAS_ACK replicas (streams/durability.py)."""
+        await wait_for_replicas(self.r, self.keys, self.replicas_ack, self.replica_ack_timeout_ms)
 
     async def start(self) -> None:
         await ensure_group(self.r, self.stream, self.group)

@@ -1,29 +1,101 @@
 """The key namespace: every stream and key of the project is built from a `Keys`.
 
-Keys touched by one Lua script or MULTI share the prefix; a prefix carrying a
-hash tag (for example `{cjs}:`) keeps them in one slot on Redis Cluster. Layers
-build their own keys with plain functions that take a `Keys` and call `key`
+Partitions (CJS_PARTITIONS, fixed at deploy time). A batch belongs to one partition,
+`partition_of(batch_id, n)` (CRC32 of the id, mod n), and every key of that batch and the
+streams it travels on — its four streams, their dead letters, projections, `lps:done`,
+batch-API keys — is built by that partition's `Keys` (`keys.for_partition(p)`,
+`keys.for_batch(id)`): `<CJS_PREFIX>{p<k>}:<name>`. The hash tag `{p<k>}` keeps every
+MULTI, WATCH and Lua script of a partition in one slot of a Redis Cluster, and spreads the
+partitions over its masters. With one partition (and no cluster) the tag is left out:
+`<CJS_PREFIX><name>`, today's layout, unchanged.
+
+A `Keys` without a partition (`partition=None`, as `Keys.from_env()` or the settings give
+it) names the whole namespace: `partitions()` lists every partition's `Keys`. With more
+than one partition it refuses to build a partition's key (ValueError) rather than name a
+key nobody writes. `shared(name)` is a key outside every partition, for single-key
+commands only (provider cooldowns).
+
+Layers build their own keys with plain functions that take a `Keys` and call `key`
 (projections/keys.py, lps/keys.py), so a partition's hash tag is added here once.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 from events.streams import BATCHES, CALLBACKS, DISPATCHES, REQUESTS, dlq_name
+
+
+def partition_of(batch_id: str, partitions: int) -> int:
+    """The partition of a batch: stable across processes, versions and restarts."""
+    if partitions <= 1:
+        return 0
+    return zlib.crc32(batch_id.encode()) % partitions
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str = ""
+    # How many partitions the deployment has (CJS_PARTITIONS), and which one these keys
+    # name (None: the whole namespace). `tagged` adds the hash tag even with one partition
+    # (a Redis Cluster: a unit's keys must share a slot).
+    partitions: int = 1
+    partition: int | None = None
+    tagged: bool = False
 
     @classmethod
     def from_env(cls) -> Keys:
-        return cls(os.environ.get("CJS_PREFIX", ""))
+        return cls(
+            os.environ.get("CJS_PREFIX", ""),
+            partitions=max(1, int(os.environ.get("CJS_PARTITIONS", "1") or 1)),
+            tagged=os.environ.get("CJS_REDIS_CLUSTER", "") in ("1", "true", "yes"),
+        )
+
+    @property
+    def tag(self) -> str:
+        """`{p<k>}:` (the partition's hash tag), or "" with one partition outside a cluster."""
+        if self.partitions == 1 and not self.tagged:
+            return ""
+        if self.partition is None:
+            if self.partitions == 1:
+                return "{p0}:"
+            raise ValueError(
+                f"a key of one of {self.partitions} partitions needs its partition "
+                "(Keys.for_partition / Keys.for_batch)"
+            )
+        return f"{{p{self.partition}}}:"
+
+    def for_partition(self, partition: int) -> Keys:
+        if not 0 <= partition < self.partitions:
+            raise ValueError(f"partition {partition} not in 0..{self.partitions - 1}")
+        return replace(self, partition=partition)
+
+    def for_batch(self, batch_id: str) -> Keys:
+        """The keys of the partition holding `batch_id`."""
+        return self.for_partition(partition_of(batch_id, self.partitions))
+
+    def partition_of(self, batch_id: str) -> int:
+        return partition_of(batch_id, self.partitions)
+
+    def all_partitions(self) -> list[Keys]:
+        """These keys' own partition, or every partition of a namespace-wide `Keys`."""
+        if self.partition is not None:
+            return [self]
+        return [self.for_partition(p) for p in range(self.partitions)]
+
+    @property
+    def whole(self) -> Keys:
+        """The namespace-wide `Keys` (no partition chosen)."""
+        return replace(self, partition=None)
 
     def key(self, name: str) -> str:
-        """Any key of the namespace, streams and layer keys alike."""
+        """Any key of the partition, streams and layer keys alike."""
+        return f"{self.prefix}{self.tag}{name}"
+
+    def shared(self, name: str) -> str:
+        """A key outside every partition (single-key commands only)."""
         return f"{self.prefix}{name}"
 
     def stream(self, name: str) -> str:

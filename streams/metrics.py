@@ -48,3 +48,9 @@ def observe_queue_wait(stream_name: str, group: str, entry_ids: Iterable[str]) -
         ms = entry_id.partition("-")[0]
         if ms.isdigit():
             histogram.observe(max(0.0, now_ms - int(ms)) / 1000)
+
+
+REPLICA_ACK_SHORT = Counter(
+    "redis_replica_ack_short_total",
+    "Commits that CJS_MIN_REPLICAS_ACK waited for and fewer replicas acknowledged in time",
+)

@@ -26,9 +26,30 @@ def next_id(entry_id: str) -> str:
 def raw_client(r: Any) -> Any:
     """A client on `r`'s connection pool whose XRANGE replies are left as Redis sends them
     (`[[id, [field, value, ...]], ...]`): building a dict per entry costs more than decoding it."""
+    if not hasattr(r, "connection_pool"):  # a cluster client: one pool per node
+        return _Flattened(r)
     client = aioredis.Redis(connection_pool=r.connection_pool)
     client.set_response_callback("XRANGE", lambda response, **_: response)
     return client
+
+
+class _Flattened:
+    """XRANGE of a cluster client in the raw shape (entries flattened back)."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+
+    async def xrange(
+        self, name: str, min: str = "-", max: str = "+", count: int | None = None
+    ) -> Any:
+        rows = await self.r.xrange(name, min=min, max=max, count=count)
+        return [
+            [entry_id, [x for pair in (fields or {}).items() for x in pair]]
+            for entry_id, fields in rows
+        ]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.r, name)
 
 
 async def read_pages(

@@ -12,8 +12,15 @@ import asyncio
 import contextlib
 
 import structlog
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams.metrics import REDIS_RECONNECTS
@@ -24,13 +31,33 @@ log = structlog.get_logger("streams.resilience")
 # BusyLoadingError ("LOADING", while Redis replays its AOF) is a ConnectionError.
 # NoScriptError means Redis restarted (its script cache is empty) under a pipeline that the
 # client retried without reloading its scripts: the next attempt loads them again.
+# A Redis Cluster in a failover or a resharding answers, for a while, with errors its client
+# did not absorb in its own retries: CLUSTERDOWN / MASTERDOWN (ClusterError), MOVED / ASK
+# (AskError) while its view of the slots is stale, TRYAGAIN during a migration, READONLY
+# from a demoted master, a slot no node covers (RedisClusterException). A worker waits,
+# refreshes its view of the cluster (`refresh_topology`) and goes on; it never exits.
 REDIS_DOWN: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     NoScriptError,
     ConnectionError,
     OSError,
+    ClusterError,
+    AskError,
+    TryAgainError,
+    ReadOnlyError,
+    RedisClusterException,
 )
+
+
+async def refresh_topology(r: object) -> None:
+    """Have a cluster client read the slots anew (after MOVED, a failover ...); no-op for a
+    single node. Errors are left for the next command to meet."""
+    nodes = getattr(r, "nodes_manager", None)
+    if nodes is None:
+        return
+    with contextlib.suppress(Exception):
+        await nodes.initialize()
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
@@ -72,6 +99,12 @@ async def wait_for_redis(
     if backoff.fresh:  # once per outage, not per attempt
         REDIS_RECONNECTS.labels(reader.group).inc()
     delay = backoff.next()
-    log.warning("redis_unavailable", consumer=consumer, error=str(exc)[:200], retry_in_s=delay)
+    log.warning(
+        "redis_unavailable",
+        consumer=consumer,
+        error=f"{type(exc).__name__}: {str(exc)[:200]}",
+        retry_in_s=delay,
+    )
     reader.rewind()
-    await sleep_unless(stop, delay)
+    if not await sleep_unless(stop, delay):
+        await refresh_topology(reader.r)

@@ -1,0 +1,224 @@
+"""The pipeline on a real Redis Cluster (3 masters + 3 replicas, one per module): partitions
+spread over the masters, concurrent batches with exact counters and one BatchFinalized
+each, a slot migrated mid-batch, a master SIGKILLed mid-batch and its replica promoted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.settings import Settings, keys_for
+from app.wiring import InProcess
+from cj.continuation import advance
+from cj.registration import append_registration
+from events import codec
+from events.streams import CJ_GROUP, LPS_GROUP
+from events.types import BatchFinalized, ComparisonCompleted, ComparisonFailed
+from lps.providers.mock import PROFILES
+from lps.providers.registry import make_provider
+from projections.replay import replay
+from projections.store import list_batches, load_state
+from streams.client import TopologyChanged, connect
+from streams.keys import Keys
+from streams.paging import read_stream
+from tests.helpers import canonical, registration, snapshot
+from tests.redis_cluster import RedisClusterServer, skip_or_fail_without_cluster
+
+pytestmark = pytest.mark.redis
+
+PARTITIONS = 6
+# Extra callbacks (re-sent commits) seen per batch: reported, never counted.
+DUPLICATES: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    skip_or_fail_without_cluster()
+    server = RedisClusterServer(Path(tmp_path_factory.mktemp("cluster")))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def rc(cluster: RedisClusterServer) -> AsyncIterator[Any]:
+    cluster.wait_ok()
+    client, _ = connect(cluster.url, cluster=True, retries=4, connect_timeout_s=1.0)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+def _settings(cluster: RedisClusterServer, **kw: Any) -> Settings:
+    return Settings(
+        REDIS_URL=cluster.url,
+        prefix=f"t{uuid.uuid4().hex[:6]}:",
+        partitions=PARTITIONS,
+        redis_cluster=True,
+        retry_base_delay_s=0.001,
+        retry_max_delay_s=0.01,
+        block_ms=50,
+        reaper_interval_s=0.5,
+        **kw,
+    )
+
+
+async def _events(r: Any, stream: str) -> list[Any]:
+    return [codec.decode(fields) async for _, fields in read_stream(r, stream)]
+
+
+async def _run(
+    r: Any, s: Settings, ids: list[str], *, n: int = 12, budget: int = 40, during: Any = None
+) -> tuple[Keys, dict[str, Any]]:
+    keys = keys_for(s)
+    regs = [registration(n, batch_id=b, budget=budget) for b in ids]
+    for reg in regs:
+        await append_registration(r, keys, reg)
+    runner = InProcess(
+        r,
+        keys,
+        s,
+        lambda name: make_provider(name, mock_profile=PROFILES["flaky"]),
+        cj_consumers=1,
+        lps_workers=1,
+        concurrency=4,
+    )
+    runner.start()
+    for reg in regs:
+        await advance(r, keys, reg.batch_id)
+    states: dict[str, Any] = {}
+    try:
+        if during is not None:
+            await during(keys)
+        deadline = time.monotonic() + 90
+        while len(states) < len(ids):
+            runner.check()
+            assert time.monotonic() < deadline, f"batches not finalized: {set(ids) - set(states)}"
+            for b in ids:
+                try:
+                    state = await load_state(r, keys, b)
+                except TopologyChanged:  # this poll's own read met the move: read again
+                    continue
+                if state is not None and state.terminal:
+                    states[b] = state
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.close()
+    assert all(t.done() and not t.exception() for t in runner.tasks), "a consumer exited"
+    return keys, states
+
+
+async def _check_exact(r: Any, keys: Keys, states: dict[str, Any]) -> None:
+    """Every request one callback, the counters equal to the callbacks, one BatchFinalized,
+    nothing pending, and a replay of each batch's partition equal to the live projection."""
+    for b, state in states.items():
+        part = keys.for_batch(b)
+        entries = [(eid, codec.decode(f)) async for eid, f in read_stream(r, part.callbacks)]
+        callbacks = [c for _, c in entries if c.batch_id == b]
+        # A commit whose reply a failover swallowed is sent again: the same result may be
+        # appended twice. The projection counts the first of each and the rest as duplicates.
+        first: dict[str, Any] = {}
+        for c in callbacks:
+            first.setdefault(c.correlation_id, c)
+        assert state.accepted == len(first) == state.submitted
+        assert state.completed == sum(isinstance(c, ComparisonCompleted) for c in first.values())
+        assert state.failed == sum(isinstance(c, ComparisonFailed) for c in first.values())
+        assert state.duplicates == len(callbacks) - len(first)
+        DUPLICATES[b] = state.duplicates
+        finals = [
+            e
+            for e in await _events(r, part.batches)
+            if isinstance(e, BatchFinalized) and e.batch_id == b
+        ]
+        assert len(finals) == 1
+        for stream, group in ((part.requests, LPS_GROUP), (part.callbacks, CJ_GROUP)):
+            assert (await r.xpending(stream, group))["pending"] == 0
+        replayed, _ = await replay(r, part, {b})
+        assert await snapshot(r, keys, b) == canonical(replayed[b], keys)
+
+
+async def test_partition_keys_spread_over_the_masters(cluster: RedisClusterServer, rc: Any) -> None:
+    keys = Keys("x:", partitions=16)
+    owners = Counter(rc.get_node_from_key(keys.for_partition(p).batches).port for p in range(16))
+    assert len(owners) == 3 and max(owners.values()) <= 7
+    # every key of a partition in one slot
+    part = keys.for_partition(5)
+    slots = {rc.keyslot(k) for k in (part.batches, part.requests, part.dlq("cj:callbacks"))}
+    assert len(slots) == 1
+
+
+async def test_concurrent_batches_exact_and_one_finalized_each(
+    cluster: RedisClusterServer, rc: Any
+) -> None:
+    s = _settings(cluster)
+    ids = [f"c{k}-{uuid.uuid4().hex[:4]}" for k in range(6)]
+    keys, states = await _run(rc, s, ids)
+    assert {keys.partition_of(b) for b in ids} != {keys.partition_of(ids[0])}
+    assert set(await list_batches(rc, keys)) == set(ids)
+    await _check_exact(rc, keys, states)
+
+
+async def test_slot_migrated_mid_batch(cluster: RedisClusterServer, rc: Any) -> None:
+    s = _settings(cluster)
+    b = f"m-{uuid.uuid4().hex[:6]}"
+
+    async def migrate(keys: Keys) -> None:
+        await asyncio.sleep(0.3)
+        part = keys.for_batch(b)
+        slot = rc.keyslot(part.batches)
+        source = cluster.master_of_slot(slot)
+        target = next(m for m in cluster.master_nodes() if m.port != source.port)
+        await asyncio.to_thread(_migrate_slot, cluster, slot, source, target)
+        assert cluster.master_of_slot(slot).port == target.port
+
+    keys, states = await _run(rc, s, [b], n=14, budget=60, during=migrate)
+    await _check_exact(rc, keys, states)
+
+
+def _migrate_slot(cluster: RedisClusterServer, slot: int, source: Any, target: Any) -> None:
+    """CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE the keys in pages, SETSLOT NODE."""
+    src_id, dst_id = cluster.node_id(source), cluster.node_id(target)
+    target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", src_id)
+    source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst_id)
+    while True:
+        names = source.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+        if not names:
+            break
+        source.cli("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *names)
+    for node in cluster.master_nodes():
+        node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", dst_id)
+
+
+async def test_master_killed_mid_batch_replica_promoted(
+    cluster: RedisClusterServer, rc: Any
+) -> None:
+    s = _settings(cluster, min_replicas_ack=1)
+    b = f"k-{uuid.uuid4().hex[:6]}"
+
+    async def kill(keys: Keys) -> None:
+        await asyncio.sleep(0.5)
+        slot = rc.keyslot(keys.for_batch(b).batches)
+        victim = cluster.master_of_slot(slot)
+        victim.kill()
+        # the replica takes over after cluster-node-timeout (1 s)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if cluster.master_of_slot(slot).port != victim.port:
+                    break
+            except LookupError:
+                pass
+            assert time.monotonic() < deadline, "no failover"
+            await asyncio.sleep(0.1)
+
+    keys, states = await _run(rc, s, [b], n=14, budget=60, during=kill)
+    await _check_exact(rc, keys, states)
