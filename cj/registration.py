@@ -135,6 +135,42 @@ def default_budget(n: int) -> int:
     return budget_for(n, DEFAULT_CAP_PER_ESSAY)
 
 
+def _checked_cap(
+    batch: BatchIn,
+    budget: int | None,
+    comparisons_per_essay: float | None,
+    target_reliability: float,
+    max_essay_chars: int,
+    max_cost_usd: float | None,
+) -> int:
+    """The batch's cap on comparisons, once the options that bound it are checked;
+    InputError naming the first that cannot be."""
+    n = len(batch.essays)
+    if budget is not None and comparisons_per_essay is not None:
+        raise InputError("give --budget or --comparisons-per-essay, not both")
+    if budget is not None and budget < 1:
+        raise InputError(f"--budget must be at least 1, got {budget}")
+    too_long = [e for e in batch.essays if len(e.text) > max_essay_chars]
+    if too_long:
+        first = too_long[0]
+        more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
+        raise InputError(
+            f"essay {first.essay_id!r} is {len(first.text):,} characters long{more}; the limit "
+            f"is {max_essay_chars:,} (CJS_MAX_ESSAY_CHARS)"
+        )
+    if max_cost_usd is not None and not max_cost_usd > 0:
+        raise InputError(f"--max-cost-usd must be more than 0, got {max_cost_usd}")
+    if comparisons_per_essay is not None and not comparisons_per_essay > 0:
+        raise InputError(f"--comparisons-per-essay must be > 0, got {comparisons_per_essay}")
+    if not 0.0 <= target_reliability <= 1.0:
+        raise InputError(f"--target-reliability must be in [0, 1], got {target_reliability}")
+    if budget is not None:
+        return budget
+    if comparisons_per_essay is not None:
+        return budget_for(n, comparisons_per_essay)
+    return default_budget(n)
+
+
 def build_registration(
     batch: BatchIn,
     scale_name: str,
@@ -158,30 +194,9 @@ def build_registration(
     one of the two at most."""
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
-    if budget is not None and comparisons_per_essay is not None:
-        raise InputError("give --budget or --comparisons-per-essay, not both")
-    if budget is not None and budget < 1:
-        raise InputError(f"--budget must be at least 1, got {budget}")
-    too_long = [e for e in batch.essays if len(e.text) > max_essay_chars]
-    if too_long:
-        first = too_long[0]
-        more = f" (and {len(too_long) - 1} more)" if len(too_long) > 1 else ""
-        raise InputError(
-            f"essay {first.essay_id!r} is {len(first.text):,} characters long{more}; the limit "
-            f"is {max_essay_chars:,} (CJS_MAX_ESSAY_CHARS)"
-        )
-    if max_cost_usd is not None and not max_cost_usd > 0:
-        raise InputError(f"--max-cost-usd must be more than 0, got {max_cost_usd}")
-    if comparisons_per_essay is not None and not comparisons_per_essay > 0:
-        raise InputError(f"--comparisons-per-essay must be > 0, got {comparisons_per_essay}")
-    if not 0.0 <= target_reliability <= 1.0:
-        raise InputError(f"--target-reliability must be in [0, 1], got {target_reliability}")
-    if budget is not None:
-        total_budget = budget
-    elif comparisons_per_essay is not None:
-        total_budget = budget_for(n, comparisons_per_essay)
-    else:
-        total_budget = default_budget(n)
+    total_budget = _checked_cap(
+        batch, budget, comparisons_per_essay, target_reliability, max_essay_chars, max_cost_usd
+    )
     essays = [
         Essay(
             essay_id=e.essay_id,

@@ -108,7 +108,6 @@ def submit(
     true), unless --new. Warnings (prompt caching that cannot engage on the model) go to
     stderr.
     """
-    from cj import reporting
     from cj.registration import (
         Contended,
         InputError,
@@ -144,25 +143,7 @@ def submit(
         raise errors.InputError(str(exc)) from exc
     warnings = submission_warnings(event)
     if dry_run:
-        warnings += credential_problems(provider)
-        cfg = event.config
-        plan = reporting.submit_plan(event, scale_name) | {
-            "estimated_cost_per_comparison_usd": round(cfg.cost_per_comparison_usd, 6),
-            "estimated_cost_usd": round(cfg.cost_per_comparison_usd * event.denominator, 4),
-            "estimated_first_wave_cost_usd": round(
-                cfg.cost_per_comparison_usd * min(2 * cfg.wave_size, event.denominator), 4
-            ),
-            "max_cost_usd": cfg.max_cost_usd,
-            "warnings": warnings,
-        }
-        if as_json:
-            common.emit_json(plan)
-        else:
-            for key, value in plan.items():
-                if key != "warnings":
-                    click.echo(f"{key:>34}: {value}")
-            for warning in warnings:
-                click.echo(f"warning: {warning}", err=True)
+        _print_plan(event, scale_name, [*warnings, *credential_problems(provider)], as_json)
         return
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -193,6 +174,30 @@ def submit(
             err=True,
         )
     click.echo(batch_id)
+
+
+def _print_plan(event: Any, scale_name: str, warnings: list[str], as_json: bool) -> None:
+    """What `submit --dry-run` shows: the plan, its estimated cost and the warnings."""
+    from cj import reporting
+
+    cfg = event.config
+    plan = reporting.submit_plan(event, scale_name) | {
+        "estimated_cost_per_comparison_usd": round(cfg.cost_per_comparison_usd, 6),
+        "estimated_cost_usd": round(cfg.cost_per_comparison_usd * event.denominator, 4),
+        "estimated_first_wave_cost_usd": round(
+            cfg.cost_per_comparison_usd * min(2 * cfg.wave_size, event.denominator), 4
+        ),
+        "max_cost_usd": cfg.max_cost_usd,
+        "warnings": warnings,
+    }
+    if as_json:
+        common.emit_json(plan)
+        return
+    for key, value in plan.items():
+        if key != "warnings":
+            click.echo(f"{key:>34}: {value}")
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command()
