@@ -16,7 +16,7 @@ from events.text import as_str
 from lps.breaker import Breaker
 from projections import keys as pkeys
 from projections.batch import BatchState
-from projections.store import decode_state, list_batches, load_state
+from projections.store import batch_fields, decode_state, list_batches, load_state
 from streams.keys import Keys
 
 T = TypeVar("T")
@@ -127,14 +127,10 @@ async def list_view(
     each batch's scalar hash: one pipelined round trip, no essays or scores loaded); only
     those in `statuses` when given ("open" for registered and running)."""
     wanted = {s for name in statuses for s in (OPEN if name == "open" else (name,))}
-    batch_ids = list(reversed(await list_batches(r, keys)))
-    async with r.pipeline(transaction=False) as pipe:
-        for batch_id in batch_ids:
-            pipe.hmget(pkeys.batch(keys, batch_id), *_LISTED)
-        replies = await pipe.execute() if batch_ids else []
+    listed = list(reversed(await batch_fields(r, keys, *_LISTED)))
     counts: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
-    for batch_id, values in zip(batch_ids, replies, strict=True):
+    for batch_id, values in listed:
         row: dict[str, Any] = {"batch_id": batch_id}
         for name, value in zip(_LISTED, values, strict=True):
             text = as_str(value) if value is not None else ""
@@ -151,7 +147,7 @@ async def list_view(
     shown = rows if limit is None else rows[:limit]
     return {
         "prefix": keys.prefix,
-        "total": len(batch_ids),
+        "total": len(listed),
         "counts": counts,
         "matching": len(rows),
         "batches": shown,

@@ -65,7 +65,7 @@ from projections import keys as pkeys
 from projections.batch import TERMINAL, entry_id_key
 from projections.rebuild import diff, expected_of, read_snapshot
 from projections.replay import decode_flat, range_start
-from projections.store import list_batches
+from projections.store import batch_fields
 from streams.dlq import trim_dead_letters
 from streams.keys import Keys
 from streams.paging import next_id, raw_client, read_pages
@@ -140,15 +140,8 @@ async def finished_batches(
 ) -> list[str]:
     """Batches of the index finished at least `older_than_s` ago, oldest registration first."""
     cutoff = (now or datetime.now(UTC)) - timedelta(seconds=older_than_s)
-    ids = await list_batches(r, keys)
-    if not ids:
-        return []
-    async with r.pipeline(transaction=False) as pipe:
-        for b in ids:
-            pipe.hmget(pkeys.batch(keys, b), "status", "completed_at")
-        rows = await pipe.execute()
     out = []
-    for b, (status, completed_at) in zip(ids, rows, strict=True):
+    for b, (status, completed_at) in await batch_fields(r, keys, "status", "completed_at"):
         if status is None or as_str(status) not in TERMINAL:
             continue
         done = _parse_time(as_str(completed_at or b""))

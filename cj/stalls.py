@@ -27,9 +27,8 @@ import structlog
 from cj.continuation import Decision, advance, score, too_many_failures
 from events.text import as_str
 from events.types import BatchFailed, BatchFinalized
-from projections import keys as pkeys
 from projections.batch import PENDING, TERMINAL, BatchState, completion_pct
-from projections.store import list_batches, load_state
+from projections.store import batch_fields, load_state
 from streams.keys import Keys
 from streams.resilience import REDIS_DOWN, sleep_unless
 
@@ -85,15 +84,8 @@ async def find_stalled(
     """Open batches whose last event is `idle_timeout_s` old or older, oldest registration first."""
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(seconds=idle_timeout_s)
-    batch_ids = await list_batches(r, keys)
-    if not batch_ids:
-        return []
-    async with r.pipeline(transaction=False) as pipe:
-        for batch_id in batch_ids:
-            pipe.hmget(pkeys.batch(keys, batch_id), "status", "last_event_at")
-        rows = await pipe.execute()
     out = []
-    for batch_id, (status, last) in zip(batch_ids, rows, strict=True):
+    for batch_id, (status, last) in await batch_fields(r, keys, "status", "last_event_at"):
         if status is None or as_str(status) in TERMINAL:
             continue
         last_at = parse_time(as_str(last) if last else "")

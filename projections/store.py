@@ -262,3 +262,16 @@ async def list_batches(r: Any, keys: Keys) -> list[str]:
         raw = await r.hgetall(pkeys.batch_index(part))
         index.update({as_str(k): as_str(v) for k, v in raw.items()})
     return sorted(index, key=lambda b: (index[b], b))
+
+
+async def batch_fields(r: Any, keys: Keys, *fields: str) -> list[tuple[str, list[Any]]]:
+    """`fields` of every indexed batch's scalar hash (raw values, None where missing), oldest
+    registration first: one pipelined round trip, no essays or scores loaded."""
+    batch_ids = await list_batches(r, keys)
+    if not batch_ids:
+        return []
+    async with r.pipeline(transaction=False) as pipe:
+        for batch_id in batch_ids:
+            pipe.hmget(pkeys.batch(keys, batch_id), *fields)
+        rows = await pipe.execute()
+    return list(zip(batch_ids, rows, strict=True))
