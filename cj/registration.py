@@ -8,14 +8,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cj.grade_scales import resolve_scale
 from events import codec
+from events.clock import iso
+from events.ids import essay_id_problem, event_id_problem, key_id_problem
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import default_model, provider_problems
 from projections.batch import register
 from projections.store import queue_state_write
+from streams.clock import server_time
 from streams.keys import Keys
 
 
@@ -30,6 +34,14 @@ class EssayIn(BaseModel):
     text: str = Field(min_length=1)
     anchor_grade: str | None = None
     mock_quality: float | None = None
+
+    @field_validator("essay_id")
+    @classmethod
+    def _grammar(cls, v: str) -> str:
+        problem = essay_id_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("anchor_grade", mode="before")
     @classmethod
@@ -126,6 +138,8 @@ def build_registration(
 ) -> BatchRegistered:
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
+    if batch_id is not None and (problem := key_id_problem("batch_id", batch_id)):
+        raise InputError(problem)
     if budget is not None and budget < 1:
         raise InputError(f"--budget must be at least 1, got {budget}")
     total_budget = budget if budget is not None else default_budget(n)
@@ -163,9 +177,15 @@ def build_registration(
     )
 
 
-async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
-    """Append `BatchRegistered` and write its projection in one MULTI/EXEC."""
+async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> BatchRegistered:
+    """Append `BatchRegistered` and write its projection in one MULTI/EXEC; returns the event
+    as appended, stamped with the Redis server's time (the clock of stall detection)."""
+    problem = event_id_problem(event)
+    if problem:
+        raise InputError(problem)
+    event = msgspec.structs.replace(event, occurred_at=iso(await server_time(r)))
     async with r.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.batches, codec.encode(event))
         queue_state_write(pipe, keys, register(event), full=True)
         await pipe.execute()
+    return event
