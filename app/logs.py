@@ -1,13 +1,18 @@
 """structlog set-up: JSON lines for workers, readable lines on a terminal.
 
-Never log essay text or keys."""
+Never log essay text or keys: every string of every line goes through `events.redact.scrub`
+(URL passwords, API keys and tokens, whatever their case). An exception logged with
+`log.exception` (or `exc_info=`) is written as its traceback text, in JSON lines too."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+from events.redact import scrub_value
 
 
 class _CurrentStderr:
@@ -19,6 +24,10 @@ class _CurrentStderr:
 
     def flush(self) -> None:
         sys.stderr.flush()
+
+
+def _scrub(_logger: object, _method: str, event_dict: structlog.typing.EventDict) -> Any:
+    return scrub_value(event_dict)
 
 
 def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:
@@ -34,6 +43,8 @@ def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _scrub,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

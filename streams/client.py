@@ -10,10 +10,13 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from events.redact import mask_url
+
 
 def connect(url: str | None, *, retries: int = 8, embedded_ok: bool = True) -> tuple[Any, str]:
     """A client for `url` (each command retried `retries` times before the caller sees the
-    error), or an embedded Redis (fakeredis) when `url` is None; returns it and what it is."""
+    error), or an embedded Redis (fakeredis) when `url` is None; returns it and what it is
+    (the URL with its password masked: it is shown and logged)."""
     if url:
         client = aioredis.from_url(
             url,
@@ -22,7 +25,7 @@ def connect(url: str | None, *, retries: int = 8, embedded_ok: bool = True) -> t
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=15,
         )
-        return client, url
+        return client, mask_url(url)
     if not embedded_ok:
         raise RuntimeError("REDIS_URL is not set: workers need a shared Redis server")
     import fakeredis

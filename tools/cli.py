@@ -17,6 +17,7 @@ import click
 from click.utils import make_default_short_help
 
 from app.errors import CjsError
+from events.redact import scrub
 
 
 class Entry(NamedTuple):
@@ -127,7 +128,7 @@ class Cjs(click.Group):
         try:
             return super().invoke(ctx)
         except CjsError as exc:
-            failure = click.ClickException(exc.message)
+            failure = click.ClickException(scrub(exc.message))
             failure.exit_code = exc.exit_code
             raise failure from exc
 

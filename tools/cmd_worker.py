@@ -82,7 +82,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
         log.info(
             "worker_started",
             role=role,
-            redis=where.split("@")[-1],
+            redis=where,
             consumers=consumers,
             concurrency=concurrency,
             metrics_port=metrics_port,
@@ -93,7 +93,9 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
         crashed = [t for t in runner.tasks if t.done() and not t.cancelled() and t.exception()]
         for task in crashed:
             exc = task.exception()
-            log.error("consumer_crashed", role=role, error=repr(exc)[:500])
+            log.error(
+                "consumer_crashed", role=role, error=f"{type(exc).__name__}: {exc}", exc_info=exc
+            )
         log.info("worker_draining", role=role)
         await runner.close()
         stopping.cancel()
