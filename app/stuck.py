@@ -4,7 +4,6 @@ cleanup pass now (`reclaim`)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -24,6 +23,7 @@ from events.types import (
     Event,
 )
 from lps.providers.registry import make_provider
+from streams.clock import server_time
 from streams.keys import Keys
 from streams.pending import StuckAction, pending_details, prune_consumer
 
@@ -67,7 +67,7 @@ async def collect(
         groups.append(view)
         truncated = truncated or len(rows) < view["pending"]
         stuck += await _stuck_entries(r, keys, stream_name, group, rows, idle_s)
-    now = datetime.now(UTC)
+    now = await server_time(r)
     stalled = [
         stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
     ]

@@ -19,6 +19,7 @@ from events.text import as_str
 from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.replay import (
+    HORIZON_READS,
     Horizon,
     ReplayResult,
     horizon_from,
@@ -92,10 +93,11 @@ async def read_snapshot(r: Any, keys: Keys, batch_ids: list[str]) -> Snapshot:
                 pipe.hgetall(name)
             pipe.hget(pkeys.batch_index(keys), b)
         replies = await pipe.execute(raise_on_error=False)
-    snap = Snapshot(await horizon_from(r, keys, *replies[:3]))
+    snap = Snapshot(await horizon_from(r, keys, *replies[:HORIZON_READS]))
     per = len(pkeys.batch_keys(keys, "x")) + 1
     for i, b in enumerate(batch_ids):
-        chunk = replies[3 + i * per : 3 + (i + 1) * per]
+        start = HORIZON_READS + i * per
+        chunk = replies[start : start + per]
         flat: Flat = {}
         for name, value in zip(pkeys.batch_keys(keys, b), chunk[:-1], strict=True):
             if isinstance(value, dict) and value:
