@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
+from streams.dlq import DeadLetterPolicy
 from streams.keys import Keys
 
 
@@ -35,6 +36,11 @@ class Settings(BaseSettings):
     block_ms: int = Field(default=1000, ge=1)
     # Retries of one Redis command by the client before the worker loop backs off itself.
     redis_retries: int = Field(default=8, ge=0)
+    # Dead letters: the most bytes of an entry's fields a letter copies (the rest is cut,
+    # with the size and SHA-256 kept), how many letters a stream keeps, and for how long.
+    dlq_max_entry_bytes: int = Field(default=4096, ge=64)
+    dlq_maxlen: int = Field(default=100_000, ge=1)
+    dlq_retention_s: float = Field(default=30 * 24 * 3600.0, ge=0)
     log_format: str = "auto"
 
 
@@ -48,6 +54,14 @@ def load() -> Settings:
         return Settings()
     except ValueError as exc:  # pydantic's message names the variable
         raise ConfigError(f"bad environment setting: {exc}") from exc
+
+
+def dead_letter_policy(settings: Settings) -> DeadLetterPolicy:
+    return DeadLetterPolicy(
+        max_entry_bytes=settings.dlq_max_entry_bytes,
+        maxlen=settings.dlq_maxlen,
+        retention_s=settings.dlq_retention_s,
+    )
 
 
 def keys_for(settings: Settings, prefix: str | None = None) -> Keys:

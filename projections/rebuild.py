@@ -41,6 +41,10 @@ class KeptChanging(Exception):
     """Consumers wrote to the projections during every attempt of a rebuild."""
 
 
+class StreamTrimmed(Exception):
+    """A stream the projections are built from lost entries: a rebuild would lose counts."""
+
+
 def expected_of(state: BatchState | None, keys: Keys) -> Flat:
     """The projection keys a batch must have (its hashes and its index entry)."""
     if state is None:
@@ -171,6 +175,17 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
                 started = time.perf_counter()
                 result, rows = await check(r, keys, batch_ids)
                 checked = time.perf_counter()
+                if result.trimmed:
+                    await pipe.unwatch()
+                    raise StreamTrimmed(
+                        "refusing to rebuild: entries were deleted from "
+                        + ", ".join(
+                            f"{k} ({v['entries_lost']} entries, it now begins at "
+                            f"{v['first_entry_id']})"
+                            for k, v in result.trimmed.items()
+                        )
+                        + "; the replay is incomplete and would lose counts"
+                    )
                 if batch_ids is None:
                     known = set(ids)
                     new = [b for b in result.states if b not in known]
@@ -218,4 +233,5 @@ def summary(result: ReplayResult) -> dict[str, Any]:
         "callbacks_applied": result.callbacks_applied,
         "callbacks_unapplied": result.callbacks_unapplied,
         "undecodable": result.undecodable,
+        "trimmed": result.trimmed,
     }

@@ -11,7 +11,7 @@ import gc
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -19,12 +19,12 @@ import msgspec
 from events import codec
 from events.clock import time_problem
 from events.ids import event_id_problem
-from events.streams import CALLBACKS, CJ_GROUP
+from events.streams import BATCHES, CALLBACKS, CJ_GROUP
 from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
 from projections.batch import BatchState, apply_batch_event, apply_callback, entry_id_key, register
 from streams.keys import Keys
-from streams.paging import PAGE, next_id, raw_client, read_pages, read_stream
+from streams.paging import PAGE, entries_lost, next_id, raw_client, read_pages, read_stream
 
 
 def usable_callback(event: Event | None, entry_id: str) -> bool:
@@ -217,6 +217,9 @@ class ReplayResult:
     unknown_batch_callbacks: int = 0  # applied callbacks naming no registered batch
     undecodable: int = 0
     seconds: float = 0.0
+    # Streams that lost entries (trimmed or XDEL): stream name -> {entries_lost,
+    # first_entry_id}. Their replay cannot be complete: it is reported, never written over.
+    trimmed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _wanted(data: Any, needles: list[bytes] | None) -> bool:
@@ -248,6 +251,10 @@ async def _replay_live(
     started = time.perf_counter()
     hz = horizon if horizon is not None else await read_horizon(r, keys)
     out = ReplayResult(states={}, horizon=hz)
+    for name in (BATCHES, CALLBACKS):
+        lost = await entries_lost(r, keys.stream(name))
+        if lost is not None:
+            out.trimmed[name] = lost
     needles = None
     if batch_ids is not None and len(batch_ids) <= 16:
         needles = [b.encode() for b in sorted(batch_ids)]

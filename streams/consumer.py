@@ -33,6 +33,7 @@ from streams.dlq import DEFAULT_POLICY, DeadLetterPolicy, dead_letter
 from streams.errors import Policy
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
+from streams.paging import entries_lost
 from streams.pending import Claimed, StuckAction, group_upkeep
 from streams.reader import Entry, GroupReader, ensure_group, record_position, split_decoded
 from streams.resilience import Backoff, wait_for_redis
@@ -85,6 +86,8 @@ class GroupConsumer(Generic[E]):
         self.claims_paused_until = 0.0
         # The group was found missing (NOGROUP): recreate it before the next read.
         self.group_missing = False
+        # What the stream had lost when last reported (see streams.paging.entries_lost).
+        self.lost_seen: dict[str, Any] | None = None
         # The reader holds the connection and who this consumer is.
         self.reader = GroupReader(
             r, keys.stream(stream_name), group, consumer, count=count, block_ms=block_ms
@@ -246,6 +249,11 @@ class GroupConsumer(Generic[E]):
         """The part of a reaper pass every group shares: the group's position recorded, the
         pending gauge, and removing consumers dead with nothing pending (never this one)."""
         await self.record_position()
+        lost = await entries_lost(self.r, self.stream)
+        if lost is not None and lost != self.deleted_seen:
+            # Streams are the source of truth: entries deleted from one cannot be replayed.
+            log.error("stream_trimmed", stream=self.stream_name, entries_lost=lost)
+            self.deleted_seen = lost
         await group_upkeep(
             self.r,
             self.keys,

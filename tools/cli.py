@@ -32,7 +32,7 @@ COMMANDS: dict[str, Entry] = {
         "demo",
         "Run a bundled ENG5-like batch through CJ and the mock judge until it is finalized.",
     ),
-    "dlq": Entry(
+    "dlq": Entry(  # a group: `cjs dlq` lists, `cjs dlq redrive` puts letters back
         "cmd_dlq",
         "dlq",
         "List dead letters: undecodable entries and entries delivered too often, each with the "
