@@ -123,6 +123,8 @@ class GroupConsumer(Generic[E]):
     async def start(self) -> None:
         """Create the group if it is missing (where it had got to), and record its position."""
         await ensure_group(self.r, self.stream, self.group, self.group_record)
+        # Seen in the group at once (a blocking read of nothing does not create a consumer).
+        await self.r.xgroup_createconsumer(self.stream, self.group, self.consumer)
         self.group_missing = False
         await self.record_position()
 
@@ -250,10 +252,10 @@ class GroupConsumer(Generic[E]):
         pending gauge, and removing consumers dead with nothing pending (never this one)."""
         await self.record_position()
         lost = await entries_lost(self.r, self.stream)
-        if lost is not None and lost != self.deleted_seen:
+        if lost is not None and lost != self.lost_seen:
             # Streams are the source of truth: entries deleted from one cannot be replayed.
-            log.error("stream_trimmed", stream=self.stream_name, entries_lost=lost)
-            self.deleted_seen = lost
+            log.error("stream_trimmed", stream=self.stream_name, **lost)
+            self.lost_seen = lost
         await group_upkeep(
             self.r,
             self.keys,

@@ -20,6 +20,7 @@ bug. The first two get a policy and the worker carries on; only a bug stops it. 
 | `MISCONF` | writes refused after a failed save | wait |
 | `NOREPLICAS` | too few replicas for `min-replicas-to-write` | wait |
 | `CLUSTERDOWN`, `TRYAGAIN` | cluster reconfiguring | wait |
+| `UNBLOCKED` | a blocked read was cut off (the node became a replica) | wait |
 | `READONLY` | connected to a replica (a failover demoted the node) | reconnect |
 | `MASTERDOWN` | a replica lost its primary | reconnect |
 | `MOVED`, `ASK` | the slot lives elsewhere (cluster) | reconnect |
@@ -52,6 +53,7 @@ BY_CODE: dict[str, Policy] = {
     "NOREPLICAS": Policy.WAIT,
     "CLUSTERDOWN": Policy.WAIT,
     "TRYAGAIN": Policy.WAIT,
+    "UNBLOCKED": Policy.WAIT,
     "READONLY": Policy.RECONNECT,
     "MASTERDOWN": Policy.RECONNECT,
     "MOVED": Policy.RECONNECT,

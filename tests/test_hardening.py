@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
+import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import (
     AskError,
@@ -31,20 +36,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.dlq import redrive
 from app.logs import configure
+from app.settings import Settings
+from app.wiring import InProcess
 from cj.consumer import CJConsumer
 from cj.continuation import advance
 from cj.registration import InputError, append_registration, build_registration, scale_of
+from cj.stalls import finalize_stalled, find_stalled
 from events import codec, redact
 from events.clock import entry_iso, time_problem
 from events.ids import event_id_problem, key_id_problem
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import ComparisonFailed, ComparisonRequested, ErrorDetail
+from lps.providers.mock import MockProfile
+from lps.providers.registry import make_provider
 from lps.worker import Committer
 from projections import keys as pkeys
 from projections.batch import register
 from projections.rebuild import StreamTrimmed, check, rebuild
 from projections.replay import replay, replay_live
 from projections.store import CallbackApplier, load_state
+from streams.client import connect
 from streams.dlq import DeadLetterPolicy, dead_letter, fields_digest, read_dead_letters
 from streams.errors import Policy, policy_of
 from streams.keys import Keys
@@ -605,3 +616,255 @@ def test_register_uses_the_events_time_for_both_clocks() -> None:
     assert state.registered_at == state.last_event_at == reg.occurred_at
     later = datetime.now(UTC) + timedelta(days=1)
     assert state.last_event_at < later.isoformat()
+
+
+# --- scenarios in this process (real redis-server, the workers' loops as tasks) -----------------
+
+
+@asynccontextmanager
+async def running(
+    r: Any,
+    keys: Keys,
+    *,
+    cj: int = 1,
+    lps: int = 1,
+    reapers: int = 0,
+    latency_ms: float = 0.0,
+    **settings: Any,
+) -> AsyncIterator[InProcess]:
+    """CJ consumers, LPS workers (an ideal mock judge) and reapers as tasks of this process;
+    on leaving, none of them may have died (the Goal: no worker exits)."""
+    options: dict[str, Any] = {
+        "processing_timeout_s": 1.5,
+        "reaper_interval_s": 0.25,
+        "block_ms": 50,
+        "retry_base_delay_s": 0.01,
+        **settings,
+    }
+    profile = MockProfile(
+        "ideal", position_bias=0.0, noise=0.0, latency_ms=latency_ms, deterministic=True
+    )
+    runner = InProcess(
+        r,
+        keys,
+        Settings(**options),
+        lambda name: make_provider(name, mock_profile=profile),
+        cj_consumers=cj,
+        lps_workers=lps,
+        reapers=reapers,
+    )
+    runner.start()
+    try:
+        yield runner
+        runner.check()
+    finally:
+        await runner.close()
+    runner.check()
+
+
+async def _until(check_: Any, timeout: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check_():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.redis
+async def test_s2_huge_malformed_entries_are_dead_lettered_once_and_bounded(
+    real_redis: Any,
+) -> None:
+    """16 MB entries of NUL bytes used to be stored up to 11 times as ~100 MB of JSON each:
+    now once each, a few kB, under two racing consumers."""
+    r, keys = real_redis, _keys()
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    size, count = 2_000_000, 4
+    before = int((await r.info("memory"))["used_memory"])
+    for _ in range(count):
+        await r.xadd(keys.callbacks, {"type": "ComparisonCompleted", "data": b"\x00" * size})
+    await r.xadd(keys.callbacks, {"type": b"\x00" * size})  # and no data at all
+    input_bytes = (count + 1) * size
+
+    async def consumed() -> bool:
+        groups = {g["name"].decode(): g for g in await r.xinfo_groups(keys.callbacks)}
+        return groups[CJ_GROUP]["lag"] == 0 and groups[CJ_GROUP]["pending"] == 0
+
+    async with running(r, keys, cj=2, lps=0):
+        await _until(consumed, 30, "malformed entries consumed")
+    letters = await r.xrange(keys.dlq("cj:callbacks"))
+    assert len(letters) == count + 1
+    assert len({f[b"source_id"] for _, f in letters}) == count + 1  # each exactly once
+    dlq_bytes = int(await r.memory_usage(keys.dlq("cj:callbacks")) or 0)
+    after = int((await r.info("memory"))["used_memory"])
+    assert dlq_bytes < 64 * 1024
+    assert after - before <= 2 * input_bytes, (before, after)
+    view = await read_dead_letters(r, keys)
+    assert all(d["truncated"] and d["fields_bytes"] >= size for d in view["dead_letters"])
+    print(
+        f"\n[s2] {input_bytes / 1e6:.1f} MB of malformed input -> {len(letters)} letters, "
+        f"{dlq_bytes / 1e3:.1f} kB of DLQ; Redis grew {(after - before) / 1e6:.1f} MB "
+        f"({(after - before) / input_bytes:.2f}x the input, the input itself included)"
+    )
+
+
+@pytest.mark.redis
+async def test_s2_valid_callbacks_dead_lettered_at_max_deliveries_are_redriven_by_the_cli(
+    redis_server: Any, real_redis: Any
+) -> None:
+    """Valid callbacks past CJS_MAX_DELIVERIES left the batch `running` for ever, with no way
+    back: now they are parked, replay still equals live, and `cjs dlq redrive` applies them
+    once and the batch finishes."""
+    r, keys = real_redis, _keys()
+    reg = await append_registration(r, keys, registration(6, batch_id="s2"))
+    await advance(r, keys, reg.batch_id)
+    wave1 = (await load_state(r, keys, "s2")).submitted  # type: ignore[union-attr]
+
+    async def answered() -> bool:
+        return int(await r.xlen(keys.callbacks)) >= wave1
+
+    async with running(r, keys, cj=0, lps=1):
+        await _until(answered, 30, "wave 1 answered")
+    # Their consumers kept dying: each callback delivered 3 times already, long idle.
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    reply = await r.xreadgroup(CJ_GROUP, "cj-gone", {keys.callbacks: ">"}, count=1000)
+    ids = [i.decode() for _, items in reply for i, _ in items]
+    await r.xclaim(keys.callbacks, CJ_GROUP, "cj-gone", 0, ids, idle=600_000, retrycount=3)
+
+    async def parked() -> bool:
+        return int(await r.hlen(keys.dlq_parked("cj:callbacks"))) == len(ids)
+
+    async with running(r, keys, cj=1, lps=1):
+        await _until(parked, 30, "callbacks parked")
+        state = await load_state(r, keys, "s2")
+        assert state is not None and state.in_flight == wave1 and state.status == "running"
+        _, rows = await check(r, keys, ["s2"])
+        assert rows[0]["matches_live"], rows[0]["diff"]
+        out = await _cli(["dlq", "redrive", "--json"], redis_server.url, keys.prefix)
+        assert len(out["applied"]) == len(ids)
+        assert {a["outcome"] for a in out["applied"]} == {"accepted"}
+        assert out["advanced"] == ["s2"]
+
+        async def done() -> bool:
+            s = await load_state(r, keys, "s2")
+            return s is not None and s.terminal
+
+        await _until(done, 30, "batch finalized")
+    state = await load_state(r, keys, "s2")
+    assert state is not None and state.status == "finalized"
+    again = await _cli(["dlq", "redrive", "--json"], redis_server.url, keys.prefix)
+    assert again["applied"] == []
+    counted = await _callback_counts(r, keys, "s2")
+    assert counted == {"callbacks_received": state.callbacks_received, "distinct": state.accepted}
+    states, _ = await replay(r, keys, {"s2"})
+    assert await snapshot(r, keys, "s2") == canonical(states["s2"], keys)
+
+
+async def _cli(args: list[str], url: str, prefix: str, *, check: bool = True) -> Any:
+    """`cjs ARGS` in this process (in a thread: the command runs its own event loop); its
+    JSON answer, or (exit code, output) when not `check`."""
+    from click.testing import CliRunner
+
+    from tools.cli import main
+
+    done = await asyncio.to_thread(
+        CliRunner().invoke, main, args, env={"REDIS_URL": url, "CJS_PREFIX": prefix}
+    )
+    if not check:
+        return done.exit_code, done.output
+    assert done.exit_code == 0, done.output
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.redis
+async def test_s4_a_future_occurred_at_cannot_hide_a_stalled_batch(real_redis: Any) -> None:
+    """An orphan whose producer's clock ran 6 h ahead used to pin `last_event_at` and hide the
+    stall; idle time now runs on the server's clock, from the entry id."""
+    r, keys = real_redis, _keys()
+    reg = await append_registration(r, keys, registration(6, batch_id="s4b"))
+    await advance(r, keys, "s4b")  # and no LPS worker: nobody answers
+    ahead = (datetime.now(UTC) + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    orphan = completed("s4b", "x-ahead")
+    fields = codec.encode(orphan)
+    data = json.loads(fields["data"])
+    data["occurred_at"] = ahead
+    await r.xadd(keys.callbacks, {"type": fields["type"], "data": json.dumps(data)})
+    cj = CJConsumer(r, keys, "cj-1", block_ms=10)
+    await cj.start()
+    await cj.step()
+    state = await load_state(r, keys, "s4b")
+    assert state is not None and state.orphans == 1 and state.last_event_at < ahead
+
+    async def stalled() -> bool:
+        return [s.batch_id for s in await find_stalled(r, keys, 0.3)] == ["s4b"]
+
+    await _until(stalled, 10, "the batch seen stalled")
+    decision = await finalize_stalled(r, keys, "s4b", 0.3)
+    assert decision is not None and decision.terminal is not None
+    states, _ = await replay(r, keys, {reg.batch_id})
+    assert await snapshot(r, keys, "s4b") == canonical(states["s4b"], keys)
+
+
+@pytest.mark.redis
+async def test_s8_no_command_output_shows_the_redis_password(
+    redis_server: Any, real_redis: Any
+) -> None:
+    secret = "s3cr3t-Pa55"
+    await real_redis.config_set("requirepass", secret)
+    url = f"redis://:{secret}@127.0.0.1:{redis_server.port}/0"
+    try:
+        outputs, codes = [], []
+        for args in (
+            ["demo", "--essays", "6", "--seed", "3"],
+            ["validate", "--essays", "6", "--modes", "per_request", "--seed", "3"],
+            ["dlq"],
+            ["status", "no-such-batch"],
+        ):
+            code, output = await _cli(args, url, "s8:", check=False)
+            outputs.append(output)
+            codes.append(code)
+        assert codes == [0, 0, 0, 1], outputs
+        assert "***@127.0.0.1" in outputs[0]  # the target is shown, masked
+        assert secret not in "".join(outputs)
+        assert connect(url)[1] == f"redis://:***@127.0.0.1:{redis_server.port}/0"
+    finally:
+        client = aioredis.from_url(url)
+        await client.config_set("requirepass", "")
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_s9_a_backlog_of_orphans_costs_no_extra_round_trip_and_a_few_log_lines(
+    real_redis: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r, keys = real_redis, _keys()
+    reg = await append_registration(r, keys, registration(4, batch_id="s9"))
+    n = 4000
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.xadd(
+                keys.callbacks,
+                codec.encode(completed(reg.batch_id if i % 2 else f"gone-{i}", f"o{i}")),
+            )
+        await pipe.execute()
+    await r.config_resetstat()
+
+    async def caught_up() -> bool:
+        groups = {g["name"].decode(): g for g in await r.xinfo_groups(keys.callbacks)}
+        g = groups.get(CJ_GROUP)
+        return g is not None and g["lag"] == 0 and g["pending"] == 0
+
+    configure(json_logs=True, level="INFO")
+    try:
+        async with running(r, keys, cj=1, lps=0):
+            await _until(caught_up, 60, "backlog consumed")
+    finally:
+        configure(json_logs=None, level="WARNING")
+    stats = await r.info("commandstats")
+    # EXISTS runs once per callback, inside callback.lua, and nowhere else.
+    assert stats["cmdstat_exists"]["calls"] == n
+    records = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    lines = [e for e in records if e.get("event") == "callback_orphan"]
+    assert sum(e["count"] for e in lines) == n
+    assert len(lines) <= math.ceil(n / 100) + 2
+    assert sum(e["unknown_batch"] for e in lines) == n // 2
+    state = await load_state(r, keys, "s9")
+    assert state is not None and state.orphans == state.callbacks_received == n // 2
