@@ -338,11 +338,15 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         only for those held half a processing timeout already: a pause that long (a stopped
         process, a lost network) may have let another worker claim them, and judging them
         here too would pay for the judgement twice."""
-        limit = time.monotonic() - self.processing_timeout_s / 2
-        old = [e.entry_id for e, _ in unit if self._read_at.get(e.entry_id, limit) <= limit]
+        now = time.monotonic()
+        limit = now - self.processing_timeout_s / 2
+        old = [e.entry_id for e, _ in unit if self._read_at.get(e.entry_id, now) <= limit]
         if not old:
             return unit
         lost = set(await keep_alive(self.r, self.keys.requests, LPS_GROUP, self.consumer, old))
+        for entry_id in old:  # checked (and refreshed) now
+            if entry_id not in lost and entry_id in self._read_at:
+                self._read_at[entry_id] = now
         if not lost:
             return unit
         STUCK_ITEMS.labels("lost").inc(len(lost))
@@ -559,7 +563,9 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             for row in await pending_details(
                 self.r, self.keys.requests, LPS_GROUP, min_idle_ms=timeout_ms
             )
-            if not (row["consumer"] == self.consumer and row["entry_id"] in self.in_hand)
+            # Its own entries this worker re-reads itself (streams/reader.py): claiming them
+            # would count a delivery of a healthy worker's request.
+            if row["consumer"] != self.consumer
         ]
         if not rows:
             return []

@@ -113,11 +113,8 @@ async def claim_idle(
         wanted = [row for row in rows if row["consumer"] not in spared]
         won = await claim_ids(r, stream, group, consumer, min_idle_ms, wanted)
         claimed.extend(won)
-        lost = [
-            row["entry_id"]
-            for row in wanted
-            if row["entry_id"] not in {c.entry.entry_id for c in won}
-        ]
+        got = {c.entry.entry_id for c in won}
+        lost = [row["entry_id"] for row in wanted if row["entry_id"] not in got]
         if lost:
             async with r.pipeline(transaction=False) as pipe:
                 for entry_id in lost:
