@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.errors import ConfigError
+from streams.dlq import DeadLetterPolicy
 from streams.keys import Keys
 
 
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
     redis_connect_timeout_s: float = Field(default=2.0, gt=0)
     # Longest essay text accepted at submit, in characters (both essays go into one prompt).
     max_essay_chars: int = Field(default=50_000, ge=1)
+    # Dead letters: the most bytes of an entry's fields a letter copies (the rest is cut,
+    # with the size and SHA-256 kept), how many letters a stream keeps, and for how long.
+    dlq_max_entry_bytes: int = Field(default=4096, ge=64)
+    dlq_maxlen: int = Field(default=100_000, ge=1)
+    dlq_retention_s: float = Field(default=30 * 24 * 3600.0, ge=0)
     log_format: str = "auto"
     # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.
     dashboard_token: SecretStr | None = None
@@ -70,6 +76,14 @@ def _problem(error: Any) -> str:
     alias = field.validation_alias if field is not None else None
     variable = alias if isinstance(alias, str) else f"CJS_{name.upper()}"
     return f"{variable}={error.get('input')!r}: {error['msg']}"
+
+
+def dead_letter_policy(settings: Settings) -> DeadLetterPolicy:
+    return DeadLetterPolicy(
+        max_entry_bytes=settings.dlq_max_entry_bytes,
+        maxlen=settings.dlq_maxlen,
+        retention_s=settings.dlq_retention_s,
+    )
 
 
 def keys_for(settings: Settings, prefix: str | None = None) -> Keys:

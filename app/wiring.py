@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.settings import Settings, consumer_name
+from app.settings import Settings, consumer_name, dead_letter_policy
 from cj.consumer import CJConsumer
 from cj.stalls import run_stall_finalizer
 from lps.breaker import Breaker
@@ -43,6 +43,7 @@ def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
         processing_timeout_s=s.processing_timeout_s,
         max_deliveries=s.max_deliveries,
         dead_consumer_after_s=s.dead_consumer_after_s,
+        dead_letters=dead_letter_policy(s),
     )
 
 
@@ -67,6 +68,7 @@ def lps_worker(
         processing_timeout_s=s.processing_timeout_s,
         max_deliveries=s.max_deliveries,
         dead_consumer_after_s=s.dead_consumer_after_s,
+        dead_letters=dead_letter_policy(s),
         batch_poll_interval_s=s.batch_poll_s,
         cooldown=Cooldown(
             r,

@@ -15,6 +15,8 @@ from redis.exceptions import WatchError
 
 from cj.grade_scales import resolve_scale
 from events import codec
+from events.clock import iso
+from events.ids import essay_id_problem, event_id_problem, key_id_problem
 from events.text import as_str
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import (
@@ -28,6 +30,7 @@ from lps.providers.registry import (
 from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_state_write
+from streams.clock import server_time
 from streams.keys import Keys
 
 # Longest essay text accepted by default, in characters: both essays of a pair go into one
@@ -50,6 +53,14 @@ class EssayIn(BaseModel):
     text: str = Field(min_length=1)
     anchor_grade: str | None = None
     mock_quality: float | None = None
+
+    @field_validator("essay_id")
+    @classmethod
+    def _grammar(cls, v: str) -> str:
+        problem = essay_id_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("anchor_grade", mode="before")
     @classmethod
@@ -152,6 +163,8 @@ def build_registration(
     credentials are checked unless `check_credentials` is False (a dry run)."""
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
+    if batch_id is not None and (problem := key_id_problem("batch_id", batch_id)):
+        raise InputError(problem)
     if budget is not None and budget < 1:
         raise InputError(f"--budget must be at least 1, got {budget}")
     too_long = [e for e in batch.essays if len(e.text) > max_essay_chars]
@@ -240,12 +253,24 @@ def submission_warnings(event: BatchRegistered) -> list[str]:
     ]
 
 
-async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
-    """Append `BatchRegistered` and write its projection in one MULTI/EXEC."""
+async def _stamped(r: Any, event: BatchRegistered) -> BatchRegistered:
+    """`event` checked (its ids' grammar) and stamped with the Redis server's time (the clock
+    of stall detection); InputError naming the problem."""
+    problem = event_id_problem(event)
+    if problem:
+        raise InputError(problem)
+    return msgspec.structs.replace(event, occurred_at=iso(await server_time(r)))
+
+
+async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> BatchRegistered:
+    """Append `BatchRegistered` and write its projection in one MULTI/EXEC; returns the event
+    as appended, stamped with the Redis server's time (the clock of stall detection)."""
+    event = await _stamped(r, event)
     async with r.pipeline(transaction=True) as pipe:
         pipe.xadd(keys.batches, codec.encode(event))
         queue_state_write(pipe, keys, register(event), full=True)
         await pipe.execute()
+    return event
 
 
 def submissions(keys: Keys) -> str:
@@ -266,7 +291,9 @@ async def register_once(
 ) -> tuple[str, bool]:
     """Register `event` unless a batch with the same content is registered (then its id is
     returned instead); with `force`, register it anyway. Returns (batch id, registered now).
-    Concurrent identical submissions register one batch: the lookup is WATCHed."""
+    Concurrent identical submissions register one batch: the lookup is WATCHed. Like
+    `append_registration`, the event is checked and stamped with the server's time."""
+    event = await _stamped(r, event)
     digest = content_digest(event)
     index = submissions(keys)
     async with r.pipeline(transaction=True) as pipe:

@@ -9,6 +9,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from events.clock import entry_iso
+from events.streams import CALLBACKS
 from events.text import as_str
 from events.types import BatchConfig, BatchScored, Callback, Essay
 from projections import keys as pkeys
@@ -148,9 +150,11 @@ class CallbackApplier:
         self._keys = keys
         self._group = group
 
-    async def queue(self, pipe: Any, callback: Callback, entry_id: str) -> None:
+    async def queue(
+        self, pipe: Any, callback: Callback, entry_id: str, *, parked: bool = False
+    ) -> None:
         """Buffer the script call in `pipe`; a non-transactional pipeline is enough, the
-        script is atomic on its own."""
+        script is atomic on its own. `parked`: apply a parked dead letter (a redrive)."""
         k = self._keys
         b = callback.batch_id
         await self._script(
@@ -160,13 +164,17 @@ class CallbackApplier:
                 pkeys.batch_orphans(k, b),
                 k.callbacks,
                 pkeys.stats(k),
+                k.group_handled(CALLBACKS, self._group),
+                k.dlq_parked(CALLBACKS),
+                k.dlq(CALLBACKS),
             ],
             args=[
                 self._group,
                 entry_id,
                 callback.correlation_id,
                 corr_value(callback, entry_id),
-                callback.occurred_at,
+                entry_iso(entry_id),
+                "parked" if parked else "",
                 str(cost_of(callback)),
             ],
             client=pipe,

@@ -10,6 +10,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from events.redact import mask_url
+
 
 def connect(
     url: str | None,
@@ -20,7 +22,8 @@ def connect(
 ) -> tuple[Any, str]:
     """A client for `url` (each command retried `retries` times before the caller sees the
     error; a TCP connect given up after `connect_timeout_s`), or an embedded Redis (fakeredis)
-    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError."""
+    when `url` is None; returns it and what it is (the URL with its password masked: it is
+    shown and logged). A `url` that is no Redis URL: ValueError."""
     if url:
         client = aioredis.from_url(
             url,
@@ -30,7 +33,7 @@ def connect(
             health_check_interval=15,
             socket_connect_timeout=connect_timeout_s,
         )
-        return client, url
+        return client, mask_url(url)
     if not embedded_ok:
         raise RuntimeError("REDIS_URL is not set: workers need a shared Redis server")
     import fakeredis
