@@ -33,6 +33,7 @@ from app.errors import BadFile, ConfigError, Conflict, NotFound
 from app.replay import rebuild
 from app.settings import Settings
 from events import codec
+from events.ids import event_id_problem
 from events.streams import BATCHES, CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS
 from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
@@ -231,6 +232,9 @@ def parse_export(lines: Iterable[bytes], path: str) -> PerStream:
             event = codec.decode({"type": line.type.encode(), "data": data})
         except codec.DecodeError as exc:
             raise BadFile(f"{path}:{number}: {exc}") from exc
+        problem = event_id_problem(event)
+        if problem:  # ids become keys: never import one outside the grammar (events/ids.py)
+            raise BadFile(f"{path}:{number}: {problem}")
         rows = per[line.stream]
         if rows and entry_id_key(line.entry_id) <= entry_id_key(rows[-1][0]):
             raise BadFile(f"{path}:{number}: entry ids of {line.stream} are not increasing")

@@ -9,9 +9,7 @@ waits for Redis to come (streams/resilience.py). URLs are shown with their passw
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -19,30 +17,10 @@ from redis.exceptions import RedisError
 
 from app.errors import ConfigError, RedisUnavailable
 from app.settings import Settings
+from events.redact import mask_url
 from streams import client as streams_client
 
 EMBEDDED = "embedded (fakeredis)"
-_QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&]*")
-
-
-def mask_url(url: str | None) -> str:
-    """`url` without its password (user names stay): redis://:***@host:6379/0."""
-    if not url:
-        return ""
-    url = _QUERY_PASSWORD.sub(r"\1***", url)
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:  # an IPv6 address
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-    except ValueError:  # not parseable as a URL: mask everything between // and @
-        head, sep, tail = url.rpartition("@")
-        return f"{head.split('//')[0]}//***@{tail}" if sep else url
 
 
 def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:

@@ -20,7 +20,7 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
     """`projections.rebuild.rebuild`, with its give-up reported as a Conflict."""
     try:
         return await projection_rebuild.rebuild(r, keys, batch_ids)
-    except projection_rebuild.KeptChanging as exc:
+    except (projection_rebuild.KeptChanging, projection_rebuild.StreamTrimmed) as exc:
         raise Conflict(str(exc)) from exc
 
 

@@ -67,9 +67,10 @@ from projections.rebuild import diff, expected_of, read_snapshot
 from projections.replay import decode_flat, range_start
 from projections.store import batch_fields
 from streams.dlq import trim_dead_letters
+from streams.errors import kind_of, policy_of
 from streams.keys import Keys
 from streams.paging import next_id, raw_client, read_pages
-from streams.resilience import REDIS_DOWN, sleep_unless
+from streams.resilience import REDIS_ERRORS, sleep_unless
 from streams.trim import group_floor, lower, trim_below
 
 log = structlog.get_logger("app.retention")
@@ -600,8 +601,13 @@ async def run_archiver(
             )
             # A pass archives at most MAX_BATCHES_PER_PASS: a backlog goes on at once.
             backlog = len(report.archived) >= MAX_BATCHES_PER_PASS
-        except REDIS_DOWN as exc:
-            log.warning("archiver_redis_unavailable", error=str(exc)[:200])
+        except REDIS_ERRORS as exc:
+            if policy_of(exc) is None:
+                log.exception("archiver_error")
+            else:
+                log.warning(
+                    "archiver_redis_unavailable", error_kind=kind_of(exc), error=str(exc)[:200]
+                )
         except Exception:  # a bug, or the store unreachable: try again at the next pass
             log.exception("archiver_error")
         if not backlog:

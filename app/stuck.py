@@ -5,13 +5,14 @@ of it but the entries), one cleanup pass now (`reclaim`), and one entry's action
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 from redis.exceptions import ResponseError
 
+from app.dlq import acceptable
 from app.errors import Conflict, InputError, NotFound
-from app.settings import Settings, consumer_name
+from app.settings import Settings, consumer_name, dead_letter_policy
 from app.wiring import cj_consumer, lps_worker
 from cj.continuation import Decision
 from cj.stalls import finalize_stalled, find_stalled, stalled_view
@@ -27,6 +28,7 @@ from events.types import (
 )
 from lps.breaker import open_breakers
 from lps.providers.registry import make_provider
+from streams.clock import server_time
 from streams.dlq import dead_letter
 from streams.keys import Keys
 from streams.pending import (
@@ -83,11 +85,12 @@ async def summary(
         view, rows = await _group_view(r, keys, stream_name, group, limit, dead_after_s)
         groups.append(view)
         rows_per_group.append(rows)
-    now = datetime.now(UTC)
+    now = await server_time(r)
     stalled = [
         stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
     ]
-    breakers = [b.view(now.timestamp()) for b in await open_breakers(r, keys)]
+    # Breakers keep the workers' wall-clock times (lps/breaker.py), as `cjs status` reads them.
+    breakers = [b.view(time.time()) for b in await open_breakers(r, keys)]
     view = {
         "prefix": keys.prefix,
         "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
@@ -546,7 +549,8 @@ async def act_on_entry(
       no provider call is made from here.
     - `expire` (requests only): end it here as the workers do after CJS_MAX_DELIVERIES:
       RequestExpired + ComparisonFailed(expired) appended with its XACK, so its batch goes on.
-    - `dead_letter`: move it to `dlq:<stream>` (reason `manual`) with its XACK, in one MULTI.
+    - `dead_letter`: move it to `dlq:<stream>` (reason `manual`) with its XACK, once (one
+      script, streams/dlq.py); a valid callback is also parked, for a redrive to apply.
 
     Returns what was done (the entry, its batch and correlation id, never essay text)."""
     allowed = ENTRY_ACTIONS.get(stream_name)
@@ -596,13 +600,22 @@ async def act_on_entry(
             await _expire_request(r, keys, s, consumer, claimed[0])
         else:
             detail = f"dead-lettered by hand after {row['deliveries']} deliveries"
+            entry = claimed[0].entry
+            # A valid callback is parked, as the CJ consumers park one after
+            # CJS_MAX_DELIVERIES: replay leaves it out as the live projection does, and
+            # `cjs dlq redrive` (or the dashboard's) applies it in place, once.
+            valid = stream_name == CALLBACKS and (
+                acceptable(CALLBACKS, entry.fields, entry.entry_id)[0] is not None
+            )
             await dead_letter(
                 r,
                 keys,
                 stream_name,
-                [(claimed[0].entry, codec.DecodeError("manual", detail))],
+                [(entry, codec.DecodeError("manual", detail))],
                 group,
                 consumer,
+                policy=dead_letter_policy(s),
+                park=frozenset({entry.entry_id}) if valid else frozenset(),
             )
     finally:
         await prune_consumer(r, stream, group, consumer, min_idle_ms=0)

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.archive import store_for
 from app.retention import run_archiver
-from app.settings import Settings, consumer_name, worker_partitions
+from app.settings import Settings, consumer_name, dead_letter_policy, worker_partitions
 from cj.consumer import CJConsumer
 from cj.stalls import run_stall_finalizer
 from lps.breaker import Breaker
@@ -47,6 +47,7 @@ def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
         dead_consumer_after_s=s.dead_consumer_after_s,
         replicas_ack=s.min_replicas_ack,
         replica_ack_timeout_ms=s.replica_ack_timeout_ms,
+        dead_letters=dead_letter_policy(s),
     )
 
 
@@ -73,6 +74,7 @@ def lps_worker(
         dead_consumer_after_s=s.dead_consumer_after_s,
         replicas_ack=s.min_replicas_ack,
         replica_ack_timeout_ms=s.replica_ack_timeout_ms,
+        dead_letters=dead_letter_policy(s),
         batch_poll_interval_s=s.batch_poll_s,
         cooldown=Cooldown(
             r,

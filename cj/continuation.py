@@ -5,6 +5,10 @@
 with their projection writes in one MULTI/EXEC, so that of several consumers
 racing on the same batch exactly one wins each step; the others see the new
 state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
+
+The events of a step carry the Redis server's time in `occurred_at` (read with TIME at
+the start of the step), not the worker's clock: `last_event_at` and stall detection
+compare times of one clock.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from cj.scoring import (
 )
 from cj.stopping import StopRule, is_reliable, per_essay
 from events import codec
+from events.clock import iso
 from events.types import (
     ACCOUNT_FAILURES,
     MAX_BUNDLE_SIZE,
@@ -64,6 +69,7 @@ from events.types import (
 from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event, failed_reason
 from projections.store import immediate_load, queue_batch_event, queue_state_write
+from streams.clock import server_time
 from streams.keys import Keys
 
 log = structlog.get_logger("cj.continuation")
@@ -440,6 +446,14 @@ def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision)
 Decider = Callable[[BatchState], "Decision | None"]
 
 
+def stamped(decision: Decision, occurred_at: str) -> Decision:
+    """The decision with every event's `occurred_at` set to `occurred_at` (the server's now)."""
+    return Decision(
+        events=[msgspec.structs.replace(e, occurred_at=occurred_at) for e in decision.events],
+        requests=[msgspec.structs.replace(q, occurred_at=occurred_at) for q in decision.requests],
+    )
+
+
 async def advance(
     r: Any, keys: Keys, batch_id: str, *, decider: Decider = decide, max_tries: int = 50
 ) -> Decision | None:
@@ -447,7 +461,8 @@ async def advance(
 
     `decider` (pure) says what the step is: `decide` for the normal flow, another for
     forced ends (stalled batches). A callback applied meanwhile changes the batch hash,
-    so the decision and its events are one step (in the batch's partition)."""
+    so the decision and its events are one step (in the batch's partition). Its events
+    carry the server's time."""
     keys = keys.for_batch(batch_id)
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):
@@ -459,6 +474,7 @@ async def advance(
                 if state is None or decision is None:
                     await pipe.unwatch()
                     return None
+                decision = stamped(decision, iso(await server_time(pipe)))
                 pipe.multi()
                 state = queue_decision(pipe, keys, state, decision)
                 await pipe.execute()

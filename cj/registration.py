@@ -16,7 +16,8 @@ from redis.exceptions import WatchError
 
 from cj.grade_scales import resolve_scale
 from cj.stopping import DEFAULT_CAP_PER_ESSAY, DEFAULT_TARGET_RELIABILITY, budget_for
-from events import codec
+from events.clock import iso
+from events.ids import essay_id_problem, event_id_problem, key_id_problem
 from events.text import as_str
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import (
@@ -30,6 +31,7 @@ from lps.providers.registry import (
 from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_registration, queue_state_write
+from streams.clock import server_time
 from streams.keys import Keys, partition_of
 
 # Longest essay text accepted by default, in characters: both essays of a pair go into one
@@ -52,6 +54,14 @@ class EssayIn(BaseModel):
     text: str = Field(min_length=1)
     anchor_grade: str | None = None
     mock_quality: float | None = None
+
+    @field_validator("essay_id")
+    @classmethod
+    def _grammar(cls, v: str) -> str:
+        problem = essay_id_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("anchor_grade", mode="before")
     @classmethod
@@ -194,6 +204,8 @@ def build_registration(
     one of the two at most."""
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
+    if batch_id is not None and (problem := key_id_problem("batch_id", batch_id)):
+        raise InputError(problem)
     total_budget = _checked_cap(
         batch, budget, comparisons_per_essay, target_reliability, max_essay_chars, max_cost_usd
     )
@@ -274,14 +286,26 @@ def submission_warnings(event: BatchRegistered) -> list[str]:
     ]
 
 
-async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
+async def _stamped(r: Any, event: BatchRegistered) -> BatchRegistered:
+    """`event` checked (its ids' grammar) and stamped with the Redis server's time (the clock
+    of stall detection); InputError naming the problem."""
+    problem = event_id_problem(event)
+    if problem:
+        raise InputError(problem)
+    return msgspec.structs.replace(event, occurred_at=iso(await server_time(r)))
+
+
+async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> BatchRegistered:
     """Append `BatchRegistered` (with its range hints) and write its projection in one
-    MULTI/EXEC (in the batch's partition)."""
+    MULTI/EXEC (in the batch's partition); returns the event as appended, stamped with the
+    Redis server's time (the clock of stall detection)."""
+    event = await _stamped(r, event)
     keys = keys.for_batch(event.batch_id)
     async with r.pipeline(transaction=True) as pipe:
         queue_registration(pipe, keys, event)
         queue_state_write(pipe, keys, register(event), full=True)
         await pipe.execute()
+    return event
 
 
 def submissions(keys: Keys) -> str:
@@ -304,7 +328,9 @@ async def register_once(
     returned instead); with `force`, register it anyway. Returns (batch id, registered now).
     Concurrent identical submissions register one batch: the lookup is WATCHed. The lookup
     lives in the partition of the content digest, and the batch is given an id of that
-    partition (so that lookup and registration are one transaction in one slot)."""
+    partition (so that lookup and registration are one transaction in one slot). Like
+    `append_registration`, the event is checked and stamped with the server's time."""
+    event = await _stamped(r, event)
     digest = content_digest(event)
     keys = keys.for_partition(partition_of(digest, keys.partitions))
     while keys.partition_of(event.batch_id) != keys.partition:
@@ -321,7 +347,7 @@ async def register_once(
                         await pipe.unwatch()
                         return batch_id, False
                 pipe.multi()
-                pipe.xadd(keys.batches, codec.encode(event))
+                queue_registration(pipe, keys, event)
                 queue_state_write(pipe, keys, register(event), full=True)
                 pipe.hset(index, digest, event.batch_id)
                 await pipe.execute()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import email.utils
 import math
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -24,6 +23,7 @@ from typing import Any
 
 import anthropic
 
+from events import redact
 from events.types import SPEND_LIMIT_CODES, ErrorDetail, ErrorType
 
 MAX_MESSAGE_CHARS = 500
@@ -69,29 +69,11 @@ _BY_STOP_REASON: dict[str, tuple[ErrorType, bool]] = {
     "refusal": ("refusal", False),
 }
 
-_KEY_PATTERNS = (
-    re.compile(r"sk-ant-[A-Za-z0-9_\-]+"),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/=]{8,}"),
-    re.compile(r"(?i)(x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),
-)
-
-
-def _env_secrets() -> list[str]:
-    return [
-        v
-        for v in (os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_AUTH_TOKEN"))
-        if v and len(v) >= 6
-    ]
-
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` without credentials (given secrets, env keys, anything key-shaped), truncated."""
-    for secret in [*secrets, *_env_secrets()]:
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
-    text = _KEY_PATTERNS[0].sub("[REDACTED]", text)
-    text = _KEY_PATTERNS[1].sub(r"\1[REDACTED]", text)
-    text = _KEY_PATTERNS[2].sub(r"\1[REDACTED]", text)
+    """`text` without credentials (given secrets, env keys, anything key-shaped, whatever
+    the case; see `events.redact`), truncated."""
+    text = redact.scrub(text, secrets)
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"
     return text

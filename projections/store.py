@@ -10,7 +10,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from events import codec
-from events.streams import BATCHES, STREAMS
+from events.clock import entry_iso
+from events.streams import BATCHES, CALLBACKS, STREAMS
 from events.text import as_str
 from events.types import (
     BatchConfig,
@@ -224,14 +225,17 @@ class CallbackApplier:
         self._keys = keys
         self._group = group
 
-    async def apply(self, callback: Callback, entry_id: str) -> Any:
+    async def apply(self, callback: Callback, entry_id: str, *, parked: bool = False) -> Any:
         """Run the script now (a cluster client: EVALSHA on the node of the batch's slot,
         loading the script there first when that node does not know it)."""
-        return await self.queue(None, callback, entry_id)
+        return await self.queue(None, callback, entry_id, parked=parked)
 
-    async def queue(self, pipe: Any, callback: Callback, entry_id: str) -> Any:
+    async def queue(
+        self, pipe: Any, callback: Callback, entry_id: str, *, parked: bool = False
+    ) -> Any:
         """Buffer the script call in `pipe`; a non-transactional pipeline is enough, the
-        script is atomic on its own. Without `pipe`, run it now and return its result."""
+        script is atomic on its own. Without `pipe`, run it now and return its result.
+        `parked`: apply a parked dead letter (a redrive)."""
         b = callback.batch_id
         k = self._keys
         if k.partition is None or k.partition_of(b) == k.partition:
@@ -241,13 +245,22 @@ class CallbackApplier:
             batch_keys = [k.key(f"proj:batch:{b}{part}") for part in ("", ":corr", ":orphans")]
             range_key = k.key(f"proj:batch:{b}:range")
         return await self._script(
-            keys=[*batch_keys, k.callbacks, pkeys.stats(k), range_key],
+            keys=[
+                *batch_keys,
+                k.callbacks,
+                pkeys.stats(k),
+                k.group_handled(CALLBACKS, self._group),
+                k.dlq_parked(CALLBACKS),
+                k.dlq(CALLBACKS),
+                range_key,
+            ],
             args=[
                 self._group,
                 entry_id,
                 callback.correlation_id,
                 corr_value(callback, entry_id),
-                callback.occurred_at,
+                entry_iso(entry_id),
+                "parked" if parked else "",
                 str(cost_of(callback)),
             ],
             client=pipe,

@@ -12,6 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from events.redact import mask_url
+
 
 class TopologyChanged(RedisConnectionError):
     """The cluster moved under a command: a blocked XREADGROUP on a key whose slot moved
@@ -62,7 +64,8 @@ def connect(
 ) -> tuple[Any, str]:
     """A client for `url` (each command retried `retries` times before the caller sees the
     error; a TCP connect given up after `connect_timeout_s`), or an embedded Redis (fakeredis)
-    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError.
+    when `url` is None; returns it and what it is (the URL with its password masked: it is
+    shown and logged). A `url` that is no Redis URL: ValueError.
 
     With `cluster`, `url` names any node of a Redis Cluster and the client is redis-py's
     `RedisCluster`: it follows MOVED/ASK, refreshes its view of the slots after a failover,
@@ -79,7 +82,7 @@ def connect(
                 require_full_coverage=False,
                 reinitialize_steps=1,
             ),
-            url,
+            mask_url(url),
         )
     if url:
         client = aioredis.from_url(
@@ -90,7 +93,7 @@ def connect(
             health_check_interval=15,
             socket_connect_timeout=connect_timeout_s,
         )
-        return client, url
+        return client, mask_url(url)
     if not embedded_ok:
         raise RuntimeError("REDIS_URL is not set: workers need a shared Redis server")
     import fakeredis

@@ -120,3 +120,19 @@ class Keys:
     def dlq(self, stream_name: str) -> str:
         """Dead letters of `stream_name` (given without prefix)."""
         return self.key(dlq_name(stream_name))
+
+    def dlq_parked(self, stream_name: str) -> str:
+        """Hash: entry id -> dead letter id, for dead-lettered entries of `stream_name` that
+        were valid and are waiting for `cjs dlq redrive` (acknowledged, not applied)."""
+        return self.key(f"{dlq_name(stream_name)}:parked")
+
+    def group_record(self, stream_name: str, group: str) -> str:
+        """Hash kept beside a consumer group, outlives it: `position`, the id up to which the
+        group has handled every entry (recreating the group there loses and repeats nothing
+        given `group_handled`)."""
+        return self.key(f"group:{stream_name}:{group}")
+
+    def group_handled(self, stream_name: str, group: str) -> str:
+        """Sorted set (score: the id's milliseconds) of entries the group has handled after
+        its recorded position: a group recreated at the position skips them."""
+        return self.key(f"group:{stream_name}:{group}:handled")

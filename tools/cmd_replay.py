@@ -76,6 +76,11 @@ def _print(out: dict[str, Any]) -> None:
         f"{what}: replay {verdict}; {out['events']} events{scanned} in {out['seconds']:.3f}s "
         f"({out['callbacks_unapplied']} callbacks not yet applied by the cj group)"
     )
+    for name, lost in (out.get("trimmed") or {}).items():
+        click.echo(
+            f"  WARNING: {name} lost {lost['entries_lost']} entries (it now begins at "
+            f"{lost['first_entry_id']}): the replay is incomplete"
+        )
     rows = out.get("diff") or [d for m in out.get("mismatched", []) for d in m["diff"]]
     for row in rows[:40]:
         where = f"{row['key']} {row['field'] or ''}"

@@ -47,7 +47,7 @@ from app.views import results_view, status_view
 from events.streams import CONSUMED, STREAMS
 from projections.batch import TERMINAL
 from streams.dlq import read_dead_letters
-from streams.resilience import REDIS_DOWN
+from streams.errors import Policy, kind_of, policy_of
 from web.security import SESSION_COOKIE, SESSION_TTL_S, Guard, Refused
 
 log = structlog.get_logger("web.dashboard")
@@ -230,10 +230,17 @@ def routes(d: Dashboard) -> list[Route]:
                 page = d.page(request, "error.html", message=exc.message)
                 page.status_code = _status_of(exc)
                 return page
-            except REDIS_DOWN as exc:
-                log.warning("dashboard_redis_unavailable", path=request.url.path, error=str(exc))
-                return _json({"error": f"Redis is unavailable: {exc}"}, 503)
-            except Exception:
+            except Exception as exc:
+                # Redis down or in a state that passes (out of memory, read-only, loading, ...:
+                # the workers' table, streams/errors.py) is 503; anything else is a bug.
+                if policy_of(exc) in (Policy.WAIT, Policy.RECONNECT):
+                    log.warning(
+                        "dashboard_redis_unavailable",
+                        path=request.url.path,
+                        error_kind=kind_of(exc),
+                        error=str(exc),
+                    )
+                    return _json({"error": f"Redis is unavailable: {exc}"}, 503)
                 log.exception("dashboard_error", path=request.url.path)
                 return _json({"error": "internal error (logged)"}, 500)
 
