@@ -33,6 +33,7 @@ from events.codec import DecodeError
 from events.redact import scrub
 from events.streams import STREAMS, dlq_name
 from events.text import as_str
+from streams.durability import is_cluster
 from streams.keys import Keys
 from streams.metrics import DEAD_LETTERED
 from streams.reader import Entry
@@ -165,22 +166,30 @@ async def dead_letter(
         keys.group_handled(stream_name, group),
         keys.dlq_parked(stream_name),
     ]
-    async with r.pipeline(transaction=False) as pipe:
-        for entry, error in letters:
-            fields = dead_letter_fields(stream_name, entry, error, group, consumer, policy)
-            await script(
-                keys=script_keys,
-                args=[
-                    group,
-                    entry.entry_id,
-                    policy.maxlen,
-                    int(policy.retention_s * 1000),
-                    "1" if entry.entry_id in park else "0",
-                    *(x for pair in fields.items() for x in pair),
-                ],
-                client=pipe,
-            )
-        replies = await pipe.execute()
+    calls = [
+        [
+            group,
+            entry.entry_id,
+            policy.maxlen,
+            int(policy.retention_s * 1000),
+            "1" if entry.entry_id in park else "0",
+            *(
+                x
+                for pair in dead_letter_fields(
+                    stream_name, entry, error, group, consumer, policy
+                ).items()
+                for x in pair
+            ),
+        ]
+        for entry, error in letters
+    ]
+    if is_cluster(r):  # one by one: a cluster pipeline does not load scripts
+        replies = [await script(keys=script_keys, args=args) for args in calls]
+    else:
+        async with r.pipeline(transaction=False) as pipe:
+            for args in calls:
+                await script(keys=script_keys, args=args, client=pipe)
+            replies = await pipe.execute()
     ids = [as_str(i) if i else None for i in replies]
     written = [(e, err) for (e, err), i in zip(letters, ids, strict=True) if i is not None]
     reasons = Counter(err.reason for _, err in written)
