@@ -474,7 +474,8 @@ async def advance(
                 if state is None or decision is None:
                     await pipe.unwatch()
                     return None
-                decision = stamped(decision, iso(await server_time(pipe)))
+                # Asked outside the WATCH: a cluster's pipeline refuses TIME.
+                decision = stamped(decision, iso(await server_time(r)))
                 pipe.multi()
                 state = queue_decision(pipe, keys, state, decision)
                 await pipe.execute()
