@@ -57,7 +57,7 @@ from app.archive import (
     stream_parts,
 )
 from app.errors import BadFile
-from events.streams import CONSUMED, STREAMS
+from events.streams import CALLBACKS, CONSUMED, STREAMS
 from events.text import as_str
 from events.types import BatchRegistered, BundleDispatched, now_iso
 from lps import keys as lkeys
@@ -181,6 +181,11 @@ async def _still_needed(r: Any, keys: Keys, records: list[Record]) -> str | None
             if len(rows) < 1000:
                 break
             start = next_id(as_str(rows[-1]["message_id"]))
+    # A parked callback waits for `cjs dlq redrive`, which reads it from the stream: archiving
+    # the batch first would trim it, and the archive would replay it as applied.
+    parked = {as_str(p) for p in await r.hkeys(keys.dlq_parked(CALLBACKS))}
+    if parked & {rec.entry_id for rec in records if rec.stream == CALLBACKS}:
+        return f"{CALLBACKS}: parked dead letters wait for `cjs dlq redrive`"
     return None
 
 
