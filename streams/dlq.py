@@ -9,7 +9,8 @@ truncated beyond that, `truncated=1`), their size in bytes (`fields_bytes`) and 
 (`fields_sha256`, over each field name and value, each preceded by its length as 8 bytes
 big-endian, in entry order). The full entry stays in its source stream (XACK deletes
 nothing), which is where a redrive reads it from. The dead-letter stream keeps at most
-`maxlen` letters (approximately) and none older than `retention_s`.
+`maxlen` letters (approximately) and, when `retention_s` is set, none older (the services
+leave it at 0: app/retention.py archives old letters before it trims them).
 
 An entry that was valid but could not be handled in time (reason `max_deliveries` on
 `cj:callbacks`) is also *parked* (`Keys.dlq_parked`: entry id -> letter id): acknowledged but
