@@ -1,0 +1,196 @@
+"""Where a live batch's Redis bytes go: per key family, per event type, per comparison.
+
+    python bench/live_bytes.py [--essays 50] [--text-bytes 50] [--seed 1]
+                               [--node-bytes N --node-entries N] [--json]
+
+Starts its own redis-server (random port, temp dir, no persistence; `--node-bytes` and
+`--node-entries` set `stream-node-max-bytes` / `stream-node-max-entries`, else the server's
+defaults) and runs one batch to its end in this process (CJ consumer, LPS worker, mock judge
+without latency; no archiver: everything the batch wrote is still there). Then:
+
+* `used_memory` growth over the batch, and the sum of MEMORY USAGE of every key, per comparison,
+  both less the batch's essay texts (stored twice: in `BatchRegistered` and in the projection's
+  essay store) — the figure issue 13's goal is about;
+* MEMORY USAGE per key family (a stream, `lps:done:*`, `proj:batch:*:corr`, ...) per comparison,
+  with the hash encodings;
+* per stream and event type: entries, mean `data` bytes, data bytes per comparison, and how much
+  more the stream takes per entry than its data (ids, the `type` value, node overhead);
+* one entry of each type, as stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis.asyncio as aioredis
+
+from app.runs import mock_settings, registration_for, wait_terminal
+from app.settings import Settings
+from app.wiring import InProcess
+from bench.soak import essays, used_memory
+from cj.continuation import advance
+from cj.registration import append_registration
+from events.streams import STREAMS
+from lps.providers.mock import PROFILES
+from lps.providers.registry import make_provider
+from streams.keys import Keys
+from tests.redis_server import RedisServer
+
+
+def family(key: str) -> str:
+    parts = key.split(":")
+    if parts[0] == "proj" and len(parts) > 2 and parts[1] == "batch":
+        return "proj:batch:*" + (f":{parts[3]}" if len(parts) > 3 else "")
+    if parts[0] == "lps" and len(parts) > 2:
+        return f"lps:{parts[1]}:*"
+    return key
+
+
+async def breakdown(r: Any, n: int) -> dict[str, Any]:
+    families: dict[str, dict[str, Any]] = defaultdict(lambda: {"keys": 0, "bytes": 0})
+    async for raw in r.scan_iter(count=1000):
+        key = raw.decode()
+        row = families[family(key)]
+        row["keys"] += 1
+        row["bytes"] += int(await r.memory_usage(raw, samples=0) or 0)
+        kind = (await r.type(raw)).decode()
+        row["type"] = kind
+        if kind == "hash":
+            row["encoding"] = (await r.object("encoding", raw)).decode()
+    for row in families.values():
+        row["per_comparison"] = round(row["bytes"] / n, 1)
+    streams: dict[str, Any] = {}
+    for name in STREAMS:
+        entries = await r.xrange(name)
+        if not entries:
+            continue
+        sizes: dict[str, list[int]] = defaultdict(list)
+        sample: dict[str, str] = {}
+        for _, fields in entries:
+            kind = fields[b"type"].decode()
+            sizes[kind].append(len(fields[b"data"]))
+            sample.setdefault(kind, fields[b"data"].decode())
+        data = sum(sum(v) for v in sizes.values())
+        stored = families[name]["bytes"]
+        streams[name] = {
+            "entries": len(entries),
+            "overhead_per_entry": round((stored - data) / len(entries), 1),
+            "types": {
+                kind: {
+                    "entries": len(v),
+                    "mean_data": round(sum(v) / len(v), 1),
+                    "data_per_comparison": round(sum(v) / n, 1),
+                    "sample": sample[kind],
+                }
+                for kind, v in sizes.items()
+            },
+        }
+    return {"families": dict(families), "streams": streams}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    server = RedisServer(Path(tempfile.mkdtemp()))
+    server.start(aof=False)
+    r = aioredis.from_url(server.url)
+    if args.node_bytes is not None:
+        await r.config_set("stream-node-max-bytes", args.node_bytes)
+    if args.node_entries is not None:
+        await r.config_set("stream-node-max-entries", args.node_entries)
+    keys = Keys("")
+    profile = replace(PROFILES["cj_generic_batch"], latency_ms=0.0)
+    runner = InProcess(
+        r,
+        keys,
+        mock_settings(Settings()),
+        lambda name: make_provider(name, mock_profile=profile),
+        concurrency=8,
+    )
+    try:
+        runner.start()
+        reg = registration_for(
+            essays(args.essays, args.text_bytes, random.Random(args.seed)),
+            "per_request",
+            budget=None,
+            seed=args.seed,
+        )
+        before = await used_memory(r)
+        await append_registration(r, keys, reg)
+        await advance(r, keys, reg.batch_id)
+        state = await wait_terminal(r, keys, reg.batch_id, runner, timeout=600)
+        await runner.close()
+        grown = await used_memory(r) - before
+        n = state.submitted
+        text = 2 * sum(len(e.text.encode()) for e in reg.essays)
+        parts = await breakdown(r, n)
+        in_keys = sum(row["bytes"] for row in parts["families"].values())
+        node = await r.config_get("stream-node-max-*")
+    finally:
+        await r.aclose()
+        server.stop(kill=True)
+    return {
+        "essays": args.essays,
+        "text_bytes": args.text_bytes,
+        "comparisons": n,
+        "waves": state.waves,
+        "stream_node": {k: int(v) for k, v in node.items()},
+        "used_memory_per_comparison_excluding_text": round((grown - text) / n),
+        "key_bytes_per_comparison_excluding_text": round((in_keys - text) / n),
+        **parts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--essays", type=int, default=50)
+    parser.add_argument("--text-bytes", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--node-bytes", type=int)
+    parser.add_argument("--node-entries", type=int)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from app.logs import configure
+
+    configure(json_logs=True, level="WARNING")
+    out = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(
+        f"{out['comparisons']} comparisons in {out['waves']} waves, {out['essays']} essays of "
+        f"{out['text_bytes']} B, {out['stream_node']}\n"
+        f"bytes per comparison excluding the texts: used_memory "
+        f"{out['used_memory_per_comparison_excluding_text']} B, keys "
+        f"{out['key_bytes_per_comparison_excluding_text']} B"
+    )
+    ranked = sorted(out["families"].items(), key=lambda kv: -kv[1]["bytes"])
+    for name, row in ranked:
+        encoding = f" ({row['encoding']})" if "encoding" in row else ""
+        print(
+            f"  {name:24s} {row['keys']:5d} keys {row['bytes']:9d} B "
+            f"{row['per_comparison']:7.1f} B/comparison{encoding}"
+        )
+    for name, s in out["streams"].items():
+        print(f"{name}: {s['entries']} entries, {s['overhead_per_entry']} B/entry beyond data")
+        for kind, t in s["types"].items():
+            print(
+                f"  {kind:20s} {t['entries']:5d} x {t['mean_data']:8.1f} B = "
+                f"{t['data_per_comparison']:6.1f} B/comparison"
+            )
+    for s in out["streams"].values():
+        for kind, t in s["types"].items():
+            print(f"{kind}: {t['sample'][:600]}")
+
+
+if __name__ == "__main__":
+    main()
