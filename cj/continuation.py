@@ -10,7 +10,6 @@ state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from events.types import (
     essay_reference,
     new_id,
 )
+from events.types import content_key as essays_key
 from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event, failed_reason
 from projections.store import immediate_load, queue_batch_event, queue_state_write
@@ -162,14 +162,8 @@ def _r(value: float | None, digits: int = 6) -> float | None:
 
 
 def content_key(state: BatchState) -> str:
-    """SHA-256 of what the batch is about — its essays and grade scale — not of its random
-    id: with the seed, what the planner (and the mock judge) draw from, so the same input
-    submitted twice with the same seed gives the same waves and judgements. Its first 64
-    bits only: it seeds random draws, and every request carries it (requests stay small)."""
-    body = msgspec.json.encode(
-        [sorted(state.essays, key=lambda e: e.essay_id), list(state.config.grade_scale)]
-    )
-    return hashlib.sha256(body).hexdigest()[:16]
+    """The batch's content key (`events.types.content_key`): what its random draws derive from."""
+    return essays_key(state.essays, state.config.grade_scale)
 
 
 SPLIT_HALF_LATER = "computed when the batch ends"
@@ -295,7 +289,7 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     )
     if not planned:
         return None
-    # Requests name essays by id and text hash; LPS reads the text registered with the batch.
+    # Requests name essays by id; LPS reads them as registered with the batch.
     used = {essay_id for pair in planned for essay_id in pair}
     essays = {e.essay_id: essay_reference(e) for e in state.essays if e.essay_id in used}
     pairs = [PairRequest(new_id(), a, b) for a, b in planned]
