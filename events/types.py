@@ -304,6 +304,10 @@ class BatchScored(Event, frozen=True, kw_only=True):
     # Share of students with a one-grade band, and the note when that is under half.
     single_grade_share: float | None = None
     grade_support: str = ""
+    # False: scores of a wave before the batch's last, written with θ and SE alone; their
+    # ranks, grades, boundaries and warnings follow from those (`cj.grades.graded_scores`,
+    # what readers that show them call). Every score before this field was graded.
+    graded: bool = True
 
 
 class BatchFinalized(Event, frozen=True, kw_only=True):
