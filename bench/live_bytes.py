@@ -8,11 +8,14 @@ Starts its own redis-server (random port, temp dir, no persistence; `--node-byte
 defaults) and runs one batch to its end in this process (CJ consumer, LPS worker, mock judge
 without latency; no archiver: everything the batch wrote is still there). Then:
 
-* `used_memory` growth over the batch, and the sum of MEMORY USAGE of every key, per comparison,
-  both less the batch's essay texts (stored twice: in `BatchRegistered` and in the projection's
-  essay store) — the figure issue 13's goal is about;
-* MEMORY USAGE per key family (a stream, `lps:done:*`, `proj:batch:*:corr`, ...) per comparison,
-  with the hash encodings;
+* per key family (a stream, `lps:done:*`, `proj:batch:*:corr`, ...): MEMORY USAGE (the bytes in
+  use) and what deleting the family frees (`used_memory` before less after: what is allocated,
+  allocator rounding, hash-table and expiry entries included), per comparison, with the hash
+  encodings; their sums less the batch's essay texts (stored twice: in `BatchRegistered` and in
+  the projection's essay store) per comparison — the figure issue 13's goal is about;
+* the growth of `used_memory` over the batch, less client buffers and script caches, for
+  comparison: it also holds what each connection opened meanwhile keeps (about 50 KB each,
+  not per comparison, so a short batch reads high);
 * per stream and event type: entries, mean `data` bytes, data bytes per comparison, and how much
   more the stream takes per entry than its data (ids, the `type` value, node overhead);
 * one entry of each type, as stored.
@@ -38,7 +41,7 @@ import redis.asyncio as aioredis
 from app.runs import mock_settings, registration_for, wait_terminal
 from app.settings import Settings
 from app.wiring import InProcess
-from bench.soak import essays, used_memory
+from bench.soak import essays
 from cj.continuation import advance
 from cj.registration import append_registration
 from events.streams import STREAMS
@@ -46,6 +49,13 @@ from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from streams.keys import Keys
 from tests.redis_server import RedisServer
+
+
+async def held(r: Any) -> int:
+    """`used_memory` less what comes and goes with connections and scripts."""
+    info = await r.info("memory")
+    transient = ("mem_clients_normal", "mem_clients_slaves", "used_memory_scripts")
+    return int(info["used_memory"]) - sum(int(info.get(name, 0)) for name in transient)
 
 
 def family(key: str) -> str:
@@ -99,6 +109,20 @@ async def breakdown(r: Any, n: int) -> dict[str, Any]:
     return {"families": dict(families), "streams": streams}
 
 
+async def freed(r: Any, n: int) -> dict[str, float]:
+    """Delete every key family in turn; what each deletion frees, per comparison."""
+    families: dict[str, list[bytes]] = defaultdict(list)
+    async for raw in r.scan_iter(count=1000):
+        families[family(raw.decode())].append(raw)
+    out: dict[str, float] = {}
+    for name, names in families.items():
+        before = int((await r.info("memory"))["used_memory"])
+        for i in range(0, len(names), 500):
+            await r.delete(*names[i : i + 500])
+        out[name] = round((before - int((await r.info("memory"))["used_memory"])) / n, 1)
+    return out
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = RedisServer(Path(tempfile.mkdtemp()))
     server.start(aof=False)
@@ -124,17 +148,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             budget=None,
             seed=args.seed,
         )
-        before = await used_memory(r)
+        before = await held(r)
         await append_registration(r, keys, reg)
         await advance(r, keys, reg.batch_id)
         state = await wait_terminal(r, keys, reg.batch_id, runner, timeout=600)
         await runner.close()
-        grown = await used_memory(r) - before
+        grown = await held(r) - before
         n = state.submitted
         text = 2 * sum(len(e.text.encode()) for e in reg.essays)
         parts = await breakdown(r, n)
         in_keys = sum(row["bytes"] for row in parts["families"].values())
         node = await r.config_get("stream-node-max-*")
+        for name, per_comparison in (await freed(r, n)).items():
+            parts["families"][name]["freed_per_comparison"] = per_comparison
     finally:
         await r.aclose()
         server.stop(kill=True)
@@ -143,9 +169,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "text_bytes": args.text_bytes,
         "comparisons": n,
         "waves": state.waves,
-        "stream_node": {k: int(v) for k, v in node.items()},
-        "used_memory_per_comparison_excluding_text": round((grown - text) / n),
+        "stream_node": {k: int(str(v)) for k, v in node.items()},
+        "held_per_comparison_excluding_text": round((grown - text) / n),
         "key_bytes_per_comparison_excluding_text": round((in_keys - text) / n),
+        "freed_per_comparison_excluding_text": round(
+            sum(row["freed_per_comparison"] for row in parts["families"].values()) - text / n
+        ),
         **parts,
     }
 
@@ -169,16 +198,18 @@ def main() -> None:
     print(
         f"{out['comparisons']} comparisons in {out['waves']} waves, {out['essays']} essays of "
         f"{out['text_bytes']} B, {out['stream_node']}\n"
-        f"bytes per comparison excluding the texts: used_memory "
-        f"{out['used_memory_per_comparison_excluding_text']} B, keys "
-        f"{out['key_bytes_per_comparison_excluding_text']} B"
+        f"bytes per comparison excluding the texts: allocated (freed by DEL) "
+        f"{out['freed_per_comparison_excluding_text']} B, MEMORY USAGE "
+        f"{out['key_bytes_per_comparison_excluding_text']} B; used_memory growth less client "
+        f"buffers {out['held_per_comparison_excluding_text']} B"
     )
     ranked = sorted(out["families"].items(), key=lambda kv: -kv[1]["bytes"])
     for name, row in ranked:
         encoding = f" ({row['encoding']})" if "encoding" in row else ""
         print(
             f"  {name:24s} {row['keys']:5d} keys {row['bytes']:9d} B "
-            f"{row['per_comparison']:7.1f} B/comparison{encoding}"
+            f"{row['per_comparison']:7.1f} B/comparison (freed {row['freed_per_comparison']:7.1f})"
+            f"{encoding}"
         )
     for name, s in out["streams"].items():
         print(f"{name}: {s['entries']} entries, {s['overhead_per_entry']} B/entry beyond data")
