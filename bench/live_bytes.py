@@ -1,11 +1,12 @@
 """Where a live batch's Redis bytes go: per key family, per event type, per comparison.
 
-    python bench/live_bytes.py [--essays 50] [--text-bytes 50] [--seed 1]
-                               [--node-bytes N --node-entries N] [--json]
+    python bench/live_bytes.py [--essays 50] [--text-bytes 50] [--seed 1] [--server-defaults]
+                               [--set NAME VALUE ...] [--json]
 
-Starts its own redis-server (random port, temp dir, no persistence; `--node-bytes` and
-`--node-entries` set `stream-node-max-bytes` / `stream-node-max-entries`, else the server's
-defaults) and runs one batch to its end in this process (CJ consumer, LPS worker, mock judge
+Starts its own redis-server (random port, temp dir, no persistence) with the memory settings
+compose.yaml gives Redis (listpack sizes; Redis' own defaults with `--server-defaults`; `--set`
+overrides one, e.g. `--set stream-node-max-bytes 4096`) and runs one batch to its end in this
+process (CJ consumer, LPS worker, mock judge
 without latency; no archiver: everything the batch wrote is still there). Then:
 
 * per key family (a stream, `lps:done:*`, `proj:batch:*:corr`, ...): MEMORY USAGE (the bytes in
@@ -41,7 +42,7 @@ import redis.asyncio as aioredis
 from app.runs import mock_settings, registration_for, wait_terminal
 from app.settings import Settings
 from app.wiring import InProcess
-from bench.soak import essays
+from bench.soak import configure_server, deployed_settings, essays
 from cj.continuation import advance
 from cj.registration import append_registration
 from events.streams import STREAMS
@@ -127,10 +128,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = RedisServer(Path(tempfile.mkdtemp()))
     server.start(aof=False)
     r = aioredis.from_url(server.url)
-    if args.node_bytes is not None:
-        await r.config_set("stream-node-max-bytes", args.node_bytes)
-    if args.node_entries is not None:
-        await r.config_set("stream-node-max-entries", args.node_entries)
+    await configure_server(
+        r, {**({} if args.server_defaults else deployed_settings()), **dict(args.set or [])}
+    )
     keys = Keys("")
     profile = replace(PROFILES["cj_generic_batch"], latency_ms=0.0)
     runner = InProcess(
@@ -158,7 +158,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         text = 2 * sum(len(e.text.encode()) for e in reg.essays)
         parts = await breakdown(r, n)
         in_keys = sum(row["bytes"] for row in parts["families"].values())
-        node = await r.config_get("stream-node-max-*")
+        config = {
+            name: value
+            for pattern in ("stream-node-max-*", "hash-max-listpack-entries")
+            for name, value in (await r.config_get(pattern)).items()
+        }
         for name, per_comparison in (await freed(r, n)).items():
             parts["families"][name]["freed_per_comparison"] = per_comparison
     finally:
@@ -169,7 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "text_bytes": args.text_bytes,
         "comparisons": n,
         "waves": state.waves,
-        "stream_node": {k: int(str(v)) for k, v in node.items()},
+        "redis_settings": config,
         "held_per_comparison_excluding_text": round((grown - text) / n),
         "key_bytes_per_comparison_excluding_text": round((in_keys - text) / n),
         "freed_per_comparison_excluding_text": round(
@@ -184,8 +188,8 @@ def main() -> None:
     parser.add_argument("--essays", type=int, default=50)
     parser.add_argument("--text-bytes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--node-bytes", type=int)
-    parser.add_argument("--node-entries", type=int)
+    parser.add_argument("--server-defaults", action="store_true")
+    parser.add_argument("--set", nargs=2, action="append", metavar=("NAME", "VALUE"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from app.logs import configure
@@ -197,7 +201,7 @@ def main() -> None:
         return
     print(
         f"{out['comparisons']} comparisons in {out['waves']} waves, {out['essays']} essays of "
-        f"{out['text_bytes']} B, {out['stream_node']}\n"
+        f"{out['text_bytes']} B, Redis {out['redis_settings']}\n"
         f"bytes per comparison excluding the texts: allocated (freed by DEL) "
         f"{out['freed_per_comparison_excluding_text']} B, MEMORY USAGE "
         f"{out['key_bytes_per_comparison_excluding_text']} B; used_memory growth less client "
