@@ -85,13 +85,15 @@ def shown_scores(state: BatchState) -> BatchScored | None:
     if scores is None or scores.graded:
         return scores
     key = (state.batch_id, scores.event_id)
-    if key not in _GRADED:
+    graded = _GRADED.get(key)
+    if graded is None:
         from cj.grades import graded_scores  # numpy, scipy: only for a running batch's scores
 
-        _GRADED[key] = graded_scores(scores, state.essays, state.config.grade_scale, final=False)
+        graded = graded_scores(scores, state.essays, state.config.grade_scale, final=False)
+        _GRADED[key] = graded
         while len(_GRADED) > _GRADED_KEPT:
             _GRADED.popitem(last=False)
-    return _GRADED[key]
+    return graded
 
 
 def results_view(state: BatchState) -> dict[str, Any]:

@@ -137,6 +137,7 @@ def test_entries_written_before_issue_9_still_decode_and_fold() -> None:
     )
     assert registered.config.target_reliability == 0.8  # the new rule's default
     assert scored.reliability is None and scored.scores[0].grade_band == []
+    assert scored.graded  # scores were graded at every wave then (issue 13: only the last)
     assert scored.scores[0].grade_confidence is None and scored.rank_stability is None
     assert finalized.reason == "stable"
     assert (request.content_key, request.occurrence) == ("", 0)
