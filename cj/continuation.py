@@ -14,7 +14,6 @@ compare times of one clock.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import msgspec
 import structlog
 from redis.exceptions import WatchError
 
-from cj.grades import project_grades, single_grade_support
+from cj.grades import graded_scores
 from cj.metrics import (
     CJ_BATCH_DURATION,
     CJ_FINALIZED,
@@ -66,6 +65,7 @@ from events.types import (
     essay_reference,
     new_id,
 )
+from events.types import content_key as essays_key
 from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event, failed_reason
 from projections.store import immediate_load, queue_batch_event, queue_state_write
@@ -168,14 +168,8 @@ def _r(value: float | None, digits: int = 6) -> float | None:
 
 
 def content_key(state: BatchState) -> str:
-    """SHA-256 of what the batch is about — its essays and grade scale — not of its random
-    id: with the seed, what the planner (and the mock judge) draw from, so the same input
-    submitted twice with the same seed gives the same waves and judgements. Its first 64
-    bits only: it seeds random draws, and every request carries it (requests stay small)."""
-    body = msgspec.json.encode(
-        [sorted(state.essays, key=lambda e: e.essay_id), list(state.config.grade_scale)]
-    )
-    return hashlib.sha256(body).hexdigest()[:16]
+    """The batch's content key (`events.types.content_key`): what its random draws derive from."""
+    return essays_key(state.essays, state.config.grade_scale)
 
 
 SPLIT_HALF_LATER = "computed when the batch ends"
@@ -209,49 +203,24 @@ def _reliabilities(
 
 @CJ_STEP_SECONDS.labels("score").time()
 def score(state: BatchState, *, final: bool = False) -> BatchScored:
-    """Fit BT on the accepted comparisons, project grades, and say what is doubtful.
-    ``final``: the batch's last scores, with the split-half reliability and, when the
-    comparisons cannot support single grades, a warning saying so."""
+    """Fit BT on the accepted comparisons and say how reliable the fit is.
+    ``final``: the batch's last scores, with the split-half reliability, graded
+    (`cj.grades.graded_scores`: grades, bands, warnings). Earlier waves' scores carry θ and
+    SE alone: what the next wave and the stopping rule need; grading every wave made them
+    most of a live batch's bytes (and of its scoring time)."""
     ids = [e.essay_id for e in state.essays]
     comparisons = comparisons_of(state)
     fit = fit_bt(ids, comparisons)
-    anchors = {e.essay_id: e.anchor_grade for e in state.essays if e.is_anchor and e.anchor_grade}
-    grades = project_grades(fit.theta, fit.se, anchors, state.config.grade_scale)
     order = sorted(ids, key=lambda i: (-fit.theta[i], i))
     previous = {s.essay_id: s.theta for s in state.scores.scores} if state.scores else {}
-    warnings = list(grades.warnings)
-    if not fit.connected:
-        warnings.append(
-            f"comparison graph is not connected ({fit.components} components): "
-            "scores of different components are not comparable"
-        )
-    students = [e.essay_id for e in state.essays if not e.is_anchor]
-    single_share, support = single_grade_support(grades.assignments, students)
-    if final and support:
-        warnings.append(support)
-    scores = []
-    for rank, i in enumerate(order, start=1):
-        a = grades.assignments.get(i)
-        scores.append(
-            EssayScore(
-                essay_id=i,
-                theta=round(fit.theta[i], 6),
-                se=round(fit.se[i], 6),
-                rank=rank,
-                grade=a.grade if a else None,
-                grade_probabilities=(
-                    {g: round(p, 4) for g, p in a.probabilities.items()} if a else {}
-                ),
-                confidence=a.confidence if a else None,
-                grade_band=list(a.band) if a and a.grade else [],
-                grade_confidence=round(a.top_probability, 4) if a and a.grade else None,
-            )
-        )
     reliability = _reliabilities(ids, comparisons, fit, state.config.seed, final)
-    return BatchScored(
+    scored = BatchScored(
         batch_id=state.batch_id,
         wave=state.waves,
-        scores=scores,
+        scores=[
+            EssayScore(essay_id=i, theta=round(fit.theta[i], 6), se=round(fit.se[i], 6))
+            for i in order
+        ],
         max_delta=_r(max_abs_delta(previous, fit.theta)),
         ssr=reliability.ssr,
         position_bias=_r(fit.eta),
@@ -260,13 +229,13 @@ def score(state: BatchState, *, final: bool = False) -> BatchScored:
         comparisons=len(comparisons),
         components=fit.components,
         split_half=reliability.split_half,
-        grade_boundaries={g: round(b, 6) for g, b in grades.boundaries.items()},
-        warnings=warnings,
         reliability=reliability,
         rank_stability=_r(rank_agreement(previous, fit.theta)) if previous else None,
-        single_grade_share=_r(single_share, 4),
-        grade_support=support or "",
+        graded=False,
     )
+    if final:
+        return graded_scores(scored, state.essays, state.config.grade_scale, final=True)
+    return scored
 
 
 def _finish(state: BatchState, reason: FinalizeReason) -> BatchFinalized:
@@ -301,7 +270,7 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     )
     if not planned:
         return None
-    # Requests name essays by id and text hash; LPS reads the text registered with the batch.
+    # Requests name essays by id; LPS reads them as registered with the batch.
     used = {essay_id for pair in planned for essay_id in pair}
     essays = {e.essay_id: essay_reference(e) for e in state.essays if e.essay_id in used}
     pairs = [PairRequest(new_id(), a, b) for a, b in planned]

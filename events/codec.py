@@ -9,7 +9,7 @@ import msgspec
 
 from events.clock import entry_iso
 from events.text import as_str
-from events.types import EVENT_TYPES, Event
+from events.types import EVENT_TYPES, Event, with_defaults_omitted
 
 T = TypeVar("T", bound=Event)
 E = TypeVar("E", bound=Event)
@@ -30,11 +30,11 @@ class DecodeError(ValueError):
 
 
 def encode(event: Event) -> dict[str, bytes]:
-    return {"type": type(event).__name__.encode(), "data": _encoder.encode(event)}
+    return {"type": type(event).__name__.encode(), "data": encode_json(event)}
 
 
 def encode_json(event: Event) -> bytes:
-    return _encoder.encode(event)
+    return _encoder.encode(with_defaults_omitted(event))
 
 
 def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None:

@@ -172,11 +172,16 @@ async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | 
     return {name: value for name, value in zip(names, values, strict=True) if value}
 
 
-async def load_essays(r: Any, keys: Keys, batch_id: str) -> list[Essay] | None:
-    """The batch's essays with their texts, as registered (None when the batch has no live
-    projection): the per-batch essay store LPS resolves requests' essay references from."""
-    raw = await r.hget(pkeys.batch_docs(keys, batch_id), "essays")
-    return None if raw is None else _essays.decode(raw)
+async def load_essay_store(
+    r: Any, keys: Keys, batch_id: str
+) -> tuple[list[Essay], list[str]] | None:
+    """The per-batch essay store LPS resolves requests' essay references from: the batch's
+    essays as registered and its grade scale (what its content key hashes), in one read; None
+    when the batch has no live projection."""
+    essays, config = await r.hmget(pkeys.batch_docs(keys, batch_id), "essays", "config")
+    if essays is None or config is None:
+        return None
+    return _essays.decode(essays), list(_config.decode(config).grade_scale)
 
 
 async def load_state(r: Any, keys: Keys, batch_id: str) -> BatchState | None:

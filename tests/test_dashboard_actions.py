@@ -106,11 +106,14 @@ async def test_dead_letter_redrive_once_and_delete(real_redis: Any, keys: Keys) 
     letter_id = letter_id.decode()
     hidden = await deadletters.inspect(real_redis, keys, "dlq:lps:requests", letter_id)
     assert hidden["reason"] == "manual" and hidden["source_id"] == ids[0]
-    # Requests name their essays by id and text hash (issue 13): no text in the letter to hide,
-    # shown or not (texts of older entries are hidden: test_essay_text_is_hidden_in_any_...).
-    assert "essay number" not in json.dumps(hidden) and "sha256" in json.dumps(hidden)
+    # Requests name their essays by id and the batch's content key (issue 13): no text in the
+    # letter to hide, shown or not (texts of older entries are hidden:
+    # test_essay_text_is_hidden_in_any_...).
+    assert "essay number" not in json.dumps(hidden) and "content_key" in json.dumps(hidden)
     shown = await deadletters.inspect(real_redis, keys, "lps:requests", letter_id, show_text=True)
-    assert "essay number" not in shown["fields"]["data"] and "sha256" in shown["fields"]["data"]
+    assert (
+        "essay number" not in shown["fields"]["data"] and "content_key" in shown["fields"]["data"]
+    )
 
     moved = await deadletters.redrive(real_redis, keys, "dlq:lps:requests", letter_id)
     assert moved["source_stream"] == REQUESTS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from app.views import results_view
@@ -17,6 +18,7 @@ from events.types import (
     BundleDispatched,
     ComparisonRequested,
     ErrorDetail,
+    Essay,
     EssayScore,
     Event,
     ProviderAttemptFailed,
@@ -107,6 +109,34 @@ def test_every_event_type_round_trips() -> None:
     }
 
 
+def test_fields_equal_to_their_defaults_are_not_written_and_decode_back() -> None:
+    """msgspec tells a default by identity; the codec by value: a 0.0 computed at run time and
+    a model name read from a config (equal to the defaults, other objects) are left out."""
+    model = "-".join(["mock", "judge", "1"])
+    event = msgspec.structs.replace(
+        completed("b", "c1"), latency_ms=float("0"), cost_usd=0.5 - 0.5, model=model
+    )
+    assert b'"latency_ms":0.0' in msgspec.json.encode(event)  # what msgspec alone writes
+    fields = codec.encode(event)
+    data = json.loads(fields["data"])
+    assert not {"latency_ms", "cost_usd", "provider", "attempts"} & set(data)
+    assert data["model"] == "mock-judge-1"  # the callback's model has no default
+    assert codec.decode(fields) == event
+    request = ComparisonRequested(
+        batch_id="b",
+        correlation_id="c1",
+        wave=1,
+        essay_a=Essay("a"),
+        essay_b=Essay("b"),
+        model=model,
+        overrides={},
+    )
+    data = json.loads(codec.encode(request)["data"])
+    assert not {"model", "mode", "provider", "overrides", "seed"} & set(data)
+    assert data["essay_a"] == {"essay_id": "a"}
+    assert codec.decode(codec.encode(request)) == request
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
@@ -173,6 +203,7 @@ def test_entries_written_before_issue_9_still_decode_and_fold() -> None:
     )
     assert registered.config.target_reliability == 0.8  # the new rule's default
     assert scored.reliability is None and scored.scores[0].grade_band == []
+    assert scored.graded  # scores were graded at every wave then (issue 13: only the last)
     assert scored.scores[0].grade_confidence is None and scored.rank_stability is None
     assert finalized.reason == "stable"
     assert (request.content_key, request.occurrence) == ("", 0)
