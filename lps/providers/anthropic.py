@@ -33,6 +33,7 @@ from anthropic.types.message_create_params import MessageCreateParamsNonStreamin
 
 from events.types import NANO_USD, ComparisonRequested, ErrorDetail, TokenUsage, Winner
 from lps.classify import (
+    Origin,
     classify_exception,
     classify_stop_reason,
     parse_error,
@@ -265,10 +266,11 @@ def judgement_from_message(
 ) -> Judgement:
     """The Judgement in a 200 response, or ProviderError (max_tokens, refusal, parse_error)
     carrying the response's usage and `cost_usd` (the answer was billed all the same)."""
-    where: dict[str, Any] = {
+    where: Origin = {
         "provider": PROVIDER_NAME,
         "model": model,
         "correlation_id": correlation_id,
+        "secrets": secrets,
     }
     usage = usage_of(message)
 
@@ -292,7 +294,6 @@ def judgement_from_message(
             parse_error(
                 f"expected exactly one {TOOL_NAME} call, got {len(calls)} "
                 f"(stop_reason={getattr(message, 'stop_reason', None)})",
-                secrets=secrets,
                 **where,
             )
         )
@@ -300,9 +301,7 @@ def judgement_from_message(
     try:
         winner, justification, confidence = validate_tool_input(raw_input)
     except ValueError as exc:
-        raise failed(
-            parse_error(f"invalid {TOOL_NAME} input: {exc}", secrets=secrets, **where)
-        ) from None
+        raise failed(parse_error(f"invalid {TOOL_NAME} input: {exc}", **where)) from None
     return Judgement(
         winner=winner,
         confidence=confidence,
@@ -394,6 +393,14 @@ class AnthropicProvider:
     def secrets(self) -> list[str]:
         return [s for s in (self.sdk.api_key, self.sdk.auth_token) if s]
 
+    def _origin(self, request: ComparisonRequested, model: str) -> Origin:
+        return {
+            "provider": self.name,
+            "model": model,
+            "correlation_id": request.correlation_id,
+            "secrets": self.secrets(),
+        }
+
     def _error(self, request: ComparisonRequested, model: str, message: str) -> ProviderError:
         return ProviderError(
             ErrorDetail(
@@ -456,25 +463,11 @@ class AnthropicProvider:
             ) from None
         except (ValueError, TypeError) as exc:  # a 2xx body that is not a Message
             self._observe(model, started)
-            raise ProviderError(
-                parse_error(
-                    f"unreadable response body: {type(exc).__name__}",
-                    provider=self.name,
-                    model=model,
-                    correlation_id=request.correlation_id,
-                )
-            ) from None
+            why = f"unreadable response body: {type(exc).__name__}"
+            raise ProviderError(parse_error(why, **self._origin(request, model))) from None
         except anthropic.AnthropicError as exc:  # any other SDK failure: never ends a worker
             self._observe(model, started)
-            raise ProviderError(
-                unexpected_error(
-                    exc,
-                    provider=self.name,
-                    model=model,
-                    correlation_id=request.correlation_id,
-                    secrets=self.secrets(),
-                )
-            ) from None
+            raise ProviderError(unexpected_error(exc, **self._origin(request, model))) from None
         latency_s = self._observe(model, started)
         _, cost = bill(
             self.prices, message, model=model, cache_ttl=call.options.cache_ttl, batch=False
