@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import anthropic
 from anthropic.types import Message
@@ -63,6 +63,8 @@ FORCED_TOOL_UNSUPPORTED_MODELS = frozenset(
     {"claude-sonnet-5-5", "claude-opus-5-5", "claude-fable-5-1"}
 )
 MAX_TOKENS_LIMIT = 8192
+
+N = TypeVar("N", int, float)
 
 # Sampling parameters do not exist in SDK 2.x, and the API version it speaks
 # (anthropic-version 2026-10-21) answers 400 to any of them, even at default values.
@@ -135,25 +137,28 @@ def validate_overrides(overrides: Mapping[str, str]) -> list[str]:
         elif key not in SUPPORTED_OVERRIDES:
             problems.append(f"unknown override {key!r}; supported: {sorted(SUPPORTED_OVERRIDES)}")
         elif key == "max_tokens":
-            try:
-                n = int(value)
-            except ValueError:
-                problems.append(f"override max_tokens must be an integer, got {value!r}")
-                continue
-            if not 1 <= n <= MAX_TOKENS_LIMIT:
+            n = _number(key, value, int, "an integer", problems)
+            if n is not None and not 1 <= n <= MAX_TOKENS_LIMIT:
                 problems.append(f"override max_tokens must be in 1..{MAX_TOKENS_LIMIT}, got {n}")
         elif key == "cache_ttl":
             if value not in CACHE_TTLS:
                 problems.append(f"override cache_ttl must be one of {CACHE_TTLS}, got {value!r}")
         elif key == "timeout_s":
-            try:
-                t = float(value)
-            except ValueError:
-                problems.append(f"override timeout_s must be a number, got {value!r}")
-                continue
-            if not (math.isfinite(t) and t > 0):
+            t = _number(key, value, float, "a number", problems)
+            if t is not None and not (math.isfinite(t) and t > 0):
                 problems.append(f"override timeout_s must be positive, got {value!r}")
     return problems
+
+
+def _number(
+    key: str, value: str, parse: Callable[[str], N], what: str, problems: list[str]
+) -> N | None:
+    """Override `key` read by `parse`; None, with the problem noted, when it does not parse."""
+    try:
+        return parse(value)
+    except ValueError:
+        problems.append(f"override {key} must be {what}, got {value!r}")
+        return None
 
 
 def model_problems(model: str) -> list[str]:
