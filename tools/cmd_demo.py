@@ -20,7 +20,6 @@ from app.runs import (
 from app.validation import spearman_true
 from app.views import results_view, status_view
 from cj.reporting import band_text
-from lps.providers.mock import profile_from_env
 from tools import common, mock_options
 
 
@@ -99,10 +98,7 @@ def demo(
     """
     common.quiet_logs(as_json, level="ERROR")
     s = mock_settings(settings.load())
-    try:
-        mock = profile_from_env(profile)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    mock = mock_options.mock_profile(profile)
     registered = registration_for(sample.load(essays), mode, budget=budget, seed=seed)
 
     async def main() -> dict[str, Any]:

@@ -18,7 +18,6 @@ from app import errors, sample, settings
 from app.runs import batch_runs, load_runs, registration_for, run_modes
 from app.validation import MODES, analyse, compare, label_runs
 from cj.registration import InputError, build_registration, parse_input
-from lps.providers.mock import profile_from_env
 from tools import common, mock_options
 
 
@@ -108,10 +107,7 @@ def validate(
         bad = [m for m in wanted if m not in MODES]
         if bad or not wanted or len(set(wanted)) != len(wanted):
             raise click.UsageError(f"--modes: choose distinct modes among {', '.join(MODES)}")
-        try:
-            profile_from_env(profile)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
+        mock_options.mock_profile(profile)
         if input_file is not None:
             try:
                 batch_in, scale_name, grades = parse_input(input_file)
@@ -145,7 +141,7 @@ def validate(
     out = {
         "source": source,
         "kept_prefix": kept_prefix,
-        "profile": None if run_files or batch_ids else profile_from_env(profile).name,
+        "profile": None if run_files or batch_ids else mock_options.mock_profile(profile).name,
         "seed": None if run_files or batch_ids else seed,
         "modes": views,
         "comparison": comparison,

@@ -1,11 +1,12 @@
 """The options of the commands that run batches in this process against the mock judge
-(`cjs demo`, `cjs validate`): declared once, so both read them alike."""
+(`cjs demo`, `cjs validate`), and the reading of its profile: declared once, so both read
+them alike."""
 
 from __future__ import annotations
 
 import click
 
-from lps.providers.mock import PROFILES
+from lps.providers.mock import PROFILES, MockProfile, profile_from_env
 
 profile_option = click.option(
     "--profile",
@@ -35,3 +36,11 @@ timeout_option = click.option(
     show_default=True,
     help="Give up on a run after this many seconds.",
 )
+
+
+def mock_profile(name: str | None) -> MockProfile:
+    """The profile `--profile` names (or CJS_MOCK_PROFILE's), as a usage error if unknown."""
+    try:
+        return profile_from_env(name)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
