@@ -19,10 +19,25 @@ from lps.cooldown import Cooldown
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy
 from lps.worker import LPSWorker
+from streams.consumer import GroupOptions
 from streams.keys import Keys
 
 # In-process consumers block at most this long on a read, so that a stop is seen promptly.
 MAX_BLOCK_MS = 200
+
+
+def group_options(s: Settings, *, count: int) -> GroupOptions:
+    """How every consumer built here reads and looks after its group; `count` entries a read."""
+    return GroupOptions(
+        count=count,
+        block_ms=min(s.block_ms, MAX_BLOCK_MS),
+        processing_timeout_s=s.processing_timeout_s,
+        max_deliveries=s.max_deliveries,
+        dead_consumer_after_s=s.dead_consumer_after_s,
+        replicas_ack=s.min_replicas_ack,
+        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
+        dead_letters=dead_letter_policy(s),
+    )
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -40,14 +55,7 @@ def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
         r,
         keys,
         name,
-        count=100,
-        block_ms=min(s.block_ms, MAX_BLOCK_MS),
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-        dead_consumer_after_s=s.dead_consumer_after_s,
-        replicas_ack=s.min_replicas_ack,
-        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
-        dead_letters=dead_letter_policy(s),
+        **group_options(s, count=100),
     )
 
 
@@ -67,14 +75,7 @@ def lps_worker(
         providers,
         policy=retry_policy(s),
         concurrency=concurrency,
-        count=s.read_count,
-        block_ms=min(s.block_ms, MAX_BLOCK_MS),
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-        dead_consumer_after_s=s.dead_consumer_after_s,
-        replicas_ack=s.min_replicas_ack,
-        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
-        dead_letters=dead_letter_policy(s),
+        **group_options(s, count=s.read_count),
         batch_poll_interval_s=s.batch_poll_s,
         cooldown=Cooldown(
             r,

@@ -20,6 +20,7 @@ token a provider echoed reaches a stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -28,31 +29,26 @@ from typing import Any, Unpack
 
 import structlog
 
-from events import codec
-from events.redact import scrub_struct
 from events.streams import LPS_GROUP, REQUESTS
 from events.text import as_str
 from events.types import (
-    BundleDispatched,
-    ComparisonCompleted,
     ComparisonFailed,
     ComparisonRequested,
     ErrorDetail,
     Event,
-    ProviderAttemptFailed,
     RequestExpired,
-    TokenUsage,
     new_id,
 )
 from lps import keys as lkeys
 from lps.breaker import Breaker
 from lps.cooldown import Cooldown
 from lps.essays import EssayStore
-from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
+from lps.metrics import LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, plan_units
 from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
-from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
+from lps.recorder import Recorder, encode
+from lps.retry import Outcome, RetryPolicy, judge_with_retries
 from streams.consumer import GroupConsumer, GroupOptions
 from streams.errors import Policy, kind_of, policy_of
 from streams.keys import Keys
@@ -73,11 +69,6 @@ log = structlog.get_logger("lps.worker")
 DONE_TTL_S = 7 * 24 * 3600
 
 ProviderFactory = Callable[[str], Provider]
-
-
-def encode(event: Event) -> dict[str, bytes]:
-    """An event as the worker writes it: scrubbed of anything key-shaped."""
-    return codec.encode(scrub_struct(event))
 
 
 # Commit results (see the module's docstring). For each item: if this consumer still holds
@@ -268,15 +259,13 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         self.breaker = breaker or Breaker(r, keys)
         # Requests name essays by reference; their texts come from the batch's essay store.
         self.essays = EssayStore(r, keys)
+        self.record = Recorder(r, keys, consumer, self.committer.commit, self.prompt_sha256)
         self.mode_context = ModeContext(
             provider=self.provider,
             judge=self.judge_one,
-            finish=self.finish,
-            fail=self.fail,
-            attempt_failed=self.attempt_failed,
+            record=self.record,
             breaker=self.breaker,
             policy=self.policy,
-            dispatch=self.dispatch,
             release=self.release,
             stopping=lambda: self._stop.is_set(),
             wait_or_stop=self.wait_or_stop,
@@ -362,7 +351,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
                     correlation_id=req.correlation_id,
                     message=resolved.message,
                 )
-                await self.finish(entry, req, Outcome(None, resolved, 0))
+                await self.record.finish(entry, req, Outcome(None, resolved, 0))
             else:
                 out.append((entry, resolved))
         return out
@@ -423,41 +412,6 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             correlation_ids=[q.correlation_id for _, q in unit],
         )
 
-    async def dispatch(
-        self,
-        unit: Unit,
-        *,
-        message_batch_id: str | None = None,
-        same_transaction: Callable[[Any], object] | None = None,
-    ) -> BundleDispatched:
-        first = unit[0][1]
-        event = BundleDispatched(
-            bundle_id=new_id(),
-            mode=first.mode,
-            provider=first.provider,
-            model=first.model,
-            consumer=self.consumer,
-            correlation_ids=[r.correlation_id for _, r in unit],
-            batch_ids=sorted({r.batch_id for _, r in unit}),
-            size=len(unit),
-            provider_batch_id=message_batch_id,
-        )
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.dispatches, codec.encode(event))
-            if same_transaction is not None:
-                same_transaction(pipe)
-            await pipe.execute()
-        LPS_BUNDLE_SIZE.labels(first.mode).observe(len(unit))
-        log.info(
-            "bundle_dispatched",
-            bundle_id=event.bundle_id,
-            size=len(unit),
-            batch_ids=event.batch_ids,
-            provider=first.provider,
-            model=first.model,
-        )
-        return event
-
     def prompt_sha256(self, req: ComparisonRequested) -> str:
         """What the provider rendered for this request, for failure events ("" if it cannot say)."""
         fingerprint = getattr(self._provider_cache.get(req.provider), "prompt_sha256", None)
@@ -476,21 +430,8 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
                 model=req.model,
                 correlation_id=req.correlation_id,
             )
-            await self.finish(entry, req, Outcome(None, detail, 0))
+            await self.record.finish(entry, req, Outcome(None, detail, 0))
             return
-
-        async def attempt_failed(
-            attempt: int,
-            detail: ErrorDetail,
-            will_retry: bool,
-            delay: float,
-            *,
-            usage: TokenUsage,
-            cost_usd: float,
-        ) -> None:
-            await self.attempt_failed(
-                req, attempt, detail, will_retry, delay, usage=usage, cost_usd=cost_usd
-            )
 
         # Latency, tokens and cost are counted by the provider, per HTTP call, not here.
         if not await self.still_held([(entry, req)]):
@@ -499,133 +440,12 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             provider,
             req,
             self.policy,
-            attempt_failed,
+            functools.partial(self.record.attempt_failed, req),
             rng=self._rng,
             cooldown=self.cooldown,
             breaker=self.breaker,
         )
-        await self.finish(entry, req, outcome)
-
-    async def attempt_failed(
-        self,
-        req: ComparisonRequested,
-        attempt: int,
-        detail: ErrorDetail,
-        will_retry: bool,
-        delay: float = 0.0,
-        *,
-        usage: TokenUsage | None = None,
-        cost_usd: float = 0.0,
-    ) -> None:
-        """One failed provider attempt: its event on `lps:dispatches` and its metrics."""
-        record_attempt_failed(detail, will_retry, provider=req.provider, model=req.model)
-        event = ProviderAttemptFailed(
-            batch_id=req.batch_id,
-            correlation_id=req.correlation_id,
-            attempt=attempt,
-            error=detail,
-            will_retry=will_retry,
-            delay_s=round(delay, 4),
-            prompt_sha256=self.prompt_sha256(req),
-            usage=usage or TokenUsage(),
-            cost_usd=cost_usd,
-        )
-        await self.r.xadd(self.keys.dispatches, encode(event))
-        log.warning(
-            "provider_attempt_failed",
-            batch_id=req.batch_id,
-            correlation_id=req.correlation_id,
-            attempt=attempt,
-            error_type=detail.error_type,
-            status_code=detail.status_code,
-            will_retry=will_retry,
-            delay_s=round(delay, 3),
-        )
-
-    async def finish(self, entry: Entry, req: ComparisonRequested, outcome: Outcome) -> None:
-        callback: Event
-        if outcome.judgement is not None:
-            j = outcome.judgement
-            callback = ComparisonCompleted(
-                batch_id=req.batch_id,
-                correlation_id=req.correlation_id,
-                essay_a_id=req.essay_a.essay_id,
-                essay_b_id=req.essay_b.essay_id,
-                winner=j.winner,
-                confidence=j.confidence,
-                justification=j.justification,
-                provider=req.provider,
-                model=req.model,
-                latency_ms=round(j.latency_ms, 3),
-                usage=j.usage,
-                prompt_sha256=j.prompt_sha256,
-                attempts=outcome.attempts,
-                cost_usd=outcome.cost_usd,
-            )
-            result = "completed"
-        else:
-            assert outcome.error is not None
-            callback = ComparisonFailed(
-                batch_id=req.batch_id,
-                correlation_id=req.correlation_id,
-                essay_a_id=req.essay_a.essay_id,
-                essay_b_id=req.essay_b.essay_id,
-                error=outcome.error,
-                attempts=outcome.attempts,
-                prompt_sha256=self.prompt_sha256(req),
-                usage=outcome.usage or TokenUsage(),
-                cost_usd=outcome.cost_usd,
-            )
-            result = "failed"
-            if outcome.rejected:
-                log.info(
-                    "request_failed_by_breaker",
-                    batch_id=req.batch_id,
-                    correlation_id=req.correlation_id,
-                    error_type=outcome.error.error_type,
-                )
-        if await self.committer.commit(entry.entry_id, callback) == "fenced":
-            self.fenced(entry, req)
-            result = "fenced"
-        LPS_REQUESTS.labels(req.provider, req.model, req.mode, result).inc()
-
-    def fenced(self, entry: Entry, req: ComparisonRequested) -> None:
-        STUCK_ITEMS.labels("fenced").inc()
-        log.warning(
-            "commit_fenced",
-            consumer=self.consumer,
-            entry_id=entry.entry_id,
-            batch_id=req.batch_id,
-            correlation_id=req.correlation_id,
-        )
-
-    async def fail(
-        self,
-        entry: Entry,
-        req: ComparisonRequested,
-        detail: ErrorDetail,
-        *,
-        attempt: int = 1,
-        usage: TokenUsage | None = None,
-        cost_usd: float = 0.0,
-        spent_usd: float = 0.0,
-        call_made: bool = True,
-    ) -> None:
-        """A final failure without our retry loop (Message Batches items): the attempt is an
-        event like any other, so provider calls still equal attempts failed + completed.
-        `spent_usd`: what earlier attempts of the request cost; `call_made=False` (an open
-        breaker) records no attempt."""
-        if call_made:
-            await self.attempt_failed(req, attempt, detail, False, usage=usage, cost_usd=cost_usd)
-        outcome = Outcome(
-            None,
-            detail,
-            attempt if call_made else attempt - 1,
-            cost_usd=spent_usd + cost_usd,
-            usage=usage,
-            rejected=not call_made,
-        )
-        await self.finish(entry, req, outcome)
+        await self.record.finish(entry, req, outcome)
 
     async def wait_or_stop(self, seconds: float) -> None:
         await sleep_unless(self._stop, seconds)
@@ -721,7 +541,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             c.entry.entry_id, failed, [(self.keys.dispatches, expired)]
         )
         if outcome == "fenced":
-            self.fenced(c.entry, req)
+            self.record.fenced(c.entry, req)
         result = "fenced" if outcome == "fenced" else "expired"
         LPS_REQUESTS.labels(req.provider, req.model, req.mode, result).inc()
 

@@ -1,5 +1,6 @@
 -- Apply one callback to its batch projection and acknowledge its entry, atomically.
 -- A transcription of projections/batch.py:apply_callback; tests hold the two equal.
+-- `before(a, b)`, the order of entry ids, is prepended from streams/lua.py (ENTRY_ID_ORDER).
 -- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash,
 --       6 the group's handled set, 7 the parked dead letters (hash), 8 the callbacks' DLQ,
 --       9 range hash (the batch's last applied callback: replay of one batch reads up to it)
@@ -25,13 +26,6 @@ end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HINCRBY', KEYS[5], 'orphans_unknown_batch', 1)
   return {'orphan', -2}
-end
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  if am ~= bm then return am < bm end
-  return as < bs
 end
 local last_applied = redis.call('HGET', KEYS[9], 'last:cj:callbacks')
 if (not last_applied) or before(last_applied, ARGV[2]) then

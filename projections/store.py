@@ -26,6 +26,7 @@ from events.types import (
 from projections import keys as pkeys
 from projections.batch import COUNTERS, BatchState, corr_value, cost_of
 from streams.keys import Keys
+from streams.lua import ENTRY_ID_ORDER
 
 _json = msgspec.json.Encoder()
 _essays = msgspec.json.Decoder(list[Essay])
@@ -33,7 +34,8 @@ _config = msgspec.json.Decoder(BatchConfig)
 _scores = msgspec.json.Decoder(BatchScored)
 _pair = msgspec.json.Decoder(tuple[int, str, str])
 
-CALLBACK_LUA = resources.files("projections").joinpath("callback.lua").read_text()
+# callback.lua uses `before` (entry id order), shared with the other scripts.
+CALLBACK_LUA = ENTRY_ID_ORDER + resources.files("projections").joinpath("callback.lua").read_text()
 
 TEXT_FIELDS = (
     "batch_id",

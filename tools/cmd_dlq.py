@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
 from app import settings
-from app.connection import open_redis
 from events.streams import STREAMS
 from streams.dlq import read_dead_letters
 from tools import common
@@ -61,14 +59,7 @@ def dlq(ctx: click.Context, stream: str | None, limit: int, as_json: bool) -> No
     s = settings.load()
     keys = settings.keys_for(s)
 
-    async def main() -> dict[str, Any]:
-        r = await open_redis(s)
-        try:
-            return await read_dead_letters(r, keys, stream=stream, limit=limit)
-        finally:
-            await r.aclose()
-
-    view = common.run(main)
+    view = common.with_redis(s, lambda r: read_dead_letters(r, keys, stream=stream, limit=limit))
     if as_json:
         common.emit_json(view)
         return
@@ -122,23 +113,19 @@ def redrive(
     s = settings.load()
     keys = settings.keys_for(s)
 
-    async def main() -> dict[str, Any]:
-        from app.dlq import redrive as run_redrive  # scoring (numpy): only the redrive needs it
+    from app.dlq import redrive as run_redrive  # scoring (numpy): only the redrive needs it
 
-        r = await open_redis(s)
-        try:
-            return await run_redrive(
-                r,
-                keys,
-                stream=stream,
-                reason=reason,
-                letter_ids=set(letter_ids) or None,
-                dry_run=dry_run,
-            )
-        finally:
-            await r.aclose()
-
-    out = common.run(main)
+    out = common.with_redis(
+        s,
+        lambda r: run_redrive(
+            r,
+            keys,
+            stream=stream,
+            reason=reason,
+            letter_ids=set(letter_ids) or None,
+            dry_run=dry_run,
+        ),
+    )
     if as_json:
         common.emit_json(out)
         return

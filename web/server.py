@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 import structlog
@@ -51,6 +51,8 @@ from streams.errors import Policy, kind_of, policy_of
 from web.security import SESSION_COOKIE, SESSION_TTL_S, Guard, Refused
 
 log = structlog.get_logger("web.dashboard")
+
+N = TypeVar("N", int, float)
 
 REFRESH_S = 3.0
 STATIC = ("dashboard.css", "dashboard.js")
@@ -180,28 +182,30 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
     )
 
 
-def _float(request: Request, name: str, default: float) -> float:
+def _number(request: Request, name: str, parse: Callable[[str], N], what: str) -> N | None:
+    """Query parameter `name` read by `parse` (None when absent or empty); InputError, saying
+    it must be `what`, when it does not parse."""
     raw = request.query_params.get(name)
-    if raw in (None, ""):
-        return default
+    if raw is None or raw == "":
+        return None
     try:
-        value = float(raw)
+        return parse(raw)
     except ValueError as exc:
-        raise InputError(f"{name} must be a number, not {raw!r}") from exc
+        raise InputError(f"{name} must be {what}, not {raw!r}") from exc
+
+
+def _float(request: Request, name: str, default: float) -> float:
+    value = _number(request, name, float, "a number")
+    if value is None:
+        return default
     if value < 0:
         raise InputError(f"{name} must not be negative")
     return value
 
 
 def _int(request: Request, name: str, default: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise InputError(f"{name} must be a whole number, not {raw!r}") from exc
-    return max(1, min(high, value))
+    value = _number(request, name, int, "a whole number")
+    return default if value is None else max(1, min(high, value))
 
 
 def _status_of(exc: CjsError) -> int:

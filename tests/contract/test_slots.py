@@ -195,7 +195,7 @@ async def bundle_dispatch(r: Any, keys: Keys, _: pytest.MonkeyPatch) -> Recorder
     unit = await _requests(r, keys, "serial_bundle")
     try:
         with recording() as rec:
-            await worker.dispatch(unit)
+            await worker.record.dispatch(unit)
     finally:
         await worker.close()
     return rec
