@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from app.archive import Manifest, archived_manifest, archived_state
 from app.connection import open_redis
 from app.errors import NotFound
 from app.settings import Settings, keys_for
@@ -18,6 +17,9 @@ from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.store import batch_fields, decode_state, list_batches, load_state
 from streams.keys import Keys
+
+if TYPE_CHECKING:
+    from app.archive import Manifest
 
 T = TypeVar("T")
 
@@ -37,6 +39,10 @@ async def load_batch(
     state = await load_state(r, keys, batch_id)
     if state is not None:
         return state, None
+    # Only a batch without a live projection needs the archive code (and what it loads): a
+    # live batch's `cjs status` starts without it.
+    from app.archive import archived_manifest, archived_state
+
     manifest = await archived_manifest(r, keys, batch_id)
     if manifest is None:
         raise NotFound(f"no batch {batch_id!r} under prefix {keys.prefix!r}")
