@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from app.errors import ConfigError
-from streams.dlq import DeadLetterPolicy
 from streams.keys import Keys
+
+if TYPE_CHECKING:  # streams.dlq brings logging and metrics: not on every command's path
+    from streams.dlq import DeadLetterPolicy
 
 
 class Settings(BaseSettings):
@@ -99,6 +101,8 @@ def _problem(error: Any) -> str:
 
 
 def dead_letter_policy(settings: Settings) -> DeadLetterPolicy:
+    from streams.dlq import DeadLetterPolicy
+
     return DeadLetterPolicy(
         max_entry_bytes=settings.dlq_max_entry_bytes,
         maxlen=settings.dlq_maxlen,

@@ -395,6 +395,10 @@ def test_batches_lists_newest_first_with_a_status_filter(env: Env) -> None:
     out = json.loads(invoke(["batches", "--json"], e).stdout)
     assert env.batch_id in [b["batch_id"] for b in out["batches"]]
     assert out["counts"].get("finalized", 0) >= 1
+    # A row carries what `cjs status` says of the batch, all but what needs its essays.
+    row = next(b for b in out["batches"] if b["batch_id"] == env.batch_id)
+    status = json.loads(invoke(["status", env.batch_id, "--json"], e).stdout)
+    assert {k: v for k, v in status.items() if k in row} == row
     running = json.loads(invoke(["batches", "--status", "open", "--json"], e).stdout)
     assert all(b["status"] in ("registered", "running") for b in running["batches"])
     text = invoke(["batches", "--status", "finalized"], e)

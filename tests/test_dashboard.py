@@ -338,6 +338,10 @@ def test_json_endpoints_keep_the_cli_contracts(stack: Stack) -> None:
             view, stack.batch_id, "--json"
         ), view
     assert set(get("/api/dlq")) >= set(stack.cli("dlq", "--json"))
+    assert get("/api/batches") == stack.cli("batches", "--json")
+    assert get("/api/batches?status=open&limit=1") == stack.cli(
+        "batches", "--status", "open", "--limit", "1", "--json"
+    )
 
 
 def test_stuck_page_pages_and_filters_on_the_server(tab: Tab, stack: Stack) -> None:

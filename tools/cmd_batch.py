@@ -453,7 +453,7 @@ def render_results(view: dict[str, Any]) -> str:
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
-    default=50,
+    default=app_batches.LIST_LIMIT,
     show_default=True,
     help="Newest batches shown.",
 )
@@ -463,7 +463,7 @@ def batches(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
 
     JSON: {prefix, total, counts: {status: n}, matching, batches: [{batch_id, status,
     registered_at, last_event_at, completed_at, finalize_reason, denominator, submitted,
-    completed, failed, in_flight, waves, completion_pct}]}.
+    completed, failed, in_flight, waves, completion_pct, cost_usd, mode, provider, model}]}.
     """
     common.quiet_logs(as_json)
     s = settings.load()

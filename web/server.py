@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from app import batch_detail as detail_mod
 from app import charts, deadletters, overview, stuck
-from app.batches import batch_rows, require_batch
+from app.batches import LIST_LIMIT, STATUSES, list_view, require_batch
 from app.connection import open_redis
 from app.errors import CjsError, Conflict, InputError, NotFound
 from app.settings import Settings, keys_for
@@ -361,7 +361,7 @@ def _readable(fields: Any) -> Any:
 async def batches_page(d: Dashboard, request: Request) -> Response:
     status = request.query_params.get("status") or None
     text = (request.query_params.get("q") or "").strip()
-    rows = await batch_rows(d.r, d.keys, status=status)
+    rows = (await list_view(d.r, d.keys, statuses=[status] if status else []))["batches"]
     if text:
         rows = [row for row in rows if text in row["batch_id"]]
     return d.page(
@@ -370,7 +370,7 @@ async def batches_page(d: Dashboard, request: Request) -> Response:
         rows=rows,
         status=status,
         q=text,
-        statuses=("registered", "running", "finalized", "failed"),
+        statuses=STATUSES,
     )
 
 
@@ -475,8 +475,10 @@ async def api_deadletter(d: Dashboard, request: Request) -> Response:
 
 
 async def api_batches(d: Dashboard, request: Request) -> Response:
-    rows = await batch_rows(d.r, d.keys, status=request.query_params.get("status") or None)
-    return _json({"prefix": d.keys.prefix, "batches": rows})
+    """`cjs batches --json` (with `?status=` and `?limit=` as its options)."""
+    statuses = request.query_params.getlist("status")
+    limit = _int(request, "limit", LIST_LIMIT, 100_000)
+    return _json(await list_view(d.r, d.keys, statuses=statuses, limit=limit))
 
 
 async def api_batch(d: Dashboard, request: Request) -> Response:
