@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from app.errors import InputError, NotFound
+from app.partitions import number, one_partition
 from events.streams import STREAMS, dlq_name
 from events.text import as_str
 from streams.dlq import letter_view
@@ -79,23 +80,38 @@ def redact_listing(view: dict[str, Any]) -> dict[str, Any]:
 
 
 async def inspect(
-    r: Any, keys: Keys, dlq_stream: str, entry_id: str, *, show_text: bool = False
+    r: Any,
+    keys: Keys,
+    dlq_stream: str,
+    entry_id: str,
+    *,
+    show_text: bool = False,
+    partition: int | str | None = None,
 ) -> dict[str, Any]:
-    """One dead letter as `cjs dlq --json` shows it; essay text hidden unless `show_text`."""
+    """One dead letter (of `partition`: see `app.partitions.one_partition`) as `cjs dlq
+    --json` shows it; essay text hidden unless `show_text`."""
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     found = await r.xrange(keys.dlq(source), min=entry_id, max=entry_id, count=1)
     if not found:
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
-    letter = letter_view(dlq_name(source), found[0][0], found[0][1])
+    letter = {
+        **letter_view(dlq_name(source), found[0][0], found[0][1]),
+        "partition": number(keys),
+    }
     return letter if show_text else redact(letter)
 
 
-async def redrive(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[str, Any]:
-    """Append the dead letter's original fields to its source stream as a new entry and remove
-    it from the dead letters, atomically and once (a second redrive finds nothing: NotFound).
-    The consumer group reads it like any new entry: a request is judged unless its callback
-    exists already, a callback is applied (counted as a duplicate if one was accepted)."""
+async def redrive(
+    r: Any, keys: Keys, dlq_stream: str, entry_id: str, partition: int | str | None = None
+) -> dict[str, Any]:
+    """Append the dead letter's original fields to its source stream (of the letter's
+    partition) as a new entry and remove it from the dead letters, atomically and once (a
+    second redrive finds nothing: NotFound). The consumer group reads it like any new entry: a
+    request is judged unless its callback exists already, a callback is applied (counted as a
+    duplicate if one was accepted)."""
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     found = await r.xrange(keys.dlq(source), min=entry_id, max=entry_id, count=1)
     if not found:
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
@@ -113,6 +129,7 @@ async def redrive(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[st
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)} (redriven meanwhile?)")
     return {
         "dlq_stream": dlq_name(source),
+        "partition": number(keys),
         "entry_id": entry_id,
         "source_stream": source,
         "source_id": letter["source_id"],
@@ -121,9 +138,17 @@ async def redrive(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[st
     }
 
 
-async def delete(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[str, Any]:
-    """Remove one dead letter for good."""
+async def delete(
+    r: Any, keys: Keys, dlq_stream: str, entry_id: str, partition: int | str | None = None
+) -> dict[str, Any]:
+    """Remove one dead letter (of `partition`) for good."""
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     if not int(await r.xdel(keys.dlq(source), entry_id)):
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
-    return {"dlq_stream": dlq_name(source), "entry_id": entry_id, "deleted": True}
+    return {
+        "dlq_stream": dlq_name(source),
+        "partition": number(keys),
+        "entry_id": entry_id,
+        "deleted": True,
+    }

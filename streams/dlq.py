@@ -101,17 +101,26 @@ async def read_dead_letters(
     r: Any, keys: Keys, *, stream: str | None = None, limit: int = 100
 ) -> dict[str, Any]:
     """Dead letters of every stream (or of `stream`, named without prefix), newest first, up to
-    `limit` per stream, with the count per stream and per reason of those shown."""
+    `limit` per stream, with the count per stream and per reason of those shown. Over every
+    partition of a namespace-wide `keys`: each letter says its `partition`."""
     names = [stream] if stream else list(STREAMS)
     counts: dict[str, int] = {}
     letters: list[dict[str, Any]] = []
     for name in names:
-        dlq = keys.dlq(name)
-        n = int(await r.xlen(dlq))
-        counts[name] = n
-        if n:
-            entries = await r.xrevrange(dlq, max="+", min="-", count=limit)
-            letters.extend(letter_view(dlq_name(name), i, fields) for i, fields in entries)
+        counts[name] = 0
+        found: list[dict[str, Any]] = []
+        for part in keys.all_partitions():
+            dlq = part.dlq(name)
+            n = int(await r.xlen(dlq))
+            counts[name] += n
+            if n:
+                entries = await r.xrevrange(dlq, max="+", min="-", count=limit)
+                found.extend(
+                    {**letter_view(dlq_name(name), i, fields), "partition": part.partition or 0}
+                    for i, fields in entries
+                )
+        found.sort(key=lambda d: _id_key(d["entry_id"]), reverse=True)
+        letters.extend(found[:limit])
     by_reason: dict[str, int] = {}
     for letter in letters:
         by_reason[letter["reason"] or "?"] = by_reason.get(letter["reason"] or "?", 0) + 1
@@ -136,5 +145,12 @@ async def trim_dead_letters(
     cutoff = f"{max(0, now_ms - int(older_than_s * 1000))}-0"
     out: dict[str, int] = {}
     for name in STREAMS:
-        out[name] = int(await r.xtrim(keys.dlq(name), minid=cutoff, approximate=False))
+        out[name] = 0
+        for part in keys.all_partitions():
+            out[name] += int(await r.xtrim(part.dlq(name), minid=cutoff, approximate=False))
     return out
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -35,8 +35,11 @@ def dlq(stream: str | None, limit: int, as_json: bool) -> None:
     """List dead letters: undecodable entries and entries delivered too often, each with the
     reason, the original stream and entry id, and the original fields.
 
+    With CJS_PARTITIONS > 1 they are those of every partition, each letter with its
+    `partition`.
+
     JSON: {counts: {stream: n}, total, dead_letters: [{dlq_stream, entry_id, source_stream,
-    source_id, reason, detail, group, consumer, at, fields}]}.
+    source_id, reason, detail, group, consumer, at, fields, partition}]}.
     """
     common.quiet_logs(as_json)
     if stream is not None and stream.startswith("dlq:"):
@@ -63,8 +66,11 @@ def dlq(stream: str | None, limit: int, as_json: bool) -> None:
         original = d["fields"]
         if isinstance(original, dict):
             original = json.dumps(original)[:120]
+        where = d["source_stream"] or "-"
+        if keys.partitions > 1:
+            where += f"@p{d['partition']}"
         click.echo(
-            f"  {d['at'] or '-':<27} {d['source_stream'] or '-':<13} "
+            f"  {d['at'] or '-':<27} {where:<13} "
             f"{d['source_id'] or '-':<16} {d['reason'] or '-':<15} {(d['detail'] or '')[:60]}"
         )
         click.echo(f"      fields: {original}")
