@@ -78,6 +78,9 @@ def connect(
                 # (ClusterDownError is retried), they are not refused at once.
                 require_full_coverage=False,
                 reinitialize_steps=1,
+                # Per node: every partition's loop blocks on a connection of its own (redis-py's
+                # default of 100 runs out with 16 partitions on one master).
+                max_connections=4096,
             ),
             url,
         )

@@ -40,7 +40,7 @@ REDIS_RECONNECTS = Counter(
 # its partitions this process has read. With partitions the gauge is their sum, not whichever
 # partition's loop set it last; another namespace (tests) starts afresh.
 _pending_parts: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
-_TAG = re.compile(r"(\{p\d+\}:)$")
+_TAG = re.compile(r"(\{p\d+(?:\.\d+)?\}:)$")
 
 
 def set_pending(stream_name: str, group: str, n: int, key: str | None = None) -> None:

@@ -159,7 +159,9 @@ async def _check_exact(r: Any, keys: Keys, states: dict[str, Any]) -> None:
 async def test_partition_keys_spread_over_the_masters(cluster: RedisClusterServer, rc: Any) -> None:
     keys = Keys("x:", partitions=16)
     owners = Counter(rc.get_node_from_key(keys.for_partition(p).batches).port for p in range(16))
-    assert len(owners) == 3 and max(owners.values()) <= 7
+    # The partitions' hash tags put their slots evenly over the slot space: as even as 16
+    # over 3 masters can be.
+    assert sorted(owners.values()) == [5, 5, 6]
     # every key of a partition in one slot
     part = keys.for_partition(5)
     slots = {rc.keyslot(k) for k in (part.batches, part.requests, part.dlq("cj:callbacks"))}

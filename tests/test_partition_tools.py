@@ -24,8 +24,9 @@ from app.errors import InputError
 from app.settings import Settings, keys_for
 from app.stuck import stuck_page
 from app.wiring import InProcess, cj_consumer
+from cj import registration as registration_module
 from cj.continuation import advance
-from cj.registration import append_registration
+from cj.registration import append_registration, content_digest, register_once, submissions
 from events import codec
 from events.streams import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS
 from lps.providers.mock import PROFILES
@@ -312,3 +313,36 @@ async def test_worker_gauges_add_up_over_partitions(world: World) -> None:
     assert _sample("cj_open_batches") == 2
     for b in fresh:
         assert _sample("cj_batch_completion_ratio", batch_id=b) is not None
+
+
+async def test_submissions_spread_by_load_and_register_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = world.keys
+    for seed in range(8):
+        batch_id, new = await register_once(world.r, keys, registration(4, seed=100 + seed))
+        assert new and await load_state(world.r, keys, batch_id) is not None
+    held = [await world.r.hlen(pkeys.batch_index(part)) for part in keys.all_partitions()]
+    assert sum(held) == 13 and max(held) - min(held) <= 1  # 5 by their ids, 8 by load
+
+    # The same content submitted five times at once (each submission with an id of its
+    # own, as `cjs submit` makes them): one batch.
+    def same() -> Any:
+        return registration(4, seed=7)
+
+    done = await asyncio.gather(*(register_once(world.r, keys, same()) for _ in range(5)))
+    assert len({b for b, _ in done}) == 1 and sum(new for _, new in done) == 1
+    again, new = await register_once(world.r, keys, same())
+    assert (again, new) == (done[0][0], False)
+    forced, new = await register_once(world.r, keys, same(), force=True)
+    assert new and forced != again
+
+    # A claim whose submission died before registering is taken over after the wait.
+    monkeypatch.setattr(registration_module, "CLAIM_WAIT_S", 0.2)
+    orphan = registration(4, seed=8)
+    home = keys.for_partition(keys.partition_of(content_digest(orphan)))
+    if keys.partitions > 1:
+        await world.r.hset(submissions(home), content_digest(orphan), "died-before-registering")
+    batch_id, new = await register_once(world.r, keys, orphan)
+    assert new and batch_id != "died-before-registering"
+    assert await load_state(world.r, keys, batch_id) is not None
