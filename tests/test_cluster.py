@@ -288,3 +288,18 @@ async def test_tools_over_every_partition_of_the_cluster(
         }
 
     await asyncio.to_thread(tools)
+
+
+async def test_a_transaction_command_is_not_sent_while_the_slots_are_being_refreshed() -> None:
+    """redis-py runs a cluster transaction's commands in a thread of its own, which refreshes
+    the slots first when a refresh is due and then fails (or waits forever) on the client's
+    lock: a CJ consumer died, or hung, in `advance` during a failover. Such a command is not
+    sent: it fails at once as the transient fault it is, and the caller goes again."""
+    client, _ = connect("redis://127.0.0.1:1/0", cluster=True)
+    assert client._initialize  # a refresh is due (never initialized)
+    pipe = client.pipeline(transaction=True)
+    started = time.monotonic()
+    with pytest.raises(TopologyChanged):
+        pipe.xadd("{p0}:s", {"a": "b"})
+    assert time.monotonic() - started < 1.0
+    await client.aclose()
