@@ -33,6 +33,7 @@ from lps.providers.registry import (
 from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_registration, queue_state_write
+from streams.durability import is_cluster
 from streams.keys import Keys, partition_of
 
 # Longest essay text accepted by default, in characters: both essays of a pair go into one
@@ -306,17 +307,24 @@ CLAIM_WAIT_S = 5.0
 
 
 async def least_loaded(r: Any, keys: Keys) -> Keys:
-    """The partition holding the fewest batches (its index: registered, not yet archived),
-    one of the least at random: batches spread evenly, so do keys and work over the masters
-    (a batch's partition is otherwise the hash of an id: 30 batches over 16 partitions put
-    twice as many on one master as on another)."""
+    """The partition holding the fewest batches (its index: registered, not yet archived) on
+    the Redis Cluster master holding the fewest, one of the least at random: batches spread
+    evenly over the masters, and so do keys and work (a batch's partition is otherwise the
+    hash of an id: 30 batches over 16 partitions put twice as many on one master as on
+    another). On one node, the partition holding the fewest."""
     parts = keys.whole.all_partitions()
     async with r.pipeline(transaction=False) as pipe:
         for part in parts:
             pipe.hlen(pkeys.batch_index(part))
         held = [int(n) for n in await pipe.execute()]
-    fewest = min(held)
-    return random.choice([part for part, n in zip(parts, held, strict=True) if n == fewest])
+    on_node: dict[str, list[int]] = {}
+    for k, part in enumerate(parts):
+        node = r.get_node_from_key(part.batches).name if is_cluster(r) else ""
+        on_node.setdefault(node, []).append(k)
+    lightest = min(sum(held[k] for k in ks) for ks in on_node.values())
+    candidates = [k for ks in on_node.values() if sum(held[k] for k in ks) == lightest for k in ks]
+    fewest = min(held[k] for k in candidates)
+    return parts[random.choice([k for k in candidates if held[k] == fewest])]
 
 
 def in_partition(event: BatchRegistered, part: Keys) -> BatchRegistered:

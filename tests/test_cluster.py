@@ -17,7 +17,7 @@ import pytest
 from app.settings import Settings, keys_for
 from app.wiring import InProcess
 from cj.continuation import advance
-from cj.registration import append_registration
+from cj.registration import append_registration, register_once
 from events import codec
 from events.streams import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS
 from events.types import BatchFinalized, ComparisonCompleted, ComparisonFailed
@@ -303,3 +303,14 @@ async def test_a_transaction_command_is_not_sent_while_the_slots_are_being_refre
         pipe.xadd("{p0}:s", {"a": "b"})
     assert time.monotonic() - started < 1.0
     await client.aclose()
+
+
+async def test_submissions_spread_evenly_over_the_masters(
+    cluster: RedisClusterServer, rc: Any
+) -> None:
+    """`cjs submit` puts each new batch on the least loaded master's least loaded partition."""
+    keys = keys_for(_settings(cluster))
+    ids = [(await register_once(rc, keys, registration(4, seed=k)))[0] for k in range(9)]
+    per_master = Counter(rc.get_node_from_key(keys.for_batch(b).batches).port for b in ids)
+    assert sorted(per_master.values()) == [3, 3, 3]
+    assert set(await list_batches(rc, keys)) == set(ids)
