@@ -227,3 +227,16 @@ def cli_json(env: dict[str, str], *args: str, code: int = 0) -> Any:
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, result.stdout
     return json.loads(lines[0])
+
+
+async def apply_callbacks(r: Any, applier: Any, callbacks: list[Any], ids: list[str]) -> list[Any]:
+    """callback.lua on each (callback, entry id) as the CJ consumer runs it: one pipeline, or
+    on a Redis Cluster (which refuses a pipelined EVALSHA) one call at a time."""
+    from streams.durability import is_cluster
+
+    if is_cluster(r):
+        return [await applier.apply(c, i) for c, i in zip(callbacks, ids, strict=True)]
+    async with r.pipeline(transaction=False) as pipe:
+        for callback, entry_id in zip(callbacks, ids, strict=True):
+            await applier.queue(pipe, callback, entry_id)
+        return list(await pipe.execute())
