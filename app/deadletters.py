@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from app.errors import InputError, NotFound
+from app.partitions import number, one_partition
 from events.streams import STREAMS, dlq_name
 from streams.dlq import letter_view
 from streams.keys import Keys
@@ -73,26 +74,40 @@ def redact_listing(view: dict[str, Any]) -> dict[str, Any]:
 
 
 async def inspect(
-    r: Any, keys: Keys, dlq_stream: str, entry_id: str, *, show_text: bool = False
+    r: Any,
+    keys: Keys,
+    dlq_stream: str,
+    entry_id: str,
+    *,
+    show_text: bool = False,
+    partition: int | str | None = None,
 ) -> dict[str, Any]:
-    """One dead letter as `cjs dlq --json` shows it; essay text hidden unless `show_text`."""
+    """One dead letter (of `partition`: see `app.partitions.one_partition`) as `cjs dlq
+    --json` shows it; essay text hidden unless `show_text`."""
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     found = await r.xrange(keys.dlq(source), min=entry_id, max=entry_id, count=1)
     if not found:
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
-    letter = letter_view(dlq_name(source), found[0][0], found[0][1])
+    letter = {
+        **letter_view(dlq_name(source), found[0][0], found[0][1]),
+        "partition": number(keys),
+    }
     return letter if show_text else redact(letter)
 
 
-async def redrive(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[str, Any]:
-    """Redrive one dead letter (see the module's docstring), atomically and once: a second
-    redrive of it finds nothing (NotFound). A re-appended entry is read by the consumer group
-    like any new one: a request is judged unless its callback exists already, a callback is
-    applied (counted as a duplicate if one was accepted). InputError when the letter cannot be
-    used now."""
+async def redrive(
+    r: Any, keys: Keys, dlq_stream: str, entry_id: str, partition: int | str | None = None
+) -> dict[str, Any]:
+    """Redrive one dead letter of `partition` (see the module's docstring), atomically and
+    once: a second redrive of it finds nothing (NotFound). A re-appended entry is read by the
+    consumer group like any new one: a request is judged unless its callback exists already, a
+    callback is applied (counted as a duplicate if one was accepted). InputError when the
+    letter cannot be used now."""
     from app.dlq import redrive as redrive_letters  # scoring (numpy): only a redrive needs it
 
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     found = await r.xrange(keys.dlq(source), min=entry_id, max=entry_id, count=1)
     if not found:
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
@@ -102,6 +117,7 @@ async def redrive(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[st
     done = await redrive_letters(r, keys, stream=source, letter_ids={entry_id})
     about = {
         "dlq_stream": dlq_name(source),
+        "partition": number(keys),
         "entry_id": entry_id,
         "source_stream": source,
         "source_id": letter["source_id"],
@@ -125,9 +141,17 @@ async def redrive(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[st
     raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)} (redriven meanwhile?)")
 
 
-async def delete(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[str, Any]:
-    """Remove one dead letter for good."""
+async def delete(
+    r: Any, keys: Keys, dlq_stream: str, entry_id: str, partition: int | str | None = None
+) -> dict[str, Any]:
+    """Remove one dead letter (of `partition`) for good."""
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     if not int(await r.xdel(keys.dlq(source), entry_id)):
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
-    return {"dlq_stream": dlq_name(source), "entry_id": entry_id, "deleted": True}
+    return {
+        "dlq_stream": dlq_name(source),
+        "partition": number(keys),
+        "entry_id": entry_id,
+        "deleted": True,
+    }

@@ -47,12 +47,12 @@ async def provider_health(
             cooldowns.append(
                 {"provider": provider, "model": model, "remaining_s": round(until - now, 3)}
             )
-        names = [f"lps:breaker:{provider}:{model}"]
+        names = [(f"lps:breaker:{provider}:{model}", lkeys.breaker(keys, provider, model))]
         if provider not in seen_providers:
             seen_providers.add(provider)
-            names.insert(0, f"lps:breaker:{provider}")
-        for name in names:
-            state = await _stored(r, keys.key(name))
+            names.insert(0, (f"lps:breaker:{provider}", lkeys.breaker(keys, provider)))
+        for name, key in names:  # shared by every partition: outside their hash tags
+            state = await _stored(r, key)
             if state is not None:
                 breakers.append({"key": name, "provider": provider, "state": state})
     return {"cooldowns": cooldowns, "breakers": breakers}

@@ -23,11 +23,10 @@ import structlog
 from cj.continuation import advance
 from cj.metrics import (
     CJ_CALLBACKS,
-    CJ_OPEN_BATCHES,
     CJ_ORPHANS,
     CJ_STEP_SECONDS,
-    keep_completion_of,
     show_completion,
+    show_open_batches,
 )
 from events.codec import DecodeError
 from events.streams import CALLBACKS, CJ_GROUP
@@ -164,8 +163,7 @@ class CJConsumer(GroupConsumer[Callback]):
             show_completion(batch_id, accepted / total if total else 0.0)
             if int(in_flight or 0) == 0:
                 moved += await self.advance_batch(batch_id)
-        CJ_OPEN_BATCHES.set(len(open_ids))
-        keep_completion_of(open_ids)
+        show_open_batches(self.keys.partition or 0, self.keys.partitions, open_ids)
         return moved
 
     async def reclaim(self) -> list[StuckAction]:

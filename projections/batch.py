@@ -173,11 +173,15 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
         if state.status == "registered":
             state.status = "running"
         state.waves = max(state.waves, event.wave)
-        for pair in event.pairs:
+        # Every pair has a correlation id of its own: one already known is the same wave
+        # appended again (a commit whose reply a failover lost, re-sent by the client), which
+        # the live projection, written with it, counted once.
+        new = [pair for pair in event.pairs if pair.correlation_id not in state.pairs]
+        for pair in new:
             state.pairs[pair.correlation_id] = (event.wave, pair.essay_a, pair.essay_b)
             state.corr[pair.correlation_id] = PENDING
-        state.submitted += len(event.pairs)
-        state.in_flight += len(event.pairs)
+        state.submitted += len(new)
+        state.in_flight += len(new)
     elif isinstance(event, BatchScored):
         state.scored_wave = max(state.scored_wave, event.wave)
         state.scores = event

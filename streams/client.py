@@ -37,6 +37,28 @@ class _Pipeline(ClusterPipeline):
         except (AttributeError, ResponseError) as exc:
             raise _moved(exc, "pipeline") from exc
 
+    # redis-py runs each command of a cluster transaction (WATCH, the reads under it, the
+    # commands after MULTI) in a thread with an event loop of its own, the caller's loop blocked
+    # meanwhile. When a refresh of the slots is due (after a failover, a MOVED) that thread
+    # refreshes first, on the client's lock: bound to the caller's loop it fails
+    # (RuntimeError); held by a task of the caller's loop, mid-refresh, it waits forever (a
+    # worker hung). So the refresh is done on the caller's loop before a WATCH, and a command
+    # of a transaction finding one due (a fault met by another task since) is not sent: the
+    # transient fault it is, the caller backs off and goes again.
+
+    async def watch(self, *names: Any) -> None:  # type: ignore[override]
+        if self.cluster_client._initialize:
+            await self.cluster_client.initialize()
+        await super().watch(*names)  # type: ignore[no-untyped-call]
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._transaction and self.cluster_client._initialize:
+            raise TopologyChanged(f"cluster slots being refreshed: {args[0]!r} not sent")
+        try:
+            return super().execute_command(*args, **kwargs)
+        except RuntimeError as exc:
+            raise TopologyChanged(f"slots refreshed under {args[0]!r}: {exc}") from exc
+
 
 class Cluster(RedisCluster):
     """redis-py's `RedisCluster`, with the two faults of a moving cluster it does not
@@ -81,6 +103,9 @@ def connect(
                 # (ClusterDownError is retried), they are not refused at once.
                 require_full_coverage=False,
                 reinitialize_steps=1,
+                # Per node: every partition's loop blocks on a connection of its own (redis-py's
+                # default of 100 runs out with 16 partitions on one master).
+                max_connections=4096,
             ),
             mask_url(url),
         )

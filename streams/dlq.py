@@ -240,21 +240,30 @@ async def read_dead_letters(
 ) -> dict[str, Any]:
     """Dead letters of every stream (or of `stream`, named without prefix), newest first, up to
     `limit` per stream, with the count per stream and per reason of those shown, and how many
-    valid entries are parked for a redrive."""
+    valid entries are parked for a redrive. Over every partition of a namespace-wide `keys`:
+    each letter says its `partition`."""
     names = [stream] if stream else list(STREAMS)
     counts: dict[str, int] = {}
     parked: dict[str, int] = {}
     letters: list[dict[str, Any]] = []
     for name in names:
-        dlq = keys.dlq(name)
-        n = int(await r.xlen(dlq))
-        counts[name] = n
-        held = int(await r.hlen(keys.dlq_parked(name)))
-        if held:
-            parked[name] = held
-        if n:
-            entries = await r.xrevrange(dlq, max="+", min="-", count=limit)
-            letters.extend(letter_view(dlq_name(name), i, fields) for i, fields in entries)
+        counts[name] = 0
+        found: list[dict[str, Any]] = []
+        for part in keys.all_partitions():
+            dlq = part.dlq(name)
+            n = int(await r.xlen(dlq))
+            counts[name] += n
+            held = int(await r.hlen(part.dlq_parked(name)))
+            if held:
+                parked[name] = parked.get(name, 0) + held
+            if n:
+                entries = await r.xrevrange(dlq, max="+", min="-", count=limit)
+                found.extend(
+                    {**letter_view(dlq_name(name), i, fields), "partition": part.partition or 0}
+                    for i, fields in entries
+                )
+        found.sort(key=lambda d: _id_key(d["entry_id"]), reverse=True)
+        letters.extend(found[:limit])
     by_reason: dict[str, int] = {}
     for letter in letters:
         by_reason[letter["reason"] or "?"] = by_reason.get(letter["reason"] or "?", 0) + 1
@@ -280,7 +289,9 @@ async def trim_dead_letters(
     cutoff = f"{max(0, now_ms - int(older_than_s * 1000))}-0"
     out: dict[str, int] = {}
     for name in STREAMS:
-        out[name] = int(await r.xtrim(keys.dlq(name), minid=cutoff, approximate=False))
+        out[name] = 0
+        for part in keys.all_partitions():
+            out[name] += int(await r.xtrim(part.dlq(name), minid=cutoff, approximate=False))
     return out
 
 
@@ -329,3 +340,8 @@ async def adopt(r: Any, keys: Keys, stream_name: str, letter_id: str, entry_id: 
         _ADOPT_LUA, 2, keys.dlq(stream_name), keys.dlq_parked(stream_name), letter_id, entry_id
     )
     return int(done) == 1
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -220,7 +220,7 @@ async def update_pending_gauge(r: Any, stream: str, stream_name: str, group: str
     """Set the pending-entries gauges (`stream_pending_entries{stream, group}` and the
     deprecated `lps_pending_entries`, stream named without the key prefix)."""
     n = await pending_count(r, stream, group)
-    set_pending(stream_name, group, n)
+    set_pending(stream_name, group, n, key=stream)
     return n
 
 

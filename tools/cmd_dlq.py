@@ -48,9 +48,12 @@ def dlq(ctx: click.Context, stream: str | None, limit: int, as_json: bool) -> No
     cut), with their size and SHA-256; the whole entry stays in its stream. `parked` counts
     valid callbacks dead-lettered (as max_deliveries, or by hand), waiting for a redrive.
 
+    With CJS_PARTITIONS > 1 they are those of every partition, each letter with its
+    `partition`.
+
     JSON: {counts: {stream: n}, total, parked: {stream: n}, dead_letters: [{dlq_stream,
     entry_id, source_stream, source_id, reason, detail, group, consumer, at, fields,
-    fields_bytes, fields_sha256, truncated}]}.
+    fields_bytes, fields_sha256, truncated, partition}]}.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -78,8 +81,11 @@ def dlq(ctx: click.Context, stream: str | None, limit: int, as_json: bool) -> No
             original = json.dumps(original)[:120]
         elif isinstance(original, str):
             original = original[:120]
+        where = d["source_stream"] or "-"
+        if keys.partitions > 1:
+            where += f"@p{d['partition']}"
         click.echo(
-            f"  {d['at'] or '-':<27} {d['source_stream'] or '-':<13} "
+            f"  {d['at'] or '-':<27} {where:<13} "
             f"{d['source_id'] or '-':<16} {d['reason'] or '-':<15} {(d['detail'] or '')[:60]}"
         )
         size = f" ({d['fields_bytes']} bytes, cut)" if d.get("truncated") else ""

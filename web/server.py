@@ -297,6 +297,7 @@ def _stuck_query(d: Dashboard, request: Request) -> dict[str, Any]:
         "batch_id": q.get("batch") or None,
         "after": q.get("after") or None,
         "size": _int(request, "size", stuck.PAGE_SIZE, 500),
+        "partition": q.get("partition") or None,
     }
 
 
@@ -332,7 +333,12 @@ async def deadletter_page(d: Dashboard, request: Request) -> Response:
     if show_text:
         d.guard.may_read_text(request)
     letter = await deadletters.inspect(
-        d.r, d.keys, q.get("stream", ""), q.get("id", ""), show_text=show_text
+        d.r,
+        d.keys,
+        q.get("stream", ""),
+        q.get("id", ""),
+        show_text=show_text,
+        partition=q.get("partition"),
     )
     if show_text:
         log.info(
@@ -469,7 +475,12 @@ async def api_deadletter(d: Dashboard, request: Request) -> Response:
         d.guard.may_read_text(request)
     return _json(
         await deadletters.inspect(
-            d.r, d.keys, q.get("stream", ""), q.get("id", ""), show_text=q.get("text") == "1"
+            d.r,
+            d.keys,
+            q.get("stream", ""),
+            q.get("id", ""),
+            show_text=q.get("text") == "1",
+            partition=q.get("partition"),
         )
     )
 
@@ -555,7 +566,7 @@ async def _act(
     d: Dashboard, request: Request, kind: str, run: Callable[[dict[str, Any]], Awaitable[Any]]
 ) -> Response:
     body = await _body(request)
-    fields = {k: body.get(k) for k in ("stream", "entry_id", "action")}
+    fields = {k: body.get(k) for k in ("stream", "entry_id", "action", "partition")}
     try:
         who = d.guard.authorize(request, body.get("csrf"))
     except Refused as exc:
@@ -595,6 +606,7 @@ async def action_stuck(d: Dashboard, request: Request) -> Response:
             entry_id=str(body.get("entry_id", "")),
             action=str(body.get("action", "")),
             min_idle_s=min_idle_s,
+            partition=body.get("partition"),
         )
 
     return await _act(d, request, "entry_action", run)
@@ -606,10 +618,11 @@ async def action_deadletter(d: Dashboard, request: Request) -> Response:
     async def run(body: dict[str, Any]) -> Any:
         action = body.get("action")
         stream_name, entry_id = str(body.get("stream", "")), str(body.get("entry_id", ""))
+        partition = body.get("partition")
         if action == "redrive":
-            return await deadletters.redrive(d.r, d.keys, stream_name, entry_id)
+            return await deadletters.redrive(d.r, d.keys, stream_name, entry_id, partition)
         if action == "delete":
-            return await deadletters.delete(d.r, d.keys, stream_name, entry_id)
+            return await deadletters.delete(d.r, d.keys, stream_name, entry_id, partition)
         raise InputError(f"unknown action {action!r}: redrive or delete")
 
     return await _act(d, request, "dead_letter_action", run)

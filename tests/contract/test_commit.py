@@ -203,7 +203,10 @@ async def test_a_callback_is_applied_and_acknowledged_by_one_script_call(
         await consumer.handle(entries)
     # callback.lua: EVALSHA sha n, KEYS (batch, corr, orphans, callbacks stream, ...), then
     # ARGV (group, entry id, correlation id, ...): the XACK is the script's own.
-    calls = [c for u in recorder.scripts() for c in u.texts("EVALSHA")]
+    calls: list[tuple[str, ...]] = []
+    for call in (c for u in recorder.scripts() for c in u.texts("EVALSHA")):
+        if not calls or call != calls[-1]:  # the same call again: after NOSCRIPT, on a node
+            calls.append(call)  # that lacked the script (a cluster loads it where it runs)
     split = [(c[3 : 3 + int(c[2])], c[3 + int(c[2]) :]) for c in calls]
     assert [(k[3], a[0], a[1], a[2]) for k, a in split] == [
         (keys.callbacks, CJ_GROUP, i, cb.correlation_id)

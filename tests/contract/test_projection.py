@@ -24,6 +24,7 @@ from tests.contract.engines import Engine
 from tests.helpers import (
     append_and_read,
     append_batch_event,
+    apply_callbacks,
     canonical,
     completed,
     failed,
@@ -43,11 +44,7 @@ async def _batch(r: Any, keys: Keys, n_pairs: int, budget: int | None = None) ->
 
 async def _apply(r: Any, keys: Keys, events: list[Any], ids: list[str]) -> list[tuple[str, int]]:
     """callback.lua on each (event, entry id), in that order: [(outcome, in_flight left)]."""
-    applier = CallbackApplier(r, keys, CJ_GROUP)
-    async with r.pipeline(transaction=False) as pipe:
-        for event, entry_id in zip(events, ids, strict=True):
-            await applier.queue(pipe, event, entry_id)
-        replies = await pipe.execute()
+    replies = await apply_callbacks(r, CallbackApplier(r, keys, CJ_GROUP), events, ids)
     return [(outcome.decode(), int(left)) for outcome, left in replies]
 
 

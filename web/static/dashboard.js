@@ -85,6 +85,7 @@
           entry_id: button.dataset.entry,
           action: button.dataset.action,
           min_idle_s: button.dataset.minIdle || "0",
+          partition: button.dataset.partition || "",
         }),
       });
       const answer = await reply.json();
