@@ -29,6 +29,7 @@ from cj.continuation import advance
 from cj.registration import append_registration, content_digest, register_once, submissions
 from events import codec
 from events.streams import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS
+from events.text import as_str
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from projections import keys as pkeys
@@ -37,7 +38,7 @@ from streams import client as streams_client
 from streams.dlq import dead_letter
 from streams.keys import Keys
 from streams.pending import group_upkeep
-from streams.reader import Entry
+from streams.reader import Entry, ensure_group
 from tests.helpers import cli_json, deliver_to, registration, request, run_cli, until
 
 # Over four partitions these ids fall in partitions 1, 3, 1, 2 and 0: every partition is used,
@@ -76,10 +77,16 @@ class World:
         return entry_id
 
     async def dead_callback(self, batch_id: str) -> None:
-        """A dead letter in the batch's partition's `dlq:cj:callbacks`."""
-        bad = Entry("1-1", {b"type": b"NoSuchEvent", b"data": b"{}"})
+        """A dead letter in the batch's partition's `dlq:cj:callbacks`: an entry of that stream
+        delivered to consumer x (a letter is written only with the XACK of a pending entry)."""
+        part = self.part(batch_id)
+        fields = {b"type": b"NoSuchEvent", b"data": b"{}"}
+        await ensure_group(self.r, part.callbacks, CJ_GROUP)
+        entry_id = as_str(await self.r.xadd(part.callbacks, fields))
+        await self.r.xreadgroup(CJ_GROUP, "x", {part.callbacks: ">"})
+        bad = Entry(entry_id, fields)
         error = codec.DecodeError("unknown_type", "no such event")
-        await dead_letter(self.r, self.part(batch_id), CALLBACKS, [(bad, error)], CJ_GROUP, "x")
+        assert await dead_letter(self.r, part, CALLBACKS, [(bad, error)], CJ_GROUP, "x") != [None]
 
 
 async def run_batches(r: Any, s: Settings, keys: Keys, ids: list[str]) -> None:
