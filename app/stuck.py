@@ -444,6 +444,34 @@ async def stuck_page(
     per_consumer = {
         as_str(c["name"]): int(c["pending"]) for c in (summary_reply or {}).get("consumers") or []
     }
+    entries, next_after, scanned = await _page(
+        r, part, stream_name, group, min_idle_s, consumer, batch_id, after, size
+    )
+    return {
+        **head,
+        "exists": True,
+        "pending": int(summary_reply["pending"]) if summary_reply else 0,
+        "consumers": per_consumer,
+        "entries": entries,
+        "next_after": next_after,
+        "scanned": scanned,
+    }
+
+
+async def _page(
+    r: Any,
+    part: Keys,
+    stream_name: str,
+    group: str,
+    min_idle_s: float,
+    consumer: str | None,
+    batch_id: str | None,
+    after: str | None,
+    size: int,
+) -> tuple[list[dict[str, Any]], str | None, int]:
+    """The entries of one page of `stream_name`'s pending entries in partition `part` (see
+    `stuck_page`), where the next page starts (None at the end), and the rows scanned."""
+    stream = part.stream(stream_name)
     kwargs: dict[str, Any] = {"idle": int(min_idle_s * 1000)}
     if consumer:
         kwargs["consumername"] = consumer
@@ -485,15 +513,7 @@ async def stuck_page(
             break
         next_after = entries[-1]["entry_id"] if len(entries) == size else rows[-1]["entry_id"]
         start = f"({next_after}"
-    return {
-        **head,
-        "exists": True,
-        "pending": int(summary_reply["pending"]) if summary_reply else 0,
-        "consumers": per_consumer,
-        "entries": entries,
-        "next_after": next_after,
-        "scanned": scanned,
-    }
+    return entries, next_after, scanned
 
 
 async def _pending_per_partition(r: Any, keys: Keys, stream_name: str, group: str) -> list[int]:

@@ -248,8 +248,13 @@ async def test_tools_over_every_partition_of_the_cluster(
     held = keys.for_batch(ids[1])
     await rc.xadd(held.requests, codec.encode(request(ids[1], "ghost")))
     [ghost] = await deliver_to(rc, held.requests, LPS_GROUP, "ghost")
-    bad = (Entry("1-1", {b"type": b"NoSuchEvent", b"data": b"{}"}), codec.DecodeError("x", "y"))
-    await dead_letter(rc, keys.for_batch(ids[2]), CALLBACKS, [bad], CJ_GROUP, "x")
+    # A letter is written with the XACK of a pending entry: one delivered to consumer x.
+    lettered = keys.for_batch(ids[2])
+    fields = {b"type": b"NoSuchEvent", b"data": b"{}"}
+    await rc.xadd(lettered.callbacks, fields)
+    [bad_id] = await deliver_to(rc, lettered.callbacks, CJ_GROUP, "x")
+    bad = (Entry(bad_id, fields), codec.DecodeError("x", "y"))
+    assert await dead_letter(rc, lettered, CALLBACKS, [bad], CJ_GROUP, "x") != [None]
     env = {
         "REDIS_URL": cluster.url,
         "CJS_REDIS_CLUSTER": "1",
