@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     processing_timeout_s: float = Field(default=120.0, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     batch_idle_timeout_s: float = Field(default=900.0, gt=0)
+    # A batch's next wave is planned once this share of its current wave is back, from the
+    # fit so far (1.0: only when all are back, the waves one after the other).
+    wave_overlap: float = Field(default=0.8, gt=0, le=1)
     reaper_interval_s: float = Field(default=10.0, gt=0)
     dead_consumer_after_s: float = Field(default=3600.0, gt=0)
     retry_max_attempts: int = Field(default=4, ge=1)

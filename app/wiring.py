@@ -41,6 +41,7 @@ def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
         r,
         keys,
         name,
+        wave_overlap=s.wave_overlap,
         count=100,
         block_ms=min(s.block_ms, MAX_BLOCK_MS),
         processing_timeout_s=s.processing_timeout_s,

@@ -14,7 +14,7 @@ from typing import Any, Unpack
 
 import structlog
 
-from cj.continuation import advance
+from cj.continuation import WaveGate, advance
 from cj.metrics import (
     CJ_CALLBACKS,
     CJ_OPEN_BATCHES,
@@ -44,9 +44,19 @@ class CJConsumer(GroupConsumer[Callback]):
     expire_action = "dead_lettered"
     stuck_noun = "callback"
 
-    def __init__(self, r: Any, keys: Keys, consumer: str, **options: Unpack[GroupOptions]):
+    def __init__(
+        self,
+        r: Any,
+        keys: Keys,
+        consumer: str,
+        *,
+        wave_overlap: float = 1.0,
+        **options: Unpack[GroupOptions],
+    ):
         super().__init__(r, keys, CALLBACKS, CJ_GROUP, consumer, **options)
         self.applier = CallbackApplier(r, keys, CJ_GROUP)
+        # The next wave is planned once this share of the current one is back (1: all).
+        self.waves = WaveGate(wave_overlap)
 
     async def handle(self, entries: list[Entry]) -> None:
         callbacks = await self.accepted(entries)
@@ -69,7 +79,7 @@ class CJConsumer(GroupConsumer[Callback]):
                 continue
             CJ_CALLBACKS.labels(outcome).inc()
             if outcome == "accepted":
-                if int(left) <= 0:
+                if self.waves.wants(callback.batch_id, int(left)):
                     to_advance.add(callback.batch_id)
                 continue
             details: dict[str, Any] = {}
@@ -93,7 +103,7 @@ class CJConsumer(GroupConsumer[Callback]):
                 **details,
             )
         for batch_id in sorted(to_advance):
-            await advance(self.r, self.keys, batch_id)
+            await advance(self.r, self.keys, batch_id, decider=self.waves.decide)
 
     async def sweep(self) -> int:
         """Advance every open batch that has nothing in flight (recovers a crash between the
@@ -123,7 +133,8 @@ class CJConsumer(GroupConsumer[Callback]):
             accepted = int(completed or 0) + int(failed or 0)
             show_completion(batch_id, accepted / total if total else 0.0)
             if int(in_flight or 0) == 0:
-                moved += await advance(self.r, self.keys, batch_id) is not None
+                decision = await advance(self.r, self.keys, batch_id, decider=self.waves.decide)
+                moved += decision is not None
         CJ_OPEN_BATCHES.set(len(open_ids))
         keep_completion_of(open_ids)
         return moved
