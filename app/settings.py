@@ -56,8 +56,9 @@ class Settings(BaseSettings):
     lps_rate_limit_tpm: float = Field(default=0.0, ge=0)
     # Tokens (input + output) a call is expected to use until replies tell.
     lps_tokens_per_call: float = Field(default=1000.0, gt=0)
-    # Calls one LPS worker may have in flight at most, however much the limiter allows.
-    lps_max_concurrency: int = Field(default=128, ge=1)
+    # Calls one LPS worker may have in flight at most, however much the limiter allows
+    # (each may hold a Redis connection: stay below the client's pool of 100).
+    lps_max_concurrency: int = Field(default=64, ge=1)
     read_count: int = Field(default=64, ge=1)
     block_ms: int = Field(default=1000, ge=1)
     # Retries of one Redis command by the client before the worker loop backs off itself.

@@ -80,7 +80,7 @@ class LimiterSettings:
     """Share of the provider's limit paced at."""
     burst: float = 1.0
     """Calls granted at once (1: evenly spaced)."""
-    horizon_s: float = 1.0
+    horizon_s: float = 0.5
     """Grants are made at most this far ahead."""
     increase_per_s: float = 0.05
     """Additive increase: share of the limit per second of successful replies."""
@@ -94,7 +94,7 @@ class LimiterSettings:
     feedback_every_s: float = 0.1
     """A worker tells Redis of its successful replies at most this often (a 429 at once)."""
     min_concurrency: int = 8
-    max_concurrency: int = 128
+    max_concurrency: int = 64
 
 
 @dataclass

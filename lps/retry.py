@@ -15,7 +15,8 @@ HTTP calls == failed attempts + (1 if the outcome is a judgement else 0). A bill
 cost of every attempt.
 
 A provider behind the shared limiter (`lps.limiter.LimitedProvider`) first waits for its
-turn: a place among the worker's concurrent calls and the limiter's grant.
+turn: a place among the worker's concurrent calls and the limiter's grant (then the
+cooldown, if any, is waited out).
 
 With a shared `Breaker`, each attempt then asks it for leave: an open breaker ends the
 request at once with the breaker's error and no call (`Outcome.rejected`).
@@ -170,11 +171,13 @@ async def judge_with_retries(
     # is asked: the breaker's leave is for a call made now, not after a queue.
     turn = provider.turn if isinstance(provider, LimitedProvider) else _direct(provider)
     while True:
-        if cooldown is not None:
-            budget = max(0.0, policy.max_total_delay_s - waited)
-            cap = min(budget, policy.max_retry_after_s)
-            waited += await cooldown.wait(provider.name, request.model, sleep, max_wait_s=cap)
+        # The turn first: calls waiting for one touch nothing (Redis included), so a worker's
+        # concurrency bounds its Redis connections too.
         async with turn(request) as call:
+            if cooldown is not None:
+                budget = max(0.0, policy.max_total_delay_s - waited)
+                cap = min(budget, policy.max_retry_after_s)
+                waited += await cooldown.wait(provider.name, request.model, sleep, max_wait_s=cap)
             ticket = None
             if breaker is not None:
                 ticket = await breaker.admit(provider.name, request.model, request.correlation_id)

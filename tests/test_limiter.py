@@ -84,7 +84,9 @@ async def test_grants_are_spaced_at_the_paced_rate_within_the_horizon(fake_redis
 async def test_tokens_per_minute_pace_too(fake_redis: Any) -> None:
     # 100 calls a minute allowed by requests, but 60,000 tokens a minute at 3,000 a call:
     # 20 calls a minute, one every 3 s (at 98 %: 3.06 s).
-    limiter = SharedLimiter(fake_redis, _keys(), LimiterSettings(rpm=100, tpm=60_000))
+    limiter = SharedLimiter(
+        fake_redis, _keys(), LimiterSettings(rpm=100, tpm=60_000, horizon_s=1.0)
+    )
     lane = limiter.lane("mock", MODEL)
     reply = await limiter.take(lane, 3, 3000)
     assert reply is not None
@@ -153,7 +155,7 @@ async def test_a_429_holds_every_grant_until_its_retry_after(fake_redis: Any) ->
 
 
 async def test_concurrency_grows_with_the_rate_and_latency(fake_redis: Any) -> None:
-    settings = LimiterSettings(rpm=0, min_concurrency=4, max_concurrency=100)
+    settings = LimiterSettings(rpm=0, min_concurrency=4, max_concurrency=100, horizon_s=1.0)
     limiter = SharedLimiter(fake_redis, _keys(), settings)
     lane = limiter.lane("mock", MODEL)
     assert lane.concurrency == 4  # no limit known: the worker's own setting
