@@ -355,13 +355,23 @@ def stop_reason(state: BatchState, scored: BatchScored) -> FinalizeReason | None
     return None
 
 
+def current_wave(state: BatchState) -> tuple[int, int]:
+    """(size, requests still in flight) of the batch's last wave."""
+    size = out = 0
+    for cid, (wave, _, _) in state.pairs.items():
+        if wave == state.waves:
+            size += 1
+            out += state.corr.get(cid) == PENDING
+    return size, out
+
+
 def overlap_threshold(state: BatchState, overlap: float) -> int:
-    """In-flight requests at or below which the next wave is planned: (1 − overlap) of the
-    current wave's size, rounded down (0: only when all are back)."""
+    """Requests of the current wave still in flight at or below which the next wave is
+    planned: (1 − overlap) of its size, rounded down (0: only when all are back). Older
+    waves' stragglers do not count: they hold no decision up."""
     if overlap >= 1.0 or state.waves == 0:
         return 0
-    size = sum(1 for wave, _, _ in state.pairs.values() if wave == state.waves)
-    return _out_at(overlap, size)
+    return _out_at(overlap, current_wave(state)[0])
 
 
 def _out_at(overlap: float, size: int) -> int:
@@ -376,7 +386,7 @@ def decide(state: BatchState, overlap: float = 1.0) -> Decision | None:
     if state.terminal:
         return None
     if state.in_flight > 0:
-        if state.in_flight > overlap_threshold(state, overlap):
+        if overlap >= 1.0 or current_wave(state)[1] > overlap_threshold(state, overlap):
             return None
         return early_wave(state)
     decision = _decide(state)
@@ -507,8 +517,9 @@ class WaveGate:
         self._at: dict[str, int] = {}
 
     def wants(self, batch_id: str, left: int) -> bool:
-        """Whether a callback that left `left` requests of the batch in flight is worth an
-        `advance`."""
+        """Whether a callback that left `left` requests of the batch in flight (all waves) is
+        worth an `advance`: at most the older waves' stragglers (as last seen: they only
+        come back) and the current wave's threshold."""
         if left <= 0:
             return True
         if self.overlap >= 1.0:
@@ -530,11 +541,14 @@ class WaveGate:
         events = decision.events if decision is not None else []
         submitted = next((e for e in events if isinstance(e, WaveSubmitted)), None)
         if submitted is not None:
-            self._at[batch_id] = _out_at(self.overlap, len(submitted.pairs))
-        elif 0 < state.in_flight <= overlap_threshold(state, self.overlap):
+            self._at[batch_id] = state.in_flight + _out_at(self.overlap, len(submitted.pairs))
+            return
+        size, out = current_wave(state)
+        threshold = _out_at(self.overlap, size)
+        if state.in_flight > 0 and out <= threshold:
             self._at[batch_id] = 0  # declined: the batch ends when all are back
         else:
-            self._at[batch_id] = overlap_threshold(state, self.overlap)
+            self._at[batch_id] = state.in_flight - out + threshold
 
 
 async def advance(

@@ -7,6 +7,7 @@ through the real consumers on fakeredis and on a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import uuid
 from collections import Counter
@@ -80,6 +81,12 @@ def test_the_next_wave_comes_once_the_share_is_back_without_the_pairs_in_flight(
     assert state.submitted == size + len(second.pairs)
     assert state.in_flight == 8 + len(second.pairs)
     assert set(_history_balance(state).values()) <= {-1, 0, 1}
+    # Wave 2's share back while wave 1's stragglers are still out: they hold nothing up.
+    ahead = copy.deepcopy(state)
+    _answer(ahead, second.pairs[: len(second.pairs) - len(second.pairs) // 5], 300)
+    assert ahead.in_flight > overlap_threshold(ahead, 0.8) and ahead.in_flight > 8
+    third = decide(ahead, 0.8)
+    assert third is not None and isinstance(third.events[-1], WaveSubmitted)
     # Stragglers of wave 1 coming back change nothing until wave 2's own share is back.
     _answer(state, first.pairs[32:], 200)
     assert state.in_flight == len(second.pairs)
@@ -158,6 +165,14 @@ def test_the_gate_tries_at_the_threshold_and_learns_from_what_it_decides() -> No
     decision = gate.decide(state)
     assert decision is not None
     (second,) = [e for e in decision.events if isinstance(e, WaveSubmitted)]
+    # 8 stragglers of wave 1 and wave 2's own share.
+    at = 8 + len(second.pairs) // 5
+    assert not gate.wants("ov", at + 1) and gate.wants("ov", at)
+    # Stragglers back first: tried, declined without a fit (wave 2's share is not back),
+    # and the threshold learnt again, lower.
+    state = apply_batch_event(apply_batch_event(state, decision.events[0]), second)
+    _answer(state, first.pairs[32:], 100)
+    assert gate.decide(state) is None
     assert not gate.wants("ov", len(second.pairs) // 5 + 1)
     assert gate.wants("ov", len(second.pairs) // 5)
     off = WaveGate(1.0)
