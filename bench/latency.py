@@ -106,9 +106,27 @@ def _worker(
         used = _cpu() - begin
         await runner.close()
         await r.aclose()
-        return {"cpu_s": used}
+        return {"cpu_s": used, **_steps()}
 
     Path(out).write_text(json.dumps(asyncio.run(main())))
+
+
+def _steps() -> dict[str, float]:
+    """This process's CJ step times (cj_step_duration_seconds: apply, score, plan), summed
+    in seconds, and their counts."""
+    from prometheus_client import REGISTRY
+
+    out: dict[str, float] = {}
+    for metric in REGISTRY.collect():
+        if metric.name != "cj_step_duration_seconds":
+            continue
+        for sample in metric.samples:
+            step = sample.labels.get("step", "")
+            if sample.name.endswith("_sum"):
+                out[f"{step}_s"] = out.get(f"{step}_s", 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                out[f"{step}_n"] = out.get(f"{step}_n", 0.0) + sample.value
+    return out
 
 
 def _cpu() -> float:
@@ -133,6 +151,7 @@ class Run:
     worker_cpu_s: float
     redis_cpu_s: float
     decision_ms: float
+    steps: dict[str, float]
 
 
 def _essays(n: int, seed: int) -> BatchIn:
@@ -290,7 +309,9 @@ def run(
     Path(stop).touch()
     for p in procs:
         p.join(60)
-    cpu = sum(json.loads(Path(o).read_text())["cpu_s"] for o in outs if os.path.exists(o))
+    results = [json.loads(Path(o).read_text()) for o in outs if os.path.exists(o)]
+    cpu = sum(x["cpu_s"] for x in results)
+    steps = {k: sum(x.get(k, 0.0) for x in results) for k in results[0] if k != "cpu_s"}
     counts = asyncio.run(_count(url, keys, ids, epoch0 + 0.1 * wall, epoch0 + 0.9 * wall))
     shutil.rmtree(tmp, ignore_errors=True)
     return Run(
@@ -309,6 +330,7 @@ def run(
         worker_cpu_s=cpu,
         redis_cpu_s=redis_cpu,
         decision_ms=counts["decision_ms"],
+        steps=steps,
     )
 
 
@@ -449,6 +471,14 @@ def main() -> None:
                 "worker_cpu_ms_per_comparison": round(workers_ms, 3),
                 "redis_cpu_ms_per_comparison": round(redis_ms, 3),
                 "waves": zero.waves,
+                # Wall time of the CJ steps (BT fit and scores, planning, applying pages of
+                # callbacks), summed over the processes: where the workers' time goes.
+                "cj_steps_ms_per_comparison": {
+                    k[:-2]: round(1000 * v / zero.comparisons, 3)
+                    for k, v in zero.steps.items()
+                    if k.endswith("_s")
+                },
+                "cj_steps_count": {k[:-2]: v for k, v in zero.steps.items() if k.endswith("_n")},
             }
         if args.only in (None, "latency"):
             rows = []
@@ -501,6 +531,10 @@ def _print(report: dict[str, Any]) -> None:
             f"CPU per comparison: {z['cpu_ms_per_comparison']} ms (workers "
             f"{z['worker_cpu_ms_per_comparison']} ms + Redis {z['redis_cpu_ms_per_comparison']} ms;"
             " goal <= 0.5 ms)"
+        )
+        print(
+            f"  of which CJ steps (wall, per comparison, ms): {z['cj_steps_ms_per_comparison']} "
+            f"(counts {z['cj_steps_count']})"
         )
     if "realistic" in report:
         rl = report["realistic"]
