@@ -45,17 +45,20 @@ Progress = Callable[[BatchState], None]
 
 def mock_settings(s: Settings) -> Settings:
     """The mock judge's faults are simulated: back off in tens of milliseconds, not seconds
-    (unless CJS_RETRY_BASE_DELAY_S says otherwise)."""
-    if "CJS_RETRY_BASE_DELAY_S" in os.environ:
-        return s
-    return s.model_copy(
-        update={
+    (unless CJS_RETRY_BASE_DELAY_S says otherwise). Waves one after the other (unless
+    CJS_WAVE_OVERLAP says otherwise): with overlap, which callbacks are back when the next
+    wave is planned depends on timing, and a seed would no longer reproduce a run."""
+    update: dict[str, float] = {}
+    if "CJS_WAVE_OVERLAP" not in os.environ:
+        update["wave_overlap"] = 1.0
+    if "CJS_RETRY_BASE_DELAY_S" not in os.environ:
+        update |= {
             "retry_base_delay_s": 0.02,
             "retry_max_delay_s": 0.2,
             "cooldown_rate_limit_s": 0.02,
             "cooldown_overloaded_s": 0.02,
         }
-    )
+    return s.model_copy(update=update)
 
 
 def registration_for(

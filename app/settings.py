@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     processing_timeout_s: float = Field(default=120.0, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     batch_idle_timeout_s: float = Field(default=900.0, gt=0)
+    # A batch's next wave is planned once this share of its current wave is back, from the
+    # fit so far (1.0: only when all are back, the waves one after the other).
+    wave_overlap: float = Field(default=0.8, gt=0, le=1)
     reaper_interval_s: float = Field(default=10.0, gt=0)
     dead_consumer_after_s: float = Field(default=3600.0, gt=0)
     retry_max_attempts: int = Field(default=4, ge=1)
@@ -50,6 +53,15 @@ class Settings(BaseSettings):
     batch_poll_s: float = Field(default=30.0, gt=0)
     # An open provider breaker (revoked key, billing) lets one probe call through this often.
     breaker_probe_s: float = Field(default=60.0, gt=0)
+    # The provider's limits per minute (the organisation's), which the shared limiter paces
+    # every worker's calls at (lps/limiter.py); 0 = learned from the replies' headers.
+    lps_rate_limit_rpm: float = Field(default=0.0, ge=0)
+    lps_rate_limit_tpm: float = Field(default=0.0, ge=0)
+    # Tokens (input + output) a call is expected to use until replies tell.
+    lps_tokens_per_call: float = Field(default=1000.0, gt=0)
+    # Calls one LPS worker may have in flight at most, however much the limiter allows
+    # (each may hold a Redis connection: stay below the client's pool of 100).
+    lps_max_concurrency: int = Field(default=64, ge=1)
     read_count: int = Field(default=64, ge=1)
     block_ms: int = Field(default=1000, ge=1)
     # Retries of one Redis command by the client before the worker loop backs off itself.

@@ -16,6 +16,7 @@ from cj.consumer import CJConsumer
 from cj.stalls import run_stall_finalizer
 from lps.breaker import Breaker
 from lps.cooldown import Cooldown
+from lps.limiter import LimiterSettings, SharedLimiter, limited
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy
 from lps.worker import LPSWorker
@@ -24,6 +25,8 @@ from streams.keys import Keys
 
 # In-process consumers block at most this long on a read, so that a stop is seen promptly.
 MAX_BLOCK_MS = 200
+# Pages of requests an LPS worker holds at once (CJS_READ_COUNT entries each).
+LPS_PAGES = 8
 
 
 def group_options(s: Settings, *, count: int) -> GroupOptions:
@@ -55,8 +58,34 @@ def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
         r,
         keys,
         name,
+        wave_overlap=s.wave_overlap,
         **group_options(s, count=100),
     )
+
+
+def limiter_settings(s: Settings, concurrency: int = 8) -> LimiterSettings:
+    return LimiterSettings(
+        rpm=s.lps_rate_limit_rpm,
+        tpm=s.lps_rate_limit_tpm,
+        tokens_per_call=s.lps_tokens_per_call,
+        min_concurrency=min(concurrency, s.lps_max_concurrency),
+        max_concurrency=s.lps_max_concurrency,
+    )
+
+
+def shared_limiter(r: Any, keys: Keys, s: Settings, concurrency: int = 8) -> SharedLimiter:
+    """The provider limiter of this process (one for all its LPS workers)."""
+    return SharedLimiter(r, keys, limiter_settings(s, concurrency))
+
+
+def _bind(r: Any, keys: Keys) -> Callable[[Provider], None]:
+    def bind(provider: Provider) -> None:
+        # The mock's provider-side rate limit is kept in this Redis: one for every worker.
+        bind_redis = getattr(provider, "bind_redis", None)
+        if callable(bind_redis):
+            bind_redis(r, keys)
+
+    return bind
 
 
 def lps_worker(
@@ -67,14 +96,23 @@ def lps_worker(
     providers: Callable[[str], Provider],
     *,
     concurrency: int = 8,
+    limiter: SharedLimiter | None = None,
 ) -> LPSWorker:
+    """An LPS worker whose provider calls go through the shared limiter: `concurrency` calls
+    at once while no limit is known, up to CJS_LPS_MAX_CONCURRENCY as the limiter allows."""
+    limiter = limiter or shared_limiter(r, keys, s, concurrency)
     return LPSWorker(
         r,
         keys,
         name,
-        providers,
+        limited(providers, limiter, _bind(r, keys)),
         policy=retry_policy(s),
-        concurrency=concurrency,
+        # Units in hand; the limiter's lanes decide how many of their calls run at once.
+        concurrency=max(concurrency, s.lps_max_concurrency),
+        # A page is done when its slowest call is: with two pages at most, the slow tail of
+        # one wave kept the worker from reading the next (issue 11: a third of a batch's time
+        # at 1.5 s median latency). Calls at once stay bounded by the limiter's lanes.
+        max_pages=LPS_PAGES,
         **group_options(s, count=s.read_count),
         batch_poll_interval_s=s.batch_poll_s,
         cooldown=Cooldown(
@@ -135,6 +173,7 @@ class InProcess:
         a loop of its own per partition, so a busy partition never starves another."""
         s = self.settings
         parts = worker_partitions(s, self.keys)
+        limiter = shared_limiter(self.r, self.keys, s, self.concurrency)
         for i in range(self.cj_consumers):
             for part in parts:
                 name = _name(consumer_name("cj"), i, part)
@@ -149,6 +188,7 @@ class InProcess:
                     _name(consumer_name("lps"), i, part),
                     self.providers,
                     concurrency=self.concurrency,
+                    limiter=limiter,
                 )
                 self._spawn(lps.run(self.stop, maintenance_every_s=s.reaper_interval_s))
         for _ in range(self.reapers):

@@ -20,7 +20,7 @@ from typing import Any, Unpack
 
 import structlog
 
-from cj.continuation import advance
+from cj.continuation import WaveGate, advance
 from cj.metrics import (
     CJ_CALLBACKS,
     CJ_ORPHANS,
@@ -52,9 +52,19 @@ class CJConsumer(GroupConsumer[Callback]):
     expire_action = "dead_lettered"
     stuck_noun = "callback"
 
-    def __init__(self, r: Any, keys: Keys, consumer: str, **options: Unpack[GroupOptions]):
+    def __init__(
+        self,
+        r: Any,
+        keys: Keys,
+        consumer: str,
+        *,
+        wave_overlap: float = 1.0,
+        **options: Unpack[GroupOptions],
+    ):
         super().__init__(r, keys, CALLBACKS, CJ_GROUP, consumer, **options)
         self.applier = CallbackApplier(r, keys, CJ_GROUP)
+        # The next wave is planned once this share of the current one is back (1: all).
+        self.waves = WaveGate(wave_overlap)
 
     async def handle(self, entries: list[Entry]) -> None:
         callbacks = await self.accepted(entries)
@@ -84,7 +94,7 @@ class CJConsumer(GroupConsumer[Callback]):
                 continue
             CJ_CALLBACKS.labels(outcome).inc()
             if outcome == "accepted":
-                if int(left) <= 0:
+                if self.waves.wants(callback.batch_id, int(left)):
                     to_advance.add(callback.batch_id)
                 continue
             if outcome == "orphan":
@@ -127,7 +137,8 @@ class CJConsumer(GroupConsumer[Callback]):
         batches (the stalled-batch reaper ends that one in time) instead of dying on it at
         every restart; Redis's state is raised to the run loop, which waits it out."""
         try:
-            return await advance(self.r, self.keys, batch_id) is not None
+            decision = await advance(self.r, self.keys, batch_id, decider=self.waves.decide)
+            return decision is not None
         except Exception as exc:
             if policy_of(exc) is not None:
                 raise

@@ -1,6 +1,11 @@
 """What happens when a wave is complete: score, then the next wave or the end of the batch.
 
 `decide` is pure: given the batch state it returns the events to append (or None).
+With waves overlapping (`overlap` < 1, CJS_WAVE_OVERLAP), the next wave is planned once that
+share of the current wave is back, from a fit of the comparisons accepted so far and
+excluding the pairs still in flight; the end of a batch (stopping rule, budget, failures)
+is still decided only when every callback is in, so there is one `BatchFinalized` and the
+stopping rule judges accepted comparisons only. `WaveGate` tells a consumer when to try.
 `advance` runs it under WATCH on the batch hash and appends its events together
 with their projection writes in one MULTI/EXEC, so that of several consumers
 racing on the same batch exactly one wins each step; the others see the new
@@ -244,7 +249,10 @@ def _finish(state: BatchState, reason: FinalizeReason) -> BatchFinalized:
 
 
 @CJ_STEP_SECONDS.labels("plan").time()
-def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequested]] | None:
+def next_wave(
+    state: BatchState, fit: BatchScored | None = None
+) -> tuple[WaveSubmitted, list[ComparisonRequested]] | None:
+    """The next wave, planned on `fit` (the scores just computed; else the last recorded)."""
     cfg = state.config
     remaining = state.denominator - state.submitted
     if remaining <= 0:
@@ -253,7 +261,8 @@ def next_wave(state: BatchState) -> tuple[WaveSubmitted, list[ComparisonRequeste
     # The first wave lays a connected graph, four comparisons per essay; later waves are
     # matchings (each essay at most once) chosen on the latest scores.
     size = min(2 * len(state.essays) if wave == 1 else cfg.wave_size, remaining)
-    scores = {s.essay_id: (s.theta, s.se) for s in state.scores.scores} if state.scores else None
+    latest = fit or state.scores
+    scores = {s.essay_id: (s.theta, s.se) for s in latest.scores} if latest else None
     anchors = {e.essay_id: e.anchor_grade for e in state.essays if e.is_anchor and e.anchor_grade}
     key = content_key(state)
     planned = plan_wave(
@@ -321,10 +330,40 @@ def stop_reason(state: BatchState, scored: BatchScored) -> FinalizeReason | None
     return None
 
 
-def decide(state: BatchState) -> Decision | None:
-    """The next step of a batch whose callbacks are all in, or None when there is none."""
-    if state.terminal or state.in_flight > 0:
+def current_wave(state: BatchState) -> tuple[int, int]:
+    """(size, requests still in flight) of the batch's last wave."""
+    size = out = 0
+    for cid, (wave, _, _) in state.pairs.items():
+        if wave == state.waves:
+            size += 1
+            out += state.corr.get(cid) == PENDING
+    return size, out
+
+
+def overlap_threshold(state: BatchState, overlap: float) -> int:
+    """Requests of the current wave still in flight at or below which the next wave is
+    planned: (1 − overlap) of its size, rounded down (0: only when all are back). Older
+    waves' stragglers do not count: they hold no decision up."""
+    if overlap >= 1.0 or state.waves == 0:
+        return 0
+    return _out_at(overlap, current_wave(state)[0])
+
+
+def _out_at(overlap: float, size: int) -> int:
+    # 1 − 0.8 is 0.19999…: without the epsilon a fifth of 40 would be 7.
+    return int((1.0 - overlap) * size + 1e-9)
+
+
+def decide(state: BatchState, overlap: float = 1.0) -> Decision | None:
+    """The next step of a batch, or None when there is none yet: the batch's step once all
+    its callbacks are in; with `overlap` < 1 also the next wave once that share of the
+    current wave is back (`early_wave`)."""
+    if state.terminal:
         return None
+    if state.in_flight > 0:
+        if overlap >= 1.0 or current_wave(state)[1] > overlap_threshold(state, overlap):
+            return None
+        return early_wave(state)
     decision = _decide(state)
     if isinstance(decision.terminal, BatchFinalized):
         # The batch's last scores carry what is too costly for every wave.
@@ -334,8 +373,30 @@ def decide(state: BatchState) -> Decision | None:
     return decision
 
 
+def early_wave(state: BatchState) -> Decision | None:
+    """The next wave while the end of the current one is still out: scored on the accepted
+    comparisons, planned on that fit without the pairs in flight. Anything that would end
+    the batch instead (the stopping rule, the budget, failures, the money cap, no pair
+    left) is left to the decision taken when every callback is in: None."""
+    if state.waves <= state.scored_wave or state.completed == 0:
+        return None
+    if account_failure(state) is not None or too_many_failures(state) is not None:
+        return None
+    scored = score(state)
+    if stop_reason(state, scored) is not None:
+        return None
+    wave = next_wave(state, scored)
+    if wave is None:
+        return None
+    submitted, requests = wave
+    if over_cost_cap(state, len(requests)) is not None:
+        return None
+    return Decision(events=[scored, submitted], requests=requests)
+
+
 def _decide(state: BatchState) -> Decision:
     decision = Decision()
+    scored: BatchScored | None = None
     if state.waves > state.scored_wave:
         scored = score(state)
         decision.events.append(scored)
@@ -363,7 +424,7 @@ def _decide(state: BatchState) -> Decision:
         if reason is not None:
             decision.events.append(_finish(state, reason))
             return decision
-    wave = next_wave(state)
+    wave = next_wave(state, scored)
     if wave is None:
         if state.completed == 0:
             decision.events.append(
@@ -421,6 +482,56 @@ def stamped(decision: Decision, occurred_at: str) -> Decision:
         events=[msgspec.structs.replace(e, occurred_at=occurred_at) for e in decision.events],
         requests=[msgspec.structs.replace(q, occurred_at=occurred_at) for q in decision.requests],
     )
+
+
+class WaveGate:
+    """When a CJ consumer asks for a batch's next step (`wants`), with the decider to take it
+    (`decide`): after the callback that brings a batch's in-flight requests to 0, as ever,
+    and with overlapping waves also at `overlap_threshold`. The threshold of each batch is
+    learnt from the states this consumer decides on (a batch it has not seen yet is tried
+    once to learn it); one where the early wave was declined (the batch is ending) waits
+    for 0. What is learnt only says when to try: `decide` itself is the rule, so a stale
+    threshold costs a load or a later wave, never a wrong step."""
+
+    def __init__(self, overlap: float = 1.0) -> None:
+        if not 0.0 < overlap <= 1.0:
+            raise ValueError(f"wave overlap must be in (0, 1], got {overlap}")
+        self.overlap = overlap
+        self._at: dict[str, int] = {}
+
+    def wants(self, batch_id: str, left: int) -> bool:
+        """Whether a callback that left `left` requests of the batch in flight (all waves) is
+        worth an `advance`: at most the older waves' stragglers (as last seen: they only
+        come back) and the current wave's threshold."""
+        if left <= 0:
+            return True
+        if self.overlap >= 1.0:
+            return False
+        at = self._at.get(batch_id)
+        return at is None or left <= at
+
+    def decide(self, state: BatchState) -> Decision | None:
+        decision = decide(state, self.overlap)
+        if self.overlap < 1.0:
+            self._learn(state, decision)
+        return decision
+
+    def _learn(self, state: BatchState, decision: Decision | None) -> None:
+        batch_id = state.batch_id
+        if state.terminal or (decision is not None and decision.terminal is not None):
+            self._at.pop(batch_id, None)
+            return
+        events = decision.events if decision is not None else []
+        submitted = next((e for e in events if isinstance(e, WaveSubmitted)), None)
+        if submitted is not None:
+            self._at[batch_id] = state.in_flight + _out_at(self.overlap, len(submitted.pairs))
+            return
+        size, out = current_wave(state)
+        threshold = _out_at(self.overlap, size)
+        if state.in_flight > 0 and out <= threshold:
+            self._at[batch_id] = 0  # declined: the batch ends when all are back
+        else:
+            self._at[batch_id] = state.in_flight - out + threshold
 
 
 async def advance(

@@ -20,6 +20,12 @@ def cooldown(keys: Keys, provider: str, model: str) -> str:
     return keys.shared(f"lps:cooldown:{provider}:{model}")
 
 
+def limiter(keys: Keys, provider: str, model: str) -> str:
+    """The shared limiter of a provider + model (`lps.limiter`): one for every partition, as
+    the provider's limit is one for the organisation."""
+    return keys.shared(f"lps:limiter:{provider}:{model}")
+
+
 def breaker(keys: Keys, provider: str, model: str | None = None) -> str:
     """The breaker of a provider (every model), or of one of its models; shared by every
     partition, as the account it guards is."""

@@ -152,6 +152,8 @@ class MessageBatches:
     def of(cls, provider: Provider) -> MessageBatches:
         """The client of a provider that declares `supports_message_batches`."""
         # Anthropic is the one provider with Message Batches; another would bring its own client.
+        # Message Batches are not paced by the shared limiter: their limits are the batch API's.
+        provider = getattr(provider, "inner", provider)
         if not (provider.supports_message_batches and isinstance(provider, AnthropicProvider)):
             raise TypeError(f"provider {provider.name!r} offers no Message Batches")
         return cls(provider)

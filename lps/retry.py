@@ -14,22 +14,28 @@ HTTP calls == failed attempts + (1 if the outcome is a judgement else 0). A bill
 (an answer that was no valid judgement) passes its usage and cost; the outcome sums the
 cost of every attempt.
 
-With a shared `Breaker`, each attempt first asks it for leave: an open breaker ends the
+A provider behind the shared limiter (`lps.limiter.LimitedProvider`) first waits for its
+turn: a place among the worker's concurrent calls and the limiter's grant (then the
+cooldown, if any, is waited out).
+
+With a shared `Breaker`, each attempt then asks it for leave: an open breaker ends the
 request at once with the breaker's error and no call (`Outcome.rejected`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from events.types import NANO_USD, ComparisonRequested, ErrorDetail, TokenUsage, nano_usd
 from lps.breaker import Breaker
 from lps.cooldown import Cooldown
+from lps.limiter import Call, LimitedProvider
 from lps.metrics import LPS_PROVIDER_ERRORS, LPS_RETRIES
 from lps.providers.base import Judgement, Provider, ProviderError
 
@@ -134,6 +140,16 @@ def record_attempt_failed(
         LPS_RETRIES.labels(provider=p, model=m, error_type=detail.error_type).inc()
 
 
+def _direct(
+    provider: Provider,
+) -> Callable[[ComparisonRequested], contextlib.AbstractAsyncContextManager[Call]]:
+    @contextlib.asynccontextmanager
+    async def turn(request: ComparisonRequested) -> AsyncIterator[Call]:
+        yield lambda: provider.judge(request)
+
+    return turn
+
+
 async def judge_with_retries(
     provider: Provider,
     request: ComparisonRequested,
@@ -151,34 +167,40 @@ async def judge_with_retries(
     attempt = 0
     waited = 0.0
     spent = 0  # nano-dollars
+    # A provider behind the shared limiter waits for its turn (lps.limiter) before the breaker
+    # is asked: the breaker's leave is for a call made now, not after a queue.
+    turn = provider.turn if isinstance(provider, LimitedProvider) else _direct(provider)
     while True:
-        if cooldown is not None:
-            budget = max(0.0, policy.max_total_delay_s - waited)
-            cap = min(budget, policy.max_retry_after_s)
-            waited += await cooldown.wait(provider.name, request.model, sleep, max_wait_s=cap)
-        ticket = None
-        if breaker is not None:
-            ticket = await breaker.admit(provider.name, request.model, request.correlation_id)
-            if ticket.rejected is not None:
-                return Outcome(
-                    None, ticket.rejected, attempt, waited, spent / NANO_USD, rejected=True
-                )
-        attempt += 1
-        try:
-            judgement = await provider.judge(request)
-        except ProviderError as exc:
-            detail, usage, cost = exc.detail, exc.usage, exc.cost_usd
-        except BaseException:
+        # The turn first: calls waiting for one touch nothing (Redis included), so a worker's
+        # concurrency bounds its Redis connections too.
+        async with turn(request) as call:
+            if cooldown is not None:
+                budget = max(0.0, policy.max_total_delay_s - waited)
+                cap = min(budget, policy.max_retry_after_s)
+                waited += await cooldown.wait(provider.name, request.model, sleep, max_wait_s=cap)
+            ticket = None
+            if breaker is not None:
+                ticket = await breaker.admit(provider.name, request.model, request.correlation_id)
+                if ticket.rejected is not None:
+                    return Outcome(
+                        None, ticket.rejected, attempt, waited, spent / NANO_USD, rejected=True
+                    )
+            attempt += 1
+            try:
+                judgement = await call()
+            except ProviderError as exc:
+                detail, usage, cost = exc.detail, exc.usage, exc.cost_usd
+            except BaseException:
+                if breaker is not None and ticket is not None:
+                    breaker.release(ticket)
+                raise
+            else:
+                if breaker is not None and ticket is not None:
+                    await breaker.settle(ticket, None)
+                total = (spent + nano_usd(judgement.cost_usd)) / NANO_USD
+                return Outcome(judgement, None, attempt, waited, total)
             if breaker is not None and ticket is not None:
-                breaker.release(ticket)
-            raise
-        else:
-            if breaker is not None and ticket is not None:
-                await breaker.settle(ticket, None)
-            total = (spent + nano_usd(judgement.cost_usd)) / NANO_USD
-            return Outcome(judgement, None, attempt, waited, total)
-        if breaker is not None and ticket is not None:
-            await breaker.settle(ticket, detail)
+                await breaker.settle(ticket, detail)
         spent += nano_usd(cost)
         if cooldown is not None:
             await cooldown.note_error(detail, provider=provider.name, model=request.model)

@@ -37,7 +37,11 @@ REPEAT_WINDOW_S = 1.0
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="LPS: units of work judged at once.",
+    help=(
+        "LPS: provider calls made at once while no rate limit is known; with one "
+        "(CJS_LPS_RATE_LIMIT_RPM/_TPM, or the provider's headers) as many as the shared "
+        "limiter allows, up to CJS_LPS_MAX_CONCURRENCY."
+    ),
 )
 @click.option(
     "--consumers",

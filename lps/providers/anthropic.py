@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, cast
 
 import anthropic
+import msgspec
 from anthropic.types import Message
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 
@@ -52,7 +53,7 @@ from lps.prompt import (
     RenderedPrompt,
     build_prompt,
 )
-from lps.providers.base import Judgement, ProviderError, record_tokens
+from lps.providers.base import Judgement, ProviderError, rate_limit_headers, record_tokens
 
 PROVIDER_NAME = "anthropic"
 DEFAULT_MODEL = "claude-sonnet-4-6"
@@ -457,6 +458,7 @@ class AnthropicProvider:
             message = await raw.parse()
         except anthropic.APIError as exc:
             self._observe(model, started)
+            response = getattr(exc, "response", None)
             raise ProviderError(
                 classify_exception(
                     exc,
@@ -464,7 +466,8 @@ class AnthropicProvider:
                     model=model,
                     correlation_id=request.correlation_id,
                     secrets=self.secrets(),
-                )
+                ),
+                headers=rate_limit_headers(response.headers) if response is not None else None,
             ) from None
         except (ValueError, TypeError) as exc:  # a 2xx body that is not a Message
             self._observe(model, started)
@@ -477,7 +480,7 @@ class AnthropicProvider:
         _, cost = bill(
             self.prices, message, model=model, cache_ttl=call.options.cache_ttl, batch=False
         )
-        return judgement_from_message(
+        judgement = judgement_from_message(
             message,
             model=model,
             correlation_id=request.correlation_id,
@@ -486,6 +489,8 @@ class AnthropicProvider:
             secrets=self.secrets(),
             cost_usd=cost,
         )
+        # What the shared limiter learns the organisation's limits from.
+        return msgspec.structs.replace(judgement, rate_limits=rate_limit_headers(raw.headers))
 
     def _observe(self, model: str, started: float) -> float:
         elapsed = time.perf_counter() - started

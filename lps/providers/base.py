@@ -29,19 +29,43 @@ class Judgement(msgspec.Struct, frozen=True):
     latency_ms: float = 0.0
     cost_usd: float = 0.0
     """What the call cost (price table; 0 for the mock)."""
+    rate_limits: dict[str, str] = msgspec.field(default_factory=dict)
+    """The response's rate-limit headers (`anthropic-ratelimit-*`), names in lower case: what
+    the shared limiter (`lps.limiter`) learns the provider's limits from."""
 
 
 class ProviderError(Exception):
     """One failed provider attempt, already classified. A billed failure (an answer that was
-    no valid judgement) carries the response's usage and cost."""
+    no valid judgement) carries the response's usage and cost; an HTTP error its rate-limit
+    headers (`anthropic-ratelimit-*`, `retry-after`)."""
 
     def __init__(
-        self, detail: ErrorDetail, *, usage: TokenUsage | None = None, cost_usd: float = 0.0
+        self,
+        detail: ErrorDetail,
+        *,
+        usage: TokenUsage | None = None,
+        cost_usd: float = 0.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(f"{detail.error_type}: {detail.message}")
         self.detail = detail
         self.usage = usage or TokenUsage()
         self.cost_usd = cost_usd
+        self.headers = dict(headers or {})
+
+
+RATE_LIMIT_HEADER_PREFIX = "anthropic-ratelimit-"
+
+
+def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The rate-limit headers of a response (`anthropic-ratelimit-*`, `retry-after`), names
+    in lower case."""
+    out = {}
+    for name, value in headers.items():
+        low = name.lower()
+        if low.startswith(RATE_LIMIT_HEADER_PREFIX) or low == "retry-after":
+            out[low] = value
+    return out
 
 
 class Provider(Protocol):

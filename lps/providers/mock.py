@@ -5,6 +5,13 @@ Every draw is a function of (seed, the batch's content key, the pair in its slot
 the request's occurrence of that pair, and — for faults and latency only — the
 attempt), so a run is reproducible for a seed and independent of worker scheduling
 and of the random batch and correlation ids.
+
+The `realistic` profile answers like a real provider under load: latency drawn from a
+lognormal (median 1.5 s, p99 12 s), and a provider-side rate limit in requests and tokens
+per minute shared by every worker on the same Redis (`lps.providers.mock_limits`),
+answering 429 with `retry-after` and the `anthropic-ratelimit-*` headers, classified by
+`lps.classify` as the API's own 429 would be. Its rate-limit outcomes depend on timing,
+so a realistic run is not reproducible call for call; judgements still are.
 """
 
 from __future__ import annotations
@@ -16,10 +23,22 @@ import os
 import random
 import re
 from dataclasses import dataclass, replace
+from typing import Any
 
 from events.types import ComparisonRequested, ErrorDetail, ErrorType, Essay, TokenUsage
 from lps.metrics import LPS_PROVIDER_LATENCY
+from lps.providers import mock_limits
 from lps.providers.base import Judgement, ProviderError, record_tokens
+from streams.keys import Keys
+
+# The normal quantile of the 99th percentile: a lognormal's σ from its median and p99.
+_Z99 = 2.3263478740408408
+# What one mock call uses, charged against the tokens-per-minute limit on arrival.
+USAGE = TokenUsage(input_tokens=900, output_tokens=60)
+CALL_TOKENS = USAGE.input_tokens + USAGE.output_tokens
+# Tokens per minute allowed per request per minute when only the request limit is given:
+# enough that requests are the binding limit, as for short prompts at the real API.
+TOKENS_PER_REQUEST_LIMIT = 2000
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,22 @@ class MockProfile:
     deterministic: bool = False
     # error_type -> probability per attempt (the flaky profile)
     faults: tuple[tuple[ErrorType, float], ...] = ()
+    latency_median_ms: float = 0.0
+    """When > 0, latency is lognormal with this median and `latency_p99_ms` (instead of
+    uniform around `latency_ms`)."""
+    latency_p99_ms: float = 0.0
+    rate_limit_rpm: float = 0.0
+    """Provider-side limit in requests per minute (0: none)."""
+    rate_limit_tpm: float = 0.0
+    """Provider-side limit in tokens per minute (0: `TOKENS_PER_REQUEST_LIMIT` × rpm)."""
+    rate_burst_s: float = 1.0
+    """Each bucket holds this many seconds of its rate."""
+    rejection_ms: float = 30.0
+    """How long a 429 takes to come back."""
+
+    @property
+    def tokens_per_minute(self) -> float:
+        return self.rate_limit_tpm or TOKENS_PER_REQUEST_LIMIT * self.rate_limit_rpm
 
 
 PROFILES: dict[str, MockProfile] = {
@@ -47,6 +82,9 @@ PROFILES: dict[str, MockProfile] = {
         ),
     ),
     "slow": MockProfile("slow", latency_ms=250.0),
+    "realistic": MockProfile(
+        "realistic", latency_median_ms=1500.0, latency_p99_ms=12000.0, rate_limit_rpm=600.0
+    ),
 }
 DEFAULT_PROFILE = "cj_generic_batch"
 DEFAULT_MODEL = "mock-judge-1"
@@ -70,8 +108,35 @@ def profile_from_env(name: str | None = None) -> MockProfile:
     if (bias := os.environ.get("CJS_MOCK_POSITION_BIAS")) is not None:
         profile = replace(profile, position_bias=float(bias))
     if (latency := os.environ.get("CJS_MOCK_LATENCY_MS")) is not None:
-        profile = replace(profile, latency_ms=float(latency))
+        profile = replace(profile, latency_ms=float(latency), latency_median_ms=0.0)
+    if (median := os.environ.get("CJS_MOCK_LATENCY_MEDIAN_MS")) is not None:
+        # The profile's tail in proportion (p99 = 8 × median for `realistic`) unless given.
+        ratio = (
+            profile.latency_p99_ms / profile.latency_median_ms if profile.latency_median_ms else 8.0
+        )
+        profile = replace(
+            profile, latency_median_ms=float(median), latency_p99_ms=float(median) * ratio
+        )
+    if (p99 := os.environ.get("CJS_MOCK_LATENCY_P99_MS")) is not None:
+        profile = replace(profile, latency_p99_ms=float(p99))
+    if (rpm := os.environ.get("CJS_MOCK_RATE_LIMIT_RPM")) is not None:
+        profile = replace(profile, rate_limit_rpm=float(rpm))
+    if (tpm := os.environ.get("CJS_MOCK_RATE_LIMIT_TPM")) is not None:
+        profile = replace(profile, rate_limit_tpm=float(tpm))
+    if profile.latency_median_ms > 0 and profile.latency_p99_ms < profile.latency_median_ms:
+        raise ValueError("CJS_MOCK_LATENCY_P99_MS must be at least the median")
     return profile
+
+
+def latency_s(profile: MockProfile, rng: random.Random) -> float:
+    """One call's latency: lognormal (median, p99) when the profile has a median, else
+    uniform in [0.5, 1.5] × latency_ms."""
+    if profile.latency_median_ms > 0:
+        sigma = math.log(profile.latency_p99_ms / profile.latency_median_ms) / _Z99
+        return profile.latency_median_ms * math.exp(sigma * rng.gauss(0.0, 1.0)) / 1000.0
+    if profile.latency_ms > 0:
+        return rng.uniform(0.5, 1.5) * profile.latency_ms / 1000.0
+    return 0.0
 
 
 def win_probability(q_a: float, q_b: float, position_bias: float) -> float:
@@ -111,9 +176,56 @@ class MockProvider:
         # process, every time) when it equals the request's correlation id or occurs in
         # either essay's text. Unset, the normal path never looks at it.
         self._poison = os.environ.get("CJS_MOCK_POISON_MARKER") or None
+        # The provider-side rate limit: in Redis once `bind_redis` is called (every worker
+        # then shares it), else in this process.
+        self._redis: Any = None
+        self._keys = Keys()
+        self._bucket_script: Any = None
+        self._local_bucket = mock_limits.LocalBucket()
+        if self.profile.rate_limit_rpm > 0:
+            import lps.classify  # noqa: F401  (the SDK's types load now, not at the first 429)
+
+    def bind_redis(self, redis: Any, keys: Keys) -> None:
+        """Share the provider-side rate limit with every mock bound to the same Redis and
+        prefix (the wiring binds the worker's client)."""
+        self._redis = redis
+        self._keys = keys.whole
+        self._bucket_script = redis.register_script(mock_limits.BUCKET_LUA)
 
     async def aclose(self) -> None:
         return None
+
+    async def _admit(self, request: ComparisonRequested) -> dict[str, str]:
+        """Charge this call to the rate limit: its `anthropic-ratelimit-*` headers, or
+        ProviderError(rate_limit) as the API answers a 429."""
+        p = self.profile
+        rpm, tpm = p.rate_limit_rpm, p.tokens_per_minute
+        if self._bucket_script is not None:
+            reply = await self._bucket_script(
+                keys=[mock_limits.key(self._keys, request.model)],
+                args=[repr(rpm), repr(tpm), repr(p.rate_burst_s), CALL_TOKENS],
+            )
+            verdict = mock_limits.verdict_of(reply)
+        else:
+            verdict = self._local_bucket.take(request.model, rpm, tpm, p.rate_burst_s, CALL_TOKENS)
+        headers = mock_limits.headers(verdict, rpm, tpm)
+        if verdict.allowed:
+            return headers
+        from lps.classify import classify_response
+
+        await asyncio.sleep(p.rejection_ms / 1000.0)
+        LPS_PROVIDER_LATENCY.labels(provider=self.name, model=request.model).observe(
+            p.rejection_ms / 1000.0
+        )
+        detail = classify_response(
+            429,
+            mock_limits.rate_limit_body(rpm, tpm),
+            headers,
+            provider=self.name,
+            model=request.model,
+            correlation_id=request.correlation_id,
+        )
+        raise ProviderError(detail, headers=headers)
 
     def _is_poison(self, request: ComparisonRequested) -> bool:
         marker = self._poison
@@ -144,10 +256,11 @@ class MockProvider:
         )
         rng = _rng(*pair, attempt)
         outcome = _rng(*pair)
-        latency_s = rng.uniform(0.5, 1.5) * p.latency_ms / 1000.0 if p.latency_ms > 0 else 0.0
-        if latency_s:
-            await asyncio.sleep(latency_s)
-        LPS_PROVIDER_LATENCY.labels(provider=self.name, model=request.model).observe(latency_s)
+        headers = await self._admit(request) if p.rate_limit_rpm > 0 else {}
+        took_s = latency_s(p, rng)
+        if took_s:
+            await asyncio.sleep(took_s)
+        LPS_PROVIDER_LATENCY.labels(provider=self.name, model=request.model).observe(took_s)
         draw = rng.random()
         for error_type, chance in p.faults:
             if draw < chance:
@@ -162,15 +275,15 @@ class MockProvider:
             prob = win_probability(q_a, q_b + outcome.gauss(0.0, p.noise), p.position_bias)
             a_wins = outcome.random() < prob
         confidence = 1 + min(4, round(abs(prob - 0.5) * 8))
-        usage = TokenUsage(input_tokens=900, output_tokens=60)
-        record_tokens(usage, provider=self.name, model=request.model)
+        record_tokens(USAGE, provider=self.name, model=request.model)
         return Judgement(
             winner="essay_a" if a_wins else "essay_b",
             confidence=float(confidence),
             justification="mock judgement from latent qualities",
-            usage=usage,
+            usage=USAGE,
             prompt_sha256="",
-            latency_ms=round(latency_s * 1000, 3),
+            latency_ms=round(took_s * 1000, 3),
+            rate_limits=headers,
         )
 
     def _raise(

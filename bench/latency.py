@@ -1,0 +1,575 @@
+"""Time to result under provider latency and rate limits, CPU per comparison, and the
+redis-benchmark XADD reference, in one run against a redis-server of its own.
+
+    python bench/latency.py [--scale 10] [--rpm 600] [--workers 4] [--batches 10]
+                            [--essays 100] [--only cpu|latency] [--json]
+
+1. Reference: `redis-benchmark -c 50 -n N XADD s * f v` (50 clients, no pipelining) on the
+   same server, the rate the end-to-end figure is compared with.
+2. Zero latency: `--workers` processes (each a CJ consumer and an LPS worker), `--batches`
+   batches of `--essays` essays at once, the mock judge answering at once. Comparisons per
+   second end to end, and CPU per comparison from the processes' own CPU times (their
+   getrusage over the run) and Redis's (`INFO cpu`, used_cpu_user + used_cpu_sys).
+3. The `realistic` mock profile (lognormal latency, median 1.5 s, p99 12 s; a provider-side
+   limit of `--rpm` requests per minute shared by every worker through Redis, answering 429
+   with retry-after and anthropic-ratelimit-* headers), with the shared limiter configured
+   to the same limit (CJS_LPS_RATE_LIMIT_RPM): one batch, then `--batches` at once, with
+   overlapping waves (CJS_WAVE_OVERLAP=0.8) and without (1.0). Printed per run: wall time
+   against the bound (comparisons ÷ limit + one median latency) and, for one batch, its
+   critical path (per wave, the time until the share it waits for is back, its calls
+   granted at the limit: the overlap share, or all without overlap); the share of calls
+   answered 429 (overall, and at steady state: the middle 80 % of the run); calls per
+   comparison; waves.
+
+Time is scaled by `--scale` so that the run takes minutes, not an hour: latencies divided
+by it, the rate limit multiplied by it (the mock's Retry-After stays in whole seconds, as
+the API sends it, so a 429 costs relatively more here than at scale 1). Wall times are
+printed as measured and in real-time equivalent (× scale). Ratios do not depend on it.
+
+The essays' latent qualities are N(0, 1) (as a judge sees a real class), so the stopping
+rule ends a batch after roughly 10–20 comparisons per essay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import redis.asyncio as aioredis
+
+import tools  # noqa: F401  (first: one BLAS thread per process)
+from app.logs import configure
+from app.settings import Settings
+from app.wiring import InProcess
+from cj.continuation import advance
+from cj.registration import BatchIn, append_registration, build_registration, scale_of
+from events import codec
+from events.types import ComparisonCompleted, ProviderAttemptFailed, WaveSubmitted
+from lps.providers.mock import MockProfile, profile_from_env
+from lps.providers.registry import make_provider
+from projections.store import load_state
+from streams.keys import Keys
+from tests.redis_server import RedisServer
+
+XADD = ("XADD", "bench:xadd", "*", "f", "v")
+
+
+# --- worker processes -----------------------------------------------------------------------
+
+
+def _worker(
+    url: str, prefix: str, env: dict[str, str], options: dict[str, Any], stop: str, out: str
+) -> None:
+    os.environ.update(env)
+    configure(json_logs=True, level="ERROR")
+    # As `cjs worker` does: the provider SDK (which classifies the mock's 429s too) loads now,
+    # not in the middle of the first wave.
+    import lps.message_batches  # noqa: F401
+
+    async def main() -> dict[str, float]:
+        r = aioredis.from_url(url)
+        settings = Settings(block_ms=100, reaper_interval_s=30, **options)
+        runner = InProcess(
+            r,
+            Keys(prefix),
+            settings,
+            lambda name: make_provider(name, mock_profile=profile_from_env()),
+            cj_consumers=1,
+            lps_workers=1,
+            concurrency=16,
+        )
+        runner.start()
+        Path(out + ".ready").touch()
+        begin = _cpu()
+        while not os.path.exists(stop):
+            await asyncio.sleep(0.05)
+        used = _cpu() - begin
+        await runner.close()
+        await r.aclose()
+        return {"cpu_s": used, **_steps()}
+
+    Path(out).write_text(json.dumps(asyncio.run(main())))
+
+
+def _steps() -> dict[str, float]:
+    """This process's CJ step times (cj_step_duration_seconds: apply, score, plan), summed
+    in seconds, and their counts."""
+    from prometheus_client import REGISTRY
+
+    out: dict[str, float] = {}
+    for metric in REGISTRY.collect():
+        if metric.name != "cj_step_duration_seconds":
+            continue
+        for sample in metric.samples:
+            step = sample.labels.get("step", "")
+            if sample.name.endswith("_sum"):
+                out[f"{step}_s"] = out.get(f"{step}_s", 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                out[f"{step}_n"] = out.get(f"{step}_n", 0.0) + sample.value
+    return out
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Run:
+    label: str
+    overlap: float
+    batches: int
+    comparisons: int
+    wall_s: float
+    ends_s: list[float]
+    waves: list[int]
+    wave_sizes: list[list[int]]
+    calls: int
+    rate_limited: int
+    steady_calls: int
+    steady_rate_limited: int
+    worker_cpu_s: float
+    redis_cpu_s: float
+    decision_ms: float
+    steps: dict[str, float]
+
+
+def _essays(n: int, seed: int) -> BatchIn:
+    rng = np.random.default_rng(seed)
+    grades = ["F", "E", "D", "C", "B", "A"]
+    q = rng.normal(0.0, 1.0, n)
+    cut = np.quantile(q, [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        row: dict[str, Any] = {
+            "essay_id": f"s{seed}-e{i:03d}",
+            "text": f"essay {i} of batch {seed}. " * 20,
+            "mock_quality": float(q[i]),
+        }
+        if i % 8 == 0:  # 13 anchors of 100, every grade
+            row["anchor_grade"] = grades[int(np.searchsorted(cut, q[i]))]
+        rows.append(row)
+    return BatchIn.model_validate({"essays": rows})
+
+
+async def _redis_cpu(r: Any) -> float:
+    info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def _submit_and_wait(
+    url: str, keys: Keys, batches: int, essays: int, seed: int
+) -> tuple[list[str], list[float], float, float]:
+    r = aioredis.from_url(url)
+    regs = []
+    for b in range(batches):
+        batch = _essays(essays, seed + b)
+        name, grades = scale_of(batch)
+        reg = build_registration(batch, name, grades, seed=seed + b, batch_id=f"lat-{b}")
+        regs.append(reg)
+    cpu0 = await _redis_cpu(r)
+    started = time.perf_counter()
+    for reg in regs:
+        await append_registration(r, keys, reg)
+        await advance(r, keys, reg.batch_id)
+    ends: dict[str, float] = {}
+    while len(ends) < len(regs):
+        for reg in regs:
+            if reg.batch_id in ends:
+                continue
+            state = await load_state(r, keys, reg.batch_id)
+            if state is not None and state.terminal:
+                ends[reg.batch_id] = time.perf_counter() - started
+        await asyncio.sleep(0.02)
+    wall = max(ends.values())
+    cpu = await _redis_cpu(r) - cpu0
+    await r.aclose()
+    return [reg.batch_id for reg in regs], [ends[reg.batch_id] for reg in regs], wall, cpu
+
+
+async def _count(url: str, keys: Keys, ids: list[str], t0: float, t1: float) -> dict[str, Any]:
+    """Comparisons, waves, calls and 429s from the streams; steady state: calls between t0
+    and t1 (epoch seconds)."""
+    r = aioredis.from_url(url)
+    comparisons = 0
+    waves: list[int] = []
+    sizes: list[list[int]] = []
+    for batch_id in ids:
+        state = await load_state(r, keys, batch_id)
+        assert state is not None and state.terminal, batch_id
+        comparisons += state.accepted
+        waves.append(state.waves)
+    per_batch: dict[str, list[int]] = {b: [] for b in ids}
+    # Entry times (ms) of each batch's waves and callbacks: how long CJ took from the last
+    # callback it had to the next wave (apply, load, score, plan, append).
+    wave_ms: dict[str, list[int]] = {b: [] for b in ids}
+    callback_ms: dict[str, list[int]] = {b: [] for b in ids}
+    calls = limited = steady = steady_limited = 0
+    for stream in (keys.batches, keys.dispatches, keys.callbacks):
+        last = "-"
+        while True:
+            page = await r.xrange(stream, min=last, max="+", count=2000)
+            if last != "-":
+                page = page[1:]
+            if not page:
+                break
+            for entry_id, fields in page:
+                try:
+                    event = codec.decode(fields)
+                except codec.DecodeError:
+                    continue
+                ms = int(entry_id.split(b"-")[0])
+                if isinstance(event, WaveSubmitted) and event.batch_id in per_batch:
+                    per_batch[event.batch_id].append(len(event.pairs))
+                    wave_ms[event.batch_id].append(ms)
+                if isinstance(event, ComparisonCompleted) and event.batch_id in per_batch:
+                    callback_ms[event.batch_id].append(ms)
+                if not isinstance(event, ProviderAttemptFailed | ComparisonCompleted):
+                    continue
+                hit = isinstance(event, ProviderAttemptFailed) and (
+                    event.error.error_type == "rate_limit"
+                )
+                at = datetime.fromisoformat(event.occurred_at).timestamp()
+                calls += 1
+                limited += hit
+                if t0 <= at <= t1:
+                    steady += 1
+                    steady_limited += hit
+            last = page[-1][0].decode()
+    sizes = [per_batch[b] for b in ids]
+    gaps = []
+    for b in ids:
+        backs = sorted(callback_ms[b])
+        for at in wave_ms[b][1:]:
+            before = [t for t in backs if t <= at]
+            if before:
+                gaps.append(at - before[-1])
+    await r.aclose()
+    return {
+        "comparisons": comparisons,
+        "waves": waves,
+        "sizes": sizes,
+        "calls": calls,
+        "limited": limited,
+        "steady": steady,
+        "steady_limited": steady_limited,
+        "decision_ms": statistics.median(gaps) if gaps else 0.0,
+    }
+
+
+def run(
+    url: str,
+    label: str,
+    *,
+    workers: int,
+    batches: int,
+    essays: int,
+    overlap: float,
+    env: dict[str, str],
+    options: dict[str, Any],
+    seed: int = 11,
+) -> Run:
+    keys = Keys(f"lat{uuid.uuid4().hex[:6]}:")
+    tmp = tempfile.mkdtemp()
+    stop = os.path.join(tmp, "stop")
+    outs = [os.path.join(tmp, f"w{i}") for i in range(workers)]
+    ctx = mp.get_context("spawn")
+    opts = {**options, "wave_overlap": overlap}
+    procs = [
+        ctx.Process(target=_worker, args=(url, keys.prefix, env, opts, stop, outs[i]))
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    while not all(os.path.exists(o + ".ready") for o in outs):  # imported and started
+        time.sleep(0.1)  # waiting for other processes: nothing to await here
+    time.sleep(1.0)  # their consumer groups made, their first reads blocking
+    epoch0 = time.time()
+    ids, ends, wall, redis_cpu = asyncio.run(_submit_and_wait(url, keys, batches, essays, seed))
+    Path(stop).touch()
+    for p in procs:
+        p.join(60)
+    results = [json.loads(Path(o).read_text()) for o in outs if os.path.exists(o)]
+    cpu = sum(x["cpu_s"] for x in results)
+    steps = {k: sum(x.get(k, 0.0) for x in results) for k in results[0] if k != "cpu_s"}
+    counts = asyncio.run(_count(url, keys, ids, epoch0 + 0.1 * wall, epoch0 + 0.9 * wall))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return Run(
+        label=label,
+        overlap=overlap,
+        batches=batches,
+        comparisons=counts["comparisons"],
+        wall_s=wall,
+        ends_s=ends,
+        waves=counts["waves"],
+        wave_sizes=counts["sizes"],
+        calls=counts["calls"],
+        rate_limited=counts["limited"],
+        steady_calls=counts["steady"],
+        steady_rate_limited=counts["steady_limited"],
+        worker_cpu_s=cpu,
+        redis_cpu_s=redis_cpu,
+        decision_ms=counts["decision_ms"],
+        steps=steps,
+    )
+
+
+# --- the reference --------------------------------------------------------------------------
+
+
+def xadd_reference(port: int, n: int) -> float:
+    """redis-benchmark's plain XADD rate: 50 clients, no pipelining."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        raise SystemExit("redis-benchmark not found")
+    out = subprocess.run(
+        [binary, "-p", str(port), "-c", "50", "-n", str(n), "-P", "1", "--csv", *XADD],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # "test","rps",...: the first number of the last line is requests per second.
+    line = [ln for ln in out.splitlines() if ln.strip()][-1]
+    return float(re.findall(r'"([0-9.]+)"', line)[0])
+
+
+# --- the bound --------------------------------------------------------------------------------
+
+
+def critical_path(
+    profile: MockProfile, sizes: list[int], overlap: float, rpm: float, samples: int = 300
+) -> float:
+    """Seconds a batch cannot go below at this limit, whatever CJ does: per wave, the time
+    until the share it waits for is back (the overlap share; without overlap all of it),
+    its m calls granted one per 60/rpm seconds and each taking a lognormal latency
+    (Monte Carlo mean). The decisions between waves take no time here."""
+    sigma = math.log(profile.latency_p99_ms / profile.latency_median_ms) / 2.3263478740408408
+    median = profile.latency_median_ms / 1000.0
+    rng = np.random.default_rng(5)
+    total = 0.0
+    for m in sizes:
+        grants = np.arange(m) * 60.0 / rpm
+        back = np.sort(grants + median * np.exp(sigma * rng.standard_normal((samples, m))), axis=1)
+        k = max(1, math.ceil(overlap * m)) if overlap < 1.0 else m
+        total += float(back[:, k - 1].mean())
+    return total
+
+
+def _row(r: Run, profile: MockProfile, rpm: float, scale: float, single: bool) -> dict[str, Any]:
+    median = profile.latency_median_ms / 1000.0
+    bound = r.comparisons / (rpm / 60.0) + median
+    path = max(critical_path(profile, s, r.overlap, rpm) for s in r.wave_sizes) if single else 0.0
+    target = max(2.0 * bound, path) if single else 1.25 * bound
+    return {
+        "run": r.label,
+        "scale": scale,
+        "limit_rpm": rpm,
+        "latency_median_s": median,
+        "latency_p99_s": profile.latency_p99_ms / 1000.0,
+        "overlap": r.overlap,
+        "batches": r.batches,
+        "comparisons": r.comparisons,
+        "wall_s": round(r.wall_s, 2),
+        "wall_real_equivalent_s": round(r.wall_s * scale, 1),
+        "bound_s": round(bound, 2),
+        "wall_over_bound": round(r.wall_s / bound, 3),
+        "critical_path_s": round(path, 2) if single else None,
+        "goal_s": round(target, 2),
+        "goal_met": r.wall_s <= target,
+        "calls": r.calls,
+        "calls_per_comparison": round(r.calls / max(1, r.comparisons), 3),
+        "rate_limited_share": round(r.rate_limited / max(1, r.calls), 4),
+        "steady_rate_limited_share": round(r.steady_rate_limited / max(1, r.steady_calls), 4),
+        "waves": r.waves,
+        "comparisons_per_s": round(r.comparisons / r.wall_s, 1),
+        "decision_ms_median": r.decision_ms,
+    }
+
+
+def scaled(k: float, rpm: float) -> tuple[MockProfile, dict[str, str]]:
+    """The realistic profile with time scaled by k, and the environment that sets it."""
+    base = profile_from_env("realistic")
+    profile = MockProfile(
+        "realistic",
+        latency_median_ms=base.latency_median_ms / k,
+        latency_p99_ms=base.latency_p99_ms / k,
+        rate_limit_rpm=rpm * k,
+    )
+    env = {
+        "CJS_MOCK_PROFILE": "realistic",
+        "CJS_MOCK_LATENCY_MEDIAN_MS": repr(profile.latency_median_ms),
+        "CJS_MOCK_LATENCY_P99_MS": repr(profile.latency_p99_ms),
+        "CJS_MOCK_RATE_LIMIT_RPM": repr(profile.rate_limit_rpm),
+    }
+    return profile, env
+
+
+def main() -> None:
+    configure(json_logs=False, level="WARNING")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=10.0, help="time scale of the ten-batch runs")
+    ap.add_argument("--single-scale", type=float, default=2.0, help="... of the one-batch runs")
+    ap.add_argument("--rpm", type=float, default=600.0, help="the limit, before scaling")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--essays", type=int, default=100)
+    ap.add_argument("--xadd-requests", type=int, default=200_000)
+    ap.add_argument("--only", choices=["cpu", "latency"], default=None)
+    ap.add_argument("--overlaps", default="0.8,1.0", help="CJS_WAVE_OVERLAP values to run")
+    ap.add_argument("--sizes", default="", help="batches at once to run (default: 1 and --batches)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    server = RedisServer(Path(tempfile.mkdtemp()))
+    server.start(aof=False)
+    report: dict[str, Any] = {"redis": "redis-server (local, no persistence)"}
+    try:
+        if args.only in (None, "cpu"):
+            report["xadd_reference_per_s"] = xadd_reference(server.port, args.xadd_requests)
+            zero = run(
+                server.url,
+                "zero latency",
+                workers=args.workers,
+                batches=args.batches,
+                essays=args.essays,
+                overlap=0.8,
+                env={"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_LATENCY_MS": "0"},
+                options={},
+            )
+            rate = zero.comparisons / zero.wall_s
+            per = (zero.worker_cpu_s + zero.redis_cpu_s) / zero.comparisons
+            workers_ms = 1000 * zero.worker_cpu_s / zero.comparisons
+            redis_ms = 1000 * zero.redis_cpu_s / zero.comparisons
+            report["zero_latency"] = {
+                "workers": args.workers,
+                "batches": args.batches,
+                "comparisons": zero.comparisons,
+                "wall_s": round(zero.wall_s, 2),
+                "comparisons_per_s": round(rate, 1),
+                "share_of_xadd_rate": round(rate / report["xadd_reference_per_s"], 4),
+                "cpu_ms_per_comparison": round(1000 * per, 3),
+                "worker_cpu_ms_per_comparison": round(workers_ms, 3),
+                "redis_cpu_ms_per_comparison": round(redis_ms, 3),
+                "waves": zero.waves,
+                # Wall time of the CJ steps (BT fit and scores, planning, applying pages of
+                # callbacks), summed over the processes: where the workers' time goes.
+                "cj_steps_ms_per_comparison": {
+                    k[:-2]: round(1000 * v / zero.comparisons, 3)
+                    for k, v in zero.steps.items()
+                    if k.endswith("_s")
+                },
+                "cj_steps_count": {k[:-2]: v for k, v in zero.steps.items() if k.endswith("_n")},
+            }
+        if args.only in (None, "latency"):
+            rows = []
+            sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [1, args.batches]
+            for overlap in (float(x) for x in args.overlaps.split(",")):
+                for batches in sizes:
+                    # One batch at a milder scale: CJ's own time per wave does not scale
+                    # with the latencies, and would weigh ten times too much at 10.
+                    k = args.single_scale if batches == 1 else args.scale
+                    profile, env = scaled(k, args.rpm)
+                    label = f"{batches} batch{'es' if batches > 1 else ''}, overlap {overlap}"
+                    r = run(
+                        server.url,
+                        label,
+                        workers=args.workers,
+                        batches=batches,
+                        essays=args.essays,
+                        overlap=overlap,
+                        env=env,
+                        options={"lps_rate_limit_rpm": profile.rate_limit_rpm},
+                    )
+                    rows.append(_row(r, profile, profile.rate_limit_rpm, k, single=batches == 1))
+            report["realistic"] = {
+                "limit_rpm_real": args.rpm,
+                "workers": args.workers,
+                "runs": rows,
+            }
+    finally:
+        server.stop()
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    _print(report)
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(report["redis"])
+    if "zero_latency" in report:
+        z = report["zero_latency"]
+        print(
+            f"redis-benchmark XADD (50 clients, no pipelining): "
+            f"{report['xadd_reference_per_s']:,.0f}/s"
+        )
+        print(
+            f"zero latency, {z['workers']} processes, {z['batches']} batches: "
+            f"{z['comparisons_per_s']:,.0f} comparisons/s ({z['comparisons']} in {z['wall_s']} s) "
+            f"= {100 * z['share_of_xadd_rate']:.2f} % of the XADD rate (goal >= 5 %)"
+        )
+        print(
+            f"CPU per comparison: {z['cpu_ms_per_comparison']} ms (workers "
+            f"{z['worker_cpu_ms_per_comparison']} ms + Redis {z['redis_cpu_ms_per_comparison']} ms;"
+            " goal <= 0.5 ms)"
+        )
+        print(
+            f"  of which CJ steps (wall, per comparison, ms): {z['cj_steps_ms_per_comparison']} "
+            f"(counts {z['cj_steps_count']})"
+        )
+    if "realistic" in report:
+        rl = report["realistic"]
+        print(
+            f"\nrealistic profile (lognormal latency, median 1.5 s, p99 12 s; limit "
+            f"{rl['limit_rpm_real']:,.0f}/min), time scaled by the run's scale: latencies divided "
+            f"by it, the limit multiplied; {rl['workers']} worker processes, the limiter "
+            "configured to the limit. (real): wall time x scale"
+        )
+        head = (
+            f"{'run':<26} {'scale':>5} {'comps':>6} {'wall s':>7} {'(real)':>7} {'bound s':>8} "
+            f"{'wall/bound':>10} {'crit s':>7} {'goal':>5} {'429 %':>6} {'steady':>6} "
+            f"{'calls/c':>7} {'waves':>9} {'decide ms':>9}"
+        )
+        print(head)
+        for row in rl["runs"]:
+            crit = f"{row['critical_path_s']:.1f}" if row["critical_path_s"] is not None else "-"
+            waves = row["waves"]
+            wv = str(waves[0]) if len(waves) == 1 else f"{min(waves)}-{max(waves)}"
+            print(
+                f"{row['run']:<26} {row['scale']:>5g} {row['comparisons']:>6} "
+                f"{row['wall_s']:>7.1f} "
+                f"{row['wall_real_equivalent_s']:>7.0f} {row['bound_s']:>8.1f} "
+                f"{row['wall_over_bound']:>10.2f} {crit:>7} "
+                f"{'met' if row['goal_met'] else 'no':>5} "
+                f"{100 * row['rate_limited_share']:>6.2f} "
+                f"{100 * row['steady_rate_limited_share']:>6.2f} "
+                f"{row['calls_per_comparison']:>7.3f} {wv:>9} {row['decision_ms_median']:>9.0f}"
+            )
+        print(
+            "goal: ten batches <= 1.25 x bound; one batch <= max(2 x bound, critical path); "
+            "429 share <= 2 % at steady state (the middle 80 % of a run); decide ms: median time "
+            "from the last callback CJ had to the next wave"
+        )
+
+
+if __name__ == "__main__":
+    main()
