@@ -152,18 +152,20 @@ def account_failure(state: BatchState) -> tuple[str, str] | None:
 def over_cost_cap(state: BatchState, n_requests: int) -> str | None:
     """Why a wave of `n_requests` would take the batch past its `max_cost_usd`, or None.
     A comparison is priced at what the batch's comparisons have cost on average so far, or at
-    the estimate made at registration while there is none."""
+    the estimate made at registration while there is none; those still in flight (a wave
+    planned while the last one is out) count as spent."""
     cap = state.config.max_cost_usd
     if cap is None:
         return None
     spent = state.cost_nusd / NANO_USD
     paid = state.accepted + state.duplicates + state.late_callbacks
     per = spent / paid if paid and state.cost_nusd else state.config.cost_per_comparison_usd
-    projected = spent + per * n_requests
+    projected = spent + per * (n_requests + state.in_flight)
     if projected <= cap:
         return None
+    out = f" and {state.in_flight} in flight" if state.in_flight else ""
     return (
-        f"${spent:.4f} spent; the next wave of {n_requests} comparisons at ${per:.5f} each "
+        f"${spent:.4f} spent{out}; the next wave of {n_requests} comparisons at ${per:.5f} each "
         f"would bring it to ${projected:.4f}, past the cap of ${cap:.4f}"
     )
 
