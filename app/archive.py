@@ -30,7 +30,7 @@ import msgspec
 from redis.exceptions import ResponseError, WatchError
 
 from app.errors import BadFile, ConfigError, Conflict, NotFound
-from app.replay import rebuild
+from app.rebuild import rebuild
 from app.settings import Settings
 from events import codec
 from events.ids import event_id_problem
