@@ -649,7 +649,9 @@ async def test_same_input_and_seed_give_the_same_waves_and_judgements_whatever_t
     ]
     path = tmp_path / "batch.json"
     path.write_text(json.dumps({"essays": essays}))
-    mock = {"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_SEED": "5"}
+    # Waves one after the other: with overlap, which comparisons are back when a wave is
+    # planned depends on timing (README: reproducible runs need CJS_WAVE_OVERLAP=1.0).
+    mock = {"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_SEED": "5", "CJS_WAVE_OVERLAP": "1.0"}
     one = {**mock, "CJS_PREFIX": f"{procs.prefix}one:", "CJS_MOCK_LATENCY_MS": "0"}
     many = {**mock, "CJS_PREFIX": f"{procs.prefix}many:", "CJS_MOCK_LATENCY_MS": "8"}
     workers = [
