@@ -146,14 +146,15 @@ def account_failure(state: BatchState) -> tuple[str, str] | None:
 def over_cost_cap(state: BatchState, n_requests: int) -> str | None:
     """Why a wave of `n_requests` would take the batch past its `max_cost_usd`, or None.
     A comparison is priced at what the batch's comparisons have cost on average so far, or at
-    the estimate made at registration while there is none."""
+    the estimate made at registration while there is none. Requests still in flight (an
+    early wave's) will be paid too: they count with the wave."""
     cap = state.config.max_cost_usd
     if cap is None:
         return None
     spent = state.cost_nusd / NANO_USD
     paid = state.accepted + state.duplicates + state.late_callbacks
     per = spent / paid if paid and state.cost_nusd else state.config.cost_per_comparison_usd
-    projected = spent + per * n_requests
+    projected = spent + per * (n_requests + state.in_flight)
     if projected <= cap:
         return None
     return (
