@@ -33,6 +33,7 @@ from app.errors import BadFile, ConfigError, Conflict, NotFound
 from app.replay import rebuild
 from app.settings import Settings
 from events import codec
+from events.ids import event_id_problem
 from events.streams import BATCHES, CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS, STREAMS
 from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
@@ -50,6 +51,14 @@ _ENTRY_ID = re.compile(r"^\d+-\d+$")
 Progress = Callable[[int, str, int], None]
 # A file's events per stream: (entry id, type name, data as stored, event).
 PerStream = dict[str, list[tuple[str, str, bytes, Event]]]
+
+
+def by_partition(keys: Keys, batch_ids: Iterable[str]) -> dict[Keys, list[str]]:
+    """`batch_ids` grouped by the partition holding them, in their order."""
+    out: dict[Keys, list[str]] = {}
+    for b in batch_ids:
+        out.setdefault(keys.for_batch(b), []).append(b)
+    return out
 
 
 def belongs(event: Event, batch_id: str) -> bool:
@@ -87,7 +96,16 @@ async def collect_many(
     progress: Progress | None = None,
 ) -> dict[str, list[Record]]:
     """Every decodable event of each of `batch_ids` in the four streams, in entry-id order, read
-    in one pass over each stream from `min_ids[stream]` (its start when not given)."""
+    in one pass over each stream from `min_ids[stream]` (its start when not given): the
+    streams of the batches' partition (one pass per partition they are in)."""
+    groups = by_partition(keys, batch_ids)
+    if len(groups) > 1:
+        out: dict[str, list[Record]] = {}
+        for part, ids in groups.items():
+            out.update(await collect_many(r, part, ids, min_ids=min_ids, progress=progress))
+        return out
+    if groups:
+        keys = next(iter(groups))
     # The id as it appears inside the stored JSON (escaped where JSON escapes), so that the
     # byte filter never skips an entry of the batch.
     needles = [(b, msgspec.json.encode(b)[1:-1]) for b in batch_ids]
@@ -231,6 +249,9 @@ def parse_export(lines: Iterable[bytes], path: str) -> PerStream:
             event = codec.decode({"type": line.type.encode(), "data": data})
         except codec.DecodeError as exc:
             raise BadFile(f"{path}:{number}: {exc}") from exc
+        problem = event_id_problem(event)
+        if problem:  # ids become keys: never import one outside the grammar (events/ids.py)
+            raise BadFile(f"{path}:{number}: {problem}")
         rows = per[line.stream]
         if rows and entry_id_key(line.entry_id) <= entry_id_key(rows[-1][0]):
             raise BadFile(f"{path}:{number}: entry ids of {line.stream} are not increasing")
@@ -239,6 +260,7 @@ def parse_export(lines: Iterable[bytes], path: str) -> PerStream:
 
 
 async def _holds_batch(r: Any, keys: Keys, batch_id: str) -> bool:
+    keys = keys.for_batch(batch_id)
     if (
         await r.exists(pkeys.batch(keys, batch_id))
         or await r.hexists(pkeys.batch_index(keys), batch_id)
@@ -258,7 +280,8 @@ async def _holds_batch(r: Any, keys: Keys, batch_id: str) -> bool:
 
 async def load(r: Any, keys: Keys, per: PerStream) -> dict[str, Any]:
     """Append the events (original ids where possible) and move every consumer group of the
-    target streams past them, in one MULTI/EXEC; then rebuild the imported batches."""
+    target streams past them, in one MULTI/EXEC per partition the file's batches go to (each
+    batch's events to its own partition's streams); then rebuild the imported batches."""
     batch_ids = [e.batch_id for _, _, _, e in per[STREAMS[0]] if isinstance(e, BatchRegistered)]
     if not batch_ids:
         raise BadFile("the file holds no BatchRegistered event: nothing to import")
@@ -268,6 +291,46 @@ async def load(r: Any, keys: Keys, per: PerStream) -> dict[str, Any]:
                 f"prefix {keys.prefix!r} already holds batch {b!r}; refusing to import it twice "
                 "(import into another --prefix, or delete that namespace first)"
             )
+    parts = split_by_partition(keys, per, batch_ids)
+    for part, part_per in parts.items():  # refuse before writing to any partition
+        await _targets(r, part, part_per)
+    preserved = {name: True for name in STREAMS}
+    attempts = 0
+    for part, part_per in parts.items():
+        kept, tries = await _append(r, part, part_per)
+        preserved = {name: preserved[name] and kept[name] for name in STREAMS}
+        attempts = max(attempts, tries)
+    done = await rebuild(r, keys, batch_ids)
+    return {
+        "batches": batch_ids,
+        "ids_preserved": preserved,
+        "attempts": attempts,
+        "events_replayed": done["result"].events,
+    }
+
+
+def split_by_partition(keys: Keys, per: PerStream, batch_ids: list[str]) -> dict[Keys, PerStream]:
+    """A file's events per partition of the target: each with the first of its batches that
+    the file registers (a bundle names several), else its first batch."""
+    registered = set(batch_ids)
+    out: dict[Keys, PerStream] = {}
+    for name in STREAMS:
+        for row in per[name]:
+            event = row[3]
+            owners = (
+                list(event.batch_ids)
+                if isinstance(event, BundleDispatched)
+                else [getattr(event, "batch_id", "") or batch_ids[0]]
+            )
+            owner = next((b for b in owners if b in registered), owners[0] if owners else "")
+            part = keys.for_batch(owner or batch_ids[0])
+            out.setdefault(part, {n: [] for n in STREAMS})[name].append(row)
+    return out
+
+
+async def _append(r: Any, keys: Keys, per: PerStream) -> tuple[dict[str, bool], int]:
+    """One partition's share of an import, in one MULTI/EXEC under WATCH of its streams:
+    which streams kept the file's ids, and the attempts it took."""
     for attempt in range(1, IMPORT_TRIES + 1):
         async with r.pipeline(transaction=True) as pipe:
             try:
@@ -278,13 +341,7 @@ async def load(r: Any, keys: Keys, per: PerStream) -> dict[str, Any]:
                 await pipe.execute()
             except WatchError:
                 continue
-        done = await rebuild(r, keys, batch_ids)
-        return {
-            "batches": batch_ids,
-            "ids_preserved": preserved,
-            "attempts": attempt,
-            "events_replayed": done["result"].events,
-        }
+        return preserved, attempt
     raise Conflict(f"the target streams kept changing during {IMPORT_TRIES} attempts")
 
 
@@ -475,13 +532,17 @@ def stream_parts(per: PerStream) -> dict[str, StreamPart]:
 
 
 async def archived_manifest(r: Any, keys: Keys, batch_id: str) -> Manifest | None:
-    raw = await r.hget(pkeys.archived_index(keys), batch_id)
+    raw = await r.hget(pkeys.archived_index(keys.for_batch(batch_id)), batch_id)
     return None if raw is None else decode_manifest(raw)
 
 
 async def archived_manifests(r: Any, keys: Keys) -> dict[str, Manifest]:
-    rows = await r.hgetall(pkeys.archived_index(keys))
-    return {as_str(k): decode_manifest(v) for k, v in rows.items()}
+    """The manifests of `keys`' partition, or of every partition of a namespace-wide `keys`."""
+    out: dict[str, Manifest] = {}
+    for part in keys.all_partitions():
+        rows = await r.hgetall(pkeys.archived_index(part))
+        out.update({as_str(k): decode_manifest(v) for k, v in rows.items()})
+    return out
 
 
 def check_archive(blob: bytes, manifest: Manifest) -> PerStream:

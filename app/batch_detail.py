@@ -95,7 +95,8 @@ async def timeline(r: Any, keys: Keys, state: BatchState) -> list[dict[str, Any]
     """The batch's events on `cj:batches` in order: entry id, time, type and a summary."""
     needle = state.batch_id.encode()
     out: list[dict[str, Any]] = []
-    async for entries in read_pages(raw_client(r), keys.batches, min_id=_start_id(state)):
+    stream = keys.for_batch(state.batch_id).batches
+    async for entries in read_pages(raw_client(r), stream, min_id=_start_id(state)):
         for raw_id, flat in entries:
             data = flat[3] if len(flat) == 4 else None
             if isinstance(data, bytes) and needle not in data:

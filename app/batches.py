@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from app.archive import Manifest, archived_manifest, archived_state
+import msgspec
+
 from app.connection import open_redis
 from app.errors import NotFound
 from app.settings import Settings, keys_for
 from app.views import status_view
 from events.text import as_str
+from events.types import NANO_USD, BatchConfig
 from lps.breaker import Breaker
 from projections import keys as pkeys
 from projections.batch import BatchState
-from projections.store import batch_fields, decode_state, list_batches, load_state
+from projections.store import batch_fields, load_state
 from streams.keys import Keys
+
+if TYPE_CHECKING:
+    from app.archive import Manifest
 
 T = TypeVar("T")
 
@@ -37,6 +42,10 @@ async def load_batch(
     state = await load_state(r, keys, batch_id)
     if state is not None:
         return state, None
+    # Only a batch without a live projection needs the archive code (and what it loads): a
+    # live batch's `cjs status` starts without it.
+    from app.archive import archived_manifest, archived_state
+
     manifest = await archived_manifest(r, keys, batch_id)
     if manifest is None:
         raise NotFound(f"no batch {batch_id!r} under prefix {keys.prefix!r}")
@@ -62,46 +71,9 @@ async def read_view(settings: Settings, batch_id: str, view: Callable[[BatchStat
         await r.aclose()
 
 
-# Fields of `status_view` that need the essays or the correlation map, left out of list rows.
-_HEAVY = ("essays", "anchors", "orphan_correlation_ids")
-
-
-async def batch_rows(r: Any, keys: Keys, *, status: str | None = None) -> list[dict[str, Any]]:
-    """Every batch (or those with `status`) as `status_view` shows it, without the fields that
-    need its essays or correlation map: a list reads two small hashes per batch, newest first."""
-    batch_ids = await list_batches(r, keys)
-    async with r.pipeline(transaction=False) as pipe:
-        for batch_id in batch_ids:
-            pipe.hgetall(pkeys.batch(keys, batch_id))
-            pipe.hget(pkeys.batch_docs(keys, batch_id), "config")
-        replies = await pipe.execute()
-    rows = []
-    for k, batch_id in enumerate(batch_ids):
-        scalars, config = replies[2 * k], replies[2 * k + 1]
-        if not scalars or config is None:
-            continue
-        state = decode_state(
-            {
-                pkeys.batch(keys, batch_id): scalars,
-                pkeys.batch_docs(keys, batch_id): {"essays": b"[]", "config": config},
-            },
-            keys,
-            batch_id,
-        )
-        if state is None or (status is not None and state.status != status):
-            continue
-        view = status_view(state)
-        for name in _HEAVY:
-            view.pop(name)
-        extra = {as_str(f): as_str(v) for f, v in scalars.items()}
-        if "cost_usd" in extra:  # the batch's cost, where the projection keeps one (issue 10)
-            view["cost_usd"] = float(extra["cost_usd"])
-        rows.append(view)
-    rows.reverse()
-    return rows
-
-
 STATUSES = ("registered", "running", "finalized", "failed")
+LIST_LIMIT = 50
+"""Batches a list shows unless told otherwise (`cjs batches --limit`, `/api/batches?limit=`)."""
 # `--status open` stands for the statuses a batch can still leave.
 OPEN = ("registered", "running")
 _LISTED = (
@@ -118,27 +90,44 @@ _LISTED = (
     "waves",
 )
 _NUMBERS = frozenset({"denominator", "submitted", "completed", "failed", "in_flight", "waves"})
+_config = msgspec.json.Decoder(BatchConfig)
+
+
+async def _configs(r: Any, keys: Keys, batch_ids: list[str]) -> list[BatchConfig | None]:
+    """The batches' configs (None where a batch has none): one pipelined round trip."""
+    async with r.pipeline(transaction=False) as pipe:
+        for batch_id in batch_ids:
+            pipe.hget(pkeys.batch_docs(keys, batch_id), "config")
+        raw = await pipe.execute()
+    return [None if value is None else _config.decode(value) for value in raw]
 
 
 async def list_view(
     r: Any, keys: Keys, *, statuses: Iterable[str] = (), limit: int | None = None
 ) -> dict[str, Any]:
-    """The batches of the namespace, newest registration first, with their counters (from
-    each batch's scalar hash: one pipelined round trip, no essays or scores loaded); only
-    those in `statuses` when given ("open" for registered and running)."""
+    """The batches of the namespace, newest registration first, with their counters, cost,
+    mode, provider and model (from each batch's scalar hash and config: two pipelined round
+    trips, no essays or scores loaded); only those in `statuses` when given ("open" for
+    registered and running). `cjs batches` and the dashboard's lists."""
     wanted = {s for name in statuses for s in (OPEN if name == "open" else (name,))}
-    listed = list(reversed(await batch_fields(r, keys, *_LISTED)))
+    listed = list(reversed(await batch_fields(r, keys, *_LISTED, "cost_nusd")))
+    configs = await _configs(r, keys, [batch_id for batch_id, _ in listed])
     counts: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
-    for batch_id, values in listed:
+    for (batch_id, values), config in zip(listed, configs, strict=True):
         row: dict[str, Any] = {"batch_id": batch_id}
-        for name, value in zip(_LISTED, values, strict=True):
+        *counters, cost_nusd = values
+        for name, value in zip(_LISTED, counters, strict=True):
             text = as_str(value) if value is not None else ""
             row[name] = int(text or 0) if name in _NUMBERS else (text or None)
         accepted = row["completed"] + row["failed"]
         row["completion_pct"] = (
             round(100.0 * accepted / row["denominator"], 2) if row["denominator"] else 0.0
         )
+        row["cost_usd"] = round(int(as_str(cost_nusd or b"0")) / NANO_USD, 6)
+        row["mode"] = config.mode if config else None
+        row["provider"] = config.provider if config else None
+        row["model"] = config.model if config else None
         status = row["status"] or "?"
         counts[status] = counts.get(status, 0) + 1
         if wanted and status not in wanted:

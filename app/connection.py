@@ -9,9 +9,9 @@ waits for Redis to come (streams/resilience.py). URLs are shown with their passw
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -19,30 +19,10 @@ from redis.exceptions import RedisError
 
 from app.errors import ConfigError, RedisUnavailable
 from app.settings import Settings
+from events.redact import mask_url
 from streams import client as streams_client
 
 EMBEDDED = "embedded (fakeredis)"
-_QUERY_PASSWORD = re.compile(r"(?i)(password=)[^&]*")
-
-
-def mask_url(url: str | None) -> str:
-    """`url` without its password (user names stay): redis://:***@host:6379/0."""
-    if not url:
-        return ""
-    url = _QUERY_PASSWORD.sub(r"\1***", url)
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:  # an IPv6 address
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-    except ValueError:  # not parseable as a URL: mask everything between // and @
-        head, sep, tail = url.rpartition("@")
-        return f"{head.split('//')[0]}//***@{tail}" if sep else url
 
 
 def connect(settings: Settings, *, embedded_ok: bool = True) -> tuple[Any, str]:
@@ -75,32 +55,32 @@ async def check_reachable(client: Any, settings: Settings) -> None:
     timeout = settings.redis_connect_timeout_s
     where = mask_url(settings.redis_url)
     if not hasattr(client, "connection_pool"):  # RedisCluster
-        try:
-            async with asyncio.timeout(timeout * 2):
-                await client.initialize()
-                await client.ping()
-        except TimeoutError as exc:
-            raise RedisUnavailable(
-                f"Redis Cluster at {where} did not answer within {timeout * 2:g}s"
-            ) from exc
-        except (RedisError, OSError) as exc:
-            raise RedisUnavailable(f"cannot use Redis Cluster at {where}: {describe(exc)}") from exc
+        async with _usable(f"Redis Cluster at {where}", timeout * 2):
+            await client.initialize()
+            await client.ping()
         return
     pool = client.connection_pool
     conn = pool.connection_class(**{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)})
     try:
-        async with asyncio.timeout(timeout):
+        async with _usable(f"Redis at {where}", timeout, " (CJS_REDIS_CONNECT_TIMEOUT_S)"):
             await conn.connect()
             await conn.send_command("PING")
             await conn.read_response()
-    except TimeoutError as exc:
-        raise RedisUnavailable(
-            f"Redis at {where} did not answer within {timeout:g}s (CJS_REDIS_CONNECT_TIMEOUT_S)"
-        ) from exc
-    except (RedisError, OSError) as exc:
-        raise RedisUnavailable(f"cannot use Redis at {where}: {describe(exc)}") from exc
     finally:
         await conn.disconnect()
+
+
+@contextlib.asynccontextmanager
+async def _usable(what: str, timeout: float, hint: str = "") -> AsyncIterator[None]:
+    """RedisUnavailable naming `what` when the block takes longer than `timeout` seconds or
+    meets a Redis or network error."""
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError as exc:
+        raise RedisUnavailable(f"{what} did not answer within {timeout:g}s{hint}") from exc
+    except (RedisError, OSError) as exc:
+        raise RedisUnavailable(f"cannot use {what}: {describe(exc)}") from exc
 
 
 def describe(exc: BaseException) -> str:

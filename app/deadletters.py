@@ -1,8 +1,12 @@
-"""One dead letter at a time: inspect it (essay text hidden unless asked for), redrive it to the
-stream it came from, delete it. `cjs dlq` lists them (`streams.dlq.read_dead_letters`).
+"""One dead letter at a time: inspect it (essay text hidden unless asked for), redrive it, delete
+it. `cjs dlq` lists them (`streams.dlq.read_dead_letters`).
 
-Issue 16 adds `cjs dlq redrive` in streams/dlq.py; `redrive` here is the same operation for the
-dashboard, kept small and web-independent so the two can become one function at the merge.
+A redrive here is `cjs dlq redrive` (app/dlq.py) for one letter: a parked callback (a valid one
+dead-lettered as `max_deliveries`) is applied in place, once, and its batch moves on; any other
+letter whose entry would now be accepted is appended again to its stream as a new entry; a
+letter that would only be dead-lettered again is refused, with why. Deleting a letter leaves a
+parked callback parked: `cjs dlq redrive` still applies it (replay leaves it out until then,
+as the live projection does).
 """
 
 from __future__ import annotations
@@ -11,22 +15,13 @@ import json
 from typing import Any
 
 from app.errors import InputError, NotFound
+from app.partitions import number, one_partition
 from events.streams import STREAMS, dlq_name
-from events.text import as_str
 from streams.dlq import letter_view
 from streams.keys import Keys
 
 # Essay text is student data: a dead letter shows it only when asked for, and never logs it.
 TEXT_KEYS = frozenset({"text"})
-
-# Moves one dead letter back, exactly once however many redrive it at the same time: the XADD
-# happens only if this call's XDEL removed the letter. KEYS: 1 the DLQ, 2 the source stream;
-# ARGV: 1 the letter's id, then the original fields as name, value, ... Returns the new id or
-# false when the letter is gone.
-_REDRIVE_LUA = """
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return false end
-return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-"""
 
 
 def _source_of(dlq_stream: str) -> str:
@@ -79,51 +74,84 @@ def redact_listing(view: dict[str, Any]) -> dict[str, Any]:
 
 
 async def inspect(
-    r: Any, keys: Keys, dlq_stream: str, entry_id: str, *, show_text: bool = False
+    r: Any,
+    keys: Keys,
+    dlq_stream: str,
+    entry_id: str,
+    *,
+    show_text: bool = False,
+    partition: int | str | None = None,
 ) -> dict[str, Any]:
-    """One dead letter as `cjs dlq --json` shows it; essay text hidden unless `show_text`."""
+    """One dead letter (of `partition`: see `app.partitions.one_partition`) as `cjs dlq
+    --json` shows it; essay text hidden unless `show_text`."""
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     found = await r.xrange(keys.dlq(source), min=entry_id, max=entry_id, count=1)
     if not found:
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
-    letter = letter_view(dlq_name(source), found[0][0], found[0][1])
+    letter = {
+        **letter_view(dlq_name(source), found[0][0], found[0][1]),
+        "partition": number(keys),
+    }
     return letter if show_text else redact(letter)
 
 
-async def redrive(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[str, Any]:
-    """Append the dead letter's original fields to its source stream as a new entry and remove
-    it from the dead letters, atomically and once (a second redrive finds nothing: NotFound).
-    The consumer group reads it like any new entry: a request is judged unless its callback
-    exists already, a callback is applied (counted as a duplicate if one was accepted)."""
+async def redrive(
+    r: Any, keys: Keys, dlq_stream: str, entry_id: str, partition: int | str | None = None
+) -> dict[str, Any]:
+    """Redrive one dead letter of `partition` (see the module's docstring), atomically and
+    once: a second redrive of it finds nothing (NotFound). A re-appended entry is read by the
+    consumer group like any new one: a request is judged unless its callback exists already, a
+    callback is applied (counted as a duplicate if one was accepted). InputError when the
+    letter cannot be used now."""
+    from app.dlq import redrive as redrive_letters  # scoring (numpy): only a redrive needs it
+
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     found = await r.xrange(keys.dlq(source), min=entry_id, max=entry_id, count=1)
     if not found:
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
     letter = letter_view(dlq_name(source), found[0][0], found[0][1])
-    original = letter["fields"]
-    if not isinstance(original, dict) or not original:
-        raise InputError(f"dead letter {entry_id} kept no fields to redrive")
     if letter["source_stream"] not in (None, source):
         raise InputError(f"dead letter {entry_id} came from {letter['source_stream']}")
-    flat: list[str] = []
-    for name, value in original.items():
-        flat += [str(name), value if isinstance(value, str) else json.dumps(value)]
-    new_id = await r.eval(_REDRIVE_LUA, 2, keys.dlq(source), keys.stream(source), entry_id, *flat)
-    if not new_id:
-        raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)} (redriven meanwhile?)")
-    return {
+    done = await redrive_letters(r, keys, stream=source, letter_ids={entry_id})
+    about = {
         "dlq_stream": dlq_name(source),
+        "partition": number(keys),
         "entry_id": entry_id,
         "source_stream": source,
         "source_id": letter["source_id"],
-        "new_entry_id": as_str(new_id),
         "reason": letter["reason"],
     }
+    # One letter selected: at most one of these lists holds anything.
+    applied = [a for a in done["applied"] if a["outcome"] != "replayed"]  # replayed: taken first
+    if applied:
+        return {
+            **about,
+            "new_entry_id": None,
+            "applied": applied[0]["outcome"],
+            "batch_id": applied[0]["batch_id"],
+            "correlation_id": applied[0]["correlation_id"],
+            "advanced": done["advanced"],
+        }
+    if done["reappended"]:
+        return {**about, "new_entry_id": done["reappended"][0]["new_id"]}
+    if done["skipped"]:
+        raise InputError(f"dead letter {entry_id} cannot be redriven: {done['skipped'][0]['why']}")
+    raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)} (redriven meanwhile?)")
 
 
-async def delete(r: Any, keys: Keys, dlq_stream: str, entry_id: str) -> dict[str, Any]:
-    """Remove one dead letter for good."""
+async def delete(
+    r: Any, keys: Keys, dlq_stream: str, entry_id: str, partition: int | str | None = None
+) -> dict[str, Any]:
+    """Remove one dead letter (of `partition`) for good."""
     source = _source_of(dlq_stream)
+    keys = one_partition(keys, partition)
     if not int(await r.xdel(keys.dlq(source), entry_id)):
         raise NotFound(f"no dead letter {entry_id} in {dlq_name(source)}")
-    return {"dlq_stream": dlq_name(source), "entry_id": entry_id, "deleted": True}
+    return {
+        "dlq_stream": dlq_name(source),
+        "partition": number(keys),
+        "entry_id": entry_id,
+        "deleted": True,
+    }

@@ -1,13 +1,18 @@
 """structlog set-up: JSON lines for workers, readable lines on a terminal.
 
-Never log essay text or keys."""
+Never log essay text or keys: every string of every line goes through `events.redact.scrub`
+(URL passwords, API keys and tokens, whatever their case). An exception logged with
+`log.exception` (or `exc_info=`) is written as its traceback text, in JSON lines too."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+from events.redact import scrub_value
 
 
 class _CurrentStderr:
@@ -30,22 +35,28 @@ def error_text(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
+def _scrub(_logger: object, _method: str, event_dict: structlog.typing.EventDict) -> Any:
+    return scrub_value(event_dict)
+
+
 def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
-    # JSON lines carry a logged exception's traceback as text (`exception`); the console
-    # renderer formats it itself.
-    renderer: list[structlog.typing.Processor] = (
-        [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    # A logged exception's traceback becomes text (`exception`) before anything is written, in
+    # JSON lines and on a terminal alike, so the scrubber sees it too.
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
         if json_logs
-        else [structlog.dev.ConsoleRenderer(colors=False)]
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            *renderer,
+            structlog.processors.format_exc_info,
+            _scrub,
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             getattr(logging, level.upper(), logging.INFO)

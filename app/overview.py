@@ -1,18 +1,17 @@
 """The dashboard's overview, web-independent: `cjs stuck`'s summary (streams, groups, consumers
 with their verdicts, stalled batches, dead-letter counts: the same figures as `cjs stuck
---json`), the open batches (as `cjs status --json`) and the providers' health."""
+--json`), the open batches (rows of `cjs batches --json`) and the providers' health."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from app.batches import batch_rows
+from app.batches import OPEN, list_view
 from app.settings import Settings
 from app.stuck import summary
 from events.text import as_str
 from lps import keys as lkeys
-from projections.batch import TERMINAL
 from streams.keys import Keys
 
 
@@ -48,12 +47,12 @@ async def provider_health(
             cooldowns.append(
                 {"provider": provider, "model": model, "remaining_s": round(until - now, 3)}
             )
-        names = [f"lps:breaker:{provider}:{model}"]
+        names = [(f"lps:breaker:{provider}:{model}", lkeys.breaker(keys, provider, model))]
         if provider not in seen_providers:
             seen_providers.add(provider)
-            names.insert(0, f"lps:breaker:{provider}")
-        for name in names:
-            state = await _stored(r, keys.key(name))
+            names.insert(0, (f"lps:breaker:{provider}", lkeys.breaker(keys, provider)))
+        for name, key in names:  # shared by every partition: outside their hash tags
+            state = await _stored(r, key)
             if state is not None:
                 breakers.append({"key": name, "provider": provider, "state": state})
     return {"cooldowns": cooldowns, "breakers": breakers}
@@ -61,31 +60,22 @@ async def provider_health(
 
 async def overview(r: Any, keys: Keys, s: Settings) -> dict[str, Any]:
     """The overview as one JSON-ready object: `summary` (what `cjs stuck --json` shows, without
-    its list of stuck entries), `batches` (the open batches, as `cjs status --json`), `providers`
-    and the cost of the batches listed where the projection knows it."""
+    its list of stuck entries), `open_batches` (rows of `cjs batches --json --status open`),
+    `batch_counts` (its `counts`), `providers` and the cost of every batch listed."""
     view, _ = await summary(
         r,
         keys,
         batch_idle_s=s.batch_idle_timeout_s,
         dead_after_s=s.processing_timeout_s,
     )
-    rows = await batch_rows(r, keys)
-    open_rows = [row for row in rows if row["status"] not in TERMINAL]
-    costs = [row["cost_usd"] for row in rows if row.get("cost_usd") is not None]
+    listed = await list_view(r, keys)
+    rows = listed["batches"]
+    models = [(row["provider"], row["model"]) for row in rows if row["provider"] is not None]
     return {
         **view,
         "processing_timeout_s": s.processing_timeout_s,
-        "batch_counts": _counts(rows),
-        "open_batches": open_rows,
-        "cost_usd_listed": round(sum(costs), 6) if costs else None,
-        "providers": await provider_health(
-            r, keys, [(row["provider"], row["model"]) for row in rows]
-        ),
+        "batch_counts": listed["counts"],
+        "open_batches": [row for row in rows if row["status"] in OPEN],
+        "cost_usd_listed": round(sum(row["cost_usd"] for row in rows), 6) if rows else None,
+        "providers": await provider_health(r, keys, models),
     }
-
-
-def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts

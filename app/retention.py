@@ -57,7 +57,8 @@ from app.archive import (
     stream_parts,
 )
 from app.errors import BadFile
-from events.streams import CONSUMED, STREAMS
+from app.partitions import label
+from events.streams import CALLBACKS, CONSUMED, STREAMS
 from events.text import as_str
 from events.types import BatchRegistered, BundleDispatched, now_iso
 from lps import keys as lkeys
@@ -67,9 +68,10 @@ from projections.rebuild import diff, expected_of, read_snapshot
 from projections.replay import decode_flat, range_start
 from projections.store import batch_fields
 from streams.dlq import trim_dead_letters
+from streams.errors import kind_of, policy_of
 from streams.keys import Keys
 from streams.paging import next_id, raw_client, read_pages
-from streams.resilience import REDIS_DOWN, sleep_unless
+from streams.resilience import REDIS_ERRORS, sleep_unless
 from streams.trim import group_floor, lower, trim_below
 
 log = structlog.get_logger("app.retention")
@@ -180,6 +182,11 @@ async def _still_needed(r: Any, keys: Keys, records: list[Record]) -> str | None
             if len(rows) < 1000:
                 break
             start = next_id(as_str(rows[-1]["message_id"]))
+    # A parked callback waits for `cjs dlq redrive`, which reads it from the stream: archiving
+    # the batch first would trim it, and the archive would replay it as applied.
+    parked = {as_str(p) for p in await r.hkeys(keys.dlq_parked(CALLBACKS))}
+    if parked & {rec.entry_id for rec in records if rec.stream == CALLBACKS}:
+        return f"{CALLBACKS}: parked dead letters wait for `cjs dlq redrive`"
     return None
 
 
@@ -470,7 +477,7 @@ async def trim_streams(
     scans: dict[str, _Scan] = {}
     for name, last in zip(STREAMS, replies[1:], strict=True):
         if not last:
-            report.floors[name] = None
+            report.floors[label(keys, name)] = None
             continue
         stream = keys.stream(name)
         until = next_id(as_str(last[0][0]))
@@ -482,25 +489,27 @@ async def trim_streams(
             return
         scans[name] = scan
     for name, scan in scans.items():
-        report.floors[name] = scan.floor
+        # A partition's floors are its own; the trimmed counts add up per stream.
+        where = label(keys, name)
+        report.floors[where] = scan.floor
+        report.trimmed.setdefault(name, 0)
         if scan.blocked is not None:
-            report.blocked[name] = scan.blocked
+            report.blocked[where] = scan.blocked
         if scan.floor is None or scan.floor == scan.first:
-            report.trimmed[name] = 0
             continue
         if report.dry_run:
-            report.trimmed[name] = scan.below  # would be trimmed (less any a group holds)
+            report.trimmed[name] += scan.below  # would be trimmed (less any a group holds)
             continue
         if scan.lines:
             ok = await _write_segment(
-                store, keys, "segments", name, scan.seg_first, scan.seg_last, scan.lines, report
+                store, keys, "segments", where, scan.seg_first, scan.seg_last, scan.lines, report
             )
             if not ok:
                 continue
             step("segment_written")
         deleted, used = await trim_below(r, keys.stream(name), scan.floor)
-        report.trimmed[name] = deleted
-        report.floors[name] = used
+        report.trimmed[name] += deleted
+        report.floors[where] = used
         step("stream_trimmed")
         if deleted:
             log.info("stream_trimmed", stream=name, deleted=deleted, floor=used)
@@ -533,10 +542,11 @@ async def expire_dead_letters(
         if not lines:
             continue
         if report.dry_run:
-            report.dead_letters_trimmed[name] = len(lines)
+            shown = report.dead_letters_trimmed
+            shown[name] = shown.get(name, 0) + len(lines)
             continue
         ok = await _write_segment(
-            store, keys, "dead-letters", f"dlq:{name}", first, last, lines, report
+            store, keys, "dead-letters", label(keys, f"dlq:{name}"), first, last, lines, report
         )
         if not ok:
             return
@@ -544,7 +554,9 @@ async def expire_dead_letters(
     if report.dry_run:
         return
     trimmed = await trim_dead_letters(r, keys, older_than_s=retention_s, now_ms=now_ms)
-    report.dead_letters_trimmed = {k: v for k, v in trimmed.items() if v}
+    for name, n in trimmed.items():
+        if n:
+            report.dead_letters_trimmed[name] = report.dead_letters_trimmed.get(name, 0) + n
     step("dead_letters_trimmed")
 
 
@@ -559,13 +571,17 @@ async def run_pass(
     step: Step = _no_step,
     max_batches: int = MAX_BATCHES_PER_PASS,
 ) -> PassReport:
-    """One pass: archive what is due, trim the streams, expire old dead letters."""
+    """One pass: archive what is due, trim the streams, expire old dead letters; in each
+    partition of the namespace in turn (each partition's streams, index and archived
+    batches are its own; at most `max_batches` archived in all)."""
     started = time.perf_counter()
     report = PassReport(dry_run=dry_run, archive_url=store.url, older_than_s=older_than_s)
-    due = (await finished_batches(r, keys, older_than_s))[:max_batches]
-    await archive_batches(r, keys, store, due, report, step)
-    await trim_streams(r, keys, store, report, step)
-    await expire_dead_letters(r, keys, store, dlq_retention_s, report, step)
+    for part in keys.all_partitions():
+        room = max_batches - len(report.archived)
+        due = (await finished_batches(r, part, older_than_s))[:room] if room > 0 else []
+        await archive_batches(r, part, store, due, report, step)
+        await trim_streams(r, part, store, report, step)
+        await expire_dead_letters(r, part, store, dlq_retention_s, report, step)
     report.seconds = time.perf_counter() - started
     if report.archived or any(report.trimmed.values()) or report.problems:
         log.info(
@@ -600,8 +616,13 @@ async def run_archiver(
             )
             # A pass archives at most MAX_BATCHES_PER_PASS: a backlog goes on at once.
             backlog = len(report.archived) >= MAX_BATCHES_PER_PASS
-        except REDIS_DOWN as exc:
-            log.warning("archiver_redis_unavailable", error=str(exc)[:200])
+        except REDIS_ERRORS as exc:
+            if policy_of(exc) is None:
+                log.exception("archiver_error")
+            else:
+                log.warning(
+                    "archiver_redis_unavailable", error_kind=kind_of(exc), error=str(exc)[:200]
+                )
         except Exception:  # a bug, or the store unreachable: try again at the next pass
             log.exception("archiver_error")
         if not backlog:

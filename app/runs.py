@@ -81,7 +81,7 @@ async def with_readable_id(
     """A readable id that a seed reproduces (pairs derive from it), unique on a shared Redis."""
     batch_id = base
     if await r.exists(pkeys.batch(keys, batch_id)) or await r.hexists(
-        pkeys.archived_index(keys), batch_id
+        pkeys.archived_index(keys.for_batch(batch_id)), batch_id
     ):
         batch_id = f"{batch_id}-{new_id()[:8]}"
     return msgspec.structs.replace(registered, batch_id=batch_id)
@@ -140,9 +140,10 @@ async def wait_terminal(
 async def count_provider_calls(r: Any, keys: Keys, batch_id: str) -> int:
     """Provider calls = failed attempts + completed comparisons, counted from the streams."""
     calls = 0
+    part = keys.for_batch(batch_id)
     for stream, kind in (
-        (keys.dispatches, ProviderAttemptFailed),
-        (keys.callbacks, ComparisonCompleted),
+        (part.dispatches, ProviderAttemptFailed),
+        (part.callbacks, ComparisonCompleted),
     ):
         last = "-"
         while True:

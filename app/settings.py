@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from app.errors import ConfigError
 from streams.keys import Keys
+
+if TYPE_CHECKING:  # streams.dlq brings logging and metrics: not on every command's path
+    from streams.dlq import DeadLetterPolicy
 
 
 class Settings(BaseSettings):
@@ -68,6 +71,11 @@ class Settings(BaseSettings):
     redis_connect_timeout_s: float = Field(default=2.0, gt=0)
     # Longest essay text accepted at submit, in characters (both essays go into one prompt).
     max_essay_chars: int = Field(default=50_000, ge=1)
+    # Dead letters: the most bytes of an entry's fields a letter copies (the rest is cut,
+    # with the size and SHA-256 kept), how many letters a stream keeps, and for how long.
+    dlq_max_entry_bytes: int = Field(default=4096, ge=64)
+    dlq_maxlen: int = Field(default=100_000, ge=1)
+    dlq_retention_s: float = Field(default=30 * 24 * 3600.0, ge=0)
     log_format: str = "auto"
     # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.
     dashboard_token: SecretStr | None = None
@@ -78,7 +86,6 @@ class Settings(BaseSettings):
     # fsspec storage options of the archive store, as JSON (e.g. {"endpoint_url": ...}).
     archive_options: dict[str, Any] = Field(default_factory=dict)
     archive_interval_s: float = Field(default=300.0, gt=0)
-    dlq_retention_s: float = Field(default=30 * 86400.0, ge=0)
 
 
 def consumer_name(role: str) -> str:
@@ -103,6 +110,18 @@ def _problem(error: Any) -> str:
     alias = field.validation_alias if field is not None else None
     variable = alias if isinstance(alias, str) else f"CJS_{name.upper()}"
     return f"{variable}={error.get('input')!r}: {error['msg']}"
+
+
+def dead_letter_policy(settings: Settings) -> DeadLetterPolicy:
+    from streams.dlq import DeadLetterPolicy
+
+    return DeadLetterPolicy(
+        max_entry_bytes=settings.dlq_max_entry_bytes,
+        maxlen=settings.dlq_maxlen,
+        # Age is the archiver's (app/retention.py): it writes old letters to the archive
+        # before trimming them; a trim when a letter is written would lose them unarchived.
+        retention_s=0,
+    )
 
 
 def keys_for(settings: Settings, prefix: str | None = None) -> Keys:

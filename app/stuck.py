@@ -5,13 +5,15 @@ of it but the entries), one cleanup pass now (`reclaim`), and one entry's action
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 from redis.exceptions import ResponseError
 
+from app.dlq import acceptable
 from app.errors import Conflict, InputError, NotFound
-from app.settings import Settings, consumer_name
+from app.partitions import max_id, min_id, number, one_partition, total
+from app.settings import Settings, consumer_name, dead_letter_policy
 from app.wiring import cj_consumer, lps_worker
 from cj.continuation import Decision
 from cj.stalls import finalize_stalled, find_stalled, stalled_view
@@ -27,6 +29,7 @@ from events.types import (
 )
 from lps.breaker import open_breakers
 from lps.providers.registry import make_provider
+from streams.clock import server_time
 from streams.dlq import dead_letter
 from streams.keys import Keys
 from streams.pending import (
@@ -80,16 +83,23 @@ async def summary(
     groups: list[dict[str, Any]] = []
     rows_per_group: list[list[dict[str, Any]]] = []
     for stream_name, group in CONSUMED:
-        view, rows = await _group_view(r, keys, stream_name, group, limit, dead_after_s)
-        groups.append(view)
+        views = []
+        rows = []
+        for part in keys.all_partitions():
+            view, part_rows = await _group_view(r, part, stream_name, group, limit, dead_after_s)
+            views.append(view)
+            rows += part_rows
+        groups.append(_group_total(views))
         rows_per_group.append(rows)
-    now = datetime.now(UTC)
+    now = await server_time(r)
     stalled = [
         stalled_view(state, now) for state in await find_stalled(r, keys, batch_idle_s, now=now)
     ]
-    breakers = [b.view(now.timestamp()) for b in await open_breakers(r, keys)]
+    # Breakers keep the workers' wall-clock times (lps/breaker.py), as `cjs status` reads them.
+    breakers = [b.view(time.time()) for b in await open_breakers(r, keys)]
     view = {
         "prefix": keys.prefix,
+        "partitions": keys.partitions,
         "at": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "batch_idle_timeout_s": batch_idle_s,
         "dead_consumer_after_s": dead_after_s,
@@ -124,7 +134,9 @@ async def collect(
     truncated = False
     for g, rows in zip(view["groups"], rows_per_group, strict=True):
         truncated = truncated or len(rows) < g["pending"]
-        stuck += await _stuck_entries(r, keys, g["stream"], g["group"], rows, idle_s)
+        for part in keys.all_partitions():
+            mine = [row for row in rows if row["partition"] == number(part)]
+            stuck += await _stuck_entries(r, part, g["stream"], g["group"], mine, idle_s)
     return {
         **view,
         "idle_threshold_s": idle_s,
@@ -134,29 +146,47 @@ async def collect(
 
 
 async def stream_views(r: Any, keys: Keys) -> list[dict[str, Any]]:
-    """Per stream (and its dead letters): length, entries ever added, first and last entry id."""
+    """Per stream (and its dead letters): length, entries ever added, first and last entry id;
+    over every partition of the namespace (lengths added, the first and last ids of any)."""
     names = [name for stream in STREAMS for name in (stream, dlq_name(stream))]
     out = []
     for name in names:
-        try:
-            info = await r.xinfo_stream(keys.stream(name))
-        except ResponseError:  # no such stream
+        rows = [await _stream_view(r, part, name) for part in keys.all_partitions()]
+        found = [row for row in rows if row["exists"]]
+        if not found:
             out.append({"stream": name, "exists": False, "length": 0, "entries_added": 0})
             continue
-        added = info.get("entries-added")
+        added = [row["entries_added"] for row in found]
         out.append(
             {
                 "stream": name,
                 "exists": True,
-                "length": int(info["length"]),
-                # Redis < 7 does not count them.
-                "entries_added": None if added is None else int(added),
-                "first_entry_id": _entry_id(info.get("first-entry")),
-                "last_entry_id": as_str(info["last-generated-id"]),
-                "groups": int(info.get("groups", 0)),
+                "length": sum(row["length"] for row in found),
+                "entries_added": None if None in added else sum(added),
+                "first_entry_id": min_id(row["first_entry_id"] for row in found),
+                "last_entry_id": max_id(row["last_entry_id"] for row in found),
+                "groups": max(row["groups"] for row in found),
             }
         )
     return out
+
+
+async def _stream_view(r: Any, part: Keys, name: str) -> dict[str, Any]:
+    try:
+        info = await r.xinfo_stream(part.stream(name))
+    except ResponseError:  # no such stream
+        return {"stream": name, "exists": False, "length": 0, "entries_added": 0}
+    added = info.get("entries-added")
+    return {
+        "stream": name,
+        "exists": True,
+        "length": int(info["length"]),
+        # Redis < 7 does not count them.
+        "entries_added": None if added is None else int(added),
+        "first_entry_id": _entry_id(info.get("first-entry")),
+        "last_entry_id": as_str(info["last-generated-id"]),
+        "groups": int(info.get("groups", 0)),
+    }
 
 
 def _entry_id(entry: Any) -> str | None:
@@ -206,8 +236,11 @@ async def _group_view(
     rows = await pending_details(r, stream, group, count=limit) if pending else []
     oldest: dict[str, float] = {}
     for row in rows:
+        row["partition"] = number(keys)
         oldest[row["consumer"]] = max(oldest.get(row["consumer"], 0.0), row["idle_ms"] / 1000)
     consumers = await _consumers(r, stream, group, oldest, dead_after_s)
+    for c in consumers:
+        c["partition"] = number(keys)
     lag = info.get("lag")
     read = info.get("entries-read")
     view = {
@@ -222,6 +255,28 @@ async def _group_view(
         "consumers": consumers,
     }
     return view, rows
+
+
+def _group_total(views: list[dict[str, Any]]) -> dict[str, Any]:
+    """One group over the partitions: its figures added (the oldest idle and last delivered
+    id the largest of any), its consumers those of every partition (each says which)."""
+    if len(views) == 1:
+        return views[0]
+    found = [v for v in views if v["exists"]]
+    if not found:
+        return views[0]
+    idle = [v["oldest_idle_s"] for v in found if v["oldest_idle_s"] is not None]
+    return {
+        "stream": found[0]["stream"],
+        "group": found[0]["group"],
+        "exists": True,
+        "pending": sum(v["pending"] for v in found),
+        "lag": total(v["lag"] for v in found),
+        "entries_read": total(v["entries_read"] for v in found),
+        "last_delivered_id": max_id(v["last_delivered_id"] for v in found),
+        "oldest_idle_s": max(idle) if idle else None,
+        "consumers": [c for v in found for c in v["consumers"]],
+    }
 
 
 async def _consumers(
@@ -267,6 +322,7 @@ def _entry_view(stream_name: str, group: str, row: dict[str, Any], fields: Any) 
     return {
         "stream": stream_name,
         "group": group,
+        "partition": row.get("partition", 0),
         "entry_id": row["entry_id"],
         "consumer": row["consumer"],
         "idle_s": round(row["idle_ms"] / 1000, 3),
@@ -278,7 +334,9 @@ def _entry_view(stream_name: str, group: str, row: dict[str, Any], fields: Any) 
 async def _dead_letter_counts(r: Any, keys: Keys) -> dict[str, int]:
     counts = {}
     for stream_name in STREAMS:
-        n = int(await r.xlen(keys.dlq(stream_name)))
+        n = 0
+        for part in keys.all_partitions():
+            n += int(await r.xlen(part.dlq(stream_name)))
         if n:
             counts[stream_name] = n
     return counts
@@ -341,21 +399,31 @@ async def stuck_page(
     batch_id: str | None = None,
     after: str | None = None,
     size: int = PAGE_SIZE,
+    partition: int | str | None = None,
 ) -> dict[str, Any]:
     """One page of the pending entries of `stream_name`'s group idle `min_idle_s` or more,
     oldest entry first from after the entry id `after`, optionally of one consumer (XPENDING's
     own filters) and of one batch (read from each entry). Never lists the whole group: the
     rows come by XPENDING ranges of at most `size` (`SCAN_LIMIT` with a batch filter), and
-    `next_after` says where the next page starts (None at the end)."""
+    `next_after` says where the next page starts (None at the end).
+
+    With several partitions a page is of one: `partition`, else the batch's, else the first;
+    `partitions_pending` gives every partition's pending count, to choose from."""
     group = _GROUP_OF.get(stream_name)
     if group is None:
         raise InputError(
             f"no consumer group reads {stream_name!r}: choose one of {list(_GROUP_OF)}"
         )
-    stream = keys.stream(stream_name)
+    if partition in (None, "") and keys.partition is None:
+        partition = keys.partition_of(batch_id) if batch_id else 0
+    part = one_partition(keys, partition)
+    stream = part.stream(stream_name)
     head: dict[str, Any] = {
         "stream": stream_name,
         "group": group,
+        "partition": number(part),
+        "partitions": keys.partitions,
+        "partitions_pending": await _pending_per_partition(r, keys, stream_name, group),
         "min_idle_s": min_idle_s,
         "consumer": consumer,
         "batch_id": batch_id,
@@ -376,6 +444,34 @@ async def stuck_page(
     per_consumer = {
         as_str(c["name"]): int(c["pending"]) for c in (summary_reply or {}).get("consumers") or []
     }
+    entries, next_after, scanned = await _page(
+        r, part, stream_name, group, min_idle_s, consumer, batch_id, after, size
+    )
+    return {
+        **head,
+        "exists": True,
+        "pending": int(summary_reply["pending"]) if summary_reply else 0,
+        "consumers": per_consumer,
+        "entries": entries,
+        "next_after": next_after,
+        "scanned": scanned,
+    }
+
+
+async def _page(
+    r: Any,
+    part: Keys,
+    stream_name: str,
+    group: str,
+    min_idle_s: float,
+    consumer: str | None,
+    batch_id: str | None,
+    after: str | None,
+    size: int,
+) -> tuple[list[dict[str, Any]], str | None, int]:
+    """The entries of one page of `stream_name`'s pending entries in partition `part` (see
+    `stuck_page`), where the next page starts (None at the end), and the rows scanned."""
+    stream = part.stream(stream_name)
     kwargs: dict[str, Any] = {"idle": int(min_idle_s * 1000)}
     if consumer:
         kwargs["consumername"] = consumer
@@ -403,6 +499,7 @@ async def stuck_page(
         for row in rows:
             if row["entry_id"] not in found:
                 continue
+            row["partition"] = number(part)
             e = _entry_view(stream_name, group, row, found[row["entry_id"]])
             if batch_id and e["batch_id"] != batch_id:
                 continue
@@ -416,15 +513,18 @@ async def stuck_page(
             break
         next_after = entries[-1]["entry_id"] if len(entries) == size else rows[-1]["entry_id"]
         start = f"({next_after}"
-    return {
-        **head,
-        "exists": True,
-        "pending": int(summary_reply["pending"]) if summary_reply else 0,
-        "consumers": per_consumer,
-        "entries": entries,
-        "next_after": next_after,
-        "scanned": scanned,
-    }
+    return entries, next_after, scanned
+
+
+async def _pending_per_partition(r: Any, keys: Keys, stream_name: str, group: str) -> list[int]:
+    out = []
+    for part in keys.whole.all_partitions():
+        try:
+            reply = await r.xpending(part.stream(stream_name), group)
+        except ResponseError:  # no stream or no group yet
+            reply = None
+        out.append(int(reply["pending"]) if reply else 0)
+    return out
 
 
 # --- the cleanup --------------------------------------------------------------------------------
@@ -436,19 +536,28 @@ async def reclaim(r: Any, keys: Keys, s: Settings, *, batch_idle_s: float) -> di
     CJS_MAX_DELIVERIES), callback entries are applied again (or dead-lettered), and stalled
     batches are finalized or failed. The command's own consumers are removed afterwards."""
     consumer = consumer_name("cjs-stuck")
-    lps_actions = await _reclaim_requests(r, keys, s, consumer)
-    cj = cj_consumer(r, keys, s, consumer)
-    await cj.start()
-    cj_actions = await cj.reclaim()
+    lps_actions: list[StuckAction] = []
+    cj_actions: list[StuckAction] = []
+    views: dict[str, list[dict[str, Any]]] = {"requests": [], "callbacks": []}
+    for part in keys.all_partitions():
+        lps_done = await _reclaim_requests(r, part, s, consumer)
+        cj = cj_consumer(r, part, s, consumer)
+        await cj.start()
+        cj_done = await cj.reclaim()
+        for kind, done in (("requests", lps_done), ("callbacks", cj_done)):
+            views[kind] += [{**a.as_dict(), "partition": number(part)} for a in done]
+        lps_actions += lps_done
+        cj_actions += cj_done
     # A batch whose entries were just reclaimed is not stalled: their callbacks are on the
     # way (applied by the CJ workers), so it is left for a later pass.
     active = {a.batch_id for a in [*lps_actions, *cj_actions] if a.batch_id}
     batches, skipped = await _end_stalled(r, keys, batch_idle_s, active)
-    for stream_name, group in CONSUMED:
-        await prune_consumer(r, keys.stream(stream_name), group, consumer, min_idle_ms=0)
+    for part in keys.all_partitions():
+        for stream_name, group in CONSUMED:
+            await prune_consumer(r, part.stream(stream_name), group, consumer, min_idle_ms=0)
     return {
-        "requests": [a.as_dict() for a in lps_actions],
-        "callbacks": [a.as_dict() for a in cj_actions],
+        "requests": views["requests"],
+        "callbacks": views["callbacks"],
         "batches": batches,
         "skipped_batches": skipped,
     }
@@ -503,16 +612,20 @@ ENTRY_ACTIONS: dict[str, tuple[str, ...]] = {
 _GROUP_OF = dict(CONSUMED)
 
 
-async def pending_row(r: Any, keys: Keys, stream_name: str, entry_id: str) -> dict[str, Any]:
-    """The pending row (consumer, idle_ms, deliveries) of one entry; NotFound when not pending."""
+async def pending_row(
+    r: Any, keys: Keys, stream_name: str, entry_id: str, partition: int | str | None = None
+) -> dict[str, Any]:
+    """The pending row (consumer, idle_ms, deliveries) of one entry (of `partition`, see
+    `app.partitions.one_partition`); NotFound when not pending."""
     group = _GROUP_OF.get(stream_name)
     if group is None:
         raise InputError(
             f"no consumer group reads {stream_name!r}: choose one of {list(_GROUP_OF)}"
         )
+    part = one_partition(keys, partition)
     try:
         rows = await r.xpending_range(
-            keys.stream(stream_name), group, min=entry_id, max=entry_id, count=1
+            part.stream(stream_name), group, min=entry_id, max=entry_id, count=1
         )
     except ResponseError as exc:  # a malformed id, or no group yet
         raise InputError(f"{stream_name} {entry_id!r}: {exc}") from exc
@@ -536,8 +649,10 @@ async def act_on_entry(
     entry_id: str,
     action: str,
     min_idle_s: float = 0.0,
+    partition: int | str | None = None,
 ) -> dict[str, Any]:
-    """Do `action` to one pending entry now, if it is still idle `min_idle_s` (what the user saw:
+    """Do `action` to one pending entry of `partition` (needed with several, see
+    `app.partitions.one_partition`) now, if it is still idle `min_idle_s` (what the user saw:
     an entry its consumer took up meanwhile is left alone, Conflict):
 
     - `reclaim`: hand it to the live workers at once. It moves to the `released` consumer
@@ -546,7 +661,8 @@ async def act_on_entry(
       no provider call is made from here.
     - `expire` (requests only): end it here as the workers do after CJS_MAX_DELIVERIES:
       RequestExpired + ComparisonFailed(expired) appended with its XACK, so its batch goes on.
-    - `dead_letter`: move it to `dlq:<stream>` (reason `manual`) with its XACK, in one MULTI.
+    - `dead_letter`: move it to `dlq:<stream>` (reason `manual`) with its XACK, once (one
+      script, streams/dlq.py); a valid callback is also parked, for a redrive to apply.
 
     Returns what was done (the entry, its batch and correlation id, never essay text)."""
     allowed = ENTRY_ACTIONS.get(stream_name)
@@ -556,6 +672,7 @@ async def act_on_entry(
         )
     if action not in allowed:
         raise InputError(f"{action!r} is not an action on {stream_name}: one of {list(allowed)}")
+    keys = one_partition(keys, partition)
     row = await pending_row(r, keys, stream_name, entry_id)
     group = _GROUP_OF[stream_name]
     stream = keys.stream(stream_name)
@@ -565,6 +682,7 @@ async def act_on_entry(
     done = {
         "stream": stream_name,
         "group": group,
+        "partition": number(keys),
         "entry_id": entry_id,
         "action": action,
         "consumer": row["consumer"],
@@ -596,13 +714,22 @@ async def act_on_entry(
             await _expire_request(r, keys, s, consumer, claimed[0])
         else:
             detail = f"dead-lettered by hand after {row['deliveries']} deliveries"
+            entry = claimed[0].entry
+            # A valid callback is parked, as the CJ consumers park one after
+            # CJS_MAX_DELIVERIES: replay leaves it out as the live projection does, and
+            # `cjs dlq redrive` (or the dashboard's) applies it in place, once.
+            valid = stream_name == CALLBACKS and (
+                acceptable(CALLBACKS, entry.fields, entry.entry_id)[0] is not None
+            )
             await dead_letter(
                 r,
                 keys,
                 stream_name,
-                [(claimed[0].entry, codec.DecodeError("manual", detail))],
+                [(entry, codec.DecodeError("manual", detail))],
                 group,
                 consumer,
+                policy=dead_letter_policy(s),
+                park=frozenset({entry.entry_id}) if valid else frozenset(),
             )
     finally:
         await prune_consumer(r, stream, group, consumer, min_idle_ms=0)

@@ -214,14 +214,7 @@ def _attempt_errors(ev: RunEvents) -> dict[str, Any]:
         p = ev.provider_of(a.correlation_id, a.error.provider)
         calls[p] += 1
         errors[p][a.error.error_type] += 1
-    return {
-        p: {
-            "calls": n,
-            "errors": _shares(errors[p], n),
-            "error_rate": _rate(sum(errors[p].values()), n),
-        }
-        for p, n in sorted(calls.items())
-    }
+    return _per_provider(calls, errors, ("calls", "errors", "error_rate"))
 
 
 def _comparison_failures(ev: RunEvents, outcomes: dict[str, Callback]) -> dict[str, Any]:
@@ -230,13 +223,22 @@ def _comparison_failures(ev: RunEvents, outcomes: dict[str, Callback]) -> dict[s
     for cid, outcome in outcomes.items():
         if isinstance(outcome, ComparisonFailed):
             failed[ev.provider_of(cid, outcome.error.provider)][outcome.error.error_type] += 1
+    return _per_provider(asked, failed, ("requests", "failed", "failure_rate"))
+
+
+def _per_provider(
+    totals: Counter[str], by_type: dict[str, Counter[str]], names: tuple[str, str, str]
+) -> dict[str, Any]:
+    """Per provider, under `names`: its total, each error type's share of it, and the rate
+    of them all."""
+    total, shares, rate = names
     return {
         p: {
-            "requests": n,
-            "failed": _shares(failed[p], n),
-            "failure_rate": _rate(sum(failed[p].values()), n),
+            total: n,
+            shares: _shares(by_type[p], n),
+            rate: _rate(sum(by_type[p].values()), n),
         }
-        for p, n in sorted(asked.items())
+        for p, n in sorted(totals.items())
     }
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from cj import reporting
 from cj.stopping import per_essay
+from events.types import BatchScored
 from projections.batch import BatchState, completion_pct
+
+# Graded scores by (batch id, event id of the scores): a page polling a running batch grades
+# its latest scores once, not at every poll (grading is a Gibbs sampler: ~0.1 s).
+_GRADED: OrderedDict[tuple[str, str], BatchScored] = OrderedDict()
+_GRADED_KEPT = 32
 
 
 def _usd(value: float) -> float:
@@ -71,8 +78,26 @@ def status_view(
     }
 
 
-def results_view(state: BatchState) -> dict[str, Any]:
+def shown_scores(state: BatchState) -> BatchScored | None:
+    """The batch's latest scores, graded. The scores of a wave before a batch's last are
+    stored with θ and SE alone; grading them is the function CJ grades the last ones with."""
     scores = state.scores
+    if scores is None or scores.graded:
+        return scores
+    key = (state.batch_id, scores.event_id)
+    graded = _GRADED.get(key)
+    if graded is None:
+        from cj.grades import graded_scores  # numpy, scipy: only for a running batch's scores
+
+        graded = graded_scores(scores, state.essays, state.config.grade_scale, final=False)
+        _GRADED[key] = graded
+        while len(_GRADED) > _GRADED_KEPT:
+            _GRADED.popitem(last=False)
+    return graded
+
+
+def results_view(state: BatchState) -> dict[str, Any]:
+    scores = shown_scores(state)
     by_id = {s.essay_id: s for s in scores.scores} if scores else {}
     essays = []
     for essay in state.essays:

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.archive import store_for
 from app.retention import run_archiver
-from app.settings import Settings, consumer_name, worker_partitions
+from app.settings import Settings, consumer_name, dead_letter_policy, worker_partitions
 from cj.consumer import CJConsumer
 from cj.stalls import run_stall_finalizer
 from lps.breaker import Breaker
@@ -20,12 +20,27 @@ from lps.limiter import LimiterSettings, SharedLimiter, limited
 from lps.providers.base import Provider
 from lps.retry import RetryPolicy
 from lps.worker import LPSWorker
+from streams.consumer import GroupOptions
 from streams.keys import Keys
 
 # In-process consumers block at most this long on a read, so that a stop is seen promptly.
 MAX_BLOCK_MS = 200
 # Pages of requests an LPS worker holds at once (CJS_READ_COUNT entries each).
 LPS_PAGES = 8
+
+
+def group_options(s: Settings, *, count: int) -> GroupOptions:
+    """How every consumer built here reads and looks after its group; `count` entries a read."""
+    return GroupOptions(
+        count=count,
+        block_ms=min(s.block_ms, MAX_BLOCK_MS),
+        processing_timeout_s=s.processing_timeout_s,
+        max_deliveries=s.max_deliveries,
+        dead_consumer_after_s=s.dead_consumer_after_s,
+        replicas_ack=s.min_replicas_ack,
+        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
+        dead_letters=dead_letter_policy(s),
+    )
 
 
 def retry_policy(settings: Settings) -> RetryPolicy:
@@ -44,13 +59,7 @@ def cj_consumer(r: Any, keys: Keys, s: Settings, name: str) -> CJConsumer:
         keys,
         name,
         wave_overlap=s.wave_overlap,
-        count=100,
-        block_ms=min(s.block_ms, MAX_BLOCK_MS),
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-        dead_consumer_after_s=s.dead_consumer_after_s,
-        replicas_ack=s.min_replicas_ack,
-        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
+        **group_options(s, count=100),
     )
 
 
@@ -104,13 +113,7 @@ def lps_worker(
         # one wave kept the worker from reading the next (issue 11: a third of a batch's time
         # at 1.5 s median latency). Calls at once stay bounded by the limiter's lanes.
         max_pages=LPS_PAGES,
-        count=s.read_count,
-        block_ms=min(s.block_ms, MAX_BLOCK_MS),
-        processing_timeout_s=s.processing_timeout_s,
-        max_deliveries=s.max_deliveries,
-        dead_consumer_after_s=s.dead_consumer_after_s,
-        replicas_ack=s.min_replicas_ack,
-        replica_ack_timeout_ms=s.replica_ack_timeout_ms,
+        **group_options(s, count=s.read_count),
         batch_poll_interval_s=s.batch_poll_s,
         cooldown=Cooldown(
             r,

@@ -3,6 +3,7 @@ master), 1 master vs 3, and how the partitions spread over the masters (keys and
 per master against the mean) across concurrent batches.
 
     python bench/cluster.py [--batches 30] [--essays 12] [--budget 40] [--partitions 16]
+                            [--placement load|hash]
 
 Starts its own clusters (redis-server + redis-cli on PATH) in a temp dir; the mock provider
 (profile `ideal`) answers at once, so the figures are the pipeline's and Redis's own.
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.settings import Settings, keys_for
 from app.wiring import InProcess
 from cj.continuation import advance
-from cj.registration import append_registration
+from cj.registration import append_registration, register_once
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from projections.store import load_state
@@ -68,11 +69,23 @@ async def _measure(cluster: RedisClusterServer, args: argparse.Namespace) -> dic
     keys = keys_for(s)
     masters = cluster.master_nodes()
     before = {m.port: commandstats(m) for m in masters}
-    ids = [f"bench-{k}-{uuid.uuid4().hex[:4]}" for k in range(args.batches)]
+    ids = []
+    for k in range(args.batches):
+        if args.placement == "load":  # as `cjs submit` registers: the least loaded partition
+            event = registration(args.essays, budget=args.budget, seed=k)
+            ids.append((await register_once(r, keys, event))[0])
+        else:  # ids of the caller's choosing: the partition is the hash of the id
+            b = f"bench-{k}-{uuid.uuid4().hex[:4]}"
+            await append_registration(
+                r, keys, registration(args.essays, batch_id=b, budget=args.budget)
+            )
+            ids.append(b)
+    partitions_on: dict[int, int] = {m.port: 0 for m in masters}
+    batches_on: dict[int, int] = {m.port: 0 for m in masters}
+    for part in keys.all_partitions():
+        partitions_on[r.get_node_from_key(part.batches).port] += 1
     for b in ids:
-        await append_registration(
-            r, keys, registration(args.essays, batch_id=b, budget=args.budget)
-        )
+        batches_on[r.get_node_from_key(keys.for_batch(b).batches).port] += 1
     runner = InProcess(
         r,
         keys,
@@ -101,7 +114,13 @@ async def _measure(cluster: RedisClusterServer, args: argparse.Namespace) -> dic
         calls, usec = commandstats(m)
         c0, u0 = before[m.port]
         keys_n = int(m.cli("DBSIZE").strip() or 0)
-        per_master[m.port] = {"keys": keys_n, "commands": calls - c0, "cpu_us": usec - u0}
+        per_master[m.port] = {
+            "partitions": partitions_on[m.port],
+            "batches": batches_on[m.port],
+            "keys": keys_n,
+            "commands": calls - c0,
+            "cpu_us": usec - u0,
+        }
     await r.aclose()
 
     def spread(field: str) -> float:
@@ -112,6 +131,7 @@ async def _measure(cluster: RedisClusterServer, args: argparse.Namespace) -> dic
     cpu = sum(v["cpu_us"] for v in per_master.values())
     return {
         "masters": len(masters),
+        "placement": args.placement,
         "comparisons": comparisons,
         "seconds": round(elapsed, 2),
         "comparisons_per_s": round(comparisons / elapsed, 1),
@@ -119,6 +139,7 @@ async def _measure(cluster: RedisClusterServer, args: argparse.Namespace) -> dic
         "per_master": per_master,
         "keys_max_dev_pct": round(spread("keys"), 1),
         "commands_max_dev_pct": round(spread("commands"), 1),
+        "batches_max_dev_pct": round(spread("batches"), 1),
     }
 
 
@@ -129,6 +150,13 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--masters", type=int, nargs="*", default=[1, 3])
+    parser.add_argument(
+        "--placement",
+        choices=["load", "hash"],
+        default="load",
+        help="load: batches submitted as `cjs submit` does (the least loaded partition); "
+        "hash: ids of the bench's choosing, each in the partition its hash names",
+    )
     args = parser.parse_args()
     for masters in args.masters:
         print(asyncio.run(run(masters, args)))

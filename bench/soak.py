@@ -1,8 +1,10 @@
 """Soak: batches back to back with the archiver running, and what Redis holds as they go.
 
-    python bench/soak.py [--batches 200] [--essays 50] [--text-bytes 2000] [--every 20] [--json]
+    python bench/soak.py [--batches 200] [--essays 50] [--text-bytes 2000] [--every 20]
+                         [--server-defaults] [--json]
 
-Starts its own redis-server (random port, temp dir, no persistence) and runs, in this process,
+Starts its own redis-server (random port, temp dir, no persistence; with the listpack settings
+compose.yaml gives Redis, unless --server-defaults) and runs, in this process,
 a CJ consumer, an LPS worker (mock judge, no latency) and the reaper's archiver (retention 0, a
 pass every --archive-interval seconds, into a temp directory). Batches of --essays essays with
 texts of about --text-bytes bytes run one after another, each to its end.
@@ -37,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis.asyncio as aioredis
+import yaml
 
 from app.archive import ArchiveStore, archived_manifests, archived_state, canonical_sha256
 from app.retention import run_pass
@@ -59,6 +62,27 @@ WORDS = [
     "remarkable", "nevertheless", "perspective", "learned", "family", "city", "morning",
     "vivid", "subtle", "reflection", "important", "decided", "together", "although",
 ]  # fmt: skip
+
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORY_SETTINGS = ("hash-max-listpack-entries", "stream-node-max-bytes", "stream-node-max-entries")
+
+
+def deployed_settings() -> dict[str, str]:
+    """The memory settings compose.yaml gives redis-server: a bench measures what a deployment
+    holds."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    command = [str(arg) for arg in compose["services"]["redis"]["command"]]
+    return {
+        name: command[command.index(f"--{name}") + 1]
+        for name in MEMORY_SETTINGS
+        if f"--{name}" in command
+    }
+
+
+async def configure_server(r: Any, settings: dict[str, str]) -> None:
+    for name, value in settings.items():
+        await r.config_set(name, value)
 
 
 def essays(n: int, text_bytes: int, rng: random.Random) -> dict[str, Any]:
@@ -121,6 +145,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     server.start(aof=False)
     archive_dir = tempfile.mkdtemp(prefix="cjs-soak-archive-")
     r = aioredis.from_url(server.url)
+    await configure_server(r, {} if args.server_defaults else deployed_settings())
     keys = Keys("")
     settings = mock_settings(Settings())
     store = ArchiveStore(archive_dir)
@@ -240,6 +265,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     first = next((row for row in rows if row["batch"] == args.every), rows[0] if rows else None)
     last = rows[-1] if rows else None
     return {
+        "redis_settings": {} if args.server_defaults else deployed_settings(),
         "batches": args.batches,
         "essays": args.essays,
         "text_bytes": args.text_bytes,
@@ -271,6 +297,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--archive-interval", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--server-defaults", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from app.logs import configure

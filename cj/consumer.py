@@ -3,13 +3,19 @@
 Its reaper pass (`maintain`) reclaims callback entries left pending by a consumer that
 died between reading and applying them (the apply is idempotent by entry id: the Lua
 script applies only if its XACK acknowledged something), dead-letters an entry
-delivered more than `max_deliveries` times (reason `max_deliveries`), advances batches
-with nothing in flight (`sweep`), updates the pending gauge and prunes dead consumers.
+delivered more than `max_deliveries` times (reason `max_deliveries`; a valid callback is
+also parked, for `cjs dlq redrive` to apply later), advances batches with nothing in
+flight (`sweep`), records the group's position, updates the pending gauge and prunes dead
+consumers.
+
+Unusual callbacks (duplicates, orphans, late ones) are logged once per page, with counts
+and a few examples: a backlog of thousands of them costs a few lines, not one each.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any, Unpack
 
 import structlog
@@ -17,11 +23,10 @@ import structlog
 from cj.continuation import WaveGate, advance
 from cj.metrics import (
     CJ_CALLBACKS,
-    CJ_OPEN_BATCHES,
     CJ_ORPHANS,
     CJ_STEP_SECONDS,
-    keep_completion_of,
     show_completion,
+    show_open_batches,
 )
 from events.codec import DecodeError
 from events.streams import CALLBACKS, CJ_GROUP
@@ -31,12 +36,15 @@ from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
 from streams.consumer import GroupConsumer, GroupOptions
 from streams.durability import is_cluster
+from streams.errors import policy_of
 from streams.keys import Keys
 from streams.pending import Claimed, StuckAction, claim_idle
 from streams.reader import Entry
-from streams.resilience import REDIS_DOWN, Backoff, wait_for_redis
+from streams.resilience import REDIS_ERRORS, Backoff
 
 log = structlog.get_logger("cj.consumer")
+
+EXAMPLES = 5  # examples per log line of unusual callbacks
 
 
 class CJConsumer(GroupConsumer[Callback]):
@@ -72,7 +80,14 @@ class CJConsumer(GroupConsumer[Callback]):
                         await self.applier.queue(pipe, callback, entry.entry_id)
                     results = await pipe.execute()
             await self.durable()
+        to_advance = self.report(callbacks, results)
+        for batch_id in sorted(to_advance):
+            await self.advance_batch(batch_id)
+
+    def report(self, callbacks: list[tuple[Entry, Callback]], results: list[Any]) -> set[str]:
+        """Count and log what the scripts said about a page; the batches to advance."""
         to_advance: set[str] = set()
+        unusual: dict[str, list[tuple[Entry, Callback, int]]] = {}
         for (entry, callback), (outcome, left) in zip(callbacks, results, strict=True):
             outcome = as_str(outcome)
             if outcome == "replayed":
@@ -82,28 +97,53 @@ class CJConsumer(GroupConsumer[Callback]):
                 if self.waves.wants(callback.batch_id, int(left)):
                     to_advance.add(callback.batch_id)
                 continue
-            details: dict[str, Any] = {}
             if outcome == "orphan":
                 CJ_ORPHANS.labels(callback.source_service or "unknown").inc()
-                known = bool(await self.r.exists(pkeys.batch(self.keys, callback.batch_id)))
-                details = {
-                    "unknown": "correlation_id" if known else "batch_id",
-                    "essay_a_id": callback.essay_a_id,
-                    "essay_b_id": callback.essay_b_id,
-                    "event_id": callback.event_id,
-                    "occurred_at": callback.occurred_at,
-                }
+            unusual.setdefault(outcome, []).append((entry, callback, int(left)))
+        for outcome, items in unusual.items():
             log.warning(
                 f"callback_{outcome}",
-                batch_id=callback.batch_id,
-                correlation_id=callback.correlation_id,
-                entry_id=entry.entry_id,
-                source_service=callback.source_service,
-                event_type=type(callback).__name__,
-                **details,
+                count=len(items),
+                batch_ids=sorted({c.batch_id for _, c, _ in items})[:EXAMPLES],
+                source_services=dict(Counter(c.source_service for _, c, _ in items)),
+                first_entry_id=items[0][0].entry_id,
+                last_entry_id=items[-1][0].entry_id,
+                examples=[
+                    {
+                        "entry_id": e.entry_id,
+                        "batch_id": c.batch_id,
+                        "correlation_id": c.correlation_id,
+                        "source_service": c.source_service,
+                        "event_type": type(c).__name__,
+                        **(
+                            {"unknown": "batch_id" if left == -2 else "correlation_id"}
+                            if outcome == "orphan"
+                            else {}
+                        ),
+                    }
+                    for e, c, left in items[:EXAMPLES]
+                ],
+                **(
+                    {"unknown_batch": sum(1 for _, _, left in items if left == -2)}
+                    if outcome == "orphan"
+                    else {}
+                ),
             )
-        for batch_id in sorted(to_advance):
-            await advance(self.r, self.keys, batch_id, decider=self.waves.decide)
+        return to_advance
+
+    async def advance_batch(self, batch_id: str) -> bool:
+        """The batch's next step; True when one was taken. A failure that is not Redis's
+        passing state (streams/errors.py) is logged and the consumer goes on with the other
+        batches (the stalled-batch reaper ends that one in time) instead of dying on it at
+        every restart; Redis's state is raised to the run loop, which waits it out."""
+        try:
+            decision = await advance(self.r, self.keys, batch_id, decider=self.waves.decide)
+            return decision is not None
+        except Exception as exc:
+            if policy_of(exc) is not None:
+                raise
+            log.exception("advance_failed", batch_id=batch_id, error=f"{type(exc).__name__}: {exc}")
+            return False
 
     async def sweep(self) -> int:
         """Advance every open batch that has nothing in flight (recovers a crash between the
@@ -133,15 +173,15 @@ class CJConsumer(GroupConsumer[Callback]):
             accepted = int(completed or 0) + int(failed or 0)
             show_completion(batch_id, accepted / total if total else 0.0)
             if int(in_flight or 0) == 0:
-                decision = await advance(self.r, self.keys, batch_id, decider=self.waves.decide)
-                moved += decision is not None
-        CJ_OPEN_BATCHES.set(len(open_ids))
-        keep_completion_of(open_ids)
+                moved += await self.advance_batch(batch_id)
+        show_open_batches(self.keys.partition or 0, self.keys.partitions, open_ids)
         return moved
 
     async def reclaim(self) -> list[StuckAction]:
         """Claim callback entries idle past the processing timeout and apply them again; an
         entry delivered more than `max_deliveries` times goes to `dlq:cj:callbacks`."""
+        if self.claims_paused:
+            return []
         claimed, deleted = await claim_idle(
             self.r, self.stream, CJ_GROUP, self.consumer, self.timeout_ms
         )
@@ -153,6 +193,13 @@ class CJConsumer(GroupConsumer[Callback]):
 
     async def expire(self, items: list[tuple[Claimed, Event | None]]) -> None:
         limit = self.max_deliveries
+        # A valid callback is parked: acknowledged without being applied, it waits for
+        # `cjs dlq redrive`, and replay leaves it out meanwhile as the projection does.
+        park = frozenset(
+            c.entry.entry_id
+            for c, event in items
+            if event is not None and self.problem(c.entry, event) is None
+        )
         await self.dead_letter(
             [
                 (
@@ -162,11 +209,12 @@ class CJConsumer(GroupConsumer[Callback]):
                     ),
                 )
                 for c, _ in items
-            ]
+            ],
+            park=park,
         )
 
     async def maintain(self) -> list[StuckAction]:
-        """One reaper pass: reclaim, sweep, pending gauge, dead consumers."""
+        """One reaper pass: reclaim, sweep, group position, pending gauge, dead consumers."""
         actions = await self.reclaim()
         await self.sweep()
         await self.upkeep()
@@ -174,7 +222,8 @@ class CJConsumer(GroupConsumer[Callback]):
 
     async def run(self, stop: asyncio.Event, *, sweep_every_s: float = 10.0) -> None:
         """Consume until `stop` is set; the page in hand is applied before returning (its
-        entries are acknowledged by the apply itself). Survives Redis restarts."""
+        entries are acknowledged by the apply itself). Survives Redis restarts and failures
+        (streams/errors.py); a destroyed group is recreated where it had got to."""
         loop = asyncio.get_running_loop()
         backoff = Backoff()
         next_sweep = 0.0  # a first pass at once: recovers what a previous run left
@@ -189,6 +238,6 @@ class CJConsumer(GroupConsumer[Callback]):
                     await self.maintain()
                     next_sweep = loop.time() + sweep_every_s
                 backoff.reset()
-            except REDIS_DOWN as exc:
-                await wait_for_redis(stop, backoff, exc, self.reader, self.consumer)
+            except REDIS_ERRORS as exc:
+                await self.recover(stop, backoff, exc)
         log.info("cj_consumer_stopped", consumer=self.consumer)

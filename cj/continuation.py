@@ -10,12 +10,15 @@ stopping rule judges accepted comparisons only. `WaveGate` tells a consumer when
 with their projection writes in one MULTI/EXEC, so that of several consumers
 racing on the same batch exactly one wins each step; the others see the new
 state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
+
+The events of a step carry the Redis server's time in `occurred_at` (read with TIME at
+the start of the step), not the worker's clock: `last_event_at` and stall detection
+compare times of one clock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +30,7 @@ import msgspec
 import structlog
 from redis.exceptions import WatchError
 
-from cj.grades import project_grades, single_grade_support
+from cj.grades import graded_scores
 from cj.metrics import (
     CJ_BATCH_DURATION,
     CJ_FINALIZED,
@@ -48,6 +51,7 @@ from cj.scoring import (
 )
 from cj.stopping import StopRule, is_reliable, per_essay
 from events import codec
+from events.clock import iso
 from events.types import (
     ACCOUNT_FAILURES,
     MAX_BUNDLE_SIZE,
@@ -66,9 +70,11 @@ from events.types import (
     essay_reference,
     new_id,
 )
+from events.types import content_key as essays_key
 from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event, failed_reason
 from projections.store import immediate_load, queue_batch_event, queue_state_write
+from streams.clock import server_time
 from streams.keys import Keys
 
 log = structlog.get_logger("cj.continuation")
@@ -146,8 +152,8 @@ def account_failure(state: BatchState) -> tuple[str, str] | None:
 def over_cost_cap(state: BatchState, n_requests: int) -> str | None:
     """Why a wave of `n_requests` would take the batch past its `max_cost_usd`, or None.
     A comparison is priced at what the batch's comparisons have cost on average so far, or at
-    the estimate made at registration while there is none. Requests still in flight (an
-    early wave's) will be paid too: they count with the wave."""
+    the estimate made at registration while there is none; those still in flight (a wave
+    planned while the last one is out) count as spent."""
     cap = state.config.max_cost_usd
     if cap is None:
         return None
@@ -157,8 +163,9 @@ def over_cost_cap(state: BatchState, n_requests: int) -> str | None:
     projected = spent + per * (n_requests + state.in_flight)
     if projected <= cap:
         return None
+    out = f" and {state.in_flight} in flight" if state.in_flight else ""
     return (
-        f"${spent:.4f} spent; the next wave of {n_requests} comparisons at ${per:.5f} each "
+        f"${spent:.4f} spent{out}; the next wave of {n_requests} comparisons at ${per:.5f} each "
         f"would bring it to ${projected:.4f}, past the cap of ${cap:.4f}"
     )
 
@@ -168,14 +175,8 @@ def _r(value: float | None, digits: int = 6) -> float | None:
 
 
 def content_key(state: BatchState) -> str:
-    """SHA-256 of what the batch is about — its essays and grade scale — not of its random
-    id: with the seed, what the planner (and the mock judge) draw from, so the same input
-    submitted twice with the same seed gives the same waves and judgements. Its first 64
-    bits only: it seeds random draws, and every request carries it (requests stay small)."""
-    body = msgspec.json.encode(
-        [sorted(state.essays, key=lambda e: e.essay_id), list(state.config.grade_scale)]
-    )
-    return hashlib.sha256(body).hexdigest()[:16]
+    """The batch's content key (`events.types.content_key`): what its random draws derive from."""
+    return essays_key(state.essays, state.config.grade_scale)
 
 
 SPLIT_HALF_LATER = "computed when the batch ends"
@@ -209,49 +210,24 @@ def _reliabilities(
 
 @CJ_STEP_SECONDS.labels("score").time()
 def score(state: BatchState, *, final: bool = False) -> BatchScored:
-    """Fit BT on the accepted comparisons, project grades, and say what is doubtful.
-    ``final``: the batch's last scores, with the split-half reliability and, when the
-    comparisons cannot support single grades, a warning saying so."""
+    """Fit BT on the accepted comparisons and say how reliable the fit is.
+    ``final``: the batch's last scores, with the split-half reliability, graded
+    (`cj.grades.graded_scores`: grades, bands, warnings). Earlier waves' scores carry θ and
+    SE alone: what the next wave and the stopping rule need; grading every wave made them
+    most of a live batch's bytes (and of its scoring time)."""
     ids = [e.essay_id for e in state.essays]
     comparisons = comparisons_of(state)
     fit = fit_bt(ids, comparisons)
-    anchors = {e.essay_id: e.anchor_grade for e in state.essays if e.is_anchor and e.anchor_grade}
-    grades = project_grades(fit.theta, fit.se, anchors, state.config.grade_scale)
     order = sorted(ids, key=lambda i: (-fit.theta[i], i))
     previous = {s.essay_id: s.theta for s in state.scores.scores} if state.scores else {}
-    warnings = list(grades.warnings)
-    if not fit.connected:
-        warnings.append(
-            f"comparison graph is not connected ({fit.components} components): "
-            "scores of different components are not comparable"
-        )
-    students = [e.essay_id for e in state.essays if not e.is_anchor]
-    single_share, support = single_grade_support(grades.assignments, students)
-    if final and support:
-        warnings.append(support)
-    scores = []
-    for rank, i in enumerate(order, start=1):
-        a = grades.assignments.get(i)
-        scores.append(
-            EssayScore(
-                essay_id=i,
-                theta=round(fit.theta[i], 6),
-                se=round(fit.se[i], 6),
-                rank=rank,
-                grade=a.grade if a else None,
-                grade_probabilities=(
-                    {g: round(p, 4) for g, p in a.probabilities.items()} if a else {}
-                ),
-                confidence=a.confidence if a else None,
-                grade_band=list(a.band) if a and a.grade else [],
-                grade_confidence=round(a.top_probability, 4) if a and a.grade else None,
-            )
-        )
     reliability = _reliabilities(ids, comparisons, fit, state.config.seed, final)
-    return BatchScored(
+    scored = BatchScored(
         batch_id=state.batch_id,
         wave=state.waves,
-        scores=scores,
+        scores=[
+            EssayScore(essay_id=i, theta=round(fit.theta[i], 6), se=round(fit.se[i], 6))
+            for i in order
+        ],
         max_delta=_r(max_abs_delta(previous, fit.theta)),
         ssr=reliability.ssr,
         position_bias=_r(fit.eta),
@@ -260,13 +236,13 @@ def score(state: BatchState, *, final: bool = False) -> BatchScored:
         comparisons=len(comparisons),
         components=fit.components,
         split_half=reliability.split_half,
-        grade_boundaries={g: round(b, 6) for g, b in grades.boundaries.items()},
-        warnings=warnings,
         reliability=reliability,
         rank_stability=_r(rank_agreement(previous, fit.theta)) if previous else None,
-        single_grade_share=_r(single_share, 4),
-        grade_support=support or "",
+        graded=False,
     )
+    if final:
+        return graded_scores(scored, state.essays, state.config.grade_scale, final=True)
+    return scored
 
 
 def _finish(state: BatchState, reason: FinalizeReason) -> BatchFinalized:
@@ -305,7 +281,7 @@ def next_wave(
     )
     if not planned:
         return None
-    # Requests name essays by id and text hash; LPS reads the text registered with the batch.
+    # Requests name essays by id; LPS reads them as registered with the batch.
     used = {essay_id for pair in planned for essay_id in pair}
     essays = {e.essay_id: essay_reference(e) for e in state.essays if e.essay_id in used}
     pairs = [PairRequest(new_id(), a, b) for a, b in planned]
@@ -502,6 +478,14 @@ def queue_decision(pipe: Any, keys: Keys, state: BatchState, decision: Decision)
 Decider = Callable[[BatchState], "Decision | None"]
 
 
+def stamped(decision: Decision, occurred_at: str) -> Decision:
+    """The decision with every event's `occurred_at` set to `occurred_at` (the server's now)."""
+    return Decision(
+        events=[msgspec.structs.replace(e, occurred_at=occurred_at) for e in decision.events],
+        requests=[msgspec.structs.replace(q, occurred_at=occurred_at) for q in decision.requests],
+    )
+
+
 class WaveGate:
     """When a CJ consumer asks for a batch's next step (`wants`), with the decider to take it
     (`decide`): after the callback that brings a batch's in-flight requests to 0, as ever,
@@ -559,7 +543,8 @@ async def advance(
 
     `decider` (pure) says what the step is: `decide` for the normal flow, another for
     forced ends (stalled batches). A callback applied meanwhile changes the batch hash,
-    so the decision and its events are one step (in the batch's partition)."""
+    so the decision and its events are one step (in the batch's partition). Its events
+    carry the server's time."""
     keys = keys.for_batch(batch_id)
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):
@@ -571,6 +556,8 @@ async def advance(
                 if state is None or decision is None:
                     await pipe.unwatch()
                     return None
+                # Asked outside the WATCH: a cluster's pipeline refuses TIME.
+                decision = stamped(decision, iso(await server_time(r)))
                 pipe.multi()
                 state = queue_decision(pipe, keys, state, decision)
                 await pipe.execute()

@@ -32,9 +32,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 from scipy.special import logsumexp, ndtr
+
+from events.types import BatchScored, Essay, EssayScore
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
@@ -341,4 +344,60 @@ def single_grade_support(
         f"these comparisons support grade bands, not single grades: {single} of "
         f"{len(graded)} students have one grade with probability >= {BAND_MASS:.0%} "
         f"(median band {median} grades); report the bands, or add comparisons or anchors"
+    )
+
+
+def graded_scores(
+    scored: BatchScored, essays: Sequence[Essay], grade_scale: Sequence[str], *, final: bool
+) -> BatchScored:
+    """`scored` with what its θ and SE say about grades: every essay's rank, grade, grade
+    probabilities, band and confidence, the grade boundaries, the warnings and the share of
+    single grades (`graded` True). ``final``: the batch's last scores, whose warnings also say
+    when the comparisons cannot support single grades.
+
+    CJ grades a batch's last scores before writing them; the scores of earlier waves are
+    written with θ and SE alone (a wave later they are superseded) and graded here by whoever
+    shows them: the same function of the same values, so the same grades."""
+    by_id = {s.essay_id: s for s in scored.scores}
+    ids = [e.essay_id for e in essays if e.essay_id in by_id]
+    theta = {i: by_id[i].theta for i in ids}
+    se = {i: by_id[i].se for i in ids}
+    anchors = {e.essay_id: e.anchor_grade for e in essays if e.is_anchor and e.anchor_grade}
+    grades = project_grades(theta, se, anchors, grade_scale)
+    warnings = list(grades.warnings)
+    if not scored.connected:
+        warnings.append(
+            f"comparison graph is not connected ({scored.components} components): "
+            "scores of different components are not comparable"
+        )
+    students = [e.essay_id for e in essays if not e.is_anchor]
+    single_share, support = single_grade_support(grades.assignments, students)
+    if final and support:
+        warnings.append(support)
+    scores = []
+    for rank, i in enumerate(sorted(ids, key=lambda i: (-theta[i], i)), start=1):
+        a = grades.assignments.get(i)
+        scores.append(
+            EssayScore(
+                essay_id=i,
+                theta=theta[i],
+                se=se[i],
+                rank=rank,
+                grade=a.grade if a else None,
+                grade_probabilities=(
+                    {g: round(p, 4) for g, p in a.probabilities.items()} if a else {}
+                ),
+                confidence=a.confidence if a else None,
+                grade_band=list(a.band) if a and a.grade else [],
+                grade_confidence=round(a.top_probability, 4) if a and a.grade else None,
+            )
+        )
+    return msgspec.structs.replace(
+        scored,
+        scores=scores,
+        grade_boundaries={g: round(b, 6) for g, b in grades.boundaries.items()},
+        warnings=warnings,
+        single_grade_share=None if single_share is None else round(single_share, 4),
+        grade_support=support or "",
+        graded=True,
     )

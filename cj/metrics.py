@@ -49,3 +49,19 @@ def keep_completion_of(open_batch_ids: Iterable[str]) -> None:
     """Drop the series of every batch not open any more (ended by another process)."""
     for batch_id in _completion_shown - set(open_batch_ids):
         forget_completion(batch_id)
+
+
+# The open batches each partition's last sweep saw: a sweep sees its own partition only, and
+# must not drop the series of another's batches.
+_open_by_partition: dict[int, set[str]] = {}
+
+
+def show_open_batches(partition: int, partitions: int, open_batch_ids: Iterable[str]) -> None:
+    """After a sweep of `partition` (of `partitions`): `cj_open_batches` over every partition
+    swept here, and the completion series of the batches no partition has open dropped."""
+    for stale in [p for p in _open_by_partition if p >= partitions]:
+        del _open_by_partition[stale]
+    _open_by_partition[partition] = set(open_batch_ids)
+    still_open = set().union(*_open_by_partition.values())
+    CJ_OPEN_BATCHES.set(len(still_open))
+    keep_completion_of(still_open)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
 import json
 import math
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,8 @@ from redis.exceptions import WatchError
 
 from cj.grade_scales import resolve_scale
 from cj.stopping import DEFAULT_CAP_PER_ESSAY, DEFAULT_TARGET_RELIABILITY, budget_for
-from events import codec
+from events.clock import iso
+from events.ids import essay_id_problem, event_id_problem, key_id_problem
 from events.text import as_str
 from events.types import MAX_BUNDLE_SIZE, BatchConfig, BatchRegistered, Essay, Mode, new_id
 from lps.providers.registry import (
@@ -30,6 +34,8 @@ from lps.providers.registry import (
 from projections import keys as pkeys
 from projections.batch import register
 from projections.store import queue_registration, queue_state_write
+from streams.clock import server_time
+from streams.durability import is_cluster
 from streams.keys import Keys, partition_of
 
 # Longest essay text accepted by default, in characters: both essays of a pair go into one
@@ -52,6 +58,14 @@ class EssayIn(BaseModel):
     text: str = Field(min_length=1)
     anchor_grade: str | None = None
     mock_quality: float | None = None
+
+    @field_validator("essay_id")
+    @classmethod
+    def _grammar(cls, v: str) -> str:
+        problem = essay_id_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("anchor_grade", mode="before")
     @classmethod
@@ -194,6 +208,8 @@ def build_registration(
     one of the two at most."""
     n = len(batch.essays)
     all_pairs = n * (n - 1) // 2
+    if batch_id is not None and (problem := key_id_problem("batch_id", batch_id)):
+        raise InputError(problem)
     total_budget = _checked_cap(
         batch, budget, comparisons_per_essay, target_reliability, max_essay_chars, max_cost_usd
     )
@@ -274,14 +290,26 @@ def submission_warnings(event: BatchRegistered) -> list[str]:
     ]
 
 
-async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> None:
+async def _stamped(r: Any, event: BatchRegistered) -> BatchRegistered:
+    """`event` checked (its ids' grammar) and stamped with the Redis server's time (the clock
+    of stall detection); InputError naming the problem."""
+    problem = event_id_problem(event)
+    if problem:
+        raise InputError(problem)
+    return msgspec.structs.replace(event, occurred_at=iso(await server_time(r)))
+
+
+async def append_registration(r: Any, keys: Keys, event: BatchRegistered) -> BatchRegistered:
     """Append `BatchRegistered` (with its range hints) and write its projection in one
-    MULTI/EXEC (in the batch's partition)."""
+    MULTI/EXEC (in the batch's partition); returns the event as appended, stamped with the
+    Redis server's time (the clock of stall detection)."""
+    event = await _stamped(r, event)
     keys = keys.for_batch(event.batch_id)
     async with r.pipeline(transaction=True) as pipe:
         queue_registration(pipe, keys, event)
         queue_state_write(pipe, keys, register(event), full=True)
         await pipe.execute()
+    return event
 
 
 def submissions(keys: Keys) -> str:
@@ -297,18 +325,61 @@ def content_digest(event: BatchRegistered) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+# How long a submission waits for another one registering the same content (its claim in the
+# lookup names a batch not registered yet) before it takes the claim over (the other died).
+CLAIM_WAIT_S = 5.0
+
+
+async def least_loaded(r: Any, keys: Keys) -> Keys:
+    """The partition holding the fewest batches (its index: registered, not yet archived) on
+    the Redis Cluster master holding the fewest, one of the least at random: batches spread
+    evenly over the masters, and so do keys and work (a batch's partition is otherwise the
+    hash of an id: 30 batches over 16 partitions put twice as many on one master as on
+    another). On one node, the partition holding the fewest."""
+    parts = keys.whole.all_partitions()
+    async with r.pipeline(transaction=False) as pipe:
+        for part in parts:
+            pipe.hlen(pkeys.batch_index(part))
+        held = [int(n) for n in await pipe.execute()]
+    on_node: dict[str, list[int]] = {}
+    for k, part in enumerate(parts):
+        node = r.get_node_from_key(part.batches).name if is_cluster(r) else ""
+        on_node.setdefault(node, []).append(k)
+    lightest = min(sum(held[k] for k in ks) for ks in on_node.values())
+    candidates = [k for ks in on_node.values() if sum(held[k] for k in ks) == lightest for k in ks]
+    fewest = min(held[k] for k in candidates)
+    return parts[random.choice([k for k in candidates if held[k] == fewest])]
+
+
+def in_partition(event: BatchRegistered, part: Keys) -> BatchRegistered:
+    """`event` with a new id of partition `part` (its own id when it is of `part` already)."""
+    while part.partition_of(event.batch_id) != part.partition:
+        event = msgspec.structs.replace(event, batch_id=new_id())
+    return event
+
+
 async def register_once(
     r: Any, keys: Keys, event: BatchRegistered, *, force: bool = False, max_tries: int = 20
 ) -> tuple[str, bool]:
     """Register `event` unless a batch with the same content is registered (then its id is
     returned instead); with `force`, register it anyway. Returns (batch id, registered now).
     Concurrent identical submissions register one batch: the lookup is WATCHed. The lookup
-    lives in the partition of the content digest, and the batch is given an id of that
-    partition (so that lookup and registration are one transaction in one slot)."""
+    lives in the partition of the content digest.
+
+    With one partition the lookup and the registration are one transaction. With several the
+    batch goes to the least loaded partition (`least_loaded`, its id chosen to be of it), and
+    two steps make it once: the submission claims the digest in the lookup (WATCH, MULTI),
+    then registers the batch in its own partition; another submission of the same content
+    finding a claim whose batch is not registered yet waits for it (CLAIM_WAIT_S) before it
+    claims the digest itself. Like `append_registration`, the event is checked and stamped
+    with the server's time."""
+    event = await _stamped(r, event)
     digest = content_digest(event)
-    keys = keys.for_partition(partition_of(digest, keys.partitions))
-    while keys.partition_of(event.batch_id) != keys.partition:
-        event = msgspec.structs.replace(event, batch_id=new_id())
+    home = keys.for_partition(partition_of(digest, keys.partitions))
+    if keys.partitions > 1:
+        return await _claim_and_register(r, keys, home, digest, event, force, max_tries)
+    keys = home
+    event = in_partition(event, keys)
     index = submissions(keys)
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):
@@ -321,11 +392,51 @@ async def register_once(
                         await pipe.unwatch()
                         return batch_id, False
                 pipe.multi()
-                pipe.xadd(keys.batches, codec.encode(event))
+                queue_registration(pipe, keys, event)
                 queue_state_write(pipe, keys, register(event), full=True)
                 pipe.hset(index, digest, event.batch_id)
                 await pipe.execute()
                 return event.batch_id, True
             except WatchError:
                 continue
+    raise Contended(f"{index} kept changing during {max_tries} attempts; submit again")
+
+
+async def _claim_and_register(
+    r: Any,
+    keys: Keys,
+    home: Keys,
+    digest: str,
+    event: BatchRegistered,
+    force: bool,
+    max_tries: int,
+) -> tuple[str, bool]:
+    index = submissions(home)
+    waited_until: float | None = None
+    for _ in range(max_tries):
+        claimed = None if force else await r.hget(index, digest)
+        if claimed is not None:
+            if await r.exists(pkeys.batch(keys, as_str(claimed))):
+                return as_str(claimed), False
+            # Claimed by a submission registering it now (or that died before it could).
+            waited_until = waited_until or time.monotonic() + CLAIM_WAIT_S
+            while time.monotonic() < waited_until:
+                await asyncio.sleep(0.05)
+                if await r.exists(pkeys.batch(keys, as_str(claimed))):
+                    return as_str(claimed), False
+        event = in_partition(event, await least_loaded(r, keys))
+        async with r.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(index)
+                now = None if force else await pipe.hget(index, digest)
+                if now != claimed:  # another submission claimed it meanwhile: look again
+                    await pipe.unwatch()
+                    continue
+                pipe.multi()
+                pipe.hset(index, digest, event.batch_id)
+                await pipe.execute()
+            except WatchError:
+                continue
+        await append_registration(r, keys, event)
+        return event.batch_id, True
     raise Contended(f"{index} kept changing during {max_tries} attempts; submit again")

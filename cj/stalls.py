@@ -14,36 +14,37 @@ events and through the same WATCH / MULTI path as `cj.continuation.advance`
 Either way `abandoned` names the correlation ids still pending: their callbacks,
 should they come, count as late. The `reaper` worker role is `run_stall_finalizer`
 (not the consumers' reclaim passes, which deal with pending entries).
+
+Idle time is measured by the Redis server's clock (TIME), which is also the clock of
+`last_event_at` (projections/batch.py): a reaper whose own clock runs ahead or behind
+sees the same idle times as any other.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
 from cj.continuation import Decision, advance, score, too_many_failures
+from events import clock
 from events.text import as_str
 from events.types import BatchFailed, BatchFinalized
 from projections.batch import PENDING, TERMINAL, BatchState, completion_pct
 from projections.store import batch_fields, load_state
+from streams.clock import server_time
+from streams.errors import kind_of, policy_of
 from streams.keys import Keys
-from streams.resilience import REDIS_DOWN, sleep_unless
+from streams.resilience import sleep_unless
 
 log = structlog.get_logger("cj.stalls")
 
 
 def parse_time(value: str) -> datetime | None:
     """An event timestamp (ISO-8601, UTC) as an aware datetime; None when unparsable."""
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return clock.parse(value)
 
 
 def idle_seconds(state: BatchState, now: datetime) -> float | None:
@@ -81,8 +82,9 @@ def stalled_view(state: BatchState, now: datetime) -> dict[str, Any]:
 async def find_stalled(
     r: Any, keys: Keys, idle_timeout_s: float, *, now: datetime | None = None
 ) -> list[BatchState]:
-    """Open batches whose last event is `idle_timeout_s` old or older, oldest registration first."""
-    now = now or datetime.now(UTC)
+    """Open batches whose last event is `idle_timeout_s` old or older (by the server's clock
+    unless `now` is given), oldest registration first."""
+    now = now or await server_time(r)
     cutoff = now - timedelta(seconds=idle_timeout_s)
     out = []
     for batch_id, (status, last) in await batch_fields(r, keys, "status", "last_event_at"):
@@ -141,10 +143,11 @@ async def finalize_stalled(
     max_tries: int = 50,
 ) -> Decision | None:
     """End a stalled batch through `advance` (WATCH, one MULTI with its events); None when
-    it is not stalled (any more)."""
+    it is not stalled (any more). Idle time by the server's clock unless `now` is given."""
+    moment = now or await server_time(r)
 
     def decider(state: BatchState) -> Decision | None:
-        return stalled_decision(state, idle_timeout_s, now or datetime.now(UTC))
+        return stalled_decision(state, idle_timeout_s, moment)
 
     return await advance(r, keys, batch_id, decider=decider, max_tries=max_tries)
 
@@ -158,8 +161,13 @@ async def run_stall_finalizer(
         try:
             for state in await find_stalled(r, keys, idle_timeout_s):
                 await finalize_stalled(r, keys, state.batch_id, idle_timeout_s)
-        except REDIS_DOWN as exc:
-            log.warning("stalled_reaper_redis_unavailable", error=str(exc)[:200])
-        except Exception:  # a bug must not silently end the reaping
-            log.exception("stalled_reaper_error")
+        except Exception as exc:  # a bug must not silently end the reaping
+            if policy_of(exc) is None:
+                log.exception("stalled_reaper_error")
+            else:
+                log.warning(
+                    "stalled_reaper_redis_unavailable",
+                    error_kind=kind_of(exc),
+                    error=str(exc)[:200],
+                )
         await sleep_unless(stop, every_s)

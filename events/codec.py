@@ -7,10 +7,14 @@ from typing import TypeVar
 
 import msgspec
 
+from events.clock import entry_iso
 from events.text import as_str
-from events.types import EVENT_TYPES, Event
+from events.types import EVENT_TYPES, Event, with_defaults_omitted
 
 T = TypeVar("T", bound=Event)
+E = TypeVar("E", bound=Event)
+
+OCCURRED_AT = b'"occurred_at"'
 
 _encoder = msgspec.json.Encoder()
 _decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
@@ -26,11 +30,11 @@ class DecodeError(ValueError):
 
 
 def encode(event: Event) -> dict[str, bytes]:
-    return {"type": type(event).__name__.encode(), "data": _encoder.encode(event)}
+    return {"type": type(event).__name__.encode(), "data": encode_json(event)}
 
 
 def encode_json(event: Event) -> bytes:
-    return _encoder.encode(event)
+    return _encoder.encode(with_defaults_omitted(event))
 
 
 def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None:
@@ -42,8 +46,10 @@ def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None
     return value.encode() if isinstance(value, str) else value
 
 
-def decode(fields: Mapping[bytes | str, bytes | str]) -> Event:
-    """Decode one entry's fields; raises DecodeError with a reason label."""
+def decode(fields: Mapping[bytes | str, bytes | str], entry_id: str | None = None) -> Event:
+    """Decode one entry's fields; raises DecodeError with a reason label. Given the entry's
+    id, an event without `occurred_at` takes the id's time (the server's), not the decoding
+    moment, so that every reading of the entry decodes the same event."""
     type_name = _field(fields, "type")
     data = _field(fields, "data")
     if type_name is None or data is None:
@@ -54,13 +60,22 @@ def decode(fields: Mapping[bytes | str, bytes | str]) -> Event:
         raise DecodeError("unknown_type", as_str(type_name)[:100])
     try:
         event: Event = decoder.decode(data)
-        return event
     except msgspec.DecodeError as exc:
         raise DecodeError("invalid_data", str(exc)[:300]) from exc
+    return with_entry_time(event, data, entry_id)
 
 
-def decode_as(fields: Mapping[bytes | str, bytes | str], cls: type[T]) -> T:
-    event = decode(fields)
+def with_entry_time(event: E, data: bytes, entry_id: str | None) -> E:
+    """`event` (decoded from `data`), its missing `occurred_at` set to the entry id's time."""
+    if entry_id is not None and OCCURRED_AT not in data:
+        return msgspec.structs.replace(event, occurred_at=entry_iso(entry_id))
+    return event
+
+
+def decode_as(
+    fields: Mapping[bytes | str, bytes | str], cls: type[T], entry_id: str | None = None
+) -> T:
+    event = decode(fields, entry_id)
     if not isinstance(event, cls):
         raise DecodeError("unexpected_type", f"{type(event).__name__} where {cls.__name__} belongs")
     return event

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Literal, get_args
+from functools import cache
+from typing import Any, Literal, TypeVar, get_args
 
 import msgspec
 
@@ -80,11 +82,14 @@ def new_id() -> str:
 
 
 class Essay(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An essay as registered. Anchors keep `is_anchor` and their grade in every event.
+    """An essay as registered (anchors with `is_anchor` and their grade).
 
-    In a `ComparisonRequested` an essay is a reference: no `text`, and `sha256` the hash of the
-    text registered in the batch's `BatchRegistered` (see `essay_reference`). Requests written
-    before references embed the text and have no `sha256`; both decode."""
+    In a `ComparisonRequested` an essay is a reference, its id alone (`essay_reference`): the
+    text, anchor flag, grade and mock quality are those of the batch's `BatchRegistered`, and
+    the request's `content_key` is the hash of all of them (`content_key`). Requests written
+    before carry more and all decode: references of the first version also have the anchor
+    fields, the mock quality and `sha256`, the hash of the text; older requests embed the
+    text."""
 
     essay_id: str
     text: str = ""
@@ -95,18 +100,29 @@ class Essay(msgspec.Struct, frozen=True, omit_defaults=True):
 
     @property
     def is_reference(self) -> bool:
-        return bool(self.sha256) and not self.text
+        # Registration refuses empty texts: an essay without one names the registered essay.
+        return not self.text
 
 
 def text_sha256(text: str) -> str:
-    """The content hash by which a request names an essay's text (sha256 of its UTF-8)."""
+    """The hash by which first-version references name an essay's text (sha256 of its UTF-8)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def essay_reference(essay: Essay) -> Essay:
-    """The essay as a request carries it: everything but its text (anchors keep their flag and
-    grade), and the text's hash; the text is in the batch's `BatchRegistered`."""
-    return msgspec.structs.replace(essay, text="", sha256=text_sha256(essay.text))
+    """The essay as a request carries it: its id. Everything else is registered once per batch
+    (in `BatchRegistered`); repeating it in every request, hashes included, made the requests
+    the largest entries of a live batch."""
+    return Essay(essay_id=essay.essay_id)
+
+
+def content_key(essays: Sequence[Essay], grade_scale: Sequence[str]) -> str:
+    """SHA-256 of what a batch is about — its essays as registered (texts, anchors) and grade
+    scale — not of its random id; its first 64 bits. With the seed, what the planner (and the
+    mock judge) draw from, so the same input submitted twice with the same seed gives the same
+    waves and judgements; and the hash LPS checks the batch's essay store against."""
+    body = msgspec.json.encode([sorted(essays, key=lambda e: e.essay_id), list(grade_scale)])
+    return hashlib.sha256(body).hexdigest()[:16]
 
 
 class BatchConfig(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -223,6 +239,34 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     schema_version: int = SCHEMA_VERSION
 
 
+E = TypeVar("E", bound=msgspec.Struct)
+
+
+@cache
+def _value_defaults(cls: type[msgspec.Struct]) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (f.name, f.default)
+        for f in msgspec.structs.fields(cls)
+        if f.default is not msgspec.NODEFAULT and f.default is not None
+    )
+
+
+def with_defaults_omitted(event: E) -> E:
+    """`event` with every field that equals its default holding the default object itself.
+
+    msgspec's `omit_defaults` tells a default by identity, not equality: a `0.0` computed at run
+    time, or a model name read from a config, is written although it equals the default. Every
+    entry would carry e.g. `"latency_ms":0.0` and the default model; this leaves them out (the
+    decoder gives the same values back). Top-level fields only: nested structs' defaults are
+    empty strings, small integers, None and empty collections, which msgspec already omits."""
+    changes: dict[str, Any] = {}
+    for name, default in _value_defaults(type(event)):
+        value = getattr(event, name)
+        if value is not default and type(value) is type(default) and value == default:
+            changes[name] = default
+    return msgspec.structs.replace(event, **changes) if changes else event
+
+
 # --- cj:batches -------------------------------------------------------------
 
 
@@ -260,6 +304,10 @@ class BatchScored(Event, frozen=True, kw_only=True):
     # Share of students with a one-grade band, and the note when that is under half.
     single_grade_share: float | None = None
     grade_support: str = ""
+    # False: scores of a wave before the batch's last, written with θ and SE alone; their
+    # ranks, grades, boundaries and warnings follow from those (`cj.grades.graded_scores`,
+    # what readers that show them call). Every score before this field was graded.
+    graded: bool = True
 
 
 class BatchFinalized(Event, frozen=True, kw_only=True):

@@ -38,7 +38,6 @@ import msgspec
 from events.text import as_str
 from events.types import ACCOUNT_FAILURES, ErrorDetail, failure_kind
 from lps import keys as lkeys
-from lps.metrics import LPS_BREAKER_OPENED, LPS_BREAKER_REJECTED
 from streams.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -228,6 +227,9 @@ class Breaker:
                 ticket.probe = state
                 continue
             ticket.rejected = state.rejection(correlation_id, ticket.model)
+            # Imported where counted: reading breakers (`cjs status`) loads no prometheus_client.
+            from lps.metrics import LPS_BREAKER_REJECTED
+
             LPS_BREAKER_REJECTED.labels(
                 provider=ticket.provider, model=ticket.model, reason=state.reason
             ).inc()
@@ -319,6 +321,8 @@ class Breaker:
             log.warning("breaker write failed: %s", type(exc).__name__)
             return
         self._closed_seen.clear()
+        from lps.metrics import LPS_BREAKER_OPENED
+
         LPS_BREAKER_OPENED.labels(provider=provider, model=model, reason=reason).inc()
         log.warning(
             "breaker opened: provider=%s model=%s reason=%s probe in %.1fs",

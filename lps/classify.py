@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import email.utils
 import math
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import anthropic
 
+from events import redact
 from events.types import SPEND_LIMIT_CODES, ErrorDetail, ErrorType
 
 MAX_MESSAGE_CHARS = 500
@@ -69,29 +69,31 @@ _BY_STOP_REASON: dict[str, tuple[ErrorType, bool]] = {
     "refusal": ("refusal", False),
 }
 
-_KEY_PATTERNS = (
-    re.compile(r"sk-ant-[A-Za-z0-9_\-]+"),
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/=]{8,}"),
-    re.compile(r"(?i)(x-api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),
-)
+
+class Origin(TypedDict, total=False):
+    """Where an error came from, named in its ErrorDetail (by default the provider
+    `anthropic`, no model, no request), and the secrets its message must not show."""
+
+    provider: str
+    model: str
+    correlation_id: str
+    secrets: Iterable[str]
 
 
-def _env_secrets() -> list[str]:
-    return [
-        v
-        for v in (os.environ.get("ANTHROPIC_API_KEY"), os.environ.get("ANTHROPIC_AUTH_TOKEN"))
-        if v and len(v) >= 6
-    ]
+def _origin(where: Origin) -> tuple[dict[str, Any], Iterable[str]]:
+    """The ErrorDetail fields naming where an error came from, and the secrets to scrub."""
+    named = {
+        "provider": where.get("provider", "anthropic"),
+        "model": where.get("model", ""),
+        "correlation_id": where.get("correlation_id", ""),
+    }
+    return named, where.get("secrets", ())
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` without credentials (given secrets, env keys, anything key-shaped), truncated."""
-    for secret in [*secrets, *_env_secrets()]:
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
-    text = _KEY_PATTERNS[0].sub("[REDACTED]", text)
-    text = _KEY_PATTERNS[1].sub(r"\1[REDACTED]", text)
-    text = _KEY_PATTERNS[2].sub(r"\1[REDACTED]", text)
+    """`text` without credentials (given secrets, env keys, anything key-shaped, whatever
+    the case; see `events.redact`), truncated."""
+    text = redact.scrub(text, secrets)
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[: MAX_MESSAGE_CHARS - 1] + "…"
     return text
@@ -148,13 +150,10 @@ def classify_response(
     status: int | None,
     body: object,
     headers: Mapping[str, str] | None = None,
-    *,
-    provider: str = "anthropic",
-    model: str = "",
-    correlation_id: str = "",
-    secrets: Iterable[str] = (),
+    **where: Unpack[Origin],
 ) -> ErrorDetail:
     """Classify an error response (or an errored batch result, where `status` is None)."""
+    origin, secrets = _origin(where)
     headers = headers or {}
     etype, api_message, error_code = _body_error(body)
     retry_after = parse_retry_after(headers)
@@ -202,78 +201,38 @@ def classify_response(
         error_type=error_type,
         retryable=retryable,
         message=scrub(text, secrets),
-        provider=provider,
-        model=model,
-        correlation_id=correlation_id,
         status_code=status,
         retry_after_s=retry_after if retryable else None,
         error_code=error_code,
+        **origin,
     )
 
 
-def unexpected_error(
-    exc: BaseException,
-    *,
-    provider: str = "anthropic",
-    model: str = "",
-    correlation_id: str = "",
-    secrets: Iterable[str] = (),
-) -> ErrorDetail:
+def unexpected_error(exc: BaseException, **where: Unpack[Origin]) -> ErrorDetail:
     """Any other failure of an SDK call (an `AnthropicError` that is no API error, such as an
     ended batch without `results_url`; a body the SDK cannot read): retryable, named by its
     class, so that it is counted and retried like a server error and never ends a worker."""
+    origin, secrets = _origin(where)
     return ErrorDetail(
         error_type="server_error",
         retryable=True,
         message=scrub(f"{type(exc).__name__}: {exc}", secrets),
-        provider=provider,
-        model=model,
-        correlation_id=correlation_id,
+        **origin,
     )
 
 
-def classify_any(
-    exc: BaseException,
-    *,
-    provider: str = "anthropic",
-    model: str = "",
-    correlation_id: str = "",
-    secrets: Iterable[str] = (),
-) -> ErrorDetail:
+def classify_any(exc: BaseException, **where: Unpack[Origin]) -> ErrorDetail:
     """`classify_exception` for API errors, `unexpected_error` for anything else."""
-    where: dict[str, Any] = {
-        "provider": provider,
-        "model": model,
-        "correlation_id": correlation_id,
-        "secrets": secrets,
-    }
     if isinstance(exc, anthropic.APIError):
         return classify_exception(exc, **where)
     return unexpected_error(exc, **where)
 
 
-def classify_exception(
-    exc: BaseException,
-    *,
-    provider: str = "anthropic",
-    model: str = "",
-    correlation_id: str = "",
-    secrets: Iterable[str] = (),
-) -> ErrorDetail:
+def classify_exception(exc: BaseException, **where: Unpack[Origin]) -> ErrorDetail:
     """Classify an exception raised by an SDK call; TypeError for a non-API exception."""
-    common: dict[str, Any] = {
-        "provider": provider,
-        "model": model,
-        "correlation_id": correlation_id,
-    }
     if isinstance(exc, anthropic.APIStatusError):
-        return classify_response(
-            exc.status_code,
-            exc.body,
-            dict(exc.response.headers),
-            secrets=secrets,
-            **common,
-        )
+        return classify_response(exc.status_code, exc.body, dict(exc.response.headers), **where)
+    common, secrets = _origin(where)
     if isinstance(exc, anthropic.APIResponseValidationError):
         return ErrorDetail(
             error_type="parse_error",
@@ -301,13 +260,7 @@ def classify_exception(
     raise TypeError(f"not a provider API error: {type(exc).__name__}") from exc
 
 
-def classify_stop_reason(
-    stop_reason: str | None,
-    *,
-    provider: str = "anthropic",
-    model: str = "",
-    correlation_id: str = "",
-) -> ErrorDetail | None:
+def classify_stop_reason(stop_reason: str | None, **where: Unpack[Origin]) -> ErrorDetail | None:
     """ErrorDetail for a stop reason leaving no usable answer (max_tokens, refusal), else None."""
     if stop_reason is None or stop_reason not in _BY_STOP_REASON:
         return None
@@ -316,33 +269,24 @@ def classify_stop_reason(
         error_type=error_type,
         retryable=retryable,
         message=f"stop_reason={stop_reason}",
-        provider=provider,
-        model=model,
-        correlation_id=correlation_id,
         status_code=200,
+        **_origin(where)[0],
     )
 
 
 def parse_error(
-    message: str,
-    *,
-    provider: str = "anthropic",
-    model: str = "",
-    correlation_id: str = "",
-    status_code: int | None = 200,
-    secrets: Iterable[str] = (),
+    message: str, *, status_code: int | None = 200, **where: Unpack[Origin]
 ) -> ErrorDetail:
     """The answer arrived but is not a valid `record_comparison` call.
 
     Retryable: a forced tool call that came out malformed is a sampling accident, and
     the attempt bound keeps it from looping.
     """
+    origin, secrets = _origin(where)
     return ErrorDetail(
         error_type="parse_error",
         retryable=True,
         message=scrub(message, secrets),
-        provider=provider,
-        model=model,
-        correlation_id=correlation_id,
         status_code=status_code,
+        **origin,
     )

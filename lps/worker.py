@@ -1,46 +1,56 @@
 """The LPS worker: consumes `lps:requests` (group `lps`), judges, appends one callback per request.
 
 Per request, the callback XADD, the request's XACK and the `lps:done` marker go
-in one MULTI/EXEC: a request is acknowledged exactly when its result exists.
-Results finishing together share that transaction (a coalescing committer), so
+in one Lua script: a request is acknowledged exactly when its result exists.
+Results finishing together share that script call (a coalescing committer), so
 a fast judge costs one round trip per group of results, not per result.
+
+Fencing: the script commits a result only while this worker still holds the request
+(it is pending for this consumer). A worker that was paused or cut off past the
+processing timeout, whose request another worker claimed meanwhile, cannot commit:
+its result is dropped (`commit_fenced`), the holder's counts. Each commit carries a
+token, stored in the done marker, so a call the client re-sends after a timeout finds
+its own commit and appends nothing twice. Before judging a request it has held for half
+the processing timeout, the worker checks that it still holds it.
+
+Every event the worker writes goes through `events.redact.scrub_struct`: no key or
+token a provider echoed reaches a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Unpack
 
 import structlog
 
-from events import codec
 from events.streams import LPS_GROUP, REQUESTS
+from events.text import as_str
 from events.types import (
-    BundleDispatched,
-    ComparisonCompleted,
     ComparisonFailed,
     ComparisonRequested,
     ErrorDetail,
     Event,
-    ProviderAttemptFailed,
     RequestExpired,
-    TokenUsage,
     new_id,
 )
 from lps import keys as lkeys
 from lps.breaker import Breaker
 from lps.cooldown import Cooldown
 from lps.essays import EssayStore
-from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
+from lps.metrics import LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, plan_units
 from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
-from lps.retry import Outcome, RetryPolicy, judge_with_retries, record_attempt_failed
+from lps.recorder import Recorder, encode
+from lps.retry import Outcome, RetryPolicy, judge_with_retries
 from streams.consumer import GroupConsumer, GroupOptions
+from streams.errors import Policy, kind_of, policy_of
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
 from streams.pending import (
@@ -52,7 +62,7 @@ from streams.pending import (
     release_entries,
 )
 from streams.reader import Entry
-from streams.resilience import REDIS_DOWN, Backoff, sleep_unless, wait_for_redis
+from streams.resilience import REDIS_ERRORS, Backoff, disconnect, sleep_unless
 
 log = structlog.get_logger("lps.worker")
 
@@ -61,24 +71,72 @@ DONE_TTL_S = 7 * 24 * 3600
 ProviderFactory = Callable[[str], Provider]
 
 
+# Commit results (see the module's docstring). For each item: if this consumer still holds
+# the request, append its extra events (to KEYS[3]) and its callback, acknowledge the request
+# and set its done marker to the commit's token.
+# KEYS: 1 requests, 2 callbacks, 3 dispatches, 3+i the done marker of item i
+# ARGV: 1 group, 2 consumer, 3 done marker ttl s, 4 items; per item: entry id, token,
+#       callback type, callback data, number of extra events, then (type, data) per extra.
+# Returns per item: 'committed'; 'again' (this very commit was made before: a re-sent call);
+# 'fenced' (the request is held by another consumer, or was answered by one).
+_COMMIT_LUA = """
+local out = {}
+local a = 5
+for i = 1, tonumber(ARGV[4]) do
+  local entry, token, nextra = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 4])
+  local held = redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1, ARGV[2])
+  if #held == 1 then
+    for j = 1, nextra do
+      redis.call('XADD', KEYS[3], '*', 'type', ARGV[a + 3 + 2 * j], 'data', ARGV[a + 4 + 2 * j])
+    end
+    redis.call('XADD', KEYS[2], '*', 'type', ARGV[a + 2], 'data', ARGV[a + 3])
+    redis.call('XACK', KEYS[1], ARGV[1], entry)
+    redis.call('SET', KEYS[3 + i], token, 'EX', ARGV[3])
+    out[i] = 'committed'
+  elseif redis.call('GET', KEYS[3 + i]) == token then
+    out[i] = 'again'
+  else
+    out[i] = 'fenced'
+  end
+  a = a + 5 + 2 * nextra
+end
+return out
+"""
+
+COMMITTED = ("committed", "again")
+
+
 @dataclass
 class _Commit:
     entry_id: str
     callback: Event
     extra: list[tuple[str, Event]] = field(default_factory=list)
-    done: asyncio.Future[None] | None = None
+    done: asyncio.Future[str] | None = None
+    token: str = field(default_factory=new_id)
 
 
 class Committer:
-    """Appends results: callback + XACK + done marker, many results per MULTI/EXEC."""
+    """Appends results: callback + XACK + done marker, many results per script call, fenced
+    by this consumer's hold on each request. A commit that meets a Redis error that passes
+    (streams/errors.py) is tried again, with backoff, for up to `retry_for_s`: the script
+    is idempotent, and a judgement is worth keeping."""
 
     def __init__(
-        self, r: Any, keys: Keys, after: Callable[[], Awaitable[None]] | None = None
+        self,
+        r: Any,
+        keys: Keys,
+        consumer: str,
+        *,
+        retry_for_s: float = 120.0,
+        after: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.r = r
         self.keys = keys
+        self.consumer = consumer
+        self.retry_for_s = retry_for_s
         # Run after each commit, before its callers hear of it (waiting for a replica).
         self.after = after
+        self._script = r.register_script(_COMMIT_LUA)
         self._queue: asyncio.Queue[_Commit] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -92,11 +150,12 @@ class Committer:
 
     async def commit(
         self, entry_id: str, callback: Event, extra: list[tuple[str, Event]] | None = None
-    ) -> None:
+    ) -> str:
+        """Commit one result; returns 'committed' (or 'again') or 'fenced'."""
         item = _Commit(entry_id, callback, extra or [], asyncio.get_running_loop().create_future())
         await self._queue.put(item)
         assert item.done is not None
-        await item.done
+        return await item.done
 
     async def _run(self) -> None:
         while True:
@@ -104,29 +163,57 @@ class Committer:
             while not self._queue.empty() and len(batch) < 256:
                 batch.append(self._queue.get_nowait())
             try:
-                await self._write(batch)
+                outcomes = await self._write_retrying(batch)
             except Exception as exc:  # the callers decide; nothing was acknowledged
                 for item in batch:
                     if item.done and not item.done.done():
                         item.done.set_exception(exc)
                 continue
-            for item in batch:
+            for item, outcome in zip(batch, outcomes, strict=True):
                 if item.done and not item.done.done():
-                    item.done.set_result(None)
+                    item.done.set_result(outcome)
 
-    async def _write(self, batch: list[_Commit]) -> None:
+    async def _write_retrying(self, batch: list[_Commit]) -> list[str]:
+        backoff = Backoff(base=0.05, cap=2.0)
+        deadline = time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                return await self._write(batch)
+            except Exception as exc:
+                policy = policy_of(exc)
+                if policy is None or policy is Policy.RECREATE or time.monotonic() > deadline:
+                    raise
+                if policy is Policy.RECONNECT:
+                    await disconnect(self.r)
+                delay = backoff.next()
+                log.warning(
+                    "commit_waiting_for_redis",
+                    consumer=self.consumer,
+                    results=len(batch),
+                    error_kind=kind_of(exc),
+                    error=str(exc)[:200],
+                    retry_in_s=delay,
+                )
+                await asyncio.sleep(delay)
+
+    async def _write(self, batch: list[_Commit]) -> list[str]:
         k = self.keys
-        async with self.r.pipeline(transaction=True) as pipe:
-            for item in batch:
-                for stream, event in item.extra:
-                    pipe.xadd(stream, codec.encode(event))
-                pipe.xadd(k.callbacks, codec.encode(item.callback))
-                pipe.xack(k.requests, LPS_GROUP, item.entry_id)
-                cid = getattr(item.callback, "correlation_id", "")
-                pipe.set(lkeys.done(k, cid), item.entry_id, ex=DONE_TTL_S)
-            await pipe.execute()
+        done_keys = []
+        args: list[Any] = [LPS_GROUP, self.consumer, DONE_TTL_S, len(batch)]
+        for item in batch:
+            done_keys.append(lkeys.done(k, getattr(item.callback, "correlation_id", "")))
+            callback = encode(item.callback)
+            args += [item.entry_id, item.token, callback["type"], callback["data"], len(item.extra)]
+            for stream, event in item.extra:
+                assert stream == k.dispatches, "extra events go to lps:dispatches"
+                extra = encode(event)
+                args += [extra["type"], extra["data"]]
+        outcomes = await self._script(
+            keys=[k.requests, k.callbacks, k.dispatches, *done_keys], args=args
+        )
         if self.after is not None:
             await self.after()
+        return [as_str(o) for o in outcomes]
 
 
 class LPSWorker(GroupConsumer[ComparisonRequested]):
@@ -155,7 +242,11 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         self._provider_cache: dict[str, Provider] = {}
         self.policy = policy or RetryPolicy()
         self.concurrency = concurrency
-        self.committer = Committer(r, keys, self.durable)
+        self.committer = Committer(
+            r, keys, consumer, retry_for_s=self.processing_timeout_s, after=self.durable
+        )
+        # When each entry in hand was read (monotonic): one held long may have been claimed.
+        self._read_at: dict[str, float] = {}
         self.max_pages = max_pages
         self.in_hand: set[str] = set()
         # Set by run() to its stop event: units not started when it is set are released.
@@ -168,15 +259,13 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         self.breaker = breaker or Breaker(r, keys)
         # Requests name essays by reference; their texts come from the batch's essay store.
         self.essays = EssayStore(r, keys)
+        self.record = Recorder(r, keys, consumer, self.committer.commit, self.prompt_sha256)
         self.mode_context = ModeContext(
             provider=self.provider,
             judge=self.judge_one,
-            finish=self.finish,
-            fail=self.fail,
-            attempt_failed=self.attempt_failed,
+            record=self.record,
             breaker=self.breaker,
             policy=self.policy,
-            dispatch=self.dispatch,
             release=self.release,
             stopping=lambda: self._stop.is_set(),
             wait_or_stop=self.wait_or_stop,
@@ -209,10 +298,14 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             return
         ids = {e.entry_id for e in entries}
         self.in_hand.update(ids)
+        now = time.monotonic()
+        self._read_at.update((i, now) for i in ids)
         try:
             await self._handle(entries)
         finally:
             self.in_hand.difference_update(ids)
+            for i in ids:
+                self._read_at.pop(i, None)
 
     async def _handle(self, entries: list[Entry]) -> None:
         requests = await self._resolve(await self._skip_done(await self.accepted(entries)))
@@ -258,7 +351,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
                     correlation_id=req.correlation_id,
                     message=resolved.message,
                 )
-                await self.finish(entry, req, Outcome(None, resolved, 0))
+                await self.record.finish(entry, req, Outcome(None, resolved, 0))
             else:
                 out.append((entry, resolved))
         return out
@@ -270,7 +363,34 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             if self._stop.is_set():
                 await self.release(unit)
                 return
-            await MODES[unit[0][1].mode](self.mode_context, unit)
+            unit = await self.still_held(unit)
+            if unit:
+                await MODES[unit[0][1].mode](self.mode_context, unit)
+
+    async def still_held(self, unit: Unit) -> Unit:
+        """The requests of `unit` this worker still holds. Checked (and their idle time reset)
+        only for those held half a processing timeout already: a pause that long (a stopped
+        process, a lost network) may have let another worker claim them, and judging them
+        here too would pay for the judgement twice."""
+        now = time.monotonic()
+        limit = now - self.processing_timeout_s / 2
+        old = [e.entry_id for e, _ in unit if self._read_at.get(e.entry_id, now) <= limit]
+        if not old:
+            return unit
+        lost = set(await keep_alive(self.r, self.keys.requests, LPS_GROUP, self.consumer, old))
+        for entry_id in old:  # checked (and refreshed) now
+            if entry_id not in lost and entry_id in self._read_at:
+                self._read_at[entry_id] = now
+        if not lost:
+            return unit
+        STUCK_ITEMS.labels("lost").inc(len(lost))
+        log.warning(
+            "claim_lost",
+            consumer=self.consumer,
+            entries=len(lost),
+            correlation_ids=[q.correlation_id for e, q in unit if e.entry_id in lost][:20],
+        )
+        return [(e, q) for e, q in unit if e.entry_id not in lost]
 
     async def release(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
         """At shutdown: hand back requests not started, for a live worker to take at once."""
@@ -292,41 +412,6 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             correlation_ids=[q.correlation_id for _, q in unit],
         )
 
-    async def dispatch(
-        self,
-        unit: Unit,
-        *,
-        message_batch_id: str | None = None,
-        same_transaction: Callable[[Any], object] | None = None,
-    ) -> BundleDispatched:
-        first = unit[0][1]
-        event = BundleDispatched(
-            bundle_id=new_id(),
-            mode=first.mode,
-            provider=first.provider,
-            model=first.model,
-            consumer=self.consumer,
-            correlation_ids=[r.correlation_id for _, r in unit],
-            batch_ids=sorted({r.batch_id for _, r in unit}),
-            size=len(unit),
-            provider_batch_id=message_batch_id,
-        )
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.dispatches, codec.encode(event))
-            if same_transaction is not None:
-                same_transaction(pipe)
-            await pipe.execute()
-        LPS_BUNDLE_SIZE.labels(first.mode).observe(len(unit))
-        log.info(
-            "bundle_dispatched",
-            bundle_id=event.bundle_id,
-            size=len(unit),
-            batch_ids=event.batch_ids,
-            provider=first.provider,
-            model=first.model,
-        )
-        return event
-
     def prompt_sha256(self, req: ComparisonRequested) -> str:
         """What the provider rendered for this request, for failure events ("" if it cannot say)."""
         fingerprint = getattr(self._provider_cache.get(req.provider), "prompt_sha256", None)
@@ -345,142 +430,22 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
                 model=req.model,
                 correlation_id=req.correlation_id,
             )
-            await self.finish(entry, req, Outcome(None, detail, 0))
+            await self.record.finish(entry, req, Outcome(None, detail, 0))
             return
 
-        async def attempt_failed(
-            attempt: int,
-            detail: ErrorDetail,
-            will_retry: bool,
-            delay: float,
-            *,
-            usage: TokenUsage,
-            cost_usd: float,
-        ) -> None:
-            await self.attempt_failed(
-                req, attempt, detail, will_retry, delay, usage=usage, cost_usd=cost_usd
-            )
-
         # Latency, tokens and cost are counted by the provider, per HTTP call, not here.
+        if not await self.still_held([(entry, req)]):
+            return
         outcome = await judge_with_retries(
             provider,
             req,
             self.policy,
-            attempt_failed,
+            functools.partial(self.record.attempt_failed, req),
             rng=self._rng,
             cooldown=self.cooldown,
             breaker=self.breaker,
         )
-        await self.finish(entry, req, outcome)
-
-    async def attempt_failed(
-        self,
-        req: ComparisonRequested,
-        attempt: int,
-        detail: ErrorDetail,
-        will_retry: bool,
-        delay: float = 0.0,
-        *,
-        usage: TokenUsage | None = None,
-        cost_usd: float = 0.0,
-    ) -> None:
-        """One failed provider attempt: its event on `lps:dispatches` and its metrics."""
-        record_attempt_failed(detail, will_retry, provider=req.provider, model=req.model)
-        event = ProviderAttemptFailed(
-            batch_id=req.batch_id,
-            correlation_id=req.correlation_id,
-            attempt=attempt,
-            error=detail,
-            will_retry=will_retry,
-            delay_s=round(delay, 4),
-            prompt_sha256=self.prompt_sha256(req),
-            usage=usage or TokenUsage(),
-            cost_usd=cost_usd,
-        )
-        await self.r.xadd(self.keys.dispatches, codec.encode(event))
-        log.warning(
-            "provider_attempt_failed",
-            batch_id=req.batch_id,
-            correlation_id=req.correlation_id,
-            attempt=attempt,
-            error_type=detail.error_type,
-            status_code=detail.status_code,
-            will_retry=will_retry,
-            delay_s=round(delay, 3),
-        )
-
-    async def finish(self, entry: Entry, req: ComparisonRequested, outcome: Outcome) -> None:
-        callback: Event
-        if outcome.judgement is not None:
-            j = outcome.judgement
-            callback = ComparisonCompleted(
-                batch_id=req.batch_id,
-                correlation_id=req.correlation_id,
-                essay_a_id=req.essay_a.essay_id,
-                essay_b_id=req.essay_b.essay_id,
-                winner=j.winner,
-                confidence=j.confidence,
-                justification=j.justification,
-                provider=req.provider,
-                model=req.model,
-                latency_ms=round(j.latency_ms, 3),
-                usage=j.usage,
-                prompt_sha256=j.prompt_sha256,
-                attempts=outcome.attempts,
-                cost_usd=outcome.cost_usd,
-            )
-            result = "completed"
-        else:
-            assert outcome.error is not None
-            callback = ComparisonFailed(
-                batch_id=req.batch_id,
-                correlation_id=req.correlation_id,
-                essay_a_id=req.essay_a.essay_id,
-                essay_b_id=req.essay_b.essay_id,
-                error=outcome.error,
-                attempts=outcome.attempts,
-                prompt_sha256=self.prompt_sha256(req),
-                usage=outcome.usage or TokenUsage(),
-                cost_usd=outcome.cost_usd,
-            )
-            result = "failed"
-            if outcome.rejected:
-                log.info(
-                    "request_failed_by_breaker",
-                    batch_id=req.batch_id,
-                    correlation_id=req.correlation_id,
-                    error_type=outcome.error.error_type,
-                )
-        await self.committer.commit(entry.entry_id, callback)
-        LPS_REQUESTS.labels(req.provider, req.model, req.mode, result).inc()
-
-    async def fail(
-        self,
-        entry: Entry,
-        req: ComparisonRequested,
-        detail: ErrorDetail,
-        *,
-        attempt: int = 1,
-        usage: TokenUsage | None = None,
-        cost_usd: float = 0.0,
-        spent_usd: float = 0.0,
-        call_made: bool = True,
-    ) -> None:
-        """A final failure without our retry loop (Message Batches items): the attempt is an
-        event like any other, so provider calls still equal attempts failed + completed.
-        `spent_usd`: what earlier attempts of the request cost; `call_made=False` (an open
-        breaker) records no attempt."""
-        if call_made:
-            await self.attempt_failed(req, attempt, detail, False, usage=usage, cost_usd=cost_usd)
-        outcome = Outcome(
-            None,
-            detail,
-            attempt if call_made else attempt - 1,
-            cost_usd=spent_usd + cost_usd,
-            usage=usage,
-            rejected=not call_made,
-        )
-        await self.finish(entry, req, outcome)
+        await self.record.finish(entry, req, outcome)
 
     async def wait_or_stop(self, seconds: float) -> None:
         await sleep_unless(self._stop, seconds)
@@ -488,8 +453,16 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
     # --- pending-entry maintenance --------------------------------------------
 
     async def refresh_in_hand(self) -> None:
-        """Keep slow but healthy work from looking stuck."""
-        await keep_alive(self.r, self.keys.requests, LPS_GROUP, self.consumer, sorted(self.in_hand))
+        """Keep slow but healthy work from looking stuck (the entries still held: one claimed
+        by another worker meanwhile stays with it, and its result here will be fenced)."""
+        lost = await keep_alive(
+            self.r, self.keys.requests, LPS_GROUP, self.consumer, sorted(self.in_hand)
+        )
+        if lost:
+            STUCK_ITEMS.labels("lost").inc(len(lost))
+            log.warning(
+                "claim_lost", consumer=self.consumer, entries=len(lost), entry_ids=lost[:20]
+            )
 
     async def reclaim(self) -> list[StuckAction]:
         """Claim requests idle past the processing timeout (their worker died or hung) and
@@ -500,13 +473,17 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         workers): each is claimed alone and finished before the next is claimed, so a poison
         request burns only its own deliveries, never those of requests claimed with it.
         """
+        if self.claims_paused:
+            return []
         timeout_ms = self.timeout_ms
         rows = [
             row
             for row in await pending_details(
                 self.r, self.keys.requests, LPS_GROUP, min_idle_ms=timeout_ms
             )
-            if not (row["consumer"] == self.consumer and row["entry_id"] in self.in_hand)
+            # Its own entries this worker re-reads itself (streams/reader.py): claiming them
+            # would count a delivery of a healthy worker's request.
+            if row["consumer"] != self.consumer
         ]
         if not rows:
             return []
@@ -560,8 +537,13 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             ),
             attempts=0,
         )
-        await self.committer.commit(c.entry.entry_id, failed, [(self.keys.dispatches, expired)])
-        LPS_REQUESTS.labels(req.provider, req.model, req.mode, "expired").inc()
+        outcome = await self.committer.commit(
+            c.entry.entry_id, failed, [(self.keys.dispatches, expired)]
+        )
+        if outcome == "fenced":
+            self.record.fenced(c.entry, req)
+        result = "fenced" if outcome == "fenced" else "expired"
+        LPS_REQUESTS.labels(req.provider, req.model, req.mode, result).inc()
 
     async def maintain(self) -> list[StuckAction]:
         """One reaper pass: reclaim stuck requests, pending gauge, prune dead consumers,
@@ -570,9 +552,9 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         await self.upkeep()
         try:
             await sweep_orphans(self.mode_context)
-        except REDIS_DOWN:
-            raise
-        except Exception:  # the sweep is a safety net; it must not stop reclaiming
+        except Exception as exc:  # the sweep is a safety net; it must not stop reclaiming
+            if policy_of(exc) is not None:  # Redis's passing state: the caller's to wait out
+                raise
             log.exception("orphan_sweep_error", consumer=self.consumer)
         return actions
 
@@ -588,26 +570,34 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             try:
                 await self.start()
                 started = True
-            except REDIS_DOWN as exc:
-                log.warning("redis_unavailable", consumer=self.consumer, error=str(exc)[:200])
-                await sleep_unless(stop, backoff.next())
+            except REDIS_ERRORS as exc:
+                await self.recover(stop, backoff, exc)
         if not started:
             return
 
         async def keep_alive_loop() -> None:
             every = min(maintenance_every_s, self.processing_timeout_s / 3)
             while not await sleep_unless(stop, every):
-                with contextlib.suppress(*REDIS_DOWN):
+                try:
                     await self.refresh_in_hand()
+                except REDIS_ERRORS as exc:
+                    if policy_of(exc) is None:
+                        log.exception("keep_alive_error", consumer=self.consumer)
 
         async def maintenance_loop() -> None:
             while not await sleep_unless(stop, maintenance_every_s):
                 try:
                     await self.maintain()
-                except REDIS_DOWN as exc:
-                    log.warning("maintenance_failed", consumer=self.consumer, error=str(exc)[:200])
-                except Exception:  # a bug must not silently end reclaiming for this worker
-                    log.exception("maintenance_error", consumer=self.consumer)
+                except Exception as exc:  # a bug must not silently end reclaiming for this worker
+                    if policy_of(exc) is None:
+                        log.exception("maintenance_error", consumer=self.consumer)
+                    else:
+                        log.warning(
+                            "maintenance_failed",
+                            consumer=self.consumer,
+                            error_kind=kind_of(exc),
+                            error=str(exc)[:200],
+                        )
 
         keeper = asyncio.create_task(keep_alive_loop())
         reaper = asyncio.create_task(maintenance_loop())
@@ -629,14 +619,16 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
                     if len(pages) >= self.max_pages:
                         await asyncio.wait(pages, return_when=asyncio.FIRST_COMPLETED)
                         continue
+                    if self.group_missing:
+                        await self.start()
                     entries = await self.reader.read()
                     if entries:
                         task = asyncio.create_task(self.handle(entries))
                         pages.add(task)
                         task.add_done_callback(page_done)
                     backoff.reset()
-                except REDIS_DOWN as exc:
-                    await wait_for_redis(stop, backoff, exc, self.reader, self.consumer)
+                except REDIS_ERRORS as exc:
+                    await self.recover(stop, backoff, exc)
         finally:
             # Pages in flight finish what they started and release the rest (stop is set).
             await asyncio.gather(*pages, return_exceptions=True)

@@ -14,12 +14,17 @@ consumers did in whatever order they ran:
 - `in_flight` and the counters move by increments, `last_event_at` is a max;
 - the cost (`cost_nusd`, integer nano-dollars) is a sum over every callback of the batch
   that is not an orphan (duplicates and late ones were paid for too).
+
+Time is the Redis server's: a callback counts as activity at its entry id's time (its
+producer's `occurred_at` may be wrong, or absent); the events CJ writes itself carry the
+server's time in `occurred_at` (cj/continuation.py stamps them with Redis TIME).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from events.clock import entry_iso
 from events.types import (
     BatchConfig,
     BatchEvent,
@@ -141,6 +146,10 @@ def _touch(state: BatchState, event: Event) -> None:
     state.last_event_at = max(state.last_event_at, event.occurred_at)
 
 
+def _touch_at(state: BatchState, moment: str) -> None:
+    state.last_event_at = max(state.last_event_at, moment)
+
+
 def _close(state: BatchState, status: str, reason: str, abandoned: list[str], event: Event) -> None:
     state.status = status
     state.finalize_reason = reason
@@ -164,11 +173,15 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
         if state.status == "registered":
             state.status = "running"
         state.waves = max(state.waves, event.wave)
-        for pair in event.pairs:
+        # Every pair has a correlation id of its own: one already known is the same wave
+        # appended again (a commit whose reply a failover lost, re-sent by the client), which
+        # the live projection, written with it, counted once.
+        new = [pair for pair in event.pairs if pair.correlation_id not in state.pairs]
+        for pair in new:
             state.pairs[pair.correlation_id] = (event.wave, pair.essay_a, pair.essay_b)
             state.corr[pair.correlation_id] = PENDING
-        state.submitted += len(event.pairs)
-        state.in_flight += len(event.pairs)
+        state.submitted += len(new)
+        state.in_flight += len(new)
     elif isinstance(event, BatchScored):
         state.scored_wave = max(state.scored_wave, event.wave)
         state.scores = event
@@ -185,7 +198,8 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
 def apply_callback(state: BatchState, callback: Callback, entry_id: str) -> tuple[BatchState, str]:
     """Apply one callback; returns the state and how the callback was counted."""
     state.callbacks_received += 1
-    _touch(state, callback)  # every callback counts as activity, so the max commutes
+    # Every callback counts as activity, at its entry's time, so the max commutes.
+    _touch_at(state, entry_iso(entry_id))
     cid = callback.correlation_id
     current = state.corr.get(cid)
     if current is None:

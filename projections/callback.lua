@@ -1,28 +1,35 @@
 -- Apply one callback to its batch projection and acknowledge its entry, atomically.
 -- A transcription of projections/batch.py:apply_callback; tests hold the two equal.
+-- `before(a, b)`, the order of entry ids, is prepended from streams/lua.py (ENTRY_ID_ORDER).
 -- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash,
---       6 range hash (the batch's last applied callback: replay of one batch reads up to it)
+--       6 the group's handled set, 7 the parked dead letters (hash), 8 the callbacks' DLQ,
+--       9 range hash (the batch's last applied callback: replay of one batch reads up to it)
 -- ARGV: 1 group, 2 entry id, 3 correlation id, 4 corr value ("c <entry> <winner>" / "f <entry> <type>"),
---       5 occurred_at, 6 cost in nano-dollars (summed over every callback but orphans)
+--       5 the entry id's time (ISO; the server's clock, not the producer's occurred_at),
+--       6 "parked" when a redrive applies a parked dead letter, else "",
+--       7 cost in nano-dollars (summed over every callback but orphans)
 -- Returns {outcome, in_flight}. "replayed" when the entry was no longer pending in the group:
--- another consumer already applied it (idempotence by entry id).
-if redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then
+-- another consumer already applied it (idempotence by entry id). An orphan of an unknown
+-- batch returns in_flight -2 (the caller needs no second look to tell it apart).
+if ARGV[6] == 'parked' then
+  -- A redrive: the entry was acknowledged when it was parked; taking it out is the gate.
+  local letter = redis.call('HGET', KEYS[7], ARGV[2])
+  if not letter then return {'replayed', -1} end
+  redis.call('HDEL', KEYS[7], ARGV[2])
+  redis.call('XDEL', KEYS[8], letter)
+elseif redis.call('XACK', KEYS[4], ARGV[1], ARGV[2]) == 0 then
+  return {'replayed', -1}
+elseif redis.call('ZADD', KEYS[6], 'NX', tonumber(string.match(ARGV[2], '^(%d+)')), ARGV[2]) == 0 then
+  -- Applied before the group was destroyed and recreated below it (streams/reader.py).
   return {'replayed', -1}
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HINCRBY', KEYS[5], 'orphans_unknown_batch', 1)
-  return {'orphan', -1}
+  return {'orphan', -2}
 end
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  if am ~= bm then return am < bm end
-  return as < bs
-end
-local last_applied = redis.call('HGET', KEYS[6], 'last:cj:callbacks')
+local last_applied = redis.call('HGET', KEYS[9], 'last:cj:callbacks')
 if (not last_applied) or before(last_applied, ARGV[2]) then
-  redis.call('HSET', KEYS[6], 'last:cj:callbacks', ARGV[2])
+  redis.call('HSET', KEYS[9], 'last:cj:callbacks', ARGV[2])
 end
 redis.call('HINCRBY', KEYS[1], 'callbacks_received', 1)
 local last = redis.call('HGET', KEYS[1], 'last_event_at')
@@ -39,7 +46,7 @@ if not current then
   redis.call('HINCRBY', KEYS[3], cid, 1)
   return {'orphan', -1}
 end
-redis.call('HINCRBY', KEYS[1], 'cost_nusd', ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'cost_nusd', ARGV[7])
 if current == 'abandoned' then
   redis.call('HINCRBY', KEYS[1], 'late_callbacks', 1)
   return {'late', -1}

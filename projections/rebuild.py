@@ -19,6 +19,7 @@ from events.text import as_str
 from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.replay import (
+    HORIZON_READS,
     Horizon,
     ReplayResult,
     horizon_from,
@@ -39,6 +40,10 @@ Flat = dict[str, dict[str, str]]
 
 class KeptChanging(Exception):
     """Consumers wrote to the projections during every attempt of a rebuild."""
+
+
+class StreamTrimmed(Exception):
+    """A stream the projections are built from lost entries: a rebuild would lose counts."""
 
 
 def expected_of(state: BatchState | None, keys: Keys) -> Flat:
@@ -98,13 +103,16 @@ async def read_snapshot(r: Any, keys: Keys, batch_ids: list[str]) -> Snapshot:
             pipe.hget(pkeys.batch_index(keys), b)
             pipe.hgetall(pkeys.batch_range(keys, b))
         replies = await pipe.execute(raise_on_error=False)
-    archived = replies[3] if isinstance(replies[3], list) else []
+    archived = replies[HORIZON_READS]
+    archived = archived if isinstance(archived, list) else []
     snap = Snapshot(
-        await horizon_from(r, keys, *replies[:3]), archived=frozenset(map(as_str, archived))
+        await horizon_from(r, keys, *replies[:HORIZON_READS]),
+        archived=frozenset(map(as_str, archived)),
     )
     per = len(pkeys.batch_keys(keys, "x")) + 2
     for i, b in enumerate(batch_ids):
-        chunk = replies[4 + i * per : 4 + (i + 1) * per]
+        start = HORIZON_READS + 1 + i * per
+        chunk = replies[start : start + per]
         flat: Flat = {}
         for name, value in zip(pkeys.batch_keys(keys, b), chunk[:-2], strict=True):
             if isinstance(value, dict) and value:
@@ -191,6 +199,17 @@ async def rebuild(r: Any, keys: Keys, batch_ids: list[str] | None) -> dict[str, 
                 started = time.perf_counter()
                 result, rows = await check(r, keys, batch_ids)
                 checked = time.perf_counter()
+                if result.trimmed:
+                    await pipe.unwatch()
+                    raise StreamTrimmed(
+                        "refusing to rebuild: entries were deleted from "
+                        + ", ".join(
+                            f"{k} ({v['entries_lost']} entries, it now begins at "
+                            f"{v['first_entry_id']})"
+                            for k, v in result.trimmed.items()
+                        )
+                        + "; the replay is incomplete and would lose counts"
+                    )
                 if batch_ids is None:
                     known = set(ids)
                     new = [b for b in result.states if b not in known]
@@ -238,4 +257,5 @@ def summary(result: ReplayResult) -> dict[str, Any]:
         "callbacks_applied": result.callbacks_applied,
         "callbacks_unapplied": result.callbacks_unapplied,
         "undecodable": result.undecodable,
+        "trimmed": result.trimmed,
     }

@@ -11,12 +11,14 @@ import gc
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from events import codec
+from events.clock import time_problem
+from events.ids import event_id_problem
 from events.streams import BATCHES, CALLBACKS, CJ_GROUP
 from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, ComparisonCompleted, ComparisonFailed, Event
@@ -29,7 +31,18 @@ from projections.batch import (
     register,
 )
 from streams.keys import Keys
-from streams.paging import PAGE, next_id, raw_client, read_pages, read_stream
+from streams.paging import PAGE, entries_lost, next_id, raw_client, read_pages, read_stream
+
+
+def usable_callback(event: Event | None, entry_id: str) -> bool:
+    """Whether the `cj` group applies this entry of `cj:callbacks` (`event` decoded with its
+    entry id) rather than dead-lettering it: a callback with valid ids and a credible time,
+    by the rules of streams/consumer.py."""
+    return (
+        isinstance(event, ComparisonCompleted | ComparisonFailed)
+        and event_id_problem(event) is None
+        and time_problem(event.occurred_at, entry_id) is None
+    )
 
 
 def fold(
@@ -38,6 +51,8 @@ def fold(
     """The pure fold: batch events in order, then callbacks in entry-id order."""
     states: dict[str, BatchState] = {}
     for event in batch_events:
+        if event_id_problem(event) is not None:
+            continue
         if isinstance(event, BatchRegistered):
             states[event.batch_id] = register(event)
         else:
@@ -55,9 +70,11 @@ def fold(
 async def replay(
     r: Any, keys: Keys, batch_ids: set[str] | None = None
 ) -> tuple[dict[str, BatchState], int]:
-    """Rebuild the projections of `batch_ids` (all when None): the states and the events read."""
+    """Rebuild the projections of `batch_ids` (all when None): the states and the events read.
+    Callbacks the `cj` group dead-lettered (invalid, or parked for a redrive) are left out."""
     batch_events: list[Event] = []
     callbacks: list[tuple[str, Event]] = []
+    parked = {as_str(i) for i in await r.hkeys(keys.dlq_parked(CALLBACKS))}
     seen = 0
     async for _, fields in read_stream(r, keys.batches):
         seen += 1
@@ -70,8 +87,10 @@ async def replay(
     async for entry_id, fields in read_stream(r, keys.callbacks):
         seen += 1
         try:
-            event = codec.decode(fields)
+            event = codec.decode(fields, entry_id)
         except codec.DecodeError:
+            continue
+        if entry_id in parked or not usable_callback(event, entry_id):
             continue
         if batch_ids is None or getattr(event, "batch_id", None) in batch_ids:
             callbacks.append((entry_id, event))
@@ -97,6 +116,8 @@ class Horizon:
     batches_last: str | None  # last entry of cj:batches (None: empty)
     callbacks_delivered: str | None  # the cj group's last-delivered id (None: no group yet)
     pending: frozenset[str] = frozenset()
+    # Acknowledged but not applied: dead-lettered while valid, waiting for a redrive.
+    parked: frozenset[str] = frozenset()
 
     def batch_event_in(self, entry_id: str) -> bool:
         last = self.batches_last
@@ -108,17 +129,25 @@ class Horizon:
         return (
             entry_id_key(entry_id) <= entry_id_key(self.callbacks_delivered)
             and entry_id not in self.pending
+            and entry_id not in self.parked
         )
 
 
+HORIZON_READS = 4
+
+
 def queue_horizon(pipe: Any, keys: Keys) -> None:
-    """Queue the three reads of a horizon (inside MULTI, with other reads, for one instant)."""
+    """Queue the `HORIZON_READS` reads of a horizon (inside MULTI, with other reads, for one
+    instant)."""
     pipe.xrevrange(keys.batches, max="+", min="-", count=1)
     pipe.xinfo_groups(keys.callbacks)
     pipe.xpending_range(keys.callbacks, CJ_GROUP, min="-", max="+", count=PEL_PAGE)
+    pipe.hkeys(keys.dlq_parked(CALLBACKS))
 
 
-async def horizon_from(r: Any, keys: Keys, last: Any, groups: Any, pel: Any) -> Horizon:
+async def horizon_from(
+    r: Any, keys: Keys, last: Any, groups: Any, pel: Any, parked: Any = None
+) -> Horizon:
     """The horizon from the replies of `queue_horizon` (errors mean: no stream or no group)."""
     batches_last = as_str(last[0][0]) if isinstance(last, list) and last else None
     delivered: str | None = None
@@ -135,7 +164,8 @@ async def horizon_from(r: Any, keys: Keys, last: Any, groups: Any, pel: Any) -> 
                 keys.callbacks, CJ_GROUP, min=start, max="+", count=PEL_PAGE
             )
             pending.update(as_str(p["message_id"]) for p in pel)
-    return Horizon(batches_last, delivered, frozenset(pending))
+    held = frozenset(as_str(i) for i in parked) if isinstance(parked, list) else frozenset()
+    return Horizon(batches_last, delivered, frozenset(pending), held)
 
 
 async def read_horizon(r: Any, keys: Keys) -> Horizon:
@@ -276,6 +306,9 @@ class ReplayResult:
     unknown_batch_callbacks: int = 0  # applied callbacks naming no registered batch
     undecodable: int = 0
     seconds: float = 0.0
+    # Streams that lost entries (trimmed or XDEL): stream name -> {entries_lost,
+    # first_entry_id}. Their replay cannot be complete: it is reported, never written over.
+    trimmed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _wanted(data: Any, needles: list[bytes] | None) -> bool:
@@ -318,6 +351,10 @@ async def _replay_live(
     started = time.perf_counter()
     hz = horizon if horizon is not None else await read_horizon(r, keys)
     out = ReplayResult(states={}, horizon=hz)
+    for name in (BATCHES, CALLBACKS):
+        lost = await entries_lost(r, keys.stream(name))
+        if lost is not None:
+            out.trimmed[name] = lost
     needles = None
     if batch_ids is not None and len(batch_ids) <= 16:
         needles = [b.encode() for b in sorted(batch_ids)]
@@ -331,7 +368,7 @@ async def _replay_live(
                 if needles is not None and not _wanted(_data_of(flat), needles):
                     continue
                 event, _ = decode_flat(flat)
-                if event is None:
+                if event is None or event_id_problem(event) is not None:
                     out.undecodable += 1
                     continue
                 b = getattr(event, "batch_id", None)
@@ -344,30 +381,33 @@ async def _replay_live(
                     apply_batch_event(states[b], event)  # type: ignore[arg-type]
                     out.batch_events += 1
     delivered = None if hz.callbacks_delivered is None else entry_id_key(hz.callbacks_delivered)
-    pending = hz.pending
+    held = hz.pending | hz.parked
     async for entries in _range_pages(raw, keys.callbacks, page, ranges.get(CALLBACKS, ALL)):
         out.events += len(entries)
-        # Whole pages below the group's last-delivered id with nothing pending need no id checks.
+        # Whole pages up to the group's last-delivered id, with nothing pending or parked,
+        # need no check per entry.
         whole = (
-            delivered is not None
-            and not pending
-            and entry_id_key(as_str(entries[-1][0])) <= delivered
+            delivered is not None and not held and entry_id_key(as_str(entries[-1][0])) <= delivered
         )
         for raw_id, flat in entries:
             entry_id = as_str(raw_id)
             if not whole and (
-                delivered is None or entry_id_key(entry_id) > delivered or entry_id in pending
+                delivered is None or entry_id_key(entry_id) > delivered or entry_id in held
             ):
                 out.callbacks_unapplied += 1
                 continue
             if needles is not None and not _wanted(_data_of(flat), needles):
                 continue
-            callback, _ = decode_flat(flat)
+            callback, data = decode_flat(flat)
             if callback is None:
                 out.undecodable += 1
                 continue
-            if not isinstance(callback, ComparisonCompleted | ComparisonFailed):
+            if isinstance(data, bytes):
+                callback = codec.with_entry_time(callback, data, entry_id)
+            if not usable_callback(callback, entry_id):
+                out.undecodable += 1
                 continue
+            assert isinstance(callback, ComparisonCompleted | ComparisonFailed)
             if batch_ids is not None and callback.batch_id not in batch_ids:
                 continue
             if callback.batch_id in exclude:

@@ -10,7 +10,8 @@ import msgspec
 import redis.asyncio as aioredis
 
 from events import codec
-from events.streams import BATCHES, STREAMS
+from events.clock import entry_iso
+from events.streams import BATCHES, CALLBACKS, STREAMS
 from events.text import as_str
 from events.types import (
     BatchConfig,
@@ -25,6 +26,7 @@ from events.types import (
 from projections import keys as pkeys
 from projections.batch import COUNTERS, BatchState, corr_value, cost_of
 from streams.keys import Keys
+from streams.lua import ENTRY_ID_ORDER
 
 _json = msgspec.json.Encoder()
 _essays = msgspec.json.Decoder(list[Essay])
@@ -32,7 +34,8 @@ _config = msgspec.json.Decoder(BatchConfig)
 _scores = msgspec.json.Decoder(BatchScored)
 _pair = msgspec.json.Decoder(tuple[int, str, str])
 
-CALLBACK_LUA = resources.files("projections").joinpath("callback.lua").read_text()
+# callback.lua uses `before` (entry id order), shared with the other scripts.
+CALLBACK_LUA = ENTRY_ID_ORDER + resources.files("projections").joinpath("callback.lua").read_text()
 
 TEXT_FIELDS = (
     "batch_id",
@@ -171,11 +174,16 @@ async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | 
     return {name: value for name, value in zip(names, values, strict=True) if value}
 
 
-async def load_essays(r: Any, keys: Keys, batch_id: str) -> list[Essay] | None:
-    """The batch's essays with their texts, as registered (None when the batch has no live
-    projection): the per-batch essay store LPS resolves requests' essay references from."""
-    raw = await r.hget(pkeys.batch_docs(keys, batch_id), "essays")
-    return None if raw is None else _essays.decode(raw)
+async def load_essay_store(
+    r: Any, keys: Keys, batch_id: str
+) -> tuple[list[Essay], list[str]] | None:
+    """The per-batch essay store LPS resolves requests' essay references from: the batch's
+    essays as registered and its grade scale (what its content key hashes), in one read; None
+    when the batch has no live projection."""
+    essays, config = await r.hmget(pkeys.batch_docs(keys, batch_id), "essays", "config")
+    if essays is None or config is None:
+        return None
+    return _essays.decode(essays), list(_config.decode(config).grade_scale)
 
 
 async def load_state(r: Any, keys: Keys, batch_id: str) -> BatchState | None:
@@ -224,14 +232,17 @@ class CallbackApplier:
         self._keys = keys
         self._group = group
 
-    async def apply(self, callback: Callback, entry_id: str) -> Any:
+    async def apply(self, callback: Callback, entry_id: str, *, parked: bool = False) -> Any:
         """Run the script now (a cluster client: EVALSHA on the node of the batch's slot,
         loading the script there first when that node does not know it)."""
-        return await self.queue(None, callback, entry_id)
+        return await self.queue(None, callback, entry_id, parked=parked)
 
-    async def queue(self, pipe: Any, callback: Callback, entry_id: str) -> Any:
+    async def queue(
+        self, pipe: Any, callback: Callback, entry_id: str, *, parked: bool = False
+    ) -> Any:
         """Buffer the script call in `pipe`; a non-transactional pipeline is enough, the
-        script is atomic on its own. Without `pipe`, run it now and return its result."""
+        script is atomic on its own. Without `pipe`, run it now and return its result.
+        `parked`: apply a parked dead letter (a redrive)."""
         b = callback.batch_id
         k = self._keys
         if k.partition is None or k.partition_of(b) == k.partition:
@@ -241,13 +252,22 @@ class CallbackApplier:
             batch_keys = [k.key(f"proj:batch:{b}{part}") for part in ("", ":corr", ":orphans")]
             range_key = k.key(f"proj:batch:{b}:range")
         return await self._script(
-            keys=[*batch_keys, k.callbacks, pkeys.stats(k), range_key],
+            keys=[
+                *batch_keys,
+                k.callbacks,
+                pkeys.stats(k),
+                k.group_handled(CALLBACKS, self._group),
+                k.dlq_parked(CALLBACKS),
+                k.dlq(CALLBACKS),
+                range_key,
+            ],
             args=[
                 self._group,
                 entry_id,
                 callback.correlation_id,
                 corr_value(callback, entry_id),
-                callback.occurred_at,
+                entry_iso(entry_id),
+                "parked" if parked else "",
                 str(cost_of(callback)),
             ],
             client=pipe,

@@ -12,6 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from events.redact import mask_url
+
 
 class TopologyChanged(RedisConnectionError):
     """The cluster moved under a command: a blocked XREADGROUP on a key whose slot moved
@@ -34,6 +36,28 @@ class _Pipeline(ClusterPipeline):
             return await super().execute(*args, **kwargs)
         except (AttributeError, ResponseError) as exc:
             raise _moved(exc, "pipeline") from exc
+
+    # redis-py runs each command of a cluster transaction (WATCH, the reads under it, the
+    # commands after MULTI) in a thread with an event loop of its own, the caller's loop blocked
+    # meanwhile. When a refresh of the slots is due (after a failover, a MOVED) that thread
+    # refreshes first, on the client's lock: bound to the caller's loop it fails
+    # (RuntimeError); held by a task of the caller's loop, mid-refresh, it waits forever (a
+    # worker hung). So the refresh is done on the caller's loop before a WATCH, and a command
+    # of a transaction finding one due (a fault met by another task since) is not sent: the
+    # transient fault it is, the caller backs off and goes again.
+
+    async def watch(self, *names: Any) -> None:  # type: ignore[override]
+        if self.cluster_client._initialize:
+            await self.cluster_client.initialize()
+        await super().watch(*names)  # type: ignore[no-untyped-call]
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._transaction and self.cluster_client._initialize:
+            raise TopologyChanged(f"cluster slots being refreshed: {args[0]!r} not sent")
+        try:
+            return super().execute_command(*args, **kwargs)
+        except RuntimeError as exc:
+            raise TopologyChanged(f"slots refreshed under {args[0]!r}: {exc}") from exc
 
 
 class Cluster(RedisCluster):
@@ -62,7 +86,8 @@ def connect(
 ) -> tuple[Any, str]:
     """A client for `url` (each command retried `retries` times before the caller sees the
     error; a TCP connect given up after `connect_timeout_s`), or an embedded Redis (fakeredis)
-    when `url` is None; returns it and what it is. A `url` that is no Redis URL: ValueError.
+    when `url` is None; returns it and what it is (the URL with its password masked: it is
+    shown and logged). A `url` that is no Redis URL: ValueError.
 
     With `cluster`, `url` names any node of a Redis Cluster and the client is redis-py's
     `RedisCluster`: it follows MOVED/ASK, refreshes its view of the slots after a failover,
@@ -78,8 +103,11 @@ def connect(
                 # (ClusterDownError is retried), they are not refused at once.
                 require_full_coverage=False,
                 reinitialize_steps=1,
+                # Per node: every partition's loop blocks on a connection of its own (redis-py's
+                # default of 100 runs out with 16 partitions on one master).
+                max_connections=4096,
             ),
-            url,
+            mask_url(url),
         )
     if url:
         client = aioredis.from_url(
@@ -90,7 +118,7 @@ def connect(
             health_check_interval=15,
             socket_connect_timeout=connect_timeout_s,
         )
-        return client, url
+        return client, mask_url(url)
     if not embedded_ok:
         raise RuntimeError("REDIS_URL is not set: workers need a shared Redis server")
     import fakeredis

@@ -4,23 +4,40 @@ moving what it cannot use to the dead letters, the bookkeeping of a reclaim, gro
 A service subclasses `GroupConsumer`, names the events it `accepts`, and supplies
 `handle` (use a page of entries) and `expire` (what becomes of an entry delivered too
 often); how it claims stuck entries and how it runs stay its own.
+
+What is accepted: an entry that decodes to an event of `accepts`, whose identifiers follow
+the grammar (events/ids.py) and whose `occurred_at` is credible (events/clock.py). Anything
+else is dead-lettered with its reason (`missing_field`, `unknown_type`, `invalid_data`,
+`unexpected_type`, `invalid_id`, `invalid_time`); replay skips the same entries.
+
+A delivery counts toward `max_deliveries` only when an entry is claimed away from a consumer
+that stopped handling it: re-reading one's own entries does not count (streams/reader.py),
+and for one processing timeout after its own Redis outage a consumer claims nothing (every
+entry looks idle after an outage; their owners get the time to touch them again).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, ClassVar, Generic, TypedDict, TypeVar, cast
 
 import structlog
 
 from events import codec
+from events.clock import time_problem
 from events.codec import DecodeError
+from events.ids import event_id_problem
 from events.types import Event
-from streams.dlq import dead_letter
+from streams.dlq import DEFAULT_POLICY, DeadLetterPolicy, dead_letter
 from streams.durability import wait_for_replicas
+from streams.errors import Policy
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
+from streams.paging import entries_lost
 from streams.pending import Claimed, StuckAction, group_upkeep
-from streams.reader import Entry, GroupReader, ensure_group, split_decoded
+from streams.reader import Entry, GroupReader, ensure_group, record_position, split_decoded
+from streams.resilience import Backoff, wait_for_redis
 
 log = structlog.get_logger("streams.consumer")
 
@@ -37,6 +54,7 @@ class GroupOptions(TypedDict, total=False):
     dead_consumer_after_s: float  # idle consumers with nothing pending are removed
     replicas_ack: int  # commits wait for this many replicas (CJS_MIN_REPLICAS_ACK)
     replica_ack_timeout_ms: int  # ... at most this long
+    dead_letters: DeadLetterPolicy  # size cap, length and retention of dead letters
 
 
 class GroupConsumer(Generic[E]):
@@ -64,11 +82,19 @@ class GroupConsumer(Generic[E]):
         dead_consumer_after_s: float = 3600.0,
         replicas_ack: int = 0,
         replica_ack_timeout_ms: int = 1000,
+        dead_letters: DeadLetterPolicy = DEFAULT_POLICY,
     ) -> None:
         self.keys = keys
         self.replicas_ack = replicas_ack
         self.replica_ack_timeout_ms = replica_ack_timeout_ms
         self.stream_name = stream_name
+        self.dead_letter_policy = dead_letters
+        # Monotonic time before which this consumer claims nothing (set after an outage).
+        self.claims_paused_until = 0.0
+        # The group was found missing (NOGROUP): recreate it before the next read.
+        self.group_missing = False
+        # What the stream had lost when last reported (see streams.paging.entries_lost).
+        self.lost_seen: dict[str, Any] | None = None
         # The reader holds the connection and who this consumer is.
         self.reader = GroupReader(
             r,
@@ -107,11 +133,31 @@ class GroupConsumer(Generic[E]):
         """After a commit: wait for CJS_MIN_REPLICAS_ACK replicas (streams/durability.py)."""
         await wait_for_replicas(self.r, self.keys, self.replicas_ack, self.replica_ack_timeout_ms)
 
+    @property
+    def group_record(self) -> str:
+        return self.keys.group_record(self.stream_name, self.group)
+
     async def start(self) -> None:
-        await ensure_group(self.r, self.stream, self.group)
+        """Create the group if it is missing (where it had got to), and record its position."""
+        await ensure_group(self.r, self.stream, self.group, self.group_record)
+        # Seen in the group at once (a blocking read of nothing does not create a consumer).
+        await self.r.xgroup_createconsumer(self.stream, self.group, self.consumer)
+        self.group_missing = False
+        await self.record_position()
+
+    async def record_position(self) -> str | None:
+        return await record_position(
+            self.r,
+            self.stream,
+            self.group,
+            self.group_record,
+            self.keys.group_handled(self.stream_name, self.group),
+        )
 
     async def step(self) -> int:
         """Read and handle one page; returns how many entries it held."""
+        if self.group_missing:
+            await self.start()
         entries = await self.reader.read()
         if entries:
             await self.handle(entries)
@@ -125,24 +171,64 @@ class GroupConsumer(Generic[E]):
         raise NotImplementedError
 
     def expires(self, claimed: Claimed, event: Event | None) -> bool:
+        # Delivered more than max_deliveries times: with max_deliveries=3, the claim that makes
+        # the 4th delivery expires the entry (the 3rd is still handled).
         return claimed.deliveries > self.max_deliveries
 
+    def problem(self, entry: Entry, event: Event) -> DecodeError | None:
+        """Why a decoded entry cannot be accepted, or None (see the module's docstring)."""
+        if not isinstance(event, self.accepts):
+            return DecodeError("unexpected_type", f"{type(event).__name__} on {self.stream_name}")
+        id_problem = event_id_problem(event)
+        if id_problem:
+            return DecodeError("invalid_id", id_problem)
+        when = time_problem(event.occurred_at, entry.entry_id)
+        if when:
+            return DecodeError("invalid_time", when)
+        return None
+
     async def accepted(self, entries: list[Entry]) -> list[tuple[Entry, E]]:
-        """The entries holding an event this consumer accepts; the others (undecodable, or an
-        event that does not belong on this stream) go to the dead letters in one MULTI/EXEC."""
+        """The entries holding an event this consumer accepts; the others (undecodable, an
+        event that does not belong on this stream, a bad id or time) go to the dead letters."""
         good, bad = split_decoded(entries)
         out: list[tuple[Entry, E]] = []
         for entry, event in good:
-            if isinstance(event, self.accepts):
+            problem = self.problem(entry, event)
+            if problem is None:
                 out.append((entry, cast(E, event)))
             else:
-                detail = f"{type(event).__name__} on {self.stream_name}"
-                bad.append((entry, DecodeError("unexpected_type", detail)))
+                bad.append((entry, problem))
         await self.dead_letter(bad)
         return out
 
-    async def dead_letter(self, letters: list[tuple[Entry, DecodeError]]) -> None:
-        await dead_letter(self.r, self.keys, self.stream_name, letters, self.group, self.consumer)
+    async def dead_letter(
+        self, letters: list[tuple[Entry, DecodeError]], *, park: frozenset[str] = frozenset()
+    ) -> list[str | None]:
+        return await dead_letter(
+            self.r,
+            self.keys,
+            self.stream_name,
+            letters,
+            self.group,
+            self.consumer,
+            policy=self.dead_letter_policy,
+            park=park,
+        )
+
+    # --- after a Redis error ------------------------------------------------------------------
+
+    async def recover(self, stop: asyncio.Event, backoff: Backoff, exc: BaseException) -> None:
+        """After a Redis error: its policy (streams/errors.py) or, for a bug, raise it again.
+        Claims pause for one processing timeout; a destroyed group is recreated before the
+        next read."""
+        policy = await wait_for_redis(stop, backoff, exc, self.reader, self.consumer)
+        self.claims_paused_until = time.monotonic() + self.processing_timeout_s
+        if policy is Policy.RECREATE:
+            self.group_missing = True
+
+    @property
+    def claims_paused(self) -> bool:
+        return time.monotonic() < self.claims_paused_until
 
     async def settle(self, claimed: list[Claimed]) -> list[StuckAction]:
         """After a claim: expire what was delivered too often, handle the rest again, and record
@@ -153,7 +239,7 @@ class GroupConsumer(Generic[E]):
         for c in claimed:
             event: Event | None
             try:
-                event = codec.decode(c.entry.fields)
+                event = codec.decode(c.entry.fields, c.entry.entry_id)
             except DecodeError:
                 event = None
             expire = self.expires(c, event)
@@ -179,8 +265,14 @@ class GroupConsumer(Generic[E]):
         return actions
 
     async def upkeep(self) -> None:
-        """The part of a reaper pass every group shares: the pending gauge, and removing
-        consumers dead with nothing pending (never this one)."""
+        """The part of a reaper pass every group shares: the group's position recorded, the
+        pending gauge, and removing consumers dead with nothing pending (never this one)."""
+        await self.record_position()
+        lost = await entries_lost(self.r, self.stream)
+        if lost is not None and lost != self.lost_seen:
+            # Streams are the source of truth: entries deleted from one cannot be replayed.
+            log.error("stream_trimmed", stream=self.stream_name, **lost)
+            self.lost_seen = lost
         await group_upkeep(
             self.r,
             self.keys,

@@ -5,6 +5,7 @@ prefix although it counts the `cj` group too: it is deprecated for `stream_pendi
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 
@@ -35,9 +36,28 @@ REDIS_RECONNECTS = Counter(
 )
 
 
-def set_pending(stream_name: str, group: str, n: int) -> None:
-    PENDING_ENTRIES.labels(stream_name, group).set(n)
-    STREAM_PENDING_ENTRIES.labels(stream_name, group).set(n)
+# Per (stream, group): the namespace (key prefix) last read, and the pending count of each of
+# its partitions this process has read. With partitions the gauge is their sum, not whichever
+# partition's loop set it last; another namespace (tests) starts afresh.
+_pending_parts: dict[tuple[str, str], tuple[str, dict[str, int]]] = {}
+_TAG = re.compile(r"(\{p\d+(?:\.\d+)?\}:)$")
+
+
+def set_pending(stream_name: str, group: str, n: int, key: str | None = None) -> None:
+    """The pending gauges of `stream_name` (no prefix) and `group`: `n`, or, given the
+    partition's stream `key`, the sum over every partition stream of its namespace that this
+    process has read."""
+    head = (key or stream_name).removesuffix(stream_name)
+    tag = _TAG.search(head)
+    prefix, part = (head[: tag.start()], tag.group(1)) if tag else (head, "")
+    known, parts = _pending_parts.get((stream_name, group), (prefix, {}))
+    if known != prefix:
+        parts = {}
+    parts[part] = n
+    _pending_parts[(stream_name, group)] = (prefix, parts)
+    value = sum(parts.values())
+    PENDING_ENTRIES.labels(stream_name, group).set(value)
+    STREAM_PENDING_ENTRIES.labels(stream_name, group).set(value)
 
 
 def observe_queue_wait(stream_name: str, group: str, entry_ids: Iterable[str]) -> None:

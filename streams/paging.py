@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from events.text import as_str
 
@@ -86,3 +87,22 @@ async def read_stream(
     async for entries in read_pages(r, stream, page=page, min_id=min_id, max_id=max_id):
         for entry_id, fields in entries:
             yield as_str(entry_id), fields
+
+
+async def entries_lost(r: Any, stream: str) -> dict[str, Any] | None:
+    """How many entries `stream` has lost (trimmed, or deleted with XDEL) and where it now
+    begins, or None when it has lost none (or the server does not say: fakeredis). A stream
+    the projections are built from must never lose entries; when it has, a replay cannot be
+    complete."""
+    try:
+        info = await r.xinfo_stream(stream)
+    except ResponseError:  # no such stream
+        return None
+    added = info.get("entries-added", info.get(b"entries-added"))
+    if added is None:
+        return None
+    lost = int(added) - int(info["length"])
+    if lost <= 0:
+        return None
+    first = info.get("recorded-first-entry-id", info.get(b"recorded-first-entry-id"))
+    return {"entries_lost": lost, "first_entry_id": as_str(first) if first else None}

@@ -81,40 +81,49 @@ class StuckAction:
 
 
 async def claim_idle(
-    r: Any, stream: str, group: str, consumer: str, min_idle_ms: int, *, page: int = 100
+    r: Any,
+    stream: str,
+    group: str,
+    consumer: str,
+    min_idle_ms: int,
+    *,
+    page: int = 100,
+    spare: Iterable[str] = (),
 ) -> tuple[list[Claimed], list[str]]:
-    """XAUTOCLAIM every entry idle for `min_idle_ms` or more to `consumer`.
+    """XCLAIM every entry idle for `min_idle_ms` or more to `consumer`, page by page through
+    the whole pending list (one XPENDING and one XCLAIM per page), but those held by
+    `consumer` itself or by a consumer in `spare`.
 
-    Returns the claimed entries with their delivery counts (after this claim) and
-    the ids of pending entries whose data no longer exists. Claiming bumps the
-    delivery count and resets idle time, so two racing claimers never both win.
+    Returns the claimed entries with their delivery counts (after this claim) and the ids
+    of pending entries whose data no longer exists. Claiming bumps the delivery count and
+    resets idle time, and XCLAIM re-checks the idle time, so two racing claimers never both
+    win.
     """
-    before = await pending_details(r, stream, group, min_idle_ms=min_idle_ms)
-    owners = {p["entry_id"]: (p["consumer"], p["idle_ms"]) for p in before}
-    claimed: list[tuple[str, Any]] = []
+    spared = {consumer, *spare}
+    claimed: list[Claimed] = []
     deleted: list[str] = []
-    cursor = "0-0"
+    start = "-"
     while True:
-        reply = await r.xautoclaim(stream, group, consumer, min_idle_ms, cursor, count=page)
-        cursor = as_str(reply[0])
-        for entry_id, fields in reply[1]:
-            if fields is not None:
-                claimed.append((as_str(entry_id), fields))
-        if len(reply) > 2:
-            deleted.extend(as_str(i) for i in reply[2])
-        if cursor == "0-0":
+        rows = await pending_details(
+            r, stream, group, min_idle_ms=min_idle_ms, count=page, page=page, start=start
+        )
+        if not rows:
             break
-    if not claimed:
-        return [], deleted
-    counts = {
-        p["entry_id"]: p["deliveries"]
-        for p in await pending_details(r, stream, group, consumer=consumer)
-    }
-    out = []
-    for entry_id, fields in claimed:
-        prev, idle = owners.get(entry_id, ("?", min_idle_ms))
-        out.append(Claimed(Entry(entry_id, fields), counts.get(entry_id, 1), idle, prev))
-    return out, deleted
+        start = "(" + rows[-1]["entry_id"]
+        wanted = [row for row in rows if row["consumer"] not in spared]
+        won = await claim_ids(r, stream, group, consumer, min_idle_ms, wanted)
+        claimed.extend(won)
+        got = {c.entry.entry_id for c in won}
+        lost = [row["entry_id"] for row in wanted if row["entry_id"] not in got]
+        if lost:
+            async with r.pipeline(transaction=False) as pipe:
+                for entry_id in lost:
+                    pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+                found = await pipe.execute()
+            deleted.extend(i for i, hit in zip(lost, found, strict=True) if not hit)
+        if len(rows) < page:
+            break
+    return claimed, deleted
 
 
 async def pending_details(
@@ -124,10 +133,12 @@ async def pending_details(
     *,
     min_idle_ms: int | None = None,
     consumer: str | None = None,
-    count: int = 10_000,
+    count: int | None = None,
     page: int = 1000,
+    start: str = "-",
 ) -> list[dict[str, Any]]:
-    """XPENDING (extended form) in pages, oldest entry first: up to `count` rows of
+    """XPENDING (extended form) in pages, oldest entry first, from `start` (an id, `(id` for
+    after it): up to `count` rows (every row when None) of
     `{entry_id, consumer, idle_ms, deliveries}`."""
     kwargs: dict[str, Any] = {}
     if min_idle_ms is not None:
@@ -135,11 +146,9 @@ async def pending_details(
     if consumer is not None:
         kwargs["consumername"] = consumer
     out: list[dict[str, Any]] = []
-    start = "-"
-    while len(out) < count:
-        rows = await r.xpending_range(
-            stream, group, min=start, max="+", count=min(page, count - len(out)), **kwargs
-        )
+    while count is None or len(out) < count:
+        want = page if count is None else min(page, count - len(out))
+        rows = await r.xpending_range(stream, group, min=start, max="+", count=want, **kwargs)
         out.extend(
             {
                 "entry_id": as_str(row["message_id"]),
@@ -149,7 +158,7 @@ async def pending_details(
             }
             for row in rows
         )
-        if len(rows) < page:
+        if len(rows) < want:
             break
         start = "(" + out[-1]["entry_id"]
     return out
@@ -211,7 +220,7 @@ async def update_pending_gauge(r: Any, stream: str, stream_name: str, group: str
     """Set the pending-entries gauges (`stream_pending_entries{stream, group}` and the
     deprecated `lps_pending_entries`, stream named without the key prefix)."""
     n = await pending_count(r, stream, group)
-    set_pending(stream_name, group, n)
+    set_pending(stream_name, group, n, key=stream)
     return n
 
 
@@ -298,10 +307,34 @@ async def prune_dead_consumers(
     return removed
 
 
-async def keep_alive(r: Any, stream: str, group: str, consumer: str, entry_ids: list[str]) -> None:
-    """Reset the idle time of entries still being worked on, without bumping delivery counts."""
-    if entry_ids:
-        await r.xclaim(stream, group, consumer, 0, entry_ids, justid=True)
+# Reset the idle time of the entries `consumer` still holds (XCLAIM ... JUSTID: no delivery
+# counted); an entry another consumer has claimed meanwhile is left to it (an unchecked
+# XCLAIM would take it back). KEYS: 1 stream; ARGV: 1 group, 2 consumer, 3.. entry ids.
+# Returns the ids no longer held.
+_KEEP_ALIVE_LUA = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p == 1 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+
+async def keep_alive(
+    r: Any, stream: str, group: str, consumer: str, entry_ids: list[str]
+) -> list[str]:
+    """Reset the idle time of entries still being worked on, without bumping delivery counts,
+    if this consumer still holds them; returns those it no longer holds (claimed by another
+    consumer after this one looked dead, or acknowledged)."""
+    if not entry_ids:
+        return []
+    lost = await r.eval(_KEEP_ALIVE_LUA, 1, stream, group, consumer, *entry_ids)
+    return [as_str(i) for i in lost or []]
 
 
 async def group_upkeep(

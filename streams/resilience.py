@@ -1,52 +1,36 @@
-"""Keeping a consumer loop alive across Redis restarts, and stopping it promptly.
+"""Keeping a consumer loop alive across Redis restarts and failures, and stopping it promptly.
 
 redis-py retries a command a few times on its own (see streams/client.connect);
-when Redis stays away longer than that, the loops of the workers catch the
-connection error, wait with a capped exponential backoff and try again, instead
-of dying with the process still up (and its consumer silently gone).
+when Redis stays away longer than that, or answers with an error that passes (out of
+memory, read-only after a failover, loading, busy: the table is streams/errors.py),
+the loops of the workers wait with a capped exponential backoff and try again, instead
+of dying (a supervisor restarting them would only make a crash loop of it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import structlog
-from redis.exceptions import (
-    AskError,
-    ClusterError,
-    NoScriptError,
-    ReadOnlyError,
-    RedisClusterException,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisClusterException, RedisError
 
+from streams.errors import Policy, kind_of, policy_of
 from streams.metrics import REDIS_RECONNECTS
 from streams.reader import GroupReader
 
 log = structlog.get_logger("streams.resilience")
 
-# BusyLoadingError ("LOADING", while Redis replays its AOF) is a ConnectionError.
-# NoScriptError means Redis restarted (its script cache is empty) under a pipeline that the
-# client retried without reloading its scripts: the next attempt loads them again.
-# A Redis Cluster in a failover or a resharding answers, for a while, with errors its client
-# did not absorb in its own retries: CLUSTERDOWN / MASTERDOWN (ClusterError), MOVED / ASK
-# (AskError) while its view of the slots is stale, TRYAGAIN during a migration, READONLY
-# from a demoted master, a slot no node covers (RedisClusterException). A worker waits,
-# refreshes its view of the cluster (`refresh_topology`) and goes on; it never exits.
-REDIS_DOWN: tuple[type[Exception], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    NoScriptError,
+# What a worker loop catches and hands to `policy_of`: a bug among these is raised again.
+# A Redis Cluster in a failover or a resharding raises, for a while, errors its client did
+# not absorb in its own retries (some are no RedisError: a slot no node covers); they are
+# classified like the single-node ones and the worker refreshes its view of the slots.
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    RedisError,
+    RedisClusterException,
     ConnectionError,
     OSError,
-    ClusterError,
-    AskError,
-    TryAgainError,
-    ReadOnlyError,
-    RedisClusterException,
 )
 
 
@@ -93,18 +77,37 @@ class Backoff:
 
 async def wait_for_redis(
     stop: asyncio.Event, backoff: Backoff, exc: BaseException, reader: GroupReader, consumer: str
-) -> None:
-    """After a lost connection: log, back off, and have the reader re-read its own pending
-    entries (what it held may have been half done when Redis went away)."""
+) -> Policy:
+    """After a Redis error that passes (streams/errors.py): log it, drop the connections if
+    the policy says so, back off, and have the reader re-read its own pending entries (what
+    it held may have been half done). Raises `exc` again when it is no such error (a bug).
+    A `recreate` is the caller's to do (it knows where the group belongs); returns the policy."""
+    policy = policy_of(exc)
+    if policy is None:
+        raise exc
     if backoff.fresh:  # once per outage, not per attempt
         REDIS_RECONNECTS.labels(reader.group).inc()
+    if policy is Policy.RECONNECT:
+        await disconnect(reader.r)
     delay = backoff.next()
     log.warning(
         "redis_unavailable",
         consumer=consumer,
-        error=f"{type(exc).__name__}: {str(exc)[:200]}",
+        error_kind=kind_of(exc),
+        policy=str(policy),
+        error=str(exc)[:200],
         retry_in_s=delay,
     )
     reader.rewind()
     if not await sleep_unless(stop, delay):
         await refresh_topology(reader.r)
+    return policy
+
+
+async def disconnect(r: Any) -> None:
+    """Drop every pooled connection of `r`: the next command connects afresh (to wherever the
+    URL points now, after a failover)."""
+    pool = getattr(r, "connection_pool", None)
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            await pool.disconnect()

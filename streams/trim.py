@@ -14,18 +14,14 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from events.text import as_str
+from streams.lua import ENTRY_ID_ORDER
 from streams.paging import next_id
 
 # KEYS: 1 stream; ARGV: 1 the floor asked for. Returns {entries trimmed, the floor used}.
-_TRIM_LUA = """
+_TRIM_LUA = (
+    ENTRY_ID_ORDER
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ARGV[1]} end
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  if am ~= bm then return am < bm end
-  return as < bs
-end
 local floor = ARGV[1]
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local f = {}
@@ -37,6 +33,7 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 return {redis.call('XTRIM', KEYS[1], 'MINID', floor), floor}
 """
+)
 
 
 def _key(entry_id: str) -> tuple[int, int]:

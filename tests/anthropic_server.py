@@ -297,7 +297,8 @@ class AnthropicTestServer:
         self.null_results_url_polls = 0
         """An ended batch answers `results_url: null` to this many retrievals first."""
         self.results_delay_s = 0.0
-        self._fuzz: tuple[float, random.Random] | None = None
+        self._fuzz: tuple[float, int] | None = None
+        self._fuzz_rngs: dict[str, random.Random] = {}
         self.fuzzed: Counter[str] = Counter()
         """Faults played by `fuzz`, by endpoint and kind."""
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -337,9 +338,12 @@ class AnthropicTestServer:
             self._results_script.extend(replies)
 
     def fuzz(self, rate: float, seed: int = 0) -> None:
-        """From now on, answer `rate` of all requests with a random fault (0 stops)."""
+        """From now on, answer `rate` of all requests with a random fault (0 stops). Each
+        endpoint draws from its own generator, so the n-th call of an endpoint meets the same
+        fault whatever the interleaving of the calls (the workers' timing)."""
         with self._lock:
-            self._fuzz = (rate, random.Random(seed)) if rate > 0 else None
+            self._fuzz = (rate, seed) if rate > 0 else None
+            self._fuzz_rngs = {}
 
     def billed(self) -> list[Billed]:
         with self._lock:
@@ -454,14 +458,15 @@ class AnthropicTestServer:
         with self._lock:
             if self._fuzz is None:
                 return None
-            rate, rng = self._fuzz
+            rate, seed = self._fuzz
+            endpoint = re.sub(r"msgbatch_\w+", "{id}", f"{method} {path}")
+            rng = self._fuzz_rngs.setdefault(endpoint, random.Random(f"{seed}:{endpoint}"))
             if rng.random() >= rate:
                 return None
             kind = rng.choice(
                 ["status", "status", "not_json", "wrong_shape", "truncated", "drop", "empty"]
             )
             status = rng.choice([400, 404, 409, 413, 422, 429, 500, 502, 503, 504, 529])
-            endpoint = re.sub(r"msgbatch_\w+", "{id}", f"{method} {path}")
             self.fuzzed[f"{endpoint} {kind}"] += 1
         if kind == "status":
             return error_reply(status, rng.choice(["api_error", "overloaded_error", "x_error"]))

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 import tools  # noqa: F401  (first: pins BLAS to one thread before numpy loads)
 from streams.keys import Keys
+from tests.redis_cluster import RedisClusterServer, skip_or_fail_without_cluster
 from tests.redis_server import RedisServer, skip_or_fail_without_redis
 
 
@@ -33,6 +34,19 @@ def shared_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Re
     server.start(aof=False)
     yield server
     server.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """One Redis Cluster (3 masters, no replicas) for the session's contract tests: each works
+    under a key prefix of its own, with a hash tag (one slot)."""
+    skip_or_fail_without_cluster()
+    server = RedisClusterServer(tmp_path_factory.mktemp("shared-cluster"), replicas=0)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

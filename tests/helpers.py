@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -208,3 +209,34 @@ async def deliver_to(r: Any, stream: str, group: str, consumer: str) -> list[str
     """Read everything new into `consumer` (a consumer that then 'dies')."""
     reply = await r.xreadgroup(group, consumer, {stream: ">"}, count=10_000)
     return [i.decode() for _, items in reply for i, _ in items]
+
+
+def run_cli(env: dict[str, str], *args: str) -> Any:
+    """`cjs ARGS` in this process with `env` (a click Result)."""
+    from click.testing import CliRunner
+
+    from tools.cli import main
+
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def cli_json(env: dict[str, str], *args: str, code: int = 0) -> Any:
+    """`cjs ARGS --json`'s one JSON object, the command having exited with `code`."""
+    result = run_cli(env, *args)
+    assert result.exit_code == code, (args, result.output)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stdout
+    return json.loads(lines[0])
+
+
+async def apply_callbacks(r: Any, applier: Any, callbacks: list[Any], ids: list[str]) -> list[Any]:
+    """callback.lua on each (callback, entry id) as the CJ consumer runs it: one pipeline, or
+    on a Redis Cluster (which refuses a pipelined EVALSHA) one call at a time."""
+    from streams.durability import is_cluster
+
+    if is_cluster(r):
+        return [await applier.apply(c, i) for c, i in zip(callbacks, ids, strict=True)]
+    async with r.pipeline(transaction=False) as pipe:
+        for callback, entry_id in zip(callbacks, ids, strict=True):
+            await applier.queue(pipe, callback, entry_id)
+        return list(await pipe.execute())

@@ -70,7 +70,11 @@ async def test_finished_batches_are_archived_verified_and_trimmed(
         assert await r.xlen(keys.stream(name)) <= (1 if name in (REQUESTS, CALLBACKS) else 0)
     assert await list_batches(r, keys) == []
     # No projection key, no LPS done marker is left of the archived batches.
-    left = sorted(as_str(k) for k in await r.keys("*"))
+    # (The consumer groups' own records, which outlive a group, and the provider limiter's
+    # state belong to no batch.)
+    left = sorted(
+        as_str(k) for k in await r.keys("*") if b":group:" not in k and b":lps:limiter:" not in k
+    )
     assert left == sorted({keys.stream(n) for n in STREAMS} | {pkeys.archived_index(keys)})
     assert len(archive_files(tmp_path)["batches"]) == 3
 
@@ -295,3 +299,21 @@ async def test_collect_finds_batch_ids_that_json_escapes(fake_redis: Any, keys: 
     assert [rec.entry_id for rec in await collect(fake_redis, keys, 'we"ird\\id')] == [
         as_str(i) for i, _ in (await fake_redis.xrange(keys.callbacks))[:1]
     ]
+
+
+async def test_a_batch_with_a_parked_callback_waits_for_its_redrive(
+    fake_redis: Any, keys: Keys, tmp_path: Path
+) -> None:
+    """A parked dead letter (acknowledged, not applied) is redriven from the stream: its batch
+    is not archived (nor its entry trimmed) until the letter is gone from the parked hash."""
+    r = fake_redis
+    batch = await finished_batch(r, keys, seed=3)
+    [(entry_id, _)] = await r.xrange(keys.callbacks, count=1)
+    await r.hset(keys.dlq_parked(CALLBACKS), entry_id, "1-0")
+    report = await _pass(r, keys, tmp_path)
+    assert report.archived == [] and [s["batch_id"] for s in report.skipped] == [batch]
+    assert "redrive" in report.skipped[0]["reason"]
+    assert await r.xrange(keys.callbacks, min=entry_id, max=entry_id)
+    await r.hdel(keys.dlq_parked(CALLBACKS), entry_id)
+    report = await _pass(r, keys, tmp_path)
+    assert [row["batch_id"] for row in report.archived] == [batch]

@@ -213,6 +213,9 @@ MATRIX: list[tuple[str, list[str], dict[str, str], int]] = [
     ("dlq-redis-down", ["dlq"], {"REDIS_URL": DOWN}, A),
     ("dlq-limit-0", ["dlq", "--limit", "0"], {}, U),
     ("dlq-unknown-stream", ["dlq", "--stream", "bogus"], {}, U),
+    ("dlq-redrive-redis-down", ["dlq", "redrive"], {"REDIS_URL": DOWN}, A),
+    ("dlq-redrive-no-redis-url", ["dlq", "redrive", "--dry-run"], {"REDIS_URL": ""}, U),
+    ("dlq-redrive-unknown-stream", ["dlq", "redrive", "--stream", "bogus"], {}, U),
     # dashboard (every case fails before the server starts)
     ("dashboard-no-redis-url", ["dashboard"], {"REDIS_URL": ""}, U),
     ("dashboard-redis-down", ["dashboard"], {"REDIS_URL": DOWN}, A),
@@ -392,6 +395,10 @@ def test_batches_lists_newest_first_with_a_status_filter(env: Env) -> None:
     out = json.loads(invoke(["batches", "--json"], e).stdout)
     assert env.batch_id in [b["batch_id"] for b in out["batches"]]
     assert out["counts"].get("finalized", 0) >= 1
+    # A row carries what `cjs status` says of the batch, all but what needs its essays.
+    row = next(b for b in out["batches"] if b["batch_id"] == env.batch_id)
+    status = json.loads(invoke(["status", env.batch_id, "--json"], e).stdout)
+    assert {k: v for k, v in status.items() if k in row} == row
     running = json.loads(invoke(["batches", "--status", "open", "--json"], e).stdout)
     assert all(b["status"] in ("registered", "running") for b in running["batches"])
     text = invoke(["batches", "--status", "finalized"], e)
@@ -479,6 +486,55 @@ def test_the_readme_lists_every_option_of_every_command() -> None:
         for param in command.params:
             if isinstance(param, click.Option) and "--help" not in param.opts:
                 assert max(param.opts, key=len) in entry, (name, param.opts)
+        # A group's subcommands (`cjs dlq redrive`) are listed in its entry, each with its own
+        # line and every option on it.
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            [line] = [e for e in entry.splitlines() if f"cjs {name} {sub_name} " in e]
+            for param in sub.params:
+                if isinstance(param, click.Option) and "--help" not in param.opts:
+                    assert max(param.opts, key=len) in line, (name, sub_name, param.opts)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (redis.exceptions.ConnectionError("Connection refused"), EXIT_UNAVAILABLE),
+        (redis.exceptions.TimeoutError("Timeout reading from socket"), EXIT_UNAVAILABLE),
+        (redis.exceptions.AuthenticationError("invalid password"), EXIT_UNAVAILABLE),
+        (
+            redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+            EXIT_UNAVAILABLE,
+        ),
+        (
+            redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
+            EXIT_UNAVAILABLE,
+        ),
+        (
+            redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory"),
+            EXIT_UNAVAILABLE,
+        ),
+        (redis.exceptions.ResponseError("MASTERDOWN Link with MASTER is down"), EXIT_UNAVAILABLE),
+        (
+            redis.exceptions.ResponseError("MISCONF Errors writing to the AOF file"),
+            EXIT_UNAVAILABLE,
+        ),
+        (redis.exceptions.NoPermissionError("this user has no permissions"), EXIT_UNAVAILABLE),
+        (redis.exceptions.ResponseError("NOGROUP No such key or consumer group"), EXIT_FAILURE),
+        (redis.exceptions.ResponseError("WRONGTYPE Operation against a key"), EXIT_FAILURE),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v),
+)
+def test_redis_errors_get_the_exit_code_of_the_workers_error_table(
+    error: Exception, code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI boundary reads streams/errors.py: Redis's state that passes (the workers wait it
+    out) is 3, unavailable; any other refused command is 1. The URL in the line is masked."""
+    from tools.cli import failure_of
+
+    monkeypatch.setenv("REDIS_URL", "redis://:s3cret@db.example:6379/0")
+    message, exit_code = failure_of(error)
+    assert exit_code == code, message
+    assert "redis://:***@db.example:6379/0" in message and "s3cret" not in message
 
 
 def test_the_exit_code_table_documents_every_code() -> None:

@@ -1,8 +1,10 @@
 """The CLI starts light: commands load on first use, so `cjs --help` and the commands that need
-no scoring import neither numpy nor scipy; the table that lists them stays true to them."""
+no scoring import neither numpy nor scipy, and `cjs status` of a live batch none of the archive
+code nor the metrics; the table that lists them stays true to them."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
@@ -14,21 +16,31 @@ from typing import Any
 import click
 import click.testing
 import pytest
+import redis.asyncio as aioredis
 
 import tools
+from cj.registration import append_registration
+from streams.keys import Keys
+from tests.helpers import registration
 from tools.cli import COMMANDS, main
 
 HEAVY = ("numpy", "scipy")
+# What `cjs status` of a live batch has no use for: the archive code (gzip, fsspec, and the
+# replay it runs) is for archived batches, prometheus_client for the workers' metrics.
+NOT_FOR_STATUS = ("app.archive", "app.replay", "gzip", "fsspec", "prometheus_client")
 
-# Runs cjs with the arguments given, then prints which heavy modules were imported.
+# Runs cjs with the arguments given, then prints its exit code and which of the heavy modules
+# (or their submodules) were imported.
 PROBE = """
 import json, sys
 from tools.cli import main
+code = 0
 try:
     main(sys.argv[1:])
-except SystemExit:
-    pass
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})))
+except SystemExit as exc:
+    code = exc.code
+heavy = {heavy!r}
+print(json.dumps([code, sorted(m for m in sys.modules if m in heavy or m.split(".")[0] in heavy)]))
 """
 
 
@@ -43,8 +55,9 @@ def _heavy_imported(
         timeout=60,
         check=True,
     )
-    imported: list[str] = json.loads(done.stdout.splitlines()[-1])
-    return imported
+    code, imported = json.loads(done.stdout.splitlines()[-1])
+    assert code == 0, done.stderr  # a command that failed early proves nothing
+    return list(imported)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["dlq", "--help"], ["status", "--help"]])
@@ -63,19 +76,44 @@ def test_dlq_imports_neither_numpy_nor_scipy(redis_server: Any) -> None:
     assert _heavy_imported(["dlq", "--json"], {"REDIS_URL": redis_server.url}) == []
 
 
+@pytest.mark.redis
+def test_status_of_a_live_batch_loads_no_archive_code_and_no_metrics(redis_server: Any) -> None:
+    keys = Keys("startup:")
+
+    async def register() -> None:
+        r = aioredis.from_url(redis_server.url)
+        await append_registration(r, keys, registration(4, batch_id="live"))
+        await r.aclose()
+
+    asyncio.run(register())
+    env = {"REDIS_URL": redis_server.url, "CJS_PREFIX": keys.prefix}
+    for args in (["status", "live"], ["status", "live", "--json"]):
+        assert _heavy_imported(args, env, heavy=NOT_FOR_STATUS) == [], args
+
+
 def test_the_table_lists_every_command_with_its_own_short_help() -> None:
     defined: dict[str, click.Command] = {}
     for info in pkgutil.iter_modules(tools.__path__):
         if not info.name.startswith("cmd_"):
             continue
         module = importlib.import_module(f"tools.{info.name}")
+        # A group's subcommands (`cjs dlq redrive`) are reached through the group's row.
+        nested = {
+            id(sub)
+            for value in vars(module).values()
+            if isinstance(value, click.Group)
+            for sub in value.commands.values()
+        }
         for value in vars(module).values():
             # Only the commands a module defines, not those it imports.
             here = getattr(getattr(value, "callback", None), "__module__", "") == module.__name__
-            if isinstance(value, click.Command) and here:
+            if isinstance(value, click.Command) and here and id(value) not in nested:
                 assert value.name is not None
                 defined[value.name] = value
     assert sorted(defined) == sorted(COMMANDS)
+    ctx = click.Context(main)
+    dlq = main.get_command(ctx, "dlq")
+    assert isinstance(dlq, click.Group) and "redrive" in dlq.commands
     ctx = click.Context(main)
     for name, entry in COMMANDS.items():
         command = main.get_command(ctx, name)

@@ -12,9 +12,12 @@ import msgspec
 from prometheus_client import REGISTRY
 
 from app.settings import Settings
+from app.views import results_view
 from app.wiring import InProcess
-from cj.continuation import advance, decide, stop_reason
+from cj.continuation import advance, decide, score, stop_reason
+from cj.grades import graded_scores
 from cj.registration import append_registration
+from events import codec
 from events.types import BatchFailed, BatchFinalized, BatchScored, Reliabilities, WaveSubmitted
 from lps.providers.mock import PROFILES, MockProfile
 from lps.providers.registry import make_provider
@@ -62,6 +65,39 @@ def test_budget_used_finalizes_after_scoring() -> None:
     scored, final = decision.events
     assert isinstance(scored, BatchScored) and scored.comparisons == 8
     assert isinstance(final, BatchFinalized) and final.reason == "budget" and final.abandoned == []
+
+
+def test_scores_of_a_wave_before_the_last_are_ungraded_and_shown_graded() -> None:
+    """A running batch's scores carry θ and SE alone (a fraction of the bytes); what shows
+    them grades them with the function CJ grades the last scores with: same grades."""
+    state, wave = _state_after_wave(8, budget=40)
+    for i, pair in enumerate(wave.pairs):
+        winner = "essay_a" if i % 3 else "essay_b"
+        apply_callback(
+            state, completed("b", pair.correlation_id, winner, pair.essay_a, pair.essay_b), f"{i}-0"
+        )
+    decision = decide(state)
+    assert decision is not None
+    scored, second = decision.events
+    assert isinstance(scored, BatchScored) and isinstance(second, WaveSubmitted)
+    assert not scored.graded and scored.reliability is not None
+    assert all(s.grade is None and not s.grade_probabilities for s in scored.scores)
+    assert scored.warnings == [] and scored.grade_boundaries == {}
+    thin = len(codec.encode(scored)["data"])
+    graded = graded_scores(scored, state.essays, state.config.grade_scale, final=False)
+    assert graded.graded and all(s.grade_probabilities for s in graded.scores)
+    assert [s.rank for s in graded.scores] == list(range(1, 9))
+    assert thin < len(codec.encode(graded)["data"]) / 2
+    state = apply_batch_event(state, scored)
+    view = results_view(state)
+    assert [e["grade_probabilities"] for e in view["essays"]] == [
+        s.grade_probabilities for s in graded.scores
+    ]
+    assert view["warnings"] == graded.warnings
+    # The last scores are graded when written: grading them again changes nothing.
+    final = score(state, final=True)
+    assert final.graded and all(s.rank for s in final.scores)
+    assert graded_scores(final, state.essays, state.config.grade_scale, final=True) == final
 
 
 def test_mostly_failures_fail_the_batch_with_a_reason() -> None:

@@ -338,6 +338,10 @@ def test_json_endpoints_keep_the_cli_contracts(stack: Stack) -> None:
             view, stack.batch_id, "--json"
         ), view
     assert set(get("/api/dlq")) >= set(stack.cli("dlq", "--json"))
+    assert get("/api/batches") == stack.cli("batches", "--json")
+    assert get("/api/batches?status=open&limit=1") == stack.cli(
+        "batches", "--status", "open", "--limit", "1", "--json"
+    )
 
 
 def test_stuck_page_pages_and_filters_on_the_server(tab: Tab, stack: Stack) -> None:
@@ -464,12 +468,12 @@ def test_a_dead_letter_is_redriven_and_applied(tab: Tab, stack: Stack) -> None:
     letter = tab.page.locator("tr[data-letter]")
     assert letter.count() == 1 and "manual" in letter.inner_text()
     tab.page.click("tr[data-letter] >> text=inspect")
-    # Requests name their essays by id and text hash (issue 13): no essay text in the letter,
-    # hidden or shown (texts of older entries are hidden: test_dashboard_actions).
+    # Requests name their essays by id and the batch's content key (issue 13): no essay text
+    # in the letter, hidden or shown (texts of older entries are hidden: test_dashboard_actions).
     assert "essay number" not in tab.page.inner_text("main")
     tab.page.click("text=show essay text")
     assert "essay number" not in tab.page.inner_text("pre.fields")
-    assert "sha256" in tab.page.inner_text("pre.fields")
+    assert "content_key" in tab.page.inner_text("pre.fields")
     tab.shot("dead-letter")
     tab.page.goto("/deadletters?stream=lps:requests")
     tab.page.locator("tr[data-letter] button[data-action='redrive']").click()

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError, OutOfMemoryError, ReadOnlyError, ResponseError
 from starlette.requests import Request
 
 from app import deadletters, stuck
@@ -17,12 +18,15 @@ from app.settings import Settings
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
-from events.streams import CALLBACKS, LPS_GROUP, REQUESTS
+from events.streams import CALLBACKS, CJ_GROUP, LPS_GROUP, REQUESTS
 from events.types import ComparisonFailed, RequestExpired
+from projections.rebuild import check
+from projections.store import load_state
+from streams.dlq import dead_letter
 from streams.keys import Keys
 from streams.pending import HANDOFF_CONSUMER
-from streams.reader import ensure_group
-from tests.helpers import registration
+from streams.reader import Entry, ensure_group
+from tests.helpers import completed, registration
 from web.security import CSRF_HEADER, SESSION_COOKIE, Guard, Refused
 
 SETTINGS = Settings(processing_timeout_s=120)
@@ -102,11 +106,14 @@ async def test_dead_letter_redrive_once_and_delete(real_redis: Any, keys: Keys) 
     letter_id = letter_id.decode()
     hidden = await deadletters.inspect(real_redis, keys, "dlq:lps:requests", letter_id)
     assert hidden["reason"] == "manual" and hidden["source_id"] == ids[0]
-    # Requests name their essays by id and text hash (issue 13): no text in the letter to hide,
-    # shown or not (texts of older entries are hidden: test_essay_text_is_hidden_in_any_...).
-    assert "essay number" not in json.dumps(hidden) and "sha256" in json.dumps(hidden)
+    # Requests name their essays by id and the batch's content key (issue 13): no text in the
+    # letter to hide, shown or not (texts of older entries are hidden:
+    # test_essay_text_is_hidden_in_any_...).
+    assert "essay number" not in json.dumps(hidden) and "content_key" in json.dumps(hidden)
     shown = await deadletters.inspect(real_redis, keys, "lps:requests", letter_id, show_text=True)
-    assert "essay number" not in shown["fields"]["data"] and "sha256" in shown["fields"]["data"]
+    assert (
+        "essay number" not in shown["fields"]["data"] and "content_key" in shown["fields"]["data"]
+    )
 
     moved = await deadletters.redrive(real_redis, keys, "dlq:lps:requests", letter_id)
     assert moved["source_stream"] == REQUESTS
@@ -125,6 +132,69 @@ async def test_dead_letter_redrive_once_and_delete(real_redis: Any, keys: Keys) 
         await deadletters.delete(real_redis, keys, "lps:requests", other.decode())
     with pytest.raises(InputError):
         await deadletters.redrive(real_redis, keys, "dlq:nope", "1-0")
+
+
+@pytest.mark.redis
+async def test_a_callback_dead_lettered_by_hand_is_parked_and_redriven_in_place_once(
+    real_redis: Any, keys: Keys
+) -> None:
+    """The dashboard's redrive is `cjs dlq redrive` for one letter: a valid callback
+    dead-lettered from the stuck page is parked (replay leaves it out, as the live projection
+    does), and its redrive applies it in place, with its cost, once: nothing is appended."""
+    r = real_redis
+    batch_id, _ = await _held(r, keys, n=1)
+    state = await load_state(r, keys, batch_id)
+    assert state is not None
+    cids = sorted(state.corr)
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    cid = cids[0]
+    entry_id = (
+        await r.xadd(keys.callbacks, codec.encode(completed(batch_id, cid, cost_usd=0.0025)))
+    ).decode()
+    await r.xreadgroup(CJ_GROUP, "ghost", {keys.callbacks: ">"}, count=10)
+    await stuck.act_on_entry(
+        r, keys, SETTINGS, stream_name=CALLBACKS, entry_id=entry_id, action="dead_letter"
+    )
+    assert await r.hkeys(keys.dlq_parked(CALLBACKS)) == [entry_id.encode()]
+    [(letter_id, _)] = await r.xrange(keys.dlq(CALLBACKS))
+    _, rows = await check(r, keys, [batch_id])
+    assert rows[0]["matches_live"], rows[0]["diff"]
+    length = await r.xlen(keys.callbacks)
+
+    done = await deadletters.redrive(r, keys, "dlq:cj:callbacks", letter_id.decode())
+    assert done["applied"] == "accepted" and done["new_entry_id"] is None
+    assert done["source_id"] == entry_id and done["correlation_id"] == cid
+    state = await load_state(r, keys, batch_id)
+    assert state is not None and state.corr[cid].startswith(f"c {entry_id} ")
+    assert state.cost_nusd == 2_500_000
+    assert await r.xlen(keys.callbacks) == length  # applied in place, not appended
+    assert await r.xlen(keys.dlq(CALLBACKS)) == 0 and not await r.hkeys(keys.dlq_parked(CALLBACKS))
+    with pytest.raises(NotFound):
+        await deadletters.redrive(r, keys, "dlq:cj:callbacks", letter_id.decode())
+    _, rows = await check(r, keys, [batch_id])
+    assert rows[0]["matches_live"], rows[0]["diff"]
+
+
+@pytest.mark.redis
+async def test_a_letter_that_would_be_dead_lettered_again_is_not_redriven(
+    real_redis: Any, keys: Keys
+) -> None:
+    r = real_redis
+    await ensure_group(r, keys.requests, LPS_GROUP)
+    bad_id = (await r.xadd(keys.requests, {"type": "NoSuchEvent", "data": "{}"})).decode()
+    await r.xreadgroup(LPS_GROUP, "ghost", {keys.requests: ">"}, count=10)
+    await dead_letter(
+        r,
+        keys,
+        REQUESTS,
+        [(Entry(bad_id, {"type": "NoSuchEvent", "data": "{}"}), codec.DecodeError("x", "y"))],
+        LPS_GROUP,
+        "ghost",
+    )
+    [(letter_id, _)] = await r.xrange(keys.dlq(REQUESTS))
+    with pytest.raises(InputError, match="still unknown_type"):
+        await deadletters.redrive(r, keys, "dlq:lps:requests", letter_id.decode())
+    assert await r.xlen(keys.dlq(REQUESTS)) == 1  # left where it is
 
 
 @pytest.mark.redis
@@ -265,3 +335,38 @@ def test_cjs_stuck_acts_on_one_entry_as_the_dashboard_does(redis_server: Any) ->
     again = CliRunner().invoke(main, ["stuck", "--act", "expire", "--entry", ids[0]], env=env)
     assert again.exit_code == 1 and "not pending" in again.output
     assert CliRunner().invoke(main, ["stuck", "--act", "expire"], env=env).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ConnectionError("Connection refused"), 503),
+        (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), 503),
+        (ReadOnlyError("You can't write against a read only replica."), 503),
+        (ResponseError("LOADING Redis is loading the dataset in memory"), 503),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), 500),
+    ],
+    ids=["down", "oom", "readonly", "loading", "bug"],
+)
+def test_the_dashboard_answers_503_while_redis_is_in_a_state_that_passes(
+    error: Exception, status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard reads the workers' table (streams/errors.py): Redis down, out of memory,
+    read-only or loading is 503 (try again), any other error a logged 500."""
+    import fakeredis
+    from starlette.testclient import TestClient
+
+    from web.server import create_app
+
+    r = fakeredis.FakeAsyncRedis(decode_responses=False)
+
+    async def refuse(*_: Any, **__: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(r, "execute_command", refuse)
+    app = create_app(Settings(), token=None, redis=r)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        reply = client.get("/api/dlq")
+    assert reply.status_code == status, reply.text
+    if status == 503:
+        assert reply.json()["error"].startswith("Redis is unavailable")

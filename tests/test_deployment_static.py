@@ -74,6 +74,14 @@ def test_redis_requires_a_password_never_evicts_and_listens_on_loopback_only() -
     assert "PONG" in " ".join(redis["healthcheck"]["test"])
 
 
+def test_redis_keeps_a_live_batch_small_on_every_node() -> None:
+    """The listpack sizes bench/soak.py measures with (docs/operations.md)."""
+    compose = _compose()
+    for command in (compose["services"]["redis"]["command"], compose["x-cluster-node"]["command"]):
+        assert int(_flag(command, "--hash-max-listpack-entries")) == 1024
+        assert int(_flag(command, "--stream-node-max-bytes")) == 16384
+
+
 def test_published_ports_are_bound_to_loopback() -> None:
     for name, service in _compose()["services"].items():
         for port in service.get("ports", []):

@@ -1,5 +1,6 @@
-"""Essays by reference: requests name essays by id and text hash, LPS resolves the texts from the
-batch's essay store (cached), old requests that embed texts are judged as before."""
+"""Essays by reference: requests name essays by id (and the batch's content key), LPS resolves
+them from the batch's essay store (cached, checked against the key); first-version references
+(with the text's hash) and old requests that embed texts are judged as before."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from events.types import (
     ComparisonFailed,
     ComparisonRequested,
     Essay,
-    essay_reference,
+    content_key,
     text_sha256,
 )
 from lps.essays import EssayStore
@@ -42,16 +43,16 @@ def _requests(reg: Any) -> list[ComparisonRequested]:
     return decision.requests
 
 
-def test_requests_name_essays_by_id_and_hash_and_stay_small() -> None:
+def test_requests_name_essays_by_id_alone_and_stay_small() -> None:
     reg = _long_registration()
-    texts = {e.essay_id: e.text for e in reg.essays}
     for req in _requests(reg):
         for essay in (req.essay_a, req.essay_b):
-            assert essay.is_reference and essay.text == ""
-            assert essay.sha256 == text_sha256(texts[essay.essay_id])
-        # 2 KB texts, yet the entry is a few hundred bytes: the texts are not in it.
-        assert len(codec.encode(req)["data"]) < 600
-    assert b'"text"' not in codec.encode(_requests(reg)[0])["data"]
+            assert essay.is_reference and essay == Essay(essay.essay_id)
+        assert req.content_key == content_key(reg.essays, reg.config.grade_scale)
+        # 2 KB texts, yet the entry is about 300 bytes: no text, hash or anchor in it.
+        data = codec.encode(req)["data"]
+        assert len(data) < 350
+        assert b'"text"' not in data and b"sha256" not in data and b"anchor" not in data
 
 
 def test_old_requests_embedding_texts_still_decode() -> None:
@@ -97,15 +98,52 @@ async def test_missing_or_changed_text_fails_the_request(fake_redis: Any, keys: 
     await append_registration(fake_redis, keys, reg)
     req = _requests(reg)[0]
     store = EssayStore(fake_redis, keys)
-    changed = msgspec.structs.replace(
-        req, essay_a=essay_reference(Essay(req.essay_a.essay_id, "another text"))
-    )
-    problem = await store.resolve(changed)
-    assert not isinstance(problem, ComparisonRequested)
-    assert problem.error_type == "invalid_request" and "sha256" in problem.message
+    unknown = msgspec.structs.replace(req, essay_b=Essay("nobody"))
+    problem = await store.resolve(unknown)
+    assert not isinstance(problem, ComparisonRequested) and "'nobody'" in problem.message
     gone = msgspec.structs.replace(req, batch_id="nope")
     problem = await store.resolve(gone)
     assert not isinstance(problem, ComparisonRequested) and "not in the batch" in problem.message
+    # The store holds other texts than the batch was planned on: its key is not the request's.
+    other = [msgspec.structs.replace(e, text=e.text + "!") for e in reg.essays]
+    await fake_redis.hset(
+        pkeys.batch_docs(keys, reg.batch_id), "essays", msgspec.json.encode(other)
+    )
+    store = EssayStore(fake_redis, keys)
+    problem = await store.resolve(req)
+    assert not isinstance(problem, ComparisonRequested)
+    assert problem.error_type == "invalid_request" and "content key" in problem.message
+    assert store.reads == 2  # the cached store was read again before failing
+    # A first-version reference names its text by hash: a changed text is caught by it.
+    first_version = msgspec.structs.replace(
+        req, essay_a=Essay(req.essay_a.essay_id, sha256=text_sha256("another text"))
+    )
+    problem = await store.resolve(first_version)
+    assert not isinstance(problem, ComparisonRequested)
+    assert problem.error_type == "invalid_request" and "sha256" in problem.message
+
+
+async def test_first_version_references_still_resolve(fake_redis: Any, keys: Keys) -> None:
+    reg = _long_registration()
+    await append_registration(fake_redis, keys, reg)
+    req = _requests(reg)[0]
+    registered = {e.essay_id: e for e in reg.essays}
+    first_version = msgspec.structs.replace(
+        req,
+        essay_a=msgspec.structs.replace(
+            registered[req.essay_a.essay_id],
+            text="",
+            sha256=text_sha256(registered[req.essay_a.essay_id].text),
+        ),
+        content_key="",
+    )
+    data = codec.encode(first_version)
+    decoded = codec.decode(data)
+    assert isinstance(decoded, ComparisonRequested) and decoded.essay_a.is_reference
+    resolved = await EssayStore(fake_redis, keys).resolve(decoded)
+    assert isinstance(resolved, ComparisonRequested)
+    assert resolved.essay_a.text == registered[req.essay_a.essay_id].text
+    assert resolved.essay_b == registered[req.essay_b.essay_id]
 
 
 async def test_worker_judges_references_and_fails_unresolvable_ones(

@@ -5,13 +5,27 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from app.views import results_view
 from events import codec
-from events.types import EVENT_TYPES
+from events.types import (
+    EVENT_TYPES,
+    BatchFailed,
+    BatchFinalized,
+    BatchScored,
+    BundleDispatched,
+    ComparisonRequested,
+    ErrorDetail,
+    Essay,
+    EssayScore,
+    Event,
+    ProviderAttemptFailed,
+    RequestExpired,
+)
 from projections.batch import apply_batch_event, register
-from tests.helpers import completed
+from tests.helpers import completed, failed, registration, wave
 
 
 def test_entry_has_exactly_type_and_json_data_with_ids_and_time() -> None:
@@ -26,7 +40,60 @@ def test_entry_has_exactly_type_and_json_data_with_ids_and_time() -> None:
     assert codec.decode({k: v.decode() for k, v in fields.items()}) == event
 
 
-def test_every_event_type_round_trips_by_name() -> None:
+def _one_of_each() -> list[Event]:
+    reg = registration(3, batch_id="b")
+    a, b = reg.essays[0], reg.essays[1]
+    detail = ErrorDetail(error_type="rate_limit", retryable=True, message="m", status_code=429)
+    return [
+        reg,
+        wave("b", 1, [("c1", a.essay_id, b.essay_id)]),
+        BatchScored(
+            batch_id="b",
+            wave=1,
+            scores=[EssayScore(essay_id="e0", theta=0.5, se=0.1, rank=1, grade="F")],
+            max_delta=0.2,
+            grade_boundaries={"E": 0.1},
+            warnings=["w"],
+        ),
+        BatchFinalized(batch_id="b", reason="stalled", abandoned=["c2"]),
+        BatchFailed(batch_id="b", reason="stalled", message="m", abandoned=["c3"]),
+        ComparisonRequested(
+            batch_id="b", correlation_id="c1", wave=1, essay_a=a, essay_b=b, overrides={"k": "v"}
+        ),
+        BundleDispatched(
+            bundle_id="u",
+            mode="serial_bundle",
+            provider="mock",
+            model="m",
+            consumer="lps-1",
+            correlation_ids=["c1"],
+            batch_ids=["b"],
+            size=1,
+        ),
+        ProviderAttemptFailed(
+            batch_id="b", correlation_id="c1", attempt=2, error=detail, will_retry=True
+        ),
+        RequestExpired(
+            batch_id="b",
+            correlation_id="c1",
+            entry_id="1-0",
+            consumer="x",
+            deliveries=3,
+            idle_s=1.5,
+        ),
+        completed("b", "c1"),
+        failed("b", "c1", "timeout"),
+    ]
+
+
+def test_every_event_type_round_trips() -> None:
+    events = _one_of_each()
+    assert {type(e).__name__ for e in events} == set(EVENT_TYPES)
+    for event in events:
+        fields = codec.encode(event)
+        assert fields["type"] == type(event).__name__.encode()
+        assert codec.decode(fields) == event
+        assert codec.decode(fields, "1700000000000-0") == event  # occurred_at present: kept
     assert set(EVENT_TYPES) == {
         "BatchRegistered",
         "WaveSubmitted",
@@ -40,6 +107,34 @@ def test_every_event_type_round_trips_by_name() -> None:
         "ComparisonCompleted",
         "ComparisonFailed",
     }
+
+
+def test_fields_equal_to_their_defaults_are_not_written_and_decode_back() -> None:
+    """msgspec tells a default by identity; the codec by value: a 0.0 computed at run time and
+    a model name read from a config (equal to the defaults, other objects) are left out."""
+    model = "-".join(["mock", "judge", "1"])
+    event = msgspec.structs.replace(
+        completed("b", "c1"), latency_ms=float("0"), cost_usd=0.5 - 0.5, model=model
+    )
+    assert b'"latency_ms":0.0' in msgspec.json.encode(event)  # what msgspec alone writes
+    fields = codec.encode(event)
+    data = json.loads(fields["data"])
+    assert not {"latency_ms", "cost_usd", "provider", "attempts"} & set(data)
+    assert data["model"] == "mock-judge-1"  # the callback's model has no default
+    assert codec.decode(fields) == event
+    request = ComparisonRequested(
+        batch_id="b",
+        correlation_id="c1",
+        wave=1,
+        essay_a=Essay("a"),
+        essay_b=Essay("b"),
+        model=model,
+        overrides={},
+    )
+    data = json.loads(codec.encode(request)["data"])
+    assert not {"model", "mode", "provider", "overrides", "seed"} & set(data)
+    assert data["essay_a"] == {"essay_id": "a"}
+    assert codec.decode(codec.encode(request)) == request
 
 
 @pytest.mark.parametrize(
@@ -108,6 +203,7 @@ def test_entries_written_before_issue_9_still_decode_and_fold() -> None:
     )
     assert registered.config.target_reliability == 0.8  # the new rule's default
     assert scored.reliability is None and scored.scores[0].grade_band == []
+    assert scored.graded  # scores were graded at every wave then (issue 13: only the last)
     assert scored.scores[0].grade_confidence is None and scored.rank_stability is None
     assert finalized.reason == "stable"
     assert (request.content_key, request.occurrence) == ("", 0)

@@ -46,6 +46,9 @@ async def test_worker_logs_are_json_with_ids_and_without_essay_text(
                 break
             await asyncio.sleep(0.01)
         await runner.close()
+        runner.check()
+        state = await load_state(fake_redis, keys, reg.batch_id)
+        assert state is not None and state.terminal, "the batch ran to its end"
     finally:
         configure(json_logs=None, level="WARNING")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -20,6 +20,7 @@ from events.types import (
     ComparisonCompleted,
     ComparisonFailed,
     ComparisonRequested,
+    Essay,
     ProviderAttemptFailed,
 )
 from lps.providers.mock import PROFILES
@@ -110,11 +111,10 @@ async def test_every_request_ends_in_exactly_one_accepted_callback(
             assert len(outcomes) == bundle.size
     else:
         assert not bundles
-    # Positions and anchors travel on every request.
-    anchors = {e.essay_id for e in reg.essays if e.is_anchor}
+    # Requests name their essays by id alone (anchors, texts: registered once per batch).
     for q in requests:
-        assert q.essay_a.is_anchor == (q.essay_a.essay_id in anchors)
-        assert q.mode == mode and q.provider == "mock"
+        assert (q.essay_a, q.essay_b) == (Essay(q.essay_a.essay_id), Essay(q.essay_b.essay_id))
+        assert q.mode == mode and q.provider == "mock" and q.content_key
     for stream, group in ((keys.requests, LPS_GROUP), (keys.callbacks, CJ_GROUP)):
         assert (await r.xpending(stream, group))["pending"] == 0
     states, _ = await replay(r, keys, {reg.batch_id})

@@ -46,3 +46,17 @@ def test_earliest_entry_wins_whatever_the_order() -> None:
     assert first.corr == second.corr == {"c0": "f 5-0 server_error"}
     assert (first.completed, first.failed, first.duplicates) == (0, 1, 1)
     assert (second.completed, second.failed, second.duplicates) == (0, 1, 1)
+
+
+def test_a_wave_appended_twice_counts_once() -> None:
+    """A commit whose reply a failover lost is sent again: the same WaveSubmitted twice in the
+    stream, which the live projection (written with it) counted once; so does the fold."""
+    once = _state()
+    twice = _state()
+    again = wave("b1", 1, [(f"c{i}", "e0", "e1") for i in range(3)])
+    apply_batch_event(twice, again)
+    apply_callback(once, completed("b1", "c0"), "5-0")
+    apply_callback(twice, completed("b1", "c0"), "5-0")
+    apply_batch_event(twice, again)  # after a callback too: c0 stays answered
+    assert (twice.submitted, twice.in_flight, twice.completed) == (3, 2, 1)
+    assert twice.corr == once.corr and twice.pairs == once.pairs

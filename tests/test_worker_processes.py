@@ -558,15 +558,19 @@ async def test_orphan_duplicate_and_malformed_entries_from_an_outside_client(
         assert (
             f'events_dead_lettered_total{{reason="{reason}",stream="cj:callbacks"}} 1.0' in metrics
         )
+    # One log line per page and kind, with counts and examples (not one line per callback).
     log = procs.log_of(cj)
-    orphans = {e["correlation_id"]: e for e in log if e.get("event") == "callback_orphan"}
+    orphan_lines = [e for e in log if e.get("event") == "callback_orphan"]
+    assert sum(e["count"] for e in orphan_lines) == 2
+    assert sum(e["unknown_batch"] for e in orphan_lines) == 1
+    orphans = {x["correlation_id"]: x for e in orphan_lines for x in e["examples"]}
     assert orphans["never-requested"]["unknown"] == "correlation_id"
     assert orphans["never-requested"]["batch_id"] == reg.batch_id
     assert orphans["never-requested"]["source_service"] == "rogue"
     assert orphans["never-requested"]["entry_id"] == ids["orphan"].decode()
     assert orphans["also-never"]["unknown"] == "batch_id"
-    dup = [e for e in log if e.get("event") == "callback_duplicate"]
-    assert [e["source_service"] for e in dup] == ["replayer"]
+    dup = [x for e in log if e.get("event") == "callback_duplicate" for x in e["examples"]]
+    assert [x["source_service"] for x in dup] == ["replayer"]
     states, _ = await replay(r, keys, {reg.batch_id})
     assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)
     cj.send_signal(signal.SIGTERM)
@@ -649,9 +653,9 @@ async def test_same_input_and_seed_give_the_same_waves_and_judgements_whatever_t
     ]
     path = tmp_path / "batch.json"
     path.write_text(json.dumps({"essays": essays}))
-    # Waves one after the other: with overlap, which comparisons are back when a wave is
-    # planned depends on timing (README: reproducible runs need CJS_WAVE_OVERLAP=1.0).
-    mock = {"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_SEED": "5", "CJS_WAVE_OVERLAP": "1.0"}
+    # Waves barriered (the default plans a wave on whichever 80 % of the last is back: the
+    # workers' timing then shapes it); reproducibility is what CJS_WAVE_OVERLAP=1 buys.
+    mock = {"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_SEED": "5", "CJS_WAVE_OVERLAP": "1"}
     one = {**mock, "CJS_PREFIX": f"{procs.prefix}one:", "CJS_MOCK_LATENCY_MS": "0"}
     many = {**mock, "CJS_PREFIX": f"{procs.prefix}many:", "CJS_MOCK_LATENCY_MS": "8"}
     workers = [

@@ -54,7 +54,7 @@ COMMANDS: dict[str, Entry] = {
         "batches",
         "List the batches of the namespace, newest first, with their status and progress.",
     ),
-    "dlq": Entry(
+    "dlq": Entry(  # a group: `cjs dlq` lists, `cjs dlq redrive` puts letters back
         "cmd_dlq",
         "dlq",
         "List dead letters: undecodable entries and entries delivered too often, each with the "
@@ -163,7 +163,9 @@ class Cjs(click.Group):
             message, code = failure_of(exc)
             if code == errors.EXIT_INTERNAL and os.environ.get("CJS_DEBUG"):
                 raise
-            failure = click.ClickException(message)
+            from events.redact import scrub  # the line may quote a URL or a key: never shown
+
+            failure = click.ClickException(scrub(message))
             failure.exit_code = code
             raise failure from exc
         return None  # not reached: ctx.exit raises
@@ -178,17 +180,16 @@ def failure_of(exc: Exception) -> tuple[str, int]:
     # keeps `cjs --help` from importing redis (or gzip) just to name their exceptions.
     redis_errors = sys.modules.get("redis.exceptions")
     if redis_errors is not None and isinstance(exc, redis_errors.RedisError):
-        from app.connection import mask_url
+        from events.redact import mask_url
+        from streams.errors import Policy, policy_of
 
         where = mask_url(os.environ.get("REDIS_URL")) or "REDIS_URL"
-        down = (
-            redis_errors.ConnectionError,  # includes authentication and loading
-            redis_errors.TimeoutError,
-            redis_errors.ReadOnlyError,
-            redis_errors.OutOfMemoryError,
-            redis_errors.NoPermissionError,
-        )
-        if isinstance(exc, down):
+        # Redis's state that passes (the workers' table, streams/errors.py: down, timing out,
+        # loading, out of memory, read-only, ...) and a refused connection (password, ACL) are
+        # the environment; any other error is Redis refusing that one command.
+        if policy_of(exc) in (Policy.WAIT, Policy.RECONNECT) or isinstance(
+            exc, redis_errors.NoPermissionError
+        ):
             return f"Redis at {where} failed: {text}", errors.EXIT_UNAVAILABLE
         return f"Redis at {where} refused a command: {text}", errors.EXIT_FAILURE
     gzip = sys.modules.get("gzip")

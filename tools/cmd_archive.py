@@ -9,7 +9,6 @@ import click
 
 from app import settings
 from app.archive import store_for
-from app.connection import open_redis
 from app.retention import run_pass
 from tools import common
 
@@ -42,22 +41,18 @@ def archive(older_than: float | None, dry_run: bool, as_json: bool) -> None:
     store = store_for(s)
     age = s.retention_s if older_than is None else older_than
 
-    async def main() -> dict[str, Any]:
-        r = await open_redis(s)
-        try:
-            report = await run_pass(
-                r,
-                settings.keys_for(s),
-                store,
-                older_than_s=age,
-                dlq_retention_s=s.dlq_retention_s,
-                dry_run=dry_run,
-            )
-            return report.as_dict()
-        finally:
-            await r.aclose()
+    async def one_pass(r: Any) -> dict[str, Any]:
+        report = await run_pass(
+            r,
+            settings.keys_for(s),
+            store,
+            older_than_s=age,
+            dlq_retention_s=s.dlq_retention_s,
+            dry_run=dry_run,
+        )
+        return report.as_dict()
 
-    out = common.run(main)
+    out = common.with_redis(s, one_pass)
     if as_json:
         common.emit_json(out)
         return

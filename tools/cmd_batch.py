@@ -12,7 +12,6 @@ import click
 
 from app import batches as app_batches
 from app import errors, settings
-from app.connection import open_redis
 from app.views import results_view
 from events.types import Mode
 from projections.batch import BatchState
@@ -150,8 +149,7 @@ def submit(
     from cj.continuation import advance  # scoring (numpy, scipy): only submit needs it
     from cj.registration import register_once
 
-    async def main() -> tuple[str, bool]:
-        r = await open_redis(s)
+    async def register(r: Any) -> tuple[str, bool]:
         keys = settings.keys_for(s)
         try:
             batch_id, new = await register_once(r, keys, event, force=force_new)
@@ -159,11 +157,9 @@ def submit(
                 await advance(r, keys, batch_id)
         except Contended as exc:
             raise errors.Conflict(str(exc)) from exc
-        finally:
-            await r.aclose()
         return batch_id, new
 
-    batch_id, new = common.run(main)
+    batch_id, new = common.with_redis(s, register)
     if as_json:
         common.emit_json({"batch_id": batch_id, "existing": not new, "warnings": warnings})
         return
@@ -251,21 +247,19 @@ def _watch(batch_id: str, interval: float, bar: common.ProgressBar) -> BatchStat
     s = settings.load()
     keys = settings.keys_for(s)
 
-    async def main() -> BatchState:
-        r = await open_redis(s)
-        try:
-            while True:
-                # An archived batch (read from its archive) has ended: one look is enough.
-                state, _ = await app_batches.load_batch(r, keys, batch_id, s.archive_options)
-                bar(state)
-                if state.terminal:
-                    return state
-                await asyncio.sleep(interval)
-        finally:
-            bar.finish()
-            await r.aclose()
+    async def follow(r: Any) -> BatchState:
+        while True:
+            # An archived batch (read from its archive) has ended: one look is enough.
+            state, _ = await app_batches.load_batch(r, keys, batch_id, s.archive_options)
+            bar(state)
+            if state.terminal:
+                return state
+            await asyncio.sleep(interval)
 
-    return common.run(main)
+    try:
+        return common.with_redis(s, follow)
+    finally:
+        bar.finish()
 
 
 @click.command()
@@ -459,7 +453,7 @@ def render_results(view: dict[str, Any]) -> str:
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
-    default=50,
+    default=app_batches.LIST_LIMIT,
     show_default=True,
     help="Newest batches shown.",
 )
@@ -469,21 +463,15 @@ def batches(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
 
     JSON: {prefix, total, counts: {status: n}, matching, batches: [{batch_id, status,
     registered_at, last_event_at, completed_at, finalize_reason, denominator, submitted,
-    completed, failed, in_flight, waves, completion_pct}]}.
+    completed, failed, in_flight, waves, completion_pct, cost_usd, mode, provider, model}]}.
     """
     common.quiet_logs(as_json)
     s = settings.load()
 
-    async def main() -> dict[str, Any]:
-        r = await open_redis(s)
-        try:
-            return await app_batches.list_view(
-                r, settings.keys_for(s), statuses=statuses, limit=limit
-            )
-        finally:
-            await r.aclose()
-
-    view = common.run(main)
+    view = common.with_redis(
+        s,
+        lambda r: app_batches.list_view(r, settings.keys_for(s), statuses=statuses, limit=limit),
+    )
     if as_json:
         common.emit_json(view)
         return

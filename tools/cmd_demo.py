@@ -20,8 +20,7 @@ from app.runs import (
 from app.validation import spearman_true
 from app.views import results_view, status_view
 from cj.reporting import band_text
-from lps.providers.mock import PROFILES, profile_from_env
-from tools import common
+from tools import common, mock_options
 
 
 def _print_report(view: dict[str, Any]) -> None:
@@ -77,34 +76,11 @@ def _print_report(view: dict[str, Any]) -> None:
     show_default=True,
     help="How LPS sends requests to the judge.",
 )
-@click.option(
-    "--profile",
-    type=click.Choice(sorted(PROFILES)),
-    default=None,
-    help="Mock judge profile [default: $CJS_MOCK_PROFILE or cj_generic_batch].",
-)
-@click.option(
-    "--seed", type=int, default=7, show_default=True, help="Seed for pairs and the mock judge."
-)
-@click.option(
-    "--essays",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Generate a sample of N essays instead of the bundled 42 (30 students, 12 anchors).",
-)
-@click.option(
-    "--budget",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Comparison budget [default: 10 per essay].",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=600.0,
-    show_default=True,
-    help="Give up after this many seconds.",
-)
+@mock_options.profile_option
+@mock_options.seed_option
+@mock_options.essays_option
+@mock_options.budget_option
+@mock_options.timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def demo(
     mode: str,
@@ -122,10 +98,7 @@ def demo(
     """
     common.quiet_logs(as_json, level="ERROR")
     s = mock_settings(settings.load())
-    try:
-        mock = profile_from_env(profile)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    mock = mock_options.mock_profile(profile)
     registered = registration_for(sample.load(essays), mode, budget=budget, seed=seed)
 
     async def main() -> dict[str, Any]:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
 from app import archive, settings
-from app.connection import open_redis
 from events.streams import STREAMS
 from tools import common
 
@@ -52,17 +50,13 @@ def export(batch_id: str, output: str, as_json: bool) -> None:
     archive.check_output(output)
     s = settings.load()
 
-    async def main() -> list[archive.Record]:
-        r = await open_redis(s)
-        try:
-            return await archive.batch_records(
-                r, settings.keys_for(s), batch_id, Progress(), s.archive_options
-            )
-        finally:
-            await r.aclose()
-
     started = time.perf_counter()
-    records = common.run(main)
+    records = common.with_redis(
+        s,
+        lambda r: archive.batch_records(
+            r, settings.keys_for(s), batch_id, Progress(), s.archive_options
+        ),
+    )
     archive.write(records, output)
     by_stream = {name: sum(rec.stream == name for rec in records) for name in STREAMS}
     view = {
@@ -96,14 +90,7 @@ def import_(file: Path, prefix: str | None, as_json: bool) -> None:
     started = time.perf_counter()
     per = archive.read_export(file)
 
-    async def main() -> dict[str, Any]:
-        r = await open_redis(s)
-        try:
-            return await archive.load(r, keys, per)
-        finally:
-            await r.aclose()
-
-    view = common.run(main)
+    view = common.with_redis(s, lambda r: archive.load(r, keys, per))
     view = {
         "file": str(file),
         "prefix": keys.prefix,

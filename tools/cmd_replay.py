@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from app import settings
-from app.connection import open_redis
 from app.replay import replay_view
 from tools import common
 
@@ -42,16 +41,12 @@ def _run(batch_id: str | None, all_batches: bool, do_rebuild: bool, as_json: boo
     s = settings.load()
     ids = None if all_batches else [batch_id or ""]
 
-    async def main() -> dict[str, Any]:
-        r = await open_redis(s)
-        try:
-            return await replay_view(
-                r, settings.keys_for(s), ids, write=do_rebuild, archive_options=s.archive_options
-            )
-        finally:
-            await r.aclose()
-
-    out = common.run(main)
+    out = common.with_redis(
+        s,
+        lambda r: replay_view(
+            r, settings.keys_for(s), ids, write=do_rebuild, archive_options=s.archive_options
+        ),
+    )
     if as_json:
         common.emit_json(out)
     else:
@@ -76,6 +71,11 @@ def _print(out: dict[str, Any]) -> None:
         f"{what}: replay {verdict}; {out['events']} events{scanned} in {out['seconds']:.3f}s "
         f"({out['callbacks_unapplied']} callbacks not yet applied by the cj group)"
     )
+    for name, lost in (out.get("trimmed") or {}).items():
+        click.echo(
+            f"  WARNING: {name} lost {lost['entries_lost']} entries (it now begins at "
+            f"{lost['first_entry_id']}): the replay is incomplete"
+        )
     rows = out.get("diff") or [d for m in out.get("mismatched", []) for d in m["diff"]]
     for row in rows[:40]:
         where = f"{row['key']} {row['field'] or ''}"

@@ -61,8 +61,11 @@ def render(view: dict[str, Any]) -> str:
             f"{'batch':<32} {'correlation':<12} essays"
         )
         for e in stuck:
+            where = e["stream"]
+            if view.get("partitions", 1) > 1:
+                where += f"@p{e['partition']}"
             lines.append(
-                f"  {e['stream']:<13} {e['entry_id']:<16} {_short(e['consumer'], 28):<28} "
+                f"  {where:<13} {e['entry_id']:<16} {_short(e['consumer'], 28):<28} "
                 f"{_dur(e['idle_s']):>7} {e['deliveries']:>5}  {_short(e['batch_id'], 32):<32} "
                 f"{_short(e['correlation_id']):<12} {' vs '.join(e['essay_ids']) or '-'}"
             )
@@ -178,6 +181,12 @@ def render(view: dict[str, Any]) -> str:
     show_default=True,
     help="The stream of --entry.",
 )
+@click.option(
+    "--partition",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The partition of --entry (its `partition` in the listing; with CJS_PARTITIONS > 1).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 def stuck(
     idle_s: float | None,
@@ -189,6 +198,7 @@ def stuck(
     act: str | None,
     entry_id: str | None,
     stream_name: str,
+    partition: int | None,
     as_json: bool,
 ) -> None:
     """Pending entries per stream and group, entries stuck longer than --idle (with their
@@ -202,9 +212,11 @@ def stuck(
     --act reclaim|expire|dead_letter --entry ID acts on one pending entry, if it is still idle
     --idle (default 0): reclaim hands it to the live workers at once, expire ends a request
     as ComparisonFailed(expired), dead_letter moves it to dlq:<stream>.
-    JSON: {streams, groups, stuck: [{stream, group, entry_id, consumer, idle_s, deliveries,
-    correlation_id, batch_id, essay_ids}], stalled_batches, breakers (open provider
-    breakers), dead_letters[, reclaimed][, acted]}.
+    With CJS_PARTITIONS > 1 the figures are over every partition; an entry says its
+    `partition`, which --act needs back as --partition.
+    JSON: {streams, groups, stuck: [{stream, group, partition, entry_id, consumer, idle_s,
+    deliveries, correlation_id, batch_id, essay_ids}], stalled_batches, breakers (open
+    provider breakers), dead_letters[, reclaimed][, acted]}.
     """
     if watch and (as_json or do_reclaim or act):
         raise click.UsageError("--watch shows a live view: use it without --json and --reclaim")
@@ -230,6 +242,7 @@ def stuck(
                     entry_id=entry_id,
                     action=act,
                     min_idle_s=idle_s or 0.0,
+                    partition=partition,
                 )
             done = await reclaim(r, keys, s, batch_idle_s=batch_idle) if do_reclaim else None
             view = await collect(

@@ -18,8 +18,7 @@ from app import errors, sample, settings
 from app.runs import batch_runs, load_runs, registration_for, run_modes
 from app.validation import MODES, analyse, compare, label_runs
 from cj.registration import InputError, build_registration, parse_input
-from lps.providers.mock import PROFILES, profile_from_env
-from tools import common
+from tools import common, mock_options
 
 
 @click.command()
@@ -33,20 +32,10 @@ from tools import common
 @click.option(
     "--modes", default=",".join(MODES), show_default=True, help="Comma-separated modes to run."
 )
-@click.option(
-    "--profile",
-    type=click.Choice(sorted(PROFILES)),
-    default=None,
-    help="Mock judge profile [default: $CJS_MOCK_PROFILE or cj_generic_batch].",
-)
-@click.option("--seed", type=int, default=7, show_default=True)
-@click.option(
-    "--essays",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Generate a sample of N essays instead of the bundled one.",
-)
-@click.option("--budget", type=click.IntRange(min=1), default=None)
+@mock_options.profile_option
+@mock_options.seed_option
+@mock_options.essays_option
+@mock_options.budget_option
 @click.option(
     "--runs",
     "run_files",
@@ -69,13 +58,7 @@ from tools import common
     default=None,
     help="Write report.md and a self-contained report.html here.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=600.0,
-    show_default=True,
-    help="Give up on a run after this many seconds.",
-)
+@mock_options.timeout_option
 @click.option(
     "--keep",
     is_flag=True,
@@ -124,10 +107,7 @@ def validate(
         bad = [m for m in wanted if m not in MODES]
         if bad or not wanted or len(set(wanted)) != len(wanted):
             raise click.UsageError(f"--modes: choose distinct modes among {', '.join(MODES)}")
-        try:
-            profile_from_env(profile)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
+        mock_options.mock_profile(profile)
         if input_file is not None:
             try:
                 batch_in, scale_name, grades = parse_input(input_file)
@@ -161,7 +141,7 @@ def validate(
     out = {
         "source": source,
         "kept_prefix": kept_prefix,
-        "profile": None if run_files or batch_ids else profile_from_env(profile).name,
+        "profile": None if run_files or batch_ids else mock_options.mock_profile(profile).name,
         "seed": None if run_files or batch_ids else seed,
         "modes": views,
         "comparison": comparison,

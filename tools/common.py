@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from app import batches, settings
+from app.connection import open_redis
 from app.logs import configure
 from projections.batch import BatchState, completion_pct
 
@@ -19,6 +20,19 @@ T = TypeVar("T")
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def with_redis(s: settings.Settings, use: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `use` on a checked client for REDIS_URL, to its end; the client is closed after."""
+
+    async def main() -> T:
+        r = await open_redis(s)
+        try:
+            return await use(r)
+        finally:
+            await r.aclose()
+
+    return run(main)
 
 
 def emit_json(obj: Any) -> None:

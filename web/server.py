@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 import structlog
@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from app import batch_detail as detail_mod
 from app import charts, deadletters, overview, stuck
-from app.batches import batch_rows, require_batch
+from app.batches import LIST_LIMIT, STATUSES, list_view, require_batch
 from app.connection import open_redis
 from app.errors import CjsError, Conflict, InputError, NotFound
 from app.settings import Settings, keys_for
@@ -47,10 +47,12 @@ from app.views import results_view, status_view
 from events.streams import CONSUMED, STREAMS
 from projections.batch import TERMINAL
 from streams.dlq import read_dead_letters
-from streams.resilience import REDIS_DOWN
+from streams.errors import Policy, kind_of, policy_of
 from web.security import SESSION_COOKIE, SESSION_TTL_S, Guard, Refused
 
 log = structlog.get_logger("web.dashboard")
+
+N = TypeVar("N", int, float)
 
 REFRESH_S = 3.0
 STATIC = ("dashboard.css", "dashboard.js")
@@ -180,28 +182,30 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
     )
 
 
-def _float(request: Request, name: str, default: float) -> float:
+def _number(request: Request, name: str, parse: Callable[[str], N], what: str) -> N | None:
+    """Query parameter `name` read by `parse` (None when absent or empty); InputError, saying
+    it must be `what`, when it does not parse."""
     raw = request.query_params.get(name)
-    if raw in (None, ""):
-        return default
+    if raw is None or raw == "":
+        return None
     try:
-        value = float(raw)
+        return parse(raw)
     except ValueError as exc:
-        raise InputError(f"{name} must be a number, not {raw!r}") from exc
+        raise InputError(f"{name} must be {what}, not {raw!r}") from exc
+
+
+def _float(request: Request, name: str, default: float) -> float:
+    value = _number(request, name, float, "a number")
+    if value is None:
+        return default
     if value < 0:
         raise InputError(f"{name} must not be negative")
     return value
 
 
 def _int(request: Request, name: str, default: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise InputError(f"{name} must be a whole number, not {raw!r}") from exc
-    return max(1, min(high, value))
+    value = _number(request, name, int, "a whole number")
+    return default if value is None else max(1, min(high, value))
 
 
 def _status_of(exc: CjsError) -> int:
@@ -230,10 +234,17 @@ def routes(d: Dashboard) -> list[Route]:
                 page = d.page(request, "error.html", message=exc.message)
                 page.status_code = _status_of(exc)
                 return page
-            except REDIS_DOWN as exc:
-                log.warning("dashboard_redis_unavailable", path=request.url.path, error=str(exc))
-                return _json({"error": f"Redis is unavailable: {exc}"}, 503)
-            except Exception:
+            except Exception as exc:
+                # Redis down or in a state that passes (out of memory, read-only, loading, ...:
+                # the workers' table, streams/errors.py) is 503; anything else is a bug.
+                if policy_of(exc) in (Policy.WAIT, Policy.RECONNECT):
+                    log.warning(
+                        "dashboard_redis_unavailable",
+                        path=request.url.path,
+                        error_kind=kind_of(exc),
+                        error=str(exc),
+                    )
+                    return _json({"error": f"Redis is unavailable: {exc}"}, 503)
                 log.exception("dashboard_error", path=request.url.path)
                 return _json({"error": "internal error (logged)"}, 500)
 
@@ -286,6 +297,7 @@ def _stuck_query(d: Dashboard, request: Request) -> dict[str, Any]:
         "batch_id": q.get("batch") or None,
         "after": q.get("after") or None,
         "size": _int(request, "size", stuck.PAGE_SIZE, 500),
+        "partition": q.get("partition") or None,
     }
 
 
@@ -321,7 +333,12 @@ async def deadletter_page(d: Dashboard, request: Request) -> Response:
     if show_text:
         d.guard.may_read_text(request)
     letter = await deadletters.inspect(
-        d.r, d.keys, q.get("stream", ""), q.get("id", ""), show_text=show_text
+        d.r,
+        d.keys,
+        q.get("stream", ""),
+        q.get("id", ""),
+        show_text=show_text,
+        partition=q.get("partition"),
     )
     if show_text:
         log.info(
@@ -350,7 +367,7 @@ def _readable(fields: Any) -> Any:
 async def batches_page(d: Dashboard, request: Request) -> Response:
     status = request.query_params.get("status") or None
     text = (request.query_params.get("q") or "").strip()
-    rows = await batch_rows(d.r, d.keys, status=status)
+    rows = (await list_view(d.r, d.keys, statuses=[status] if status else []))["batches"]
     if text:
         rows = [row for row in rows if text in row["batch_id"]]
     return d.page(
@@ -359,7 +376,7 @@ async def batches_page(d: Dashboard, request: Request) -> Response:
         rows=rows,
         status=status,
         q=text,
-        statuses=("registered", "running", "finalized", "failed"),
+        statuses=STATUSES,
     )
 
 
@@ -458,14 +475,21 @@ async def api_deadletter(d: Dashboard, request: Request) -> Response:
         d.guard.may_read_text(request)
     return _json(
         await deadletters.inspect(
-            d.r, d.keys, q.get("stream", ""), q.get("id", ""), show_text=q.get("text") == "1"
+            d.r,
+            d.keys,
+            q.get("stream", ""),
+            q.get("id", ""),
+            show_text=q.get("text") == "1",
+            partition=q.get("partition"),
         )
     )
 
 
 async def api_batches(d: Dashboard, request: Request) -> Response:
-    rows = await batch_rows(d.r, d.keys, status=request.query_params.get("status") or None)
-    return _json({"prefix": d.keys.prefix, "batches": rows})
+    """`cjs batches --json` (with `?status=` and `?limit=` as its options)."""
+    statuses = request.query_params.getlist("status")
+    limit = _int(request, "limit", LIST_LIMIT, 100_000)
+    return _json(await list_view(d.r, d.keys, statuses=statuses, limit=limit))
 
 
 async def api_batch(d: Dashboard, request: Request) -> Response:
@@ -542,7 +566,7 @@ async def _act(
     d: Dashboard, request: Request, kind: str, run: Callable[[dict[str, Any]], Awaitable[Any]]
 ) -> Response:
     body = await _body(request)
-    fields = {k: body.get(k) for k in ("stream", "entry_id", "action")}
+    fields = {k: body.get(k) for k in ("stream", "entry_id", "action", "partition")}
     try:
         who = d.guard.authorize(request, body.get("csrf"))
     except Refused as exc:
@@ -582,6 +606,7 @@ async def action_stuck(d: Dashboard, request: Request) -> Response:
             entry_id=str(body.get("entry_id", "")),
             action=str(body.get("action", "")),
             min_idle_s=min_idle_s,
+            partition=body.get("partition"),
         )
 
     return await _act(d, request, "entry_action", run)
@@ -593,10 +618,11 @@ async def action_deadletter(d: Dashboard, request: Request) -> Response:
     async def run(body: dict[str, Any]) -> Any:
         action = body.get("action")
         stream_name, entry_id = str(body.get("stream", "")), str(body.get("entry_id", ""))
+        partition = body.get("partition")
         if action == "redrive":
-            return await deadletters.redrive(d.r, d.keys, stream_name, entry_id)
+            return await deadletters.redrive(d.r, d.keys, stream_name, entry_id, partition)
         if action == "delete":
-            return await deadletters.delete(d.r, d.keys, stream_name, entry_id)
+            return await deadletters.delete(d.r, d.keys, stream_name, entry_id, partition)
         raise InputError(f"unknown action {action!r}: redrive or delete")
 
     return await _act(d, request, "dead_letter_action", run)

@@ -188,7 +188,7 @@ async def _fail_all(
     ctx: ModeContext, unit: Unit, detail: ErrorDetail, *, call_made: bool = True
 ) -> None:
     for entry, req in unit:
-        await ctx.fail(entry, req, _for(detail, req.correlation_id), call_made=call_made)
+        await ctx.record.fail(entry, req, _for(detail, req.correlation_id), call_made=call_made)
 
 
 def _for(detail: ErrorDetail, correlation_id: str) -> ErrorDetail:
@@ -209,7 +209,7 @@ async def _submit(ctx: ModeContext, batches: MessageBatches, unit: Unit) -> tupl
         raise
     for entry, req in unit:
         if req.correlation_id in prepared.rejected:
-            await ctx.fail(entry, req, prepared.rejected[req.correlation_id])
+            await ctx.record.fail(entry, req, prepared.rejected[req.correlation_id])
     items = [(e, q) for e, q in unit if q.correlation_id not in prepared.rejected]
     if not items:
         ctx.breaker.release(ticket)
@@ -305,7 +305,7 @@ async def _record(
             pipe.delete(lkeys.batch_intent(ctx.keys, intent.intent_id))
             pipe.zrem(lkeys.batch_intents(ctx.keys), intent.intent_id)
 
-    await ctx.dispatch(items, message_batch_id=message_batch_id, same_transaction=index)
+    await ctx.record.dispatch(items, message_batch_id=message_batch_id, same_transaction=index)
 
 
 async def _load_intent(ctx: ModeContext, intent_id: str) -> Intent | None:
@@ -404,7 +404,7 @@ async def _poll_until_ended(
                 # Its items may have been processed (and paid): never submitted again.
                 for entry, req in unit:
                     attempts.count[req.correlation_id] += 1
-                    await ctx.fail(
+                    await ctx.record.fail(
                         entry,
                         req,
                         _for(detail, req.correlation_id),
@@ -429,12 +429,12 @@ async def _poll_until_ended(
         result = results[cid]
         if isinstance(result, Judgement):
             spent = attempts.spent_usd[cid] + result.cost_usd
-            await ctx.finish(entry, req, Outcome(result, None, attempt, cost_usd=spent))
+            await ctx.record.finish(entry, req, Outcome(result, None, attempt, cost_usd=spent))
             continue
         failure: ItemFailure = result
         wait = ctx.policy.delay_for(attempt, failure.detail, rng)
         if wait is not None and not ctx.stopping():
-            await ctx.attempt_failed(
+            await ctx.record.attempt_failed(
                 req,
                 attempt,
                 failure.detail,
@@ -447,7 +447,7 @@ async def _poll_until_ended(
             retry.append((entry, req))
             delay = max(delay, wait)
             continue
-        await ctx.fail(
+        await ctx.record.fail(
             entry,
             req,
             failure.detail,

@@ -6,7 +6,7 @@ from lps.modes.base import ModeContext, Unit
 
 
 async def run(ctx: ModeContext, unit: Unit) -> None:
-    await ctx.dispatch(unit)
+    await ctx.record.dispatch(unit)
     # Each request stands alone: at shutdown those not started are handed back.
     for i, (entry, req) in enumerate(unit):
         if i and ctx.stopping():

@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import anthropic
 import msgspec
@@ -34,6 +34,7 @@ from anthropic.types.message_create_params import MessageCreateParamsNonStreamin
 
 from events.types import NANO_USD, ComparisonRequested, ErrorDetail, TokenUsage, Winner
 from lps.classify import (
+    Origin,
     classify_exception,
     classify_stop_reason,
     parse_error,
@@ -63,6 +64,8 @@ FORCED_TOOL_UNSUPPORTED_MODELS = frozenset(
     {"claude-sonnet-5-5", "claude-opus-5-5", "claude-fable-5-1"}
 )
 MAX_TOKENS_LIMIT = 8192
+
+N = TypeVar("N", int, float)
 
 # Sampling parameters do not exist in SDK 2.x, and the API version it speaks
 # (anthropic-version 2026-10-21) answers 400 to any of them, even at default values.
@@ -135,25 +138,28 @@ def validate_overrides(overrides: Mapping[str, str]) -> list[str]:
         elif key not in SUPPORTED_OVERRIDES:
             problems.append(f"unknown override {key!r}; supported: {sorted(SUPPORTED_OVERRIDES)}")
         elif key == "max_tokens":
-            try:
-                n = int(value)
-            except ValueError:
-                problems.append(f"override max_tokens must be an integer, got {value!r}")
-                continue
-            if not 1 <= n <= MAX_TOKENS_LIMIT:
+            n = _number(key, value, int, "an integer", problems)
+            if n is not None and not 1 <= n <= MAX_TOKENS_LIMIT:
                 problems.append(f"override max_tokens must be in 1..{MAX_TOKENS_LIMIT}, got {n}")
         elif key == "cache_ttl":
             if value not in CACHE_TTLS:
                 problems.append(f"override cache_ttl must be one of {CACHE_TTLS}, got {value!r}")
         elif key == "timeout_s":
-            try:
-                t = float(value)
-            except ValueError:
-                problems.append(f"override timeout_s must be a number, got {value!r}")
-                continue
-            if not (math.isfinite(t) and t > 0):
+            t = _number(key, value, float, "a number", problems)
+            if t is not None and not (math.isfinite(t) and t > 0):
                 problems.append(f"override timeout_s must be positive, got {value!r}")
     return problems
+
+
+def _number(
+    key: str, value: str, parse: Callable[[str], N], what: str, problems: list[str]
+) -> N | None:
+    """Override `key` read by `parse`; None, with the problem noted, when it does not parse."""
+    try:
+        return parse(value)
+    except ValueError:
+        problems.append(f"override {key} must be {what}, got {value!r}")
+        return None
 
 
 def model_problems(model: str) -> list[str]:
@@ -266,10 +272,11 @@ def judgement_from_message(
 ) -> Judgement:
     """The Judgement in a 200 response, or ProviderError (max_tokens, refusal, parse_error)
     carrying the response's usage and `cost_usd` (the answer was billed all the same)."""
-    where: dict[str, Any] = {
+    where: Origin = {
         "provider": PROVIDER_NAME,
         "model": model,
         "correlation_id": correlation_id,
+        "secrets": secrets,
     }
     usage = usage_of(message)
 
@@ -293,7 +300,6 @@ def judgement_from_message(
             parse_error(
                 f"expected exactly one {TOOL_NAME} call, got {len(calls)} "
                 f"(stop_reason={getattr(message, 'stop_reason', None)})",
-                secrets=secrets,
                 **where,
             )
         )
@@ -301,9 +307,7 @@ def judgement_from_message(
     try:
         winner, justification, confidence = validate_tool_input(raw_input)
     except ValueError as exc:
-        raise failed(
-            parse_error(f"invalid {TOOL_NAME} input: {exc}", secrets=secrets, **where)
-        ) from None
+        raise failed(parse_error(f"invalid {TOOL_NAME} input: {exc}", **where)) from None
     return Judgement(
         winner=winner,
         confidence=confidence,
@@ -395,6 +399,14 @@ class AnthropicProvider:
     def secrets(self) -> list[str]:
         return [s for s in (self.sdk.api_key, self.sdk.auth_token) if s]
 
+    def _origin(self, request: ComparisonRequested, model: str) -> Origin:
+        return {
+            "provider": self.name,
+            "model": model,
+            "correlation_id": request.correlation_id,
+            "secrets": self.secrets(),
+        }
+
     def _error(self, request: ComparisonRequested, model: str, message: str) -> ProviderError:
         return ProviderError(
             ErrorDetail(
@@ -459,25 +471,11 @@ class AnthropicProvider:
             ) from None
         except (ValueError, TypeError) as exc:  # a 2xx body that is not a Message
             self._observe(model, started)
-            raise ProviderError(
-                parse_error(
-                    f"unreadable response body: {type(exc).__name__}",
-                    provider=self.name,
-                    model=model,
-                    correlation_id=request.correlation_id,
-                )
-            ) from None
+            why = f"unreadable response body: {type(exc).__name__}"
+            raise ProviderError(parse_error(why, **self._origin(request, model))) from None
         except anthropic.AnthropicError as exc:  # any other SDK failure: never ends a worker
             self._observe(model, started)
-            raise ProviderError(
-                unexpected_error(
-                    exc,
-                    provider=self.name,
-                    model=model,
-                    correlation_id=request.correlation_id,
-                    secrets=self.secrets(),
-                )
-            ) from None
+            raise ProviderError(unexpected_error(exc, **self._origin(request, model))) from None
         latency_s = self._observe(model, started)
         _, cost = bill(
             self.prices, message, model=model, cache_ttl=call.options.cache_ttl, batch=False

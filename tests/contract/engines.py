@@ -18,6 +18,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
+from streams.client import connect
 from streams.keys import Keys
 
 
@@ -77,12 +78,35 @@ class RedisServerEngine(Engine):
         return aioredis.from_url(self.url)
 
 
+class RedisClusterEngine(Engine):
+    """A real Redis Cluster (3 masters, tests/conftest.py `shared_redis_cluster`), reached as
+    the workers reach one: redis-py's cluster client (streams/client.py). The namespace's hash
+    tag keeps a test's keys in one slot; a unit across slots would be refused."""
+
+    name = "cluster"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    async def create_client(self) -> Any:
+        client, _ = connect(self.url, cluster=True)
+        await client.initialize()
+        return client
+
+
 # name -> how to build the engine for one test (from the test's fixture request).
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], Engine]] = {
     "fakeredis": lambda request: FakeredisEngine(),
     "redis": lambda request: RedisServerEngine(request.getfixturevalue("shared_redis_server").url),
+    "cluster": lambda request: RedisClusterEngine(
+        request.getfixturevalue("shared_redis_cluster").url
+    ),
 }
 
 # Marks per engine: a real server is a `redis` test (skipped without redis-server unless
 # CJS_REQUIRE_REDIS=1, see tests/redis_server.py).
-MARKS: dict[str, list[pytest.MarkDecorator]] = {"redis": [pytest.mark.redis]}
+MARKS: dict[str, list[pytest.MarkDecorator]] = {
+    "redis": [pytest.mark.redis],
+    "cluster": [pytest.mark.redis],
+}

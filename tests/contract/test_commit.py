@@ -1,14 +1,17 @@
 """Commits on every engine: a request is acknowledged exactly when its result exists.
 
-LPS appends a callback, XACKs its request and sets the request's `lps:done` marker in one
-MULTI/EXEC (an expired request: RequestExpired and ComparisonFailed with them); a request
-already answered is acknowledged, not judged again. CJ applies a callback and XACKs its entry
+LPS appends a callback, XACKs its request and sets the request's `lps:done` marker to the
+commit's token in one call of its commit script, fenced by its hold on the request (an expired
+request: RequestExpired and ComparisonFailed with them); a request already answered is
+acknowledged, not judged again. CJ applies a callback and XACKs its entry
 in one script call. Checked on what the client sent (tests/contract/recording.py) and on the
 streams."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from cj.consumer import CJConsumer
@@ -16,10 +19,10 @@ from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import ComparisonCompleted, ComparisonFailed, RequestExpired
 from lps import keys as lkeys
-from lps.worker import LPSWorker
+from lps.worker import _COMMIT_LUA, LPSWorker
 from streams.keys import Keys
 from streams.reader import Entry
-from tests.contract.recording import Unit, recording
+from tests.contract.recording import Recorder, recording
 from tests.helpers import (
     Judge,
     append_and_read,
@@ -30,25 +33,67 @@ from tests.helpers import (
     request,
 )
 
+COMMIT_SHA = hashlib.sha1(_COMMIT_LUA.encode()).hexdigest()
 
-def _appended(unit: Unit, stream: str) -> list[tuple[str, dict[str, Any]]]:
-    """The events a unit XADDs to `stream`: [(type, data)]."""
+
+@dataclass
+class Commit:
+    """One item of a call of LPS's commit script (lps/worker.py `_COMMIT_LUA`)."""
+
+    keys: tuple[str, ...]  # requests, callbacks, dispatches
+    group: str
+    consumer: str
+    entry_id: str
+    token: str
+    done_key: str
+    callback: tuple[str, dict[str, Any]]
+    extra: list[tuple[str, dict[str, Any]]]
+
+
+def _commits(recorder: Recorder) -> list[Commit]:
+    """Every item of every commit-script call recorded, parsed from its KEYS and ARGV."""
     out = []
-    for call in unit.texts("XADD"):
-        if call[1] == stream:
-            fields = dict(zip(call[3::2], call[4::2], strict=True))
-            out.append((fields["type"], json.loads(fields["data"])))
+    for unit in recorder.scripts():
+        for call in unit.texts("EVALSHA") + unit.texts("EVAL"):
+            if call[1] not in (COMMIT_SHA, _COMMIT_LUA):
+                continue
+            nkeys = int(call[2])
+            keys, args = call[3 : 3 + nkeys], call[3 + nkeys :]
+            group, consumer, _ttl, n = args[0], args[1], args[2], int(args[3])
+            a = 4
+            for i in range(n):
+                entry, token, ctype, cdata, nextra = args[a : a + 5]
+                extra = [
+                    (args[a + 5 + 2 * j], json.loads(args[a + 6 + 2 * j]))
+                    for j in range(int(nextra))
+                ]
+                out.append(
+                    Commit(
+                        keys[:3],
+                        group,
+                        consumer,
+                        entry,
+                        token,
+                        keys[3 + i],
+                        (ctype, json.loads(cdata)),
+                        extra,
+                    )
+                )
+                a += 5 + 2 * int(nextra)
     return out
 
 
-def _unit_of(units: list[Unit], keys: Keys, cid: str) -> Unit:
-    """The one transaction that appended the callback of `cid`."""
-    found = [
-        u
-        for u in units
-        if any(data["correlation_id"] == cid for _, data in _appended(u, keys.callbacks))
-    ]
-    assert len(found) == 1, f"{cid}: {len(found)} transactions append its callback"
+def _commit_of(recorder: Recorder, cid: str) -> Commit:
+    """The one commit that appended the callback of `cid`."""
+    # A call re-sent (after NOSCRIPT, or a timeout) is the same commit: same entry, same token.
+    found = list(
+        {
+            (c.entry_id, c.token): c
+            for c in _commits(recorder)
+            if c.callback[1]["correlation_id"] == cid
+        }.values()
+    )
+    assert len(found) == 1, f"{cid}: {len(found)} commits append its callback"
     return found[0]
 
 
@@ -69,19 +114,23 @@ async def test_a_callback_is_committed_with_its_request_xack_and_done_marker(
     finally:
         await worker.close()
 
-    units = recorder.transactions()
+    token = {}
     for cid in cids:
-        unit = _unit_of(units, keys, cid)
-        assert (keys.requests, LPS_GROUP, entry_of[cid]) in [c[1:] for c in unit.texts("XACK")]
-        assert any(c[1:3] == (lkeys.done(keys, cid), entry_of[cid]) for c in unit.texts("SET"))
-    # Nothing acknowledges a request outside those transactions.
-    assert not [u for u in recorder.units if u.kind != "transaction" and "XACK" in u.names()]
+        commit = _commit_of(recorder, cid)
+        assert commit.keys == (keys.requests, keys.callbacks, keys.dispatches)
+        assert (commit.group, commit.consumer) == (LPS_GROUP, "lps-1")
+        assert commit.entry_id == entry_of[cid] and commit.done_key == lkeys.done(keys, cid)
+        assert commit.callback[0] == "ComparisonCompleted" and not commit.extra
+        token[cid] = commit.token
+    assert len(set(token.values())) == len(cids)
+    # Nothing acknowledges a request outside the commit script.
+    assert not [u for u in recorder.units if "XACK" in u.names()]
     callbacks = [e for _, e in await events_of(r, keys.callbacks)]
     assert sorted(c.correlation_id for c in callbacks) == cids
     assert all(isinstance(c, ComparisonCompleted) for c in callbacks)
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
     for cid in cids:
-        assert (await r.get(lkeys.done(keys, cid))).decode() == entry_of[cid]
+        assert (await r.get(lkeys.done(keys, cid))).decode() == token[cid]
         assert await r.ttl(lkeys.done(keys, cid)) > 0
 
 
@@ -125,13 +174,14 @@ async def test_an_expired_request_ends_with_its_events_and_xack_in_one_transacti
     finally:
         await worker.close()
     assert (action.action, action.batch_id, action.correlation_id) == ("expired", batch_id, cid)
-    unit = _unit_of(recorder.transactions(), keys, cid)
-    [(kind, data)] = _appended(unit, keys.callbacks)
+    commit = _commit_of(recorder, cid)
+    assert commit.keys == (keys.requests, keys.callbacks, keys.dispatches)
+    assert (commit.entry_id, commit.done_key) == (entry_id, lkeys.done(keys, cid))
+    kind, data = commit.callback
     assert kind == "ComparisonFailed" and data["error"]["error_type"] == "expired"
-    [(kind, data)] = _appended(unit, keys.dispatches)
+    [(kind, data)] = commit.extra
     assert kind == "RequestExpired" and data["entry_id"] == entry_id
-    assert (keys.requests, LPS_GROUP, entry_id) in [c[1:] for c in unit.texts("XACK")]
-    assert any(c[1] == lkeys.done(keys, cid) for c in unit.texts("SET"))
+    assert not [u for u in recorder.units if "XACK" in u.names()]
     [failed] = [e for _, e in await events_of(r, keys.callbacks)]
     assert isinstance(failed, ComparisonFailed) and failed.correlation_id == cid
     [expired] = [e for _, e in await events_of(r, keys.dispatches)]
@@ -153,7 +203,10 @@ async def test_a_callback_is_applied_and_acknowledged_by_one_script_call(
         await consumer.handle(entries)
     # callback.lua: EVALSHA sha n, KEYS (batch, corr, orphans, callbacks stream, ...), then
     # ARGV (group, entry id, correlation id, ...): the XACK is the script's own.
-    calls = [c for u in recorder.scripts() for c in u.texts("EVALSHA")]
+    calls: list[tuple[str, ...]] = []
+    for call in (c for u in recorder.scripts() for c in u.texts("EVALSHA")):
+        if not calls or call != calls[-1]:  # the same call again: after NOSCRIPT, on a node
+            calls.append(call)  # that lacked the script (a cluster loads it where it runs)
     split = [(c[3 : 3 + int(c[2])], c[3 + int(c[2]) :]) for c in calls]
     assert [(k[3], a[0], a[1], a[2]) for k, a in split] == [
         (keys.callbacks, CJ_GROUP, i, cb.correlation_id)

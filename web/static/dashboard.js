@@ -85,13 +85,15 @@
           entry_id: button.dataset.entry,
           action: button.dataset.action,
           min_idle_s: button.dataset.minIdle || "0",
+          partition: button.dataset.partition || "",
         }),
       });
       const answer = await reply.json();
       if (reply.ok) {
         const to = answer.new_entry_id ? ` → ${answer.source_stream} ${answer.new_entry_id}` : "";
         const handed = answer.handed_to ? ` (handed to the live workers)` : "";
-        say(`${answer.action || button.dataset.action}: ${answer.entry_id}${to}${handed}`, "ok");
+        const applied = answer.applied ? ` (applied in place: ${answer.applied})` : "";
+        say(`${answer.action || button.dataset.action}: ${answer.entry_id}${to}${handed}${applied}`, "ok");
         if (button.dataset.after) {
           window.location.assign(button.dataset.after);
           return;

@@ -1,0 +1,85 @@
+"""The grammar of identifiers, checked before an identifier touches a key.
+
+Batch ids and correlation ids become parts of Redis keys (`proj:batch:<batch_id>:corr`,
+`lps:done:<correlation_id>`) and hash fields, so they are restricted to a grammar in which a
+key separator (`:`), a Cluster hash tag (`{`, `}`), whitespace and control characters cannot
+occur: no id can name another batch's key, whatever it is. Essay ids never become keys; they
+only must be printable text of bounded length.
+
+- batch id, correlation id: 1–128 characters of `A-Z a-z 0-9 . _ -`, the first a letter or
+  digit (`KEY_ID`);
+- essay id: 1–200 characters, no control character, no leading or trailing whitespace.
+
+The grammar is checked where an id enters: at registration (`cj/registration.py`), when a
+file is imported, and on every entry a consumer group reads (`streams/consumer.py`: an entry
+with a bad id goes to the dead letters with reason `invalid_id`); replay skips the same
+entries, so that it folds what the consumers applied.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+from typing import Any
+
+KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ESSAY_ID_MAX = 200
+
+
+def key_id_problem(kind: str, value: object) -> str | None:
+    """Why `value` is not a valid batch or correlation id (`kind` names it), or None."""
+    if not isinstance(value, str) or KEY_ID.fullmatch(value) is None:
+        shown = repr(value)[:80]
+        return f"{kind} {shown} is not 1-128 of A-Z a-z 0-9 . _ - (starting with a letter or digit)"
+    return None
+
+
+@lru_cache(maxsize=65536)  # a batch's essay ids recur in every one of its events
+def essay_id_problem(value: object) -> str | None:
+    """Why `value` is not a valid essay id, or None."""
+    if not isinstance(value, str) or not value or len(value) > ESSAY_ID_MAX:
+        return f"essay_id {repr(value)[:80]} must be 1-{ESSAY_ID_MAX} characters"
+    if value != value.strip():
+        return f"essay_id {value[:80]!r} has leading or trailing whitespace"
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        return f"essay_id {value[:80]!r} contains a control character"
+    return None
+
+
+def _essay_ids(event: Any) -> list[Any]:
+    out: list[Any] = [getattr(event, name, None) for name in ("essay_a_id", "essay_b_id")]
+    for name in ("essay_a", "essay_b"):
+        essay = getattr(event, name, None)
+        if essay is not None:
+            out.append(essay.essay_id)
+    out.extend(e.essay_id for e in getattr(event, "essays", None) or ())
+    for pair in getattr(event, "pairs", None) or ():
+        out.extend((pair.essay_a, pair.essay_b))
+    return [i for i in out if i is not None]
+
+
+def _key_ids(event: Any) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for name in ("batch_id", "correlation_id"):
+        if hasattr(event, name):
+            out.append((name, getattr(event, name)))
+    out.extend(("batch_id", b) for b in getattr(event, "batch_ids", None) or ())
+    out.extend(("correlation_id", c) for c in getattr(event, "correlation_ids", None) or ())
+    out.extend(("correlation_id", c) for c in getattr(event, "abandoned", None) or ())
+    for pair in getattr(event, "pairs", None) or ():
+        out.append(("correlation_id", pair.correlation_id))
+    return out
+
+
+def event_id_problem(event: Any) -> str | None:
+    """The first identifier of `event` outside the grammar (as a message), or None."""
+    for kind, value in _key_ids(event):
+        problem = key_id_problem(kind, value)
+        if problem:
+            return problem
+    for value in _essay_ids(event):
+        problem = essay_id_problem(value)
+        if problem:
+            return problem
+    return None
