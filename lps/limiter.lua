@@ -99,8 +99,11 @@ else
   inc = now
   out = {tostring(rate_r), tostring(rate_t), tostring(lim_r), tostring(lim_t)}
 end
-redis.call('HSET', KEYS[1], 'cfg_r', ARGV[2], 'cfg_t', ARGV[3], 'lim_r', tostring(lim_r),
-  'lim_t', tostring(lim_t), 'rate_r', tostring(rate_r), 'rate_t', tostring(rate_t),
-  'tat_r', tostring(tat_r), 'tat_t', tostring(tat_t), 'inc', tostring(inc), 'dec', tostring(dec))
-redis.call('PEXPIRE', KEYS[1], 3600000)
+-- Nothing known, nothing paced: no key (a deployment without limits leaves none behind).
+if rate_r > 0 or rate_t > 0 or lim_r > 0 or lim_t > 0 then
+  redis.call('HSET', KEYS[1], 'cfg_r', ARGV[2], 'cfg_t', ARGV[3], 'lim_r', tostring(lim_r),
+    'lim_t', tostring(lim_t), 'rate_r', tostring(rate_r), 'rate_t', tostring(rate_t),
+    'tat_r', tostring(tat_r), 'tat_t', tostring(tat_t), 'inc', tostring(inc), 'dec', tostring(dec))
+  redis.call('PEXPIRE', KEYS[1], 3600000)
+end
 return out

@@ -105,6 +105,9 @@ async def test_without_a_known_limit_calls_are_not_paced_until_headers_tell(
     # Asked again only after recheck_s: in between, no round trip.
     assert lane.unlimited_until > limiter.clock()
     assert await lane.acquire() == 0.0
+    # Nothing known: no key left behind (nor by a 429 that tells no limit).
+    await lane.failed(_429(0))
+    assert not await fake_redis.exists(lkeys.limiter(keys, "mock", MODEL))
     await lane.replied(_judgement(_headers(1200, 50)), 0.01)
     assert (lane.limit_r, lane.rate_r) == (1200, pytest.approx(1176))
     reply = await limiter.take(lane, 2, 1000)

@@ -269,3 +269,19 @@ async def test_overlapping_batches_keep_every_invariant_on_a_real_redis(
     shared_redis: Any,
 ) -> None:
     await _check_overlapping_batches(shared_redis)
+
+
+def test_the_money_cap_counts_the_requests_still_in_flight() -> None:
+    """An early wave is priced with the requests still out: they will be paid too."""
+    state, first = _first_wave(20)
+    _answer(state, first.pairs[:32], 0)  # 8 still out
+    per = 0.01
+    state.config = msgspec.structs.replace(state.config, cost_per_comparison_usd=per)
+    decision = decide(copy.deepcopy(state), 0.8)
+    assert decision is not None
+    m = len(decision.requests)
+    # Room for the wave alone, not for the wave and the 8 in flight: nothing early.
+    state.config = msgspec.structs.replace(state.config, max_cost_usd=per * (m + 4))
+    assert decide(state, 0.8) is None
+    state.config = msgspec.structs.replace(state.config, max_cost_usd=per * (m + 8.5))
+    assert decide(state, 0.8) is not None
