@@ -119,7 +119,9 @@ class RedisClusterServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+        """A live node's URL (a test may have killed the first: later ones still connect)."""
+        node = next((n for n in self.nodes if n.alive()), self.nodes[0])
+        return f"redis://127.0.0.1:{node.port}/0"
 
     def start(self, timeout: float = 30.0) -> None:
         n = self.masters * (1 + self.replicas)
