@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from copy import copy
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster, TransactionStrategy
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -50,6 +51,22 @@ class _Pipeline(ClusterPipeline):
         if self.cluster_client._initialize:
             await self.cluster_client.initialize()
         await super().watch(*names)  # type: ignore[no-untyped-call]
+        # redis-py retries a transaction's connection error on a new connection, which holds
+        # no WATCH: the MULTI/EXEC would run unguarded (a stale decision appended, or one
+        # appended twice). Once watching, a lost connection fails the transaction instead, as
+        # redis-py's standalone client does, and the caller reads and decides again.
+        strategy = self._execution_strategy
+        if isinstance(strategy, TransactionStrategy) and strategy._retry.get_retries():
+            strategy._cjs_retry = strategy._retry  # type: ignore[attr-defined]
+            once = copy(strategy._retry)
+            once.update_retries(0)
+            strategy._retry = once
+
+    async def reset(self) -> None:  # type: ignore[override]
+        strategy = self._execution_strategy
+        if isinstance(strategy, TransactionStrategy):
+            strategy._retry = getattr(strategy, "_cjs_retry", strategy._retry)
+        await super().reset()  # type: ignore[no-untyped-call]
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._transaction and self.cluster_client._initialize:
