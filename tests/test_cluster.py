@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.exceptions import ConnectionError, WatchError
 
 from app.settings import Settings, keys_for
 from app.wiring import InProcess
@@ -40,7 +39,7 @@ from tests.helpers import (
     run_cli,
     snapshot,
 )
-from tests.redis_cluster import RedisClusterServer, keyslot, skip_or_fail_without_cluster
+from tests.redis_cluster import RedisClusterServer, skip_or_fail_without_cluster
 
 pytestmark = pytest.mark.redis
 
@@ -320,25 +319,3 @@ async def test_submissions_spread_evenly_over_the_masters(
     per_master = Counter(rc.get_node_from_key(keys.for_batch(b).batches).port for b in ids)
     assert sorted(per_master.values()) == [3, 3, 3]
     assert set(await list_batches(rc, keys)) == set(ids)
-
-
-async def test_a_transaction_whose_connection_dropped_after_watch_is_not_sent_unwatched(
-    cluster: RedisClusterServer, rc: Any
-) -> None:
-    """redis-py's cluster transaction retries a connection error on a new connection, which no
-    longer holds the WATCH: the MULTI/EXEC then ran unguarded (a stale `advance` could append
-    its decision after another consumer's, or a second time). A transaction whose connection
-    drops after its WATCH fails instead, and its writes are not made; the caller goes again."""
-    key = f"{{tx{uuid.uuid4().hex[:6]}}}:k"
-    node = cluster.master_of_slot(keyslot(cluster.live()[0].port, key))
-    pipe = rc.pipeline(transaction=True)
-    await pipe.watch(key)
-    assert await pipe.get(key) is None
-    # Every client connection of that node drops (the watching one among them).
-    node.cli("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-    pipe.multi()
-    pipe.set(key, "written unwatched")
-    with pytest.raises((ConnectionError, WatchError)):
-        await pipe.execute()
-    await pipe.reset()
-    assert await rc.get(key) is None

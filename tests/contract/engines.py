@@ -47,6 +47,14 @@ class Engine(ABC):
         in one cluster slot (the layout `CJS_PREFIX='{cjs}:'` gives a deployment)."""
         return Keys(f"{{t{uuid.uuid4().hex[:12]}}}:")
 
+    @abstractmethod
+    async def drop_watching(self, key: str) -> None:
+        """Close the server side of the connection that last sent a WATCH (of `key`), as a
+        network fault would; `heal` lets clients connect again."""
+
+    async def heal(self) -> None:
+        """After `drop_watching`: new connections are accepted again."""
+
     async def aclose(self) -> None:
         for client in self._clients:
             await client.aclose()
@@ -64,6 +72,12 @@ class FakeredisEngine(Engine):
     async def create_client(self) -> Any:
         return fakeredis.FakeAsyncRedis(server=self.server)
 
+    async def drop_watching(self, key: str) -> None:
+        self.server.connected = False
+
+    async def heal(self) -> None:
+        self.server.connected = True
+
 
 class RedisServerEngine(Engine):
     """A real redis-server: one for the session (tests/conftest.py), a namespace per test."""
@@ -76,6 +90,10 @@ class RedisServerEngine(Engine):
 
     async def create_client(self) -> Any:
         return aioredis.from_url(self.url)
+
+    async def drop_watching(self, key: str) -> None:
+        async with aioredis.from_url(self.url) as admin:
+            await _kill_watching(admin, {})
 
 
 class RedisClusterEngine(Engine):
@@ -93,6 +111,27 @@ class RedisClusterEngine(Engine):
         client, _ = connect(self.url, cluster=True)
         await client.initialize()
         return client
+
+    async def drop_watching(self, key: str) -> None:
+        admin = await self.create_client()
+        try:
+            await _kill_watching(admin, {"target_nodes": admin.get_node_from_key(key)})
+        finally:
+            await admin.aclose()
+
+
+async def _kill_watching(admin: Any, where: dict[str, Any]) -> None:
+    listing = await admin.execute_command("CLIENT", "LIST", "TYPE", "normal", **where)
+    text = listing.decode() if isinstance(listing, bytes) else str(listing)
+    ids = [
+        fields["id"]
+        for fields in (
+            dict(f.split("=", 1) for f in line.split() if "=" in f) for line in text.splitlines()
+        )
+        if fields.get("cmd") == "watch"
+    ]
+    assert len(ids) == 1, f"one watching connection expected: {text}"
+    await admin.execute_command("CLIENT", "KILL", "ID", ids[0], **where)
 
 
 # name -> how to build the engine for one test (from the test's fixture request).
