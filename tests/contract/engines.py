@@ -52,7 +52,7 @@ class Engine(ABC):
         """Close the server side of the connection that last sent a WATCH (of `key`), as a
         network fault would; `heal` lets clients connect again."""
 
-    async def heal(self) -> None:
+    async def heal(self) -> None:  # noqa: B027 (a real server accepts connections throughout)
         """After `drop_watching`: new connections are accepted again."""
 
     async def aclose(self) -> None:
