@@ -239,6 +239,17 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     schema_version: int = SCHEMA_VERSION
 
 
+class EntryStamped(Event, frozen=True, kw_only=True):
+    """An event written once per comparison (a request, a callback): its stream entry's id is
+    its id and its time (ids are the server's, #16), so neither is written: the codec leaves
+    them out and fills them in from the entry id when it decodes (`codec.with_entry_time`).
+    They were 90 B of every request and callback. Entries written before carry both and decode
+    as they were; an event built in memory has both empty until it is read back."""
+
+    event_id: str = ""
+    occurred_at: str = ""
+
+
 E = TypeVar("E", bound=msgspec.Struct)
 
 
@@ -327,7 +338,7 @@ class BatchFailed(Event, frozen=True, kw_only=True):
 # --- lps:requests -----------------------------------------------------------
 
 
-class ComparisonRequested(Event, frozen=True, kw_only=True):
+class ComparisonRequested(EntryStamped, frozen=True, kw_only=True):
     batch_id: str
     correlation_id: str
     wave: int
@@ -387,7 +398,7 @@ class RequestExpired(Event, frozen=True, kw_only=True):
 # --- cj:callbacks -----------------------------------------------------------
 
 
-class ComparisonCompleted(Event, frozen=True, kw_only=True):
+class ComparisonCompleted(EntryStamped, frozen=True, kw_only=True):
     batch_id: str
     correlation_id: str
     essay_a_id: str
@@ -407,7 +418,7 @@ class ComparisonCompleted(Event, frozen=True, kw_only=True):
     last attempt's."""
 
 
-class ComparisonFailed(Event, frozen=True, kw_only=True):
+class ComparisonFailed(EntryStamped, frozen=True, kw_only=True):
     batch_id: str
     correlation_id: str
     essay_a_id: str
