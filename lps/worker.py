@@ -115,9 +115,8 @@ class _Commit:
     callback: Event
     extra: list[tuple[str, Event]] = field(default_factory=list)
     done: asyncio.Future[str] | None = None
-    # Tells this commit from another worker's of the same request: 64 random bits are plenty,
-    # and it is stored once per comparison.
-    token: str = field(default_factory=lambda: new_id()[:16])
+    # Tells this commit from another worker's of the same request (stored once per comparison).
+    token: str = field(default_factory=new_id)
 
 
 class Committer:
