@@ -6,10 +6,19 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 import msgspec
+from msgspec.structs import astuple
 
 from events.clock import entry_iso
 from events.text import as_str
-from events.types import EVENT_TYPES, EntryStamped, Event, with_defaults_omitted
+from events.types import (
+    EVENT_TYPES,
+    BatchScored,
+    EntryStamped,
+    EssayScore,
+    Event,
+    WaveSubmitted,
+    with_defaults_omitted,
+)
 
 T = TypeVar("T", bound=Event)
 E = TypeVar("E", bound=Event)
@@ -38,7 +47,28 @@ def encode_json(event: Event) -> bytes:
     if isinstance(event, EntryStamped) and (event.event_id or event.occurred_at):
         # The entry id says both (see EntryStamped); "" is the default, left out.
         event = msgspec.structs.replace(event, event_id="", occurred_at="")
-    return _encoder.encode(with_defaults_omitted(event))
+    event = with_defaults_omitted(event)
+    if isinstance(event, WaveSubmitted) and event.pairs:
+        return _in_rows(event, "pairs", "pair_rows", [list(astuple(p)) for p in event.pairs])
+    if isinstance(event, BatchScored) and event.scores and all(map(_bare, event.scores)):
+        rows = [[s.essay_id, s.theta, s.se] for s in event.scores]
+        return _in_rows(event, "scores", "score_rows", rows)
+    return _encoder.encode(event)
+
+
+def _bare(score: EssayScore) -> bool:
+    """A score of θ and SE alone (a wave's before the batch's last)."""
+    return score == EssayScore(essay_id=score.essay_id, theta=score.theta, se=score.se)
+
+
+def _in_rows(event: Event, name: str, rows_name: str, rows: list[list[object]]) -> bytes:
+    """`event` with its list `name` written as rows (one array per item, in the field order),
+    under `rows_name`: the per-item names made half of a `WaveSubmitted` or `BatchScored`."""
+    out = msgspec.to_builtins(event)
+    assert isinstance(out, dict)
+    del out[name]
+    out[rows_name] = rows
+    return _encoder.encode(out)
 
 
 def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None:

@@ -297,13 +297,23 @@ class BatchRegistered(Event, frozen=True, kw_only=True):
 class WaveSubmitted(Event, frozen=True, kw_only=True):
     batch_id: str
     wave: int
-    pairs: list[PairRequest]
+    pairs: list[PairRequest] = msgspec.field(default_factory=list)
+    # How `pairs` are written (events.codec): `[correlation id, essay a, essay b]` each, without
+    # the three names repeated per pair; decoded into `pairs`, so that no reader sees them.
+    # Entries written before carry `pairs`.
+    pair_rows: list[tuple[str, str, str]] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.pair_rows:
+            rows = [PairRequest(*row) for row in self.pair_rows]
+            msgspec.structs.force_setattr(self, "pairs", [*self.pairs, *rows])
+            msgspec.structs.force_setattr(self, "pair_rows", [])
 
 
 class BatchScored(Event, frozen=True, kw_only=True):
     batch_id: str
     wave: int
-    scores: list[EssayScore]
+    scores: list[EssayScore] = msgspec.field(default_factory=list)
     max_delta: float | None = None
     ssr: float | None = None
     position_bias: float | None = None
@@ -325,6 +335,15 @@ class BatchScored(Event, frozen=True, kw_only=True):
     # ranks, grades, boundaries and warnings follow from those (`cj.grades.graded_scores`,
     # what readers that show them call). Every score before this field was graded.
     graded: bool = True
+    # How scores of θ and SE alone are written (events.codec): `[essay id, theta, se]` each;
+    # decoded into `scores`, so that no reader sees them. Entries written before carry `scores`.
+    score_rows: list[tuple[str, float, float]] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.score_rows:
+            rows = [EssayScore(essay_id=e, theta=t, se=se) for e, t, se in self.score_rows]
+            msgspec.structs.force_setattr(self, "scores", [*self.scores, *rows])
+            msgspec.structs.force_setattr(self, "score_rows", [])
 
 
 class BatchFinalized(Event, frozen=True, kw_only=True):

@@ -24,6 +24,7 @@ from events.types import (
     Event,
     ProviderAttemptFailed,
     RequestExpired,
+    WaveSubmitted,
 )
 from projections.batch import apply_batch_event, register
 from tests.helpers import completed, failed, registration, wave
@@ -268,3 +269,50 @@ def test_entries_written_before_issue_9_still_decode_and_fold() -> None:
     view = results_view(state)
     assert view["reliability"] is None and view["ssr"] == -224.0
     assert "before reliabilities" in view["reliabilities"]["posterior"]["n_a"]
+
+
+def test_wave_pairs_and_bare_scores_are_written_as_rows_and_read_back_as_before() -> None:
+    pairs = wave("b", 2, [("c1", "S1", "S2"), ("c2", "S2", "S3")])
+    data = json.loads(codec.encode(pairs)["data"])
+    assert "pairs" not in data and data["pair_rows"] == [["c1", "S1", "S2"], ["c2", "S2", "S3"]]
+    assert codec.decode(codec.encode(pairs)) == pairs and not pairs.pair_rows
+    bare = BatchScored(
+        batch_id="b",
+        wave=2,
+        scores=[EssayScore(essay_id="S1", theta=0.25, se=0.5), EssayScore("S2", -1.0, 0.75)],
+        graded=False,
+    )
+    data = json.loads(codec.encode(bare)["data"])
+    assert "scores" not in data and data["score_rows"] == [["S1", 0.25, 0.5], ["S2", -1.0, 0.75]]
+    assert codec.decode(codec.encode(bare)) == bare
+    graded = msgspec.structs.replace(bare, scores=[EssayScore("S1", 0.25, 0.5, rank=1)])
+    data = json.loads(codec.encode(graded)["data"])  # a graded score keeps its names
+    assert data["scores"] == [{"essay_id": "S1", "theta": 0.25, "se": 0.5, "rank": 1}]
+    assert codec.decode(codec.encode(graded)) == graded
+
+
+def test_waves_and_scores_written_with_names_still_decode() -> None:
+    """Stored entries of before the rows (session 4): objects per pair and per score."""
+    stored = {
+        b"type": b"WaveSubmitted",
+        b"data": b'{"event_id":"67d9b37a80584af0b3eeea16e831f820","occurred_at":'
+        b'"2026-12-02T06:21:31.127801Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82","wave":1,'
+        b'"pairs":[{"correlation_id":"f04a483610f84c669268d2fb3689504d","essay_a":"S047",'
+        b'"essay_b":"S038"}]}',
+    }
+    old = codec.decode(stored, "1764656491127-0")
+    assert isinstance(old, WaveSubmitted) and not old.pair_rows
+    assert [(p.correlation_id, p.essay_a, p.essay_b) for p in old.pairs] == [
+        ("f04a483610f84c669268d2fb3689504d", "S047", "S038")
+    ]
+    stored = {
+        b"type": b"BatchScored",
+        b"data": b'{"event_id":"8edd2c5a58ee47949c15f85304e7ca2b","occurred_at":'
+        b'"2026-12-02T06:21:31.334292Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82","wave":1,'
+        b'"scores":[{"essay_id":"S046","theta":1.042017,"se":0.703209}],"comparisons":100,'
+        b'"graded":false}',
+    }
+    scored = codec.decode(stored, "1764656491334-0")
+    assert isinstance(scored, BatchScored) and not scored.score_rows
+    assert scored.scores == [EssayScore("S046", 1.042017, 0.703209)]
+    assert not scored.graded and scored.comparisons == 100
