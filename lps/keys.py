@@ -8,11 +8,13 @@ from streams.keys import Keys
 def answered(keys: Keys, batch_id: str) -> str:
     """Hash of one batch's answered requests: correlation id -> the token of the commit that
     appended its callback (set by that commit, atomically): a redelivered request is not judged
-    again, and a re-sent commit finds its own token. One hash per batch (in the batch's
-    partition), expiring `DONE_TTL_S` after its last commit and deleted when the batch is
-    archived; a string key per request (`done`) took about 190 B a comparison, a batch's hash
-    (a listpack up to `hash-max-listpack-entries`) about 50."""
-    return keys.for_batch(batch_id).key(f"lps:answered:{batch_id}")
+    again, and a re-sent commit finds its own token. One hash per batch, expiring `DONE_TTL_S`
+    after its last commit and deleted when the batch is archived; a string key per request
+    (`done`) took about 190 B a comparison, a batch's hash (a listpack up to
+    `hash-max-listpack-entries`) about 50. Named in `keys`' partition, the one whose stream held
+    the request (as `done` was), so that the commit script stays in one slot even for a request
+    naming a batch of another partition."""
+    return keys.key(f"lps:answered:{batch_id}")
 
 
 def done(keys: Keys, correlation_id: str) -> str:
