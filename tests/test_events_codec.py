@@ -89,6 +89,18 @@ def test_per_comparison_entries_written_with_ids_and_times_keep_them() -> None:
     callback = codec.decode(stored, "1764656491205-3")
     assert callback.event_id == "935f81a3c57b4eaabf9f34829e92f31d"
     assert callback.occurred_at == "2026-12-02T06:21:31.205492Z"
+    stored = {
+        b"type": b"ComparisonFailed",
+        b"data": b'{"event_id":"5a0c3e1f2b9d4c7e8f6a1b2c3d4e5f60","occurred_at":'
+        b'"2026-12-02T06:21:32.000000Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82",'
+        b'"correlation_id":"891b4c6e24804aa19112478955e5b45c","essay_a_id":"S037",'
+        b'"essay_b_id":"S047","error":{"error_type":"timeout","retryable":true,"message":"t"},'
+        b'"attempts":3}',
+    }
+    failure = codec.decode(stored, "1764656492000-0")
+    assert failure.event_id == "5a0c3e1f2b9d4c7e8f6a1b2c3d4e5f60"
+    assert failure.occurred_at == "2026-12-02T06:21:32.000000Z"
+    assert getattr(failure, "attempts", None) == 3
 
 
 def _one_of_each() -> list[Event]:
