@@ -246,7 +246,7 @@ def parse_export(lines: Iterable[bytes], path: str) -> PerStream:
             raise BadFile(f"{path}:{number}: unknown event type {line.type!r}")
         data = bytes(line.data)
         try:
-            event = codec.decode({"type": line.type.encode(), "data": data})
+            event = codec.decode({"type": line.type.encode(), "data": data}, line.entry_id)
         except codec.DecodeError as exc:
             raise BadFile(f"{path}:{number}: {exc}") from exc
         problem = event_id_problem(event)

@@ -190,9 +190,9 @@ async def _still_needed(r: Any, keys: Keys, records: list[Record]) -> str | None
     return None
 
 
-def _request_keys(keys: Keys, correlation_ids: list[str]) -> list[str]:
-    out = []
-    for cid in correlation_ids:
+def _request_keys(keys: Keys, batch_id: str, correlation_ids: list[str]) -> list[str]:
+    out = [lkeys.answered(keys, batch_id)]
+    for cid in correlation_ids:  # markers of before the answered hash, and Message Batches
         out.append(lkeys.done(keys, cid))
         out.append(lkeys.message_batch(keys, cid))
     return out
@@ -278,7 +278,7 @@ async def _archive_batch(
             pipe.delete(name)
         pipe.hdel(pkeys.batch_index(keys), batch_id)
         pipe.hset(pkeys.archived_index(keys), batch_id, encode_manifest(manifest))
-        request_keys = _request_keys(keys, sorted(state.pairs))
+        request_keys = _request_keys(keys, batch_id, sorted(state.pairs))
         for i in range(0, len(request_keys), DELETE_CHUNK):
             pipe.unlink(*request_keys[i : i + DELETE_CHUNK])
         try:

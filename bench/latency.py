@@ -235,7 +235,7 @@ async def _count(url: str, keys: Keys, ids: list[str], t0: float, t1: float) -> 
                 break
             for entry_id, fields in page:
                 try:
-                    event = codec.decode(fields)
+                    event = codec.decode(fields, entry_id.decode())
                 except codec.DecodeError:
                     continue
                 ms = int(entry_id.split(b"-")[0])

@@ -7,7 +7,11 @@ Starts its own redis-server (random port, temp dir, no persistence) with the mem
 compose.yaml gives Redis (listpack sizes; Redis' own defaults with `--server-defaults`; `--set`
 overrides one, e.g. `--set stream-node-max-bytes 4096`) and runs one batch to its end in this
 process (CJ consumer, LPS worker, mock judge
-without latency; no archiver: everything the batch wrote is still there). Then:
+without latency; no archiver: everything the batch wrote is still there). At its end each
+consumer group's position is recorded, as every consumer does once per
+`CJS_REAPER_INTERVAL_S` (10 s): the group's `handled` set then keeps only the entries handled
+since (a window of the last seconds' callbacks, bounded by the rate, not by the batches).
+Then:
 
 * per key family (a stream, `lps:done:*`, `proj:batch:*:corr`, ...): MEMORY USAGE (the bytes in
   use) and what deleting the family frees (`used_memory` before less after: what is allocated,
@@ -45,10 +49,11 @@ from app.wiring import InProcess
 from bench.soak import configure_server, deployed_settings, essays
 from cj.continuation import advance
 from cj.registration import append_registration
-from events.streams import STREAMS
+from events.streams import CONSUMED, STREAMS
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from streams.keys import Keys
+from streams.reader import record_position
 from tests.redis_server import RedisServer
 
 
@@ -153,6 +158,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await advance(r, keys, reg.batch_id)
         state = await wait_terminal(r, keys, reg.batch_id, runner, timeout=600)
         await runner.close()
+        for stream, group in CONSUMED:
+            record = keys.group_record(stream, group)
+            await record_position(
+                r, keys.stream(stream), group, record, keys.group_handled(stream, group)
+            )
         grown = await held(r) - before
         n = state.submitted
         text = 2 * sum(len(e.text.encode()) for e in reg.essays)

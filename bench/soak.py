@@ -117,7 +117,7 @@ def _family(key: str) -> str:
 
 
 async def key_bytes(r: Any) -> dict[str, int]:
-    """MEMORY USAGE summed per key family (a stream, lps:done, proj:batch:*:corr, ...)."""
+    """MEMORY USAGE summed per key family (a stream, lps:answered, proj:batch:*:corr, ...)."""
     out: dict[str, int] = {}
     async for key in r.scan_iter(count=1000):
         family = _family(key.decode())

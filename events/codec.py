@@ -6,15 +6,25 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 import msgspec
+from msgspec.structs import astuple
 
 from events.clock import entry_iso
 from events.text import as_str
-from events.types import EVENT_TYPES, Event, with_defaults_omitted
+from events.types import (
+    EVENT_TYPES,
+    BatchScored,
+    EntryStamped,
+    EssayScore,
+    Event,
+    WaveSubmitted,
+    with_defaults_omitted,
+)
 
 T = TypeVar("T", bound=Event)
 E = TypeVar("E", bound=Event)
 
 OCCURRED_AT = b'"occurred_at"'
+EVENT_ID = b'"event_id"'
 
 _encoder = msgspec.json.Encoder()
 _decoders = {name: msgspec.json.Decoder(cls) for name, cls in EVENT_TYPES.items()}
@@ -34,7 +44,31 @@ def encode(event: Event) -> dict[str, bytes]:
 
 
 def encode_json(event: Event) -> bytes:
-    return _encoder.encode(with_defaults_omitted(event))
+    if isinstance(event, EntryStamped) and (event.event_id or event.occurred_at):
+        # The entry id says both (see EntryStamped); "" is the default, left out.
+        event = msgspec.structs.replace(event, event_id="", occurred_at="")
+    event = with_defaults_omitted(event)
+    if isinstance(event, WaveSubmitted) and event.pairs:
+        return _in_rows(event, "pairs", "pair_rows", [list(astuple(p)) for p in event.pairs])
+    if isinstance(event, BatchScored) and event.scores and all(map(_bare, event.scores)):
+        rows = [[s.essay_id, s.theta, s.se] for s in event.scores]
+        return _in_rows(event, "scores", "score_rows", rows)
+    return _encoder.encode(event)
+
+
+def _bare(score: EssayScore) -> bool:
+    """A score of θ and SE alone (a wave's before the batch's last)."""
+    return score == EssayScore(essay_id=score.essay_id, theta=score.theta, se=score.se)
+
+
+def _in_rows(event: Event, name: str, rows_name: str, rows: list[list[object]]) -> bytes:
+    """`event` with its list `name` written as rows (one array per item, in the field order),
+    under `rows_name`: the per-item names made half of a `WaveSubmitted` or `BatchScored`."""
+    out = msgspec.to_builtins(event)
+    assert isinstance(out, dict)
+    del out[name]
+    out[rows_name] = rows
+    return _encoder.encode(out)
 
 
 def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None:
@@ -49,7 +83,8 @@ def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None
 def decode(fields: Mapping[bytes | str, bytes | str], entry_id: str | None = None) -> Event:
     """Decode one entry's fields; raises DecodeError with a reason label. Given the entry's
     id, an event without `occurred_at` takes the id's time (the server's), not the decoding
-    moment, so that every reading of the entry decodes the same event."""
+    moment, and one without `event_id` the entry id, so that every reading of the entry
+    decodes the same event."""
     type_name = _field(fields, "type")
     data = _field(fields, "data")
     if type_name is None or data is None:
@@ -66,10 +101,17 @@ def decode(fields: Mapping[bytes | str, bytes | str], entry_id: str | None = Non
 
 
 def with_entry_time(event: E, data: bytes, entry_id: str | None) -> E:
-    """`event` (decoded from `data`), its missing `occurred_at` set to the entry id's time."""
-    if entry_id is not None and OCCURRED_AT not in data:
-        return msgspec.structs.replace(event, occurred_at=entry_iso(entry_id))
-    return event
+    """`event` (decoded from `data`), its missing `occurred_at` set to the entry id's time and
+    its missing `event_id` to the entry id. (An escaped quote inside a string cannot make
+    either name appear: the test on the raw bytes is exact.)"""
+    if entry_id is None:
+        return event
+    changes: dict[str, str] = {}
+    if OCCURRED_AT not in data:
+        changes["occurred_at"] = entry_iso(entry_id)
+    if EVENT_ID not in data:
+        changes["event_id"] = entry_id
+    return msgspec.structs.replace(event, **changes) if changes else event
 
 
 def decode_as(

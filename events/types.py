@@ -7,8 +7,9 @@ Fields are only ever added with defaults, so older entries keep decoding.
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import uuid
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cache
@@ -78,7 +79,12 @@ def now_iso() -> str:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A random id: 80 bits as 16 characters of lowercase base32 (letters and 2-7, within the
+    id grammar of events/ids.py). Correlation ids are written about six times per comparison
+    (request, callback, wave, and the projection's and LPS's hashes), batch ids twice: uuid4
+    hex took twice the room for 122 bits nobody needed. Ids written before (32 hex) stay valid.
+    (80 bits: ten billion ids collide with a chance of 4e-5.)"""
+    return base64.b32encode(os.urandom(10)).decode().lower()
 
 
 class Essay(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -239,6 +245,17 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     schema_version: int = SCHEMA_VERSION
 
 
+class EntryStamped(Event, frozen=True, kw_only=True):
+    """An event written once per comparison (a request, a callback): its stream entry's id is
+    its id and its time (ids are the server's, #16), so neither is written: the codec leaves
+    them out and fills them in from the entry id when it decodes (`codec.with_entry_time`).
+    They were 90 B of every request and callback. Entries written before carry both and decode
+    as they were; an event built in memory has both empty until it is read back."""
+
+    event_id: str = ""
+    occurred_at: str = ""
+
+
 E = TypeVar("E", bound=msgspec.Struct)
 
 
@@ -280,13 +297,23 @@ class BatchRegistered(Event, frozen=True, kw_only=True):
 class WaveSubmitted(Event, frozen=True, kw_only=True):
     batch_id: str
     wave: int
-    pairs: list[PairRequest]
+    pairs: list[PairRequest] = msgspec.field(default_factory=list)
+    # How `pairs` are written (events.codec): `[correlation id, essay a, essay b]` each, without
+    # the three names repeated per pair; decoded into `pairs`, so that no reader sees them.
+    # Entries written before carry `pairs`.
+    pair_rows: list[tuple[str, str, str]] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.pair_rows:
+            rows = [PairRequest(*row) for row in self.pair_rows]
+            msgspec.structs.force_setattr(self, "pairs", [*self.pairs, *rows])
+            msgspec.structs.force_setattr(self, "pair_rows", [])
 
 
 class BatchScored(Event, frozen=True, kw_only=True):
     batch_id: str
     wave: int
-    scores: list[EssayScore]
+    scores: list[EssayScore] = msgspec.field(default_factory=list)
     max_delta: float | None = None
     ssr: float | None = None
     position_bias: float | None = None
@@ -308,6 +335,15 @@ class BatchScored(Event, frozen=True, kw_only=True):
     # ranks, grades, boundaries and warnings follow from those (`cj.grades.graded_scores`,
     # what readers that show them call). Every score before this field was graded.
     graded: bool = True
+    # How scores of θ and SE alone are written (events.codec): `[essay id, theta, se]` each;
+    # decoded into `scores`, so that no reader sees them. Entries written before carry `scores`.
+    score_rows: list[tuple[str, float, float]] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.score_rows:
+            rows = [EssayScore(essay_id=e, theta=t, se=se) for e, t, se in self.score_rows]
+            msgspec.structs.force_setattr(self, "scores", [*self.scores, *rows])
+            msgspec.structs.force_setattr(self, "score_rows", [])
 
 
 class BatchFinalized(Event, frozen=True, kw_only=True):
@@ -327,7 +363,7 @@ class BatchFailed(Event, frozen=True, kw_only=True):
 # --- lps:requests -----------------------------------------------------------
 
 
-class ComparisonRequested(Event, frozen=True, kw_only=True):
+class ComparisonRequested(EntryStamped, frozen=True, kw_only=True):
     batch_id: str
     correlation_id: str
     wave: int
@@ -387,7 +423,7 @@ class RequestExpired(Event, frozen=True, kw_only=True):
 # --- cj:callbacks -----------------------------------------------------------
 
 
-class ComparisonCompleted(Event, frozen=True, kw_only=True):
+class ComparisonCompleted(EntryStamped, frozen=True, kw_only=True):
     batch_id: str
     correlation_id: str
     essay_a_id: str
@@ -407,7 +443,7 @@ class ComparisonCompleted(Event, frozen=True, kw_only=True):
     last attempt's."""
 
 
-class ComparisonFailed(Event, frozen=True, kw_only=True):
+class ComparisonFailed(EntryStamped, frozen=True, kw_only=True):
     batch_id: str
     correlation_id: str
     essay_a_id: str

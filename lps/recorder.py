@@ -26,6 +26,7 @@ from events.types import (
     TokenUsage,
     new_id,
 )
+from lps import keys as lkeys
 from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
 from lps.retry import Outcome, record_attempt_failed
 from streams.keys import Keys
@@ -38,6 +39,21 @@ Unit = list[tuple[Entry, ComparisonRequested]]
 
 Commit = Callable[[str, Event], Awaitable[str]]
 """Commit one callback for a request entry: 'committed' (or 'again') or 'fenced'."""
+
+
+async def answered(r: Any, keys: Keys, requests: list[tuple[str, str]]) -> list[bool]:
+    """Whether each (batch id, correlation id) has a committed callback (`lps.keys.answered`);
+    a request named without its batch (a Message Batch intent written before) by the marker
+    of that time (`lps.keys.done`)."""
+    if not requests:
+        return []
+    async with r.pipeline(transaction=False) as pipe:
+        for batch_id, cid in requests:
+            if batch_id:
+                pipe.hexists(lkeys.answered(keys, batch_id), cid)
+            else:
+                pipe.exists(lkeys.done(keys, cid))
+        return [bool(flag) for flag in await pipe.execute()]
 
 
 def encode(event: Event) -> dict[str, bytes]:

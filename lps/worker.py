@@ -1,6 +1,6 @@
 """The LPS worker: consumes `lps:requests` (group `lps`), judges, appends one callback per request.
 
-Per request, the callback XADD, the request's XACK and the `lps:done` marker go
+Per request, the callback XADD, the request's XACK and its `lps:answered` mark go
 in one Lua script: a request is acknowledged exactly when its result exists.
 Results finishing together share that script call (a coalescing committer), so
 a fast judge costs one round trip per group of results, not per result.
@@ -9,7 +9,7 @@ Fencing: the script commits a result only while this worker still holds the requ
 (it is pending for this consumer). A worker that was paused or cut off past the
 processing timeout, whose request another worker claimed meanwhile, cannot commit:
 its result is dropped (`commit_fenced`), the holder's counts. Each commit carries a
-token, stored in the done marker, so a call the client re-sends after a timeout finds
+token, stored in the answered mark, so a call the client re-sends after a timeout finds
 its own commit and appends nothing twice. Before judging a request it has held for half
 the processing timeout, the worker checks that it still holds it.
 
@@ -47,7 +47,7 @@ from lps.metrics import LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, plan_units
 from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
-from lps.recorder import Recorder, encode
+from lps.recorder import Recorder, answered, encode
 from lps.retry import Outcome, RetryPolicy, judge_with_retries
 from streams.consumer import GroupConsumer, GroupOptions
 from streams.errors import Policy, kind_of, policy_of
@@ -73,32 +73,35 @@ ProviderFactory = Callable[[str], Provider]
 
 # Commit results (see the module's docstring). For each item: if this consumer still holds
 # the request, append its extra events (to KEYS[3]) and its callback, acknowledge the request
-# and set its done marker to the commit's token.
-# KEYS: 1 requests, 2 callbacks, 3 dispatches, 3+i the done marker of item i
-# ARGV: 1 group, 2 consumer, 3 done marker ttl s, 4 items; per item: entry id, token,
-#       callback type, callback data, number of extra events, then (type, data) per extra.
+# and record the commit's token under the request's correlation id in its batch's `answered`
+# hash (lps/keys.py), whose expiry each commit renews.
+# KEYS: 1 requests, 2 callbacks, 3 dispatches, 3+i the answered hash of item i's batch
+# ARGV: 1 group, 2 consumer, 3 answered hash ttl s, 4 items; per item: entry id, token,
+#       correlation id, callback type, callback data, number of extra events, then (type, data)
+#       per extra.
 # Returns per item: 'committed'; 'again' (this very commit was made before: a re-sent call);
 # 'fenced' (the request is held by another consumer, or was answered by one).
 _COMMIT_LUA = """
 local out = {}
 local a = 5
 for i = 1, tonumber(ARGV[4]) do
-  local entry, token, nextra = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 4])
+  local entry, token, cid, nextra = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 5])
   local held = redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1, ARGV[2])
   if #held == 1 then
     for j = 1, nextra do
-      redis.call('XADD', KEYS[3], '*', 'type', ARGV[a + 3 + 2 * j], 'data', ARGV[a + 4 + 2 * j])
+      redis.call('XADD', KEYS[3], '*', 'type', ARGV[a + 4 + 2 * j], 'data', ARGV[a + 5 + 2 * j])
     end
-    redis.call('XADD', KEYS[2], '*', 'type', ARGV[a + 2], 'data', ARGV[a + 3])
+    redis.call('XADD', KEYS[2], '*', 'type', ARGV[a + 3], 'data', ARGV[a + 4])
     redis.call('XACK', KEYS[1], ARGV[1], entry)
-    redis.call('SET', KEYS[3 + i], token, 'EX', ARGV[3])
+    redis.call('HSET', KEYS[3 + i], cid, token)
+    redis.call('EXPIRE', KEYS[3 + i], ARGV[3])
     out[i] = 'committed'
-  elseif redis.call('GET', KEYS[3 + i]) == token then
+  elseif redis.call('HGET', KEYS[3 + i], cid) == token then
     out[i] = 'again'
   else
     out[i] = 'fenced'
   end
-  a = a + 5 + 2 * nextra
+  a = a + 6 + 2 * nextra
 end
 return out
 """
@@ -112,11 +115,12 @@ class _Commit:
     callback: Event
     extra: list[tuple[str, Event]] = field(default_factory=list)
     done: asyncio.Future[str] | None = None
+    # Tells this commit from another worker's of the same request (stored once per comparison).
     token: str = field(default_factory=new_id)
 
 
 class Committer:
-    """Appends results: callback + XACK + done marker, many results per script call, fenced
+    """Appends results: callback + XACK + answered mark, many results per script call, fenced
     by this consumer's hold on each request. A commit that meets a Redis error that passes
     (streams/errors.py) is tried again, with backoff, for up to `retry_for_s`: the script
     is idempotent, and a judgement is worth keeping."""
@@ -198,18 +202,20 @@ class Committer:
 
     async def _write(self, batch: list[_Commit]) -> list[str]:
         k = self.keys
-        done_keys = []
+        answered_keys = []
         args: list[Any] = [LPS_GROUP, self.consumer, DONE_TTL_S, len(batch)]
         for item in batch:
-            done_keys.append(lkeys.done(k, getattr(item.callback, "correlation_id", "")))
+            answered_keys.append(lkeys.answered(k, getattr(item.callback, "batch_id", "")))
             callback = encode(item.callback)
-            args += [item.entry_id, item.token, callback["type"], callback["data"], len(item.extra)]
+            cid = getattr(item.callback, "correlation_id", "")
+            args += [item.entry_id, item.token, cid, callback["type"], callback["data"]]
+            args.append(len(item.extra))
             for stream, event in item.extra:
                 assert stream == k.dispatches, "extra events go to lps:dispatches"
                 extra = encode(event)
                 args += [extra["type"], extra["data"]]
         outcomes = await self._script(
-            keys=[k.requests, k.callbacks, k.dispatches, *done_keys], args=args
+            keys=[k.requests, k.callbacks, k.dispatches, *answered_keys], args=args
         )
         if self.after is not None:
             await self.after()
@@ -327,10 +333,9 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         """A redelivered request whose callback already exists is acknowledged, not judged again."""
         if not requests:
             return requests
-        async with self.r.pipeline(transaction=False) as pipe:
-            for _, req in requests:
-                pipe.exists(lkeys.done(self.keys, req.correlation_id))
-            flags = await pipe.execute()
+        flags = await answered(
+            self.r, self.keys, [(q.batch_id, q.correlation_id) for _, q in requests]
+        )
         done = [entry for (entry, _), flag in zip(requests, flags, strict=True) if flag]
         if done:
             await self.r.xack(self.keys.requests, LPS_GROUP, *(e.entry_id for e in done))

@@ -17,27 +17,90 @@ from events.types import (
     BatchScored,
     BundleDispatched,
     ComparisonRequested,
+    EntryStamped,
     ErrorDetail,
     Essay,
     EssayScore,
     Event,
     ProviderAttemptFailed,
     RequestExpired,
+    WaveSubmitted,
 )
 from projections.batch import apply_batch_event, register
 from tests.helpers import completed, failed, registration, wave
 
 
 def test_entry_has_exactly_type_and_json_data_with_ids_and_time() -> None:
-    event = completed("b", "c1")
+    event = BatchFinalized(batch_id="b", reason="budget")
     fields = codec.encode(event)
     assert set(fields) == {"type", "data"}
-    assert fields["type"] == b"ComparisonCompleted"
+    assert fields["type"] == b"BatchFinalized"
     data = json.loads(fields["data"])
-    assert {"event_id", "occurred_at", "batch_id", "correlation_id"} <= set(data)
+    assert {"event_id", "occurred_at", "batch_id"} <= set(data)
     assert data["occurred_at"].endswith("Z") and len(data["occurred_at"]) == 27
     assert codec.decode(fields) == event
     assert codec.decode({k: v.decode() for k, v in fields.items()}) == event
+
+
+def test_a_per_comparison_event_is_identified_and_dated_by_its_entry_id() -> None:
+    """Requests and callbacks leave `event_id` and `occurred_at` out (the producer's are
+    dropped): read back with the entry id, they are that id and its time, at every reading."""
+    stamp = {"event_id": "e1", "occurred_at": "2023-11-14T22:13:21.000000Z"}
+    for built in (completed("b", "c1"), failed("b", "c1", "timeout"), _one_of_each()[5]):
+        event = msgspec.structs.replace(built, **stamp)  # a producer's own: dropped on the wire
+        fields = codec.encode(event)
+        data = json.loads(fields["data"])
+        assert not {"event_id", "occurred_at"} & set(data)
+        assert {"batch_id", "correlation_id"} <= set(data)
+        back = codec.decode(fields, "1700000000000-7")
+        assert back.event_id == "1700000000000-7"
+        assert back.occurred_at == "2023-11-14T22:13:20.000000Z"
+        expected = msgspec.structs.replace(
+            event, event_id="1700000000000-7", occurred_at=back.occurred_at
+        )
+        assert back == expected == codec.decode(fields, "1700000000000-7")
+        assert codec.decode(fields).event_id == ""  # no entry id: nothing to invent
+
+
+def test_per_comparison_entries_written_with_ids_and_times_keep_them() -> None:
+    """Entries written before #13's last step carry `event_id` and `occurred_at`: kept."""
+    stored = {
+        b"type": b"ComparisonRequested",
+        b"data": b'{"event_id":"dcfa7214180e496ba21ead093b550922","occurred_at":'
+        b'"2026-12-02T06:21:31.127801Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82",'
+        b'"correlation_id":"f04a483610f84c669268d2fb3689504d","wave":1,"essay_a":'
+        b'{"essay_id":"S047"},"essay_b":{"essay_id":"S038"},"seed":1,'
+        b'"content_key":"4d03179e087e59b6"}',
+    }
+    request = codec.decode(stored, "1764656491127-0")
+    assert isinstance(request, ComparisonRequested)
+    assert request.event_id == "dcfa7214180e496ba21ead093b550922"
+    assert request.occurred_at == "2026-12-02T06:21:31.127801Z"
+    assert (request.essay_a.essay_id, request.seed) == ("S047", 1)
+    stored = {
+        b"type": b"ComparisonCompleted",
+        b"data": b'{"event_id":"935f81a3c57b4eaabf9f34829e92f31d","occurred_at":'
+        b'"2026-12-02T06:21:31.205492Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82",'
+        b'"correlation_id":"f04a483610f84c669268d2fb3689504d","essay_a_id":"S047",'
+        b'"essay_b_id":"S038","winner":"essay_a","confidence":2.0,"justification":'
+        b'"mock judgement from latent qualities","provider":"mock","model":"mock-judge-1",'
+        b'"usage":{"input_tokens":900,"output_tokens":60}}',
+    }
+    callback = codec.decode(stored, "1764656491205-3")
+    assert callback.event_id == "935f81a3c57b4eaabf9f34829e92f31d"
+    assert callback.occurred_at == "2026-12-02T06:21:31.205492Z"
+    stored = {
+        b"type": b"ComparisonFailed",
+        b"data": b'{"event_id":"5a0c3e1f2b9d4c7e8f6a1b2c3d4e5f60","occurred_at":'
+        b'"2026-12-02T06:21:32.000000Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82",'
+        b'"correlation_id":"891b4c6e24804aa19112478955e5b45c","essay_a_id":"S037",'
+        b'"essay_b_id":"S047","error":{"error_type":"timeout","retryable":true,"message":"t"},'
+        b'"attempts":3}',
+    }
+    failure = codec.decode(stored, "1764656492000-0")
+    assert failure.event_id == "5a0c3e1f2b9d4c7e8f6a1b2c3d4e5f60"
+    assert failure.occurred_at == "2026-12-02T06:21:32.000000Z"
+    assert getattr(failure, "attempts", None) == 3
 
 
 def _one_of_each() -> list[Event]:
@@ -92,6 +155,10 @@ def test_every_event_type_round_trips() -> None:
     for event in events:
         fields = codec.encode(event)
         assert fields["type"] == type(event).__name__.encode()
+        if isinstance(event, EntryStamped):  # dated and identified by the entry id
+            event = msgspec.structs.replace(event, event_id="", occurred_at="")
+            assert codec.decode(fields) == event
+            continue
         assert codec.decode(fields) == event
         assert codec.decode(fields, "1700000000000-0") == event  # occurred_at present: kept
     assert set(EVENT_TYPES) == {
@@ -214,3 +281,50 @@ def test_entries_written_before_issue_9_still_decode_and_fold() -> None:
     view = results_view(state)
     assert view["reliability"] is None and view["ssr"] == -224.0
     assert "before reliabilities" in view["reliabilities"]["posterior"]["n_a"]
+
+
+def test_wave_pairs_and_bare_scores_are_written_as_rows_and_read_back_as_before() -> None:
+    pairs = wave("b", 2, [("c1", "S1", "S2"), ("c2", "S2", "S3")])
+    data = json.loads(codec.encode(pairs)["data"])
+    assert "pairs" not in data and data["pair_rows"] == [["c1", "S1", "S2"], ["c2", "S2", "S3"]]
+    assert codec.decode(codec.encode(pairs)) == pairs and not pairs.pair_rows
+    bare = BatchScored(
+        batch_id="b",
+        wave=2,
+        scores=[EssayScore(essay_id="S1", theta=0.25, se=0.5), EssayScore("S2", -1.0, 0.75)],
+        graded=False,
+    )
+    data = json.loads(codec.encode(bare)["data"])
+    assert "scores" not in data and data["score_rows"] == [["S1", 0.25, 0.5], ["S2", -1.0, 0.75]]
+    assert codec.decode(codec.encode(bare)) == bare
+    graded = msgspec.structs.replace(bare, scores=[EssayScore("S1", 0.25, 0.5, rank=1)])
+    data = json.loads(codec.encode(graded)["data"])  # a graded score keeps its names
+    assert data["scores"] == [{"essay_id": "S1", "theta": 0.25, "se": 0.5, "rank": 1}]
+    assert codec.decode(codec.encode(graded)) == graded
+
+
+def test_waves_and_scores_written_with_names_still_decode() -> None:
+    """Stored entries of before the rows (session 4): objects per pair and per score."""
+    stored = {
+        b"type": b"WaveSubmitted",
+        b"data": b'{"event_id":"67d9b37a80584af0b3eeea16e831f820","occurred_at":'
+        b'"2026-12-02T06:21:31.127801Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82","wave":1,'
+        b'"pairs":[{"correlation_id":"f04a483610f84c669268d2fb3689504d","essay_a":"S047",'
+        b'"essay_b":"S038"}]}',
+    }
+    old = codec.decode(stored, "1764656491127-0")
+    assert isinstance(old, WaveSubmitted) and not old.pair_rows
+    assert [(p.correlation_id, p.essay_a, p.essay_b) for p in old.pairs] == [
+        ("f04a483610f84c669268d2fb3689504d", "S047", "S038")
+    ]
+    stored = {
+        b"type": b"BatchScored",
+        b"data": b'{"event_id":"8edd2c5a58ee47949c15f85304e7ca2b","occurred_at":'
+        b'"2026-12-02T06:21:31.334292Z","batch_id":"3e2782a60c1b48ca9170209287e4ac82","wave":1,'
+        b'"scores":[{"essay_id":"S046","theta":1.042017,"se":0.703209}],"comparisons":100,'
+        b'"graded":false}',
+    }
+    scored = codec.decode(stored, "1764656491334-0")
+    assert isinstance(scored, BatchScored) and not scored.score_rows
+    assert scored.scores == [EssayScore("S046", 1.042017, 0.703209)]
+    assert not scored.graded and scored.comparisons == 100

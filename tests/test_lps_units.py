@@ -128,3 +128,25 @@ async def test_batch_api_on_a_provider_without_message_batches_is_judged_in_sequ
     callbacks = [codec.decode(f) for _, f in await r.xrange(keys.callbacks)]
     assert all(isinstance(c, ComparisonCompleted) for c in callbacks) and len(callbacks) == 3
     assert (await r.xpending(keys.requests, "lps"))["pending"] == 0
+
+
+async def test_answers_are_looked_up_per_batch_and_old_markers_still_count(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """A request is answered when its batch's `lps:answered` hash holds its correlation id; a
+    Message Batch intent written before (no batch ids) is checked against the string markers
+    of that time (`lps:done:<cid>`)."""
+    from lps import keys as lkeys
+    from lps.modes.batch_api import Intent
+    from lps.recorder import answered
+
+    r = fake_redis
+    await r.hset(lkeys.answered(keys, "b1"), "c1", "t")
+    await r.set(lkeys.done(keys, "c9"), "t")
+    flags = await answered(r, keys, [("b1", "c1"), ("b1", "c2"), ("b2", "c1"), ("", "c9")])
+    assert flags == [True, False, False, True]
+    assert await answered(r, keys, []) == []
+    old = Intent("i", 1.0, 1, "anthropic", "m", ["c9"]).fields()
+    del old["batch_ids"]
+    intent = Intent.of(old)
+    assert intent is not None and intent.batch_ids == [] and intent.correlation_ids == ["c9"]

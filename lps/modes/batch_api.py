@@ -46,6 +46,7 @@ from lps import keys as lkeys
 from lps.modes.base import ModeContext, Unit
 from lps.modes.serial_bundle import run as judge_in_sequence
 from lps.providers.base import Judgement, ProviderError
+from lps.recorder import answered
 from lps.retry import Outcome
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class Intent:
     correlation_ids: list[str]
     state: str = "pending"
     """pending (create under way or unresolved) | abandoned (no batch found: resubmitted)."""
+    batch_ids: list[str] = field(default_factory=list)
+    """The batch of each request (where its answer is recorded); empty in older intents."""
 
     def fields(self) -> dict[str, str]:
         return {
@@ -87,6 +90,7 @@ class Intent:
             "model": self.model,
             "correlation_ids": json.dumps(self.correlation_ids),
             "state": self.state,
+            "batch_ids": json.dumps(self.batch_ids),
         }
 
     @classmethod
@@ -101,6 +105,7 @@ class Intent:
                 model=f["model"],
                 correlation_ids=list(json.loads(f["correlation_ids"])),
                 state=f.get("state", "pending"),
+                batch_ids=list(json.loads(f.get("batch_ids", "[]"))),
             )
         except (KeyError, ValueError, TypeError):
             return None
@@ -221,6 +226,7 @@ async def _submit(ctx: ModeContext, batches: MessageBatches, unit: Unit) -> tupl
         provider=first.provider,
         model=prepared.model or first.model,
         correlation_ids=[q.correlation_id for _, q in items],
+        batch_ids=[q.batch_id for _, q in items],
     )
     try:
         await _write_intent(ctx, intent)
@@ -485,7 +491,10 @@ async def sweep_orphans(ctx: ModeContext, *, now: float | None = None) -> list[s
         if intent is None:
             await ctx.r.zrem(lkeys.batch_intents(ctx.keys), intent_id)
             continue
-        done = await ctx.r.exists(*(lkeys.done(ctx.keys, c) for c in intent.correlation_ids))
+        owners = intent.batch_ids or [""] * len(intent.correlation_ids)
+        done = sum(
+            await answered(ctx.r, ctx.keys, list(zip(owners, intent.correlation_ids, strict=True)))
+        )
         if intent.state != "abandoned" and done < len(intent.correlation_ids):
             continue  # its requests are still waiting: a takeover will adopt the batch
         try:

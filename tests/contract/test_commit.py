@@ -1,11 +1,11 @@
 """Commits on every engine: a request is acknowledged exactly when its result exists.
 
-LPS appends a callback, XACKs its request and sets the request's `lps:done` marker to the
-commit's token in one call of its commit script, fenced by its hold on the request (an expired
-request: RequestExpired and ComparisonFailed with them); a request already answered is
-acknowledged, not judged again. CJ applies a callback and XACKs its entry
-in one script call. Checked on what the client sent (tests/contract/recording.py) and on the
-streams."""
+LPS appends a callback, XACKs its request and records the commit's token under the request's
+correlation id in its batch's `lps:answered` hash in one call of its commit script, fenced by
+its hold on the request (an expired request: RequestExpired and ComparisonFailed with them); a
+request already answered is acknowledged, not judged again. CJ applies a callback and XACKs
+its entry in one script call. Checked on what the client sent (tests/contract/recording.py)
+and on the streams."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ class Commit:
     consumer: str
     entry_id: str
     token: str
-    done_key: str
+    correlation_id: str
+    answered_key: str
     callback: tuple[str, dict[str, Any]]
     extra: list[tuple[str, dict[str, Any]]]
 
@@ -62,9 +63,9 @@ def _commits(recorder: Recorder) -> list[Commit]:
             group, consumer, _ttl, n = args[0], args[1], args[2], int(args[3])
             a = 4
             for i in range(n):
-                entry, token, ctype, cdata, nextra = args[a : a + 5]
+                entry, token, cid, ctype, cdata, nextra = args[a : a + 6]
                 extra = [
-                    (args[a + 5 + 2 * j], json.loads(args[a + 6 + 2 * j]))
+                    (args[a + 6 + 2 * j], json.loads(args[a + 7 + 2 * j]))
                     for j in range(int(nextra))
                 ]
                 out.append(
@@ -74,12 +75,13 @@ def _commits(recorder: Recorder) -> list[Commit]:
                         consumer,
                         entry,
                         token,
+                        cid,
                         keys[3 + i],
                         (ctype, json.loads(cdata)),
                         extra,
                     )
                 )
-                a += 5 + 2 * int(nextra)
+                a += 6 + 2 * int(nextra)
     return out
 
 
@@ -104,9 +106,10 @@ async def test_a_callback_is_committed_with_its_request_xack_and_done_marker(
     worker = LPSWorker(r, keys, "lps-1", lambda _: judge, block_ms=10, concurrency=4)
     await worker.start()
     cids = [f"c{i}" for i in range(6)]
+    batch_of = {cid: f"b{i % 2}" for i, cid in enumerate(cids)}
     entry_of = {
-        cid: (await r.xadd(keys.requests, codec.encode(request(f"b{i % 2}", cid)))).decode()
-        for i, cid in enumerate(cids)
+        cid: (await r.xadd(keys.requests, codec.encode(request(batch_of[cid], cid)))).decode()
+        for cid in cids
     }
     try:
         with recording() as recorder:
@@ -119,7 +122,8 @@ async def test_a_callback_is_committed_with_its_request_xack_and_done_marker(
         commit = _commit_of(recorder, cid)
         assert commit.keys == (keys.requests, keys.callbacks, keys.dispatches)
         assert (commit.group, commit.consumer) == (LPS_GROUP, "lps-1")
-        assert commit.entry_id == entry_of[cid] and commit.done_key == lkeys.done(keys, cid)
+        assert commit.entry_id == entry_of[cid] and commit.correlation_id == cid
+        assert commit.answered_key == lkeys.answered(keys, batch_of[cid])
         assert commit.callback[0] == "ComparisonCompleted" and not commit.extra
         token[cid] = commit.token
     assert len(set(token.values())) == len(cids)
@@ -130,8 +134,11 @@ async def test_a_callback_is_committed_with_its_request_xack_and_done_marker(
     assert all(isinstance(c, ComparisonCompleted) for c in callbacks)
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
     for cid in cids:
-        assert (await r.get(lkeys.done(keys, cid))).decode() == token[cid]
-        assert await r.ttl(lkeys.done(keys, cid)) > 0
+        assert (await r.hget(lkeys.answered(keys, batch_of[cid]), cid)).decode() == token[cid]
+    for batch_id in ("b0", "b1"):  # one hash per batch, expiring after its last commit
+        assert await r.hlen(lkeys.answered(keys, batch_id)) == 3
+        assert await r.ttl(lkeys.answered(keys, batch_id)) > 0
+    assert not await r.keys(f"{keys.prefix}lps:done:*")
 
 
 async def test_a_request_already_answered_is_acknowledged_not_judged_again(
@@ -150,7 +157,7 @@ async def test_a_request_already_answered_is_acknowledged_not_judged_again(
     assert judge.judged == ["c1"]
     assert [e.correlation_id for _, e in await events_of(r, keys.callbacks)] == ["c1"]
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
-    assert (await r.get(lkeys.done(keys, "c1"))).decode() != again
+    assert (await r.hget(lkeys.answered(keys, "b1"), "c1")).decode() != again
 
 
 async def test_an_expired_request_ends_with_its_events_and_xack_in_one_transaction(
@@ -176,7 +183,7 @@ async def test_an_expired_request_ends_with_its_events_and_xack_in_one_transacti
     assert (action.action, action.batch_id, action.correlation_id) == ("expired", batch_id, cid)
     commit = _commit_of(recorder, cid)
     assert commit.keys == (keys.requests, keys.callbacks, keys.dispatches)
-    assert (commit.entry_id, commit.done_key) == (entry_id, lkeys.done(keys, cid))
+    assert (commit.entry_id, commit.answered_key) == (entry_id, lkeys.answered(keys, batch_id))
     kind, data = commit.callback
     assert kind == "ComparisonFailed" and data["error"]["error_type"] == "expired"
     [(kind, data)] = commit.extra

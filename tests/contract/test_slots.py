@@ -10,9 +10,9 @@ them (`AsyncCommandsParser`, from the COMMAND table of a real redis-server), the
 Two properties:
 - under the namespace's hash-tagged prefix (the engine's `{t...}:`, a deployment's
   `CJS_PREFIX='{cjs}:'`), every unit is in one slot: this must hold, and does;
-- once keys carry a per-partition tag, the keys of a batch (its projection hashes, the
-  `lps:done` and `lps:batchapi` markers of its requests) carry that batch's partition while
-  the rest of today's namespace (the four streams, the DLQs, `proj:batches`, `proj:stats`,
+- once keys carry a per-partition tag, the keys of a batch (its projection hashes, its
+  `lps:answered` hash, the `lps:batchapi` markers of its requests) carry that batch's partition
+  while the rest of today's namespace (the four streams, the DLQs, `proj:batches`, `proj:stats`,
   cooldowns) stays shared. A unit mixing the two, or two batches, would span slots: those are
   marked xfail(strict) with the reason. Issue 12 puts every key of a partition under its tag;
   then those units XPASS, the strict marks fail, and go.
@@ -297,13 +297,13 @@ SCENARIOS: dict[str, Scenario] = {
     "LPS commit": Scenario(
         lps_commit,
         "script",
-        "XADD cj:callbacks and XACK lps:requests with each request's lps:done marker; "
+        "XADD cj:callbacks and XACK lps:requests with each request's lps:answered hash; "
         "results of several batches share one commit-script call",
     ),
     "LPS expiry": Scenario(
         lps_expiry,
         "script",
-        "appends to lps:dispatches and cj:callbacks with the lps:done markers",
+        "appends to lps:dispatches and cj:callbacks with the lps:answered hashes",
     ),
     "Message Batch dispatch": Scenario(
         message_batch_dispatch,
@@ -379,7 +379,7 @@ def partition_tag(keys: Keys, batch_of: dict[str, str]) -> Callable[[str], str]:
     def tag(key: str) -> str:
         assert key.startswith(keys.prefix), f"{key} is outside the namespace {keys.prefix}"
         rest = key[len(keys.prefix) :]
-        batch = re.match(r"proj:batch:([^:]+)", rest)
+        batch = re.match(r"(?:proj:batch|lps:answered):([^:]+)", rest)
         marker = re.match(r"lps:(?:done|batchapi):(.+)", rest)
         if batch:
             return f"{{partition-of-{batch[1]}}}:{rest}"
