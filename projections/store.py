@@ -203,20 +203,25 @@ async def immediate_load(pipe: Any, keys: Keys, batch_id: str) -> BatchState | N
 def queue_state_write(
     pipe: Any, keys: Keys, state: BatchState, *, full: bool, corr_ids: list[str] | None = None
 ) -> None:
-    """Queue writes bringing Redis to `state`: all of it (`full`) or the scalars, docs and the
-    given correlation ids (what one CJ-written event can change)."""
-    encoded = encode_state(state, keys)
+    """Queue writes bringing Redis to `state`: all of it (`full`) or the scalars, the scores
+    and the given correlation ids (what one CJ-written event can change: the essays and the
+    config are the registration's, written with it)."""
     b = state.batch_id
-    keys = keys.for_batch(b)
     if full:
+        encoded = encode_state(state, keys)
+        keys = keys.for_batch(b)
         for name in pkeys.batch_keys(keys, b):
             pipe.delete(name)
         for name, mapping in encoded.items():
             pipe.hset(name, mapping=mapping)
         pipe.hset(pkeys.batch_index(keys), b, state.registered_at)
         return
-    pipe.hset(pkeys.batch(keys, b), mapping=encoded[pkeys.batch(keys, b)])
-    pipe.hset(pkeys.batch_docs(keys, b), mapping=encoded[pkeys.batch_docs(keys, b)])
+    # Speed (issue 11): only those parts encoded, not the whole state (every pair of the
+    # batch) at every decision, and the essays' texts not written again.
+    keys = keys.for_batch(b)
+    pipe.hset(pkeys.batch(keys, b), mapping=scalar_fields(state))
+    if state.scores is not None:
+        pipe.hset(pkeys.batch_docs(keys, b), "scores", _json.encode(state.scores).decode())
     if corr_ids:
         pipe.hset(pkeys.batch_corr(keys, b), mapping={c: state.corr[c] for c in corr_ids})
         pairs = {c: _json.encode(state.pairs[c]).decode() for c in corr_ids if c in state.pairs}
