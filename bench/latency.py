@@ -67,6 +67,7 @@ from events import codec
 from events.types import ComparisonCompleted, ProviderAttemptFailed, WaveSubmitted
 from lps.providers.mock import MockProfile, profile_from_env
 from lps.providers.registry import make_provider
+from projections import keys as pkeys
 from projections.store import load_state
 from streams.keys import Keys
 from tests.redis_server import RedisServer
@@ -152,6 +153,7 @@ class Run:
     redis_cpu_s: float
     decision_ms: float
     steps: dict[str, float]
+    commands: dict[str, tuple[int, int]]
 
 
 def _essays(n: int, seed: int) -> BatchIn:
@@ -177,9 +179,20 @@ async def _redis_cpu(r: Any) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+async def _commandstats(r: Any) -> dict[str, tuple[int, int]]:
+    """Calls and microseconds per command (INFO commandstats; EVALSHA's include its
+    scripts' commands, which are also counted on their own)."""
+    info = await r.info("commandstats")
+    return {
+        k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+        for k, v in info.items()
+        if k.startswith("cmdstat_")
+    }
+
+
 async def _submit_and_wait(
     url: str, keys: Keys, batches: int, essays: int, seed: int
-) -> tuple[list[str], list[float], float, float]:
+) -> tuple[list[str], list[float], float, float, dict[str, tuple[int, int]]]:
     r = aioredis.from_url(url)
     regs = []
     for b in range(batches):
@@ -188,23 +201,31 @@ async def _submit_and_wait(
         reg = build_registration(batch, name, grades, seed=seed + b, batch_id=f"lat-{b}")
         regs.append(reg)
     cpu0 = await _redis_cpu(r)
+    stats0 = await _commandstats(r)
     started = time.perf_counter()
     for reg in regs:
         await append_registration(r, keys, reg)
         await advance(r, keys, reg.batch_id)
     ends: dict[str, float] = {}
     while len(ends) < len(regs):
+        # The status alone: loading whole batch states 50 times a second made a large share
+        # of the Redis CPU measured (the bench's, not the pipeline's).
         for reg in regs:
             if reg.batch_id in ends:
                 continue
-            state = await load_state(r, keys, reg.batch_id)
-            if state is not None and state.terminal:
+            status = await r.hget(pkeys.batch(keys.for_batch(reg.batch_id), reg.batch_id), "status")
+            if status in (b"finalized", b"failed"):
                 ends[reg.batch_id] = time.perf_counter() - started
         await asyncio.sleep(0.02)
     wall = max(ends.values())
     cpu = await _redis_cpu(r) - cpu0
+    stats = {
+        name: (calls - stats0.get(name, (0, 0))[0], usec - stats0.get(name, (0, 0))[1])
+        for name, (calls, usec) in (await _commandstats(r)).items()
+    }
     await r.aclose()
-    return [reg.batch_id for reg in regs], [ends[reg.batch_id] for reg in regs], wall, cpu
+    ids = [reg.batch_id for reg in regs]
+    return ids, [ends[reg.batch_id] for reg in regs], wall, cpu, stats
 
 
 async def _count(url: str, keys: Keys, ids: list[str], t0: float, t1: float) -> dict[str, Any]:
@@ -305,7 +326,9 @@ def run(
         time.sleep(0.1)  # waiting for other processes: nothing to await here
     time.sleep(1.0)  # their consumer groups made, their first reads blocking
     epoch0 = time.time()
-    ids, ends, wall, redis_cpu = asyncio.run(_submit_and_wait(url, keys, batches, essays, seed))
+    ids, ends, wall, redis_cpu, commands = asyncio.run(
+        _submit_and_wait(url, keys, batches, essays, seed)
+    )
     Path(stop).touch()
     for p in procs:
         p.join(60)
@@ -331,6 +354,7 @@ def run(
         redis_cpu_s=redis_cpu,
         decision_ms=counts["decision_ms"],
         steps=steps,
+        commands=commands,
     )
 
 
@@ -479,6 +503,18 @@ def main() -> None:
                     if k.endswith("_s")
                 },
                 "cj_steps_count": {k[:-2]: v for k, v in zero.steps.items() if k.endswith("_n")},
+                # Redis commands per comparison (scripts' own commands counted inside them
+                # too), and their server time: what the Redis share is made of.
+                "redis_commands_per_comparison": {
+                    name: round(calls / zero.comparisons, 2)
+                    for name, (calls, _) in sorted(zero.commands.items(), key=lambda x: -x[1][0])
+                    if calls / zero.comparisons >= 0.05
+                },
+                "redis_usec_per_comparison": {
+                    name: round(usec / zero.comparisons, 1)
+                    for name, (_, usec) in sorted(zero.commands.items(), key=lambda x: -x[1][1])
+                    if usec / zero.comparisons >= 1
+                },
             }
         if args.only in (None, "latency"):
             rows = []
@@ -536,6 +572,8 @@ def _print(report: dict[str, Any]) -> None:
             f"  of which CJ steps (wall, per comparison, ms): {z['cj_steps_ms_per_comparison']} "
             f"(counts {z['cj_steps_count']})"
         )
+        print(f"  Redis commands per comparison: {z['redis_commands_per_comparison']}")
+        print(f"  Redis µs per comparison: {z['redis_usec_per_comparison']}")
     if "realistic" in report:
         rl = report["realistic"]
         print(

@@ -70,9 +70,6 @@ _S2 = 16.0 / (2.0 * math.pi)
 _DEFAULT_SE = 1.5
 # Candidate partners kept per essay for the adaptive greedy search.
 _PARTNERS_PER_ESSAY = 24
-# The adaptive heap is swept of dead candidates after this many essays closed, if larger.
-_SWEEP_AFTER = 16
-_SWEEP_MIN = 2048
 
 
 Selector = Literal["a_optimal", "information"]
@@ -215,6 +212,52 @@ def _expected_information_scalar(mu: float, var: float) -> float:
     return 0.25 * math.sqrt(_S2 / t) * math.exp(-0.5 * mu * mu / t)
 
 
+class _Candidates:
+    """The adaptive search's candidates, popped in the order of a heap of (−gain, i, j,
+    version of Σ it was scored on): the shortlist sorted once (version 0) and merged with
+    a small heap of the re-scored ones. Speed (issue 11): that replaces heapifying tens of
+    thousands of tuples and sweeping the heap of candidates of closed essays now and then;
+    `any` skips those at the front of the sorted list instead. A dead candidate met first
+    only ever made a live one be re-queued and popped next, so skipping it changes no
+    choice."""
+
+    def __init__(self, neg: list[float], xs: list[int], ys: list[int]) -> None:
+        self.neg, self.xs, self.ys = neg, xs, ys
+        self.k = 0
+        self.pushed: list[_Candidate] = []
+
+    def any(self, closed: bytearray) -> bool:
+        """Whether a candidate is left (those of closed essays at the front skipped)."""
+        k, xs, ys, end = self.k, self.xs, self.ys, len(self.xs)
+        while k < end and (closed[xs[k]] or closed[ys[k]]):
+            k += 1
+        self.k = k
+        return k < end or bool(self.pushed)
+
+    def _head(self) -> _Candidate | None:
+        k = self.k
+        return (self.neg[k], self.xs[k], self.ys[k], 0) if k < len(self.xs) else None
+
+    def best(self) -> float:
+        """The largest gain left (after `any`)."""
+        head = self._head()
+        if self.pushed and (head is None or self.pushed[0] < head):
+            return -self.pushed[0][0]
+        assert head is not None
+        return -head[0]
+
+    def pop(self) -> _Candidate:
+        head = self._head()
+        if self.pushed and (head is None or self.pushed[0] < head):
+            return heapq.heappop(self.pushed)
+        assert head is not None
+        self.k += 1
+        return head
+
+    def push(self, candidate: _Candidate) -> None:
+        heapq.heappush(self.pushed, candidate)
+
+
 class _Planner:
     def __init__(
         self,
@@ -253,8 +296,8 @@ class _Planner:
         # position_balance(history), by counting.
         self.balance = np.bincount(ha, minlength=n) - np.bincount(hb, minlength=n)
         self.count = np.bincount(ha[live], minlength=n) + np.bincount(hb[live], minlength=n)
-        attempts = np.zeros((n, n), dtype=np.int32)
-        np.add.at(attempts, (ha, hb), 1)
+        # Counted by bincount on flat indices, not np.add.at (ten times slower).
+        attempts = np.bincount(ha * n + hb, minlength=n * n).reshape(n, n).astype(np.int32)
         attempts += attempts.T
         used = np.zeros((n, n), dtype=np.bool_)
         used[ha[live], hb[live]] = True
@@ -593,8 +636,8 @@ class _Planner:
         vc = v - v.mean()
         return info * float(vc @ vc) / (1.0 + info * d), v, info
 
-    def _shortlist(self, ii: IntArray, jj: IntArray, values: FloatArray) -> list[_Candidate]:
-        """Each essay's best partners (a wide but bounded candidate set), as a max-heap."""
+    def _shortlist(self, ii: IntArray, jj: IntArray, values: FloatArray) -> _Candidates:
+        """Each essay's best partners (a wide but bounded candidate set), best first."""
         n = self.n
         # Speed (issue 11): over the essays in open pairs only (the rows of the others held
         # no finite value): the same candidates, without an n × n matrix every round.
@@ -604,7 +647,8 @@ class _Planner:
         mat[li, lj] = values
         mat[lj, li] = values
         kk = min(_PARTNERS_PER_ESSAY, n - 1, u - 1)
-        top = np.argpartition(-mat, kk - 1, axis=1)[:, :kk]
+        # The kk largest of each row (the -inf of closed pairs are dropped below).
+        top = np.argpartition(mat, u - kk, axis=1)[:, u - kk :]
         rows = np.repeat(np.arange(u), kk)
         cols = top.ravel()
         keep = np.isfinite(mat[rows, cols])
@@ -612,17 +656,9 @@ class _Planner:
         hi = np.maximum(rows[keep], cols[keep])
         uniq = np.unique(lo * u + hi)
         li, lj = uniq // u, uniq % u
-        heap = list(
-            zip(
-                (-mat[li, lj]).tolist(),
-                used[li].tolist(),
-                used[lj].tolist(),
-                itertools.repeat(0),
-                strict=False,
-            )
-        )
-        heapq.heapify(heap)
-        return heap
+        neg, xs, ys = -mat[li, lj], used[li], used[lj]
+        order = np.lexsort((ys, xs, neg))  # the order a heap of (−gain, i, j) pops them in
+        return _Candidates(neg[order].tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
         self,
@@ -639,9 +675,9 @@ class _Planner:
         jitter = 1.0 + 1e-9 * self.rng.random((self.n, self.n))
         jitter = np.minimum(jitter, jitter.T)  # breaks exact ties, seeded
         # Speed (issue 11): essays at their cap for this wave, for a cheap first test of the
-        # many candidates that die (most of them, in a matching wave), which are also swept
-        # out of the heap now and then rather than popped one by one. The live candidates
-        # come out in the same order.
+        # many candidates that die (most of them, in a matching wave), which the candidate
+        # list also skips when it is asked for its best. The live candidates come out in
+        # the same order.
         cap = per_essay_cap if self.wave_cap is None else min(per_essay_cap, self.wave_cap)
         closed = bytearray(self.n)
         out, size = self.out, self.size
@@ -651,30 +687,26 @@ class _Planner:
                 return
             values = self._all_gains(cov.matrix(), theta, ii, jj) * jitter[ii, jj]
             heap = self._shortlist(ii, jj, values * self._anchor_factor(ii, jj, anchor_bonus))
-            version = added = closing = 0
-            while heap and len(out) < size:
-                if closing >= _SWEEP_AFTER and len(heap) > _SWEEP_MIN:
-                    heap = [c for c in heap if not (closed[c[1]] or closed[c[2]])]
-                    heapq.heapify(heap)
-                    closing = 0
-                    continue
-                _, x, y, ver = heapq.heappop(heap)
+            version = added = 0
+            while heap.any(closed) and len(out) < size:
+                _, x, y, ver = heap.pop()
                 if closed[x] or closed[y] or not self._open(x, y, per_essay_cap):
                     continue
+                scored: tuple[FloatArray, float] | None = None
                 if ver != version:
-                    value, _, _ = self._exact_gain(cov, theta, x, y)
+                    value, v, inf = self._exact_gain(cov, theta, x, y)
                     value *= float(jitter[x, y])
                     value *= self._anchor_factor_one(x, y, anchor_bonus)
-                    if heap and value < -heap[0][0]:
-                        heapq.heappush(heap, (-value, x, y, version))
+                    if heap.any(closed) and value < heap.best():
+                        heap.push((-value, x, y, version))
                         continue
+                    scored = v, inf  # Σ is unchanged until the downdate below
                 if not self.add(x, y):
                     continue
                 added += 1
                 closed[x] = int(self.wave_count[x]) >= cap
                 closed[y] = int(self.wave_count[y]) >= cap
-                closing += closed[x] + closed[y]
-                _, v, inf = self._exact_gain(cov, theta, x, y)
+                v, inf = scored if scored is not None else self._exact_gain(cov, theta, x, y)[1:]
                 d_xy = max(float(v[x] - v[y]), 1e-12)
                 cov.downdate(v, inf / (1.0 + inf * d_xy))
                 version += 1
@@ -709,8 +741,9 @@ class _Planner:
         eb = np.asarray(self.edges_b, dtype=np.intp)
         z = theta[ea] - theta[eb]
         w = 0.25 / np.cosh(0.5 * z) ** 2  # σ'(z)
-        h = np.zeros((n, n))
-        np.add.at(h, (ea, eb), -w)
+        # bincount sums each cell's weights in input order, as np.add.at did: the same H.
+        flat = np.bincount(ea * n + eb, weights=-w, minlength=n * n)
+        h = flat.astype(np.float64, copy=False).reshape(n, n)  # (int when there are none)
         h += h.T
         h[np.diag_indices(n)] = -h.sum(axis=1)
         if var is None:  # no fit yet: a unit prior, variances from the graph alone

@@ -32,7 +32,7 @@ _json = msgspec.json.Encoder()
 _essays = msgspec.json.Decoder(list[Essay])
 _config = msgspec.json.Decoder(BatchConfig)
 _scores = msgspec.json.Decoder(BatchScored)
-_pair = msgspec.json.Decoder(tuple[int, str, str])
+_pairs = msgspec.json.Decoder(list[tuple[int, str, str]])
 
 # callback.lua uses `before` (entry id order), shared with the other scripts.
 CALLBACK_LUA = ENTRY_ID_ORDER + resources.files("projections").joinpath("callback.lua").read_text()
@@ -152,17 +152,29 @@ def decode_state(
         setattr(state, name, int(scal.get(name, 0)))
     if "scores" in docs:
         state.scores = _scores.decode(docs["scores"])
-    state.corr = {
-        as_str(k): as_str(v) for k, v in raw.get(pkeys.batch_corr(keys, batch_id), {}).items()
-    }
-    state.pairs = {
-        as_str(k): _pair.decode(v)
-        for k, v in raw.get(pkeys.batch_pairs(keys, batch_id), {}).items()
-    }
+    state.corr = _texts(raw.get(pkeys.batch_corr(keys, batch_id), {}))
+    pairs = raw.get(pkeys.batch_pairs(keys, batch_id), {})
+    # Speed (issue 11): one JSON array decoded for the batch's pairs, not one decode each.
+    values = [v.encode() if isinstance(v, str) else v for v in pairs.values()]
+    state.pairs = dict(
+        zip(
+            (as_str(k) for k in pairs),
+            _pairs.decode(b"[" + b",".join(values) + b"]"),
+            strict=True,
+        )
+    )
     state.orphan_ids = {
         as_str(k): int(v) for k, v in raw.get(pkeys.batch_orphans(keys, batch_id), {}).items()
     }
     return state
+
+
+def _texts(mapping: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    """`mapping` as text (`as_str`), the keys and values of a large hash in one pass."""
+    try:  # the usual reply: bytes throughout, and valid UTF-8 (written by this code)
+        return {k.decode(): v.decode() for k, v in mapping.items()}  # type: ignore[union-attr]
+    except (AttributeError, UnicodeDecodeError):
+        return {as_str(k): as_str(v) for k, v in mapping.items()}
 
 
 async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | str, bytes | str]]:
@@ -203,20 +215,25 @@ async def immediate_load(pipe: Any, keys: Keys, batch_id: str) -> BatchState | N
 def queue_state_write(
     pipe: Any, keys: Keys, state: BatchState, *, full: bool, corr_ids: list[str] | None = None
 ) -> None:
-    """Queue writes bringing Redis to `state`: all of it (`full`) or the scalars, docs and the
-    given correlation ids (what one CJ-written event can change)."""
-    encoded = encode_state(state, keys)
+    """Queue writes bringing Redis to `state`: all of it (`full`) or the scalars, the scores
+    and the given correlation ids (what one CJ-written event can change: the essays and the
+    config are the registration's, written with it)."""
     b = state.batch_id
-    keys = keys.for_batch(b)
     if full:
+        encoded = encode_state(state, keys)
+        keys = keys.for_batch(b)
         for name in pkeys.batch_keys(keys, b):
             pipe.delete(name)
         for name, mapping in encoded.items():
             pipe.hset(name, mapping=mapping)
         pipe.hset(pkeys.batch_index(keys), b, state.registered_at)
         return
-    pipe.hset(pkeys.batch(keys, b), mapping=encoded[pkeys.batch(keys, b)])
-    pipe.hset(pkeys.batch_docs(keys, b), mapping=encoded[pkeys.batch_docs(keys, b)])
+    # Speed (issue 11): only those parts encoded, not the whole state (every pair of the
+    # batch) at every decision, and the essays' texts not written again.
+    keys = keys.for_batch(b)
+    pipe.hset(pkeys.batch(keys, b), mapping=scalar_fields(state))
+    if state.scores is not None:
+        pipe.hset(pkeys.batch_docs(keys, b), "scores", _json.encode(state.scores).decode())
     if corr_ids:
         pipe.hset(pkeys.batch_corr(keys, b), mapping={c: state.corr[c] for c in corr_ids})
         pairs = {c: _json.encode(state.pairs[c]).decode() for c in corr_ids if c in state.pairs}

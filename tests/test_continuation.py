@@ -14,7 +14,14 @@ from prometheus_client import REGISTRY
 from app.settings import Settings
 from app.views import results_view
 from app.wiring import InProcess
-from cj.continuation import advance, decide, score, stop_reason
+from cj.continuation import (
+    SPLIT_HALF_LATER,
+    advance,
+    decide,
+    final_scores,
+    score,
+    stop_reason,
+)
 from cj.grades import graded_scores
 from cj.registration import append_registration
 from events import codec
@@ -98,6 +105,12 @@ def test_scores_of_a_wave_before_the_last_are_ungraded_and_shown_graded() -> Non
     final = score(state, final=True)
     assert final.graded and all(s.rank for s in final.scores)
     assert graded_scores(final, state.essays, state.config.grade_scale, final=True) == final
+    # What `decide` writes last (the last wave's scores completed, not fitted again) is the
+    # same event.
+    completed_last = final_scores(state, score(state))
+    same = {"event_id": final.event_id, "occurred_at": final.occurred_at}
+    assert msgspec.structs.replace(completed_last, **same) == final
+    assert final.reliability is not None and final.reliability.split_half_na != SPLIT_HALF_LATER
 
 
 def test_mostly_failures_fail_the_batch_with_a_reason() -> None:

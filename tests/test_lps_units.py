@@ -13,6 +13,7 @@ from events.types import (
     ComparisonRequested,
     Essay,
 )
+from lps.cooldown import Cooldown
 from lps.modes import bundle_size, plan_units
 from lps.providers.base import Judgement
 from lps.providers.mock import PROFILES, MockProvider
@@ -150,3 +151,43 @@ async def test_answers_are_looked_up_per_batch_and_old_markers_still_count(
     del old["batch_ids"]
     intent = Intent.of(old)
     assert intent is not None and intent.batch_ids == [] and intent.correlation_ids == ["c9"]
+
+
+class _CountingGets:
+    """A Redis client that counts GETs (the cooldown's reads)."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self.gets = 0
+
+    async def get(self, key: str) -> Any:
+        self.gets += 1
+        return await self.r.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.r, name)
+
+
+async def test_a_page_reads_the_cooldown_once_not_once_per_call(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """The calls of a page start together: each used to miss the worker's cached cooldown
+    read and send a GET of its own (issue 11). Now the page reads it once first."""
+    r = fake_redis
+    counting = _CountingGets(r)
+    cooldown = Cooldown(counting, keys, fresh_s=60.0)
+    worker = LPSWorker(
+        r,
+        keys,
+        "w",
+        lambda _: MockProvider(PROFILES["ideal"], seed=1),
+        concurrency=8,
+        cooldown=cooldown,
+    )
+    await worker.start()
+    for i in range(8):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="per_request", provider="mock")))
+    assert await worker.step() == 8
+    await worker.close()
+    assert len(await r.xrange(keys.callbacks)) == 8
+    assert counting.gets == 1
