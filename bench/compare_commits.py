@@ -1,6 +1,6 @@
 """One benchmark command at two commits, runs interleaved, medians side by side.
 
-    python bench/compare_commits.py BEFORE AFTER [--runs 3] [--json] -- python bench/x.py --json ...
+    python bench/compare_commits.py BEFORE AFTER [--runs 3] [--save F] -- python bench/x.py --json
 
 BEFORE and AFTER are commits (a detached worktree of each is made in a temp dir and removed
 afterwards) or existing checkout directories. The command runs with the checkout as working
@@ -30,7 +30,7 @@ from typing import Any
 
 Figures = dict[str, float | str]
 # figures that measure time or speed: never expected equal, so never DIFF
-TIMING = re.compile(r"(_s|_ms|_us|seconds|/s|_p\d+|wall|cpu|median|best)$|per_s|rate|per_second")
+TIMING = re.compile(r"(_s|_ms|_us|seconds|/s|_p\d+|wall|cpu|median|best)$|per_s\b|per_second")
 
 
 def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, float | str]]:
@@ -39,10 +39,14 @@ def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, float | str]]:
         for key, item in value.items():
             yield from flatten(item, f"{prefix}{key}.")
     elif isinstance(value, list):
+        seen: set[str] = set()
         for index, item in enumerate(value):
             label = str(index)
             if isinstance(item, dict):
                 label = next((v for v in item.values() if isinstance(v, str)), label)
+            # rows that share their first string (a design at several sizes) keep their place
+            label = f"{label}#{index}" if label in seen else label
+            seen.add(label)
             yield from flatten(item, f"{prefix}{label}.")
     elif isinstance(value, bool) or value is None or isinstance(value, str):
         yield prefix.rstrip("."), str(value)
@@ -71,8 +75,10 @@ def run(tree: Path, command: list[str]) -> Figures:
     # the children's totals grow by what this run's process tree used (waited-for processes)
     usage = os.times()
     figures["cpu_s"] = sum(usage[2:4]) - sum(cpu[2:4])
+    # a bench may exit 1 for a missed goal and still print its figures: the code is one more
+    figures["exit"] = proc.returncode
     if proc.returncode != 0:
-        sys.exit(f"{command} in {tree} exited {proc.returncode}")
+        print(f"exit {proc.returncode} in {tree}", file=sys.stderr)
     text = proc.stdout.decode()
     try:
         figures.update(flatten(json.loads(text[text.index("{") :])))
@@ -120,7 +126,7 @@ def main() -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER)
     parser.add_argument("--runs", type=int, default=3, help="runs per side")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
-    parser.add_argument("--json", action="store_true", help="every run's figures as JSON")
+    parser.add_argument("--save", type=Path, help="write every run's figures there as JSON")
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
@@ -132,9 +138,8 @@ def main() -> int:
             order = ("before", "after") if index % 2 == 0 else ("after", "before")
             for side in order:
                 results[side].append(run(trees[side], command))
-    if args.json:
-        print(json.dumps(results))
-        return 0
+    if args.save:
+        args.save.write_text(json.dumps(results))
     rows, diffs = table(results["before"], results["after"])
     print(f"{' '.join(command)}: {args.before} -> {args.after}, {args.runs} runs each")
     print("\n".join(rows))
