@@ -79,12 +79,27 @@ def run(tree: Path, command: list[str]) -> Figures:
     figures["exit"] = proc.returncode
     if proc.returncode != 0:
         print(f"exit {proc.returncode} in {tree}", file=sys.stderr)
-    text = proc.stdout.decode()
-    try:
-        figures.update(flatten(json.loads(text[text.index("{") :])))
-    except ValueError:
+    printed = printed_json(proc.stdout.decode())
+    if printed is None:
         print(f"no JSON on stdout in {tree}", file=sys.stderr)
+    else:
+        figures.update(flatten(printed))
     return figures
+
+
+def printed_json(text: str) -> Any:
+    """The JSON object a command printed: its last line that is one (log lines may come
+    first), or everything from the first "{" (an indented dump)."""
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    try:
+        return json.loads(text[text.index("{") :])
+    except ValueError:
+        return None
 
 
 def spread(values: list[float]) -> str:
