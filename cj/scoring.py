@@ -98,10 +98,9 @@ _FLAT_BOUND = 1e-8  # a monitored round raising the bound by less (relative) end
 # a pair or two): tiny problems, so a generous cap (times ``max_iter``) costs nothing.
 _VARIATIONAL_ROUNDS = 5
 _SAFE_STEP = 0.5  # a Newton step on the mean longer than this (logits) is line-searched
-_ROUGH_ROUNDS = 12  # EM-like rounds before the secant search of the mode of log λ
-_FIRST_STEP = 0.25  # the secant search's first step in log λ
-_MAX_MODE_STEP = 1.5  # and its longest
-_MODE_STEPS = 8
+_JOINT_ROUNDS = 40  # rounds moving x, v and log λ together before the safeguarded search
+_MAX_MODE_STEP = 1.5  # the longest step of log λ in one round
+_CHEAP_ROUNDS = 6  # inverse-free rounds that start the search of the mode in large batches
 _NARROW_SD = 0.15  # posterior SD of log λ under which three Gauss–Hermite points integrate
 # The grid over log λ (empirical mode): step ≈ one posterior SD, bounded; outwards until the
 # log posterior is this far below its mode (INLA's defaults are 1 SD and 2.5).
@@ -192,6 +191,7 @@ class _Posterior:
 
     def __init__(self, n: int, a: IntArray, b: IntArray, y: FloatArray, fit_position: bool):
         self.n, self.a, self.b, self.y = n, a, b, y
+        self.hi, self.lo = np.maximum(a, b), np.minimum(a, b)
         self.fit_position = fit_position
         self.p = p = n + 1 if fit_position else n
         m = len(y)
@@ -256,13 +256,13 @@ class _Posterior:
         h[self.diag_idx] += lam
         return g, _Hessian(h.reshape(p, p), None, h[self.diag_idx])
 
-    def pair_variances(self, cov: FloatArray) -> FloatArray:
-        """Var(z_k) = x_kᵀ Σ x_k for every comparison, from a full covariance Σ."""
+    def pair_variances(self, lower: FloatArray) -> FloatArray:
+        """Var(z_k) = x_kᵀ Σ x_k for every comparison, from the lower triangle of Σ."""
         a, b, n = self.a, self.b, self.n
-        d = np.diag(cov)
-        v = d[a] + d[b] - 2.0 * cov[a, b]
-        if self.fit_position:
-            v = v + d[n] + 2.0 * cov[a, n] - 2.0 * cov[b, n]
+        d = np.diag(lower)
+        v = d[a] + d[b] - 2.0 * lower[self.hi, self.lo]
+        if self.fit_position:  # η is the last parameter: row n is below every θ
+            v = v + d[n] + 2.0 * lower[n, a] - 2.0 * lower[n, b]
         return np.asarray(np.maximum(v, 0.0), dtype=np.float64)
 
     def hessian(self, x: FloatArray, lam: FloatArray) -> _Hessian:
@@ -333,25 +333,16 @@ def _gaussian_expectations(
     return ep, ew, es
 
 
-@dataclass
-class _Variational:
-    """q(x) = N(x, cov), the Gaussian closest to the posterior at a fixed θ-prior precision."""
-
-    x: FloatArray
-    cov: FloatArray  # full symmetric
-    v: FloatArray  # Var_q(z_k) of every comparison's linear predictor
-    elbo: float
-    iterations: int
-    converged: bool
-
-    def spread(self, n: int) -> float:
-        """E_q[Σ θ_i²] = Σ x_i² + tr Σ_θθ: what the θ-prior precision's update needs."""
-        th = self.x[:n]
-        return float(th @ th) + float(np.trace(self.cov[:n, :n]))
+def _symmetric_matvec(lower: FloatArray, g: FloatArray) -> FloatArray:
+    """Σ g from the lower triangle of a symmetric Σ (zeros above)."""
+    return np.asarray(lower @ g + lower.T @ g - np.diag(lower) * g, dtype=np.float64)
 
 
 def _inverse(h: FloatArray) -> tuple[FloatArray, float]:
-    """H⁻¹ (full, symmetric) and log det H, from the Cholesky factor (H positive definite)."""
+    """The lower triangle of H⁻¹ (zeros above) and log det H, from the Cholesky factor.
+
+    Only the lower triangle: symmetrising a 1,000 × 1,000 inverse cost a fifth of a
+    variational round, and every consumer reads one triangle."""
     c, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1)
     if info != 0:  # pragma: no cover - the prior keeps h positive definite
         raise np.linalg.LinAlgError("Hessian not positive definite")
@@ -359,8 +350,104 @@ def _inverse(h: FloatArray) -> tuple[FloatArray, float]:
     inv, info = scipy.linalg.lapack.dpotri(c, lower=1)
     if info != 0:  # pragma: no cover
         raise np.linalg.LinAlgError("Hessian not invertible")
-    full = np.asarray(inv + np.tril(inv, -1).T, dtype=np.float64)
-    return full, logdet
+    return np.asarray(inv, dtype=np.float64), logdet
+
+
+def _centred_variances(lower: FloatArray, n: int) -> FloatArray:
+    """Var(θ_i − mean θ) from the lower triangle of the covariance (θ first, n of them)."""
+    block = lower[:n, :n]
+    diag = np.diag(block)
+    row_mean = (block.sum(axis=1) + block.sum(axis=0) - diag) / n
+    return np.asarray(diag - 2.0 * row_mean + row_mean.mean(), dtype=np.float64)
+
+
+class _Bound:
+    """The evidence lower bound at fixed prior precisions λ, for q = N(x, Σ).
+
+    With t_k = θ_a − θ_b (+ η) ~ N(z_k, v_k) under q, z = X x, v_k = x_kᵀ Σ x_k:
+
+        ELBO(x, Σ) = Σ_k [y_k z_k − E log(1 + e^{t_k})] − KL(q ‖ N(0, diag(1/λ))),
+        KL = ½ [Σ_j λ_j Σ_jj + Σ_j λ_j x_j² − p − Σ_j log λ_j + log det Σ⁻¹].
+
+    At fixed v the expected log posterior is concave in x with gradient and curvature
+
+        g = Xᵀ (y − E σ(t)) − λ ∘ x,      Xᵀ diag(E σ'(t)) X + diag(λ),
+
+    and the curvature is the Σ⁻¹ that makes the bound stationary in Σ (Opper &
+    Archambeau 2009): a round is a Newton step on x and that Σ, i.e. ELBO ≤ log p(y | λ)
+    is maximised by a fixed-point iteration. ``rho`` < 1 moves the weights E σ'(t) only
+    part of the way from ``omega`` (the last round's), which damps a cycling iteration.
+    """
+
+    def __init__(self, post: _Posterior, lam: FloatArray):
+        self.post, self.lam = post, lam
+        self.log_lam = float(np.sum(np.log(lam)))
+
+    def expected(self, x: FloatArray, v: FloatArray) -> float:
+        """E_q log posterior at fixed v (the Newton step's objective, up to a constant)."""
+        z = self.post.linear(x)
+        _, _, es = _gaussian_expectations(z, v, softplus=True)
+        assert es is not None
+        return float(self.post.y @ z - es.sum()) - 0.5 * float(self.lam @ (x * x))
+
+    def value(self, x: FloatArray, lower: FloatArray, logdet_h: float) -> tuple[float, FloatArray]:
+        """The ELBO at q = N(x, Σ) (Σ from its lower triangle), and the v_k it implies."""
+        post, lam = self.post, self.lam
+        v = post.pair_variances(lower)
+        z = post.linear(x)
+        _, _, es = _gaussian_expectations(z, v, softplus=True)
+        assert es is not None
+        trace = float(lam @ np.diag(lower)) + float(lam @ (x * x))
+        kl = 0.5 * (trace - post.p - self.log_lam + logdet_h)
+        return float(post.y @ z - es.sum()) - kl, v
+
+    def round(
+        self, x: FloatArray, v: FloatArray, omega: FloatArray | None, rho: float
+    ) -> tuple[FloatArray, FloatArray, float, FloatArray]:
+        """One fixed-point round: the Newton step on x, Σ (lower triangle), log det Σ⁻¹ and
+        the curvature weights used."""
+        ep, ew, _ = _gaussian_expectations(self.post.linear(x), v)
+        if omega is not None and rho < 1.0:
+            ew = rho * ew + (1.0 - rho) * omega
+        g, h = self.post.weighted(self.post.y - ep, ew, self.lam, x)
+        lower, logdet = _inverse(h.dense())
+        return _symmetric_matvec(lower, g), lower, logdet, ew
+
+    def settle(self, x: FloatArray, v: FloatArray, max_iter: int) -> FloatArray:
+        """x at the optimum of the expected log posterior at fixed v (to ``_GRID_TOL``), by
+        Newton steps with the Hessian's own solver: no n×n inverse."""
+        for _ in range(max_iter):
+            ep, ew, _ = _gaussian_expectations(self.post.linear(x), v)
+            g, h = self.post.weighted(self.post.y - ep, ew, self.lam, x)
+            step = h.solve(g)
+            t = self.backtrack(x, v, step, 1.0)
+            x = x + t * step
+            if t * float(np.max(np.abs(step))) < _GRID_TOL:
+                break
+        return x
+
+    def backtrack(self, x: FloatArray, v: FloatArray, step: FloatArray, t: float) -> float:
+        """The step length from t, halved until the concave objective does not fall."""
+        moved = float(np.max(np.abs(step))) if len(step) else 0.0
+        if moved <= _SAFE_STEP:
+            return t
+        # Far from the optimum (a cold start): backtrack.
+        obj = self.expected(x, v)
+        while self.expected(x + t * step, v) < obj - 1e-12 * abs(obj) and t > 1e-8:
+            t *= 0.5
+        return t
+
+
+@dataclass
+class _Variational:
+    """q(x) = N(x, Σ), the Gaussian closest to the posterior at a fixed θ-prior precision."""
+
+    x: FloatArray
+    cov: FloatArray  # lower triangle of Σ, zeros above
+    v: FloatArray  # Var_q(z_k) of every comparison's linear predictor
+    elbo: float
+    iterations: int
+    converged: bool
 
 
 def _variational(
@@ -372,62 +459,27 @@ def _variational(
     tol: float,
     v_tol: float = 1e-4,
 ) -> _Variational:
-    """The Gaussian variational approximation at fixed precisions λ (Opper & Archambeau 2009).
-
-    Stationarity of the evidence lower bound in q = N(x, Σ), with t_k ~ N(z_k, v_k),
-    z = X x, v_k = x_kᵀ Σ x_k:
-
-        Σ⁻¹ = Xᵀ diag(E σ'(t)) X + diag(λ),      Xᵀ (y − E σ(t)) = λ ∘ x.
-
-    Each round fixes v, takes a Newton step on x for the expected log posterior (concave
-    in x; backtracked) — its Hessian is exactly the Σ⁻¹ above — then updates Σ and v. The
-    curvature is averaged over q instead of taken at the mode, which is what keeps the
-    SEs honest where pairs were chosen to be near ties (σ' at the mode overstates it).
-    """
-    y = post.y
-    n_lam = float(np.sum(np.log(lam)))
+    """Maximise the bound (``_Bound``) at fixed λ from (x, v), to ``tol`` on x's step and
+    ``v_tol`` on v. The plain fixed-point iteration contracts fast where there are data;
+    where there are next to none (a weak prior on a pair or two) it can cycle or crawl,
+    so after ``_UNDAMPED`` rounds that do not contract (or ``_UNCHECKED`` rounds) every
+    round must raise the bound, shortened (ρ halved) until it does."""
+    bound = _Bound(post, lam)
     converged = False
     it = 0
-
-    def objective(xx: FloatArray, vv: FloatArray) -> float:
-        zz = post.linear(xx)
-        _, _, es = _gaussian_expectations(zz, vv, softplus=True)
-        assert es is not None
-        return float(y @ zz - es.sum()) - 0.5 * float(lam @ (xx * xx))
-
-    def bound(xx: FloatArray, cc: FloatArray, logdet_h: float) -> tuple[float, FloatArray]:
-        """ELBO = E_q[log likelihood] − KL(q ‖ prior) at q = N(xx, cc), prior N(0, 1/λ)."""
-        vv = post.pair_variances(cc)
-        zz = post.linear(xx)
-        _, _, es = _gaussian_expectations(zz, vv, softplus=True)
-        assert es is not None
-        kl = 0.5 * (float(lam @ np.diag(cc)) + float(lam @ (xx * xx)) - post.p - n_lam + logdet_h)
-        return float(y @ zz - es.sum()) - kl, vv
-
-    z = post.linear(x)
     omega: FloatArray | None = None  # the curvature weights behind the current Σ
     rho = 1.0  # how far a round moves towards the new weights and mean
     monitored = False
     current = -math.inf  # the bound at the current q, once monitored
     last_v_moved = math.inf
     cov = np.zeros((post.p, post.p))
+    logdet = 0.0
     for it in range(1, max_iter + 1):
-        ep, ew, _ = _gaussian_expectations(z, v)
-        if omega is not None and rho < 1.0:
-            ew = rho * ew + (1.0 - rho) * omega
-        g, h = post.weighted(y - ep, ew, lam, x)
-        cov_new, logdet_new = _inverse(h.dense())
-        step = cov_new @ g
-        moved = float(np.max(np.abs(step))) if len(step) else 0.0
-        t = rho
-        if moved > _SAFE_STEP:
-            # Far from the optimum (a cold start): backtrack on the concave objective.
-            obj = objective(x, v)
-            while objective(x + t * step, v) < obj - 1e-12 * abs(obj) and t > 1e-8:
-                t *= 0.5
+        step, cov_new, logdet_new, ew = bound.round(x, v, omega, rho)
+        t = bound.backtrack(x, v, step, rho)
         x_new = x + t * step
         if monitored:
-            value, v_new = bound(x_new, cov_new, logdet_new)
+            value, v_new = bound.value(x_new, cov_new, logdet_new)
             if value < current - 1e-12 * abs(current):
                 # The bound went down: a shorter move (towards the same fixed point).
                 rho *= 0.5
@@ -437,38 +489,153 @@ def _variational(
                     converged = True
                     break
                 continue
-            gain = value - current
-            current = value
+            gain, current = value - current, value
             rho = min(1.0, 2.0 * rho)
+            x, v, cov, logdet, omega = x_new, v_new, cov_new, logdet_new, ew
             if gain < _FLAT_BOUND * (1.0 + abs(value)):
                 # The bound has stopped rising: what still moves is a direction it is flat
                 # in (an essay that won or lost everything, drifting by less than its SE).
-                x, v, cov, omega = x_new, v_new, cov_new, ew
-                z = post.linear(x)
                 converged = True
                 break
-        else:
-            v_new = post.pair_variances(cov_new)
+            continue
+        v_new = post.pair_variances(cov_new)
         v_moved = float(np.max(np.abs(v_new - v))) if len(v) else 0.0
-        x, v, cov, omega = x_new, v_new, cov_new, ew
-        z = post.linear(x)
-        if t * moved < tol and v_moved < v_tol:
-            converged = True
-            break
-        if not monitored and it > _UNDAMPED and (v_moved > last_v_moved or it > _UNCHECKED):
-            # Not contracting, or slowly (little data, a weak prior: the plain iteration can
-            # cycle or crawl):
-            # from here on every round must raise the bound, shortened until it does.
+        moved = t * (float(np.max(np.abs(step))) if len(step) else 0.0)
+        x, v, cov, logdet, omega = x_new, v_new, cov_new, logdet_new, ew
+        if moved < tol and v_moved < v_tol:
+            # Σ is from the weights one round back: within the tolerances of the last.
+            elbo, _ = bound.value(x, cov, logdet)
+            return _Variational(x, cov, v, elbo, it, True)
+        if it > _UNDAMPED and (v_moved > last_v_moved or it > _UNCHECKED):
             monitored = True
-            current, _ = bound(x, cov, logdet_new)
+            current, _ = bound.value(x, cov, logdet)
             rho = 0.5
         last_v_moved = v_moved
     # Σ and the bound at the final x and v.
-    ep, ew, _ = _gaussian_expectations(z, v)
-    _, h = post.weighted(y - ep, ew, lam, x)
-    cov, logdet_h = _inverse(h.dense())
-    elbo, v = bound(x, cov, logdet_h)
+    _, cov, logdet, _ = bound.round(x, v, None, 1.0)
+    elbo, v = bound.value(x, cov, logdet)
     return _Variational(x, cov, v, elbo, it, converged)
+
+
+class _Response:
+    """How the variational optimum at u = log λ moves with u (linear response), and the
+    log posterior of u around there.
+
+    Stationarity Xᵀ(y − E σ(t)) = λ D x (D selects θ) at fixed v, differentiated in u:
+
+        dx/du = −Σ λ D x,     dΣ/du ≈ −λ Σ D Σ     (the change of E σ'(t) neglected).
+
+    With S = E_q Σθ_i² = |x_θ|² + tr Σ_θθ, the log posterior of u (uniform prior on τ)
+    L(u) = ELBO(u) − u/2 has L'(u) = ½(n − λS) − ½ (envelope theorem) and
+
+        dS/du = 2 x_θ · dx_θ/du − λ ‖Σ_θθ‖²_F,      L''(u) = −½ λ (S + dS/du).
+
+    The mode solves log((n − 1)/S) = u; Newton steps on that use dS/du.
+    """
+
+    def __init__(self, x: FloatArray, lower: FloatArray, n: int, lam: float):
+        block = lower[:n, :n]
+        diag = np.diag(block)
+        self.spread = float(x[:n] @ x[:n]) + float(diag.sum())
+        shrink = np.zeros(len(x))
+        shrink[:n] = lam * x[:n]
+        self.dx = -_symmetric_matvec(lower, shrink)
+        frobenius = 2.0 * float(np.sum(block * block)) - float(diag @ diag)
+        self.dspread = 2.0 * float(x[:n] @ self.dx[:n]) - lam * frobenius
+        self.n, self.lam = n, lam
+
+    def target(self, u: float) -> float:
+        """log of the fixed point (n − 1)/S of λ, minus u: decreasing through 0 at the mode."""
+        return math.log(max(self.n - 1.0, 0.5) / max(self.spread, 1e-300)) - u
+
+    def newton(self, u: float) -> float:
+        """The Newton step on ``target`` (clamped to ±``_MAX_MODE_STEP``)."""
+        target = self.target(u)
+        slope = -self.dspread / max(self.spread, 1e-300) - 1.0
+        step = -target / slope if slope < -1e-3 else math.copysign(_MAX_MODE_STEP, target)
+        return min(max(step, -_MAX_MODE_STEP), _MAX_MODE_STEP)
+
+    def sd(self) -> float:
+        """Posterior SD of u from L'' (a wide default where L is not concave)."""
+        curv = -0.5 * self.lam * (self.spread + self.dspread)
+        return 1.0 / math.sqrt(-curv) if curv < 0 else _GRID_MAX_STEP / _GRID_STEP_SD
+
+
+def _joint_mode(
+    post: _Posterior, lam: FloatArray, bounds: tuple[float, float], solver: _Solver
+) -> tuple[float, bool]:
+    """The mode of log λ by rounds that move x, v and u = log λ together: each round is
+    one variational round (``_Bound.round``) at the current u, then a step of u on
+    ``_Response.target`` (secant once two rounds are in, Newton with the linear response
+    before). One n×n inverse a round, and no inner solve to convergence at every trial
+    u; above ``_DENSE_MAX`` parameters ``_cheap_start`` first moves x, v and u without
+    any inverse. When the last round also met the solver's tolerances its q is the fit
+    at the returned u (cached in ``solver``); settled when u, x and v all stopped."""
+    n = post.n
+    u = min(max(0.0, bounds[0]), bounds[1])
+    if post.p > _DENSE_MAX:
+        u = _cheap_start(post, lam, bounds, solver)
+    x, v = solver.state["x"], solver.state["v"]
+    settled = False
+    previous: tuple[float, float] | None = None
+    for it in range(1, _JOINT_ROUNDS + 1):
+        lam[:n] = math.exp(u)
+        bound = _Bound(post, lam)
+        if post.p > _DENSE_MAX:
+            x = bound.settle(x, v, solver.max_iter)
+        step, lower, logdet, _ = bound.round(x, v, None, 1.0)
+        t = bound.backtrack(x, v, step, 1.0)
+        moved = t * (float(np.max(np.abs(step))) if len(step) else 0.0)
+        x = x + t * step
+        v_new = post.pair_variances(lower)
+        v_moved = float(np.max(np.abs(v_new - v))) if len(v) else 0.0
+        v = v_new
+        response = _Response(x, lower, n, math.exp(u))
+        target = response.target(u)
+        du = response.newton(u)
+        if previous is not None and previous[0] != u:
+            secant = (target - previous[1]) / (u - previous[0])
+            if secant < -1e-3:
+                du = min(max(-target / secant, -_MAX_MODE_STEP), _MAX_MODE_STEP)
+        previous = (u, target)
+        u_new = min(max(u + du, bounds[0]), bounds[1])
+        settled = abs(u_new - u) < 0.1 * min(response.sd(), 1.0)
+        if settled and moved < solver.tol and v_moved < _GRID_TOL:
+            # Converged at this u (the mode to a tenth of its SD): q is the fit there.
+            elbo, _ = bound.value(x, lower, logdet)
+            solver.cache[u] = _Variational(x, lower, v, elbo, it, True)
+            break
+        u = u_new
+    solver.start(x, v)
+    return u, settled
+
+
+def _cheap_start(
+    post: _Posterior, lam: FloatArray, bounds: tuple[float, float], solver: _Solver
+) -> float:
+    """A start for ``_joint_mode`` without an n×n inverse (large batches, where each
+    costs most): x at its optimum by sparse Newton steps, Var θ_i ≈ 1/H_ii (H's diagonal,
+    the other entries neglected), v_k ≈ 1/H_aa + 1/H_bb, and u at the fixed point
+    log((n − 1)/S) with S = |x_θ|² + Σ 1/H_ii; a few rounds. Leaves x, v in ``solver``."""
+    n = post.n
+    u = min(max(0.0, bounds[0]), bounds[1])
+    x, v = solver.state["x"], solver.state["v"]
+    for _ in range(_CHEAP_ROUNDS):
+        lam[:n] = math.exp(u)
+        bound = _Bound(post, lam)
+        x = bound.settle(x, v, solver.max_iter)
+        ep, ew, _ = _gaussian_expectations(post.linear(x), v)
+        _, h = post.weighted(post.y - ep, ew, lam, x)
+        var = 1.0 / h.diag
+        v = var[post.a] + var[post.b]
+        spread = float(x[:n] @ x[:n]) + float(var[:n].sum())
+        u_new = min(max(math.log(max(n - 1.0, 0.5) / max(spread, 1e-300)), bounds[0]), bounds[1])
+        done = abs(u_new - u) < 0.02
+        u = u_new
+        if done:
+            break
+    solver.start(x, v)
+    return u
 
 
 @dataclass
@@ -490,6 +657,106 @@ def _log_tau_prior(u: float) -> float:
     return -0.5 * u
 
 
+def _mixture(points: Sequence[tuple[float, _Variational]], weights: FloatArray, n: int) -> _Mixture:
+    """θ̂ = Σ_k w_k m_k, Var θ = Σ_k w_k Σ_k + Σ_k w_k (m_k − θ̂)² (the second term is the
+    uncertainty of τ: Kass & Steffey 1989); the same for η when fitted."""
+    w = weights / weights.sum()
+    means = np.array([q.x[:n] - q.x[:n].mean() for _, q in points])
+    theta = w @ means
+    within = np.array([_centred_variances(q.cov, n) for _, q in points])
+    theta_var = w @ within + w @ (means - theta) ** 2
+    eta, eta_var = 0.0, 0.0
+    if len(points[0][1].x) > n:
+        etas = np.array([q.x[n] for _, q in points])
+        eta = float(w @ etas)
+        eta_var = float(w @ np.array([q.cov[n, n] for _, q in points]) + w @ (etas - eta) ** 2)
+    tau2 = float(w @ np.exp(-np.array([u for u, _ in points])))
+    return _Mixture(theta, theta_var, eta, eta_var, tau2, 0.0, 0, True)
+
+
+def _delta_mixture(u: float, mode: _Variational, response: _Response, sd: float) -> _Mixture:
+    """The mixture over a narrow posterior of u (SD ``sd``) by the delta method: three
+    Gauss–Hermite nodes u ± √3 sd (weights ⅙) and the mode (⅔) with the means moved
+    along dx/du, Σ held at the mode's (its change is second order in sd):
+    Var θ_i = Σ_ii + sd² (dx_i/du)², centred."""
+    n = response.n
+    x, dx = mode.x, response.dx
+    theta = x[:n] - x[:n].mean()
+    slope = dx[:n] - dx[:n].mean()
+    theta_var = _centred_variances(mode.cov, n) + sd * sd * slope * slope
+    eta = float(x[n]) if len(x) > n else 0.0
+    eta_var = float(mode.cov[n, n] + sd * sd * dx[n] ** 2) if len(x) > n else 0.0
+    spread = math.sqrt(3.0) * sd
+    tau2 = math.exp(-u) * (4.0 + math.exp(spread) + math.exp(-spread)) / 6.0
+    return _Mixture(theta, theta_var, eta, eta_var, tau2, 0.0, 0, True)
+
+
+class _Solver:
+    """Variational fits at trial values of u = log λ, each warm-started where the last
+    ended (or where ``start`` says), cached by u."""
+
+    def __init__(self, post: _Posterior, lam: FloatArray, max_iter: int, tol: float):
+        self.post, self.lam, self.max_iter, self.tol = post, lam, max_iter, tol
+        self.state = {"x": np.zeros(post.p), "v": np.zeros(len(post.y))}
+        self.cache: dict[float, _Variational] = {}
+        self.iterations = 0
+        self.converged = True
+
+    def start(self, x: FloatArray, v: FloatArray) -> None:
+        self.state["x"], self.state["v"] = x, v
+
+    def evaluate(self, u: float, loose: bool = False) -> _Variational:
+        """q at u; ``loose``: to ``_GRID_TOL`` (grid points off the mode: the bound is
+        stationary in q, so its error is second order in theirs)."""
+        if u in self.cache:
+            return self.cache[u]
+        self.lam[: self.post.n] = math.exp(u)
+        t = max(self.tol, _GRID_TOL) if loose else self.tol
+        rounds = _VARIATIONAL_ROUNDS * self.max_iter
+        q = _variational(self.post, self.lam, self.state["x"], self.state["v"], rounds, t, t)
+        self.iterations += q.iterations
+        self.converged = self.converged and q.converged
+        self.start(q.x, q.v)
+        self.cache[u] = q
+        return q
+
+    def target(self, u: float) -> float:
+        """``_Response.target`` with q solved at u (the safeguarded root finder's function)."""
+        q = self.evaluate(u)
+        return _Response(q.x, q.cov, self.post.n, math.exp(u)).target(u)
+
+
+def _grid(
+    solver: _Solver,
+    mode: tuple[float, _Variational],
+    response: _Response,
+    sd: float,
+    bounds: tuple[float, float],
+) -> list[tuple[float, _Variational]]:
+    """Grid points of u on both sides of the mode, a step of about one posterior SD apart
+    (bounded), outwards until the log posterior drops ``_GRID_DROP`` below the mode's or
+    the bounds of u (INLA's grid strategy, Rue, Martino & Chopin 2009). Each side's first
+    point starts from the linear response, later ones where the last two points lead."""
+    u_mode, q_mode = mode
+    l_mode = q_mode.elbo + _log_tau_prior(u_mode)
+    step = min(max(_GRID_STEP_SD * sd, _GRID_MIN_STEP), _GRID_MAX_STEP)
+    points = [mode]
+    for direction in (1.0, -1.0):
+        previous = q_mode
+        solver.start(q_mode.x + direction * step * response.dx, q_mode.v)
+        for k in range(1, _GRID_MAX_POINTS + 1):
+            u = u_mode + direction * k * step
+            if not bounds[0] - 1e-9 <= u <= bounds[1] + 1e-9:
+                break
+            here = solver.evaluate(u, loose=True)
+            points.append((u, here))
+            if here.elbo + _log_tau_prior(u) < l_mode - _GRID_DROP:
+                break
+            solver.start(2.0 * here.x - previous.x, np.maximum(2.0 * here.v - previous.v, 0.0))
+            previous = here
+    return points
+
+
 def _integrated_fit(
     post: _Posterior, prior: float, max_iter: int, tol: float, integrate: bool = True
 ) -> _Mixture:
@@ -501,164 +768,40 @@ def _integrated_fit(
 
         dL/du = ½ [n − λ E_q Σ θ_i²] − ½ = 0,
 
-    found by safeguarded secant steps. Then a grid of u around the mode (step about one
-    posterior SD of u, from the curvature; outwards until L drops by ``_GRID_DROP``)
-    is weighted by exp(L) (Rue, Martino & Chopin 2009: the grid strategy of INLA), and
+    found by joint rounds of x, v and u (``_joint_mode``; the safeguarded secant method
+    on full solves when those do not settle). Then τ is integrated out
+    (Rue, Martino & Chopin 2009): where u's posterior is narrow (SD < ``_NARROW_SD``)
+    by three Gauss–Hermite points taken by the delta method (``_delta_mixture``), else
+    over a grid (``_grid``) weighted by exp(L), and
 
-        θ̂ = Σ_k w_k m_k,   Var θ = Σ_k w_k Σ_k + Σ_k w_k (m_k − θ̂)²
+        θ̂ = Σ_k w_k m_k,   Var θ = Σ_k w_k Σ_k + Σ_k w_k (m_k − θ̂)².
 
-    (the second term is the uncertainty of τ: Kass & Steffey 1989). Plugging in one τ̂
-    instead loses coverage where τ is poorly determined (few comparisons per essay):
-    batches whose τ̂ falls short are over-shrunk. With ``integrate`` false only the mode
-    is used (split-half refits, where only the ranking of θ matters).
+    Plugging in one τ̂ instead loses coverage where τ is poorly determined (few
+    comparisons per essay): batches whose τ̂ falls short are over-shrunk. With
+    ``integrate`` false only the mode is used (split-half refits: only the ranking counts).
     """
     n = post.n
-    u_lo, u_hi = math.log(prior), math.log(1.0 / _MIN_PRIOR_SD**2)
-    lam = np.full(post.p, prior)
-    m = len(post.y)
-    state = {"x": np.zeros(post.p), "v": np.zeros(m)}
-    cache: dict[float, _Variational] = {}
-    iterations = 0
-    converged = True
-
-    def evaluate(u: float, loose: bool = False) -> _Variational:
-        nonlocal iterations, converged
-        if u in cache:
-            return cache[u]
-        lam[:n] = math.exp(u)
-        t = max(tol, _GRID_TOL) if loose else tol
-        q = _variational(post, lam, state["x"], state["v"], _VARIATIONAL_ROUNDS * max_iter, t, t)
-        iterations += q.iterations
-        converged = converged and q.converged
-        state["x"], state["v"] = q.x, q.v
-        cache[u] = q
-        return q
-
-    def log_post(u: float) -> float:
-        return evaluate(u).elbo + _log_tau_prior(u)
-
-    def slope(u: float) -> float:
-        return 0.5 * (n - math.exp(u) * evaluate(u).spread(n)) - 0.5
-
-    def target(u: float) -> float:
-        # log of the fixed point λ = (n − 1) / E_q Σθ² minus u: decreasing through 0 at the mode.
-        return math.log(max(n - 1.0, 0.5) / max(evaluate(u).spread(n), 1e-300)) - u
-
-    # The mode: secant steps on L'(u) from a rough start, until the next step would move u
-    # by less than a tenth of its posterior SD (the grid around it absorbs the rest).
-    u_prev = _rough_mode(post, lam, u_lo, u_hi, state)
-    s_prev = slope(u_prev)
-    # First step: Newton with L'' ≈ −(n − 1)/4 (R ≈ ½), at least a little, at most _FIRST_STEP.
-    first = min(max(4.0 * abs(s_prev) / max(n - 1.0, 1.0), 0.02), _FIRST_STEP)
-    u_mode = min(max(u_prev + math.copysign(first, s_prev), u_lo), u_hi)
-    curv = 0.0
-    found = False
-    for _ in range(_MODE_STEPS):
-        if u_mode == u_prev:
-            break
-        s_here = slope(u_mode)
-        curv = (s_here - s_prev) / (u_mode - u_prev)
-        if not curv < 0:
-            break
-        move = min(max(-s_here / curv, -_MAX_MODE_STEP), _MAX_MODE_STEP)
-        nxt = min(max(u_mode + move, u_lo), u_hi)
-        if abs(nxt - u_mode) < 0.1 / math.sqrt(-curv):
-            found = True
-            break
-        u_prev, s_prev, u_mode = u_mode, s_here, nxt
-    if not found:  # L not concave here, or slow: the safeguarded root finder
-        u_mode, found = _solve_log_precision(target, u_mode, u_lo, u_hi)
-        curv = 0.0
-    converged = converged and found
-    mode = evaluate(u_mode)
-    l_mode = log_post(u_mode)
-    points = [u_mode]
-    if integrate:
-        if not curv < 0:  # the curvature from a point a little way off the mode
-            u_off = u_mode + 0.25 if u_mode + 0.25 <= u_hi else u_mode - 0.25
-            curv = (slope(u_off) - slope(u_mode)) / (u_off - u_mode)
-        sd = 1.0 / math.sqrt(-curv) if curv < 0 else _GRID_MAX_STEP / _GRID_STEP_SD
-        if sd < _NARROW_SD:
-            # Narrow (many comparisons): Gauss–Hermite's three points and weights suffice.
-            nodes = [u_mode - math.sqrt(3.0) * sd, u_mode + math.sqrt(3.0) * sd]
-            for u in nodes:
-                if u_lo <= u <= u_hi:
-                    evaluate(u, loose=True)
-                    points.append(u)
-                state["x"], state["v"] = mode.x, mode.v
-            fixed = [2.0 / 3.0, 1.0 / 6.0, 1.0 / 6.0][: len(points)]
-            weights = np.array(fixed) / sum(fixed)
-        else:
-            step = min(max(_GRID_STEP_SD * sd, _GRID_MIN_STEP), _GRID_MAX_STEP)
-            for direction in (1.0, -1.0):
-                previous = mode
-                for k in range(1, _GRID_MAX_POINTS + 1):
-                    u = u_mode + direction * k * step
-                    if not u_lo - 1e-9 <= u <= u_hi + 1e-9:
-                        break
-                    here = evaluate(u, loose=True)
-                    points.append(u)
-                    if here.elbo + _log_tau_prior(u) < l_mode - _GRID_DROP:
-                        break
-                    # Start the next point where the last two points' trend leads.
-                    state["x"] = 2.0 * here.x - previous.x
-                    state["v"] = np.maximum(2.0 * here.v - previous.v, 0.0)
-                    previous = here
-                state["x"], state["v"] = mode.x, mode.v  # the other side starts at the mode
-            lps = np.array([log_post(u) for u in points])
-            weights = np.exp(lps - lps.max())
+    bounds = (math.log(prior), math.log(1.0 / _MIN_PRIOR_SD**2))
+    solver = _Solver(post, np.full(post.p, prior), max_iter, tol)
+    u_mode, settled = _joint_mode(post, solver.lam, bounds, solver)
+    if not settled:
+        u_mode, settled = _solve_log_precision(solver.target, u_mode, *bounds)
+    mode = solver.evaluate(u_mode)
+    response = _Response(mode.x, mode.cov, n, math.exp(u_mode))
+    sd = response.sd()
+    inside = bounds[0] <= u_mode - 2.0 * sd and u_mode + 2.0 * sd <= bounds[1]
+    if not integrate:
+        mix = _mixture([(u_mode, mode)], np.ones(1), n)
+    elif sd < _NARROW_SD and inside:
+        mix = _delta_mixture(u_mode, mode, response, sd)
     else:
-        weights = np.ones(1)
-    w = weights / weights.sum()
-    means = np.array([cache[u].x[:n] - cache[u].x[:n].mean() for u in points])
-    theta = w @ means
-    within = np.array([_centred_variances(cache[u].cov, n) for u in points])
-    theta_var = w @ within + w @ (means - theta) ** 2
-    if post.fit_position:
-        etas = np.array([cache[u].x[n] for u in points])
-        eta = float(w @ etas)
-        eta_var = float(w @ np.array([cache[u].cov[n, n] for u in points]) + w @ (etas - eta) ** 2)
-    else:
-        eta, eta_var = 0.0, 0.0
-    tau2 = float(w @ np.exp(-np.array(points)))
-    return _Mixture(theta, theta_var, eta, eta_var, tau2, l_mode, iterations, converged)
-
-
-def _rough_mode(
-    post: _Posterior, lam: FloatArray, u_lo: float, u_hi: float, state: dict[str, FloatArray]
-) -> float:
-    """A starting point for the search of the mode of log λ: variational rounds that also
-    move λ to its fixed point (n − 1) / E_q Σθ² every round (EM-like; fast where τ is well
-    determined, which is where each round costs most). Leaves x and v in ``state``."""
-    n = post.n
-    u = 0.0
-    x, v = state["x"], state["v"]
-    for _ in range(_ROUGH_ROUNDS):
-        lam[:n] = math.exp(u)
-        z = post.linear(x)
-        ep, ew, _ = _gaussian_expectations(z, v)
-        g, h = post.weighted(post.y - ep, ew, lam, x)
-        cov, _ = _inverse(h.dense())
-        step = cov @ g
-        x = x + step * min(1.0, _SAFE_STEP / max(float(np.max(np.abs(step))), 1e-300))
-        v = post.pair_variances(cov)
-        th = x[:n]
-        spread = float(th @ th) + float(np.trace(cov[:n, :n]))
-        new = math.log(max(n - 1.0, 0.5) / max(spread, 1e-300))
-        new = min(max(new, u_lo), u_hi)
-        done = abs(new - u) < 0.02 and float(np.max(np.abs(step))) < 0.05
-        u = new
-        if done:
-            break
-    state["x"], state["v"] = x, v
-    return u
-
-
-def _centred_variances(cov: FloatArray, n: int) -> FloatArray:
-    """Var(θ_i − mean θ) from the covariance of θ (the first n rows and columns)."""
-    block = cov[:n, :n]
-    row_mean = block.mean(axis=1)
-    return np.asarray(np.diag(block) - 2.0 * row_mean + row_mean.mean(), dtype=np.float64)
+        points = _grid(solver, (u_mode, mode), response, sd, bounds)
+        lps = np.array([q.elbo + _log_tau_prior(u) for u, q in points])
+        mix = _mixture(points, np.exp(lps - lps.max()), n)
+    mix.log_posterior = mode.elbo + _log_tau_prior(u_mode)
+    mix.iterations = solver.iterations
+    mix.converged = solver.converged and settled
+    return mix
 
 
 def fit_bt(
