@@ -90,6 +90,8 @@ _VARIATIONAL_TOL = 1e-4  # on the mean's last step (logits)
 # Grid points off the mode are solved more loosely: the bound is stationary in q, so its
 # error is second order in theirs, and they only set weights and a mixture's spread.
 _GRID_TOL = 1e-3
+_GRID_ROUNDS = 2
+_FROZEN_ROUNDS = 3
 _UNDAMPED = 3  # variational rounds before a round that does not contract is checked
 _MIN_DAMPING = 1e-4
 _UNCHECKED = 25  # rounds after which every round must raise the bound
@@ -511,8 +513,8 @@ def _variational(
             current, _ = bound.value(x, cov, logdet)
             rho = 0.5
         last_v_moved = v_moved
-    # Σ and the bound at the final x and v.
-    _, cov, logdet, _ = bound.round(x, v, None, 1.0)
+    # The last accepted round's Σ (its weights one round behind x and v: within the
+    # tolerances when converged; a grid point's few rounds need no better).
     elbo, v = bound.value(x, cov, logdet)
     return _Variational(x, cov, v, elbo, it, converged)
 
@@ -577,6 +579,7 @@ def _joint_mode(
         u = _cheap_start(post, lam, bounds, solver)
     x, v = solver.state["x"], solver.state["v"]
     settled = False
+    frozen = 0
     previous: tuple[float, float] | None = None
     for it in range(1, _JOINT_ROUNDS + 1):
         lam[:n] = math.exp(u)
@@ -599,13 +602,20 @@ def _joint_mode(
                 du = min(max(-target / secant, -_MAX_MODE_STEP), _MAX_MODE_STEP)
         previous = (u, target)
         u_new = min(max(u + du, bounds[0]), bounds[1])
-        settled = abs(u_new - u) < 0.1 * min(response.sd(), 1.0)
-        if settled and moved < solver.tol and v_moved < _GRID_TOL:
-            # Converged at this u (the mode to a tenth of its SD): q is the fit there.
+        settled = settled or abs(u_new - u) < 0.1 * min(response.sd(), 1.0)
+        if not settled:
+            u = u_new
+            continue
+        # The mode to a tenth of its SD: u stays (moving it by less only kept x and v
+        # from settling) and q is finished there: here in large batches, where x settles
+        # without an inverse (at most ``_FROZEN_ROUNDS``), else by the solver.
+        if moved < solver.tol and v_moved < _GRID_TOL:
             elbo, _ = bound.value(x, lower, logdet)
             solver.cache[u] = _Variational(x, lower, v, elbo, it, True)
             break
-        u = u_new
+        frozen += 1
+        if post.p <= _DENSE_MAX or frozen > _FROZEN_ROUNDS:
+            break
     solver.start(x, v)
     return u, settled
 
@@ -712,10 +722,12 @@ class _Solver:
             return self.cache[u]
         self.lam[: self.post.n] = math.exp(u)
         t = max(self.tol, _GRID_TOL) if loose else self.tol
-        rounds = _VARIATIONAL_ROUNDS * self.max_iter
-        q = _variational(self.post, self.lam, self.state["x"], self.state["v"], rounds, t, t)
+        rounds = _GRID_ROUNDS if loose else _VARIATIONAL_ROUNDS * self.max_iter
+        # v to _GRID_TOL: E σ'(t) moves by a fraction of that, the SEs by less than 1e-3.
+        v_tol = max(t, _GRID_TOL)
+        q = _variational(self.post, self.lam, self.state["x"], self.state["v"], rounds, t, v_tol)
         self.iterations += q.iterations
-        self.converged = self.converged and q.converged
+        self.converged = self.converged and (q.converged or loose)
         self.start(q.x, q.v)
         self.cache[u] = q
         return q
