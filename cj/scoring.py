@@ -415,9 +415,10 @@ class _Bound:
         lower, logdet = _inverse(h.dense())
         return _symmetric_matvec(lower, g), lower, logdet, ew
 
-    def settle(self, x: FloatArray, v: FloatArray, max_iter: int) -> FloatArray:
+    def settle(self, x: FloatArray, v: FloatArray, max_iter: int) -> tuple[FloatArray, _Hessian]:
         """x at the optimum of the expected log posterior at fixed v (to ``_GRID_TOL``), by
-        Newton steps with the Hessian's own solver: no n×n inverse."""
+        Newton steps with the Hessian's own solver: no n×n inverse. Also the last
+        curvature (one short step behind x)."""
         for _ in range(max_iter):
             ep, ew, _ = _gaussian_expectations(self.post.linear(x), v)
             g, h = self.post.weighted(self.post.y - ep, ew, self.lam, x)
@@ -426,7 +427,7 @@ class _Bound:
             x = x + t * step
             if t * float(np.max(np.abs(step))) < _GRID_TOL:
                 break
-        return x
+        return x, h
 
     def backtrack(self, x: FloatArray, v: FloatArray, step: FloatArray, t: float) -> float:
         """The step length from t, halved until the concave objective does not fall."""
@@ -585,7 +586,7 @@ def _joint_mode(
         lam[:n] = math.exp(u)
         bound = _Bound(post, lam)
         if post.p > _DENSE_MAX:
-            x = bound.settle(x, v, solver.max_iter)
+            x, _ = bound.settle(x, v, solver.max_iter)
         step, lower, logdet, _ = bound.round(x, v, None, 1.0)
         t = bound.backtrack(x, v, step, 1.0)
         moved = t * (float(np.max(np.abs(step))) if len(step) else 0.0)
@@ -633,9 +634,7 @@ def _cheap_start(
     for _ in range(_CHEAP_ROUNDS):
         lam[:n] = math.exp(u)
         bound = _Bound(post, lam)
-        x = bound.settle(x, v, solver.max_iter)
-        ep, ew, _ = _gaussian_expectations(post.linear(x), v)
-        _, h = post.weighted(post.y - ep, ew, lam, x)
+        x, h = bound.settle(x, v, solver.max_iter)
         var = 1.0 / h.diag
         v = var[post.a] + var[post.b]
         spread = float(x[:n] @ x[:n]) + float(var[:n].sum())
