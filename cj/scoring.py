@@ -17,11 +17,14 @@ with τ unknown, uniform on [0.1, 1/√prior] (Gelman 2006). Three steps:
    what they carry, and the Laplace SEs came out too small (±1.96 SE covering 91 %).
 2. τ: the bound ELBO(λ) ≤ log p(y | λ) stands in for the evidence; the posterior of
    u = log λ is exp(ELBO(u) − u/2) (the −u/2 is the uniform prior on τ), its mode is
-   where ½[n − λ E_q Σθ_i²] − ½ = 0.
+   where ½[n − λ E_q Σθ_i²] − ½ = 0: found by rounds that move x, v and u together
+   (``_joint_mode``), u by Newton/secant steps using the linear response of the
+   optimum to u (``_Response``).
 3. τ integrated out (Rue, Martino & Chopin 2009, the grid strategy of INLA): q_u on a
    grid of u around the mode, weighted by exp(ELBO(u) − u/2), mixed:
    θ̂ = Σ w_k x_k, Var θ = Σ w_k Σ_k + Σ w_k (x_k − θ̂)² (the second term is the
-   uncertainty of τ, Kass & Steffey 1989). With few comparisons per essay τ is poorly
+   uncertainty of τ, Kass & Steffey 1989); where u's posterior is narrow, three
+   Gauss–Hermite points by the delta method. With few comparisons per essay τ is poorly
    determined (its estimate scatters by ±25 % at 6 per essay), and a plug-in τ̂ that
    falls short over-shrinks the batch; integrating keeps the coverage.
 
@@ -30,8 +33,8 @@ In simulation (bench/quality.py, docs/statistics.md) this gives E[θ | θ̂] ≈
 random pairs alike, with no tuned constant; with τ fixed at its true value the same
 approximation covers 0.95 too, so what remains is τ's own uncertainty.
 (Until then the fit was the Laplace/MAP one with the evidence-optimal τ weakened by a
-calibrated factor.) Cost: one dense n×n inverse per variational round, a few dozen
-rounds per fit (≈ 0.05 s at 100 essays, a few seconds at 1,000).
+calibrated factor.) Cost: one dense n×n inverse per variational round, about 20 rounds
+at 100 essays and 3 at 1,000 (1.4–1.5× the Laplace fit's CPU time; bench/scoring.py).
 
 ``prior_mode="fixed"``: θ ~ N(0, 1/prior) (a small L2 prior: essentially maximum
 likelihood), the MAP by damped Newton steps (a dense Cholesky solve up to 400
