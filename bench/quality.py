@@ -1,6 +1,13 @@
 """What the pipeline tells a teacher, against the truth it cannot see (the mock judge).
 
     python bench/quality.py [--seeds 10] [--stop-seeds 10] [--n 100] [--json]
+    python bench/quality.py --sections designs --seeds 20 [--first-seed 20] > run.json
+    python bench/quality.py --paired new.json[,new2.json] old.json[,old2.json]
+
+``--sections`` runs sections 1–2 (designs) or 3 (stopping) alone and prints JSON with the
+per-batch Spearman; ``--paired`` reads two sets of such runs of the same seeds (say this
+tree's and another revision's, `git archive REV | tar -x -C DIR`, the bench copied in)
+and prints the paired Spearman difference per design and c, mean ± its standard error.
 
 Simulation: n essays (default 100) with latent quality q = spread · N(0, 1); the mock
 judge's own formula and draws (`lps.providers.mock`): a comparison (a, b) is won by a
@@ -584,6 +591,33 @@ def goals(designs: dict[str, Any], stopping: dict[str, Any]) -> list[tuple[str, 
     ]
 
 
+def paired(new: str, old: str) -> None:
+    """Spearman differences, batch by batch, between two sets of ``--sections designs`` runs."""
+
+    def load(paths: str) -> dict[str, dict[str, list[float]]]:
+        out: dict[str, dict[str, list[float]]] = {}
+        for path in paths.split(","):
+            with open(path) as fh:
+                runs = json.load(fh)["designs"]["per_seed_spearman"]
+            for design, rows in runs.items():
+                for c, values in rows.items():
+                    out.setdefault(design, {}).setdefault(c, []).extend(values)
+        return out
+
+    a, b = load(new), load(old)
+    print("design     c   batches   new      old      new − old (± SE)")
+    for design, rows in a.items():
+        for c, values in rows.items():
+            x, y = np.array(values), np.array(b[design][c])
+            assert len(x) == len(y), "the two sets must hold the same batches"
+            d = x - y
+            se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+            print(
+                f"{design:<9} {c:>3} {len(d):>8}   {x.mean():.4f}   {y.mean():.4f}   "
+                f"{d.mean():+.4f} ± {se:.4f}"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, default=100, help="essays per batch")
@@ -605,7 +639,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated: designs (sections 1, 2), stopping (section 3)",
     )
     ap.add_argument("--first-seed", type=int, default=0, help="seed of the first batch (1–2)")
+    ap.add_argument("--paired", nargs=2, metavar=("NEW", "OLD"), help="compare two runs' JSON")
     args = ap.parse_args(argv)
+    if args.paired:
+        paired(*args.paired)
+        return 0
     t0 = time.perf_counter()
     sections = set(args.sections.split(","))
     designs = section_designs(args) if "designs" in sections else {}
