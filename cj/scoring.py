@@ -109,8 +109,9 @@ _MAX_MODE_STEP = 1.5  # the longest step of log λ in one round
 _CHEAP_ROUNDS = 6  # inverse-free rounds that start the search of the mode in large batches
 _NARROW_SD = 0.15  # posterior SD of log λ under which three Gauss–Hermite points integrate
 # The grid over log λ (empirical mode): step ≈ one posterior SD, bounded; outwards until the
-# log posterior is this far below its mode (INLA's defaults are 1 SD and 2.5).
-_GRID_STEP_SD = 1.0
+# log posterior is this far below its mode (INLA's defaults are 1 SD and 2.5). The SD from
+# the analytic L'' (``_Response.sd``) runs 15–25 % short, so one SD is 1.2 of those.
+_GRID_STEP_SD = 1.2
 _GRID_MIN_STEP = 0.05
 _GRID_MAX_STEP = 0.6
 _GRID_DROP = 2.5
