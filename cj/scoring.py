@@ -34,7 +34,7 @@ random pairs alike, with no tuned constant; with τ fixed at its true value the 
 approximation covers 0.95 too, so what remains is τ's own uncertainty.
 (Until then the fit was the Laplace/MAP one with the evidence-optimal τ weakened by a
 calibrated factor.) Cost: one dense n×n inverse per variational round, about 20 rounds
-at 100 essays and 3 at 1,000 (1.5–1.6× the Laplace fit's CPU time; bench/scoring.py).
+at 100 essays and 3 at 1,000 (1.4–1.6× the Laplace fit's CPU time; bench/scoring.py).
 
 ``prior_mode="fixed"``: θ ~ N(0, 1/prior) (a small L2 prior: essentially maximum
 likelihood), the MAP by damped Newton steps (a dense Cholesky solve up to 400
