@@ -1,6 +1,13 @@
 """What the pipeline tells a teacher, against the truth it cannot see (the mock judge).
 
     python bench/quality.py [--seeds 10] [--stop-seeds 10] [--n 100] [--json]
+    python bench/quality.py --sections designs --seeds 20 [--first-seed 20] > run.json
+    python bench/quality.py --paired new.json[,new2.json] old.json[,old2.json]
+
+``--sections`` runs sections 1–2 (designs) or 3 (stopping) alone and prints JSON with the
+per-batch Spearman; ``--paired`` reads two sets of such runs of the same seeds (say this
+tree's and another revision's, `git archive REV | tar -x -C DIR`, the bench copied in)
+and prints the paired Spearman difference per design and c, mean ± its standard error.
 
 Simulation: n essays (default 100) with latent quality q = spread · N(0, 1); the mock
 judge's own formula and draws (`lps.providers.mock`): a comparison (a, b) is won by a
@@ -366,7 +373,7 @@ def section_designs(args: argparse.Namespace) -> dict[str, Any]:
     }
     records: dict[str, list[list[WaveRecord]]] = {"adaptive": [], "information": []}
     random_spear: list[list[float]] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         batch = make_batch(args.n, seed, 1.0, args.bias, args.noise)
         recs, ada = run_waves(batch, max(CS), snapshots=CS)
         records["adaptive"].append(recs)
@@ -381,7 +388,7 @@ def section_designs(args: argparse.Namespace) -> dict[str, Any]:
             batch = make_batch(args.n, seed, 1.0, args.bias, args.noise)
             info_recs, _ = run_waves(batch, max(CS), selector="information")
             records["information"].append(info_recs)
-        print(f"  designs: seed {seed + 1}/{args.seeds}", file=sys.stderr, flush=True)
+        print(f"  designs: seed {seed}", file=sys.stderr, flush=True)
     table = {d: {c: summarise(snaps[d][c]) for c in CS} for d in snaps}
     pooled = {}
     for d in snaps:
@@ -400,7 +407,14 @@ def section_designs(args: argparse.Namespace) -> dict[str, Any]:
             "c_to_match": need,
             "share_of_random": None if need is None else need / 24.0,
         }
-    return {"table": table, "pooled_ece": pooled, "efficiency": efficiency}
+    # Per batch, in seed order: for paired comparisons of two versions of the code.
+    per_seed = {d: {c: [s.spearman for s in snaps[d][c]] for c in CS} for d in snaps}
+    return {
+        "table": table,
+        "pooled_ece": pooled,
+        "efficiency": efficiency,
+        "per_seed_spearman": per_seed,
+    }
 
 
 def section_stopping(args: argparse.Namespace) -> dict[str, Any]:
@@ -577,6 +591,33 @@ def goals(designs: dict[str, Any], stopping: dict[str, Any]) -> list[tuple[str, 
     ]
 
 
+def paired(new: str, old: str) -> None:
+    """Spearman differences, batch by batch, between two sets of ``--sections designs`` runs."""
+
+    def load(paths: str) -> dict[str, dict[str, list[float]]]:
+        out: dict[str, dict[str, list[float]]] = {}
+        for path in paths.split(","):
+            with open(path) as fh:
+                runs = json.load(fh)["designs"]["per_seed_spearman"]
+            for design, rows in runs.items():
+                for c, values in rows.items():
+                    out.setdefault(design, {}).setdefault(c, []).extend(values)
+        return out
+
+    a, b = load(new), load(old)
+    print("design     c   batches   new      old      new − old (± SE)")
+    for design, rows in a.items():
+        for c, values in rows.items():
+            x, y = np.array(values), np.array(b[design][c])
+            assert len(x) == len(y), "the two sets must hold the same batches"
+            d = x - y
+            se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+            print(
+                f"{design:<9} {c:>3} {len(d):>8}   {x.mean():.4f}   {y.mean():.4f}   "
+                f"{d.mean():+.4f} ± {se:.4f}"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, default=100, help="essays per batch")
@@ -592,10 +633,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip the expected-information selector",
     )
     ap.add_argument("--json", action="store_true", help="print JSON instead of the report")
+    ap.add_argument(
+        "--sections",
+        default="designs,stopping",
+        help="comma-separated: designs (sections 1, 2), stopping (section 3)",
+    )
+    ap.add_argument("--first-seed", type=int, default=0, help="seed of the first batch (1–2)")
+    ap.add_argument("--paired", nargs=2, metavar=("NEW", "OLD"), help="compare two runs' JSON")
     args = ap.parse_args(argv)
+    if args.paired:
+        paired(*args.paired)
+        return 0
     t0 = time.perf_counter()
-    designs = section_designs(args)
-    stopping = section_stopping(args)
+    sections = set(args.sections.split(","))
+    designs = section_designs(args) if "designs" in sections else {}
+    stopping = section_stopping(args) if "stopping" in sections else {}
+    if not designs or not stopping:  # one section: its figures only, as JSON
+        print(
+            json.dumps(
+                {"settings": vars(args), "designs": designs, "stopping": stopping},
+                indent=1,
+                default=str,
+            )
+        )
+        return 0
     met = goals(designs, stopping)
     if args.json:
         print(

@@ -1,6 +1,13 @@
 """Time `cj.scoring.fit_bt` on 1,000 essays / 20,000 comparisons beside choix.
 
     python bench/scoring.py [--essays 1000] [--comparisons 20000] [--repeats 5] [--json]
+    python bench/scoring.py --against main [--repeats 5] [--seeds 3]
+
+``--against REV``: only the default fit against REV's (its cj/scoring.py, by
+`git show`, loaded in this same process), CPU time (time.process_time), the two
+interleaved, best of ``--repeats`` per batch, at 100 essays × 10 and 24 comparisons
+per essay and 1,000 essays × 20,000 comparisons (σ(θ_a − θ_b + 0.4), θ ~ N(0, 1),
+random pairs); the ratio is the median over ``--seeds`` batches.
 
 choix is not a dependency of cj-streams: install it for this benchmark only
 (`pip install choix`); without it the choix rows are skipped.
@@ -38,10 +45,16 @@ if __name__ == "__main__":
         os.environ.setdefault("OPENBLAS_NUM_THREADS", _threads)
 
 import argparse
+import importlib.util
 import json
+import math
 import statistics
+import subprocess
+import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +121,58 @@ def time_plan_wave(n: int, history_size: int, size: int, repeats: int) -> list[f
     return times
 
 
+def load_reference(rev: str) -> types.ModuleType:
+    """REV's cj/scoring.py as a module of its own (it imports numpy and scipy only)."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:cj/scoring.py"], cwd=root, check=True, capture_output=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "reference_scoring.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("reference_scoring", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reference_scoring"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_best(fn: Callable[[], Any], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def against(rev: str, repeats: int, seeds: int) -> list[dict[str, Any]]:
+    ref = load_reference(rev)
+    out = []
+    for n, m in ((100, 500), (100, 1200), (1000, 20_000)):
+        ratios, mine, theirs = [], [], []
+        for seed in range(seeds):
+            ids, _, comps = make_data(n, m, seed, spread=1.0, bias=0.4)
+            ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
+            t_ref = t_new = math.inf
+            for _ in range(repeats):  # interleaved: the machine's load hits both alike
+                t_ref = min(t_ref, cpu_best(partial(ref.fit_bt, ids, ref_comps), 1))
+                t_new = min(t_new, cpu_best(partial(fit_bt, ids, comps), 1))
+            ratios.append(t_new / t_ref)
+            mine.append(t_new)
+            theirs.append(t_ref)
+        out.append(
+            {
+                "essays": n,
+                "comparisons": m,
+                "reference_s": statistics.median(theirs),
+                "fit_bt_s": statistics.median(mine),
+                "ratio": statistics.median(ratios),
+            }
+        )
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--essays", type=int, default=1000)
@@ -117,7 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-opt", action="store_true", help="skip choix.opt_pairwise (slow)")
     ap.add_argument("--blas-threads", default="1", help='OPENBLAS_NUM_THREADS to set, or "default"')
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--against", help="git revision: time the default fit against its")
+    ap.add_argument("--seeds", type=int, default=3, help="batches per size (--against)")
     args = ap.parse_args(argv)
+    if args.against:
+        table = against(args.against, args.repeats, args.seeds)
+        if args.json:
+            print(json.dumps(table, indent=1))
+            return 0
+        print(f"fit_bt (default) against {args.against}'s, CPU s, median of {args.seeds} batches")
+        for r in table:
+            print(
+                f"n={r['essays']:>5} m={r['comparisons']:>6}  {args.against} {r['reference_s']:.4f}"
+                f"  fit_bt {r['fit_bt_s']:.4f}  ratio {r['ratio']:.2f}"
+            )
+        return 0
 
     ids, truth, comps = make_data(args.essays, args.comparisons, args.seed)
     wins: dict[str, int] = dict.fromkeys(ids, 0)

@@ -205,14 +205,16 @@ def test_property_fit_is_finite_centred_and_order_free(
     assert all(math.isfinite(v) for v in fit.theta.values())
     assert all(math.isfinite(v) and v > 0 for v in fit.se.values())
     assert abs(sum(fit.theta.values())) < 1e-6
+    # The fit is iterative (variational rounds to 1e-4, grid points to 1e-3): another order
+    # of the same data sums in another order and may take another path to the optimum.
     again = fit_bt(list(reversed(ids)), list(reversed(comps)), fit_position=fit_position)
     for e in ids:
-        assert abs(again.theta[e] - fit.theta[e]) < 1e-6
+        assert abs(again.theta[e] - fit.theta[e]) < 1e-4
     # A winner beats a loser given the same opponents: swapping every outcome mirrors θ.
     mirrored = [Comparison(c.essay_a, c.essay_b, not c.winner_is_a) for c in comps]
     mir = fit_bt(ids, mirrored, fit_position=fit_position)
     for e in ids:
-        assert abs(mir.theta[e] + fit.theta[e]) < 1e-5
+        assert abs(mir.theta[e] + fit.theta[e]) < 1e-4
 
 
 def test_reliabilities_on_a_well_measured_batch_and_on_noise() -> None:
