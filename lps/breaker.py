@@ -198,6 +198,12 @@ class Breaker:
             self._closed_seen[(provider, model)] = now
         return found
 
+    async def prefetch(self, provider: str, model: str) -> None:
+        """Read provider/model's breakers now unless a read is still fresh: the calls of a
+        page start together, and each would otherwise miss the reusable read and send
+        its own HGETALLs (issue 11, as the cooldown's GET)."""
+        await self._open_states(provider, model, fresh=False)
+
     async def admit(self, provider: str, model: str, correlation_id: str = "") -> Ticket:
         """May a call to provider/model be made now? Waits while an unproven provider/model
         has a call in flight in this process."""

@@ -13,6 +13,7 @@ from events.types import (
     ComparisonRequested,
     Essay,
 )
+from lps.breaker import Breaker, BreakerState
 from lps.cooldown import Cooldown
 from lps.modes import bundle_size, plan_units
 from lps.providers.base import Judgement
@@ -191,3 +192,44 @@ async def test_a_page_reads_the_cooldown_once_not_once_per_call(
     await worker.close()
     assert len(await r.xrange(keys.callbacks)) == 8
     assert counting.gets == 1
+
+
+class _CountingBreaker(Breaker):
+    """A breaker that counts its reads of Redis (a pipeline of HGETALLs each)."""
+
+    reads = 0
+
+    async def states(self, provider: str, model: str) -> list[BreakerState]:
+        self.reads += 1
+        return await super().states(provider, model)
+
+
+async def test_a_page_reads_the_breakers_once_not_once_per_call(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """As the cooldown: once the breaker read the worker reuses is stale, the calls of the
+    next page used to miss it together and each send its own HGETALLs (issue 11)."""
+    r = fake_redis
+    now = [1000.0]
+    breaker = _CountingBreaker(r, keys, fresh_s=0.1, clock=lambda: now[0])
+    worker = LPSWorker(
+        r,
+        keys,
+        "w",
+        lambda _: MockProvider(PROFILES["ideal"], seed=1),
+        concurrency=8,
+        breaker=breaker,
+    )
+    await worker.start()
+    for page in range(2):
+        now[0] += 1.0  # the last read is stale
+        before = breaker.reads
+        for i in range(8):
+            req = _req(8 * page + i, mode="per_request", provider="mock")
+            await r.xadd(keys.requests, codec.encode(req))
+        assert await worker.step() == 8
+        # The first page: its read and the first call's own, fresh one (the model is not
+        # proven yet, `Breaker.admit`); after that one read a page.
+        assert breaker.reads - before == (2 if page == 0 else 1)
+    await worker.close()
+    assert len(await r.xrange(keys.callbacks)) == 16
