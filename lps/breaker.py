@@ -169,6 +169,9 @@ class Breaker:
     _proven: set[tuple[str, str]] = field(default_factory=set, repr=False)
     _gates: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict, repr=False)
     _closed_seen: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
+    _reading: dict[tuple[str, str], asyncio.Future[list[BreakerState]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def _keys_for(self, provider: str, model: str) -> list[str]:
         return [lkeys.breaker(self.keys, provider), lkeys.breaker(self.keys, provider, model)]
@@ -183,19 +186,31 @@ class Breaker:
         return [s for s in (decode_state(row) for row in rows if row) if s is not None]
 
     async def _open_states(self, provider: str, model: str, *, fresh: bool) -> list[BreakerState]:
-        seen = self._closed_seen.get((provider, model))
+        key = (provider, model)
+        seen = self._closed_seen.get(key)
         now = self.clock()
         if not fresh and seen is not None and now - seen < self.fresh_s:
             return []
+        if fresh or self.fresh_s <= 0:
+            return await self._read(key, now)
+        # Calls that miss the reusable read together share one read (issue 11): a page's
+        # calls start at once, and each sent its own HGETALLs.
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._read(key, now))
+            reading.add_done_callback(lambda _: self._reading.pop(key, None))
+        return await asyncio.shield(reading)
+
+    async def _read(self, key: tuple[str, str], now: float) -> list[BreakerState]:
         try:
-            found = await self.states(provider, model)
+            found = await self.states(*key)
         except Exception as exc:  # fail open
             log.warning("breaker read failed: %s", type(exc).__name__)
             return []
         if found:
-            self._closed_seen.pop((provider, model), None)
+            self._closed_seen.pop(key, None)
         else:
-            self._closed_seen[(provider, model)] = now
+            self._closed_seen[key] = now
         return found
 
     async def prefetch(self, provider: str, model: str) -> None:

@@ -11,6 +11,7 @@ from events.types import (
     BundleDispatched,
     ComparisonCompleted,
     ComparisonRequested,
+    ErrorDetail,
     Essay,
 )
 from lps.breaker import Breaker, BreakerState
@@ -233,3 +234,24 @@ async def test_a_page_reads_the_breakers_once_not_once_per_call(
         assert breaker.reads - before == (2 if page == 0 else 1)
     await worker.close()
     assert len(await r.xrange(keys.callbacks)) == 16
+
+
+async def test_calls_missing_the_breaker_read_together_share_one_read(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """Calls beyond a page's first ones start as others end, after the page's read may have
+    gone stale: those that miss it together send one read, not one each (issue 11)."""
+    now = [1000.0]
+    breaker = _CountingBreaker(fake_redis, keys, fresh_s=0.1, clock=lambda: now[0])
+    await breaker.observe("mock", "m", None)  # proven: no per-process gate
+    tickets = await asyncio.gather(*(breaker.admit("mock", "m", f"c{i}") for i in range(8)))
+    assert breaker.reads == 1 and all(t.rejected is None for t in tickets)
+    now[0] += 1.0
+    await asyncio.gather(*(breaker.admit("mock", "m", f"d{i}") for i in range(8)))
+    assert breaker.reads == 2
+    # An open breaker is still seen by every call (a found breaker is not reused).
+    detail = ErrorDetail(error_type="authentication", retryable=False, message="revoked")
+    await breaker.open(detail, "mock", "m")
+    now[0] += 1.0
+    rejected = await asyncio.gather(*(breaker.admit("mock", "m", f"e{i}") for i in range(4)))
+    assert all(t.rejected is not None for t in rejected)
