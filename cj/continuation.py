@@ -212,7 +212,7 @@ def _with_split_half(
     full: dict[str, tuple[float, float]],
 ) -> Reliabilities:
     # 20 refits of each half: once, for the batch's last scores, not every wave; MAP fits
-    # from the full fit's θ and τ (`full`), a tenth of the variational refits' cost.
+    # from the full fit's θ and τ (`full`), a fifth of the variational refits' CPU.
     halves = split_half(ids, comparisons, seed=seed, full=full)
     return msgspec.structs.replace(
         base,

@@ -353,7 +353,7 @@ def test_split_half_from_the_full_fit_agrees_with_variational_halves(
     n: int, m: int, spread: float, seed: int
 ) -> None:
     """The batch's last scores take each half as a MAP at the full fit's τ, started from its
-    θ (issue 11: a tenth of the cost); r stays within 0.01 of fitting each half as reported
+    θ (issue 11: a fifth of the CPU); r stays within 0.01 of fitting each half as reported
     (variational, its own τ), from weak to strong batches and on pure noise (measured: within
     0.004)."""
     ids, _, comps = simulate(n, m, spread=spread, seed=seed)
