@@ -17,67 +17,18 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import importlib.util
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
-from typing import Any
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from revisions import module_at, plan_wave_inputs  # noqa: E402
+
 from cj import pairs as current  # noqa: E402
-
-
-def reference(rev: str) -> ModuleType:
-    """cj/pairs.py as of `rev`, imported under another name."""
-    text = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:cj/pairs.py"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "pairs_reference.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("pairs_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def inputs(module: ModuleType, n: int, history_size: int) -> dict[str, Any]:
-    """bench/scoring.py's plan_wave input: a random history of completed pairs, balanced."""
-    rng = np.random.default_rng(7)
-    ids = [f"E{i:04d}" for i in range(n)]
-    anchors = {e: "FEDCBA"[k % 6] for k, e in enumerate(ids[::6])}
-    iu, ju = np.triu_indices(n, 1)
-    picks = rng.choice(len(iu), size=min(history_size, len(iu)), replace=False)
-    history = []
-    for t, k in enumerate(picks):
-        a, b = ids[int(iu[k])], ids[int(ju[k])]
-        if t % 2:
-            a, b = b, a
-        history.append(module.PairHistory(a, b, "completed", "essay_a"))
-    scores = {e: (float(rng.normal()), float(0.3 + 0.2 * rng.random())) for e in ids}
-    return {
-        "key": "bench",
-        "wave": 9,
-        "seed": 1,
-        "essay_ids": ids,
-        "anchors": anchors,
-        "grade_scale": "FEDCBA",
-        "history": history,
-        "scores": scores,
-    }
 
 
 def main() -> None:
@@ -90,9 +41,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    ref = reference(args.against)
+    ref = module_at(args.against, "cj/pairs.py")
     runs = {"current": current, f"reference {args.against}": ref}
-    kwargs = {name: inputs(m, args.essays, args.history) for name, m in runs.items()}
+    kwargs = {name: plan_wave_inputs(m, args.essays, args.history) for name, m in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     chosen: dict[str, list[tuple[str, str]]] = {}
     for _ in range(args.repeats):

@@ -45,14 +45,10 @@ if __name__ == "__main__":
         os.environ.setdefault("OPENBLAS_NUM_THREADS", _threads)
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
-import subprocess
-import tempfile
 import time
-import types
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -62,7 +58,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cj.pairs import PairHistory, plan_wave
+from revisions import module_at, plan_wave_inputs
+
+from cj import pairs
 from cj.scoring import Comparison, FitResult, fit_bt
 
 
@@ -92,49 +90,12 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, list[float]]:
 
 def time_plan_wave(n: int, history_size: int, size: int, repeats: int) -> list[float]:
     """plan_wave for n essays with a random balanced history of completed pairs."""
-    rng = np.random.default_rng(7)
-    ids = [f"E{i:04d}" for i in range(n)]
-    anchors = {e: "FEDCBA"[k % 6] for k, e in enumerate(ids[::6])}
-    iu, ju = np.triu_indices(n, 1)
-    picks = rng.choice(len(iu), size=min(history_size, len(iu)), replace=False)
-    history = []
-    for t, k in enumerate(picks):
-        a, b = ids[int(iu[k])], ids[int(ju[k])]
-        if t % 2:
-            a, b = b, a
-        history.append(PairHistory(a, b, "completed", "essay_a"))
-    scores = {e: (float(rng.normal()), float(0.3 + 0.2 * rng.random())) for e in ids}
+    kwargs = plan_wave_inputs(pairs, n, history_size)
     _, times = timed(
-        lambda: plan_wave(
-            key="bench",
-            wave=9,
-            seed=1,
-            essay_ids=ids,
-            anchors=anchors,
-            grade_scale="FEDCBA",
-            history=history,
-            size=size,
-            scores=scores,
-        ),
+        lambda: pairs.plan_wave(size=size, **kwargs),
         repeats,
     )
     return times
-
-
-def load_reference(rev: str) -> types.ModuleType:
-    """REV's cj/scoring.py as a module of its own (it imports numpy and scipy only)."""
-    root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(
-        ["git", "show", f"{rev}:cj/scoring.py"], cwd=root, check=True, capture_output=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "reference_scoring.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location("reference_scoring", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reference_scoring"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def cpu_best(fn: Callable[[], Any], repeats: int) -> float:
@@ -147,7 +108,7 @@ def cpu_best(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def against(rev: str, repeats: int, seeds: int) -> list[dict[str, Any]]:
-    ref = load_reference(rev)
+    ref = module_at(rev, "cj/scoring.py")
     out = []
     for n, m in ((100, 500), (100, 1200), (1000, 20_000)):
         ratios, mine, theirs = [], [], []
