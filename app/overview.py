@@ -32,7 +32,7 @@ async def provider_health(
     place to extend when the LPS keeps more shared provider state: issue 10's breaker is looked
     for at `lps:breaker:<provider>` and `lps:breaker:<provider>:<model>` and shown as stored
     until its format is known. Keys are read by name, never scanned for: a keyspace with
-    millions of `lps:done` markers would make a SCAN slow."""
+    millions of per-request keys would make a SCAN slow."""
     now = time.time() if now is None else now
     cooldowns = []
     breakers = []

@@ -1,7 +1,7 @@
 """The grammar of identifiers, checked before an identifier touches a key.
 
 Batch ids and correlation ids become parts of Redis keys (`proj:batch:<batch_id>:corr`,
-`lps:done:<correlation_id>`) and hash fields, so they are restricted to a grammar in which a
+`lps:answered:<batch_id>`) and hash fields, so they are restricted to a grammar in which a
 key separator (`:`), a Cluster hash tag (`{`, `}`), whitespace and control characters cannot
 occur: no id can name another batch's key, whatever it is. Essay ids never become keys; they
 only must be printable text of bounded length.

@@ -2,7 +2,7 @@
 
 Partitions (CJS_PARTITIONS, fixed at deploy time). A batch belongs to one partition,
 `partition_of(batch_id, n)` (CRC32 of the id, mod n), and every key of that batch and the
-streams it travels on — its four streams, their dead letters, projections, `lps:done`,
+streams it travels on — its four streams, their dead letters, projections, `lps:answered`,
 batch-API keys — is built by that partition's `Keys` (`keys.for_partition(p)`,
 `keys.for_batch(id)`): `<CJS_PREFIX>{p<k>}:<name>` (`{p<k>.<j>}` for some partitions, see
 `partition_tag`). The hash tag keeps every MULTI, WATCH and Lua script of a partition in one
