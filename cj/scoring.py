@@ -908,14 +908,12 @@ def _fit(
     post = _Posterior(n, a, b, y, fit_position)
     if prior_mode == "empirical":
         mix = _integrated_fit(post, prior, max_iter, max(tol, _VARIATIONAL_TOL), integrate)
-        se_arr = np.sqrt(np.maximum(mix.theta_var, 0.0))
-        return FitResult(
-            theta={e: float(mix.theta[i]) for i, e in enumerate(ids)},
-            se={e: float(se_arr[i]) for i, e in enumerate(ids)},
-            eta=mix.eta if fit_position else None,
-            eta_se=math.sqrt(max(mix.eta_var, 0.0)) if fit_position else None,
-            connected=components == 1,
-            components=components,
+        return _result(
+            ids,
+            mix.theta,
+            mix.theta_var,
+            (mix.eta, mix.eta_var) if fit_position else None,
+            components,
             converged=mix.converged,
             iterations=mix.iterations,
             n_comparisons=m,
@@ -925,20 +923,47 @@ def _fit(
     lam = np.full(post.p, prior)
     opt = _newton(post, np.zeros(post.p), lam, max_iter, tol)
     cov = _covariance(post.hessian(opt.x, lam).dense(), n)
-    se_arr = np.sqrt(np.maximum(cov.centred_theta_var, 0.0))
-    theta_arr = opt.x[:n] - opt.x[:n].mean()
-    return FitResult(
-        theta={e: float(theta_arr[i]) for i, e in enumerate(ids)},
-        se={e: float(se_arr[i]) for i, e in enumerate(ids)},
-        eta=float(opt.x[n]) if fit_position else None,
-        eta_se=float(math.sqrt(max(cov.diag[n], 0.0))) if fit_position else None,
-        connected=components == 1,
-        components=components,
+    return _result(
+        ids,
+        opt.x[:n] - opt.x[:n].mean(),
+        cov.centred_theta_var,
+        (float(opt.x[n]), float(cov.diag[n])) if fit_position else None,
+        components,
         converged=opt.converged,
         iterations=opt.iterations,
         n_comparisons=m,
         log_posterior=opt.value,
         prior_sd=None,
+    )
+
+
+def _result(
+    ids: Sequence[str],
+    theta: FloatArray,
+    theta_var: FloatArray,
+    eta: tuple[float, float] | None,
+    components: int,
+    *,
+    converged: bool,
+    iterations: int,
+    n_comparisons: int,
+    log_posterior: float,
+    prior_sd: float | None,
+) -> FitResult:
+    """A fit's result from its arrays: θ and SE per essay, η and its SE from (mean, variance)."""
+    se = np.sqrt(np.maximum(theta_var, 0.0))
+    return FitResult(
+        theta={e: float(theta[i]) for i, e in enumerate(ids)},
+        se={e: float(se[i]) for i, e in enumerate(ids)},
+        eta=float(eta[0]) if eta is not None else None,
+        eta_se=math.sqrt(max(float(eta[1]), 0.0)) if eta is not None else None,
+        connected=components == 1,
+        components=components,
+        converged=converged,
+        iterations=iterations,
+        n_comparisons=n_comparisons,
+        log_posterior=log_posterior,
+        prior_sd=prior_sd,
     )
 
 
