@@ -476,6 +476,9 @@ def main() -> None:
     ap.add_argument("--essays", type=int, default=100)
     ap.add_argument("--xadd-requests", type=int, default=200_000)
     ap.add_argument("--only", choices=["cpu", "latency"], default=None)
+    ap.add_argument(
+        "--zero-overlap", type=float, default=0.8, help="CJS_WAVE_OVERLAP of the zero-latency run"
+    )
     ap.add_argument("--overlaps", default="0.8,1.0", help="CJS_WAVE_OVERLAP values to run")
     ap.add_argument("--sizes", default="", help="batches at once to run (default: 1 and --batches)")
     ap.add_argument("--json", action="store_true")
@@ -493,7 +496,7 @@ def main() -> None:
                 workers=args.workers,
                 batches=args.batches,
                 essays=args.essays,
-                overlap=0.8,
+                overlap=args.zero_overlap,
                 env={"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_LATENCY_MS": "0"},
                 options={},
             )
@@ -504,6 +507,7 @@ def main() -> None:
             report["zero_latency"] = {
                 "workers": args.workers,
                 "batches": args.batches,
+                "overlap": args.zero_overlap,
                 "comparisons": zero.comparisons,
                 "wall_s": round(zero.wall_s, 2),
                 "comparisons_per_s": round(rate, 1),
