@@ -130,6 +130,17 @@ def _steps() -> dict[str, float]:
     return out
 
 
+def _machine_idle() -> tuple[int, int]:
+    """Idle and total jiffies of the whole machine (/proc/stat; zeros where there is none):
+    whether the run's processes wait, or the machine (shared, 2 cores) has nothing left."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    return ticks[3] + ticks[4], sum(ticks)
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -150,6 +161,8 @@ class Run:
     steady_calls: int
     steady_rate_limited: int
     worker_cpu_s: float
+    process_cpu_s: list[float]
+    machine_idle: float
     redis_cpu_s: float
     decision_ms: float
     steps: dict[str, float]
@@ -326,9 +339,11 @@ def run(
         time.sleep(0.1)  # waiting for other processes: nothing to await here
     time.sleep(1.0)  # their consumer groups made, their first reads blocking
     epoch0 = time.time()
+    idle0, total0 = _machine_idle()
     ids, ends, wall, redis_cpu, commands = asyncio.run(
         _submit_and_wait(url, keys, batches, essays, seed)
     )
+    idle1, total1 = _machine_idle()
     Path(stop).touch()
     for p in procs:
         p.join(60)
@@ -351,6 +366,8 @@ def run(
         steady_calls=counts["steady"],
         steady_rate_limited=counts["steady_limited"],
         worker_cpu_s=cpu,
+        process_cpu_s=[x["cpu_s"] for x in results],
+        machine_idle=(idle1 - idle0) / max(1, total1 - total0),
         redis_cpu_s=redis_cpu,
         decision_ms=counts["decision_ms"],
         steps=steps,
@@ -459,6 +476,9 @@ def main() -> None:
     ap.add_argument("--essays", type=int, default=100)
     ap.add_argument("--xadd-requests", type=int, default=200_000)
     ap.add_argument("--only", choices=["cpu", "latency"], default=None)
+    ap.add_argument(
+        "--zero-overlap", type=float, default=0.8, help="CJS_WAVE_OVERLAP of the zero-latency run"
+    )
     ap.add_argument("--overlaps", default="0.8,1.0", help="CJS_WAVE_OVERLAP values to run")
     ap.add_argument("--sizes", default="", help="batches at once to run (default: 1 and --batches)")
     ap.add_argument("--json", action="store_true")
@@ -476,7 +496,7 @@ def main() -> None:
                 workers=args.workers,
                 batches=args.batches,
                 essays=args.essays,
-                overlap=0.8,
+                overlap=args.zero_overlap,
                 env={"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_LATENCY_MS": "0"},
                 options={},
             )
@@ -487,6 +507,7 @@ def main() -> None:
             report["zero_latency"] = {
                 "workers": args.workers,
                 "batches": args.batches,
+                "overlap": args.zero_overlap,
                 "comparisons": zero.comparisons,
                 "wall_s": round(zero.wall_s, 2),
                 "comparisons_per_s": round(rate, 1),
@@ -495,6 +516,12 @@ def main() -> None:
                 "worker_cpu_ms_per_comparison": round(workers_ms, 3),
                 "redis_cpu_ms_per_comparison": round(redis_ms, 3),
                 "waves": zero.waves,
+                # Each process's CPU seconds and Redis's over the wall time (1.0: a core kept
+                # busy), and when each batch ended: where the run waits rather than works.
+                "process_cpu_utilisation": [round(c / zero.wall_s, 3) for c in zero.process_cpu_s],
+                "redis_cpu_utilisation": round(zero.redis_cpu_s / zero.wall_s, 3),
+                "machine_idle_share": round(zero.machine_idle, 3),
+                "batch_ends_s": [round(t, 2) for t in zero.ends_s],
                 # Wall time of the CJ steps (BT fit and scores, planning, applying pages of
                 # callbacks), summed over the processes: where the workers' time goes.
                 "cj_steps_ms_per_comparison": {
@@ -571,6 +598,11 @@ def _print(report: dict[str, Any]) -> None:
         print(
             f"  of which CJ steps (wall, per comparison, ms): {z['cj_steps_ms_per_comparison']} "
             f"(counts {z['cj_steps_count']})"
+        )
+        print(
+            f"  CPU / wall per process: {z['process_cpu_utilisation']}, Redis "
+            f"{z['redis_cpu_utilisation']}; machine idle {100 * z['machine_idle_share']:.1f} %; "
+            f"batches ended at {z['batch_ends_s']} s"
         )
         print(f"  Redis commands per comparison: {z['redis_commands_per_comparison']}")
         print(f"  Redis µs per comparison: {z['redis_usec_per_comparison']}")

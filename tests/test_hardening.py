@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -225,6 +226,24 @@ def test_urls_are_masked_and_the_scrubber_ignores_case(monkeypatch: pytest.Monke
     assert "zz9" not in clean.error.message and clean.correlation_id == "c"
     same = completed("b", "c")
     assert redact.scrub_struct(same) is same  # nothing key-shaped: untouched
+
+
+def test_the_quick_suspect_test_says_what_the_regex_says() -> None:
+    """`_suspect` skips the case-insensitive regex on ASCII text holding none of its parts:
+    it must agree with the regex on every text, key-shaped or not, ASCII or not."""
+    rng = random.Random(11)
+    pieces = [
+        "sk-ant-", "SK-ANT-", "bearer ", "BeArEr", "api_key", "API-KEY", "apikey", "auth_token",
+        "Authorization", "passw", "PASSWORD", "secret", "SeCrEt", "redis://u:pw@h", "://x:y@",
+        "://", "api", "auth", "pass", "sk-", "essay ", "judge", " ", ":", "@", "/", "-", "_",
+        "\u017fecret", "ſecret", "\u212a", "bearer\u0130", "İ", "é", "K", "ß", "x",
+    ]  # fmt: skip
+    texts = ["", "plain essay text", "Essay A argues more clearly. " * 5]
+    for _ in range(3000):
+        texts.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))))
+    for text in texts:
+        expected = redact._SUSPECT.search(text) is not None
+        assert redact._suspect(text, text.lower()) == expected, text
 
 
 def test_json_logs_carry_the_traceback_and_no_secret(capsys: pytest.CaptureFixture[str]) -> None:
