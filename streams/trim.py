@@ -15,9 +15,10 @@ from redis.exceptions import ResponseError
 
 from events.text import as_str
 from streams.lua import ENTRY_ID_ORDER
-from streams.paging import next_id
+from streams.paging import archived_trimmed_key, next_id
 
-# KEYS: 1 stream; ARGV: 1 the floor asked for. Returns {entries trimmed, the floor used}.
+# KEYS: 1 stream, 2 its count of archived entries trimmed; ARGV: 1 the floor asked for.
+# Returns {entries trimmed, the floor used}.
 _TRIM_LUA = (
     ENTRY_ID_ORDER
     + """
@@ -31,7 +32,9 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local p = redis.call('XPENDING', KEYS[1], f['name'])
   if tonumber(p[1]) > 0 and before(p[2], floor) then floor = p[2] end
 end
-return {redis.call('XTRIM', KEYS[1], 'MINID', floor), floor}
+local trimmed = redis.call('XTRIM', KEYS[1], 'MINID', floor)
+if trimmed > 0 then redis.call('INCRBY', KEYS[2], trimmed) end
+return {trimmed, floor}
 """
 )
 
@@ -70,8 +73,10 @@ async def group_floor(r: Any, stream: str) -> str | None:
 
 async def trim_below(r: Any, stream: str, floor: str) -> tuple[int, str]:
     """Delete the entries of `stream` below `floor`, or below a lower floor that a consumer
-    group needs (checked in the same atomic step). Returns (entries deleted, floor used)."""
-    deleted, used = await r.eval(_TRIM_LUA, 1, stream, floor)
+    group needs (checked in the same atomic step). Returns (entries deleted, floor used).
+    They are counted, in the same step, as trimmed on purpose (`archived_trimmed_key`): the
+    caller has them in a verified archive, so they are not lost (`entries_lost`)."""
+    deleted, used = await r.eval(_TRIM_LUA, 2, stream, archived_trimmed_key(stream), floor)
     return int(deleted), as_str(used)
 
 

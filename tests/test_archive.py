@@ -19,9 +19,10 @@ from events import codec
 from events.streams import CALLBACKS, CJ_GROUP, DISPATCHES, LPS_GROUP, REQUESTS, STREAMS
 from events.text import as_str
 from projections import keys as pkeys
-from projections.rebuild import check
+from projections.rebuild import StreamTrimmed, check, rebuild
 from projections.store import list_batches, load_state
 from streams.keys import Keys
+from streams.paging import archived_trimmed_key, entries_lost
 from streams.reader import ensure_group
 from tests.archive_helpers import (
     abandoned_batch,
@@ -75,7 +76,10 @@ async def test_finished_batches_are_archived_verified_and_trimmed(
     left = sorted(
         as_str(k) for k in await r.keys("*") if b":group:" not in k and b":lps:limiter:" not in k
     )
-    assert left == sorted({keys.stream(n) for n in STREAMS} | {pkeys.archived_index(keys)})
+    # Beside each trimmed stream, the count of archived entries trimmed from it.
+    counts = {archived_trimmed_key(keys.stream(n)) for n in STREAMS if report.trimmed.get(n)}
+    assert counts
+    assert left == sorted({keys.stream(n) for n in STREAMS} | {pkeys.archived_index(keys)} | counts)
     assert len(archive_files(tmp_path)["batches"]) == 3
 
     for b in batches:  # the same views, read from the archive
@@ -317,3 +321,28 @@ async def test_a_batch_with_a_parked_callback_waits_for_its_redrive(
     await r.hdel(keys.dlq_parked(CALLBACKS), entry_id)
     report = await _pass(r, keys, tmp_path)
     assert [row["batch_id"] for row in report.archived] == [batch]
+
+
+@pytest.mark.redis
+async def test_entries_the_archiver_trimmed_are_not_reported_lost(
+    real_redis: Any, tmp_path: Path
+) -> None:
+    """A stream that lost entries cannot be replayed whole: the consumers log it as an error
+    and a rebuild refuses. Entries the archiver trimmed are in a verified archive, so they are
+    not lost: after an archive pass, nothing is reported and a rebuild runs; an entry deleted
+    by anyone else still is."""
+    r, keys = real_redis, Keys("lost:")
+    await finished_batch(r, keys, seed=1)
+    report = await _pass(r, keys, tmp_path)
+    assert report.trimmed[CALLBACKS] > 0
+    assert await entries_lost(r, keys.stream(CALLBACKS)) is None
+    live = await finished_batch(r, keys, seed=2)
+    await rebuild(r, keys, [live])
+    entry_id = (await r.xrange(keys.callbacks, count=2))[-1][0]
+    await r.xdel(keys.callbacks, entry_id)
+    assert (await entries_lost(r, keys.stream(CALLBACKS))) == {
+        "entries_lost": 1,
+        "first_entry_id": as_str((await r.xrange(keys.callbacks, count=1))[0][0]),
+    }
+    with pytest.raises(StreamTrimmed):
+        await rebuild(r, keys, [live])

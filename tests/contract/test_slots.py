@@ -49,6 +49,7 @@ from streams.keys import Keys
 from streams.paging import read_stream
 from streams.pending import pending_details, prune_consumer, release_entries
 from streams.reader import Entry, ensure_group
+from streams.trim import trim_below
 from tests.contract.engines import ENGINES, Engine
 from tests.contract.recording import Recorder, Unit, normalise, recording
 from tests.helpers import (
@@ -263,6 +264,13 @@ async def cooldown(r: Any, keys: Keys, _: pytest.MonkeyPatch) -> Recorder:
     return rec
 
 
+async def archive_trim(r: Any, keys: Keys, _: pytest.MonkeyPatch) -> Recorder:
+    await r.xadd(keys.callbacks, {"type": "x", "data": "{}"})
+    with recording() as rec:
+        await trim_below(r, keys.callbacks, "9999999999999-0")
+    return rec
+
+
 @dataclass(frozen=True)
 class Scenario:
     run: Run
@@ -318,6 +326,7 @@ SCENARIOS: dict[str, Scenario] = {
     "consumer prune": Scenario(consumer_prune, "script"),
     "replay horizon": Scenario(replay_horizon, "transaction"),
     "cooldown": Scenario(cooldown, "script"),
+    "archive trim": Scenario(archive_trim, "script"),
 }
 
 
