@@ -338,6 +338,8 @@ async def test_entries_the_archiver_trimmed_are_not_reported_lost(
     assert await entries_lost(r, keys.stream(CALLBACKS)) is None
     live = await finished_batch(r, keys, seed=2)
     await rebuild(r, keys, [live])
+    await rebuild(r, keys, None)  # every batch in the index: the live one
+    assert await list_batches(r, keys) == [live]
     entry_id = (await r.xrange(keys.callbacks, count=2))[-1][0]
     await r.xdel(keys.callbacks, entry_id)
     assert (await entries_lost(r, keys.stream(CALLBACKS))) == {
