@@ -161,7 +161,9 @@ def measure(batch: Batch, comps: list[Comparison], fit: FitResult, seed: int) ->
         band_hit.append(min(band) <= batch.truth[e] <= max(band))
         width.append(len(band))
         calib.append((a.top_probability, g == batch.truth[e]))
-    halves = split_half(ids, comps, seed=seed)
+    # As the batch's last scores compute it: halves around the full fit (cj/continuation.py).
+    full = {e: (fit.theta[e], fit.se[e]) for e in ids}
+    halves = split_half(ids, comps, seed=seed, full=full)
     return Snapshot(
         spearman=float(spearmanr(theta, q).statistic),
         r2=float(np.corrcoef(theta, q)[0, 1] ** 2),
