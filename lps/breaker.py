@@ -38,6 +38,7 @@ import msgspec
 from events.text import as_str
 from events.types import ACCOUNT_FAILURES, ErrorDetail, failure_kind
 from lps import keys as lkeys
+from lps.single_flight import SingleFlight
 from streams.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,8 @@ class Breaker:
     _proven: set[tuple[str, str]] = field(default_factory=set, repr=False)
     _gates: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict, repr=False)
     _closed_seen: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
-    _reading: dict[tuple[str, str], asyncio.Future[list[BreakerState]]] = field(
-        default_factory=dict, repr=False
+    _flight: SingleFlight[tuple[str, str], list[BreakerState]] = field(
+        default_factory=SingleFlight, repr=False
     )
 
     def _keys_for(self, provider: str, model: str) -> list[str]:
@@ -193,13 +194,8 @@ class Breaker:
             return []
         if fresh or self.fresh_s <= 0:
             return await self._read(key, now)
-        # Calls that miss the reusable read together share one read (issue 11): a page's
-        # calls start at once, and each sent its own HGETALLs.
-        reading = self._reading.get(key)
-        if reading is None:
-            reading = self._reading[key] = asyncio.ensure_future(self._read(key, now))
-            reading.add_done_callback(lambda _: self._reading.pop(key, None))
-        return await asyncio.shield(reading)
+        # Calls that miss the reusable read together share one read (issue 11).
+        return await self._flight.run(key, lambda: self._read(key, now))
 
     async def _read(self, key: tuple[str, str], now: float) -> list[BreakerState]:
         try:
@@ -212,12 +208,6 @@ class Breaker:
         else:
             self._closed_seen[key] = now
         return found
-
-    async def prefetch(self, provider: str, model: str) -> None:
-        """Read provider/model's breakers now unless a read is still fresh: the calls of a
-        page start together, and each would otherwise miss the reusable read and send
-        its own HGETALLs (issue 11, as the cooldown's GET)."""
-        await self._open_states(provider, model, fresh=False)
 
     async def admit(self, provider: str, model: str, correlation_id: str = "") -> Ticket:
         """May a call to provider/model be made now? Waits while an unproven provider/model

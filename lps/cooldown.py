@@ -22,6 +22,7 @@ from typing import Any
 
 from events.types import ErrorDetail
 from lps import keys as lkeys
+from lps.single_flight import SingleFlight
 from streams.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,27 @@ class Cooldown:
     call: at hundreds of calls a second the check was most of a worker's round trips. A
     cooldown set by another worker is then seen up to `fresh_s` late."""
     _seen: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict, repr=False)
+    _flight: SingleFlight[tuple[str, str], float] = field(default_factory=SingleFlight, repr=False)
 
     async def remaining(self, provider: str, model: str, *, fresh: bool = False) -> float:
         """Seconds left in the cooldown of provider/model (0 when none); `fresh` asks Redis
         even when a recent read could be reused."""
-        seen = self._seen.get((provider, model))
+        key = (provider, model)
+        seen = self._seen.get(key)
         now = self.clock()
         if not fresh and seen is not None and now - seen[1] < self.fresh_s:
             return min(self.max_s, max(0.0, seen[0] - now))
+        if fresh or self.fresh_s <= 0:
+            until = await self._read(key, now)
+        else:
+            # Calls that miss the reusable read together share one GET (issue 11).
+            until = await self._flight.run(key, lambda: self._read(key, now))
+        return min(self.max_s, max(0.0, until - self.clock()))
+
+    async def _read(self, key: tuple[str, str], now: float) -> float:
+        """The cooldown's end (epoch seconds; 0: none, or the read failed: fail open)."""
         try:
-            raw = await self.redis.get(lkeys.cooldown(self.keys, provider, model))
+            raw = await self.redis.get(lkeys.cooldown(self.keys, *key))
         except Exception as exc:  # fail open
             log.warning("cooldown read failed: %s", type(exc).__name__)
             return 0.0
@@ -77,8 +89,8 @@ class Cooldown:
             until = 0.0 if raw is None else float(raw)
         except ValueError:
             until = 0.0
-        self._seen[(provider, model)] = (until, now)
-        return min(self.max_s, max(0.0, until - self.clock()))
+        self._seen[key] = (until, now)
+        return until
 
     async def trigger(self, provider: str, model: str, seconds: float) -> float:
         """Cool provider/model down for `seconds` (capped at `max_s`) unless a longer cooldown

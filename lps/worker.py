@@ -317,7 +317,6 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         requests = await self._resolve(await self._skip_done(await self.accepted(entries)))
         if not requests:
             return
-        await self._read_shared(requests)
         # Every unit runs to its end even when one fails, so nothing is left half-done behind
         # an error; the first error is raised afterwards (its entries stay pending and are
         # read again or reclaimed).
@@ -327,25 +326,6 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-
-    async def _read_shared(self, requests: list[tuple[Entry, ComparisonRequested]]) -> None:
-        """Read each provider/model's cooldown and breakers once for the page. Its calls start
-        together, and each would otherwise miss the reads the worker reuses for `fresh_s` and
-        ask Redis itself: a GET and a pipeline of HGETALLs per call, a third of an LPS
-        worker's CPU at zero latency (issue 11)."""
-        models = set()
-        for _, req in requests:
-            try:
-                models.add((self.provider(req.provider).name, req.model))
-            except Exception:  # an unknown provider fails its request in judge_one
-                continue
-        reads: list[Awaitable[object]] = []
-        for p, m in sorted(models):
-            if self.cooldown.fresh_s > 0:
-                reads.append(self.cooldown.remaining(p, m))
-            if self.breaker.fresh_s > 0:
-                reads.append(self.breaker.prefetch(p, m))
-        await asyncio.gather(*reads)
 
     async def _skip_done(
         self, requests: list[tuple[Entry, ComparisonRequested]]

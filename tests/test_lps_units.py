@@ -174,7 +174,7 @@ async def test_a_page_reads_the_cooldown_once_not_once_per_call(
     fake_redis: Any, keys: Keys
 ) -> None:
     """The calls of a page start together: each used to miss the worker's cached cooldown
-    read and send a GET of its own (issue 11). Now the page reads it once first."""
+    read and send a GET of its own (issue 11). Now they share one read."""
     r = fake_redis
     counting = _CountingGets(r)
     cooldown = Cooldown(counting, keys, fresh_s=60.0)
