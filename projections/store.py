@@ -113,20 +113,26 @@ def scalar_fields(state: BatchState) -> dict[str, str]:
     return fields
 
 
+def _stored(value: object) -> str:
+    """A document or pair as the projection stores it: one encoding for the whole state and
+    for a decision's partial write, so the two cannot differ from what replay compares."""
+    return _json.encode(value).decode()
+
+
 def encode_state(state: BatchState, keys: Keys) -> dict[str, dict[str, str]]:
     """Every key of the projection with its full contents: the canonical form replay compares."""
     b = state.batch_id
     docs = {
-        "essays": _json.encode(state.essays).decode(),
-        "config": _json.encode(state.config).decode(),
+        "essays": _stored(state.essays),
+        "config": _stored(state.config),
     }
     if state.scores is not None:
-        docs["scores"] = _json.encode(state.scores).decode()
+        docs["scores"] = _stored(state.scores)
     out = {
         pkeys.batch(keys, b): scalar_fields(state),
         pkeys.batch_docs(keys, b): docs,
         pkeys.batch_corr(keys, b): dict(state.corr),
-        pkeys.batch_pairs(keys, b): {c: _json.encode(p).decode() for c, p in state.pairs.items()},
+        pkeys.batch_pairs(keys, b): {c: _stored(p) for c, p in state.pairs.items()},
         pkeys.batch_orphans(keys, b): {c: str(n) for c, n in state.orphan_ids.items()},
     }
     return {k: v for k, v in out.items() if v}
@@ -233,10 +239,10 @@ def queue_state_write(
     keys = keys.for_batch(b)
     pipe.hset(pkeys.batch(keys, b), mapping=scalar_fields(state))
     if state.scores is not None:
-        pipe.hset(pkeys.batch_docs(keys, b), "scores", _json.encode(state.scores).decode())
+        pipe.hset(pkeys.batch_docs(keys, b), "scores", _stored(state.scores))
     if corr_ids:
         pipe.hset(pkeys.batch_corr(keys, b), mapping={c: state.corr[c] for c in corr_ids})
-        pairs = {c: _json.encode(state.pairs[c]).decode() for c in corr_ids if c in state.pairs}
+        pairs = {c: _stored(state.pairs[c]) for c in corr_ids if c in state.pairs}
         if pairs:
             pipe.hset(pkeys.batch_pairs(keys, b), mapping=pairs)
 
