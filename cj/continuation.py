@@ -395,7 +395,10 @@ def decide(state: BatchState, overlap: float = 1.0) -> Decision | None:
     if state.terminal:
         return None
     if state.in_flight > 0:
-        if overlap >= 1.0 or current_wave(state)[1] > overlap_threshold(state, overlap):
+        if overlap >= 1.0:
+            return None
+        size, out = current_wave(state)  # one pass over the pairs: `overlap_threshold`'s rule
+        if out > _out_at(overlap, size):
             return None
         return early_wave(state)
     decision = _decide(state)
