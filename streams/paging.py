@@ -100,14 +100,18 @@ async def entries_lost(r: Any, stream: str) -> dict[str, Any] | None:
     begins, or None when it has lost none (or the server does not say: fakeredis). Entries
     the archiver trimmed are in a verified archive: not lost. A stream the projections are
     built from must never lose entries; when it has, a replay cannot be complete."""
-    try:
-        info = await r.xinfo_stream(stream)
-    except ResponseError:  # no such stream
-        return None
+    # One MULTI: an archive trim between two separate reads would hide a loss.
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.xinfo_stream(stream)
+        pipe.get(archived_trimmed_key(stream))
+        try:
+            info, archived_raw = await pipe.execute()
+        except ResponseError:  # no such stream
+            return None
     added = info.get("entries-added", info.get(b"entries-added"))
     if added is None:
         return None
-    archived = int(await r.get(archived_trimmed_key(stream)) or 0)
+    archived = int(archived_raw or 0)
     lost = int(added) - int(info["length"]) - archived
     if lost <= 0:
         return None
