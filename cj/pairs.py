@@ -129,15 +129,13 @@ def expected_information(mu: FloatArray, var: FloatArray) -> FloatArray:
     return 0.25 * np.sqrt(_S2 / t) * np.exp(-0.5 * mu * mu / t)
 
 
-def _local(n: int, ii: IntArray, jj: IntArray) -> tuple[IntArray, IntArray, IntArray]:
-    """The essays of pairs (ii, jj), sorted, and each pair as indices into them."""
-    mask = np.zeros(n, dtype=np.bool_)
-    mask[ii] = True
-    mask[jj] = True
-    used = np.flatnonzero(mask).astype(np.intp)
-    local = np.full(n, -1, dtype=np.intp)
-    local[used] = np.arange(len(used))
-    return used, local[ii], local[jj]
+def _unique(x: IntArray) -> IntArray:
+    """`np.unique` of an integer array by one sort (speed, issue 11: its hashing costs
+    three times as much here)."""
+    x = np.sort(x)
+    first = np.ones(len(x), dtype=np.bool_)
+    np.not_equal(x[1:], x[:-1], out=first[1:])
+    return x[first]
 
 
 def _spd_inverse(h: FloatArray) -> FloatArray:
@@ -147,8 +145,11 @@ def _spd_inverse(h: FloatArray) -> FloatArray:
     if info == 0:
         inv, info = scipy.linalg.lapack.dpotri(factor, lower=False)
         if info == 0:
-            upper = np.triu(inv)
-            return np.asarray(upper + np.triu(upper, 1).T, dtype=np.float64)
+            # dpotri fills the upper triangle of a Fortran array: the lower one of its C
+            # transpose, mirrored into the upper.
+            out = np.asarray(inv.T, dtype=np.float64)
+            np.copyto(out, out.T, where=~np.tri(len(out), dtype=np.bool_))
+            return out
     return np.asarray(np.linalg.inv(h), dtype=np.float64)
 
 
@@ -256,6 +257,25 @@ class _Candidates:
 
     def push(self, candidate: _Candidate) -> None:
         heapq.heappush(self.pushed, candidate)
+
+
+class _Work:
+    """Scratch u × u matrices (u ≤ n) reused by every round of the adaptive search. Speed
+    (issue 11): a fresh n × n array costs its page faults on every use, about as much as
+    the arithmetic done in it."""
+
+    def __init__(self, n: int) -> None:
+        self._flat = [np.empty(n * n) for _ in range(4)]
+        self._lower: tuple[int, BoolArray] | None = None
+
+    def buffer(self, k: int, u: int) -> FloatArray:
+        return self._flat[k][: u * u].reshape(u, u)
+
+    def lower(self, u: int) -> BoolArray:
+        """The lower triangle with the diagonal, as a mask."""
+        if self._lower is None or self._lower[0] != u:
+            self._lower = (u, np.tri(u, dtype=np.bool_))
+        return self._lower[1]
 
 
 class _Planner:
@@ -573,28 +593,41 @@ class _Planner:
 
     # -- adaptive ------------------------------------------------------------
 
-    def open_pairs(self, per_essay_cap: int) -> tuple[IntArray, IntArray]:
-        """(i, j), i < j, of the pairs that may still join this wave: eligible, both under
-        the cap, and not both leaning the same way (no orientation would keep balance)."""
+    def _open_block(self, per_essay_cap: int) -> tuple[IntArray, BoolArray]:
+        """The essays in pairs that may still join this wave (in order) and, between them,
+        which pairs may (a symmetric mask): eligible, both under the cap, and not both
+        leaning the same way (no orientation would keep balance)."""
         cap = per_essay_cap if self.wave_cap is None else min(per_essay_cap, self.wave_cap)
-        # Speed (issue 11): over the essays under the cap only (in order, so the pairs come
-        # in the same order), not an n × n mask every round.
-        under = np.flatnonzero(self.wave_count < cap)
-        ok = self.eligible[np.ix_(under, under)]
+        # Speed (issue 11): over the essays under the cap only, not an n × n mask every round.
+        under = np.flatnonzero(self.wave_count < cap).astype(np.intp)
+        ok = self.eligible if len(under) == self.n else self.eligible[np.ix_(under, under)]
         bal = self.balance[under]
-        ok &= ~((bal[:, None] == bal[None, :]) & (bal[:, None] != 0))
-        ii, jj = np.nonzero(np.triu(ok, 1))
-        return under[ii].astype(np.intp), under[jj].astype(np.intp)
+        ok = ok & ((bal[:, None] != bal[None, :]) | (bal[None, :] == 0))
+        some = ok.any(axis=1)
+        if not some.all():
+            keep = np.flatnonzero(some)
+            ok, under = ok[np.ix_(keep, keep)], under[keep]
+        return under, ok
 
-    def _anchor_factor(self, ii: IntArray, jj: IntArray, anchor_bonus: float) -> FloatArray:
-        """1 + anchor_bonus for a student–anchor pair whose anchor grade the student has
-        not met yet, else 1."""
+    def open_pairs(self, per_essay_cap: int) -> tuple[IntArray, IntArray]:
+        """(i, j), i < j, of the pairs that may still join this wave (`_open_block`)."""
+        used, ok = self._open_block(per_essay_cap)
+        ii, jj = np.nonzero(np.triu(ok, 1))
+        return used[ii], used[jj]
+
+    def _anchor_bonus(self, values: FloatArray, used: IntArray, anchor_bonus: float) -> None:
+        """values × (1 + anchor_bonus), in place, for the student–anchor pairs of ``used``
+        whose anchor grade the student has not met yet (the rest × 1, left as they are)."""
         if anchor_bonus <= 0:
-            return np.ones(len(ii))
-        gi, gj = self.anchor_grade[ii], self.anchor_grade[jj]
-        new_i = (gi < 0) & (gj >= 0) & ~self.met_grade[ii, np.maximum(gj, 0)]
-        new_j = (gj < 0) & (gi >= 0) & ~self.met_grade[jj, np.maximum(gi, 0)]
-        return np.where(new_i | new_j, 1.0 + anchor_bonus, 1.0)
+            return
+        grade = self.anchor_grade[used]
+        students, anchors = np.flatnonzero(grade < 0), np.flatnonzero(grade >= 0)
+        if len(students) == 0 or len(anchors) == 0:
+            return
+        new = ~self.met_grade[np.ix_(used[students], grade[anchors])]
+        factor = np.where(new, 1.0 + anchor_bonus, 1.0)
+        values[np.ix_(students, anchors)] *= factor
+        values[np.ix_(anchors, students)] *= factor.T
 
     def _anchor_factor_one(self, x: int, y: int, anchor_bonus: float) -> float:
         """`_anchor_factor` of one pair, without arrays (speed, issue 11)."""
@@ -606,25 +639,49 @@ class _Planner:
         )
         return 1.0 + anchor_bonus if new else 1.0
 
-    def _all_gains(
-        self, cov: FloatArray, theta: FloatArray, ii: IntArray, jj: IntArray
+    def _gain_matrix(
+        self, cov: FloatArray, theta: FloatArray, used: IntArray, jitter: FloatArray, work: _Work
     ) -> FloatArray:
-        """A-optimal gain of every open pair at once: I·‖CΣ(e_i − e_j)‖² / (1 + I·d), with
-        d = Var(θ_i − θ_j) and I the expected information of the comparison."""
-        diag = np.diag(cov)
-        # Speed (issue 11): the Gram matrix of the centred columns of the essays in open
-        # pairs only (all of them in a wave's first round; few in the later rounds, which
-        # computed all n columns, O(n³), each time).
-        used, li, lj = _local(self.n, ii, jj)
-        sub = cov if len(used) == self.n else cov[:, used]
+        """A-optimal gain (× the tie-breaking jitter) of every pair of the essays ``used``, as
+        a matrix (in ``work``) whose upper triangle holds it: I·‖CΣ(e_i − e_j)‖² / (1 + I·d),
+        with d = Var(θ_i − θ_j) and I the expected information of the comparison. Speed
+        (issue 11): elementwise over the block in reused buffers, not gathered pair by pair;
+        each operation is the one `expected_information` and the formula make, with the
+        same operands, so the upper triangle holds the same values to the bit."""
+        u = len(used)
+        full = u == self.n
+        diag = np.diag(cov)[used]
+        # cov[:, used] is in Fortran order: its column means and Gram are summed that way.
+        sub = cov if full else cov[:, used]
         centred = sub - sub.mean(axis=0, keepdims=True)
-        # Only the upper triangle is read (li < lj): a symmetric rank-k product, half a GEMM.
+        # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
         s2d = np.diag(s2)
-        d = np.maximum(diag[ii] + diag[jj] - 2.0 * cov[ii, jj], 1e-12)
-        num = s2d[li] + s2d[lj] - 2.0 * s2[li, lj]
-        info = expected_information(theta[ii] - theta[jj], d)
-        return np.asarray(info * num / (1.0 + info * d), dtype=np.float64)
+        d, t, a, b = (work.buffer(k, u) for k in range(4))
+        np.multiply(sub if full else sub.take(used, axis=0), 2.0, out=t)
+        np.add(diag[:, None], diag[None, :], out=d)
+        d -= t
+        np.maximum(d, 1e-12, out=d)
+        np.add(d, _S2, out=t)
+        th = theta[used]
+        np.subtract(th[:, None], th[None, :], out=a)  # μ = θ_i − θ_j
+        np.multiply(a, -0.5, out=b)
+        b *= a
+        b /= t
+        np.exp(b, out=b)
+        np.divide(_S2, t, out=t)
+        np.sqrt(t, out=t)
+        t *= 0.25
+        t *= b  # I = ¼·√(s²/(s² + d))·exp(−μ²/(2(s² + d)))
+        np.add(s2d[:, None], s2d[None, :], out=a)
+        np.multiply(s2, 2.0, out=b)
+        a -= b  # ‖CΣ(e_i − e_j)‖²
+        a *= t
+        d *= t
+        d += 1.0
+        a /= d
+        a *= jitter if full else jitter.take(used, axis=0).take(used, axis=1)
+        return a
 
     def _exact_gain(
         self, cov: _Sigma, theta: FloatArray, x: int, y: int
@@ -636,17 +693,19 @@ class _Planner:
         vc = v - v.mean()
         return info * float(vc @ vc) / (1.0 + info * d), v, info
 
-    def _shortlist(self, ii: IntArray, jj: IntArray, values: FloatArray) -> _Candidates:
-        """Each essay's best partners (a wide but bounded candidate set), best first."""
-        n = self.n
-        # Speed (issue 11): over the essays in open pairs only (the rows of the others held
-        # no finite value): the same candidates, without an n × n matrix every round.
-        used, li, lj = _local(n, ii, jj)
+    def _shortlist(
+        self, used: IntArray, ok: BoolArray, values: FloatArray, work: _Work
+    ) -> _Candidates:
+        """Each essay's best partners (a wide but bounded candidate set), best first, among
+        the open pairs ``ok`` of the essays ``used`` (values in the upper triangle)."""
         u = len(used)
-        mat = np.full((u, u), -np.inf)
-        mat[li, lj] = values
-        mat[lj, li] = values
-        kk = min(_PARTNERS_PER_ESSAY, n - 1, u - 1)
+        mat = values
+        np.copyto(mat, 0.0, where=work.lower(u))
+        mirror = work.buffer(1, u)
+        np.copyto(mirror, mat.T)
+        mat += mirror  # the upper triangle's values mirrored, the diagonal 0
+        np.copyto(mat, -np.inf, where=~ok)
+        kk = min(_PARTNERS_PER_ESSAY, self.n - 1, u - 1)
         # The kk largest of each row (the -inf of closed pairs are dropped below).
         top = np.argpartition(mat, u - kk, axis=1)[:, u - kk :]
         rows = np.repeat(np.arange(u), kk)
@@ -654,10 +713,11 @@ class _Planner:
         keep = np.isfinite(mat[rows, cols])
         lo = np.minimum(rows[keep], cols[keep])
         hi = np.maximum(rows[keep], cols[keep])
-        uniq = np.unique(lo * u + hi)
+        uniq = _unique(lo * u + hi)
         li, lj = uniq // u, uniq % u
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
-        order = np.lexsort((ys, xs, neg))  # the order a heap of (−gain, i, j) pops them in
+        # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
+        order = np.argsort(neg, kind="stable")
         return _Candidates(neg[order].tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
@@ -674,6 +734,7 @@ class _Planner:
         cov = _Sigma(self._posterior_covariance(theta, var))
         jitter = 1.0 + 1e-9 * self.rng.random((self.n, self.n))
         jitter = np.minimum(jitter, jitter.T)  # breaks exact ties, seeded
+        work = _Work(self.n)
         # Speed (issue 11): essays at their cap for this wave, for a cheap first test of the
         # many candidates that die (most of them, in a matching wave), which the candidate
         # list also skips when it is asked for its best. The live candidates come out in
@@ -682,11 +743,12 @@ class _Planner:
         closed = bytearray(self.n)
         out, size = self.out, self.size
         while not self.full:
-            ii, jj = self.open_pairs(per_essay_cap)
-            if len(ii) == 0:
+            used, ok = self._open_block(per_essay_cap)
+            if len(used) == 0:
                 return
-            values = self._all_gains(cov.matrix(), theta, ii, jj) * jitter[ii, jj]
-            heap = self._shortlist(ii, jj, values * self._anchor_factor(ii, jj, anchor_bonus))
+            values = self._gain_matrix(cov.matrix(), theta, used, jitter, work)
+            self._anchor_bonus(values, used, anchor_bonus)
+            heap = self._shortlist(used, ok, values, work)
             version = added = 0
             while heap.any(closed) and len(out) < size:
                 _, x, y, ver = heap.pop()
