@@ -317,14 +317,15 @@ class _Planner:
         self.balance = np.bincount(ha, minlength=n) - np.bincount(hb, minlength=n)
         self.count = np.bincount(ha[live], minlength=n) + np.bincount(hb[live], minlength=n)
         # Counted by bincount on flat indices, not np.add.at (ten times slower).
-        attempts = np.bincount(ha * n + hb, minlength=n * n).reshape(n, n).astype(np.int32)
-        attempts += attempts.T
-        used = np.zeros((n, n), dtype=np.bool_)
-        used[ha[live], hb[live]] = True
-        used[ha[permanent], hb[permanent]] = True
-        used |= used.T
-        self.eligible: BoolArray = ~used & (attempts < max_attempts_per_pair)
-        np.fill_diagonal(self.eligible, False)
+        # Both orientations at once: no n × n transposes.
+        flat = np.concatenate((ha * n + hb, hb * n + ha))
+        attempts = np.bincount(flat, minlength=n * n)
+        eligible = attempts < max_attempts_per_pair
+        closed = np.concatenate((live, permanent, live, permanent))
+        both = np.concatenate((ha, ha, hb, hb)) * n + np.concatenate((hb, hb, ha, ha))
+        eligible[both[closed]] = False
+        eligible[:: n + 1] = False
+        self.eligible: BoolArray = eligible.reshape(n, n)
         self.edges_a: list[int] = ha[live].tolist()
         self.edges_b: list[int] = hb[live].tolist()
         self.wave_count = np.zeros(n, dtype=np.intp)
@@ -463,18 +464,10 @@ class _Planner:
         path of this wave's pairs; essays short of k comparisons first. Matters when few
         pairs are left (small batches near exhaustion, k close to n − 1)."""
         while not self.full:
-            ii, jj = np.nonzero(np.triu(self.eligible, 1))
-            if len(ii) == 0:
+            found = self._repair_candidates()
+            if found is None:
                 return
-            noise = self.rng.random(len(ii))
-            # Speed only (issue 11): a pair with an essay already at this wave's cap can never
-            # be added, and reversing a path for it only flipped orientations back and forth
-            # (a BFS over the wave per candidate: 2.4 s of a 2.5 s matching wave at n = 1000).
-            # Such pairs are skipped; the order of the others, and the draws, are unchanged.
-            if self.wave_cap is not None:
-                room = self.wave_count < self.wave_cap
-                keep = room[ii] & room[jj]
-                ii, jj, noise = ii[keep], jj[keep], noise[keep]
+            ii, jj, noise = found
             short = (self.count[ii] < k).astype(np.float64) + (self.count[jj] < k)
             key = -short * 1e6 + self.count[ii] + self.count[jj] + noise
             done = False
@@ -488,6 +481,33 @@ class _Planner:
                     break
             if not done:
                 return
+
+    def _repair_candidates(self) -> tuple[IntArray, IntArray, FloatArray] | None:
+        """The eligible pairs (i, j), i < j, in row order, each with its own random draw
+        (one per eligible pair), or None if there is none. Speed only (issue 11): a pair
+        with an essay already at this wave's cap can never be added, and reversing a path
+        for it only flipped orientations back and forth (a BFS over the wave per candidate:
+        2.4 s of a 2.5 s matching wave at n = 1000); such pairs are left out, found among
+        the essays with room only, each with the draw it had among all."""
+        upper = np.triu(self.eligible, 1)
+        per_row = np.count_nonzero(upper, axis=1)
+        total = int(per_row.sum())
+        if total == 0:
+            return None
+        noise = self.rng.random(total)
+        if self.wave_cap is None:
+            ii, jj = np.nonzero(upper)
+            return ii.astype(np.intp), jj.astype(np.intp), noise
+        room = np.flatnonzero(self.wave_count < self.wave_cap)
+        rows = upper[room]
+        a, b = np.nonzero(rows[:, room])
+        ii, jj = room[a], room[b]
+        # A pair's draw: the eligible pairs of the rows before it, then those before it
+        # in its row.
+        first = np.cumsum(per_row) - per_row
+        before = np.cumsum(rows[np.unique(a)], axis=1) if len(a) else rows[:0]
+        at = first[ii] + before[np.searchsorted(np.unique(a), a), jj] - 1
+        return ii.astype(np.intp), jj.astype(np.intp), noise[at]
 
     # -- coverage ------------------------------------------------------------
 
@@ -658,7 +678,7 @@ class _Planner:
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
         s2d = np.diag(s2)
         d, t, a, b = (work.buffer(k, u) for k in range(4))
-        np.multiply(sub if full else sub.take(used, axis=0), 2.0, out=t)
+        np.multiply(cov if full else cov.take(used, axis=0).take(used, axis=1), 2.0, out=t)
         np.add(diag[:, None], diag[None, :], out=d)
         d -= t
         np.maximum(d, 1e-12, out=d)
@@ -717,7 +737,9 @@ class _Planner:
         li, lj = uniq // u, uniq % u
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
         # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
-        order = np.argsort(neg, kind="stable")
+        order = np.argsort(neg)
+        if len(order) > 1 and bool(np.any(np.diff(neg[order]) == 0)):  # ties: keep (i, j) order
+            order = np.argsort(neg, kind="stable")
         return _Candidates(neg[order].tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
@@ -732,7 +754,9 @@ class _Planner:
         are computed for all open pairs, then re-ranked lazily: a popped candidate whose
         gain is stale is re-scored and pushed back unless it still leads."""
         cov = _Sigma(self._posterior_covariance(theta, var))
-        jitter = 1.0 + 1e-9 * self.rng.random((self.n, self.n))
+        jitter = self.rng.random((self.n, self.n))
+        jitter *= 1e-9
+        jitter += 1.0
         jitter = np.minimum(jitter, jitter.T)  # breaks exact ties, seeded
         work = _Work(self.n)
         # Speed (issue 11): essays at their cap for this wave, for a cheap first test of the
