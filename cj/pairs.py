@@ -138,19 +138,22 @@ def _unique(x: IntArray) -> IntArray:
     return x[first]
 
 
-def _spd_inverse(h: FloatArray) -> FloatArray:
-    """H⁻¹ of a symmetric positive definite H. Speed (issue 11): by Cholesky, a quarter of
-    the time of `np.linalg.inv`'s LU at n = 1,000; LU if H is not numerically definite."""
-    factor, info = scipy.linalg.lapack.dpotrf(h, lower=False)
-    if info == 0:
-        inv, info = scipy.linalg.lapack.dpotri(factor, lower=False)
-        if info == 0:
-            # dpotri fills the upper triangle of a Fortran array: the lower one of its C
-            # transpose, mirrored into the upper.
-            out = np.asarray(inv.T, dtype=np.float64)
-            np.copyto(out, out.T, where=~np.tri(len(out), dtype=np.bool_))
-            return out
-    return np.asarray(np.linalg.inv(h), dtype=np.float64)
+def _spd_inverse(h: FloatArray) -> FloatArray | None:
+    """H⁻¹ of a symmetric positive definite H (bitwise symmetric), or None if H is not
+    numerically definite; H is overwritten. Speed (issue 11): by Cholesky, a quarter of the
+    time of `np.linalg.inv`'s LU at n = 1,000, on H's transpose (the same matrix, in the
+    order LAPACK wants) in place: no copies of it."""
+    factor, info = scipy.linalg.lapack.dpotrf(h.T, lower=False, overwrite_a=True)
+    if info != 0:
+        return None
+    inv, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        return None
+    # dpotri fills the upper triangle of a Fortran array: the lower one of its C
+    # transpose, mirrored into the upper.
+    out = np.asarray(inv.T, dtype=np.float64)
+    np.copyto(out, out.T, where=~np.tri(len(out), dtype=np.bool_))
+    return out
 
 
 def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
@@ -821,7 +824,24 @@ class _Planner:
                 self.add(x, y)
 
     def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
-        """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior."""
+        """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior
+        (a unit prior before the first fit: variances from the graph alone)."""
+        prior = 1.0 if var is None else 1.0 / max(float(np.var(theta) + np.mean(var)), 1e-2)
+        cov = _spd_inverse(self._information(theta, prior))
+        if cov is None:  # not numerically definite: LU
+            cov = np.asarray(np.linalg.inv(self._information(theta, prior)), dtype=np.float64)
+        if var is None:
+            return cov
+        # Keep the correlation structure of the graph but the variances of the latest
+        # fit (which knows η, the fitted prior and comparisons this sketch may not).
+        scale = np.sqrt(var / np.maximum(np.diag(cov), 1e-12))
+        cov *= scale[:, None]
+        cov *= scale[None, :]
+        return cov
+
+    def _information(self, theta: FloatArray, prior: float) -> FloatArray:
+        """H: the Fisher information of the live comparisons at θ, plus ``prior`` on its
+        diagonal (bitwise symmetric)."""
         n = self.n
         ea = np.asarray(self.edges_a, dtype=np.intp)
         eb = np.asarray(self.edges_b, dtype=np.intp)
@@ -832,18 +852,8 @@ class _Planner:
         h = flat.astype(np.float64, copy=False).reshape(n, n)  # (int when there are none)
         h += h.T
         h[np.diag_indices(n)] = -h.sum(axis=1)
-        if var is None:  # no fit yet: a unit prior, variances from the graph alone
-            h[np.diag_indices(n)] += 1.0
-            return _spd_inverse(h)
-        tau2 = float(np.var(theta) + np.mean(var))
-        h[np.diag_indices(n)] += 1.0 / max(tau2, 1e-2)
-        cov = _spd_inverse(h)
-        # Keep the correlation structure of the graph but the variances of the latest
-        # fit (which knows η, the fitted prior and comparisons this sketch may not).
-        scale = np.sqrt(var / np.maximum(np.diag(cov), 1e-12))
-        cov *= scale[:, None]
-        cov *= scale[None, :]
-        return cov
+        h[np.diag_indices(n)] += prior
+        return h
 
 
 def _scores_array(
