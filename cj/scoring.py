@@ -73,6 +73,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import scipy.linalg
+import scipy.linalg.blas
 import scipy.linalg.lapack
 import scipy.sparse
 import scipy.sparse.linalg
@@ -372,20 +373,30 @@ def _gaussian_expectations(
 
 
 def _symmetric_matvec(lower: FloatArray, g: FloatArray) -> FloatArray:
-    """Σ g from the lower triangle of a symmetric Σ (zeros above)."""
-    return np.asarray(lower @ g + lower.T @ g - np.diag(lower) * g, dtype=np.float64)
+    """Σ g from the lower triangle of a symmetric Σ (zeros above): one BLAS dsymv."""
+    # dsymv reads the lower triangle of the Fortran array: a C array's transpose has it
+    # in the upper.
+    if lower.flags.f_contiguous:
+        out = scipy.linalg.blas.dsymv(1.0, lower, g, lower=1)
+    else:
+        out = scipy.linalg.blas.dsymv(1.0, lower.T, g, lower=0)
+    return np.asarray(out, dtype=np.float64)
 
 
 def _inverse(h: FloatArray) -> tuple[FloatArray, float]:
-    """The lower triangle of H⁻¹ (zeros above) and log det H, from the Cholesky factor.
+    """The lower triangle of H⁻¹ (zeros above) and log det H, from the Cholesky factor;
+    H (C order) is overwritten.
 
     Only the lower triangle: symmetrising a 1,000 × 1,000 inverse cost a fifth of a
     variational round, and every consumer reads one triangle."""
-    c, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1)
+    # H is symmetric: its transpose is the Fortran array LAPACK factors in place (speed,
+    # issue 11: f2py's copies of H and of the factor cost a fifth of the inverse at n = 100).
+    # H is overwritten.
+    c, info = scipy.linalg.lapack.dpotrf(h.T, lower=1, clean=1, overwrite_a=1)
     if info != 0:  # pragma: no cover - the prior keeps h positive definite
         raise np.linalg.LinAlgError("Hessian not positive definite")
     logdet = 2.0 * float(np.sum(np.log(np.diag(c))))
-    inv, info = scipy.linalg.lapack.dpotri(c, lower=1)
+    inv, info = scipy.linalg.lapack.dpotri(c, lower=1, overwrite_c=1)
     if info != 0:  # pragma: no cover
         raise np.linalg.LinAlgError("Hessian not invertible")
     return np.asarray(inv, dtype=np.float64), logdet
