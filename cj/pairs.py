@@ -367,11 +367,9 @@ class _Planner:
     def _options(self, i: int, j: int) -> tuple[bool, bool]:
         """Whether (i, j) resp. (j, i) keeps both balances in range, or at least not worse."""
         bi, bj = int(self.balance[i]), int(self.balance[j])
-
-        def ok(old: int, new: int) -> bool:
-            return abs(new) <= 1 or abs(new) < abs(old)
-
-        return ok(bi, bi + 1) and ok(bj, bj - 1), ok(bj, bj + 1) and ok(bi, bi - 1)
+        # b → b + 1 leaves |b + 1| ≤ 1 or brings it nearer 0 exactly when b ≤ 0; b → b − 1
+        # when b ≥ 0 (a closed form of the rule, without a helper call per test).
+        return bi <= 0 and bj >= 0, bj <= 0 and bi >= 0
 
     def orientation(self, i: int, j: int) -> tuple[int, int] | None:
         """(a, b) keeping both balances in range (or not worse), or None."""
