@@ -68,6 +68,8 @@ BoolArray = npt.NDArray[np.bool_]
 _S2 = 16.0 / (2.0 * math.pi)
 # SE assumed for an essay without a score (no fit yet, or added later).
 _DEFAULT_SE = 1.5
+# Rows per strip of the gain matrix (its scratch: 128 × n doubles, 1 MB at n = 1,000).
+_STRIP_ROWS = 128
 # Candidate partners kept per essay for the adaptive greedy search.
 _PARTNERS_PER_ESSAY = 24
 
@@ -271,8 +273,9 @@ class _Work:
         self._flat = [np.empty(n * n) for _ in range(4)]
         self._lower: tuple[int, BoolArray] | None = None
 
-    def buffer(self, k: int, u: int) -> FloatArray:
-        return self._flat[k][: u * u].reshape(u, u)
+    def buffer(self, k: int, rows: int, cols: int | None = None) -> FloatArray:
+        cols = rows if cols is None else cols
+        return self._flat[k][: rows * cols].reshape(rows, cols)
 
     def lower(self, u: int) -> BoolArray:
         """The lower triangle with the diagonal, as a mask."""
@@ -666,9 +669,10 @@ class _Planner:
         """A-optimal gain (× the tie-breaking jitter) of every pair of the essays ``used``, as
         a matrix (in ``work``) whose upper triangle holds it: I·‖CΣ(e_i − e_j)‖² / (1 + I·d),
         with d = Var(θ_i − θ_j) and I the expected information of the comparison. Speed
-        (issue 11): elementwise over the block in reused buffers, not gathered pair by pair;
-        each operation is the one `expected_information` and the formula make, with the
-        same operands, so the upper triangle holds the same values to the bit."""
+        (issue 11): elementwise, not gathered pair by pair, over strips of rows that cover
+        the upper triangle (about half the block, in scratch small enough to stay in
+        cache); each operation is the one `expected_information` and the formula make,
+        with the same operands, so the upper triangle holds the same values to the bit."""
         u = len(used)
         full = u == self.n
         diag = np.diag(cov)[used]
@@ -678,31 +682,39 @@ class _Planner:
         # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
         s2d = np.diag(s2)
-        d, t, a, b = (work.buffer(k, u) for k in range(4))
-        np.multiply(cov if full else cov.take(used, axis=0).take(used, axis=1), 2.0, out=t)
-        np.add(diag[:, None], diag[None, :], out=d)
-        d -= t
-        np.maximum(d, 1e-12, out=d)
-        np.add(d, _S2, out=t)
+        block = cov if full else cov.take(used, axis=0).take(used, axis=1)
+        jit = jitter if full else jitter.take(used, axis=0).take(used, axis=1)
         th = theta[used]
-        np.subtract(th[:, None], th[None, :], out=a)  # μ = θ_i − θ_j
-        np.multiply(a, -0.5, out=b)
-        b *= a
-        b /= t
-        np.exp(b, out=b)
-        np.divide(_S2, t, out=t)
-        np.sqrt(t, out=t)
-        t *= 0.25
-        t *= b  # I = ¼·√(s²/(s² + d))·exp(−μ²/(2(s² + d)))
-        np.add(s2d[:, None], s2d[None, :], out=a)
-        np.multiply(s2, 2.0, out=b)
-        a -= b  # ‖CΣ(e_i − e_j)‖²
-        a *= t
-        d *= t
-        d += 1.0
-        a /= d
-        a *= jitter if full else jitter.take(used, axis=0).take(used, axis=1)
-        return a
+        out = work.buffer(0, u)
+        rows = _STRIP_ROWS
+        for r0 in range(0, u, rows):
+            r1 = min(r0 + rows, u)
+            shape = (r1 - r0, u - r0)
+            d, t, b = (work.buffer(k, shape[0], shape[1]) for k in (1, 2, 3))
+            a = out[r0:r1, r0:]
+            np.multiply(block[r0:r1, r0:], 2.0, out=t)
+            np.add(diag[r0:r1, None], diag[None, r0:], out=d)
+            d -= t
+            np.maximum(d, 1e-12, out=d)
+            np.add(d, _S2, out=t)
+            np.subtract(th[r0:r1, None], th[None, r0:], out=a)  # μ = θ_i − θ_j
+            np.multiply(a, -0.5, out=b)
+            b *= a
+            b /= t
+            np.exp(b, out=b)
+            np.divide(_S2, t, out=t)
+            np.sqrt(t, out=t)
+            t *= 0.25
+            t *= b  # I = ¼·√(s²/(s² + d))·exp(−μ²/(2(s² + d)))
+            np.add(s2d[r0:r1, None], s2d[None, r0:], out=a)
+            np.multiply(s2[r0:r1, r0:], 2.0, out=b)
+            a -= b  # ‖CΣ(e_i − e_j)‖²
+            a *= t
+            d *= t
+            d += 1.0
+            a /= d
+            a *= jit[r0:r1, r0:]
+        return out
 
     def _exact_gain(
         self, cov: _Sigma, theta: FloatArray, x: int, y: int
