@@ -265,12 +265,14 @@ class _Candidates:
 
 
 class _Work:
-    """Scratch u × u matrices (u ≤ n) reused by every round of the adaptive search. Speed
+    """Scratch matrices reused by every round of the adaptive search. Speed
     (issue 11): a fresh n × n array costs its page faults on every use, about as much as
     the arithmetic done in it."""
 
     def __init__(self, n: int) -> None:
-        self._flat = [np.empty(n * n) for _ in range(4)]
+        # The gain matrix and its mirror (n × n), the strips' other scratch (rows × n).
+        strip = min(_STRIP_ROWS, n) * n
+        self._flat = [np.empty(size) for size in (n * n, n * n, strip, strip)]
         self._lower: tuple[int, BoolArray] | None = None
 
     def buffer(self, k: int, rows: int, cols: int | None = None) -> FloatArray:
