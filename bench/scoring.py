@@ -3,7 +3,8 @@
     python bench/scoring.py [--essays 1000] [--comparisons 20000] [--repeats 5] [--json]
     python bench/scoring.py --against main [--repeats 5] [--seeds 3]
 
-``--against REV``: only the default fit against REV's (its cj/scoring.py, by
+``--against REV``: only the default fit (and a wave's scoring: the fit, its posterior
+reliability and the classical SSR) against REV's (its cj/scoring.py, by
 `git show`, loaded in this same process), CPU time (time.process_time), the two
 interleaved, best of ``--repeats`` per batch, at 100 essays × 10 and 24 comparisons
 per essay and 1,000 essays × 20,000 comparisons (σ(θ_a − θ_b + 0.4), θ ~ N(0, 1),
@@ -107,28 +108,45 @@ def cpu_best(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+def _wave(module: Any, ids: list[str], comps: list[Any]) -> None:
+    """What the CJ consumer scores every wave: the fit, its reliability, the classical SSR."""
+    module.posterior_reliability(module.fit_bt(ids, comps))
+    module.classical_ssr(ids, comps)
+
+
 def against(rev: str, repeats: int, seeds: int) -> list[dict[str, Any]]:
     ref = module_at(rev, "cj/scoring.py")
     out = []
     for n, m in ((100, 500), (100, 1200), (1000, 20_000)):
-        ratios, mine, theirs = [], [], []
+        runs: dict[str, list[float]] = {k: [] for k in ("fit", "fit_ref", "wave", "wave_ref")}
         for seed in range(seeds):
             ids, _, comps = make_data(n, m, seed, spread=1.0, bias=0.4)
             ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
-            t_ref = t_new = math.inf
+            best = dict.fromkeys(runs, math.inf)
             for _ in range(repeats):  # interleaved: the machine's load hits both alike
-                t_ref = min(t_ref, cpu_best(partial(ref.fit_bt, ids, ref_comps), 1))
-                t_new = min(t_new, cpu_best(partial(fit_bt, ids, comps), 1))
-            ratios.append(t_new / t_ref)
-            mine.append(t_new)
-            theirs.append(t_ref)
+                for key, fn in (
+                    ("fit_ref", partial(ref.fit_bt, ids, ref_comps)),
+                    ("fit", partial(fit_bt, ids, comps)),
+                    ("wave_ref", partial(_wave, ref, ids, ref_comps)),
+                    ("wave", partial(_wave, sys.modules["cj.scoring"], ids, comps)),
+                ):
+                    best[key] = min(best[key], cpu_best(fn, 1))
+            for key, value in best.items():
+                runs[key].append(value)
         out.append(
             {
                 "essays": n,
                 "comparisons": m,
-                "reference_s": statistics.median(theirs),
-                "fit_bt_s": statistics.median(mine),
-                "ratio": statistics.median(ratios),
+                "reference_s": statistics.median(runs["fit_ref"]),
+                "fit_bt_s": statistics.median(runs["fit"]),
+                "ratio": statistics.median(
+                    [a / b for a, b in zip(runs["fit"], runs["fit_ref"], strict=True)]
+                ),
+                "wave_reference_s": statistics.median(runs["wave_ref"]),
+                "wave_s": statistics.median(runs["wave"]),
+                "wave_ratio": statistics.median(
+                    [a / b for a, b in zip(runs["wave"], runs["wave_ref"], strict=True)]
+                ),
             }
         )
     return out
@@ -156,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"n={r['essays']:>5} m={r['comparisons']:>6}  {args.against} {r['reference_s']:.4f}"
                 f"  fit_bt {r['fit_bt_s']:.4f}  ratio {r['ratio']:.2f}"
+            )
+        print("a wave's scoring (fit_bt + posterior_reliability + classical_ssr), CPU s")
+        for r in table:
+            print(
+                f"n={r['essays']:>5} m={r['comparisons']:>6}  {args.against}"
+                f" {r['wave_reference_s']:.4f}  this {r['wave_s']:.4f}  ratio {r['wave_ratio']:.2f}"
             )
         return 0
 
