@@ -439,10 +439,13 @@ class _Bound:
         assert es is not None
         return float(self.post.y @ z - es.sum()) - 0.5 * float(self.lam @ (x * x))
 
-    def value(self, x: FloatArray, lower: FloatArray, logdet_h: float) -> tuple[float, FloatArray]:
-        """The ELBO at q = N(x, Σ) (Σ from its lower triangle), and the v_k it implies."""
+    def value(
+        self, x: FloatArray, lower: FloatArray, logdet_h: float, v: FloatArray | None = None
+    ) -> tuple[float, FloatArray]:
+        """The ELBO at q = N(x, Σ) (Σ from its lower triangle), and the v_k it implies
+        (``v``: those, when the caller has just computed them from the same Σ)."""
         post, lam = self.post, self.lam
-        v = post.pair_variances(lower)
+        v = post.pair_variances(lower) if v is None else v
         z = post.linear(x)
         _, _, es = _gaussian_expectations(z, v, softplus=True)
         assert es is not None
@@ -555,11 +558,11 @@ def _variational(
         x, v, cov, logdet, omega = x_new, v_new, cov_new, logdet_new, ew
         if moved < tol and v_moved < v_tol:
             # Σ is from the weights one round back: within the tolerances of the last.
-            elbo, _ = bound.value(x, cov, logdet)
+            elbo, _ = bound.value(x, cov, logdet, v)
             return _Variational(x, cov, v, elbo, it, True)
         if it > _UNDAMPED and (v_moved > last_v_moved or it > _UNCHECKED):
             monitored = True
-            current, _ = bound.value(x, cov, logdet)
+            current, _ = bound.value(x, cov, logdet, v)
             rho = 0.5
         last_v_moved = v_moved
     # The last accepted round's Σ (its weights one round behind x and v: within the
@@ -665,7 +668,7 @@ def _joint_mode(
         # from settling) and q is finished there: here in large batches, where x settles
         # without an inverse (at most ``_FROZEN_ROUNDS``), else by the solver.
         if moved < solver.tol and v_moved < _GRID_TOL:
-            elbo, _ = bound.value(x, lower, logdet)
+            elbo, _ = bound.value(x, lower, logdet, v)
             solver.cache[u] = _Variational(x, lower, v, elbo, it, True)
             break
         frozen += 1
