@@ -6,7 +6,8 @@ same inputs; both must choose the same pairs.
                               [--repeats 7] [--against d6c982e] [--json]
 
 Times are CPU seconds of this process (time.process_time: on a loaded machine wall time
-measures the neighbours too); the minimum is the figure to compare, the median is shown.
+measures the neighbours too); the minimum and the median are shown, and their ratios to the
+reference's (the figure that carries across machines and loads).
 One BLAS thread (OPENBLAS_NUM_THREADS=1 unless set), as in the workers.
 """
 
@@ -64,6 +65,13 @@ def main() -> None:
         },
         "goal_s": 0.3,
     }
+    ref_name = f"reference {args.against}"
+    out["ratio"] = {
+        k: round(statistics.median(times["current"]) / statistics.median(times[ref_name]), 3)
+        if k == "median"
+        else round(min(times["current"]) / min(times[ref_name]), 3)
+        for k in ("min", "median")
+    }
     if args.json:
         print(json.dumps(out, indent=1))
         return
@@ -73,6 +81,8 @@ def main() -> None:
     )
     for name, t in out["cpu_s"].items():
         print(f"  {name:<22} CPU min {t['min']:.3f} s, median {t['median']:.3f} s (goal ≤ 0.3 s)")
+    r = out["ratio"]
+    print(f"  current / reference: min {r['min']:.2f}, median {r['median']:.2f} (same process)")
     if not same:
         raise SystemExit("the planners chose different pairs")
 

@@ -2,8 +2,10 @@
 
     python bench/scoring.py [--essays 1000] [--comparisons 20000] [--repeats 5] [--json]
     python bench/scoring.py --against main [--repeats 5] [--seeds 3]
+    python bench/scoring.py --agree main [--seeds 3]
 
-``--against REV``: only the default fit against REV's (its cj/scoring.py, by
+``--against REV``: only the default fit (and a wave's scoring: the fit, its posterior
+reliability and the classical SSR) against REV's (its cj/scoring.py, by
 `git show`, loaded in this same process), CPU time (time.process_time), the two
 interleaved, best of ``--repeats`` per batch, at 100 essays × 10 and 24 comparisons
 per essay and 1,000 essays × 20,000 comparisons (σ(θ_a − θ_b + 0.4), θ ~ N(0, 1),
@@ -60,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from revisions import module_at, plan_wave_inputs
 
-from cj import pairs
+from cj import pairs, scoring
 from cj.scoring import Comparison, FitResult, fit_bt
 
 
@@ -107,31 +109,80 @@ def cpu_best(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+def _wave(module: Any, ids: list[str], comps: list[Any]) -> None:
+    """What the CJ consumer scores every wave: the fit, its reliability, the classical SSR."""
+    module.posterior_reliability(module.fit_bt(ids, comps))
+    module.classical_ssr(ids, comps)
+
+
 def against(rev: str, repeats: int, seeds: int) -> list[dict[str, Any]]:
     ref = module_at(rev, "cj/scoring.py")
     out = []
     for n, m in ((100, 500), (100, 1200), (1000, 20_000)):
-        ratios, mine, theirs = [], [], []
+        runs: dict[str, list[float]] = {k: [] for k in ("fit", "fit_ref", "wave", "wave_ref")}
         for seed in range(seeds):
             ids, _, comps = make_data(n, m, seed, spread=1.0, bias=0.4)
             ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
-            t_ref = t_new = math.inf
+            best = dict.fromkeys(runs, math.inf)
             for _ in range(repeats):  # interleaved: the machine's load hits both alike
-                t_ref = min(t_ref, cpu_best(partial(ref.fit_bt, ids, ref_comps), 1))
-                t_new = min(t_new, cpu_best(partial(fit_bt, ids, comps), 1))
-            ratios.append(t_new / t_ref)
-            mine.append(t_new)
-            theirs.append(t_ref)
+                for key, fn in (
+                    ("fit_ref", partial(ref.fit_bt, ids, ref_comps)),
+                    ("fit", partial(fit_bt, ids, comps)),
+                    ("wave_ref", partial(_wave, ref, ids, ref_comps)),
+                    ("wave", partial(_wave, scoring, ids, comps)),
+                ):
+                    best[key] = min(best[key], cpu_best(fn, 1))
+            for key, value in best.items():
+                runs[key].append(value)
         out.append(
             {
                 "essays": n,
                 "comparisons": m,
-                "reference_s": statistics.median(theirs),
-                "fit_bt_s": statistics.median(mine),
-                "ratio": statistics.median(ratios),
+                "reference_s": statistics.median(runs["fit_ref"]),
+                "fit_bt_s": statistics.median(runs["fit"]),
+                "ratio": statistics.median(
+                    [a / b for a, b in zip(runs["fit"], runs["fit_ref"], strict=True)]
+                ),
+                "wave_reference_s": statistics.median(runs["wave_ref"]),
+                "wave_s": statistics.median(runs["wave"]),
+                "wave_ratio": statistics.median(
+                    [a / b for a, b in zip(runs["wave"], runs["wave_ref"], strict=True)]
+                ),
             }
         )
     return out
+
+
+def agreement(rev: str, seeds: int) -> dict[str, float]:
+    """The largest difference between this tree's fit, posterior reliability and classical
+    SSR and REV's, over batches of 20–1,000 essays (θ spread 0.5–2.5), and how many of
+    them took a different number of variational rounds."""
+    ref = module_at(rev, "cj/scoring.py")
+    worst = dict.fromkeys(("theta", "se", "eta", "prior_sd", "ssr", "posterior"), 0.0)
+    rounds_differ = batches = 0
+    sizes = ((20, 60), (60, 200), (100, 300), (100, 800), (100, 2400), (300, 3000), (1000, 20_000))
+    for n, m in sizes:
+        for seed in range(seeds):
+            ids, _, comps = make_data(n, m, seed, spread=(0.5, 1.0, 1.5, 2.5)[seed % 4], bias=0.4)
+            ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
+            new, old = fit_bt(ids, comps), ref.fit_bt(ids, ref_comps)
+            batches += 1
+            rounds_differ += new.iterations != old.iterations
+            ssr = (scoring.classical_ssr(ids, comps), ref.classical_ssr(ids, ref_comps))
+            post = (scoring.posterior_reliability(new), ref.posterior_reliability(old))
+            pairs_ = (
+                ("theta", [(new.theta[e], old.theta[e]) for e in ids]),
+                ("se", [(new.se[e], old.se[e]) for e in ids]),
+                ("eta", [(new.eta, old.eta), (new.eta_se, old.eta_se)]),
+                ("prior_sd", [(new.prior_sd, old.prior_sd)]),
+                ("ssr", [(ssr[0].value, ssr[1].value)]),
+                ("posterior", [(post[0].value, post[1].value)]),
+            )
+            for key, values in pairs_:
+                for a, b in values:
+                    if a is not None and b is not None:
+                        worst[key] = max(worst[key], abs(a - b))
+    return {"batches": batches, "rounds_differ": rounds_differ, **worst}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,7 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--against", help="git revision: time the default fit against its")
     ap.add_argument("--seeds", type=int, default=3, help="batches per size (--against)")
+    ap.add_argument("--agree", help="git revision: the largest differences from its numbers")
     args = ap.parse_args(argv)
+    if args.agree:
+        print(json.dumps(agreement(args.agree, args.seeds), indent=1))
+        return 0
     if args.against:
         table = against(args.against, args.repeats, args.seeds)
         if args.json:
@@ -156,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"n={r['essays']:>5} m={r['comparisons']:>6}  {args.against} {r['reference_s']:.4f}"
                 f"  fit_bt {r['fit_bt_s']:.4f}  ratio {r['ratio']:.2f}"
+            )
+        print("a wave's scoring (fit_bt + posterior_reliability + classical_ssr), CPU s")
+        for r in table:
+            print(
+                f"n={r['essays']:>5} m={r['comparisons']:>6}  {args.against}"
+                f" {r['wave_reference_s']:.4f}  this {r['wave_s']:.4f}  ratio {r['wave_ratio']:.2f}"
             )
         return 0
 

@@ -68,6 +68,8 @@ BoolArray = npt.NDArray[np.bool_]
 _S2 = 16.0 / (2.0 * math.pi)
 # SE assumed for an essay without a score (no fit yet, or added later).
 _DEFAULT_SE = 1.5
+# Rows per strip of the gain matrix (its scratch: 128 × n doubles, 1 MB at n = 1,000).
+_STRIP_ROWS = 128
 # Candidate partners kept per essay for the adaptive greedy search.
 _PARTNERS_PER_ESSAY = 24
 
@@ -129,27 +131,31 @@ def expected_information(mu: FloatArray, var: FloatArray) -> FloatArray:
     return 0.25 * np.sqrt(_S2 / t) * np.exp(-0.5 * mu * mu / t)
 
 
-def _local(n: int, ii: IntArray, jj: IntArray) -> tuple[IntArray, IntArray, IntArray]:
-    """The essays of pairs (ii, jj), sorted, and each pair as indices into them."""
-    mask = np.zeros(n, dtype=np.bool_)
-    mask[ii] = True
-    mask[jj] = True
-    used = np.flatnonzero(mask).astype(np.intp)
-    local = np.full(n, -1, dtype=np.intp)
-    local[used] = np.arange(len(used))
-    return used, local[ii], local[jj]
+def _unique(x: IntArray) -> IntArray:
+    """`np.unique` of an integer array by one sort (speed, issue 11: its hashing costs
+    three times as much here)."""
+    x = np.sort(x)
+    first = np.ones(len(x), dtype=np.bool_)
+    np.not_equal(x[1:], x[:-1], out=first[1:])
+    return x[first]
 
 
-def _spd_inverse(h: FloatArray) -> FloatArray:
-    """H⁻¹ of a symmetric positive definite H. Speed (issue 11): by Cholesky, a quarter of
-    the time of `np.linalg.inv`'s LU at n = 1,000; LU if H is not numerically definite."""
-    factor, info = scipy.linalg.lapack.dpotrf(h, lower=False)
-    if info == 0:
-        inv, info = scipy.linalg.lapack.dpotri(factor, lower=False)
-        if info == 0:
-            upper = np.triu(inv)
-            return np.asarray(upper + np.triu(upper, 1).T, dtype=np.float64)
-    return np.asarray(np.linalg.inv(h), dtype=np.float64)
+def _spd_inverse(h: FloatArray) -> FloatArray | None:
+    """H⁻¹ of a symmetric positive definite H (bitwise symmetric), or None if H is not
+    numerically definite; H is overwritten. Speed (issue 11): by Cholesky, a quarter of the
+    time of `np.linalg.inv`'s LU at n = 1,000, on H's transpose (the same matrix, in the
+    order LAPACK wants) in place: no copies of it."""
+    factor, info = scipy.linalg.lapack.dpotrf(h.T, lower=False, overwrite_a=True)
+    if info != 0:
+        return None
+    inv, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        return None
+    # dpotri fills the upper triangle of a Fortran array: the lower one of its C
+    # transpose, mirrored into the upper.
+    out = np.asarray(inv.T, dtype=np.float64)
+    np.copyto(out, out.T, where=~np.tri(len(out), dtype=np.bool_))
+    return out
 
 
 def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
@@ -258,6 +264,28 @@ class _Candidates:
         heapq.heappush(self.pushed, candidate)
 
 
+class _Work:
+    """Scratch matrices reused by every round of the adaptive search. Speed
+    (issue 11): a fresh n × n array costs its page faults on every use, about as much as
+    the arithmetic done in it."""
+
+    def __init__(self, n: int) -> None:
+        # The gain matrix and its mirror (n × n), the strips' other scratch (rows × n).
+        strip = min(_STRIP_ROWS, n) * n
+        self._flat = [np.empty(size) for size in (n * n, n * n, strip, strip)]
+        self._lower: tuple[int, BoolArray] | None = None
+
+    def buffer(self, k: int, rows: int, cols: int | None = None) -> FloatArray:
+        cols = rows if cols is None else cols
+        return self._flat[k][: rows * cols].reshape(rows, cols)
+
+    def lower(self, u: int) -> BoolArray:
+        """The lower triangle with the diagonal, as a mask."""
+        if self._lower is None or self._lower[0] != u:
+            self._lower = (u, np.tri(u, dtype=np.bool_))
+        return self._lower[1]
+
+
 class _Planner:
     def __init__(
         self,
@@ -280,31 +308,30 @@ class _Planner:
         m = len(history)
         # Speed (issue 11): the history as arrays in one pass each, not a loop of numpy
         # item writes (20k pairs: a tenth of a second).
+        # np.fromiter per column: no list of tuples to convert (half the time).
         index = self.index
         try:
-            rows = [
-                (index[h.essay_a], index[h.essay_b], h.outcome != "failed", h.permanent)
-                for h in history
-            ]
+            ha = np.fromiter((index[h.essay_a] for h in history), dtype=np.intp, count=m)
+            hb = np.fromiter((index[h.essay_b] for h in history), dtype=np.intp, count=m)
         except KeyError as exc:
             raise ValueError(f"history refers to an unknown essay: {exc.args[0]!r}") from None
-        table = np.array(rows, dtype=np.intp).reshape(m, 4)
-        ha, hb = table[:, 0], table[:, 1]
-        live, permanent = table[:, 2].astype(np.bool_), table[:, 3].astype(np.bool_)
+        live = np.fromiter((h.outcome != "failed" for h in history), dtype=np.bool_, count=m)
+        permanent = np.fromiter((h.permanent for h in history), dtype=np.bool_, count=m)
         for k in np.flatnonzero(ha == hb)[:1]:
             raise ValueError(f"history pairs essay {history[int(k)].essay_a!r} with itself")
         # position_balance(history), by counting.
         self.balance = np.bincount(ha, minlength=n) - np.bincount(hb, minlength=n)
         self.count = np.bincount(ha[live], minlength=n) + np.bincount(hb[live], minlength=n)
         # Counted by bincount on flat indices, not np.add.at (ten times slower).
-        attempts = np.bincount(ha * n + hb, minlength=n * n).reshape(n, n).astype(np.int32)
-        attempts += attempts.T
-        used = np.zeros((n, n), dtype=np.bool_)
-        used[ha[live], hb[live]] = True
-        used[ha[permanent], hb[permanent]] = True
-        used |= used.T
-        self.eligible: BoolArray = ~used & (attempts < max_attempts_per_pair)
-        np.fill_diagonal(self.eligible, False)
+        # Both orientations at once: no n × n transposes.
+        flat = np.concatenate((ha * n + hb, hb * n + ha))
+        attempts = np.bincount(flat, minlength=n * n)
+        eligible = attempts < max_attempts_per_pair
+        closed = np.concatenate((live, permanent, live, permanent))
+        both = np.concatenate((ha, ha, hb, hb)) * n + np.concatenate((hb, hb, ha, ha))
+        eligible[both[closed]] = False
+        eligible[:: n + 1] = False
+        self.eligible: BoolArray = eligible.reshape(n, n)
         self.edges_a: list[int] = ha[live].tolist()
         self.edges_b: list[int] = hb[live].tolist()
         self.wave_count = np.zeros(n, dtype=np.intp)
@@ -343,11 +370,9 @@ class _Planner:
     def _options(self, i: int, j: int) -> tuple[bool, bool]:
         """Whether (i, j) resp. (j, i) keeps both balances in range, or at least not worse."""
         bi, bj = int(self.balance[i]), int(self.balance[j])
-
-        def ok(old: int, new: int) -> bool:
-            return abs(new) <= 1 or abs(new) < abs(old)
-
-        return ok(bi, bi + 1) and ok(bj, bj - 1), ok(bj, bj + 1) and ok(bi, bi - 1)
+        # b → b + 1 leaves |b + 1| ≤ 1 or brings it nearer 0 exactly when b ≤ 0; b → b − 1
+        # when b ≥ 0 (a closed form of the rule, without a helper call per test).
+        return bi <= 0 and bj >= 0, bj <= 0 and bi >= 0
 
     def orientation(self, i: int, j: int) -> tuple[int, int] | None:
         """(a, b) keeping both balances in range (or not worse), or None."""
@@ -443,18 +468,10 @@ class _Planner:
         path of this wave's pairs; essays short of k comparisons first. Matters when few
         pairs are left (small batches near exhaustion, k close to n − 1)."""
         while not self.full:
-            ii, jj = np.nonzero(np.triu(self.eligible, 1))
-            if len(ii) == 0:
+            found = self._repair_candidates()
+            if found is None:
                 return
-            noise = self.rng.random(len(ii))
-            # Speed only (issue 11): a pair with an essay already at this wave's cap can never
-            # be added, and reversing a path for it only flipped orientations back and forth
-            # (a BFS over the wave per candidate: 2.4 s of a 2.5 s matching wave at n = 1000).
-            # Such pairs are skipped; the order of the others, and the draws, are unchanged.
-            if self.wave_cap is not None:
-                room = self.wave_count < self.wave_cap
-                keep = room[ii] & room[jj]
-                ii, jj, noise = ii[keep], jj[keep], noise[keep]
+            ii, jj, noise = found
             short = (self.count[ii] < k).astype(np.float64) + (self.count[jj] < k)
             key = -short * 1e6 + self.count[ii] + self.count[jj] + noise
             done = False
@@ -468,6 +485,33 @@ class _Planner:
                     break
             if not done:
                 return
+
+    def _repair_candidates(self) -> tuple[IntArray, IntArray, FloatArray] | None:
+        """The eligible pairs (i, j), i < j, in row order, each with its own random draw
+        (one per eligible pair), or None if there is none. Speed only (issue 11): a pair
+        with an essay already at this wave's cap can never be added, and reversing a path
+        for it only flipped orientations back and forth (a BFS over the wave per candidate:
+        2.4 s of a 2.5 s matching wave at n = 1000); such pairs are left out, found among
+        the essays with room only, each with the draw it had among all."""
+        upper = np.triu(self.eligible, 1)
+        per_row = np.count_nonzero(upper, axis=1)
+        total = int(per_row.sum())
+        if total == 0:
+            return None
+        noise = self.rng.random(total)
+        if self.wave_cap is None:
+            ii, jj = np.nonzero(upper)
+            return ii.astype(np.intp), jj.astype(np.intp), noise
+        room = np.flatnonzero(self.wave_count < self.wave_cap)
+        rows = upper[room]
+        a, b = np.nonzero(rows[:, room])
+        ii, jj = room[a], room[b]
+        # A pair's draw: the eligible pairs of the rows before it, then those before it
+        # in its row.
+        first = np.cumsum(per_row) - per_row
+        before = np.cumsum(rows[np.unique(a)], axis=1) if len(a) else rows[:0]
+        at = first[ii] + before[np.searchsorted(np.unique(a), a), jj] - 1
+        return ii.astype(np.intp), jj.astype(np.intp), noise[at]
 
     # -- coverage ------------------------------------------------------------
 
@@ -573,28 +617,41 @@ class _Planner:
 
     # -- adaptive ------------------------------------------------------------
 
-    def open_pairs(self, per_essay_cap: int) -> tuple[IntArray, IntArray]:
-        """(i, j), i < j, of the pairs that may still join this wave: eligible, both under
-        the cap, and not both leaning the same way (no orientation would keep balance)."""
+    def _open_block(self, per_essay_cap: int) -> tuple[IntArray, BoolArray]:
+        """The essays in pairs that may still join this wave (in order) and, between them,
+        which pairs may (a symmetric mask): eligible, both under the cap, and not both
+        leaning the same way (no orientation would keep balance)."""
         cap = per_essay_cap if self.wave_cap is None else min(per_essay_cap, self.wave_cap)
-        # Speed (issue 11): over the essays under the cap only (in order, so the pairs come
-        # in the same order), not an n × n mask every round.
-        under = np.flatnonzero(self.wave_count < cap)
-        ok = self.eligible[np.ix_(under, under)]
+        # Speed (issue 11): over the essays under the cap only, not an n × n mask every round.
+        under = np.flatnonzero(self.wave_count < cap).astype(np.intp)
+        ok = self.eligible if len(under) == self.n else self.eligible[np.ix_(under, under)]
         bal = self.balance[under]
-        ok &= ~((bal[:, None] == bal[None, :]) & (bal[:, None] != 0))
-        ii, jj = np.nonzero(np.triu(ok, 1))
-        return under[ii].astype(np.intp), under[jj].astype(np.intp)
+        ok = ok & ((bal[:, None] != bal[None, :]) | (bal[None, :] == 0))
+        some = ok.any(axis=1)
+        if not some.all():
+            keep = np.flatnonzero(some)
+            ok, under = ok[np.ix_(keep, keep)], under[keep]
+        return under, ok
 
-    def _anchor_factor(self, ii: IntArray, jj: IntArray, anchor_bonus: float) -> FloatArray:
-        """1 + anchor_bonus for a student–anchor pair whose anchor grade the student has
-        not met yet, else 1."""
+    def open_pairs(self, per_essay_cap: int) -> tuple[IntArray, IntArray]:
+        """(i, j), i < j, of the pairs that may still join this wave (`_open_block`)."""
+        used, ok = self._open_block(per_essay_cap)
+        ii, jj = np.nonzero(np.triu(ok, 1))
+        return used[ii], used[jj]
+
+    def _anchor_bonus(self, values: FloatArray, used: IntArray, anchor_bonus: float) -> None:
+        """values × (1 + anchor_bonus), in place, for the student–anchor pairs of ``used``
+        whose anchor grade the student has not met yet (the rest × 1, left as they are)."""
         if anchor_bonus <= 0:
-            return np.ones(len(ii))
-        gi, gj = self.anchor_grade[ii], self.anchor_grade[jj]
-        new_i = (gi < 0) & (gj >= 0) & ~self.met_grade[ii, np.maximum(gj, 0)]
-        new_j = (gj < 0) & (gi >= 0) & ~self.met_grade[jj, np.maximum(gi, 0)]
-        return np.where(new_i | new_j, 1.0 + anchor_bonus, 1.0)
+            return
+        grade = self.anchor_grade[used]
+        students, anchors = np.flatnonzero(grade < 0), np.flatnonzero(grade >= 0)
+        if len(students) == 0 or len(anchors) == 0:
+            return
+        new = ~self.met_grade[np.ix_(used[students], grade[anchors])]
+        factor = np.where(new, 1.0 + anchor_bonus, 1.0)
+        values[np.ix_(students, anchors)] *= factor
+        values[np.ix_(anchors, students)] *= factor.T
 
     def _anchor_factor_one(self, x: int, y: int, anchor_bonus: float) -> float:
         """`_anchor_factor` of one pair, without arrays (speed, issue 11)."""
@@ -606,25 +663,58 @@ class _Planner:
         )
         return 1.0 + anchor_bonus if new else 1.0
 
-    def _all_gains(
-        self, cov: FloatArray, theta: FloatArray, ii: IntArray, jj: IntArray
+    def _gain_matrix(
+        self, cov: FloatArray, theta: FloatArray, used: IntArray, jitter: FloatArray, work: _Work
     ) -> FloatArray:
-        """A-optimal gain of every open pair at once: I·‖CΣ(e_i − e_j)‖² / (1 + I·d), with
-        d = Var(θ_i − θ_j) and I the expected information of the comparison."""
-        diag = np.diag(cov)
-        # Speed (issue 11): the Gram matrix of the centred columns of the essays in open
-        # pairs only (all of them in a wave's first round; few in the later rounds, which
-        # computed all n columns, O(n³), each time).
-        used, li, lj = _local(self.n, ii, jj)
-        sub = cov if len(used) == self.n else cov[:, used]
+        """A-optimal gain (× the tie-breaking jitter) of every pair of the essays ``used``, as
+        a matrix (in ``work``) whose upper triangle holds it: I·‖CΣ(e_i − e_j)‖² / (1 + I·d),
+        with d = Var(θ_i − θ_j) and I the expected information of the comparison. Speed
+        (issue 11): elementwise, not gathered pair by pair, over strips of rows that cover
+        the upper triangle (about half the block, in scratch small enough to stay in
+        cache); each operation is the one `expected_information` and the formula make,
+        with the same operands, so the upper triangle holds the same values to the bit."""
+        u = len(used)
+        full = u == self.n
+        diag = np.diag(cov)[used]
+        # cov[:, used] is in Fortran order: its column means and Gram are summed that way.
+        sub = cov if full else cov[:, used]
         centred = sub - sub.mean(axis=0, keepdims=True)
-        # Only the upper triangle is read (li < lj): a symmetric rank-k product, half a GEMM.
+        # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
         s2d = np.diag(s2)
-        d = np.maximum(diag[ii] + diag[jj] - 2.0 * cov[ii, jj], 1e-12)
-        num = s2d[li] + s2d[lj] - 2.0 * s2[li, lj]
-        info = expected_information(theta[ii] - theta[jj], d)
-        return np.asarray(info * num / (1.0 + info * d), dtype=np.float64)
+        block = cov if full else cov.take(used, axis=0).take(used, axis=1)
+        jit = jitter if full else jitter.take(used, axis=0).take(used, axis=1)
+        th = theta[used]
+        out = work.buffer(0, u)
+        rows = _STRIP_ROWS
+        for r0 in range(0, u, rows):
+            r1 = min(r0 + rows, u)
+            shape = (r1 - r0, u - r0)
+            d, t, b = (work.buffer(k, shape[0], shape[1]) for k in (1, 2, 3))
+            a = out[r0:r1, r0:]
+            np.multiply(block[r0:r1, r0:], 2.0, out=t)
+            np.add(diag[r0:r1, None], diag[None, r0:], out=d)
+            d -= t
+            np.maximum(d, 1e-12, out=d)
+            np.add(d, _S2, out=t)
+            np.subtract(th[r0:r1, None], th[None, r0:], out=a)  # μ = θ_i − θ_j
+            np.multiply(a, -0.5, out=b)
+            b *= a
+            b /= t
+            np.exp(b, out=b)
+            np.divide(_S2, t, out=t)
+            np.sqrt(t, out=t)
+            t *= 0.25
+            t *= b  # I = ¼·√(s²/(s² + d))·exp(−μ²/(2(s² + d)))
+            np.add(s2d[r0:r1, None], s2d[None, r0:], out=a)
+            np.multiply(s2[r0:r1, r0:], 2.0, out=b)
+            a -= b  # ‖CΣ(e_i − e_j)‖²
+            a *= t
+            d *= t
+            d += 1.0
+            a /= d
+            a *= jit[r0:r1, r0:]
+        return out
 
     def _exact_gain(
         self, cov: _Sigma, theta: FloatArray, x: int, y: int
@@ -636,17 +726,19 @@ class _Planner:
         vc = v - v.mean()
         return info * float(vc @ vc) / (1.0 + info * d), v, info
 
-    def _shortlist(self, ii: IntArray, jj: IntArray, values: FloatArray) -> _Candidates:
-        """Each essay's best partners (a wide but bounded candidate set), best first."""
-        n = self.n
-        # Speed (issue 11): over the essays in open pairs only (the rows of the others held
-        # no finite value): the same candidates, without an n × n matrix every round.
-        used, li, lj = _local(n, ii, jj)
+    def _shortlist(
+        self, used: IntArray, ok: BoolArray, values: FloatArray, work: _Work
+    ) -> _Candidates:
+        """Each essay's best partners (a wide but bounded candidate set), best first, among
+        the open pairs ``ok`` of the essays ``used`` (values in the upper triangle)."""
         u = len(used)
-        mat = np.full((u, u), -np.inf)
-        mat[li, lj] = values
-        mat[lj, li] = values
-        kk = min(_PARTNERS_PER_ESSAY, n - 1, u - 1)
+        mat = values
+        np.copyto(mat, 0.0, where=work.lower(u))
+        mirror = work.buffer(1, u)
+        np.copyto(mirror, mat.T)
+        mat += mirror  # the upper triangle's values mirrored, the diagonal 0
+        np.copyto(mat, -np.inf, where=~ok)
+        kk = min(_PARTNERS_PER_ESSAY, self.n - 1, u - 1)
         # The kk largest of each row (the -inf of closed pairs are dropped below).
         top = np.argpartition(mat, u - kk, axis=1)[:, u - kk :]
         rows = np.repeat(np.arange(u), kk)
@@ -654,10 +746,13 @@ class _Planner:
         keep = np.isfinite(mat[rows, cols])
         lo = np.minimum(rows[keep], cols[keep])
         hi = np.maximum(rows[keep], cols[keep])
-        uniq = np.unique(lo * u + hi)
+        uniq = _unique(lo * u + hi)
         li, lj = uniq // u, uniq % u
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
-        order = np.lexsort((ys, xs, neg))  # the order a heap of (−gain, i, j) pops them in
+        # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
+        order = np.argsort(neg)
+        if len(order) > 1 and bool(np.any(np.diff(neg[order]) == 0)):  # ties: keep (i, j) order
+            order = np.argsort(neg, kind="stable")
         return _Candidates(neg[order].tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
@@ -672,8 +767,11 @@ class _Planner:
         are computed for all open pairs, then re-ranked lazily: a popped candidate whose
         gain is stale is re-scored and pushed back unless it still leads."""
         cov = _Sigma(self._posterior_covariance(theta, var))
-        jitter = 1.0 + 1e-9 * self.rng.random((self.n, self.n))
+        jitter = self.rng.random((self.n, self.n))
+        jitter *= 1e-9
+        jitter += 1.0
         jitter = np.minimum(jitter, jitter.T)  # breaks exact ties, seeded
+        work = _Work(self.n)
         # Speed (issue 11): essays at their cap for this wave, for a cheap first test of the
         # many candidates that die (most of them, in a matching wave), which the candidate
         # list also skips when it is asked for its best. The live candidates come out in
@@ -682,11 +780,12 @@ class _Planner:
         closed = bytearray(self.n)
         out, size = self.out, self.size
         while not self.full:
-            ii, jj = self.open_pairs(per_essay_cap)
-            if len(ii) == 0:
+            used, ok = self._open_block(per_essay_cap)
+            if len(used) == 0:
                 return
-            values = self._all_gains(cov.matrix(), theta, ii, jj) * jitter[ii, jj]
-            heap = self._shortlist(ii, jj, values * self._anchor_factor(ii, jj, anchor_bonus))
+            values = self._gain_matrix(cov.matrix(), theta, used, jitter, work)
+            self._anchor_bonus(values, used, anchor_bonus)
+            heap = self._shortlist(used, ok, values, work)
             version = added = 0
             while heap.any(closed) and len(out) < size:
                 _, x, y, ver = heap.pop()
@@ -735,7 +834,24 @@ class _Planner:
                 self.add(x, y)
 
     def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
-        """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior."""
+        """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior
+        (a unit prior before the first fit: variances from the graph alone)."""
+        prior = 1.0 if var is None else 1.0 / max(float(np.var(theta) + np.mean(var)), 1e-2)
+        cov = _spd_inverse(self._information(theta, prior))
+        if cov is None:  # not numerically definite: LU
+            cov = np.asarray(np.linalg.inv(self._information(theta, prior)), dtype=np.float64)
+        if var is None:
+            return cov
+        # Keep the correlation structure of the graph but the variances of the latest
+        # fit (which knows η, the fitted prior and comparisons this sketch may not).
+        scale = np.sqrt(var / np.maximum(np.diag(cov), 1e-12))
+        cov *= scale[:, None]
+        cov *= scale[None, :]
+        return cov
+
+    def _information(self, theta: FloatArray, prior: float) -> FloatArray:
+        """H: the Fisher information of the live comparisons at θ, plus ``prior`` on its
+        diagonal (bitwise symmetric)."""
         n = self.n
         ea = np.asarray(self.edges_a, dtype=np.intp)
         eb = np.asarray(self.edges_b, dtype=np.intp)
@@ -746,18 +862,8 @@ class _Planner:
         h = flat.astype(np.float64, copy=False).reshape(n, n)  # (int when there are none)
         h += h.T
         h[np.diag_indices(n)] = -h.sum(axis=1)
-        if var is None:  # no fit yet: a unit prior, variances from the graph alone
-            h[np.diag_indices(n)] += 1.0
-            return _spd_inverse(h)
-        tau2 = float(np.var(theta) + np.mean(var))
-        h[np.diag_indices(n)] += 1.0 / max(tau2, 1e-2)
-        cov = _spd_inverse(h)
-        # Keep the correlation structure of the graph but the variances of the latest
-        # fit (which knows η, the fitted prior and comparisons this sketch may not).
-        scale = np.sqrt(var / np.maximum(np.diag(cov), 1e-12))
-        cov *= scale[:, None]
-        cov *= scale[None, :]
-        return cov
+        h[np.diag_indices(n)] += prior
+        return h
 
 
 def _scores_array(

@@ -73,6 +73,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import scipy.linalg
+import scipy.linalg.blas
 import scipy.linalg.lapack
 import scipy.sparse
 import scipy.sparse.linalg
@@ -88,6 +89,8 @@ _PROBIT_S = np.array([0.29086063, 0.40939423, 0.57333067, 0.79967239, 1.11757401
 _PROBIT_W = np.array([0.02271639, 0.20362993, 0.42740756, 0.29985571, 0.04639041])
 _PROBIT_W = _PROBIT_W / _PROBIT_W.sum()
 _PROBIT_S2 = _PROBIT_S * _PROBIT_S
+_PROBIT_WS = _PROBIT_W * _PROBIT_S
+_PROBIT_W_S = _PROBIT_W / _PROBIT_S
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _VARIATIONAL_TOL = 1e-4  # on the mean's last step (logits)
 # Grid points off the mode are solved more loosely: the bound is stationary in q, so its
@@ -172,7 +175,13 @@ def count_components(n: int, a: IntArray, b: IntArray) -> int:
     """Connected components of the undirected comparison graph on n essays."""
     if n == 0:
         return 0
-    graph = scipy.sparse.coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)).tocsr()
+    # The CSR arrays built directly (speed, issue 11: a COO matrix and its conversion cost
+    # three times the search at 100 essays).
+    order = np.argsort(a, kind="stable")
+    indptr = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(a, minlength=n), out=indptr[1:])
+    indices = np.asarray(b, dtype=np.int32)[order]
+    graph = scipy.sparse.csr_matrix((np.ones(len(a)), indices, indptr), shape=(n, n))
     k, _ = connected_components(graph, directed=False)
     return int(k)
 
@@ -198,12 +207,14 @@ class _Posterior:
         self.hi, self.lo = np.maximum(a, b), np.minimum(a, b)
         self.fit_position = fit_position
         self.p = p = n + 1 if fit_position else n
+        self._flat: dict[bool, tuple[IntArray, IntArray, IntArray]] = {}
         m = len(y)
         parts = [a * p + a, b * p + b, a * p + b, b * p + a]
         if fit_position:
             ee = np.full(m, n * p + n, dtype=np.intp)
             parts += [a * p + n, n * p + a, b * p + n, n * p + b, ee]
         self.flat = np.concatenate(parts)
+        self.signs = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0][: len(parts)])
         self.diag_idx = np.arange(p) * (p + 1)
         self.sparse = p > _DENSE_MAX
         if self.sparse:
@@ -242,9 +253,9 @@ class _Posterior:
         g -= np.bincount(b, weights=r, minlength=p)
         if self.fit_position:
             g[n] += float(r.sum())
-            weights = np.concatenate([w, w, -w, -w, w, w, -w, -w, w])
-        else:
-            weights = np.concatenate([w, w, -w, -w])
+        # w, w, −w, −w (, w, w, −w, −w, w): the signs of each block of `flat`, in one
+        # broadcast product instead of a concatenation of negated copies.
+        weights = (self.signs[:, None] * w[None, :]).reshape(-1)
         g -= lam * x
         if self.sparse:
             data: FloatArray = np.asarray(
@@ -264,10 +275,26 @@ class _Posterior:
         """Var(z_k) = x_kᵀ Σ x_k for every comparison, from the lower triangle of Σ."""
         a, b, n = self.a, self.b, self.n
         d = np.diag(lower)
-        v = d[a] + d[b] - 2.0 * lower[self.hi, self.lo]
+        # By flat index into the array's own memory order (dpotri's is Fortran's): `take`
+        # instead of two-dimensional indexing, a third of the time (speed, issue 11).
+        c_order = bool(lower.flags.c_contiguous)
+        flat = lower.reshape(-1) if c_order else lower.T.reshape(-1)
+        cross, with_a, with_b = self._flat_pairs(c_order)
+        v = d[a] + d[b] - 2.0 * flat.take(cross)
         if self.fit_position:  # η is the last parameter: row n is below every θ
-            v = v + d[n] + 2.0 * lower[n, a] - 2.0 * lower[n, b]
+            v = v + d[n] + 2.0 * flat.take(with_a) - 2.0 * flat.take(with_b)
         return np.asarray(np.maximum(v, 0.0), dtype=np.float64)
+
+    def _flat_pairs(self, c_order: bool) -> tuple[IntArray, IntArray, IntArray]:
+        """Flat indices of (hi, lo), (n, a), (n, b) in a p × p array of that order."""
+        if c_order not in self._flat:
+            row, col = (self.p, 1) if c_order else (1, self.p)
+            self._flat[c_order] = (
+                self.hi * row + self.lo * col,
+                self.n * row + self.a * col,
+                self.n * row + self.b * col,
+            )
+        return self._flat[c_order]
 
     def hessian(self, x: FloatArray, lam: FloatArray) -> _Hessian:
         return self.gradient_hessian(x, self.linear(x), lam)[1]
@@ -323,35 +350,53 @@ def _gaussian_expectations(
     optimum of the bound computed from them — which a quadrature rule would not give
     where Var(t) is large (weak priors, next to no data).
     """
-    r = np.sqrt(1.0 + _PROBIT_S2[None, :] * v[:, None])
-    arg = _PROBIT_S[None, :] * z[:, None] / r
+    # One row per probit (5 × m): the elementwise loops run along the comparisons (speed,
+    # issue 11: with 5 in the inner loop they cost twice as much).
+    r = np.sqrt(1.0 + _PROBIT_S2[:, None] * v[None, :])
+    arg = _PROBIT_S[:, None] * z[None, :]
+    arg /= r
     cdf = scipy.special.ndtr(arg)
-    pdf = np.exp(-0.5 * arg * arg) * _INV_SQRT_2PI
-    ep = np.asarray(cdf @ _PROBIT_W, dtype=np.float64)
-    ew = np.asarray((pdf / r) @ (_PROBIT_W * _PROBIT_S), dtype=np.float64)
-    es = (
-        np.asarray((r * (arg * cdf + pdf)) @ (_PROBIT_W / _PROBIT_S), dtype=np.float64)
-        if softplus
-        else None
-    )
+    pdf = arg * arg
+    pdf *= -0.5
+    np.exp(pdf, out=pdf)
+    pdf *= _INV_SQRT_2PI
+    ep = np.asarray(_PROBIT_W @ cdf, dtype=np.float64)
+    es = None
+    if softplus:
+        tail = arg * cdf
+        tail += pdf
+        tail *= r
+        es = np.asarray(_PROBIT_W_S @ tail, dtype=np.float64)
+    pdf /= r
+    ew = np.asarray(_PROBIT_WS @ pdf, dtype=np.float64)
     return ep, ew, es
 
 
 def _symmetric_matvec(lower: FloatArray, g: FloatArray) -> FloatArray:
-    """Σ g from the lower triangle of a symmetric Σ (zeros above)."""
-    return np.asarray(lower @ g + lower.T @ g - np.diag(lower) * g, dtype=np.float64)
+    """Σ g from the lower triangle of a symmetric Σ (zeros above): one BLAS dsymv."""
+    # dsymv reads the lower triangle of the Fortran array: a C array's transpose has it
+    # in the upper.
+    if lower.flags.f_contiguous:
+        out = scipy.linalg.blas.dsymv(1.0, lower, g, lower=1)
+    else:
+        out = scipy.linalg.blas.dsymv(1.0, lower.T, g, lower=0)
+    return np.asarray(out, dtype=np.float64)
 
 
 def _inverse(h: FloatArray) -> tuple[FloatArray, float]:
-    """The lower triangle of H⁻¹ (zeros above) and log det H, from the Cholesky factor.
+    """The lower triangle of H⁻¹ (zeros above) and log det H, from the Cholesky factor;
+    H (C order) is overwritten.
 
     Only the lower triangle: symmetrising a 1,000 × 1,000 inverse cost a fifth of a
     variational round, and every consumer reads one triangle."""
-    c, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1)
+    # H is symmetric: its transpose is the Fortran array LAPACK factors in place (speed,
+    # issue 11: f2py's copies of H and of the factor cost a fifth of the inverse at n = 100).
+    # H is overwritten.
+    c, info = scipy.linalg.lapack.dpotrf(h.T, lower=1, clean=1, overwrite_a=1)
     if info != 0:  # pragma: no cover - the prior keeps h positive definite
         raise np.linalg.LinAlgError("Hessian not positive definite")
     logdet = 2.0 * float(np.sum(np.log(np.diag(c))))
-    inv, info = scipy.linalg.lapack.dpotri(c, lower=1)
+    inv, info = scipy.linalg.lapack.dpotri(c, lower=1, overwrite_c=1)
     if info != 0:  # pragma: no cover
         raise np.linalg.LinAlgError("Hessian not invertible")
     return np.asarray(inv, dtype=np.float64), logdet
@@ -394,10 +439,13 @@ class _Bound:
         assert es is not None
         return float(self.post.y @ z - es.sum()) - 0.5 * float(self.lam @ (x * x))
 
-    def value(self, x: FloatArray, lower: FloatArray, logdet_h: float) -> tuple[float, FloatArray]:
-        """The ELBO at q = N(x, Σ) (Σ from its lower triangle), and the v_k it implies."""
+    def value(
+        self, x: FloatArray, lower: FloatArray, logdet_h: float, v: FloatArray | None = None
+    ) -> tuple[float, FloatArray]:
+        """The ELBO at q = N(x, Σ) (Σ from its lower triangle), and the v_k it implies
+        (``v``: those, when the caller has just computed them from the same Σ)."""
         post, lam = self.post, self.lam
-        v = post.pair_variances(lower)
+        v = post.pair_variances(lower) if v is None else v
         z = post.linear(x)
         _, _, es = _gaussian_expectations(z, v, softplus=True)
         assert es is not None
@@ -510,11 +558,11 @@ def _variational(
         x, v, cov, logdet, omega = x_new, v_new, cov_new, logdet_new, ew
         if moved < tol and v_moved < v_tol:
             # Σ is from the weights one round back: within the tolerances of the last.
-            elbo, _ = bound.value(x, cov, logdet)
+            elbo, _ = bound.value(x, cov, logdet, v)
             return _Variational(x, cov, v, elbo, it, True)
         if it > _UNDAMPED and (v_moved > last_v_moved or it > _UNCHECKED):
             monitored = True
-            current, _ = bound.value(x, cov, logdet)
+            current, _ = bound.value(x, cov, logdet, v)
             rho = 0.5
         last_v_moved = v_moved
     # The last accepted round's Σ (its weights one round behind x and v: within the
@@ -620,7 +668,7 @@ def _joint_mode(
         # from settling) and q is finished there: here in large batches, where x settles
         # without an inverse (at most ``_FROZEN_ROUNDS``), else by the solver.
         if moved < solver.tol and v_moved < _GRID_TOL:
-            elbo, _ = bound.value(x, lower, logdet)
+            elbo, _ = bound.value(x, lower, logdet, v)
             solver.cache[u] = _Variational(x, lower, v, elbo, it, True)
             break
         frozen += 1
@@ -893,14 +941,16 @@ def _fit(
     max_iter: int,
     tol: float,
     integrate: bool,
+    indexed: tuple[IntArray, IntArray, FloatArray] | None = None,
 ) -> FitResult:
+    """``indexed``: `_index_comparisons(essay_ids, comparisons)` when the caller has it."""
     if not prior > 0:
         raise ValueError("prior must be > 0")
     if prior_mode not in ("empirical", "fixed"):
         raise ValueError(f"unknown prior_mode {prior_mode!r}")
     ids = _unique_ids(essay_ids)
     n = len(ids)
-    a, b, y = _index_comparisons(ids, comparisons)
+    a, b, y = indexed if indexed is not None else _index_comparisons(ids, comparisons)
     m = len(y)
     components = count_components(n, a, b)
     if n == 0:
@@ -1019,10 +1069,13 @@ class _Hessian:
 
     def solve(self, g: FloatArray, rtol: float = 1e-12) -> FloatArray:
         if self.full is not None:
-            return np.asarray(
-                scipy.linalg.cho_solve(scipy.linalg.cho_factor(self.full, lower=True), g),
-                dtype=np.float64,
-            )
+            # LAPACK directly: what cho_factor / cho_solve call, without their checks
+            # (speed, issue 11: they cost more than the solve at 100 essays).
+            c, info = scipy.linalg.lapack.dpotrf(self.full, lower=1, clean=0)
+            if info != 0:  # pragma: no cover - the prior keeps H positive definite
+                raise np.linalg.LinAlgError("Hessian not positive definite")
+            step, info = scipy.linalg.lapack.dpotrs(c, g, lower=1)
+            return np.asarray(step, dtype=np.float64)
         assert self.sparse is not None
         precond = scipy.sparse.diags(1.0 / self.diag)
         step, _ = scipy.sparse.linalg.cg(
@@ -1128,10 +1181,10 @@ def ssr(theta: Mapping[str, float], se: Mapping[str, float]) -> float | None:
     return (var - float(np.mean(s * s))) / var
 
 
-def _usable_essays(ids: Sequence[str], comparisons: Sequence[Comparison]) -> list[str]:
+def _usable_essays(ids: Sequence[str], indexed: tuple[IntArray, IntArray, FloatArray]) -> list[str]:
     """Essays compared that neither won every comparison nor lost every one (those have
-    infinite ML scores)."""
-    a, b, y = _index_comparisons(ids, comparisons)
+    infinite ML scores); ``indexed``: `_index_comparisons` of the comparisons."""
+    a, b, y = indexed
     n = len(ids)
     games = np.bincount(a, minlength=n) + np.bincount(b, minlength=n)
     wins = np.bincount(a, weights=y, minlength=n) + np.bincount(b, weights=1.0 - y, minlength=n)
@@ -1145,14 +1198,25 @@ def classical_ssr(
     with at least one win and one loss (Rasch practice: extreme scores have no finite ML
     estimate). Adaptive pairing inflates it (Bramley & Vitello 2019)."""
     ids = _unique_ids(essay_ids)
-    usable = _usable_essays(ids, comparisons)
+    indexed = _index_comparisons(ids, comparisons)  # once, for both (speed, issue 11)
+    usable = _usable_essays(ids, indexed)
     if len(usable) < MIN_RELIABILITY_ESSAYS:
         return Reliability(
             None,
             f"{len(usable)} essays with both a win and a loss: "
             f"a reliability needs at least {MIN_RELIABILITY_ESSAYS}",
         )
-    fit = fit_bt(ids, comparisons, fit_position=fit_position, prior_mode="fixed")
+    fit = _fit(
+        ids,
+        comparisons,
+        fit_position=fit_position,
+        prior=0.01,
+        prior_mode="fixed",
+        max_iter=100,
+        tol=1e-10,
+        integrate=True,
+        indexed=indexed,
+    )
     if not fit.connected:
         return Reliability(None, f"comparison graph not connected ({fit.components} components)")
     value = ssr({e: fit.theta[e] for e in usable}, {e: fit.se[e] for e in usable})
