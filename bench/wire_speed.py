@@ -5,8 +5,9 @@
 
 For a request and a callback as the mock pipeline writes them: `codec.encode` (what a producer
 calls before XADD) and `codec.decode` of the fields as Redis returns them (bytes names and
-values, with the entry id), best of 5 rounds, in µs per event. The reference runs in the same
-process on the same events, so the ratio is what to read (absolute times vary with the machine).
+values, with the entry id), the best of 20 rounds, in µs per event. The reference runs in the
+same process on the same events, interleaved, so the ratio is what to read (absolute times vary
+with the machine and its load).
 """
 
 from __future__ import annotations
@@ -61,33 +62,41 @@ def load(path: str) -> ModuleType:
     return module
 
 
-def best(fn: Any, n: int) -> float:
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append(time.perf_counter() - start)
-    return min(times) / n * 1e6
+def timed(fn: Any, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n * 1e6
 
 
-def measure(module: Any, event: Event, n: int) -> tuple[float, float]:
-    stored = {k.encode(): v for k, v in module.encode(event).items()}
-    assert module.decode(stored, ENTRY_ID) == codec.decode(stored, ENTRY_ID)
-    return best(lambda: module.encode(event), n), best(lambda: module.decode(stored, ENTRY_ID), n)
+def measure(modules: list[tuple[str, Any]], event: Event, n: int, rounds: int) -> dict[str, Any]:
+    """Per module: the best encode and decode µs over `rounds`, the modules' runs interleaved
+    (a loaded machine slows them alike)."""
+    runs = []
+    for label, module in modules:
+        stored = {k.encode(): v for k, v in module.encode(event).items()}
+        assert module.decode(stored, ENTRY_ID) == codec.decode(stored, ENTRY_ID)
+        runs.append((label, module, stored))
+    best: dict[str, list[float]] = {label: [float("inf")] * 2 for label, _, _ in runs}
+    for _ in range(rounds):
+        for label, module, stored in runs:
+            enc = timed(lambda m=module: m.encode(event), n)
+            dec = timed(lambda m=module, s=stored: m.decode(s, ENTRY_ID), n)
+            best[label] = [min(best[label][0], enc), min(best[label][1], dec)]
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reference", help="a codec.py to compare with (e.g. main's)")
-    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     modules: list[tuple[str, Any]] = [("this tree", codec)]
     if args.reference:
         modules.insert(0, ("reference", load(args.reference)))
     for event in events():
-        for label, module in modules:
-            enc, dec = measure(module, event, args.n)
+        for label, (enc, dec) in measure(modules, event, args.n, args.rounds).items():
             print(
                 f"{type(event).__name__:22} {label:10} encode {enc:5.2f} µs  decode {dec:5.2f} µs"
                 f"  sum {enc + dec:5.2f} µs"

@@ -378,15 +378,15 @@ def test_requests_and_callbacks_are_written_flat_and_the_rest_as_json_data() -> 
     request = _one_of_each()[5]
     assert isinstance(request, ComparisonRequested)
     flat = codec.encode(request)
-    assert flat["wave"] == b"1" and flat["overrides"] == b'{"k":"v"}'
-    assert json.loads(flat["essay_a"]) == {"essay_id": request.essay_a.essay_id, **_extra(request)}
-
-
-def _extra(request: ComparisonRequested) -> dict[str, object]:
-    out = msgspec.to_builtins(request.essay_a)
-    assert isinstance(out, dict)
-    out.pop("essay_id")
-    return out
+    assert flat["wave"] == b"1" and flat["overrides"] == b'{"k":"v"}'  # a dict: JSON
+    # A struct: a field per field of it that is not at its default (a string raw, ...).
+    essay = request.essay_a
+    assert flat["essay_a.essay_id"] == essay.essay_id.encode()
+    assert flat["essay_a.text"] == essay.text.encode()
+    assert flat["essay_a.anchor_grade"] == msgspec.json.encode(essay.anchor_grade)  # str | None
+    assert "essay_a" not in flat and "essay_a.sha256" not in flat
+    used = msgspec.structs.replace(completed("b", "c1"), usage=TokenUsage(input_tokens=900))
+    assert codec.encode(used)["usage.input_tokens"] == b"900"  # Redis keeps it as an integer
 
 
 def test_a_flat_entry_keeps_its_field_order_and_leaves_defaults_out() -> None:
@@ -462,10 +462,15 @@ def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> 
     """The format is public: another producer may order fields otherwise, put `type` last, add
     a field of a newer version (kept in the event's JSON as a string, ignored by the type) or
     write its own time (read as it is, checked like any `occurred_at`)."""
-    event = completed("b", "c1")
+    event = msgspec.structs.replace(
+        completed("b", "c1"), usage=TokenUsage(input_tokens=9, output_tokens=2)
+    )
     fields = {k.encode(): v for k, v in codec.encode(event).items()}
     shuffled = dict(reversed(list(fields.items())))
+    output_tokens = shuffled.pop(b"usage.output_tokens")  # a struct's fields apart
     shuffled[b"future_field"] = b'x"y'
+    shuffled[b"usage.output_tokens"] = output_tokens
+    shuffled[b"usage.future_kind"] = b"7"  # a field a newer TokenUsage has
     shuffled[b"occurred_at"] = b"2023-11-14T22:13:21.000000Z"
     back = codec.decode(shuffled, "1700000000000-7")
     assert back == msgspec.structs.replace(
@@ -473,6 +478,11 @@ def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> 
     )
     found = codec.entry_data(shuffled)  # type: ignore[arg-type]
     assert found is not None and json.loads(found[1])["future_field"] == 'x"y'
+    assert json.loads(found[1])["usage"] == {
+        "input_tokens": 9,
+        "output_tokens": 2,
+        "future_kind": "7",
+    }
 
 
 @pytest.mark.parametrize(
