@@ -40,7 +40,7 @@ from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
 from projections import keys as pkeys
 from projections.batch import BatchState, entry_id_key
-from projections.replay import decode_flat, fold, raw_text
+from projections.replay import decode_flat, fold, mentions
 from streams.keys import Keys
 from streams.paging import raw_client, read_pages
 
@@ -107,9 +107,9 @@ async def collect_many(
         return out
     if groups:
         keys = next(iter(groups))
-    # The id as it appears inside the stored JSON (escaped where JSON escapes) and raw (a flat
-    # entry's `batch_id`), so that the byte filter never skips an entry of the batch.
-    needles = [(b, (msgspec.json.encode(b)[1:-1], b.encode())) for b in batch_ids]
+    # The id raw (a flat entry's `batch_id`) and as it appears inside the stored JSON (escaped
+    # where JSON escapes), so that the byte filter never skips an entry of the batch.
+    needles = [(b, [b.encode()], [msgspec.json.encode(b)[1:-1]]) for b in batch_ids]
     raw = raw_client(r)
     per_batch: dict[str, list[list[Record]]] = {b: [] for b in batch_ids}
     found = 0
@@ -118,8 +118,7 @@ async def collect_many(
         start = (min_ids or {}).get(name, "-")
         async for entries in read_pages(raw, keys.stream(name), min_id=start):
             for raw_id, flat in entries:
-                text = raw_text(flat)
-                wanted = [b for b, (n, plain) in needles if n in text or plain in text]
+                wanted = [b for b, plain, n in needles if mentions(flat, plain, n)]
                 if not wanted:
                     continue
                 event, data = decode_flat(flat)

@@ -204,17 +204,18 @@ def decode_flat(flat: list[Any]) -> tuple[Event | None, Any]:
         return None, data
 
 
-def raw_text(flat: list[Any]) -> bytes:
-    """What a byte filter looks for a batch id in: the entry's `data`, or a flat entry's values
-    (its `batch_id` raw among them)."""
+def mentions(flat: list[Any], needles: list[bytes], escaped: list[bytes] | None = None) -> bool:
+    """Whether a raw entry may concern one of the ids `needles` (a cheap byte filter before any
+    decoding): its `data` holds one (as JSON writes it: `escaped`, the same for ids of the
+    grammar), or a flat entry's value is one (its `batch_id`, exactly: a list scan in C)."""
     if len(flat) == 4 and flat[2] == b"data":
-        data = flat[3]
-    else:
-        fields = dict(zip(flat[::2], flat[1::2], strict=False))
-        data = fields.get(b"data", fields.get("data"))
-        if data is None:
-            return b"\0".join(v if isinstance(v, bytes) else str(v).encode() for v in flat[1::2])
-    return data if isinstance(data, bytes) else str(data).encode()
+        data = flat[3] if isinstance(flat[3], bytes) else str(flat[3]).encode()
+        return any(n in data for n in (escaped or needles))
+    if b"data" not in flat[::2]:
+        return any(n in flat for n in needles)
+    fields = dict(zip(flat[::2], flat[1::2], strict=False))
+    data = fields[b"data"] if isinstance(fields[b"data"], bytes) else str(fields[b"data"]).encode()
+    return any(n in data for n in (escaped or needles))
 
 
 @contextmanager
@@ -327,12 +328,10 @@ class ReplayResult:
     trimmed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _wanted(raw: bytes, needles: list[bytes] | None) -> bool:
-    """Cheap pre-filter on the raw entry (`raw_text`): a batch's events contain its id verbatim
-    (JSON encoders escape no plain ASCII), so entries without any wanted id need no decoding."""
-    if needles is None:
-        return True
-    return any(n in raw for n in needles)
+def _wanted(flat: list[Any], needles: list[bytes] | None) -> bool:
+    """Cheap pre-filter on the raw entry: a batch's events contain its id verbatim (JSON encoders
+    escape no plain ASCII), so entries without any wanted id need no decoding."""
+    return needles is None or mentions(flat, needles)
 
 
 async def replay_live(
@@ -380,7 +379,7 @@ async def _replay_live(
         async for entries in _range_pages(raw, keys.batches, page, batches_range, hz.batches_last):
             out.events += len(entries)
             for _, flat in entries:
-                if needles is not None and not _wanted(raw_text(flat), needles):
+                if needles is not None and not _wanted(flat, needles):
                     continue
                 event, _ = decode_flat(flat)
                 if event is None or event_id_problem(event) is not None:
@@ -411,7 +410,7 @@ async def _replay_live(
             ):
                 out.callbacks_unapplied += 1
                 continue
-            if needles is not None and not _wanted(raw_text(flat), needles):
+            if needles is not None and not _wanted(flat, needles):
                 continue
             callback, data = decode_flat(flat)
             if callback is None:

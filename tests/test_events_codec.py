@@ -533,3 +533,19 @@ def test_bad_flat_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason
     with pytest.raises(codec.DecodeError) as err:
         codec.decode(fields)  # type: ignore[arg-type]
     assert err.value.reason == reason
+
+
+def test_the_byte_filter_finds_a_batch_in_either_form() -> None:
+    """Replay and the archive skip entries of other batches before decoding
+    (`projections.replay.mentions`): a flat entry's `batch_id` is one of its values."""
+    from projections.replay import mentions
+
+    def raw(fields: dict[str, bytes]) -> list[bytes]:
+        return [x for k, v in fields.items() for x in (k.encode(), v)]
+
+    flat = raw(codec.encode(completed("b-1", "c1")))
+    data = raw({"type": b"ComparisonCompleted", "data": codec.encode_json(completed("b-1", "c1"))})
+    moved = [b"data", data[3], b"type", data[1]]  # `data` first: another producer's order
+    for entry in (flat, data, moved):
+        assert mentions(entry, [b"b-1"]) and not mentions(entry, [b"b-2"])
+    assert not mentions(flat, [b"b-"])  # a value equals the id, not merely contains it
