@@ -2,7 +2,8 @@
 namespace (`cjs import`, `cjs validate --runs`).
 
 A line is `{"type", "stream", "entry_id", "data"}`; `stream` is the stream's name without the key
-prefix, `data` the event exactly as stored (the entry's JSON, spliced in byte for byte). Lines are
+prefix, `data` the event exactly as stored (the entry's JSON, spliced in byte for byte; of a
+flat entry, the JSON its fields make, events/codec.py, as every reader decodes it). Lines are
 in entry-id order across the four streams. Import appends the events with their original entry
 ids where the target streams allow it (each stream must end before the file's first id), so the
 order replay depends on is the recorded one; otherwise Redis assigns new ids in the same order.
@@ -39,7 +40,7 @@ from events.text import as_str
 from events.types import EVENT_TYPES, BatchRegistered, BundleDispatched, Event
 from projections import keys as pkeys
 from projections.batch import BatchState, entry_id_key
-from projections.replay import decode_flat, fold
+from projections.replay import decode_flat, fold, mentions
 from streams.keys import Keys
 from streams.paging import raw_client, read_pages
 
@@ -106,9 +107,9 @@ async def collect_many(
         return out
     if groups:
         keys = next(iter(groups))
-    # The id as it appears inside the stored JSON (escaped where JSON escapes), so that the
-    # byte filter never skips an entry of the batch.
-    needles = [(b, msgspec.json.encode(b)[1:-1]) for b in batch_ids]
+    # The id raw (a flat entry's `batch_id`) and as it appears inside the stored JSON (escaped
+    # where JSON escapes), so that the byte filter never skips an entry of the batch.
+    needles = [(b, [b.encode()], [msgspec.json.encode(b)[1:-1]]) for b in batch_ids]
     raw = raw_client(r)
     per_batch: dict[str, list[list[Record]]] = {b: [] for b in batch_ids}
     found = 0
@@ -117,8 +118,7 @@ async def collect_many(
         start = (min_ids or {}).get(name, "-")
         async for entries in read_pages(raw, keys.stream(name), min_id=start):
             for raw_id, flat in entries:
-                data = flat[3] if len(flat) == 4 and flat[2] == b"data" else None
-                wanted = [b for b, n in needles if data is None or n in data]
+                wanted = [b for b, plain, n in needles if mentions(flat, plain, n)]
                 if not wanted:
                     continue
                 event, data = decode_flat(flat)

@@ -51,21 +51,35 @@ def hide_text(value: Any) -> Any:
 
 def redact(letter: dict[str, Any]) -> dict[str, Any]:
     """A dead letter (`letter_view`) without essay text: the original entry's `data` is parsed
-    and its `text` fields hidden; data that is not JSON is hidden whole (it may hold text)."""
+    and its `text` fields hidden; data that is not JSON is hidden whole (it may hold text). A
+    flat entry (events/codec.py) holds a text, if at all, in a nested value (an essay): each
+    value that is a JSON object or array is parsed and hidden alike."""
     fields = letter.get("fields")
     if not isinstance(fields, dict):
         hidden: Any = None if fields is None else f"[{len(str(fields))} characters hidden]"
         return {**letter, "fields": hidden, "text_hidden": True}
     out: dict[str, Any] = {}
     for name, value in fields.items():
+        if name in TEXT_KEYS:
+            out[name] = f"[{len(str(value))} characters hidden]"
+            continue
         if name != "data":
-            out[name] = value
+            out[name] = _nested_hidden(value)
             continue
         try:
             out[name] = json.dumps(hide_text(json.loads(value)), ensure_ascii=False)
         except (TypeError, ValueError):
             out[name] = f"[{len(str(value))} characters hidden: not JSON]"
     return {**letter, "fields": out, "text_hidden": True}
+
+
+def _nested_hidden(value: Any) -> Any:
+    if not (isinstance(value, str) and value[:1] in ("{", "[")):
+        return value
+    try:
+        return json.dumps(hide_text(json.loads(value)), ensure_ascii=False)
+    except ValueError:
+        return value
 
 
 def redact_listing(view: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,10 @@ Then:
 * the growth of `used_memory` over the batch, less client buffers and script caches, for
   comparison: it also holds what each connection opened meanwhile keeps (about 50 KB each,
   not per comparison, so a short batch reads high);
-* per stream and event type: entries, mean `data` bytes, data bytes per comparison, and how much
-  more the stream takes per entry than its data (ids, the `type` value, node overhead);
+* per stream and event type: entries, the event's mean bytes (its `data`, or for a flat entry
+  the values of its fields but `type`), those per comparison; per stream the bytes stored per
+  entry and how much more that is than the event's bytes (ids, the `type` value, field names
+  where an entry does not share its node's, node overhead);
 * one entry of each type, as stored.
 """
 
@@ -73,6 +75,20 @@ def family(key: str) -> str:
     return key
 
 
+def payload(fields: dict[bytes, bytes]) -> int:
+    """An entry's event bytes: its `data`, or the values of a flat entry (events/codec.py)
+    but `type` (names are the stream node's, stored once when entries share them)."""
+    if b"data" in fields:
+        return len(fields[b"data"])
+    return sum(len(value) for name, value in fields.items() if name != b"type")
+
+
+def shown(fields: dict[bytes, bytes]) -> str:
+    if b"data" in fields:
+        return fields[b"data"].decode()
+    return " ".join(f"{k.decode()}={v.decode()}" for k, v in fields.items() if k != b"type")
+
+
 async def breakdown(r: Any, n: int) -> dict[str, Any]:
     families: dict[str, dict[str, Any]] = defaultdict(lambda: {"keys": 0, "bytes": 0})
     async for raw in r.scan_iter(count=1000):
@@ -95,12 +111,13 @@ async def breakdown(r: Any, n: int) -> dict[str, Any]:
         sample: dict[str, str] = {}
         for _, fields in entries:
             kind = fields[b"type"].decode()
-            sizes[kind].append(len(fields[b"data"]))
-            sample.setdefault(kind, fields[b"data"].decode())
+            sizes[kind].append(payload(fields))
+            sample.setdefault(kind, shown(fields))
         data = sum(sum(v) for v in sizes.values())
         stored = families[name]["bytes"]
         streams[name] = {
             "entries": len(entries),
+            "stored_per_entry": round(stored / len(entries), 1),
             "overhead_per_entry": round((stored - data) / len(entries), 1),
             "types": {
                 kind: {
@@ -226,7 +243,10 @@ def main() -> None:
             f"{encoding}"
         )
     for name, s in out["streams"].items():
-        print(f"{name}: {s['entries']} entries, {s['overhead_per_entry']} B/entry beyond data")
+        print(
+            f"{name}: {s['entries']} entries, {s['stored_per_entry']} B/entry stored, "
+            f"{s['overhead_per_entry']} B/entry beyond the event's bytes"
+        )
         for kind, t in s["types"].items():
             print(
                 f"  {kind:20s} {t['entries']:5d} x {t['mean_data']:8.1f} B = "

@@ -1,11 +1,17 @@
-"""The stream-entry codec: every entry is exactly `{type, data}` with JSON data."""
+"""The stream-entry codec. An entry is `{type, data}` with the event as JSON in `data`, or, for
+the per-comparison events (`EntryStamped`: requests and callbacks), flat: `type`, then each
+field of the event that is written its own stream field (strings raw, numbers as decimal text,
+everything else as compact JSON). Both forms decode, whatever the type (docs/design.md, "Streams
+and the wire format")."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TypeVar
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
+from msgspec import inspect as mi
 from msgspec.structs import astuple
 
 from events.clock import entry_iso
@@ -39,8 +45,126 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
+class _Field(NamedTuple):
+    name: str  # the stream field's: `usage.input_tokens` for a field of a nested struct
+    key: bytes  # `"input_tokens":`, how the field opens in its object's JSON
+    raw: bool  # a string, written raw (quoted in the JSON)
+    default: Any  # msgspec.NODEFAULT when required
+    parent: bytes  # b"usage" for `usage.input_tokens`; b"" at the top
+    nested: tuple[_Field, ...] | None  # a struct's fields, when it is written field by field
+    struct: type | None  # that struct's type
+
+
+def _flat_fields(cls: type[msgspec.Struct], prefix: str = "") -> tuple[_Field, ...]:
+    """How `cls` is written flat: its fields in declaration order (a stable order, so that the
+    entries of a stream node share their field names: see `encode`), without `event_id` and
+    `occurred_at`, which the entry id gives (`EntryStamped`). A field that is a struct (an
+    essay, `usage`, `error`) is written as one field per its own, named `parent.child`, at the
+    top level only: `{"essay_id":"S047"}` takes 21 B of a listpack, `essay_a.essay_id` `S047` 6."""
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    out = []
+    for f in info.fields:
+        if f.name in ("event_id", "occurred_at") and not prefix:
+            continue
+        kind = f.type
+        raw = isinstance(kind, mi.StrType) or (
+            isinstance(kind, mi.LiteralType) and all(isinstance(v, str) for v in kind.values)
+        )
+        default = f.default_factory() if f.default_factory is not msgspec.NODEFAULT else f.default
+        nested = None
+        struct = None
+        if isinstance(kind, mi.StructType) and not prefix:
+            struct = kind.cls
+            nested = _flat_fields(kind.cls, f"{f.name}.")
+        key = _encoder.encode(f.name) + b":"
+        out.append(_Field(prefix + f.name, key, raw, default, prefix[:-1].encode(), nested, struct))
+    return tuple(out)
+
+
+FLAT_TYPES: frozenset[type[Event]] = frozenset(
+    cls for cls in EVENT_TYPES.values() if issubclass(cls, EntryStamped)
+)
+"""The event types written flat: the per-comparison ones, hundreds per batch of one type in a
+stream, whose field names a stream node then stores once (its master entry). The per-batch
+events (a few per wave, of mixed types, in `cj:batches` and `lps:dispatches`) keep `data`:
+flat, each would store its field names itself, for nothing saved."""
+_FLAT = {cls: _flat_fields(cls) for cls in FLAT_TYPES}
+# Type name -> stream field name (as bytes) -> its field: how a flat entry is read back.
+_FLAT_READ = {
+    cls.__name__.encode(): {
+        f.name.encode(): f for top in fields for f in (top, *(top.nested or ()))
+    }
+    for cls, fields in _FLAT.items()
+}
+_INT_FLOATS = float(2**53)
+_ESCAPED = bytes(range(32)) + b'"\\'  # what a JSON string cannot hold as it is
+
+
+def _flat_writer(
+    cls: type[Event], fields: tuple[_Field, ...]
+) -> Callable[[Event], dict[str, bytes]]:
+    """The function writing a `cls` flat, made from its fields: one statement per field, no
+    loop over field descriptions (every request and callback goes through it)."""
+    space: dict[str, Any] = {"astuple": astuple, "_value": _value, "_nested": _write_nested}
+    lines = ["def write(event):", f"    out = {{'type': {cls.__name__.encode()!r}}}"]
+    lines.append("    values = astuple(event)")
+    for place, f in enumerate(fields, start=2):  # event_id and occurred_at come first
+        lines.append(f"    v = values[{place}]")
+        indent = "    "
+        if f.default is not msgspec.NODEFAULT:
+            space[f"D{place}"], space[f"T{place}"] = f.default, type(f.default)
+            lines.append(f"    if not (v == D{place} and type(v) is T{place}):")
+            indent = "        "
+        if f.raw:
+            lines.append(f"{indent}out[{f.name!r}] = v.encode()")
+        elif f.nested is not None:
+            space[f"N{place}"] = {g.key[1:-2].decode(): (g.name, g.raw) for g in f.nested}
+            lines.append(f"{indent}_nested(out, {f.name!r}, v, N{place})")
+        else:
+            lines.append(f"{indent}out[{f.name!r}] = _value(v)")
+    lines.append("    return out")
+    exec("\n".join(lines), space)  # the names and literals are the type's, never input
+    writer: Callable[[Event], dict[str, bytes]] = space["write"]
+    return writer
+
+
 def encode(event: Event) -> dict[str, bytes]:
+    writer = _WRITERS.get(type(event))
+    if writer is not None:
+        return writer(event)
     return {"type": type(event).__name__.encode(), "data": encode_json(event)}
+
+
+def encode_flat(event: Event) -> dict[str, bytes]:
+    """`event` (of `FLAT_TYPES`) as flat stream fields (see the module's docstring): a field
+    equal to its default is left out, as in JSON. A float with an integral value is written as
+    an integer (Redis keeps "2" as a small integer in the listpack, "2.0" as a string; both
+    decode to 2.0)."""
+    return _WRITERS[type(event)](event)
+
+
+def _write_nested(
+    out: dict[str, bytes], name: str, value: Any, fields: dict[str, tuple[str, bool]]
+) -> None:
+    """A struct field, a stream field per field of it that msgspec writes (its defaults left
+    out); a struct of defaults alone is named whole, so that it is there."""
+    written = to_builtins(value)
+    if not written:
+        out[name] = _encoder.encode(value)
+    for child, child_value in written.items():
+        child_name, child_raw = fields[child]
+        out[child_name] = child_value.encode() if child_raw else _value(child_value)  # type: ignore[attr-defined]
+
+
+def _value(value: Any) -> bytes:
+    if type(value) is int or (type(value) is float and _integral(value)):
+        return b"%d" % value
+    return _encoder.encode(value)
+
+
+def _integral(value: float) -> bool:
+    return value.is_integer() and -_INT_FLOATS < value < _INT_FLOATS
 
 
 def encode_json(event: Event) -> bytes:
@@ -80,16 +204,154 @@ def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None
     return value.encode() if isinstance(value, str) else value
 
 
+class _Template(NamedTuple):
+    """How the JSON of a flat entry with given field names is made: `format % order(values)`
+    (`values` all of the entry's, `order` drops `type`'s and puts a nested struct's fields
+    together); `raw_at` are the places (after `order`) of the values written as JSON strings,
+    `raws` picks them, to check for what needs escaping."""
+
+    format: bytes
+    order: Callable[[tuple[bytes, ...]], Any]
+    raw_at: tuple[int, ...]
+    raws: Callable[[tuple[bytes, ...]], Any]
+
+
+_TEMPLATES: dict[tuple[bytes, tuple[bytes, ...]], _Template | None] = {}
+_MAX_TEMPLATES = 1024  # names come from producers: a bound on what they can make this hold
+
+
+def _picker(places: list[int]) -> Callable[[tuple[bytes, ...]], Any]:
+    """A function of a tuple giving the items at `places`, as a tuple or list."""
+    if len(places) > 1:
+        return operator.itemgetter(*places)
+    return lambda values: [values[i] for i in places]
+
+
+def _template(type_name: bytes, names: tuple[bytes, ...]) -> _Template | None:
+    known = _FLAT_READ.get(type_name)
+    if known is None or b"type" not in names:
+        return None
+    # Top-level members in order of first appearance: (key, raw, place) for a value, or
+    # (key, [(key, raw, place), ...]) for a struct written field by field.
+    members: list[tuple[bytes, Any, Any]] = []
+    groups: dict[bytes, list[tuple[bytes, bool, int]]] = {}
+    for place, name in enumerate(names):
+        if name == b"type":
+            continue
+        f = known.get(name)
+        parent = f.parent if f is not None else b""
+        if f is None and b"." in name:
+            head, _, tail = name.partition(b".")
+            top = known.get(head)
+            if top is not None and top.nested is not None:  # a newer field of a known struct
+                parent, f = head, None
+                name = tail
+        if parent:
+            if parent not in groups:
+                groups[parent] = []
+                members.append((known[parent].key, groups[parent], None))
+            key = f.key if f is not None else _json_key(name)
+            groups[parent].append((key, f.raw if f is not None else True, place))
+            continue
+        # A field the type does not have (a newer producer's) is kept, as a string.
+        key = f.key if f is not None else _json_key(name)
+        members.append((key, f.raw if f is not None else True, place))
+    fmt = b"{"
+    order: list[int] = []
+    raw_at: list[int] = []
+    for i, (key, what, place) in enumerate(members):
+        fmt += (b"," if i else b"") + key.replace(b"%", b"%%")
+        if place is not None:
+            fmt += b'"%b"' if what else b"%b"
+            raw_at += [len(order)] if what else []
+            order.append(place)
+            continue
+        fmt += b"{"
+        for j, (child_key, raw, child_place) in enumerate(what):
+            fmt += (b"," if j else b"") + child_key.replace(b"%", b"%%")
+            fmt += b'"%b"' if raw else b"%b"
+            raw_at += [len(order)] if raw else []
+            order.append(child_place)
+        fmt += b"}"
+    return _Template(fmt + b"}", _picker(order), tuple(raw_at), _picker(raw_at))
+
+
+def _json_key(name: bytes) -> bytes:
+    return _encoder.encode(name.decode(errors="replace")) + b":"
+
+
+def flat_json(type_name: bytes, fields: Mapping[bytes, bytes]) -> bytes | None:
+    """The JSON object of a flat entry (its fields but `type`), as `data` would hold it; None
+    if `type_name` is not written flat. Entries of a stream mostly have the same names in the
+    same order: their template is made once (this runs for every entry every reader reads)."""
+    names = tuple(fields)
+    template = _TEMPLATES.get((type_name, names))
+    if template is None:
+        template = _template(type_name, names)
+        if template is None:
+            return None
+        if len(_TEMPLATES) < _MAX_TEMPLATES:
+            _TEMPLATES[(type_name, names)] = template
+    values = tuple(template.order(tuple(fields.values())))
+    raw = b"".join(template.raws(values))
+    if len(raw.translate(None, _ESCAPED)) != len(raw):
+        quoted = list(values)
+        for i in template.raw_at:
+            quoted[i] = _quoted(values[i])
+        values = tuple(quoted)
+    return template.format % values
+
+
+def _quoted(value: bytes) -> bytes:
+    """The inside of the JSON string of `value` (UTF-8)."""
+    return _encoder.encode(value.decode())[1:-1]  # UnicodeDecodeError: invalid_data
+
+
+def entry_data(fields: Mapping[bytes | str, bytes | str]) -> tuple[bytes, bytes] | None:
+    """An entry's type name and its event's JSON, in either form; None without a type, or
+    without `data` for a type that is not written flat (or `type` alone)."""
+    raw: Mapping[Any, Any] = fields
+    type_name = raw.get(b"type")
+    if type(type_name) is not bytes:  # str names or values (tests, tools; Redis gives bytes)
+        raw = _as_bytes(fields)
+        type_name = raw.get(b"type")
+        if type_name is None:
+            return None
+    data = raw.get(b"data")
+    if data is None:
+        if len(raw) == 1:
+            return None
+        try:
+            data = flat_json(type_name, raw)
+        except TypeError:  # a str value among bytes
+            data = flat_json(type_name, _as_bytes(fields))
+        if data is None:
+            return None
+    elif type(data) is not bytes:
+        data = data.encode()
+    return type_name, data
+
+
+def _as_bytes(fields: Mapping[bytes | str, bytes | str]) -> dict[bytes, bytes]:
+    return {
+        (k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
+        for k, v in fields.items()
+    }
+
+
 def decode(fields: Mapping[bytes | str, bytes | str], entry_id: str | None = None) -> Event:
-    """Decode one entry's fields; raises DecodeError with a reason label. Given the entry's
-    id, an event without `occurred_at` takes the id's time (the server's), not the decoding
-    moment, and one without `event_id` the entry id, so that every reading of the entry
-    decodes the same event."""
-    type_name = _field(fields, "type")
-    data = _field(fields, "data")
-    if type_name is None or data is None:
+    """Decode one entry's fields, either form; raises DecodeError with a reason label. Given
+    the entry's id, an event without `occurred_at` takes the id's time (the server's), not
+    the decoding moment, and one without `event_id` the entry id, so that every reading of
+    the entry decodes the same event."""
+    try:
+        found = entry_data(fields)
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid_data", str(exc)[:300]) from exc
+    if found is None:
         present = ", ".join(sorted(as_str(name) for name in fields)) or "none"
         raise DecodeError("missing_field", f"fields present: {present}")
+    type_name, data = found
     decoder = _decoders.get(as_str(type_name))
     if decoder is None:
         raise DecodeError("unknown_type", as_str(type_name)[:100])
@@ -127,3 +389,6 @@ def to_builtins(event: Event) -> dict[str, object]:
     out = msgspec.to_builtins(event)
     assert isinstance(out, dict)
     return out
+
+
+_WRITERS = {cls: _flat_writer(cls, fields) for cls, fields in _FLAT.items()}

@@ -1,7 +1,8 @@
 """Event types: the public vocabulary of every stream.
 
 Every event is a msgspec Struct; the class name is the `type` field of the
-stream entry and the encoded struct is its `data` field (see `codec`).
+stream entry and the encoded struct is its `data` field, or for the per-comparison
+events its fields each a stream field (see `codec`).
 Fields are only ever added with defaults, so older entries keep decoding.
 """
 

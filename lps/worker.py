@@ -77,31 +77,41 @@ ProviderFactory = Callable[[str], Provider]
 # hash (lps/keys.py), whose expiry each commit renews.
 # KEYS: 1 requests, 2 callbacks, 3 dispatches, 3+i the answered hash of item i's batch
 # ARGV: 1 group, 2 consumer, 3 answered hash ttl s, 4 items; per item: entry id, token,
-#       correlation id, callback type, callback data, number of extra events, then (type, data)
-#       per extra.
+#       correlation id, number of extra events, then per event (the extras, then the
+#       callback) its number of stream fields and those fields (name, value, ...): an event
+#       is `type`, `data` or flat (events/codec.py).
 # Returns per item: 'committed'; 'again' (this very commit was made before: a re-sent call);
 # 'fenced' (the request is held by another consumer, or was answered by one).
 _COMMIT_LUA = """
 local out = {}
 local a = 5
+local function append(key)
+  local n = tonumber(ARGV[a])
+  redis.call('XADD', key, '*', unpack(ARGV, a + 1, a + n))
+  a = a + 1 + n
+end
+local function skip()
+  a = a + 1 + tonumber(ARGV[a])
+end
 for i = 1, tonumber(ARGV[4]) do
-  local entry, token, cid, nextra = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 5])
+  local entry, token, cid, nextra = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
   local held = redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1, ARGV[2])
   if #held == 1 then
-    for j = 1, nextra do
-      redis.call('XADD', KEYS[3], '*', 'type', ARGV[a + 4 + 2 * j], 'data', ARGV[a + 5 + 2 * j])
-    end
-    redis.call('XADD', KEYS[2], '*', 'type', ARGV[a + 3], 'data', ARGV[a + 4])
+    for j = 1, nextra do append(KEYS[3]) end
+    append(KEYS[2])
     redis.call('XACK', KEYS[1], ARGV[1], entry)
     redis.call('HSET', KEYS[3 + i], cid, token)
     redis.call('EXPIRE', KEYS[3 + i], ARGV[3])
     out[i] = 'committed'
-  elseif redis.call('HGET', KEYS[3 + i], cid) == token then
-    out[i] = 'again'
   else
-    out[i] = 'fenced'
+    for j = 0, nextra do skip() end
+    if redis.call('HGET', KEYS[3 + i], cid) == token then
+      out[i] = 'again'
+    else
+      out[i] = 'fenced'
+    end
   end
-  a = a + 6 + 2 * nextra
 end
 return out
 """
@@ -206,20 +216,24 @@ class Committer:
         args: list[Any] = [LPS_GROUP, self.consumer, DONE_TTL_S, len(batch)]
         for item in batch:
             answered_keys.append(lkeys.answered(k, getattr(item.callback, "batch_id", "")))
-            callback = encode(item.callback)
             cid = getattr(item.callback, "correlation_id", "")
-            args += [item.entry_id, item.token, cid, callback["type"], callback["data"]]
-            args.append(len(item.extra))
+            args += [item.entry_id, item.token, cid, len(item.extra)]
             for stream, event in item.extra:
                 assert stream == k.dispatches, "extra events go to lps:dispatches"
-                extra = encode(event)
-                args += [extra["type"], extra["data"]]
+                _append_fields(args, encode(event))
+            _append_fields(args, encode(item.callback))
         outcomes = await self._script(
             keys=[k.requests, k.callbacks, k.dispatches, *answered_keys], args=args
         )
         if self.after is not None:
             await self.after()
         return [as_str(o) for o in outcomes]
+
+
+def _append_fields(args: list[Any], fields: dict[str, bytes]) -> None:
+    args.append(2 * len(fields))
+    for name, value in fields.items():
+        args += [name, value]
 
 
 class LPSWorker(GroupConsumer[ComparisonRequested]):

@@ -179,26 +179,43 @@ _DECODERS = {name.encode(): msgspec.json.Decoder(cls) for name, cls in EVENT_TYP
 
 
 def decode_flat(flat: list[Any]) -> tuple[Event | None, Any]:
-    """Decode a raw entry's field list; returns (event or None when undecodable, the raw data)."""
-    if len(flat) == 4 and flat[0] == b"type" and flat[2] == b"data":  # the usual layout
+    """Decode a raw entry's field list; returns (event or None when undecodable, the event's
+    JSON: its `data`, or made from a flat entry's fields, see events/codec.py)."""
+    if len(flat) == 4 and flat[0] == b"type" and flat[2] == b"data":  # the {type, data} layout
         decoder = _DECODERS.get(flat[1])
         if decoder is not None:
             try:
                 return decoder.decode(flat[3]), flat[3]
             except msgspec.DecodeError:
                 return None, flat[3]
-    fields = dict(zip(flat[::2], flat[1::2], strict=False))
     try:
-        return codec.decode(fields), fields.get(b"data", fields.get("data"))
-    except codec.DecodeError:
+        found = codec.entry_data(dict(zip(flat[::2], flat[1::2], strict=False)))
+    except UnicodeDecodeError:
         return None, None
+    if found is None:
+        return None, None
+    type_name, data = found
+    decoder = _DECODERS.get(type_name)
+    if decoder is None:
+        return None, data
+    try:
+        return decoder.decode(data), data
+    except msgspec.DecodeError:
+        return None, data
 
 
-def _data_of(flat: list[Any]) -> Any:
+def mentions(flat: list[Any], needles: list[bytes], escaped: list[bytes] | None = None) -> bool:
+    """Whether a raw entry may concern one of the ids `needles` (a cheap byte filter before any
+    decoding): its `data` holds one (as JSON writes it: `escaped`, the same for ids of the
+    grammar), or a flat entry's value is one (its `batch_id`, exactly: a list scan in C)."""
     if len(flat) == 4 and flat[2] == b"data":
-        return flat[3]
+        data = flat[3] if isinstance(flat[3], bytes) else str(flat[3]).encode()
+        return any(n in data for n in (escaped or needles))
+    if b"data" not in flat[::2]:
+        return any(n in flat for n in needles)
     fields = dict(zip(flat[::2], flat[1::2], strict=False))
-    return fields.get(b"data", fields.get("data"))
+    data = fields[b"data"] if isinstance(fields[b"data"], bytes) else str(fields[b"data"]).encode()
+    return any(n in data for n in (escaped or needles))
 
 
 @contextmanager
@@ -311,13 +328,10 @@ class ReplayResult:
     trimmed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _wanted(data: Any, needles: list[bytes] | None) -> bool:
-    """Cheap pre-filter on the raw JSON: a batch's events contain its id verbatim (JSON encoders
+def _wanted(flat: list[Any], needles: list[bytes] | None) -> bool:
+    """Cheap pre-filter on the raw entry: a batch's events contain its id verbatim (JSON encoders
     escape no plain ASCII), so entries without any wanted id need no decoding."""
-    if needles is None:
-        return True
-    raw = data if isinstance(data, bytes) else str(data).encode()
-    return any(n in raw for n in needles)
+    return needles is None or mentions(flat, needles)
 
 
 async def replay_live(
@@ -365,7 +379,7 @@ async def _replay_live(
         async for entries in _range_pages(raw, keys.batches, page, batches_range, hz.batches_last):
             out.events += len(entries)
             for _, flat in entries:
-                if needles is not None and not _wanted(_data_of(flat), needles):
+                if needles is not None and not _wanted(flat, needles):
                     continue
                 event, _ = decode_flat(flat)
                 if event is None or event_id_problem(event) is not None:
@@ -396,7 +410,7 @@ async def _replay_live(
             ):
                 out.callbacks_unapplied += 1
                 continue
-            if needles is not None and not _wanted(_data_of(flat), needles):
+            if needles is not None and not _wanted(flat, needles):
                 continue
             callback, data = decode_flat(flat)
             if callback is None:

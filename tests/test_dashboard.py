@@ -34,6 +34,7 @@ import redis
 
 from cj.continuation import advance
 from cj.registration import append_registration
+from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
 from streams.keys import Keys
 from streams.reader import ensure_group
@@ -457,7 +458,7 @@ def test_a_dead_letter_is_redriven_and_applied(tab: Tab, stack: Stack) -> None:
     second = stack.ghost_ids[1]
     r = stack.client()
     raw = r.xrange(stack.keys.requests, min=second, max=second)[0][1]
-    cid = json.loads(raw[b"data"])["correlation_id"]
+    cid = codec.decode(raw).correlation_id  # type: ignore[attr-defined]
     login(tab)
     tab.page.goto("/stuck?stream=lps:requests&idle=0")
     tab.page.locator(f"tr[data-entry='{second}'] button[data-action='dead_letter']").click()

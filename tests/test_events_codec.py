@@ -1,5 +1,6 @@
-"""The wire format: two fields, JSON data, a reason for anything else (dead letters on every
-engine: tests/contract/test_dead_letters.py)."""
+"""The wire format: `{type, data}` with JSON data, or flat fields for the per-comparison events,
+both read; a reason for anything else (dead letters on every engine:
+tests/contract/test_dead_letters.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from events.types import (
     BatchFinalized,
     BatchScored,
     BundleDispatched,
+    ComparisonCompleted,
+    ComparisonFailed,
     ComparisonRequested,
     EntryStamped,
     ErrorDetail,
@@ -24,6 +27,7 @@ from events.types import (
     Event,
     ProviderAttemptFailed,
     RequestExpired,
+    TokenUsage,
     WaveSubmitted,
 )
 from projections.batch import apply_batch_event, register
@@ -49,7 +53,7 @@ def test_a_per_comparison_event_is_identified_and_dated_by_its_entry_id() -> Non
     for built in (completed("b", "c1"), failed("b", "c1", "timeout"), _one_of_each()[5]):
         event = msgspec.structs.replace(built, **stamp)  # a producer's own: dropped on the wire
         fields = codec.encode(event)
-        data = json.loads(fields["data"])
+        data = _json(fields)
         assert not {"event_id", "occurred_at"} & set(data)
         assert {"batch_id", "correlation_id"} <= set(data)
         back = codec.decode(fields, "1700000000000-7")
@@ -101,6 +105,15 @@ def test_per_comparison_entries_written_with_ids_and_times_keep_them() -> None:
     assert failure.event_id == "5a0c3e1f2b9d4c7e8f6a1b2c3d4e5f60"
     assert failure.occurred_at == "2026-12-02T06:21:32.000000Z"
     assert getattr(failure, "attempts", None) == 3
+
+
+def _json(fields: dict[str, bytes]) -> dict[str, object]:
+    """The event's JSON object, in either form of entry."""
+    found = codec.entry_data(fields)  # type: ignore[arg-type]
+    assert found is not None
+    out = json.loads(found[1])
+    assert isinstance(out, dict)
+    return out
 
 
 def _one_of_each() -> list[Event]:
@@ -185,7 +198,7 @@ def test_fields_equal_to_their_defaults_are_not_written_and_decode_back() -> Non
     )
     assert b'"latency_ms":0.0' in msgspec.json.encode(event)  # what msgspec alone writes
     fields = codec.encode(event)
-    data = json.loads(fields["data"])
+    data = _json(fields)
     assert not {"latency_ms", "cost_usd", "provider", "attempts"} & set(data)
     assert data["model"] == "mock-judge-1"  # the callback's model has no default
     assert codec.decode(fields) == event
@@ -198,7 +211,7 @@ def test_fields_equal_to_their_defaults_are_not_written_and_decode_back() -> Non
         model=model,
         overrides={},
     )
-    data = json.loads(codec.encode(request)["data"])
+    data = _json(codec.encode(request))
     assert not {"model", "mode", "provider", "overrides", "seed"} & set(data)
     assert data["essay_a"] == {"essay_id": "a"}
     assert codec.decode(codec.encode(request)) == request
@@ -328,3 +341,211 @@ def test_waves_and_scores_written_with_names_still_decode() -> None:
     assert isinstance(scored, BatchScored) and not scored.score_rows
     assert scored.scores == [EssayScore("S046", 1.042017, 0.703209)]
     assert not scored.graded and scored.comparisons == 100
+
+
+# --- flat entries (requests and callbacks: one stream field per event field) ------------------
+
+# As session 4 wrote them: `{type, data}`, no event_id / occurred_at (the entry id gives both).
+SESSION_4 = {
+    b"ComparisonRequested": b'{"batch_id":"nwqs2isorbcjez5e","correlation_id":"mjp357rwv4crzut3",'
+    b'"wave":1,"essay_a":{"essay_id":"S047"},"essay_b":{"essay_id":"S038"},"seed":1,'
+    b'"content_key":"4d03179e087e59b6"}',
+    b"ComparisonCompleted": b'{"batch_id":"nwqs2isorbcjez5e","correlation_id":"mjp357rwv4crzut3",'
+    b'"essay_a_id":"S047","essay_b_id":"S038","winner":"essay_a","confidence":2.0,'
+    b'"justification":"mock judgement from latent qualities","provider":"mock",'
+    b'"model":"mock-judge-1","usage":{"input_tokens":900,"output_tokens":60}}',
+    b"ComparisonFailed": b'{"batch_id":"nwqs2isorbcjez5e","correlation_id":"x7kq2mzt4wbnaq3e",'
+    b'"essay_a_id":"S037","essay_b_id":"S047","error":{"error_type":"timeout","retryable":true,'
+    b'"message":"t"},"attempts":3}',
+}
+
+
+def test_requests_and_callbacks_are_written_flat_and_the_rest_as_json_data() -> None:
+    assert {ComparisonRequested, ComparisonCompleted, ComparisonFailed} == codec.FLAT_TYPES
+    for event in _one_of_each():
+        fields = codec.encode(event)
+        if type(event) in codec.FLAT_TYPES:
+            assert "data" not in fields and next(iter(fields)) == "type"
+            assert not {"event_id", "occurred_at", "schema_version"} & set(fields)
+        else:
+            assert set(fields) == {"type", "data"}
+    callback = msgspec.structs.replace(completed("b", "c1"), confidence=2.0, latency_ms=0.25)
+    fields = codec.encode(callback)
+    # Strings raw, numbers as decimal text (an integral float as an integer), nested as JSON.
+    assert fields["batch_id"] == b"b" and fields["winner"] == b"essay_a"
+    assert (fields["confidence"], fields["latency_ms"]) == (b"2", b"0.25")
+    assert codec.decode(fields) == callback
+    request = _one_of_each()[5]
+    assert isinstance(request, ComparisonRequested)
+    flat = codec.encode(request)
+    assert flat["wave"] == b"1" and flat["overrides"] == b'{"k":"v"}'  # a dict: JSON
+    # A struct: a field per field of it that is not at its default (a string raw, ...).
+    essay = request.essay_a
+    assert flat["essay_a.essay_id"] == essay.essay_id.encode()
+    assert flat["essay_a.text"] == essay.text.encode()
+    assert flat["essay_a.anchor_grade"] == msgspec.json.encode(essay.anchor_grade)  # str | None
+    assert "essay_a" not in flat and "essay_a.sha256" not in flat
+    used = msgspec.structs.replace(completed("b", "c1"), usage=TokenUsage(input_tokens=900))
+    assert codec.encode(used)["usage.input_tokens"] == b"900"  # Redis keeps it as an integer
+
+
+def test_a_flat_entry_keeps_its_field_order_and_leaves_defaults_out() -> None:
+    """Entries of a stream node that have the same names in the same order share them (the
+    node's master entry): the order is the type's, whatever the values."""
+    one = codec.encode(completed("b", "c1"))
+    two = codec.encode(completed("other", "c2", "essay_b", cost_usd=0.0))
+    assert list(one) == list(two)
+    assert (
+        list(one)
+        == [
+            "type",
+            "batch_id",
+            "correlation_id",
+            "essay_a_id",
+            "essay_b_id",
+            "winner",
+            "confidence",
+            "justification",
+            "provider",
+            "model",
+            "usage",
+        ][: len(one)]
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['quote " and \\ backslash', "new\nline\ttab\x01", "é ü 漢字 🙂", "%s %b %%", "{}", "", " "],
+)
+def test_any_string_round_trips_flat(text: str) -> None:
+    event = ComparisonCompleted(
+        batch_id="b",
+        correlation_id="c1",
+        essay_a_id=text or "a",
+        essay_b_id="e1",
+        winner="essay_b",
+        confidence=0.75,
+        justification=text,
+        provider=text,
+        latency_ms=12.5,
+        usage=TokenUsage(input_tokens=3),
+        prompt_sha256=text,
+        cost_usd=1e-06,
+    )
+    fields = codec.encode(event)
+    assert codec.decode(fields) == event
+    assert codec.decode(
+        {k.encode(): v for k, v in fields.items()}, "1-0"
+    ) == msgspec.structs.replace(event, event_id="1-0", occurred_at="1970-01-01T00:00:00.001000Z")
+    assert codec.decode({k: v.decode() for k, v in fields.items()}) == event  # str names
+    # The event's JSON made from the fields is what `data` holds: what the archive writes.
+    found = codec.entry_data(fields)  # type: ignore[arg-type]
+    assert found is not None and msgspec.json.decode(found[1], type=ComparisonCompleted) == event
+
+
+def test_session_4_entries_with_json_data_decode_as_their_flat_equals() -> None:
+    """Entries written as `{type, data}` before requests and callbacks went flat keep decoding,
+    to the same events as the same events written now."""
+    for type_name, data in SESSION_4.items():
+        old = codec.decode({b"type": type_name, b"data": data}, "1764656491127-3")
+        flat = codec.encode(old)
+        assert "data" not in flat and type(old) in codec.FLAT_TYPES
+        stored = {k.encode(): v for k, v in flat.items()}
+        assert codec.decode(stored, "1764656491127-3") == old
+        assert old.event_id == "1764656491127-3"
+        assert old.occurred_at == "2025-12-02T06:21:31.127000Z"
+    failure = codec.decode({b"type": b"ComparisonFailed", b"data": SESSION_4[b"ComparisonFailed"]})
+    assert isinstance(failure, ComparisonFailed) and failure.attempts == 3
+
+
+def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> None:
+    """The format is public: another producer may order fields otherwise, put `type` last, add
+    a field of a newer version (kept in the event's JSON as a string, ignored by the type) or
+    write its own time (read as it is, checked like any `occurred_at`)."""
+    event = msgspec.structs.replace(
+        completed("b", "c1"), usage=TokenUsage(input_tokens=9, output_tokens=2)
+    )
+    fields = {k.encode(): v for k, v in codec.encode(event).items()}
+    shuffled = dict(reversed(list(fields.items())))
+    output_tokens = shuffled.pop(b"usage.output_tokens")  # a struct's fields apart
+    shuffled[b"future_field"] = b'x"y'
+    shuffled[b"usage.output_tokens"] = output_tokens
+    shuffled[b"usage.future_kind"] = b"7"  # a field a newer TokenUsage has
+    shuffled[b"occurred_at"] = b"2023-11-14T22:13:21.000000Z"
+    back = codec.decode(shuffled, "1700000000000-7")
+    assert back == msgspec.structs.replace(
+        event, event_id="1700000000000-7", occurred_at="2023-11-14T22:13:21.000000Z"
+    )
+    found = codec.entry_data(shuffled)  # type: ignore[arg-type]
+    assert found is not None and json.loads(found[1])["future_field"] == 'x"y'
+    assert json.loads(found[1])["usage"] == {
+        "input_tokens": 9,
+        "output_tokens": 2,
+        "future_kind": "7",
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"type": b"ComparisonRequested"}, "missing_field"),
+        ({b"type": b"ComparisonCompleted", b"batch_id": b"b"}, "invalid_data"),
+        ({b"type": b"BatchFinalized", b"batch_id": b"b", b"reason": b"budget"}, "missing_field"),
+        (
+            {
+                b"type": b"ComparisonRequested",
+                b"batch_id": b"b",
+                b"correlation_id": b"c",
+                b"wave": b"one",
+                b"essay_a": b'{"essay_id":"a"}',
+                b"essay_b": b'{"essay_id":"b"}',
+            },
+            "invalid_data",
+        ),
+        (
+            {
+                b"type": b"ComparisonRequested",
+                b"batch_id": b'\xff\xfe"',
+                b"correlation_id": b"c",
+                b"wave": b"1",
+                b"essay_a": b'{"essay_id":"a"}',
+                b"essay_b": b'{"essay_id":"b"}',
+            },
+            "invalid_data",
+        ),
+        (
+            {
+                b"type": b"ComparisonRequested",
+                b"batch_id": b"b",
+                b"correlation_id": b"c",
+                b"wave": b'1,"batch_id":"x"',
+                b"essay_a": b'{"essay_id":"a"}',
+                b"essay_b": b'{"essay_id":"b"}',
+                b"seed": b"[1",
+            },
+            "invalid_data",
+        ),
+    ],
+)
+def test_bad_flat_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason: str) -> None:
+    """Only the per-comparison types are read flat (a batch event without `data` is not an
+    event); a value that is not what its field holds is `invalid_data`."""
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode(fields)  # type: ignore[arg-type]
+    assert err.value.reason == reason
+
+
+def test_the_byte_filter_finds_a_batch_in_either_form() -> None:
+    """Replay and the archive skip entries of other batches before decoding
+    (`projections.replay.mentions`): a flat entry's `batch_id` is one of its values."""
+    from projections.replay import mentions
+
+    def raw(fields: dict[str, bytes]) -> list[bytes]:
+        return [x for k, v in fields.items() for x in (k.encode(), v)]
+
+    flat = raw(codec.encode(completed("b-1", "c1")))
+    data = raw({"type": b"ComparisonCompleted", "data": codec.encode_json(completed("b-1", "c1"))})
+    moved = [b"data", data[3], b"type", data[1]]  # `data` first: another producer's order
+    for entry in (flat, data, moved):
+        assert mentions(entry, [b"b-1"]) and not mentions(entry, [b"b-2"])
+    assert not mentions(flat, [b"b-"])  # a value equals the id, not merely contains it

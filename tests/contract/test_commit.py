@@ -63,11 +63,13 @@ def _commits(recorder: Recorder) -> list[Commit]:
             group, consumer, _ttl, n = args[0], args[1], args[2], int(args[3])
             a = 4
             for i in range(n):
-                entry, token, cid, ctype, cdata, nextra = args[a : a + 6]
-                extra = [
-                    (args[a + 6 + 2 * j], json.loads(args[a + 7 + 2 * j]))
-                    for j in range(int(nextra))
-                ]
+                entry, token, cid, nextra = args[a : a + 4]
+                a += 4
+                events = []
+                for _ in range(int(nextra) + 1):  # the extra events, then the callback
+                    size = int(args[a])
+                    events.append(_event(args[a + 1 : a + 1 + size]))
+                    a += 1 + size
                 out.append(
                     Commit(
                         keys[:3],
@@ -77,12 +79,20 @@ def _commits(recorder: Recorder) -> list[Commit]:
                         token,
                         cid,
                         keys[3 + i],
-                        (ctype, json.loads(cdata)),
-                        extra,
+                        events[-1],
+                        events[:-1],
                     )
                 )
-                a += 6 + 2 * int(nextra)
     return out
+
+
+def _event(flat: list[Any]) -> tuple[str, dict[str, Any]]:
+    """An event's fields as the script appends them (either form, events/codec.py): its type
+    name and its JSON object."""
+    names = [k if isinstance(k, bytes) else str(k).encode() for k in flat[::2]]
+    found = codec.entry_data(dict(zip(names, flat[1::2], strict=True)))
+    assert found is not None
+    return found[0].decode(), json.loads(found[1])
 
 
 def _commit_of(recorder: Recorder, cid: str) -> Commit:
