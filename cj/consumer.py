@@ -40,6 +40,7 @@ from streams.consumer import GroupConsumer, GroupOptions
 from streams.durability import is_cluster
 from streams.errors import policy_of
 from streams.keys import Keys
+from streams.metrics import labelled
 from streams.pending import Claimed, StuckAction, claim_idle
 from streams.reader import Entry
 from streams.resilience import REDIS_ERRORS, Backoff
@@ -96,7 +97,7 @@ class CJConsumer(GroupConsumer[Callback]):
             outcome = as_str(outcome)
             if outcome == "replayed":
                 continue
-            CJ_CALLBACKS.labels(outcome).inc()
+            labelled(CJ_CALLBACKS, outcome).inc()
             if outcome == "accepted":
                 if self.waves.wants(callback.batch_id, int(left)):
                     to_advance.add(callback.batch_id)
