@@ -6,10 +6,11 @@ share of the current wave is back, from a fit of the comparisons accepted so far
 excluding the pairs still in flight; the end of a batch (stopping rule, budget, failures)
 is still decided only when every callback is in, so there is one `BatchFinalized` and the
 stopping rule judges accepted comparisons only. `WaveGate` tells a consumer when to try.
-`advance` runs it under WATCH on the batch hash and appends its events together
-with their projection writes in one MULTI/EXEC, so that of several consumers
-racing on the same batch exactly one wins each step; the others see the new
-state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
+`advance` runs it on one atomic read of the batch and appends its events together
+with their projection writes in one MULTI/EXEC under WATCH on the batch hash, only if
+no other decision was written since the read, so that of several consumers racing on
+the same batch exactly one wins each step; the others see the new state and find
+nothing to do. That is what makes `BatchFinalized` exactly-once.
 
 The events of a step carry the Redis server's time in `occurred_at` (read with TIME at
 the start of the step), not the worker's clock: `last_event_at` and stall detection
