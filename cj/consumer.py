@@ -15,6 +15,7 @@ and a few examples: a backlog of thousands of them costs a few lines, not one ea
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from typing import Any, Unpack
 
@@ -28,6 +29,7 @@ from cj.metrics import (
     show_completion,
     show_open_batches,
 )
+from cj.step_lease import StepLease
 from events.codec import DecodeError
 from events.streams import CALLBACKS, CJ_GROUP
 from events.text import as_str
@@ -38,6 +40,7 @@ from streams.consumer import GroupConsumer, GroupOptions
 from streams.durability import is_cluster
 from streams.errors import policy_of
 from streams.keys import Keys
+from streams.metrics import labelled
 from streams.pending import Claimed, StuckAction, claim_idle
 from streams.reader import Entry
 from streams.resilience import REDIS_ERRORS, Backoff
@@ -65,6 +68,8 @@ class CJConsumer(GroupConsumer[Callback]):
         self.applier = CallbackApplier(r, keys, CJ_GROUP)
         # The next wave is planned once this share of the current one is back (1: all).
         self.waves = WaveGate(wave_overlap)
+        # The sweep advances without it: the safety net for a holder that died.
+        self.lease = StepLease(r, keys, consumer)
 
     async def handle(self, entries: list[Entry]) -> None:
         callbacks = await self.accepted(entries)
@@ -82,7 +87,7 @@ class CJConsumer(GroupConsumer[Callback]):
             await self.durable()
         to_advance = self.report(callbacks, results)
         for batch_id in sorted(to_advance):
-            await self.advance_batch(batch_id)
+            await self.lease.run(batch_id, functools.partial(self.advance_batch, batch_id))
 
     def report(self, callbacks: list[tuple[Entry, Callback]], results: list[Any]) -> set[str]:
         """Count and log what the scripts said about a page; the batches to advance."""
@@ -92,7 +97,7 @@ class CJConsumer(GroupConsumer[Callback]):
             outcome = as_str(outcome)
             if outcome == "replayed":
                 continue
-            CJ_CALLBACKS.labels(outcome).inc()
+            labelled(CJ_CALLBACKS, outcome).inc()
             if outcome == "accepted":
                 if self.waves.wants(callback.batch_id, int(left)):
                     to_advance.add(callback.batch_id)

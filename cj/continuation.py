@@ -6,10 +6,11 @@ share of the current wave is back, from a fit of the comparisons accepted so far
 excluding the pairs still in flight; the end of a batch (stopping rule, budget, failures)
 is still decided only when every callback is in, so there is one `BatchFinalized` and the
 stopping rule judges accepted comparisons only. `WaveGate` tells a consumer when to try.
-`advance` runs it under WATCH on the batch hash and appends its events together
-with their projection writes in one MULTI/EXEC, so that of several consumers
-racing on the same batch exactly one wins each step; the others see the new
-state and find nothing to do. That is what makes `BatchFinalized` exactly-once.
+`advance` runs it on one atomic read of the batch and appends its events together
+with their projection writes in one MULTI/EXEC under WATCH on the batch hash, only if
+no other decision was written since the read, so that of several consumers racing on
+the same batch exactly one wins each step; the others see the new state and find
+nothing to do. That is what makes `BatchFinalized` exactly-once.
 
 The events of a step carry the Redis server's time in `occurred_at` (read with TIME at
 the start of the step), not the worker's clock: `last_event_at` and stall detection
@@ -52,6 +53,7 @@ from cj.scoring import (
 from cj.stopping import StopRule, is_reliable, per_essay
 from events import codec
 from events.clock import iso
+from events.text import as_str
 from events.types import (
     ACCOUNT_FAILURES,
     MAX_BUNDLE_SIZE,
@@ -73,7 +75,13 @@ from events.types import (
 from events.types import content_key as essays_key
 from projections import keys as pkeys
 from projections.batch import ABANDONED, PENDING, BatchState, apply_batch_event, failed_reason
-from projections.store import immediate_load, queue_batch_event, queue_state_write
+from projections.store import (
+    decode_state,
+    queue_batch_event,
+    queue_state_write,
+    read_raw,
+    with_scalars,
+)
 from streams.clock import server_time
 from streams.keys import Keys
 
@@ -577,31 +585,74 @@ async def advance(
     """Take the batch's next step if it has one; safe to call from any number of consumers.
 
     `decider` (pure) says what the step is: `decide` for the normal flow, another for
-    forced ends (stalled batches). A callback applied meanwhile changes the batch hash,
-    so the decision and its events are one step (in the batch's partition). Its events
-    carry the server's time."""
+    forced ends (stalled batches). It decides on one atomic read of the batch; the decision
+    is written (`_write`) only if no other decision was written since, so that of several
+    consumers racing on the same batch exactly one takes each step. Its events carry the
+    server's time."""
     keys = keys.for_batch(batch_id)
-    async with r.pipeline(transaction=True) as pipe:
-        for _ in range(max_tries):
-            try:
-                await pipe.watch(pkeys.batch(keys, batch_id))
-                state = await immediate_load(pipe, keys, batch_id)
-                # Scoring is CPU work: keep the event loop (and the LPS work beside it) responsive.
-                decision = await asyncio.to_thread(decider, state) if state is not None else None
-                if state is None or decision is None:
-                    await pipe.unwatch()
-                    return None
-                # Asked outside the WATCH: a cluster's pipeline refuses TIME.
-                decision = stamped(decision, iso(await server_time(r)))
-                pipe.multi()
-                state = queue_decision(pipe, keys, state, decision)
-                await pipe.execute()
-            except WatchError:
-                continue
-            _report(state, decision)
+    for _ in range(max_tries):
+        raw = await read_raw(r, keys, batch_id, atomic=True)
+        state = decode_state(raw, keys, batch_id)
+        # Scoring is CPU work: keep the event loop (and the LPS work beside it) responsive.
+        decision = await asyncio.to_thread(decider, state) if state is not None else None
+        if state is None or decision is None:
+            return None
+        # Asked outside any WATCH: a cluster's pipeline refuses TIME.
+        decision = stamped(decision, iso(await server_time(r)))
+        written = await _write(r, keys, state, raw[pkeys.batch(keys, batch_id)], decision)
+        if written is not None:
+            _report(written, decision)
             return decision
     log.warning("advance_gave_up", batch_id=batch_id, tries=max_tries)
     return None
+
+
+# The batch hash's fields only a decision changes (callbacks change the counters and times).
+DECIDED = ("status", "waves", "scored_wave", "submitted", "finalize_reason", "completed_at")
+
+
+async def _write(
+    r: Any,
+    keys: Keys,
+    state: BatchState,
+    read: dict[bytes | str, bytes | str],
+    decision: Decision,
+    max_tries: int = 50,
+) -> BatchState | None:
+    """Append the decision with its projection writes in one MULTI/EXEC under WATCH on the
+    batch hash, as read again at that moment; None (decide again) when another decision was
+    written since `state` was read (`read`: its batch hash).
+
+    Callbacks applied since do not void a next wave (speed, issue 11: at zero latency one
+    in ten decisions was taken again for them): it is written on top of their counts (the
+    projection commutes, projections/batch.py), and its pairs are new. A batch's end is
+    written only on the very state it was decided on: it names the requests still in flight,
+    and callbacks change which those are."""
+    batch_key = pkeys.batch(keys, state.batch_id)
+    strict = decision.terminal is not None
+    async with r.pipeline(transaction=True) as pipe:
+        for _ in range(max_tries):
+            try:
+                await pipe.watch(batch_key)
+                now = await pipe.hgetall(batch_key)
+                if now != read if strict else _decided(now) != _decided(read):
+                    await pipe.unwatch()
+                    return None
+                pipe.multi()
+                written = queue_decision(pipe, keys, with_scalars(state, now), decision)
+                await pipe.execute()
+                return written
+            except WatchError:  # written meanwhile: look again
+                continue
+    return None
+
+
+def _decided(batch_hash: dict[bytes | str, bytes | str]) -> dict[str, str] | None:
+    """The fields of the batch hash a decision changes; None when there is no batch hash."""
+    if not batch_hash:
+        return None
+    fields = {as_str(k): as_str(v) for k, v in batch_hash.items()}
+    return {name: fields.get(name, "") for name in DECIDED}
 
 
 def _report(state: BatchState, decision: Decision) -> None:

@@ -55,6 +55,7 @@ from lps.metrics import (
 )
 from lps.providers.base import Judgement, Provider, ProviderError
 from streams.keys import Keys
+from streams.metrics import labelled
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +244,10 @@ class Lane:
             self.limited_calls -= 1
         self.outcomes.append(ok)
         self.limited_calls += not ok
-        LPS_PROVIDER_CALLS.labels(**self._labels, outcome=outcome).inc()
-        LPS_RATE_LIMITED_RATIO.labels(**self._labels).set(self.limited_calls / len(self.outcomes))
+        labelled(LPS_PROVIDER_CALLS, self.provider, self.model, outcome).inc()
+        labelled(LPS_RATE_LIMITED_RATIO, self.provider, self.model).set(
+            self.limited_calls / len(self.outcomes)
+        )
 
     async def replied(self, judgement: Judgement, latency_s: float) -> None:
         self.record(True, "ok")

@@ -30,7 +30,7 @@ from lps import keys as lkeys
 from lps.metrics import LPS_BUNDLE_SIZE, LPS_REQUESTS
 from lps.retry import Outcome, record_attempt_failed
 from streams.keys import Keys
-from streams.metrics import STUCK_ITEMS
+from streams.metrics import STUCK_ITEMS, labelled
 from streams.reader import Entry
 
 log = structlog.get_logger("lps.worker")
@@ -198,7 +198,7 @@ class Recorder:
         if await self.commit(entry.entry_id, callback) == "fenced":
             self.fenced(entry, req)
             result = "fenced"
-        LPS_REQUESTS.labels(req.provider, req.model, req.mode, result).inc()
+        labelled(LPS_REQUESTS, req.provider, req.model, req.mode, result).inc()
 
     def fenced(self, entry: Entry, req: ComparisonRequested) -> None:
         """A result dropped: another consumer holds (or answered) the request."""

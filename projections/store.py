@@ -3,6 +3,7 @@ in projections/keys.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -152,10 +153,7 @@ def decode_state(
         denominator=int(scal["denominator"]),
         registered_at=scal["registered_at"],
     )
-    for name in TEXT_FIELDS[1:]:
-        setattr(state, name, scal.get(name, ""))
-    for name in COUNTERS:
-        setattr(state, name, int(scal.get(name, 0)))
+    _set_scalars(state, scal)
     if "scores" in docs:
         state.scores = _scores.decode(docs["scores"])
     state.corr = _texts(raw.get(pkeys.batch_corr(keys, batch_id), {}))
@@ -175,6 +173,22 @@ def decode_state(
     return state
 
 
+def _set_scalars(state: BatchState, scal: dict[str, str]) -> None:
+    for name in TEXT_FIELDS[1:]:
+        setattr(state, name, scal.get(name, ""))
+    for name in COUNTERS:
+        setattr(state, name, int(scal.get(name, 0)))
+
+
+def with_scalars(state: BatchState, batch_hash: dict[bytes | str, bytes | str]) -> BatchState:
+    """A copy of `state` whose scalars (status, counters, times) are those of `batch_hash` (the
+    batch hash as read): its other parts as they were. The dictionaries are copied, so that
+    applying events to the copy leaves `state` as it was."""
+    copy = replace(state, corr=dict(state.corr), pairs=dict(state.pairs))
+    _set_scalars(copy, {as_str(k): as_str(v) for k, v in batch_hash.items()})
+    return copy
+
+
 def _texts(mapping: dict[bytes | str, bytes | str]) -> dict[str, str]:
     """`mapping` as text (`as_str`), the keys and values of a large hash in one pass."""
     try:  # the usual reply: bytes throughout, and valid UTF-8 (written by this code)
@@ -183,9 +197,13 @@ def _texts(mapping: dict[bytes | str, bytes | str]) -> dict[str, str]:
         return {as_str(k): as_str(v) for k, v in mapping.items()}
 
 
-async def read_raw(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[bytes | str, bytes | str]]:
+async def read_raw(
+    r: Any, keys: Keys, batch_id: str, *, atomic: bool = False
+) -> dict[str, dict[bytes | str, bytes | str]]:
+    """The batch's projection keys as stored; `atomic`: in one MULTI/EXEC, so that no write
+    (a callback's, a decision's) falls between the reads of two keys."""
     names = pkeys.batch_keys(keys, batch_id)
-    pipe = r.pipeline(transaction=False)
+    pipe = r.pipeline(transaction=atomic)
     for name in names:
         pipe.hgetall(name)
     values = await pipe.execute()
@@ -206,16 +224,6 @@ async def load_essay_store(
 
 async def load_state(r: Any, keys: Keys, batch_id: str) -> BatchState | None:
     return decode_state(await read_raw(r, keys, batch_id), keys, batch_id)
-
-
-async def immediate_load(pipe: Any, keys: Keys, batch_id: str) -> BatchState | None:
-    """Load through a pipeline in WATCH (immediate-execution) mode."""
-    raw: dict[str, dict[bytes | str, bytes | str]] = {}
-    for name in pkeys.batch_keys(keys, batch_id):
-        value = await pipe.hgetall(name)
-        if value:
-            raw[name] = value
-    return decode_state(raw, keys, batch_id)
 
 
 def queue_state_write(

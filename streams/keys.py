@@ -98,7 +98,7 @@ class Keys:
     def for_partition(self, partition: int) -> Keys:
         if not 0 <= partition < self.partitions:
             raise ValueError(f"partition {partition} not in 0..{self.partitions - 1}")
-        return replace(self, partition=partition)
+        return _in_partition(self, partition)
 
     def for_batch(self, batch_id: str) -> Keys:
         """The keys of the partition holding `batch_id`."""
@@ -164,3 +164,10 @@ class Keys:
         """Sorted set (score: the id's milliseconds) of entries the group has handled after
         its recorded position: a group recreated at the position skips them."""
         return self.key(f"group:{stream_name}:{group}:handled")
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_partition(keys: Keys, partition: int) -> Keys:
+    # Speed (issue 11): asked several times per callback (every key of a batch is built
+    # through it); a frozen dataclass's replace() costs more than the lookup.
+    return replace(keys, partition=partition)

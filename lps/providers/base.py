@@ -18,6 +18,7 @@ from events.types import (
     Winner,
 )
 from lps.metrics import LPS_CACHE_HIT_RATIO, LPS_COST, LPS_TOKENS
+from streams.metrics import labelled
 
 
 class Judgement(msgspec.Struct, frozen=True):
@@ -131,10 +132,10 @@ def record_tokens(
     for kind in TOKEN_KINDS:
         value = getattr(usage, kind)
         if value:
-            LPS_TOKENS.labels(provider=provider, model=model, kind=kind).inc(value)
+            labelled(LPS_TOKENS, provider, model, kind).inc(value)
     for kind, nano in (cost_by_kind or {}).items():
         if nano:
-            LPS_COST.labels(provider=provider, model=model, kind=kind).inc(nano / NANO_USD)
+            labelled(LPS_COST, provider, model, kind).inc(nano / NANO_USD)
     if prompt_cache:
         ratio = _CACHE_HITS.observe(provider, model, usage)
         if ratio is not None:

@@ -30,6 +30,7 @@ from lps.metrics import LPS_PROVIDER_LATENCY
 from lps.providers import mock_limits
 from lps.providers.base import Judgement, ProviderError, record_tokens
 from streams.keys import Keys
+from streams.metrics import labelled
 
 # The normal quantile of the 99th percentile: a lognormal's σ from its median and p99.
 _Z99 = 2.3263478740408408
@@ -260,7 +261,7 @@ class MockProvider:
         took_s = latency_s(p, rng)
         if took_s:
             await asyncio.sleep(took_s)
-        LPS_PROVIDER_LATENCY.labels(provider=self.name, model=request.model).observe(took_s)
+        labelled(LPS_PROVIDER_LATENCY, self.name, request.model).observe(took_s)
         draw = rng.random()
         for error_type, chance in p.faults:
             if draw < chance:

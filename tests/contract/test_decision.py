@@ -4,9 +4,10 @@ Several CJ consumers (separate connections) apply hundreds of callbacks with dup
 orphans and late arrivals interleaved, while racing to advance and to close the batch;
 afterwards the counters equal what the streams say, counted here independently of the
 projection code, a replay equals the projection, and there is exactly one `BatchFinalized`.
-A decision (a registration, the next wave, the end) is appended with its projection writes
-in one MULTI/EXEC under WATCH of the batch hash: a callback applied while deciding voids the
-decision, and nothing of it is written.
+A decision (a registration, the next wave, the end) is taken on one atomic read of the batch
+and appended with its projection writes in one MULTI/EXEC under WATCH of the batch hash: a
+decision written by another consumer meanwhile voids it, and nothing of it is written; a
+callback applied meanwhile voids a batch's end, while a next wave is written on top of it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -23,20 +25,20 @@ from hypothesis import strategies as st
 from cj.consumer import CJConsumer
 from cj.continuation import Decision, advance, decide
 from cj.registration import append_registration
-from cj.stalls import finalize_stalled
+from cj.stalls import finalize_stalled, stalled_decision
 from events import codec
 from events.streams import CJ_GROUP
 from events.types import (
+    BatchFailed,
     BatchFinalized,
-    BatchScored,
     ComparisonCompleted,
-    ComparisonRequested,
     WaveSubmitted,
 )
 from projections import keys as pkeys
 from projections.batch import BatchState
 from projections.replay import replay
 from projections.store import CallbackApplier, load_state
+from streams.clock import server_time
 from streams.keys import Keys
 from streams.paging import read_stream
 from streams.reader import ensure_group
@@ -46,6 +48,7 @@ from tests.helpers import (
     append_and_read,
     append_batch_event,
     apply_callbacks,
+    batch_with_wave,
     canonical,
     completed,
     events_of,
@@ -260,7 +263,10 @@ async def test_a_decision_is_written_with_its_events_in_one_transaction_under_wa
     with recording() as recorder:
         first = await advance(r, keys, "b1")
     assert first is not None and len(first.requests) == 4
-    [unit] = recorder.transactions()
+    [read, unit] = recorder.transactions()
+    assert set(read.names()) == {"HGETALL"} and ("HGETALL", pkeys.batch(keys, "b1")) in read.texts(
+        "HGETALL"
+    )
     assert unit.names()[0] == "WATCH" and unit.texts("WATCH")[0][1:] == (pkeys.batch(keys, "b1"),)
     assert [stream for stream, _ in _appended(unit)] == [keys.requests] * 4 + [keys.batches]
     assert {pkeys.batch(keys, "b1"), pkeys.batch_corr(keys, "b1")} <= {
@@ -277,7 +283,7 @@ async def test_a_decision_is_written_with_its_events_in_one_transaction_under_wa
     with recording() as recorder:
         last = await advance(r, keys, "b1")
     assert last is not None and last.terminal is not None
-    [unit] = recorder.transactions()
+    [_, unit] = recorder.transactions()
     assert [kind for _, kind in _appended(unit)] == ["BatchScored", "BatchFinalized"]
     assert pkeys.batch(keys, "b1") in {c[1] for c in unit.texts("HSET")}
     state = await load_state(r, keys, "b1")
@@ -287,51 +293,104 @@ async def test_a_decision_is_written_with_its_events_in_one_transaction_under_wa
     )
 
 
-async def test_a_callback_applied_while_deciding_voids_the_decision(
-    engine: Engine, r: Any, keys: Keys
-) -> None:
-    """The decision is taken on what was read under WATCH; a callback applied by another
-    consumer before EXEC changes the batch hash, so nothing of that decision is written and it
-    is taken again on the new state."""
+async def _stray(engine: Engine, r: Any, keys: Keys, batch_id: str) -> Any:
+    """A coroutine function applying, on another connection, one callback no request asked for
+    (it changes the batch hash's counters, as any callback does)."""
     await ensure_group(r, keys.callbacks, CJ_GROUP)
-    await append_registration(r, keys, registration(6, batch_id="b1"))
     other = await engine.client()
-    stray = completed("b1", "unknown-cid")
+    stray = completed(batch_id, "unknown-cid")
     [entry_id] = await append_and_read(other, keys, [stray])
-    decisions: list[Decision] = []
-
-    def deciding(state: BatchState) -> Decision | None:
-        decision = decide(state)
-        assert decision is not None
-        decisions.append(decision)
-        if len(decisions) == 1:  # another consumer applies a callback meanwhile
-            future = asyncio.run_coroutine_threadsafe(apply_stray(), loop)
-            future.result(timeout=10)
-        return decision
 
     async def apply_stray() -> None:
         await apply_callbacks(other, CallbackApplier(other, keys, CJ_GROUP), [stray], [entry_id])
 
+    return apply_stray
+
+
+def _meanwhile(then: Any, decider: Any = decide) -> tuple[Any, list[Decision | None]]:
+    """A decider that runs the coroutine function `then` (on the test's loop) while taking its
+    first decision, and the list of the decisions it took."""
     loop = asyncio.get_running_loop()
+    decisions: list[Decision | None] = []
+
+    def deciding(state: BatchState) -> Decision | None:
+        decision = decider(state)
+        decisions.append(decision)
+        if len(decisions) == 1:
+            asyncio.run_coroutine_threadsafe(then(), loop).result(timeout=10)
+        return decision
+
+    return deciding, decisions
+
+
+async def _replay_equal(r: Any, keys: Keys, batch_id: str) -> None:
+    assert await snapshot(r, keys, batch_id) == canonical(
+        (await replay(r, keys, {batch_id}))[0][batch_id], keys
+    )
+
+
+async def test_a_callback_applied_while_deciding_a_wave_is_counted_and_the_wave_kept(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """The wave does not depend on what the callback changed: it is written on top of the
+    callback's counts, not taken again."""
+    await append_registration(r, keys, registration(6, batch_id="b1"))
+    deciding, decisions = _meanwhile(await _stray(engine, r, keys, "b1"))
     taken = await advance(r, keys, "b1", decider=deciding)
-    # The decision taken is the second (its events stamped with the server's time).
-    assert len(decisions) == 2 and taken is not None
-    assert [e.event_id for e in taken.events] == [e.event_id for e in decisions[1].events]
-    voided = {q.correlation_id for q in decisions[0].requests}
-    requests = [e for _, e in await events_of(r, keys.requests)]
-    assert all(isinstance(q, ComparisonRequested) for q in requests)
-    assert {q.correlation_id for q in requests} == {q.correlation_id for q in taken.requests}
-    assert not voided & {q.correlation_id for q in requests}
-    waves = [e for _, e in await events_of(r, keys.batches) if isinstance(e, WaveSubmitted)]
-    assert len(waves) == 1 and not any(
-        isinstance(e, BatchScored) for _, e in await events_of(r, keys.batches)
-    )
+    [decided] = decisions
+    assert taken is not None and decided is not None
+    assert [e.event_id for e in taken.events] == [e.event_id for e in decided.events]
     state = await load_state(r, keys, "b1")
-    assert state is not None and state.orphans == 1 and state.waves == 1
+    assert state is not None and state.orphans == 1 and state.callbacks_received == 1
+    assert state.waves == 1 and state.in_flight == state.submitted == len(taken.requests)
     assert set(state.corr) == {q.correlation_id for q in taken.requests}
-    assert await snapshot(r, keys, "b1") == canonical(
-        (await replay(r, keys, {"b1"}))[0]["b1"], keys
+    await _replay_equal(r, keys, "b1")
+
+
+async def test_a_decision_written_while_deciding_voids_the_other(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """Two consumers decide the same step: the one written second is not written at all, and
+    taken again on the new state (where there is nothing to do: the wave is out)."""
+    await append_registration(r, keys, registration(6, batch_id="b1"))
+    other = await engine.client()
+    theirs: list[Decision | None] = []
+
+    async def other_advances() -> None:
+        theirs.append(await advance(other, keys, "b1"))
+
+    deciding, decisions = _meanwhile(other_advances)
+    assert await advance(r, keys, "b1", decider=deciding) is None
+    [voided, again] = decisions
+    assert voided is not None and voided.requests and again is None
+    [written] = theirs
+    assert written is not None and written.requests
+    requests = [e for _, e in await events_of(r, keys.requests)]
+    assert {q.correlation_id for q in requests} == {q.correlation_id for q in written.requests}
+    waves = [e for _, e in await events_of(r, keys.batches) if isinstance(e, WaveSubmitted)]
+    assert len(waves) == 1
+    await _replay_equal(r, keys, "b1")
+
+
+async def test_a_callback_applied_while_deciding_the_end_voids_it(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """A batch's end names the requests still in flight: it is written only on the state it
+    was decided on, so a callback applied meanwhile makes it be taken again."""
+    batch_id, _requests = await batch_with_wave(r, keys)
+    later = await server_time(r) + timedelta(hours=1)
+    deciding, decisions = _meanwhile(
+        await _stray(engine, r, keys, batch_id), lambda s: stalled_decision(s, 0, later)
     )
+    taken = await advance(r, keys, batch_id, decider=deciding)
+    [_, again] = decisions
+    assert taken is not None and taken.terminal is not None and again is not None
+    assert [e.event_id for e in taken.events] == [e.event_id for e in again.events]
+    ends = [e for _, e in await events_of(r, keys.batches) if isinstance(e, BatchFailed)]
+    assert len(ends) == 1
+    state = await load_state(r, keys, batch_id)
+    assert state is not None and state.orphans == 1 and state.terminal and state.in_flight == 0
+    await _replay_equal(r, keys, batch_id)
 
 
 def _appended(unit: Any) -> list[tuple[str, str]]:
