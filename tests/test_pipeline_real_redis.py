@@ -13,6 +13,7 @@ from app.settings import Settings
 from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import append_registration
+from cj.step_lease import lease_keys
 from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
@@ -117,5 +118,40 @@ async def test_every_request_ends_in_exactly_one_accepted_callback(
         assert q.mode == mode and q.provider == "mock" and q.content_key
     for stream, group in ((keys.requests, LPS_GROUP), (keys.callbacks, CJ_GROUP)):
         assert (await r.xpending(stream, group))["pending"] == 0
+    states, _ = await replay(r, keys, {reg.batch_id})
+    assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)
+
+
+async def test_a_step_lease_left_by_a_dead_consumer_does_not_stall_the_batch(
+    shared_redis: Any,
+) -> None:
+    """A consumer killed while it held a batch's step lease (cj/step_lease.py) leaves the lease
+    behind: the live consumers only leave notes for it, and their sweep takes the steps."""
+    r = shared_redis
+    keys = Keys(f"p{uuid.uuid4().hex[:6]}:")
+    settings = Settings(block_ms=50, reaper_interval_s=0.05)
+    reg = registration(16, batch_id="b-lease", budget=60)
+    await append_registration(r, keys, reg)
+    lease, note = lease_keys(keys, reg.batch_id)
+    await r.set(lease, "killed-consumer", px=600_000)  # outlives the test: only the sweep helps
+    runner = InProcess(
+        r,
+        keys,
+        settings,
+        lambda name: make_provider(name, mock_profile=PROFILES["ideal"]),
+        cj_consumers=2,
+        lps_workers=1,
+    )
+    runner.start()
+    await advance(r, keys, reg.batch_id)
+    try:
+        state = await _wait_terminal(r, keys, reg.batch_id, runner)
+    finally:
+        await runner.close()
+    assert state.waves > 1, "the later waves were taken while the lease was held"
+    assert await r.get(lease) in (b"killed-consumer", "killed-consumer")
+    assert await r.exists(note), "the consumers asked for steps and left notes"
+    finals = [e for _, e in await _events(r, keys.batches) if type(e).__name__ == "BatchFinalized"]
+    assert len(finals) == 1
     states, _ = await replay(r, keys, {reg.batch_id})
     assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)
