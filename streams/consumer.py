@@ -35,7 +35,7 @@ from streams.errors import Policy
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
 from streams.paging import entries_lost
-from streams.pending import Claimed, StuckAction, group_upkeep
+from streams.pending import Claimed, StuckAction, group_upkeep, pending_details
 from streams.reader import Entry, GroupReader, ensure_group, record_position, split_decoded
 from streams.resilience import Backoff, wait_for_redis
 
@@ -264,10 +264,38 @@ class GroupConsumer(Generic[E]):
             await self.handle(retry)
         return actions
 
+    async def reread_lost_deliveries(self) -> None:
+        """Read again, through the reader's own-pending backlog, the entries this consumer holds
+        but never got. Redis delivers a read's entries before it answers; when the connection
+        drops in between and the client retries the read (redis-py's retries bridge a short
+        outage), the retry reads on after them. Nobody else claims them (`claim_idle` spares a
+        live consumer's own entries), so without this they stayed pending for ever and their
+        batch never ended. An entry in hand is never this idle: the CJ consumer holds none
+        between pages (the reaper pass runs between them), and the LPS worker refreshes what it
+        holds and leaves out what is in hand when it reads."""
+        stale = await pending_details(
+            self.r,
+            self.stream,
+            self.group,
+            min_idle_ms=self.timeout_ms,
+            consumer=self.consumer,
+            count=1,
+        )
+        if stale:
+            log.warning(
+                "lost_delivery_read_again",
+                stream=self.stream_name,
+                consumer=self.consumer,
+                entry_id=stale[0]["entry_id"],
+                idle_ms=stale[0]["idle_ms"],
+            )
+            self.reader.rewind()
+
     async def upkeep(self) -> None:
         """The part of a reaper pass every group shares: the group's position recorded, the
         pending gauge, and removing consumers dead with nothing pending (never this one)."""
         await self.record_position()
+        await self.reread_lost_deliveries()
         lost = await entries_lost(self.r, self.stream)
         if lost is not None and lost != self.lost_seen:
             # Streams are the source of truth: entries deleted from one cannot be replayed.

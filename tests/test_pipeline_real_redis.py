@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from app.settings import Settings
-from app.wiring import InProcess
+from app.wiring import InProcess, cj_consumer
 from cj.continuation import advance
 from cj.registration import append_registration
 from cj.step_lease import lease_keys
@@ -155,3 +155,70 @@ async def test_a_step_lease_left_by_a_dead_consumer_does_not_stall_the_batch(
     assert len(finals) == 1
     states, _ = await replay(r, keys, {reg.batch_id})
     assert await snapshot(r, keys, reg.batch_id) == canonical(states[reg.batch_id], keys)
+
+
+async def test_a_delivery_whose_reply_was_lost_is_read_again_by_its_consumer(
+    shared_redis: Any,
+) -> None:
+    """Redis delivers a read's entries before it answers. When the reply is lost (a dropped
+    connection) and the client retries the read, the consumer holds entries it never saw,
+    which nobody else claims. Here the lost reply is made exact: the callback is appended and
+    read for the running consumer in one MULTI, so it never reaches the consumer's own read.
+    The consumer's reaper pass must read it again, or the batch waits for it for ever."""
+    r = shared_redis
+    keys = Keys(f"p{uuid.uuid4().hex[:6]}:")
+    settings = Settings(block_ms=50, reaper_interval_s=0.05, processing_timeout_s=0.2)
+    reg = registration(8, batch_id="b-lost-reply", budget=40)
+    await append_registration(r, keys, reg)
+    await advance(r, keys, reg.batch_id)
+    requests = [e for _, e in await _events(r, keys.requests) if isinstance(e, ComparisonRequested)]
+    consumer = cj_consumer(r, keys, settings, "cj-lost-reply")
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop, sweep_every_s=settings.reaper_interval_s))
+
+    async def consumer_reading() -> bool:
+        try:
+            return bool(await r.xinfo_consumers(keys.callbacks, CJ_GROUP))
+        except Exception:  # the group is not there yet
+            return False
+
+    def callback(q: ComparisonRequested) -> dict[str, bytes]:
+        event = ComparisonCompleted(
+            batch_id=q.batch_id,
+            correlation_id=q.correlation_id,
+            essay_a_id=q.essay_a.essay_id,
+            essay_b_id=q.essay_b.essay_id,
+            winner="essay_a",
+            confidence=3.0,
+        )
+        return codec.encode(event)
+
+    try:
+        await _until(consumer_reading)
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.callbacks, callback(requests[0]))
+            pipe.xreadgroup(CJ_GROUP, "cj-lost-reply", {keys.callbacks: ">"}, count=1)
+            lost_id, _ = await pipe.execute()
+        for q in requests[1:]:
+            await r.xadd(keys.callbacks, callback(q))
+
+        async def all_applied() -> bool:
+            state = await load_state(r, keys, reg.batch_id)
+            pending = (await r.xpending(keys.callbacks, CJ_GROUP))["pending"]
+            return state.callbacks_received >= len(requests) and pending == 0
+
+        await _until(all_applied)
+    finally:
+        stop.set()
+        await task
+    state = await load_state(r, keys, reg.batch_id)
+    assert state.callbacks_received == len(requests) and state.duplicates == 0
+    assert lost_id
+
+
+async def _until(condition: Any, timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {condition.__name__}")
+        await asyncio.sleep(0.01)
