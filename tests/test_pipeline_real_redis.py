@@ -49,6 +49,36 @@ async def _wait_terminal(r: Any, keys: Keys, batch_id: str, runner: InProcess) -
     raise AssertionError(f"batch not finalized: {state.accepted}/{state.denominator}")
 
 
+async def _run_to_end(
+    r: Any,
+    keys: Keys,
+    settings: Settings,
+    batch_id: str,
+    profile: str,
+    *,
+    cj: int,
+    lps: int,
+    concurrency: int = 8,
+) -> Any:
+    """The registered batch started and run to its end by consumers and workers in this
+    process, on the mock judge with `profile`; its final state."""
+    runner = InProcess(
+        r,
+        keys,
+        settings,
+        lambda name: make_provider(name, mock_profile=PROFILES[profile]),
+        cj_consumers=cj,
+        lps_workers=lps,
+        concurrency=concurrency,
+    )
+    runner.start()
+    await advance(r, keys, batch_id)
+    try:
+        return await _wait_terminal(r, keys, batch_id, runner)
+    finally:
+        await runner.close()
+
+
 @pytest.mark.parametrize(
     ("mode", "profile"), [("per_request", "flaky"), ("serial_bundle", "flaky")]
 )
@@ -66,21 +96,7 @@ async def test_every_request_ends_in_exactly_one_accepted_callback(
     )
     reg = registration(24, batch_id="b-" + mode, mode=mode, budget=150)
     await append_registration(r, keys, reg)
-    runner = InProcess(
-        r,
-        keys,
-        settings,
-        lambda name: make_provider(name, mock_profile=PROFILES[profile]),
-        cj_consumers=2,
-        lps_workers=2,
-        concurrency=4,
-    )
-    runner.start()
-    await advance(r, keys, reg.batch_id)
-    try:
-        state = await _wait_terminal(r, keys, reg.batch_id, runner)
-    finally:
-        await runner.close()
+    state = await _run_to_end(r, keys, settings, reg.batch_id, profile, cj=2, lps=2, concurrency=4)
 
     requests = [e for _, e in await _events(r, keys.requests) if isinstance(e, ComparisonRequested)]
     callbacks = [e for _, e in await _events(r, keys.callbacks)]
@@ -134,20 +150,7 @@ async def test_a_step_lease_left_by_a_dead_consumer_does_not_stall_the_batch(
     await append_registration(r, keys, reg)
     lease, note = lease_keys(keys, reg.batch_id)
     await r.set(lease, "killed-consumer", px=600_000)  # outlives the test: only the sweep helps
-    runner = InProcess(
-        r,
-        keys,
-        settings,
-        lambda name: make_provider(name, mock_profile=PROFILES["ideal"]),
-        cj_consumers=2,
-        lps_workers=1,
-    )
-    runner.start()
-    await advance(r, keys, reg.batch_id)
-    try:
-        state = await _wait_terminal(r, keys, reg.batch_id, runner)
-    finally:
-        await runner.close()
+    state = await _run_to_end(r, keys, settings, reg.batch_id, "ideal", cj=2, lps=1)
     assert state.waves > 1, "the later waves were taken while the lease was held"
     assert await r.get(lease) in (b"killed-consumer", "killed-consumer")
     assert await r.exists(note), "the consumers asked for steps and left notes"
