@@ -138,12 +138,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("before")
     parser.add_argument("after")
-    parser.add_argument("command", nargs=argparse.REMAINDER)
     parser.add_argument("--runs", type=int, default=3, help="runs per side")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--save", type=Path, help="write every run's figures there as JSON")
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    # The command is everything after "--": argparse's REMAINDER after the positionals
+    # swallowed the options written between them and "--", as the usage line writes them.
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    command = argv[cut + 1 :]
     if not command:
         parser.error("no command after --")
     results: dict[str, list[Figures]] = {"before": [], "after": []}
