@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from cj.consumer import CJConsumer
+from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import ComparisonFailed, ComparisonRequested, RequestExpired
 from lps.providers.base import Judgement
@@ -321,3 +322,52 @@ async def test_maintenance_sets_the_pending_gauge(r: Any, keys: Keys) -> None:
         REGISTRY.get_sample_value("lps_pending_entries", {"stream": "cj:callbacks", "group": "cj"})
         == 0
     )
+
+
+@pytest.mark.parametrize("service", ["cj", "lps"])
+async def test_own_entries_whose_delivery_was_lost_are_read_again_and_handled(
+    r: Any, keys: Keys, service: str
+) -> None:
+    """A read whose reply was lost (the connection dropped after Redis delivered its entries,
+    and the client's retry read on after them) leaves entries held by a live consumer that
+    never saw them. Nobody else claims a live consumer's own entries, and its reads go on
+    from `>`: its reaper pass must read them again, or they stay pending for ever."""
+    batch_id, requests = await batch_with_wave(r, keys)
+    cids = [q.correlation_id for q in requests[:2]]
+    judge = Judge()
+    consumer: CJConsumer | LPSWorker
+    if service == "cj":
+        consumer = CJConsumer(r, keys, "live", processing_timeout_s=0.5, block_ms=10)
+        stream, group = keys.callbacks, CJ_GROUP
+    else:
+        consumer = LPSWorker(
+            r, keys, "live", lambda _: judge, processing_timeout_s=0.5, block_ms=10
+        )
+        stream, group = keys.requests, LPS_GROUP
+    await consumer.start()
+    try:
+        if service == "cj":
+            assert await consumer.step() == 0  # past its own backlog, reading from `>`
+            ids = await append_and_read(r, keys, [completed(batch_id, c) for c in cids], "live")
+        else:
+            await r.xack(keys.requests, LPS_GROUP, *await deliver_to(r, stream, group, "other"))
+            assert await consumer.step() == 0
+            for q in requests[:2]:
+                await r.xadd(keys.requests, codec.encode(q))
+            ids = await deliver_to(r, stream, group, "live")
+        await _set_deliveries(r, stream, group, "live", ids, 1)  # long idle, delivered once
+        assert await consumer.step() == 0, "its reads go on after the lost entries"
+        assert await consumer.reclaim() == [], "nobody claims a live consumer's own entries"
+
+        await consumer.maintain()
+        assert await consumer.step() == len(ids)
+    finally:
+        if isinstance(consumer, LPSWorker):
+            await consumer.close()
+    assert (await r.xpending(stream, group))["pending"] == 0
+    if service == "cj":
+        state = await load_state(r, keys, batch_id)
+        assert state is not None and state.callbacks_received == 2
+        assert all(state.corr[c].startswith("c ") for c in cids)
+    else:
+        assert sorted(judge.judged) == sorted(cids)
