@@ -130,18 +130,14 @@ def _flat_writer(
 
 
 def encode(event: Event) -> dict[str, bytes]:
+    """`event`'s stream fields: flat for `FLAT_TYPES` (see the module's docstring; a field
+    equal to its default is left out, as in JSON, and a float with an integral value is
+    written as an integer: Redis keeps "2" as a small integer in the listpack, "2.0" as a
+    string; both decode to 2.0), `{type, data}` for the others."""
     writer = _WRITERS.get(type(event))
     if writer is not None:
         return writer(event)
     return {"type": type(event).__name__.encode(), "data": encode_json(event)}
-
-
-def encode_flat(event: Event) -> dict[str, bytes]:
-    """`event` (of `FLAT_TYPES`) as flat stream fields (see the module's docstring): a field
-    equal to its default is left out, as in JSON. A float with an integral value is written as
-    an integer (Redis keeps "2" as a small integer in the listpack, "2.0" as a string; both
-    decode to 2.0)."""
-    return _WRITERS[type(event)](event)
 
 
 def _write_nested(
@@ -193,15 +189,6 @@ def _in_rows(event: Event, name: str, rows_name: str, rows: list[list[object]]) 
     del out[name]
     out[rows_name] = rows
     return _encoder.encode(out)
-
-
-def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> bytes | None:
-    value = fields.get(name.encode())
-    if value is None:
-        value = fields.get(name)
-    if value is None:
-        return None
-    return value.encode() if isinstance(value, str) else value
 
 
 class _Template(NamedTuple):
