@@ -635,7 +635,7 @@ async def _write(
             try:
                 await pipe.watch(batch_key)
                 now = await pipe.hgetall(batch_key)
-                if now != read if strict else _decided(now) != _decided(read):
+                if (now != read) if strict else (_decided(now) != _decided(read)):
                     await pipe.unwatch()
                     return None
                 pipe.multi()

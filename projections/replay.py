@@ -209,13 +209,13 @@ def mentions(flat: list[Any], needles: list[bytes], escaped: list[bytes] | None 
     decoding): its `data` holds one (as JSON writes it: `escaped`, the same for ids of the
     grammar), or a flat entry's value is one (its `batch_id`, exactly: a list scan in C)."""
     if len(flat) == 4 and flat[2] == b"data":
-        data = flat[3] if isinstance(flat[3], bytes) else str(flat[3]).encode()
-        return any(n in data for n in (escaped or needles))
-    if b"data" not in flat:  # (a value `data` takes the way below: the same answer)
+        data = flat[3]
+    elif b"data" not in flat:  # (a value `data` takes the way below: the same answer)
         return any(n in flat for n in needles)
-    fields = dict(zip(flat[::2], flat[1::2], strict=False))
-    data = fields[b"data"] if isinstance(fields[b"data"], bytes) else str(fields[b"data"]).encode()
-    return any(n in data for n in (escaped or needles))
+    else:
+        data = dict(zip(flat[::2], flat[1::2], strict=False))[b"data"]
+    raw = data if isinstance(data, bytes) else str(data).encode()
+    return any(n in raw for n in (escaped or needles))
 
 
 @contextmanager
