@@ -58,6 +58,7 @@ from app.archive import (
 )
 from app.errors import BadFile
 from app.partitions import label
+from events.ids import is_numbered
 from events.streams import CALLBACKS, CONSUMED, STREAMS
 from events.text import as_str
 from events.types import BatchRegistered, BundleDispatched, now_iso
@@ -192,9 +193,10 @@ async def _still_needed(r: Any, keys: Keys, records: list[Record]) -> str | None
 
 def _request_keys(keys: Keys, batch_id: str, correlation_ids: list[str]) -> list[str]:
     out = [lkeys.answered(keys, batch_id)]
-    for cid in correlation_ids:  # markers of before the answered hash, and Message Batches
-        out.append(lkeys.done(keys, cid))
-        out.append(lkeys.message_batch(keys, cid))
+    for cid in correlation_ids:  # Message Batches, and markers of before the answered hash
+        out.append(lkeys.message_batch(keys, batch_id, cid))
+        if not is_numbered(cid):  # (only random ids of then had one)
+            out.append(lkeys.done(keys, cid))
     return out
 
 

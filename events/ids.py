@@ -10,6 +10,10 @@ only must be printable text of bounded length.
   digit (`KEY_ID`);
 - essay id: 1–200 characters, no control character, no leading or trailing whitespace.
 
+Correlation ids are numbered per batch (`1`, `2`, ...: cj/continuation.py `numbered_ids`), so
+one names a request only together with its batch: `request_key` is what names a request among
+every batch's (keys of LPS, Message Batch items, per-request state of a process).
+
 The grammar is checked where an id enters: at registration (`cj/registration.py`), when a
 file is imported, and on every entry a consumer group reads (`streams/consumer.py`: an entry
 with a bad id goes to the dead letters with reason `invalid_id`); replay skips the same
@@ -25,6 +29,19 @@ from typing import Any
 
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ESSAY_ID_MAX = 200
+
+
+def is_numbered(correlation_id: str) -> bool:
+    """Whether `correlation_id` is one numbered in its batch (digits only), not one of the
+    random ids of before (16 characters of base32, or 32 hex: unique among all batches)."""
+    return correlation_id.isascii() and correlation_id.isdigit()
+
+
+def request_key(batch_id: str, correlation_id: str) -> str:
+    """What names one request among every batch's: `<batch id>:<correlation id>` (`:` occurs in
+    neither id); a random correlation id of before (`is_numbered` false) names it alone, as it
+    did then, so that keys and Message Batch items written before the upgrade are found again."""
+    return f"{batch_id}:{correlation_id}" if is_numbered(correlation_id) else correlation_id
 
 
 def key_id_problem(kind: str, value: object) -> str | None:

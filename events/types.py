@@ -81,10 +81,11 @@ def now_iso() -> str:
 
 def new_id() -> str:
     """A random id: 80 bits as 16 characters of lowercase base32 (letters and 2-7, within the
-    id grammar of events/ids.py). Correlation ids are written about six times per comparison
-    (request, callback, wave, and the projection's and LPS's hashes), batch ids twice: uuid4
-    hex took twice the room for 122 bits nobody needed. Ids written before (32 hex) stay valid.
-    (80 bits: ten billion ids collide with a chance of 4e-5.)"""
+    id grammar of events/ids.py), for batch, event, bundle and intent ids: uuid4 hex took twice
+    the room for 122 bits nobody needed. Ids written before (32 hex) stay valid. (80 bits: ten
+    billion ids collide with a chance of 4e-5.) Correlation ids are no longer random: they are
+    numbered per batch (cj/continuation.py `numbered_ids`), written about five times per
+    comparison; those of batches of before (random, of this form) stay valid."""
     return base64.b32encode(os.urandom(10)).decode().lower()
 
 
@@ -377,7 +378,7 @@ class ComparisonRequested(EntryStamped, frozen=True, kw_only=True):
     overrides: dict[str, str] = msgspec.field(default_factory=dict)
     seed: int = 0
     prompt_version: str = "v1"
-    # What a seeded judge may draw from, instead of the random batch and correlation ids:
+    # What a seeded judge may draw from, instead of the batch and correlation ids:
     # the batch's content hash and how many requests of this pair came before.
     content_key: str = ""
     occurrence: int = 0

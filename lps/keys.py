@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from events.ids import request_key
 from streams.keys import Keys
 
 
@@ -19,13 +20,17 @@ def answered(keys: Keys, batch_id: str) -> str:
 
 def done(keys: Keys, correlation_id: str) -> str:
     """The marker of one request written before `answered` (a string key holding the token):
-    no longer written; the archiver still deletes those of the requests it archives."""
+    no longer written, and only ever for the random correlation ids of that time (unique among
+    all batches); the archiver still deletes those of the requests it archives."""
     return keys.key(f"lps:done:{correlation_id}")
 
 
-def message_batch(keys: Keys, correlation_id: str) -> str:
-    """The Message Batch holding a `batch_api` request (index of `BundleDispatched`)."""
-    return keys.key(f"lps:batchapi:{correlation_id}")
+def message_batch(keys: Keys, batch_id: str, correlation_id: str) -> str:
+    """The Message Batch holding a `batch_api` request (index of `BundleDispatched`):
+    `lps:batchapi:<batch id>:<correlation id>`, correlation ids being numbered per batch; a
+    request with a random id of before keeps its key of then, `lps:batchapi:<correlation id>`
+    (`events.ids.request_key`)."""
+    return keys.key(f"lps:batchapi:{request_key(batch_id, correlation_id)}")
 
 
 def cooldown(keys: Keys, provider: str, model: str) -> str:

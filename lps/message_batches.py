@@ -3,14 +3,16 @@ Batch (half the price). Mode `batch_api` (`lps.modes.batch_api`) drives it:
 
 1. `submitted = await batches.submit_bundle(requests)` creates one batch whose items
    are the same `messages.create` bodies as `per_request` would send, each with
-   `custom_id = custom_id_for(correlation_id)`. Items that cannot be rendered (bad
+   `custom_id = custom_id_for(batch_id, correlation_id)`. Items that cannot be rendered (bad
    overrides, unknown prompt version) are not sent; they come back at once in
    `submitted.rejected` as ErrorDetails.
 2. The worker records `submitted.message_batch_id` in `BundleDispatched.provider_batch_id`
    and leaves the requests pending (no XACK).
 3. `await batches.poll(message_batch_id, requests)` → None while the batch is
-   processing; once it has ended, `{correlation_id: Judgement | ErrorDetail}` for every
-   given request, matched by `custom_id` (results come in any order). `errored` items
+   processing; once it has ended, `{request key: Judgement | ErrorDetail}` for every
+   given request (`events.ids.request_key`: a bundle may hold several CJ batches, whose
+   correlation ids are numbered each from 1), matched by `custom_id` (results come in any
+   order). `errored` items
    are classified by their `error.type` like an HTTP error; `expired` and `canceled`
    items become `error_type="expired"`; a request without a result line becomes a
    retryable `server_error`.
@@ -44,6 +46,7 @@ from typing import Any, NoReturn
 from anthropic.resources.messages.batches import AsyncBatches
 from anthropic.types.messages.batch_create_params import Request as BatchRequest
 
+from events.ids import is_numbered, request_key
 from events.types import ComparisonRequested, ErrorDetail, TokenUsage
 from lps.classify import classify_any, classify_response
 from lps.providers.anthropic import (
@@ -71,12 +74,20 @@ MAX_MESSAGE_BATCH_REQUESTS = 100_000
 _CUSTOM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def custom_id_for(correlation_id: str) -> str:
-    """The batch item id of a request: its correlation id when the API accepts it as one
-    (`^[A-Za-z0-9_-]{1,64}$`, true of our uuid4 hex ids), else a stable hash of it."""
-    if _CUSTOM_ID.fullmatch(correlation_id):
-        return correlation_id
-    return "h" + hashlib.sha256(correlation_id.encode()).hexdigest()[:40]
+def custom_id_for(batch_id: str, correlation_id: str) -> str:
+    """The batch item id of a request, unique within a Message Batch, which may hold requests
+    of several CJ batches: `<batch id>-<correlation id>` (the correlation id is numbered in its
+    batch: digits, after the last `-`); a random correlation id of before alone, as then (a
+    Message Batch sent before the upgrade is matched again); either when the API accepts it
+    (`^[A-Za-z0-9_-]{1,64}$`), else a stable hash of it."""
+    ref = f"{batch_id}-{correlation_id}" if is_numbered(correlation_id) else correlation_id
+    if _CUSTOM_ID.fullmatch(ref):
+        return ref
+    return "h" + hashlib.sha256(ref.encode()).hexdigest()[:40]
+
+
+def _key(request: ComparisonRequested) -> str:
+    return request_key(request.batch_id, request.correlation_id)
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,9 @@ class SubmittedMessageBatch:
     message_batch_id: str | None
     """None when no item could be sent (all rejected)."""
     custom_ids: dict[str, str] = field(default_factory=dict)
-    """correlation_id → custom_id of every item sent."""
+    """request key (`events.ids.request_key`) → custom_id of every item sent."""
     rejected: dict[str, ErrorDetail] = field(default_factory=dict)
-    """correlation_id → why the item was not sent (final: no HTTP call was made for it)."""
+    """request key → why the item was not sent (final: no HTTP call was made for it)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,7 @@ class PreparedBundle:
 
     items: list[BatchRequest]
     custom_ids: dict[str, str]
-    """correlation_id → custom_id of every item to send."""
+    """request key (`events.ids.request_key`) → custom_id of every item to send."""
     rejected: dict[str, ErrorDetail]
     model: str
 
@@ -171,7 +182,7 @@ class MessageBatches:
 
     async def submit_bundle(self, requests: Sequence[ComparisonRequested]) -> SubmittedMessageBatch:
         """Create one Message Batch for `requests`. Raises ProviderError if the create call
-        fails, ValueError on duplicate correlation ids."""
+        fails, ValueError on a request given twice."""
         prepared = self.prepare(requests)
         if not prepared.items:
             return SubmittedMessageBatch(None, {}, prepared.rejected)
@@ -180,28 +191,29 @@ class MessageBatches:
 
     def prepare(self, requests: Sequence[ComparisonRequested]) -> PreparedBundle:
         """Render the items of a Message Batch; requests that cannot be rendered are
-        `rejected` (nothing is sent for them). ValueError on duplicate correlation ids."""
+        `rejected` (nothing is sent for them). ValueError on a request given twice."""
         if len(requests) > MAX_MESSAGE_BATCH_REQUESTS:
             raise ValueError(f"at most {MAX_MESSAGE_BATCH_REQUESTS} requests per batch")
         prepared: list[PreparedCall] = []
+        items: list[BatchRequest] = []
         rejected: dict[str, ErrorDetail] = {}
         custom_ids: dict[str, str] = {}
         seen: set[str] = set()
         for request in requests:
-            cid = custom_id_for(request.correlation_id)
+            cid = custom_id_for(request.batch_id, request.correlation_id)
             if cid in seen:
-                raise ValueError(f"duplicate correlation id in bundle: {request.correlation_id}")
+                raise ValueError(
+                    f"duplicate request in bundle: {request.batch_id} {request.correlation_id}"
+                )
             seen.add(cid)
             try:
-                prepared.append(self.provider.prepare(request))
+                call = self.provider.prepare(request)
             except ProviderError as exc:
-                rejected[request.correlation_id] = exc.detail
+                rejected[_key(request)] = exc.detail
                 continue
-            custom_ids[request.correlation_id] = cid
-        items: list[BatchRequest] = [
-            {"custom_id": custom_ids[call.correlation_id], "params": call.params()}
-            for call in prepared
-        ]
+            prepared.append(call)
+            items.append({"custom_id": cid, "params": call.params()})
+            custom_ids[_key(request)] = cid
         model = prepared[0].model if prepared else ""
         return PreparedBundle(items, custom_ids, rejected, model)
 
@@ -253,11 +265,12 @@ class MessageBatches:
         self, message_batch_id: str, requests: Sequence[ComparisonRequested]
     ) -> dict[str, ItemResult] | None:
         """None while the batch is processing; once ended, one result per given request,
-        keyed by correlation id. Raises ProviderError when the API call fails."""
+        keyed by request key (`events.ids.request_key`). Raises ProviderError when the API
+        call fails."""
         status = await self.status(message_batch_id)
         if not status.ended:
             return None
-        by_custom_id = {custom_id_for(r.correlation_id): r for r in requests}
+        by_custom_id = {custom_id_for(r.batch_id, r.correlation_id): r for r in requests}
         results: dict[str, ItemResult] = {}
         lines: list[Any] = []
         try:
@@ -277,12 +290,12 @@ class MessageBatches:
                     "batch %s: result for unknown custom_id %s", message_batch_id, custom_id
                 )
                 continue
-            results[request.correlation_id] = self._result(
+            results[_key(request)] = self._result(
                 message_batch_id, request, getattr(line, "result", None)
             )
         for request in requests:
-            if request.correlation_id not in results:
-                results[request.correlation_id] = ItemFailure(
+            if _key(request) not in results:
+                results[_key(request)] = ItemFailure(
                     ErrorDetail(
                         error_type="server_error",
                         retryable=True,

@@ -38,15 +38,17 @@ MODEL = "claude-sonnet-4-6"
 def make_requests(n: int, **kw: object) -> list[ComparisonRequested]:
     return [
         ComparisonRequested(
-            batch_id="b1",
-            correlation_id=new_id(),
-            wave=1,
-            essay_a=Essay(f"e{i}", f"Essay number {i}."),
-            essay_b=Essay(f"f{i}", f"Another essay {i}."),
-            mode="batch_api",
-            provider="anthropic",
-            model=MODEL,
-            **kw,  # type: ignore[arg-type]
+            **{  # type: ignore[arg-type]
+                "batch_id": "b1",
+                "correlation_id": new_id(),
+                "wave": 1,
+                "essay_a": Essay(f"e{i}", f"Essay number {i}."),
+                "essay_b": Essay(f"f{i}", f"Another essay {i}."),
+                "mode": "batch_api",
+                "provider": "anthropic",
+                "model": MODEL,
+                **kw,
+            }
         )
         for i in range(n)
     ]
@@ -118,6 +120,29 @@ async def test_poll_until_ended_then_match_results_by_custom_id(
     # polling an ended batch again gives the same answer (idempotent)
     again = await batches.poll(submitted.message_batch_id, requests)
     assert again == results
+
+
+async def test_a_bundle_of_two_batches_with_the_same_numbered_ids_gets_one_result_each(
+    batches: MessageBatches, server: AnthropicTestServer
+) -> None:
+    """Correlation ids are numbered per batch: a Message Batch holding requests of two CJ
+    batches has two requests `1`; each is its own item and gets its own result."""
+    ones = [
+        *make_requests(1, batch_id="b1", correlation_id="1"),
+        *make_requests(1, batch_id="b2", correlation_id="1"),
+    ]
+    server.batch_results["b1-1"] = success("essay_a", 1, "j-b1")
+    server.batch_results["b2-1"] = success("essay_b", 5, "j-b2")
+    submitted = await batches.submit_bundle(ones)
+    assert submitted.message_batch_id is not None
+    assert submitted.custom_ids == {"b1:1": "b1-1", "b2:1": "b2-1"}
+    [create] = server.calls("/v1/messages/batches")
+    assert [i["custom_id"] for i in create.body["requests"]] == ["b1-1", "b2-1"]
+    results = await batches.poll(submitted.message_batch_id, ones)
+    assert results is not None and set(results) == {"b1:1", "b2:1"}
+    first, second = results["b1:1"], results["b2:1"]
+    assert isinstance(first, Judgement) and isinstance(second, Judgement)
+    assert (first.winner, second.winner) == ("essay_a", "essay_b")
 
 
 async def test_item_outcomes_are_classified(
@@ -290,10 +315,18 @@ async def test_tokens_of_batch_results_are_counted(
 
 
 def test_custom_ids() -> None:
-    assert custom_id_for("0123abcdef") == "0123abcdef"
-    odd = custom_id_for("batch:1/corr 2")
-    assert odd.startswith("h") and len(odd) == 41 and odd == custom_id_for("batch:1/corr 2")
-    assert custom_id_for("x" * 65) != "x" * 65
+    # A random correlation id of before alone, as Message Batches sent before the upgrade
+    # hold it; a numbered one with its batch: unique in a Message Batch mixing CJ batches.
+    assert custom_id_for("b1", "0123abcdef") == "0123abcdef"
+    assert custom_id_for("b1", "12") == "b1-12"
+    assert custom_id_for("b1", "12") != custom_id_for("b2", "12")
+    assert custom_id_for("b-1", "2") != custom_id_for("b", "12")
+    odd = custom_id_for("b1", "batch:1/corr 2")
+    assert odd.startswith("h") and len(odd) == 41 and odd == custom_id_for("b2", "batch:1/corr 2")
+    assert custom_id_for("b1", "x" * 65) != "x" * 65
+    dotted = custom_id_for("v1.2", "7")  # a batch id the API does not take: hashed, stably
+    assert dotted.startswith("h") and dotted == custom_id_for("v1.2", "7")
+    assert dotted != custom_id_for("v1.2", "8")
 
 
 async def test_duplicate_correlation_ids_are_refused(batches: MessageBatches) -> None:

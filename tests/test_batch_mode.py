@@ -96,7 +96,8 @@ async def test_batch_is_polled_to_the_end_and_resumed_by_another_worker(
     r = fake_redis
     server.batch_polls_until_end = 10_000  # runs until the test lets it end
     requests = _requests(5)
-    server.batch_results[custom_id_for(requests[2].correlation_id)] = batch_errored()
+    errored = requests[2]
+    server.batch_results[custom_id_for(errored.batch_id, errored.correlation_id)] = batch_errored()
     for q in requests:
         await r.xadd(keys.requests, codec.encode(q))
 
@@ -233,7 +234,7 @@ async def test_sdk_errors_in_polling_never_stop_the_worker(
     r = fake_redis
     server.null_results_url_polls = 3
     requests = _requests(4)
-    flaky = {custom_id_for(requests[0].correlation_id), custom_id_for(requests[1].correlation_id)}
+    flaky = {custom_id_for(q.batch_id, q.correlation_id) for q in requests[:2]}
     seen: Counter[str] = Counter()
 
     def item(custom_id: str) -> Any:
@@ -254,7 +255,7 @@ async def test_sdk_errors_in_polling_never_stop_the_worker(
     attempts = [
         e for e in await _events(r, keys.dispatches) if isinstance(e, ProviderAttemptFailed)
     ]
-    assert sorted(custom_id_for(a.correlation_id) for a in attempts) == sorted(flaky)
+    assert sorted(custom_id_for(a.batch_id, a.correlation_id) for a in attempts) == sorted(flaky)
     assert all(a.will_retry and a.error.error_type == "overloaded" for a in attempts)
-    retried = [c for c in callbacks if custom_id_for(c.correlation_id) in flaky]
+    retried = [c for c in callbacks if custom_id_for(c.batch_id, c.correlation_id) in flaky]
     assert all(c.attempts == 2 for c in retried)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from events.types import BundleDispatched, ComparisonRequested
+from lps.message_batches import custom_id_for
 from tests.anthropic_server import TEST_KEY, AnthropicTestServer, Reply, client_env, running_server
 from tests.helpers import registration
 from tests.redis_server import RedisServer
@@ -97,7 +98,7 @@ async def test_kill_9_during_create_poll_and_results_pays_nothing_twice(
             server.results_delay_s = 120
         await submit(r, keys, reg)
         requests = {
-            e.correlation_id
+            custom_id_for(e.batch_id, e.correlation_id)
             for _, e in await events_of(r, keys.requests)
             if isinstance(e, ComparisonRequested) and e.batch_id == reg.batch_id
         }

@@ -30,6 +30,7 @@ from app.views import status_view
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
+from events.ids import request_key
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
     BatchRegistered,
@@ -287,8 +288,11 @@ async def test_poison_request_expires_after_max_deliveries_and_the_batch_finishe
     requests = [
         e for _, e in await events_of(r, keys.requests) if isinstance(e, ComparisonRequested)
     ]
-    poison = requests[3].correlation_id
-    env = {"CJS_MOCK_POISON_MARKER": poison, "CJS_PROCESSING_TIMEOUT_S": "1"}
+    cid = requests[3].correlation_id
+    env = {
+        "CJS_MOCK_POISON_MARKER": request_key(reg.batch_id, cid),
+        "CJS_PROCESSING_TIMEOUT_S": "1",
+    }
     procs.spawn("cj", **env)
     lps = [procs.spawn("lps", **env), procs.spawn("lps", **env)]
     deaths: list[int] = []
@@ -306,17 +310,17 @@ async def test_poison_request_expires_after_max_deliveries_and_the_batch_finishe
     elapsed = time.monotonic() - started
     assert deaths == [POISON_EXIT_CODE] * 3, "one death per delivery, CJS_MAX_DELIVERIES=3"
     expired = [e for _, e in await events_of(r, keys.dispatches) if isinstance(e, RequestExpired)]
-    assert [(e.correlation_id, e.deliveries) for e in expired] == [(poison, 3)]
+    assert [(e.correlation_id, e.deliveries) for e in expired] == [(cid, 3)]
     state, _ = await assert_one_accepted_callback_per_request(r, keys, reg.batch_id)
     assert state.status == "finalized"
     callbacks = [e for _, e in await events_of(r, keys.callbacks)]
     failures = [c for c in callbacks if isinstance(c, ComparisonFailed)]
-    assert [(c.correlation_id, c.error.error_type) for c in failures] == [(poison, "expired")]
-    assert state.corr[poison].startswith("f ") and state.corr[poison].endswith("expired")
+    assert [(c.correlation_id, c.error.error_type) for c in failures] == [(cid, "expired")]
+    assert state.corr[cid].startswith("f ") and state.corr[cid].endswith("expired")
     # Whether the pair is asked again depends on the budget left and the planner's choice;
     # if it was, the new request (another correlation id) is not poison and was answered.
     a, b = requests[3].essay_a.essay_id, requests[3].essay_b.essay_id
-    again = [c for c, pair in state.pairs.items() if set(pair[1:]) == {a, b} and c != poison]
+    again = [c for c, pair in state.pairs.items() if set(pair[1:]) == {a, b} and c != cid]
     assert all(state.corr[c].startswith("c ") for c in again)
     print(
         f"\n[poison] worker deaths: {len(deaths)} (exit {POISON_EXIT_CODE}); expired after "

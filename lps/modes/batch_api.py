@@ -4,8 +4,8 @@ The requests stay pending (kept alive by the worker) until their results are in.
 request is paid for twice, even when a worker dies at any point:
 
 1. Before `batches.create`, an *intent* is written (`lps:batchintent:<id>`: when, how many
-   items, which correlation ids) and every request's index `lps:batchapi:<correlation
-   id>` points at it (`intent:<id>`), in one MULTI/EXEC.
+   items, which requests) and every request's index `lps:batchapi:<batch id>:<correlation
+   id>` (`lps.keys.message_batch`) points at it (`intent:<id>`), in one MULTI/EXEC.
 2. After the create, the Message Batch id is recorded in the same MULTI/EXEC as the
    `BundleDispatched` event (field `provider_batch_id`): the index then holds the batch id,
    the id joins `lps:batchapi:recorded`, the intent is resolved.
@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from events.ids import request_key
 from events.text import as_str
-from events.types import ErrorDetail, new_id
+from events.types import ComparisonRequested, ErrorDetail, new_id
 from lps import keys as lkeys
 from lps.modes.base import ModeContext, Unit
 from lps.modes.serial_bundle import run as judge_in_sequence
@@ -118,7 +119,8 @@ class Intent:
 
 @dataclass
 class _Attempts:
-    """Per request, how many Message Batches it has been in here, and what they cost."""
+    """Per request (`events.ids.request_key`: a bundle may hold several CJ batches'), how many
+    Message Batches it has been in here, and what they cost."""
 
     count: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     spent_usd: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -173,7 +175,7 @@ async def run(ctx: ModeContext, unit: Unit) -> None:
 async def _recorded(ctx: ModeContext, unit: Unit) -> tuple[dict[str, Unit], dict[str, Unit], Unit]:
     """The unit's requests by the Message Batch already holding them, by the intent of one
     that may exist, and those in none yet."""
-    known = await ctx.r.mget([lkeys.message_batch(ctx.keys, q.correlation_id) for _, q in unit])
+    known = await ctx.r.mget([_index(ctx, q) for _, q in unit])
     by_message_batch: dict[str, Unit] = defaultdict(list)
     by_intent: dict[str, Unit] = defaultdict(list)
     fresh: Unit = []
@@ -196,6 +198,10 @@ async def _fail_all(
         await ctx.record.fail(entry, req, _for(detail, req.correlation_id), call_made=call_made)
 
 
+def _index(ctx: ModeContext, q: ComparisonRequested) -> str:
+    return lkeys.message_batch(ctx.keys, q.batch_id, q.correlation_id)
+
+
 def _for(detail: ErrorDetail, correlation_id: str) -> ErrorDetail:
     return msgspec.structs.replace(detail, correlation_id=correlation_id)
 
@@ -213,9 +219,14 @@ async def _submit(ctx: ModeContext, batches: MessageBatches, unit: Unit) -> tupl
         ctx.breaker.release(ticket)
         raise
     for entry, req in unit:
-        if req.correlation_id in prepared.rejected:
-            await ctx.record.fail(entry, req, prepared.rejected[req.correlation_id])
-    items = [(e, q) for e, q in unit if q.correlation_id not in prepared.rejected]
+        refused = prepared.rejected.get(request_key(req.batch_id, req.correlation_id))
+        if refused is not None:
+            await ctx.record.fail(entry, req, refused)
+    items = [
+        (e, q)
+        for e, q in unit
+        if request_key(q.batch_id, q.correlation_id) not in prepared.rejected
+    ]
     if not items:
         ctx.breaker.release(ticket)
         return None, []
@@ -278,9 +289,9 @@ async def _write_intent(ctx: ModeContext, intent: Intent) -> None:
         pipe.hset(key, mapping=intent.fields())
         pipe.expire(key, INTENT_TTL_S)
         pipe.zadd(lkeys.batch_intents(ctx.keys), {intent.intent_id: intent.at})
-        for cid in intent.correlation_ids:
+        for batch_id, cid in zip(intent.batch_ids, intent.correlation_ids, strict=True):
             pipe.set(
-                lkeys.message_batch(ctx.keys, cid),
+                lkeys.message_batch(ctx.keys, batch_id, cid),
                 INTENT_PREFIX + intent.intent_id,
                 ex=INDEX_TTL_S,
             )
@@ -292,7 +303,7 @@ async def _drop_intent(ctx: ModeContext, intent: Intent, items: Unit) -> None:
         pipe.delete(lkeys.batch_intent(ctx.keys, intent.intent_id))
         pipe.zrem(lkeys.batch_intents(ctx.keys), intent.intent_id)
         for _, q in items:
-            pipe.delete(lkeys.message_batch(ctx.keys, q.correlation_id))
+            pipe.delete(_index(ctx, q))
         await pipe.execute()
 
 
@@ -303,9 +314,7 @@ async def _record(
 
     def index(pipe: Any) -> None:
         for _, q in items:
-            pipe.set(
-                lkeys.message_batch(ctx.keys, q.correlation_id), message_batch_id, ex=INDEX_TTL_S
-            )
+            pipe.set(_index(ctx, q), message_batch_id, ex=INDEX_TTL_S)
         pipe.zadd(lkeys.recorded_message_batches(ctx.keys), {message_batch_id: time.time()})
         if intent is not None:
             pipe.delete(lkeys.batch_intent(ctx.keys, intent.intent_id))
@@ -409,13 +418,14 @@ async def _poll_until_ended(
             if not detail.retryable or failures >= MAX_POLL_FAILURES:
                 # Its items may have been processed (and paid): never submitted again.
                 for entry, req in unit:
-                    attempts.count[req.correlation_id] += 1
+                    key = request_key(req.batch_id, req.correlation_id)
+                    attempts.count[key] += 1
                     await ctx.record.fail(
                         entry,
                         req,
                         _for(detail, req.correlation_id),
-                        attempt=attempts.count[req.correlation_id],
-                        spent_usd=attempts.spent_usd[req.correlation_id],
+                        attempt=attempts.count[key],
+                        spent_usd=attempts.spent_usd[key],
                     )
                 return [], 0.0
             results = None
@@ -429,12 +439,12 @@ async def _poll_until_ended(
     retry: Unit = []
     delay = 0.0
     for entry, req in unit:
-        cid = req.correlation_id
-        attempts.count[cid] += 1
-        attempt = attempts.count[cid]
-        result = results[cid]
+        key = request_key(req.batch_id, req.correlation_id)
+        attempts.count[key] += 1
+        attempt = attempts.count[key]
+        result = results[key]
         if isinstance(result, Judgement):
-            spent = attempts.spent_usd[cid] + result.cost_usd
+            spent = attempts.spent_usd[key] + result.cost_usd
             await ctx.record.finish(entry, req, Outcome(result, None, attempt, cost_usd=spent))
             continue
         failure: ItemFailure = result
@@ -449,7 +459,7 @@ async def _poll_until_ended(
                 usage=failure.usage,
                 cost_usd=failure.cost_usd,
             )
-            attempts.spent_usd[cid] += failure.cost_usd
+            attempts.spent_usd[key] += failure.cost_usd
             retry.append((entry, req))
             delay = max(delay, wait)
             continue
@@ -460,11 +470,11 @@ async def _poll_until_ended(
             attempt=attempt,
             usage=failure.usage,
             cost_usd=failure.cost_usd,
-            spent_usd=attempts.spent_usd[cid],
+            spent_usd=attempts.spent_usd[key],
         )
     if retry:
         # Submitted afresh, whoever holds them next.
-        await ctx.r.delete(*(lkeys.message_batch(ctx.keys, q.correlation_id) for _, q in retry))
+        await ctx.r.delete(*(_index(ctx, q) for _, q in retry))
     log.info(
         "message_batch_collected",
         provider_batch_id=message_batch_id,

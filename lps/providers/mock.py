@@ -4,7 +4,7 @@ P(essay_a wins) = σ(q_a − q_b + position_bias + ε), ε ~ N(0, noise²) per c
 Every draw is a function of (seed, the batch's content key, the pair in its slots,
 the request's occurrence of that pair, and — for faults and latency only — the
 attempt), so a run is reproducible for a seed and independent of worker scheduling
-and of the random batch and correlation ids.
+and of the batch and correlation ids.
 
 The `realistic` profile answers like a real provider under load: latency drawn from a
 lognormal (median 1.5 s, p99 12 s), and a provider-side rate limit in requests and tokens
@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from events.ids import request_key
 from events.types import ComparisonRequested, ErrorDetail, ErrorType, Essay, TokenUsage
 from lps.metrics import LPS_PROVIDER_LATENCY
 from lps.providers import mock_limits
@@ -172,10 +173,13 @@ class MockProvider:
         self.profile = profile or profile_from_env()
         env_seed = os.environ.get("CJS_MOCK_SEED")
         self.seed = seed if seed is not None else (int(env_seed) if env_seed else None)
+        # Attempts so far per request (`events.ids.request_key`: correlation ids are numbered
+        # per batch, so the batch's id is part of it).
         self._attempts: dict[str, int] = {}
         # Test-only: CJS_MOCK_POISON_MARKER makes a request "poison" (it kills its worker
-        # process, every time) when it equals the request's correlation id or occurs in
-        # either essay's text. Unset, the normal path never looks at it.
+        # process, every time) when it equals the request's key (`events.ids.request_key`:
+        # `<batch id>:<correlation id>`) or occurs in either essay's text. Unset, the normal
+        # path never looks at it.
         self._poison = os.environ.get("CJS_MOCK_POISON_MARKER") or None
         # The provider-side rate limit: in Redis once `bind_redis` is called (every worker
         # then shares it), else in this process.
@@ -232,7 +236,7 @@ class MockProvider:
         marker = self._poison
         assert marker is not None
         return (
-            request.correlation_id == marker
+            request_key(request.batch_id, request.correlation_id) == marker
             or marker in request.essay_a.text
             or marker in request.essay_b.text
         )
@@ -242,12 +246,14 @@ class MockProvider:
             os._exit(POISON_EXIT_CODE)  # no cleanup, no flush: like a segfault or the OOM killer
         p = self.profile
         seed = self.seed if self.seed is not None else request.seed
-        attempt = self._attempts.get(request.correlation_id, 0) + 1
-        self._attempts[request.correlation_id] = attempt
-        # Not the batch or correlation ids (random): the batch's content, the pair in its
-        # slots and how often it was asked before, so the same input and seed give the
-        # same judgements whichever worker answers, whenever. Faults and latency also
-        # depend on the attempt; the outcome does not.
+        key = request_key(request.batch_id, request.correlation_id)
+        attempt = self._attempts.get(key, 0) + 1
+        self._attempts[key] = attempt
+        # Not the batch or correlation ids (the batch's is random, and a batch of before has
+        # random correlation ids): the batch's content, the pair in its slots and how often it
+        # was asked before, so the same input and seed give the same judgements whichever
+        # worker answers, whenever. Faults and latency also depend on the attempt; the outcome
+        # does not.
         pair = (
             seed,
             request.content_key or request.batch_id,
@@ -267,7 +273,7 @@ class MockProvider:
             if draw < chance:
                 self._raise(error_type, request, rng)
             draw -= chance
-        self._attempts.pop(request.correlation_id, None)
+        self._attempts.pop(key, None)
         q_a, q_b = quality_of(request.essay_a), quality_of(request.essay_b)
         if p.deterministic:
             a_wins = (q_a, request.essay_a.essay_id) >= (q_b, request.essay_b.essay_id)
