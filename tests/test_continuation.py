@@ -19,13 +19,22 @@ from cj.continuation import (
     advance,
     decide,
     final_scores,
+    numbered_ids,
     score,
     stop_reason,
 )
 from cj.grades import graded_scores
 from cj.registration import append_registration
 from events import codec
-from events.types import BatchFailed, BatchFinalized, BatchScored, Reliabilities, WaveSubmitted
+from events.types import (
+    BatchFailed,
+    BatchFinalized,
+    BatchScored,
+    PairRequest,
+    Reliabilities,
+    WaveSubmitted,
+    new_id,
+)
 from lps.providers.mock import PROFILES, MockProfile
 from lps.providers.registry import make_provider
 from projections.batch import apply_batch_event, apply_callback, register
@@ -334,3 +343,55 @@ def test_the_money_cap_ends_the_batch_before_a_wave_would_pass_it() -> None:
     assert decision is not None and not decision.requests
     assert isinstance(decision.terminal, BatchFinalized)
     assert decision.terminal.reason == "cost_limit"
+
+
+def test_correlation_ids_are_numbered_in_their_batch_and_never_repeat() -> None:
+    """The k-th pair a batch ever planned is `k`: the next wave goes on from the last (a pair
+    asked again after a failure is a new pair, with a new number), and so does an early
+    (overlapping) wave."""
+    state, first = _state_after_wave(8, budget=40)
+    n = len(first.pairs)
+    assert [p.correlation_id for p in first.pairs] == [str(k) for k in range(1, n + 1)]
+    _answer(
+        state,
+        first,
+        lambda i, p: (
+            failed("b", p.correlation_id, "server_error")
+            if i == 0
+            else completed("b", p.correlation_id, "essay_a", p.essay_a, p.essay_b)
+        ),
+    )
+    decision = decide(state)
+    assert decision is not None
+    _, second = decision.events
+    assert isinstance(second, WaveSubmitted)
+    assert [p.correlation_id for p in second.pairs] == [
+        str(k) for k in range(n + 1, n + 1 + len(second.pairs))
+    ]
+    assert [q.correlation_id for q in decision.requests] == [p.correlation_id for p in second.pairs]
+    for event in decision.events:
+        state = apply_batch_event(state, event)
+    # An early wave, decided while most of the second is still out: numbered on from it.
+    _answer(
+        state,
+        WaveSubmitted(batch_id="b", wave=2, pairs=second.pairs[: len(second.pairs) // 2 + 1]),
+        lambda i, p: completed("b", p.correlation_id, "essay_b", p.essay_a, p.essay_b),
+    )
+    early = decide(state, overlap=0.5)
+    assert early is not None
+    third = next(e for e in early.events if isinstance(e, WaveSubmitted))
+    state = apply_batch_event(state, third)
+    ids = [p for w in (first, second, third) for p in w.pairs]
+    assert [p.correlation_id for p in ids] == [str(k) for k in range(1, len(ids) + 1)]
+    assert len(state.pairs) == state.submitted == len(ids)
+
+
+def test_a_batch_of_before_with_random_ids_is_numbered_on_from_its_count() -> None:
+    """A batch upgraded mid-way holds random ids: its next pairs are numbered from the pairs it
+    has, mixing the forms, every id unique; a number somehow taken already is passed over."""
+    state = register(registration(6, batch_id="b"))
+    old = [PairRequest(new_id(), "S000", f"S00{i}") for i in range(1, 5)]
+    state = apply_batch_event(state, WaveSubmitted(batch_id="b", wave=1, pairs=old))
+    assert numbered_ids(state, 3) == ["5", "6", "7"]
+    state.pairs["6"] = (1, "S001", "S002")  # (cannot happen: a defence)
+    assert numbered_ids(state, 3) == ["7", "8", "9"]

@@ -32,10 +32,11 @@ from events.types import (
     BatchFailed,
     BatchFinalized,
     ComparisonCompleted,
+    ComparisonRequested,
     WaveSubmitted,
 )
 from projections import keys as pkeys
-from projections.batch import BatchState
+from projections.batch import PENDING, BatchState
 from projections.replay import replay
 from projections.store import CallbackApplier, load_state
 from streams.clock import server_time
@@ -370,6 +371,103 @@ async def test_a_decision_written_while_deciding_voids_the_other(
     waves = [e for _, e in await events_of(r, keys.batches) if isinstance(e, WaveSubmitted)]
     assert len(waves) == 1
     await _replay_equal(r, keys, "b1")
+
+
+async def _ids_are_numbered_once(r: Any, keys: Keys, batch_id: str) -> list[str]:
+    """The correlation ids of every wave and request of the batch, in the streams: each once,
+    numbered 1, 2, ... in the order they were planned, as many as the batch counts."""
+    waves = [
+        e
+        for _, e in await events_of(r, keys.batches)
+        if isinstance(e, WaveSubmitted) and e.batch_id == batch_id
+    ]
+    ids = [p.correlation_id for w in waves for p in w.pairs]
+    assert ids == [str(k) for k in range(1, len(ids) + 1)]
+    requested = [
+        e.correlation_id
+        for _, e in await events_of(r, keys.requests)
+        if isinstance(e, ComparisonRequested) and e.batch_id == batch_id
+    ]
+    assert requested == ids
+    state = await load_state(r, keys, batch_id)
+    assert state is not None and state.submitted == len(state.pairs) == len(ids)
+    return ids
+
+
+async def test_a_wave_numbered_on_a_state_another_wave_was_written_on_is_not_written(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """Correlation ids are numbered per batch from its count of pairs: two consumers deciding
+    the next wave on the same state number it alike, and only one of them is written; the
+    other is decided again on the new state (a wave written on top of another would repeat
+    its ids, and the fold would take its pairs for the first's)."""
+    reg = registration(8, batch_id="b1", budget=60)
+    await append_registration(r, keys, reg)
+    first = await advance(r, keys, "b1")
+    assert first is not None
+    callbacks = [
+        completed("b1", q.correlation_id, "essay_a", q.essay_a.essay_id, q.essay_b.essay_id)
+        for q in first.requests
+    ]
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    ids = await append_and_read(r, keys, callbacks)
+    await apply_callbacks(r, CallbackApplier(r, keys, CJ_GROUP), callbacks, ids)
+    other = await engine.client()
+    theirs: list[Decision | None] = []
+
+    async def other_advances() -> None:
+        theirs.append(await advance(other, keys, "b1"))
+
+    deciding, decisions = _meanwhile(other_advances)
+    assert await advance(r, keys, "b1", decider=deciding) is None
+    [voided, again] = decisions
+    [written] = theirs
+    assert voided is not None and written is not None and again is None
+    same = [q.correlation_id for q in voided.requests]
+    assert same == [q.correlation_id for q in written.requests]
+    assert same[0] == str(len(first.requests) + 1)
+    await _ids_are_numbered_once(r, keys, "b1")
+    await _replay_equal(r, keys, "b1")
+
+
+async def test_racing_deciders_and_callbacks_never_repeat_a_correlation_id(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """Consumers race to take overlapping waves while callbacks are applied beside them, to
+    the batch's end: every id is planned once, numbered in order, and the replay agrees."""
+    rng = random.Random(13)
+    reg = registration(12, batch_id="race", budget=150)
+    await append_registration(r, keys, reg)
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    clients = [await engine.client() for _ in range(3)]
+    applier = CallbackApplier(r, keys, CJ_GROUP)
+    answered: set[str] = set()
+
+    def early(state: BatchState) -> Decision | None:
+        return decide(state, 0.5)
+
+    for _ in range(300):
+        state = await load_state(r, keys, "race")
+        assert state is not None
+        if state.terminal:
+            break
+        out = sorted(c for c, v in state.corr.items() if v == PENDING and c not in answered)
+        chosen = rng.sample(out, min(len(out), rng.randint(1, 8)))
+        answered.update(chosen)
+        callbacks = [
+            completed("race", c, rng.choice(["essay_a", "essay_b"]), *state.pairs[c][1:])
+            for c in chosen
+        ]
+        entry_ids = await append_and_read(r, keys, callbacks)
+        await asyncio.gather(
+            apply_callbacks(r, applier, callbacks, entry_ids),
+            *(advance(c, keys, "race", decider=early) for c in clients),
+        )
+    else:
+        raise AssertionError("the batch did not end")
+    ids = await _ids_are_numbered_once(r, keys, "race")
+    assert len(ids) > len(reg.essays) * 2, "more than the first wave was planned"
+    await _replay_equal(r, keys, "race")
 
 
 async def test_a_callback_applied_while_deciding_the_end_voids_it(
