@@ -63,6 +63,7 @@ from cj.consumer import CJConsumer
 from cj.continuation import advance
 from cj.registration import register_once
 from events import codec
+from events.ids import request_key
 from events.text import as_str
 from events.types import (
     ComparisonCompleted,
@@ -86,7 +87,8 @@ from tests.redis_cluster import ClusterNode, RedisClusterServer
 
 
 class Counting:
-    """The mock judge, counting its calls per correlation id."""
+    """The mock judge, counting its calls per request (`events.ids.request_key`: correlation
+    ids are numbered per batch)."""
 
     def __init__(self, inner: Any, calls: Counter[str]) -> None:
         self.inner = inner
@@ -96,7 +98,7 @@ class Counting:
         return getattr(self.inner, name)
 
     async def judge(self, request: ComparisonRequested) -> Judgement:
-        self.calls[request.correlation_id] += 1
+        self.calls[request_key(request.batch_id, request.correlation_id)] += 1
         result: Judgement = await self.inner.judge(request)
         return result
 
@@ -120,7 +122,8 @@ class Acknowledged:
         async def recorded_write(committer: Committer, batch: list[Any]) -> None:
             await write(committer, batch)  # the commit and its WAIT
             for item in batch:
-                ack.results[getattr(item.callback, "correlation_id", "")] += 1
+                cid = getattr(item.callback, "correlation_id", "")
+                ack.results[request_key(getattr(item.callback, "batch_id", ""), cid)] += 1
 
         async def recorded_apply(applier: CallbackApplier, callback: Any, entry_id: str) -> Any:
             result = await apply(applier, callback, entry_id)
@@ -293,7 +296,7 @@ class Trace:
     """What the streams hold after the failover, per batch of the trial."""
 
     def __init__(self) -> None:
-        self.callbacks: Counter[str] = Counter()  # callbacks per correlation id
+        self.callbacks: Counter[str] = Counter()  # callbacks per request (`request_key`)
         self.waves_resent = 0  # WaveSubmitted appended again (a re-sent commit)
         self.inexact = 0
 
@@ -310,7 +313,7 @@ async def trace(r: Any, keys: Keys, states: dict[str, Any]) -> Trace:
             event = codec.decode(fields)
             if isinstance(event, ComparisonCompleted | ComparisonFailed) and event.batch_id == b:
                 first.setdefault(event.correlation_id, event)
-                out.callbacks[event.correlation_id] += 1
+                out.callbacks[request_key(b, event.correlation_id)] += 1
         waves: Counter[int] = Counter()
         async for _, fields in read_stream(r, part.batches):
             event = codec.decode(fields)
