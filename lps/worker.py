@@ -407,6 +407,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             "claim_lost",
             consumer=self.consumer,
             entries=len(lost),
+            batch_ids=sorted({q.batch_id for e, q in unit if e.entry_id in lost}),
             correlation_ids=[q.correlation_id for e, q in unit if e.entry_id in lost][:20],
         )
         return [(e, q) for e, q in unit if e.entry_id not in lost]

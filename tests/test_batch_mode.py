@@ -49,18 +49,20 @@ def server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Anthropi
         yield s
 
 
-def _requests(n: int) -> list[ComparisonRequested]:
+def _requests(
+    n: int, batch_id: str = "b1", ids: list[str] | None = None
+) -> list[ComparisonRequested]:
     return [
         ComparisonRequested(
-            batch_id="b1",
-            correlation_id=new_id(),
+            batch_id=batch_id,
+            correlation_id=ids[i] if ids else new_id(),
             wave=1,
             essay_a=Essay(f"a{i}", f"First essay {i}."),
             essay_b=Essay(f"b{i}", f"Second essay {i}."),
             mode="batch_api",
             provider="anthropic",
             model=MODEL,
-            preferred_bundle_size=n,
+            preferred_bundle_size=2 * n if ids else n,
         )
         for i in range(n)
     ]
@@ -88,6 +90,50 @@ async def _until(predicate: Any, what: str) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_two_batches_with_the_same_numbered_ids_share_a_message_batch_apart(
+    fake_redis: Any, keys: Keys, server: AnthropicTestServer
+) -> None:
+    """Correlation ids are numbered per batch: one bundle holds `1` and `2` of two batches.
+    Each request has its own index, item and result, also for the worker that takes the
+    Message Batch over: one errored item fails its own request only."""
+    r = fake_redis
+    server.batch_polls_until_end = 10_000
+    requests = _requests(2, "b1", ["1", "2"]) + _requests(2, "b2", ["1", "2"])
+    server.batch_results[custom_id_for("b2", "1")] = batch_errored()
+    for q in requests:
+        await r.xadd(keys.requests, codec.encode(q))
+    first = _worker(r, keys, "lps-a")
+    stop_a = asyncio.Event()
+    task_a = asyncio.create_task(first.run(stop_a, maintenance_every_s=60))
+
+    async def dispatched() -> bool:
+        return any(isinstance(e, BundleDispatched) for e in await _events(r, keys.dispatches))
+
+    await _until(dispatched, "the Message Batch to be submitted")
+    stop_a.set()
+    await task_a
+    (batch,) = server.batches.values()
+    assert sorted(str(i["custom_id"]) for i in batch.requests) == ["b1-1", "b1-2", "b2-1", "b2-2"]
+    index = [lkeys.message_batch(keys, b, c) for b in ("b1", "b2") for c in "12"]
+    assert index[0] == keys.key("lps:batchapi:b1:1")
+    assert await r.mget(index) == [batch.id.encode()] * 4
+    batch.polls_until_end = batch.polls + 1
+    second = _worker(r, keys, "lps-b")
+    await second.start()
+    assert len(await second.reclaim()) == 4
+    await second.close()
+    assert len(server.batches) == 1, "resumed the same batch, did not submit a second"
+    callbacks = await _events(r, keys.callbacks)
+    assert sorted((c.batch_id, c.correlation_id) for c in callbacks) == [
+        ("b1", "1"),
+        ("b1", "2"),
+        ("b2", "1"),
+        ("b2", "2"),
+    ]
+    failed = [(c.batch_id, c.correlation_id) for c in callbacks if isinstance(c, ComparisonFailed)]
+    assert failed == [("b2", "1")]
 
 
 async def test_batch_is_polled_to_the_end_and_resumed_by_another_worker(
