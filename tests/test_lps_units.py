@@ -255,3 +255,26 @@ async def test_calls_missing_the_breaker_read_together_share_one_read(
     now[0] += 1.0
     rejected = await asyncio.gather(*(breaker.admit("mock", "m", f"e{i}") for i in range(4)))
     assert all(t.rejected is not None for t in rejected)
+
+
+def test_a_request_is_named_with_its_batch_unless_its_id_is_a_random_one_of_before() -> None:
+    """Correlation ids are numbered per batch: what names a request among every batch's (an
+    LPS key, a Message Batch item) holds its batch id; a random id of before names it alone,
+    so that keys written before the upgrade are found (and archived) again."""
+    from app.retention import _request_keys
+    from events.ids import request_key
+    from lps import keys as lkeys
+
+    keys = Keys("t:")
+    old = "mjp357rwv4crzut3"
+    assert request_key("b1", "12") == "b1:12" != request_key("b2", "12")
+    assert request_key("b1", old) == old
+    assert lkeys.message_batch(keys, "b1", "12") == "t:lps:batchapi:b1:12"
+    assert lkeys.message_batch(keys, "b1", old) == f"t:lps:batchapi:{old}"
+    # The archiver deletes both forms, and the answer markers only random ids ever had.
+    assert _request_keys(keys, "b1", ["1", old]) == [
+        lkeys.answered(keys, "b1"),
+        "t:lps:batchapi:b1:1",
+        f"t:lps:batchapi:{old}",
+        f"t:lps:done:{old}",
+    ]

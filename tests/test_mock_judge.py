@@ -109,3 +109,18 @@ def test_quality_from_text_rewards_longer_richer_essays() -> None:
     rich = Essay("r", " ".join(f"word{i} remarkable perspective nuanced" for i in range(60)))
     assert quality_of(rich) > quality_of(short)
     assert quality_of(Essay("q", "x", mock_quality=1.25)) == 1.25
+
+
+def test_attempts_are_counted_per_request_of_its_batch() -> None:
+    """Correlation ids are numbered per batch: request `1` of one batch failing does not make
+    request `1` of another a second attempt (faults are drawn per attempt)."""
+    always = type(PROFILES["flaky"])("always", latency_ms=0.0, faults=(("overloaded", 1.0),))
+
+    def one(batch_id: str) -> ComparisonRequested:
+        return msgspec.structs.replace(_req(0), batch_id=batch_id, correlation_id="1")
+
+    provider = MockProvider(always)
+    for batch_id in ("b1", "b1", "b2"):
+        with pytest.raises(ProviderError):
+            asyncio.run(provider.judge(one(batch_id)))
+    assert provider._attempts == {"b1:1": 2, "b2:1": 1}
