@@ -173,9 +173,10 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
         if state.status == "registered":
             state.status = "running"
         state.waves = max(state.waves, event.wave)
-        # Every pair has a correlation id of its own: one already known is the same wave
-        # appended again (a commit whose reply a failover lost, re-sent by the client), which
-        # the live projection, written with it, counted once.
+        # Every pair has a correlation id of its own (numbered in the batch, a wave written
+        # only on the count it was numbered from: cj/continuation.py `numbered_ids`): one
+        # already known is the same wave appended again (a commit whose reply a failover lost,
+        # re-sent by the client), which the live projection, written with it, counted once.
         new = [pair for pair in event.pairs if pair.correlation_id not in state.pairs]
         for pair in new:
             state.pairs[pair.correlation_id] = (event.wave, pair.essay_a, pair.essay_b)
