@@ -381,6 +381,8 @@ def undecodable(fields: Mapping[bytes | str, bytes | str]) -> DecodeError:
             )
         first, value = next(iter(raw.items()), (b"", b""))
         if named is None and first[:1].isupper() and value.isdigit():
+            if as_str(first) in EVENT_TYPES:  # a per-batch type: never flat, `data` missing
+                return DecodeError("missing_field", f"{as_str(first)} is not written flat")
             return DecodeError(
                 "unknown_type", f"{as_str(first)[:100]} (flat, version {as_str(value)[:20]})"
             )
