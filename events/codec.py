@@ -364,6 +364,30 @@ def _named_elsewhere(
     return _flat(type_name, raw, fields) if raw[type_name] == FLAT_VERSION else None
 
 
+def _type_field(raw: Mapping[bytes, Any]) -> bytes | None:
+    """The field of a flat entry without `type` that names its type: a type written flat,
+    wherever it is, else a capitalised first field whose value is a number (a version) when
+    that is not a per-batch type's name (a type this reader does not know)."""
+    named = next((name for name in raw if name in _FLAT_READ), None)
+    if named is not None:
+        return named
+    first, value = next(iter(raw.items()), (b"", b""))
+    if first[:1].isupper() and type(value) is bytes and value.isdigit():
+        return None if as_str(first) in EVENT_TYPES else first
+    return None
+
+
+def stated_type(fields: Mapping[Any, Any]) -> str | None:
+    """The type an entry says it has, without decoding it (a dead letter's copy of its fields,
+    shown): its `type`, or the name of a flat entry's type field."""
+    raw = _as_bytes(fields)
+    value = raw.get(b"type")
+    if value is not None:
+        return as_str(value) if type(value) is bytes else None
+    named = _type_field(raw) if b"data" not in raw else None
+    return as_str(named) if named is not None else None
+
+
 def undecodable(fields: Mapping[bytes | str, bytes | str]) -> DecodeError:
     """Why an entry `entry_data` gives nothing for is not an event: `unknown_type` for the flat
     form of a type or of a version this reader does not know (a capitalised first field whose
@@ -371,21 +395,17 @@ def undecodable(fields: Mapping[bytes | str, bytes | str]) -> DecodeError:
     `missing_field`."""
     raw = _as_bytes(fields)
     present = ", ".join(sorted(as_str(name) for name in raw)) or "none"
-    if b"type" not in raw and b"data" not in raw:
-        named = next((name for name in raw if name in _FLAT_READ), None)
-        if named is not None and raw[named] != FLAT_VERSION:
+    named = _type_field(raw) if b"type" not in raw and b"data" not in raw else None
+    if named in _FLAT_READ:
+        if raw[named] != FLAT_VERSION:
             return DecodeError(
                 "unknown_type",
                 f"{as_str(named)} in flat layout version {as_str(raw[named])[:20]!r}, "
                 f"this reader knows version {FLAT_VERSION.decode()}",
             )
-        first, value = next(iter(raw.items()), (b"", b""))
-        if named is None and first[:1].isupper() and value.isdigit():
-            if as_str(first) in EVENT_TYPES:  # a per-batch type: never flat, `data` missing
-                return DecodeError("missing_field", f"{as_str(first)} is not written flat")
-            return DecodeError(
-                "unknown_type", f"{as_str(first)[:100]} (flat, version {as_str(value)[:20]})"
-            )
+    elif named is not None:
+        version = as_str(raw[named])[:20]
+        return DecodeError("unknown_type", f"{as_str(named)[:100]} (flat, version {version})")
     return DecodeError("missing_field", f"fields present: {present}")
 
 

@@ -82,6 +82,14 @@ async def test_undecodable_callbacks_are_dead_lettered_with_their_xack_and_the_c
     assert {"hello": "world"} in [d["fields"] for d in letters]
     assert letters[-1]["fields"] == bad[-1][1]  # as written, in order: redrivable from the copy
     assert list(letters[-1]["fields"]) == list(bad[-1][1])
+    assert [d["event_type"] for d in letters] == [
+        "ComparisonCompleted",
+        "WaveSubmitted",
+        None,
+        "WaveSubmitted",
+        "ComparisonRetried",
+        "ComparisonCompleted",
+    ]
     assert {d["source_stream"] for d in letters} == {"cj:callbacks"}
     assert {(d["group"], d["consumer"]) for d in letters} == {(CJ_GROUP, "c1")}
     assert (await read_dead_letters(r, keys, stream="lps:requests"))["total"] == 0
