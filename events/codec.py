@@ -315,24 +315,25 @@ def entry_data(fields: Mapping[bytes | str, bytes | str]) -> tuple[bytes, bytes]
     """An entry's type name and its event's JSON, in any of the three forms (the module's
     docstring); None when it is none of them (see `undecodable` for why)."""
     raw: Mapping[Any, Any] = fields
-    first = next(iter(raw), None)
-    if type(first) is not bytes:  # str names (tests, tools; Redis gives bytes), or no field
-        if first is None:
-            return None
+    for first in raw:  # the first name (a loop's first step costs less than next(iter(...)))
+        if first in _FLAT_READ and raw[first] == FLAT_VERSION:  # flat, as written now
+            try:  # (`_flat`, inline: every request and callback read comes this way)
+                data = flat_json(first, raw)
+            except TypeError:  # a str value among bytes
+                data = flat_json(first, _as_bytes(fields))
+            return None if data is None else (first, data)
+        break
+    else:
+        return None
+    type_name = raw.get(b"type")
+    if type(type_name) is not bytes:  # no `type`, or str names or values (tests, tools)
         raw = _as_bytes(fields)
         first = next(iter(raw))
-    if first in _FLAT_READ and raw[first] == FLAT_VERSION:  # the flat form, as written now
-        try:  # (`_flat`, inline: every request and callback read comes this way)
-            data = flat_json(first, raw)
-        except TypeError:  # a str value among bytes
-            data = flat_json(first, _as_bytes(fields))
-        return None if data is None else (first, data)
-    type_name = raw.get(b"type")
-    if type_name is None:  # the flat form, its type named elsewhere than first (or a str)
-        return _named_elsewhere(raw, fields)
-    if type(type_name) is not bytes:  # str values
-        raw = _as_bytes(fields)
-        type_name = raw[b"type"]
+        if first in _FLAT_READ and raw[first] == FLAT_VERSION:
+            return _flat(first, raw, fields)
+        type_name = raw.get(b"type")
+        if type_name is None:  # flat, its type named elsewhere than first, or nothing
+            return _named_elsewhere(raw, fields)
     data = raw.get(b"data")
     if data is None:  # the flat form of session 5: `type` first
         return None if len(raw) == 1 else _flat(type_name, raw, fields)
@@ -352,16 +353,14 @@ def _flat(
 
 
 def _named_elsewhere(
-    raw: Mapping[bytes, Any], fields: Mapping[bytes | str, bytes | str]
+    raw: Mapping[bytes, bytes], fields: Mapping[bytes | str, bytes | str]
 ) -> tuple[bytes, bytes] | None:
-    """A flat entry without `type` whose type names a field other than its first (another
-    producer's order; its value the version), or whose version is a str."""
+    """A flat entry without `type` (names and values bytes) whose type names a field other
+    than its first: another producer's order, its value the version."""
     type_name = next((name for name in raw if name in _FLAT_READ), None)
-    if type_name is None:
+    if type_name is None or raw[type_name] != FLAT_VERSION:
         return None
-    if type(raw[type_name]) is not bytes:
-        raw = _as_bytes(fields)
-    return _flat(type_name, raw, fields) if raw[type_name] == FLAT_VERSION else None
+    return _flat(type_name, raw, fields)
 
 
 def _type_field(raw: Mapping[bytes, Any]) -> bytes | None:
