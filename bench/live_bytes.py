@@ -22,9 +22,10 @@ Then:
   comparison: it also holds what each connection opened meanwhile keeps (about 50 KB each,
   not per comparison, so a short batch reads high);
 * per stream and event type: entries, the event's mean bytes (its `data`, or for a flat entry
-  the values of its fields but `type`), those per comparison; per stream the bytes stored per
-  entry and how much more that is than the event's bytes (ids, the `type` value, field names
-  where an entry does not share its node's, node overhead);
+  the values of its fields but the one that says its type), those per comparison; per stream
+  the bytes stored per entry and how much more that is than the event's bytes (ids, the value
+  saying the type: a `type`'s name or a flat entry's version, field names where an entry does
+  not share its node's, node overhead);
 * one entry of each type, as stored.
 """
 
@@ -51,6 +52,7 @@ from app.wiring import InProcess
 from bench.soak import configure_server, deployed_settings, essays
 from cj.continuation import advance
 from cj.registration import append_registration
+from events import codec
 from events.streams import CONSUMED, STREAMS
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
@@ -75,18 +77,25 @@ def family(key: str) -> str:
     return key
 
 
-def payload(fields: dict[bytes, bytes]) -> int:
-    """An entry's event bytes: its `data`, or the values of a flat entry (events/codec.py)
-    but `type` (names are the stream node's, stored once when entries share them)."""
+def kind_of(fields: dict[bytes, bytes]) -> bytes:
+    """An entry's type name, in any form (events/codec.py)."""
+    found = codec.entry_data(fields)  # type: ignore[arg-type]
+    return found[0] if found is not None else fields.get(b"type", b"?")
+
+
+def payload(fields: dict[bytes, bytes], kind: bytes) -> int:
+    """An entry's event bytes: its `data`, or the values of a flat entry (events/codec.py) but
+    the one saying its type (names are the stream node's, stored once when entries share
+    them)."""
     if b"data" in fields:
         return len(fields[b"data"])
-    return sum(len(value) for name, value in fields.items() if name != b"type")
+    return sum(len(value) for name, value in fields.items() if name not in (b"type", kind))
 
 
 def shown(fields: dict[bytes, bytes]) -> str:
     if b"data" in fields:
         return fields[b"data"].decode()
-    return " ".join(f"{k.decode()}={v.decode()}" for k, v in fields.items() if k != b"type")
+    return " ".join(f"{k.decode()}={v.decode()}" for k, v in fields.items())
 
 
 async def breakdown(r: Any, n: int) -> dict[str, Any]:
@@ -110,8 +119,9 @@ async def breakdown(r: Any, n: int) -> dict[str, Any]:
         sizes: dict[str, list[int]] = defaultdict(list)
         sample: dict[str, str] = {}
         for _, fields in entries:
-            kind = fields[b"type"].decode()
-            sizes[kind].append(payload(fields))
+            type_name = kind_of(fields)
+            kind = type_name.decode()
+            sizes[kind].append(payload(fields, type_name))
             sample.setdefault(kind, shown(fields))
         data = sum(sum(v) for v in sizes.values())
         stored = families[name]["bytes"]

@@ -1,8 +1,15 @@
-"""The stream-entry codec. An entry is `{type, data}` with the event as JSON in `data`, or, for
-the per-comparison events (`EntryStamped`: requests and callbacks), flat: `type`, then each
-field of the event that is written its own stream field (strings raw, numbers as decimal text,
-everything else as compact JSON). Both forms decode, whatever the type (docs/design.md, "Streams
-and the wire format")."""
+"""The stream-entry codec. An entry has one of three forms, and every one decodes whatever the
+type (docs/design.md, "Streams and the wire format"):
+
+- `{type, data}`: the type's name and the event as JSON. The per-batch events are written so,
+  and every entry was before session 5.
+- flat, for the per-comparison events (`FLAT_TYPES`: requests and callbacks): first a field
+  named after the event's type whose value is the flat layout's version (`FLAT_VERSION`), then
+  each field of the event that is written, its own stream field (strings raw, numbers as
+  decimal text, everything else as compact JSON): `ComparisonRequested 1 batch_id b1 ...`.
+- flat as session 5 wrote it: `type` and the type's name first, then the fields as above
+  (`type ComparisonRequested batch_id b1 ...`). Read, no longer written: its type name took
+  19 B of every entry, the version takes 1."""
 
 from __future__ import annotations
 
@@ -89,6 +96,11 @@ FLAT_TYPES: frozenset[type[Event]] = frozenset(
 stream, whose field names a stream node then stores once (its master entry). The per-batch
 events (a few per wave, of mixed types, in `cj:batches` and `lps:dispatches`) keep `data`:
 flat, each would store its field names itself, for nothing saved."""
+FLAT_VERSION = b"1"
+"""The value of a flat entry's first field, whose name is the event's type: the version of the
+flat layout. Redis keeps it as a one-byte listpack integer where a `type` field stored the
+type's name (19 B) in every entry. A reader takes the versions it knows (this one) and
+dead-letters the others (`unknown_type`), so a later layout is never misread."""
 _FLAT = {cls: _flat_fields(cls) for cls in FLAT_TYPES}
 # Type name -> stream field name (as bytes) -> its field: how a flat entry is read back.
 _FLAT_READ = {
@@ -107,7 +119,7 @@ def _flat_writer(
     """The function writing a `cls` flat, made from its fields: one statement per field, no
     loop over field descriptions (every request and callback goes through it)."""
     space: dict[str, Any] = {"astuple": astuple, "_value": _value, "_nested": _write_nested}
-    lines = ["def write(event):", f"    out = {{'type': {cls.__name__.encode()!r}}}"]
+    lines = ["def write(event):", f"    out = {{{cls.__name__!r}: {FLAT_VERSION!r}}}"]
     lines.append("    values = astuple(event)")
     for place, f in enumerate(fields, start=2):  # event_id and occurred_at come first
         lines.append(f"    v = values[{place}]")
@@ -215,15 +227,19 @@ def _picker(places: list[int]) -> Callable[[tuple[bytes, ...]], Any]:
 
 
 def _template(type_name: bytes, names: tuple[bytes, ...]) -> _Template | None:
+    """The template of a flat entry of type `type_name` with the field names `names`, either
+    flat form (the type in a `type` field or as a field's name); None if the type is not
+    written flat, the names hold neither, or a `data` (no flat entry has one: the byte filter
+    of replay and the archive, `projections.replay.mentions`, would read it as the JSON)."""
     known = _FLAT_READ.get(type_name)
-    if known is None or b"type" not in names:
+    if known is None or (b"type" not in names and type_name not in names) or b"data" in names:
         return None
     # Top-level members in order of first appearance: (key, raw, place) for a value, or
     # (key, [(key, raw, place), ...]) for a struct written field by field.
     members: list[tuple[bytes, Any, Any]] = []
     groups: dict[bytes, list[tuple[bytes, bool, int]]] = {}
     for place, name in enumerate(names):
-        if name == b"type":
+        if name == b"type" or name == type_name:  # what says the type, not a field of it
             continue
         f = known.get(name)
         parent = f.parent if f is not None else b""
@@ -268,9 +284,10 @@ def _json_key(name: bytes) -> bytes:
 
 
 def flat_json(type_name: bytes, fields: Mapping[bytes, bytes]) -> bytes | None:
-    """The JSON object of a flat entry (its fields but `type`), as `data` would hold it; None
-    if `type_name` is not written flat. Entries of a stream mostly have the same names in the
-    same order: their template is made once (this runs for every entry every reader reads)."""
+    """The JSON object of a flat entry (its fields but the one naming its type), as `data`
+    would hold it; None if `type_name` is not written flat (see `_template`). Entries of a
+    stream mostly have the same names in the same order: their template is made once (this
+    runs for every entry every reader reads)."""
     names = tuple(fields)
     template = _TEMPLATES.get((type_name, names))
     if template is None:
@@ -295,28 +312,100 @@ def _quoted(value: bytes) -> bytes:
 
 
 def entry_data(fields: Mapping[bytes | str, bytes | str]) -> tuple[bytes, bytes] | None:
-    """An entry's type name and its event's JSON, in either form; None without a type, or
-    without `data` for a type that is not written flat (or `type` alone)."""
+    """An entry's type name and its event's JSON, in any of the three forms (the module's
+    docstring); None when it is none of them (see `undecodable` for why)."""
     raw: Mapping[Any, Any] = fields
+    for first in raw:  # the first name (a loop's first step costs less than next(iter(...)))
+        if first in _FLAT_READ and raw[first] == FLAT_VERSION:  # flat, as written now
+            try:  # (`_flat`, inline: every request and callback read comes this way)
+                data = flat_json(first, raw)
+            except TypeError:  # a str value among bytes
+                data = flat_json(first, _as_bytes(fields))
+            return None if data is None else (first, data)
+        break
+    else:
+        return None
     type_name = raw.get(b"type")
-    if type(type_name) is not bytes:  # str names or values (tests, tools; Redis gives bytes)
+    if type(type_name) is not bytes:  # no `type`, or str names or values (tests, tools)
         raw = _as_bytes(fields)
+        first = next(iter(raw))
+        if first in _FLAT_READ and raw[first] == FLAT_VERSION:
+            return _flat(first, raw, fields)
         type_name = raw.get(b"type")
-        if type_name is None:
-            return None
+        if type_name is None:  # flat, its type named elsewhere than first, or nothing
+            return _named_elsewhere(raw, fields)
     data = raw.get(b"data")
-    if data is None:
-        if len(raw) == 1:
-            return None
-        try:
-            data = flat_json(type_name, raw)
-        except TypeError:  # a str value among bytes
-            data = flat_json(type_name, _as_bytes(fields))
-        if data is None:
-            return None
-    elif type(data) is not bytes:
+    if data is None:  # the flat form of session 5: `type` first
+        return None if len(raw) == 1 else _flat(type_name, raw, fields)
+    if type(data) is not bytes:
         data = data.encode()
     return type_name, data
+
+
+def _flat(
+    type_name: bytes, raw: Mapping[bytes, Any], fields: Mapping[bytes | str, bytes | str]
+) -> tuple[bytes, bytes] | None:
+    try:
+        data = flat_json(type_name, raw)
+    except TypeError:  # a str value among bytes
+        data = flat_json(type_name, _as_bytes(fields))
+    return None if data is None else (type_name, data)
+
+
+def _named_elsewhere(
+    raw: Mapping[bytes, bytes], fields: Mapping[bytes | str, bytes | str]
+) -> tuple[bytes, bytes] | None:
+    """A flat entry without `type` (names and values bytes) whose type names a field other
+    than its first: another producer's order, its value the version."""
+    type_name = next((name for name in raw if name in _FLAT_READ), None)
+    if type_name is None or raw[type_name] != FLAT_VERSION:
+        return None
+    return _flat(type_name, raw, fields)
+
+
+def _type_field(raw: Mapping[bytes, Any]) -> bytes | None:
+    """The field of a flat entry without `type` that names its type: a type written flat,
+    wherever it is, else a capitalised first field whose value is a number (a version) when
+    that is not a per-batch type's name (a type this reader does not know)."""
+    named = next((name for name in raw if name in _FLAT_READ), None)
+    if named is not None:
+        return named
+    first, value = next(iter(raw.items()), (b"", b""))
+    if first[:1].isupper() and type(value) is bytes and value.isdigit():
+        return None if as_str(first) in EVENT_TYPES else first
+    return None
+
+
+def stated_type(fields: Mapping[Any, Any]) -> str | None:
+    """The type an entry says it has, without decoding it (a dead letter's copy of its fields,
+    shown): its `type`, or the name of a flat entry's type field."""
+    raw = _as_bytes(fields)
+    value = raw.get(b"type")
+    if value is not None:
+        return as_str(value) if type(value) is bytes else None
+    named = _type_field(raw) if b"data" not in raw else None
+    return as_str(named) if named is not None else None
+
+
+def undecodable(fields: Mapping[bytes | str, bytes | str]) -> DecodeError:
+    """Why an entry `entry_data` gives nothing for is not an event: `unknown_type` for the flat
+    form of a type or of a version this reader does not know (a capitalised first field whose
+    value is a number: written by a newer producer, redriven once readers know it), else
+    `missing_field`."""
+    raw = _as_bytes(fields)
+    present = ", ".join(sorted(as_str(name) for name in raw)) or "none"
+    named = _type_field(raw) if b"type" not in raw and b"data" not in raw else None
+    if named in _FLAT_READ:
+        if raw[named] != FLAT_VERSION:
+            return DecodeError(
+                "unknown_type",
+                f"{as_str(named)} in flat layout version {as_str(raw[named])[:20]!r}, "
+                f"this reader knows version {FLAT_VERSION.decode()}",
+            )
+    elif named is not None:
+        version = as_str(raw[named])[:20]
+        return DecodeError("unknown_type", f"{as_str(named)[:100]} (flat, version {version})")
+    return DecodeError("missing_field", f"fields present: {present}")
 
 
 def _as_bytes(fields: Mapping[bytes | str, bytes | str]) -> dict[bytes, bytes]:
@@ -327,7 +416,7 @@ def _as_bytes(fields: Mapping[bytes | str, bytes | str]) -> dict[bytes, bytes]:
 
 
 def decode(fields: Mapping[bytes | str, bytes | str], entry_id: str | None = None) -> Event:
-    """Decode one entry's fields, either form; raises DecodeError with a reason label. Given
+    """Decode one entry's fields, any form; raises DecodeError with a reason label. Given
     the entry's id, an event without `occurred_at` takes the id's time (the server's), not
     the decoding moment, and one without `event_id` the entry id, so that every reading of
     the entry decodes the same event."""
@@ -336,8 +425,7 @@ def decode(fields: Mapping[bytes | str, bytes | str], entry_id: str | None = Non
     except UnicodeDecodeError as exc:
         raise DecodeError("invalid_data", str(exc)[:300]) from exc
     if found is None:
-        present = ", ".join(sorted(as_str(name) for name in fields)) or "none"
-        raise DecodeError("missing_field", f"fields present: {present}")
+        raise undecodable(fields)
     type_name, data = found
     decoder = _decoders.get(as_str(type_name))
     if decoder is None:

@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from events.clock import entry_iso
-from events.codec import DecodeError
+from events.codec import DecodeError, stated_type
 from events.redact import scrub
 from events.streams import STREAMS, dlq_name
 from events.text import as_str
@@ -229,6 +229,8 @@ def letter_view(dlq_stream: str, entry_id: Any, fields: dict[Any, Any]) -> dict[
         # Letters written since the hardening carry no `at`: their id is the server's time.
         "at": f.get("at") or entry_iso(letter_id),
         "fields": original,
+        # What the entry says it is (`type`, or a flat entry's first field), for a listing.
+        "event_type": stated_type(original) if isinstance(original, dict) else None,
         "fields_bytes": int(f["fields_bytes"]) if "fields_bytes" in f else None,
         "fields_sha256": f.get("fields_sha256"),
         "truncated": f.get("truncated") == "1",

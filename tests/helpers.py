@@ -116,6 +116,13 @@ def failed(
     )
 
 
+def session_5_form(fields: dict[str, bytes]) -> dict[str, bytes]:
+    """A flat entry (`codec.encode`) as session 5 wrote it: `type` and the type's name first,
+    where the type now names the first field (events/codec.py)."""
+    (type_name, _), *rest = fields.items()
+    return {"type": type_name.encode(), **dict(rest)}
+
+
 def request(batch_id: str, cid: str, mode: str = "per_request") -> ComparisonRequested:
     return ComparisonRequested(
         batch_id=batch_id,

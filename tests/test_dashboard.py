@@ -468,6 +468,7 @@ def test_a_dead_letter_is_redriven_and_applied(tab: Tab, stack: Stack) -> None:
     tab.page.goto("/deadletters?stream=lps:requests")
     letter = tab.page.locator("tr[data-letter]")
     assert letter.count() == 1 and "manual" in letter.inner_text()
+    assert "ComparisonRequested" in letter.inner_text()  # the type, named by a flat field
     tab.page.click("tr[data-letter] >> text=inspect")
     # Requests name their essays by id and the batch's content key (issue 13): no essay text
     # in the letter, hidden or shown (texts of older entries are hidden: test_dashboard_actions).

@@ -11,6 +11,7 @@ import pytest
 
 from app.views import results_view
 from events import codec
+from events.clock import entry_iso
 from events.types import (
     EVENT_TYPES,
     BatchFailed,
@@ -167,7 +168,10 @@ def test_every_event_type_round_trips() -> None:
     assert {type(e).__name__ for e in events} == set(EVENT_TYPES)
     for event in events:
         fields = codec.encode(event)
-        assert fields["type"] == type(event).__name__.encode()
+        if type(event) in codec.FLAT_TYPES:  # the type names the first field, the version
+            assert next(iter(fields.items())) == (type(event).__name__, codec.FLAT_VERSION)
+        else:
+            assert fields["type"] == type(event).__name__.encode()
         if isinstance(event, EntryStamped):  # dated and identified by the entry id
             event = msgspec.structs.replace(event, event_id="", occurred_at="")
             assert codec.decode(fields) == event
@@ -360,12 +364,53 @@ SESSION_4 = {
 }
 
 
+# As session 5 wrote the same events flat, `type` first (what Redis gives back: bytes).
+SESSION_5 = {
+    b"ComparisonRequested": {
+        b"type": b"ComparisonRequested",
+        b"batch_id": b"nwqs2isorbcjez5e",
+        b"correlation_id": b"mjp357rwv4crzut3",
+        b"wave": b"1",
+        b"essay_a.essay_id": b"S047",
+        b"essay_b.essay_id": b"S038",
+        b"seed": b"1",
+        b"content_key": b"4d03179e087e59b6",
+    },
+    b"ComparisonCompleted": {
+        b"type": b"ComparisonCompleted",
+        b"batch_id": b"nwqs2isorbcjez5e",
+        b"correlation_id": b"mjp357rwv4crzut3",
+        b"essay_a_id": b"S047",
+        b"essay_b_id": b"S038",
+        b"winner": b"essay_a",
+        b"confidence": b"2",
+        b"justification": b"mock judgement from latent qualities",
+        b"provider": b"mock",
+        b"model": b"mock-judge-1",
+        b"usage.input_tokens": b"900",
+        b"usage.output_tokens": b"60",
+    },
+    b"ComparisonFailed": {
+        b"type": b"ComparisonFailed",
+        b"batch_id": b"nwqs2isorbcjez5e",
+        b"correlation_id": b"x7kq2mzt4wbnaq3e",
+        b"essay_a_id": b"S037",
+        b"essay_b_id": b"S047",
+        b"error.error_type": b"timeout",
+        b"error.retryable": b"true",
+        b"error.message": b"t",
+        b"attempts": b"3",
+    },
+}
+
+
 def test_requests_and_callbacks_are_written_flat_and_the_rest_as_json_data() -> None:
     assert {ComparisonRequested, ComparisonCompleted, ComparisonFailed} == codec.FLAT_TYPES
     for event in _one_of_each():
         fields = codec.encode(event)
         if type(event) in codec.FLAT_TYPES:
-            assert "data" not in fields and next(iter(fields)) == "type"
+            assert "data" not in fields and "type" not in fields
+            assert next(iter(fields.items())) == (type(event).__name__, b"1")
             assert not {"event_id", "occurred_at", "schema_version"} & set(fields)
         else:
             assert set(fields) == {"type", "data"}
@@ -398,7 +443,7 @@ def test_a_flat_entry_keeps_its_field_order_and_leaves_defaults_out() -> None:
     assert (
         list(one)
         == [
-            "type",
+            "ComparisonCompleted",
             "batch_id",
             "correlation_id",
             "essay_a_id",
@@ -458,8 +503,56 @@ def test_session_4_entries_with_json_data_decode_as_their_flat_equals() -> None:
     assert isinstance(failure, ComparisonFailed) and failure.attempts == 3
 
 
+def test_session_5_flat_entries_decode_as_the_same_events_written_now() -> None:
+    """Entries written flat with `type` first (session 5) keep decoding, to the events of their
+    session 4 form, whose new form makes the same JSON (what an archive holds) byte for byte;
+    their fields in another order too."""
+    for type_name, stored in SESSION_5.items():
+        old = codec.decode(stored, "1764656491127-3")
+        assert old == codec.decode(
+            {b"type": type_name, b"data": SESSION_4[type_name]}, "1764656491127-3"
+        )
+        now = {k.encode(): v for k, v in codec.encode(old).items()}
+        assert next(iter(now)) == type_name and b"type" not in now
+        assert (
+            list(now)[1:] == list(stored)[1:]
+            and list(now.values())[1:] == list(stored.values())[1:]
+        )
+        assert codec.entry_data(now) == codec.entry_data(stored)  # type: ignore[arg-type]
+        # The JSON session 5's reader made of it (its archive lines), with `confidence` 2 the
+        # one difference from session 4's `data`.
+        made = SESSION_4[type_name].replace(b'"confidence":2.0', b'"confidence":2')
+        assert codec.entry_data(now) == (type_name, made)  # type: ignore[arg-type]
+        assert codec.decode(now, "1764656491127-3") == old
+        reordered = dict(reversed(list(stored.items())))  # `type` last
+        assert codec.decode(reordered, "1764656491127-3") == old
+        as_text = {k.decode(): v.decode() for k, v in stored.items()}  # a tool's str fields
+        assert codec.decode(as_text, "1764656491127-3") == old
+
+
+def test_the_new_flat_form_round_trips_in_any_order_and_as_str() -> None:
+    """The type is the first field's name and its value the layout's version, stored by Redis
+    as a one-byte integer: read back as b"1"."""
+    for event in _one_of_each():
+        if type(event) not in codec.FLAT_TYPES:
+            continue
+        event = msgspec.structs.replace(event, event_id="1-0", occurred_at=entry_iso("1-0"))
+        written = codec.encode(event)
+        stored = {k.encode(): v for k, v in written.items()}
+        assert next(iter(stored.items())) == (type(event).__name__.encode(), b"1")
+        assert codec.decode(stored, "1-0") == event
+        assert codec.decode({k: v.decode() for k, v in written.items()}, "1-0") == event
+        mixed = {k: v.decode() for k, v in stored.items()}  # bytes names, str values
+        assert codec.decode(mixed, "1-0") == event  # type: ignore[arg-type]
+        moved = dict(list(stored.items())[1:] + list(stored.items())[:1])  # the type last
+        assert codec.decode(moved, "1-0") == event
+        assert codec.entry_data(moved) == codec.entry_data(stored)  # type: ignore[arg-type]
+        session_5 = {b"type": type(event).__name__.encode(), **dict(list(stored.items())[1:])}
+        assert codec.entry_data(session_5) == codec.entry_data(stored)  # type: ignore[arg-type]
+
+
 def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> None:
-    """The format is public: another producer may order fields otherwise, put `type` last, add
+    """The format is public: another producer may order fields otherwise, put the type last, add
     a field of a newer version (kept in the event's JSON as a string, ignored by the type) or
     write its own time (read as it is, checked like any `occurred_at`)."""
     event = msgspec.structs.replace(
@@ -513,6 +606,13 @@ def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> 
             },
             "invalid_data",
         ),
+        ({b"ComparisonRequested": b"1"}, "invalid_data"),  # no field at all
+        ({b"ComparisonCompleted": b"1", b"batch_id": b"b", b"data": b"{}"}, "missing_field"),
+        ({b"BatchFinalized": b"1", b"batch_id": b"b", b"reason": b"budget"}, "missing_field"),
+        ({b"batch_id": b"b", b"correlation_id": b"c"}, "missing_field"),
+        ({b"ComparisonRetried": b"1", b"batch_id": b"b"}, "unknown_type"),  # a newer type
+        ({b"ComparisonCompleted": b"2", b"batch_id": b"b"}, "unknown_type"),  # a newer layout
+        ({b"batch_id": b"b", b"ComparisonCompleted": b"x"}, "unknown_type"),
         (
             {
                 b"type": b"ComparisonRequested",
@@ -529,10 +629,24 @@ def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> 
 )
 def test_bad_flat_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason: str) -> None:
     """Only the per-comparison types are read flat (a batch event without `data` is not an
-    event); a value that is not what its field holds is `invalid_data`."""
+    event); a value that is not what its field holds is `invalid_data`; a flat entry of a type
+    or a layout version this reader does not know is `unknown_type` (dead-lettered, redriven
+    once the readers know it)."""
     with pytest.raises(codec.DecodeError) as err:
         codec.decode(fields)  # type: ignore[arg-type]
     assert err.value.reason == reason
+
+
+def test_unknown_flat_types_and_versions_are_named_in_the_reason() -> None:
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode({b"ComparisonRetried": b"1", b"batch_id": b"b"})
+    assert err.value.detail == "ComparisonRetried (flat, version 1)"
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode({"batch_id": "b", "ComparisonFailed": "7"})
+    assert "ComparisonFailed" in err.value.detail and "version '7'" in err.value.detail
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode({b"hello": b"1"})
+    assert (err.value.reason, err.value.detail) == ("missing_field", "fields present: hello")
 
 
 def test_the_byte_filter_finds_a_batch_in_either_form() -> None:

@@ -63,7 +63,15 @@ from streams.keys import Keys
 from streams.paging import read_stream
 from streams.pending import claim_idle, keep_alive, pending_details
 from streams.reader import Entry, GroupReader, ensure_group
-from tests.helpers import batch_in, canonical, completed, registration, snapshot
+from tests.helpers import (
+    batch_in,
+    canonical,
+    completed,
+    registration,
+    request,
+    session_5_form,
+    snapshot,
+)
 
 
 def _keys() -> Keys:
@@ -510,6 +518,49 @@ async def test_redrive_adopts_a_letter_written_before_parking_and_reappends_a_no
     assert again["applied"] == again["reappended"] == []
 
 
+@pytest.mark.redis
+async def test_redrive_reappends_flat_requests_in_their_own_form(real_redis: Any) -> None:
+    """Dead-lettered requests of either flat form, valid now, go back to their stream as they
+    were written (names, order, values: the type's field first, or session 5's `type`), from
+    the source entry or, when it is gone, from the letter's copy; a layout version this
+    reader does not know stays a dead letter."""
+    r, keys = real_redis, _keys()
+    batch_id, cids = await _wave(r, keys)
+    await ensure_group(r, keys.requests, LPS_GROUP)
+    await r.xreadgroup(LPS_GROUP, "x", {keys.requests: ">"}, count=100)  # the wave's own
+    await r.xack(keys.requests, LPS_GROUP, *[i for i, _ in await r.xrange(keys.requests)])
+    requests = [
+        codec.encode(request(batch_id, cids[0])),
+        session_5_form(codec.encode(request(batch_id, cids[1]))),
+        {**codec.encode(request(batch_id, cids[2])), "ComparisonRequested": b"2"},
+    ]
+    ids = [(await r.xadd(keys.requests, fields)).decode() for fields in requests]
+    delivered = await r.xreadgroup(LPS_GROUP, "x", {keys.requests: ">"}, count=10)
+    entries = [Entry(i.decode(), f) for i, f in delivered[0][1]]
+    assert [e.entry_id for e in entries] == ids
+    letters = await dead_letter(
+        r,
+        keys,
+        "lps:requests",
+        [(e, codec.DecodeError("unknown_type", "an older reader's")) for e in entries],
+        LPS_GROUP,
+        "x",
+    )
+    assert all(letters)
+    await r.xdel(keys.requests, ids[0])  # the letter's copy is all that is left of it
+    out = await redrive(r, keys)
+    assert [a["source_id"] for a in out["reappended"]] == ids[:2]
+    assert [(s["source_id"], s["why"][:19]) for s in out["skipped"]] == [
+        (ids[2], "still unknown_type:")
+    ]
+    for moved, written in zip(out["reappended"], requests[:2], strict=True):
+        [(_, stored)] = await r.xrange(keys.requests, moved["new_id"], moved["new_id"])
+        assert list(stored.items()) == [(k.encode(), v) for k, v in written.items()]
+        event = codec.decode(stored, moved["new_id"])
+        assert isinstance(event, ComparisonRequested)
+        assert event.correlation_id == moved["correlation_id"] in cids[:2]
+
+
 # --- fencing ----------------------------------------------------------------------------------
 
 
@@ -799,10 +850,9 @@ async def test_s4_a_future_occurred_at_cannot_hide_a_stalled_batch(real_redis: A
     await advance(r, keys, "s4b")  # and no LPS worker: nobody answers
     ahead = (datetime.now(UTC) + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     orphan = completed("s4b", "x-ahead")
-    fields = codec.encode(orphan)
     data = json.loads(codec.encode_json(orphan))
     data["occurred_at"] = ahead  # written as {type, data}, the form of before (still read)
-    await r.xadd(keys.callbacks, {"type": fields["type"], "data": json.dumps(data)})
+    await r.xadd(keys.callbacks, {"type": type(orphan).__name__, "data": json.dumps(data)})
     cj = CJConsumer(r, keys, "cj-1", block_ms=10)
     await cj.start()
     await cj.step()

@@ -11,6 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 
+from app.archive import collect
+from cj.consumer import CJConsumer
 from cj.continuation import Decision, queue_decision
 from cj.registration import append_registration
 from events import codec
@@ -22,7 +24,7 @@ from projections.store import CallbackApplier, load_state
 from streams.keys import Keys
 from streams.paging import read_pages
 from streams.reader import ensure_group
-from tests.helpers import canonical, completed, registration, snapshot, wave
+from tests.helpers import canonical, completed, registration, session_5_form, snapshot, wave
 from tools.cli import main
 
 
@@ -155,6 +157,46 @@ async def test_pending_and_unread_callbacks_are_not_replayed_twice(
     assert (live.completed, live.duplicates, live.in_flight) == (3, 0, 1)
     full = await replay_live(r, keys, {"b1"})
     assert await snapshot(r, keys, "b1") == canonical(full.states["b1"], keys)
+
+
+@pytest.mark.redis
+async def test_callbacks_of_every_wire_form_are_applied_replayed_and_archived_alike(
+    real_redis: Any, keys: Keys
+) -> None:
+    """A stream holds entries of every version: `{type, data}` (before session 5), flat with
+    `type` first (session 5) and flat with the type as the first field's name (now; also
+    another producer's order, the type last). The consumer applies them all, replay reads them
+    as it did, and the archive's lines hold the JSON each makes."""
+    r = real_redis
+    await _setup(r, keys)
+    events = [completed("b1", f"c{i}") for i in range(4)]
+    now = [codec.encode(e) for e in events]
+    forms = [
+        {"type": b"ComparisonCompleted", "data": codec.encode_json(events[0])},
+        session_5_form(now[1]),
+        now[2],
+        dict(list(now[3].items())[1:] + list(now[3].items())[:1]),
+    ]
+    ids = [(await r.xadd(keys.callbacks, fields)).decode() for fields in forms]
+    cj = CJConsumer(r, keys, "cj-1", block_ms=10)
+    await cj.start()
+    assert await cj.step() == 4
+    live = await load_state(r, keys, "b1")
+    assert live is not None and (live.completed, live.callbacks_received) == (4, 4)
+    result, rows = await check(r, keys, ["b1"])
+    assert rows[0]["matches_live"], rows
+    assert result.callbacks_applied == 4
+    records = [x for x in await collect(r, keys, "b1") if x.stream == "cj:callbacks"]
+    assert [x.entry_id for x in records] == ids
+    # Byte for byte the JSON of the entry's form of before: `data`, or session 5's flat JSON.
+    before = [forms[0]["data"], *(_flat_json(session_5_form(f)) for f in now[1:])]
+    assert [x.data for x in records] == before
+
+
+def _flat_json(fields: dict[str, bytes]) -> bytes:
+    found = codec.entry_data(fields)  # type: ignore[arg-type]
+    assert found is not None
+    return found[1]
 
 
 async def test_rebuild_retries_when_a_consumer_writes_meanwhile(

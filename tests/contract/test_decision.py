@@ -500,7 +500,9 @@ def _appended(unit: Any) -> list[tuple[str, str]]:
         name = args[0].upper()
         if name == "XADD":
             fields = dict(zip(args[3::2], args[4::2], strict=True))
-            out.append((args[1], fields["type"]))
+            found = codec.entry_data(fields)  # type: ignore[arg-type]  # either form
+            assert found is not None
+            out.append((args[1], found[0].decode()))
         elif name in ("EVAL", "EVALSHA"):
             n = int(args[2])
             script_keys, argv = args[3 : 3 + n], args[3 + n :]
