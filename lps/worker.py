@@ -396,20 +396,23 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         old = [e.entry_id for e, _ in unit if self._read_at.get(e.entry_id, now) <= limit]
         if not old:
             return unit
-        lost = set(await keep_alive(self.r, self.keys.requests, LPS_GROUP, self.consumer, old))
+        held = await keep_alive(self.r, self.keys.requests, LPS_GROUP, self.consumer, old)
+        lost = set(held.all)  # taken by another worker, or answered meanwhile: not judged here
         for entry_id in old:  # checked (and refreshed) now
             if entry_id not in lost and entry_id in self._read_at:
                 self._read_at[entry_id] = now
         if not lost:
             return unit
-        STUCK_ITEMS.labels("lost").inc(len(lost))
-        log.warning(
-            "claim_lost",
-            consumer=self.consumer,
-            entries=len(lost),
-            batch_ids=sorted({q.batch_id for e, q in unit if e.entry_id in lost}),
-            correlation_ids=[q.correlation_id for e, q in unit if e.entry_id in lost][:20],
-        )
+        if held.taken:
+            taken = set(held.taken)
+            STUCK_ITEMS.labels("lost").inc(len(taken))
+            log.warning(
+                "claim_lost",
+                consumer=self.consumer,
+                entries=len(taken),
+                batch_ids=sorted({q.batch_id for e, q in unit if e.entry_id in taken}),
+                correlation_ids=[q.correlation_id for e, q in unit if e.entry_id in taken][:20],
+            )
         return [(e, q) for e, q in unit if e.entry_id not in lost]
 
     async def release(self, unit: list[tuple[Entry, ComparisonRequested]]) -> None:
@@ -475,13 +478,18 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
     async def refresh_in_hand(self) -> None:
         """Keep slow but healthy work from looking stuck (the entries still held: one claimed
         by another worker meanwhile stays with it, and its result here will be fenced)."""
-        lost = await keep_alive(
+        held = await keep_alive(
             self.r, self.keys.requests, LPS_GROUP, self.consumer, sorted(self.in_hand)
         )
-        if lost:
-            STUCK_ITEMS.labels("lost").inc(len(lost))
+        # Entries stay in hand until their whole page is handled, after their commits have
+        # acknowledged them: those (`gone`) are done, not lost.
+        if held.taken:
+            STUCK_ITEMS.labels("lost").inc(len(held.taken))
             log.warning(
-                "claim_lost", consumer=self.consumer, entries=len(lost), entry_ids=lost[:20]
+                "claim_lost",
+                consumer=self.consumer,
+                entries=len(held.taken),
+                entry_ids=held.taken[:20],
             )
 
     async def reclaim(self) -> list[StuckAction]:

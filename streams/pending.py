@@ -312,29 +312,47 @@ async def prune_dead_consumers(
 # XCLAIM would take it back). KEYS: 1 stream; ARGV: 1 group, 2 consumer, 3.. entry ids.
 # Returns the ids no longer held.
 _KEEP_ALIVE_LUA = """
-local lost = {}
+local taken, gone = {}, {}
 for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
-  if #p == 1 then
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 0 then
+    gone[#gone + 1] = ARGV[i]
+  elseif p[1][2] == ARGV[2] then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
   else
-    lost[#lost + 1] = ARGV[i]
+    taken[#taken + 1] = ARGV[i]
   end
 end
-return lost
+return {taken, gone}
 """
+
+
+@dataclass(frozen=True)
+class NotHeld:
+    """What `keep_alive` found a consumer no longer holds: entries another consumer holds now
+    (`taken`: claimed after this one looked dead) and entries no longer pending at all
+    (`gone`: acknowledged, most often by this very consumer's commit a moment before; or
+    deleted)."""
+
+    taken: list[str]
+    gone: list[str]
+
+    @property
+    def all(self) -> list[str]:
+        return self.taken + self.gone
 
 
 async def keep_alive(
     r: Any, stream: str, group: str, consumer: str, entry_ids: list[str]
-) -> list[str]:
+) -> NotHeld:
     """Reset the idle time of entries still being worked on, without bumping delivery counts,
-    if this consumer still holds them; returns those it no longer holds (claimed by another
-    consumer after this one looked dead, or acknowledged)."""
+    if this consumer still holds them; returns those it no longer holds, told apart: only one
+    another consumer took is a lost claim (a worker's commits acknowledge its entries before
+    it forgets them, so entries merely answered are not)."""
     if not entry_ids:
-        return []
-    lost = await r.eval(_KEEP_ALIVE_LUA, 1, stream, group, consumer, *entry_ids)
-    return [as_str(i) for i in lost or []]
+        return NotHeld([], [])
+    taken, gone = await r.eval(_KEEP_ALIVE_LUA, 1, stream, group, consumer, *entry_ids)
+    return NotHeld([as_str(i) for i in taken or []], [as_str(i) for i in gone or []])
 
 
 async def group_upkeep(

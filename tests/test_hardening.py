@@ -346,11 +346,29 @@ async def test_keep_alive_never_takes_back_a_claimed_entry(real_redis: Any) -> N
     await r.xreadgroup("g", "paused", {stream: ">"}, count=10)
     await r.xclaim(stream, "g", "other", 0, ids[:1])  # claimed away while "paused" slept
     lost = await keep_alive(r, stream, "g", "paused", ids)
-    assert lost == ids[:1]
+    assert lost.taken == ids[:1] and lost.gone == []
     owners = {row["entry_id"]: row["consumer"] for row in await pending_details(r, stream, "g")}
     assert owners == {ids[0]: "other", ids[1]: "paused", ids[2]: "paused"}
     rows = await pending_details(r, stream, "g")
     assert [row["deliveries"] for row in rows] == [2, 1, 1]  # keep-alive counts none
+
+
+@pytest.mark.redis
+async def test_keep_alive_tells_an_answered_entry_from_one_taken(real_redis: Any) -> None:
+    """A worker keeps entries in hand until their whole page is handled, after its commits
+    acknowledged them: those are answered, not a claim lost (the soak warned `claim_lost` for
+    a whole wave its worker had just answered)."""
+    r = real_redis
+    stream, ids = await _stream_with_group(r, 4)
+    await r.xreadgroup("g", "w", {stream: ">"}, count=10)
+    await r.xack(stream, "g", ids[0])  # answered by "w" itself
+    await r.xclaim(stream, "g", "other", 0, ids[1:2])  # taken while "w" looked dead
+    held = await keep_alive(r, stream, "g", "w", ids)
+    assert held.taken == ids[1:2]
+    assert held.gone == ids[:1]
+    assert held.all == [ids[1], ids[0]]
+    owners = {row["entry_id"]: row["consumer"] for row in await pending_details(r, stream, "g")}
+    assert owners == {ids[1]: "other", ids[2]: "w", ids[3]: "w"}
 
 
 @pytest.mark.redis

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+from structlog.testing import capture_logs
+
 from events import codec
+from events.text import as_str
 from events.types import (
     MAX_BUNDLE_SIZE,
     BundleDispatched,
@@ -21,6 +25,7 @@ from lps.providers.base import Judgement
 from lps.providers.mock import PROFILES, MockProvider
 from lps.worker import LPSWorker
 from streams.keys import Keys
+from streams.metrics import STUCK_ITEMS
 from streams.reader import Entry
 
 
@@ -278,3 +283,30 @@ def test_a_request_is_named_with_its_batch_unless_its_id_is_a_random_one_of_befo
         f"t:lps:batchapi:{old}",
         f"t:lps:done:{old}",
     ]
+
+
+@pytest.mark.redis
+async def test_refresh_in_hand_warns_only_for_requests_another_worker_took(
+    real_redis: Any, keys: Keys
+) -> None:
+    """Requests stay in hand until their page is handled, after their commits acknowledged
+    them: a refresh then finds them answered, not lost; only one another worker claimed is
+    `claim_lost` (the warning and the `lost` stuck-items count)."""
+    r = real_redis
+    worker = LPSWorker(r, keys, "w", lambda _: MockProvider(PROFILES["ideal"], seed=1))
+    await worker.start()
+    ids = [
+        as_str(await r.xadd(keys.requests, codec.encode(_req(i, provider="mock"))))
+        for i in range(3)
+    ]
+    await r.xreadgroup("lps", "w", {keys.requests: ">"}, count=10)
+    await r.xack(keys.requests, "lps", ids[0])  # answered by this worker's commit
+    await r.xclaim(keys.requests, "lps", "other", 0, ids[1:2])  # taken while it looked dead
+    worker.in_hand.update(ids)
+    before = STUCK_ITEMS.labels("lost")._value.get()
+    with capture_logs() as logs:
+        await worker.refresh_in_hand()
+    await worker.close()
+    lost = [e for e in logs if e["event"] == "claim_lost"]
+    assert [(e["entries"], e["entry_ids"]) for e in lost] == [(1, ids[1:2])]
+    assert STUCK_ITEMS.labels("lost")._value.get() - before == 1
