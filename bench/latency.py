@@ -69,6 +69,7 @@ from lps.providers.mock import MockProfile, profile_from_env
 from lps.providers.registry import make_provider
 from projections import keys as pkeys
 from projections.store import load_state
+from streams.client import connect
 from streams.keys import Keys
 from tests.redis_server import RedisServer
 
@@ -88,7 +89,7 @@ def _worker(
     import lps.message_batches  # noqa: F401
 
     async def main() -> dict[str, float]:
-        r = aioredis.from_url(url)
+        r, _ = connect(url)  # the client `cjs worker` makes
         settings = Settings(block_ms=100, reaper_interval_s=30, **options)
         runner = InProcess(
             r,
