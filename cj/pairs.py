@@ -53,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 import scipy.linalg.blas
@@ -78,8 +79,10 @@ Selector = Literal["a_optimal", "information"]
 _Candidate = tuple[float, int, int, int]  # (−gain, i, j, version of Σ it was scored on)
 
 
-@dataclass(frozen=True)
-class PairHistory:
+class PairHistory(msgspec.Struct, frozen=True):
+    """A pair asked before. A Struct, not a frozen dataclass: a wave's planning makes one
+    per pair of the batch, six times faster (speed, issue 11)."""
+
     essay_a: str
     essay_b: str
     outcome: Literal["pending", "completed", "failed"]
