@@ -58,6 +58,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 import tools  # noqa: F401  (first: one BLAS thread per process)
+from app.heap import freeze_startup
 from app.logs import configure
 from app.settings import Settings
 from app.wiring import InProcess
@@ -101,6 +102,7 @@ def _worker(
             concurrency=16,
         )
         runner.start()
+        freeze_startup()  # as `cjs worker` does
         Path(out + ".ready").touch()
         begin = _cpu()
         while not os.path.exists(stop):
