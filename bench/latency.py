@@ -58,6 +58,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 import tools  # noqa: F401  (first: one BLAS thread per process)
+from app.heap import freeze_startup
 from app.logs import configure
 from app.settings import Settings
 from app.wiring import InProcess
@@ -69,6 +70,7 @@ from lps.providers.mock import MockProfile, profile_from_env
 from lps.providers.registry import make_provider
 from projections import keys as pkeys
 from projections.store import load_state
+from streams.client import connect
 from streams.keys import Keys
 from tests.redis_server import RedisServer
 
@@ -88,7 +90,7 @@ def _worker(
     import lps.message_batches  # noqa: F401
 
     async def main() -> dict[str, float]:
-        r = aioredis.from_url(url)
+        r, _ = connect(url)  # the client `cjs worker` makes
         settings = Settings(block_ms=100, reaper_interval_s=30, **options)
         runner = InProcess(
             r,
@@ -100,6 +102,7 @@ def _worker(
             concurrency=16,
         )
         runner.start()
+        freeze_startup()  # as `cjs worker` does
         Path(out + ".ready").touch()
         begin = _cpu()
         while not os.path.exists(stop):

@@ -75,15 +75,12 @@ class CJConsumer(GroupConsumer[Callback]):
         callbacks = await self.accepted(entries)
         if not callbacks:
             return
-        # One round trip for the page: each script call is atomic on its own.
+        # One round trip for the page: each callback's apply is atomic on its own.
         with CJ_STEP_SECONDS.labels("apply").time():
             if is_cluster(self.r):  # EVALSHA one by one: each loads its script where it runs
                 results = [await self.applier.apply(c, e.entry_id) for e, c in callbacks]
-            else:
-                async with self.r.pipeline(transaction=False) as pipe:
-                    for entry, callback in callbacks:
-                        await self.applier.queue(pipe, callback, entry.entry_id)
-                    results = await pipe.execute()
+            else:  # the page in one script call (one slot)
+                results = await self.applier.apply_page([(c, e.entry_id) for e, c in callbacks])
             await self.durable()
         to_advance = self.report(callbacks, results)
         for batch_id in sorted(to_advance):

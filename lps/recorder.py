@@ -47,13 +47,28 @@ async def answered(r: Any, keys: Keys, requests: list[tuple[str, str]]) -> list[
     of that time (`lps.keys.done`)."""
     if not requests:
         return []
+    # One HMGET per batch's hash, not one HEXISTS per request: a page of requests is
+    # mostly of a few batches (speed, issue 11: a command less per comparison).
+    by_batch: dict[str, list[int]] = {}
+    loose: list[int] = []
+    for k, (batch_id, _) in enumerate(requests):
+        if batch_id:
+            by_batch.setdefault(batch_id, []).append(k)
+        else:
+            loose.append(k)
     async with r.pipeline(transaction=False) as pipe:
-        for batch_id, cid in requests:
-            if batch_id:
-                pipe.hexists(lkeys.answered(keys, batch_id), cid)
-            else:
-                pipe.exists(lkeys.done(keys, cid))
-        return [bool(flag) for flag in await pipe.execute()]
+        for batch_id, ks in by_batch.items():
+            pipe.hmget(lkeys.answered(keys, batch_id), [requests[k][1] for k in ks])
+        for k in loose:
+            pipe.exists(lkeys.done(keys, requests[k][1]))
+        replies = await pipe.execute()
+    out = [False] * len(requests)
+    for ks, values in zip(by_batch.values(), replies, strict=False):
+        for k, value in zip(ks, values, strict=True):
+            out[k] = value is not None
+    for k, flag in zip(loose, replies[len(by_batch) :], strict=True):
+        out[k] = bool(flag)
+    return out
 
 
 def encode(event: Event) -> dict[str, bytes]:

@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.redact import mask_url
+from streams.packing import install as packed_by_hiredis
 
 
 class TopologyChanged(RedisConnectionError):
@@ -135,7 +136,9 @@ def connect(
             health_check_interval=15,
             socket_connect_timeout=connect_timeout_s,
         )
-        return client, mask_url(url)
+        # Commands packed in C (redis-py's asyncio client packs them in Python; the cluster
+        # client's nodes make their own connections and keep redis-py's packing).
+        return packed_by_hiredis(client), mask_url(url)
     if not embedded_ok:
         raise RuntimeError("REDIS_URL is not set: workers need a shared Redis server")
     import fakeredis

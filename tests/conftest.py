@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 import tools  # noqa: F401  (first: pins BLAS to one thread before numpy loads)
 from streams.keys import Keys
+from streams.packing import install
 from tests.redis_cluster import RedisClusterServer, skip_or_fail_without_cluster
 from tests.redis_server import RedisServer, skip_or_fail_without_redis
 
@@ -51,7 +52,8 @@ def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
 
 @pytest.fixture
 async def real_redis(redis_server: RedisServer) -> AsyncIterator[Any]:
-    client = aioredis.from_url(redis_server.url, decode_responses=False)
+    # packed by hiredis, as the workers' clients are (streams.client.connect)
+    client = install(aioredis.from_url(redis_server.url, decode_responses=False))
     yield client
     await client.aclose()
 
@@ -59,7 +61,7 @@ async def real_redis(redis_server: RedisServer) -> AsyncIterator[Any]:
 @pytest.fixture
 async def shared_redis(shared_redis_server: RedisServer) -> AsyncIterator[Any]:
     """A client of the session's shared redis-server (use a key prefix of the test's own)."""
-    client = aioredis.from_url(shared_redis_server.url, decode_responses=False)
+    client = install(aioredis.from_url(shared_redis_server.url, decode_responses=False))
     yield client
     await client.aclose()
 

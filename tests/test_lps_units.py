@@ -153,6 +153,10 @@ async def test_answers_are_looked_up_per_batch_and_old_markers_still_count(
     await r.set(lkeys.done(keys, "c9"), "t")
     flags = await answered(r, keys, [("b1", "c1"), ("b1", "c2"), ("b2", "c1"), ("", "c9")])
     assert flags == [True, False, False, True]
+    # Looked up one hash per batch: the answers still come back in the requests' order.
+    await r.hset(lkeys.answered(keys, "b2"), "c3", "t")
+    mixed = [("b2", "c3"), ("", "c8"), ("b1", "c2"), ("b2", "c1"), ("", "c9"), ("b1", "c1")]
+    assert await answered(r, keys, mixed) == [True, False, False, False, True, True]
     assert await answered(r, keys, []) == []
     old = Intent("i", 1.0, 1, "anthropic", "m", ["c9"]).fields()
     del old["batch_ids"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -308,7 +309,7 @@ def test_split_half_by_judge_uses_every_distinct_split_of_few_judges() -> None:
     ids, _, comps = simulate(30, 600, spread=1.5, seed=5)
 
     def with_judges(k: int) -> list[Comparison]:
-        return [dataclasses.replace(c, judge=f"mock/m{i % k}") for i, c in enumerate(comps)]
+        return [msgspec.structs.replace(c, judge=f"mock/m{i % k}") for i, c in enumerate(comps)]
 
     two = split_half(ids, with_judges(2))
     assert (two.unit, two.splits) == ("judge", 1)
@@ -368,7 +369,7 @@ def test_split_half_from_the_full_fit_agrees_with_variational_halves(
 
 def test_split_half_by_judges_from_the_full_fit_agrees_too() -> None:
     ids, _, comps = simulate(60, 1200, spread=1.0, seed=9)
-    comps = [dataclasses.replace(c, judge=f"j{k % 5}") for k, c in enumerate(comps)]
+    comps = [msgspec.structs.replace(c, judge=f"j{k % 5}") for k, c in enumerate(comps)]
     fit = fit_bt(ids, comps)
     full = {e: (fit.theta[e], fit.se[e]) for e in ids}
     reference = split_half(ids, comps, seed=1)

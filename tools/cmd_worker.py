@@ -12,6 +12,7 @@ import structlog
 
 from app import settings
 from app.connection import connect
+from app.heap import freeze_startup
 from app.logs import configure, error_text
 from app.metrics import serve
 from app.wiring import InProcess
@@ -110,6 +111,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
             metrics_port=metrics_port,
         )
         runner.start()
+        freeze_startup()  # everything imported and built: out of the collector's way
         stopping = asyncio.create_task(runner.stop.wait())
         await asyncio.wait([stopping, *runner.tasks], return_when=asyncio.FIRST_COMPLETED)
         crashed = [t for t in runner.tasks if t.done() and not t.cancelled() and t.exception()]

@@ -20,6 +20,7 @@ from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import ComparisonCompleted, ComparisonFailed, RequestExpired
 from lps import keys as lkeys
 from lps.worker import _COMMIT_LUA, LPSWorker
+from streams.durability import is_cluster
 from streams.keys import Keys
 from streams.reader import Entry
 from tests.contract.recording import Recorder, recording
@@ -219,12 +220,18 @@ async def test_a_callback_is_applied_and_acknowledged_by_one_script_call(
     with recording() as recorder:
         await consumer.handle(entries)
     # callback.lua: EVALSHA sha n, KEYS (batch, corr, orphans, callbacks stream, ...), then
-    # ARGV (group, entry id, correlation id, ...): the XACK is the script's own.
+    # ARGV (group, entry id, correlation id, ...): the XACK is the script's own. The page in
+    # one call, each callback's 9 keys and 7 arguments in turn; on a cluster a call each.
     calls: list[tuple[str, ...]] = []
     for call in (c for u in recorder.scripts() for c in u.texts("EVALSHA")):
         if not calls or call != calls[-1]:  # the same call again: after NOSCRIPT, on a node
             calls.append(call)  # that lacked the script (a cluster loads it where it runs)
-    split = [(c[3 : 3 + int(c[2])], c[3 + int(c[2]) :]) for c in calls]
+    assert len(calls) == (len(callbacks) if is_cluster(r) else 1)
+    split = [
+        (c[3 + 9 * j : 3 + 9 * j + 9], c[3 + int(c[2]) + 7 * j :][:7])
+        for c in calls
+        for j in range(int(c[2]) // 9)
+    ]
     assert [(k[3], a[0], a[1], a[2]) for k, a in split] == [
         (keys.callbacks, CJ_GROUP, i, cb.correlation_id)
         for i, cb in zip(ids, callbacks, strict=True)

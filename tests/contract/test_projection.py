@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,14 +43,19 @@ async def _batch(r: Any, keys: Keys, n_pairs: int, budget: int | None = None) ->
     await append_batch_event(r, keys, wave(B, 1, [(f"c{i}", "e0", "e1") for i in range(n_pairs)]))
 
 
-async def _apply(r: Any, keys: Keys, events: list[Any], ids: list[str]) -> list[tuple[str, int]]:
+async def _apply(
+    r: Any, keys: Keys, events: list[Any], ids: list[str], page: bool = True
+) -> list[tuple[str, int]]:
     """callback.lua on each (event, entry id), in that order: [(outcome, in_flight left)]."""
-    replies = await apply_callbacks(r, CallbackApplier(r, keys, CJ_GROUP), events, ids)
+    applier = CallbackApplier(r, keys, CJ_GROUP)
+    replies = await apply_callbacks(r, applier, events, ids, page=page)
     return [(outcome.decode(), int(left)) for outcome, left in replies]
 
 
+# The page's script (the consumer's) and a script call per callback (a redrive's) answer alike.
+@pytest.mark.parametrize("page", [True, False], ids=["page", "each"])
 async def test_a_callback_is_accepted_once_and_duplicates_orphans_late_are_counted_apart(
-    r: Any, keys: Keys
+    r: Any, keys: Keys, page: bool
 ) -> None:
     await _batch(r, keys, 3)
     events = [
@@ -61,10 +67,10 @@ async def test_a_callback_is_accepted_once_and_duplicates_orphans_late_are_count
         completed("no-such-batch", "c9"),
     ]
     ids = await append_and_read(r, keys, events)
-    outcomes = await _apply(r, keys, events[:4], ids[:4])
+    outcomes = await _apply(r, keys, events[:4], ids[:4], page)
     closing = BatchFinalized(batch_id=B, reason="stable", abandoned=["c2"])
     await append_batch_event(r, keys, closing)
-    outcomes += await _apply(r, keys, events[4:], ids[4:])
+    outcomes += await _apply(r, keys, events[4:], ids[4:], page)
 
     assert outcomes == [
         ("accepted", 2),

@@ -1,0 +1,82 @@
+"""Commands packed by hiredis (streams/packing.py): the bytes redis-py would send, its
+refusals kept, and commands and pipelines that work against a redis-server."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.exceptions import DataError
+
+from streams.client import connect
+from streams.packing import install, packing
+
+COMMANDS: list[tuple[Any, ...]] = [
+    ("SET", "k", "v"),
+    ("XADD", b"cj:requests", "*", "type", "x", "n", 1, "f", 1.5, "tiny", 1e-300, "big", 10**20),
+    ("EVALSHA", "0" * 40, 2, "k1", b"k2", -0.0, float("inf"), "é☃", b"\x00\xff\r\n"),
+    ("SCRIPT LOAD", "return 1"),  # a name of two words: two arguments
+    (b"XGROUP CREATE", b"s", b"g", b"$", b"MKSTREAM"),
+    ("SET", "k", bytearray(b"ab")),
+    ("SET", "k", memoryview(b"cd")),
+    ("SET", "k", "x" * 100_000),  # above redis-py's buffer cutoff: sent in pieces there
+]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=range(len(COMMANDS)))
+def test_same_bytes_as_redis_py(args: tuple[Any, ...]) -> None:
+    ours = packing(Connection)().pack_command(*args)
+    theirs = Connection().pack_command(*args)
+    assert b"".join(ours) == b"".join(bytes(part) for part in theirs)
+
+
+def test_pipelines_pack_the_same_bytes() -> None:
+    ours = packing(Connection)().pack_commands(COMMANDS)
+    theirs = Connection().pack_commands(COMMANDS)
+    assert b"".join(ours) == b"".join(bytes(part) for part in theirs)
+
+
+@pytest.mark.parametrize("value", [None, True, object(), [1]])
+def test_what_redis_py_refuses_is_refused(value: Any) -> None:
+    with pytest.raises(DataError):
+        Connection().pack_command("SET", "k", value)
+    with pytest.raises(DataError):
+        packing(Connection)().pack_command("SET", "k", value)
+
+
+def test_another_encoding_keeps_redis_py_packing() -> None:
+    conn = packing(Connection)(encoding="latin-1")
+    assert conn.pack_command("SET", "k", "é") == Connection(encoding="latin-1").pack_command(
+        "SET", "k", "é"
+    )
+
+
+def test_the_connection_class_of_the_url_is_kept() -> None:
+    client = install(aioredis.from_url("unix:///tmp/none.sock"))
+    cls = client.connection_pool.connection_class
+    assert issubclass(cls, UnixDomainSocketConnection) and packing(cls) is cls
+    assert issubclass(
+        connect("redis://localhost:1")[0].connection_pool.connection_class, packing(Connection)
+    )
+
+
+async def test_commands_and_pipelines_on_a_redis_server(shared_redis_server: Any) -> None:
+    r, _ = connect(shared_redis_server.url)
+    key = f"pack{uuid.uuid4().hex[:6]}"
+    try:
+        await r.set(key, "é☃" * 5000)
+        assert (await r.get(key)).decode() == "é☃" * 5000
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.xadd(f"{key}:s", {"type": "x", "n": 3, "f": 0.25})
+            pipe.hset(f"{key}:h", mapping={"a": 1, "b": b"\x00"})
+            pipe.eval("return ARGV[1]", 0, 1.5)
+            _, added, echoed = await pipe.execute()
+        assert added == 2 and echoed == b"1.5"
+        ((_, fields),) = await r.xrange(f"{key}:s")
+        assert fields == {b"type": b"x", b"n": b"3", b"f": b"0.25"}
+    finally:
+        await r.delete(key, f"{key}:s", f"{key}:h")
+        await r.aclose()
