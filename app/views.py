@@ -8,6 +8,7 @@ from typing import Any
 
 from cj import reporting
 from cj.stopping import per_essay
+from events.ids import id_order
 from events.types import BatchScored
 from projections.batch import BatchState, completion_pct
 
@@ -64,7 +65,7 @@ def status_view(
         "completion_pct": completion_pct(state),
         "duplicates": state.duplicates,
         "orphans": state.orphans,
-        "orphan_correlation_ids": sorted(state.orphan_ids),
+        "orphan_correlation_ids": sorted(state.orphan_ids, key=id_order),
         "late_callbacks": state.late_callbacks,
         "waves": state.waves,
         "finalize_reason": state.finalize_reason or None,

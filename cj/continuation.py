@@ -53,6 +53,7 @@ from cj.scoring import (
 from cj.stopping import StopRule, is_reliable, per_essay
 from events import codec
 from events.clock import iso
+from events.ids import id_order
 from events.text import as_str
 from events.types import (
     ACCOUNT_FAILURES,
@@ -286,7 +287,7 @@ def score(state: BatchState, *, final: bool = False) -> BatchScored:
 
 
 def _finish(state: BatchState, reason: FinalizeReason) -> BatchFinalized:
-    abandoned = sorted(c for c, v in state.corr.items() if v == PENDING)
+    abandoned = sorted((c for c, v in state.corr.items() if v == PENDING), key=id_order)
     return BatchFinalized(batch_id=state.batch_id, reason=reason, abandoned=abandoned)
 
 

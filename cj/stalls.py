@@ -30,6 +30,7 @@ import structlog
 
 from cj.continuation import Decision, advance, score, too_many_failures
 from events import clock
+from events.ids import id_order
 from events.text import as_str
 from events.types import BatchFailed, BatchFinalized
 from projections.batch import PENDING, TERMINAL, BatchState, completion_pct
@@ -58,7 +59,7 @@ def is_stalled(state: BatchState, idle_timeout_s: float, now: datetime) -> bool:
 
 
 def pending_ids(state: BatchState) -> list[str]:
-    return sorted(c for c, v in state.corr.items() if v == PENDING)
+    return sorted((c for c, v in state.corr.items() if v == PENDING), key=id_order)
 
 
 def stalled_view(state: BatchState, now: datetime) -> dict[str, Any]:

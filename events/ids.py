@@ -37,6 +37,14 @@ def is_numbered(correlation_id: str) -> bool:
     return correlation_id.isascii() and correlation_id.isdigit()
 
 
+def id_order(correlation_id: str) -> tuple[int, int, str]:
+    """Sort key of correlation ids as people read them: numbered ones by number (2 before 10),
+    then random ones of before."""
+    if is_numbered(correlation_id):
+        return (0, int(correlation_id), "")
+    return (1, 0, correlation_id)
+
+
 def request_key(batch_id: str, correlation_id: str) -> str:
     """What names one request among every batch's: `<batch id>:<correlation id>` (`:` occurs in
     neither id); a random correlation id of before (`is_numbered` false) names it alone, as it

@@ -395,3 +395,21 @@ def test_a_batch_of_before_with_random_ids_is_numbered_on_from_its_count() -> No
     assert numbered_ids(state, 3) == ["5", "6", "7"]
     state.pairs["6"] = (1, "S001", "S002")  # (cannot happen: a defence)
     assert numbered_ids(state, 3) == ["7", "8", "9"]
+
+
+def test_ids_still_in_flight_are_listed_by_number() -> None:
+    """Numbered ids read in order (2 before 10), random ids of before after them: a batch's
+    abandoned requests and the stalled view list them so, not as strings sort."""
+    from cj.stalls import pending_ids
+    from events.ids import id_order
+
+    assert sorted(["10", "2", "c2", "1", "abcdefghijklmnop"], key=id_order) == [
+        "1",
+        "2",
+        "10",
+        "abcdefghijklmnop",
+        "c2",
+    ]
+    state = register(registration(12, batch_id="b1"))
+    state = dataclasses.replace(state, corr={str(k): "pending" for k in (10, 2, 9)})
+    assert pending_ids(state) == ["2", "9", "10"]
