@@ -98,7 +98,7 @@ class Counting:
         return getattr(self.inner, name)
 
     async def judge(self, request: ComparisonRequested) -> Judgement:
-        self.calls[request_key(request.batch_id, request.correlation_id)] += 1
+        self.calls[request.key] += 1
         result: Judgement = await self.inner.judge(request)
         return result
 

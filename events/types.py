@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, get_args
 
 import msgspec
 
+from events.ids import request_key
+
 SCHEMA_VERSION = 1
 
 Mode = Literal["per_request", "serial_bundle", "batch_api"]
@@ -382,6 +384,12 @@ class ComparisonRequested(EntryStamped, frozen=True, kw_only=True):
     # the batch's content hash and how many requests of this pair came before.
     content_key: str = ""
     occurrence: int = 0
+
+    @property
+    def key(self) -> str:
+        """What names this request among every batch's (`events.ids.request_key`: correlation
+        ids are numbered per batch)."""
+        return request_key(self.batch_id, self.correlation_id)
 
 
 # --- lps:dispatches ---------------------------------------------------------

@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 from anthropic.resources.messages.batches import AsyncBatches
 from anthropic.types.messages.batch_create_params import Request as BatchRequest
 
-from events.ids import is_numbered, request_key
+from events.ids import request_key
 from events.types import ComparisonRequested, ErrorDetail, TokenUsage
 from lps.classify import classify_any, classify_response
 from lps.providers.anthropic import (
@@ -80,14 +80,10 @@ def custom_id_for(batch_id: str, correlation_id: str) -> str:
     batch: digits, after the last `-`); a random correlation id of before alone, as then (a
     Message Batch sent before the upgrade is matched again); either when the API accepts it
     (`^[A-Za-z0-9_-]{1,64}$`), else a stable hash of it."""
-    ref = f"{batch_id}-{correlation_id}" if is_numbered(correlation_id) else correlation_id
+    ref = request_key(batch_id, correlation_id).replace(":", "-")  # no id holds a ":"
     if _CUSTOM_ID.fullmatch(ref):
         return ref
     return "h" + hashlib.sha256(ref.encode()).hexdigest()[:40]
-
-
-def _key(request: ComparisonRequested) -> str:
-    return request_key(request.batch_id, request.correlation_id)
 
 
 @dataclass(frozen=True)
@@ -209,11 +205,11 @@ class MessageBatches:
             try:
                 call = self.provider.prepare(request)
             except ProviderError as exc:
-                rejected[_key(request)] = exc.detail
+                rejected[request.key] = exc.detail
                 continue
             prepared.append(call)
             items.append({"custom_id": cid, "params": call.params()})
-            custom_ids[_key(request)] = cid
+            custom_ids[request.key] = cid
         model = prepared[0].model if prepared else ""
         return PreparedBundle(items, custom_ids, rejected, model)
 
@@ -290,12 +286,12 @@ class MessageBatches:
                     "batch %s: result for unknown custom_id %s", message_batch_id, custom_id
                 )
                 continue
-            results[_key(request)] = self._result(
+            results[request.key] = self._result(
                 message_batch_id, request, getattr(line, "result", None)
             )
         for request in requests:
-            if _key(request) not in results:
-                results[_key(request)] = ItemFailure(
+            if request.key not in results:
+                results[request.key] = ItemFailure(
                     ErrorDetail(
                         error_type="server_error",
                         retryable=True,

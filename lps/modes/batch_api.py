@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
-from events.ids import request_key
 from events.text import as_str
 from events.types import ComparisonRequested, ErrorDetail, new_id
 from lps import keys as lkeys
@@ -219,14 +218,10 @@ async def _submit(ctx: ModeContext, batches: MessageBatches, unit: Unit) -> tupl
         ctx.breaker.release(ticket)
         raise
     for entry, req in unit:
-        refused = prepared.rejected.get(request_key(req.batch_id, req.correlation_id))
+        refused = prepared.rejected.get(req.key)
         if refused is not None:
             await ctx.record.fail(entry, req, refused)
-    items = [
-        (e, q)
-        for e, q in unit
-        if request_key(q.batch_id, q.correlation_id) not in prepared.rejected
-    ]
+    items = [(e, q) for e, q in unit if q.key not in prepared.rejected]
     if not items:
         ctx.breaker.release(ticket)
         return None, []
@@ -418,7 +413,7 @@ async def _poll_until_ended(
             if not detail.retryable or failures >= MAX_POLL_FAILURES:
                 # Its items may have been processed (and paid): never submitted again.
                 for entry, req in unit:
-                    key = request_key(req.batch_id, req.correlation_id)
+                    key = req.key
                     attempts.count[key] += 1
                     await ctx.record.fail(
                         entry,
@@ -439,7 +434,7 @@ async def _poll_until_ended(
     retry: Unit = []
     delay = 0.0
     for entry, req in unit:
-        key = request_key(req.batch_id, req.correlation_id)
+        key = req.key
         attempts.count[key] += 1
         attempt = attempts.count[key]
         result = results[key]

@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from events.ids import request_key
 from events.types import ComparisonRequested, ErrorDetail, ErrorType, Essay, TokenUsage
 from lps.metrics import LPS_PROVIDER_LATENCY
 from lps.providers import mock_limits
@@ -236,7 +235,7 @@ class MockProvider:
         marker = self._poison
         assert marker is not None
         return (
-            request_key(request.batch_id, request.correlation_id) == marker
+            request.key == marker
             or marker in request.essay_a.text
             or marker in request.essay_b.text
         )
@@ -246,7 +245,7 @@ class MockProvider:
             os._exit(POISON_EXIT_CODE)  # no cleanup, no flush: like a segfault or the OOM killer
         p = self.profile
         seed = self.seed if self.seed is not None else request.seed
-        key = request_key(request.batch_id, request.correlation_id)
+        key = request.key
         attempt = self._attempts.get(key, 0) + 1
         self._attempts[key] = attempt
         # Not the batch or correlation ids (the batch's is random, and a batch of before has
