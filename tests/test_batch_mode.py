@@ -5,8 +5,9 @@ the same batch instead of paying for another."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,24 @@ async def _events(r: Any, stream: str) -> list[Any]:
     return [codec.decode(f) async for _, f in read_stream(r, stream)]
 
 
+@contextlib.asynccontextmanager
+async def _dispatching(r: Any, keys: Keys) -> AsyncIterator[None]:
+    """Worker `lps-a` running until it has submitted its Message Batch; stopped on leaving
+    (mid-poll: the batch has not ended)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(_worker(r, keys, "lps-a").run(stop, maintenance_every_s=60))
+
+    async def dispatched() -> bool:
+        return any(isinstance(e, BundleDispatched) for e in await _events(r, keys.dispatches))
+
+    try:
+        await _until(dispatched, "the Message Batch to be submitted")
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 async def _until(predicate: Any, what: str) -> None:
     for _ in range(1000):
         if await predicate():
@@ -104,16 +123,8 @@ async def test_two_batches_with_the_same_numbered_ids_share_a_message_batch_apar
     server.batch_results[custom_id_for("b2", "1")] = batch_errored()
     for q in requests:
         await r.xadd(keys.requests, codec.encode(q))
-    first = _worker(r, keys, "lps-a")
-    stop_a = asyncio.Event()
-    task_a = asyncio.create_task(first.run(stop_a, maintenance_every_s=60))
-
-    async def dispatched() -> bool:
-        return any(isinstance(e, BundleDispatched) for e in await _events(r, keys.dispatches))
-
-    await _until(dispatched, "the Message Batch to be submitted")
-    stop_a.set()
-    await task_a
+    async with _dispatching(r, keys):
+        pass
     (batch,) = server.batches.values()
     assert sorted(str(i["custom_id"]) for i in batch.requests) == ["b1-1", "b1-2", "b2-1", "b2-2"]
     index = [lkeys.message_batch(keys, b, c) for b in ("b1", "b2") for c in "12"]
@@ -147,19 +158,11 @@ async def test_batch_is_polled_to_the_end_and_resumed_by_another_worker(
     for q in requests:
         await r.xadd(keys.requests, codec.encode(q))
 
-    first = _worker(r, keys, "lps-a")
-    stop_a = asyncio.Event()
-    task_a = asyncio.create_task(first.run(stop_a, maintenance_every_s=60))
-
-    async def dispatched() -> bool:
-        return any(isinstance(e, BundleDispatched) for e in await _events(r, keys.dispatches))
-
-    await _until(dispatched, "the Message Batch to be submitted")
-    # While it runs, its requests are pending: nothing was acknowledged, nothing answered.
-    assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 5
-    assert await r.xlen(keys.callbacks) == 0
-    stop_a.set()  # the worker stops mid-poll: it must leave the batch to the next holder
-    await task_a
+    async with _dispatching(r, keys):
+        # While it runs, its requests are pending: nothing was acknowledged, nothing answered.
+        assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 5
+        assert await r.xlen(keys.callbacks) == 0
+    # The worker stopped mid-poll: it must leave the batch to the next holder.
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 5
 
     (batch,) = server.batches.values()
