@@ -81,7 +81,7 @@ from streams.client import connect
 from streams.consumer import GroupConsumer
 from streams.keys import Keys
 from streams.paging import read_stream
-from streams.resilience import REDIS_DOWN
+from streams.resilience import REDIS_ERRORS
 from tests.helpers import registration, snapshot
 from tests.redis_cluster import ClusterNode, RedisClusterServer
 
@@ -119,14 +119,17 @@ class Acknowledged:
         handle = CJConsumer.handle
         ack = self
 
-        async def recorded_write(committer: Committer, batch: list[Any]) -> None:
-            await write(committer, batch)  # the commit and its WAIT
+        async def recorded_write(committer: Committer, batch: list[Any]) -> list[str]:
+            outcomes = await write(committer, batch)  # the commit and its WAIT
             for item in batch:
                 cid = getattr(item.callback, "correlation_id", "")
                 ack.results[request_key(getattr(item.callback, "batch_id", ""), cid)] += 1
+            return outcomes
 
-        async def recorded_apply(applier: CallbackApplier, callback: Any, entry_id: str) -> Any:
-            result = await apply(applier, callback, entry_id)
+        async def recorded_apply(
+            applier: CallbackApplier, callback: Any, entry_id: str, *, parked: bool = False
+        ) -> Any:
+            result = await apply(applier, callback, entry_id, parked=parked)
             if as_str(result[0]) == "accepted":  # entry ids are per stream: with the batch
                 done = f"{callback.batch_id} {entry_id}"
                 ack._stash.setdefault(asyncio.current_task(), []).append(done)
@@ -140,14 +143,14 @@ class Acknowledged:
             for entry_id in applied:
                 ack.applies[entry_id] += 1
 
-        async def recorded_handle(consumer: CJConsumer, entries: Any) -> Any:
+        async def recorded_handle(consumer: CJConsumer, entries: Any) -> None:
             ack._stash.pop(asyncio.current_task(), None)
-            return await handle(consumer, entries)
+            await handle(consumer, entries)
 
-        Committer._write = recorded_write  # type: ignore[method-assign]
-        CallbackApplier.apply = recorded_apply  # type: ignore[method-assign]
-        GroupConsumer.durable = recorded_durable  # type: ignore[method-assign]
-        CJConsumer.handle = recorded_handle  # type: ignore[method-assign]
+        Committer._write = recorded_write  # type: ignore[method-assign,assignment]
+        CallbackApplier.apply = recorded_apply  # type: ignore[method-assign,assignment]
+        GroupConsumer.durable = recorded_durable  # type: ignore[method-assign,assignment]
+        CJConsumer.handle = recorded_handle  # type: ignore[method-assign,assignment]
 
     def reset(self) -> None:
         self.results.clear()
@@ -185,13 +188,12 @@ async def load(r: Any, keys: Keys, batch_id: str) -> Any:
     while True:
         try:
             return await load_state(r, keys, batch_id)
-        except REDIS_DOWN:  # the poll's own read met the failover: read again
+        except REDIS_ERRORS:  # the poll's own read met the failover: read again
             await asyncio.sleep(0.1)
 
 
 async def trial(cluster: RedisClusterServer, ack: int, args: argparse.Namespace) -> dict[str, Any]:
     s = Settings(
-        REDIS_URL=cluster.url,
         prefix=f"f{uuid.uuid4().hex[:6]}:",
         partitions=args.partitions,
         redis_cluster=True,
