@@ -32,7 +32,9 @@ Sections:
    per design — with the noise floor of a perfectly calibrated predictor) and how often
    the 80 % band holds the true grade.
 2. Efficiency: the comparisons adaptive (and information) pairing need to reach random
-   pairing's Spearman at c = 24, interpolated on their Spearman curves.
+   pairing's Spearman at c = 24, interpolated on their Spearman curves, with the range
+   a bootstrap over the batches gives it (the share moves by several points from one set
+   of batches to another: docs/statistics.md section 7).
 3. The stopping rule (R ≥ 0.80, Spearman between consecutive waves ≥ 0.99, after 10
    per essay; cap 80 per essay) on batches of quality SD 0.6, 1.0 and 1.6: comparisons
    used against the smallest fixed budget giving every spread at least the true r²
@@ -354,6 +356,28 @@ def comparisons_to_reach(
     return None
 
 
+def share_spread(
+    curve_c: Sequence[int],
+    runs: Sequence[Sequence[float]],
+    random_runs: Sequence[Sequence[float]],
+    draws: int = 2000,
+) -> tuple[float, float] | None:
+    """The 5th and 95th percentiles of the share (c to reach random's mean Spearman at
+    c = 24, over 24) when the batches are drawn again with replacement (bootstrap over
+    batches, the pairs of one seed kept together): how far a figure from this many
+    batches can move. None if most draws never reach the target."""
+    ada, rnd = np.asarray(runs), np.asarray(random_runs)
+    rng = np.random.default_rng(0)
+    k24 = list(curve_c).index(24)
+    shares = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(ada), len(ada))
+        need = comparisons_to_reach(curve_c, ada[pick].mean(axis=0), rnd[pick, k24].mean())
+        shares.append(math.inf if need is None else need / 24.0)
+    lo, hi = np.percentile(shares, [5, 95])
+    return None if not math.isfinite(lo) else (float(lo), float(hi))
+
+
 def pearson_ceiling(c: float, spread: float, noise: float) -> float:
     """corr(θ̂, θ) if every comparison carried the most information a comparison can (¼,
     at P = ½): posterior variance 1 / (c/4 + 1/v) for v = var θ on the judge's scale."""
@@ -399,15 +423,17 @@ def section_designs(args: argparse.Namespace) -> dict[str, Any]:
     random_curve = [float(v) for v in np.mean(random_spear, axis=0)]
     target = random_curve[curve_c.index(24)]
     efficiency: dict[str, Any] = {"random_spearman_at_24": target}
-    for name, recs in records.items():
-        if not recs:
+    for name, design_runs in records.items():
+        if not design_runs:
             continue
-        curve = curve_mean(recs, "spearman", curve_c)
+        curve = curve_mean(design_runs, "spearman", curve_c)
         need = comparisons_to_reach(curve_c, curve, target)
+        runs = [curve_mean([r], "spearman", curve_c) for r in design_runs]
         efficiency[name] = {
             "spearman_at_24": curve[curve_c.index(24)],
             "c_to_match": need,
             "share_of_random": None if need is None else need / 24.0,
+            "share_90": share_spread(curve_c, runs, random_spear),
         }
     # Per batch, in seed order: for paired comparisons of two versions of the code.
     per_seed = {d: {c: [s.spearman for s in snaps[d][c]] for c in CS} for d in snaps}
@@ -507,10 +533,12 @@ def print_report(
     for name in ("adaptive", "information"):
         if name in eff:
             e = eff[name]
+            spread = e.get("share_90")
+            band = "—" if spread is None else f"{spread[0]:.0%}–{spread[1]:.0%}"
             print(
                 f"   {name:<12} Spearman at 24 {e['spearman_at_24']:.4f}; matches random at "
                 f"c = {fmt(e['c_to_match'], '.1f')} = {fmt(e['share_of_random'], '.0%')} "
-                "of its comparisons"
+                f"of its comparisons (90 % of bootstrap draws over the batches: {band})"
             )
     print(
         "\n3. Stopping rule (R ≥ 0.80, ρ ≥ 0.99 between waves, ≥ 10 per essay; "
