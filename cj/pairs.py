@@ -691,12 +691,13 @@ class _Planner:
         diag = np.diag(cov)[used]
         # cov[:, used] is in Fortran order: its column means and Gram are summed that way.
         sub = cov if full else cov[:, used]
-        centred = sub - sub.mean(axis=0, keepdims=True)
+        # The centred columns written in Fortran order, the order dsyrk reads (f2py copied
+        # a C-ordered one into it), in scratch: no n × u array made per round (speed).
+        centred = work.buffer(1, u, self.n).T
+        np.subtract(sub, sub.mean(axis=0, keepdims=True), out=centred)
         # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
         s2d = np.diag(s2)
-        block = cov if full else cov.take(used, axis=0).take(used, axis=1)
-        jit = jitter if full else jitter.take(used, axis=0).take(used, axis=1)
         th = theta[used]
         out = work.buffer(0, u)
         rows = _STRIP_ROWS
@@ -705,7 +706,15 @@ class _Planner:
             shape = (r1 - r0, u - r0)
             d, t, b = (work.buffer(k, shape[0], shape[1]) for k in (1, 2, 3))
             a = out[r0:r1, r0:]
-            np.multiply(block[r0:r1, r0:], 2.0, out=t)
+            # Σ's and the jitter's cells of the strip gathered for it alone (the upper
+            # triangle: half of the u × u block the rows' columns would make).
+            if full:
+                np.multiply(cov[r0:r1, r0:], 2.0, out=t)
+                jit = jitter[r0:r1, r0:]
+            else:
+                cov.take(used[r0:r1], axis=0).take(used[r0:], axis=1, out=t, mode="clip")
+                t *= 2.0
+                jit = jitter.take(used[r0:r1], axis=0).take(used[r0:], axis=1, mode="clip")
             np.add(diag[r0:r1, None], diag[None, r0:], out=d)
             d -= t
             np.maximum(d, 1e-12, out=d)
@@ -726,7 +735,7 @@ class _Planner:
             d *= t
             d += 1.0
             a /= d
-            a *= jit[r0:r1, r0:]
+            a *= jit
         return out
 
     def _exact_gain(
