@@ -157,8 +157,22 @@ def _spd_inverse(h: FloatArray) -> FloatArray | None:
     # dpotri fills the upper triangle of a Fortran array: the lower one of its C
     # transpose, mirrored into the upper.
     out = np.asarray(inv.T, dtype=np.float64)
-    np.copyto(out, out.T, where=~np.tri(len(out), dtype=np.bool_))
+    _mirror_upper(out.T)
     return out
+
+
+def _mirror_upper(mat: FloatArray) -> None:
+    """mat's strict lower triangle set to the transpose of its upper one, in place. Speed
+    (issue 11): block by block, only the cells written are read (a masked copy of the whole
+    transpose read all n² and made two n × n masks)."""
+    u = len(mat)
+    rows = _STRIP_ROWS
+    for r0 in range(0, u, rows):
+        r1 = min(r0 + rows, u)
+        mat[r1:, r0:r1] = mat[r0:r1, r1:].T
+        square = mat[r0:r1, r0:r1]
+        lower = np.tri(r1 - r0, k=-1, dtype=np.bool_)
+        np.copyto(square, square.T, where=lower)
 
 
 def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
@@ -283,20 +297,13 @@ class _Work:
     the arithmetic done in it."""
 
     def __init__(self, n: int) -> None:
-        # The gain matrix and its mirror (n × n), the strips' other scratch (rows × n).
+        # The gain matrix and Σ's centred columns (n × n), the strips' other scratch (rows × n).
         strip = min(_STRIP_ROWS, n) * n
         self._flat = [np.empty(size) for size in (n * n, n * n, strip, strip)]
-        self._lower: tuple[int, BoolArray] | None = None
 
     def buffer(self, k: int, rows: int, cols: int | None = None) -> FloatArray:
         cols = rows if cols is None else cols
         return self._flat[k][: rows * cols].reshape(rows, cols)
-
-    def lower(self, u: int) -> BoolArray:
-        """The lower triangle with the diagonal, as a mask."""
-        if self._lower is None or self._lower[0] != u:
-            self._lower = (u, np.tri(u, dtype=np.bool_))
-        return self._lower[1]
 
 
 class _Planner:
@@ -757,10 +764,8 @@ class _Planner:
         the open pairs ``ok`` of the essays ``used`` (values in the upper triangle)."""
         u = len(used)
         mat = values
-        np.copyto(mat, 0.0, where=work.lower(u))
-        mirror = work.buffer(1, u)
-        np.copyto(mirror, mat.T)
-        mat += mirror  # the upper triangle's values mirrored, the diagonal 0
+        _mirror_upper(mat)
+        np.fill_diagonal(mat, 0.0)
         np.copyto(mat, -np.inf, where=~ok)
         kk = min(_PARTNERS_PER_ESSAY, self.n - 1, u - 1)
         # The kk largest of each row (the -inf of closed pairs are dropped below).
