@@ -799,7 +799,12 @@ class _Planner:
         jitter = self.rng.random((self.n, self.n))
         jitter *= 1e-9
         jitter += 1.0
-        jitter = np.minimum(jitter, jitter.T)  # breaks exact ties, seeded
+        # Breaks exact ties, seeded: min(jitter, jitterᵀ), of which only the upper triangle is
+        # read (pairs i < j), made in place strip by strip (speed: no n × n transpose).
+        rows = _STRIP_ROWS
+        for r0 in range(0, self.n, rows):
+            r1 = min(r0 + rows, self.n)
+            np.minimum(jitter[r0:r1, r0:], jitter[r0:, r0:r1].T, out=jitter[r0:r1, r0:])
         work = _Work(self.n)
         # Speed (issue 11): essays at their cap for this wave, for a cheap first test of the
         # many candidates that die (most of them, in a matching wave), which the candidate
@@ -823,7 +828,7 @@ class _Planner:
                 scored: tuple[FloatArray, float] | None = None
                 if ver != version:
                     value, v, inf = self._exact_gain(cov, theta, x, y)
-                    value *= float(jitter[x, y])
+                    value *= float(jitter[x, y] if x < y else jitter[y, x])
                     value *= self._anchor_factor_one(x, y, anchor_bonus)
                     if heap.any(closed) and value < heap.best():
                         heap.push((-value, x, y, version))
