@@ -696,7 +696,8 @@ class _Planner:
         (issue 11): elementwise, not gathered pair by pair, over strips of rows that cover
         the upper triangle (about half the block, in scratch small enough to stay in
         cache); each operation is the one `expected_information` and the formula make,
-        with the same operands, so the upper triangle holds the same values to the bit."""
+        with the same operands, so the upper triangle holds the same values to the bit.
+        ``used`` is in increasing order: only the jitter's upper triangle holds its values."""
         u = len(used)
         full = u == self.n
         diag = np.diag(cov)[used]
