@@ -4,11 +4,16 @@ same inputs; both must choose the same pairs.
 
     python bench/plan_wave.py [--essays 1000] [--history 20000] [--size 500]
                               [--repeats 7] [--against d6c982e] [--json]
+    python bench/plan_wave.py --agree 200 [--against main]
 
 Times are CPU seconds of this process (time.process_time: on a loaded machine wall time
 measures the neighbours too); the minimum and the median are shown, and their ratios to the
 reference's (the figure that carries across machines and loads).
 One BLAS thread (OPENBLAS_NUM_THREADS=1 unless set), as in the workers.
+
+--agree N times nothing: it plans N random instances (2 to 1,000 essays, first waves and
+scored ones, pending, failed and permanently failed history, anchors, caps, both selectors)
+with both planners and lists those whose pairs (with their order and positions) differ.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from revisions import module_at, plan_wave_inputs  # noqa: E402
 
 from cj import pairs as current  # noqa: E402
@@ -40,9 +48,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--against", default="d6c982e", help="git revision of the reference")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--agree", type=int, default=0, metavar="N", help="compare N instances")
     args = ap.parse_args()
 
     ref = module_at(args.against, "cj/pairs.py")
+    if args.agree:
+        agree(ref, args.agree, args.against)
+        return
     runs = {"current": current, f"reference {args.against}": ref}
     kwargs = {name: plan_wave_inputs(m, args.essays, args.history) for name, m in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -85,6 +97,68 @@ def main() -> None:
     print(f"  current / reference: min {r['min']:.2f}, median {r['median']:.2f} (same process)")
     if not same:
         raise SystemExit("the planners chose different pairs")
+
+
+def random_instance(pairs: ModuleType, seed: int) -> dict[str, Any]:
+    """plan_wave's keywords for one random instance, drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([2, 3, 4, 5, 8, 13, 24, 40, 60, 100, 150, 250, 400, 1000]))
+    ids = [f"s{i:04d}" for i in range(n)]
+    scale = "FEDCBA"
+    step = int(rng.integers(3, 12))
+    anchors = {e: scale[k % 6] for k, e in enumerate(ids[::step])} if rng.random() < 0.8 else {}
+    first = rng.random() < 0.2
+    iu, ju = np.triu_indices(n, 1)
+    m = 0 if first else int(rng.integers(0, min(len(iu), 20 * n) + 1))
+    history = []
+    for t, k in enumerate(rng.choice(len(iu), size=m, replace=False)):
+        a, b = ids[int(iu[k])], ids[int(ju[k])]
+        if rng.random() < 0.5:
+            a, b = b, a
+        roll = rng.random()
+        if roll < 0.06:
+            history.append(pairs.PairHistory(a, b, "pending"))
+        elif roll < 0.12:
+            history.append(pairs.PairHistory(a, b, "failed", permanent=bool(t % 2)))
+        else:
+            won = "essay_a" if rng.random() < 0.5 else "essay_b"
+            history.append(pairs.PairHistory(a, b, "completed", won))
+    scored = not first and rng.random() < 0.9
+    scores = (
+        {e: (float(rng.normal()), float(0.1 + 0.8 * rng.random())) for e in ids[: n - n // 20]}
+        if scored
+        else None
+    )
+    kwargs: dict[str, Any] = {
+        "key": f"agree{seed}",
+        "wave": 1 if first else int(rng.integers(2, 30)),
+        "seed": seed,
+        "essay_ids": ids,
+        "anchors": anchors,
+        "grade_scale": scale,
+        "history": history,
+        "size": 2 * n if first else int(rng.integers(1, n // 2 + 2)),
+        "scores": scores,
+    }
+    if scored and rng.random() < 0.15:
+        kwargs["per_essay_cap"] = int(rng.integers(1, 4))
+    if scored and rng.random() < 0.15:
+        kwargs["selector"] = "information"
+    if rng.random() < 0.2:
+        kwargs["anchor_bonus"] = 0.0
+    return kwargs
+
+
+def agree(ref: ModuleType, count: int, rev: str) -> None:
+    differ = []
+    for seed in range(count):
+        ours = current.plan_wave(**random_instance(current, seed))
+        theirs = ref.plan_wave(**random_instance(ref, seed))
+        if ours != theirs:
+            differ.append(seed)
+    print(f"{count - len(differ)} of {count} random instances plan the same pairs as {rev}")
+    if differ:
+        raise SystemExit(f"different pairs for seeds {differ}")
 
 
 if __name__ == "__main__":

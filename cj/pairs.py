@@ -157,8 +157,22 @@ def _spd_inverse(h: FloatArray) -> FloatArray | None:
     # dpotri fills the upper triangle of a Fortran array: the lower one of its C
     # transpose, mirrored into the upper.
     out = np.asarray(inv.T, dtype=np.float64)
-    np.copyto(out, out.T, where=~np.tri(len(out), dtype=np.bool_))
+    _mirror_upper(out.T)
     return out
+
+
+def _mirror_upper(mat: FloatArray) -> None:
+    """mat's strict lower triangle set to the transpose of its upper one, in place. Speed
+    (issue 11): block by block, only the cells written are read (a masked copy of the whole
+    transpose read all n² and made two n × n masks)."""
+    u = len(mat)
+    rows = _STRIP_ROWS
+    for r0 in range(0, u, rows):
+        r1 = min(r0 + rows, u)
+        mat[r1:, r0:r1] = mat[r0:r1, r1:].T
+        square = mat[r0:r1, r0:r1]
+        lower = np.tri(r1 - r0, k=-1, dtype=np.bool_)
+        np.copyto(square, square.T, where=lower)
 
 
 def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
@@ -283,20 +297,13 @@ class _Work:
     the arithmetic done in it."""
 
     def __init__(self, n: int) -> None:
-        # The gain matrix and its mirror (n × n), the strips' other scratch (rows × n).
+        # The gain matrix and Σ's centred columns (n × n), the strips' other scratch (rows × n).
         strip = min(_STRIP_ROWS, n) * n
         self._flat = [np.empty(size) for size in (n * n, n * n, strip, strip)]
-        self._lower: tuple[int, BoolArray] | None = None
 
     def buffer(self, k: int, rows: int, cols: int | None = None) -> FloatArray:
         cols = rows if cols is None else cols
         return self._flat[k][: rows * cols].reshape(rows, cols)
-
-    def lower(self, u: int) -> BoolArray:
-        """The lower triangle with the diagonal, as a mask."""
-        if self._lower is None or self._lower[0] != u:
-            self._lower = (u, np.tri(u, dtype=np.bool_))
-        return self._lower[1]
 
 
 class _Planner:
@@ -639,7 +646,11 @@ class _Planner:
         under = np.flatnonzero(self.wave_count < cap).astype(np.intp)
         ok = self.eligible if len(under) == self.n else self.eligible[np.ix_(under, under)]
         bal = self.balance[under]
-        ok = ok & ((bal[:, None] != bal[None, :]) | (bal[None, :] == 0))
+        # ok & ((bal_i != bal_j) | (bal_j == 0)), in one array (speed: no u × u temporaries).
+        mask = bal[:, None] != bal[None, :]
+        mask |= (bal == 0)[None, :]
+        mask &= ok
+        ok = mask
         some = ok.any(axis=1)
         if not some.all():
             keep = np.flatnonzero(some)
@@ -685,18 +696,20 @@ class _Planner:
         (issue 11): elementwise, not gathered pair by pair, over strips of rows that cover
         the upper triangle (about half the block, in scratch small enough to stay in
         cache); each operation is the one `expected_information` and the formula make,
-        with the same operands, so the upper triangle holds the same values to the bit."""
+        with the same operands, so the upper triangle holds the same values to the bit.
+        ``used`` is in increasing order: only the jitter's upper triangle holds its values."""
         u = len(used)
         full = u == self.n
         diag = np.diag(cov)[used]
         # cov[:, used] is in Fortran order: its column means and Gram are summed that way.
         sub = cov if full else cov[:, used]
-        centred = sub - sub.mean(axis=0, keepdims=True)
+        # The centred columns written in Fortran order, the order dsyrk reads (f2py copied
+        # a C-ordered one into it), in scratch: no n × u array made per round (speed).
+        centred = work.buffer(1, u, self.n).T
+        np.subtract(sub, sub.mean(axis=0, keepdims=True), out=centred)
         # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
         s2d = np.diag(s2)
-        block = cov if full else cov.take(used, axis=0).take(used, axis=1)
-        jit = jitter if full else jitter.take(used, axis=0).take(used, axis=1)
         th = theta[used]
         out = work.buffer(0, u)
         rows = _STRIP_ROWS
@@ -705,7 +718,15 @@ class _Planner:
             shape = (r1 - r0, u - r0)
             d, t, b = (work.buffer(k, shape[0], shape[1]) for k in (1, 2, 3))
             a = out[r0:r1, r0:]
-            np.multiply(block[r0:r1, r0:], 2.0, out=t)
+            # Σ's and the jitter's cells of the strip gathered for it alone (the upper
+            # triangle: half of the u × u block the rows' columns would make).
+            if full:
+                np.multiply(cov[r0:r1, r0:], 2.0, out=t)
+                jit = jitter[r0:r1, r0:]
+            else:
+                cov.take(used[r0:r1], axis=0).take(used[r0:], axis=1, out=t, mode="clip")
+                t *= 2.0
+                jit = jitter.take(used[r0:r1], axis=0).take(used[r0:], axis=1, mode="clip")
             np.add(diag[r0:r1, None], diag[None, r0:], out=d)
             d -= t
             np.maximum(d, 1e-12, out=d)
@@ -726,7 +747,7 @@ class _Planner:
             d *= t
             d += 1.0
             a /= d
-            a *= jit[r0:r1, r0:]
+            a *= jit
         return out
 
     def _exact_gain(
@@ -748,10 +769,8 @@ class _Planner:
         the open pairs ``ok`` of the essays ``used`` (values in the upper triangle)."""
         u = len(used)
         mat = values
-        np.copyto(mat, 0.0, where=work.lower(u))
-        mirror = work.buffer(1, u)
-        np.copyto(mirror, mat.T)
-        mat += mirror  # the upper triangle's values mirrored, the diagonal 0
+        _mirror_upper(mat)
+        np.fill_diagonal(mat, 0.0)
         np.copyto(mat, -np.inf, where=~ok)
         kk = min(_PARTNERS_PER_ESSAY, self.n - 1, u - 1)
         # The kk largest of each row (the -inf of closed pairs are dropped below).
@@ -785,7 +804,12 @@ class _Planner:
         jitter = self.rng.random((self.n, self.n))
         jitter *= 1e-9
         jitter += 1.0
-        jitter = np.minimum(jitter, jitter.T)  # breaks exact ties, seeded
+        # Breaks exact ties, seeded: min(jitter, jitterᵀ), of which only the upper triangle is
+        # read (pairs i < j), made in place strip by strip (speed: no n × n transpose).
+        rows = _STRIP_ROWS
+        for r0 in range(0, self.n, rows):
+            r1 = min(r0 + rows, self.n)
+            np.minimum(jitter[r0:r1, r0:], jitter[r0:, r0:r1].T, out=jitter[r0:r1, r0:])
         work = _Work(self.n)
         # Speed (issue 11): essays at their cap for this wave, for a cheap first test of the
         # many candidates that die (most of them, in a matching wave), which the candidate
@@ -809,7 +833,7 @@ class _Planner:
                 scored: tuple[FloatArray, float] | None = None
                 if ver != version:
                     value, v, inf = self._exact_gain(cov, theta, x, y)
-                    value *= float(jitter[x, y])
+                    value *= float(jitter[x, y] if x < y else jitter[y, x])
                     value *= self._anchor_factor_one(x, y, anchor_bonus)
                     if heap.any(closed) and value < heap.best():
                         heap.push((-value, x, y, version))
