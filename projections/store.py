@@ -3,6 +3,7 @@ in projections/keys.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from importlib import resources
 from typing import Any
@@ -184,14 +185,7 @@ def decode_state(
     state.corr = _texts(raw.get(pkeys.batch_corr(keys, batch_id), {}))
     pairs = raw.get(pkeys.batch_pairs(keys, batch_id), {})
     # Speed (issue 11): one JSON array decoded for the batch's pairs, not one decode each.
-    values = [v.encode() if isinstance(v, str) else v for v in pairs.values()]
-    state.pairs = dict(
-        zip(
-            (as_str(k) for k in pairs),
-            _pairs.decode(b"[" + b",".join(values) + b"]"),
-            strict=True,
-        )
-    )
+    state.pairs = dict(zip(_names(pairs), _pairs.decode(_array(pairs.values())), strict=True))
     state.orphan_ids = {
         as_str(k): int(v) for k, v in raw.get(pkeys.batch_orphans(keys, batch_id), {}).items()
     }
@@ -212,6 +206,23 @@ def with_scalars(state: BatchState, batch_hash: dict[bytes | str, bytes | str]) 
     copy = replace(state, corr=dict(state.corr), pairs=dict(state.pairs))
     _set_scalars(copy, {as_str(k): as_str(v) for k, v in batch_hash.items()})
     return copy
+
+
+def _names(mapping: dict[bytes | str, bytes | str]) -> list[str]:
+    """The keys of `mapping` as text, in one pass in C for the usual reply (bytes, UTF-8)."""
+    try:
+        return list(map(bytes.decode, mapping))  # type: ignore[arg-type]
+    except (TypeError, UnicodeDecodeError):
+        return [as_str(k) for k in mapping]
+
+
+def _array(values: Collection[bytes | str]) -> bytes:
+    """JSON values (as stored) joined into one JSON array; bytes as Redis returns them are
+    joined as they are."""
+    try:
+        return b"[" + b",".join(values) + b"]"  # type: ignore[arg-type]
+    except TypeError:  # some given as str
+        return b"[" + b",".join(v.encode() if isinstance(v, str) else v for v in values) + b"]"
 
 
 def _texts(mapping: dict[bytes | str, bytes | str]) -> dict[str, str]:
