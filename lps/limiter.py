@@ -32,12 +32,11 @@ Metrics: `lps_limiter_rate_per_minute`, `lps_limiter_waiting`, `lps_limiter_wait
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -321,6 +320,8 @@ def _told(headers: Mapping[str, str]) -> tuple[str, str, str, str] | None:
     """(requests limit, tokens limit, requests left, tokens left) from `anthropic-ratelimit-*`
     headers ("" for each one absent), or None when there is none. Tokens: the API's
     combined `tokens-*` (the most restrictive of input and output), else input tokens."""
+    if not headers:
+        return None
     h = {k.lower(): v for k, v in headers.items()}
 
     def get(*names: str) -> str:
@@ -453,18 +454,11 @@ class LimitedProvider:
     async def aclose(self) -> None:
         await self.inner.aclose()
 
-    @contextlib.asynccontextmanager
-    async def turn(self, request: ComparisonRequested) -> AsyncIterator[Call]:
+    def turn(self, request: ComparisonRequested) -> _Turn:
         """This call's turn: a place among the worker's concurrent calls and a grant of the
-        limiter; yields the call to make (what is checked last before a call, the breaker,
-        goes inside: `lps.retry.judge_with_retries`)."""
-        lane = self.limiter.lane(self.inner.name, request.model)
-        await lane.enter()
-        try:
-            await lane.acquire()
-            yield lambda: self._call(lane, request)
-        finally:
-            lane.leave()
+        limiter; `async with` it gives the call to make (what is checked last before a call,
+        the breaker, goes inside: `lps.retry.judge_with_retries`)."""
+        return _Turn(self, self.limiter.lane(self.inner.name, request.model), request)
 
     async def _call(self, lane: Lane, request: ComparisonRequested) -> Judgement:
         started = time.monotonic()
@@ -479,6 +473,31 @@ class LimitedProvider:
     async def judge(self, request: ComparisonRequested) -> Judgement:
         async with self.turn(request) as call:
             return await call()
+
+
+class _Turn:
+    """`LimitedProvider.turn`: a class, not a generator-based context manager, which took
+    four times as long to enter and leave, once per call (issue 11)."""
+
+    def __init__(self, provider: LimitedProvider, lane: Lane, request: ComparisonRequested):
+        self.provider = provider
+        self.lane = lane
+        self.request = request
+
+    async def __aenter__(self) -> Call:
+        await self.lane.enter()
+        try:
+            await self.lane.acquire()
+        except BaseException:
+            self.lane.leave()
+            raise
+        return self.call
+
+    def call(self) -> Awaitable[Judgement]:
+        return self.provider._call(self.lane, self.request)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lane.leave()
 
 
 def limited(

@@ -36,7 +36,8 @@ class _HiredisPacking:
             args = (*first.encode().split(), *args[1:])
         elif b" " in first:
             args = (*first.split(), *args[1:])
-        if not all(type(a) in _PLAIN for a in args):
+        # The check in C: a generator here cost ≈ 0.05 µs an argument (issue 11).
+        if not _PLAIN.issuperset(map(type, args)):
             args = tuple(_plain(a) for a in args)
         try:
             return [hiredis.pack_command(args)]

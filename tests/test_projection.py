@@ -60,3 +60,24 @@ def test_a_wave_appended_twice_counts_once() -> None:
     apply_batch_event(twice, again)  # after a callback too: c0 stays answered
     assert (twice.submitted, twice.in_flight, twice.completed) == (3, 2, 1)
     assert twice.corr == once.corr and twice.pairs == once.pairs
+
+
+def test_a_stored_state_decodes_alike_from_bytes_text_or_both() -> None:
+    """decode_state joins the pairs as Redis returns them (bytes); text (a client decoding
+    responses), or a mix, gives the same state."""
+    from projections.store import decode_state, encode_state
+    from streams.keys import Keys
+
+    keys = Keys("t:")
+    state = _state(5)
+    text = encode_state(state, keys)
+    as_bytes = {k: {f.encode(): v.encode() for f, v in h.items()} for k, h in text.items()}
+    mixed: dict[str, dict[Any, Any]] = {k: dict(h) for k, h in as_bytes.items()}
+    for name, h in mixed.items():
+        if name.endswith(":pairs"):
+            first = next(iter(h))
+            h[first.decode()] = h.pop(first).decode()
+    decoded = [decode_state(raw, keys, B) for raw in (text, as_bytes, mixed)]  # type: ignore[arg-type]
+    assert decoded[0] is not None and len(decoded[0].pairs) == 5
+    assert decoded[0] == decoded[1] == decoded[2]
+    assert decoded[0].pairs == state.pairs

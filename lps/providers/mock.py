@@ -129,6 +129,11 @@ def profile_from_env(name: str | None = None) -> MockProfile:
     return profile
 
 
+def _has_latency(profile: MockProfile) -> bool:
+    """Whether `latency_s` draws for this profile."""
+    return profile.latency_median_ms > 0 or profile.latency_ms > 0
+
+
 def latency_s(profile: MockProfile, rng: random.Random) -> float:
     """One call's latency: lognormal (median, p99) when the profile has a median, else
     uniform in [0.5, 1.5] × latency_ms."""
@@ -260,18 +265,22 @@ class MockProvider:
             request.essay_b.essay_id,
             request.occurrence,
         )
-        rng = _rng(*pair, attempt)
+        # The attempt's draws (latency, faults) only where the profile has any: seeding a
+        # generator is most of a zero-latency call's cost (issue 11), and one not drawn
+        # from changes nothing.
+        rng = _rng(*pair, attempt) if p.faults or _has_latency(p) else None
         outcome = _rng(*pair)
         headers = await self._admit(request) if p.rate_limit_rpm > 0 else {}
-        took_s = latency_s(p, rng)
+        took_s = latency_s(p, rng) if rng is not None else 0.0
         if took_s:
             await asyncio.sleep(took_s)
         labelled(LPS_PROVIDER_LATENCY, self.name, request.model).observe(took_s)
-        draw = rng.random()
-        for error_type, chance in p.faults:
-            if draw < chance:
-                self._raise(error_type, request, rng)
-            draw -= chance
+        if rng is not None and p.faults:
+            draw = rng.random()
+            for error_type, chance in p.faults:
+                if draw < chance:
+                    self._raise(error_type, request, rng)
+                draw -= chance
         self._attempts.pop(key, None)
         q_a, q_b = quality_of(request.essay_a), quality_of(request.essay_b)
         if p.deterministic:
