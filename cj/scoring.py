@@ -79,7 +79,6 @@ import scipy.linalg.lapack
 import scipy.sparse
 import scipy.sparse.linalg
 import scipy.special
-import scipy.stats
 from scipy.sparse.csgraph import connected_components
 
 FloatArray = npt.NDArray[np.float64]
@@ -1413,9 +1412,21 @@ def rank_agreement(previous: Mapping[str, float], current: Mapping[str, float]) 
     common = sorted(e for e in current if e in previous)
     if len(common) < MIN_RELIABILITY_ESSAYS:
         return None
-    x = scipy.stats.rankdata([previous[e] for e in common])
-    y = scipy.stats.rankdata([current[e] for e in common])
-    return _pearson(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    x = _average_ranks(np.array([previous[e] for e in common], dtype=np.float64))
+    y = _average_ranks(np.array([current[e] for e in common], dtype=np.float64))
+    return _pearson(x, y)
+
+
+def _average_ranks(values: FloatArray) -> FloatArray:
+    """Ranks 1…n, ties given the mean of their ranks: `scipy.stats.rankdata`'s default, without
+    its argument handling, which cost ten times the ranking at 100 essays (issue 11)."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    ends = np.append(starts[1:], len(values))
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
 
 
 def max_abs_delta(previous: Mapping[str, float], current: Mapping[str, float]) -> float:

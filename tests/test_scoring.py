@@ -8,6 +8,7 @@ import math
 import msgspec
 import numpy as np
 import pytest
+import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -303,6 +304,22 @@ def test_spearman_brown_and_rank_agreement_hand_computed() -> None:
     assert rank_agreement({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 3, "c": 2}) == pytest.approx(0.5)
     assert rank_agreement({"a": 1, "b": 2, "c": 3}, {"a": 10, "b": 20, "c": 30, "x": 0}) == 1.0
     assert rank_agreement({"a": 1, "b": 2}, {"a": 1, "b": 2}) is None
+
+
+def test_rank_agreement_is_spearmans_rho_with_tied_ranks_averaged() -> None:
+    rng = np.random.default_rng(3)
+    for k in range(50):
+        n = int(rng.integers(3, 40))
+        # Every other draw from a few values: ties, as essays never compared share θ = 0.
+        draw = [rng.integers(0, 4, n).astype(float) if k % 2 else rng.normal(size=n) for _ in "ab"]
+        previous = {f"e{i}": float(v) for i, v in enumerate(draw[0])}
+        current = {f"e{i}": float(v) for i, v in enumerate(draw[1])}
+        rho = scipy.stats.spearmanr(draw[0], draw[1]).statistic
+        got = rank_agreement(previous, current)
+        if math.isnan(rho):  # a constant side
+            assert got is None
+        else:
+            assert got == pytest.approx(rho, abs=1e-12)
 
 
 def test_split_half_by_judge_uses_every_distinct_split_of_few_judges() -> None:
