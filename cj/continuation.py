@@ -42,12 +42,10 @@ from cj.metrics import (
 from cj.pairs import PairHistory, pair_key, plan_wave
 from cj.scoring import (
     Comparison,
-    FitResult,
-    classical_ssr,
-    fit_bt,
+    WaveScores,
     max_abs_delta,
-    posterior_reliability,
     rank_agreement,
+    score_wave,
     split_half,
 )
 from cj.stopping import StopRule, is_reliable, per_essay
@@ -195,10 +193,9 @@ SPLIT_HALF_LATER = "computed when the batch ends"
 
 
 def _reliabilities(
-    ids: list[str], comparisons: list[Comparison], fit: FitResult, seed: int, final: bool
+    ids: list[str], comparisons: list[Comparison], wave: WaveScores, seed: int, final: bool
 ) -> Reliabilities:
-    posterior = posterior_reliability(fit)
-    classical = classical_ssr(ids, comparisons)
+    fit, posterior, classical = wave.fit, wave.posterior, wave.classical
     base = Reliabilities(
         posterior=_r(posterior.value),
         posterior_na=posterior.reason,
@@ -258,10 +255,11 @@ def score(state: BatchState, *, final: bool = False) -> BatchScored:
     most of a live batch's bytes (and of its scoring time)."""
     ids = [e.essay_id for e in state.essays]
     comparisons = comparisons_of(state)
-    fit = fit_bt(ids, comparisons)
+    wave = score_wave(ids, comparisons)
+    fit = wave.fit
     order = sorted(ids, key=lambda i: (-fit.theta[i], i))
     previous = {s.essay_id: s.theta for s in state.scores.scores} if state.scores else {}
-    reliability = _reliabilities(ids, comparisons, fit, state.config.seed, final)
+    reliability = _reliabilities(ids, comparisons, wave, state.config.seed, final)
     scored = BatchScored(
         batch_id=state.batch_id,
         wave=state.waves,

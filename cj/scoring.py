@@ -945,8 +945,10 @@ def _fit(
     tol: float,
     integrate: bool,
     indexed: tuple[IntArray, IntArray, FloatArray] | None = None,
+    components: int | None = None,
 ) -> FitResult:
-    """``indexed``: `_index_comparisons(essay_ids, comparisons)` when the caller has it."""
+    """``indexed``: `_index_comparisons(essay_ids, comparisons)` when the caller has it, and
+    ``components`` the comparison graph's count (`count_components`)."""
     if not prior > 0:
         raise ValueError("prior must be > 0")
     if prior_mode not in ("empirical", "fixed"):
@@ -955,7 +957,8 @@ def _fit(
     n = len(ids)
     a, b, y = indexed if indexed is not None else _index_comparisons(ids, comparisons)
     m = len(y)
-    components = count_components(n, a, b)
+    if components is None:
+        components = count_components(n, a, b)
     if n == 0:
         return FitResult({}, {}, None, None, False, 0, True, 0, m)
     post = _Posterior(n, a, b, y, fit_position)
@@ -1201,7 +1204,16 @@ def classical_ssr(
     with at least one win and one loss (Rasch practice: extreme scores have no finite ML
     estimate). Adaptive pairing inflates it (Bramley & Vitello 2019)."""
     ids = _unique_ids(essay_ids)
-    indexed = _index_comparisons(ids, comparisons)  # once, for both (speed, issue 11)
+    return _classical_ssr(ids, _index_comparisons(ids, comparisons), fit_position)
+
+
+def _classical_ssr(
+    ids: list[str],
+    indexed: tuple[IntArray, IntArray, FloatArray],
+    fit_position: bool,
+    components: int | None = None,
+) -> Reliability:
+    """`classical_ssr` of indexed comparisons (``components``: their graph's, when known)."""
     usable = _usable_essays(ids, indexed)
     if len(usable) < MIN_RELIABILITY_ESSAYS:
         return Reliability(
@@ -1211,7 +1223,7 @@ def classical_ssr(
         )
     fit = _fit(
         ids,
-        comparisons,
+        (),
         fit_position=fit_position,
         prior=0.01,
         prior_mode="fixed",
@@ -1219,6 +1231,7 @@ def classical_ssr(
         tol=1e-10,
         integrate=True,
         indexed=indexed,
+        components=components,
     )
     if not fit.connected:
         return Reliability(None, f"comparison graph not connected ({fit.components} components)")
@@ -1228,6 +1241,38 @@ def classical_ssr(
     if value < 0:
         return Reliability(None, "error variance exceeds the observed variance (SSR < 0)")
     return Reliability(value)
+
+
+@dataclass(frozen=True)
+class WaveScores:
+    """What each wave's scoring gives: the fit, its posterior reliability, the classical SSR."""
+
+    fit: FitResult
+    posterior: Reliability
+    classical: Reliability
+
+
+def score_wave(essay_ids: Sequence[str], comparisons: Sequence[Comparison]) -> WaveScores:
+    """`fit_bt` (its defaults), `posterior_reliability` of it and `classical_ssr`: the same
+    numbers as the three calls, the comparisons indexed and their graph's components
+    counted once for both fits (speed, issue 11)."""
+    ids = _unique_ids(essay_ids)
+    indexed = _index_comparisons(ids, comparisons)
+    components = count_components(len(ids), indexed[0], indexed[1])
+    fit = _fit(
+        ids,
+        comparisons,
+        fit_position=True,
+        prior=0.01,
+        prior_mode="empirical",
+        max_iter=100,
+        tol=1e-10,
+        integrate=True,
+        indexed=indexed,
+        components=components,
+    )
+    classical = _classical_ssr(ids, indexed, True, components)
+    return WaveScores(fit, posterior_reliability(fit), classical)
 
 
 def spearman_brown(r: float, factor: float = 2.0) -> float:
