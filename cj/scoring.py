@@ -1319,34 +1319,40 @@ def _judge_splits(judges: list[str], splits: int, rng: np.random.Generator) -> l
 
 def _half_correlation(
     ids: list[str],
-    halves: tuple[list[Comparison], list[Comparison]],
+    indexed: tuple[IntArray, IntArray, FloatArray],
+    halves: tuple[IntArray, IntArray],
     fit_position: bool,
     around: _FullFit | None = None,
 ) -> float | None:
-    seen = [{e for c in h for e in (c.essay_a, c.essay_b)} for h in halves]
-    both = [e for e in ids if e in seen[0] and e in seen[1]]
-    if len(both) < MIN_SPLIT_ESSAYS:
+    """The correlation of the two halves' θ over the essays compared in both; ``indexed``:
+    all the comparisons, ``halves`` the positions of each half's among them."""
+    n = len(ids)
+    a, b, y = indexed
+    parts = [(a[h], b[h], y[h]) for h in halves]
+    seen = [np.bincount(ha, minlength=n) + np.bincount(hb, minlength=n) > 0 for ha, hb, _ in parts]
+    both = seen[0] & seen[1]
+    if int(both.sum()) < MIN_SPLIT_ESSAYS:
         return None
     if around is not None:
-        thetas = [around.half_map(ids, h, fit_position) for h in halves]
+        start = around.start(ids)
+        thetas = [around.half_map(n, part, fit_position, start) for part in parts]
     else:
         # Only the ranking of θ matters here: the mode of τ does (τ integrated changes the SEs).
-        thetas = [
-            _fit(
+        thetas = []
+        for part in parts:
+            theta = _fit(
                 ids,
-                h,
+                (),
                 fit_position=fit_position,
                 prior=0.01,
                 prior_mode="empirical",
                 max_iter=100,
                 tol=1e-10,
                 integrate=False,
+                indexed=part,
             ).theta
-            for h in halves
-        ]
-    x = np.array([thetas[0][e] for e in both], dtype=np.float64)
-    y = np.array([thetas[1][e] for e in both], dtype=np.float64)
-    return _pearson(x, y)
+            thetas.append(np.array([theta[e] for e in ids], dtype=np.float64))
+    return _pearson(thetas[0][both], thetas[1][both])
 
 
 @dataclass(frozen=True)
@@ -1368,19 +1374,25 @@ class _FullFit:
         lam = min(max(lam, prior), 1.0 / _MIN_PRIOR_SD**2)
         return _FullFit(lam, {e: t for e, (t, _) in scores.items()}, prior)
 
+    def start(self, ids: list[str]) -> FloatArray:
+        """The full fit's θ of ``ids`` (0 where it has none)."""
+        return np.array([self.theta.get(e, 0.0) for e in ids], dtype=np.float64)
+
     def half_map(
-        self, ids: list[str], half: list[Comparison], fit_position: bool
-    ) -> dict[str, float]:
-        """θ of the half's MAP at λ (Newton from the full θ: a few steps, no n×n inverse)."""
-        n = len(ids)
-        a, b, y = _index_comparisons(ids, half)
-        post = _Posterior(n, a, b, y, fit_position)
+        self,
+        n: int,
+        half: tuple[IntArray, IntArray, FloatArray],
+        fit_position: bool,
+        start: FloatArray,
+    ) -> FloatArray:
+        """θ of the half's (indexed) MAP at λ, by Newton from ``start`` (`start`): a few
+        steps, no n×n inverse."""
+        post = _Posterior(n, *half, fit_position)
         lam = np.full(post.p, self.prior)
         lam[:n] = self.lam
         x0 = np.zeros(post.p)
-        x0[:n] = [self.theta.get(e, 0.0) for e in ids]
-        x = _newton(post, x0, lam, 100, 1e-10).x
-        return {e: float(x[i]) for i, e in enumerate(ids)}
+        x0[:n] = start
+        return _newton(post, x0, lam, 100, 1e-10).x[:n]
 
 
 def split_half(
@@ -1417,27 +1429,23 @@ def split_half(
             f"{len(ids)} essays, {len(comparisons)} comparisons: too few to split "
             f"(at least {MIN_SPLIT_ESSAYS} essays compared in both halves are needed)",
         )
+    # Halves as positions among the comparisons, indexed once (speed, issue 11).
+    halves: list[tuple[IntArray, IntArray]] = []
     if unit == "judge":
-        groups = _judge_splits(judges, splits, rng)
-        halves = [
-            (
-                [c for c in comparisons if c.judge in g],
-                [c for c in comparisons if c.judge not in g],
-            )
-            for g in groups
-        ]
+        for g in _judge_splits(judges, splits, rng):
+            inside = np.array([c.judge in g for c in comparisons], dtype=bool)
+            halves.append((np.flatnonzero(inside), np.flatnonzero(~inside)))
     else:
         m = len(comparisons)
-        halves = []
         for _ in range(splits):
             order = rng.permutation(m)
-            halves.append(
-                (
-                    [comparisons[int(k)] for k in order[: m // 2]],
-                    [comparisons[int(k)] for k in order[m // 2 :]],
-                )
-            )
-    rs = [r for h in halves if (r := _half_correlation(ids, h, fit_position, around)) is not None]
+            halves.append((order[: m // 2], order[m // 2 :]))
+    indexed = _index_comparisons(ids, comparisons)
+    rs = [
+        r
+        for h in halves
+        if (r := _half_correlation(ids, indexed, h, fit_position, around)) is not None
+    ]
     if not rs or 2 * len(rs) < len(halves):
         return SplitHalf(
             None,
