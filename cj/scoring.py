@@ -1245,17 +1245,20 @@ def _classical_ssr(
 
 @dataclass(frozen=True)
 class WaveScores:
-    """What each wave's scoring gives: the fit, its posterior reliability, the classical SSR."""
+    """What a wave's scoring gives: the fit, its posterior reliability, the classical SSR
+    (None when not asked for)."""
 
     fit: FitResult
     posterior: Reliability
-    classical: Reliability
+    classical: Reliability | None
 
 
-def score_wave(essay_ids: Sequence[str], comparisons: Sequence[Comparison]) -> WaveScores:
-    """`fit_bt` (its defaults), `posterior_reliability` of it and `classical_ssr`: the same
-    numbers as the three calls, the comparisons indexed and their graph's components
-    counted once for both fits (speed, issue 11)."""
+def score_wave(
+    essay_ids: Sequence[str], comparisons: Sequence[Comparison], *, classical: bool = True
+) -> WaveScores:
+    """`fit_bt` (its defaults), `posterior_reliability` of it and (``classical``)
+    `classical_ssr`: the same numbers as the three calls, the comparisons indexed and their
+    graph's components counted once for both fits (speed, issue 11)."""
     ids = _unique_ids(essay_ids)
     indexed = _index_comparisons(ids, comparisons)
     components = count_components(len(ids), indexed[0], indexed[1])
@@ -1271,8 +1274,8 @@ def score_wave(essay_ids: Sequence[str], comparisons: Sequence[Comparison]) -> W
         indexed=indexed,
         components=components,
     )
-    classical = _classical_ssr(ids, indexed, True, components)
-    return WaveScores(fit, posterior_reliability(fit), classical)
+    ssr = _classical_ssr(ids, indexed, True, components) if classical else None
+    return WaveScores(fit, posterior_reliability(fit), ssr)
 
 
 def spearman_brown(r: float, factor: float = 2.0) -> float:
