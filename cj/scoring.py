@@ -1221,18 +1221,7 @@ def _classical_ssr(
             f"{len(usable)} essays with both a win and a loss: "
             f"a reliability needs at least {MIN_RELIABILITY_ESSAYS}",
         )
-    fit = _fit(
-        ids,
-        (),
-        fit_position=fit_position,
-        prior=0.01,
-        prior_mode="fixed",
-        max_iter=100,
-        tol=1e-10,
-        integrate=True,
-        indexed=indexed,
-        components=components,
-    )
+    fit = _fit_indexed(ids, indexed, components, "fixed", fit_position)
     if not fit.connected:
         return Reliability(None, f"comparison graph not connected ({fit.components} components)")
     value = ssr({e: fit.theta[e] for e in usable}, {e: fit.se[e] for e in usable})
@@ -1241,6 +1230,29 @@ def _classical_ssr(
     if value < 0:
         return Reliability(None, "error variance exceeds the observed variance (SSR < 0)")
     return Reliability(value)
+
+
+def _fit_indexed(
+    ids: list[str],
+    indexed: tuple[IntArray, IntArray, FloatArray],
+    components: int | None,
+    prior_mode: Literal["empirical", "fixed"],
+    fit_position: bool,
+) -> FitResult:
+    """`fit_bt` at its defaults but ``prior_mode`` and ``fit_position``, on comparisons
+    indexed (`_index_comparisons`) and their graph's ``components`` when known."""
+    return _fit(
+        ids,
+        (),
+        fit_position=fit_position,
+        prior=0.01,
+        prior_mode=prior_mode,
+        max_iter=100,
+        tol=1e-10,
+        integrate=True,
+        indexed=indexed,
+        components=components,
+    )
 
 
 @dataclass(frozen=True)
@@ -1262,18 +1274,7 @@ def score_wave(
     ids = _unique_ids(essay_ids)
     indexed = _index_comparisons(ids, comparisons)
     components = count_components(len(ids), indexed[0], indexed[1])
-    fit = _fit(
-        ids,
-        comparisons,
-        fit_position=True,
-        prior=0.01,
-        prior_mode="empirical",
-        max_iter=100,
-        tol=1e-10,
-        integrate=True,
-        indexed=indexed,
-        components=components,
-    )
+    fit = _fit_indexed(ids, indexed, components, "empirical", True)
     ssr = _classical_ssr(ids, indexed, True, components) if classical else None
     return WaveScores(fit, posterior_reliability(fit), ssr)
 
