@@ -72,6 +72,7 @@ def _summary(event: Event) -> dict[str, Any]:
         return {
             "wave": event.wave,
             "comparisons": event.comparisons,
+            "reliability": event.reliability.posterior if event.reliability else None,
             "ssr": event.ssr,
             "split_half": event.split_half,
             "max_delta": event.max_delta,
@@ -118,8 +119,9 @@ async def timeline(r: Any, keys: Keys, state: BatchState) -> list[dict[str, Any]
 
 
 def reliability(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """SSR, split-half and max |Δθ| of each scoring, from the timeline's BatchScored events."""
-    keep = ("wave", "comparisons", "ssr", "split_half", "max_delta")
+    """The posterior reliability R, SSR, split-half and max |Δθ| of each scoring, from the
+    timeline's BatchScored events (SSR and split-half: the last scores')."""
+    keep = ("wave", "comparisons", "reliability", "ssr", "split_half", "max_delta")
     return [{k: e.get(k) for k in keep} for e in events if e["type"] == "BatchScored"]
 
 

@@ -341,12 +341,15 @@ def ab_balance(rows: list[dict[str, Any]], title: str = "A/B positions per essay
 
 
 def reliability(rows: list[dict[str, Any]]) -> Figure:
-    """SSR and split-half reliability at each scoring, max |Δθ| on the right axis."""
+    """The posterior reliability R at each scoring (the stopping rule's), the SSR and
+    split-half reliability of the last (computed when a batch ends; at every scoring in
+    batches of before), max |Δθ| on the right axis."""
     title = "Reliability over waves"
     if not rows:
         return _empty(title, "not scored yet")
     x = [r["wave"] for r in rows]
-    values = [float(r[k]) for r in rows for k in ("ssr", "split_half") if r.get(k) is not None]
+    keys = ("reliability", "ssr", "split_half")
+    values = [float(r[k]) for r in rows for k in keys if r.get(k) is not None]
 
     def line(key: str, name: str, colour: str, axis: str = "y") -> dict[str, Any]:
         return {
@@ -362,6 +365,7 @@ def reliability(rows: list[dict[str, Any]]) -> Figure:
 
     return {
         "data": [
+            line("reliability", "R (posterior)", PALETTE[3]),
             line("ssr", "SSR", PALETTE[0]),
             line("split_half", "split-half", PALETTE[2]),
             line("max_delta", "max |Δθ| (right axis)", PALETTE[1], "y2"),

@@ -42,12 +42,12 @@ from cj.metrics import (
 from cj.pairs import PairHistory, pair_key, plan_wave
 from cj.scoring import (
     Comparison,
-    FitResult,
+    Reliability,
+    WaveScores,
     classical_ssr,
-    fit_bt,
     max_abs_delta,
-    posterior_reliability,
     rank_agreement,
+    score_wave,
     split_half,
 )
 from cj.stopping import StopRule, is_reliable, per_essay
@@ -191,40 +191,48 @@ def content_key(state: BatchState) -> str:
     return essays_key(state.essays, state.config.grade_scale)
 
 
+# What a batch's last scores alone carry (each wave's scores carry what the stopping rule
+# and the planner read: θ, SE, the posterior reliability), and why the others have none.
 SPLIT_HALF_LATER = "computed when the batch ends"
+SSR_LATER = SPLIT_HALF_LATER
 
 
 def _reliabilities(
-    ids: list[str], comparisons: list[Comparison], fit: FitResult, seed: int, final: bool
+    ids: list[str], comparisons: list[Comparison], wave: WaveScores, seed: int, final: bool
 ) -> Reliabilities:
-    posterior = posterior_reliability(fit)
-    classical = classical_ssr(ids, comparisons)
+    fit, posterior = wave.fit, wave.posterior
     base = Reliabilities(
         posterior=_r(posterior.value),
         posterior_na=posterior.reason,
-        ssr=_r(classical.value),
-        ssr_na=classical.reason,
+        ssr_na=SSR_LATER,
         split_half_na=SPLIT_HALF_LATER,
     )
     if not final:
         return base
     # As the scores record them: `final_scores` starts from those.
     full = {e: (round(fit.theta[e], 6), round(fit.se[e], 6)) for e in ids}
-    return _with_split_half(base, ids, comparisons, seed, full)
+    return _at_the_end(base, ids, comparisons, seed, full, wave.classical)
 
 
-def _with_split_half(
+def _at_the_end(
     base: Reliabilities,
     ids: list[str],
     comparisons: list[Comparison],
     seed: int,
     full: dict[str, tuple[float, float]],
+    classical: Reliability | None = None,
 ) -> Reliabilities:
-    # 20 refits of each half: once, for the batch's last scores, not every wave; MAP fits
-    # from the full fit's θ and τ (`full`), a fifth of the variational refits' CPU.
+    """`base` with the classical SSR (``classical``, or computed) and the split-half."""
+    # Once, for the batch's last scores, not every wave (issue 11: the SSR's near-ML refit
+    # was a seventh of a wave's decision, and nothing decides on it). The split-half's 20
+    # refits of each half are MAP fits from the full fit's θ and τ (`full`), a fifth of the
+    # variational refits' CPU.
+    ssr = classical if classical is not None else classical_ssr(ids, comparisons)
     halves = split_half(ids, comparisons, seed=seed, full=full)
     return msgspec.structs.replace(
         base,
+        ssr=_r(ssr.value),
+        ssr_na=ssr.reason,
         split_half_r=_r(halves.r),
         split_half=_r(halves.spearman_brown),
         split_half_splits=halves.splits,
@@ -234,17 +242,18 @@ def _with_split_half(
 
 
 def final_scores(state: BatchState, scored: BatchScored) -> BatchScored:
-    """`score(state, final=True)` from `scored`, the batch's last `score(state)`: the split-half
-    reliability added and graded, without fitting again (speed, issue 11)."""
+    """`score(state, final=True)` from `scored`, the batch's last `score(state)`: the classical
+    SSR and the split-half reliability added and graded, without fitting again (speed,
+    issue 11)."""
     assert scored.reliability is not None, "score() always says how reliable it is"
     ids = [e.essay_id for e in state.essays]
     # θ and SE as recorded (rounded to 6 digits): what `score(state, final=True)` gives too.
     full = {s.essay_id: (s.theta, s.se) for s in scored.scores}
-    reliability = _with_split_half(
+    reliability = _at_the_end(
         scored.reliability, ids, comparisons_of(state), state.config.seed, full
     )
     scored = msgspec.structs.replace(
-        scored, reliability=reliability, split_half=reliability.split_half
+        scored, reliability=reliability, ssr=reliability.ssr, split_half=reliability.split_half
     )
     return graded_scores(scored, state.essays, state.config.grade_scale, final=True)
 
@@ -252,16 +261,18 @@ def final_scores(state: BatchState, scored: BatchScored) -> BatchScored:
 @CJ_STEP_SECONDS.labels("score").time()
 def score(state: BatchState, *, final: bool = False) -> BatchScored:
     """Fit BT on the accepted comparisons and say how reliable the fit is.
-    ``final``: the batch's last scores, with the split-half reliability, graded
-    (`cj.grades.graded_scores`: grades, bands, warnings). Earlier waves' scores carry θ and
-    SE alone: what the next wave and the stopping rule need; grading every wave made them
-    most of a live batch's bytes (and of its scoring time)."""
+    ``final``: the batch's last scores, with the classical SSR and the split-half
+    reliability, graded (`cj.grades.graded_scores`: grades, bands, warnings). Earlier waves'
+    scores carry θ, SE and the posterior reliability alone: what the next wave and the
+    stopping rule need; grading every wave made them most of a live batch's bytes (and of
+    its scoring time)."""
     ids = [e.essay_id for e in state.essays]
     comparisons = comparisons_of(state)
-    fit = fit_bt(ids, comparisons)
+    wave = score_wave(ids, comparisons, classical=final)
+    fit = wave.fit
     order = sorted(ids, key=lambda i: (-fit.theta[i], i))
     previous = {s.essay_id: s.theta for s in state.scores.scores} if state.scores else {}
-    reliability = _reliabilities(ids, comparisons, fit, state.config.seed, final)
+    reliability = _reliabilities(ids, comparisons, wave, state.config.seed, final)
     scored = BatchScored(
         batch_id=state.batch_id,
         wave=state.waves,

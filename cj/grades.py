@@ -35,7 +35,7 @@ from typing import Literal
 import msgspec
 import numpy as np
 import numpy.typing as npt
-from scipy.special import logsumexp, ndtr
+from scipy.special import ndtr
 
 from events.types import BatchScored, Essay, EssayScore
 
@@ -200,18 +200,29 @@ def _cut_marginals(
         for b in below[anchor_grade == g]:
             log_m += _log(b[None, :] - b[:, None])
         links.append(log_m)
-    alpha = [node[0] - logsumexp(node[0])]
+    alpha = [node[0] - _logsumexp(node[0])]
     for j in range(1, k - 1):
-        a = node[j] + logsumexp(alpha[-1][:, None] + links[j - 1], axis=0)
-        alpha.append(a - logsumexp(a))
+        a = node[j] + _logsumexp(alpha[-1][:, None] + links[j - 1], axis=0)
+        alpha.append(a - _logsumexp(a))
     beta = [np.zeros(len(grid))]
     for j in range(k - 2, 0, -1):
-        b = logsumexp(links[j - 1] + (node[j] + beta[0])[None, :], axis=1)
-        beta.insert(0, b - logsumexp(b))
+        b = _logsumexp(links[j - 1] + (node[j] + beta[0])[None, :], axis=1)
+        beta.insert(0, b - _logsumexp(b))
     log_marg = np.array([a + b for a, b in zip(alpha, beta, strict=True)])
     return np.asarray(
-        np.exp(log_marg - logsumexp(log_marg, axis=1, keepdims=True)), dtype=np.float64
+        np.exp(log_marg - _logsumexp(log_marg, axis=1, keepdims=True)), dtype=np.float64
     )
+
+
+def _logsumexp(a: FloatArray, axis: int = -1, keepdims: bool = False) -> FloatArray:
+    """log Σ exp(a) along ``axis``, −inf where every term is: what `scipy.special.logsumexp`
+    gives (to rounding), without its array-API handling, which cost more than the sums at
+    the grid's size (two thirds of grading a batch; speed, issue 11)."""
+    top = np.max(a, axis=axis, keepdims=True)
+    shift = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.sum(np.exp(a - shift), axis=axis, keepdims=True)) + shift
+    return np.asarray(out if keepdims else np.squeeze(out, axis=axis), dtype=np.float64)
 
 
 def _log(p: FloatArray) -> FloatArray:

@@ -74,3 +74,16 @@ def test_figures_are_safe_json_inside_a_script() -> None:
     back = json.loads(text)
     assert back["data"][0]["y"] == [None]
     assert back["layout"]["xaxis"]["title"]["text"] == "wave"
+
+
+def test_reliability_over_waves_draws_r_at_every_scoring_and_the_end_figures_once() -> None:
+    rows = [
+        {"wave": 1, "reliability": 0.61, "ssr": None, "split_half": None, "max_delta": None},
+        {"wave": 2, "reliability": 0.74, "ssr": None, "split_half": None, "max_delta": 0.4},
+        {"wave": 3, "reliability": 0.81, "ssr": 0.9, "split_half": 0.7, "max_delta": 0.1},
+    ]
+    fig = charts.reliability(rows)
+    lines = {trace["name"]: trace["y"] for trace in fig["data"]}
+    assert lines["R (posterior)"] == [0.61, 0.74, 0.81]
+    assert lines["SSR"] == [None, None, 0.9] and lines["split-half"] == [None, None, 0.7]
+    assert fig["layout"]["yaxis"]["range"][0] == -0.02  # from 0: no SSR below it

@@ -16,7 +16,9 @@ from app.views import results_view
 from app.wiring import InProcess
 from cj.continuation import (
     SPLIT_HALF_LATER,
+    SSR_LATER,
     advance,
+    comparisons_of,
     decide,
     final_scores,
     numbered_ids,
@@ -25,6 +27,7 @@ from cj.continuation import (
 )
 from cj.grades import graded_scores
 from cj.registration import append_registration
+from cj.scoring import classical_ssr
 from events import codec
 from events.types import (
     BatchFailed,
@@ -120,6 +123,45 @@ def test_scores_of_a_wave_before_the_last_are_ungraded_and_shown_graded() -> Non
     same = {"event_id": final.event_id, "occurred_at": final.occurred_at}
     assert msgspec.structs.replace(completed_last, **same) == final
     assert final.reliability is not None and final.reliability.split_half_na != SPLIT_HALF_LATER
+
+
+def test_the_classical_ssr_is_computed_for_the_last_scores_alone() -> None:
+    """Nothing decides on the classical SSR: a running batch's scores say it comes at the end
+    (the fields still decode), and the last scores carry the value `classical_ssr` gives."""
+    state, wave = _state_after_wave(10, budget=45)
+    k = 0
+    while True:
+        for pair in wave.pairs:
+            # The essay numbered higher wins, but one time in four: scores that spread.
+            a_higher = int(pair.essay_a[1:]) > int(pair.essay_b[1:])
+            winner = "essay_a" if a_higher != (k % 4 == 0) else "essay_b"
+            apply_callback(
+                state,
+                completed("b", pair.correlation_id, winner, pair.essay_a, pair.essay_b),
+                f"{k}-0",
+            )
+            k += 1
+        decision = decide(state)
+        assert decision is not None
+        if decision.terminal is not None:
+            break
+        for event in decision.events:
+            state = apply_batch_event(state, event)
+        wave = decision.events[-1]
+        assert isinstance(wave, WaveSubmitted)
+    running = score(state)
+    assert running.reliability is not None and running.reliability.posterior is not None
+    assert running.ssr is None and running.reliability.ssr is None
+    assert running.reliability.ssr_na == SSR_LATER
+    assert codec.decode(codec.encode(running)) == running
+    expected = classical_ssr([e.essay_id for e in state.essays], comparisons_of(state))
+    assert expected.value is not None
+    written = decision.events[0]  # what `decide` wrote when the batch ended
+    assert isinstance(written, BatchScored)
+    for last in (score(state, final=True), final_scores(state, running), written):
+        assert last.reliability is not None
+        assert last.ssr == last.reliability.ssr == round(expected.value, 6)
+        assert last.reliability.ssr_na == ""
 
 
 def test_mostly_failures_fail_the_batch_with_a_reason() -> None:

@@ -6,10 +6,12 @@ import itertools
 
 import numpy as np
 import pytest
+import scipy.special
 
 from cj.grade_scales import DEFAULT_SCALE, GRADE_SCALES, resolve_scale
 from cj.grades import (
     GradeAssignment,
+    _logsumexp,
     confidence_label,
     expected_agreement,
     grade_band,
@@ -251,3 +253,19 @@ def test_unknown_anchor_grade_and_unscored_anchor_warn() -> None:
     assert any("not on the scale" in w for w in proj.warnings)
     assert any("ghost" in w and "no score" in w for w in proj.warnings)
     assert all(a.grade is None for a in proj.assignments.values())
+
+
+def test_the_forward_backward_log_sums_are_scipys() -> None:
+    rng = np.random.default_rng(4)
+    for shape, axis in (((240, 240), 0), ((240, 240), 1), ((240,), -1), ((5, 240), 1)):
+        a = rng.normal(0.0, 30.0, shape)
+        # Columns and rows that are −inf throughout, and −inf entries (impossible cut orders).
+        a[a < -40.0] = -np.inf
+        if a.ndim == 2:
+            a[:, 0] = -np.inf
+            a[0, :] = -np.inf
+        ours = _logsumexp(a, axis=axis)
+        theirs = scipy.special.logsumexp(a, axis=axis)
+        assert np.array_equal(np.isneginf(ours), np.isneginf(theirs))
+        finite = np.isfinite(theirs)
+        np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-13, atol=1e-13)

@@ -8,6 +8,7 @@ import math
 import msgspec
 import numpy as np
 import pytest
+import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from cj.scoring import (
     max_abs_delta,
     posterior_reliability,
     rank_agreement,
+    score_wave,
     spearman_brown,
     split_half,
     ssr,
@@ -303,6 +305,36 @@ def test_spearman_brown_and_rank_agreement_hand_computed() -> None:
     assert rank_agreement({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 3, "c": 2}) == pytest.approx(0.5)
     assert rank_agreement({"a": 1, "b": 2, "c": 3}, {"a": 10, "b": 20, "c": 30, "x": 0}) == 1.0
     assert rank_agreement({"a": 1, "b": 2}, {"a": 1, "b": 2}) is None
+
+
+def test_a_waves_scoring_is_the_fit_and_its_reliabilities_called_apart() -> None:
+    # Indexed once for both fits: not a digit may differ from the three calls.
+    for n, m, seed in ((30, 200, 11), (8, 6, 12)):
+        ids, _, comps = simulate(n, m, seed=seed)
+        wave = score_wave(ids, comps)
+        fit = fit_bt(ids, comps)
+        assert wave.fit == fit
+        assert wave.posterior == posterior_reliability(fit)
+        assert wave.classical == classical_ssr(ids, comps)
+    disconnected = [Comparison("a", "b", True), Comparison("b", "a", True)]
+    wave = score_wave(["a", "b", "c", "d"], disconnected)
+    assert wave.fit.components == 3 and wave.classical.value is None
+
+
+def test_rank_agreement_is_spearmans_rho_with_tied_ranks_averaged() -> None:
+    rng = np.random.default_rng(3)
+    for k in range(50):
+        n = int(rng.integers(3, 40))
+        # Every other draw from a few values: ties, as essays never compared share θ = 0.
+        draw = [rng.integers(0, 4, n).astype(float) if k % 2 else rng.normal(size=n) for _ in "ab"]
+        previous = {f"e{i}": float(v) for i, v in enumerate(draw[0])}
+        current = {f"e{i}": float(v) for i, v in enumerate(draw[1])}
+        rho = scipy.stats.spearmanr(draw[0], draw[1]).statistic
+        got = rank_agreement(previous, current)
+        if math.isnan(rho):  # a constant side
+            assert got is None
+        else:
+            assert got == pytest.approx(rho, abs=1e-12)
 
 
 def test_split_half_by_judge_uses_every_distinct_split_of_few_judges() -> None:
