@@ -148,6 +148,7 @@ async def test_s1_callbacks_naming_another_batch_key_cannot_take_the_service_dow
     state, _ = await assert_one_accepted_callback_per_request(r, keys, reg.batch_id)
     await finalized_once(r, keys, reg.batch_id)
     cj = procs.spawn("cj")
+    await procs.started(cj)
 
     async def swept() -> bool:  # past its start-up sweep: reading the group
         names = {c["name"].decode() for c in await r.xinfo_consumers(keys.callbacks, CJ_GROUP)}
@@ -173,6 +174,7 @@ async def test_s3_outages_of_a_healthy_worker_do_not_make_its_requests_poison(
     r, keys = real_redis, procs.keys
     env = {"CJS_REDIS_RETRIES": "0", "CJS_PROCESSING_TIMEOUT_S": "1.5"}
     a = procs.spawn("lps", CJS_MOCK_LATENCY_MS="2500", **env)
+    await procs.started(a)
     a_name = consumer_of("lps", a)
     reg = registration(6, batch_id=f"s3-{uuid.uuid4().hex[:6]}")
     await submit(r, keys, reg)
@@ -254,11 +256,7 @@ async def test_s4_a_fast_reaper_clock_and_odd_occurred_at_change_nothing(
     reaper = procs.spawn("reaper", PYTHONPATH=path, **env)
     reg = registration(6, batch_id=f"s4-{uuid.uuid4().hex[:6]}")
     await submit(r, keys, reg)
-
-    async def reaper_up() -> bool:
-        return any(e.get("event") == "worker_started" for e in procs.log_of(reaper))
-
-    await until(reaper_up, 30, "skewed reaper started")
+    await procs.started(reaper)
     started = next(e for e in procs.log_of(reaper) if e.get("event") == "worker_started")
     ahead_by = datetime.fromisoformat(started["timestamp"]) - datetime.now(UTC)
     assert ahead_by > timedelta(minutes=15)  # its clock is 20 min ahead
@@ -295,7 +293,7 @@ async def test_s5_a_destroyed_group_is_recreated_where_it_was(
     r, keys = real_redis, procs.keys
     env = {"CJS_MOCK_LATENCY_MS": "20"}
     cjs = [procs.spawn("cj", **env), procs.spawn("cj", **env)]
-    procs.spawn("lps", **env)
+    await procs.started(*cjs, procs.spawn("lps", **env))
     reg = registration(10, batch_id=f"s5-{uuid.uuid4().hex[:6]}")
     await submit(r, keys, reg)
 
@@ -332,6 +330,7 @@ async def test_s6_oom_and_readonly_are_waited_out_not_crashed_on(
     r, keys = real_redis, procs.keys
     env = {"CJS_MOCK_LATENCY_MS": "100", "CJS_REDIS_RETRIES": "1"}
     workers = [procs.spawn("cj", **env), procs.spawn("lps", **env)]
+    await procs.started(*workers)
     reg = registration(8, batch_id=f"s6-{uuid.uuid4().hex[:6]}")
     await submit(r, keys, reg)
     seen: dict[str, int] = {}

@@ -98,6 +98,21 @@ class Procs:
         self.workers.append((role, proc, log))
         return proc
 
+    async def started(self, *procs: subprocess.Popen[bytes], timeout: float = 180) -> None:
+        """Wait until each worker has logged `worker_started` (imported and connected), so
+        that a test's own time limits count from there: a loaded machine took up to ≈ 30 s to
+        start a `cjs worker` (imports), which a 30 s wait for the first progress included."""
+
+        async def all_started() -> bool:
+            for proc in procs:
+                code = proc.poll()
+                assert code is None, f"worker exited with {code} before starting"
+                if not any(e.get("event") == "worker_started" for e in self.log_of(proc)):
+                    return False
+            return True
+
+        await until(all_started, timeout, "workers started")
+
     def log_of(self, proc: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
         path = next(p for _, w, p in self.workers if w is proc)
         out = []
@@ -204,8 +219,9 @@ async def test_kill_9_mid_bundle_is_reclaimed_by_another_worker(
 ) -> None:
     r, keys = real_redis, procs.keys
     env = {"CJS_MOCK_LATENCY_MS": "100", "CJS_DEAD_CONSUMER_AFTER_S": "1"}
-    procs.spawn("cj", **env)
+    cj = procs.spawn("cj", **env)
     a = procs.spawn("lps", **env)
+    await procs.started(cj, a)
     a_name = consumer_of("lps", a)
     reg = registration(8, batch_id=f"kill-{uuid.uuid4().hex[:6]}", mode="serial_bundle")
     await submit(r, keys, reg)
@@ -234,6 +250,7 @@ async def test_kill_9_mid_bundle_is_reclaimed_by_another_worker(
     )
 
     b = procs.spawn("lps", **env)
+    await procs.started(b)
     b_name = consumer_of("lps", b)
 
     async def a_released() -> bool:
@@ -336,6 +353,7 @@ async def test_sigterm_drains_and_leaves_nothing_pending_for_the_worker(
     env = {"CJS_MOCK_LATENCY_MS": "100"}
     cj = procs.spawn("cj", **env)
     a = procs.spawn("lps", **env)
+    await procs.started(cj, a)
     a_name = consumer_of("lps", a)
     reg = registration(8, batch_id=f"term-{uuid.uuid4().hex[:6]}", mode="serial_bundle")
     await submit(r, keys, reg)
@@ -357,6 +375,7 @@ async def test_sigterm_drains_and_leaves_nothing_pending_for_the_worker(
     assert any(e.get("event") == "worker_stopped" and e.get("exit_code") == 0 for e in log)
 
     b = procs.spawn("lps", **env)
+    await procs.started(b)
     b_started = time.monotonic()
 
     async def taken() -> bool:
@@ -398,6 +417,7 @@ async def test_redis_crash_and_restart_mid_batch_loses_nothing(
     if outage == "long":
         env["CJS_REDIS_RETRIES"] = "0"
     workers = [procs.spawn("cj", **env), procs.spawn("lps", **env), procs.spawn("lps", **env)]
+    await procs.started(*workers)
     reg = registration(10, batch_id=f"restart-{uuid.uuid4().hex[:6]}")
     await submit(r, keys, reg)
 
@@ -476,6 +496,7 @@ async def test_orphan_duplicate_and_malformed_entries_from_an_outside_client(
     r, keys = real_redis, procs.keys
     port = _free_port()
     cj = procs.spawn("cj", "--metrics-port", str(port))
+    await procs.started(cj)
     reg = registration(4, batch_id=f"outside-{uuid.uuid4().hex[:6]}")
     await submit(r, keys, reg)
     requests = [
@@ -608,6 +629,7 @@ async def test_cjs_stuck_reclaim_expires_judges_and_ends_a_stalled_batch(
     # A CJ worker applies the callbacks, which completes wave 1 and submits wave 2; no LPS
     # worker runs, so wave 2 never gets answered.
     cj = procs.spawn("cj")
+    await procs.started(cj)
 
     async def wave_2() -> bool:
         state = await state_of(r, keys, reg.batch_id)
