@@ -218,6 +218,7 @@ class _Posterior:
             parts += [a * p + n, n * p + a, b * p + n, n * p + b, ee]
         self.flat = np.concatenate(parts)
         self.signs = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0][: len(parts)])
+        self._signed = np.empty((len(parts), m))  # `weighted`'s, reused: one per round
         self.diag_idx = np.arange(p) * (p + 1)
         self.sparse = p > _DENSE_MAX
         if self.sparse:
@@ -258,7 +259,7 @@ class _Posterior:
             g[n] += float(r.sum())
         # w, w, −w, −w (, w, w, −w, −w, w): the signs of each block of `flat`, in one
         # broadcast product instead of a concatenation of negated copies.
-        weights = (self.signs[:, None] * w[None, :]).reshape(-1)
+        weights = np.multiply(self.signs[:, None], w[None, :], out=self._signed).reshape(-1)
         g -= lam * x
         if self.sparse:
             data: FloatArray = np.asarray(
@@ -277,7 +278,7 @@ class _Posterior:
     def pair_variances(self, lower: FloatArray) -> FloatArray:
         """Var(z_k) = x_kᵀ Σ x_k for every comparison, from the lower triangle of Σ."""
         a, b, n = self.a, self.b, self.n
-        d = np.diag(lower)
+        d = lower.diagonal()
         # By flat index into the array's own memory order (dpotri's is Fortran's): `take`
         # instead of two-dimensional indexing, a third of the time (speed, issue 11).
         c_order = bool(lower.flags.c_contiguous)
@@ -426,7 +427,7 @@ def _inverse(h: FloatArray) -> tuple[FloatArray, float]:
 def _centred_variances(lower: FloatArray, n: int) -> FloatArray:
     """Var(θ_i − mean θ) from the lower triangle of the covariance (θ first, n of them)."""
     block = lower[:n, :n]
-    diag = np.diag(block)
+    diag = block.diagonal()
     row_mean = (block.sum(axis=1) + block.sum(axis=0) - diag) / n
     return np.asarray(diag - 2.0 * row_mean + row_mean.mean(), dtype=np.float64)
 
@@ -451,7 +452,7 @@ class _Bound:
 
     def __init__(self, post: _Posterior, lam: FloatArray):
         self.post, self.lam = post, lam
-        self.log_lam = float(np.sum(np.log(lam)))
+        self.log_lam = float(np.log(lam).sum())
 
     def expected(self, x: FloatArray, v: FloatArray) -> float:
         """E_q log posterior at fixed v (the Newton step's objective, up to a constant)."""
@@ -468,7 +469,7 @@ class _Bound:
         v = post.pair_variances(lower) if v is None else v
         z = post.linear(x)
         es = _expected_softplus(z, v)
-        trace = float(lam @ np.diag(lower)) + float(lam @ (x * x))
+        trace = float(lam @ lower.diagonal()) + float(lam @ (x * x))
         kl = 0.5 * (trace - post.p - self.log_lam + logdet_h)
         return float(post.y @ z - es.sum()) - kl, v
 
@@ -501,7 +502,7 @@ class _Bound:
 
     def backtrack(self, x: FloatArray, v: FloatArray, step: FloatArray, t: float) -> float:
         """The step length from t, halved until the concave objective does not fall."""
-        moved = float(np.max(np.abs(step))) if len(step) else 0.0
+        moved = float(np.abs(step).max()) if len(step) else 0.0
         if moved <= _SAFE_STEP:
             return t
         # Far from the optimum (a cold start): backtrack.
@@ -572,8 +573,8 @@ def _variational(
                 break
             continue
         v_new = post.pair_variances(cov_new)
-        v_moved = float(np.max(np.abs(v_new - v))) if len(v) else 0.0
-        moved = t * (float(np.max(np.abs(step))) if len(step) else 0.0)
+        v_moved = float(np.abs(v_new - v).max()) if len(v) else 0.0
+        moved = t * (float(np.abs(step).max()) if len(step) else 0.0)
         x, v, cov, logdet, omega = x_new, v_new, cov_new, logdet_new, ew
         if moved < tol and v_moved < v_tol:
             # Σ is from the weights one round back: within the tolerances of the last.
@@ -610,12 +611,12 @@ class _Response:
 
     def __init__(self, x: FloatArray, lower: FloatArray, n: int, lam: float):
         block = lower[:n, :n]
-        diag = np.diag(block)
+        diag = block.diagonal()
         self.spread = float(x[:n] @ x[:n]) + float(diag.sum())
         shrink = np.zeros(len(x))
         shrink[:n] = lam * x[:n]
         self.dx = -_symmetric_matvec(lower, shrink)
-        frobenius = 2.0 * float(np.sum(block * block)) - float(diag @ diag)
+        frobenius = 2.0 * float((block * block).sum()) - float(diag @ diag)
         self.dspread = 2.0 * float(x[:n] @ self.dx[:n]) - lam * frobenius
         self.n, self.lam = n, lam
 
@@ -672,10 +673,10 @@ def _joint_mode(
             x, _ = bound.settle(x, v, solver.max_iter)
         step, lower, logdet, _ = bound.round(x, v, None, 1.0)
         t = bound.backtrack(x, v, step, 1.0)
-        moved = t * (float(np.max(np.abs(step))) if len(step) else 0.0)
+        moved = t * (float(np.abs(step).max()) if len(step) else 0.0)
         x = x + t * step
         v_new = post.pair_variances(lower)
-        v_moved = float(np.max(np.abs(v_new - v))) if len(v) else 0.0
+        v_moved = float(np.abs(v_new - v).max()) if len(v) else 0.0
         v = v_new
         response = _Response(x, lower, n, math.exp(u))
         du = response.step(u, previous)
