@@ -120,6 +120,10 @@ _GRID_MAX_STEP = 0.6
 _GRID_DROP = 2.5
 _GRID_MAX_POINTS = 8  # per side
 _DENSE_MAX = 400  # above this many parameters, Newton steps use sparse CG
+# `fit_bt`'s defaults, also what the fits of indexed comparisons use (`_fit_indexed`).
+_PRIOR = 0.01  # precision of the prior on η (and on every θ when the prior is fixed)
+_MAX_ITER = 100
+_TOL = 1e-10
 IntArray = npt.NDArray[np.intp]
 
 
@@ -925,10 +929,10 @@ def fit_bt(
     comparisons: Sequence[Comparison],
     *,
     fit_position: bool = True,
-    prior: float = 0.01,
+    prior: float = _PRIOR,
     prior_mode: Literal["empirical", "fixed"] = "empirical",
-    max_iter: int = 100,
-    tol: float = 1e-10,
+    max_iter: int = _MAX_ITER,
+    tol: float = _TOL,
 ) -> FitResult:
     """Bradley–Terry fit with optional position bias η; see the module docstring.
 
@@ -1257,18 +1261,21 @@ def _fit_indexed(
     components: int | None,
     prior_mode: Literal["empirical", "fixed"],
     fit_position: bool,
+    *,
+    integrate: bool = True,
 ) -> FitResult:
     """`fit_bt` at its defaults but ``prior_mode`` and ``fit_position``, on comparisons
-    indexed (`_index_comparisons`) and their graph's ``components`` when known."""
+    indexed (`_index_comparisons`) and their graph's ``components`` when known;
+    ``integrate=False``: at the mode of τ, not integrated over it."""
     return _fit(
         ids,
         (),
         fit_position=fit_position,
-        prior=0.01,
+        prior=_PRIOR,
         prior_mode=prior_mode,
-        max_iter=100,
-        tol=1e-10,
-        integrate=True,
+        max_iter=_MAX_ITER,
+        tol=_TOL,
+        integrate=integrate,
         indexed=indexed,
         components=components,
     )
@@ -1363,17 +1370,7 @@ def _half_correlation(
         # Only the ranking of θ matters here: the mode of τ does (τ integrated changes the SEs).
         thetas = []
         for part in parts:
-            theta = _fit(
-                ids,
-                (),
-                fit_position=fit_position,
-                prior=0.01,
-                prior_mode="empirical",
-                max_iter=100,
-                tol=1e-10,
-                integrate=False,
-                indexed=part,
-            ).theta
+            theta = _fit_indexed(ids, part, None, "empirical", fit_position, integrate=False).theta
             thetas.append(np.array([theta[e] for e in ids], dtype=np.float64))
     return _pearson(thetas[0][both], thetas[1][both])
 
@@ -1385,10 +1382,10 @@ class _FullFit:
 
     lam: float
     theta: Mapping[str, float]
-    prior: float = 0.01
+    prior: float = _PRIOR
 
     @staticmethod
-    def of(scores: Mapping[str, tuple[float, float]], prior: float = 0.01) -> _FullFit:
+    def of(scores: Mapping[str, tuple[float, float]], prior: float = _PRIOR) -> _FullFit:
         """λ from the full fit's θ̂ and SE: the empirical mode's condition λ = (n − 1)/S,
         S = Σ (θ̂_i² + SE_i²) (``_Response.target``), within the bounds τ has there."""
         n = len(scores)
@@ -1415,7 +1412,7 @@ class _FullFit:
         lam[:n] = self.lam
         x0 = np.zeros(post.p)
         x0[:n] = start
-        return _newton(post, x0, lam, 100, 1e-10).x[:n]
+        return _newton(post, x0, lam, _MAX_ITER, _TOL).x[:n]
 
 
 def split_half(
