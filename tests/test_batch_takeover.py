@@ -73,14 +73,9 @@ async def test_kill_9_during_create_poll_and_results_pays_nothing_twice(
     # (and a fresh one is started to be the next spare).
     workers = [procs.spawn("lps"), procs.spawn("lps")]
 
-    async def started() -> bool:
-        return all(
-            any(e.get("event") == "worker_started" for e in procs.log_of(w)) for w in workers
-        )
-
     async def phase(name: str, last: bool) -> None:
         # The spare must be up: it is the one that takes over.
-        await until(started, 60, "both LPS workers started")
+        await procs.started(*workers, timeout=60)
         reg = registration(
             6,
             budget=12,
