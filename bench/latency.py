@@ -104,10 +104,10 @@ def _worker(
         runner.start()
         freeze_startup()  # as `cjs worker` does
         Path(out + ".ready").touch()
-        begin = _cpu()
+        begin = process_cpu_s()
         while not os.path.exists(stop):
             await asyncio.sleep(0.05)
-        used = _cpu() - begin
+        used = process_cpu_s() - begin
         await runner.close()
         await r.aclose()
         return {"cpu_s": used, **_steps()}
@@ -144,7 +144,8 @@ def _machine_idle() -> tuple[int, int]:
     return ticks[3] + ticks[4], sum(ticks)
 
 
-def _cpu() -> float:
+def process_cpu_s() -> float:
+    """This process's CPU seconds (user + system) so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -190,7 +191,8 @@ def _essays(n: int, seed: int) -> BatchIn:
     return BatchIn.model_validate({"essays": rows})
 
 
-async def _redis_cpu(r: Any) -> float:
+async def redis_cpu_s(r: Any) -> float:
+    """The Redis server's CPU seconds (user + system) so far, from `INFO cpu`."""
     info = await r.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
@@ -216,7 +218,7 @@ async def _submit_and_wait(
         name, grades = scale_of(batch)
         reg = build_registration(batch, name, grades, seed=seed + b, batch_id=f"lat-{b}")
         regs.append(reg)
-    cpu0 = await _redis_cpu(r)
+    cpu0 = await redis_cpu_s(r)
     stats0 = await _commandstats(r)
     started = time.perf_counter()
     for reg in regs:
@@ -234,7 +236,7 @@ async def _submit_and_wait(
                 ends[reg.batch_id] = time.perf_counter() - started
         await asyncio.sleep(0.02)
     wall = max(ends.values())
-    cpu = await _redis_cpu(r) - cpu0
+    cpu = await redis_cpu_s(r) - cpu0
     stats = {
         name: (calls - stats0.get(name, (0, 0))[0], usec - stats0.get(name, (0, 0))[1])
         for name, (calls, usec) in (await _commandstats(r)).items()

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import sys
 import tempfile
 import uuid
@@ -36,12 +35,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
 import tools  # noqa: F401  (first: one BLAS thread per process)
 from app.heap import freeze_startup
 from app.logs import configure
 from app.settings import Settings
 from app.wiring import cj_consumer, lps_worker
+from bench.latency import process_cpu_s, redis_cpu_s
 from cj.continuation import Decision, content_key, queue_decision
 from cj.registration import append_registration
 from events.streams import CJ_GROUP, LPS_GROUP
@@ -53,16 +52,6 @@ from streams.client import connect
 from streams.keys import Keys
 from tests.helpers import registration
 from tests.redis_server import RedisServer
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def _redis_cpu(r: Any) -> float:
-    info = await r.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def _wave(r: Any, keys: Keys, batch_id: str, n: int) -> None:
@@ -131,20 +120,20 @@ async def _round(url: str, n: int, lps_page: int, cj_page: int) -> dict[str, flo
 
     freeze_startup()  # as `cjs worker` does once started
     stop = asyncio.Event()
-    cpu0, rcpu0 = _cpu(), await _redis_cpu(r)
+    cpu0, rcpu0 = process_cpu_s(), await redis_cpu_s(r)
     task = asyncio.create_task(worker.run(stop, maintenance_every_s=30))
     while await r.xlen(keys.callbacks) < n:
         await asyncio.sleep(0.005)
-    cpu1, rcpu1 = _cpu(), await _redis_cpu(r)
+    cpu1, rcpu1 = process_cpu_s(), await redis_cpu_s(r)
     stop.set()
     await task
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
 
     handled = 0
-    cpu2, rcpu2 = _cpu(), await _redis_cpu(r)
+    cpu2, rcpu2 = process_cpu_s(), await redis_cpu_s(r)
     while handled < n:
         handled += await cj.step()
-    cpu3, rcpu3 = _cpu(), await _redis_cpu(r)
+    cpu3, rcpu3 = process_cpu_s(), await redis_cpu_s(r)
     state = await load_state(r, keys, batch_id)
     assert state is not None and state.accepted == n, state and state.accepted
     assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
