@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from app.errors import ConfigError
+from app.loop import LoopKind
 from streams.keys import Keys
 
 if TYPE_CHECKING:  # streams.dlq brings logging and metrics: not on every command's path
@@ -77,6 +78,8 @@ class Settings(BaseSettings):
     dlq_maxlen: int = Field(default=100_000, ge=1)
     dlq_retention_s: float = Field(default=30 * 24 * 3600.0, ge=0)
     log_format: str = "auto"
+    # The event loop of `cjs worker` and `cjs demo` (app/loop.py): uvloop, or asyncio's own.
+    event_loop: LoopKind = "uvloop"
     # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.
     dashboard_token: SecretStr | None = None
     # Bounded memory (app/retention.py): finished batches are archived this long after their

@@ -58,6 +58,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 import tools  # noqa: F401  (first: one BLAS thread per process)
+from app import loop as event_loop
 from app.heap import freeze_startup
 from app.logs import configure
 from app.settings import Settings
@@ -112,7 +113,8 @@ def _worker(
         await r.aclose()
         return {"cpu_s": used, **_steps()}
 
-    Path(out).write_text(json.dumps(asyncio.run(main())))
+    # On the loop `cjs worker` runs on (CJS_EVENT_LOOP).
+    Path(out).write_text(json.dumps(event_loop.run(main(), Settings().event_loop)))
 
 
 def _steps() -> dict[str, float]:

@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tools  # noqa: F401  (first: one BLAS thread per process)
+from app import loop as event_loop
 from app.heap import freeze_startup
 from app.logs import configure
 from app.settings import Settings
@@ -160,7 +161,11 @@ def main() -> None:
     server.start(aof=False)
     try:
         rounds = [
-            asyncio.run(_round(server.url, args.requests, args.lps_page, args.cj_page))
+            # On the loop `cjs worker` runs on (CJS_EVENT_LOOP).
+            event_loop.run(
+                _round(server.url, args.requests, args.lps_page, args.cj_page),
+                Settings().event_loop,
+            )
             for _ in range(args.rounds)
         ]
     finally:

@@ -351,9 +351,15 @@ async def test_sigterm_drains_and_leaves_nothing_pending_for_the_worker(
 ) -> None:
     r, keys = real_redis, procs.keys
     env = {"CJS_MOCK_LATENCY_MS": "100"}
-    cj = procs.spawn("cj", **env)
+    # Both event loops (app/loop.py): the LPS worker on uvloop (the default), CJ on asyncio's.
+    cj = procs.spawn("cj", **env, CJS_EVENT_LOOP="asyncio")
     a = procs.spawn("lps", **env)
     await procs.started(cj, a)
+    loops = [
+        next(e["event_loop"] for e in procs.log_of(p) if e.get("event") == "worker_started")
+        for p in (cj, a)
+    ]
+    assert loops == ["asyncio", "uvloop"]
     a_name = consumer_of("lps", a)
     reg = registration(8, batch_id=f"term-{uuid.uuid4().hex[:6]}", mode="serial_bundle")
     await submit(r, keys, reg)

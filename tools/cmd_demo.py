@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
 import click
 
+from app import loop as event_loop
 from app import sample, settings
 from app.connection import open_checked
 from app.runs import (
@@ -157,7 +157,7 @@ def demo(
         await r.aclose()
         return view
 
-    view = asyncio.run(main())
+    view = event_loop.run(main(), s.event_loop)
     if as_json:
         common.emit_json(view)
     else:

@@ -10,6 +10,7 @@ import sys
 import click
 import structlog
 
+from app import loop as event_loop
 from app import settings
 from app.connection import connect
 from app.heap import freeze_startup
@@ -109,6 +110,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
             consumers=consumers,
             concurrency=concurrency,
             metrics_port=metrics_port,
+            event_loop=event_loop.running_kind(),
         )
         runner.start()
         freeze_startup()  # everything imported and built: out of the collector's way
@@ -130,4 +132,4 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
         log.info("worker_stopped", role=role, exit_code=1 if crashed else 0)
         return 1 if crashed else 0
 
-    sys.exit(asyncio.run(main()))
+    sys.exit(event_loop.run(main(), s.event_loop))
