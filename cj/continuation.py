@@ -40,7 +40,7 @@ from cj.metrics import (
     forget_completion,
     show_completion,
 )
-from cj.pairs import PairHistory, pair_key, plan_wave
+from cj.pairs import PairHistory, plan_wave
 from cj.scoring import (
     Comparison,
     FloatArray,
@@ -72,7 +72,6 @@ from events.types import (
     PairRequest,
     Reliabilities,
     WaveSubmitted,
-    Winner,
     essay_reference,
 )
 from events.types import content_key as essays_key
@@ -109,154 +108,104 @@ class Decision:
 
 
 def comparisons_of(state: BatchState) -> list[Comparison]:
-    # Ordered by content, not by correlation id (random in batches of before), so a seed
-    # reproduces a run.
-    # Speed (issue 11): plain tuples sorted, then made comparisons (once per decision).
-    pairs = state.pairs
-    rows = sorted(
-        (pairs[cid][1], pairs[cid][2], value.endswith("essay_a"))
-        for cid, value in state.corr.items()
-        if value.startswith("c ")
-    )
-    return [Comparison(a, b, winner_is_a) for a, b, winner_is_a in rows]
+    """The accepted comparisons, ordered by content (essay_a, essay_b, winner_is_a), not by
+    correlation id (random in batches of before), so a seed reproduces a run."""
+    return BatchPairs(state).comparisons
 
 
 def history_of(state: BatchState) -> list[PairHistory]:
-    out = []
-    corr = state.corr
-    # Ordered by (wave, essay_a, essay_b, projection value): sorting these tuples themselves
-    # is the order a key function gave, at a fraction of the cost.
-    rows = sorted((*pair, corr.get(cid, PENDING)) for cid, pair in state.pairs.items())
-    for _, a, b, value in rows:
-        if value == PENDING:
-            out.append(PairHistory(a, b, "pending"))
-        elif value.startswith("c "):
-            winner: Winner = "essay_a" if value.endswith("essay_a") else "essay_b"
-            out.append(PairHistory(a, b, "completed", winner))
-        else:  # failed or abandoned
-            out.append(_failed(a, b, value))
-    return out
+    """Every pair's history, ordered by (wave, essay_a, essay_b, projection value)."""
+    return BatchPairs(state).history
 
 
 class BatchPairs:
-    """What one decision reads of the batch's pairs: the accepted comparisons (indexed for
-    `score_wave`), the history for `plan_wave`, how often a pair was asked, whether the last
-    wave may have account-wide failures. The same as `comparisons_of`, `history_of`,
-    counting `pair_key`s and `account_failure`, in the same order, from one pass over the
-    pairs.
+    """What a decision reads of the batch's pairs, from one pass over them: the history, the
+    accepted comparisons (``indexed`` for `score_wave`, when it can index them), how often a
+    pair was asked, whether the last wave may have failed for an account-wide reason.
 
-    Speed (issue 11): those went over every pair of the batch at every decision, sorting
-    tuples of strings (≈ 1.4 ms of a decision's ≈ 20 ms at 100 essays). Here an essay is its
-    rank in sorted-id order, which orders pairs as their ids do, so the sorts are of
-    integers, and the comparisons are indexed for the fit without `Comparison`s. An unusual
-    state (pairs without a projection value or the reverse, an essay not of the batch, an
-    essay paired with itself, one pair twice in one wave) takes those functions instead:
-    their results (and errors) are the reference."""
+    Speed (issue 11): an essay is its rank in sorted-id order, which orders pairs as their
+    ids do, so the sorts are of integers, not of tuples of strings, and the fit's arrays are
+    made without `Comparison`s: 1.6 → 0.7 ms of a decision's ≈ 20 ms at 100 essays."""
 
     def __init__(self, state: BatchState) -> None:
-        self.state = state
         self.ids = [e.essay_id for e in state.essays]
-        order = sorted(set(self.ids))
-        n = len(order)
-        self._rank = {e: i for i, e in enumerate(order)}
-        self._n = n
-        self._comparisons: list[Comparison] | None = None
-        self.indexed: tuple[IntArray, IntArray, FloatArray] | None = None
-        self._unordered: IntArray | None = None  # each pair's unordered key, sorted
-        self.account = True  # False: `account_failure` finds none
-        rows = _rows(state, self._rank) if len(state.corr) == len(state.pairs) else None
-        if rows is None:
-            self.history = history_of(state)
-            self.count = len(self.comparisons)
-            return
-        history, wave_keys, comparison_keys, self.account = rows
-        keys = np.array(wave_keys, dtype=np.intp)
-        pair_keys = keys % (n * n)
-        a, b = pair_keys // n, pair_keys % n
-        self._unordered = np.sort(np.minimum(a, b) * n + np.maximum(a, b))
-        # (wave, essay_a, essay_b) order the history as `history_of` does but for a pair
-        # twice in one wave (ordered by its values there).
-        by_wave = np.argsort(keys, kind="stable")
-        ranked = keys[by_wave]
-        if np.any(ranked[1:] == ranked[:-1]):
-            self.history = history_of(state)
-        else:
-            self.history = [history[k] for k in by_wave.tolist()]
-        # (essay_a, essay_b, winner_is_a): `comparisons_of`'s order.
-        done = np.sort(np.array(comparison_keys, dtype=np.intp))
-        self.count = len(done)
-        ra, rb = done // (2 * n), (done // 2) % n
-        if np.any(ra == rb):
-            return  # `score_wave` indexes `comparisons_of`, and says what is wrong
-        position = {e: i for i, e in enumerate(self.ids)}  # the last of a repeated id, as there
-        at = np.array([position[e] for e in order], dtype=np.intp)
-        self.indexed = (at[ra], at[rb], (done & 1).astype(np.float64))
+        try:
+            self._read(state, self.ids, state.corr)
+        except KeyError:  # an essay not of the batch, or a pair without a value (pending)
+            names = [*self.ids, *(e for p in state.pairs.values() for e in p[1:])]
+            self._read(state, names, dict.fromkeys(state.pairs, PENDING) | state.corr)
 
-    @property
-    def comparisons(self) -> list[Comparison]:
-        """`comparisons_of(state)` (made when asked: the batch's last scores need them)."""
-        if self._comparisons is None:
-            self._comparisons = comparisons_of(self.state)
-        return self._comparisons
-
-    def asked(self, pairs: list[tuple[str, str]]) -> list[int]:
-        """How often each of `pairs` was asked in the batch, in either order."""
-        if self._unordered is None:
-            counts = Counter(pair_key(a, b) for _, a, b in self.state.pairs.values())
-            return [counts[pair_key(a, b)] for a, b in pairs]
-        rank, n = self._rank, self._n
-        ra = np.array([rank[a] for a, _ in pairs], dtype=np.intp)
-        rb = np.array([rank[b] for _, b in pairs], dtype=np.intp)
-        wanted = np.minimum(ra, rb) * n + np.maximum(ra, rb)
-        upto = np.searchsorted(self._unordered, wanted, side="right")
-        asked: list[int] = (upto - np.searchsorted(self._unordered, wanted)).tolist()
-        return asked
-
-
-_Rows = tuple[list[PairHistory], list[int], list[int], bool]
-
-
-def _rows(state: BatchState, rank: dict[str, int]) -> _Rows | None:
-    """`BatchPairs`' pass: each pair's `PairHistory` and (wave, essay_a, essay_b) as one
-    integer, each comparison's (essay_a, essay_b, winner_is_a), whether the last wave has a
-    failure for an account-wide reason; None when an essay is not the batch's or a pair has
-    no projection value."""
-    n = len(rank)
-    if not n:
-        return None
-    corr, last = state.corr, state.waves
-    history: list[PairHistory] = []
-    wave_keys: list[int] = []
-    comparison_keys: list[int] = []
-    account = False
-    try:
-        # corr[cid], not corr.get: a pair without a value is unusual (`history_of`'s case).
-        for cid, (wave, a, b) in state.pairs.items():
-            value = corr[cid]
+    def _read(self, state: BatchState, names: list[str], corr: dict[str, str]) -> None:
+        self.names = sorted(set(names))
+        self.rank = rank = {e: i for i, e in enumerate(self.names)}
+        n = self.n = max(1, len(rank))
+        pairs, last, nn = state.pairs, state.waves, n * n
+        # Values without a pair (a state stored in part): `account_failure` reads them (as
+        # of wave 0), and an accepted one is a KeyError where the comparisons are read.
+        self.account = len(corr) > len(pairs)
+        lost = (c for c, v in corr.items() if v.startswith("c ") and c not in pairs)
+        self._lost = next(lost, None) if self.account else None
+        history: list[PairHistory] = []
+        keys: list[int] = []  # (wave, essay_a, essay_b) as one integer
+        done: list[int] = []  # a comparison's (essay_a, essay_b, winner_is_a) as one integer
+        for cid, (wave, a, b) in pairs.items():
             key = rank[a] * n + rank[b]
-            wave_keys.append(wave * n * n + key)
+            keys.append(wave * nn + key)
+            value = corr[cid]
             if value == PENDING:
                 history.append(PairHistory(a, b, "pending"))
             elif value.startswith("c "):
                 if value.endswith("essay_a"):
                     history.append(PairHistory(a, b, "completed", "essay_a"))
-                    comparison_keys.append(2 * key + 1)
+                    done.append(2 * key + 1)
                 else:
                     history.append(PairHistory(a, b, "completed", "essay_b"))
-                    comparison_keys.append(2 * key)
-            else:
-                history.append(_failed(a, b, value))
-                if wave == last and value.startswith("f "):
-                    account = account or _kind(value) in ACCOUNT_FAILURES
-    except KeyError:
-        return None
-    return history, wave_keys, comparison_keys, account
+                    done.append(2 * key)
+            else:  # failed or abandoned
+                failed = value.startswith("f ")
+                kind = _kind(value) if failed else ""
+                history.append(
+                    PairHistory(a, b, "failed", permanent=failed and kind in PERMANENT_FAILURES)
+                )
+                if failed and wave == last:
+                    self.account = self.account or kind in ACCOUNT_FAILURES
+        by_key = np.array(keys, dtype=np.intp)
+        by_wave = np.argsort(by_key, kind="stable")
+        order = by_wave.tolist()
+        if np.any(np.diff(by_key[by_wave]) == 0):  # one pair twice in a wave: values order it
+            values = [corr[cid] for cid in pairs]
+            order.sort(key=lambda i: (keys[i], values[i]))
+        self.history = [history[i] for i in order]
+        ea, eb = by_key % nn // n, by_key % n
+        self._unordered = np.sort(np.minimum(ea, eb) * n + np.maximum(ea, eb))
+        self._done = np.sort(np.array(done, dtype=np.intp))
+        self.count = len(done)
+        ra, rb = self._done // (2 * n), self._done // 2 % n
+        self.indexed: tuple[IntArray, IntArray, FloatArray] | None = None
+        position = {e: i for i, e in enumerate(self.ids)}  # the last of a repeated id, as there
+        if len(position) == len(self.names) and self._lost is None and not np.any(ra == rb):
+            at = np.array([position[e] for e in self.names], dtype=np.intp)
+            self.indexed = (at[ra], at[rb], (self._done & 1).astype(np.float64))
+        # else `score_wave` indexes `comparisons`, and says what is wrong with them
 
+    @property
+    def comparisons(self) -> list[Comparison]:
+        """The accepted comparisons (made when asked: the batch's last scores need them)."""
+        if self._lost is not None:
+            raise KeyError(self._lost)
+        names, n = self.names, self.n
+        done = self._done.tolist()
+        return [Comparison(names[k // (2 * n)], names[k // 2 % n], k % 2 == 1) for k in done]
 
-def _failed(a: str, b: str, value: str) -> PairHistory:
-    """The history of a failed or abandoned pair (`value`: its projection value)."""
-    permanent = value.startswith("f ") and _kind(value) in PERMANENT_FAILURES
-    return PairHistory(a, b, "failed", permanent=permanent)
+    def asked(self, pairs: list[tuple[str, str]]) -> list[int]:
+        """How often each of `pairs` was asked in the batch, in either order."""
+        n = self.n
+        ra = np.array([self.rank[a] for a, _ in pairs], dtype=np.intp)
+        rb = np.array([self.rank[b] for _, b in pairs], dtype=np.intp)
+        wanted = np.minimum(ra, rb) * n + np.maximum(ra, rb)
+        upto = np.searchsorted(self._unordered, wanted, side="right")
+        asked: list[int] = (upto - np.searchsorted(self._unordered, wanted)).tolist()
+        return asked
 
 
 def _kind(corr_value: str) -> str:
