@@ -1292,13 +1292,20 @@ class WaveScores:
 
 
 def score_wave(
-    essay_ids: Sequence[str], comparisons: Sequence[Comparison], *, classical: bool = True
+    essay_ids: Sequence[str],
+    comparisons: Sequence[Comparison],
+    *,
+    classical: bool = True,
+    indexed: tuple[IntArray, IntArray, FloatArray] | None = None,
 ) -> WaveScores:
     """`fit_bt` (its defaults), `posterior_reliability` of it and (``classical``)
     `classical_ssr`: the same numbers as the three calls, the comparisons indexed and their
-    graph's components counted once for both fits (speed, issue 11)."""
+    graph's components counted once for both fits (speed, issue 11). ``indexed``:
+    `_index_comparisons(essay_ids, comparisons)` when the caller has it (``comparisons`` are
+    then not read)."""
     ids = _unique_ids(essay_ids)
-    indexed = _index_comparisons(ids, comparisons)
+    if indexed is None:
+        indexed = _index_comparisons(ids, comparisons)
     components = count_components(len(ids), indexed[0], indexed[1])
     fit = _fit_indexed(ids, indexed, components, "empirical", True)
     ssr = _classical_ssr(ids, indexed, True, components) if classical else None
