@@ -8,8 +8,10 @@
 reliability and the classical SSR) against REV's (its cj/scoring.py, by
 `git show`, loaded in this same process), CPU time (time.process_time), the two
 interleaved, best of ``--repeats`` per batch, at 100 essays × 10 and 24 comparisons
-per essay and 1,000 essays × 20,000 comparisons (σ(θ_a − θ_b + 0.4), θ ~ N(0, 1),
-random pairs); the ratio is the median over ``--seeds`` batches.
+per essay (random pairs, and distinct pairs as adaptive pairing gives) and 1,000 essays ×
+20,000 comparisons (σ(θ_a − θ_b + 0.4), θ ~ N(0, 1), random pairs); the ratio is the median
+over ``--seeds`` batches. ``--agree REV``: the largest differences from REV's numbers, on
+random and distinct pairs.
 
 choix is not a dependency of cj-streams: install it for this benchmark only
 (`pip install choix`); without it the choix rows are skipped.
@@ -47,6 +49,7 @@ if __name__ == "__main__":
         os.environ.setdefault("OPENBLAS_NUM_THREADS", _threads)
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -67,13 +70,19 @@ from cj.scoring import Comparison, FitResult, fit_bt
 
 
 def make_data(
-    n: int, m: int, seed: int, spread: float = 1.5, bias: float = 0.3
+    n: int, m: int, seed: int, spread: float = 1.5, bias: float = 0.3, distinct: bool = False
 ) -> tuple[list[str], np.ndarray, list[Comparison]]:
+    """``distinct``: no pair compared twice (as adaptive pairing gives; m ≤ n(n − 1)/2)."""
     rng = np.random.default_rng(seed)
     ids = [f"E{i:04d}" for i in range(n)]
     theta = rng.normal(0.0, spread, n)
-    a = rng.integers(0, n, m)
-    b = (a + rng.integers(1, n, m)) % n
+    if distinct:
+        iu, ju = np.triu_indices(n, 1)
+        pick = rng.choice(len(iu), size=m, replace=False)
+        a, b = np.where(rng.random(m) < 0.5, (iu[pick], ju[pick]), (ju[pick], iu[pick]))
+    else:
+        a = rng.integers(0, n, m)
+        b = (a + rng.integers(1, n, m)) % n
     p = 1.0 / (1.0 + np.exp(-(theta[a] - theta[b] + bias)))
     y = rng.random(m) < p
     comps = [Comparison(ids[i], ids[j], bool(w)) for i, j, w in zip(a, b, y, strict=True)]
@@ -118,10 +127,16 @@ def _wave(module: Any, ids: list[str], comps: list[Any]) -> None:
 def against(rev: str, repeats: int, seeds: int) -> list[dict[str, Any]]:
     ref = module_at(rev, "cj/scoring.py")
     out = []
-    for n, m in ((100, 500), (100, 1200), (1000, 20_000)):
+    for n, m, distinct in (
+        (100, 500, False),
+        (100, 1200, False),
+        (100, 500, True),
+        (100, 1200, True),
+        (1000, 20_000, False),
+    ):
         runs: dict[str, list[float]] = {k: [] for k in ("fit", "fit_ref", "wave", "wave_ref")}
         for seed in range(seeds):
-            ids, _, comps = make_data(n, m, seed, spread=1.0, bias=0.4)
+            ids, _, comps = make_data(n, m, seed, spread=1.0, bias=0.4, distinct=distinct)
             ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
             best = dict.fromkeys(runs, math.inf)
             for _ in range(repeats):  # interleaved: the machine's load hits both alike
@@ -138,6 +153,7 @@ def against(rev: str, repeats: int, seeds: int) -> list[dict[str, Any]]:
             {
                 "essays": n,
                 "comparisons": m,
+                "distinct_pairs": distinct,
                 "reference_s": statistics.median(runs["fit_ref"]),
                 "fit_bt_s": statistics.median(runs["fit"]),
                 "ratio": statistics.median(
@@ -161,9 +177,13 @@ def agreement(rev: str, seeds: int) -> dict[str, float]:
     worst = dict.fromkeys(("theta", "se", "eta", "prior_sd", "ssr", "posterior"), 0.0)
     rounds_differ = batches = 0
     sizes = ((20, 60), (60, 200), (100, 300), (100, 800), (100, 2400), (300, 3000), (1000, 20_000))
-    for n, m in sizes:
+    # Random pairs (repeats among them), and as many distinct ones as adaptive pairing gives.
+    for (n, m), distinct in itertools.product(sizes, (False, True)):
+        if distinct and m > n * (n - 1) // 4:
+            continue
         for seed in range(seeds):
-            ids, _, comps = make_data(n, m, seed, spread=(0.5, 1.0, 1.5, 2.5)[seed % 4], bias=0.4)
+            spread = (0.5, 1.0, 1.5, 2.5)[seed % 4]
+            ids, _, comps = make_data(n, m, seed, spread=spread, bias=0.4, distinct=distinct)
             ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
             new, old = fit_bt(ids, comps), ref.fit_bt(ids, ref_comps)
             batches += 1
@@ -183,6 +203,11 @@ def agreement(rev: str, seeds: int) -> dict[str, float]:
                     if a is not None and b is not None:
                         worst[key] = max(worst[key], abs(a - b))
     return {"batches": batches, "rounds_differ": rounds_differ, **worst}
+
+
+def _size(row: dict[str, Any]) -> str:
+    pairs = "distinct" if row["distinct_pairs"] else "random"
+    return f"n={row['essays']:>5} m={row['comparisons']:>6} {pairs:<8}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,13 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fit_bt (default) against {args.against}'s, CPU s, median of {args.seeds} batches")
         for r in table:
             print(
-                f"n={r['essays']:>5} m={r['comparisons']:>6}  {args.against} {r['reference_s']:.4f}"
+                f"{_size(r)}  {args.against} {r['reference_s']:.4f}"
                 f"  fit_bt {r['fit_bt_s']:.4f}  ratio {r['ratio']:.2f}"
             )
         print("a wave's scoring (fit_bt + posterior_reliability + classical_ssr), CPU s")
         for r in table:
             print(
-                f"n={r['essays']:>5} m={r['comparisons']:>6}  {args.against}"
+                f"{_size(r)}  {args.against}"
                 f" {r['wave_reference_s']:.4f}  this {r['wave_s']:.4f}  ratio {r['wave_ratio']:.2f}"
             )
         return 0
