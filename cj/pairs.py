@@ -252,9 +252,9 @@ def _connected(n: int, ea: IntArray, eb: IntArray) -> bool:
     adj[eb, ea] = True
     seen = np.zeros(n, dtype=np.bool_)
     seen[0] = True
-    front = seen
+    front: BoolArray = seen
     while True:
-        front = adj[front].any(axis=0)
+        front = np.asarray(adj[front].any(axis=0), dtype=np.bool_)
         front &= ~seen
         if not front.any():
             return bool(seen.all())
