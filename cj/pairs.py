@@ -45,6 +45,7 @@ essay (``essay_a`` is shown first). Its rules:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -173,8 +174,16 @@ def _mirror_upper(mat: FloatArray) -> None:
         r1 = min(r0 + rows, u)
         mat[r1:, r0:r1] = mat[r0:r1, r1:].T
         square = mat[r0:r1, r0:r1]
-        lower = np.tri(r1 - r0, k=-1, dtype=np.bool_)
-        np.copyto(square, square.T, where=lower)
+        np.copyto(square, square.T, where=_strict_lower(r1 - r0))
+
+
+@functools.cache
+def _strict_lower(size: int) -> BoolArray:
+    """The strict lower triangle of a size × size matrix, as a mask (read only). Kept:
+    `np.tri` costs as much as the copy it guides at n = 100 (speed, issue 11)."""
+    mask = np.tri(size, k=-1, dtype=np.bool_)
+    mask.flags.writeable = False
+    return mask
 
 
 def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
@@ -196,6 +205,9 @@ class _Sigma:
         self.cov = cov
         self._v = np.empty((cov.shape[0], self.BLOCK), order="F")
         self._c = np.empty(self.BLOCK)
+        # The pending v's times their c, row by row: the c·v[x] a column applies, ready (the
+        # same products: multiplication commutes exactly), a numpy call fewer (speed).
+        self._cv = np.empty((cov.shape[0], self.BLOCK))
         self._k = 0
         # Columns read since Σ last changed: the candidates re-scored between two downdates
         # share their essays, a third of the reads are new (speed, issue 11). The very
@@ -209,8 +221,7 @@ class _Sigma:
         col = self.cov[:, x]
         k = self._k
         if k:
-            v = self._v[:, :k]
-            col = np.asarray(col - v @ (self._c[:k] * v[x]), dtype=np.float64)
+            col = col - self._v[:, :k] @ self._cv[x, :k]
         self._columns[x] = col
         return col
 
@@ -218,6 +229,7 @@ class _Sigma:
         self._columns.clear()
         self._v[:, self._k] = v
         self._c[self._k] = c
+        np.multiply(v, c, out=self._cv[:, self._k])
         self._k += 1
         if self._k == self.BLOCK:
             self._flush()
@@ -447,6 +459,10 @@ class _Planner:
     def add(self, i: int, j: int) -> bool:
         if self.full or not self.can_add(i, j):
             return False
+        return self._place(i, j)
+
+    def _place(self, i: int, j: int) -> bool:
+        """`add` of a pair that `can_add` allows, the wave not full."""
         ab = self.orientation(i, j)
         if ab is None:
             return False
@@ -784,15 +800,16 @@ class _Planner:
 
     def _exact_gain(
         self, cov: _Sigma, theta: FloatArray, x: int, y: int
-    ) -> tuple[float, FloatArray, float]:
-        """The A-optimal gain of (x, y) under the current Σ, with Σ(e_x − e_y) and I."""
+    ) -> tuple[float, FloatArray, float, float]:
+        """The A-optimal gain of (x, y) under the current Σ, with Σ(e_x − e_y), I and
+        Var(θ_x − θ_y). Python floats by `item` (the same doubles, without numpy scalars)."""
         v = cov.column(x) - cov.column(y)
-        d = max(float(v[x] - v[y]), 1e-12)  # Var(θ_x − θ_y)
-        info = _expected_information_scalar(float(theta[x] - theta[y]), d)
+        d = max(v.item(x) - v.item(y), 1e-12)  # Var(θ_x − θ_y)
+        info = _expected_information_scalar(theta.item(x) - theta.item(y), d)
         # v.mean() to the bit (the sum over the count), without its Python-level wrapper:
         # a third of this function's time, a few hundred calls a wave (speed, issue 11).
         vc = v - np.add.reduce(v) / len(v)
-        return info * float(vc @ vc) / (1.0 + info * d), v, info
+        return info * float(vc @ vc) / (1.0 + info * d), v, info, d
 
     def _shortlist(
         self, used: IntArray, ok: BoolArray, values: FloatArray, work: _Work
@@ -817,9 +834,11 @@ class _Planner:
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
         # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
         order = np.argsort(neg)
-        if len(order) > 1 and bool(np.any(np.diff(neg[order]) == 0)):  # ties: keep (i, j) order
+        ranked = neg[order]
+        if bool((ranked[1:] == ranked[:-1]).any()):  # ties: keep (i, j) order
             order = np.argsort(neg, kind="stable")
-        return _Candidates(neg[order].tolist(), xs[order].tolist(), ys[order].tolist())
+            ranked = neg[order]
+        return _Candidates(ranked.tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
         self,
@@ -860,28 +879,38 @@ class _Planner:
             version = added = 0
             while heap.any(closed) and len(out) < size:
                 _, x, y, ver = heap.pop()
-                if closed[x] or closed[y] or not self._open(x, y, per_essay_cap):
+                # Open essays are under both caps (closed says when one reaches them), so
+                # `_open` is eligibility and an orientation (speed: no numpy scalars).
+                if closed[x] or closed[y] or not self._orientable(x, y):
                     continue
-                scored: tuple[FloatArray, float] | None = None
+                scored: tuple[FloatArray, float, float] | None = None
                 if ver != version:
-                    value, v, inf = self._exact_gain(cov, theta, x, y)
-                    value *= float(jitter[x, y] if x < y else jitter[y, x])
+                    value, v, inf, d_xy = self._exact_gain(cov, theta, x, y)
+                    value *= jitter.item(x, y) if x < y else jitter.item(y, x)
                     value *= self._anchor_factor_one(x, y, anchor_bonus)
                     if heap.any(closed) and value < heap.best():
                         heap.push((-value, x, y, version))
                         continue
-                    scored = v, inf  # Σ is unchanged until the downdate below
-                if not self.add(x, y):
+                    scored = v, inf, d_xy  # Σ is unchanged until the downdate below
+                if not self._place(x, y):
                     continue
                 added += 1
-                closed[x] = int(self.wave_count[x]) >= cap
-                closed[y] = int(self.wave_count[y]) >= cap
-                v, inf = scored if scored is not None else self._exact_gain(cov, theta, x, y)[1:]
-                d_xy = max(float(v[x] - v[y]), 1e-12)
+                closed[x] = self.wave_count.item(x) >= cap
+                closed[y] = self.wave_count.item(y) >= cap
+                if scored is None:  # scored on this Σ already: its v and I again
+                    scored = self._exact_gain(cov, theta, x, y)[1:]
+                v, inf, d_xy = scored
                 cov.downdate(v, inf / (1.0 + inf * d_xy))
                 version += 1
             if added == 0:
                 return
+
+    def _orientable(self, x: int, y: int) -> bool:
+        """Whether (x, y) is eligible and can be oriented (`can_add` but for the caps)."""
+        if not self.eligible.item(x, y):
+            return False
+        bx, by = self.balance.item(x), self.balance.item(y)
+        return (bx <= 0 and by >= 0) or (by <= 0 and bx >= 0)
 
     def _open(self, x: int, y: int, per_essay_cap: int) -> bool:
         return (
@@ -941,18 +970,20 @@ def _scores_array(
 ) -> tuple[FloatArray, FloatArray]:
     """θ and SE² per essay from the latest fit; essays without a finite score get θ = 0
     and the largest variance of the others."""
-    theta = np.zeros(len(ids))
-    var = np.full(len(ids), _DEFAULT_SE**2)
     known = [s for s in scores.values() if math.isfinite(s[0]) and math.isfinite(s[1])]
     default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
-    for i, e in enumerate(ids):
+    # Python lists made into arrays once (speed, issue 11: no numpy item writes).
+    theta: list[float] = []
+    var: list[float] = []
+    for e in ids:
         sc = scores.get(e)
         if sc is not None and math.isfinite(sc[0]) and math.isfinite(sc[1]):
-            theta[i] = sc[0]
-            var[i] = max(sc[1] ** 2, 1e-6)
+            theta.append(sc[0])
+            var.append(max(sc[1] ** 2, 1e-6))
         else:
-            var[i] = default_var
-    return theta, var
+            theta.append(0.0)
+            var.append(default_var)
+    return np.array(theta, dtype=np.float64), np.array(var, dtype=np.float64)
 
 
 def plan_wave(
