@@ -257,6 +257,11 @@ class _Sigma:
         self._k = 0
 
 
+def _block(mat: BoolArray, index: IntArray) -> BoolArray:
+    """mat[np.ix_(index, index)]."""
+    return mat.take(index, axis=0).take(index, axis=1)
+
+
 def _connected(n: int, ea: IntArray, eb: IntArray) -> bool:
     """Whether the graph of n nodes and edges (ea, eb) is connected: breadth first over a
     dense adjacency. Speed (issue 11): at n = 100 a tenth of scipy's sparse matrix and
@@ -695,7 +700,8 @@ class _Planner:
         cap = per_essay_cap if self.wave_cap is None else min(per_essay_cap, self.wave_cap)
         # Speed (issue 11): over the essays under the cap only, not an n × n mask every round.
         under = np.flatnonzero(self.wave_count < cap)
-        ok = self.eligible if len(under) == self.n else self.eligible[np.ix_(under, under)]
+        # Rows then columns by take: the cells np.ix_ gathers, at a third of its cost (speed).
+        ok = self.eligible if len(under) == self.n else _block(self.eligible, under)
         bal = self.balance[under]
         # ok & ((bal_i != bal_j) | (bal_j == 0)), in one array (speed: no u × u temporaries).
         mask = bal[:, None] != bal[None, :]
@@ -705,7 +711,7 @@ class _Planner:
         some = ok.any(axis=1)
         if not some.all():
             keep = np.flatnonzero(some)
-            ok, under = ok[np.ix_(keep, keep)], under[keep]
+            ok, under = _block(ok, keep), under[keep]
         return under, ok
 
     def open_pairs(self, per_essay_cap: int) -> tuple[IntArray, IntArray]:
@@ -723,10 +729,18 @@ class _Planner:
         students, anchors = np.flatnonzero(grade < 0), np.flatnonzero(grade >= 0)
         if len(students) == 0 or len(anchors) == 0:
             return
-        new = ~self.met_grade[np.ix_(used[students], grade[anchors])]
-        factor = np.where(new, 1.0 + anchor_bonus, 1.0)
-        values[np.ix_(students, anchors)] *= factor
-        values[np.ix_(anchors, students)] *= factor.T
+        new = ~self.met_grade.take(used[students], axis=0).take(grade[anchors], axis=1)
+        # Each anchor's column and row scaled whole by its factors (1 for the anchors): the
+        # same products, × 1 exact elsewhere, by takes and whole-row writes instead of two
+        # gathers and scatters of np.ix_ blocks (speed, issue 11).
+        factor = np.ones((len(used), len(anchors)))
+        factor[students] = np.where(new, 1.0 + anchor_bonus, 1.0)
+        cols = values.take(anchors, axis=1)
+        cols *= factor
+        values[:, anchors] = cols
+        rows = values.take(anchors, axis=0)
+        rows *= factor.T
+        values[anchors] = rows
 
     def _anchor_factor_one(self, x: int, y: int, anchor_bonus: float) -> float:
         """`_anchor_factor` of one pair, without arrays (speed, issue 11)."""
