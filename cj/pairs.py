@@ -313,12 +313,13 @@ class _Candidates:
         return (self.neg[k], self.xs[k], self.ys[k], 0) if k < len(self.xs) else None
 
     def best(self) -> float:
-        """The largest gain left (after `any`)."""
-        head = self._head()
-        if self.pushed and (head is None or self.pushed[0] < head):
-            return -self.pushed[0][0]
-        assert head is not None
-        return -head[0]
+        """The largest gain left (after `any`): `pop`'s choice, without making its tuple."""
+        k, pushed = self.k, self.pushed
+        if k < len(self.xs):
+            if pushed and pushed[0] < (self.neg[k], self.xs[k], self.ys[k], 0):
+                return -pushed[0][0]
+            return -self.neg[k]
+        return -pushed[0][0]
 
     def pop(self) -> _Candidate:
         head = self._head()
@@ -562,7 +563,7 @@ class _Planner:
         for it only flipped orientations back and forth (a BFS over the wave per candidate:
         2.4 s of a 2.5 s matching wave at n = 1000); such pairs are left out, found among
         the essays with room only, each with the draw it had among all."""
-        upper = np.triu(self.eligible, 1)
+        upper = self.eligible & _strict_lower(self.n).T  # np.triu(eligible, 1), cached mask
         per_row = np.count_nonzero(upper, axis=1)
         total = int(per_row.sum())
         if total == 0:
