@@ -766,7 +766,7 @@ class _Planner:
         ``used`` is in increasing order: only the jitter's upper triangle holds its values."""
         u = len(used)
         full = u == self.n
-        diag = np.diag(cov)[used]
+        diag = cov.diagonal()[used]
         # cov[:, used] is in Fortran order: its column means and Gram are summed that way.
         sub = cov if full else cov[:, used]
         # The centred columns written in Fortran order, the order dsyrk reads (f2py copied
@@ -776,7 +776,7 @@ class _Planner:
         np.subtract(sub, np.add.reduce(sub, axis=0, keepdims=True) / len(sub), out=centred)
         # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
-        s2d = np.diag(s2)
+        s2d = s2.diagonal()
         th = theta[used]
         out = work.buffer(0, u)
         rows = _STRIP_ROWS
@@ -846,10 +846,11 @@ class _Planner:
         rows = np.repeat(np.arange(u), kk)
         cols = top.ravel()
         keep = np.isfinite(mat[rows, cols])
-        lo = np.minimum(rows[keep], cols[keep])
-        hi = np.maximum(rows[keep], cols[keep])
+        rows, cols = rows[keep], cols[keep]
+        lo = np.minimum(rows, cols)
+        hi = np.maximum(rows, cols)
         uniq = _unique(lo * u + hi)
-        li, lj = uniq // u, uniq % u
+        li, lj = np.divmod(uniq, u)
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
         # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
         order = np.argsort(neg)
@@ -968,7 +969,7 @@ class _Planner:
             return cov
         # Keep the correlation structure of the graph but the variances of the latest
         # fit (which knows η, the fitted prior and comparisons this sketch may not).
-        scale = np.sqrt(var / np.maximum(np.diag(cov), 1e-12))
+        scale = np.sqrt(var / np.maximum(cov.diagonal(), 1e-12))
         cov *= scale[:, None]
         cov *= scale[None, :]
         return cov
