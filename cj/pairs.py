@@ -476,12 +476,14 @@ class _Planner:
         if ab is None:
             return False
         a, b = ab
-        self.balance[a] += 1
-        self.balance[b] -= 1
-        self.count[a] += 1
-        self.count[b] += 1
-        self.wave_count[a] += 1
-        self.wave_count[b] += 1
+        # Counts written from item reads: half the time of numpy's scalar `+=` (speed).
+        balance, count, wave_count = self.balance, self.count, self.wave_count
+        balance[a] = balance.item(a) + 1
+        balance[b] = balance.item(b) - 1
+        count[a] = count.item(a) + 1
+        count[b] = count.item(b) + 1
+        wave_count[a] = wave_count.item(a) + 1
+        wave_count[b] = wave_count.item(b) + 1
         self.eligible[a, b] = self.eligible[b, a] = False
         self.edges_a.append(a)
         self.edges_b.append(b)
