@@ -5,6 +5,7 @@ same inputs; both must choose the same pairs.
     python bench/plan_wave.py [--essays 1000] [--history 20000] [--size 500]
                               [--repeats 7] [--against d6c982e] [--json]
     python bench/plan_wave.py --agree 200 [--against main]
+    python bench/plan_wave.py --simulated 5 100 [--repeats 5] [--against main]
 
 Times are CPU seconds of this process (time.process_time: on a loaded machine wall time
 measures the neighbours too); the minimum and the median are shown, and their ratios to the
@@ -14,6 +15,11 @@ One BLAS thread (OPENBLAS_NUM_THREADS=1 unless set), as in the workers.
 --agree N times nothing: it plans N random instances (2 to 1,000 essays, first waves and
 scored ones, pending, failed and permanently failed history, anchors, caps, both selectors)
 with both planners and lists those whose pairs (with their order and positions) differ.
+
+--simulated B N times the calls the pipeline makes most (issue 11): the plan_wave calls of
+CJ's decide over every decision of bench/decide.py's `simulate(B, N)` (five batches of 100
+essays: 102 calls, waves of 50 pairs, histories up to ≈ 1,500 pairs), captured by this tree,
+each call planned by both planners in turn; the figures are the sums over the calls.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 from revisions import module_at, plan_wave_inputs  # noqa: E402
 
@@ -49,11 +56,16 @@ def main() -> None:
     ap.add_argument("--against", default="d6c982e", help="git revision of the reference")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--agree", type=int, default=0, metavar="N", help="compare N instances")
+    ap.add_argument("--simulated", type=int, nargs=2, metavar=("B", "N"), help="decide's calls")
     args = ap.parse_args()
 
     ref = module_at(args.against, "cj/pairs.py")
     if args.agree:
         agree(ref, args.agree, args.against)
+        return
+    if args.simulated:
+        batches, essays = args.simulated
+        simulated(ref, batches, essays, args.repeats, args.against)
         return
     runs = {"current": current, f"reference {args.against}": ref}
     kwargs = {name: plan_wave_inputs(m, args.essays, args.history) for name, m in runs.items()}
@@ -147,6 +159,68 @@ def random_instance(pairs: ModuleType, seed: int) -> dict[str, Any]:
     if rng.random() < 0.2:
         kwargs["anchor_bonus"] = 0.0
     return kwargs
+
+
+def decide_calls(batches: int, essays: int) -> list[dict[str, Any]]:
+    """plan_wave's keywords in every call CJ's decide makes over `simulate(batches, essays)`."""
+    import copy
+    import importlib
+
+    import cj.continuation
+
+    states = importlib.import_module("decide").simulate(batches, essays)
+    calls: list[dict[str, Any]] = []
+    space = vars(cj.continuation)
+    planner = space["plan_wave"]
+
+    def record(**kwargs: Any) -> list[tuple[str, str]]:
+        calls.append(kwargs)
+        result: list[tuple[str, str]] = planner(**kwargs)
+        return result
+
+    space["plan_wave"] = record  # the planner decide calls, this process only
+    try:
+        for state, overlap in states:
+            cj.continuation.decide(copy.deepcopy(state), overlap)
+    finally:
+        space["plan_wave"] = planner
+    return calls
+
+
+def simulated(ref: ModuleType, batches: int, essays: int, repeats: int, rev: str) -> None:
+    calls = decide_calls(batches, essays)
+    mods = {"current": current, rev: ref}
+    inputs = {
+        name: [
+            kw | {"history": [m.PairHistory(*msgspec.structs.astuple(h)) for h in kw["history"]]}
+            for kw in calls
+        ]
+        for name, m in mods.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in mods}
+    same = True
+    for r in range(repeats):
+        spent = dict.fromkeys(mods, 0.0)
+        for k in range(len(calls)):
+            chosen = {}
+            for name in list(mods)[:: 1 if (k + r) % 2 else -1]:
+                t0 = time.process_time()
+                chosen[name] = mods[name].plan_wave(**inputs[name][k])
+                spent[name] += time.process_time() - t0
+            same &= chosen["current"] == chosen[rev]
+        for name in mods:
+            times[name].append(spent[name])
+    print(
+        f"plan_wave over decide's {len(calls)} calls of simulate({batches}, {essays}), "
+        f"CPU s summed over the calls, {repeats} repeats; same pairs as {rev}: {same}"
+    )
+    for name, t in times.items():
+        print(f"  {name:<12} min {min(t):.4f}, median {statistics.median(t):.4f}")
+    ratio_min = min(times["current"]) / min(times[rev])
+    ratio_median = statistics.median(times["current"]) / statistics.median(times[rev])
+    print(f"  current / {rev}: min {ratio_min:.3f}, median {ratio_median:.3f} (same process)")
+    if not same:
+        raise SystemExit("the planners chose different pairs")
 
 
 def agree(ref: ModuleType, count: int, rev: str) -> None:

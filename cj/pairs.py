@@ -45,6 +45,7 @@ essay (``essay_a`` is shown first). Its rules:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -73,6 +74,8 @@ _DEFAULT_SE = 1.5
 _STRIP_ROWS = 128
 # Candidate partners kept per essay for the adaptive greedy search.
 _PARTNERS_PER_ESSAY = 24
+# Largest n whose connectivity is tested on a dense adjacency first (`_connected`).
+_DENSE_GRAPH = 400
 
 
 Selector = Literal["a_optimal", "information"]
@@ -171,8 +174,16 @@ def _mirror_upper(mat: FloatArray) -> None:
         r1 = min(r0 + rows, u)
         mat[r1:, r0:r1] = mat[r0:r1, r1:].T
         square = mat[r0:r1, r0:r1]
-        lower = np.tri(r1 - r0, k=-1, dtype=np.bool_)
-        np.copyto(square, square.T, where=lower)
+        np.copyto(square, square.T, where=_strict_lower(r1 - r0))
+
+
+@functools.cache
+def _strict_lower(size: int) -> BoolArray:
+    """The strict lower triangle of a size × size matrix, as a mask (read only). Kept:
+    `np.tri` costs as much as the copy it guides at n = 100 (speed, issue 11)."""
+    mask = np.tri(size, k=-1, dtype=np.bool_)
+    mask.flags.writeable = False
+    return mask
 
 
 def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
@@ -194,7 +205,11 @@ class _Sigma:
         self.cov = cov
         self._v = np.empty((cov.shape[0], self.BLOCK), order="F")
         self._c = np.empty(self.BLOCK)
+        # The pending v's times their c, row by row: the c·v[x] a column applies, ready (the
+        # same products: multiplication commutes exactly), a numpy call fewer (speed).
+        self._cv = np.empty((cov.shape[0], self.BLOCK))
         self._k = 0
+        self._pending = self._v[:, :0]  # the pending v's (the first k columns of _v)
         # Columns read since Σ last changed: the candidates re-scored between two downdates
         # share their essays, a third of the reads are new (speed, issue 11). The very
         # arrays `column` computed, so the same values to the bit.
@@ -207,8 +222,8 @@ class _Sigma:
         col = self.cov[:, x]
         k = self._k
         if k:
-            v = self._v[:, :k]
-            col = np.asarray(col - v @ (self._c[:k] * v[x]), dtype=np.float64)
+            # np.dot: the same dgemv as `@`, with less of numpy's overhead (speed).
+            col = col - np.dot(self._pending, self._cv[x, :k])
         self._columns[x] = col
         return col
 
@@ -216,7 +231,9 @@ class _Sigma:
         self._columns.clear()
         self._v[:, self._k] = v
         self._c[self._k] = c
+        np.multiply(v, c, out=self._cv[:, self._k])
         self._k += 1
+        self._pending = self._v[:, : self._k]
         if self._k == self.BLOCK:
             self._flush()
 
@@ -238,6 +255,30 @@ class _Sigma:
             if not np.shares_memory(out, self.cov):  # pragma: no cover - BLAS made a copy
                 self.cov[...] = out.T
         self._k = 0
+
+
+def _block(mat: BoolArray, index: IntArray) -> BoolArray:
+    """mat[np.ix_(index, index)]."""
+    return mat.take(index, axis=0).take(index, axis=1)
+
+
+def _connected(n: int, ea: IntArray, eb: IntArray) -> bool:
+    """Whether the graph of n nodes and edges (ea, eb) is connected: breadth first over a
+    dense adjacency. Speed (issue 11): at n = 100 a tenth of scipy's sparse matrix and
+    `connected_components` (≈ 0.4 ms a wave), which are kept for the labels of a graph
+    that is not connected."""
+    adj = np.zeros((n, n), dtype=np.bool_)
+    adj[ea, eb] = True
+    adj[eb, ea] = True
+    seen = np.zeros(n, dtype=np.bool_)
+    seen[0] = True
+    front: BoolArray = seen
+    while True:
+        front = np.asarray(adj[front].any(axis=0), dtype=np.bool_)
+        front &= ~seen
+        if not front.any():
+            return bool(seen.all())
+        seen |= front
 
 
 def _expected_information_scalar(mu: float, var: float) -> float:
@@ -272,12 +313,13 @@ class _Candidates:
         return (self.neg[k], self.xs[k], self.ys[k], 0) if k < len(self.xs) else None
 
     def best(self) -> float:
-        """The largest gain left (after `any`)."""
-        head = self._head()
-        if self.pushed and (head is None or self.pushed[0] < head):
-            return -self.pushed[0][0]
-        assert head is not None
-        return -head[0]
+        """The largest gain left (after `any`): `pop`'s choice, without making its tuple."""
+        k, pushed = self.k, self.pushed
+        if k < len(self.xs):
+            if pushed and pushed[0] < (self.neg[k], self.xs[k], self.ys[k], 0):
+                return -pushed[0][0]
+            return -self.neg[k]
+        return -pushed[0][0]
 
     def pop(self) -> _Candidate:
         head = self._head()
@@ -352,8 +394,12 @@ class _Planner:
         eligible[both[closed]] = False
         eligible[:: n + 1] = False
         self.eligible: BoolArray = eligible.reshape(n, n)
-        self.edges_a: list[int] = ha[live].tolist()
-        self.edges_b: list[int] = hb[live].tolist()
+        # The live comparisons: the history's as arrays, this wave's appended to lists (as
+        # (a, b) when added; `wave_edges` may be reversed later by the balance repair).
+        self.live_a: IntArray = ha[live]
+        self.live_b: IntArray = hb[live]
+        self.edges_a: list[int] = []
+        self.edges_b: list[int] = []
         self.wave_count = np.zeros(n, dtype=np.intp)
         self.wave_edges: list[tuple[int, int]] = []  # this wave's pairs, as (a, b)
         # Anchors: grade index per essay (-1 for students) and which grades each
@@ -377,7 +423,7 @@ class _Planner:
     # -- state -------------------------------------------------------------
 
     def _meet(self, x: int, y: int) -> None:
-        gx, gy = self.anchor_grade[x], self.anchor_grade[y]
+        gx, gy = self.anchor_grade.item(x), self.anchor_grade.item(y)
         if gy >= 0 and gx < 0:
             self.met_grade[x, gy] = True
         if gx >= 0 and gy < 0:
@@ -389,7 +435,7 @@ class _Planner:
 
     def _options(self, i: int, j: int) -> tuple[bool, bool]:
         """Whether (i, j) resp. (j, i) keeps both balances in range, or at least not worse."""
-        bi, bj = int(self.balance[i]), int(self.balance[j])
+        bi, bj = self.balance.item(i), self.balance.item(j)
         # b → b + 1 leaves |b + 1| ≤ 1 or brings it nearer 0 exactly when b ≤ 0; b → b − 1
         # when b ≥ 0 (a closed form of the rule, without a helper call per test).
         return bi <= 0 and bj >= 0, bj <= 0 and bi >= 0
@@ -398,7 +444,7 @@ class _Planner:
         """(a, b) keeping both balances in range (or not worse), or None."""
         i_first, j_first = self._options(i, j)
         if i_first and j_first:
-            bi, bj = int(self.balance[i]), int(self.balance[j])
+            bi, bj = self.balance.item(i), self.balance.item(j)
             ci = max(abs(bi + 1), abs(bj - 1))
             cj = max(abs(bj + 1), abs(bi - 1))
             if ci != cj:
@@ -422,16 +468,22 @@ class _Planner:
     def add(self, i: int, j: int) -> bool:
         if self.full or not self.can_add(i, j):
             return False
+        return self._place(i, j)
+
+    def _place(self, i: int, j: int) -> bool:
+        """`add` of a pair that `can_add` allows, the wave not full."""
         ab = self.orientation(i, j)
         if ab is None:
             return False
         a, b = ab
-        self.balance[a] += 1
-        self.balance[b] -= 1
-        self.count[a] += 1
-        self.count[b] += 1
-        self.wave_count[a] += 1
-        self.wave_count[b] += 1
+        # Counts written from item reads: half the time of numpy's scalar `+=` (speed).
+        balance, count, wave_count = self.balance, self.count, self.wave_count
+        balance[a] = balance.item(a) + 1
+        balance[b] = balance.item(b) - 1
+        count[a] = count.item(a) + 1
+        count[b] = count.item(b) + 1
+        wave_count[a] = wave_count.item(a) + 1
+        wave_count[b] = wave_count.item(b) + 1
         self.eligible[a, b] = self.eligible[b, a] = False
         self.edges_a.append(a)
         self.edges_b.append(b)
@@ -513,7 +565,7 @@ class _Planner:
         for it only flipped orientations back and forth (a BFS over the wave per candidate:
         2.4 s of a 2.5 s matching wave at n = 1000); such pairs are left out, found among
         the essays with room only, each with the draw it had among all."""
-        upper = np.triu(self.eligible, 1)
+        upper = self.eligible & _strict_lower(self.n).T  # np.triu(eligible, 1), cached mask
         per_row = np.count_nonzero(upper, axis=1)
         total = int(per_row.sum())
         if total == 0:
@@ -605,10 +657,17 @@ class _Planner:
 
     # -- connectivity --------------------------------------------------------
 
+    def _edges(self) -> tuple[IntArray, IntArray]:
+        """Both ends of every live comparison, the history's then this wave's, in order."""
+        ea = np.concatenate((self.live_a, np.asarray(self.edges_a, dtype=np.intp)))
+        eb = np.concatenate((self.live_b, np.asarray(self.edges_b, dtype=np.intp)))
+        return ea, eb
+
     def components(self) -> tuple[int, IntArray]:
-        g = scipy.sparse.coo_matrix(
-            (np.ones(len(self.edges_a)), (self.edges_a, self.edges_b)), shape=(self.n, self.n)
-        ).tocsr()
+        ea, eb = self._edges()
+        if self.n <= _DENSE_GRAPH and _connected(self.n, ea, eb):
+            return 1, np.zeros(self.n, dtype=np.intp)
+        g = scipy.sparse.coo_matrix((np.ones(len(ea)), (ea, eb)), shape=(self.n, self.n)).tocsr()
         k, labels = connected_components(g, directed=False)
         return int(k), labels.astype(np.intp)
 
@@ -643,8 +702,9 @@ class _Planner:
         leaning the same way (no orientation would keep balance)."""
         cap = per_essay_cap if self.wave_cap is None else min(per_essay_cap, self.wave_cap)
         # Speed (issue 11): over the essays under the cap only, not an n × n mask every round.
-        under = np.flatnonzero(self.wave_count < cap).astype(np.intp)
-        ok = self.eligible if len(under) == self.n else self.eligible[np.ix_(under, under)]
+        under = np.flatnonzero(self.wave_count < cap)
+        # Rows then columns by take: the cells np.ix_ gathers, at a third of its cost (speed).
+        ok = self.eligible if len(under) == self.n else _block(self.eligible, under)
         bal = self.balance[under]
         # ok & ((bal_i != bal_j) | (bal_j == 0)), in one array (speed: no u × u temporaries).
         mask = bal[:, None] != bal[None, :]
@@ -654,7 +714,7 @@ class _Planner:
         some = ok.any(axis=1)
         if not some.all():
             keep = np.flatnonzero(some)
-            ok, under = ok[np.ix_(keep, keep)], under[keep]
+            ok, under = _block(ok, keep), under[keep]
         return under, ok
 
     def open_pairs(self, per_essay_cap: int) -> tuple[IntArray, IntArray]:
@@ -672,16 +732,24 @@ class _Planner:
         students, anchors = np.flatnonzero(grade < 0), np.flatnonzero(grade >= 0)
         if len(students) == 0 or len(anchors) == 0:
             return
-        new = ~self.met_grade[np.ix_(used[students], grade[anchors])]
-        factor = np.where(new, 1.0 + anchor_bonus, 1.0)
-        values[np.ix_(students, anchors)] *= factor
-        values[np.ix_(anchors, students)] *= factor.T
+        new = ~self.met_grade.take(used[students], axis=0).take(grade[anchors], axis=1)
+        # Each anchor's column and row scaled whole by its factors (1 for the anchors): the
+        # same products, × 1 exact elsewhere, by takes and whole-row writes instead of two
+        # gathers and scatters of np.ix_ blocks (speed, issue 11).
+        factor = np.ones((len(used), len(anchors)))
+        factor[students] = np.where(new, 1.0 + anchor_bonus, 1.0)
+        cols = values.take(anchors, axis=1)
+        cols *= factor
+        values[:, anchors] = cols
+        rows = values.take(anchors, axis=0)
+        rows *= factor.T
+        values[anchors] = rows
 
     def _anchor_factor_one(self, x: int, y: int, anchor_bonus: float) -> float:
         """`_anchor_factor` of one pair, without arrays (speed, issue 11)."""
         if anchor_bonus <= 0:
             return 1.0
-        gx, gy = int(self.anchor_grade[x]), int(self.anchor_grade[y])
+        gx, gy = self.anchor_grade.item(x), self.anchor_grade.item(y)
         new = (gx < 0 <= gy and not self.met_grade[x, gy]) or (
             gy < 0 <= gx and not self.met_grade[y, gx]
         )
@@ -700,16 +768,17 @@ class _Planner:
         ``used`` is in increasing order: only the jitter's upper triangle holds its values."""
         u = len(used)
         full = u == self.n
-        diag = np.diag(cov)[used]
+        diag = cov.diagonal()[used]
         # cov[:, used] is in Fortran order: its column means and Gram are summed that way.
         sub = cov if full else cov[:, used]
         # The centred columns written in Fortran order, the order dsyrk reads (f2py copied
         # a C-ordered one into it), in scratch: no n × u array made per round (speed).
         centred = work.buffer(1, u, self.n).T
-        np.subtract(sub, sub.mean(axis=0, keepdims=True), out=centred)
+        # sub.mean(axis=0) to the bit (the sums over the count), without its wrapper.
+        np.subtract(sub, np.add.reduce(sub, axis=0, keepdims=True) / len(sub), out=centred)
         # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
         s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
-        s2d = np.diag(s2)
+        s2d = s2.diagonal()
         th = theta[used]
         out = work.buffer(0, u)
         rows = _STRIP_ROWS
@@ -752,15 +821,16 @@ class _Planner:
 
     def _exact_gain(
         self, cov: _Sigma, theta: FloatArray, x: int, y: int
-    ) -> tuple[float, FloatArray, float]:
-        """The A-optimal gain of (x, y) under the current Σ, with Σ(e_x − e_y) and I."""
+    ) -> tuple[float, FloatArray, float, float]:
+        """The A-optimal gain of (x, y) under the current Σ, with Σ(e_x − e_y), I and
+        Var(θ_x − θ_y). Python floats by `item` (the same doubles, without numpy scalars)."""
         v = cov.column(x) - cov.column(y)
-        d = max(float(v[x] - v[y]), 1e-12)  # Var(θ_x − θ_y)
-        info = _expected_information_scalar(float(theta[x] - theta[y]), d)
+        d = max(v.item(x) - v.item(y), 1e-12)  # Var(θ_x − θ_y)
+        info = _expected_information_scalar(theta.item(x) - theta.item(y), d)
         # v.mean() to the bit (the sum over the count), without its Python-level wrapper:
         # a third of this function's time, a few hundred calls a wave (speed, issue 11).
-        vc = v - np.add.reduce(v) / len(v)
-        return info * float(vc @ vc) / (1.0 + info * d), v, info
+        vc = v - float(np.add.reduce(v)) / len(v)
+        return info * float(vc @ vc) / (1.0 + info * d), v, info, d
 
     def _shortlist(
         self, used: IntArray, ok: BoolArray, values: FloatArray, work: _Work
@@ -778,16 +848,19 @@ class _Planner:
         rows = np.repeat(np.arange(u), kk)
         cols = top.ravel()
         keep = np.isfinite(mat[rows, cols])
-        lo = np.minimum(rows[keep], cols[keep])
-        hi = np.maximum(rows[keep], cols[keep])
+        rows, cols = rows[keep], cols[keep]
+        lo = np.minimum(rows, cols)
+        hi = np.maximum(rows, cols)
         uniq = _unique(lo * u + hi)
-        li, lj = uniq // u, uniq % u
+        li, lj = np.divmod(uniq, u)
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
         # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
         order = np.argsort(neg)
-        if len(order) > 1 and bool(np.any(np.diff(neg[order]) == 0)):  # ties: keep (i, j) order
+        ranked = neg[order]
+        if bool((ranked[1:] == ranked[:-1]).any()):  # ties: keep (i, j) order
             order = np.argsort(neg, kind="stable")
-        return _Candidates(neg[order].tolist(), xs[order].tolist(), ys[order].tolist())
+            ranked = neg[order]
+        return _Candidates(ranked.tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
         self,
@@ -826,30 +899,45 @@ class _Planner:
             self._anchor_bonus(values, used, anchor_bonus)
             heap = self._shortlist(used, ok, values, work)
             version = added = 0
+            # The v, I and Var(θ_x − θ_y) of the candidates re-queued on this Σ, for the one
+            # that comes back out first (speed: no second scoring; the same arrays).
+            pushed: dict[tuple[int, int], tuple[FloatArray, float, float]] = {}
             while heap.any(closed) and len(out) < size:
                 _, x, y, ver = heap.pop()
-                if closed[x] or closed[y] or not self._open(x, y, per_essay_cap):
+                # Open essays are under both caps (closed says when one reaches them), so
+                # `_open` is eligibility and an orientation (speed: no numpy scalars).
+                if closed[x] or closed[y] or not self._orientable(x, y):
                     continue
-                scored: tuple[FloatArray, float] | None = None
+                scored: tuple[FloatArray, float, float] | None = None
                 if ver != version:
-                    value, v, inf = self._exact_gain(cov, theta, x, y)
-                    value *= float(jitter[x, y] if x < y else jitter[y, x])
+                    value, v, inf, d_xy = self._exact_gain(cov, theta, x, y)
+                    value *= jitter.item(x, y) if x < y else jitter.item(y, x)
                     value *= self._anchor_factor_one(x, y, anchor_bonus)
                     if heap.any(closed) and value < heap.best():
                         heap.push((-value, x, y, version))
+                        pushed[x, y] = v, inf, d_xy
                         continue
-                    scored = v, inf  # Σ is unchanged until the downdate below
-                if not self.add(x, y):
+                    scored = v, inf, d_xy  # Σ is unchanged until the downdate below
+                if not self._place(x, y):
                     continue
                 added += 1
-                closed[x] = int(self.wave_count[x]) >= cap
-                closed[y] = int(self.wave_count[y]) >= cap
-                v, inf = scored if scored is not None else self._exact_gain(cov, theta, x, y)[1:]
-                d_xy = max(float(v[x] - v[y]), 1e-12)
+                closed[x] = self.wave_count.item(x) >= cap
+                closed[y] = self.wave_count.item(y) >= cap
+                if scored is None:  # scored on this Σ already: its v and I again
+                    scored = pushed.get((x, y)) or self._exact_gain(cov, theta, x, y)[1:]
+                v, inf, d_xy = scored
                 cov.downdate(v, inf / (1.0 + inf * d_xy))
                 version += 1
+                pushed.clear()
             if added == 0:
                 return
+
+    def _orientable(self, x: int, y: int) -> bool:
+        """Whether (x, y) is eligible and can be oriented (`can_add` but for the caps)."""
+        if not self.eligible.item(x, y):
+            return False
+        bx, by = self.balance.item(x), self.balance.item(y)
+        return (bx <= 0 and by >= 0) or (by <= 0 and bx >= 0)
 
     def _open(self, x: int, y: int, per_essay_cap: int) -> bool:
         return (
@@ -883,7 +971,7 @@ class _Planner:
             return cov
         # Keep the correlation structure of the graph but the variances of the latest
         # fit (which knows η, the fitted prior and comparisons this sketch may not).
-        scale = np.sqrt(var / np.maximum(np.diag(cov), 1e-12))
+        scale = np.sqrt(var / np.maximum(cov.diagonal(), 1e-12))
         cov *= scale[:, None]
         cov *= scale[None, :]
         return cov
@@ -892,8 +980,7 @@ class _Planner:
         """H: the Fisher information of the live comparisons at θ, plus ``prior`` on its
         diagonal (bitwise symmetric)."""
         n = self.n
-        ea = np.asarray(self.edges_a, dtype=np.intp)
-        eb = np.asarray(self.edges_b, dtype=np.intp)
+        ea, eb = self._edges()
         z = theta[ea] - theta[eb]
         w = 0.25 / np.cosh(0.5 * z) ** 2  # σ'(z)
         # bincount sums each cell's weights in input order, as np.add.at did: the same H.
@@ -910,18 +997,20 @@ def _scores_array(
 ) -> tuple[FloatArray, FloatArray]:
     """θ and SE² per essay from the latest fit; essays without a finite score get θ = 0
     and the largest variance of the others."""
-    theta = np.zeros(len(ids))
-    var = np.full(len(ids), _DEFAULT_SE**2)
     known = [s for s in scores.values() if math.isfinite(s[0]) and math.isfinite(s[1])]
     default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
-    for i, e in enumerate(ids):
+    # Python lists made into arrays once (speed, issue 11: no numpy item writes).
+    theta: list[float] = []
+    var: list[float] = []
+    for e in ids:
         sc = scores.get(e)
         if sc is not None and math.isfinite(sc[0]) and math.isfinite(sc[1]):
-            theta[i] = sc[0]
-            var[i] = max(sc[1] ** 2, 1e-6)
+            theta.append(sc[0])
+            var.append(max(sc[1] ** 2, 1e-6))
         else:
-            var[i] = default_var
-    return theta, var
+            theta.append(0.0)
+            var.append(default_var)
+    return np.array(theta, dtype=np.float64), np.array(var, dtype=np.float64)
 
 
 def plan_wave(
