@@ -27,6 +27,8 @@ import unicodedata
 from functools import lru_cache
 from typing import Any
 
+import msgspec
+
 KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ESSAY_ID_MAX = 200
 
@@ -99,6 +101,58 @@ def _key_ids(event: Any) -> list[tuple[str, Any]]:
 
 def event_id_problem(event: Any) -> str | None:
     """The first identifier of `event` outside the grammar (as a message), or None."""
+    cls = type(event)
+    try:
+        plan = _PLANS[cls]
+    except KeyError:
+        plan = _PLANS[cls] = _plan(cls)
+    if plan is None:
+        return _event_id_problem(event)
+    keys, lists, pairs, essay_ids, essays, many = plan
+    for name in keys:
+        problem = key_id_problem(name, getattr(event, name))
+        if problem:
+            return problem
+    if lists or pairs or many:  # the rarer events: the general order, as below
+        return _event_id_problem(event)
+    for name in essay_ids:
+        value = getattr(event, name)
+        if value is not None and (problem := essay_id_problem(value)):
+            return problem
+    for name in essays:
+        essay = getattr(event, name)
+        value = None if essay is None else essay.essay_id
+        if value is not None and (problem := essay_id_problem(value)):
+            return problem
+    return None
+
+
+_Plan = tuple[tuple[str, ...], bool, bool, tuple[str, ...], tuple[str, ...], bool]
+# Per event type: which of the names `_key_ids` and `_essay_ids` look for it has (None: an
+# object whose attributes its type does not tell). `event_id_problem` then reads just those:
+# a third of the time of asking every name of every event (issue 11), the same answers.
+_PLANS: dict[type, _Plan | None] = {}
+
+
+def _plan(cls: type) -> _Plan | None:
+    if not issubclass(cls, msgspec.Struct) or cls.__struct_config__.dict:
+        return None  # instances may hold attributes the class does not name
+
+    def has(*names: str) -> tuple[str, ...]:
+        return tuple(n for n in names if hasattr(cls, n))
+
+    lists = bool(has("batch_ids", "correlation_ids", "abandoned"))
+    return (
+        has("batch_id", "correlation_id"),
+        lists,
+        bool(has("pairs")),
+        has("essay_a_id", "essay_b_id"),
+        has("essay_a", "essay_b"),
+        bool(has("essays")),
+    )
+
+
+def _event_id_problem(event: Any) -> str | None:
     for kind, value in _key_ids(event):
         problem = key_id_problem(kind, value)
         if problem:

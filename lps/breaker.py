@@ -212,10 +212,15 @@ class Breaker:
     async def admit(self, provider: str, model: str, correlation_id: str = "") -> Ticket:
         """May a call to provider/model be made now? Waits while an unproven provider/model
         has a call in flight in this process."""
+        key = (provider, model)
+        seen = self._closed_seen.get(key)
+        if seen is not None and key in self._proven and self.clock() - seen < self.fresh_s:
+            # What `_check` and the gate would decide, without their awaits: no breaker was
+            # open a moment ago and calls here are answered (issue 11: most calls).
+            return Ticket(provider, model)
         ticket = Ticket(provider, model)
         if await self._check(ticket, correlation_id, fresh=False):
             return ticket
-        key = (provider, model)
         if key not in self._proven:
             gate = self._gates.setdefault(key, asyncio.Lock())
             try:

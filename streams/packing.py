@@ -1,4 +1,5 @@
-"""Commands packed by hiredis (C) on redis-py's asyncio connections.
+"""Commands packed by hiredis (C) on redis-py's asyncio connections, and sent without a task
+of their own when the socket takes them at once.
 
 redis-py's asyncio connections pack every command in Python, one encode and one bytes join
 per argument; its synchronous client packs with hiredis when it is installed, the asyncio
@@ -6,6 +7,13 @@ one does not. A comparison sends about 80 arguments (its request's XADD, the LPS
 script, its share of the callback script's batch): packing them was 5–8 % of a worker's CPU
 (issue 11). `hiredis.pack_command` gives the same bytes (tests/test_packing.py); a value
 redis-py refuses (None, bool, ...) is refused here too, as redis-py's DataError.
+
+redis-py (≥ 5) sends under `asyncio.wait_for` whenever a socket timeout is set (its default
+since 6 is 5 s): a Task per command, about half of the ≈ 35 µs of client CPU a round trip
+costs beyond its read (issue 11). Here the command is written, and only when the transport
+kept some of it in its buffer (the server is slow to read, or hung) is the drain waited
+for, under that timeout, by redis-py's own code: what is written when nothing is buffered
+is in the kernel already, and there is nothing to wait for. Reads keep their timeout.
 """
 
 from __future__ import annotations
@@ -22,9 +30,33 @@ _UTF8 = frozenset({"utf-8", "utf8"})  # hiredis writes str as strict UTF-8 only
 
 
 class _HiredisPacking:
-    """Mixin for a redis-py asyncio connection class: `pack_command` by hiredis."""
+    """Mixin for a redis-py asyncio connection class: `pack_command` by hiredis, and
+    `send_packed_command` without a task when nothing is left to wait for."""
 
     encoder: Any
+    socket_timeout: float | None
+    is_connected: bool
+    _writer: Any
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        base: Any = super()
+        if not self.socket_timeout or not self.is_connected:
+            await base.send_packed_command(command, check_health)
+            return
+        if check_health:
+            await base.check_health()
+        writer = self._writer
+        if writer is None or writer.transport.is_closing():  # lost: redis-py's errors
+            await base.send_packed_command(command, False)
+            return
+        if isinstance(command, str):
+            command = command.encode()
+        writer.writelines([command] if isinstance(command, bytes) else command)
+        transport = writer.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            # Some of it waits in the buffer (or the write failed): the drain, under the
+            # socket timeout, and its errors as redis-py has them (it writes nothing more).
+            await base.send_packed_command([], False)
 
     def pack_command(self, *args: Any) -> list[bytes]:
         encoder = self.encoder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
 
 import msgspec
@@ -10,7 +11,15 @@ import pytest
 
 from events.types import ERROR_TYPES, ComparisonRequested, Essay
 from lps.providers.base import ProviderError
-from lps.providers.mock import PROFILES, MockProvider, profile_from_env, quality_of, win_probability
+from lps.providers.mock import (
+    PROFILES,
+    MockProvider,
+    _outcome_draws,
+    _rng,
+    profile_from_env,
+    quality_of,
+    win_probability,
+)
 
 
 def _req(i: int, q_a: float = 0.0, q_b: float = 0.0, seed: int = 1) -> ComparisonRequested:
@@ -124,3 +133,14 @@ def test_attempts_are_counted_per_request_of_its_batch() -> None:
         with pytest.raises(ProviderError):
             asyncio.run(provider.judge(one(batch_id)))
     assert provider._attempts == {"b1:1": 2, "b2:1": 1}
+
+
+def test_outcome_draws_are_those_of_a_generator_seeded_per_call() -> None:
+    """The mock's reused generator gives the numbers a new `_rng(*pair)` gave (issue 11):
+    the same judgements for a seed."""
+    gen = random.Random(7)
+    gen.gauss(0.0, 1.0)  # a half-used Box–Muller pair must not leak into the next call
+    for k in range(200):
+        pair = (k % 5, f"content-{k % 3}", f"e{k}", f"e{k + 1}", k % 2)
+        fresh = _rng(*pair)
+        assert _outcome_draws(gen, pair, 0.5) == (fresh.gauss(0.0, 0.5), fresh.random())

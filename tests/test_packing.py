@@ -4,16 +4,24 @@ speaks RESP2 (streams/client.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import DataError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams.client import connect
 from streams.packing import install, packing
+from tests.redis_server import RedisServer, skip_or_fail_without_redis
 
 COMMANDS: list[tuple[Any, ...]] = [
     ("SET", "k", "v"),
@@ -99,3 +107,45 @@ async def test_the_client_speaks_resp2(shared_redis_server: Any) -> None:
     finally:
         await r.delete(key, f"{key}:s")
         await r.aclose()
+
+
+async def test_a_command_the_socket_takes_is_sent_without_a_task(
+    shared_redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py sends under asyncio.wait_for (a Task per command) whenever a socket timeout is
+    set; ours only when the write must wait for the server (issue 11)."""
+    client = install(aioredis.from_url(shared_redis_server.url, socket_timeout=5.0))
+    try:
+        await client.ping()
+        waits: list[object] = []
+        real = asyncio.wait_for
+        monkeypatch.setattr(asyncio, "wait_for", lambda *a, **k: waits.append(a) or real(*a, **k))
+        assert await client.echo("x") == b"x"
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.echo("a").echo("b")
+            assert await pipe.execute() == [b"a", b"b"]
+        assert waits == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_hung_server_still_times_out(tmp_path: Path) -> None:
+    """A stopped redis-server: a write the socket cannot take times out (the drain is waited
+    for under the socket timeout), and so does the read of one it took."""
+    skip_or_fail_without_redis()
+    server = RedisServer(tmp_path)
+    server.start(aof=False)
+    assert server.proc is not None
+    client = install(aioredis.from_url(server.url, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)))
+    try:
+        await client.ping()
+        server.proc.send_signal(signal.SIGSTOP)
+        for value in (b"x" * (64 << 20), b"small"):  # the drain waits; the read waits
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await asyncio.wait_for(client.set("k", value), 20)
+            assert time.monotonic() - started < 10
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        await client.aclose()
+        server.stop(kill=True)

@@ -16,6 +16,7 @@ so a realistic run is not reproducible call for call; judgements still are.
 
 from __future__ import annotations
 
+import _random
 import asyncio
 import hashlib
 import math
@@ -164,9 +165,29 @@ def quality_of(essay: Essay) -> float:
     return round(0.9 * math.log(len(words) / 150.0) + 0.35 * (variety - 6.0), 6)
 
 
-def _rng(*parts: object) -> random.Random:
+def _seed_of(parts: tuple[object, ...]) -> int:
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+    return int.from_bytes(digest[:8], "big")
+
+
+def _rng(*parts: object) -> random.Random:
+    return random.Random(_seed_of(parts))
+
+
+# `random.Random.seed` without its Python wrapper (the generator's C seeding): what
+# `random.Random(n)` runs, less ≈ 2 µs of a 14 µs call (issue 11).
+_seed_generator = _random.Random.seed
+
+
+def _outcome_draws(
+    gen: random.Random, pair: tuple[object, ...], noise: float
+) -> tuple[float, float]:
+    """ε ~ N(0, noise²) and u ~ U(0, 1), the first two draws of `_rng(*pair)`, from `gen`
+    seeded as `_rng` seeds a new generator (the same numbers: tests/test_mock_judge.py), and
+    drawn at once, before anything else may seed it."""
+    _seed_generator(gen, _seed_of(pair))
+    gen.gauss_next = None  # type: ignore[attr-defined]  # as Random.seed resets it
+    return gen.gauss(0.0, noise), gen.random()
 
 
 class MockProvider:
@@ -180,6 +201,9 @@ class MockProvider:
         # Attempts so far per request (`events.ids.request_key`: correlation ids are numbered
         # per batch, so the batch's id is part of it).
         self._attempts: dict[str, int] = {}
+        # Seeded anew for each call's outcome (`_outcome_draws`): a generator made per call
+        # cost more than its seeding.
+        self._outcome = random.Random()
         # Test-only: CJS_MOCK_POISON_MARKER makes a request "poison" (it kills its worker
         # process, every time) when it equals the request's key (`events.ids.request_key`:
         # `<batch id>:<correlation id>`) or occurs in either essay's text. Unset, the normal
@@ -269,7 +293,9 @@ class MockProvider:
         # generator is most of a zero-latency call's cost (issue 11), and one not drawn
         # from changes nothing.
         rng = _rng(*pair, attempt) if p.faults or _has_latency(p) else None
-        outcome = _rng(*pair)
+        # The outcome's draws now, before any await, from the one generator of this mock; none
+        # for a deterministic profile (which never used them).
+        eps, u = (0.0, 0.0) if p.deterministic else _outcome_draws(self._outcome, pair, p.noise)
         headers = await self._admit(request) if p.rate_limit_rpm > 0 else {}
         took_s = latency_s(p, rng) if rng is not None else 0.0
         if took_s:
@@ -287,8 +313,8 @@ class MockProvider:
             a_wins = (q_a, request.essay_a.essay_id) >= (q_b, request.essay_b.essay_id)
             prob = 1.0 if a_wins else 0.0
         else:
-            prob = win_probability(q_a, q_b + outcome.gauss(0.0, p.noise), p.position_bias)
-            a_wins = outcome.random() < prob
+            prob = win_probability(q_a, q_b + eps, p.position_bias)
+            a_wins = u < prob
         confidence = 1 + min(4, round(abs(prob - 0.5) * 8))
         record_tokens(USAGE, provider=self.name, model=request.model)
         return Judgement(
