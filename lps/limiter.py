@@ -130,8 +130,6 @@ class Lane:
     def __post_init__(self) -> None:
         self.tokens_per_call = self.limiter.settings.tokens_per_call
         self._labels = {"provider": self.provider, "model": self.model}
-        self._calls: dict[str, Any] = {}
-        self._limited_ratio: Any = None
 
     @property
     def key(self) -> str:
@@ -245,15 +243,10 @@ class Lane:
             self.limited_calls -= 1
         self.outcomes.append(ok)
         self.limited_calls += not ok
-        calls = self._calls.get(outcome)
-        if calls is None:  # the lane's children, held here: two lookups less a call (issue 11)
-            calls = self._calls[outcome] = labelled(
-                LPS_PROVIDER_CALLS, self.provider, self.model, outcome
-            )
-        calls.inc()
-        if self._limited_ratio is None:
-            self._limited_ratio = labelled(LPS_RATE_LIMITED_RATIO, self.provider, self.model)
-        self._limited_ratio.set(self.limited_calls / len(self.outcomes))
+        labelled(LPS_PROVIDER_CALLS, self.provider, self.model, outcome).inc()
+        labelled(LPS_RATE_LIMITED_RATIO, self.provider, self.model).set(
+            self.limited_calls / len(self.outcomes)
+        )
 
     async def replied(self, judgement: Judgement, latency_s: float) -> None:
         self.record(True, "ok")
