@@ -206,8 +206,7 @@ class _Posterior:
 
     H is assembled by scattering each comparison's four (nine with η) entries
     into flat indices computed once: dense for up to ``_DENSE_MAX`` parameters,
-    a CSR matrix with a fixed sparsity pattern above; dense without the scatter of
-    the off-diagonal entries when no pair is compared twice (``_dense_once``).
+    a CSR matrix with a fixed sparsity pattern above.
     """
 
     def __init__(self, n: int, a: IntArray, b: IntArray, y: FloatArray, fit_position: bool):
@@ -217,25 +216,15 @@ class _Posterior:
         self.p = p = n + 1 if fit_position else n
         self._flat: dict[bool, tuple[IntArray, IntArray, IntArray]] = {}
         m = len(y)
-        self.diag_idx = np.arange(p) * (p + 1)
-        self.sparse = p > _DENSE_MAX
-        self._ab, self._ba = a * p + b, b * p + a
-        # No pair compared twice (what adaptive pairing gives): `_dense_once`, no `flat`.
-        self.once = not self.sparse and (m == 0 or np.bincount(self.lo * n + self.hi).max() == 1)
-        if self.once:
-            # Diagonal (a, b, then η's) in bins 0…p−1, η's row (a, then b) in p…2p−1.
-            small = [a, b] + ([np.full(m, n, dtype=np.intp), p + a, p + b] if fit_position else [])
-            self._small = np.concatenate(small)
-            # Their weights w, w (, w, w, −w): the last −w is also the off-diagonals' −w.
-            self._small_w = np.empty((len(small), m))
-            return
-        parts = [a * p + a, b * p + b, self._ab, self._ba]
+        parts = [a * p + a, b * p + b, a * p + b, b * p + a]
         if fit_position:
             ee = np.full(m, n * p + n, dtype=np.intp)
             parts += [a * p + n, n * p + a, b * p + n, n * p + b, ee]
         self.flat = np.concatenate(parts)
         self.signs = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0][: len(parts)])
         self._signed = np.empty((len(parts), m))  # `weighted`'s, reused: one per round
+        self.diag_idx = np.arange(p) * (p + 1)
+        self.sparse = p > _DENSE_MAX
         if self.sparse:
             # CSR pattern of the Hessian (row-major order of the flat indices), computed once.
             uniq, inverse = np.unique(
@@ -272,12 +261,10 @@ class _Posterior:
         g -= np.bincount(b, weights=r, minlength=p)
         if self.fit_position:
             g[n] += float(r.sum())
-        g -= lam * x
-        if self.once:
-            return g, self._dense_once(w, lam)
         # w, w, −w, −w (, w, w, −w, −w, w): the signs of each block of `flat`, in one
         # broadcast product instead of a concatenation of negated copies.
         weights = np.multiply(self.signs[:, None], w[None, :], out=self._signed).reshape(-1)
+        g -= lam * x
         if self.sparse:
             data: FloatArray = np.asarray(
                 np.bincount(self.inverse, weights=weights, minlength=len(self.uniq)),
@@ -291,32 +278,6 @@ class _Posterior:
         )
         h[self.diag_idx] += lam
         return g, _Hessian(h.reshape(p, p), None, h[self.diag_idx])
-
-    def _dense_once(self, w: FloatArray, lam: FloatArray) -> _Hessian:
-        """XᵀWX + diag(λ), dense, when no pair is compared twice: each off-diagonal θ entry
-        is then one comparison's −w, set directly, and the diagonal and η's row come from
-        a bincount of length 2p instead of the p² one. Every entry the same sum in the
-        same order as the full scatter's, so the same bits (speed, issue 11)."""
-        p, n = self.p, self.n
-        weights = self._small_w
-        weights[:] = w  # copies: a third of the time of a broadcast product with the signs
-        # 0 − w: the scatter's sum 0 + (−w) also for w = 0 (a sum from 0 never turns −0).
-        neg = np.subtract(0.0, w, out=weights[-1] if self.fit_position else None)
-        counts: FloatArray = np.asarray(  # (float even with no comparisons)
-            np.bincount(self._small, weights=weights.reshape(-1), minlength=2 * p),
-            dtype=np.float64,
-        )
-        h = np.zeros(p * p)
-        h[self._ab] = neg
-        h[self._ba] = neg
-        diag = counts[:p]
-        diag += lam
-        h[self.diag_idx] = diag
-        full = h.reshape(p, p)
-        if self.fit_position:
-            full[:n, n] = counts[p : p + n]
-            full[n, :n] = counts[p : p + n]
-        return _Hessian(full, None, diag)
 
     def pair_variances(self, lower: FloatArray) -> FloatArray:
         """Var(z_k) = x_kᵀ Σ x_k for every comparison, from the lower triangle of Σ."""
