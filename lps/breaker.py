@@ -186,11 +186,15 @@ class Breaker:
             rows = await pipe.execute()
         return [s for s in (decode_state(row) for row in rows if row) if s is not None]
 
+    def _seen_closed(self, key: tuple[str, str], now: float) -> bool:
+        """Whether a read found no breaker for provider/model within `fresh_s` of `now`."""
+        seen = self._closed_seen.get(key)
+        return seen is not None and now - seen < self.fresh_s
+
     async def _open_states(self, provider: str, model: str, *, fresh: bool) -> list[BreakerState]:
         key = (provider, model)
-        seen = self._closed_seen.get(key)
         now = self.clock()
-        if not fresh and seen is not None and now - seen < self.fresh_s:
+        if not fresh and self._seen_closed(key, now):
             return []
         if fresh or self.fresh_s <= 0:
             return await self._read(key, now)
@@ -213,8 +217,7 @@ class Breaker:
         """May a call to provider/model be made now? Waits while an unproven provider/model
         has a call in flight in this process."""
         key = (provider, model)
-        seen = self._closed_seen.get(key)
-        if seen is not None and key in self._proven and self.clock() - seen < self.fresh_s:
+        if key in self._proven and self._seen_closed(key, self.clock()):
             # What `_check` and the gate would decide, without their awaits: no breaker was
             # open a moment ago and calls here are answered (issue 11: most calls).
             return Ticket(provider, model)
