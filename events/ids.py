@@ -74,9 +74,23 @@ def essay_id_problem(value: object) -> str | None:
     return None
 
 
+# The attributes whose identifiers are checked, named once for `_key_ids`, `_essay_ids` and
+# `_plan`: key ids, lists of key ids (with the kind of each), essay ids, essays, and what
+# holds several essays (a wave's pairs also hold correlation ids).
+_KEYS = ("batch_id", "correlation_id")
+_KEY_LISTS = (
+    ("batch_ids", "batch_id"),
+    ("correlation_ids", "correlation_id"),
+    ("abandoned", "correlation_id"),
+)
+_ESSAY_IDS = ("essay_a_id", "essay_b_id")
+_ESSAYS = ("essay_a", "essay_b")
+_ESSAY_LISTS = ("essays", "pairs")
+
+
 def _essay_ids(event: Any) -> list[Any]:
-    out: list[Any] = [getattr(event, name, None) for name in ("essay_a_id", "essay_b_id")]
-    for name in ("essay_a", "essay_b"):
+    out: list[Any] = [getattr(event, name, None) for name in _ESSAY_IDS]
+    for name in _ESSAYS:
         essay = getattr(event, name, None)
         if essay is not None:
             out.append(essay.essay_id)
@@ -88,12 +102,11 @@ def _essay_ids(event: Any) -> list[Any]:
 
 def _key_ids(event: Any) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    for name in ("batch_id", "correlation_id"):
+    for name in _KEYS:
         if hasattr(event, name):
             out.append((name, getattr(event, name)))
-    out.extend(("batch_id", b) for b in getattr(event, "batch_ids", None) or ())
-    out.extend(("correlation_id", c) for c in getattr(event, "correlation_ids", None) or ())
-    out.extend(("correlation_id", c) for c in getattr(event, "abandoned", None) or ())
+    for name, kind in _KEY_LISTS:
+        out.extend((kind, value) for value in getattr(event, name, None) or ())
     for pair in getattr(event, "pairs", None) or ():
         out.append(("correlation_id", pair.correlation_id))
     return out
@@ -108,12 +121,12 @@ def event_id_problem(event: Any) -> str | None:
         plan = _PLANS[cls] = _plan(cls)
     if plan is None:
         return _event_id_problem(event)
-    keys, lists, pairs, essay_ids, essays, many = plan
+    keys, general, essay_ids, essays = plan
     for name in keys:
         problem = key_id_problem(name, getattr(event, name))
         if problem:
             return problem
-    if lists or pairs or many:  # the rarer events: the general order, as below
+    if general:  # the rarer events, with lists of ids: the general order, as below
         return _event_id_problem(event)
     for name in essay_ids:
         value = getattr(event, name)
@@ -127,7 +140,7 @@ def event_id_problem(event: Any) -> str | None:
     return None
 
 
-_Plan = tuple[tuple[str, ...], bool, bool, tuple[str, ...], tuple[str, ...], bool]
+_Plan = tuple[tuple[str, ...], bool, tuple[str, ...], tuple[str, ...]]
 # Per event type: which of the names `_key_ids` and `_essay_ids` look for it has (None: an
 # object whose attributes its type does not tell). `event_id_problem` then reads just those:
 # a third of the time of asking every name of every event (issue 11), the same answers.
@@ -138,18 +151,11 @@ def _plan(cls: type) -> _Plan | None:
     if not issubclass(cls, msgspec.Struct) or cls.__struct_config__.dict:
         return None  # instances may hold attributes the class does not name
 
-    def has(*names: str) -> tuple[str, ...]:
+    def has(names: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(n for n in names if hasattr(cls, n))
 
-    lists = bool(has("batch_ids", "correlation_ids", "abandoned"))
-    return (
-        has("batch_id", "correlation_id"),
-        lists,
-        bool(has("pairs")),
-        has("essay_a_id", "essay_b_id"),
-        has("essay_a", "essay_b"),
-        bool(has("essays")),
-    )
+    general = bool(has(tuple(name for name, _ in _KEY_LISTS)) or has(_ESSAY_LISTS))
+    return has(_KEYS), general, has(_ESSAY_IDS), has(_ESSAYS)
 
 
 def _event_id_problem(event: Any) -> str | None:
