@@ -59,8 +59,8 @@ import numpy as np
 import numpy.typing as npt
 import scipy.linalg.blas
 import scipy.linalg.lapack
-import scipy.sparse
-from scipy.sparse.csgraph import connected_components
+
+from cj.graph import components
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
@@ -74,8 +74,6 @@ _DEFAULT_SE = 1.5
 _STRIP_ROWS = 128
 # Candidate partners kept per essay for the adaptive greedy search.
 _PARTNERS_PER_ESSAY = 24
-# Largest n whose connectivity is tested on a dense adjacency first (`_connected`).
-_DENSE_GRAPH = 400
 
 
 Selector = Literal["a_optimal", "information"]
@@ -260,25 +258,6 @@ class _Sigma:
 def _block(mat: BoolArray, index: IntArray) -> BoolArray:
     """mat[np.ix_(index, index)]."""
     return mat.take(index, axis=0).take(index, axis=1)
-
-
-def _connected(n: int, ea: IntArray, eb: IntArray) -> bool:
-    """Whether the graph of n nodes and edges (ea, eb) is connected: breadth first over a
-    dense adjacency. Speed (issue 11): at n = 100 a tenth of scipy's sparse matrix and
-    `connected_components` (≈ 0.4 ms a wave), which are kept for the labels of a graph
-    that is not connected."""
-    adj = np.zeros((n, n), dtype=np.bool_)
-    adj[ea, eb] = True
-    adj[eb, ea] = True
-    seen = np.zeros(n, dtype=np.bool_)
-    seen[0] = True
-    front: BoolArray = seen
-    while True:
-        front = np.asarray(adj[front].any(axis=0), dtype=np.bool_)
-        front &= ~seen
-        if not front.any():
-            return bool(seen.all())
-        seen |= front
 
 
 def _expected_information_scalar(mu: float, var: float) -> float:
@@ -663,17 +642,9 @@ class _Planner:
         eb = np.concatenate((self.live_b, np.asarray(self.edges_b, dtype=np.intp)))
         return ea, eb
 
-    def components(self) -> tuple[int, IntArray]:
-        ea, eb = self._edges()
-        if self.n <= _DENSE_GRAPH and _connected(self.n, ea, eb):
-            return 1, np.zeros(self.n, dtype=np.intp)
-        g = scipy.sparse.coo_matrix((np.ones(len(ea)), (ea, eb)), shape=(self.n, self.n)).tocsr()
-        k, labels = connected_components(g, directed=False)
-        return int(k), labels.astype(np.intp)
-
     def connect(self, closeness: FloatArray | None) -> None:
         """Link the components of the comparison graph in a random chain."""
-        k, labels = self.components()
+        k, labels = components(self.n, *self._edges())
         if k <= 1:
             return
         comps = [np.flatnonzero(labels == c) for c in self.rng.permutation(k)]

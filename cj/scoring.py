@@ -79,7 +79,8 @@ import scipy.linalg.lapack
 import scipy.sparse
 import scipy.sparse.linalg
 import scipy.special
-from scipy.sparse.csgraph import connected_components
+
+from cj import graph
 
 FloatArray = npt.NDArray[np.float64]
 _MIN_PRIOR_SD = 0.1  # empirical τ never below this (pure noise would drive it to 0)
@@ -176,21 +177,6 @@ def _unique_ids(essay_ids: Sequence[str]) -> list[str]:
         dups = sorted(e for e, k in Counter(ids).items() if k > 1)
         raise ValueError(f"duplicate essay ids: {', '.join(dups[:5])}")
     return ids
-
-
-def count_components(n: int, a: IntArray, b: IntArray) -> int:
-    """Connected components of the undirected comparison graph on n essays."""
-    if n == 0:
-        return 0
-    # The CSR arrays built directly (speed, issue 11: a COO matrix and its conversion cost
-    # three times the search at 100 essays).
-    order = np.argsort(a, kind="stable")
-    indptr = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(np.bincount(a, minlength=n), out=indptr[1:])
-    indices = np.asarray(b, dtype=np.int32)[order]
-    graph = scipy.sparse.csr_matrix((np.ones(len(a)), indices, indptr), shape=(n, n))
-    k, _ = connected_components(graph, directed=False)
-    return int(k)
 
 
 class _Posterior:
@@ -976,7 +962,7 @@ def _fit(
     components: int | None = None,
 ) -> FitResult:
     """``indexed``: `_index_comparisons(essay_ids, comparisons)` when the caller has it, and
-    ``components`` the comparison graph's count (`count_components`)."""
+    ``components`` the comparison graph's count (`cj.graph.components`)."""
     if not prior > 0:
         raise ValueError("prior must be > 0")
     if prior_mode not in ("empirical", "fixed"):
@@ -986,7 +972,7 @@ def _fit(
     a, b, y = indexed if indexed is not None else _index_comparisons(ids, comparisons)
     m = len(y)
     if components is None:
-        components = count_components(n, a, b)
+        components = graph.components(n, a, b)[0]
     if n == 0:
         return FitResult({}, {}, None, None, False, 0, True, 0, m)
     post = _Posterior(n, a, b, y, fit_position)
@@ -1311,7 +1297,7 @@ def score_wave(
     ids = _unique_ids(essay_ids)
     if indexed is None:
         indexed = _index_comparisons(ids, comparisons)
-    components = count_components(len(ids), indexed[0], indexed[1])
+    components = graph.components(len(ids), indexed[0], indexed[1])[0]
     fit = _fit_indexed(ids, indexed, components, "empirical", True)
     ssr = _classical_ssr(ids, indexed, True, components) if classical else None
     return WaveScores(fit, posterior_reliability(fit), ssr)
