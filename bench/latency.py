@@ -105,13 +105,14 @@ def _worker(
         runner.start()
         freeze_startup()  # as `cjs worker` does
         Path(out + ".ready").touch()
-        begin = process_cpu_s()
+        begin, threads = process_cpu_s(), thread_cpu_s()
         while not os.path.exists(stop):
             await asyncio.sleep(0.05)
         used = process_cpu_s() - begin
+        split = {f"{k}_cpu_s": v - threads[k] for k, v in thread_cpu_s().items()}
         await runner.close()
         await r.aclose()
-        return {"cpu_s": used, **_steps()}
+        return {"cpu_s": used, **split, **_steps()}
 
     # On the loop `cjs worker` runs on (CJS_EVENT_LOOP).
     Path(out).write_text(json.dumps(event_loop.run(main(), Settings().event_loop)))
@@ -152,6 +153,26 @@ def process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """This process's CPU seconds so far, split into its main thread's (the event loop: the
+    LPS worker, applying callbacks, reading and writing states) and its other threads'
+    (CJ's decisions, `asyncio.to_thread`), from /proc/self/task (Linux; {} elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"loop": 0.0, "decide": 0.0}
+    try:
+        tasks = os.listdir("/proc/self/task")
+        for tid in tasks:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                # After the command's closing parenthesis: utime and stime are the 12th and
+                # 13th fields (14th and 15th of the whole line).
+                fields = f.read().rsplit(")", 1)[1].split()
+            used = (int(fields[11]) + int(fields[12])) / tick
+            out["loop" if int(tid) == os.getpid() else "decide"] += used
+    except OSError:
+        return {}
+    return out
+
+
 @dataclass
 class Run:
     label: str
@@ -172,6 +193,7 @@ class Run:
     redis_cpu_s: float
     decision_ms: float
     steps: dict[str, float]
+    thread_cpu_s: dict[str, float]  # summed over the processes, by thread (thread_cpu_s)
     commands: dict[str, tuple[int, int]]
 
 
@@ -356,7 +378,9 @@ def run(
         p.join(60)
     results = [json.loads(Path(o).read_text()) for o in outs if os.path.exists(o)]
     cpu = sum(x["cpu_s"] for x in results)
-    steps = {k: sum(x.get(k, 0.0) for x in results) for k in results[0] if k != "cpu_s"}
+    sums = {k: sum(x.get(k, 0.0) for x in results) for k in results[0] if k != "cpu_s"}
+    steps = {k: v for k, v in sums.items() if not k.endswith("_cpu_s")}
+    threads = {k[: -len("_cpu_s")]: v for k, v in sums.items() if k.endswith("_cpu_s")}
     counts = asyncio.run(_count(url, keys, ids, epoch0 + 0.1 * wall, epoch0 + 0.9 * wall))
     shutil.rmtree(tmp, ignore_errors=True)
     return Run(
@@ -378,6 +402,7 @@ def run(
         redis_cpu_s=redis_cpu,
         decision_ms=counts["decision_ms"],
         steps=steps,
+        thread_cpu_s=threads,
         commands=commands,
     )
 
@@ -522,6 +547,10 @@ def main() -> None:
                 "cpu_ms_per_comparison": round(1000 * per, 3),
                 "worker_cpu_ms_per_comparison": round(workers_ms, 3),
                 "redis_cpu_ms_per_comparison": round(redis_ms, 3),
+                # The workers' share by thread (Linux): the event loop's, and the decisions'.
+                "thread_cpu_ms_per_comparison": {
+                    k: round(1000 * v / zero.comparisons, 3) for k, v in zero.thread_cpu_s.items()
+                },
                 "waves": zero.waves,
                 # Each process's CPU seconds and Redis's over the wall time (1.0: a core kept
                 # busy), and when each batch ended: where the run waits rather than works.
@@ -602,6 +631,8 @@ def _print(report: dict[str, Any]) -> None:
             f"{z['worker_cpu_ms_per_comparison']} ms + Redis {z['redis_cpu_ms_per_comparison']} ms;"
             " goal <= 0.5 ms)"
         )
+        if z["thread_cpu_ms_per_comparison"]:
+            print(f"  of which by thread (ms): {z['thread_cpu_ms_per_comparison']}")
         print(
             f"  of which CJ steps (wall, per comparison, ms): {z['cj_steps_ms_per_comparison']} "
             f"(counts {z['cj_steps_count']})"
