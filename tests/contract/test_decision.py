@@ -493,20 +493,31 @@ async def test_a_callback_applied_while_deciding_the_end_voids_it(
 
 def _appended(unit: Any) -> list[tuple[str, str]]:
     """(stream, event type) of every append of a unit, in order: plain XADDs, and the appends
-    made inside a script (registration and a batch's last event also write range hints)."""
+    made inside a script (registration and a batch's last event also write range hints; a
+    decision's requests are appended by one script, `queue_requests`)."""
     out: list[tuple[str, str]] = []
+
+    def append(stream: str, flat: list[str]) -> None:
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        found = codec.entry_data(fields)  # type: ignore[arg-type]  # either form
+        assert found is not None
+        out.append((stream, found[0].decode()))
+
     for call in unit.calls:
         args = [a.decode() if isinstance(a, bytes) else str(a) for a in call]
         name = args[0].upper()
         if name == "XADD":
-            fields = dict(zip(args[3::2], args[4::2], strict=True))
-            found = codec.entry_data(fields)  # type: ignore[arg-type]  # either form
-            assert found is not None
-            out.append((args[1], found[0].decode()))
+            append(args[1], args[3:])
         elif name in ("EVAL", "EVALSHA"):
             n = int(args[2])
             script_keys, argv = args[3 : 3 + n], args[3 + n :]
-            if keys_batches := [k for k in script_keys if k.endswith("cj:batches")]:
+            if n == 1 and script_keys[0].endswith("lps:requests"):
+                # the requests: per request, its count of names and values, then them
+                i = 0
+                while i < len(argv):
+                    append(script_keys[0], argv[i + 1 : i + 1 + int(argv[i])])
+                    i += 1 + int(argv[i])
+            elif keys_batches := [k for k in script_keys if k.endswith("cj:batches")]:
                 kind = next(
                     (a for a in argv if a in ("BatchRegistered", "BatchFinalized", "BatchFailed")),
                     None,
