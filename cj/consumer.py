@@ -90,11 +90,12 @@ class CJConsumer(GroupConsumer[Callback]):
         """Count and log what the scripts said about a page; the batches to advance."""
         to_advance: set[str] = set()
         unusual: dict[str, list[tuple[Entry, Callback, int]]] = {}
+        counts: Counter[str] = Counter()  # counted once per outcome (issue 11: a lock each)
         for (entry, callback), (outcome, left) in zip(callbacks, results, strict=True):
             outcome = as_str(outcome)
             if outcome == "replayed":
                 continue
-            labelled(CJ_CALLBACKS, outcome).inc()
+            counts[outcome] += 1
             if outcome == "accepted":
                 if self.waves.wants(callback.batch_id, int(left)):
                     to_advance.add(callback.batch_id)
@@ -102,6 +103,8 @@ class CJConsumer(GroupConsumer[Callback]):
             if outcome == "orphan":
                 CJ_ORPHANS.labels(callback.source_service or "unknown").inc()
             unusual.setdefault(outcome, []).append((entry, callback, int(left)))
+        for outcome, count in counts.items():
+            labelled(CJ_CALLBACKS, outcome).inc(count)
         for outcome, items in unusual.items():
             log.warning(
                 f"callback_{outcome}",

@@ -59,6 +59,12 @@ def parse(value: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_MAX_AHEAD_US = round(MAX_AHEAD_S * 1e6)
+_LAST_MS = (datetime.max.replace(tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+
+
 def time_problem(occurred_at: str, entry_id: str) -> str | None:
     """Why the `occurred_at` of the entry `entry_id` is not credible, or None."""
     moment = parse(occurred_at)
@@ -66,8 +72,14 @@ def time_problem(occurred_at: str, entry_id: str) -> str | None:
         return f"occurred_at {occurred_at[:40]!r} is not an ISO-8601 time"
     if moment < EARLIEST:
         return f"occurred_at {occurred_at[:40]} is before {EARLIEST.year}"
-    appended = entry_time(entry_id)
-    if (moment - appended).total_seconds() > MAX_AHEAD_S:
+    # `(moment − entry_time(entry_id)).total_seconds() > MAX_AHEAD_S`, in whole microseconds:
+    # no datetime made for the entry's time (speed, issue 11: 4.2 → 1.4 µs a callback, every
+    # callback and request read is checked). The same answer: both sides are whole µs.
+    ms = entry_ms(entry_id)
+    if ms > _LAST_MS:
+        entry_time(entry_id)  # beyond datetime's range: its OverflowError, as before
+    if (moment - _EPOCH) // _US - ms * 1000 > _MAX_AHEAD_US:
+        appended = entry_time(entry_id)
         return (
             f"occurred_at {occurred_at[:40]} is more than {MAX_AHEAD_S / 3600:.0f} h after the "
             f"entry was appended ({iso(appended)})"

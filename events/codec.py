@@ -443,12 +443,14 @@ def with_entry_time(event: E, data: bytes, entry_id: str | None) -> E:
     either name appear: the test on the raw bytes is exact.)"""
     if entry_id is None:
         return event
-    changes: dict[str, str] = {}
-    if OCCURRED_AT not in data:
-        changes["occurred_at"] = entry_iso(entry_id)
-    if EVENT_ID not in data:
-        changes["event_id"] = entry_id
-    return msgspec.structs.replace(event, **changes) if changes else event
+    stamp_time, stamp_id = OCCURRED_AT not in data, EVENT_ID not in data
+    if stamp_time and stamp_id:  # the usual entry (EntryStamped): one call, no kwargs dict
+        return msgspec.structs.replace(event, occurred_at=entry_iso(entry_id), event_id=entry_id)
+    if stamp_time:
+        return msgspec.structs.replace(event, occurred_at=entry_iso(entry_id))
+    if stamp_id:
+        return msgspec.structs.replace(event, event_id=entry_id)
+    return event
 
 
 def decode_as(
