@@ -172,15 +172,6 @@ def expected_information(mu: FloatArray, var: FloatArray) -> FloatArray:
     return 0.25 * np.sqrt(_S2 / t) * np.exp(-0.5 * mu * mu / t)
 
 
-def _unique(x: IntArray) -> IntArray:
-    """`np.unique` of an integer array by one sort (speed, issue 11: its hashing costs
-    three times as much here)."""
-    x = np.sort(x)
-    first = np.ones(len(x), dtype=np.bool_)
-    np.not_equal(x[1:], x[:-1], out=first[1:])
-    return x[first]
-
-
 def _spd_inverse(h: FloatArray) -> FloatArray | None:
     """H⁻¹ of a symmetric positive definite H (bitwise symmetric), or None if H is not
     numerically definite; H is overwritten. Speed (issue 11): by Cholesky, a quarter of the
@@ -438,6 +429,7 @@ class _Planner:
             if e in self.index:
                 self.anchor_grade[self.index[e]] = gidx[g]
         self.met_grade = np.zeros((n, max(len(grades), 1)), dtype=np.bool_)
+        self.grade_of: list[int] = self.anchor_grade.tolist()  # for reads of one (speed)
         # _meet for every live pair, at once.
         ea, eb = ha[live], hb[live]
         ga, gb = self.anchor_grade[ea], self.anchor_grade[eb]
@@ -449,7 +441,7 @@ class _Planner:
     # -- state -------------------------------------------------------------
 
     def _meet(self, x: int, y: int) -> None:
-        gx, gy = self.anchor_grade.item(x), self.anchor_grade.item(y)
+        gx, gy = self.grade_of[x], self.grade_of[y]
         if gy >= 0 and gx < 0:
             self.met_grade[x, gy] = True
         if gx >= 0 and gy < 0:
@@ -465,22 +457,6 @@ class _Planner:
         # b → b + 1 leaves |b + 1| ≤ 1 or brings it nearer 0 exactly when b ≤ 0; b → b − 1
         # when b ≥ 0 (a closed form of the rule, without a helper call per test).
         return bi <= 0 and bj >= 0, bj <= 0 and bi >= 0
-
-    def orientation(self, i: int, j: int) -> tuple[int, int] | None:
-        """(a, b) keeping both balances in range (or not worse), or None."""
-        i_first, j_first = self._options(i, j)
-        if i_first and j_first:
-            bi, bj = self.balance.item(i), self.balance.item(j)
-            ci = max(abs(bi + 1), abs(bj - 1))
-            cj = max(abs(bj + 1), abs(bi - 1))
-            if ci != cj:
-                return (i, j) if ci < cj else (j, i)
-            return (i, j) if self.rng.random() < 0.5 else (j, i)
-        if i_first:
-            return (i, j)
-        if j_first:
-            return (j, i)
-        return None
 
     def can_add(self, i: int, j: int) -> bool:
         if i == j or not self.eligible[i, j]:
@@ -498,14 +474,23 @@ class _Planner:
 
     def _place(self, i: int, j: int) -> bool:
         """`add` of a pair that `can_add` allows, the wave not full."""
-        ab = self.orientation(i, j)
-        if ab is None:
-            return False
-        a, b = ab
-        # Counts written from item reads: half the time of numpy's scalar `+=` (speed).
+        # Oriented (a, b) to keep both balances in range (or not worse): the less extreme
+        # of the two when both do, else a coin. Inline, the balances read once (speed).
         balance, count, wave_count = self.balance, self.count, self.wave_count
-        balance[a] = balance.item(a) + 1
-        balance[b] = balance.item(b) - 1
+        bi, bj = balance.item(i), balance.item(j)
+        i_first, j_first = bi <= 0 and bj >= 0, bj <= 0 and bi >= 0
+        if i_first and j_first:
+            ci = max(abs(bi + 1), abs(bj - 1))
+            cj = max(abs(bj + 1), abs(bi - 1))
+            first = ci < cj if ci != cj else self.rng.random() < 0.5
+        elif i_first or j_first:
+            first = i_first
+        else:
+            return False
+        a, b, ba, bb = (i, j, bi, bj) if first else (j, i, bj, bi)
+        # Counts written from item reads: half the time of numpy's scalar `+=` (speed).
+        balance[a] = ba + 1
+        balance[b] = bb - 1
         count[a] = count.item(a) + 1
         count[b] = count.item(b) + 1
         wave_count[a] = wave_count.item(a) + 1
@@ -513,7 +498,8 @@ class _Planner:
         self.eligible[a, b] = self.eligible[b, a] = False
         self.edges_a.append(a)
         self.edges_b.append(b)
-        self._meet(a, b)
+        if self.grade_of[a] >= 0 or self.grade_of[b] >= 0:  # a student–anchor pair, maybe
+            self._meet(a, b)
         self.out.append((self.ids[a], self.ids[b]))
         self.wave_edges.append((a, b))
         return True
@@ -767,7 +753,7 @@ class _Planner:
         """`_anchor_factor` of one pair, without arrays (speed, issue 11)."""
         if anchor_bonus <= 0:
             return 1.0
-        gx, gy = self.anchor_grade.item(x), self.anchor_grade.item(y)
+        gx, gy = self.grade_of[x], self.grade_of[y]
         new = (gx < 0 <= gy and not self.met_grade[x, gy]) or (
             gy < 0 <= gx and not self.met_grade[y, gx]
         )
@@ -869,7 +855,11 @@ class _Planner:
         rows, cols = rows[keep], cols[keep]
         lo = np.minimum(rows, cols)
         hi = np.maximum(rows, cols)
-        uniq = _unique(lo * u + hi)
+        # The distinct pairs, in order, marked on a u × u grid: a few times faster than
+        # sorting them at n = 100 (speed, issue 11).
+        seen = np.zeros(u * u, dtype=np.bool_)
+        seen[lo * u + hi] = True
+        uniq = np.flatnonzero(seen)
         li, lj = np.divmod(uniq, u)
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
         # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
@@ -981,7 +971,7 @@ class _Planner:
     def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
         """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior
         (a unit prior before the first fit: variances from the graph alone)."""
-        prior = 1.0 if var is None else 1.0 / max(float(np.var(theta) + np.mean(var)), 1e-2)
+        prior = 1.0 if var is None else 1.0 / max(_variance(theta) + _mean(var), 1e-2)
         cov = _spd_inverse(self._information(theta, prior))
         if cov is None:  # not numerically definite: LU
             cov = np.asarray(np.linalg.inv(self._information(theta, prior)), dtype=np.float64)
@@ -1005,9 +995,25 @@ class _Planner:
         flat = np.bincount(ea * n + eb, weights=-w, minlength=n * n)
         h = flat.astype(np.float64, copy=False).reshape(n, n)  # (int when there are none)
         h += h.T
-        h[np.diag_indices(n)] = -h.sum(axis=1)
-        h[np.diag_indices(n)] += prior
+        diagonal = h.reshape(-1)[:: n + 1]  # a view: no index arrays made (speed)
+        np.negative(h.sum(axis=1), out=diagonal)
+        diagonal += prior
         return h
+
+
+def _mean(x: FloatArray) -> float:
+    """float(np.mean(x)) of a 1-d array, to the bit (its sum over the count), without
+    numpy's Python-level wrapper (speed, issue 11)."""
+    return float(np.add.reduce(x)) / len(x)
+
+
+def _variance(x: FloatArray) -> float:
+    """float(np.var(x)) of a 1-d float array, to the bit: the same operations as numpy's
+    `_var` (the mean as above, the squared deviations summed, over the count), without its
+    wrapper (speed, issue 11)."""
+    dev = x - _mean(x)
+    np.multiply(dev, dev, out=dev)
+    return float(np.add.reduce(dev)) / len(x)
 
 
 def _scores_array(
@@ -1015,19 +1021,26 @@ def _scores_array(
 ) -> tuple[FloatArray, FloatArray]:
     """θ and SE² per essay from the latest fit; essays without a finite score get θ = 0
     and the largest variance of the others."""
-    known = [s for s in scores.values() if math.isfinite(s[0]) and math.isfinite(s[1])]
-    default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
-    # Python lists made into arrays once (speed, issue 11: no numpy item writes).
+    # Python lists made into arrays once (speed, issue 11: no numpy item writes); one pass,
+    # the default variance found only when an essay needs it.
     theta: list[float] = []
     var: list[float] = []
-    for e in ids:
+    missing: list[int] = []
+    isfinite = math.isfinite
+    for k, e in enumerate(ids):
         sc = scores.get(e)
-        if sc is not None and math.isfinite(sc[0]) and math.isfinite(sc[1]):
+        if sc is not None and isfinite(sc[0]) and isfinite(sc[1]):
             theta.append(sc[0])
             var.append(max(sc[1] ** 2, 1e-6))
         else:
             theta.append(0.0)
-            var.append(default_var)
+            var.append(0.0)
+            missing.append(k)
+    if missing:
+        known = [s for s in scores.values() if isfinite(s[0]) and isfinite(s[1])]
+        default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
+        for k in missing:
+            var[k] = default_var
     return np.array(theta, dtype=np.float64), np.array(var, dtype=np.float64)
 
 
