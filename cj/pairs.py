@@ -50,7 +50,7 @@ import hashlib
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, overload
 
@@ -120,6 +120,9 @@ class IndexedHistory(Sequence[PairHistory]):
 
     def __len__(self) -> int:
         return len(self.a)
+
+    def __iter__(self) -> Iterator[PairHistory]:
+        return iter(self.items())
 
     @overload
     def __getitem__(self, k: int) -> PairHistory: ...
