@@ -148,8 +148,9 @@ class BatchPairs:
         self._lost = next(lost, None) if self.account else None
         # Speed (issue 11): list comprehensions over the pairs, each pair's outcome a small
         # integer (_OUTCOMES), the rest by numpy, and no `PairHistory` made unless asked
-        # (`history`): the planner takes the arrays (≈ 0.7 → 0.3 ms a decision at 100
-        # essays). (wave, essay_a, essay_b) as one integer:
+        # (`history`): the planner takes the arrays (`IndexedHistory`). A third less CPU
+        # here (≈ 0.75 → 0.5 ms a decision at 100 essays), and the planner's own read of
+        # the history gone. (wave, essay_a, essay_b) as one integer:
         keys = [wave * nn + rank[a] * n + rank[b] for wave, a, b in pairs.values()]
         values = [corr[cid] for cid in pairs]
         codes = [
