@@ -50,9 +50,9 @@ import hashlib
 import heapq
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import msgspec
 import numpy as np
@@ -90,6 +90,46 @@ class PairHistory(msgspec.Struct, frozen=True):
     winner: Literal["essay_a", "essay_b"] | None = None
     permanent: bool = False
     """A failure that asking again cannot fix (a refusal, a bad request): never re-planned."""
+
+
+class IndexedHistory(Sequence[PairHistory]):
+    """A history already read into the arrays `plan_wave` makes of one: each pair's essays
+    as positions in ``ids`` (sorted, distinct), whether it is live (pending or completed),
+    whether it failed for good; its `PairHistory`s made only when read, by ``make``. Speed
+    (issue 11): CJ's decision reads the batch's pairs into integers anyway, and a plan of
+    the same essays takes these arrays as they are, instead of a `PairHistory` per pair
+    made, then read back by four generators (≈ 0.5 ms of a decision at 100 essays)."""
+
+    def __init__(
+        self,
+        ids: list[str],
+        a: IntArray,
+        b: IntArray,
+        live: BoolArray,
+        permanent: BoolArray,
+        make: Callable[[], list[PairHistory]],
+    ) -> None:
+        self.ids, self.a, self.b, self.live, self.permanent = ids, a, b, live, permanent
+        self._make = make
+        self._items: list[PairHistory] | None = None
+
+    def items(self) -> list[PairHistory]:
+        if self._items is None:
+            self._items = self._make()
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __iter__(self) -> Iterator[PairHistory]:
+        return iter(self.items())
+
+    @overload
+    def __getitem__(self, k: int) -> PairHistory: ...
+    @overload
+    def __getitem__(self, k: slice) -> list[PairHistory]: ...
+    def __getitem__(self, k: int | slice) -> PairHistory | list[PairHistory]:
+        return self.items()[k]
 
 
 def pair_key(a: str, b: str) -> tuple[str, str]:
@@ -133,15 +173,6 @@ def expected_information(mu: FloatArray, var: FloatArray) -> FloatArray:
     """E[σ'(d)] for d ~ N(mu, var): the expected Fisher information of one comparison."""
     t = _S2 + var
     return 0.25 * np.sqrt(_S2 / t) * np.exp(-0.5 * mu * mu / t)
-
-
-def _unique(x: IntArray) -> IntArray:
-    """`np.unique` of an integer array by one sort (speed, issue 11: its hashing costs
-    three times as much here)."""
-    x = np.sort(x)
-    first = np.ones(len(x), dtype=np.bool_)
-    np.not_equal(x[1:], x[:-1], out=first[1:])
-    return x[first]
 
 
 def _spd_inverse(h: FloatArray) -> FloatArray | None:
@@ -220,8 +251,8 @@ class _Sigma:
         col = self.cov[:, x]
         k = self._k
         if k:
-            # np.dot: the same dgemv as `@`, with less of numpy's overhead (speed).
-            col = col - np.dot(self._pending, self._cv[x, :k])
+            # ndarray.dot: the same dgemv as `@`, with less of numpy's overhead (speed).
+            col = col - self._pending.dot(self._cv[x, :k])
         self._columns[x] = col
         return col
 
@@ -327,6 +358,23 @@ class _Work:
         return self._flat[k][: rows * cols].reshape(rows, cols)
 
 
+def _history_arrays(
+    index: Mapping[str, int], history: Sequence[PairHistory]
+) -> tuple[IntArray, IntArray, BoolArray, BoolArray]:
+    """Each pair's essays (positions by ``index``), whether it is live, whether it failed
+    for good. Speed (issue 11): np.fromiter per column, no list of tuples to convert (half
+    the time), not a loop of numpy item writes (20k pairs: a tenth of a second)."""
+    m = len(history)
+    try:
+        ha = np.fromiter((index[h.essay_a] for h in history), dtype=np.intp, count=m)
+        hb = np.fromiter((index[h.essay_b] for h in history), dtype=np.intp, count=m)
+    except KeyError as exc:
+        raise ValueError(f"history refers to an unknown essay: {exc.args[0]!r}") from None
+    live = np.fromiter((h.outcome != "failed" for h in history), dtype=np.bool_, count=m)
+    permanent = np.fromiter((h.permanent for h in history), dtype=np.bool_, count=m)
+    return ha, hb, live, permanent
+
+
 class _Planner:
     def __init__(
         self,
@@ -346,18 +394,11 @@ class _Planner:
         self.rng = rng
         self.size = size
         self.out: list[tuple[str, str]] = []
-        m = len(history)
-        # Speed (issue 11): the history as arrays in one pass each, not a loop of numpy
-        # item writes (20k pairs: a tenth of a second).
-        # np.fromiter per column: no list of tuples to convert (half the time).
-        index = self.index
-        try:
-            ha = np.fromiter((index[h.essay_a] for h in history), dtype=np.intp, count=m)
-            hb = np.fromiter((index[h.essay_b] for h in history), dtype=np.intp, count=m)
-        except KeyError as exc:
-            raise ValueError(f"history refers to an unknown essay: {exc.args[0]!r}") from None
-        live = np.fromiter((h.outcome != "failed" for h in history), dtype=np.bool_, count=m)
-        permanent = np.fromiter((h.permanent for h in history), dtype=np.bool_, count=m)
+        # The history as arrays: as given, when a decision read them already (speed).
+        if isinstance(history, IndexedHistory) and history.ids == ids:
+            ha, hb, live, permanent = history.a, history.b, history.live, history.permanent
+        else:
+            ha, hb, live, permanent = _history_arrays(self.index, history)
         for k in np.flatnonzero(ha == hb)[:1]:
             raise ValueError(f"history pairs essay {history[int(k)].essay_a!r} with itself")
         # position_balance(history), by counting.
@@ -391,6 +432,7 @@ class _Planner:
             if e in self.index:
                 self.anchor_grade[self.index[e]] = gidx[g]
         self.met_grade = np.zeros((n, max(len(grades), 1)), dtype=np.bool_)
+        self.grade_of: list[int] = self.anchor_grade.tolist()  # for reads of one (speed)
         # _meet for every live pair, at once.
         ea, eb = ha[live], hb[live]
         ga, gb = self.anchor_grade[ea], self.anchor_grade[eb]
@@ -402,7 +444,7 @@ class _Planner:
     # -- state -------------------------------------------------------------
 
     def _meet(self, x: int, y: int) -> None:
-        gx, gy = self.anchor_grade.item(x), self.anchor_grade.item(y)
+        gx, gy = self.grade_of[x], self.grade_of[y]
         if gy >= 0 and gx < 0:
             self.met_grade[x, gy] = True
         if gx >= 0 and gy < 0:
@@ -418,22 +460,6 @@ class _Planner:
         # b → b + 1 leaves |b + 1| ≤ 1 or brings it nearer 0 exactly when b ≤ 0; b → b − 1
         # when b ≥ 0 (a closed form of the rule, without a helper call per test).
         return bi <= 0 and bj >= 0, bj <= 0 and bi >= 0
-
-    def orientation(self, i: int, j: int) -> tuple[int, int] | None:
-        """(a, b) keeping both balances in range (or not worse), or None."""
-        i_first, j_first = self._options(i, j)
-        if i_first and j_first:
-            bi, bj = self.balance.item(i), self.balance.item(j)
-            ci = max(abs(bi + 1), abs(bj - 1))
-            cj = max(abs(bj + 1), abs(bi - 1))
-            if ci != cj:
-                return (i, j) if ci < cj else (j, i)
-            return (i, j) if self.rng.random() < 0.5 else (j, i)
-        if i_first:
-            return (i, j)
-        if j_first:
-            return (j, i)
-        return None
 
     def can_add(self, i: int, j: int) -> bool:
         if i == j or not self.eligible[i, j]:
@@ -451,14 +477,23 @@ class _Planner:
 
     def _place(self, i: int, j: int) -> bool:
         """`add` of a pair that `can_add` allows, the wave not full."""
-        ab = self.orientation(i, j)
-        if ab is None:
-            return False
-        a, b = ab
-        # Counts written from item reads: half the time of numpy's scalar `+=` (speed).
+        # Oriented (a, b) to keep both balances in range (or not worse): the less extreme
+        # of the two when both do, else a coin. Inline, the balances read once (speed).
         balance, count, wave_count = self.balance, self.count, self.wave_count
-        balance[a] = balance.item(a) + 1
-        balance[b] = balance.item(b) - 1
+        bi, bj = balance.item(i), balance.item(j)
+        i_first, j_first = bi <= 0 and bj >= 0, bj <= 0 and bi >= 0
+        if i_first and j_first:
+            ci = max(abs(bi + 1), abs(bj - 1))
+            cj = max(abs(bj + 1), abs(bi - 1))
+            first = ci < cj if ci != cj else self.rng.random() < 0.5
+        elif i_first or j_first:
+            first = i_first
+        else:
+            return False
+        a, b, ba, bb = (i, j, bi, bj) if first else (j, i, bj, bi)
+        # Counts written from item reads: half the time of numpy's scalar `+=` (speed).
+        balance[a] = ba + 1
+        balance[b] = bb - 1
         count[a] = count.item(a) + 1
         count[b] = count.item(b) + 1
         wave_count[a] = wave_count.item(a) + 1
@@ -466,7 +501,8 @@ class _Planner:
         self.eligible[a, b] = self.eligible[b, a] = False
         self.edges_a.append(a)
         self.edges_b.append(b)
-        self._meet(a, b)
+        if self.grade_of[a] >= 0 or self.grade_of[b] >= 0:  # a student–anchor pair, maybe
+            self._meet(a, b)
         self.out.append((self.ids[a], self.ids[b]))
         self.wave_edges.append((a, b))
         return True
@@ -720,7 +756,7 @@ class _Planner:
         """`_anchor_factor` of one pair, without arrays (speed, issue 11)."""
         if anchor_bonus <= 0:
             return 1.0
-        gx, gy = self.anchor_grade.item(x), self.anchor_grade.item(y)
+        gx, gy = self.grade_of[x], self.grade_of[y]
         new = (gx < 0 <= gy and not self.met_grade[x, gy]) or (
             gy < 0 <= gx and not self.met_grade[y, gx]
         )
@@ -801,7 +837,8 @@ class _Planner:
         # v.mean() to the bit (the sum over the count), without its Python-level wrapper:
         # a third of this function's time, a few hundred calls a wave (speed, issue 11).
         vc = v - float(np.add.reduce(v)) / len(v)
-        return info * float(vc @ vc) / (1.0 + info * d), v, info, d
+        # ndarray.dot: the ddot `@` calls (the same bits), at a third of its overhead.
+        return info * float(vc.dot(vc)) / (1.0 + info * d), v, info, d
 
     def _shortlist(
         self, used: IntArray, ok: BoolArray, values: FloatArray, work: _Work
@@ -822,7 +859,11 @@ class _Planner:
         rows, cols = rows[keep], cols[keep]
         lo = np.minimum(rows, cols)
         hi = np.maximum(rows, cols)
-        uniq = _unique(lo * u + hi)
+        # The distinct pairs, in order, marked on a u × u grid: a few times faster than
+        # sorting them at n = 100 (speed, issue 11).
+        seen = np.zeros(u * u, dtype=np.bool_)
+        seen[lo * u + hi] = True
+        uniq = np.flatnonzero(seen)
         li, lj = np.divmod(uniq, u)
         neg, xs, ys = -mat[li, lj], used[li], used[lj]
         # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
@@ -861,7 +902,7 @@ class _Planner:
         # the same order.
         cap = per_essay_cap if self.wave_cap is None else min(per_essay_cap, self.wave_cap)
         closed = bytearray(self.n)
-        out, size = self.out, self.size
+        out, size, grade_of = self.out, self.size, self.grade_of
         while not self.full:
             used, ok = self._open_block(per_essay_cap)
             if len(used) == 0:
@@ -883,7 +924,8 @@ class _Planner:
                 if ver != version:
                     value, v, inf, d_xy = self._exact_gain(cov, theta, x, y)
                     value *= jitter.item(x, y) if x < y else jitter.item(y, x)
-                    value *= self._anchor_factor_one(x, y, anchor_bonus)
+                    if grade_of[x] >= 0 or grade_of[y] >= 0:  # else a factor of 1 (exact)
+                        value *= self._anchor_factor_one(x, y, anchor_bonus)
                     if heap.any(closed) and value < heap.best():
                         heap.push((-value, x, y, version))
                         pushed[x, y] = v, inf, d_xy
@@ -934,7 +976,7 @@ class _Planner:
     def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
         """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior
         (a unit prior before the first fit: variances from the graph alone)."""
-        prior = 1.0 if var is None else 1.0 / max(float(np.var(theta) + np.mean(var)), 1e-2)
+        prior = 1.0 if var is None else 1.0 / max(_variance(theta) + _mean(var), 1e-2)
         cov = _spd_inverse(self._information(theta, prior))
         if cov is None:  # not numerically definite: LU
             cov = np.asarray(np.linalg.inv(self._information(theta, prior)), dtype=np.float64)
@@ -958,9 +1000,25 @@ class _Planner:
         flat = np.bincount(ea * n + eb, weights=-w, minlength=n * n)
         h = flat.astype(np.float64, copy=False).reshape(n, n)  # (int when there are none)
         h += h.T
-        h[np.diag_indices(n)] = -h.sum(axis=1)
-        h[np.diag_indices(n)] += prior
+        diagonal = h.reshape(-1)[:: n + 1]  # a view: no index arrays made (speed)
+        np.negative(h.sum(axis=1), out=diagonal)
+        diagonal += prior
         return h
+
+
+def _mean(x: FloatArray) -> float:
+    """float(np.mean(x)) of a 1-d array, to the bit (its sum over the count), without
+    numpy's Python-level wrapper (speed, issue 11)."""
+    return float(np.add.reduce(x)) / len(x)
+
+
+def _variance(x: FloatArray) -> float:
+    """float(np.var(x)) of a 1-d float array, to the bit: the same operations as numpy's
+    `_var` (the mean as above, the squared deviations summed, over the count), without its
+    wrapper (speed, issue 11)."""
+    dev = x - _mean(x)
+    np.multiply(dev, dev, out=dev)
+    return float(np.add.reduce(dev)) / len(x)
 
 
 def _scores_array(
@@ -968,19 +1026,26 @@ def _scores_array(
 ) -> tuple[FloatArray, FloatArray]:
     """θ and SE² per essay from the latest fit; essays without a finite score get θ = 0
     and the largest variance of the others."""
-    known = [s for s in scores.values() if math.isfinite(s[0]) and math.isfinite(s[1])]
-    default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
-    # Python lists made into arrays once (speed, issue 11: no numpy item writes).
+    # Python lists made into arrays once (speed, issue 11: no numpy item writes); one pass,
+    # the default variance found only when an essay needs it.
     theta: list[float] = []
     var: list[float] = []
-    for e in ids:
+    missing: list[int] = []
+    isfinite = math.isfinite
+    for k, e in enumerate(ids):
         sc = scores.get(e)
-        if sc is not None and math.isfinite(sc[0]) and math.isfinite(sc[1]):
+        if sc is not None and isfinite(sc[0]) and isfinite(sc[1]):
             theta.append(sc[0])
             var.append(max(sc[1] ** 2, 1e-6))
         else:
             theta.append(0.0)
-            var.append(default_var)
+            var.append(0.0)
+            missing.append(k)
+    if missing:
+        known = [s for s in scores.values() if isfinite(s[0]) and isfinite(s[1])]
+        default_var = max([s[1] ** 2 for s in known], default=_DEFAULT_SE**2)
+        for k in missing:
+            var[k] = default_var
     return np.array(theta, dtype=np.float64), np.array(var, dtype=np.float64)
 
 
