@@ -249,6 +249,14 @@ class Lane:
         )
 
     async def replied(self, judgement: Judgement, latency_s: float) -> None:
+        news = self.heard(judgement, latency_s)
+        if news is not None:
+            await self.limiter.feedback(self, "ok", *news)
+
+    def heard(self, judgement: Judgement, latency_s: float) -> tuple[str, str, str, str] | None:
+        """A successful reply, noted here; returns what to tell the shared limiter (limits
+        and what is left of them), or None when that would be no news. `replied` tells it;
+        the caller may also, and then needs no coroutine when there is no news (issue 11)."""
         self.record(True, "ok")
         self._observe_latency(latency_s)
         tokens = _tokens(judgement.usage)
@@ -256,8 +264,8 @@ class Lane:
             self.tokens_per_call += 0.1 * (tokens - self.tokens_per_call)
         told = _told(judgement.rate_limits)
         if told is None:
-            return
-        limit_r, limit_t, left_r, left_t = told
+            return None
+        limit_r, limit_t = told[0], told[1]
         clock = self.limiter.clock
         known = (_f(limit_r) in (None, self.limit_r)) and (_f(limit_t) in (None, self.limit_t))
         room = (self.limit_r > 0 and self.rate_r < self.limit_r * self.limiter.settings.target) or (
@@ -266,12 +274,12 @@ class Lane:
         # Only news is sent: a limit not known yet, or room to grow (at most every
         # feedback_every_s); at the limit, successful replies cost no round trip.
         if known and not room:
-            return
+            return None
         if known and clock() - self.last_feedback < self.limiter.settings.feedback_every_s:
-            return
+            return None
         self.last_feedback = clock()
         self.unlimited_until = 0.0
-        await self.limiter.feedback(self, "ok", limit_r, limit_t, left_r, left_t)
+        return told
 
     async def failed(self, exc: ProviderError) -> None:
         detail = exc.detail
@@ -467,7 +475,9 @@ class LimitedProvider:
         except ProviderError as exc:
             await lane.failed(exc)
             raise
-        await lane.replied(judgement, time.monotonic() - started)
+        news = lane.heard(judgement, time.monotonic() - started)
+        if news is not None:
+            await self.limiter.feedback(lane, "ok", *news)
         return judgement
 
     async def judge(self, request: ComparisonRequested) -> Judgement:
@@ -485,11 +495,18 @@ class _Turn:
         self.request = request
 
     async def __aenter__(self) -> Call:
-        await self.lane.enter()
+        lane = self.lane
+        # `enter` and `acquire` are awaited only when they would wait: a free place, and no
+        # limit known (`acquire` returns at once then), take no coroutine (issue 11).
+        if lane.in_use < lane.concurrency:
+            lane.in_use += 1
+        else:
+            await lane.enter()
         try:
-            await self.lane.acquire()
+            if lane.limiter.clock() >= lane.unlimited_until:
+                await lane.acquire()
         except BaseException:
-            self.lane.leave()
+            lane.leave()
             raise
         return self.call
 
