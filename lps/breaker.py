@@ -213,14 +213,23 @@ class Breaker:
             self._closed_seen[key] = now
         return found
 
+    def admit_now(self, provider: str, model: str) -> Ticket | None:
+        """`admit`'s answer when it needs no await, else None (then await `admit`): no
+        breaker was open a moment ago and calls here are answered. What `_check` and the
+        gate would decide, without their awaits nor a coroutine of its own (issue 11: most
+        calls)."""
+        key = (provider, model)
+        if key in self._proven and self._seen_closed(key, self.clock()):
+            return Ticket(provider, model)
+        return None
+
     async def admit(self, provider: str, model: str, correlation_id: str = "") -> Ticket:
         """May a call to provider/model be made now? Waits while an unproven provider/model
         has a call in flight in this process."""
         key = (provider, model)
-        if key in self._proven and self._seen_closed(key, self.clock()):
-            # What `_check` and the gate would decide, without their awaits: no breaker was
-            # open a moment ago and calls here are answered (issue 11: most calls).
-            return Ticket(provider, model)
+        fast = self.admit_now(provider, model)
+        if fast is not None:
+            return fast
         ticket = Ticket(provider, model)
         if await self._check(ticket, correlation_id, fresh=False):
             return ticket
@@ -280,6 +289,17 @@ class Breaker:
         if ticket.gate is not None:
             ticket.gate.release()
             ticket.gate = None
+
+    def settled_now(self, ticket: Ticket, detail: ErrorDetail | None) -> bool:
+        """Whether `settle(ticket, detail)` has nothing to do, so need not be awaited: an
+        answered call (no probe, no gate) to a provider/model already proven only proves it
+        again (issue 11: most calls)."""
+        return (
+            detail is None
+            and ticket.probe is None
+            and ticket.gate is None
+            and (ticket.provider, ticket.model) in self._proven
+        )
 
     async def settle(self, ticket: Ticket, detail: ErrorDetail | None) -> None:
         """After the call of `ticket`: `detail` is its failure (None: it succeeded)."""

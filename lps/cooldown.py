@@ -78,6 +78,15 @@ class Cooldown:
             until = await self._flight.run(key, lambda: self._read(key, now))
         return min(self.max_s, max(0.0, until - self.clock()))
 
+    def clear_now(self, provider: str, model: str) -> bool:
+        """Whether a reusable read (within `fresh_s`) found no cooldown in force now: then
+        `wait` would sleep nothing, and need not be awaited (issue 11: most calls)."""
+        seen = self._seen.get((provider, model))
+        if seen is None:
+            return False
+        now = self.clock()
+        return now - seen[1] < self.fresh_s and seen[0] - now <= 0
+
     async def _read(self, key: tuple[str, str], now: float) -> float:
         """The cooldown's end (epoch seconds; 0: none, or the read failed: fail open)."""
         try:

@@ -46,7 +46,7 @@ from lps.breaker import Breaker
 from lps.cooldown import Cooldown
 from lps.essays import EssayStore
 from lps.metrics import LPS_REQUESTS
-from lps.modes import MODES, ModeContext, Unit, plan_units
+from lps.modes import MODES, ModeContext, Unit, per_request, plan_units
 from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
 from lps.recorder import Recorder, answered, encode
@@ -188,10 +188,10 @@ class Committer:
         self, entry_id: str, callback: Event, extra: list[tuple[str, Event]] | None = None
     ) -> str:
         """Commit one result; returns 'committed' (or 'again') or 'fenced'."""
-        item = _Commit(entry_id, callback, extra or [], asyncio.get_running_loop().create_future())
-        await self._queue.put(item)
-        assert item.done is not None
-        return await item.done
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # The queue is unbounded: `put` would never wait, and costs a coroutine (issue 11).
+        self._queue.put_nowait(_Commit(entry_id, callback, extra or [], done))
+        return await done
 
     async def _run(self) -> None:
         while True:
@@ -404,9 +404,24 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             if self._stop.is_set():
                 await self.release(unit)
                 return
-            unit = await self.still_held(unit)
-            if unit:
-                await MODES[unit[0][1].mode](self.mode_context, unit)
+            if self._held_long(unit):
+                unit = await self.still_held(unit)
+            if not unit:
+                return
+            run = MODES[unit[0][1].mode]
+            if run is per_request.run:  # its loop, without its coroutine (issue 11)
+                for entry, req in unit:
+                    await self.judge_one(entry, req)
+            else:
+                await run(self.mode_context, unit)
+
+    def _held_long(self, unit: Unit) -> bool:
+        """Whether `still_held` has anything to check in `unit` (else it returns `unit`): it
+        is awaited only then, a coroutine less on the common path (issue 11)."""
+        now = time.monotonic()
+        limit = now - self.processing_timeout_s / 2
+        read_at = self._read_at
+        return any(read_at.get(e.entry_id, now) <= limit for e, _ in unit)
 
     async def still_held(self, unit: Unit) -> Unit:
         """The requests of `unit` this worker still holds. Checked (and their idle time reset)
@@ -479,7 +494,8 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
             return
 
         # Latency, tokens and cost are counted by the provider, per HTTP call, not here.
-        if not await self.still_held([(entry, req)]):
+        unit = [(entry, req)]
+        if self._held_long(unit) and not await self.still_held(unit):
             return
         outcome = await judge_with_retries(
             provider,
