@@ -54,6 +54,7 @@ from lps.metrics import (
 )
 from lps.providers.base import Judgement, Provider, ProviderError
 from streams.keys import Keys
+from streams.metrics import labelled
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,6 @@ class Lane:
     def __post_init__(self) -> None:
         self.tokens_per_call = self.limiter.settings.tokens_per_call
         self._labels = {"provider": self.provider, "model": self.model}
-        # This lane's metric children, kept (issue 11: a labels lookup less each, per call).
-        self._calls: dict[str, Any] = {}
-        self._ratio: Any = None
 
     @property
     def key(self) -> str:
@@ -247,15 +245,10 @@ class Lane:
             self.limited_calls -= 1
         self.outcomes.append(ok)
         self.limited_calls += not ok
-        calls = self._calls.get(outcome)
-        if calls is None:  # created on first use, as before (no child counts 0 in advance)
-            calls = self._calls[outcome] = LPS_PROVIDER_CALLS.labels(
-                self.provider, self.model, outcome
-            )
-        calls.inc()
-        if self._ratio is None:
-            self._ratio = LPS_RATE_LIMITED_RATIO.labels(self.provider, self.model)
-        self._ratio.set(self.limited_calls / len(self.outcomes))
+        labelled(LPS_PROVIDER_CALLS, self.provider, self.model, outcome).inc()
+        labelled(LPS_RATE_LIMITED_RATIO, self.provider, self.model).set(
+            self.limited_calls / len(self.outcomes)
+        )
 
     async def replied(self, judgement: Judgement, latency_s: float) -> None:
         news = self.heard(judgement, latency_s)
