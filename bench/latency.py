@@ -26,6 +26,10 @@ by it, the rate limit multiplied by it (the mock's Retry-After stays in whole se
 the API sends it, so a 429 costs relatively more here than at scale 1). Wall times are
 printed as measured and in real-time equivalent (× scale). Ratios do not depend on it.
 
+`CJS_BENCH_PROFILE=DIR`: each worker process profiles its event loop's thread over the run
+(cProfile on thread CPU time, so that waiting for a core does not count) into DIR/w0, w1,
+...; read them with pstats. The profiler's own cost inflates the figures printed.
+
 The essays' latent qualities are N(0, 1) (as a judge sees a real class), so the stopping
 rule ends a batch after roughly 10–20 comparisons per essay.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import math
 import multiprocessing as mp
@@ -105,9 +110,17 @@ def _worker(
         runner.start()
         freeze_startup()  # as `cjs worker` does
         Path(out + ".ready").touch()
+        profile = (
+            cProfile.Profile(time.thread_time) if os.environ.get("CJS_BENCH_PROFILE") else None
+        )
         begin, threads = process_cpu_s(), thread_cpu_s()
+        if profile is not None:
+            profile.enable()  # the event loop's thread only (the decisions: bench/decide.py)
         while not os.path.exists(stop):
             await asyncio.sleep(0.05)
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(os.path.join(os.environ["CJS_BENCH_PROFILE"], Path(out).name))
         used = process_cpu_s() - begin
         split = {f"{k}_cpu_s": v - threads[k] for k, v in thread_cpu_s().items()}
         await runner.close()
