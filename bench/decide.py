@@ -147,16 +147,15 @@ def main() -> None:
         print(json.dumps(replay(args.replay)))
         return
     sys.path.insert(0, str(ROOT))
+    from bench.revisions import tree_at
+
     with tempfile.TemporaryDirectory() as tmp:
         states = str(Path(tmp) / "states.pkl")
         with open(states, "wb") as f:
             pickle.dump(simulate(args.batches, args.essays), f)
         ref = Path(tmp) / "ref"
         ref.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", args.against], check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(ref)], input=archive, check=True)
+        tree_at(args.against, ref)
         sides = {"current": ROOT, args.against: ref}
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
         for k in range(args.alternations):

@@ -89,13 +89,13 @@ def main() -> None:
         states, out, capture = args.child
         _child(states, out, capture == "1", args.batches, args.essays)
         return
+    sys.path.insert(0, str(ROOT))
+    from bench.revisions import tree_at
+
     with tempfile.TemporaryDirectory() as tmp:
         ref = Path(tmp) / "ref"
         ref.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", args.against], check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(ref)], input=archive, check=True)
+        tree_at(args.against, ref)
         states = str(Path(tmp) / "states.pkl")
         outs = {}
         for name, tree, capture in ((args.against, ref, "1"), ("current", ROOT, "0")):

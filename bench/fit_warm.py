@@ -76,6 +76,17 @@ def _states(path: str | None, batches: int, essays: int) -> list[Any]:
     return states
 
 
+def _widest(so_far: tuple[float, float, float], cold: Any, warm: Any) -> tuple[float, ...]:
+    """The largest |Δθ|, |ΔSE| and |ΔR| between a cold and a warm `score_wave` so far."""
+    c, w = cold.fit, warm.fit
+    rc, rw = cold.posterior.value, warm.posterior.value
+    return (
+        max(so_far[0], max(abs(c.theta[e] - w.theta[e]) for e in c.theta)),
+        max(so_far[1], max(abs(c.se[e] - w.se[e]) for e in c.se)),
+        max(so_far[2], abs(rc - rw)) if rc is not None and rw is not None else so_far[2],
+    )
+
+
 def _scoring_cases(seeds: int) -> None:
     from scoring import make_data
 
@@ -98,12 +109,7 @@ def _scoring_cases(seeds: int) -> None:
                 COUNTS.clear()
                 out[name] = scoring.score_wave(ids, comps, classical=False, warm=w)
                 counts[name].append(sum(COUNTS.values()))
-            c, k = out["cold"].fit, out["warm"].fit
-            dtheta = max(dtheta, max(abs(c.theta[e] - k.theta[e]) for e in c.theta))
-            dse = max(dse, max(abs(c.se[e] - k.se[e]) for e in c.se))
-            rc, rw = out["cold"].posterior.value, out["warm"].posterior.value
-            if rc is not None and rw is not None:
-                drel = max(drel, abs(rc - rw))
+            dtheta, dse, drel = _widest((dtheta, dse, drel), out["cold"], out["warm"])
         kind = "distinct" if distinct else "random"
         print(
             f"{n:>5} x {m:>5} {kind:>8}: max |dtheta| {dtheta:.1e} |dSE| {dse:.1e} "
@@ -177,12 +183,7 @@ def main() -> None:
             )
             per[name].append(Counter(COUNTS))
         fits += 1
-        c, w2 = out["cold"].fit, out["warm"].fit
-        dtheta = max(dtheta, max(abs(c.theta[e] - w2.theta[e]) for e in c.theta))
-        dse = max(dse, max(abs(c.se[e] - w2.se[e]) for e in c.se))
-        rc, rw = out["cold"].posterior.value, out["warm"].posterior.value
-        if rc is not None and rw is not None:
-            drel = max(drel, abs(rc - rw))
+        dtheta, dse, drel = _widest((dtheta, dse, drel), out["cold"], out["warm"])
     print(f"{fits} fits with a previous fit of the same essays")
     print(f"max |dtheta| {dtheta:.2e}  max |dSE| {dse:.2e}  max |d reliability| {drel:.2e}")
     for name, counts in per.items():

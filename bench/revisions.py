@@ -33,6 +33,15 @@ def module_at(rev: str, path: str) -> ModuleType:
     return module
 
 
+def tree_at(rev: str, dest: Path) -> None:
+    """The whole project as of `rev` written into `dest` (`git archive`), for benches that run
+    another revision's code in a process of its own."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
 def plan_wave_inputs(pairs: ModuleType, n: int, history_size: int) -> dict[str, Any]:
     """plan_wave's input for n essays: a random history of completed pairs, balanced, and
     random scores (every bench that times the planner uses this one)."""
