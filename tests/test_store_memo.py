@@ -1,5 +1,5 @@
-"""decode_state's memos (issue 11) change nothing: every decode equals a decode from scratch,
-in content and in order, whatever was decoded before."""
+"""decode_state's documents decoded once (issue 11) change nothing: every decode equals a
+decode from scratch, in content and in order, whatever was decoded before."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from events.text import as_str
+from events.types import BatchScored, EssayScore
 from projections import keys as pkeys
 from projections import store
 from projections.batch import BatchState
@@ -60,6 +61,9 @@ def _check(raw: dict[str, dict[Any, Any]]) -> BatchState:
     corr, pairs = _scratch(raw)
     assert list(decoded.corr.items()) == corr
     assert list(decoded.pairs.items()) == pairs
+    docs = raw[pkeys.batch_docs(KEYS, B)]
+    assert decoded.essays == store._essays.decode(docs[b"essays"])
+    assert decoded.scores == (store._scores.decode(docs[b"scores"]) if b"scores" in docs else None)
     return decoded
 
 
@@ -85,11 +89,22 @@ def test_text_that_is_not_utf8_decodes_as_as_str_does() -> None:
 
 
 def test_a_full_memo_starts_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "MEMO_LIMIT", 5)
-    monkeypatch.setattr(store, "ESSAY_MEMO_BATCHES", 1)
-    for n in (4, 9, 12, 2):
-        _check(_raw(_state(n)))
-        assert len(store._pair_memo) <= 12
+    monkeypatch.setattr(store, "DOC_MEMO_ENTRIES", 1)
+    for n in (4, 3, 5, 2):
+        state = _state(n)
+        state.essays = state.essays[:n]  # other essays: decoded again
+        assert _check(_raw(state)).essays == state.essays
+        assert len(store._doc_memo) == 1
+
+
+def test_new_scores_are_decoded_again() -> None:
+    state = _state(2)
+    _check(_raw(state))
+    for wave in (1, 2, 2):
+        state.scores = BatchScored(
+            batch_id=B, wave=wave, scores=[EssayScore("e0", 0.5 * wave, 0.1)], comparisons=wave
+        )
+        assert _check(_raw(state)).scores == state.scores
 
 
 def test_changed_essays_are_decoded_again() -> None:
