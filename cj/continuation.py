@@ -843,20 +843,20 @@ async def _write(
     and callbacks change which those are."""
     batch_key = pkeys.batch(keys, state.batch_id)
     strict = decision.terminal is not None
-    decided = _decided(read)
     async with r.pipeline(transaction=True) as pipe:
         for _ in range(max_tries):
             try:
                 await pipe.watch(batch_key)
                 flat, moment = await pipe.eval(_NOW_LUA, 1, batch_key)
                 now = dict(zip(flat[::2], flat[1::2], strict=True))
-                if (now != read) if strict else (_decided(now) != decided):
+                changed = now != read  # mostly not: nothing to decode then
+                if changed and (strict or _decided(now) != _decided(read)):
                     await pipe.unwatch()
                     return None
                 pipe.multi()
                 timed = stamped(decision, iso(time_of(moment)))
                 # The scalars as read again: those of `state` when nothing changed them.
-                base = with_scalars(state, now if now != read else None)
+                base = with_scalars(state, now if changed else None)
                 written = queue_decision(pipe, keys, base, timed)
                 await pipe.execute()
                 return written, timed
