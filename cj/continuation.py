@@ -85,7 +85,7 @@ from projections.store import (
     read_raw,
     with_scalars,
 )
-from streams.clock import server_time
+from streams.clock import time_of
 from streams.keys import Keys
 
 log = structlog.get_logger("cj.continuation")
@@ -802,18 +802,24 @@ async def advance(
         decision = await asyncio.to_thread(decider, state) if state is not None else None
         if state is None or decision is None:
             return None
-        # Asked outside any WATCH: a cluster's pipeline refuses TIME.
-        decision = stamped(decision, iso(await server_time(r)))
         written = await _write(r, keys, state, raw[pkeys.batch(keys, batch_id)], decision)
         if written is not None:
-            _report(written, decision)
-            return decision
+            _report(*written)
+            return written[1]
     log.warning("advance_gave_up", batch_id=batch_id, tries=max_tries)
     return None
 
 
 # The batch hash's fields only a decision changes (callbacks change the counters and times).
 DECIDED = ("status", "waves", "scored_wave", "submitted", "finalize_reason", "completed_at")
+
+# The batch hash as it is now, and the server's time (TIME's reply), read under WATCH before
+# a decision is written. Speed (issue 11): the time was a round trip of its own; a script
+# because a cluster's pipeline refuses TIME, a command without a key, inside WATCH.
+# KEYS: 1 the batch hash.
+_NOW_LUA = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('TIME')}
+"""
 
 
 async def _write(
@@ -823,10 +829,11 @@ async def _write(
     read: dict[bytes | str, bytes | str],
     decision: Decision,
     max_tries: int = 50,
-) -> BatchState | None:
-    """Append the decision with its projection writes in one MULTI/EXEC under WATCH on the
-    batch hash, as read again at that moment; None (decide again) when another decision was
-    written since `state` was read (`read`: its batch hash).
+) -> tuple[BatchState, Decision] | None:
+    """Append the decision, its events stamped with the server's time, with its projection
+    writes in one MULTI/EXEC under WATCH on the batch hash, as read again at that moment; the
+    state written and the decision as stamped, or None (decide again) when another decision
+    was written since `state` was read (`read`: its batch hash).
 
     Callbacks applied since do not void a next wave (speed, issue 11: at zero latency one
     in ten decisions was taken again for them): it is written on top of their counts (the
@@ -840,14 +847,19 @@ async def _write(
         for _ in range(max_tries):
             try:
                 await pipe.watch(batch_key)
-                now = await pipe.hgetall(batch_key)
-                if (now != read) if strict else (_decided(now) != _decided(read)):
+                flat, moment = await pipe.eval(_NOW_LUA, 1, batch_key)
+                now = dict(zip(flat[::2], flat[1::2], strict=True))
+                changed = now != read  # mostly not: nothing to decode then
+                if changed and (strict or _decided(now) != _decided(read)):
                     await pipe.unwatch()
                     return None
                 pipe.multi()
-                written = queue_decision(pipe, keys, with_scalars(state, now), decision)
+                timed = stamped(decision, iso(time_of(moment)))
+                # The scalars as read again: those of `state` when nothing changed them.
+                base = with_scalars(state, now if changed else None)
+                written = queue_decision(pipe, keys, base, timed)
                 await pipe.execute()
-                return written
+                return written, timed
             except WatchError:  # written meanwhile: look again
                 continue
     return None
