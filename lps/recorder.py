@@ -56,12 +56,18 @@ async def answered(r: Any, keys: Keys, requests: list[tuple[str, str]]) -> list[
             by_batch.setdefault(batch_id, []).append(k)
         else:
             loose.append(k)
-    async with r.pipeline(transaction=False) as pipe:
-        for batch_id, ks in by_batch.items():
-            pipe.hmget(lkeys.answered(keys, batch_id), [requests[k][1] for k in ks])
-        for k in loose:
-            pipe.exists(lkeys.done(keys, requests[k][1]))
-        replies = await pipe.execute()
+    if len(by_batch) == 1 and not loose:  # a page of one batch, the usual
+        # The same HMGET, without a pipeline's own work around it (issue 11: ≈ 40 µs of
+        # client CPU a page, a third of the call).
+        [(batch_id, ks)] = by_batch.items()
+        replies = [await r.hmget(lkeys.answered(keys, batch_id), [requests[k][1] for k in ks])]
+    else:
+        async with r.pipeline(transaction=False) as pipe:
+            for batch_id, ks in by_batch.items():
+                pipe.hmget(lkeys.answered(keys, batch_id), [requests[k][1] for k in ks])
+            for k in loose:
+                pipe.exists(lkeys.done(keys, requests[k][1]))
+            replies = await pipe.execute()
     out = [False] * len(requests)
     for ks, values in zip(by_batch.values(), replies, strict=False):
         for k, value in zip(ks, values, strict=True):

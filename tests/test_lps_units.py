@@ -158,6 +158,9 @@ async def test_answers_are_looked_up_per_batch_and_old_markers_still_count(
     mixed = [("b2", "c3"), ("", "c8"), ("b1", "c2"), ("b2", "c1"), ("", "c9"), ("b1", "c1")]
     assert await answered(r, keys, mixed) == [True, False, False, False, True, True]
     assert await answered(r, keys, []) == []
+    # A page of one batch (one HMGET, without a pipeline): the same answers.
+    assert await answered(r, keys, [("b1", "c2"), ("b1", "c1")]) == [False, True]
+    assert await answered(r, keys, [("b2", "c3")]) == [True]
     old = Intent("i", 1.0, 1, "anthropic", "m", ["c9"]).fields()
     del old["batch_ids"]
     intent = Intent.of(old)
