@@ -28,7 +28,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -140,6 +140,11 @@ def decode_state(raw: dict[Any, Any]) -> BreakerState | None:
         return None
 
 
+def _found(rows: list[Any]) -> list[BreakerState]:
+    """The open breakers in the replies of `Breaker.states`'s HGETALLs."""
+    return [s for s in (decode_state(row) for row in rows if row) if s is not None]
+
+
 @dataclass
 class Ticket:
     """Leave to make one call (or not): from `admit`, handed back to `settle` after the call."""
@@ -184,7 +189,7 @@ class Breaker:
             for key in self._keys_for(provider, model):
                 pipe.hgetall(key)
             rows = await pipe.execute()
-        return [s for s in (decode_state(row) for row in rows if row) if s is not None]
+        return _found(rows)
 
     def _seen_closed(self, key: tuple[str, str], now: float) -> bool:
         """Whether a read found no breaker for provider/model within `fresh_s` of `now`."""
@@ -207,11 +212,41 @@ class Breaker:
         except Exception as exc:  # fail open
             log.warning("breaker read failed: %s", type(exc).__name__)
             return []
+        self._saw(key, found, now)
+        return found
+
+    def _saw(self, key: tuple[str, str], found: list[BreakerState], now: float) -> None:
         if found:
             self._closed_seen.pop(key, None)
         else:
             self._closed_seen[key] = now
-        return found
+
+    def due(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (provider, model) of `pairs` whose next call would read the breakers: none
+        found within `fresh_s` (never with `fresh_s` 0: then every call reads)."""
+        if self.fresh_s <= 0:
+            return []
+        now = self.clock()
+        return [key for key in pairs if not self._seen_closed(key, now)]
+
+    def read_in(self, pipe: Any, due: list[tuple[str, str]]) -> Callable[[list[Any]], None]:
+        """Queue on `pipe` (a pipeline of the caller's, executed without raising on a reply
+        that is an error) the reads `_read` would make of the breakers of `due` (from
+        `due`); returns what learns from their replies as `_read` does. The LPS worker reads
+        them with its page's answered marks, a round trip instead of two (issue 11). A
+        failed read teaches nothing: the call then reads itself (and fails open)."""
+        now = self.clock()
+        for key in due:
+            for name in self._keys_for(*key):
+                pipe.hgetall(name)
+
+        def take(replies: list[Any]) -> None:
+            for k, key in enumerate(due):
+                rows = replies[2 * k : 2 * k + 2]
+                if not any(isinstance(row, Exception) for row in rows):
+                    self._saw(key, _found(rows), now)
+
+        return take
 
     def admit_now(self, provider: str, model: str) -> Ticket | None:
         """`admit`'s answer when it needs no await, else None (then await `admit`): no

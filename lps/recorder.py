@@ -41,10 +41,17 @@ Commit = Callable[[str, Event], Awaitable[str]]
 """Commit one callback for a request entry: 'committed' (or 'again') or 'fenced'."""
 
 
-async def answered(r: Any, keys: Keys, requests: list[tuple[str, str]]) -> list[bool]:
+Reads = Callable[[Any], Callable[[list[Any]], None]]
+"""Reads made in another's round trip: queues its commands on a pipeline, returns what takes
+their replies (an error among them comes as an exception, not raised)."""
+
+
+async def answered(
+    r: Any, keys: Keys, requests: list[tuple[str, str]], *, also: Reads | None = None
+) -> list[bool]:
     """Whether each (batch id, correlation id) has a committed callback (`lps.keys.answered`);
     a request named without its batch (a Message Batch intent written before) by the marker
-    of that time (`lps.keys.done`)."""
+    of that time (`lps.keys.done`). `also`'s reads go in the same round trip."""
     if not requests:
         return []
     # One HMGET per batch's hash, not one HEXISTS per request: a page of requests is
@@ -56,7 +63,7 @@ async def answered(r: Any, keys: Keys, requests: list[tuple[str, str]]) -> list[
             by_batch.setdefault(batch_id, []).append(k)
         else:
             loose.append(k)
-    if len(by_batch) == 1 and not loose:  # a page of one batch, the usual
+    if len(by_batch) == 1 and not loose and also is None:  # a page of one batch, the usual
         # The same HMGET, without a pipeline's own work around it (issue 11: ≈ 40 µs of
         # client CPU a page, a third of the call).
         [(batch_id, ks)] = by_batch.items()
@@ -67,7 +74,15 @@ async def answered(r: Any, keys: Keys, requests: list[tuple[str, str]]) -> list[
                 pipe.hmget(lkeys.answered(keys, batch_id), [requests[k][1] for k in ks])
             for k in loose:
                 pipe.exists(lkeys.done(keys, requests[k][1]))
-            replies = await pipe.execute()
+            take = also(pipe) if also is not None else None
+            replies = await pipe.execute(raise_on_error=take is None)
+        if take is not None:
+            mine = len(by_batch) + len(loose)
+            take(replies[mine:])
+            del replies[mine:]
+            for reply in replies:  # what execute would have raised
+                if isinstance(reply, Exception):
+                    raise reply
     out = [False] * len(requests)
     for ks, values in zip(by_batch.values(), replies, strict=False):
         for k, value in zip(ks, values, strict=True):

@@ -369,8 +369,13 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         """A redelivered request whose callback already exists is acknowledged, not judged again."""
         if not requests:
             return requests
+        # The breakers the page's calls would read first are read with it (issue 11).
+        due = self.breaker.due(dict.fromkeys((q.provider, q.model) for _, q in requests))
         flags = await answered(
-            self.r, self.keys, [(q.batch_id, q.correlation_id) for _, q in requests]
+            self.r,
+            self.keys,
+            [(q.batch_id, q.correlation_id) for _, q in requests],
+            also=functools.partial(self.breaker.read_in, due=due) if due else None,
         )
         done = [entry for (entry, _), flag in zip(requests, flags, strict=True) if flag]
         if done:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -208,13 +209,18 @@ async def test_a_page_reads_the_cooldown_once_not_once_per_call(
 
 
 class _CountingBreaker(Breaker):
-    """A breaker that counts its reads of Redis (a pipeline of HGETALLs each)."""
+    """A breaker that counts its reads of Redis (a pipeline of HGETALLs each, or those the
+    worker sends with a page's answered marks)."""
 
     reads = 0
 
     async def states(self, provider: str, model: str) -> list[BreakerState]:
         self.reads += 1
         return await super().states(provider, model)
+
+    def read_in(self, pipe: Any, due: list[tuple[str, str]]) -> Callable[[list[Any]], None]:
+        self.reads += len(due)
+        return super().read_in(pipe, due)
 
 
 async def test_a_page_reads_the_breakers_once_not_once_per_call(
@@ -246,6 +252,64 @@ async def test_a_page_reads_the_breakers_once_not_once_per_call(
         assert breaker.reads - before == (2 if page == 0 else 1)
     await worker.close()
     assert len(await r.xrange(keys.callbacks)) == 16
+
+
+async def test_a_page_reads_its_breakers_with_its_answered_marks(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """The breakers a page's calls would read first are read in the round trip of its answered
+    marks (issue 11): an open breaker found so stops the page's calls as before, and a read
+    that fails there teaches nothing (the call reads itself, and fails open)."""
+    from lps import keys as lkeys
+
+    r = fake_redis
+    now = [1000.0]
+    breaker = _CountingBreaker(r, keys, fresh_s=0.1, clock=lambda: now[0])
+    await breaker.observe("mock", "m", None)  # proven: no per-process gate
+    worker = LPSWorker(
+        r, keys, "w", lambda _: MockProvider(PROFILES["ideal"], seed=1), breaker=breaker
+    )
+    await worker.start()
+    await r.set(lkeys.breaker(keys, "mock"), "not a hash")  # WRONGTYPE for HGETALL
+    for i in range(3):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="per_request", provider="mock")))
+    assert await worker.step() == 3
+    # The page's read failed, and taught nothing: the calls read again (and fail open).
+    assert breaker.reads >= 2
+    assert len(await r.xrange(keys.callbacks)) == 3
+    await r.delete(lkeys.breaker(keys, "mock"))
+    detail = ErrorDetail(error_type="authentication", retryable=False, message="revoked")
+    await breaker.open(detail, "mock", "m")
+    now[0] += 1.0
+    for i in range(3, 6):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="per_request", provider="mock")))
+    assert await worker.step() == 3
+    await worker.close()
+    callbacks = [codec.decode(f) for _, f in await r.xrange(keys.callbacks)]
+    assert [type(c).__name__ for c in callbacks[3:]] == ["ComparisonFailed"] * 3
+
+
+async def test_reads_sent_with_the_answered_marks_do_not_make_them_fail(
+    fake_redis: Any, keys: Keys
+) -> None:
+    from lps import keys as lkeys
+    from lps.recorder import answered
+
+    r = fake_redis
+    await r.hset(lkeys.answered(keys, "b1"), "c1", "t")
+    await r.set("not-a-hash", "x")
+    heard: list[Any] = []
+
+    def also(pipe: Any) -> Callable[[list[Any]], None]:
+        pipe.hgetall("not-a-hash")
+        pipe.get("not-a-hash")
+        return heard.extend
+
+    assert await answered(r, keys, [("b1", "c1"), ("b1", "c2")], also=also) == [True, False]
+    assert isinstance(heard[0], Exception) and heard[1] == b"x"
+    await r.set(lkeys.answered(keys, "b2"), "x")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await answered(r, keys, [("b2", "c1")], also=also)
 
 
 async def test_calls_missing_the_breaker_read_together_share_one_read(
