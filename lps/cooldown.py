@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,12 +94,41 @@ class Cooldown:
         except Exception as exc:  # fail open
             log.warning("cooldown read failed: %s", type(exc).__name__)
             return 0.0
+        return self._saw(key, raw, now)
+
+    def _saw(self, key: tuple[str, str], raw: Any, now: float) -> float:
         try:
             until = 0.0 if raw is None else float(raw)
         except ValueError:
             until = 0.0
         self._seen[key] = (until, now)
         return until
+
+    def due(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (provider, model) of `pairs` whose next call would read the cooldown: no read
+        within `fresh_s` (never with `fresh_s` 0: then every call reads)."""
+        if self.fresh_s <= 0:
+            return []
+        now = self.clock()
+        seen = self._seen
+        return [key for key in pairs if key not in seen or now - seen[key][1] >= self.fresh_s]
+
+    def read_in(self, pipe: Any, due: list[tuple[str, str]]) -> Callable[[list[Any]], None]:
+        """Queue on `pipe` (a pipeline of the caller's on this cooldown's Redis, executed
+        without raising on a reply that is an error) the reads `_read` would make for `due`
+        (from `due`); returns what learns from their replies as `_read` does. The LPS worker
+        reads them with its page's answered marks, a round trip less (issue 11). A failed
+        read teaches nothing: the call then reads itself (and fails open)."""
+        now = self.clock()
+        for key in due:
+            pipe.get(lkeys.cooldown(self.keys, *key))
+
+        def take(replies: list[Any]) -> None:
+            for key, raw in zip(due, replies, strict=True):
+                if not isinstance(raw, Exception):
+                    self._saw(key, raw, now)
+
+        return take
 
     async def trigger(self, provider: str, model: str, seconds: float) -> float:
         """Cool provider/model down for `seconds` (capped at `max_s`) unless a longer cooldown

@@ -8,7 +8,7 @@ below are the only ones (no mode imports the worker).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -47,11 +47,11 @@ their replies (an error among them comes as an exception, not raised)."""
 
 
 async def answered(
-    r: Any, keys: Keys, requests: list[tuple[str, str]], *, also: Reads | None = None
+    r: Any, keys: Keys, requests: list[tuple[str, str]], *, also: Sequence[Reads] = ()
 ) -> list[bool]:
     """Whether each (batch id, correlation id) has a committed callback (`lps.keys.answered`);
     a request named without its batch (a Message Batch intent written before) by the marker
-    of that time (`lps.keys.done`). `also`'s reads go in the same round trip."""
+    of that time (`lps.keys.done`). The reads `also` go in the same round trip."""
     if not requests:
         return []
     # One HMGET per batch's hash, not one HEXISTS per request: a page of requests is
@@ -63,7 +63,7 @@ async def answered(
             by_batch.setdefault(batch_id, []).append(k)
         else:
             loose.append(k)
-    if len(by_batch) == 1 and not loose and also is None:  # a page of one batch, the usual
+    if len(by_batch) == 1 and not loose and not also:  # a page of one batch, the usual
         # The same HMGET, without a pipeline's own work around it (issue 11: ≈ 40 µs of
         # client CPU a page, a third of the call).
         [(batch_id, ks)] = by_batch.items()
@@ -74,12 +74,15 @@ async def answered(
                 pipe.hmget(lkeys.answered(keys, batch_id), [requests[k][1] for k in ks])
             for k in loose:
                 pipe.exists(lkeys.done(keys, requests[k][1]))
-            take = also(pipe) if also is not None else None
-            replies = await pipe.execute(raise_on_error=take is None)
-        if take is not None:
-            mine = len(by_batch) + len(loose)
-            take(replies[mine:])
-            del replies[mine:]
+            takes = []
+            for read in also:
+                start = len(pipe)
+                takes.append((start, read(pipe), len(pipe)))
+            replies = await pipe.execute(raise_on_error=not also)
+        if also:
+            for start, take, end in takes:
+                take(replies[start:end])
+            del replies[len(by_batch) + len(loose) :]
             for reply in replies:  # what execute would have raised
                 if isinstance(reply, Exception):
                     raise reply

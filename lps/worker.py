@@ -49,7 +49,7 @@ from lps.metrics import LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, per_request, plan_units
 from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
-from lps.recorder import Recorder, answered, encode
+from lps.recorder import Reads, Recorder, answered, encode
 from lps.retry import Outcome, RetryPolicy, judge_with_retries
 from streams.consumer import GroupConsumer, GroupOptions
 from streams.errors import Policy, kind_of, policy_of
@@ -369,19 +369,28 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         """A redelivered request whose callback already exists is acknowledged, not judged again."""
         if not requests:
             return requests
-        # The breakers the page's calls would read first are read with it (issue 11).
-        due = self.breaker.due(dict.fromkeys((q.provider, q.model) for _, q in requests))
         flags = await answered(
             self.r,
             self.keys,
             [(q.batch_id, q.correlation_id) for _, q in requests],
-            also=functools.partial(self.breaker.read_in, due=due) if due else None,
+            also=self._page_reads(requests),
         )
         done = [entry for (entry, _), flag in zip(requests, flags, strict=True) if flag]
         if done:
             await self.r.xack(self.keys.requests, LPS_GROUP, *(e.entry_id for e in done))
             log.info("request_already_answered", entries=len(done))
         return [(e, q) for (e, q), flag in zip(requests, flags, strict=True) if not flag]
+
+    def _page_reads(self, requests: list[tuple[Entry, ComparisonRequested]]) -> list[Reads]:
+        """The reads of shared provider state (breakers, cooldown) the page's first calls
+        would make: sent with its answered marks, in one round trip, not in two or three
+        (issue 11). Only those on this worker's Redis client."""
+        pairs = list(dict.fromkeys((q.provider, q.model) for _, q in requests))
+        return [
+            functools.partial(state.read_in, due=due)
+            for state in (self.breaker, self.cooldown)
+            if state.redis is self.r and (due := state.due(pairs))
+        ]
 
     async def _resolve(
         self, requests: list[tuple[Entry, ComparisonRequested]]

@@ -289,6 +289,37 @@ async def test_a_page_reads_its_breakers_with_its_answered_marks(
     assert [type(c).__name__ for c in callbacks[3:]] == ["ComparisonFailed"] * 3
 
 
+async def test_a_page_reads_the_cooldown_with_its_answered_marks(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """On the worker's own client, the cooldown's read goes with the page's answered marks
+    (issue 11): the calls then find it fresh, and a cooldown in force is seen by them."""
+    from lps import keys as lkeys
+
+    r = fake_redis
+    now = [1000.0]
+    cooldown = Cooldown(r, keys, fresh_s=60.0, clock=lambda: now[0])
+    own_reads: list[Any] = []
+    read = cooldown._read
+
+    async def counted(key: tuple[str, str], at: float) -> float:
+        own_reads.append(key)
+        return await read(key, at)
+
+    cooldown._read = counted  # type: ignore[method-assign]
+    worker = LPSWorker(
+        r, keys, "w", lambda _: MockProvider(PROFILES["ideal"], seed=1), cooldown=cooldown
+    )
+    await worker.start()
+    await r.set(lkeys.cooldown(keys, "mock", "m"), repr(now[0] - 5))  # over already
+    for i in range(4):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="per_request", provider="mock")))
+    assert await worker.step() == 4
+    await worker.close()
+    assert own_reads == [] and cooldown._seen[("mock", "m")] == (now[0] - 5, now[0])
+    assert len(await r.xrange(keys.callbacks)) == 4
+
+
 async def test_reads_sent_with_the_answered_marks_do_not_make_them_fail(
     fake_redis: Any, keys: Keys
 ) -> None:
@@ -305,11 +336,13 @@ async def test_reads_sent_with_the_answered_marks_do_not_make_them_fail(
         pipe.get("not-a-hash")
         return heard.extend
 
-    assert await answered(r, keys, [("b1", "c1"), ("b1", "c2")], also=also) == [True, False]
+    flags = await answered(r, keys, [("b1", "c1"), ("b1", "c2")], also=[also, also])
+    assert flags == [True, False]
+    assert len(heard) == 4
     assert isinstance(heard[0], Exception) and heard[1] == b"x"
     await r.set(lkeys.answered(keys, "b2"), "x")
     with pytest.raises(Exception, match="WRONGTYPE"):
-        await answered(r, keys, [("b2", "c1")], also=also)
+        await answered(r, keys, [("b2", "c1")], also=[also])
 
 
 async def test_calls_missing_the_breaker_read_together_share_one_read(
