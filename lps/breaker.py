@@ -229,22 +229,36 @@ class Breaker:
         now = self.clock()
         return [key for key in pairs if not self._seen_closed(key, now)]
 
-    def read_in(self, pipe: Any, due: list[tuple[str, str]]) -> Callable[[list[Any]], None]:
+    def read_in(
+        self, pipe: Any, due: list[tuple[str, str]]
+    ) -> Callable[[list[Any] | BaseException], None]:
         """Queue on `pipe` (a pipeline of the caller's, executed without raising on a reply
-        that is an error) the reads `_read` would make of the breakers of `due` (from
-        `due`); returns what learns from their replies as `_read` does. The LPS worker reads
-        them with its page's answered marks, a round trip instead of two (issue 11). A
-        failed read teaches nothing: the call then reads itself (and fails open)."""
+        that is an error) the reads `_read` would make of the breakers of `due` (from `due`),
+        each shared as `_read`'s are (calls that would read meanwhile await it); returns what
+        ends them with the replies, or with the exception that stopped the round trip, as
+        `_read` ends (a failed read: logged, nothing learnt, none found). The LPS worker sends
+        them with its page's answered marks: a round trip less (issue 11)."""
         now = self.clock()
+        flights = []
         for key in due:
-            for name in self._keys_for(*key):
-                pipe.hgetall(name)
+            flight = self._flight.begin(key)
+            if flight is not None:  # else a read is in flight: it serves
+                flights.append((key, flight))
+                for name in self._keys_for(*key):
+                    pipe.hgetall(name)
 
-        def take(replies: list[Any]) -> None:
-            for k, key in enumerate(due):
-                rows = replies[2 * k : 2 * k + 2]
-                if not any(isinstance(row, Exception) for row in rows):
-                    self._saw(key, _found(rows), now)
+        def take(replies: list[Any] | BaseException) -> None:
+            for k, (key, flight) in enumerate(flights):
+                rows = replies[2 * k : 2 * k + 2] if isinstance(replies, list) else [replies]
+                failed = next((row for row in rows if isinstance(row, BaseException)), None)
+                found: list[BreakerState] = []
+                if failed is None:
+                    found = _found(rows)
+                    self._saw(key, found, now)
+                else:  # fail open
+                    log.warning("breaker read failed: %s", type(failed).__name__)
+                if not flight.done():
+                    flight.set_result(found)
 
         return take
 

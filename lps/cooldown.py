@@ -113,20 +113,33 @@ class Cooldown:
         seen = self._seen
         return [key for key in pairs if key not in seen or now - seen[key][1] >= self.fresh_s]
 
-    def read_in(self, pipe: Any, due: list[tuple[str, str]]) -> Callable[[list[Any]], None]:
+    def read_in(
+        self, pipe: Any, due: list[tuple[str, str]]
+    ) -> Callable[[list[Any] | BaseException], None]:
         """Queue on `pipe` (a pipeline of the caller's on this cooldown's Redis, executed
         without raising on a reply that is an error) the reads `_read` would make for `due`
-        (from `due`); returns what learns from their replies as `_read` does. The LPS worker
-        reads them with its page's answered marks, a round trip less (issue 11). A failed
-        read teaches nothing: the call then reads itself (and fails open)."""
+        (from `due`), each shared as `_read`'s are (calls that would read meanwhile await
+        it); returns what ends them with the replies, or with the exception that stopped the
+        round trip, as `_read` ends (a failed read: logged, nothing learnt, no cooldown). The
+        LPS worker sends them with its page's answered marks: a round trip less (issue 11)."""
         now = self.clock()
+        flights = []
         for key in due:
-            pipe.get(lkeys.cooldown(self.keys, *key))
+            flight = self._flight.begin(key)
+            if flight is not None:  # else a read is in flight: it serves
+                flights.append((key, flight))
+                pipe.get(lkeys.cooldown(self.keys, *key))
 
-        def take(replies: list[Any]) -> None:
-            for key, raw in zip(due, replies, strict=True):
-                if not isinstance(raw, Exception):
-                    self._saw(key, raw, now)
+        def take(replies: list[Any] | BaseException) -> None:
+            for k, (key, flight) in enumerate(flights):
+                raw = replies[k] if isinstance(replies, list) else replies
+                until = 0.0
+                if isinstance(raw, BaseException):  # fail open
+                    log.warning("cooldown read failed: %s", type(raw).__name__)
+                else:
+                    until = self._saw(key, raw, now)
+                if not flight.done():
+                    flight.set_result(until)
 
         return take
 

@@ -41,9 +41,10 @@ Commit = Callable[[str, Event], Awaitable[str]]
 """Commit one callback for a request entry: 'committed' (or 'again') or 'fenced'."""
 
 
-Reads = Callable[[Any], Callable[[list[Any]], None]]
+Reads = Callable[[Any], Callable[[list[Any] | BaseException], None]]
 """Reads made in another's round trip: queues its commands on a pipeline, returns what takes
-their replies (an error among them comes as an exception, not raised)."""
+their replies (an error among them comes as an exception, not raised), or the exception that
+stopped the round trip: it is called once, whatever happens."""
 
 
 async def answered(
@@ -75,10 +76,15 @@ async def answered(
             for k in loose:
                 pipe.exists(lkeys.done(keys, requests[k][1]))
             takes = []
-            for read in also:
-                start = len(pipe)
-                takes.append((start, read(pipe), len(pipe)))
-            replies = await pipe.execute(raise_on_error=not also)
+            try:
+                for read in also:
+                    start = len(pipe)
+                    takes.append((start, read(pipe), len(pipe)))
+                replies = await pipe.execute(raise_on_error=not also)
+            except BaseException as exc:
+                for _, take, _ in takes:
+                    take(exc)
+                raise
         if also:
             for start, take, end in takes:
                 take(replies[start:end])

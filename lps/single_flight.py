@@ -25,3 +25,14 @@ class SingleFlight(Generic[K, V]):
             flight.add_done_callback(lambda _: self._inflight.pop(key, None))
         # A caller cancelled while waiting leaves the read to the others.
         return await asyncio.shield(flight)
+
+    def begin(self, key: K) -> asyncio.Future[V] | None:
+        """A read of `key` its caller makes itself (sent with other commands) and ends by
+        setting the result: calls that would read `key` meanwhile await it instead. None when
+        a read of `key` is in flight already (it serves)."""
+        if key in self._inflight:
+            return None
+        flight: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = flight
+        flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return flight

@@ -218,7 +218,9 @@ class _CountingBreaker(Breaker):
         self.reads += 1
         return await super().states(provider, model)
 
-    def read_in(self, pipe: Any, due: list[tuple[str, str]]) -> Callable[[list[Any]], None]:
+    def read_in(
+        self, pipe: Any, due: list[tuple[str, str]]
+    ) -> Callable[[list[Any] | BaseException], None]:
         self.reads += len(due)
         return super().read_in(pipe, due)
 
@@ -318,6 +320,41 @@ async def test_a_page_reads_the_cooldown_with_its_answered_marks(
     await worker.close()
     assert own_reads == [] and cooldown._seen[("mock", "m")] == (now[0] - 5, now[0])
     assert len(await r.xrange(keys.callbacks)) == 4
+
+
+async def test_a_read_sent_with_other_commands_is_shared_and_always_ends(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """Calls that would read the breakers or the cooldown while a read sent with a page's
+    answered marks is on its way await it (no read of their own), and a round trip that
+    fails ends it as a failed read ends (fail open): nobody waits for ever."""
+    r = fake_redis
+    now = [1000.0]
+    breaker = _CountingBreaker(r, keys, fresh_s=0.1, clock=lambda: now[0])
+    cooldown = Cooldown(r, keys, fresh_s=0.1, clock=lambda: now[0])
+    await breaker.observe("mock", "m", None)  # proven: no per-process gate
+    for round_trip_fails in (False, True):
+        now[0] += 1.0
+        pipe = r.pipeline(transaction=False)
+        takes = [state.read_in(pipe, [("mock", "m")]) for state in (breaker, cooldown)]
+        calls = asyncio.gather(
+            *(breaker.admit("mock", "m") for _ in range(3)),
+            *(cooldown.remaining("mock", "m") for _ in range(3)),
+        )
+        await asyncio.sleep(0)
+        if round_trip_fails:
+            for take in takes:
+                take(ConnectionError("lost"))
+        else:
+            replies = await pipe.execute(raise_on_error=False)
+            takes[0](replies[:2])
+            takes[1](replies[2:])
+        done = await asyncio.wait_for(calls, 1.0)
+        assert all(t.rejected is None for t in done[:3]) and done[3:] == [0.0] * 3
+        assert breaker.reads == (1 if not round_trip_fails else 2)  # read_in's alone
+        # What a read teaches: a failed one nothing (the next call reads again).
+        assert (breaker.admit_now("mock", "m") is None) == round_trip_fails
+    assert cooldown._seen[("mock", "m")] == (0.0, now[0] - 1.0)  # the failed one taught nothing
 
 
 async def test_reads_sent_with_the_answered_marks_do_not_make_them_fail(
