@@ -25,6 +25,7 @@ Redis trouble never blocks judging: the breaker then fails open (logs, admits th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -232,35 +233,30 @@ class Breaker:
     def read_in(
         self, pipe: Any, due: list[tuple[str, str]]
     ) -> Callable[[list[Any] | BaseException], None]:
-        """Queue on `pipe` (a pipeline of the caller's, executed without raising on a reply
-        that is an error) the reads `_read` would make of the breakers of `due` (from `due`),
-        each shared as `_read`'s are (calls that would read meanwhile await it); returns what
-        ends them with the replies, or with the exception that stopped the round trip, as
-        `_read` ends (a failed read: logged, nothing learnt, none found). The LPS worker sends
-        them with its page's answered marks: a round trip less (issue 11)."""
-        now = self.clock()
-        flights = []
-        for key in due:
-            flight = self._flight.begin(key)
-            if flight is not None:  # else a read is in flight: it serves
-                flights.append((key, flight))
-                for name in self._keys_for(*key):
-                    pipe.hgetall(name)
+        """The reads `_read` would make of the breakers of `due` (from `due`), queued on
+        `pipe` and shared as `_read`'s are (`SingleFlight.along`); a failed one ends as
+        `_read`'s does (logged, nothing learnt, none found). The LPS worker sends them with its
+        page's answered marks: a round trip less (issue 11)."""
+        learn = functools.partial(self._learn, now=self.clock())
+        return self._flight.along(pipe, due, self._queue_read, learn)
 
-        def take(replies: list[Any] | BaseException) -> None:
-            for k, (key, flight) in enumerate(flights):
-                rows = replies[2 * k : 2 * k + 2] if isinstance(replies, list) else [replies]
-                failed = next((row for row in rows if isinstance(row, BaseException)), None)
-                found: list[BreakerState] = []
-                if failed is None:
-                    found = _found(rows)
-                    self._saw(key, found, now)
-                else:  # fail open
-                    log.warning("breaker read failed: %s", type(failed).__name__)
-                if not flight.done():
-                    flight.set_result(found)
+    def _queue_read(self, pipe: Any, key: tuple[str, str]) -> int:
+        names = self._keys_for(*key)
+        for name in names:
+            pipe.hgetall(name)
+        return len(names)
 
-        return take
+    def _learn(
+        self, key: tuple[str, str], rows: list[Any] | BaseException, now: float
+    ) -> list[BreakerState]:
+        if not isinstance(rows, BaseException):
+            rows = next((row for row in rows if isinstance(row, BaseException)), rows)
+        if isinstance(rows, BaseException):  # fail open
+            log.warning("breaker read failed: %s", type(rows).__name__)
+            return []
+        found = _found(rows)
+        self._saw(key, found, now)
+        return found
 
     def admit_now(self, provider: str, model: str) -> Ticket | None:
         """`admit`'s answer when it needs no await, else None (then await `admit`): no

@@ -13,6 +13,7 @@ open (logs, and reports no cooldown).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -116,32 +117,23 @@ class Cooldown:
     def read_in(
         self, pipe: Any, due: list[tuple[str, str]]
     ) -> Callable[[list[Any] | BaseException], None]:
-        """Queue on `pipe` (a pipeline of the caller's on this cooldown's Redis, executed
-        without raising on a reply that is an error) the reads `_read` would make for `due`
-        (from `due`), each shared as `_read`'s are (calls that would read meanwhile await
-        it); returns what ends them with the replies, or with the exception that stopped the
-        round trip, as `_read` ends (a failed read: logged, nothing learnt, no cooldown). The
-        LPS worker sends them with its page's answered marks: a round trip less (issue 11)."""
-        now = self.clock()
-        flights = []
-        for key in due:
-            flight = self._flight.begin(key)
-            if flight is not None:  # else a read is in flight: it serves
-                flights.append((key, flight))
-                pipe.get(lkeys.cooldown(self.keys, *key))
+        """The reads `_read` would make for `due` (from `due`), queued on `pipe` (on this
+        cooldown's Redis) and shared as `_read`'s are (`SingleFlight.along`); a failed one
+        ends as `_read`'s does (logged, nothing learnt, no cooldown). The LPS worker sends
+        them with its page's answered marks: a round trip less (issue 11)."""
+        learn = functools.partial(self._learn, now=self.clock())
+        return self._flight.along(pipe, due, self._queue_read, learn)
 
-        def take(replies: list[Any] | BaseException) -> None:
-            for k, (key, flight) in enumerate(flights):
-                raw = replies[k] if isinstance(replies, list) else replies
-                until = 0.0
-                if isinstance(raw, BaseException):  # fail open
-                    log.warning("cooldown read failed: %s", type(raw).__name__)
-                else:
-                    until = self._saw(key, raw, now)
-                if not flight.done():
-                    flight.set_result(until)
+    def _queue_read(self, pipe: Any, key: tuple[str, str]) -> int:
+        pipe.get(lkeys.cooldown(self.keys, *key))
+        return 1
 
-        return take
+    def _learn(self, key: tuple[str, str], replies: list[Any] | BaseException, now: float) -> float:
+        raw = replies if isinstance(replies, BaseException) else replies[0]
+        if isinstance(raw, BaseException):  # fail open
+            log.warning("cooldown read failed: %s", type(raw).__name__)
+            return 0.0
+        return self._saw(key, raw, now)
 
     async def trigger(self, provider: str, model: str, seconds: float) -> float:
         """Cool provider/model down for `seconds` (capped at `max_s`) unless a longer cooldown
