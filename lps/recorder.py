@@ -85,9 +85,9 @@ async def answered(
                 for _, take, _ in takes:
                     take(exc)
                 raise
-        if also:
-            for start, take, end in takes:
+            for start, take, end in takes:  # here: the pipeline's exit may raise
                 take(replies[start:end])
+        if also:
             del replies[len(by_batch) + len(loose) :]
             for reply in replies:  # what execute would have raised
                 if isinstance(reply, Exception):
