@@ -119,6 +119,9 @@ return out
 """
 
 COMMITTED = ("committed", "again")
+# The modes whose requests are judged one by one by `judge_one` (the retry loop, which waits
+# out the cooldown); `batch_api` sends a bundle as one Message Batch.
+_JUDGED_EACH = frozenset({"per_request", "serial_bundle"})
 
 
 class _Tokens:
@@ -384,12 +387,17 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
     def _page_reads(self, requests: list[tuple[Entry, ComparisonRequested]]) -> list[Reads]:
         """The reads of shared provider state (breakers, cooldown) the page's first calls
         would make: sent with its answered marks, in one round trip, not in two or three
-        (issue 11). Only those on this worker's Redis client."""
+        (issue 11). Only those on this worker's Redis client, and the cooldown's only for the
+        calls that look at it (judge_one's: a Message Batch does not), so that no read is
+        made that was not made before."""
         pairs = list(dict.fromkeys((q.provider, q.model) for _, q in requests))
+        judged = list(
+            dict.fromkeys((q.provider, q.model) for _, q in requests if q.mode in _JUDGED_EACH)
+        )
         return [
             functools.partial(state.read_in, due=due)
-            for state in (self.breaker, self.cooldown)
-            if state.redis is self.r and (due := state.due(pairs))
+            for state, its in ((self.breaker, pairs), (self.cooldown, judged))
+            if state.redis is self.r and (due := state.due(its))
         ]
 
     async def _resolve(

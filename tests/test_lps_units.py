@@ -357,6 +357,28 @@ async def test_a_read_sent_with_other_commands_is_shared_and_always_ends(
     assert cooldown._seen[("mock", "m")] == (0.0, now[0] - 1.0)  # the failed one taught nothing
 
 
+async def test_only_calls_that_read_the_cooldown_have_it_read_with_their_page(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """A Message Batch (`batch_api`) never looks at the cooldown: its page does not read it
+    (no read is made that was not made before); the breakers it does read."""
+    r = fake_redis
+    worker = LPSWorker(
+        r,
+        keys,
+        "w",
+        lambda _: MockProvider(PROFILES["ideal"], seed=1),
+        cooldown=Cooldown(r, keys, fresh_s=0.1),
+        breaker=Breaker(r, keys, fresh_s=0.1),
+    )
+    entry = Entry("1-0", {})
+    batch = [(entry, _req(0, mode="batch_api", provider="mock"))]
+    judged = [(entry, _req(1, mode="per_request", provider="mock"))]
+    assert [read.func.__self__ for read in worker._page_reads(batch)] == [worker.breaker]  # type: ignore[attr-defined]
+    reads = worker._page_reads(judged + batch)
+    assert [read.func.__self__ for read in reads] == [worker.breaker, worker.cooldown]  # type: ignore[attr-defined]
+
+
 async def test_reads_sent_with_the_answered_marks_do_not_make_them_fail(
     fake_redis: Any, keys: Keys
 ) -> None:
