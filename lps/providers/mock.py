@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -179,13 +180,20 @@ def _rng(*parts: object) -> random.Random:
 _seed_generator = _random.Random.seed
 
 
+_first_8_bytes = struct.Struct(">Q").unpack_from
+
+
 def _outcome_draws(
-    gen: random.Random, pair: tuple[object, ...], noise: float
+    gen: random.Random, pair: tuple[object, object, object, object, object], noise: float
 ) -> tuple[float, float]:
     """ε ~ N(0, noise²) and u ~ U(0, 1), the first two draws of `_rng(*pair)`, from `gen`
     seeded as `_rng` seeds a new generator (the same numbers: tests/test_mock_judge.py), and
     drawn at once, before anything else may seed it."""
-    _seed_generator(gen, _seed_of(pair))
+    # `_seed_of(pair)`, the pair's five parts formatted in one f-string (`format(x, "")` is
+    # `str(x)`) and the digest's first 8 bytes read by struct: ≈ 2 µs less (issue 11).
+    seed, content, a, b, occurrence = pair
+    text = f"{seed}\x1f{content}\x1f{a}\x1f{b}\x1f{occurrence}"
+    _seed_generator(gen, _first_8_bytes(hashlib.sha256(text.encode()).digest())[0])
     gen.gauss_next = None  # type: ignore[attr-defined]  # as Random.seed resets it
     return gen.gauss(0.0, noise), gen.random()
 
