@@ -93,3 +93,19 @@ def test_queue_wait_skips_ids_without_a_time() -> None:
     assert after[count] == 2
     assert after[("stream_queue_wait_seconds_bucket", "+Inf")] == 2
     assert after[("stream_queue_wait_seconds_bucket", "3600.0")] == 0  # ids of 1970: old
+
+
+class _Plain:
+    """A histogram without prometheus_client's internals: only `observe`."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def observe(self, amount: float) -> None:
+        self.seen.append(amount)
+
+
+def test_a_histogram_without_the_internals_is_observed_one_amount_at_a_time() -> None:
+    plain = _Plain()
+    observe_counted(plain, [(0.5, 2), (3.0, 1), (0.0, 0)])
+    assert plain.seen == [0.5, 0.5, 3.0]
