@@ -93,6 +93,11 @@ def completed(
     )
 
 
+def answer(q: ComparisonRequested, winner: str = "essay_a") -> ComparisonCompleted:
+    """The callback answering request `q`: its correlation id and its essays, in its order."""
+    return completed(q.batch_id, q.correlation_id, winner, q.essay_a.essay_id, q.essay_b.essay_id)
+
+
 def failed(
     batch_id: str,
     cid: str,
@@ -100,12 +105,14 @@ def failed(
     *,
     cost_usd: float = 0.0,
     error_code: str | None = None,
+    a: str = "e0",
+    b: str = "e1",
 ) -> ComparisonFailed:
     return ComparisonFailed(
         batch_id=batch_id,
         correlation_id=cid,
-        essay_a_id="e0",
-        essay_b_id="e1",
+        essay_a_id=a,
+        essay_b_id=b,
         error=ErrorDetail(
             error_type=error_type,  # type: ignore[arg-type]
             retryable=False,
