@@ -98,6 +98,16 @@ def answer(q: ComparisonRequested, winner: str = "essay_a") -> ComparisonComplet
     return completed(q.batch_id, q.correlation_id, winner, q.essay_a.essay_id, q.essay_b.essay_id)
 
 
+async def answers(
+    r: Any, keys: Keys, batch_id: str, cids: list[str], **kw: Any
+) -> list[ComparisonCompleted]:
+    """A completed callback for each of `cids`, naming the essays the batch's projection
+    recorded for it (a callback naming others answers no request: an orphan)."""
+    state = await load_state(r, keys, batch_id)
+    assert state is not None
+    return [completed(batch_id, c, "essay_a", *state.pairs[c][1:], **kw) for c in cids]
+
+
 def failed(
     batch_id: str,
     cid: str,
