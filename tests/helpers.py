@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from cj.continuation import Decision, advance, queue_decision
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
 from events import codec
@@ -96,6 +98,11 @@ def completed(
 def answer(q: ComparisonRequested, winner: str = "essay_a") -> ComparisonCompleted:
     """The callback answering request `q`: its correlation id and its essays, in its order."""
     return completed(q.batch_id, q.correlation_id, winner, q.essay_a.essay_id, q.essay_b.essay_id)
+
+
+def naming(callback: Any, a: str, b: str) -> Any:
+    """`callback` naming essays `a` and `b` instead."""
+    return msgspec.structs.replace(callback, essay_a_id=a, essay_b_id=b)
 
 
 async def answers(

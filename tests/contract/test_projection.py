@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +30,7 @@ from tests.helpers import (
     canonical,
     completed,
     failed,
+    naming,
     registration,
     snapshot,
     wave,
@@ -50,11 +50,6 @@ async def _batch(
     await append_registration(r, keys, registration(4, batch_id=B, budget=budget))
     pairs = pairs or [(f"c{i}", "e0", "e1") for i in range(n_pairs)]
     await append_batch_event(r, keys, wave(B, 1, pairs))
-
-
-def _naming(callback: Any, a: str, b: str) -> Any:
-    """The callback naming essays `a` and `b`."""
-    return msgspec.structs.replace(callback, essay_a_id=a, essay_b_id=b)
 
 
 async def _apply(
@@ -125,15 +120,15 @@ async def test_a_callback_naming_other_essays_than_its_pair_is_an_orphan(
     await _batch(r, keys, 3, pairs=pairs)
     usd = 0.25
     wrong = [
-        _naming(completed(B, "c0", cost_usd=usd), "e1", "e0"),  # swapped
-        _naming(completed(B, "c0", cost_usd=usd), "e2", "e3"),  # c1's essays
-        _naming(failed(B, "c0", cost_usd=usd), "e3", "x9"),  # another batch's (a reused id)
-        _naming(completed(B, "c2", cost_usd=usd), ODD_B, ODD_A),  # swapped
+        naming(completed(B, "c0", cost_usd=usd), "e1", "e0"),  # swapped
+        naming(completed(B, "c0", cost_usd=usd), "e2", "e3"),  # c1's essays
+        naming(failed(B, "c0", cost_usd=usd), "e3", "x9"),  # another batch's (a reused id)
+        naming(completed(B, "c2", cost_usd=usd), ODD_B, ODD_A),  # swapped
     ]
     right = [
         completed(B, "c0", "essay_b", cost_usd=usd),
-        _naming(completed(B, "c2", cost_usd=usd), ODD_A, ODD_B),
-        _naming(completed(B, "c0", "essay_a", cost_usd=usd), "e1", "e0"),  # swapped, answered
+        naming(completed(B, "c2", cost_usd=usd), ODD_A, ODD_B),
+        naming(completed(B, "c0", "essay_a", cost_usd=usd), "e1", "e0"),  # swapped, answered
     ]
     ids = await append_and_read(r, keys, wrong + right)
     outcomes = await _apply(r, keys, wrong, ids[:4], page)
@@ -162,7 +157,7 @@ async def test_a_callback_of_an_id_whose_pair_is_not_stored_is_accepted_by_its_i
     """A projection stored in part (old data): without the pair, the id alone decides."""
     await _batch(r, keys, 2)
     await r.hdel(pkeys.batch_pairs(keys, B), "c0")
-    events = [_naming(completed(B, "c0"), "e7", "e8"), _naming(completed(B, "c1"), "e1", "e0")]
+    events = [naming(completed(B, "c0"), "e7", "e8"), naming(completed(B, "c1"), "e1", "e0")]
     ids = await append_and_read(r, keys, events)
     assert await _apply(r, keys, events, ids) == [("accepted", 1), ("orphan", -3)]
 
@@ -223,7 +218,7 @@ async def test_lua_apply_in_any_order_equals_replay(
     keys = engine.namespace()  # one per example
     await _batch(r, keys, n_pairs, budget=6)
     events = [
-        _naming(
+        naming(
             (
                 completed(B, f"c{i}", "essay_a" if a else "essay_b", cost_usd=cost)
                 if ok
