@@ -371,6 +371,7 @@ class CallbackApplier:
             entry_iso(entry_id),
             "parked" if parked else "",
             str(cost_of(callback)),
+            # Encoded as the pairs hash's values are (`_stored`): callback.lua compares bytes.
             _stored((callback.essay_a_id, callback.essay_b_id)),
         ]
         return keys, args
