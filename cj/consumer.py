@@ -9,7 +9,9 @@ flight (`sweep`), records the group's position, updates the pending gauge and pr
 consumers.
 
 Unusual callbacks (duplicates, orphans, late ones) are logged once per page, with counts
-and a few examples: a backlog of thousands of them costs a few lines, not one each.
+and a few examples: a backlog of thousands of them costs a few lines, not one each. An
+orphan's example says why (`reason`: its batch unknown, its correlation id unknown, or a
+known id naming other essays than the pair it was asked for, `essay_mismatch`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ from streams.resilience import REDIS_ERRORS, Backoff
 log = structlog.get_logger("cj.consumer")
 
 EXAMPLES = 5  # examples per log line of unusual callbacks
+
+
+# Why callback.lua counted a callback as an orphan, by the in_flight it returned for it.
+ORPHAN_REASONS = {-2: "unknown_batch", -3: "essay_mismatch"}
+
+
+def _orphan_reason(callback: Callback, left: int) -> dict[str, str]:
+    """An orphan example's reason: its batch or its correlation id unknown, or a known id
+    naming other essays than the pair it was asked for (their ids, never their text)."""
+    reason = ORPHAN_REASONS.get(left, "unknown_correlation_id")
+    if reason == "essay_mismatch":
+        return {
+            "reason": reason,
+            "essay_a_id": callback.essay_a_id,
+            "essay_b_id": callback.essay_b_id,
+        }
+    return {"reason": reason, "unknown": "batch_id" if left == -2 else "correlation_id"}
 
 
 class CJConsumer(GroupConsumer[Callback]):
@@ -120,16 +139,15 @@ class CJConsumer(GroupConsumer[Callback]):
                         "correlation_id": c.correlation_id,
                         "source_service": c.source_service,
                         "event_type": type(c).__name__,
-                        **(
-                            {"unknown": "batch_id" if left == -2 else "correlation_id"}
-                            if outcome == "orphan"
-                            else {}
-                        ),
+                        **(_orphan_reason(c, left) if outcome == "orphan" else {}),
                     }
                     for e, c, left in items[:EXAMPLES]
                 ],
                 **(
-                    {"unknown_batch": sum(1 for _, _, left in items if left == -2)}
+                    {
+                        "unknown_batch": sum(1 for _, _, left in items if left == -2),
+                        "essay_mismatch": sum(1 for _, _, left in items if left == -3),
+                    }
                     if outcome == "orphan"
                     else {}
                 ),

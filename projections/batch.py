@@ -11,6 +11,8 @@ consumers did in whatever order they ran:
 - duplicates of one correlation id: the lowest entry id is the accepted one;
 - a forced finalization names the requests still in flight (`abandoned`); a
   callback for those is late, whenever it is applied;
+- an orphan names an id never requested, or essays other than the pair its wave recorded
+  for it (a pair, once recorded, never changes);
 - `in_flight` and the counters move by increments, `last_event_at` is a max;
 - the cost (`cost_nusd`, integer nano-dollars) is a sum over every callback of the batch
   that is not an orphan (duplicates and late ones were paid for too).
@@ -196,6 +198,15 @@ def apply_batch_event(state: BatchState, event: BatchEvent) -> BatchState:
     return state
 
 
+def answers_pair(state: BatchState, callback: Callback) -> bool:
+    """Whether the callback names the essays its correlation id was asked for, in their
+    order (the winner, "essay_a" or "essay_b", is read against the recorded pair): one that
+    names others, or the same swapped, answers no request of ours and is an orphan. A pair
+    not recorded (a state stored in part) leaves the id alone to decide."""
+    pair = state.pairs.get(callback.correlation_id)
+    return pair is None or (pair[1], pair[2]) == (callback.essay_a_id, callback.essay_b_id)
+
+
 def apply_callback(state: BatchState, callback: Callback, entry_id: str) -> tuple[BatchState, str]:
     """Apply one callback; returns the state and how the callback was counted."""
     state.callbacks_received += 1
@@ -203,7 +214,7 @@ def apply_callback(state: BatchState, callback: Callback, entry_id: str) -> tupl
     _touch_at(state, entry_iso(entry_id))
     cid = callback.correlation_id
     current = state.corr.get(cid)
-    if current is None:
+    if current is None or not answers_pair(state, callback):
         state.orphans += 1
         state.orphan_ids[cid] = state.orphan_ids.get(cid, 0) + 1
         return state, CallbackOutcome.ORPHAN

@@ -3,14 +3,17 @@
 -- `before(a, b)`, the order of entry ids, is prepended from streams/lua.py (ENTRY_ID_ORDER).
 -- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash,
 --       6 the group's handled set, 7 the parked dead letters (hash), 8 the callbacks' DLQ,
---       9 range hash (the batch's last applied callback: replay of one batch reads up to it)
+--       9 range hash (the batch's last applied callback: replay of one batch reads up to it),
+--       10 pairs hash (correlation id -> [wave, essay_a, essay_b], JSON)
 -- ARGV: 1 group, 2 entry id, 3 correlation id, 4 corr value ("c <entry> <winner>" / "f <entry> <type>"),
 --       5 the entry id's time (ISO; the server's clock, not the producer's occurred_at),
 --       6 "parked" when a redrive applies a parked dead letter, else "",
---       7 cost in nano-dollars (summed over every callback but orphans)
+--       7 cost in nano-dollars (summed over every callback but orphans),
+--       8 the callback's [essay_a_id, essay_b_id], JSON encoded as the pairs hash's values
 -- Returns {outcome, in_flight}. "replayed" when the entry was no longer pending in the group:
--- another consumer already applied it (idempotence by entry id). An orphan of an unknown
--- batch returns in_flight -2 (the caller needs no second look to tell it apart).
+-- another consumer already applied it (idempotence by entry id). An orphan returns in_flight
+-- -2 for an unknown batch, -3 for a known id naming other essays than its pair, else -1 (the
+-- caller needs no second look to tell them apart).
 if ARGV[6] == 'parked' then
   -- A redrive: the entry was acknowledged when it was parked; taking it out is the gate.
   local letter = redis.call('HGET', KEYS[7], ARGV[2])
@@ -41,10 +44,18 @@ local new = ARGV[4]
 local kind = string.sub(new, 1, 1)
 local counter = (kind == 'c') and 'completed' or 'failed'
 local current = redis.call('HGET', KEYS[2], cid)
-if not current then
+-- A known id answers only the pair it was asked for, in its order (apply_callback's
+-- answers_pair): the recorded [wave, a, b] past the wave's comma against ARGV 8's [a, b], one
+-- encoding (JSON, projections/store.py) on both sides. No pair recorded: the id decides.
+local other = false
+if current then
+  local pair = redis.call('HGET', KEYS[10], cid)
+  other = pair and ('[' .. string.sub(pair, string.find(pair, ',', 1, true) + 1)) ~= ARGV[8]
+end
+if (not current) or other then
   redis.call('HINCRBY', KEYS[1], 'orphans', 1)
   redis.call('HINCRBY', KEYS[3], cid, 1)
-  return {'orphan', -1}
+  return {'orphan', other and -3 or -1}
 end
 redis.call('HINCRBY', KEYS[1], 'cost_nusd', ARGV[7])
 if current == 'abandoned' then

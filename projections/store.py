@@ -40,7 +40,7 @@ _pairs = msgspec.json.Decoder(list[tuple[int, str, str]])
 _CALLBACK_BODY = resources.files("projections").joinpath("callback.lua").read_text()
 CALLBACK_LUA = ENTRY_ID_ORDER + _CALLBACK_BODY
 # KEYS and ARGV per callback of the script.
-_CALLBACK_KEYS, _CALLBACK_ARGS = 9, 7
+_CALLBACK_KEYS, _CALLBACK_ARGS = 10, 8
 # The same script, once per callback of a page in one call (speed, issue 11: a script call
 # each cost more than its work on both sides). Its body is callback.lua's, made a function of
 # one callback's keys and arguments, so the two cannot drift apart. Returns the replies of
@@ -371,6 +371,8 @@ class CallbackApplier:
             entry_iso(entry_id),
             "parked" if parked else "",
             str(cost_of(callback)),
+            # Encoded as the pairs hash's values are (`_stored`): callback.lua compares bytes.
+            _stored((callback.essay_a_id, callback.essay_b_id)),
         ]
         return keys, args
 
@@ -379,10 +381,11 @@ class CallbackApplier:
         k = self._keys
         if k.partition is None or k.partition_of(b) == k.partition:
             batch_keys = [pkeys.batch(k, b), pkeys.batch_corr(k, b), pkeys.batch_orphans(k, b)]
-            range_key = pkeys.batch_range(k, b)
+            range_key, pairs_key = pkeys.batch_range(k, b), pkeys.batch_pairs(k, b)
         else:  # a batch of another partition is unknown here (and a script stays in one slot)
             batch_keys = [k.key(f"proj:batch:{b}{part}") for part in ("", ":corr", ":orphans")]
             range_key = k.key(f"proj:batch:{b}:range")
+            pairs_key = k.key(f"proj:batch:{b}:pairs")
         return [
             *batch_keys,
             k.callbacks,
@@ -391,6 +394,7 @@ class CallbackApplier:
             k.dlq_parked(CALLBACKS),
             k.dlq(CALLBACKS),
             range_key,
+            pairs_key,
         ]
 
 

@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from cj.continuation import Decision, advance, queue_decision
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
 from events import codec
@@ -93,6 +95,26 @@ def completed(
     )
 
 
+def answer(q: ComparisonRequested, winner: str = "essay_a") -> ComparisonCompleted:
+    """The callback answering request `q`: its correlation id and its essays, in its order."""
+    return completed(q.batch_id, q.correlation_id, winner, q.essay_a.essay_id, q.essay_b.essay_id)
+
+
+def naming(callback: Any, a: str, b: str) -> Any:
+    """`callback` naming essays `a` and `b` instead."""
+    return msgspec.structs.replace(callback, essay_a_id=a, essay_b_id=b)
+
+
+async def answers(
+    r: Any, keys: Keys, batch_id: str, cids: list[str], **kw: Any
+) -> list[ComparisonCompleted]:
+    """A completed callback for each of `cids`, naming the essays the batch's projection
+    recorded for it (a callback naming others answers no request: an orphan)."""
+    state = await load_state(r, keys, batch_id)
+    assert state is not None
+    return [completed(batch_id, c, "essay_a", *state.pairs[c][1:], **kw) for c in cids]
+
+
 def failed(
     batch_id: str,
     cid: str,
@@ -100,12 +122,14 @@ def failed(
     *,
     cost_usd: float = 0.0,
     error_code: str | None = None,
+    a: str = "e0",
+    b: str = "e1",
 ) -> ComparisonFailed:
     return ComparisonFailed(
         batch_id=batch_id,
         correlation_id=cid,
-        essay_a_id="e0",
-        essay_b_id="e1",
+        essay_a_id=a,
+        essay_b_id=b,
         error=ErrorDetail(
             error_type=error_type,  # type: ignore[arg-type]
             retryable=False,

@@ -167,7 +167,11 @@ def test_the_classical_ssr_is_computed_for_the_last_scores_alone() -> None:
 def test_mostly_failures_fail_the_batch_with_a_reason() -> None:
     state, wave = _state_after_wave(6)
     for i, pair in enumerate(wave.pairs):
-        cb = failed("b", pair.correlation_id) if i % 4 else completed("b", pair.correlation_id)
+        cb = (
+            failed("b", pair.correlation_id, a=pair.essay_a, b=pair.essay_b)
+            if i % 4
+            else completed("b", pair.correlation_id, "essay_a", pair.essay_a, pair.essay_b)
+        )
         apply_callback(state, cb, f"{i}-0")
     decision = decide(state)
     assert decision is not None
@@ -305,9 +309,13 @@ async def test_the_reaper_role_ends_a_batch_nobody_answers(fake_redis: Any, keys
 
 
 def _answer(state: Any, wave: Any, outcome: Any) -> None:
-    """Apply one callback per pair of `wave`: `outcome(index, pair)` builds it."""
+    """Apply one callback per pair of `wave`: `outcome(index, pair)` builds it, made to name
+    the pair's essays (a callback naming others answers no request: an orphan)."""
     for i, pair in enumerate(wave.pairs):
-        apply_callback(state, outcome(i, pair), f"{100 + i}-0")
+        callback = msgspec.structs.replace(
+            outcome(i, pair), essay_a_id=pair.essay_a, essay_b_id=pair.essay_b
+        )
+        apply_callback(state, callback, f"{100 + i}-0")
 
 
 def test_pairs_that_failed_for_good_are_never_asked_again() -> None:

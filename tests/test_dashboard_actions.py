@@ -26,7 +26,7 @@ from streams.dlq import dead_letter
 from streams.keys import Keys
 from streams.pending import HANDOFF_CONSUMER
 from streams.reader import Entry, ensure_group
-from tests.helpers import completed, registration
+from tests.helpers import answers, registration
 from web.security import CSRF_HEADER, SESSION_COOKIE, Guard, Refused
 
 SETTINGS = Settings(processing_timeout_s=120)
@@ -146,9 +146,8 @@ async def test_a_callback_dead_lettered_by_hand_is_parked_and_redriven_in_place_
     cids = sorted(state.corr)
     await ensure_group(r, keys.callbacks, CJ_GROUP)
     cid = cids[0]
-    entry_id = (
-        await r.xadd(keys.callbacks, codec.encode(completed(batch_id, cid, cost_usd=0.0025)))
-    ).decode()
+    [callback] = await answers(r, keys, batch_id, [cid], cost_usd=0.0025)
+    entry_id = (await r.xadd(keys.callbacks, codec.encode(callback))).decode()
     await r.xreadgroup(CJ_GROUP, "ghost", {keys.callbacks: ">"}, count=10)
     await stuck.act_on_entry(
         r, keys, SETTINGS, stream_name=CALLBACKS, entry_id=entry_id, action="dead_letter"

@@ -64,6 +64,7 @@ from streams.paging import read_stream
 from streams.pending import claim_idle, keep_alive, pending_details
 from streams.reader import Entry, GroupReader, ensure_group
 from tests.helpers import (
+    answers,
     batch_in,
     canonical,
     completed,
@@ -462,7 +463,7 @@ async def test_max_deliveries_boundary_parks_valid_callbacks_and_redrive_applies
     batch_id, cids = await _wave(r, keys)
     cj = CJConsumer(r, keys, "cj-live", processing_timeout_s=0.05, max_deliveries=3)
     await cj.start()
-    events = [completed(batch_id, c) for c in cids]
+    events = await answers(r, keys, batch_id, cids)
     ids = [(await r.xadd(keys.callbacks, codec.encode(e))).decode() for e in events]
     await r.xreadgroup(CJ_GROUP, "cj-dead", {keys.callbacks: ">"}, count=100)
     # Delivered twice and three times so far: the claim makes the 3rd and the 4th delivery.
@@ -507,7 +508,8 @@ async def test_redrive_adopts_a_letter_written_before_parking_and_reappends_a_no
     batch_id, cids = await _wave(r, keys)
     await ensure_group(r, keys.callbacks, CJ_GROUP)
     # An old-style letter: acknowledged without parking.
-    entry_id = (await r.xadd(keys.callbacks, codec.encode(completed(batch_id, cids[0])))).decode()
+    [first] = await answers(r, keys, batch_id, cids[:1])
+    entry_id = (await r.xadd(keys.callbacks, codec.encode(first))).decode()
     await r.xreadgroup(CJ_GROUP, "x", {keys.callbacks: ">"}, count=10)
     await r.xack(keys.callbacks, CJ_GROUP, entry_id)
     await r.xadd(
@@ -623,8 +625,8 @@ async def test_a_destroyed_group_is_recreated_at_its_position_and_applies_nothin
     cj = CJConsumer(r, keys, "cj-1", count=3, block_ms=10)
     await cj.start()
     ids = [
-        (await r.xadd(keys.callbacks, codec.encode(completed(batch_id, c)))).decode()
-        for c in cids[:6]
+        (await r.xadd(keys.callbacks, codec.encode(e))).decode()
+        for e in await answers(r, keys, batch_id, cids[:6])
     ]
     await r.xadd(keys.callbacks, codec.encode(completed(batch_id, "not-asked")))  # an orphan
     assert await cj.step() == 3  # applied
@@ -655,8 +657,8 @@ async def test_a_trimmed_stream_is_reported_and_never_rebuilt_over(real_redis: A
     batch_id, cids = await _wave(r, keys)
     cj = CJConsumer(r, keys, "cj-1", block_ms=10)
     await cj.start()
-    for c in cids[:3]:
-        await r.xadd(keys.callbacks, codec.encode(completed(batch_id, c)))
+    for e in await answers(r, keys, batch_id, cids[:3]):
+        await r.xadd(keys.callbacks, codec.encode(e))
     await cj.step()
     result, _ = await check(r, keys, [batch_id])
     assert result.trimmed == {}
@@ -680,7 +682,7 @@ async def test_replay_applies_only_what_the_group_delivered_when_nothing_is_pend
     r, keys = fake_redis, _keys()
     batch_id, cids = await _wave(r, keys)
     await ensure_group(r, keys.callbacks, CJ_GROUP)
-    events = [completed(batch_id, c) for c in cids[:3]]
+    events = await answers(r, keys, batch_id, cids[:3])
     ids = [(await r.xadd(keys.callbacks, codec.encode(e))).decode() for e in events]
     await r.xreadgroup(CJ_GROUP, "w", {keys.callbacks: ">"}, count=1)
     applier = CallbackApplier(r, keys, CJ_GROUP)

@@ -20,6 +20,7 @@ from projections.store import load_state
 from streams.keys import Keys
 from streams.reader import _entries
 from tests.helpers import (
+    answer,
     append_and_read,
     batch_with_wave,
     canonical,
@@ -95,7 +96,7 @@ async def test_stalled_batch_with_enough_comparisons_is_scored_and_finalized(
     assert state.finalize_reason == "stalled" and state.completed_at
     # Exactly once: nothing left to do, and a callback arriving now is late.
     assert await finalize_stalled(r, keys, batch_id, 0) is None
-    await _apply(r, keys, [completed(batch_id, missing[0])])
+    await _apply(r, keys, [answer(next(q for q in requests if q.correlation_id == missing[0]))])
     state = await load_state(r, keys, batch_id)
     assert state is not None and state.late_callbacks == 1 and state.completed == len(answered)
     states, _ = await replay(r, keys, {batch_id})
@@ -109,7 +110,10 @@ async def test_stalled_batch_without_enough_comparisons_fails_with_a_reason(
     r = shared_redis
     keys = Keys(f"h{uuid.uuid4().hex[:6]}:")
     batch_id, requests = await batch_with_wave(r, keys, n=6)
-    await _apply(r, keys, [failed(batch_id, requests[0].correlation_id)])
+    q = requests[0]
+    await _apply(
+        r, keys, [failed(batch_id, q.correlation_id, a=q.essay_a.essay_id, b=q.essay_b.essay_id)]
+    )
     done = await stuck.reclaim(r, keys, Settings(), batch_idle_s=0)
     [b] = done["batches"]
     assert (b["event"], b["reason"], b["scored"]) == ("BatchFailed", "stalled", False)

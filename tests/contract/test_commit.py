@@ -26,9 +26,9 @@ from streams.reader import Entry
 from tests.contract.recording import Recorder, recording
 from tests.helpers import (
     Judge,
+    answer,
     append_and_read,
     batch_with_wave,
-    completed,
     deliver_to,
     events_of,
     request,
@@ -210,10 +210,10 @@ async def test_an_expired_request_ends_with_its_events_and_xack_in_one_transacti
 async def test_a_callback_is_applied_and_acknowledged_by_one_script_call(
     r: Any, keys: Keys
 ) -> None:
-    batch_id, requests = await batch_with_wave(r, keys)
+    _, requests = await batch_with_wave(r, keys)
     consumer = CJConsumer(r, keys, "cj-1")
     await consumer.start()
-    callbacks = [completed(batch_id, q.correlation_id) for q in requests[:3]]
+    callbacks = [answer(q) for q in requests[:3]]
     ids = await append_and_read(r, keys, callbacks, consumer="cj-1")
     entries = [Entry(i.decode(), fields) for i, fields in await r.xrange(keys.callbacks)]
     assert [e.entry_id for e in entries] == ids
@@ -221,16 +221,16 @@ async def test_a_callback_is_applied_and_acknowledged_by_one_script_call(
         await consumer.handle(entries)
     # callback.lua: EVALSHA sha n, KEYS (batch, corr, orphans, callbacks stream, ...), then
     # ARGV (group, entry id, correlation id, ...): the XACK is the script's own. The page in
-    # one call, each callback's 9 keys and 7 arguments in turn; on a cluster a call each.
+    # one call, each callback's 10 keys and 8 arguments in turn; on a cluster a call each.
     calls: list[tuple[str, ...]] = []
     for call in (c for u in recorder.scripts() for c in u.texts("EVALSHA")):
         if not calls or call != calls[-1]:  # the same call again: after NOSCRIPT, on a node
             calls.append(call)  # that lacked the script (a cluster loads it where it runs)
     assert len(calls) == (len(callbacks) if is_cluster(r) else 1)
     split = [
-        (c[3 + 9 * j : 3 + 9 * j + 9], c[3 + int(c[2]) + 7 * j :][:7])
+        (c[3 + 10 * j : 3 + 10 * j + 10], c[3 + int(c[2]) + 8 * j :][:8])
         for c in calls
-        for j in range(int(c[2]) // 9)
+        for j in range(int(c[2]) // 10)
     ]
     assert [(k[3], a[0], a[1], a[2]) for k, a in split] == [
         (keys.callbacks, CJ_GROUP, i, cb.correlation_id)

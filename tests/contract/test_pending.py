@@ -29,9 +29,9 @@ from streams.pending import (
 )
 from tests.helpers import (
     Judge,
+    answer,
     append_and_read,
     batch_with_wave,
-    completed,
     deliver_to,
     events_of,
     until,
@@ -124,7 +124,7 @@ async def test_cj_reclaim_reapplies_idle_callbacks_and_dead_letters_after_max_de
     cj = CJConsumer(r, keys, "cj-live", processing_timeout_s=0.5, max_deliveries=3)
     await cj.start()
     cids = [q.correlation_id for q in requests[:3]]
-    ids = await append_and_read(r, keys, [completed(batch_id, c) for c in cids], consumer="cj-dead")
+    ids = await append_and_read(r, keys, [answer(q) for q in requests[:3]], consumer="cj-dead")
     await _set_deliveries(r, keys.callbacks, CJ_GROUP, "cj-dead", ids[:2], 1)
     await _set_deliveries(r, keys.callbacks, CJ_GROUP, "cj-dead", ids[2:], 3)
     before = (_stuck("reclaimed"), _stuck("dead_lettered"))
@@ -168,7 +168,7 @@ async def test_the_last_allowed_delivery_is_used_and_one_more_ends_the_entry(
             r, keys, "live", processing_timeout_s=0.5, max_deliveries=MAX_DELIVERIES
         )
         await consumer.start()
-        ids = await append_and_read(r, keys, [completed(batch_id, c) for c in (last, past)], "dead")
+        ids = await append_and_read(r, keys, [answer(q) for q in requests[:2]], "dead")
         stream, group = keys.callbacks, CJ_GROUP
     else:
         consumer = LPSWorker(
@@ -349,7 +349,7 @@ async def test_own_entries_whose_delivery_was_lost_are_read_again_and_handled(
     try:
         if service == "cj":
             assert await consumer.step() == 0  # past its own backlog, reading from `>`
-            ids = await append_and_read(r, keys, [completed(batch_id, c) for c in cids], "live")
+            ids = await append_and_read(r, keys, [answer(q) for q in requests[:2]], "live")
         else:
             await r.xack(keys.requests, LPS_GROUP, *await deliver_to(r, stream, group, "other"))
             assert await consumer.step() == 0

@@ -1,7 +1,8 @@
 """The batch projection on every engine (invariants 1–4 of docs/design.md): callback.lua
-accepts a callback once per correlation id and counts duplicates, orphans and late ones
-apart; it applies an entry once; in any order it builds what the Python fold (replay)
-builds; and replay against the live namespace folds only what the `cj` group applied."""
+accepts a callback once per correlation id and counts duplicates, orphans (an id never asked,
+or asked for other essays) and late ones apart; it applies an entry once; in any order it
+builds what the Python fold (replay) builds; and replay against the live namespace folds only
+what the `cj` group applied."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from tests.helpers import (
     canonical,
     completed,
     failed,
+    naming,
     registration,
     snapshot,
     wave,
@@ -37,10 +39,17 @@ from tests.helpers import (
 B = "b1"
 
 
-async def _batch(r: Any, keys: Keys, n_pairs: int, budget: int | None = None) -> None:
+async def _batch(
+    r: Any,
+    keys: Keys,
+    n_pairs: int,
+    budget: int | None = None,
+    pairs: list[tuple[str, str, str]] | None = None,
+) -> None:
     await ensure_group(r, keys.callbacks, CJ_GROUP)
     await append_registration(r, keys, registration(4, batch_id=B, budget=budget))
-    await append_batch_event(r, keys, wave(B, 1, [(f"c{i}", "e0", "e1") for i in range(n_pairs)]))
+    pairs = pairs or [(f"c{i}", "e0", "e1") for i in range(n_pairs)]
+    await append_batch_event(r, keys, wave(B, 1, pairs))
 
 
 async def _apply(
@@ -94,6 +103,65 @@ async def test_a_callback_is_accepted_once_and_duplicates_orphans_late_are_count
     assert await snapshot(r, keys, B) == canonical(states[B], keys)
 
 
+# Essay ids JSON escapes (a quote, a backslash) or writes as UTF-8: the script compares
+# encodings, which must agree with Python's comparison of the ids themselves.
+ODD_A, ODD_B = 'é"1', "a\\b/ü"
+
+
+@pytest.mark.parametrize("page", [True, False], ids=["page", "each"])
+async def test_a_callback_naming_other_essays_than_its_pair_is_an_orphan(
+    r: Any, keys: Keys, page: bool
+) -> None:
+    """The winner is read against the pair recorded for the correlation id: a callback with a
+    known id but other essays (swapped, another pair's, another batch's) answers no request of
+    ours. An orphan, paid for by nobody, the request still pending; the right answer after it
+    is accepted. Python's fold (replay) and the script agree."""
+    pairs = [("c0", "e0", "e1"), ("c1", "e2", "e3"), ("c2", ODD_A, ODD_B)]
+    await _batch(r, keys, 3, pairs=pairs)
+    usd = 0.25
+    wrong = [
+        naming(completed(B, "c0", cost_usd=usd), "e1", "e0"),  # swapped
+        naming(completed(B, "c0", cost_usd=usd), "e2", "e3"),  # c1's essays
+        naming(failed(B, "c0", cost_usd=usd), "e3", "x9"),  # another batch's (a reused id)
+        naming(completed(B, "c2", cost_usd=usd), ODD_B, ODD_A),  # swapped
+    ]
+    right = [
+        completed(B, "c0", "essay_b", cost_usd=usd),
+        naming(completed(B, "c2", cost_usd=usd), ODD_A, ODD_B),
+        naming(completed(B, "c0", "essay_a", cost_usd=usd), "e1", "e0"),  # swapped, answered
+    ]
+    ids = await append_and_read(r, keys, wrong + right)
+    outcomes = await _apply(r, keys, wrong, ids[:4], page)
+    assert outcomes == [("orphan", -3)] * 4
+    live = await load_state(r, keys, B)
+    assert live is not None
+    assert live.corr == {"c0": "pending", "c1": "pending", "c2": "pending"}
+    assert (live.orphans, live.orphan_ids, live.callbacks_received) == (4, {"c0": 3, "c2": 1}, 4)
+    assert (live.in_flight, live.completed, live.failed, live.cost_nusd) == (3, 0, 0, 0)
+
+    outcomes = await _apply(r, keys, right, ids[4:], page)
+    assert outcomes == [("accepted", 2), ("accepted", 1), ("orphan", -3)]
+    live = await load_state(r, keys, B)
+    assert live is not None
+    assert live.corr["c0"] == f"c {ids[4]} essay_b" and live.corr["c2"] == f"c {ids[5]} essay_a"
+    assert (live.orphans, live.orphan_ids, live.duplicates) == (5, {"c0": 4, "c2": 1}, 0)
+    assert (live.completed, live.in_flight, live.callbacks_received) == (2, 1, 7)
+    assert live.cost_nusd == 2 * round(usd * 1e9)
+    states, _ = await replay(r, keys, {B})
+    assert await snapshot(r, keys, B) == canonical(states[B], keys)
+
+
+async def test_a_callback_of_an_id_whose_pair_is_not_stored_is_accepted_by_its_id(
+    r: Any, keys: Keys
+) -> None:
+    """A projection stored in part (old data): without the pair, the id alone decides."""
+    await _batch(r, keys, 2)
+    await r.hdel(pkeys.batch_pairs(keys, B), "c0")
+    events = [naming(completed(B, "c0"), "e7", "e8"), naming(completed(B, "c1"), "e1", "e0")]
+    ids = await append_and_read(r, keys, events)
+    assert await _apply(r, keys, events, ids) == [("accepted", 1), ("orphan", -3)]
+
+
 async def test_a_callback_entry_applied_twice_counts_once(r: Any, keys: Keys) -> None:
     """Two consumers racing on one entry (a reclaim) both run the script: the second finds the
     entry acknowledged and changes nothing (idempotence by entry id)."""
@@ -117,13 +185,15 @@ async def test_a_callback_entry_applied_twice_counts_once(r: Any, keys: Keys) ->
 
 
 # An operation: (correlation index (>= n_pairs means unknown), completed?, winner is a?,
-# cost in USD)
+# cost in USD, the essays it names: its pair's, swapped or others)
+ESSAYS = {"pair": ("e0", "e1"), "swapped": ("e1", "e0"), "other": ("e2", "e3")}
 ops_strategy = st.lists(
     st.tuples(
         st.integers(0, 7),
         st.booleans(),
         st.booleans(),
         st.sampled_from([0.0, 0.000123456, 0.0375, 1.1, 1e-9]),
+        st.sampled_from(["pair", "pair", "swapped", "other"]),
     ),
     min_size=1,
     max_size=40,
@@ -138,7 +208,7 @@ async def test_lua_apply_in_any_order_equals_replay(
     engine: Engine,
     r: Any,
     n_pairs: int,
-    ops: list[tuple[int, bool, bool, float]],
+    ops: list[tuple[int, bool, bool, float, str]],
     data: st.DataObject,
 ) -> None:
     """Consumers apply callbacks in delivery order, not stream order; whatever the order (and
@@ -148,12 +218,15 @@ async def test_lua_apply_in_any_order_equals_replay(
     keys = engine.namespace()  # one per example
     await _batch(r, keys, n_pairs, budget=6)
     events = [
-        (
-            completed(B, f"c{i}", "essay_a" if a else "essay_b", cost_usd=cost)
-            if ok
-            else failed(B, f"c{i}", cost_usd=cost)
+        naming(
+            (
+                completed(B, f"c{i}", "essay_a" if a else "essay_b", cost_usd=cost)
+                if ok
+                else failed(B, f"c{i}", cost_usd=cost)
+            ),
+            *ESSAYS[essays],
         )
-        for i, ok, a, cost in ops
+        for i, ok, a, cost, essays in ops
     ]
     ids = await append_and_read(r, keys, events)
     for step, index in enumerate(order):
@@ -170,9 +243,11 @@ async def test_lua_apply_in_any_order_equals_replay(
     assert live.completed + live.failed == live.accepted <= live.submitted <= live.denominator
     assert live.callbacks_received == len(events)
     assert live.accepted + live.duplicates + live.orphans + live.late_callbacks == len(events)
-    # Every callback but orphans is paid for, summed exactly whatever the order.
-    known = {f"c{i}" for i in range(n_pairs)}
-    assert live.cost_nusd == sum(round(c * 1e9) for i, _, _, c in ops if f"c{i}" in known)
+    # Every callback but orphans (an id never asked, or other essays) is paid for, summed
+    # exactly whatever the order.
+    paid = [c for i, _, _, c, essays in ops if i < n_pairs and essays == "pair"]
+    assert live.cost_nusd == sum(round(c * 1e9) for c in paid)
+    assert live.orphans == len(ops) - len(paid)
 
 
 async def test_replay_of_a_live_namespace_leaves_what_the_group_has_not_applied(
