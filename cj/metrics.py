@@ -9,7 +9,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 CJ_CALLBACKS = Counter("cj_callbacks_total", "Callbacks seen by CJ by outcome", ["outcome"])
 CJ_ORPHANS = Counter(
-    "cj_orphan_callbacks_total", "Callbacks for unknown correlation ids", ["source_service"]
+    "cj_orphan_callbacks_total",
+    "Callbacks for unknown correlation ids, or naming other essays than their request",
+    ["source_service"],
 )
 # One series per OPEN batch: a batch's series goes when it ends (see forget_completion), so the
 # cardinality is bounded by the batches running at once, not by every batch ever.
