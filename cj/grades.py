@@ -172,6 +172,69 @@ def _trend(
     return float(ys.mean() - slope * xs.mean()), slope, warnings
 
 
+@dataclass(frozen=True)
+class _Triangle:
+    """The cells x < y of a G × G grid of two cuts' positions (cut g − 1 at x, cut g at y):
+    a link's only cells that can hold anything. Kept as a vector in the order of y, x
+    ascending within (each y's cells together: the forward pass sums over x), with the
+    permutation to the order of x (the backward pass sums over y)."""
+
+    x: IntArray
+    y: IntArray
+    y_starts: IntArray  # where each y ≥ 1 begins (y = 0 has no cell)
+    y_run: IntArray  # y − 1: each cell's run among those
+    by_x: IntArray  # the cells in the order of x, y ascending within: positions among the above
+    by_x_x: IntArray  # their x
+    by_x_y: IntArray  # their y
+    x_starts: IntArray  # where each x ≤ G − 2 begins among them (x = G − 1 has no cell)
+
+    @staticmethod
+    def of(size: int) -> _Triangle:
+        y, x = np.tril_indices(size, -1)
+        position = np.zeros((size, size), dtype=np.intp)
+        position[x, y] = np.arange(len(x))
+        above_x, above_y = np.triu_indices(size, 1)
+        rows = np.arange(1, size)
+        widths = size - 1 - np.arange(size - 1)
+        return _Triangle(
+            x=x,
+            y=y,
+            y_starts=rows * (rows - 1) // 2,
+            y_run=y - 1,
+            by_x=position[above_x, above_y],
+            by_x_x=above_x,
+            by_x_y=above_y,
+            x_starts=np.concatenate([[0], np.cumsum(widths[:-1])]),
+        )
+
+    def forward(self, alpha: FloatArray, link: FloatArray) -> FloatArray:
+        """log Σ_x exp(alpha[x] + link[x, y]) for every y: `_logsumexp` over axis 0 of the
+        grid × grid array, −inf where x ≥ y."""
+        out = np.full(len(alpha), -np.inf)
+        out[1:] = _grouped_logsumexp(alpha[self.x] + link, self.y_starts, self.y_run)
+        return out
+
+    def backward(self, link: FloatArray, after: FloatArray) -> FloatArray:
+        """log Σ_y exp(link[x, y] + after[y]) for every x: `_logsumexp` over axis 1."""
+        out = np.full(len(after), -np.inf)
+        terms = link[self.by_x] + after[self.by_x_y]
+        out[:-1] = _grouped_logsumexp(terms, self.x_starts, self.by_x_x)
+        return out
+
+
+def _grouped_logsumexp(values: FloatArray, starts: IntArray, group: IntArray) -> FloatArray:
+    """`_logsumexp` of each run of ``values`` (``starts``: where each begins, none empty;
+    ``group``: each value's run)."""
+    top = np.maximum.reduceat(values, starts)
+    shift = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.add.reduceat(np.exp(values - shift[group]), starts)) + shift
+    return np.asarray(out, dtype=np.float64)
+
+
+_TRIANGLE = _Triangle.of(_GRID)
+
+
 def _cut_marginals(
     grid: FloatArray,
     anchor_theta: FloatArray,
@@ -193,20 +256,23 @@ def _cut_marginals(
     node = -0.5 * ((grid[None, :] - prior_mean[:, None]) / prior_sd) ** 2  # log ψ_j(x)
     node[0] += _log(below[anchor_grade == 0]).sum(axis=0)
     node[-1] += _log(1.0 - below[anchor_grade == k - 1]).sum(axis=0)
-    ordered = np.where(np.triu(np.ones((len(grid), len(grid)), dtype=bool), 1), 0.0, -np.inf)
-    links = []  # links[g − 1][x, y]: log factor of grade g between cut g − 1 = x and cut g = y
+    # Only the cells x < y of a link can hold anything (0 elsewhere: −inf in log space): the
+    # links and the passes over them take those alone (`_Triangle`), half the grid × grid
+    # arrays; a third of the time of grading a batch (speed, issue 11).
+    tri = _TRIANGLE if len(grid) == _GRID else _Triangle.of(len(grid))
+    links = []  # links[g − 1]: log factor of grade g between cut g − 1 = x and cut g = y > x
     for g in range(1, k - 1):
-        log_m = ordered.copy()
+        log_m = np.zeros(len(tri.x))
         for b in below[anchor_grade == g]:
-            log_m += _log(b[None, :] - b[:, None])
+            log_m += _log(b[tri.y] - b[tri.x])
         links.append(log_m)
     alpha = [node[0] - _logsumexp(node[0])]
     for j in range(1, k - 1):
-        a = node[j] + _logsumexp(alpha[-1][:, None] + links[j - 1], axis=0)
+        a = node[j] + tri.forward(alpha[-1], links[j - 1])
         alpha.append(a - _logsumexp(a))
     beta = [np.zeros(len(grid))]
     for j in range(k - 2, 0, -1):
-        b = _logsumexp(links[j - 1] + (node[j] + beta[0])[None, :], axis=1)
+        b = tri.backward(links[j - 1], node[j] + beta[0])
         beta.insert(0, b - _logsumexp(b))
     log_marg = np.array([a + b for a, b in zip(alpha, beta, strict=True)])
     return np.asarray(
