@@ -76,17 +76,29 @@ def grade_band(
     """(lowest, highest) index of the shortest run of adjacent grades holding at least
     ``mass``; among runs as short, the one holding most (then the lowest)."""
     p = np.asarray(probabilities, dtype=np.float64)
-    k = len(p)
-    if k == 0:
+    if len(p) == 0:
         raise ValueError("no grades")
-    cum = np.concatenate([[0.0], np.cumsum(p)])
-    target = min(mass, float(cum[-1])) - 1e-12
+    lo, hi = _grade_bands(p[None, :], mass)
+    return int(lo[0]), int(hi[0])
+
+
+def _grade_bands(p: FloatArray, mass: float = BAND_MASS) -> tuple[IntArray, IntArray]:
+    """`grade_band` of every row of ``p`` at once: a batch's essays in one pass of numpy per
+    width instead of one call each (speed, issue 11)."""
+    n, k = p.shape
+    cum = np.concatenate([np.zeros((n, 1)), np.cumsum(p, axis=1)], axis=1)
+    target = np.where(cum[:, -1] < mass, cum[:, -1], mass) - 1e-12  # min(mass, total)
+    lo, hi = np.zeros(n, dtype=np.intp), np.full(n, k - 1, dtype=np.intp)
+    searching = np.ones(n, dtype=bool)
     for width in range(1, k + 1):
-        sums = cum[width:] - cum[:-width]
-        if float(sums.max()) >= target:
-            lo = int(np.argmax(sums))  # first of the largest
-            return lo, lo + width - 1
-    return 0, k - 1  # pragma: no cover - width k holds everything
+        sums = cum[:, width:] - cum[:, :-width]
+        found = searching & (sums.max(axis=1) >= target)
+        first = np.argmax(sums, axis=1)  # first of the largest
+        lo[found], hi[found] = first[found], first[found] + width - 1
+        searching &= ~found
+        if not searching.any():
+            break
+    return lo, hi
 
 
 def confidence_label(top_probability: float) -> Confidence:
@@ -320,22 +332,27 @@ def _probabilities(
     return np.asarray(np.maximum(np.diff(cumulative, axis=1), 0.0), dtype=np.float64)
 
 
-def _assign(essay: str, p: FloatArray, grades: Sequence[str]) -> tuple[GradeAssignment, float]:
-    p = p / p.sum()
-    best = int(np.argmax(p))
-    lo, hi = grade_band(p)
-    top = float(p[best])
-    return (
-        GradeAssignment(
-            essay_id=essay,
-            grade=grades[best],
-            probabilities={g: float(p[i]) for i, g in enumerate(grades)},
-            confidence=confidence_label(top),
-            band=tuple(grades[lo : hi + 1]),
-            top_probability=top,
-        ),
-        top,
-    )
+def _assign(
+    essays: Sequence[str], probabilities: FloatArray, grades: Sequence[str]
+) -> list[GradeAssignment]:
+    """Each essay's assignment from its row of grade probabilities (normalised here)."""
+    p = probabilities / probabilities.sum(axis=1, keepdims=True)
+    best = np.argmax(p, axis=1)
+    lo, hi = _grade_bands(p)
+    out = []
+    for e, row, b, first, last in zip(essays, p.tolist(), best, lo, hi, strict=True):
+        top = row[b]
+        out.append(
+            GradeAssignment(
+                essay_id=e,
+                grade=grades[b],
+                probabilities=dict(zip(grades, row, strict=True)),
+                confidence=confidence_label(top),
+                band=tuple(grades[first : last + 1]),
+                top_probability=top,
+            )
+        )
+    return out
 
 
 def project_grades(
@@ -390,8 +407,9 @@ def project_grades(
     )
     probs = _probabilities(grid, marginals, values, sds)
     assignments: dict[str, GradeAssignment] = {}
-    for e, p in zip(essays, probs, strict=True):
-        assignments[e], top = _assign(e, p, grades)
+    for e, assignment in zip(essays, _assign(essays, probs, grades), strict=True):
+        assignments[e] = assignment
+        top = assignment.top_probability
         if e not in anchors and top < confidence_threshold:
             ranked = sorted(assignments[e].probabilities.items(), key=lambda kv: -kv[1])[:2]
             detail = ", ".join(f"{g} {pr:.2f}" for g, pr in ranked)
