@@ -1,0 +1,178 @@
+"""CPU of a batch's end in CJ's decide step (`cj.continuation.final_scores`: classical SSR,
+split-half, grades) beside another revision's, and how far their numbers differ.
+
+    python bench/final_scores.py [--against main] [--batches 5] [--essays 100]
+                                 [--alternations 6] [--repeats 5] [--json]
+
+The states: bench/decide.py's simulated batches, each batch's `final_scores` input (the
+state and its last `BatchScored`) captured once by this tree. This tree and REV (`git
+archive REV`) each run `final_scores` on them in a process of their own, the two
+alternated; a process's figure is the best of ``--repeats`` passes (time.process_time).
+Printed: each side's figures, the median ratio, and the largest differences between the
+two sides' outputs (split-half r and Spearman–Brown, the classical SSR, θ, SE, grade
+probabilities and boundaries) and whether grades, bands and labels are the same.
+One BLAS thread (OPENBLAS_NUM_THREADS=1 unless set), as in the workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import copy
+import json
+import math
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def capture(batches: int, essays: int) -> list[tuple[Any, Any]]:
+    """(state, scored): what `final_scores` was given at the end of each simulated batch."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decide import simulate
+
+    import cj.continuation as continuation
+
+    caught: list[tuple[Any, Any]] = []
+    original = continuation.final_scores
+
+    def spy(state: Any, scored: Any) -> Any:
+        caught.append((copy.deepcopy(state), copy.deepcopy(scored)))
+        return original(state, scored)
+
+    continuation.final_scores = spy
+    try:
+        for state, overlap in simulate(batches, essays):
+            continuation.decide(state, overlap)
+    finally:
+        continuation.final_scores = original
+    return caught
+
+
+def run(path: str, out: str, repeats: int) -> dict[str, Any]:
+    """Best CPU of ``repeats`` passes of `final_scores` over the pickled inputs; the
+    outputs of the last, as msgspec builtins, written to ``out``."""
+    import msgspec
+
+    from cj.continuation import final_scores
+
+    with open(path, "rb") as f:
+        inputs = pickle.load(f)
+    best = math.inf
+    results: list[Any] = []
+    for _ in range(repeats):
+        work = [(copy.deepcopy(s), copy.deepcopy(sc)) for s, sc in inputs]
+        t0 = time.process_time()
+        results = [final_scores(s, sc) for s, sc in work]
+        best = min(best, time.process_time() - t0)
+    with open(out, "w") as f:
+        json.dump([msgspec.to_builtins(r) for r in results], f)
+    return {"batches": len(inputs), "cpu_s": round(best, 4)}
+
+
+def differences(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    worst = dict.fromkeys(
+        ("split_half_r", "split_half", "ssr", "theta", "se", "probability", "boundary"), 0.0
+    )
+    same_grades = True
+    for a, b in zip(ours, theirs, strict=True):
+        for key in ("split_half_r", "split_half", "ssr"):
+            x, y = a["reliability"][key], b["reliability"][key]
+            if (x is None) != (y is None):
+                worst[key] = math.inf
+            elif x is not None:
+                worst[key] = max(worst[key], abs(x - y))
+        for s, t in zip(a["scores"], b["scores"], strict=True):
+            worst["theta"] = max(worst["theta"], abs(s["theta"] - t["theta"]))
+            worst["se"] = max(worst["se"], abs(s["se"] - t["se"]))
+            for g, p in s["grade_probabilities"].items():
+                worst["probability"] = max(
+                    worst["probability"], abs(p - t["grade_probabilities"][g])
+                )
+            keys = ("essay_id", "rank", "grade", "grade_band", "confidence")
+            same_grades &= all(s[k] == t[k] for k in keys)
+        for g, v in a["grade_boundaries"].items():
+            worst["boundary"] = max(worst["boundary"], abs(v - b["grade_boundaries"][g]))
+        same_grades &= a["warnings"] == b["warnings"]
+    return {**worst, "grades_bands_labels_warnings_same": same_grades}
+
+
+def _child(tree: Path, states: str, out: str, repeats: int) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    script = ROOT / "bench" / "final_scores.py"
+    args = [sys.executable, str(script), "--run", states, "--out", out, "--repeats", str(repeats)]
+    stdout = subprocess.run(
+        args, cwd=tree, env=env, check=True, capture_output=True, text=True
+    ).stdout
+    result: dict[str, Any] = json.loads(stdout)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--against", default="main", help="git revision of the reference")
+    ap.add_argument("--batches", type=int, default=5)
+    ap.add_argument("--essays", type=int, default=100)
+    ap.add_argument("--alternations", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--run", help=argparse.SUPPRESS)  # the child process's part
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        print(json.dumps(run(args.run, args.out, args.repeats)))
+        return
+    sys.path.insert(0, str(ROOT))
+    from bench.revisions import tree_at
+
+    with tempfile.TemporaryDirectory() as tmp:
+        states = str(Path(tmp) / "inputs.pkl")
+        with open(states, "wb") as f:
+            pickle.dump(capture(args.batches, args.essays), f)
+        ref = Path(tmp) / "ref"
+        ref.mkdir()
+        tree_at(args.against, ref)
+        sides = {"current": ROOT, args.against: ref}
+        outs = {name: str(Path(tmp) / f"out-{k}.json") for k, name in enumerate(sides)}
+        cpu: dict[str, list[float]] = {name: [] for name in sides}
+        for k in range(args.alternations):
+            order = list(sides.items()) if k % 2 == 0 else list(sides.items())[::-1]
+            for name, tree in order:
+                cpu[name].append(_child(tree, states, outs[name], args.repeats)["cpu_s"])
+        outputs = {}
+        for name, path in outs.items():
+            with open(path) as f:
+                outputs[name] = json.load(f)
+    ratios = [c / r for c, r in zip(cpu["current"], cpu[args.against], strict=True)]
+    result = {
+        "batches": args.batches,
+        "essays": args.essays,
+        "cpu_s": cpu,
+        "ratio_median": round(statistics.median(ratios), 3),
+        "max_abs_difference": differences(outputs["current"], outputs[args.against]),
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(
+        f"final_scores over the ends of {args.batches} batches of {args.essays} essays: CPU s, "
+        f"best of {args.repeats} per process, {args.alternations} alternations"
+    )
+    for name, values in cpu.items():
+        print(f"  {name:>12}: median {statistics.median(values):.4f}  {values}")
+    print(f"  ratio current / {args.against}: {result['ratio_median']} (median)")
+    print(f"  max |Δ| and sameness: {json.dumps(result['max_abs_difference'])}")
+
+
+if __name__ == "__main__":
+    main()
