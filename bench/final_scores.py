@@ -2,13 +2,13 @@
 split-half, grades) beside another revision's, and how far their numbers differ.
 
     python bench/final_scores.py [--against main] [--batches 5] [--essays 100]
-                                 [--alternations 6] [--repeats 5] [--json]
+                                 [--alternations 6] [--repeats 5]
 
 The states: bench/decide.py's simulated batches, each batch's `final_scores` input (the
 state and its last `BatchScored`) captured once by this tree. This tree and REV (`git
 archive REV`) each run `final_scores` on them in a process of their own, the two
 alternated; a process's figure is the best of ``--repeats`` passes (time.process_time).
-Printed: each side's figures, the median ratio, and the largest differences between the
+Printed (JSON): each side's figures, the median ratio, and the largest differences between the
 two sides' outputs (split-half r and Spearman–Brown, the classical SSR, θ, SE, grade
 probabilities and boundaries) and whether grades, bands and labels are the same.
 One BLAS thread (OPENBLAS_NUM_THREADS=1 unless set), as in the workers.
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,17 @@ def _child(tree: Path, states: str, out: str, repeats: int) -> dict[str, Any]:
     return result
 
 
+def _alternated(
+    names: list[str], alternations: int, measure: Callable[[str], float]
+) -> dict[str, list[float]]:
+    """``measure`` of each side, ``alternations`` times, the order reversed every other time."""
+    figures: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(alternations):
+        for name in names[:: 1 if k % 2 == 0 else -1]:
+            figures[name].append(measure(name))
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", default="main", help="git revision of the reference")
@@ -125,53 +137,43 @@ def main() -> None:
     ap.add_argument("--essays", type=int, default=100)
     ap.add_argument("--alternations", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", action="store_true")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # the child process's part
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.run:
-        print(json.dumps(run(args.run, args.out, args.repeats)))
-        return
+    result = run(args.run, args.out, args.repeats) if args.run else compare(args)
+    print(json.dumps(result, indent=None if args.run else 1))
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """This tree's `final_scores` beside ``args.against``'s (see the module docstring)."""
     sys.path.insert(0, str(ROOT))
     from bench.revisions import tree_at
 
     with tempfile.TemporaryDirectory() as tmp:
-        states = str(Path(tmp) / "inputs.pkl")
-        with open(states, "wb") as f:
+        inputs = str(Path(tmp) / "inputs.pkl")
+        with open(inputs, "wb") as f:
             pickle.dump(capture(args.batches, args.essays), f)
-        ref = Path(tmp) / "ref"
-        ref.mkdir()
-        tree_at(args.against, ref)
-        sides = {"current": ROOT, args.against: ref}
+        (Path(tmp) / "ref").mkdir()
+        tree_at(args.against, Path(tmp) / "ref")
+        sides = {"current": ROOT, args.against: Path(tmp) / "ref"}
         outs = {name: str(Path(tmp) / f"out-{k}.json") for k, name in enumerate(sides)}
-        cpu: dict[str, list[float]] = {name: [] for name in sides}
-        for k in range(args.alternations):
-            order = list(sides.items()) if k % 2 == 0 else list(sides.items())[::-1]
-            for name, tree in order:
-                cpu[name].append(_child(tree, states, outs[name], args.repeats)["cpu_s"])
+        cpu = _alternated(
+            list(sides),
+            args.alternations,
+            lambda name: _child(sides[name], inputs, outs[name], args.repeats)["cpu_s"],
+        )
         outputs = {}
         for name, path in outs.items():
             with open(path) as f:
                 outputs[name] = json.load(f)
     ratios = [c / r for c, r in zip(cpu["current"], cpu[args.against], strict=True)]
-    result = {
+    return {
         "batches": args.batches,
         "essays": args.essays,
         "cpu_s": cpu,
         "ratio_median": round(statistics.median(ratios), 3),
         "max_abs_difference": differences(outputs["current"], outputs[args.against]),
     }
-    if args.json:
-        print(json.dumps(result, indent=1))
-        return
-    print(
-        f"final_scores over the ends of {args.batches} batches of {args.essays} essays: CPU s, "
-        f"best of {args.repeats} per process, {args.alternations} alternations"
-    )
-    for name, values in cpu.items():
-        print(f"  {name:>12}: median {statistics.median(values):.4f}  {values}")
-    print(f"  ratio current / {args.against}: {result['ratio_median']} (median)")
-    print(f"  max |Δ| and sameness: {json.dumps(result['max_abs_difference'])}")
 
 
 if __name__ == "__main__":

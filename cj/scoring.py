@@ -1516,6 +1516,15 @@ def _cholesky_solve(h: FloatArray, g: FloatArray) -> FloatArray:
     return np.asarray(step, dtype=np.float64)
 
 
+def _hessian_flat(a: IntArray, b: IntArray, n: int, p: int) -> IntArray:
+    """`_Posterior.flat` of comparisons ``a``, ``b`` (η at index n when p > n)."""
+    ap, bp = a * p, b * p
+    parts = [ap + a, bp + b, ap + b, bp + a]
+    if p > n:
+        parts += [ap + n, n * p + a, bp + n, n * p + b, np.full_like(a, n * p + n)]
+    return np.concatenate(parts)
+
+
 class _Halves:
     """The log posteriors (`_Posterior`) of many subsets of the comparisons ("halves"),
     maximised by `_newton`'s steps taken in lockstep: their comparisons laid end to end and
@@ -1551,17 +1560,8 @@ class _Halves:
         )
         # `_Posterior.flat` and `.signs` of every half: its own p × p Hessian assembles in
         # cache, faster than one (halves × p × p) array's part.
-        parts = [ea * p + ea, eb * p + eb, ea * p + eb, eb * p + ea]
-        if fit_position:
-            parts += [ea * p + n, n * p + ea, eb * p + n, n * p + eb, np.full_like(ea, n * p + n)]
-        self.signs = _HESSIAN_SIGNS[: len(parts), None]
-        flat = np.stack(parts)
-        starts = np.concatenate([[0], self.ends])
-        self.flats = (
-            []
-            if self.sparse
-            else [flat[:, lo:hi].reshape(-1) for lo, hi in itertools.pairwise(starts)]
-        )
+        self.signs = _HESSIAN_SIGNS[: 9 if fit_position else 4, None]
+        self.flats = [] if self.sparse else [_hessian_flat(a[h], b[h], n, p) for h in halves]
 
     def linear(self, x: FloatArray) -> FloatArray:
         """Every half's z = θ_a − θ_b (+ η) of its comparisons, end to end."""
