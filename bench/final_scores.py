@@ -3,6 +3,7 @@ split-half, grades) beside another revision's, and how far their numbers differ.
 
     python bench/final_scores.py [--against main] [--batches 5] [--essays 100]
                                  [--alternations 6] [--repeats 5]
+    python bench/final_scores.py --cases [--against main] [--seeds 2]
 
 The states: bench/decide.py's simulated batches, each batch's `final_scores` input (the
 state and its last `BatchScored`) captured once by this tree. This tree and REV (`git
@@ -11,6 +12,10 @@ alternated; a process's figure is the best of ``--repeats`` passes (time.process
 Printed (JSON): each side's figures, the median ratio, and the largest differences between the
 two sides' outputs (split-half r and Spearman–Brown, the classical SSR, θ, SE, grade
 probabilities and boundaries) and whether grades, bands and labels are the same.
+``--cases``: `split_half` from the full fit (as `final_scores` calls it) on the batches of
+bench/scoring.py's ``--agree`` (20–1,000 essays, random and distinct pairs), this tree's
+against REV's cj/scoring.py in this process: the largest |Δ| of r and of its
+Spearman–Brown value, and whether the splits counted and the reasons agree.
 One BLAS thread (OPENBLAS_NUM_THREADS=1 unless set), as in the workers.
 """
 
@@ -130,6 +135,42 @@ def _alternated(
     return figures
 
 
+def split_half_cases(rev: str, seeds: int) -> dict[str, Any]:
+    """See ``--cases`` in the module docstring."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import itertools
+
+    from revisions import module_at
+    from scoring import make_data
+
+    from cj import scoring
+
+    ref = module_at(rev, "cj/scoring.py")
+    worst = {"r": 0.0, "spearman_brown": 0.0}
+    same_counts, batches = True, 0
+    sizes = ((20, 60), (60, 200), (100, 300), (100, 800), (100, 2400), (300, 3000), (1000, 20_000))
+    for (n, m), distinct in itertools.product(sizes, (False, True)):
+        if distinct and m > n * (n - 1) // 4:
+            continue
+        for seed in range(seeds):
+            spread = (0.5, 1.0, 1.5, 2.5)[seed % 4]
+            ids, _, comps = make_data(n, m, seed, spread=spread, bias=0.4, distinct=distinct)
+            fit = scoring.fit_bt(ids, comps)
+            full = {e: (round(fit.theta[e], 6), round(fit.se[e], 6)) for e in ids}
+            ours = scoring.split_half(ids, comps, seed=seed, full=full)
+            ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
+            theirs = ref.split_half(ids, ref_comps, seed=seed, full=full)
+            batches += 1
+            same_counts &= (ours.splits, ours.reason) == (theirs.splits, theirs.reason)
+            for key in worst:
+                a, b = getattr(ours, key), getattr(theirs, key)
+                if (a is None) != (b is None):
+                    worst[key] = math.inf
+                elif a is not None:
+                    worst[key] = max(worst[key], abs(a - b))
+    return {"batches": batches, **worst, "splits_and_reasons_same": same_counts}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", default="main", help="git revision of the reference")
@@ -137,17 +178,22 @@ def main() -> None:
     ap.add_argument("--essays", type=int, default=100)
     ap.add_argument("--alternations", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cases", action="store_true", help="split_half on bench/scoring.py's")
+    ap.add_argument("--seeds", type=int, default=2, help="with --cases: batches per size")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # the child process's part
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.cases:
+        print(json.dumps(split_half_cases(args.against, args.seeds), indent=1))
+        return
     result = run(args.run, args.out, args.repeats) if args.run else compare(args)
     print(json.dumps(result, indent=None if args.run else 1))
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """This tree's `final_scores` beside ``args.against``'s (see the module docstring)."""
-    sys.path.insert(0, str(ROOT))
-    from bench.revisions import tree_at
+    sys.path.insert(0, str(ROOT / "bench"))
+    from revisions import tree_at
 
     with tempfile.TemporaryDirectory() as tmp:
         inputs = str(Path(tmp) / "inputs.pkl")
