@@ -1714,9 +1714,9 @@ def split_half(
     half of the splits give a correlation (too few essays compared in both halves).
 
     ``full``: the full fit's (θ̂, SE) of every essay. Then each half is instead the MAP at
-    the θ prior N(0, 1/λ) the full fit implies (``_FullFit``), by Newton steps from its θ̂:
-    about a fifth of the CPU (the batch's last scores, issue 11), r within 0.01 of the
-    variational halves (tests/test_scoring.py)."""
+    the θ prior N(0, 1/λ) the full fit implies (``_FullFit``), by Newton steps from its θ̂,
+    every half at once (`_FullFit.half_maps`): about a tenth of the CPU (the batch's last
+    scores, issue 11), r within 0.01 of the variational halves (tests/test_scoring.py)."""
     ids = _unique_ids(essay_ids)
     around = _FullFit.of(full) if full is not None else None
     rng = np.random.default_rng(seed)
