@@ -336,8 +336,8 @@ def _at_the_end(
     """`base` with the classical SSR (``classical``, or computed) and the split-half."""
     # Once, for the batch's last scores, not every wave (issue 11: the SSR's near-ML refit
     # was a seventh of a wave's decision, and nothing decides on it). The split-half's 20
-    # refits of each half are MAP fits from the full fit's θ and τ (`full`), a fifth of the
-    # variational refits' CPU.
+    # refits of each half are MAP fits from the full fit's θ and τ (`full`), all solved
+    # together (`cj.scoring._Halves`): a tenth of the variational refits' CPU.
     ssr = classical if classical is not None else classical_ssr(ids, comparisons)
     halves = split_half(ids, comparisons, seed=seed, full=full)
     return msgspec.structs.replace(

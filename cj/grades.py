@@ -76,17 +76,29 @@ def grade_band(
     """(lowest, highest) index of the shortest run of adjacent grades holding at least
     ``mass``; among runs as short, the one holding most (then the lowest)."""
     p = np.asarray(probabilities, dtype=np.float64)
-    k = len(p)
-    if k == 0:
+    if len(p) == 0:
         raise ValueError("no grades")
-    cum = np.concatenate([[0.0], np.cumsum(p)])
-    target = min(mass, float(cum[-1])) - 1e-12
+    lo, hi = _grade_bands(p[None, :], mass)
+    return int(lo[0]), int(hi[0])
+
+
+def _grade_bands(p: FloatArray, mass: float = BAND_MASS) -> tuple[IntArray, IntArray]:
+    """`grade_band` of every row of ``p`` at once: a batch's essays in one pass of numpy per
+    width instead of one call each (speed, issue 11)."""
+    n, k = p.shape
+    cum = np.concatenate([np.zeros((n, 1)), np.cumsum(p, axis=1)], axis=1)
+    target = np.where(cum[:, -1] < mass, cum[:, -1], mass) - 1e-12  # min(mass, total)
+    lo, hi = np.zeros(n, dtype=np.intp), np.full(n, k - 1, dtype=np.intp)
+    searching = np.ones(n, dtype=bool)
     for width in range(1, k + 1):
-        sums = cum[width:] - cum[:-width]
-        if float(sums.max()) >= target:
-            lo = int(np.argmax(sums))  # first of the largest
-            return lo, lo + width - 1
-    return 0, k - 1  # pragma: no cover - width k holds everything
+        sums = cum[:, width:] - cum[:, :-width]
+        found = searching & (sums.max(axis=1) >= target)
+        first = np.argmax(sums, axis=1)  # first of the largest
+        lo[found], hi[found] = first[found], first[found] + width - 1
+        searching &= ~found
+        if not searching.any():
+            break
+    return lo, hi
 
 
 def confidence_label(top_probability: float) -> Confidence:
@@ -172,6 +184,69 @@ def _trend(
     return float(ys.mean() - slope * xs.mean()), slope, warnings
 
 
+@dataclass(frozen=True)
+class _Triangle:
+    """The cells x < y of a G × G grid of two cuts' positions (cut g − 1 at x, cut g at y):
+    a link's only cells that can hold anything. Kept as a vector in the order of y, x
+    ascending within (each y's cells together: the forward pass sums over x), with the
+    permutation to the order of x (the backward pass sums over y)."""
+
+    x: IntArray
+    y: IntArray
+    y_starts: IntArray  # where each y ≥ 1 begins (y = 0 has no cell)
+    y_run: IntArray  # y − 1: each cell's run among those
+    by_x: IntArray  # the cells in the order of x, y ascending within: positions among the above
+    by_x_x: IntArray  # their x
+    by_x_y: IntArray  # their y
+    x_starts: IntArray  # where each x ≤ G − 2 begins among them (x = G − 1 has no cell)
+
+    @staticmethod
+    def of(size: int) -> _Triangle:
+        y, x = np.tril_indices(size, -1)
+        position = np.zeros((size, size), dtype=np.intp)
+        position[x, y] = np.arange(len(x))
+        above_x, above_y = np.triu_indices(size, 1)
+        rows = np.arange(1, size)
+        widths = size - 1 - np.arange(size - 1)
+        return _Triangle(
+            x=x,
+            y=y,
+            y_starts=rows * (rows - 1) // 2,
+            y_run=y - 1,
+            by_x=position[above_x, above_y],
+            by_x_x=above_x,
+            by_x_y=above_y,
+            x_starts=np.concatenate([[0], np.cumsum(widths[:-1])]),
+        )
+
+    def forward(self, alpha: FloatArray, link: FloatArray) -> FloatArray:
+        """log Σ_x exp(alpha[x] + link[x, y]) for every y: `_logsumexp` over axis 0 of the
+        grid × grid array, −inf where x ≥ y."""
+        out = np.full(len(alpha), -np.inf)
+        out[1:] = _grouped_logsumexp(alpha[self.x] + link, self.y_starts, self.y_run)
+        return out
+
+    def backward(self, link: FloatArray, after: FloatArray) -> FloatArray:
+        """log Σ_y exp(link[x, y] + after[y]) for every x: `_logsumexp` over axis 1."""
+        out = np.full(len(after), -np.inf)
+        terms = link[self.by_x] + after[self.by_x_y]
+        out[:-1] = _grouped_logsumexp(terms, self.x_starts, self.by_x_x)
+        return out
+
+
+def _grouped_logsumexp(values: FloatArray, starts: IntArray, group: IntArray) -> FloatArray:
+    """`_logsumexp` of each run of ``values`` (``starts``: where each begins, none empty;
+    ``group``: each value's run)."""
+    top = np.maximum.reduceat(values, starts)
+    shift = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.add.reduceat(np.exp(values - shift[group]), starts)) + shift
+    return np.asarray(out, dtype=np.float64)
+
+
+_TRIANGLE = _Triangle.of(_GRID)
+
+
 def _cut_marginals(
     grid: FloatArray,
     anchor_theta: FloatArray,
@@ -193,20 +268,23 @@ def _cut_marginals(
     node = -0.5 * ((grid[None, :] - prior_mean[:, None]) / prior_sd) ** 2  # log ψ_j(x)
     node[0] += _log(below[anchor_grade == 0]).sum(axis=0)
     node[-1] += _log(1.0 - below[anchor_grade == k - 1]).sum(axis=0)
-    ordered = np.where(np.triu(np.ones((len(grid), len(grid)), dtype=bool), 1), 0.0, -np.inf)
-    links = []  # links[g − 1][x, y]: log factor of grade g between cut g − 1 = x and cut g = y
+    # Only the cells x < y of a link can hold anything (0 elsewhere: −inf in log space): the
+    # links and the passes over them take those alone (`_Triangle`), half the grid × grid
+    # arrays; a third of the time of grading a batch (speed, issue 11).
+    tri = _TRIANGLE if len(grid) == _GRID else _Triangle.of(len(grid))
+    links = []  # links[g − 1]: log factor of grade g between cut g − 1 = x and cut g = y > x
     for g in range(1, k - 1):
-        log_m = ordered.copy()
+        log_m = np.zeros(len(tri.x))
         for b in below[anchor_grade == g]:
-            log_m += _log(b[None, :] - b[:, None])
+            log_m += _log(b[tri.y] - b[tri.x])
         links.append(log_m)
     alpha = [node[0] - _logsumexp(node[0])]
     for j in range(1, k - 1):
-        a = node[j] + _logsumexp(alpha[-1][:, None] + links[j - 1], axis=0)
+        a = node[j] + tri.forward(alpha[-1], links[j - 1])
         alpha.append(a - _logsumexp(a))
     beta = [np.zeros(len(grid))]
     for j in range(k - 2, 0, -1):
-        b = _logsumexp(links[j - 1] + (node[j] + beta[0])[None, :], axis=1)
+        b = tri.backward(links[j - 1], node[j] + beta[0])
         beta.insert(0, b - _logsumexp(b))
     log_marg = np.array([a + b for a, b in zip(alpha, beta, strict=True)])
     return np.asarray(
@@ -254,22 +332,27 @@ def _probabilities(
     return np.asarray(np.maximum(np.diff(cumulative, axis=1), 0.0), dtype=np.float64)
 
 
-def _assign(essay: str, p: FloatArray, grades: Sequence[str]) -> tuple[GradeAssignment, float]:
-    p = p / p.sum()
-    best = int(np.argmax(p))
-    lo, hi = grade_band(p)
-    top = float(p[best])
-    return (
-        GradeAssignment(
-            essay_id=essay,
-            grade=grades[best],
-            probabilities={g: float(p[i]) for i, g in enumerate(grades)},
-            confidence=confidence_label(top),
-            band=tuple(grades[lo : hi + 1]),
-            top_probability=top,
-        ),
-        top,
-    )
+def _assign(
+    essays: Sequence[str], probabilities: FloatArray, grades: Sequence[str]
+) -> list[GradeAssignment]:
+    """Each essay's assignment from its row of grade probabilities (normalised here)."""
+    p = probabilities / probabilities.sum(axis=1, keepdims=True)
+    best = np.argmax(p, axis=1)
+    lo, hi = _grade_bands(p)
+    out = []
+    for e, row, b, first, last in zip(essays, p.tolist(), best, lo, hi, strict=True):
+        top = row[b]
+        out.append(
+            GradeAssignment(
+                essay_id=e,
+                grade=grades[b],
+                probabilities=dict(zip(grades, row, strict=True)),
+                confidence=confidence_label(top),
+                band=tuple(grades[first : last + 1]),
+                top_probability=top,
+            )
+        )
+    return out
 
 
 def project_grades(
@@ -324,8 +407,9 @@ def project_grades(
     )
     probs = _probabilities(grid, marginals, values, sds)
     assignments: dict[str, GradeAssignment] = {}
-    for e, p in zip(essays, probs, strict=True):
-        assignments[e], top = _assign(e, p, grades)
+    for e, assignment in zip(essays, _assign(essays, probs, grades), strict=True):
+        assignments[e] = assignment
+        top = assignment.top_probability
         if e not in anchors and top < confidence_threshold:
             ranked = sorted(assignments[e].probabilities.items(), key=lambda kv: -kv[1])[:2]
             detail = ", ".join(f"{g} {pr:.2f}" for g, pr in ranked)
