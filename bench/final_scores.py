@@ -138,36 +138,28 @@ def _alternated(
 def split_half_cases(rev: str, seeds: int) -> dict[str, Any]:
     """See ``--cases`` in the module docstring."""
     sys.path.insert(0, str(ROOT / "bench"))
-    import itertools
-
     from revisions import module_at
-    from scoring import make_data
+    from scoring import agreement_cases
 
     from cj import scoring
 
     ref = module_at(rev, "cj/scoring.py")
     worst = {"r": 0.0, "spearman_brown": 0.0}
     same_counts, batches = True, 0
-    sizes = ((20, 60), (60, 200), (100, 300), (100, 800), (100, 2400), (300, 3000), (1000, 20_000))
-    for (n, m), distinct in itertools.product(sizes, (False, True)):
-        if distinct and m > n * (n - 1) // 4:
-            continue
-        for seed in range(seeds):
-            spread = (0.5, 1.0, 1.5, 2.5)[seed % 4]
-            ids, _, comps = make_data(n, m, seed, spread=spread, bias=0.4, distinct=distinct)
-            fit = scoring.fit_bt(ids, comps)
-            full = {e: (round(fit.theta[e], 6), round(fit.se[e], 6)) for e in ids}
-            ours = scoring.split_half(ids, comps, seed=seed, full=full)
-            ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
-            theirs = ref.split_half(ids, ref_comps, seed=seed, full=full)
-            batches += 1
-            same_counts &= (ours.splits, ours.reason) == (theirs.splits, theirs.reason)
-            for key in worst:
-                a, b = getattr(ours, key), getattr(theirs, key)
-                if (a is None) != (b is None):
-                    worst[key] = math.inf
-                elif a is not None:
-                    worst[key] = max(worst[key], abs(a - b))
+    for seed, ids, comps in agreement_cases(seeds):
+        fit = scoring.fit_bt(ids, comps)
+        full = {e: (round(fit.theta[e], 6), round(fit.se[e], 6)) for e in ids}
+        ours = scoring.split_half(ids, comps, seed=seed, full=full)
+        ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
+        theirs = ref.split_half(ids, ref_comps, seed=seed, full=full)
+        batches += 1
+        same_counts &= (ours.splits, ours.reason) == (theirs.splits, theirs.reason)
+        for key in worst:
+            a, b = getattr(ours, key), getattr(theirs, key)
+            if (a is None) != (b is None):
+                worst[key] = math.inf
+            elif a is not None:
+                worst[key] = max(worst[key], abs(a - b))
     return {"batches": batches, **worst, "splits_and_reasons_same": same_counts}
 
 

@@ -54,7 +54,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -176,33 +176,39 @@ def agreement(rev: str, seeds: int) -> dict[str, float]:
     ref = module_at(rev, "cj/scoring.py")
     worst = dict.fromkeys(("theta", "se", "eta", "prior_sd", "ssr", "posterior"), 0.0)
     rounds_differ = batches = 0
+    for _, ids, comps in agreement_cases(seeds):
+        ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
+        new, old = fit_bt(ids, comps), ref.fit_bt(ids, ref_comps)
+        batches += 1
+        rounds_differ += new.iterations != old.iterations
+        ssr = (scoring.classical_ssr(ids, comps), ref.classical_ssr(ids, ref_comps))
+        post = (scoring.posterior_reliability(new), ref.posterior_reliability(old))
+        pairs_ = (
+            ("theta", [(new.theta[e], old.theta[e]) for e in ids]),
+            ("se", [(new.se[e], old.se[e]) for e in ids]),
+            ("eta", [(new.eta, old.eta), (new.eta_se, old.eta_se)]),
+            ("prior_sd", [(new.prior_sd, old.prior_sd)]),
+            ("ssr", [(ssr[0].value, ssr[1].value)]),
+            ("posterior", [(post[0].value, post[1].value)]),
+        )
+        for key, values in pairs_:
+            for a, b in values:
+                if a is not None and b is not None:
+                    worst[key] = max(worst[key], abs(a - b))
+    return {"batches": batches, "rounds_differ": rounds_differ, **worst}
+
+
+def agreement_cases(seeds: int) -> Iterator[tuple[int, list[str], list[Comparison]]]:
+    """(seed, ids, comparisons) of the agreement batches: 20–1,000 essays, θ spread 0.5–2.5,
+    random pairs (repeats among them) and as many distinct ones as adaptive pairing gives."""
     sizes = ((20, 60), (60, 200), (100, 300), (100, 800), (100, 2400), (300, 3000), (1000, 20_000))
-    # Random pairs (repeats among them), and as many distinct ones as adaptive pairing gives.
     for (n, m), distinct in itertools.product(sizes, (False, True)):
         if distinct and m > n * (n - 1) // 4:
             continue
         for seed in range(seeds):
             spread = (0.5, 1.0, 1.5, 2.5)[seed % 4]
             ids, _, comps = make_data(n, m, seed, spread=spread, bias=0.4, distinct=distinct)
-            ref_comps = [ref.Comparison(c.essay_a, c.essay_b, c.winner_is_a) for c in comps]
-            new, old = fit_bt(ids, comps), ref.fit_bt(ids, ref_comps)
-            batches += 1
-            rounds_differ += new.iterations != old.iterations
-            ssr = (scoring.classical_ssr(ids, comps), ref.classical_ssr(ids, ref_comps))
-            post = (scoring.posterior_reliability(new), ref.posterior_reliability(old))
-            pairs_ = (
-                ("theta", [(new.theta[e], old.theta[e]) for e in ids]),
-                ("se", [(new.se[e], old.se[e]) for e in ids]),
-                ("eta", [(new.eta, old.eta), (new.eta_se, old.eta_se)]),
-                ("prior_sd", [(new.prior_sd, old.prior_sd)]),
-                ("ssr", [(ssr[0].value, ssr[1].value)]),
-                ("posterior", [(post[0].value, post[1].value)]),
-            )
-            for key, values in pairs_:
-                for a, b in values:
-                    if a is not None and b is not None:
-                        worst[key] = max(worst[key], abs(a - b))
-    return {"batches": batches, "rounds_differ": rounds_differ, **worst}
+            yield seed, ids, comps
 
 
 def _size(row: dict[str, Any]) -> str:
