@@ -1,6 +1,8 @@
 """Time `cj.pairs.plan_wave` at n = 1,000 with a 20k history (issue 11's goal: ≤ 0.3 s),
 beside the planner of another git revision loaded in the same process, interleaved, on the
-same inputs; both must choose the same pairs.
+same inputs; both must choose the same pairs. The current planner is also timed on the history
+as CJ's decisions pass it (`IndexedHistory`, arrays read from the batch's pairs), "current,
+indexed".
 
     python bench/plan_wave.py [--essays 1000] [--history 20000] [--size 500]
                               [--repeats 7] [--against d6c982e] [--json]
@@ -69,6 +71,10 @@ def main() -> None:
         return
     runs = {"current": current, f"reference {args.against}": ref}
     kwargs = {name: plan_wave_inputs(m, args.essays, args.history) for name, m in runs.items()}
+    # CJ's decisions hand the planner the history as arrays (IndexedHistory, read from the
+    # batch's pairs in BatchPairs): timed too, as "current, indexed".
+    runs[INDEXED] = current
+    kwargs[INDEXED] = dict(kwargs["current"], history=indexed(kwargs["current"]))
     times: dict[str, list[float]] = {name: [] for name in runs}
     chosen: dict[str, list[tuple[str, str]]] = {}
     for _ in range(args.repeats):
@@ -96,6 +102,10 @@ def main() -> None:
         else round(min(times["current"]) / min(times[ref_name]), 3)
         for k in ("min", "median")
     }
+    out["indexed_over_list"] = {
+        "min": round(min(times[INDEXED]) / min(times["current"]), 3),
+        "median": round(statistics.median(times[INDEXED]) / statistics.median(times["current"]), 3),
+    }
     if args.json:
         print(json.dumps(out, indent=1))
         return
@@ -107,8 +117,24 @@ def main() -> None:
         print(f"  {name:<22} CPU min {t['min']:.3f} s, median {t['median']:.3f} s (goal ≤ 0.3 s)")
     r = out["ratio"]
     print(f"  current / reference: min {r['min']:.2f}, median {r['median']:.2f} (same process)")
+    r = out["indexed_over_list"]
+    print(f"  indexed / list history: min {r['min']:.2f}, median {r['median']:.2f}")
     if not same:
         raise SystemExit("the planners chose different pairs")
+
+
+INDEXED = "current, indexed"
+
+
+def indexed(inputs: dict[str, Any]) -> Any:
+    """The inputs' history as CJ's decisions pass it: positions in the sorted essay ids."""
+    ids, history = sorted(inputs["essay_ids"]), inputs["history"]
+    at = {e: i for i, e in enumerate(ids)}
+    a = np.array([at[h.essay_a] for h in history], dtype=np.intp)
+    b = np.array([at[h.essay_b] for h in history], dtype=np.intp)
+    live = np.array([h.outcome != "failed" for h in history], dtype=np.bool_)
+    permanent = np.array([h.permanent for h in history], dtype=np.bool_)
+    return current.IndexedHistory(ids, a, b, live, permanent, lambda: list(history))
 
 
 def random_instance(pairs: ModuleType, seed: int) -> dict[str, Any]:
