@@ -66,7 +66,10 @@ def _orphan_reason(callback: Callback, left: int) -> dict[str, str]:
             "essay_a_id": callback.essay_a_id,
             "essay_b_id": callback.essay_b_id,
         }
-    return {"reason": reason, "unknown": "batch_id" if left == -2 else "correlation_id"}
+    return {
+        "reason": reason,
+        "unknown": "batch_id" if reason == "unknown_batch" else "correlation_id",
+    }
 
 
 class CJConsumer(GroupConsumer[Callback]):
@@ -145,8 +148,8 @@ class CJConsumer(GroupConsumer[Callback]):
                 ],
                 **(
                     {
-                        "unknown_batch": sum(1 for _, _, left in items if left == -2),
-                        "essay_mismatch": sum(1 for _, _, left in items if left == -3),
+                        reason: sum(1 for _, _, left in items if left == code)
+                        for code, reason in ORPHAN_REASONS.items()
                     }
                     if outcome == "orphan"
                     else {}
