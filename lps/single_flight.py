@@ -21,8 +21,7 @@ class SingleFlight(Generic[K, V]):
     async def run(self, key: K, read: Callable[[], Awaitable[V]]) -> V:
         flight = self._inflight.get(key)
         if flight is None:
-            flight = self._inflight[key] = asyncio.ensure_future(read())
-            flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+            flight = self._register(key, asyncio.ensure_future(read()))
         # A caller cancelled while waiting leaves the read to the others.
         return await asyncio.shield(flight)
 
@@ -43,7 +42,8 @@ class SingleFlight(Generic[K, V]):
         started: list[tuple[K, asyncio.Future[V], int]] = []
         for key in keys:
             if key not in self._inflight:
-                started.append((key, self._begin(key), queue(pipe, key)))
+                flight = self._register(key, asyncio.get_running_loop().create_future())
+                started.append((key, flight, queue(pipe, key)))
 
         def take(replies: list[Any] | BaseException) -> None:
             at = 0
@@ -56,8 +56,8 @@ class SingleFlight(Generic[K, V]):
 
         return take
 
-    def _begin(self, key: K) -> asyncio.Future[V]:
-        flight: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+    def _register(self, key: K, flight: asyncio.Future[V]) -> asyncio.Future[V]:
+        """`flight` as the read in flight of `key` until it is done."""
         self._inflight[key] = flight
         flight.add_done_callback(lambda _: self._inflight.pop(key, None))
         return flight
