@@ -46,7 +46,7 @@ from lps.breaker import Breaker
 from lps.cooldown import Cooldown
 from lps.essays import EssayStore
 from lps.metrics import LPS_REQUESTS
-from lps.modes import MODES, ModeContext, Unit, per_request, plan_units
+from lps.modes import JUDGED_EACH, MODES, ModeContext, Unit, per_request, plan_units
 from lps.modes.batch_api import sweep_orphans
 from lps.providers.base import Provider
 from lps.recorder import Reads, Recorder, answered, encode
@@ -119,9 +119,6 @@ return out
 """
 
 COMMITTED = ("committed", "again")
-# The modes whose requests are judged one by one by `judge_one` (the retry loop, which waits
-# out the cooldown); `batch_api` sends a bundle as one Message Batch.
-_JUDGED_EACH = frozenset({"per_request", "serial_bundle"})
 
 
 class _Tokens:
@@ -392,7 +389,7 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         made that was not made before."""
         pairs = list(dict.fromkeys((q.provider, q.model) for _, q in requests))
         judged = list(
-            dict.fromkeys((q.provider, q.model) for _, q in requests if q.mode in _JUDGED_EACH)
+            dict.fromkeys((q.provider, q.model) for _, q in requests if q.mode in JUDGED_EACH)
         )
         return [
             functools.partial(state.read_in, due=due)

@@ -2,7 +2,7 @@
 
 `plan_units` splits a page into units; `MODES[mode]` runs one unit against a `ModeContext`
 that the worker builds. A new mode is a module here with a `run(ctx, unit)` and a line
-in `MODES`.
+in `MODES` (and in `JUDGED_EACH` when it judges its requests one by one).
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ from events.types import MAX_BUNDLE_SIZE, Mode
 from lps.modes import batch_api, per_request, serial_bundle
 from lps.modes.base import ModeContext, ModeUnit, Unit
 
-__all__ = ["MODES", "ModeContext", "ModeUnit", "Unit", "bundle_size", "plan_units"]
+__all__ = ["JUDGED_EACH", "MODES", "ModeContext", "ModeUnit", "Unit", "bundle_size", "plan_units"]
 
 MODES: dict[Mode, ModeUnit] = {
     "per_request": per_request.run,
     "serial_bundle": serial_bundle.run,
     "batch_api": batch_api.run,
 }
+# The modes whose requests are judged one by one by the worker's `judge_one` (the retry loop,
+# which waits out the cooldown); `batch_api` sends a bundle as one Message Batch.
+JUDGED_EACH: frozenset[Mode] = frozenset({"per_request", "serial_bundle"})
 
 
 def bundle_size(preferred: int) -> int:
