@@ -206,6 +206,21 @@ def _unique_ids(essay_ids: Sequence[str]) -> list[str]:
     return ids
 
 
+# The signs of the blocks of `_Posterior.flat` (a, a), (b, b), (a, b), (b, a), then with η.
+_HESSIAN_SIGNS = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0])
+
+
+def _hessian_flat(a: IntArray, b: IntArray, n: int, p: int) -> IntArray:
+    """Where each comparison's entries go in the flat p × p Hessian (`_Posterior.flat`): the
+    blocks (a, a), (b, b), (a, b), (b, a), then with η at index n when p > n: (a, η), (η, a),
+    (b, η), (η, b), (η, η); their signs are `_HESSIAN_SIGNS`."""
+    ap, bp = a * p, b * p
+    parts = [ap + a, bp + b, ap + b, bp + a]
+    if p > n:
+        parts += [ap + n, n * p + a, bp + n, n * p + b, np.full_like(a, n * p + n)]
+    return np.concatenate(parts)
+
+
 class _Posterior:
     """The log posterior of the model, its gradient and its negative Hessian.
 
@@ -229,13 +244,9 @@ class _Posterior:
         self.p = p = n + 1 if fit_position else n
         self._flat: dict[bool, tuple[IntArray, IntArray, IntArray]] = {}
         m = len(y)
-        parts = [a * p + a, b * p + b, a * p + b, b * p + a]
-        if fit_position:
-            ee = np.full(m, n * p + n, dtype=np.intp)
-            parts += [a * p + n, n * p + a, b * p + n, n * p + b, ee]
-        self.flat = np.concatenate(parts)
-        self.signs = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0][: len(parts)])
-        self._signed = np.empty((len(parts), m))  # `weighted`'s, reused: one per round
+        self.flat = _hessian_flat(a, b, n, p)
+        self.signs = _HESSIAN_SIGNS[: 9 if fit_position else 4]
+        self._signed = np.empty((len(self.signs), m))  # `weighted`'s, reused: one per round
         self.diag_idx = np.arange(p) * (p + 1)
         self.sparse = p > _DENSE_MAX
         if self.sparse:
@@ -422,6 +433,27 @@ def _symmetric_matvec(lower: FloatArray, g: FloatArray) -> FloatArray:
     return np.asarray(out, dtype=np.float64)
 
 
+def _cholesky(h: FloatArray, *, clean: int = 0, overwrite: bool = False) -> FloatArray:
+    """The lower Cholesky factor of a symmetric positive definite ``h`` by LAPACK's dpotrf
+    directly (what scipy.linalg.cholesky calls, without its checks: speed, issue 11);
+    ``clean`` zeroes the triangle above, ``overwrite`` lets it factor ``h`` in place (when
+    ``h`` is in Fortran order: the transpose of a C-ordered symmetric matrix)."""
+    c, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=clean, overwrite_a=int(overwrite))
+    if info != 0:  # pragma: no cover - the prior keeps h positive definite
+        raise np.linalg.LinAlgError("Hessian not positive definite")
+    return np.asarray(c, dtype=np.float64)
+
+
+def _cholesky_solve(h: FloatArray, g: FloatArray, *, overwrite: bool = False) -> FloatArray:
+    """h⁻¹g for a symmetric positive definite h (C order) by LAPACK directly: what
+    cho_factor / cho_solve call, without their checks (speed, issue 11: they cost more than
+    the solve at 100 essays). ``overwrite``: h is factored in place through its transpose,
+    the same matrix in Fortran order, which spares dpotrf's copy."""
+    c = _cholesky(h.T, overwrite=True) if overwrite else _cholesky(h)
+    step, _ = scipy.linalg.lapack.dpotrs(c, g, lower=1)
+    return np.asarray(step, dtype=np.float64)
+
+
 def _inverse(h: FloatArray) -> tuple[FloatArray, float]:
     """The lower triangle of H⁻¹ (zeros above) and log det H, from the Cholesky factor;
     H (C order) is overwritten.
@@ -431,9 +463,7 @@ def _inverse(h: FloatArray) -> tuple[FloatArray, float]:
     # H is symmetric: its transpose is the Fortran array LAPACK factors in place (speed,
     # issue 11: f2py's copies of H and of the factor cost a fifth of the inverse at n = 100).
     # H is overwritten.
-    c, info = scipy.linalg.lapack.dpotrf(h.T, lower=1, clean=1, overwrite_a=1)
-    if info != 0:  # pragma: no cover - the prior keeps h positive definite
-        raise np.linalg.LinAlgError("Hessian not positive definite")
+    c = _cholesky(h.T, clean=1, overwrite=True)
     logdet = 2.0 * float(np.log(c.diagonal()).sum())
     inv, info = scipy.linalg.lapack.dpotri(c, lower=1, overwrite_c=1)
     if info != 0:  # pragma: no cover
@@ -1171,13 +1201,7 @@ class _Hessian:
 
     def solve(self, g: FloatArray, rtol: float = 1e-12) -> FloatArray:
         if self.full is not None:
-            # LAPACK directly: what cho_factor / cho_solve call, without their checks
-            # (speed, issue 11: they cost more than the solve at 100 essays).
-            c, info = scipy.linalg.lapack.dpotrf(self.full, lower=1, clean=0)
-            if info != 0:  # pragma: no cover - the prior keeps H positive definite
-                raise np.linalg.LinAlgError("Hessian not positive definite")
-            step, info = scipy.linalg.lapack.dpotrs(c, g, lower=1)
-            return np.asarray(step, dtype=np.float64)
+            return _cholesky_solve(self.full, g)
         assert self.sparse is not None
         precond = scipy.sparse.diags(1.0 / self.diag)
         step, _ = scipy.sparse.linalg.cg(
@@ -1200,9 +1224,7 @@ class _Covariance:
 
 def _covariance(h: FloatArray, n: int) -> _Covariance:
     """What the SEs need of H⁻¹ (H symmetric positive definite), from its Cholesky factor."""
-    c, info = scipy.linalg.lapack.dpotrf(h, lower=1, clean=1)
-    if info != 0:  # pragma: no cover - the prior keeps h positive definite
-        raise np.linalg.LinAlgError("Hessian not positive definite")
+    c = _cholesky(h, clean=1)
     inv, info = scipy.linalg.lapack.dpotri(c, lower=1)  # lower triangle of H⁻¹, zeros above
     if info != 0:  # pragma: no cover
         raise np.linalg.LinAlgError("Hessian not invertible")
@@ -1501,30 +1523,6 @@ class _FullFit:
         return halves_.newton(x0, lam, _MAX_ITER, _TOL)[:, :n]
 
 
-# The signs of the blocks of `_Posterior.flat` (a, a), (b, b), (a, b), (b, a), then with η.
-_HESSIAN_SIGNS = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0])
-
-
-def _cholesky_solve(h: FloatArray, g: FloatArray) -> FloatArray:
-    """h⁻¹g for a symmetric positive definite h (C order, overwritten): `_Hessian.solve`'s
-    LAPACK calls on its transpose, the same matrix in Fortran order, which spares dpotrf's
-    copy (speed, issue 11)."""
-    c, info = scipy.linalg.lapack.dpotrf(h.T, lower=1, clean=0, overwrite_a=1)
-    if info != 0:  # pragma: no cover - the prior keeps h positive definite
-        raise np.linalg.LinAlgError("Hessian not positive definite")
-    step, info = scipy.linalg.lapack.dpotrs(c, g, lower=1)
-    return np.asarray(step, dtype=np.float64)
-
-
-def _hessian_flat(a: IntArray, b: IntArray, n: int, p: int) -> IntArray:
-    """`_Posterior.flat` of comparisons ``a``, ``b`` (η at index n when p > n)."""
-    ap, bp = a * p, b * p
-    parts = [ap + a, bp + b, ap + b, bp + a]
-    if p > n:
-        parts += [ap + n, n * p + a, bp + n, n * p + b, np.full_like(a, n * p + n)]
-    return np.concatenate(parts)
-
-
 class _Halves:
     """The log posteriors (`_Posterior`) of many subsets of the comparisons ("halves"),
     maximised by `_newton`'s steps taken in lockstep: their comparisons laid end to end and
@@ -1604,9 +1602,7 @@ class _Halves:
         z0 = post.linear(x[0])
         pr = 0.5 * (1.0 + np.tanh(0.5 * z0))
         m = post.weighted(np.zeros_like(z0), 0.5 * pr * (1.0 - pr), lam, x[0])[1].dense()
-        c, info = scipy.linalg.lapack.dpotrf(m, lower=1, clean=0)
-        if info != 0:  # pragma: no cover - the prior keeps m positive definite
-            raise np.linalg.LinAlgError("Hessian not positive definite")
+        c = _cholesky(m)
         for _ in range(_SHARED_STEPS):
             g = self.gradients(x, self.linear(x), lam)[0]
             x = x + scipy.linalg.lapack.dpotrs(c, g.T, lower=1)[0].T
@@ -1630,7 +1626,7 @@ class _Halves:
                 np.bincount(self.flats[j], weights=weights, minlength=p * p), np.float64
             )
             h[:: p + 1] += lam
-            step[j] = _cholesky_solve(h.reshape(p, p), g[j])
+            step[j] = _cholesky_solve(h.reshape(p, p), g[j], overwrite=True)
         return step, np.einsum("ij,ij->i", g, step)
 
     def newton(self, x: FloatArray, lam: FloatArray, max_iter: int, tol: float) -> FloatArray:
