@@ -133,8 +133,9 @@ def indexed(inputs: dict[str, Any]) -> Any:
     a = np.array([at[h.essay_a] for h in history], dtype=np.intp)
     b = np.array([at[h.essay_b] for h in history], dtype=np.intp)
     live = np.array([h.outcome != "failed" for h in history], dtype=np.bool_)
+    pending = np.array([h.outcome == "pending" for h in history], dtype=np.bool_)
     permanent = np.array([h.permanent for h in history], dtype=np.bool_)
-    return current.IndexedHistory(ids, a, b, live, permanent, lambda: list(history))
+    return current.IndexedHistory(ids, a, b, live, pending, permanent, lambda: list(history))
 
 
 def random_instance(pairs: ModuleType, seed: int) -> dict[str, Any]:

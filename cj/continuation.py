@@ -185,6 +185,7 @@ class BatchPairs:
             ha,
             hb,
             told < _FAILED,
+            told == _PENDING,
             told == _FOR_GOOD,
             lambda: _history(sorted_names, ha.tolist(), hb.tolist(), told.tolist()),
         )

@@ -28,7 +28,8 @@ essay (``essay_a`` is shown first). Its rules:
 * Adaptive fill: the rest of the wave goes, greedily, to the pair that most
   reduces the total posterior variance of the centred θ (A-optimal design).
   Σ is the inverse Fisher information of the comparisons so far at the latest
-  θ (rescaled to the latest fit's SEs), so the gain of (i, j) is
+  θ (rescaled to the latest fit's SEs; the pairs still in flight then counted as
+  answered, at their expected information: `_Planner._sigma`), so the gain of (i, j) is
   I·‖CΣ(e_i − e_j)‖² / (1 + I·Var(θ_i − θ_j)), with I the expected information
   of a comparison (largest for close θ) and Var(θ_i − θ_j) large for essays
   with large SE or far apart in the comparison graph; Σ is updated after every
@@ -95,7 +96,8 @@ class PairHistory(msgspec.Struct, frozen=True):
 class IndexedHistory(Sequence[PairHistory]):
     """A history already read into the arrays `plan_wave` makes of one: each pair's essays
     as positions in ``ids`` (sorted, distinct), whether it is live (pending or completed),
-    whether it failed for good; its `PairHistory`s made only when read, by ``make``. Speed
+    whether it is pending (asked, not answered), whether it failed for good; its
+    `PairHistory`s made only when read, by ``make``. Speed
     (issue 11): CJ's decision reads the batch's pairs into integers anyway, and a plan of
     the same essays takes these arrays as they are, instead of a `PairHistory` per pair
     made, then read back by four generators (≈ 0.5 ms of a decision at 100 essays)."""
@@ -106,10 +108,12 @@ class IndexedHistory(Sequence[PairHistory]):
         a: IntArray,
         b: IntArray,
         live: BoolArray,
+        pending: BoolArray,
         permanent: BoolArray,
         make: Callable[[], list[PairHistory]],
     ) -> None:
         self.ids, self.a, self.b, self.live, self.permanent = ids, a, b, live, permanent
+        self.pending = pending
         self._make = make
         self._items: list[PairHistory] | None = None
 
@@ -191,6 +195,15 @@ def _spd_inverse(h: FloatArray) -> FloatArray | None:
     out = np.asarray(inv.T, dtype=np.float64)
     _mirror_upper(out.T)
     return out
+
+
+def _inverse(make: Callable[[], FloatArray]) -> FloatArray:
+    """H⁻¹ of the H ``make`` returns: by Cholesky (`_spd_inverse`), else (not numerically
+    definite) by LU of a second H from ``make`` (the Cholesky overwrote the first)."""
+    inv = _spd_inverse(make())
+    if inv is None:
+        inv = np.asarray(np.linalg.inv(make()), dtype=np.float64)
+    return inv
 
 
 def _mirror_upper(mat: FloatArray) -> None:
@@ -360,10 +373,11 @@ class _Work:
 
 def _history_arrays(
     index: Mapping[str, int], history: Sequence[PairHistory]
-) -> tuple[IntArray, IntArray, BoolArray, BoolArray]:
-    """Each pair's essays (positions by ``index``), whether it is live, whether it failed
-    for good. Speed (issue 11): np.fromiter per column, no list of tuples to convert (half
-    the time), not a loop of numpy item writes (20k pairs: a tenth of a second)."""
+) -> tuple[IntArray, IntArray, BoolArray, BoolArray, BoolArray]:
+    """Each pair's essays (positions by ``index``), whether it is live, whether it is
+    pending, whether it failed for good. Speed (issue 11): np.fromiter per column, no list
+    of tuples to convert (half the time), not a loop of numpy item writes (20k pairs: a
+    tenth of a second)."""
     m = len(history)
     try:
         ha = np.fromiter((index[h.essay_a] for h in history), dtype=np.intp, count=m)
@@ -371,8 +385,9 @@ def _history_arrays(
     except KeyError as exc:
         raise ValueError(f"history refers to an unknown essay: {exc.args[0]!r}") from None
     live = np.fromiter((h.outcome != "failed" for h in history), dtype=np.bool_, count=m)
+    pending = np.fromiter((h.outcome == "pending" for h in history), dtype=np.bool_, count=m)
     permanent = np.fromiter((h.permanent for h in history), dtype=np.bool_, count=m)
-    return ha, hb, live, permanent
+    return ha, hb, live, pending, permanent
 
 
 class _Planner:
@@ -396,9 +411,10 @@ class _Planner:
         self.out: list[tuple[str, str]] = []
         # The history as arrays: as given, when a decision read them already (speed).
         if isinstance(history, IndexedHistory) and history.ids == ids:
-            ha, hb, live, permanent = history.a, history.b, history.live, history.permanent
+            ha, hb, live = history.a, history.b, history.live
+            pending, permanent = history.pending, history.permanent
         else:
-            ha, hb, live, permanent = _history_arrays(self.index, history)
+            ha, hb, live, pending, permanent = _history_arrays(self.index, history)
         for k in np.flatnonzero(ha == hb)[:1]:
             raise ValueError(f"history pairs essay {history[int(k)].essay_a!r} with itself")
         # position_balance(history), by counting.
@@ -418,6 +434,11 @@ class _Planner:
         # (a, b) when added; `wave_edges` may be reversed later by the balance repair).
         self.live_a: IntArray = ha[live]
         self.live_b: IntArray = hb[live]
+        # The pairs in flight (asked, not answered), apart: the latest fit has not seen them.
+        self.pending_a: IntArray = ha[pending]
+        self.pending_b: IntArray = hb[pending]
+        self.answered_a: IntArray = self.live_a if not len(self.pending_a) else ha[live & ~pending]
+        self.answered_b: IntArray = self.live_b if not len(self.pending_a) else hb[live & ~pending]
         self.edges_a: list[int] = []
         self.edges_b: list[int] = []
         self.wave_count = np.zeros(n, dtype=np.intp)
@@ -885,7 +906,7 @@ class _Planner:
         posterior variance of the centred θ, Σ updated after every pair (rank one). Gains
         are computed for all open pairs, then re-ranked lazily: a popped candidate whose
         gain is stale is re-scored and pushed back unless it still leads."""
-        cov = _Sigma(self._posterior_covariance(theta, var))
+        cov = self._sigma(theta, var)
         jitter = self.rng.random((self.n, self.n))
         jitter *= 1e-9
         jitter += 1.0
@@ -975,13 +996,14 @@ class _Planner:
 
     def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
         """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior
-        (a unit prior before the first fit: variances from the graph alone)."""
-        prior = 1.0 if var is None else 1.0 / max(_variance(theta) + _mean(var), 1e-2)
-        cov = _spd_inverse(self._information(theta, prior))
-        if cov is None:  # not numerically definite: LU
-            cov = np.asarray(np.linalg.inv(self._information(theta, prior)), dtype=np.float64)
+        (a unit prior before the first fit: variances from the graph alone). With a fit
+        (``var``), H is of the comparisons it saw (not those in flight: `_sigma`)."""
         if var is None:
-            return cov
+            return _inverse(lambda: self._information(theta, 1.0, *self._edges()))
+        prior = 1.0 / max(_variance(theta) + _mean(var), 1e-2)
+        ea = np.concatenate((self.answered_a, np.asarray(self.edges_a, dtype=np.intp)))
+        eb = np.concatenate((self.answered_b, np.asarray(self.edges_b, dtype=np.intp)))
+        cov = _inverse(functools.partial(self._information, theta, prior, ea, eb))
         # Keep the correlation structure of the graph but the variances of the latest
         # fit (which knows η, the fitted prior and comparisons this sketch may not).
         scale = np.sqrt(var / np.maximum(cov.diagonal(), 1e-12))
@@ -989,11 +1011,35 @@ class _Planner:
         cov *= scale[None, :]
         return cov
 
-    def _information(self, theta: FloatArray, prior: float) -> FloatArray:
-        """H: the Fisher information of the live comparisons at θ, plus ``prior`` on its
+    def _sigma(self, theta: FloatArray, var: FloatArray | None) -> _Sigma:
+        """The greedy's Σ: `_posterior_covariance`, then, with a fit, the pairs in flight
+        counted as answered, each at its expected information I under that Σ (a
+        comparison's Fisher information does not depend on its outcome): by the greedy's
+        own rank-one downdates, Σ = (Σ⁻¹ + Σ_k I_k·d_k·d_kᵀ)⁻¹, d_k = e_x − e_y. Before,
+        they were in Σ's graph but the rescaling to the fit's variances took them out again,
+        so a wave planned while the last is still coming back (overlapping waves) could
+        spend pairs on uncertainty they are about to remove (docs/statistics.md, "Pairs in
+        flight", for what it changes). Nothing in flight (no overlap): Σ as before, to the
+        bit."""
+        cov = _Sigma(self._posterior_covariance(theta, var))
+        if var is None or not len(self.pending_a):
+            return cov
+        x, y = self.pending_a, self.pending_b
+        fitted = cov.matrix()
+        diagonal = fitted.diagonal()
+        d = np.maximum(diagonal[x] + diagonal[y] - 2.0 * fitted[x, y], 1e-12)
+        info = expected_information(theta[x] - theta[y], d)
+        for i, j, c in zip(x.tolist(), y.tolist(), info.tolist(), strict=True):
+            v = cov.column(i) - cov.column(j)
+            cov.downdate(v, c / (1.0 + c * max(v.item(i) - v.item(j), 1e-12)))
+        return cov
+
+    def _information(
+        self, theta: FloatArray, prior: float, ea: IntArray, eb: IntArray
+    ) -> FloatArray:
+        """H: the Fisher information at θ of the comparisons (ea, eb), plus ``prior`` on its
         diagonal (bitwise symmetric)."""
         n = self.n
-        ea, eb = self._edges()
         z = theta[ea] - theta[eb]
         w = 0.25 / np.cosh(0.5 * z) ** 2  # σ'(z)
         # bincount sums each cell's weights in input order, as np.add.at did: the same H.

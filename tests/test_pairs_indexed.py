@@ -44,7 +44,7 @@ def test_the_arrays_are_the_history_read_by_the_planner(seed: int, pairs: int) -
     assert indexed[1:3] == history[1:3]
     index = {e: i for i, e in enumerate(indexed.ids)}
     for ours, theirs in zip(
-        (indexed.a, indexed.b, indexed.live, indexed.permanent),
+        (indexed.a, indexed.b, indexed.live, indexed.pending, indexed.permanent),
         _history_arrays(index, history),
         strict=True,
     ):
