@@ -15,7 +15,8 @@ in the order they come back; callbacks are applied one at a time (overlap) or a 
 time (off). Seeded: the same seed gives the same batch, draws and latencies on both sides.
 
 Printed, on minus off, mean ± its standard error over the seeds: comparisons used to stop,
-the final Spearman of θ̂ with the true quality, and the posterior R of the scorings at
+the final Spearman of θ̂ with the true quality, the time until the last callback (the
+simulated clock: what the batch makes its user wait), and the posterior R of the scorings at
 8, 12, 16 and 20 comparisons per essay (interpolated between a batch's scorings).
 One BLAS thread (OPENBLAS_NUM_THREADS=1 unless set), as in the workers.
 """
@@ -121,6 +122,7 @@ def run(seed: int, overlap: float) -> dict[str, Any]:
         "waves": state.waves,
         "reason": reason,
         "spearman": rho,
+        "seconds": now,
         "scorings": scorings,
     }
 
@@ -144,6 +146,8 @@ def compare(on: list[dict[str, Any]], off: list[dict[str, Any]]) -> dict[str, An
         "comparisons_off": round(statistics.mean(b["comparisons"] for b in off), 1),
         "comparisons": _mean_se([a["comparisons"] - b["comparisons"] for a, b in pairs]),
         "spearman": _mean_se([a["spearman"] - b["spearman"] for a, b in pairs]),
+        "seconds_off": round(statistics.mean(b["seconds"] for b in off), 1),
+        "seconds": _mean_se([a["seconds"] - b["seconds"] for a, b in pairs]),
         "budget_ends": {
             "on": sum(a["reason"] == "budget" for a in on),
             "off": sum(b["reason"] == "budget" for b in off),
@@ -188,6 +192,11 @@ def main() -> None:
         f"(off: {report['comparisons_off']:.0f} a batch)"
     )
     print(f"  final Spearman with the truth: {s['mean']:+.4f} ± {s['se']:.4f}")
+    t = report["seconds"]
+    print(
+        f"  time to the last callback: {t['mean']:+.1f} ± {t['se']:.1f} s "
+        f"(off: {report['seconds_off']:.0f} s)"
+    )
     print(
         f"  ended by the budget: {report['budget_ends']['on']} on, "
         f"{report['budget_ends']['off']} off"
