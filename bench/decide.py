@@ -39,30 +39,40 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def simulate(batches: int, essays: int) -> list[tuple[Any, float]]:
-    """(state, overlap) before every decision of `batches` simulated batches."""
+def simulated_batch(seed: int, essays: int) -> tuple[Any, dict[str, float], Any]:
+    """A registered batch of `essays` essays of quality N(0, 1), 12 of them anchors (two per
+    grade), seeded; its true qualities by essay id, and the generator the judge's draws go
+    on from."""
     import numpy as np
 
-    from cj.continuation import decide
     from cj.registration import BatchIn, build_registration, scale_of
+    from projections.batch import register
+
+    grades = ["F", "E", "D", "C", "B", "A"]
+    rng = np.random.default_rng(seed)
+    quality = rng.normal(0.0, 1.0, essays)
+    rows = [
+        {"essay_id": f"e{i}", "text": f"essay {i}", "mock_quality": float(quality[i])}
+        | ({"anchor_grade": grades[i % 6]} if i < 12 else {})
+        for i in range(essays)
+    ]
+    batch = BatchIn.model_validate({"essays": rows})
+    name, scale = scale_of(batch)
+    state = register(build_registration(batch, name, scale, seed=seed, batch_id=f"b{seed}"))
+    return state, {f"e{i}": float(v) for i, v in enumerate(quality)}, rng
+
+
+def simulate(batches: int, essays: int) -> list[tuple[Any, float]]:
+    """(state, overlap) before every decision of `batches` simulated batches."""
+
+    from cj.continuation import decide
     from events.types import ComparisonCompleted, WaveSubmitted
-    from projections.batch import apply_batch_event, apply_callback, register
+    from projections.batch import apply_batch_event, apply_callback
 
     captured = []
-    grades = ["F", "E", "D", "C", "B", "A"]
     for seed in range(batches):
         overlap = 1.0 if seed <= batches // 2 else 0.8
-        rng = np.random.default_rng(seed)
-        quality = rng.normal(0.0, 1.0, essays)
-        rows = [
-            {"essay_id": f"e{i}", "text": f"essay {i}", "mock_quality": float(quality[i])}
-            | ({"anchor_grade": grades[i % 6]} if i < 12 else {})
-            for i in range(essays)
-        ]
-        batch = BatchIn.model_validate({"essays": rows})
-        name, scale = scale_of(batch)
-        state = register(build_registration(batch, name, scale, seed=seed, batch_id=f"b{seed}"))
-        q = {f"e{i}": float(v) for i, v in enumerate(quality)}
+        state, q, rng = simulated_batch(seed, essays)
         pending: list[Any] = []
         entry = 0
         while True:

@@ -53,23 +53,12 @@ PER_ESSAY = (8, 12, 16, 20)
 def run(seed: int, overlap: float) -> dict[str, Any]:
     """One batch to its end: comparisons, waves, reason, final Spearman and the scorings'
     (comparisons, R) along the way."""
+    from bench.decide import simulated_batch
     from cj.continuation import decide
-    from cj.registration import BatchIn, build_registration, scale_of
     from events.types import BatchFinalized, BatchScored, ComparisonCompleted, WaveSubmitted
-    from projections.batch import apply_batch_event, apply_callback, register
+    from projections.batch import apply_batch_event, apply_callback
 
-    grades = ["F", "E", "D", "C", "B", "A"]
-    rng = np.random.default_rng(seed)
-    quality = rng.normal(0.0, 1.0, ESSAYS)
-    rows = [
-        {"essay_id": f"e{i}", "text": f"essay {i}", "mock_quality": float(quality[i])}
-        | ({"anchor_grade": grades[i % 6]} if i < 12 else {})
-        for i in range(ESSAYS)
-    ]
-    batch = BatchIn.model_validate({"essays": rows})
-    name, scale = scale_of(batch)
-    state = register(build_registration(batch, name, scale, seed=seed, batch_id=f"b{seed}"))
-    q = {f"e{i}": float(v) for i, v in enumerate(quality)}
+    state, q, rng = simulated_batch(seed, ESSAYS)
     timing = np.random.default_rng(1000 + seed)
     sigma = math.log(LATENCY_P99_S / LATENCY_MEDIAN_S) / 2.3263478740408408
     flight: list[tuple[float, str, Any]] = []  # (back at, correlation id, pair)
