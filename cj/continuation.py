@@ -54,7 +54,7 @@ from cj.scoring import (
     score_wave,
     split_half,
 )
-from cj.stopping import StopRule, is_reliable, near_the_end, per_essay
+from cj.stopping import StopRule, is_reliable, per_essay
 from events import codec
 from events.clock import iso
 from events.ids import id_order
@@ -537,22 +537,15 @@ def too_many_failures(state: BatchState) -> str | None:
 def stop_reason(state: BatchState, scored: BatchScored) -> FinalizeReason | None:
     """``reliable`` when the stopping rule holds, ``budget`` when the cap is reached."""
     cfg = state.config
+    rule = StopRule(cfg.target_reliability, cfg.rank_stability, cfg.min_comparisons_per_essay)
     reliability = scored.reliability.posterior if scored.reliability else None
     if is_reliable(
-        _rule(state),
-        reliability,
-        scored.rank_stability,
-        per_essay(scored.comparisons, len(state.essays)),
+        rule, reliability, scored.rank_stability, per_essay(scored.comparisons, len(state.essays))
     ):
         return "reliable"
     if state.submitted >= state.denominator or state.waves >= cfg.max_waves:
         return "budget"
     return None
-
-
-def _rule(state: BatchState) -> StopRule:
-    cfg = state.config
-    return StopRule(cfg.target_reliability, cfg.rank_stability, cfg.min_comparisons_per_essay)
 
 
 def current_wave(state: BatchState) -> tuple[int, int]:
@@ -605,8 +598,7 @@ def early_wave(state: BatchState) -> Decision | None:
     """The next wave while the end of the current one is still out: scored on the accepted
     comparisons, planned on that fit without the pairs in flight. Anything that would end
     the batch instead (the stopping rule, the budget, failures, the money cap, no pair
-    left) is left to the decision taken when every callback is in: None; so is the next
-    wave of a batch near the rule's end (`cj.stopping.near_the_end`)."""
+    left) is left to the decision taken when every callback is in: None."""
     if state.waves <= state.scored_wave or state.completed == 0:
         return None
     pairs = BatchPairs(state)  # once for the decision (issue 11)
@@ -614,10 +606,6 @@ def early_wave(state: BatchState) -> Decision | None:
         return None
     scored = score(state, pairs=pairs)
     if stop_reason(state, scored) is not None:
-        return None
-    reliability = scored.reliability.posterior if scored.reliability else None
-    back = scored.comparisons + state.in_flight
-    if near_the_end(_rule(state), reliability, back, len(state.essays)):
         return None
     wave = next_wave(state, scored, pairs)
     if wave is None:

@@ -22,9 +22,6 @@ DEFAULT_TARGET_RELIABILITY = 0.80
 DEFAULT_RANK_STABILITY = 0.99
 DEFAULT_MIN_COMPARISONS_PER_ESSAY = 10
 DEFAULT_CAP_PER_ESSAY = 30  # the default budget: comparisons per essay, at most all pairs
-# How far below the target R an overlapping wave's decision waits for the rest of the wave
-# instead of launching the next (`near_the_end`).
-END_MARGIN = 0.03
 # Logit SD of essay quality as a judge sees it, assumed by the dry-run estimate (the mock
 # judge's default batch; LLM judges that separate essays more sharply need fewer).
 ASSUMED_JUDGE_SD = 1.0
@@ -62,30 +59,6 @@ def is_reliable(
         and reliability >= rule.target_reliability
         and rank_stability is not None
         and rank_stability >= rule.rank_stability
-    )
-
-
-def near_the_end(
-    rule: StopRule,
-    reliability: float | None,
-    comparisons_when_back: int,
-    essays: int,
-    margin: float = END_MARGIN,
-) -> bool:
-    """Whether a batch is close enough to the rule's end that its next wave should wait for
-    the whole of the current one (no overlapping wave): R within ``margin`` of the target
-    and, once every request in flight is answered, the minimum comparisons per essay.
-
-    Why: overlap judges the rule at 80 % of a wave and plans on that fit, and near the
-    target R grows slowly (≈ 0.011 per 100 comparisons at 100 essays), so a small deficit
-    becomes a wave or two more. bench/overlap_stop.py, 120 batches, paired: overlap cost
-    72 ± 19 comparisons a batch more than no overlap (6.7 % of 1,076); waiting within 0.03
-    of the target saves 47 ± 11 of them for 18 ± 3 s more wait (153 → 171 s, against 302 s
-    without overlap), Spearman −0.006 ± 0.002 (the rule's end, reached with fewer)."""
-    return (
-        reliability is not None
-        and reliability >= rule.target_reliability - margin
-        and per_essay(comparisons_when_back, essays) >= rule.min_comparisons_per_essay
     )
 
 
