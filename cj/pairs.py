@@ -437,8 +437,8 @@ class _Planner:
         # The pairs in flight (asked, not answered), apart: the latest fit has not seen them.
         self.pending_a: IntArray = ha[pending]
         self.pending_b: IntArray = hb[pending]
-        self.answered_a: IntArray = self.live_a if not len(self.pending_a) else ha[live & ~pending]
-        self.answered_b: IntArray = self.live_b if not len(self.pending_a) else hb[live & ~pending]
+        self.answered_a: IntArray = ha[live & ~pending]
+        self.answered_b: IntArray = hb[live & ~pending]
         self.edges_a: list[int] = []
         self.edges_b: list[int] = []
         self.wave_count = np.zeros(n, dtype=np.intp)
@@ -693,10 +693,12 @@ class _Planner:
 
     # -- connectivity --------------------------------------------------------
 
-    def _edges(self) -> tuple[IntArray, IntArray]:
-        """Both ends of every live comparison, the history's then this wave's, in order."""
-        ea = np.concatenate((self.live_a, np.asarray(self.edges_a, dtype=np.intp)))
-        eb = np.concatenate((self.live_b, np.asarray(self.edges_b, dtype=np.intp)))
+    def _edges(self, answered: bool = False) -> tuple[IntArray, IntArray]:
+        """Both ends of every live comparison (``answered``: but those in flight), the
+        history's then this wave's, in order."""
+        ha, hb = (self.answered_a, self.answered_b) if answered else (self.live_a, self.live_b)
+        ea = np.concatenate((ha, np.asarray(self.edges_a, dtype=np.intp)))
+        eb = np.concatenate((hb, np.asarray(self.edges_b, dtype=np.intp)))
         return ea, eb
 
     def connect(self, closeness: FloatArray | None) -> None:
@@ -1001,9 +1003,8 @@ class _Planner:
         if var is None:
             return _inverse(lambda: self._information(theta, 1.0, *self._edges()))
         prior = 1.0 / max(_variance(theta) + _mean(var), 1e-2)
-        ea = np.concatenate((self.answered_a, np.asarray(self.edges_a, dtype=np.intp)))
-        eb = np.concatenate((self.answered_b, np.asarray(self.edges_b, dtype=np.intp)))
-        cov = _inverse(functools.partial(self._information, theta, prior, ea, eb))
+        edges = self._edges(answered=True)
+        cov = _inverse(lambda: self._information(theta, prior, *edges))
         # Keep the correlation structure of the graph but the variances of the latest
         # fit (which knows η, the fitted prior and comparisons this sketch may not).
         scale = np.sqrt(var / np.maximum(cov.diagonal(), 1e-12))
