@@ -62,12 +62,30 @@ def simulated_batch(seed: int, essays: int) -> tuple[Any, dict[str, float], Any]
     return state, {f"e{i}": float(v) for i, v in enumerate(quality)}, rng
 
 
+def judge(state: Any, pair: Any, q: dict[str, float], rng: Any, entry: int) -> None:
+    """`pair` answered by the simulated judge, σ(q_a − q_b + 0.3) (one draw of `rng`), and
+    its callback applied to `state` as entry `entry`."""
+    from events.types import ComparisonCompleted
+    from projections.batch import apply_callback
+
+    p_a = 1.0 / (1.0 + math.exp(-(q[pair.essay_a] - q[pair.essay_b] + 0.3)))
+    callback = ComparisonCompleted(
+        batch_id=state.batch_id,
+        correlation_id=pair.correlation_id,
+        essay_a_id=pair.essay_a,
+        essay_b_id=pair.essay_b,
+        winner="essay_a" if rng.random() < p_a else "essay_b",
+        confidence=3.0,
+    )
+    apply_callback(state, callback, f"{entry}-0")
+
+
 def simulate(batches: int, essays: int) -> list[tuple[Any, float]]:
     """(state, overlap) before every decision of `batches` simulated batches."""
 
     from cj.continuation import decide
-    from events.types import ComparisonCompleted, WaveSubmitted
-    from projections.batch import apply_batch_event, apply_callback
+    from events.types import WaveSubmitted
+    from projections.batch import apply_batch_event
 
     captured = []
     for seed in range(batches):
@@ -90,18 +108,8 @@ def simulate(batches: int, essays: int) -> list[tuple[Any, float]]:
                 break
             take = 1 if overlap < 1.0 else len(pending)
             for pair in pending[:take]:
-                p_a = 1.0 / (1.0 + math.exp(-(q[pair.essay_a] - q[pair.essay_b] + 0.3)))
-                winner = "essay_a" if rng.random() < p_a else "essay_b"
-                callback = ComparisonCompleted(
-                    batch_id=state.batch_id,
-                    correlation_id=pair.correlation_id,
-                    essay_a_id=pair.essay_a,
-                    essay_b_id=pair.essay_b,
-                    winner=winner,
-                    confidence=3.0,
-                )
                 entry += 1
-                apply_callback(state, callback, f"{entry}-0")
+                judge(state, pair, q, rng, entry)
             del pending[:take]
     return captured
 

@@ -45,22 +45,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ESSAYS = 100
 RATE_PER_S = 10.0
-LATENCY_MEDIAN_S = 1.5
-LATENCY_P99_S = 12.0
+LATENCY_MEDIAN_S = 1.5  # and p99 12 s: bench/overlap.py's SIGMA
 PER_ESSAY = (8, 12, 16, 20)
 
 
 def run(seed: int, overlap: float) -> dict[str, Any]:
     """One batch to its end: comparisons, waves, reason, final Spearman and the scorings'
     (comparisons, R) along the way."""
-    from bench.decide import simulated_batch
+    from bench.decide import judge, simulated_batch
+    from bench.overlap import SIGMA
     from cj.continuation import decide
-    from events.types import BatchFinalized, BatchScored, ComparisonCompleted, WaveSubmitted
-    from projections.batch import apply_batch_event, apply_callback
+    from events.types import BatchFinalized, BatchScored, WaveSubmitted
+    from projections.batch import apply_batch_event
 
     state, q, rng = simulated_batch(seed, ESSAYS)
     timing = np.random.default_rng(1000 + seed)
-    sigma = math.log(LATENCY_P99_S / LATENCY_MEDIAN_S) / 2.3263478740408408
     flight: list[tuple[float, str, Any]] = []  # (back at, correlation id, pair)
     issued = now = 0.0
     scorings: list[tuple[int, float]] = []
@@ -75,7 +74,7 @@ def run(seed: int, overlap: float) -> dict[str, Any]:
                 if isinstance(event, WaveSubmitted):
                     for pair in event.pairs:
                         issued = max(issued, now) + 1.0 / RATE_PER_S
-                        back = issued + LATENCY_MEDIAN_S * math.exp(sigma * timing.normal())
+                        back = issued + LATENCY_MEDIAN_S * math.exp(SIGMA * timing.normal())
                         heapq.heappush(flight, (back, pair.correlation_id, pair))
                 elif isinstance(event, BatchScored):
                     last = event
@@ -89,17 +88,8 @@ def run(seed: int, overlap: float) -> dict[str, Any]:
             break
         for _ in range(1 if overlap < 1.0 else len(flight)):
             now, _, pair = heapq.heappop(flight)
-            p_a = 1.0 / (1.0 + math.exp(-(q[pair.essay_a] - q[pair.essay_b] + 0.3)))
             entry += 1
-            callback = ComparisonCompleted(
-                batch_id=state.batch_id,
-                correlation_id=pair.correlation_id,
-                essay_a_id=pair.essay_a,
-                essay_b_id=pair.essay_b,
-                winner="essay_a" if rng.random() < p_a else "essay_b",
-                confidence=3.0,
-            )
-            apply_callback(state, callback, f"{entry}-0")
+            judge(state, pair, q, rng, entry)
     assert last is not None, "every batch is scored at its end"
     theta = {s.essay_id: s.theta for s in last.scores}
     ids = sorted(theta)
