@@ -514,13 +514,18 @@ def numbered_ids(state: BatchState, n: int) -> list[str]:
     a wave numbered on a state is written on that state's pairs or not at all (another wave
     written meanwhile changes `submitted`, and voids it), so no two waves share an id. A
     number already taken (a batch whose ids were random until an upgrade cannot have one; a
-    defence only) is passed over."""
-    taken = state.pairs
+    defence only) is passed over.
+
+    So is a number a callback named before it was asked for (an orphan: forged, or another
+    system's): asked for now, replay would accept that callback, since it folds the callbacks
+    after every wave, where live counted it an orphan. Never asked for, it stays an orphan on
+    both. `_write` voids a wave when an orphan came in after the state it was numbered on."""
+    taken, seen = state.pairs, state.orphan_ids
     out: list[str] = []
     k = max(state.submitted, len(taken))
     while len(out) < n:
         k += 1
-        if str(k) not in taken:
+        if str(k) not in taken and str(k) not in seen:
             out.append(str(k))
     return out
 
@@ -839,9 +844,10 @@ async def _write(
     Callbacks applied since do not void a next wave (speed, issue 11: at zero latency one
     in ten decisions was taken again for them): it is written on top of their counts (the
     projection commutes, projections/batch.py), and its pairs are new: numbered from the
-    `submitted` it was decided on (`numbered_ids`), one of the fields compared. A batch's end is
-    written only on the very state it was decided on: it names the requests still in flight,
-    and callbacks change which those are."""
+    `submitted` it was decided on (`numbered_ids`), one of the fields compared, unless an
+    orphan applied since named one of them (`_numbers_seen`). A batch's end is written only on
+    the very state it was decided on: it names the requests still in flight, and callbacks
+    change which those are."""
     batch_key = pkeys.batch(keys, state.batch_id)
     strict = decision.terminal is not None
     async with r.pipeline(transaction=True) as pipe:
@@ -851,7 +857,14 @@ async def _write(
                 flat, moment = await pipe.eval(_NOW_LUA, 1, batch_key)
                 now = dict(zip(flat[::2], flat[1::2], strict=True))
                 changed = now != read  # mostly not: nothing to decode then
-                if changed and (strict or _decided(now) != _decided(read)):
+                if changed and (
+                    strict
+                    or _decided(now) != _decided(read)
+                    or (
+                        _orphans(now) != _orphans(read)
+                        and await _numbers_seen(pipe, keys, state.batch_id, decision)
+                    )
+                ):
                     await pipe.unwatch()
                     return None
                 pipe.multi()
@@ -864,6 +877,23 @@ async def _write(
             except WatchError:  # written meanwhile: look again
                 continue
     return None
+
+
+def _orphans(batch_hash: dict[bytes | str, bytes | str]) -> bytes | str | None:
+    return batch_hash.get(b"orphans", batch_hash.get("orphans"))
+
+
+async def _numbers_seen(pipe: Any, keys: Keys, batch_id: str, decision: Decision) -> bool:
+    """Whether an orphan that came in after the decision's state was read named one of the
+    ids its wave numbered (`numbered_ids` passes over those it knew): then it is decided
+    again. Read under WATCH of the batch hash, whose orphan count a later one changes."""
+    ids = [
+        p.correlation_id for e in decision.events if isinstance(e, WaveSubmitted) for p in e.pairs
+    ]
+    if not ids:
+        return False
+    seen = await pipe.hmget(pkeys.batch_orphans(keys, batch_id), ids)
+    return any(v is not None for v in seen)
 
 
 def _decided(batch_hash: dict[bytes | str, bytes | str]) -> dict[str, str] | None:

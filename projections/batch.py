@@ -12,7 +12,8 @@ consumers did in whatever order they ran:
 - a forced finalization names the requests still in flight (`abandoned`); a
   callback for those is late, whenever it is applied;
 - an orphan names an id never requested, or essays other than the pair its wave recorded
-  for it (a pair, once recorded, never changes);
+  for it (a pair, once recorded, never changes); an id an orphan named before its wave is
+  never requested afterwards (cj/continuation.py `numbered_ids`), so it stays one;
 - `in_flight` and the counters move by increments, `last_event_at` is a max;
 - the cost (`cost_nusd`, integer nano-dollars) is a sum over every callback of the batch
   that is not an orphan (duplicates and late ones were paid for too).
