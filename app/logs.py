@@ -39,6 +39,13 @@ def _scrub(_logger: object, _method: str, event_dict: structlog.typing.EventDict
     return scrub_value(event_dict)
 
 
+def json_lines(log_format: str, *, auto: bool) -> bool:
+    """Whether log lines are JSON: as CJS_LOG_FORMAT (`Settings.log_format`) says, `json` or
+    `console`; `auto` leaves it to the caller's default (workers JSON, for a log shipper; a
+    command JSON unless its stderr is a terminal)."""
+    return auto if log_format == "auto" else log_format == "json"
+
+
 def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:
     if json_logs is None:
         json_logs = not sys.stderr.isatty()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -77,7 +77,9 @@ class Settings(BaseSettings):
     dlq_max_entry_bytes: int = Field(default=4096, ge=64)
     dlq_maxlen: int = Field(default=100_000, ge=1)
     dlq_retention_s: float = Field(default=30 * 24 * 3600.0, ge=0)
-    log_format: str = "auto"
+    # Log lines on stderr (app/logs.py): `json`, `console` (readable), or `auto`: JSON from
+    # workers and the dashboard, readable from a command on a terminal.
+    log_format: Literal["auto", "json", "console"] = "auto"
     # The event loop of `cjs worker` and `cjs demo` (app/loop.py): uvloop, or asyncio's own.
     event_loop: LoopKind = "uvloop"
     # Allows actions in `cjs dashboard` (read-only without it); never shown in a repr or log.

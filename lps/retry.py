@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,24 +67,6 @@ class RetryPolicy:
     """A Retry-After of r seconds is waited as r * (1 + U(0, retry_after_jitter))."""
     max_total_delay_s: float = 180.0
     """No retry whose delay would take the total waited past this."""
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
-        """`CJS_RETRY_MAX_ATTEMPTS`, `CJS_RETRY_BASE_DELAY_S`, `CJS_RETRY_MAX_DELAY_S`,
-        `CJS_RETRY_MAX_RETRY_AFTER_S`, `CJS_RETRY_MAX_TOTAL_DELAY_S`."""
-        env = os.environ if env is None else env
-        d = cls()
-        policy = cls(
-            max_attempts=int(env.get("CJS_RETRY_MAX_ATTEMPTS", d.max_attempts)),
-            base_delay_s=float(env.get("CJS_RETRY_BASE_DELAY_S", d.base_delay_s)),
-            max_delay_s=float(env.get("CJS_RETRY_MAX_DELAY_S", d.max_delay_s)),
-            max_retry_after_s=float(env.get("CJS_RETRY_MAX_RETRY_AFTER_S", d.max_retry_after_s)),
-            retry_after_jitter=d.retry_after_jitter,
-            max_total_delay_s=float(env.get("CJS_RETRY_MAX_TOTAL_DELAY_S", d.max_total_delay_s)),
-        )
-        if policy.max_attempts < 1:
-            raise ValueError("CJS_RETRY_MAX_ATTEMPTS must be >= 1")
-        return policy
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Jittered exponential backoff after failed attempt `attempt` (1-based):

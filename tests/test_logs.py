@@ -63,3 +63,46 @@ async def test_worker_logs_are_json_with_ids_and_without_essay_text(
     text = "\n".join(lines)
     for essay_text in texts:
         assert "quokka" not in text and essay_text[:20] not in text
+
+
+@pytest.mark.parametrize(
+    ("log_format", "tty", "json_lines"),
+    [
+        ("auto", False, True),  # off a terminal: JSON, as before
+        ("auto", True, False),  # a command on a terminal: readable
+        ("json", True, True),
+        ("console", False, False),
+    ],
+)
+def test_cjs_log_format_chooses_how_a_command_logs(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    log_format: str,
+    tty: bool,
+    json_lines: bool,
+) -> None:
+    import structlog
+
+    from tools.common import quiet_logs
+
+    monkeypatch.setenv("CJS_LOG_FORMAT", log_format)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: tty)
+    try:
+        quiet_logs(False)
+        structlog.get_logger().warning("format_probe", batch_id="b1")
+    finally:
+        configure(json_logs=None, level="WARNING")
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "format_probe" in x]
+    if json_lines:
+        assert json.loads(line)["batch_id"] == "b1"
+    else:
+        assert not line.startswith("{") and "batch_id=b1" in line
+
+
+def test_a_bad_cjs_log_format_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.errors import ConfigError
+    from app.settings import load
+
+    monkeypatch.setenv("CJS_LOG_FORMAT", "xml")
+    with pytest.raises(ConfigError, match="CJS_LOG_FORMAT='xml'"):
+        load()

@@ -415,14 +415,6 @@ async def test_overload_without_retry_after_sets_the_default_cooldown(
 # --- policy units ---------------------------------------------------------------------
 
 
-def test_policy_from_env() -> None:
-    p = RetryPolicy.from_env({"CJS_RETRY_MAX_ATTEMPTS": "6", "CJS_RETRY_MAX_RETRY_AFTER_S": "30"})
-    assert (p.max_attempts, p.max_retry_after_s) == (6, 30.0)
-    assert RetryPolicy.from_env({}) == RetryPolicy()
-    with pytest.raises(ValueError):
-        RetryPolicy.from_env({"CJS_RETRY_MAX_ATTEMPTS": "0"})
-
-
 def test_delay_for_rules() -> None:
     rng = random.Random(0)
     policy = RetryPolicy(max_attempts=3, retry_after_jitter=0.0)

@@ -410,6 +410,22 @@ async def test_sigterm_drains_and_leaves_nothing_pending_for_the_worker(
     )
 
 
+async def test_a_worker_logs_readable_lines_with_cjs_log_format_console(procs: Procs) -> None:
+    """Workers write JSON lines (for a log shipper) unless CJS_LOG_FORMAT=console asks for
+    readable ones (a worker run by hand in a terminal)."""
+    worker = procs.spawn("cj", CJS_LOG_FORMAT="console")
+    path = next(p for _, w, p in procs.workers if w is worker)
+
+    async def logged() -> bool:
+        assert worker.poll() is None, "the worker exited"
+        return "worker_started" in path.read_text(errors="replace")
+
+    await until(logged, 180, "the worker started")
+    [line] = [x for x in path.read_text().splitlines() if "worker_started" in x]
+    assert not line.lstrip().startswith("{") and "role=cj" in line
+    assert procs.log_of(worker) == []  # no JSON line at all
+
+
 @pytest.mark.parametrize("outage", ["quick", "long"])
 async def test_redis_crash_and_restart_mid_batch_loses_nothing(
     procs: Procs, redis_server: RedisServer, real_redis: Any, outage: str

@@ -10,7 +10,7 @@ import click
 from app import settings
 from app.connection import open_redis
 from app.errors import Unavailable
-from app.logs import configure
+from app.logs import configure, json_lines
 from tools import common
 
 TOKEN_VARIABLE = "CJS_DASHBOARD_TOKEN"
@@ -29,7 +29,7 @@ def dashboard(host: str, port: int) -> None:
     says otherwise.
     """
     s = settings.load()
-    configure(json_logs=True, level="INFO")
+    configure(json_logs=json_lines(s.log_format, auto=True), level="INFO")
 
     async def probe() -> None:
         client = await open_redis(s)  # ConfigError without REDIS_URL, Unavailable if unreachable

@@ -14,7 +14,7 @@ from app import loop as event_loop
 from app import settings
 from app.connection import connect
 from app.heap import freeze_startup
-from app.logs import configure, error_text
+from app.logs import configure, error_text, json_lines
 from app.metrics import serve
 from app.wiring import InProcess
 from lps.providers.registry import make_provider
@@ -62,10 +62,10 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     does, still drains). If a consumer dies of an unexpected error the process exits 1.
 
     Needs REDIS_URL; waits for that Redis while it is unreachable. Logs are JSON lines on
-    stderr.
+    stderr (CJS_LOG_FORMAT=console: readable lines).
     """
-    configure(json_logs=True)
     s = settings.load()
+    configure(json_logs=json_lines(s.log_format, auto=True))
     r, where = connect(s, embedded_ok=False)
     if metrics_port is not None:
         serve(metrics_port)

@@ -12,7 +12,8 @@ import click
 
 from app import batches, settings
 from app.connection import open_redis
-from app.logs import configure
+from app.errors import ConfigError
+from app.logs import configure, json_lines
 from projections.batch import BatchState, completion_pct
 
 T = TypeVar("T")
@@ -42,8 +43,15 @@ def emit_json(obj: Any) -> None:
 
 def quiet_logs(json_mode: bool, *, level: str = "WARNING") -> None:
     """Commands keep stdout for their answer; logs go to stderr, warnings only (errors only for
-    the commands that run workers in process: their retries are the report's, not noise)."""
-    configure(json_logs=json_mode or not sys.stderr.isatty(), level=level)
+    the commands that run workers in process: their retries are the report's, not noise).
+    JSON lines with --json or off a terminal, unless CJS_LOG_FORMAT says otherwise."""
+    try:
+        log_format = settings.load().log_format
+    except ConfigError:  # the command reports the bad setting itself, in these logs' format
+        log_format = "auto"
+    configure(
+        json_logs=json_lines(log_format, auto=json_mode or not sys.stderr.isatty()), level=level
+    )
 
 
 def batch_view(batch_id: str, view: Callable[[BatchState], T]) -> T:
