@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 import msgspec
 
@@ -17,11 +17,13 @@ from events import codec
 from events.streams import CJ_GROUP
 from events.types import (
     BatchRegistered,
+    Callback,
     ComparisonCompleted,
     ComparisonFailed,
     ComparisonRequested,
     ErrorDetail,
     Essay,
+    Mode,
     PairRequest,
     WaveSubmitted,
 )
@@ -29,6 +31,7 @@ from lps.providers.base import Judgement
 from projections.store import encode_state, load_state, read_raw
 from streams.keys import Keys
 from streams.paging import read_stream
+from streams.reader import Fields
 
 
 def batch_in(n: int = 6, anchors: int = 2) -> BatchIn:
@@ -51,7 +54,7 @@ def registration(
     *,
     budget: int | None = None,
     seed: int = 1,
-    mode: str = "per_request",
+    mode: Mode = "per_request",
     batch_id: str | None = None,
     **kw: Any,
 ) -> BatchRegistered:
@@ -63,7 +66,7 @@ def registration(
         grades,
         budget=budget,
         seed=seed,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         batch_id=batch_id,
         **kw,
     )
@@ -140,6 +143,22 @@ def failed(
     )
 
 
+def wire(
+    fields: Mapping[str, bytes] | Mapping[bytes, bytes] | Mapping[str, str] | Fields,
+) -> Fields:
+    """Entry fields in any of the forms `codec.decode` reads, typed as it takes them (its
+    parameter's key type is a union, so a `dict[str, bytes]` from `codec.encode` does not
+    match it as written: Mapping is invariant in its keys)."""
+    return cast(Fields, fields)
+
+
+def decode_callback(fields: Any, entry_id: str | None = None) -> Callback:
+    """An entry of the callbacks stream, decoded: a callback, whichever kind."""
+    event = codec.decode(fields, entry_id)
+    assert isinstance(event, ComparisonCompleted | ComparisonFailed), event
+    return event
+
+
 def session_5_form(fields: dict[str, bytes]) -> dict[str, bytes]:
     """A flat entry (`codec.encode`) as session 5 wrote it: `type` and the type's name first,
     where the type now names the first field (events/codec.py)."""
@@ -147,14 +166,14 @@ def session_5_form(fields: dict[str, bytes]) -> dict[str, bytes]:
     return {"type": type_name.encode(), **dict(rest)}
 
 
-def request(batch_id: str, cid: str, mode: str = "per_request") -> ComparisonRequested:
+def request(batch_id: str, cid: str, mode: Mode = "per_request") -> ComparisonRequested:
     return ComparisonRequested(
         batch_id=batch_id,
         correlation_id=cid,
         wave=1,
         essay_a=Essay("e0", "first essay"),
         essay_b=Essay("e1", "second essay"),
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         provider="mock",
         model="mock-1",
     )
@@ -204,6 +223,7 @@ def canonical(state: Any, keys: Keys) -> dict[str, dict[str, str]]:
 async def append_batch_event(r: Any, keys: Keys, event: Any) -> None:
     """Append a batch event CJ writes itself, with its projection write, in one MULTI/EXEC."""
     state = await load_state(r, keys, event.batch_id)
+    assert state is not None, event.batch_id
     async with r.pipeline(transaction=True) as pipe:
         pipe.multi()
         queue_decision(pipe, keys, state, Decision(events=[event]))

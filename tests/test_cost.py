@@ -25,7 +25,7 @@ from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
-from events.types import ComparisonCompleted, ComparisonFailed, ProviderAttemptFailed
+from events.types import ComparisonCompleted, ComparisonFailed, Mode, ProviderAttemptFailed
 from lps.prices import price_table
 from lps.providers.anthropic import AnthropicProvider
 from lps.providers.registry import make_provider
@@ -92,7 +92,7 @@ def independent_cost(bill: list[Billed]) -> float:
 
 
 async def run_batch(
-    r: Any, keys: Keys, settings: Settings, n: int, budget: int, mode: str, **kw: Any
+    r: Any, keys: Keys, settings: Settings, n: int, budget: int, mode: Mode, **kw: Any
 ) -> BatchState:
     reg = registration(n, budget=budget, mode=mode, provider="anthropic", model=MODEL, **kw)
     await append_registration(r, keys, reg)
@@ -143,7 +143,8 @@ async def test_status_cost_equals_the_servers_bill_priced_independently(
 ) -> None:
     r = real_redis
     figures = []
-    for mode in ("per_request", "batch_api"):
+    modes: tuple[Mode, ...] = ("per_request", "batch_api")
+    for mode in modes:
         keys = Keys(f"cost{uuid.uuid4().hex[:6]}:")
         start = len(server.billed())
         if mode == "per_request":

@@ -18,8 +18,9 @@ from events.types import (
     ComparisonRequested,
     ErrorDetail,
     Essay,
+    Mode,
 )
-from lps.breaker import Breaker, BreakerState
+from lps.breaker import Breaker, BreakerState, Ticket
 from lps.cooldown import Cooldown
 from lps.modes import bundle_size, plan_units
 from lps.providers.base import Judgement
@@ -28,10 +29,11 @@ from lps.worker import LPSWorker
 from streams.keys import Keys
 from streams.metrics import STUCK_ITEMS
 from streams.reader import Entry
+from tests.helpers import decode_callback
 
 
 def _req(
-    i: int, mode: str = "serial_bundle", model: str = "m", pref: int = 64, **kw: Any
+    i: int, mode: Mode = "serial_bundle", model: str = "m", pref: int = 64, **kw: Any
 ) -> ComparisonRequested:
     kw.setdefault("batch_id", "b")
     kw.setdefault("correlation_id", f"c{i}")
@@ -40,7 +42,7 @@ def _req(
         essay_a=Essay("a", "x"),
         essay_b=Essay("b", "y"),
         mode=mode,
-        model=model,  # type: ignore[arg-type]
+        model=model,
         preferred_bundle_size=pref,
         **kw,
     )
@@ -70,6 +72,7 @@ class GatedJudge:
     """A provider whose answers for batch `slow` wait until the test opens the gate."""
 
     name = "gated"
+    supports_message_batches = False
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
@@ -96,7 +99,7 @@ async def test_a_long_bundle_does_not_stop_the_worker_reading(fake_redis: Any, k
             await r.xadd(keys.requests, codec.encode(req))
 
     async def answered(batch: str) -> int:
-        return sum(codec.decode(f).batch_id == batch for _, f in await r.xrange(keys.callbacks))
+        return sum(decode_callback(f).batch_id == batch for _, f in await r.xrange(keys.callbacks))
 
     await append("slow", 3)
     stop = asyncio.Event()
@@ -304,9 +307,9 @@ async def test_a_page_reads_the_cooldown_with_its_answered_marks(
     own_reads: list[Any] = []
     read = cooldown._read
 
-    async def counted(key: tuple[str, str], at: float) -> float:
+    async def counted(key: tuple[str, str], now: float) -> float:  # `_read`'s names
         own_reads.append(key)
-        return await read(key, at)
+        return await read(key, now)
 
     cooldown._read = counted  # type: ignore[method-assign]
     worker = LPSWorker(
@@ -350,7 +353,10 @@ async def test_a_read_sent_with_other_commands_is_shared_and_always_ends(
             takes[0](replies[:2])
             takes[1](replies[2:])
         done = await asyncio.wait_for(calls, 1.0)
-        assert all(t.rejected is None for t in done[:3]) and done[3:] == [0.0] * 3
+        assert (
+            all(isinstance(t, Ticket) and t.rejected is None for t in done[:3])
+            and done[3:] == [0.0] * 3
+        )
         assert breaker.reads == (1 if not round_trip_fails else 2)  # read_in's alone
         # What a read teaches: a failed one nothing (the next call reads again).
         assert (breaker.admit_now("mock", "m") is None) == round_trip_fails
@@ -390,10 +396,15 @@ async def test_reads_sent_with_the_answered_marks_do_not_make_them_fail(
     await r.set("not-a-hash", "x")
     heard: list[Any] = []
 
-    def also(pipe: Any) -> Callable[[list[Any]], None]:
+    def also(pipe: Any) -> Callable[[list[Any] | BaseException], None]:
         pipe.hgetall("not-a-hash")
         pipe.get("not-a-hash")
-        return heard.extend
+
+        def take(replies: list[Any] | BaseException) -> None:
+            assert not isinstance(replies, BaseException), replies  # the round trip was made
+            heard.extend(replies)
+
+        return take
 
     flags = await answered(r, keys, [("b1", "c1"), ("b1", "c2")], also=[also, also])
     assert flags == [True, False]

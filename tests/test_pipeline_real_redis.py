@@ -22,6 +22,7 @@ from events.types import (
     ComparisonFailed,
     ComparisonRequested,
     Essay,
+    Mode,
     ProviderAttemptFailed,
 )
 from lps.providers.mock import PROFILES
@@ -43,9 +44,11 @@ async def _wait_terminal(r: Any, keys: Keys, batch_id: str, runner: InProcess) -
     for _ in range(3000):
         runner.check()
         state = await load_state(r, keys, batch_id)
+        assert state is not None
         if state.terminal:
             return state
         await asyncio.sleep(0.01)
+    assert state is not None
     raise AssertionError(f"batch not finalized: {state.accepted}/{state.denominator}")
 
 
@@ -83,7 +86,7 @@ async def _run_to_end(
     ("mode", "profile"), [("per_request", "flaky"), ("serial_bundle", "flaky")]
 )
 async def test_every_request_ends_in_exactly_one_accepted_callback(
-    shared_redis: Any, mode: str, profile: str
+    shared_redis: Any, mode: Mode, profile: str
 ) -> None:
     r = shared_redis
     keys = Keys(f"p{uuid.uuid4().hex[:6]}:")
@@ -207,6 +210,7 @@ async def test_a_delivery_whose_reply_was_lost_is_read_again_by_its_consumer(
 
         async def all_applied() -> bool:
             state = await load_state(r, keys, reg.batch_id)
+            assert state is not None
             pending = (await r.xpending(keys.callbacks, CJ_GROUP))["pending"]
             return state.callbacks_received >= len(requests) and pending == 0
 
@@ -215,6 +219,7 @@ async def test_a_delivery_whose_reply_was_lost_is_read_again_by_its_consumer(
         stop.set()
         await task
     state = await load_state(r, keys, reg.batch_id)
+    assert state is not None
     assert state.callbacks_received == len(requests) and state.duplicates == 0
     assert lost_id
 
