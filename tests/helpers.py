@@ -143,9 +143,12 @@ def failed(
     )
 
 
-def wire(
-    fields: Mapping[str, bytes] | Mapping[bytes, bytes] | Mapping[str, str] | Fields,
-) -> Fields:
+AnyFields = (
+    Mapping[str, bytes] | Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes, str] | Fields
+)
+
+
+def wire(fields: AnyFields) -> Fields:
     """Entry fields in any of the forms `codec.decode` reads, typed as it takes them (its
     parameter's key type is a union, so a `dict[str, bytes]` from `codec.encode` does not
     match it as written: Mapping is invariant in its keys)."""
