@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +88,7 @@ def _commits(recorder: Recorder) -> list[Commit]:
     return out
 
 
-def _event(flat: list[Any]) -> tuple[str, dict[str, Any]]:
+def _event(flat: Sequence[Any]) -> tuple[str, dict[str, Any]]:
     """An event's fields as the script appends them (either form, events/codec.py): its type
     name and its JSON object."""
     names = [k if isinstance(k, bytes) else str(k).encode() for k in flat[::2]]

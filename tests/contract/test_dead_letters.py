@@ -22,6 +22,7 @@ from tests.helpers import (
     Judge,
     append_batch_event,
     completed,
+    decode_callback,
     registration,
     request,
     session_5_form,
@@ -138,6 +139,6 @@ async def test_undecodable_requests_are_dead_lettered_with_their_xack_and_the_wo
     ]
     assert {(d["group"], d["consumer"]) for d in letters} == {(LPS_GROUP, "lps-1")}
     assert judge.judged == ["c1", "c2"]
-    callbacks = [codec.decode(f) for _, f in await r.xrange(keys.callbacks)]
+    callbacks = [decode_callback(f) for _, f in await r.xrange(keys.callbacks)]
     assert [c.correlation_id for c in callbacks] == ["c1", "c2"]
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0

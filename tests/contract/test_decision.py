@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -52,6 +53,7 @@ from tests.helpers import (
     batch_with_wave,
     canonical,
     completed,
+    decode_callback,
     events_of,
     failed,
     registration,
@@ -165,7 +167,7 @@ async def _race(
     async for entry_id, fields in read_stream(r, keys.callbacks):
         total += 1
         ms, seq = entry_id.split("-")
-        by_corr[codec.decode(fields).correlation_id].append(
+        by_corr[decode_callback(fields).correlation_id].append(
             ((int(ms), int(seq)), codec.decode(fields))
         )
     known = set(corr)
@@ -181,6 +183,7 @@ async def _race(
             expect["duplicates"] += len(items) - 1
 
     live = await load_state(r, keys, b)
+    assert live is not None
     got = {k: getattr(live, k) for k in expect}
     assert got == expect
     assert live.callbacks_received == total
@@ -233,10 +236,12 @@ async def test_a_crash_between_the_last_callback_and_the_next_wave_is_recovered_
     await apply_callbacks(r, CallbackApplier(r, keys, "cj"), callbacks, ids)
     # ...and the process dies here, before advance()
     state = await load_state(r, keys, reg.batch_id)
+    assert state is not None
     assert state.in_flight == 0 and state.waves == 1 and state.scored_wave == 0
     moved = await asyncio.gather(*(c.sweep() for c in consumers))
     assert sum(moved) == 1
     state = await load_state(r, keys, reg.batch_id)
+    assert state is not None
     assert state.scored_wave == 1 and (state.waves == 2 or state.terminal)
 
 
@@ -311,7 +316,9 @@ async def _stray(engine: Engine, r: Any, keys: Keys, batch_id: str) -> Any:
     return apply_stray
 
 
-def _meanwhile(then: Any, decider: Any = decide) -> tuple[Any, list[Decision | None]]:
+def _meanwhile(
+    then: Any, decider: Callable[[BatchState], Decision | None] = decide
+) -> tuple[Any, list[Decision | None]]:
     """A decider that runs the coroutine function `then` (on the test's loop) while taking its
     first decision, and the list of the decisions it took."""
     loop = asyncio.get_running_loop()

@@ -55,6 +55,7 @@ class RecordingJudge:
     """A provider that notes, for each request it judges, how many entries its worker holds."""
 
     name = "mock"
+    supports_message_batches = False
 
     def __init__(self, r: Any, stream: str, consumer: str) -> None:
         self.r, self.stream, self.consumer = r, stream, consumer
@@ -223,6 +224,7 @@ async def test_shutdown_releases_unstarted_bundle_items_to_the_handoff_consumer(
 
     class SlowJudge:
         name = "mock"
+        supports_message_batches = False
 
         async def judge(self, request: ComparisonRequested) -> Judgement:
             judged.append(request.correlation_id)

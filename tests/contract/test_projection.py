@@ -232,6 +232,7 @@ async def test_lua_apply_in_any_order_equals_replay(
     for step, index in enumerate(order):
         if step == finalize_after:
             state = await load_state(r, keys, B)
+            assert state is not None
             abandoned = sorted(c for c, v in state.corr.items() if v == "pending")
             await append_batch_event(
                 r, keys, BatchFinalized(batch_id=B, reason="budget", abandoned=abandoned)
@@ -240,6 +241,7 @@ async def test_lua_apply_in_any_order_equals_replay(
     states, _ = await replay(r, keys, {B})
     assert await snapshot(r, keys, B) == canonical(states[B], keys)
     live = await load_state(r, keys, B)
+    assert live is not None
     assert live.completed + live.failed == live.accepted <= live.submitted <= live.denominator
     assert live.callbacks_received == len(events)
     assert live.accepted + live.duplicates + live.orphans + live.late_callbacks == len(events)

@@ -36,7 +36,7 @@ from cj.registration import append_registration
 from cj.stalls import finalize_stalled
 from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
-from events.types import ComparisonCompleted, ComparisonFailed, ComparisonRequested
+from events.types import ComparisonCompleted, ComparisonFailed, ComparisonRequested, Mode
 from lps.cooldown import Cooldown
 from lps.message_batches import MessageBatches, PreparedBundle
 from lps.modes import batch_api
@@ -73,7 +73,7 @@ async def _worker(r: Any, keys: Keys, judge: Any = None, **kw: Any) -> LPSWorker
     return worker
 
 
-async def _requests(r: Any, keys: Keys, mode: str) -> list[tuple[Entry, ComparisonRequested]]:
+async def _requests(r: Any, keys: Keys, mode: Mode) -> list[tuple[Entry, ComparisonRequested]]:
     """Requests of two batches, appended (entries without their fields: units only need ids)."""
     out = []
     for i, batch_id in enumerate(["b1", "b2", "b1", "b2"]):
