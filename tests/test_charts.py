@@ -77,7 +77,7 @@ def test_figures_are_safe_json_inside_a_script() -> None:
 
 
 def test_reliability_over_waves_draws_r_at_every_scoring_and_the_end_figures_once() -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"wave": 1, "reliability": 0.61, "ssr": None, "split_half": None, "max_delta": None},
         {"wave": 2, "reliability": 0.74, "ssr": None, "split_half": None, "max_delta": 0.4},
         {"wave": 3, "reliability": 0.81, "ssr": 0.9, "split_half": 0.7, "max_delta": 0.1},

@@ -109,7 +109,7 @@ async def test_without_a_known_limit_calls_are_not_paced_until_headers_tell(
     await lane.failed(_429(0))
     assert not await fake_redis.exists(lkeys.limiter(keys, "mock", MODEL))
     await lane.replied(_judgement(_headers(1200, 50)), 0.01)
-    assert (lane.limit_r, lane.rate_r) == (1200, pytest.approx(1176))
+    assert lane.limit_r == 1200 and lane.rate_r == pytest.approx(1176)
     reply = await limiter.take(lane, 2, 1000)
     assert reply is not None and len(reply[0]) == 2
     # A reply without headers (a mock with no limit) is no news: nothing sent.
@@ -146,7 +146,7 @@ async def test_aimd_decrease_on_429_once_per_window_then_additive_increase(
     assert lane.rate_r < 588
     # A lower limit told by the provider is the truth at once.
     await lane.replied(_judgement(_headers(300, 7)), 0.01)
-    assert (lane.limit_r, lane.rate_r) == (300, pytest.approx(294))
+    assert lane.limit_r == 300 and lane.rate_r == pytest.approx(294)
 
 
 async def test_a_429_holds_every_grant_until_its_retry_after(fake_redis: Any) -> None:

@@ -87,8 +87,10 @@ def test_ideal_judge_always_prefers_the_better_essay() -> None:
     requests = [_req(i, q_a=(i % 3) - 1.0, q_b=0.0) for i in range(30)]
     winners = asyncio.run(_judge_all(MockProvider(PROFILES["ideal"]), requests))
     for r, w in zip(requests, winners, strict=True):
-        if r.essay_a.mock_quality != r.essay_b.mock_quality:
-            assert (w == "essay_a") == (r.essay_a.mock_quality > r.essay_b.mock_quality)
+        q_a, q_b = r.essay_a.mock_quality, r.essay_b.mock_quality
+        assert q_a is not None and q_b is not None
+        if q_a != q_b:
+            assert (w == "essay_a") == (q_a > q_b)
 
 
 def test_flaky_faults_use_the_error_taxonomy_with_retry_after_on_rate_limits() -> None:
@@ -141,7 +143,13 @@ def test_outcome_draws_are_those_of_a_generator_seeded_per_call() -> None:
     gen = random.Random(7)
     gen.gauss(0.0, 1.0)  # a half-used Box–Muller pair must not leak into the next call
     for k in range(200):
-        pair = (k % 5, f"content-{k % 3}", f"e{k}", f"e{k + 1}", k % 2)
+        pair: tuple[object, object, object, object, object] = (
+            k % 5,
+            f"content-{k % 3}",
+            f"e{k}",
+            f"e{k + 1}",
+            k % 2,
+        )
         fresh = _rng(*pair)
         assert _outcome_draws(gen, pair, 0.5) == (fresh.gauss(0.0, 0.5), fresh.random())
     # Whatever the parts' types (the seed is formatted as `_rng` writes it, `str`).

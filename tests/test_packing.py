@@ -119,7 +119,12 @@ async def test_a_command_the_socket_takes_is_sent_without_a_task(
         await client.ping()
         waits: list[object] = []
         real = asyncio.wait_for
-        monkeypatch.setattr(asyncio, "wait_for", lambda *a, **k: waits.append(a) or real(*a, **k))
+
+        def counted_wait_for(*a: Any, **k: Any) -> Any:
+            waits.append(a)
+            return real(*a, **k)
+
+        monkeypatch.setattr(asyncio, "wait_for", counted_wait_for)
         assert await client.echo("x") == b"x"
         async with client.pipeline(transaction=True) as pipe:
             pipe.echo("a").echo("b")

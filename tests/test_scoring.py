@@ -318,7 +318,8 @@ def test_a_waves_scoring_is_the_fit_and_its_reliabilities_called_apart() -> None
         assert wave.classical == classical_ssr(ids, comps)
     disconnected = [Comparison("a", "b", True), Comparison("b", "a", True)]
     wave = score_wave(["a", "b", "c", "d"], disconnected)
-    assert wave.fit.components == 3 and wave.classical.value is None
+    assert wave.fit.components == 3
+    assert wave.classical is not None and wave.classical.value is None
 
 
 def test_rank_agreement_is_spearmans_rho_with_tied_ranks_averaged() -> None:
