@@ -29,10 +29,11 @@ from streams.client import TopologyChanged, connect
 from streams.dlq import dead_letter
 from streams.keys import Keys
 from streams.paging import read_stream
-from streams.reader import Entry
+from streams.reader import Entry, Fields
 from tests.helpers import (
     canonical,
     cli_json,
+    decode_callback,
     deliver_to,
     registration,
     request,
@@ -70,7 +71,7 @@ async def rc(cluster: RedisClusterServer) -> AsyncIterator[Any]:
 
 def _settings(cluster: RedisClusterServer, **kw: Any) -> Settings:
     return Settings(
-        REDIS_URL=cluster.url,
+        REDIS_URL=cluster.url,  # type: ignore[call-arg]  # the alias (redis_url= is dropped)
         prefix=f"t{uuid.uuid4().hex[:6]}:",
         partitions=PARTITIONS,
         redis_cluster=True,
@@ -132,7 +133,7 @@ async def _check_exact(r: Any, keys: Keys, states: dict[str, Any]) -> None:
     nothing pending, and a replay of each batch's partition equal to the live projection."""
     for b, state in states.items():
         part = keys.for_batch(b)
-        entries = [(eid, codec.decode(f)) async for eid, f in read_stream(r, part.callbacks)]
+        entries = [(eid, decode_callback(f)) async for eid, f in read_stream(r, part.callbacks)]
         callbacks = [c for _, c in entries if c.batch_id == b]
         # A commit whose reply a failover swallowed is sent again: the same result may be
         # appended twice. The projection counts the first of each and the rest as duplicates.
@@ -250,7 +251,7 @@ async def test_tools_over_every_partition_of_the_cluster(
     [ghost] = await deliver_to(rc, held.requests, LPS_GROUP, "ghost")
     # A letter is written with the XACK of a pending entry: one delivered to consumer x.
     lettered = keys.for_batch(ids[2])
-    fields = {b"type": b"NoSuchEvent", b"data": b"{}"}
+    fields: Fields = {b"type": b"NoSuchEvent", b"data": b"{}"}
     await rc.xadd(lettered.callbacks, fields)
     [bad_id] = await deliver_to(rc, lettered.callbacks, CJ_GROUP, "x")
     bad = (Entry(bad_id, fields), codec.DecodeError("x", "y"))

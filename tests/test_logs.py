@@ -42,7 +42,9 @@ async def test_worker_logs_are_json_with_ids_and_without_essay_text(
         runner.start()
         await advance(fake_redis, keys, reg.batch_id)
         for _ in range(1000):
-            if (await load_state(fake_redis, keys, reg.batch_id)).terminal:
+            state = await load_state(fake_redis, keys, reg.batch_id)
+            assert state is not None
+            if state.terminal:
                 break
             await asyncio.sleep(0.01)
         await runner.close()
