@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def invoke(args: list[str], env: dict[str, str | None]) -> Result:
+def invoke(args: list[str], env: Mapping[str, str | None]) -> Result:
     return CliRunner().invoke(main, args, env=env, catch_exceptions=True)
 
 
@@ -116,7 +116,9 @@ def keyspace(url: str) -> dict[str, Any]:
     try:
         out: dict[str, Any] = {}
         for key in client.scan_iter(count=1000):
-            kind = client.type(key).decode()
+            type_reply = client.type(key)
+            assert isinstance(type_reply, bytes)  # no decode_responses: replies are bytes
+            kind = type_reply.decode()
             if kind == "stream":
                 info = client.xinfo_stream(key)
                 out[key.decode()] = (kind, info["length"], info["last-generated-id"])
@@ -332,7 +334,7 @@ def test_an_unreachable_redis_is_one_line_from_a_fresh_process_too() -> None:
 # --- what a user sees when things go right ------------------------------------------------------
 
 
-def base(env: Env, prefix: str) -> dict[str, str | None]:
+def base(env: Env, prefix: str) -> dict[str, str]:
     return {"REDIS_URL": env.url, "CJS_PREFIX": prefix}
 
 

@@ -43,7 +43,7 @@ from lps.providers.registry import make_provider
 from projections.batch import apply_batch_event, apply_callback, register
 from projections.store import load_state
 from streams.keys import Keys
-from tests.helpers import completed, failed, registration
+from tests.helpers import completed, failed, registration, wire
 
 
 def _state_after_wave(n: int = 6, budget: int | None = None, **kw: Any) -> Any:
@@ -153,7 +153,7 @@ def test_the_classical_ssr_is_computed_for_the_last_scores_alone() -> None:
     assert running.reliability is not None and running.reliability.posterior is not None
     assert running.ssr is None and running.reliability.ssr is None
     assert running.reliability.ssr_na == SSR_LATER
-    assert codec.decode(codec.encode(running)) == running
+    assert codec.decode(wire(codec.encode(running))) == running
     expected = classical_ssr([e.essay_id for e in state.essays], comparisons_of(state))
     assert expected.value is not None
     written = decision.events[0]  # what `decide` wrote when the batch ended
@@ -203,6 +203,7 @@ async def _run(r: Any, keys: Keys, profile: MockProfile, n: int = 12, **kw: Any)
         for _ in range(2000):
             runner.check()
             state = await load_state(r, keys, reg.batch_id)
+            assert state is not None
             if state.terminal:
                 return state
             await asyncio.sleep(0.01)
@@ -295,11 +296,13 @@ async def test_the_reaper_role_ends_a_batch_nobody_answers(fake_redis: Any, keys
     try:
         for _ in range(500):
             state = await load_state(r, keys, reg.batch_id)
+            assert state is not None
             if state.terminal:
                 break
             await asyncio.sleep(0.01)
     finally:
         await runner.close()
+    assert state is not None
     assert state.status == "failed" and state.failure_message.startswith("stalled")
     assert state.in_flight == 0 and set(state.corr.values()) == {"abandoned"}
     assert state.submitted == len(state.corr) > 0

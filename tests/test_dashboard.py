@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -36,8 +36,9 @@ from cj.continuation import advance
 from cj.registration import append_registration
 from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
+from events.types import ComparisonRequested
 from streams.keys import Keys
-from streams.reader import ensure_group
+from streams.reader import Fields, ensure_group
 from tests.helpers import registration
 from tests.redis_server import RedisServer, skip_or_fail_without_redis
 
@@ -178,6 +179,12 @@ def until(check: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _text(reply: object) -> str:
+    """A reply of a client without decode_responses, as text (redis-py types them str)."""
+    assert isinstance(reply, bytes), reply
+    return reply.decode()
+
+
 async def _submit_with_a_ghost(url: str, keys: Keys) -> tuple[str, list[str]]:
     """Register a batch and its first wave; a consumer `ghost` takes two requests and dies."""
     import redis.asyncio as aioredis
@@ -188,7 +195,11 @@ async def _submit_with_a_ghost(url: str, keys: Keys) -> tuple[str, list[str]]:
         reg = registration(8, seed=3)
         await append_registration(r, keys, reg)
         await advance(r, keys, reg.batch_id)
-        reply = await r.xreadgroup(LPS_GROUP, "ghost", {keys.requests: ">"}, count=2)
+        # RESP2 (the client's default): a list of [stream, entries], not the RESP3 dict.
+        reply = cast(
+            "list[list[Any]]",
+            await r.xreadgroup(LPS_GROUP, "ghost", {keys.requests: ">"}, count=2),
+        )
         ids = [i.decode() for i, _ in reply[0][1]]
         return reg.batch_id, ids
     finally:
@@ -428,7 +439,7 @@ def test_an_action_without_the_token_is_refused(tab: Tab, stack: Stack) -> None:
         assert "button" not in client.get("/stuck?idle=0").text.split("<tbody>")[1]
     r = stack.client()
     pending = r.xpending_range(stack.keys.requests, LPS_GROUP, min="-", max="+", count=10)
-    assert [p["message_id"].decode() for p in pending] == stack.ghost_ids
+    assert [_text(p["message_id"]) for p in pending] == stack.ghost_ids
 
 
 def test_a_stuck_entry_is_reclaimed_from_its_page_and_disappears(tab: Tab, stack: Stack) -> None:
@@ -443,7 +454,7 @@ def test_a_stuck_entry_is_reclaimed_from_its_page_and_disappears(tab: Tab, stack
     expect(row).to_have_count(0, timeout=20_000)  # the page refreshes itself
     r = stack.client()
     pending = r.xpending_range(stack.keys.requests, LPS_GROUP, min="-", max="+", count=10)
-    assert [p["message_id"].decode() for p in pending] == stack.ghost_ids[1:]
+    assert [_text(p["message_id"]) for p in pending] == stack.ghost_ids[1:]
     until(
         lambda: r.hget(f"{stack.prefix}proj:batch:{stack.batch_id}", "in_flight") == b"1",
         20,
@@ -457,8 +468,10 @@ def test_a_dead_letter_is_redriven_and_applied(tab: Tab, stack: Stack) -> None:
 
     second = stack.ghost_ids[1]
     r = stack.client()
-    raw = r.xrange(stack.keys.requests, min=second, max=second)[0][1]
-    cid = codec.decode(raw).correlation_id  # type: ignore[attr-defined]
+    raw = cast("list[tuple[bytes, Fields]]", r.xrange(stack.keys.requests, min=second, max=second))
+    request = codec.decode(raw[0][1])
+    assert isinstance(request, ComparisonRequested)
+    cid = request.correlation_id
     login(tab)
     tab.page.goto("/stuck?stream=lps:requests&idle=0")
     tab.page.locator(f"tr[data-entry='{second}'] button[data-action='dead_letter']").click()
@@ -484,7 +497,10 @@ def test_a_dead_letter_is_redriven_and_applied(tab: Tab, stack: Stack) -> None:
 
     def applied() -> bool:
         value = r.hget(f"{stack.prefix}proj:batch:{stack.batch_id}:corr", cid)
-        return value is not None and value.startswith(b"c ")
+        if value is None:
+            return False
+        assert isinstance(value, bytes)  # no decode_responses (typed str by redis-py)
+        return value.startswith(b"c ")
 
     until(applied, 30, "the redriven request's callback to be applied")
     assert r.xlen(stack.keys.dlq("lps:requests")) == 0
