@@ -206,7 +206,6 @@ async def test_revoked_key_with_200_queued_requests(
     server.revoked_keys = {TEST_KEY}
     probe_s = 0.4
     settings = Settings(
-        redis_url=redis_server.url,
         prefix=keys.prefix,
         breaker_probe_s=probe_s,
         retry_base_delay_s=0.001,

@@ -113,7 +113,6 @@ async def run_batch(
 
 def settings_for(redis_server: Any, keys: Keys) -> Settings:
     return Settings(
-        redis_url=redis_server.url,
         prefix=keys.prefix,
         retry_max_attempts=3,
         retry_base_delay_s=0.001,
