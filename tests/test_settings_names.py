@@ -11,13 +11,11 @@ Told about: README.md, docs/*.md, everything under deploy/, compose.yaml, the Do
 from __future__ import annotations
 
 import ast
-import importlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from pydantic import AliasChoices
+from app.env_names import READ_ELSEWHERE, settings_names
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("events", "streams", "projections", "cj", "lps", "app", "tools")
@@ -33,34 +31,9 @@ UNWIRED: dict[str, str] = {}
 UNUSED_FIELDS: dict[str, str] = {}
 
 
-def _settings_class() -> Any:
-    # Settings is moving from events/settings.py to app/settings.py.
-    for module in ("app.settings", "events.settings"):
-        try:
-            return importlib.import_module(module).Settings
-        except ModuleNotFoundError as exc:
-            if exc.name not in (module, module.split(".")[0]):
-                raise
-    raise AssertionError("no Settings class in app.settings or events.settings")
-
-
 def _settings_names() -> dict[str, str]:
-    """Environment name -> field name."""
-    settings = _settings_class()
-    prefix = settings.model_config.get("env_prefix", "")
-    names: dict[str, str] = {}
-    for field_name, field in settings.model_fields.items():
-        alias = field.validation_alias
-        if isinstance(alias, str):
-            envs = [alias]
-        elif isinstance(alias, AliasChoices):
-            envs = [choice for choice in alias.choices if isinstance(choice, str)]
-        else:
-            envs = [f"{prefix}{field_name}"]
-        for env in envs:
-            if env.upper().startswith("CJS_"):
-                names[env.upper()] = field_name
-    return names
+    """Environment name -> field name (what `cjs` itself knows as Settings' names)."""
+    return settings_names()
 
 
 def _python_files(*dirs: str) -> Iterator[Path]:
@@ -233,3 +206,10 @@ def test_the_retry_after_cap_is_documented_by_the_name_workers_read() -> None:
     assert "CJS_RETRY_MAX_AFTER_S" in _settings_names()
     assert "docs/operations.md" in documented["CJS_RETRY_MAX_AFTER_S"]
     assert "deploy/prometheus/alerts.yml" in documented["CJS_RETRY_MAX_AFTER_S"]
+
+
+def test_the_names_read_elsewhere_are_those_the_code_reads() -> None:
+    """app/env_names.py's list, which tells a misspelt CJS_* name from one read outside
+    Settings, is the code's reads: a new read must be added there (or workers warn about it)."""
+    elsewhere = {name for name in _code_reads() if name not in _settings_names()}
+    assert set(READ_ELSEWHERE) == elsewhere

@@ -412,8 +412,8 @@ async def test_sigterm_drains_and_leaves_nothing_pending_for_the_worker(
 
 async def test_a_worker_logs_readable_lines_with_cjs_log_format_console(procs: Procs) -> None:
     """Workers write JSON lines (for a log shipper) unless CJS_LOG_FORMAT=console asks for
-    readable ones (a worker run by hand in a terminal)."""
-    worker = procs.spawn("cj", CJS_LOG_FORMAT="console")
+    readable ones (a worker run by hand in a terminal). A misspelt setting is named at start."""
+    worker = procs.spawn("cj", CJS_LOG_FORMAT="console", CJS_BLOCKMS="200")
     path = next(p for _, w, p in procs.workers if w is worker)
 
     async def logged() -> bool:
@@ -424,6 +424,8 @@ async def test_a_worker_logs_readable_lines_with_cjs_log_format_console(procs: P
     [line] = [x for x in path.read_text().splitlines() if "worker_started" in x]
     assert not line.lstrip().startswith("{") and "role=cj" in line
     assert procs.log_of(worker) == []  # no JSON line at all
+    [typo] = [x for x in path.read_text().splitlines() if "unknown_setting" in x]
+    assert "name=CJS_BLOCKMS" in typo and "did_you_mean=CJS_BLOCK_MS" in typo
 
 
 @pytest.mark.parametrize("outage", ["quick", "long"])

@@ -9,6 +9,7 @@ import click
 
 from app import settings
 from app.connection import open_redis
+from app.env_names import warn_unknown
 from app.errors import Unavailable
 from app.logs import configure, json_lines
 from tools import common
@@ -30,6 +31,7 @@ def dashboard(host: str, port: int) -> None:
     """
     s = settings.load()
     configure(json_logs=json_lines(s.log_format, auto=True), level="INFO")
+    warn_unknown()
 
     async def probe() -> None:
         client = await open_redis(s)  # ConfigError without REDIS_URL, Unavailable if unreachable

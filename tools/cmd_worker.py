@@ -13,6 +13,7 @@ import structlog
 from app import loop as event_loop
 from app import settings
 from app.connection import connect
+from app.env_names import warn_unknown
 from app.heap import freeze_startup
 from app.logs import configure, error_text, json_lines
 from app.metrics import serve
@@ -66,6 +67,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     """
     s = settings.load()
     configure(json_logs=json_lines(s.log_format, auto=True))
+    warn_unknown()
     r, where = connect(s, embedded_ok=False)
     if metrics_port is not None:
         serve(metrics_port)

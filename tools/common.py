@@ -12,6 +12,7 @@ import click
 
 from app import batches, settings
 from app.connection import open_redis
+from app.env_names import warn_unknown
 from app.errors import ConfigError
 from app.logs import configure, json_lines
 from projections.batch import BatchState, completion_pct
@@ -52,6 +53,7 @@ def quiet_logs(json_mode: bool, *, level: str = "WARNING") -> None:
     configure(
         json_logs=json_lines(log_format, auto=json_mode or not sys.stderr.isatty()), level=level
     )
+    warn_unknown()
 
 
 def batch_view(batch_id: str, view: Callable[[BatchState], T]) -> T:

@@ -1,0 +1,50 @@
+"""A CJS_* variable nothing reads (a misspelt setting) is warned about by name, never by
+value, with the known name it most likely meant: pydantic would ignore it without a word."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.env_names import known_names, unknown_names
+from app.logs import configure
+
+
+def test_unknown_names_are_found_with_the_name_they_likely_meant() -> None:
+    environ = {
+        "CJS_BLOCKMS": "200",  # CJS_BLOCK_MS
+        "CJS_MOCK_PROFIL": "realistic",  # CJS_MOCK_PROFILE
+        "CJS_NOTHING_LIKE_IT": "1",
+        "CJS_BLOCK_MS": "100",  # known: not reported
+        "CJS_ANTHROPIC_MODEL": "m",  # read outside Settings: known
+        "REDIS_URL": "redis://x",  # not a CJS_ name
+        "PATH": "/bin",
+    }
+    assert unknown_names(environ) == [
+        ("CJS_BLOCKMS", "CJS_BLOCK_MS"),
+        ("CJS_MOCK_PROFIL", "CJS_MOCK_PROFILE"),
+        ("CJS_NOTHING_LIKE_IT", None),
+    ]
+    assert "CJS_LOG_FORMAT" in known_names() and "CJS_REQUIRE_REDIS" in known_names()
+
+
+def test_a_command_warns_about_a_misspelt_setting_by_name_not_value(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.common import quiet_logs
+
+    monkeypatch.setenv("CJS_BLOCKMS", "s3cret-value")
+    monkeypatch.setenv("CJS_LOG_FORMAT", "json")
+    try:
+        quiet_logs(False)
+    finally:
+        configure(json_logs=None, level="WARNING")
+    err = capsys.readouterr().err
+    [line] = [json.loads(x) for x in err.splitlines() if "unknown_setting" in x]
+    assert (line["name"], line["did_you_mean"], line["level"]) == (
+        "CJS_BLOCKMS",
+        "CJS_BLOCK_MS",
+        "warning",
+    )
+    assert "s3cret-value" not in err
