@@ -50,10 +50,11 @@ def quiet_logs(json_mode: bool, *, level: str = "WARNING") -> None:
         log_format = settings.load().log_format
     except ConfigError:  # the command reports the bad setting itself, in these logs' format
         log_format = "auto"
-    configure(
-        json_logs=json_lines(log_format, auto=json_mode or not sys.stderr.isatty()), level=level
-    )
+    json_logs = json_lines(log_format, auto=json_mode or not sys.stderr.isatty())
+    # A misspelt setting is named whatever the command's level (the demo's is ERROR).
+    configure(json_logs=json_logs, level="WARNING")
     warn_unknown()
+    configure(json_logs=json_logs, level=level)
 
 
 def batch_view(batch_id: str, view: Callable[[BatchState], T]) -> T:
