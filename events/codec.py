@@ -33,6 +33,11 @@ from events.types import (
     with_defaults_omitted,
 )
 
+# An entry's fields as Redis returns them (bytes keys) or as `encode` makes them (str keys):
+# keys typed Any because Mapping is invariant in its keys, so a union of the two would
+# accept neither dict as written.
+EntryFields = Mapping[Any, bytes | str]
+
 T = TypeVar("T", bound=Event)
 E = TypeVar("E", bound=Event)
 
@@ -311,7 +316,7 @@ def _quoted(value: bytes) -> bytes:
     return _encoder.encode(value.decode())[1:-1]  # UnicodeDecodeError: invalid_data
 
 
-def entry_data(fields: Mapping[bytes | str, bytes | str]) -> tuple[bytes, bytes] | None:
+def entry_data(fields: EntryFields) -> tuple[bytes, bytes] | None:
     """An entry's type name and its event's JSON, in any of the three forms (the module's
     docstring); None when it is none of them (see `undecodable` for why)."""
     raw: Mapping[Any, Any] = fields
@@ -343,7 +348,7 @@ def entry_data(fields: Mapping[bytes | str, bytes | str]) -> tuple[bytes, bytes]
 
 
 def _flat(
-    type_name: bytes, raw: Mapping[bytes, Any], fields: Mapping[bytes | str, bytes | str]
+    type_name: bytes, raw: Mapping[bytes, Any], fields: EntryFields
 ) -> tuple[bytes, bytes] | None:
     try:
         data = flat_json(type_name, raw)
@@ -352,9 +357,7 @@ def _flat(
     return None if data is None else (type_name, data)
 
 
-def _named_elsewhere(
-    raw: Mapping[bytes, bytes], fields: Mapping[bytes | str, bytes | str]
-) -> tuple[bytes, bytes] | None:
+def _named_elsewhere(raw: Mapping[bytes, bytes], fields: EntryFields) -> tuple[bytes, bytes] | None:
     """A flat entry without `type` (names and values bytes) whose type names a field other
     than its first: another producer's order, its value the version."""
     type_name = next((name for name in raw if name in _FLAT_READ), None)
@@ -387,7 +390,7 @@ def stated_type(fields: Mapping[Any, Any]) -> str | None:
     return as_str(named) if named is not None else None
 
 
-def undecodable(fields: Mapping[bytes | str, bytes | str]) -> DecodeError:
+def undecodable(fields: EntryFields) -> DecodeError:
     """Why an entry `entry_data` gives nothing for is not an event: `unknown_type` for the flat
     form of a type or of a version this reader does not know (a capitalised first field whose
     value is a number: written by a newer producer, redriven once readers know it), else
@@ -408,14 +411,14 @@ def undecodable(fields: Mapping[bytes | str, bytes | str]) -> DecodeError:
     return DecodeError("missing_field", f"fields present: {present}")
 
 
-def _as_bytes(fields: Mapping[bytes | str, bytes | str]) -> dict[bytes, bytes]:
+def _as_bytes(fields: EntryFields) -> dict[bytes, bytes]:
     return {
         (k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
         for k, v in fields.items()
     }
 
 
-def decode(fields: Mapping[bytes | str, bytes | str], entry_id: str | None = None) -> Event:
+def decode(fields: EntryFields, entry_id: str | None = None) -> Event:
     """Decode one entry's fields, any form; raises DecodeError with a reason label. Given
     the entry's id, an event without `occurred_at` takes the id's time (the server's), not
     the decoding moment, and one without `event_id` the entry id, so that every reading of
@@ -453,9 +456,7 @@ def with_entry_time(event: E, data: bytes, entry_id: str | None) -> E:
     return event
 
 
-def decode_as(
-    fields: Mapping[bytes | str, bytes | str], cls: type[T], entry_id: str | None = None
-) -> T:
+def decode_as(fields: EntryFields, cls: type[T], entry_id: str | None = None) -> T:
     event = decode(fields, entry_id)
     if not isinstance(event, cls):
         raise DecodeError("unexpected_type", f"{type(event).__name__} where {cls.__name__} belongs")

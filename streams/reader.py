@@ -14,21 +14,20 @@ the position its consumers record beside it (`record_position`), not `0`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from redis.exceptions import ResponseError
 
-from events.codec import DecodeError, decode
+from events.codec import DecodeError, EntryFields, decode
 from events.text import as_str
 from events.types import Event
 from streams.metrics import observe_queue_wait
 
 log = structlog.get_logger("streams.reader")
 
-Fields = Mapping[bytes | str, bytes | str]
+Fields = EntryFields
 
 
 @dataclass(frozen=True)

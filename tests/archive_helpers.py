@@ -107,7 +107,7 @@ def archive_files(root: Path) -> dict[str, list[Path]]:
 def as_json_data(fields: dict[str, str]) -> dict[str, str]:
     """A flat entry (events/codec.py) as a batch file holds it: its type and the event's JSON
     made from its fields, byte for byte."""
-    found = codec.entry_data(fields)  # type: ignore[arg-type]
+    found = codec.entry_data(fields)
     assert found is not None
     return {"type": found[0].decode(), "data": found[1].decode()}
 

@@ -6,8 +6,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
@@ -31,7 +31,6 @@ from lps.providers.base import Judgement
 from projections.store import encode_state, load_state, read_raw
 from streams.keys import Keys
 from streams.paging import read_stream
-from streams.reader import Fields
 
 
 def batch_in(n: int = 6, anchors: int = 2) -> BatchIn:
@@ -141,18 +140,6 @@ def failed(
         ),
         cost_usd=cost_usd,
     )
-
-
-AnyFields = (
-    Mapping[str, bytes] | Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes, str] | Fields
-)
-
-
-def wire(fields: AnyFields) -> Fields:
-    """Entry fields in any of the forms `codec.decode` reads, typed as it takes them (its
-    parameter's key type is a union, so a `dict[str, bytes]` from `codec.encode` does not
-    match it as written: Mapping is invariant in its keys)."""
-    return cast(Fields, fields)
 
 
 def decode_callback(fields: Any, entry_id: str | None = None) -> Callback:

@@ -43,7 +43,7 @@ from lps.providers.registry import make_provider
 from projections.batch import apply_batch_event, apply_callback, register
 from projections.store import load_state
 from streams.keys import Keys
-from tests.helpers import completed, failed, registration, wire
+from tests.helpers import completed, failed, registration
 
 
 def _state_after_wave(n: int = 6, budget: int | None = None, **kw: Any) -> Any:
@@ -153,7 +153,7 @@ def test_the_classical_ssr_is_computed_for_the_last_scores_alone() -> None:
     assert running.reliability is not None and running.reliability.posterior is not None
     assert running.ssr is None and running.reliability.ssr is None
     assert running.reliability.ssr_na == SSR_LATER
-    assert codec.decode(wire(codec.encode(running))) == running
+    assert codec.decode(codec.encode(running)) == running
     expected = classical_ssr([e.essay_id for e in state.essays], comparisons_of(state))
     assert expected.value is not None
     written = decision.events[0]  # what `decide` wrote when the batch ended

@@ -26,7 +26,7 @@ from lps.worker import LPSWorker
 from projections import keys as pkeys
 from projections.batch import register
 from streams.keys import Keys
-from tests.helpers import registration, wire
+from tests.helpers import registration
 
 TEXT = "word " * 400  # 2 KB
 
@@ -138,7 +138,7 @@ async def test_first_version_references_still_resolve(fake_redis: Any, keys: Key
         content_key="",
     )
     data = codec.encode(first_version)
-    decoded = codec.decode(wire(data))
+    decoded = codec.decode(data)
     assert isinstance(decoded, ComparisonRequested) and decoded.essay_a.is_reference
     resolved = await EssayStore(fake_redis, keys).resolve(decoded)
     assert isinstance(resolved, ComparisonRequested)

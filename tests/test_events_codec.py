@@ -34,7 +34,7 @@ from events.types import (
 )
 from projections.batch import apply_batch_event, register
 from streams.reader import Fields
-from tests.helpers import completed, failed, registration, wave, wire
+from tests.helpers import completed, failed, registration, wave
 
 
 def test_entry_has_exactly_type_and_json_data_with_ids_and_time() -> None:
@@ -45,7 +45,7 @@ def test_entry_has_exactly_type_and_json_data_with_ids_and_time() -> None:
     data = json.loads(fields["data"])
     assert {"event_id", "occurred_at", "batch_id"} <= set(data)
     assert data["occurred_at"].endswith("Z") and len(data["occurred_at"]) == 27
-    assert codec.decode(wire(fields)) == event
+    assert codec.decode(fields) == event
     assert codec.decode({k: v.decode() for k, v in fields.items()}) == event
 
 
@@ -59,14 +59,14 @@ def test_a_per_comparison_event_is_identified_and_dated_by_its_entry_id() -> Non
         data = _json(fields)
         assert not {"event_id", "occurred_at"} & set(data)
         assert {"batch_id", "correlation_id"} <= set(data)
-        back = codec.decode(wire(fields), "1700000000000-7")
+        back = codec.decode(fields, "1700000000000-7")
         assert back.event_id == "1700000000000-7"
         assert back.occurred_at == "2023-11-14T22:13:20.000000Z"
         expected = msgspec.structs.replace(
             event, event_id="1700000000000-7", occurred_at=back.occurred_at
         )
-        assert back == expected == codec.decode(wire(fields), "1700000000000-7")
-        assert codec.decode(wire(fields)).event_id == ""  # no entry id: nothing to invent
+        assert back == expected == codec.decode(fields, "1700000000000-7")
+        assert codec.decode(fields).event_id == ""  # no entry id: nothing to invent
 
 
 def test_per_comparison_entries_written_with_ids_and_times_keep_them() -> None:
@@ -112,7 +112,7 @@ def test_per_comparison_entries_written_with_ids_and_times_keep_them() -> None:
 
 def _json(fields: dict[str, bytes]) -> dict[str, object]:
     """The event's JSON object, in either form of entry."""
-    found = codec.entry_data(wire(fields))
+    found = codec.entry_data(fields)
     assert found is not None
     out = json.loads(found[1])
     assert isinstance(out, dict)
@@ -176,10 +176,10 @@ def test_every_event_type_round_trips() -> None:
             assert fields["type"] == type(event).__name__.encode()
         if isinstance(event, EntryStamped):  # dated and identified by the entry id
             event = msgspec.structs.replace(event, event_id="", occurred_at="")
-            assert codec.decode(wire(fields)) == event
+            assert codec.decode(fields) == event
             continue
-        assert codec.decode(wire(fields)) == event
-        assert codec.decode(wire(fields), "1700000000000-0") == event  # occurred_at present: kept
+        assert codec.decode(fields) == event
+        assert codec.decode(fields, "1700000000000-0") == event  # occurred_at present: kept
     assert set(EVENT_TYPES) == {
         "BatchRegistered",
         "WaveSubmitted",
@@ -207,7 +207,7 @@ def test_fields_equal_to_their_defaults_are_not_written_and_decode_back() -> Non
     data = _json(fields)
     assert not {"latency_ms", "cost_usd", "provider", "attempts"} & set(data)
     assert data["model"] == "mock-judge-1"  # the callback's model has no default
-    assert codec.decode(wire(fields)) == event
+    assert codec.decode(fields) == event
     request = ComparisonRequested(
         batch_id="b",
         correlation_id="c1",
@@ -220,7 +220,7 @@ def test_fields_equal_to_their_defaults_are_not_written_and_decode_back() -> Non
     data = _json(codec.encode(request))
     assert not {"model", "mode", "provider", "overrides", "seed"} & set(data)
     assert data["essay_a"] == {"essay_id": "a"}
-    assert codec.decode(wire(codec.encode(request))) == request
+    assert codec.decode(codec.encode(request)) == request
 
 
 @pytest.mark.parametrize(
@@ -234,7 +234,7 @@ def test_fields_equal_to_their_defaults_are_not_written_and_decode_back() -> Non
 )
 def test_bad_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason: str) -> None:
     with pytest.raises(codec.DecodeError) as err:
-        codec.decode(wire(fields))
+        codec.decode(fields)
     assert err.value.reason == reason
 
 
@@ -308,7 +308,7 @@ def test_wave_pairs_and_bare_scores_are_written_as_rows_and_read_back_as_before(
     pairs = wave("b", 2, [("c1", "S1", "S2"), ("c2", "S2", "S3")])
     data = json.loads(codec.encode(pairs)["data"])
     assert "pairs" not in data and data["pair_rows"] == [["c1", "S1", "S2"], ["c2", "S2", "S3"]]
-    assert codec.decode(wire(codec.encode(pairs))) == pairs and not pairs.pair_rows
+    assert codec.decode(codec.encode(pairs)) == pairs and not pairs.pair_rows
     bare = BatchScored(
         batch_id="b",
         wave=2,
@@ -317,11 +317,11 @@ def test_wave_pairs_and_bare_scores_are_written_as_rows_and_read_back_as_before(
     )
     data = json.loads(codec.encode(bare)["data"])
     assert "scores" not in data and data["score_rows"] == [["S1", 0.25, 0.5], ["S2", -1.0, 0.75]]
-    assert codec.decode(wire(codec.encode(bare))) == bare
+    assert codec.decode(codec.encode(bare)) == bare
     graded = msgspec.structs.replace(bare, scores=[EssayScore("S1", 0.25, 0.5, rank=1)])
     data = json.loads(codec.encode(graded)["data"])  # a graded score keeps its names
     assert data["scores"] == [{"essay_id": "S1", "theta": 0.25, "se": 0.5, "rank": 1}]
-    assert codec.decode(wire(codec.encode(graded))) == graded
+    assert codec.decode(codec.encode(graded)) == graded
 
 
 def test_waves_and_scores_written_with_names_still_decode() -> None:
@@ -423,7 +423,7 @@ def test_requests_and_callbacks_are_written_flat_and_the_rest_as_json_data() -> 
     # Strings raw, numbers as decimal text (an integral float as an integer), nested as JSON.
     assert fields["batch_id"] == b"b" and fields["winner"] == b"essay_a"
     assert (fields["confidence"], fields["latency_ms"]) == (b"2", b"0.25")
-    assert codec.decode(wire(fields)) == callback
+    assert codec.decode(fields) == callback
     request = _one_of_each()[5]
     assert isinstance(request, ComparisonRequested)
     flat = codec.encode(request)
@@ -482,13 +482,13 @@ def test_any_string_round_trips_flat(text: str) -> None:
         cost_usd=1e-06,
     )
     fields = codec.encode(event)
-    assert codec.decode(wire(fields)) == event
+    assert codec.decode(fields) == event
     assert codec.decode(
         {k.encode(): v for k, v in fields.items()}, "1-0"
     ) == msgspec.structs.replace(event, event_id="1-0", occurred_at="1970-01-01T00:00:00.001000Z")
     assert codec.decode({k: v.decode() for k, v in fields.items()}) == event  # str names
     # The event's JSON made from the fields is what `data` holds: what the archive writes.
-    found = codec.entry_data(wire(fields))
+    found = codec.entry_data(fields)
     assert found is not None and msgspec.json.decode(found[1], type=ComparisonCompleted) == event
 
 
@@ -500,7 +500,7 @@ def test_session_4_entries_with_json_data_decode_as_their_flat_equals() -> None:
         flat = codec.encode(old)
         assert "data" not in flat and type(old) in codec.FLAT_TYPES
         stored = {k.encode(): v for k, v in flat.items()}
-        assert codec.decode(wire(stored), "1764656491127-3") == old
+        assert codec.decode(stored, "1764656491127-3") == old
         assert old.event_id == "1764656491127-3"
         assert old.occurred_at == "2025-12-02T06:21:31.127000Z"
     failure = codec.decode({b"type": b"ComparisonFailed", b"data": SESSION_4[b"ComparisonFailed"]})
@@ -512,7 +512,7 @@ def test_session_5_flat_entries_decode_as_the_same_events_written_now() -> None:
     session 4 form, whose new form makes the same JSON (what an archive holds) byte for byte;
     their fields in another order too."""
     for type_name, stored in SESSION_5.items():
-        old = codec.decode(wire(stored), "1764656491127-3")
+        old = codec.decode(stored, "1764656491127-3")
         assert old == codec.decode(
             {b"type": type_name, b"data": SESSION_4[type_name]}, "1764656491127-3"
         )
@@ -522,16 +522,16 @@ def test_session_5_flat_entries_decode_as_the_same_events_written_now() -> None:
             list(now)[1:] == list(stored)[1:]
             and list(now.values())[1:] == list(stored.values())[1:]
         )
-        assert codec.entry_data(wire(now)) == codec.entry_data(wire(stored))
+        assert codec.entry_data(now) == codec.entry_data(stored)
         # The JSON session 5's reader made of it (its archive lines), with `confidence` 2 the
         # one difference from session 4's `data`.
         made = SESSION_4[type_name].replace(b'"confidence":2.0', b'"confidence":2')
-        assert codec.entry_data(wire(now)) == (type_name, made)
-        assert codec.decode(wire(now), "1764656491127-3") == old
+        assert codec.entry_data(now) == (type_name, made)
+        assert codec.decode(now, "1764656491127-3") == old
         reordered = dict(reversed(list(stored.items())))  # `type` last
-        assert codec.decode(wire(reordered), "1764656491127-3") == old
+        assert codec.decode(reordered, "1764656491127-3") == old
         as_text = {k.decode(): v.decode() for k, v in stored.items()}  # a tool's str fields
-        assert codec.decode(wire(as_text), "1764656491127-3") == old
+        assert codec.decode(as_text, "1764656491127-3") == old
 
 
 def test_the_new_flat_form_round_trips_in_any_order_and_as_str() -> None:
@@ -544,15 +544,15 @@ def test_the_new_flat_form_round_trips_in_any_order_and_as_str() -> None:
         written = codec.encode(event)
         stored = {k.encode(): v for k, v in written.items()}
         assert next(iter(stored.items())) == (type(event).__name__.encode(), b"1")
-        assert codec.decode(wire(stored), "1-0") == event
+        assert codec.decode(stored, "1-0") == event
         assert codec.decode({k: v.decode() for k, v in written.items()}, "1-0") == event
         mixed = {k: v.decode() for k, v in stored.items()}  # bytes names, str values
-        assert codec.decode(wire(mixed), "1-0") == event
+        assert codec.decode(mixed, "1-0") == event
         moved = dict(list(stored.items())[1:] + list(stored.items())[:1])  # the type last
-        assert codec.decode(wire(moved), "1-0") == event
-        assert codec.entry_data(wire(moved)) == codec.entry_data(wire(stored))
+        assert codec.decode(moved, "1-0") == event
+        assert codec.entry_data(moved) == codec.entry_data(stored)
         session_5 = {b"type": type(event).__name__.encode(), **dict(list(stored.items())[1:])}
-        assert codec.entry_data(wire(session_5)) == codec.entry_data(wire(stored))
+        assert codec.entry_data(session_5) == codec.entry_data(stored)
 
 
 def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> None:
@@ -569,11 +569,11 @@ def test_a_flat_entry_with_fields_in_another_order_or_unknown_ones_decodes() -> 
     shuffled[b"usage.output_tokens"] = output_tokens
     shuffled[b"usage.future_kind"] = b"7"  # a field a newer TokenUsage has
     shuffled[b"occurred_at"] = b"2023-11-14T22:13:21.000000Z"
-    back = codec.decode(wire(shuffled), "1700000000000-7")
+    back = codec.decode(shuffled, "1700000000000-7")
     assert back == msgspec.structs.replace(
         event, event_id="1700000000000-7", occurred_at="2023-11-14T22:13:21.000000Z"
     )
-    found = codec.entry_data(wire(shuffled))
+    found = codec.entry_data(shuffled)
     assert found is not None and json.loads(found[1])["future_field"] == 'x"y'
     assert json.loads(found[1])["usage"] == {
         "input_tokens": 9,
@@ -637,7 +637,7 @@ def test_bad_flat_entries_raise_with_a_reason(fields: dict[bytes, bytes], reason
     or a layout version this reader does not know is `unknown_type` (dead-lettered, redriven
     once the readers know it)."""
     with pytest.raises(codec.DecodeError) as err:
-        codec.decode(wire(fields))
+        codec.decode(fields)
     assert err.value.reason == reason
 
 

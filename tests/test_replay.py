@@ -194,7 +194,7 @@ async def test_callbacks_of_every_wire_form_are_applied_replayed_and_archived_al
 
 
 def _flat_json(fields: dict[str, bytes]) -> bytes:
-    found = codec.entry_data(fields)  # type: ignore[arg-type]
+    found = codec.entry_data(fields)
     assert found is not None
     return found[1]
 

@@ -509,7 +509,7 @@ def _appended(unit: Any) -> list[tuple[str, str]]:
 
     def append(stream: str, flat: list[str]) -> None:
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        found = codec.entry_data(fields)  # type: ignore[arg-type]  # either form
+        found = codec.entry_data(fields)  # either form
         assert found is not None
         out.append((stream, found[0].decode()))
 
