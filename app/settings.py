@@ -18,7 +18,10 @@ if TYPE_CHECKING:  # streams.dlq brings logging and metrics: not on every comman
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CJS_", extra="ignore")
+    # forbid: a keyword that names no field (`Settings(redis_url=...)`, whose field reads only
+    # its alias REDIS_URL) is refused, not dropped. The environment is read by field names
+    # only, so an unknown CJS_* variable is not refused here: app/env_names.py warns of it.
+    model_config = SettingsConfigDict(env_prefix="CJS_", extra="forbid")
 
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     prefix: str = ""

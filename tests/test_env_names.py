@@ -51,3 +51,19 @@ def test_a_command_warns_about_a_misspelt_setting_by_name_not_value(
         "warning",
     )
     assert "s3cret-value" not in err and "filtered_out" not in err
+
+
+def test_a_keyword_naming_no_setting_is_refused_while_the_environment_only_warns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`Settings(redis_url=...)` named no field (the field reads its alias REDIS_URL) and
+    was dropped without a word; a misspelt CJS_* variable must still not stop a worker."""
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    with pytest.raises(ValidationError, match="redis_url"):
+        Settings(redis_url="redis://x:1/0")
+    monkeypatch.setenv("CJS_BLOCKMS", "5")
+    monkeypatch.setenv("CJS_BLOCK_MS", "300")
+    assert Settings().block_ms == 300
