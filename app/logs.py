@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from app.env_names import warn_unknown
 from events.redact import scrub_value
 
 
@@ -44,6 +45,16 @@ def json_lines(log_format: str, *, auto: bool) -> bool:
     `console`; `auto` leaves it to the caller's default (workers JSON, for a log shipper; a
     command JSON unless its stderr is a terminal)."""
     return auto if log_format == "auto" else log_format == "json"
+
+
+def start(log_format: str, *, auto: bool, level: str = "INFO") -> None:
+    """Logging of a process that starts (a worker, the dashboard, a command): JSON lines or
+    not by `json_lines`, at `level`; first, whatever that level, a warning for each misspelt
+    `CJS_*` setting (app/env_names.py)."""
+    json_logs = json_lines(log_format, auto=auto)
+    configure(json_logs=json_logs, level="WARNING")
+    warn_unknown()
+    configure(json_logs=json_logs, level=level)
 
 
 def configure(*, json_logs: bool | None = None, level: str = "INFO") -> None:

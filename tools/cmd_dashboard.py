@@ -9,9 +9,8 @@ import click
 
 from app import settings
 from app.connection import open_redis
-from app.env_names import warn_unknown
 from app.errors import Unavailable
-from app.logs import configure, json_lines
+from app.logs import start as start_logs
 from tools import common
 
 TOKEN_VARIABLE = "CJS_DASHBOARD_TOKEN"
@@ -30,8 +29,7 @@ def dashboard(host: str, port: int) -> None:
     says otherwise.
     """
     s = settings.load()
-    configure(json_logs=json_lines(s.log_format, auto=True), level="INFO")
-    warn_unknown()
+    start_logs(s.log_format, auto=True, level="INFO")
 
     async def probe() -> None:
         client = await open_redis(s)  # ConfigError without REDIS_URL, Unavailable if unreachable

@@ -13,9 +13,9 @@ import structlog
 from app import loop as event_loop
 from app import settings
 from app.connection import connect
-from app.env_names import warn_unknown
 from app.heap import freeze_startup
-from app.logs import configure, error_text, json_lines
+from app.logs import error_text
+from app.logs import start as start_logs
 from app.metrics import serve
 from app.wiring import InProcess
 from lps.providers.registry import make_provider
@@ -66,8 +66,7 @@ def worker(role: str, metrics_port: int | None, concurrency: int, consumers: int
     stderr (CJS_LOG_FORMAT=console: readable lines).
     """
     s = settings.load()
-    configure(json_logs=json_lines(s.log_format, auto=True))
-    warn_unknown()
+    start_logs(s.log_format, auto=True)
     r, where = connect(s, embedded_ok=False)
     if metrics_port is not None:
         serve(metrics_port)

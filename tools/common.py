@@ -10,11 +10,9 @@ from typing import Any, TypeVar
 
 import click
 
-from app import batches, settings
+from app import batches, logs, settings
 from app.connection import open_redis
-from app.env_names import warn_unknown
 from app.errors import ConfigError
-from app.logs import configure, json_lines
 from projections.batch import BatchState, completion_pct
 
 T = TypeVar("T")
@@ -50,11 +48,7 @@ def quiet_logs(json_mode: bool, *, level: str = "WARNING") -> None:
         log_format = settings.load().log_format
     except ConfigError:  # the command reports the bad setting itself, in these logs' format
         log_format = "auto"
-    json_logs = json_lines(log_format, auto=json_mode or not sys.stderr.isatty())
-    # A misspelt setting is named whatever the command's level (the demo's is ERROR).
-    configure(json_logs=json_logs, level="WARNING")
-    warn_unknown()
-    configure(json_logs=json_logs, level=level)
+    logs.start(log_format, auto=json_mode or not sys.stderr.isatty(), level=level)
 
 
 def batch_view(batch_id: str, view: Callable[[BatchState], T]) -> T:
