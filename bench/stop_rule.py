@@ -106,13 +106,16 @@ def _enough(s: Scoring) -> bool:
     return per_essay(s["c"], ESSAYS) >= DEFAULT_MIN_COMPARISONS_PER_ESSAY
 
 
-def rule(path: list[Scoring], k: int, target: float) -> bool:
+def _rule_with(s: Scoring, reliability: float | None, target: float) -> bool:
+    """CJ's rule (`cj.stopping.is_reliable`) at scoring `s`, with `reliability` for its R."""
     from cj.stopping import StopRule, is_reliable, per_essay
 
-    s = path[k]
-    return is_reliable(
-        StopRule(target_reliability=target), s["R"], s["stability"], per_essay(s["c"], ESSAYS)
-    )
+    rule = StopRule(target_reliability=target)
+    return is_reliable(rule, reliability, s["stability"], per_essay(s["c"], ESSAYS))
+
+
+def rule(path: list[Scoring], k: int, target: float) -> bool:
+    return _rule_with(path[k], path[k]["R"], target)
 
 
 def r_only(path: list[Scoring], k: int, target: float) -> bool:
@@ -123,13 +126,11 @@ def r_only(path: list[Scoring], k: int, target: float) -> bool:
 def smoothed(m: int) -> Rule:
     def stops(path: list[Scoring], k: int, target: float) -> bool:
         s = path[k]
-        if not (_enough(s) and s["stability"] is not None and s["stability"] >= 0.99):
-            return False
         last = [x for x in path[max(0, k - m + 1) : k + 1] if x["R"] and 0.0 < x["R"] < 1.0]
         if not last:
             return False
         a = math.exp(sum(math.log(x["c"] * (1.0 - x["R"]) / x["R"]) for x in last) / len(last))
-        return bool(s["c"] / (s["c"] + a) >= target)
+        return _rule_with(s, s["c"] / (s["c"] + a), target)
 
     return stops
 
