@@ -28,6 +28,8 @@ from events.types import (
     WaveSubmitted,
 )
 from lps.providers.base import Judgement
+from projections.batch import BatchState
+from projections.replay import replay
 from projections.store import encode_state, load_state, read_raw
 from streams.keys import Keys
 from streams.paging import read_stream
@@ -208,6 +210,13 @@ async def snapshot(r: Any, keys: Keys, batch_id: str) -> dict[str, dict[str, str
 
 def canonical(state: Any, keys: Keys) -> dict[str, dict[str, str]]:
     return encode_state(state, keys)
+
+
+async def replay_equals_live(r: Any, keys: Keys, batch_id: str) -> BatchState:
+    """The batch replayed from the streams, asserted equal to its live projection."""
+    replayed: BatchState = (await replay(r, keys, {batch_id}))[0][batch_id]
+    assert await snapshot(r, keys, batch_id) == canonical(replayed, keys)
+    return replayed
 
 
 async def append_batch_event(r: Any, keys: Keys, event: Any) -> None:

@@ -57,6 +57,7 @@ from tests.helpers import (
     events_of,
     failed,
     registration,
+    replay_equals_live,
     snapshot,
     until,
     wave,
@@ -334,12 +335,6 @@ def _meanwhile(
     return deciding, decisions
 
 
-async def _replay_equal(r: Any, keys: Keys, batch_id: str) -> None:
-    assert await snapshot(r, keys, batch_id) == canonical(
-        (await replay(r, keys, {batch_id}))[0][batch_id], keys
-    )
-
-
 async def test_a_callback_applied_while_deciding_a_wave_is_counted_and_the_wave_kept(
     engine: Engine, r: Any, keys: Keys
 ) -> None:
@@ -355,7 +350,7 @@ async def test_a_callback_applied_while_deciding_a_wave_is_counted_and_the_wave_
     assert state is not None and state.orphans == 1 and state.callbacks_received == 1
     assert state.waves == 1 and state.in_flight == state.submitted == len(taken.requests)
     assert set(state.corr) == {q.correlation_id for q in taken.requests}
-    await _replay_equal(r, keys, "b1")
+    await replay_equals_live(r, keys, "b1")
 
 
 async def test_a_decision_written_while_deciding_voids_the_other(
@@ -380,7 +375,7 @@ async def test_a_decision_written_while_deciding_voids_the_other(
     assert {q.correlation_id for q in requests} == {q.correlation_id for q in written.requests}
     waves = [e for _, e in await events_of(r, keys.batches) if isinstance(e, WaveSubmitted)]
     assert len(waves) == 1
-    await _replay_equal(r, keys, "b1")
+    await replay_equals_live(r, keys, "b1")
 
 
 async def _ids_are_numbered_once(r: Any, keys: Keys, batch_id: str) -> list[str]:
@@ -437,7 +432,7 @@ async def test_a_wave_numbered_on_a_state_another_wave_was_written_on_is_not_wri
     assert same == [q.correlation_id for q in written.requests]
     assert same[0] == str(len(first.requests) + 1)
     await _ids_are_numbered_once(r, keys, "b1")
-    await _replay_equal(r, keys, "b1")
+    await replay_equals_live(r, keys, "b1")
 
 
 async def test_racing_deciders_and_callbacks_never_repeat_a_correlation_id(
@@ -477,7 +472,7 @@ async def test_racing_deciders_and_callbacks_never_repeat_a_correlation_id(
         raise AssertionError("the batch did not end")
     ids = await _ids_are_numbered_once(r, keys, "race")
     assert len(ids) > len(reg.essays) * 2, "more than the first wave was planned"
-    await _replay_equal(r, keys, "race")
+    await replay_equals_live(r, keys, "race")
 
 
 async def test_a_callback_applied_while_deciding_the_end_voids_it(
@@ -498,7 +493,7 @@ async def test_a_callback_applied_while_deciding_the_end_voids_it(
     assert len(ends) == 1
     state = await load_state(r, keys, batch_id)
     assert state is not None and state.orphans == 1 and state.terminal and state.in_flight == 0
-    await _replay_equal(r, keys, batch_id)
+    await replay_equals_live(r, keys, batch_id)
 
 
 def _appended(unit: Any) -> list[tuple[str, str]]:

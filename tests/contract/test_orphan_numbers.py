@@ -19,7 +19,6 @@ from cj.registration import append_registration
 from events.streams import CJ_GROUP
 from events.types import ComparisonCompleted, ComparisonRequested, WaveSubmitted
 from projections.batch import BatchState
-from projections.replay import replay
 from projections.store import CallbackApplier, load_state
 from streams.keys import Keys
 from streams.reader import ensure_group
@@ -27,11 +26,10 @@ from tests.contract.engines import Engine
 from tests.helpers import (
     append_and_read,
     apply_callbacks,
-    canonical,
     completed,
     events_of,
     registration,
-    snapshot,
+    replay_equals_live,
 )
 
 
@@ -66,12 +64,6 @@ async def _asked(r: Any, keys: Keys, batch_id: str) -> list[str]:
     ]
 
 
-async def _replay_equals_live(r: Any, keys: Keys, batch_id: str) -> BatchState:
-    replayed = (await replay(r, keys, {batch_id}))[0][batch_id]
-    assert await snapshot(r, keys, batch_id) == canonical(replayed, keys)
-    return replayed
-
-
 async def test_a_number_an_orphan_named_is_passed_over_and_replay_equals_live(
     r: Any, keys: Keys
 ) -> None:
@@ -94,7 +86,7 @@ async def test_a_number_an_orphan_named_is_passed_over_and_replay_equals_live(
     ids = [q.correlation_id for q in second.requests]
     assert ids[:3] == [str(n + 2), str(n + 4), str(n + 5)]
     assert not set(forged_ids) & set(await _asked(r, keys, "b1"))
-    replayed = await _replay_equals_live(r, keys, "b1")
+    replayed = await replay_equals_live(r, keys, "b1")
     assert (replayed.orphans, replayed.submitted) == (2, n + len(ids))
     assert not set(forged_ids) & set(replayed.corr)
 
@@ -129,7 +121,7 @@ async def test_a_wave_numbered_before_an_orphan_named_one_of_its_ids_is_decided_
         q.correlation_id for q in again.requests
     ]
     assert forged not in await _asked(r, keys, "b1")
-    replayed = await _replay_equals_live(r, keys, "b1")
+    replayed = await replay_equals_live(r, keys, "b1")
     assert replayed.orphan_ids == {forged: 1} and forged not in replayed.corr
 
 
@@ -152,5 +144,5 @@ async def test_an_orphan_naming_an_id_outside_the_wave_keeps_the_wave(
 
     assert await advance(r, keys, "b1", decider=deciding) is not None
     assert len(decisions) == 1
-    state = await _replay_equals_live(r, keys, "b1")
+    state = await replay_equals_live(r, keys, "b1")
     assert state.orphan_ids == {"9999": 1}
