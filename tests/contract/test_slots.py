@@ -7,15 +7,12 @@ multi-key command. The keys of each unit are found the way redis-py's cluster cl
 them (`AsyncCommandsParser`, from the COMMAND table of a real redis-server), then hashed
 (`redis.crc.key_slot`).
 
-Two properties:
-- under the namespace's hash-tagged prefix (the engine's `{t...}:`, a deployment's
-  `CJS_PREFIX='{cjs}:'`), every unit is in one slot: this must hold, and does;
-- once keys carry a per-partition tag, the keys of a batch (its projection hashes, its
-  `lps:answered` hash, the `lps:batchapi` markers of its requests) carry that batch's partition
-  while the rest of today's namespace (the four streams, the DLQs, `proj:batches`, `proj:stats`,
-  cooldowns) stays shared. A unit mixing the two, or two batches, would span slots: those are
-  marked xfail(strict) with the reason. Issue 12 puts every key of a partition under its tag;
-  then those units XPASS, the strict marks fail, and go.
+Under the namespace's hash-tagged prefix (the engine's `{t...}:`, a deployment's
+`CJS_PREFIX='{cjs}:'`, or one partition's `{p<k>}:`: `streams/keys.py`), every unit is in one
+slot. Units naming the keys of two partitions do not exist by construction: each partition's
+keys come from its own `Keys` and each worker step works on one partition; the cluster tests
+(tests/test_cluster.py, 6 partitions over 3 masters) run the whole pipeline where such a
+unit would be refused with CROSSSLOT.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ from cj.registration import append_registration
 from cj.stalls import finalize_stalled
 from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
-from events.types import ComparisonCompleted, ComparisonFailed, ComparisonRequested, Mode
+from events.types import ComparisonRequested, Mode
 from lps.cooldown import Cooldown
 from lps.message_batches import MessageBatches, PreparedBundle
 from lps.modes import batch_api
@@ -46,7 +43,6 @@ from projections.replay import read_horizon
 from projections.store import CallbackApplier
 from streams.dlq import _DEAD_LETTER_LUA
 from streams.keys import Keys
-from streams.paging import read_stream
 from streams.pending import pending_details, prune_consumer, release_entries
 from streams.reader import Entry, ensure_group
 from streams.trim import trim_below
@@ -276,49 +272,17 @@ class Scenario:
     run: Run
     # The kind of unit the scenario is about (it records at least one).
     kind: str
-    # Why the unit would span slots once keys carry a per-partition tag (None: it would not).
-    spans_partitions: str | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "registration": Scenario(
-        registering,
-        "transaction",
-        "appends to cj:batches and indexes in proj:batches, with the batch's projection",
-    ),
-    "advance: next wave": Scenario(
-        next_wave,
-        "transaction",
-        "appends to cj:batches and lps:requests under WATCH of the batch's hash",
-    ),
-    "advance: end of the batch": Scenario(
-        batch_end, "transaction", "appends to cj:batches under WATCH of the batch's hash"
-    ),
-    "stalled close": Scenario(
-        stalled_close, "transaction", "appends to cj:batches under WATCH of the batch's hash"
-    ),
-    "callback.lua": Scenario(
-        callback_apply,
-        "script",
-        "XACKs on cj:callbacks and counts in proj:stats, with the batch's hashes",
-    ),
-    "LPS commit": Scenario(
-        lps_commit,
-        "script",
-        "XADD cj:callbacks and XACK lps:requests with each request's lps:answered hash; "
-        "results of several batches share one commit-script call",
-    ),
-    "LPS expiry": Scenario(
-        lps_expiry,
-        "script",
-        "appends to lps:dispatches and cj:callbacks with the lps:answered hashes",
-    ),
-    "Message Batch dispatch": Scenario(
-        message_batch_dispatch,
-        "transaction",
-        "appends to lps:dispatches with the lps:batchapi index of a bundle of several batches "
-        "(and reads that index with one MGET)",
-    ),
+    "registration": Scenario(registering, "transaction"),
+    "advance: next wave": Scenario(next_wave, "transaction"),
+    "advance: end of the batch": Scenario(batch_end, "transaction"),
+    "stalled close": Scenario(stalled_close, "transaction"),
+    "callback.lua": Scenario(callback_apply, "script"),
+    "LPS commit": Scenario(lps_commit, "script"),
+    "LPS expiry": Scenario(lps_expiry, "script"),
+    "Message Batch dispatch": Scenario(message_batch_dispatch, "transaction"),
     "bundle dispatch": Scenario(bundle_dispatch, "transaction"),
     "dead-lettering": Scenario(dead_lettering, "script"),
     "dead-lettering after max deliveries": Scenario(max_deliveries_dead_letter, "script"),
@@ -374,83 +338,14 @@ class SpansSlots(AssertionError):
     """A unit whose keys hash to more than one slot."""
 
 
-def one_slot(units: list[tuple[Unit, set[str]]], tag: Callable[[str], str]) -> None:
-    """Every unit's keys, as `tag` names them, hash to one slot."""
+def one_slot(units: list[tuple[Unit, set[str]]]) -> None:
+    """Every unit's keys hash to one slot."""
     for unit, keys in units:
-        if len({key_slot(tag(k).encode()) for k in keys}) > 1:
+        if len({key_slot(k.encode()) for k in keys}) > 1:
             raise SpansSlots(f"{unit.kind} {unit.names()} spans slots: {sorted(keys)}")
 
 
-def partition_tag(keys: Keys, batch_of: dict[str, str]) -> Callable[[str], str]:
-    """A key as it would be named once batch keys carry their partition's tag (the worst case:
-    any two batches in different partitions) and the rest of the namespace does not."""
-
-    def tag(key: str) -> str:
-        assert key.startswith(keys.prefix), f"{key} is outside the namespace {keys.prefix}"
-        rest = key[len(keys.prefix) :]
-        batch = re.match(r"(?:proj:batch|lps:answered):([^:]+)", rest)
-        marker = re.match(r"lps:(?:done|batchapi):(.+)", rest)
-        if batch:
-            return f"{{partition-of-{batch[1]}}}:{rest}"
-        if marker:
-            cid = marker[1]
-            return f"{{partition-of-{batch_of.get(cid, 'request ' + cid)}}}:{rest}"
-        return f"{keys.prefix}{rest}"
-
-    return tag
-
-
-async def _batches_of_requests(r: Any, keys: Keys) -> dict[str, str]:
-    """correlation id -> batch id, from the requests and callbacks in the streams."""
-    out = {}
-    for stream in (keys.requests, keys.callbacks):
-        async for _, fields in read_stream(r, stream):
-            try:
-                event = codec.decode(fields)
-            except codec.DecodeError:
-                continue
-            if isinstance(event, ComparisonRequested | ComparisonCompleted | ComparisonFailed):
-                out[event.correlation_id] = event.batch_id
-    return out
-
-
-@dataclass(frozen=True)
-class Recorded:
-    keys: Keys  # the namespace it ran in
-    units: list[tuple[Unit, set[str]]]
-    batch_of: dict[str, str]  # correlation id -> batch id
-
-
-# Both properties look at the same recording of a scenario: it is run once per session.
-_recorded: dict[str, Recorded] = {}
-
-
-async def recorded(
-    name: str, r: Any, keys: Keys, parser: AsyncCommandsParser, mp: pytest.MonkeyPatch
-) -> Recorded:
-    if name not in _recorded:
-        scenario = SCENARIOS[name]
-        units = await atomic_units(parser, await scenario.run(r, keys, mp))
-        assert any(u.kind == scenario.kind for u, _ in units), f"no {scenario.kind} recorded"
-        _recorded[name] = Recorded(keys, units, await _batches_of_requests(r, keys))
-    return _recorded[name]
-
-
-def _cases(partitioned: bool) -> list[Any]:
-    out = []
-    for name, scenario in SCENARIOS.items():
-        marks = []
-        if partitioned and scenario.spans_partitions:
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True, reason=scenario.spans_partitions, raises=AssertionError
-                )
-            )
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
-
-
-@pytest.mark.parametrize("scenario", _cases(partitioned=False))
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
 async def test_every_unit_is_in_one_slot_under_a_hash_tagged_prefix(
     r: Any,
     keys: Keys,
@@ -458,23 +353,13 @@ async def test_every_unit_is_in_one_slot_under_a_hash_tagged_prefix(
     monkeypatch: pytest.MonkeyPatch,
     scenario: str,
 ) -> None:
-    rec = await recorded(scenario, r, keys, key_parser, monkeypatch)
-    assert re.fullmatch(r"\{[^}]+\}:", rec.keys.prefix)
-    for _, unit_keys in rec.units:
-        assert all(k.startswith(rec.keys.prefix) for k in unit_keys), unit_keys
-    one_slot(rec.units, lambda key: key)
-
-
-@pytest.mark.parametrize("scenario", _cases(partitioned=True))
-async def test_every_unit_is_in_one_slot_under_per_partition_tags(
-    r: Any,
-    keys: Keys,
-    key_parser: AsyncCommandsParser,
-    monkeypatch: pytest.MonkeyPatch,
-    scenario: str,
-) -> None:
-    rec = await recorded(scenario, r, keys, key_parser, monkeypatch)
-    one_slot(rec.units, partition_tag(rec.keys, rec.batch_of))
+    run, kind = SCENARIOS[scenario].run, SCENARIOS[scenario].kind
+    units = await atomic_units(key_parser, await run(r, keys, monkeypatch))
+    assert any(u.kind == kind for u, _ in units), f"no {kind} recorded"
+    assert re.fullmatch(r"\{[^}]+\}:", keys.prefix)
+    for _, unit_keys in units:
+        assert all(k.startswith(keys.prefix) for k in unit_keys), unit_keys
+    one_slot(units)
 
 
 async def test_the_slot_check_sees_a_unit_across_slots(
@@ -491,9 +376,4 @@ async def test_the_slot_check_sees_a_unit_across_slots(
     assert [u.kind for u, _ in units] == ["transaction", "script"]
     for unit in units:
         with pytest.raises(AssertionError, match="spans slots"):
-            one_slot([unit], lambda key: key)
-    # And a batch's hash next to a shared stream is split by the per-partition tags.
-    tag = partition_tag(keys, {})
-    with pytest.raises(AssertionError, match="spans slots"):
-        one_slot([(units[0][0], {keys.key("proj:batch:b1"), keys.callbacks})], tag)
-    one_slot([(units[0][0], {keys.key("proj:batch:b1"), keys.key("proj:batch:b1:corr")})], tag)
+            one_slot([unit])
