@@ -15,10 +15,17 @@ one (requests on `lps:requests`, the projection's pending correlation ids). Then
 2. CJ: a consumer reads `--cj-page` callbacks a read and applies them (callback.lua); its
    batch is never advanced (that is the decision's cost, not the apply's).
 
+3. The floor: the same traffic with nothing but the streams' commands, on the same entries,
+   pages and client. LPS: a page of the requests read, the callbacks LPS wrote for them
+   appended again and the page acknowledged, in one pipeline; CJ: a page of those read, and
+   acknowledged and counted by one script call. No decoding, judging, checking, metrics or
+   logs: what a comparison costs this client and Redis before any of the pipeline's work.
+
 Per round, CPU time of this process (getrusage: user + system) and of Redis (INFO cpu),
 µs per comparison; the best of `--rounds` rounds (a fresh batch each). The figures are
 what the end-to-end run's "worker" share is made of besides the decisions (bench/latency.py),
-free of its noise: compare revisions with bench/compare_commits.py.
+free of its noise: compare revisions with bench/compare_commits.py. The floor says how much
+of it the pipeline's own work is (issue 11's 0.5 ms: see docs/operations.md's figures).
 """
 
 from __future__ import annotations
@@ -138,6 +145,7 @@ async def _round(url: str, n: int, lps_page: int, cj_page: int) -> dict[str, flo
     state = await load_state(r, keys, batch_id)
     assert state is not None and state.accepted == n, state and state.accepted
     assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
+    floor = await _floor(r, keys, n, lps_page, cj_page)
     await r.aclose()
     us = 1e6 / n
     return {
@@ -145,6 +153,50 @@ async def _round(url: str, n: int, lps_page: int, cj_page: int) -> dict[str, flo
         "lps_redis_us": (rcpu1 - rcpu0) * us,
         "cj_us": (cpu3 - cpu2) * us,
         "cj_redis_us": (rcpu3 - rcpu2) * us,
+        **floor,
+    }
+
+
+_COUNT_LUA = """
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('HINCRBY', KEYS[2], 'accepted', #ARGV - 1)
+"""
+
+
+async def _floor(r: Any, keys: Keys, n: int, lps_page: int, cj_page: int) -> dict[str, float]:
+    """The floor (3. above): the round's requests and callbacks again, through new groups."""
+    callbacks = [fields for _, fields in await r.xrange(keys.callbacks)]
+    floor_callbacks, counter = keys.key("floor:callbacks"), keys.key("floor:count")
+    await r.xgroup_create(keys.requests, "floor", id="0")
+    await r.xgroup_create(floor_callbacks, "floor", id="0", mkstream=True)
+    count = r.register_script(_COUNT_LUA)
+
+    cpu0, rcpu0 = process_cpu_s(), await redis_cpu_s(r)
+    done = 0
+    while done < n:
+        reply = await r.xreadgroup("floor", "f", {keys.requests: ">"}, count=lps_page)
+        ids = [entry_id for entry_id, _ in reply[0][1]]
+        pipe = r.pipeline(transaction=False)
+        for k in range(len(ids)):
+            pipe.xadd(floor_callbacks, callbacks[done + k])
+        pipe.xack(keys.requests, "floor", *ids)
+        await pipe.execute()
+        done += len(ids)
+    cpu1, rcpu1 = process_cpu_s(), await redis_cpu_s(r)
+    done = 0
+    while done < n:
+        reply = await r.xreadgroup("floor", "f", {floor_callbacks: ">"}, count=cj_page)
+        ids = [entry_id for entry_id, _ in reply[0][1]]
+        await count(keys=[floor_callbacks, counter], args=["floor", *ids])
+        done += len(ids)
+    cpu2, rcpu2 = process_cpu_s(), await redis_cpu_s(r)
+    assert int(await r.hget(counter, "accepted")) == n
+    us = 1e6 / n
+    return {
+        "lps_floor_us": (cpu1 - cpu0) * us,
+        "lps_floor_redis_us": (rcpu1 - rcpu0) * us,
+        "cj_floor_us": (cpu2 - cpu1) * us,
+        "cj_floor_redis_us": (rcpu2 - rcpu1) * us,
     }
 
 
