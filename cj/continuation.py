@@ -353,16 +353,22 @@ def _at_the_end(
     )
 
 
-def final_scores(state: BatchState, scored: BatchScored) -> BatchScored:
+def final_scores(
+    state: BatchState, scored: BatchScored, pairs: BatchPairs | None = None
+) -> BatchScored:
     """`score(state, final=True)` from `scored`, the batch's last `score(state)`: the classical
     SSR and the split-half reliability added and graded, without fitting again (speed,
-    issue 11)."""
+    issue 11); ``pairs``: the decision's `BatchPairs` of the state, when taken."""
     assert scored.reliability is not None, "score() always says how reliable it is"
     ids = [e.essay_id for e in state.essays]
     # θ and SE as recorded (rounded to 6 digits): what `score(state, final=True)` gives too.
     full = {s.essay_id: (s.theta, s.se) for s in scored.scores}
     reliability = _at_the_end(
-        scored.reliability, ids, comparisons_of(state), state.config.seed, full
+        scored.reliability,
+        ids,
+        (pairs or BatchPairs(state)).comparisons,
+        state.config.seed,
+        full,
     )
     scored = msgspec.structs.replace(
         scored, reliability=reliability, ssr=reliability.ssr, split_half=reliability.split_half
@@ -590,12 +596,13 @@ def decide(state: BatchState, overlap: float = 1.0) -> Decision | None:
         if out > _out_at(overlap, size):
             return None
         return early_wave(state)
-    decision = _decide(state)
+    pairs = BatchPairs(state)  # once for the decision (issue 11)
+    decision = _decide(state, pairs)
     if isinstance(decision.terminal, BatchFinalized):
         # The batch's last scores carry what is too costly for every wave.
         for k, event in enumerate(decision.events):
             if isinstance(event, BatchScored):
-                decision.events[k] = final_scores(state, event)
+                decision.events[k] = final_scores(state, event, pairs)
     return decision
 
 
@@ -621,10 +628,9 @@ def early_wave(state: BatchState) -> Decision | None:
     return Decision(events=[scored, submitted], requests=requests)
 
 
-def _decide(state: BatchState) -> Decision:
+def _decide(state: BatchState, pairs: BatchPairs) -> Decision:
     decision = Decision()
     scored: BatchScored | None = None
-    pairs = BatchPairs(state)  # once for the decision (issue 11)
     if state.waves > state.scored_wave:
         scored = score(state, pairs=pairs)
         decision.events.append(scored)
