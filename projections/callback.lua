@@ -1,6 +1,9 @@
 -- Apply one callback to its batch projection and acknowledge its entry, atomically.
 -- A transcription of projections/batch.py:apply_callback; tests hold the two equal.
 -- `before(a, b)`, the order of entry ids, is prepended from streams/lua.py (ENTRY_ID_ORDER).
+-- So are the accessors of the batch's own fields (projections/store.py): `known`, `get`, `set`,
+-- `add` (a small count) and `added` (the same, giving the new value); one callback's script
+-- writes through, a page's script keeps them until the page's end.
 -- KEYS: 1 batch hash, 2 corr hash, 3 orphans hash, 4 callbacks stream, 5 stats hash,
 --       6 the group's handled set, 7 the parked dead letters (hash), 8 the callbacks' DLQ,
 --       9 range hash (the batch's last applied callback: replay of one batch reads up to it),
@@ -26,18 +29,18 @@ elseif redis.call('ZADD', KEYS[6], 'NX', tonumber(string.match(ARGV[2], '^(%d+)'
   -- Applied before the group was destroyed and recreated below it (streams/reader.py).
   return {'replayed', -1}
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if not known(KEYS[1]) then
   redis.call('HINCRBY', KEYS[5], 'orphans_unknown_batch', 1)
   return {'orphan', -2}
 end
-local last_applied = redis.call('HGET', KEYS[9], 'last:cj:callbacks')
+local last_applied = get(KEYS[9], 'last:cj:callbacks')
 if (not last_applied) or before(last_applied, ARGV[2]) then
-  redis.call('HSET', KEYS[9], 'last:cj:callbacks', ARGV[2])
+  set(KEYS[9], 'last:cj:callbacks', ARGV[2])
 end
-redis.call('HINCRBY', KEYS[1], 'callbacks_received', 1)
-local last = redis.call('HGET', KEYS[1], 'last_event_at')
+add(KEYS[1], 'callbacks_received', 1)
+local last = get(KEYS[1], 'last_event_at')
 if (not last) or ARGV[5] > last then
-  redis.call('HSET', KEYS[1], 'last_event_at', ARGV[5])
+  set(KEYS[1], 'last_event_at', ARGV[5])
 end
 local cid = ARGV[3]
 local new = ARGV[4]
@@ -53,19 +56,19 @@ if current then
   other = pair and ('[' .. string.sub(pair, string.find(pair, ',', 1, true) + 1)) ~= ARGV[8]
 end
 if (not current) or other then
-  redis.call('HINCRBY', KEYS[1], 'orphans', 1)
+  add(KEYS[1], 'orphans', 1)
   redis.call('HINCRBY', KEYS[3], cid, 1)
   return {'orphan', other and -3 or -1}
 end
-redis.call('HINCRBY', KEYS[1], 'cost_nusd', ARGV[7])
+redis.call('HINCRBY', KEYS[1], 'cost_nusd', ARGV[7])  -- any int64: not summed in Lua's doubles
 if current == 'abandoned' then
-  redis.call('HINCRBY', KEYS[1], 'late_callbacks', 1)
+  add(KEYS[1], 'late_callbacks', 1)
   return {'late', -1}
 end
 if current == 'pending' then
   redis.call('HSET', KEYS[2], cid, new)
-  redis.call('HINCRBY', KEYS[1], counter, 1)
-  local left = redis.call('HINCRBY', KEYS[1], 'in_flight', -1)
+  add(KEYS[1], counter, 1)
+  local left = added(KEYS[1], 'in_flight', -1)
   return {'accepted', left}
 end
 local old_kind, old_entry = string.match(current, '^(%a) (%S+)')
@@ -73,9 +76,9 @@ if before(ARGV[2], old_entry) then
   redis.call('HSET', KEYS[2], cid, new)
   if old_kind ~= kind then
     local old_counter = (old_kind == 'c') and 'completed' or 'failed'
-    redis.call('HINCRBY', KEYS[1], counter, 1)
-    redis.call('HINCRBY', KEYS[1], old_counter, -1)
+    add(KEYS[1], counter, 1)
+    add(KEYS[1], old_counter, -1)
   end
 end
-redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
+add(KEYS[1], 'duplicates', 1)
 return {'duplicate', -1}
