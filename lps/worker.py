@@ -95,6 +95,7 @@ end
 local function skip()
   a = a + 1 + tonumber(ARGV[a])
 end
+local renewed = {}
 for i = 1, tonumber(ARGV[4]) do
   local entry, token, cid, nextra = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   a = a + 4
@@ -104,7 +105,12 @@ for i = 1, tonumber(ARGV[4]) do
     append(KEYS[2])
     redis.call('XACK', KEYS[1], ARGV[1], entry)
     redis.call('HSET', KEYS[3 + i], cid, token)
-    redis.call('EXPIRE', KEYS[3 + i], ARGV[3])
+    -- Once a hash a call: a second EXPIRE would move a 7-day deadline by microseconds at
+    -- most (Redis 7 keeps a script's clock still: not at all). Issue 11: a command a comparison.
+    if not renewed[KEYS[3 + i]] then
+      redis.call('EXPIRE', KEYS[3 + i], ARGV[3])
+      renewed[KEYS[3 + i]] = true
+    end
     out[i] = 'committed'
   else
     for j = 0, nextra do skip() end
