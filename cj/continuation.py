@@ -363,13 +363,8 @@ def final_scores(
     ids = [e.essay_id for e in state.essays]
     # θ and SE as recorded (rounded to 6 digits): what `score(state, final=True)` gives too.
     full = {s.essay_id: (s.theta, s.se) for s in scored.scores}
-    reliability = _at_the_end(
-        scored.reliability,
-        ids,
-        (pairs or BatchPairs(state)).comparisons,
-        state.config.seed,
-        full,
-    )
+    pairs = pairs if pairs is not None else BatchPairs(state)
+    reliability = _at_the_end(scored.reliability, ids, pairs.comparisons, state.config.seed, full)
     scored = msgspec.structs.replace(
         scored, reliability=reliability, ssr=reliability.ssr, split_half=reliability.split_half
     )
