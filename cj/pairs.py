@@ -53,7 +53,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import msgspec
 import numpy as np
@@ -64,6 +64,8 @@ import scipy.linalg.lapack
 from cj.graph import components
 
 FloatArray = npt.NDArray[np.float64]
+# The adaptive planner's Σ and gain matrices: double, or single above `_SINGLE_FROM` essays.
+RealArray = npt.NDArray[np.floating[Any]]
 IntArray = npt.NDArray[np.intp]
 BoolArray = npt.NDArray[np.bool_]
 
@@ -75,6 +77,23 @@ _DEFAULT_SE = 1.5
 _STRIP_ROWS = 128
 # Candidate partners kept per essay for the adaptive greedy search.
 _PARTNERS_PER_ESSAY = 24
+# From this many essays the adaptive planner holds Σ and computes its gains in single
+# precision (speed, issue 11: BLAS and numpy's loops do twice the numbers a cycle; at
+# n = 1,000 with a 20k history plan_wave's CPU went 0.34 → 0.24 s, 0.83–0.87 of it from 200
+# to 500 essays). Below, numpy's per-call overhead is the cost, not arithmetic (no gain at
+# 100 essays), so small batches keep double precision and their pairs to the bit. The gains
+# only rank candidates: from a float32 Σ (H's condition ≈ 40 with its prior) they come out
+# to ≈ 1e-6, far below what separates pairs worth choosing. (The tie-breaking jitter, 1e-9,
+# rounds away in a single gain matrix; it still orders the candidates re-scored, in Python
+# floats.) Same pairs on 120 of 120 random instances of 2 to 1,000 essays
+# (bench/plan_wave.py --agree 120) and in tests/test_pairs_pinned.py's cases of 300 and
+# 1,000 essays.
+_SINGLE_FROM = 200
+
+
+def _precision(n: int) -> type[np.floating[Any]]:
+    """The float type of the adaptive planner's Σ and gains for ``n`` essays."""
+    return np.float32 if n >= _SINGLE_FROM else np.float64
 
 
 Selector = Literal["a_optimal", "information"]
@@ -179,34 +198,39 @@ def expected_information(mu: FloatArray, var: FloatArray) -> FloatArray:
     return 0.25 * np.sqrt(_S2 / t) * np.exp(-0.5 * mu * mu / t)
 
 
-def _spd_inverse(h: FloatArray) -> FloatArray | None:
-    """H⁻¹ of a symmetric positive definite H (bitwise symmetric), or None if H is not
-    numerically definite; H is overwritten. Speed (issue 11): by Cholesky, a quarter of the
-    time of `np.linalg.inv`'s LU at n = 1,000, on H's transpose (the same matrix, in the
-    order LAPACK wants) in place: no copies of it."""
-    factor, info = scipy.linalg.lapack.dpotrf(h.T, lower=False, overwrite_a=True)
+def _spd_inverse(h: FloatArray, dtype: type[np.floating[Any]]) -> RealArray | None:
+    """H⁻¹ of a symmetric positive definite H (bitwise symmetric) in ``dtype`` (double or
+    single), or None if H is not numerically definite; H is overwritten. Speed (issue 11):
+    by Cholesky, a quarter of the time of `np.linalg.inv`'s LU at n = 1,000, on H's
+    transpose (the same matrix, in the order LAPACK wants) in place: no copies of it (but
+    the one into single precision)."""
+    lapack = scipy.linalg.lapack
+    single = dtype == np.float32
+    potrf, potri = (lapack.spotrf, lapack.spotri) if single else (lapack.dpotrf, lapack.dpotri)
+    factor, info = potrf(h.T.astype(np.float32) if single else h.T, lower=False, overwrite_a=True)
     if info != 0:
         return None
-    inv, info = scipy.linalg.lapack.dpotri(factor, lower=False, overwrite_c=True)
+    inv, info = potri(factor, lower=False, overwrite_c=True)
     if info != 0:
         return None
-    # dpotri fills the upper triangle of a Fortran array: the lower one of its C
+    # potri fills the upper triangle of a Fortran array: the lower one of its C
     # transpose, mirrored into the upper.
-    out = np.asarray(inv.T, dtype=np.float64)
+    out: RealArray = inv.T
     _mirror_upper(out.T)
     return out
 
 
-def _inverse(make: Callable[[], FloatArray]) -> FloatArray:
-    """H⁻¹ of the H ``make`` returns: by Cholesky (`_spd_inverse`), else (not numerically
-    definite) by LU of a second H from ``make`` (the Cholesky overwrote the first)."""
-    inv = _spd_inverse(make())
+def _inverse(make: Callable[[], FloatArray], dtype: type[np.floating[Any]]) -> RealArray:
+    """H⁻¹ of the H ``make`` returns, in ``dtype``: by Cholesky (`_spd_inverse`), else (not
+    numerically definite) by LU of a second H from ``make`` (the Cholesky overwrote the
+    first)."""
+    inv = _spd_inverse(make(), dtype)
     if inv is None:
-        inv = np.asarray(np.linalg.inv(make()), dtype=np.float64)
+        inv = np.asarray(np.linalg.inv(make()), dtype=dtype)
     return inv
 
 
-def _mirror_upper(mat: FloatArray) -> None:
+def _mirror_upper(mat: RealArray) -> None:
     """mat's strict lower triangle set to the transpose of its upper one, in place. Speed
     (issue 11): block by block, only the cells written are read (a masked copy of the whole
     transpose read all n² and made two n × n masks)."""
@@ -228,9 +252,10 @@ def _strict_lower(size: int) -> BoolArray:
     return mask
 
 
-def _rank1_downdate(cov: FloatArray, v: FloatArray, c: float) -> None:
-    """cov −= c·v·vᵀ in place (BLAS dger on the symmetric matrix's Fortran view)."""
-    out = scipy.linalg.blas.dger(-c, v, v, a=cov.T, overwrite_a=True)
+def _rank1_downdate(cov: RealArray, v: RealArray, c: float) -> None:
+    """cov −= c·v·vᵀ in place (BLAS ?ger on the symmetric matrix's Fortran view)."""
+    ger = scipy.linalg.blas.sger if cov.dtype == np.float32 else scipy.linalg.blas.dger
+    out = ger(-c, v, v, a=cov.T, overwrite_a=True)
     if not np.shares_memory(out, cov):  # pragma: no cover - BLAS made a copy
         cov[...] = out.T
 
@@ -243,21 +268,23 @@ class _Sigma:
 
     BLOCK = 32
 
-    def __init__(self, cov: FloatArray) -> None:
+    def __init__(self, cov: RealArray) -> None:
         self.cov = cov
-        self._v = np.empty((cov.shape[0], self.BLOCK), order="F")
+        self._v = np.empty((cov.shape[0], self.BLOCK), order="F", dtype=cov.dtype)
         self._c = np.empty(self.BLOCK)
         # The pending v's times their c, row by row: the c·v[x] a column applies, ready (the
         # same products: multiplication commutes exactly), a numpy call fewer (speed).
-        self._cv = np.empty((cov.shape[0], self.BLOCK))
+        self._cv = np.empty((cov.shape[0], self.BLOCK), dtype=cov.dtype)
+        # ?gemm of Σ's precision for the blocks of downdates.
+        self._gemm = scipy.linalg.blas.sgemm if cov.dtype == np.float32 else scipy.linalg.blas.dgemm
         self._k = 0
         self._pending = self._v[:, :0]  # the pending v's (the first k columns of _v)
         # Columns read since Σ last changed: the candidates re-scored between two downdates
         # share their essays, a third of the reads are new (speed, issue 11). The very
         # arrays `column` computed, so the same values to the bit.
-        self._columns: dict[int, FloatArray] = {}
+        self._columns: dict[int, RealArray] = {}
 
-    def column(self, x: int) -> FloatArray:
+    def column(self, x: int) -> RealArray:
         cached = self._columns.get(x)
         if cached is not None:
             return cached
@@ -269,7 +296,7 @@ class _Sigma:
         self._columns[x] = col
         return col
 
-    def downdate(self, v: FloatArray, c: float) -> None:
+    def downdate(self, v: RealArray, c: float) -> None:
         self._columns.clear()
         self._v[:, self._k] = v
         self._c[self._k] = c
@@ -279,7 +306,7 @@ class _Sigma:
         if self._k == self.BLOCK:
             self._flush()
 
-    def matrix(self) -> FloatArray:
+    def matrix(self) -> RealArray:
         self._flush()
         return self.cov
 
@@ -291,7 +318,7 @@ class _Sigma:
         elif k > 1:
             v = self._v[:, :k]
             # Σ is symmetric: its transpose is the Fortran-ordered array BLAS updates in place.
-            out = scipy.linalg.blas.dgemm(
+            out = self._gemm(
                 -1.0, v * self._c[:k], v, beta=1.0, c=self.cov.T, trans_b=True, overwrite_c=True
             )
             if not np.shares_memory(out, self.cov):  # pragma: no cover - BLAS made a copy
@@ -361,12 +388,16 @@ class _Work:
     (issue 11): a fresh n × n array costs its page faults on every use, about as much as
     the arithmetic done in it."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, dtype: type[np.floating[Any]]) -> None:
         # The gain matrix and Σ's centred columns (n × n), the strips' other scratch (rows × n).
+        # Zeros, not np.empty's leftovers: `_Planner._anchor_bonus` scales whole rows and
+        # columns of the gain matrix, the cells below its triangle too (leftover bits read
+        # as single floats can overflow there).
         strip = min(_STRIP_ROWS, n) * n
-        self._flat = [np.empty(size) for size in (n * n, n * n, strip, strip)]
+        self.dtype = dtype
+        self._flat = [np.zeros(size, dtype=dtype) for size in (n * n, n * n, strip, strip)]
 
-    def buffer(self, k: int, rows: int, cols: int | None = None) -> FloatArray:
+    def buffer(self, k: int, rows: int, cols: int | None = None) -> RealArray:
         cols = rows if cols is None else cols
         return self._flat[k][: rows * cols].reshape(rows, cols)
 
@@ -753,7 +784,7 @@ class _Planner:
         ii, jj = np.nonzero(np.triu(ok, 1))
         return used[ii], used[jj]
 
-    def _anchor_bonus(self, values: FloatArray, used: IntArray, anchor_bonus: float) -> None:
+    def _anchor_bonus(self, values: RealArray, used: IntArray, anchor_bonus: float) -> None:
         """values × (1 + anchor_bonus), in place, for the student–anchor pairs of ``used``
         whose anchor grade the student has not met yet (the rest × 1, left as they are)."""
         if anchor_bonus <= 0:
@@ -786,8 +817,8 @@ class _Planner:
         return 1.0 + anchor_bonus if new else 1.0
 
     def _gain_matrix(
-        self, cov: FloatArray, theta: FloatArray, used: IntArray, jitter: FloatArray, work: _Work
-    ) -> FloatArray:
+        self, cov: RealArray, theta: FloatArray, used: IntArray, jitter: FloatArray, work: _Work
+    ) -> RealArray:
         """A-optimal gain (× the tie-breaking jitter) of every pair of the essays ``used``, as
         a matrix (in ``work``) whose upper triangle holds it: I·‖CΣ(e_i − e_j)‖² / (1 + I·d),
         with d = Var(θ_i − θ_j) and I the expected information of the comparison. Speed
@@ -795,7 +826,8 @@ class _Planner:
         the upper triangle (about half the block, in scratch small enough to stay in
         cache); each operation is the one `expected_information` and the formula make,
         with the same operands, so the upper triangle holds the same values to the bit.
-        ``used`` is in increasing order: only the jitter's upper triangle holds its values."""
+        ``used`` is in increasing order: only the jitter's upper triangle holds its values.
+        In Σ's precision, that of ``work``."""
         u = len(used)
         full = u == self.n
         diag = cov.diagonal()[used]
@@ -807,9 +839,10 @@ class _Planner:
         # sub.mean(axis=0) to the bit (the sums over the count), without its wrapper.
         np.subtract(sub, np.add.reduce(sub, axis=0, keepdims=True) / len(sub), out=centred)
         # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
-        s2 = scipy.linalg.blas.dsyrk(1.0, centred, trans=1, lower=0)
+        syrk = scipy.linalg.blas.ssyrk if work.dtype == np.float32 else scipy.linalg.blas.dsyrk
+        s2 = syrk(1.0, centred, trans=1, lower=0)
         s2d = s2.diagonal()
-        th = theta[used]
+        th = theta[used].astype(work.dtype, copy=False)
         out = work.buffer(0, u)
         rows = _STRIP_ROWS
         for r0 in range(0, u, rows):
@@ -864,7 +897,7 @@ class _Planner:
         return info * float(vc.dot(vc)) / (1.0 + info * d), v, info, d
 
     def _shortlist(
-        self, used: IntArray, ok: BoolArray, values: FloatArray, work: _Work
+        self, used: IntArray, ok: BoolArray, values: RealArray, work: _Work
     ) -> _Candidates:
         """Each essay's best partners (a wide but bounded candidate set), best first, among
         the open pairs ``ok`` of the essays ``used`` (values in the upper triangle)."""
@@ -908,7 +941,8 @@ class _Planner:
         posterior variance of the centred θ, Σ updated after every pair (rank one). Gains
         are computed for all open pairs, then re-ranked lazily: a popped candidate whose
         gain is stale is re-scored and pushed back unless it still leads."""
-        cov = self._sigma(theta, var)
+        dtype = _precision(self.n)
+        cov = self._sigma(theta, var, dtype)
         jitter = self.rng.random((self.n, self.n))
         jitter *= 1e-9
         jitter += 1.0
@@ -918,7 +952,7 @@ class _Planner:
         for r0 in range(0, self.n, rows):
             r1 = min(r0 + rows, self.n)
             np.minimum(jitter[r0:r1, r0:], jitter[r0:, r0:r1].T, out=jitter[r0:r1, r0:])
-        work = _Work(self.n)
+        work = _Work(self.n, dtype)
         # Speed (issue 11): essays at their cap for this wave, for a cheap first test of the
         # many candidates that die (most of them, in a matching wave), which the candidate
         # list also skips when it is asked for its best. The live candidates come out in
@@ -996,15 +1030,17 @@ class _Planner:
             if self._open(x, y, per_essay_cap):
                 self.add(x, y)
 
-    def _posterior_covariance(self, theta: FloatArray, var: FloatArray | None) -> FloatArray:
-        """Σ = H⁻¹ at θ: Fisher information of the live comparisons plus a N(0, τ²) prior
-        (a unit prior before the first fit: variances from the graph alone). With a fit
-        (``var``), H is of the comparisons it saw (not those in flight: `_sigma`)."""
+    def _posterior_covariance(
+        self, theta: FloatArray, var: FloatArray | None, dtype: type[np.floating[Any]]
+    ) -> RealArray:
+        """Σ = H⁻¹ at θ (in ``dtype``): Fisher information of the live comparisons plus a
+        N(0, τ²) prior (a unit prior before the first fit: variances from the graph alone).
+        With a fit (``var``), H is of the comparisons it saw (not those in flight: `_sigma`)."""
         if var is None:
-            return _inverse(lambda: self._information(theta, 1.0, *self._edges()))
+            return _inverse(lambda: self._information(theta, 1.0, *self._edges()), dtype)
         prior = 1.0 / max(_variance(theta) + _mean(var), 1e-2)
         edges = self._edges(answered=True)
-        cov = _inverse(lambda: self._information(theta, prior, *edges))
+        cov = _inverse(lambda: self._information(theta, prior, *edges), dtype)
         # Keep the correlation structure of the graph but the variances of the latest
         # fit (which knows η, the fitted prior and comparisons this sketch may not).
         scale = np.sqrt(var / np.maximum(cov.diagonal(), 1e-12))
@@ -1012,9 +1048,11 @@ class _Planner:
         cov *= scale[None, :]
         return cov
 
-    def _sigma(self, theta: FloatArray, var: FloatArray | None) -> _Sigma:
-        """The greedy's Σ: `_posterior_covariance`, then, with a fit, the pairs in flight
-        counted as answered, each at its expected information I under that Σ (a
+    def _sigma(
+        self, theta: FloatArray, var: FloatArray | None, dtype: type[np.floating[Any]]
+    ) -> _Sigma:
+        """The greedy's Σ (in ``dtype``): `_posterior_covariance`, then, with a fit, the pairs
+        in flight counted as answered, each at its expected information I under that Σ (a
         comparison's Fisher information does not depend on its outcome): by the greedy's
         own rank-one downdates, Σ = (Σ⁻¹ + Σ_k I_k·d_k·d_kᵀ)⁻¹, d_k = e_x − e_y. Before,
         they were in Σ's graph but the rescaling to the fit's variances took them out again,
@@ -1022,7 +1060,7 @@ class _Planner:
         spend pairs on uncertainty they are about to remove (docs/statistics.md, "Pairs in
         flight", for what it changes). Nothing in flight (no overlap): Σ as before, to the
         bit."""
-        cov = _Sigma(self._posterior_covariance(theta, var))
+        cov = _Sigma(self._posterior_covariance(theta, var, dtype))
         if var is None or not len(self.pending_a):
             return cov
         x, y = self.pending_a, self.pending_b

@@ -6,6 +6,7 @@ which saw only the comparisons back. Checked against the formula written out wit
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,7 +60,13 @@ def _expected_information(mu: float, d: float) -> float:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("pending", [0, 1, 5])
-def test_sigma_is_the_rescaled_fit_plus_the_pairs_in_flight(seed: int, pending: int) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "rtol"),
+    [(np.float64, 1e-9), (np.float32, 1e-4)],  # the planner's two precisions (`_precision`)
+)
+def test_sigma_is_the_rescaled_fit_plus_the_pairs_in_flight(
+    seed: int, pending: int, dtype: type[np.floating[Any]], rtol: float
+) -> None:
     history = _history(seed, pending)
     theta, var = _fit(seed)
     at = {e: i for i, e in enumerate(IDS)}
@@ -78,8 +85,9 @@ def test_sigma_is_the_rescaled_fit_plus_the_pairs_in_flight(seed: int, pending: 
         precision[a, b] -= info
         precision[b, a] -= info
     expected = np.linalg.inv(precision)
-    ours = _planner(history)._sigma(theta, var).matrix()
-    assert np.allclose(ours, expected, rtol=1e-9, atol=1e-12)
+    ours = _planner(history)._sigma(theta, var, dtype).matrix()
+    assert ours.dtype == dtype
+    assert np.allclose(ours, expected, rtol=rtol, atol=rtol * 1e-3)
     if pending:  # each essay in flight is less uncertain than the fit says (it will be)
         busy = sorted({e for pair in asked for e in pair})
         assert np.all(np.diag(ours)[busy] < var[busy] - 1e-6)
