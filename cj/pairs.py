@@ -925,9 +925,9 @@ class _Planner:
         # The order a heap of (−gain, i, j) pops them in: they come sorted by (i, j).
         order = np.argsort(neg)
         ranked = neg[order]
-        if bool((ranked[1:] == ranked[:-1]).any()):  # ties: keep (i, j) order
-            order = np.argsort(neg, kind="stable")
-            ranked = neg[order]
+        ties = ranked[1:] == ranked[:-1]
+        if bool(ties.any()):
+            order = _in_place_order(order, ties)
         return _Candidates(ranked.tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
@@ -1089,6 +1089,19 @@ class _Planner:
         np.negative(h.sum(axis=1), out=diagonal)
         diagonal += prior
         return h
+
+
+def _in_place_order(order: IntArray, ties: BoolArray) -> IntArray:
+    """``order`` (an argsort) with each run of equal keys in increasing index order, as a
+    stable argsort gives it: ``ties[k]`` says that the keys at ``order[k]`` and
+    ``order[k + 1]`` are equal. Speed (issue 11): by one more quicksort, of the unique keys
+    run × len + index, at a fifth of a stable sort's time; gains in single precision tie
+    in most rounds of a large plan (`_SINGLE_FROM`)."""
+    run = np.empty(len(order), dtype=np.int64)
+    run[0] = 0
+    np.cumsum(~ties, out=run[1:])
+    key = run * len(order) + order
+    return order[np.argsort(key)]
 
 
 def _mean(x: FloatArray) -> float:
