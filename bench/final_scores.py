@@ -52,9 +52,9 @@ def capture(batches: int, essays: int) -> list[tuple[Any, Any]]:
     caught: list[tuple[Any, Any]] = []
     original = continuation.final_scores
 
-    def spy(state: Any, scored: Any) -> Any:
+    def spy(state: Any, scored: Any, pairs: Any = None) -> Any:
         caught.append((copy.deepcopy(state), copy.deepcopy(scored)))
-        return original(state, scored)
+        return original(state, scored, pairs)
 
     continuation.final_scores = spy
     try:
