@@ -928,7 +928,7 @@ class _Planner:
         ranked = neg[order]
         ties = ranked[1:] == ranked[:-1]
         if bool(ties.any()):
-            order = _in_place_order(order, ties)
+            order = _ties_in_index_order(order, ties)
         return _Candidates(ranked.tolist(), xs[order].tolist(), ys[order].tolist())
 
     def adaptive(
@@ -1092,7 +1092,7 @@ class _Planner:
         return h
 
 
-def _in_place_order(order: IntArray, ties: BoolArray) -> IntArray:
+def _ties_in_index_order(order: IntArray, ties: BoolArray) -> IntArray:
     """``order`` (an argsort) with each run of equal keys in increasing index order, as a
     stable argsort gives it: ``ties[k]`` says that the keys at ``order[k]`` and
     ``order[k + 1]`` are equal. Speed (issue 11): by one more quicksort, of the unique keys

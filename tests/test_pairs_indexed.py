@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cj.continuation import BatchPairs
-from cj.pairs import IndexedHistory, _history_arrays, _in_place_order, plan_wave
+from cj.pairs import IndexedHistory, _history_arrays, _ties_in_index_order, plan_wave
 from projections.batch import PENDING
 from tests.test_continuation_pairs import VALUES, _state, reference_history
 
@@ -69,9 +69,9 @@ def test_a_pair_of_an_essay_with_itself_is_refused_as_before() -> None:
 
 @given(st.lists(st.integers(0, 6), min_size=8, max_size=300))
 def test_tied_runs_put_in_index_order_give_the_stable_argsort(keys: list[int]) -> None:
-    """The shortlist's order of tied gains (`_in_place_order`): that of a stable sort."""
+    """The shortlist's order of tied gains (`_ties_in_index_order`): that of a stable sort."""
     x = np.array(keys, dtype=np.float32)
     order = np.argsort(x)
     ties = x[order][1:] == x[order][:-1]
     assert ties.any()  # eight draws of seven values
-    assert np.array_equal(_in_place_order(order, ties), np.argsort(x, kind="stable"))
+    assert np.array_equal(_ties_in_index_order(order, ties), np.argsort(x, kind="stable"))
