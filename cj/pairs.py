@@ -58,8 +58,7 @@ from typing import Any, Literal, overload
 import msgspec
 import numpy as np
 import numpy.typing as npt
-import scipy.linalg.blas
-import scipy.linalg.lapack
+import scipy.linalg
 
 from cj.graph import components
 
@@ -205,10 +204,8 @@ def _spd_inverse(h: FloatArray, dtype: type[np.floating[Any]]) -> RealArray | No
     by Cholesky, a quarter of the time of `np.linalg.inv`'s LU at n = 1,000, on H's
     transpose (the same matrix, in the order LAPACK wants) in place: no copies of it (but
     the one into single precision)."""
-    lapack = scipy.linalg.lapack
-    single = dtype == np.float32
-    potrf, potri = (lapack.spotrf, lapack.spotri) if single else (lapack.dpotrf, lapack.dpotri)
-    factor, info = potrf(h.T.astype(np.float32) if single else h.T, lower=False, overwrite_a=True)
+    potrf, potri = scipy.linalg.get_lapack_funcs(("potrf", "potri"), dtype=dtype)
+    factor, info = potrf(h.T.astype(dtype, copy=False), lower=False, overwrite_a=True)
     if info != 0:
         return None
     inv, info = potri(factor, lower=False, overwrite_c=True)
@@ -255,7 +252,7 @@ def _strict_lower(size: int) -> BoolArray:
 
 def _rank1_downdate(cov: RealArray, v: RealArray, c: float) -> None:
     """cov −= c·v·vᵀ in place (BLAS ?ger on the symmetric matrix's Fortran view)."""
-    ger = scipy.linalg.blas.sger if cov.dtype == np.float32 else scipy.linalg.blas.dger
+    ger = scipy.linalg.get_blas_funcs("ger", dtype=cov.dtype)
     out = ger(-c, v, v, a=cov.T, overwrite_a=True)
     if not np.shares_memory(out, cov):  # pragma: no cover - BLAS made a copy
         cov[...] = out.T
@@ -277,7 +274,7 @@ class _Sigma:
         # same products: multiplication commutes exactly), a numpy call fewer (speed).
         self._cv = np.empty((cov.shape[0], self.BLOCK), dtype=cov.dtype)
         # ?gemm of Σ's precision for the blocks of downdates.
-        self._gemm = scipy.linalg.blas.sgemm if cov.dtype == np.float32 else scipy.linalg.blas.dgemm
+        self._gemm = scipy.linalg.get_blas_funcs("gemm", dtype=cov.dtype)
         self._k = 0
         self._pending = self._v[:, :0]  # the pending v's (the first k columns of _v)
         # Columns read since Σ last changed: the candidates re-scored between two downdates
@@ -840,7 +837,7 @@ class _Planner:
         # sub.mean(axis=0) to the bit (the sums over the count), without its wrapper.
         np.subtract(sub, np.add.reduce(sub, axis=0, keepdims=True) / len(sub), out=centred)
         # Only the upper triangle is read: a symmetric rank-k product, half a GEMM.
-        syrk = scipy.linalg.blas.ssyrk if work.dtype == np.float32 else scipy.linalg.blas.dsyrk
+        syrk = scipy.linalg.get_blas_funcs("syrk", dtype=work.dtype)
         s2 = syrk(1.0, centred, trans=1, lower=0)
         s2d = s2.diagonal()
         th = theta[used].astype(work.dtype, copy=False)
