@@ -5,10 +5,12 @@ from __future__ import annotations
 from copy import copy
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster, TransactionStrategy
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,6 +25,12 @@ from streams.packing import install as packed_by_hiredis
 # 8.1's cluster transactions call RESP2's HGETALL reply callback with a `keys` argument it
 # does not take (TypeError), so it keeps redis-py's default.
 PROTOCOL = 2
+
+# What CLIENT SETINFO tells the server, given once: left to redis-py, a pool made from a URL
+# looks its own version up in the installed packages' metadata for every connection it opens
+# (≈ 0.5 ms of CPU each, 2.6 ms on a busy machine): at start-up, and again for every
+# connection after Redis comes back.
+DRIVER = DriverInfo(lib_version=redis.__version__)
 
 
 class TopologyChanged(RedisConnectionError):
@@ -132,6 +140,7 @@ def connect(
                 # Per node: every partition's loop blocks on a connection of its own (redis-py's
                 # default of 100 runs out with 16 partitions on one master).
                 max_connections=4096,
+                driver_info=DRIVER,
             ),
             mask_url(url),
         )
@@ -144,6 +153,7 @@ def connect(
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=15,
             socket_connect_timeout=connect_timeout_s,
+            driver_info=DRIVER,
         )
         # Commands packed in C (redis-py's asyncio client packs them in Python; the cluster
         # client's nodes make their own connections and keep redis-py's packing).

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
+import redis.utils
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -89,6 +91,32 @@ async def test_commands_and_pipelines_on_a_redis_server(shared_redis_server: Any
     finally:
         await r.delete(key, f"{key}:s", f"{key}:h")
         await r.aclose()
+
+
+async def test_connections_name_the_driver_without_looking_its_version_up(
+    shared_redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections still give CLIENT SETINFO redis-py's name and version (Redis 7.2 shows
+    them; Debian's 7.0 ignores it), given once (streams/client.py), not looked up in the
+    packages' metadata for every connection a pool opens."""
+
+    def looked_up() -> str:
+        raise AssertionError("redis-py looked its version up for a connection")
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", looked_up)
+    r, _ = connect(shared_redis_server.url)
+    try:
+        for _ in range(3):  # new connections of the pool, each introduced to the server
+            conn = r.connection_pool.make_connection()
+            await conn.connect()
+            info = conn.driver_info
+            assert (info.name, info.lib_version) == ("redis-py", redis.__version__)
+            await conn.disconnect()
+        assert await r.ping()
+    finally:
+        await r.aclose()
+    cluster, _ = connect(shared_redis_server.url, cluster=True)  # it connects when first used
+    assert cluster.connection_kwargs["driver_info"].lib_version == redis.__version__
 
 
 async def test_the_client_speaks_resp2(shared_redis_server: Any) -> None:
