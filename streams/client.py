@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from copy import copy
 from typing import Any
 
@@ -21,9 +22,8 @@ from streams.packing import install as packed_by_hiredis
 # RESP2, as every reply here is read (issue 11): redis-py 8 asks for RESP3 by default, and
 # hiredis builds a RESP3 map (HGETALL, a batch's pairs and callbacks) about five times slower
 # than the flat RESP2 array redis-py then pairs up: 0.84 against 0.16 ms of client CPU for a
-# 1,089-field hash. redis-py 5 to 7 spoke RESP2 unless asked. Not the cluster client: redis-py
-# 8.1's cluster transactions call RESP2's HGETALL reply callback with a `keys` argument it
-# does not take (TypeError), so it keeps redis-py's default.
+# 1,089-field hash. redis-py 5 to 7 spoke RESP2 unless asked. The cluster client too
+# (`Cluster`: it mends the one thing of redis-py 8.1's cluster transactions that RESP2 breaks).
 PROTOCOL = 2
 
 # What CLIENT SETINFO tells the server, given once: left to redis-py, a pool made from a URL
@@ -94,9 +94,26 @@ class _Pipeline(ClusterPipeline):
             raise TopologyChanged(f"slots refreshed under {args[0]!r}: {exc}") from exc
 
 
+def _keys_dropped(callback: Callable[..., Any]) -> Callable[..., Any]:
+    def call(response: Any, keys: Any = None, **options: Any) -> Any:
+        return callback(response, **options)
+
+    return call
+
+
 class Cluster(RedisCluster):
     """redis-py's `RedisCluster`, with the two faults of a moving cluster it does not
-    absorb reported as `TopologyChanged` (a ConnectionError) instead."""
+    absorb reported as `TopologyChanged` (a ConnectionError) instead, speaking RESP2.
+
+    redis-py 8.1's cluster transactions hand every reply callback the command's options,
+    `keys` among them (its client-side cache's), which RESP2's callbacks do not take
+    (HGETALL's: a TypeError; its RESP3 ones happen to); its other paths drop `keys` first.
+    So every callback here drops it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command, callback in list(self.response_callbacks.items()):
+            self.response_callbacks[command] = _keys_dropped(callback)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -131,6 +148,7 @@ def connect(
             Cluster.from_url(
                 url,
                 decode_responses=False,
+                protocol=PROTOCOL,
                 retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=retries),
                 socket_connect_timeout=connect_timeout_s,
                 # A failover leaves slots uncovered for a few seconds: commands wait
