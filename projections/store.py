@@ -311,38 +311,16 @@ def _texts(mapping: dict[bytes | str, bytes | str]) -> dict[str, str]:
         return {as_str(k): as_str(v) for k, v in mapping.items()}
 
 
-# KEYS: a batch's projection keys. Their HGETALLs, flat, in one atomic step.
-_READ_ALL_LUA = """
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
-return out
-"""
-
-
-def _paired(flat: list[Any]) -> dict[Any, Any]:
-    """An HGETALL's flat reply as the dictionary RESP2's reply callback makes of it."""
-    items = iter(flat)
-    return dict(zip(items, items, strict=True))
-
-
 async def read_raw(
     r: Any, keys: Keys, batch_id: str, *, atomic: bool = False
 ) -> dict[str, dict[bytes | str, bytes | str]]:
-    """The batch's projection keys as stored; `atomic`: in one step, so that no write (a
-    callback's, a decision's) falls between the reads of two keys.
-
-    That step is a script, not a MULTI/EXEC: as atomic, and on a Redis Cluster it spares
-    redis-py's cluster transaction, which runs each of its commands in a thread with an event
-    loop of its own while the caller's loop waits: 4.7 against 1.0 ms of client CPU for a
-    batch of 1,500 pairs, the same on one server (bench/resp.py, session 16)."""
+    """The batch's projection keys as stored; `atomic`: in one MULTI/EXEC, so that no write
+    (a callback's, a decision's) falls between the reads of two keys."""
     names = pkeys.batch_keys(keys, batch_id)
-    if atomic:
-        values = list(map(_paired, await r.register_script(_READ_ALL_LUA)(keys=list(names))))
-    else:
-        pipe = r.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(name)
-        values = await pipe.execute()
+    pipe = r.pipeline(transaction=atomic)
+    for name in names:
+        pipe.hgetall(name)
+    values = await pipe.execute()
     return {name: value for name, value in zip(names, values, strict=True) if value}
 
 

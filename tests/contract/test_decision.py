@@ -273,16 +273,10 @@ async def test_a_decision_is_written_with_its_events_in_one_transaction_under_wa
     with recording() as recorder:
         first = await advance(r, keys, "b1")
     assert first is not None and len(first.requests) == 4
-    # The state was read in one script (atomic as a transaction: projections/store.py's
-    # read_raw): the batch's projection keys. A first EVALSHA may find no script loaded.
-    names = pkeys.batch_keys(keys, "b1")
-    reads = [u.calls[0] for u in recorder.scripts()]
-    assert reads and all(
-        call[0] in ("EVAL", "EVALSHA")
-        and tuple(map(str, call[2 : 3 + len(names)])) == (str(len(names)), *names)
-        for call in reads
+    [read, unit] = recorder.transactions()
+    assert set(read.names()) == {"HGETALL"} and ("HGETALL", pkeys.batch(keys, "b1")) in read.texts(
+        "HGETALL"
     )
-    [unit] = recorder.transactions()
     assert unit.names()[0] == "WATCH" and unit.texts("WATCH")[0][1:] == (pkeys.batch(keys, "b1"),)
     assert [stream for stream, _ in _appended(unit)] == [keys.requests] * 4 + [keys.batches]
     assert {pkeys.batch(keys, "b1"), pkeys.batch_corr(keys, "b1")} <= {
@@ -299,7 +293,7 @@ async def test_a_decision_is_written_with_its_events_in_one_transaction_under_wa
     with recording() as recorder:
         last = await advance(r, keys, "b1")
     assert last is not None and last.terminal is not None
-    [unit] = recorder.transactions()
+    [_, unit] = recorder.transactions()
     assert [kind for _, kind in _appended(unit)] == ["BatchScored", "BatchFinalized"]
     assert pkeys.batch(keys, "b1") in {c[1] for c in unit.texts("HSET")}
     state = await load_state(r, keys, "b1")
