@@ -5,6 +5,7 @@ each, a slot migrated mid-batch, a master SIGKILLed mid-batch and its replica pr
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections import Counter
@@ -28,6 +29,7 @@ from projections.store import list_batches, load_state
 from streams.client import TopologyChanged, connect
 from streams.dlq import dead_letter
 from streams.keys import Keys
+from streams.packing import _HiredisPacking
 from streams.paging import read_stream
 from streams.reader import Entry, Fields
 from tests.helpers import (
@@ -340,4 +342,33 @@ async def test_the_cluster_client_speaks_resp2_in_and_out_of_transactions(
         pipe.hmget(key, ["a", "b"])
         pipe.hset(key, "c", 2)
         assert await pipe.execute() == [{b"a": b"1", b"b": b"x"}, [b"1", b"x"], 1]
+    await rc.delete(key)
+
+
+async def test_a_transaction_runs_on_the_callers_thread_and_packs_with_hiredis(
+    cluster: RedisClusterServer, rc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py runs each command of a cluster transaction (WATCH, reads under it, commands
+    after MULTI) in a thread with an event loop of its own, the caller's loop stopped
+    meanwhile; the client here runs none (streams/client.py `_Transaction`), and every node's
+    connections pack commands with hiredis, as the standalone client's."""
+    started: list[threading.Thread] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    key = f"{{tx{uuid.uuid4().hex[:6]}}}:h"
+    await rc.hset(key, "a", 1)
+    async with rc.pipeline(transaction=True) as pipe:
+        await pipe.watch(key)
+        assert await pipe.hgetall(key) == {b"a": b"1"}
+        pipe.multi()
+        pipe.hset(key, "a", 2)
+        pipe.eval("return redis.call('HGET', KEYS[1], 'a')", 1, key)
+        assert await pipe.execute() == [0, b"2"]
+    assert started == []
+    assert all(issubclass(node.connection_class, _HiredisPacking) for node in rc.get_nodes())
     await rc.delete(key)

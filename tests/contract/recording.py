@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from redis.asyncio.connection import AbstractConnection
 
+from streams.packing import _HiredisPacking
+
 Call = tuple[Any, ...]
 
 
@@ -99,16 +101,31 @@ class Recorder:
 
 @contextmanager
 def recording() -> Iterator[Recorder]:
-    """Record every command sent by any redis-py asyncio connection inside the block."""
+    """Record every command sent by any redis-py asyncio connection inside the block: packed
+    by redis-py, or by hiredis (streams/packing.py, which hands redis-py what it does not
+    pack itself: that command is recorded once)."""
     recorder = Recorder()
-    original = AbstractConnection.pack_command
+    packing: list[Any] = []  # the connections packing a command now
 
-    def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
-        recorder.see(id(self), args)
-        return original(self, *args)
+    def recorded(original: Any) -> Any:
+        def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
+            if self in packing:
+                return original(self, *args)  # type: ignore[no-any-return]
+            recorder.see(id(self), args)
+            packing.append(self)
+            try:
+                return original(self, *args)  # type: ignore[no-any-return]
+            finally:
+                packing.remove(self)
 
-    AbstractConnection.pack_command = pack_command  # type: ignore[method-assign]
+        return pack_command
+
+    classes: list[Any] = [AbstractConnection, _HiredisPacking]
+    originals = [cls.__dict__["pack_command"] for cls in classes]
+    for cls, original in zip(classes, originals, strict=True):
+        cls.pack_command = recorded(original)
     try:
         yield recorder
     finally:
-        AbstractConnection.pack_command = original  # type: ignore[method-assign]
+        for cls, original in zip(classes, originals, strict=True):
+            cls.pack_command = original
