@@ -39,7 +39,6 @@ from events.types import Callback, ComparisonCompleted, ComparisonFailed, Event
 from projections import keys as pkeys
 from projections.store import CallbackApplier, list_batches
 from streams.consumer import GroupConsumer, GroupOptions
-from streams.durability import is_cluster
 from streams.errors import policy_of
 from streams.keys import Keys
 from streams.metrics import labelled
@@ -97,12 +96,10 @@ class CJConsumer(GroupConsumer[Callback]):
         callbacks = await self.accepted(entries)
         if not callbacks:
             return
-        # One round trip for the page: each callback's apply is atomic on its own.
+        # One round trip for the page: each callback's apply is atomic on its own. The page's
+        # keys are its partition's, one slot on a cluster too.
         with CJ_STEP_SECONDS.labels("apply").time():
-            if is_cluster(self.r):  # EVALSHA one by one: each loads its script where it runs
-                results = [await self.applier.apply(c, e.entry_id) for e, c in callbacks]
-            else:  # the page in one script call (one slot)
-                results = await self.applier.apply_page([(c, e.entry_id) for e, c in callbacks])
+            results = await self.applier.apply_page([(c, e.entry_id) for e, c in callbacks])
             await self.durable()
         to_advance = self.report(callbacks, results)
         for batch_id in sorted(to_advance):

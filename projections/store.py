@@ -401,7 +401,8 @@ class CallbackApplier:
 
     async def apply_page(self, callbacks: list[tuple[Callback, str]]) -> list[list[Any]]:
         """(callback, entry id) of a page applied in one script call, in order, each as
-        `apply` would; the script's reply of each. One slot only: not for a cluster."""
+        `apply` would; the script's reply of each. Its keys must be in one slot on a cluster:
+        those of a partition's callbacks are (`_keys_of`)."""
         keys: list[str] = []
         args: list[str] = []
         for callback, entry_id in callbacks:
