@@ -32,6 +32,7 @@ from streams.keys import Keys
 from streams.packing import _HiredisPacking
 from streams.paging import read_stream
 from streams.reader import Entry, Fields
+from tests.contract.recording import recording
 from tests.helpers import (
     canonical,
     cli_json,
@@ -372,3 +373,21 @@ async def test_a_transaction_runs_on_the_callers_thread_and_packs_with_hiredis(
     assert started == []
     assert all(issubclass(node.connection_class, _HiredisPacking) for node in rc.get_nodes())
     await rc.delete(key)
+
+
+async def test_a_stream_read_asks_no_node_for_its_keys(
+    cluster: RedisClusterServer, rc: Any
+) -> None:
+    """redis-py asks a node for XREADGROUP's and XREAD's keys (COMMAND GETKEYS, a round trip)
+    before every read; the client here finds them itself (streams/client.py), a consumer
+    named like the STREAMS token included, and reads what redis-py reads."""
+    stream = f"{{rd{uuid.uuid4().hex[:6]}}}:s"
+    entry = await rc.xadd(stream, {"f": "v"})
+    await rc.xgroup_create(stream, "g", id="0")
+    with recording() as recorder:
+        grouped = await rc.xreadgroup("g", "STREAMS", {stream: ">"}, count=5)
+        plain = await rc.xread({stream: "0"}, count=5)
+    assert grouped == plain == [[stream.encode(), [(entry, {b"f": b"v"})]]]
+    sent = [call for unit in recorder.units for call in unit.calls]
+    assert [c[0].upper() for c in sent] == ["XREADGROUP", "XREAD"]
+    await rc.delete(stream)
