@@ -283,14 +283,15 @@ async def apply_callbacks(
     r: Any, applier: Any, callbacks: list[Any], ids: list[str], *, page: bool = True
 ) -> list[Any]:
     """callback.lua on each (callback, entry id) as the CJ consumer runs it: the page in one
-    script call, or on a Redis Cluster (which refuses a pipelined EVALSHA) one call at a time;
-    `page=False`: a script call each, pipelined (as a redrive applies parked letters)."""
+    script call (on a Redis Cluster too); `page=False`: a script call each, pipelined (as a
+    redrive applies parked letters), or on a Redis Cluster (which refuses a pipelined
+    EVALSHA) one call at a time."""
     from streams.durability import is_cluster
 
-    if is_cluster(r):
-        return [await applier.apply(c, i) for c, i in zip(callbacks, ids, strict=True)]
     if page:
         return list(await applier.apply_page(list(zip(callbacks, ids, strict=True))))
+    if is_cluster(r):
+        return [await applier.apply(c, i) for c, i in zip(callbacks, ids, strict=True)]
     async with r.pipeline(transaction=False) as pipe:
         for callback, entry_id in zip(callbacks, ids, strict=True):
             await applier.queue(pipe, callback, entry_id)
