@@ -38,7 +38,7 @@ class SingleFlight(Generic[K, V]):
         `queue(pipe, key)` queues a key's commands (returns how many), `learn(key, replies)`
         makes its value of their replies, or of the exception that stopped the round trip.
         Returns what ends the reads, to be called once with the replies of these commands (in
-        order) or that exception, whatever happens: nobody waits for ever."""
+        order) or that exception, whatever happens: nobody waits for ever. It never raises."""
         started: list[tuple[K, asyncio.Future[V], int]] = []
         for key in keys:
             if key not in self._inflight:
@@ -50,7 +50,17 @@ class SingleFlight(Generic[K, V]):
             for key, flight, n in started:
                 mine = replies[at : at + n] if isinstance(replies, list) else replies
                 at += n
-                value = learn(key, mine)
+                # Every flight ends, and `take` does not raise (the caller's other reads end
+                # after it), even when `learn` fails on a reply: a flight left open held every
+                # later read of its key for ever (`run` awaits it, `along` skips it). What
+                # `learn` raised goes to those waiting for that key.
+                try:
+                    value = learn(key, mine)
+                except Exception as exc:
+                    if not flight.done():
+                        flight.set_exception(exc)
+                        flight.exception()  # retrieved: nobody need be waiting for it
+                    continue
                 if not flight.done():
                     flight.set_result(value)
 
