@@ -25,7 +25,7 @@ import itertools
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Unpack
 
@@ -335,6 +335,9 @@ class LPSWorker(GroupConsumer[ComparisonRequested]):
         await self.committer.stop()
         for provider in self._provider_cache.values():
             await provider.aclose()
+
+    def holding(self) -> Collection[str]:
+        return self.in_hand
 
     # --- reading ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from typing import Any, ClassVar, Generic, TypedDict, TypeVar, cast
 
 import structlog
@@ -42,6 +43,10 @@ from streams.resilience import Backoff, wait_for_redis
 log = structlog.get_logger("streams.consumer")
 
 E = TypeVar("E", bound=Event)
+
+LOST_AFTER_MS = 5_000
+"""How long an entry of a consumer's own, pending but not in its hands, waits before it is
+taken for a delivery it never got (`GroupConsumer.reread_lost_deliveries`)."""
 
 
 class GroupOptions(TypedDict, total=False):
@@ -264,30 +269,44 @@ class GroupConsumer(Generic[E]):
             await self.handle(retry)
         return actions
 
+    def holding(self) -> Collection[str]:
+        """The entries this consumer is working on now, pending by design: none between pages
+        (the CJ consumer's reaper pass runs between them); the LPS worker's in hand."""
+        return ()
+
     async def reread_lost_deliveries(self) -> None:
         """Read again, through the reader's own-pending backlog, the entries this consumer holds
         but never got. Redis delivers a read's entries before it answers; when the connection
         drops in between and the client retries the read (redis-py's retries bridge a short
-        outage), the retry reads on after them. Nobody else claims them (`claim_idle` spares a
-        live consumer's own entries), so without this they stayed pending for ever and their
-        batch never ended. An entry in hand is never this idle: the CJ consumer holds none
-        between pages (the reaper pass runs between them), and the LPS worker refreshes what it
-        holds and leaves out what is in hand when it reads."""
+        outage, a failover's included), the retry reads on after them. Nobody else claims them
+        (`claim_idle` spares a live consumer's own entries), so without this they stayed
+        pending for ever and their batch never ended.
+
+        Such an entry is one of this consumer's pending entries that it is not `holding`, idle
+        `LOST_AFTER_MS` (or the processing timeout, when shorter), read again at the next
+        reaper pass: not a processing timeout later (120 s by default), since a batch's last
+        decision waits for every callback. Mistaking an entry that was only slow to reach its
+        handler costs a read: what is in hand is left out of a read, a request already
+        answered is acknowledged without a call, a callback already applied is not counted
+        again."""
+        held = self.holding()
+        # Oldest first, those in hand among them: one more row than those can fill.
         stale = await pending_details(
             self.r,
             self.stream,
             self.group,
-            min_idle_ms=self.timeout_ms,
+            min_idle_ms=min(self.timeout_ms, LOST_AFTER_MS),
             consumer=self.consumer,
-            count=1,
+            count=len(held) + 1,
         )
-        if stale:
+        lost = [row for row in stale if row["entry_id"] not in held]
+        if lost:
             log.warning(
                 "lost_delivery_read_again",
                 stream=self.stream_name,
                 consumer=self.consumer,
-                entry_id=stale[0]["entry_id"],
-                idle_ms=stale[0]["idle_ms"],
+                entry_id=lost[0]["entry_id"],
+                idle_ms=lost[0]["idle_ms"],
             )
             self.reader.rewind()
 

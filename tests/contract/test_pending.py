@@ -19,6 +19,7 @@ from events.types import ComparisonFailed, ComparisonRequested, RequestExpired
 from lps.providers.base import Judgement
 from lps.worker import LPSWorker
 from projections.store import load_state
+from streams.consumer import LOST_AFTER_MS
 from streams.dlq import read_dead_letters
 from streams.keys import Keys
 from streams.pending import (
@@ -374,3 +375,70 @@ async def test_own_entries_whose_delivery_was_lost_are_read_again_and_handled(
         assert all(state.corr[c].startswith("c ") for c in cids)
     else:
         assert sorted(judge.judged) == sorted(cids)
+
+
+async def _lose(r: Any, stream: str, group: str, consumer: str, idle_ms: int) -> list[str]:
+    """Deliver what is new to `consumer` as a read whose reply was lost would (pending to it,
+    never seen by it), idle `idle_ms`."""
+    ids = await deliver_to(r, stream, group, consumer)
+    await r.xclaim(stream, group, consumer, 0, ids, idle=idle_ms, justid=True)
+    return ids
+
+
+async def test_a_delivery_a_live_cj_consumer_never_got_is_read_again_at_its_next_pass(
+    r: Any, keys: Keys
+) -> None:
+    """A read's reply lost (a connection dropped, the client retrying the read) leaves its
+    entries pending to a consumer that never saw them, and nobody claims a live consumer's
+    entries: they are read again at its next reaper pass once `LOST_AFTER_MS` idle, not a
+    processing timeout (120 s) later, so the batch's last decision, which waits for every
+    callback, is not held up that long (a failover in tests/test_cluster.py did so)."""
+    batch_id, requests = await batch_with_wave(r, keys)
+    cj = CJConsumer(r, keys, "cj-live", processing_timeout_s=120.0, block_ms=10)
+    await cj.start()
+    assert await cj.step() == 0  # reading new entries now, its own backlog (none) behind it
+    fresh = requests[:1]
+    for q in fresh:
+        await r.xadd(keys.callbacks, codec.encode(answer(q)))
+    await _lose(r, keys.callbacks, CJ_GROUP, "cj-live", idle_ms=1_000)
+    await cj.maintain()  # only just lost: it may still be on its way
+    assert await cj.step() == 0
+    for q in requests[1:3]:
+        await r.xadd(keys.callbacks, codec.encode(answer(q)))
+    lost = await _lose(r, keys.callbacks, CJ_GROUP, "cj-live", idle_ms=LOST_AFTER_MS + 1_000)
+    assert await cj.step() == 0  # nothing new: the lost ones are not read by themselves
+
+    await cj.maintain()
+
+    assert await cj.step() == 3  # all of its own pending entries, the fresh one with them
+    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
+    state = await load_state(r, keys, batch_id)
+    assert state is not None and state.completed == 3
+    assert len(lost) == 2
+
+
+async def test_a_request_a_live_lps_worker_never_got_is_read_again_but_not_those_in_hand(
+    r: Any, keys: Keys
+) -> None:
+    """The LPS worker's entries in hand are pending by design, and stay so while their
+    calls last: only those pending to it and not in hand are taken for lost."""
+    _, requests = await batch_with_wave(r, keys)
+    await r.xgroup_create(keys.requests, LPS_GROUP, id="0", mkstream=True)
+    worker = LPSWorker(
+        r, keys, "lps-live", lambda _: Judge(), processing_timeout_s=120.0, block_ms=10
+    )
+    await worker.start()
+    try:
+        in_hand = [e.entry_id for e in await worker.reader.read()]
+        assert len(in_hand) == len(requests)
+        worker.in_hand.update(in_hand)  # as `handle` holds a page while its calls last
+        await r.xclaim(keys.requests, LPS_GROUP, "lps-live", 0, in_hand, idle=60_000, justid=True)
+        await worker.reread_lost_deliveries()
+        assert await worker.reader.read() == []  # nothing was taken for lost
+        await r.xadd(keys.requests, codec.encode(requests[0]))  # the same request, sent again
+        [lost] = await _lose(r, keys.requests, LPS_GROUP, "lps-live", idle_ms=LOST_AFTER_MS + 1_000)
+        await worker.reread_lost_deliveries()
+        read = [e.entry_id for e in await worker.reader.read()]
+        assert lost in read and set(read) <= {lost, *in_hand}
+    finally:
+        await worker.close()
