@@ -46,10 +46,18 @@ def _stuck(action: str) -> float:
 
 
 async def _set_deliveries(
-    r: Any, stream: str, group: str, owner: str, ids: list[str], count: int
+    r: Any,
+    stream: str,
+    group: str,
+    owner: str,
+    ids: list[str],
+    count: int,
+    *,
+    idle_ms: int = 600_000,
 ) -> None:
-    """Make entries look delivered `count` times and long idle, still owned by `owner`."""
-    await r.xclaim(stream, group, owner, 0, ids, idle=600_000, retrycount=count, justid=True)
+    """Make entries look delivered `count` times and idle `idle_ms` (long), still owned by
+    `owner`."""
+    await r.xclaim(stream, group, owner, 0, ids, idle=idle_ms, retrycount=count, justid=True)
 
 
 class RecordingJudge:
@@ -381,7 +389,7 @@ async def _lose(r: Any, stream: str, group: str, consumer: str, idle_ms: int) ->
     """Deliver what is new to `consumer` as a read whose reply was lost would (pending to it,
     never seen by it), idle `idle_ms`."""
     ids = await deliver_to(r, stream, group, consumer)
-    await r.xclaim(stream, group, consumer, 0, ids, idle=idle_ms, justid=True)
+    await _set_deliveries(r, stream, group, consumer, ids, 1, idle_ms=idle_ms)
     return ids
 
 
@@ -432,7 +440,7 @@ async def test_a_request_a_live_lps_worker_never_got_is_read_again_but_not_those
         in_hand = [e.entry_id for e in await worker.reader.read()]
         assert len(in_hand) == len(requests)
         worker.in_hand.update(in_hand)  # as `handle` holds a page while its calls last
-        await r.xclaim(keys.requests, LPS_GROUP, "lps-live", 0, in_hand, idle=60_000, justid=True)
+        await _set_deliveries(r, keys.requests, LPS_GROUP, "lps-live", in_hand, 1, idle_ms=60_000)
         await worker.reread_lost_deliveries()
         assert await worker.reader.read() == []  # nothing was taken for lost
         await r.xadd(keys.requests, codec.encode(requests[0]))  # the same request, sent again
