@@ -89,8 +89,16 @@ XADD = ("XADD", "bench:xadd", "*", "f", "v")
 
 
 def _worker(
-    url: str, prefix: str, env: dict[str, str], options: dict[str, Any], stop: str, out: str
+    url: str,
+    prefix: str,
+    env: dict[str, str],
+    options: dict[str, Any],
+    stop: str,
+    out: str,
+    core: int | None = None,
 ) -> None:
+    if core is not None:  # before any thread starts: they inherit it
+        os.sched_setaffinity(0, {core})
     os.environ.update(env)
     configure(json_logs=True, level="ERROR")
     # As `cjs worker` does: the provider SDK (which classifies the mock's 429s too) loads now,
@@ -366,6 +374,7 @@ def run(
     env: dict[str, str],
     options: dict[str, Any],
     seed: int = 11,
+    pin: bool = False,
 ) -> Run:
     keys = Keys(f"lat{uuid.uuid4().hex[:6]}:")
     tmp = tempfile.mkdtemp()
@@ -374,7 +383,10 @@ def run(
     ctx = mp.get_context("spawn")
     opts = {**options, "wave_overlap": overlap}
     procs = [
-        ctx.Process(target=_worker, args=(url, keys.prefix, env, opts, stop, outs[i]))
+        ctx.Process(
+            target=_worker,
+            args=(url, keys.prefix, env, opts, stop, outs[i], i + 1 if pin else None),
+        )
         for i in range(workers)
     ]
     for p in procs:
@@ -423,6 +435,20 @@ def run(
 
 
 # --- the reference --------------------------------------------------------------------------
+
+
+def _pin_to_core_0(server: RedisServer) -> None:
+    """Redis (all its threads) and this process on CPU 0, for `--pin`."""
+    assert server.proc is not None
+    subprocess.run(["taskset", "-a", "-cp", "0", str(server.proc.pid)], check=True, stdout=-3)
+    os.sched_setaffinity(0, {0})
+
+
+def _unpin(server: RedisServer) -> None:
+    assert server.proc is not None
+    every = f"0-{(os.cpu_count() or 1) - 1}"
+    subprocess.run(["taskset", "-a", "-cp", every, str(server.proc.pid)], check=True, stdout=-3)
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
 
 
 def xadd_reference(port: int, n: int) -> float:
@@ -528,8 +554,17 @@ def main() -> None:
     )
     ap.add_argument("--overlaps", default="0.8,1.0", help="CJS_WAVE_OVERLAP values to run")
     ap.add_argument("--sizes", default="", help="batches at once to run (default: 1 and --batches)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="zero-latency run with each worker process on a core of its own (CPU 1, 2, ...), "
+        "Redis and this script on CPU 0: needs --workers + 1 cores",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    if args.pin and args.workers + 1 > cores:
+        ap.error(f"--pin needs --workers + 1 cores; this machine has {cores}")
 
     server = RedisServer(Path(tempfile.mkdtemp()))
     server.start(aof=False)
@@ -537,6 +572,8 @@ def main() -> None:
     try:
         if args.only in (None, "cpu"):
             before = xadd_reference(server.port, args.xadd_requests)
+            if args.pin:
+                _pin_to_core_0(server)
             zero = run(
                 server.url,
                 "zero latency",
@@ -546,7 +583,10 @@ def main() -> None:
                 overlap=args.zero_overlap,
                 env={"CJS_MOCK_PROFILE": "cj_generic_batch", "CJS_MOCK_LATENCY_MS": "0"},
                 options={},
+                pin=args.pin,
             )
+            if args.pin:
+                _unpin(server)
             after = xadd_reference(server.port, args.xadd_requests)
             report["xadd_reference_runs"] = [before, after]
             report["xadd_reference_per_s"] = round((before + after) / 2, 1)
@@ -556,6 +596,7 @@ def main() -> None:
             redis_ms = 1000 * zero.redis_cpu_s / zero.comparisons
             report["zero_latency"] = {
                 "workers": args.workers,
+                "pinned": args.pin,
                 "batches": args.batches,
                 "overlap": args.zero_overlap,
                 "comparisons": zero.comparisons,
@@ -646,8 +687,9 @@ def _print(report: dict[str, Any]) -> None:
             + " and ".join(f"{x:,.0f}" for x in report["xadd_reference_runs"])
             + ", before and after)"
         )
+        pinned = ", each on a core of its own (Redis on another)" if z["pinned"] else ""
         print(
-            f"zero latency, {z['workers']} processes, {z['batches']} batches: "
+            f"zero latency, {z['workers']} processes{pinned}, {z['batches']} batches: "
             f"{z['comparisons_per_s']:,.0f} comparisons/s ({z['comparisons']} in {z['wall_s']} s) "
             f"= {100 * z['share_of_xadd_rate']:.2f} % of the XADD rate (goal >= 5 %)"
         )
