@@ -2,7 +2,7 @@
 redis-benchmark XADD reference, in one run against a redis-server of its own.
 
     python bench/latency.py [--scale 10] [--rpm 600] [--workers 4] [--batches 10]
-                            [--essays 100] [--only cpu|latency] [--json]
+                            [--essays 100] [--only cpu|latency] [--pin] [--json]
 
 1. Reference: `redis-benchmark -c 50 -n N XADD s * f v` (50 clients, no pipelining) on the
    same server, the rate the end-to-end figure is compared with: run before and after the
@@ -12,6 +12,9 @@ redis-benchmark XADD reference, in one run against a redis-server of its own.
    batches of `--essays` essays at once, the mock judge answering at once. Comparisons per
    second end to end, and CPU per comparison from the processes' own CPU times (their
    getrusage over the run) and Redis's (`INFO cpu`, used_cpu_user + used_cpu_sys).
+   `--pin`: each process on a core of its own (CPU 1, 2, ...), Redis and this script on
+   CPU 0, for this run alone (it needs `--workers` + 1 cores; on two, `--workers 1` gives
+   what one process does with a core to itself).
 3. The `realistic` mock profile (lognormal latency, median 1.5 s, p99 12 s; a provider-side
    limit of `--rpm` requests per minute shared by every worker through Redis, answering 429
    with retry-after and anthropic-ratelimit-* headers), with the shared limiter configured
