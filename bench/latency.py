@@ -60,7 +60,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -317,7 +317,11 @@ async def _count(url: str, keys: Keys, ids: list[str], t0: float, t1: float) -> 
     for stream in (keys.batches, keys.dispatches, keys.callbacks):
         last = "-"
         while True:
-            page = await r.xrange(stream, min=last, max="+", count=2000)
+            # A client without decode_responses: ids and fields are bytes.
+            page = cast(
+                list[tuple[bytes, dict[bytes, bytes]]],
+                await r.xrange(stream, min=last, max="+", count=2000),
+            )
             if last != "-":
                 page = page[1:]
             if not page:
