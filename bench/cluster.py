@@ -58,7 +58,9 @@ async def run(masters: int, args: argparse.Namespace) -> dict[str, Any]:
 
 async def _measure(cluster: RedisClusterServer, args: argparse.Namespace) -> dict[str, Any]:
     s = Settings(
-        REDIS_URL=cluster.url,
+        # pydantic's typed __init__ names the field (redis_url), not its validation alias:
+        # only REDIS_URL= sets it (extra="forbid" refuses redis_url=).
+        REDIS_URL=cluster.url,  # type: ignore[call-arg]
         prefix=f"b{uuid.uuid4().hex[:4]}:",
         partitions=args.partitions,
         redis_cluster=True,

@@ -32,11 +32,12 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from cj.registration import append_registration
 from events import codec
@@ -78,7 +79,10 @@ async def fill(url: str, pending: int, batches: int) -> str:
                     essay_a=a,
                     essay_b=b,
                 )
-                pipe.xadd(keys.requests, codec.encode(event))
+                # redis-py asks for a dict of its own field types (dict is invariant): these
+                # str names and bytes values are among them.
+                fields = cast(dict[FieldT, EncodableT], codec.encode(event))
+                pipe.xadd(keys.requests, fields)
             await pipe.execute()
         share = pending // 5 + 1
         for c in range(5):

@@ -44,10 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def capture(batches: int, essays: int) -> list[tuple[Any, Any]]:
     """(state, scored): what `final_scores` was given at the end of each simulated batch."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from decide import simulate
-
+    sys.path.insert(0, str(ROOT))
     import cj.continuation as continuation
+    from bench.decide import simulate
 
     caught: list[tuple[Any, Any]] = []
     original = continuation.final_scores
@@ -137,10 +136,9 @@ def _alternated(
 
 def split_half_cases(rev: str, seeds: int) -> dict[str, Any]:
     """See ``--cases`` in the module docstring."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from revisions import module_at
-    from scoring import agreement_cases
-
+    sys.path.insert(0, str(ROOT))
+    from bench.revisions import module_at
+    from bench.scoring import agreement_cases
     from cj import scoring
 
     ref = module_at(rev, "cj/scoring.py")
@@ -184,8 +182,8 @@ def main() -> None:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """This tree's `final_scores` beside ``args.against``'s (see the module docstring)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from revisions import tree_at
+    sys.path.insert(0, str(ROOT))
+    from bench.revisions import tree_at
 
     with tempfile.TemporaryDirectory() as tmp:
         inputs = str(Path(tmp) / "inputs.pkl")

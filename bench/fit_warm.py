@@ -67,7 +67,7 @@ def _states(path: str | None, batches: int, essays: int) -> list[Any]:
     if path and Path(path).exists():
         with open(path, "rb") as f:
             return list(pickle.load(f))
-    from decide import simulate
+    from bench.decide import simulate
 
     states = simulate(batches, essays)
     if path:
@@ -88,7 +88,7 @@ def _widest(so_far: tuple[float, float, float], cold: Any, warm: Any) -> tuple[f
 
 
 def _scoring_cases(seeds: int) -> None:
-    from scoring import make_data
+    from bench.scoring import make_data
 
     cases = [(100, 500, False), (100, 500, True), (100, 1200, False), (100, 1200, True)]
     cases.append((1000, 20000, False))

@@ -79,7 +79,7 @@ def family(key: str) -> str:
 
 def kind_of(fields: dict[bytes, bytes]) -> bytes:
     """An entry's type name, in any form (events/codec.py)."""
-    found = codec.entry_data(fields)  # type: ignore[arg-type]
+    found = codec.entry_data(fields)
     return found[0] if found is not None else fields.get(b"type", b"?")
 
 

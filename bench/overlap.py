@@ -128,7 +128,7 @@ def main() -> None:
                 rows[overlap][c].append(value)
     report: dict[str, Any] = {"seeds": args.seeds, "n": args.n, "by_c": {}}
     for c in CS:
-        entry = {}
+        entry: dict[str, dict[str, float | None] | float] = {}
         for overlap in (args.overlap, 1.0):
             rhos = [r for r, _ in rows[overlap][c]]
             rels = [x for _, x in rows[overlap][c] if x is not None]
@@ -139,7 +139,8 @@ def main() -> None:
         # Paired by batch (the same essays and judge), with the standard error of the mean.
         pairs = list(zip(rows[args.overlap][c], rows[1.0][c], strict=True))
         for name, index in (("spearman", 0), ("reliability", 1)):
-            diffs = [a[index] - b[index] for a, b in pairs if a[index] is not None and b[index]]
+            values = [(a[index], b[index]) for a, b in pairs]
+            diffs = [x - y for x, y in values if x is not None and y]
             if len(diffs) > 1:
                 entry[f"{name}_diff"] = round(statistics.mean(diffs), 4)
                 se = statistics.stdev(diffs) / math.sqrt(len(diffs))

@@ -22,12 +22,13 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
+from redis.typing import EncodableT, FieldT
 
 import tools  # noqa: F401  (first: one BLAS thread per process)
 from app.logs import configure
@@ -40,6 +41,7 @@ from events import codec
 from events.streams import CJ_GROUP
 from lps.providers.mock import MockProfile
 from lps.providers.registry import make_provider
+from projections.batch import BatchState
 from projections.store import load_state
 from streams.keys import Keys
 from tests.helpers import completed, registration, wave
@@ -101,10 +103,17 @@ async def _submit(url: str, keys: Keys, batches: int, essays: int, budget: int) 
     return ids
 
 
+async def _state(r: Any, keys: Keys, batch_id: str) -> BatchState:
+    """`load_state` of a batch registered before (its projection written with it)."""
+    state = await load_state(r, keys, batch_id)
+    assert state is not None
+    return state
+
+
 async def _wait(url: str, keys: Keys, ids: list[str]) -> int:
     r = aioredis.from_url(url)
     while True:
-        states = [await load_state(r, keys, b) for b in ids]
+        states = [await _state(r, keys, b) for b in ids]
         if all(s.terminal for s in states):
             await r.aclose()
             return sum(s.accepted for s in states)
@@ -150,7 +159,7 @@ async def projector(url: str, n: int) -> dict[str, Any]:
     await append_registration(r, keys, reg)
     ids = [e.essay_id for e in reg.essays]
     pairs = [(ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids))][:n]
-    state = await load_state(r, keys, "p")
+    state = await _state(r, keys, "p")
     async with r.pipeline(transaction=True) as pipe:
         queue_decision(
             pipe,
@@ -164,9 +173,10 @@ async def projector(url: str, n: int) -> dict[str, Any]:
     for i in range(0, n, 1000):
         async with r.pipeline(transaction=False) as pipe:
             for k in range(i, min(n, i + 1000)):
-                pipe.xadd(
-                    keys.callbacks, codec.encode(completed("p", f"c{k}", "essay_a", *pairs[k]))
-                )
+                # redis-py asks for a dict of its own field types (dict is invariant): these
+                # str names and bytes values are among them.
+                fields = codec.encode(completed("p", f"c{k}", "essay_a", *pairs[k]))
+                pipe.xadd(keys.callbacks, cast(dict[FieldT, EncodableT], fields))
             await pipe.execute()
     counter = _count_round_trips()
     before = counter[0]
@@ -176,7 +186,7 @@ async def projector(url: str, n: int) -> dict[str, Any]:
         handled += await consumer.step()
     elapsed = time.perf_counter() - started
     trips = counter[0] - before
-    state = await load_state(r, keys, "p")
+    state = await _state(r, keys, "p")
     assert state.accepted == n and (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
     await r.aclose()
     return {
@@ -200,7 +210,7 @@ def main() -> None:
     server = RedisServer(Path(tempfile.mkdtemp()))
     server.start(aof=args.aof, fsync="everysec")
     try:
-        report = {
+        report: dict[str, Any] = {
             "redis": "redis-server (local, "
             + ("AOF everysec" if args.aof else "no persistence")
             + ")",

@@ -28,10 +28,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from decide import simulate  # noqa: E402
-from revisions import module_at  # noqa: E402
-
 import cj.continuation as current  # noqa: E402
+from bench.decide import simulate  # noqa: E402
+from bench.revisions import module_at  # noqa: E402
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
-from revisions import module_at, plan_wave_inputs  # noqa: E402
 
+from bench.revisions import module_at, plan_wave_inputs  # noqa: E402
 from cj import pairs as current  # noqa: E402
 
 

@@ -63,8 +63,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from revisions import module_at, plan_wave_inputs
-
+from bench.revisions import module_at, plan_wave_inputs
 from cj import pairs, scoring
 from cj.scoring import Comparison, FitResult, fit_bt
 
