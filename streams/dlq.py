@@ -34,7 +34,6 @@ from events.codec import DecodeError, stated_type
 from events.redact import scrub
 from events.streams import STREAMS, dlq_name
 from events.text import as_str
-from streams.durability import is_cluster
 from streams.keys import Keys
 from streams.metrics import DEAD_LETTERED
 from streams.reader import Entry
@@ -53,25 +52,36 @@ class DeadLetterPolicy:
 
 DEFAULT_POLICY = DeadLetterPolicy()
 
+# A page of letters in one call (one round trip on every engine: a cluster pipeline cannot
+# load a script, and the four keys share the stream's slot).
 # KEYS: 1 source stream, 2 dead-letter stream, 3 the group's handled set, 4 the parked hash
-# ARGV: 1 group, 2 entry id, 3 maxlen, 4 retention ms (0: none), 5 park ('1' or '0'),
-#       6.. the letter's fields (name, value, ...)
-# Returns the letter's id, or false when this call did not acknowledge the entry (someone
+# ARGV: 1 group, 2 maxlen, 3 retention ms (0: none), then per letter: its entry id, park
+#       ('1' or '0'), the number n of its field arguments, and those n (name, value, ...)
+# Returns per letter its id, or '' when this call did not acknowledge the entry (someone
 # else dead-lettered or applied it, or it was handled before its group was recreated).
 _DEAD_LETTER_LUA = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return false end
-local ms = tonumber(string.match(ARGV[2], '^(%d+)'))
-if redis.call('ZADD', KEYS[3], 'NX', ms, ARGV[2]) == 0 then return false end
-local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
-if tonumber(ARGV[4]) > 0 then
+local out, i, wrote = {}, 4, false
+while i <= #ARGV do
+  local entry, park, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local first, last = i + 3, i + 2 + n
+  i = last + 1
+  local id = ''
+  if redis.call('XACK', KEYS[1], ARGV[1], entry) == 1 then
+    local ms = tonumber(string.match(entry, '^(%d+)'))
+    if redis.call('ZADD', KEYS[3], 'NX', ms, entry) == 1 then
+      id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, first, last))
+      wrote = true
+      if park == '1' then redis.call('HSET', KEYS[4], entry, id) end
+    end
+  end
+  out[#out + 1] = id
+end
+if wrote and tonumber(ARGV[3]) > 0 then
   local now = redis.call('TIME')
-  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[4])
+  local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3])
   redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%.0f', cutoff))
 end
-if ARGV[5] == '1' then redis.call('HSET', KEYS[4], ARGV[2], id) end
-return id
+return out
 """
 
 # A dead letter taken out of the dead-letter stream once: re-appended to its source stream
@@ -154,7 +164,7 @@ async def dead_letter(
     policy: DeadLetterPolicy = DEFAULT_POLICY,
     park: frozenset[str] = frozenset(),
 ) -> list[str | None]:
-    """Move `letters` to the DLQ of `stream_name` (one script call each, one round trip);
+    """Move `letters` to the DLQ of `stream_name` (one script call, one round trip);
     entries whose id is in `park` are also parked for a redrive. Returns each letter's id,
     None for an entry this call did not dead-letter (someone else had)."""
     if not letters:
@@ -167,30 +177,13 @@ async def dead_letter(
         keys.group_handled(stream_name, group),
         keys.dlq_parked(stream_name),
     ]
-    calls = [
-        [
-            group,
-            entry.entry_id,
-            policy.maxlen,
-            int(policy.retention_s * 1000),
-            "1" if entry.entry_id in park else "0",
-            *(
-                x
-                for pair in dead_letter_fields(
-                    stream_name, entry, error, group, consumer, policy
-                ).items()
-                for x in pair
-            ),
-        ]
-        for entry, error in letters
-    ]
-    if is_cluster(r):  # one by one: a cluster pipeline does not load scripts
-        replies = [await script(keys=script_keys, args=args) for args in calls]
-    else:
-        async with r.pipeline(transaction=False) as pipe:
-            for args in calls:
-                await script(keys=script_keys, args=args, client=pipe)
-            replies = await pipe.execute()
+    args: list[Any] = [group, policy.maxlen, int(policy.retention_s * 1000)]
+    for entry, error in letters:
+        fields = dead_letter_fields(stream_name, entry, error, group, consumer, policy)
+        args += [entry.entry_id, "1" if entry.entry_id in park else "0", 2 * len(fields)]
+        for pair in fields.items():
+            args += pair
+    replies = await script(keys=script_keys, args=args)
     ids = [as_str(i) if i else None for i in replies]
     written = [(e, err) for (e, err), i in zip(letters, ids, strict=True) if i is not None]
     reasons = Counter(err.reason for _, err in written)

@@ -15,8 +15,9 @@ from events.streams import CJ_GROUP, LPS_GROUP
 from lps.worker import LPSWorker
 from projections import keys as pkeys
 from projections.store import load_state
-from streams.dlq import _DEAD_LETTER_LUA, read_dead_letters
+from streams.dlq import _DEAD_LETTER_LUA, DeadLetterPolicy, dead_letter, read_dead_letters
 from streams.keys import Keys
+from streams.reader import Entry, ensure_group
 from tests.contract.recording import Recorder, recording
 from tests.helpers import (
     Judge,
@@ -32,23 +33,36 @@ from tests.helpers import (
 DEAD_LETTER_SHA = hashlib.sha1(_DEAD_LETTER_LUA.encode()).hexdigest()
 
 
-def _moved_together(recorder: Recorder, keys: Keys, stream_name: str, ids: list[str]) -> None:
-    """Each dead letter was written by the dead-letter script, whose XACK of its source entry
-    gates the letter's XADD; nothing acknowledged an entry outside a script."""
+def _letter_ids(args: tuple[str, ...]) -> list[str]:
+    """The entry ids a dead-letter script call moves (its ARGV: group, maxlen, retention,
+    then per letter: entry id, park, n, n field arguments)."""
+    out, i = [], 3
+    while i < len(args):
+        out.append(args[i])
+        i += 3 + int(args[i + 2])
+    return out
+
+
+def _moved_together(recorder: Recorder, keys: Keys, stream_name: str, ids: list[str]) -> int:
+    """Each dead letter was written by a call of the dead-letter script (a page of letters a
+    call), whose XACK of each source entry gates that letter's XADD; nothing acknowledged an
+    entry outside a script. Returns the number of distinct calls."""
     calls = [
         c
         for u in recorder.scripts()
         for c in u.texts("EVALSHA") + u.texts("EVAL")
         if c[1] in (DEAD_LETTER_SHA, _DEAD_LETTER_LUA)
     ]
-    moved = set()
+    moved: set[str] = set()
     for call in calls:
         n = int(call[2])
         script_keys, args = call[3 : 3 + n], call[3 + n :]
         assert script_keys[:2] == (keys.stream(stream_name), keys.dlq(stream_name))
-        moved.add(args[1])
+        moved.update(_letter_ids(args))
     assert sorted(moved) == sorted(ids)
     assert not [u for u in recorder.units if "XACK" in u.names() and u.kind != "script"]
+    # An EVALSHA answered NOSCRIPT is sent again as EVAL: the same call.
+    return len({call[2:] for call in calls})
 
 
 async def test_undecodable_callbacks_are_dead_lettered_with_their_xack_and_the_consumer_goes_on(
@@ -142,3 +156,43 @@ async def test_undecodable_requests_are_dead_lettered_with_their_xack_and_the_wo
     callbacks = [decode_callback(f) for _, f in await r.xrange(keys.callbacks)]
     assert [c.correlation_id for c in callbacks] == ["c1", "c2"]
     assert (await r.xpending(keys.requests, LPS_GROUP))["pending"] == 0
+
+
+async def test_a_page_of_letters_is_one_call_each_letter_written_once_and_parked_if_asked(
+    r: Any, keys: Keys
+) -> None:
+    """One script call moves a page: per letter its id, None for an entry another call moved
+    already (exactly once, letter by letter), and only the letters asked for parked."""
+    await ensure_group(r, keys.callbacks, CJ_GROUP)
+    for k in range(4):
+        await r.xadd(keys.callbacks, {"junk": str(k)})
+    reply = await r.xreadgroup(CJ_GROUP, "a", {keys.callbacks: ">"}, count=10)
+    entries = [Entry(i.decode(), f) for i, f in reply[0][1]]
+    ids = [e.entry_id for e in entries]
+    error = codec.DecodeError("missing_field", "junk")
+    policy = DeadLetterPolicy(max_entry_bytes=256, maxlen=1000, retention_s=3600)
+    first = await dead_letter(r, keys, "cj:callbacks", [(entries[1], error)], CJ_GROUP, "a")
+    assert first[0]
+    with recording() as recorder:
+        page = await dead_letter(
+            r,
+            keys,
+            "cj:callbacks",
+            [(e, error) for e in entries],
+            CJ_GROUP,
+            "b",
+            policy=policy,
+            park=frozenset({ids[2]}),
+        )
+    assert _moved_together(recorder, keys, "cj:callbacks", ids) == 1
+    assert page[1] is None and all(page[k] for k in (0, 2, 3))
+    letters = {i.decode(): f for i, f in await r.xrange(keys.dlq("cj:callbacks"))}
+    assert set(letters) == {first[0], page[0], page[2], page[3]}
+    assert {f[b"source_id"].decode() for f in letters.values()} == set(ids)
+    parked = await r.hgetall(keys.dlq_parked("cj:callbacks"))
+    assert {k.decode(): v.decode() for k, v in parked.items()} == {ids[2]: page[2]}
+    assert (
+        await dead_letter(r, keys, "cj:callbacks", [(e, error) for e in entries], CJ_GROUP, "c")
+        == [None] * 4
+    )
+    assert (await r.xpending(keys.callbacks, CJ_GROUP))["pending"] == 0
