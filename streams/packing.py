@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 
 _PACKING: dict[type[Any], type[Any]] = {}
@@ -39,6 +40,20 @@ class _HiredisPacking:
     _writer: Any
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await self._send_packed(command, check_health)
+        except AttributeError as exc:
+            # Closed under the send by another task: redis-py's cluster client closes every
+            # connection of its nodes, those in use too, when a command meets a failover
+            # (ClusterDownError, SlotNotCoveredError; MOVED now and then). A send that began
+            # while that close was under way finds redis-py's writer gone (None) and fails
+            # inside redis-py with AttributeError (bench/failover.py crashed an LPS worker's
+            # WAIT so). It is a lost connection, said as one for the retries that handle those.
+            if self._writer is not None:
+                raise
+            raise RedisConnectionError("Connection closed by another task while sending") from exc
+
+    async def _send_packed(self, command: Any, check_health: bool) -> None:
         base: Any = super()
         if not self.socket_timeout or not self.is_connected:
             await base.send_packed_command(command, check_health)
