@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import structlog
 
 from events.text import as_str
 from events.types import ACCOUNT_FAILURES, ErrorDetail, failure_kind
@@ -42,7 +42,7 @@ from lps import keys as lkeys
 from lps.single_flight import SingleFlight
 from streams.keys import Keys
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
 
@@ -211,7 +211,7 @@ class Breaker:
         try:
             found = await self.states(*key)
         except Exception as exc:  # fail open
-            log.warning("breaker read failed: %s", type(exc).__name__)
+            log.warning("breaker_read_failed", error_kind=type(exc).__name__)
             return []
         self._saw(key, found, now)
         return found
@@ -252,7 +252,7 @@ class Breaker:
         if not isinstance(rows, BaseException):
             rows = next((row for row in rows if isinstance(row, BaseException)), rows)
         if isinstance(rows, BaseException):  # fail open
-            log.warning("breaker read failed: %s", type(rows).__name__)
+            log.warning("breaker_read_failed", error_kind=type(rows).__name__)
             return []
         found = _found(rows)
         self._saw(key, found, now)
@@ -316,14 +316,11 @@ class Breaker:
                 _CLAIM_PROBE, 1, key, repr(now), repr(now + self.probe_after_s)
             )
         except Exception as exc:  # fail open: let the call through
-            log.warning("breaker probe claim failed: %s", type(exc).__name__)
+            log.warning("breaker_probe_claim_failed", error_kind=type(exc).__name__)
             return True
         if int(claimed) == 1:
             log.info(
-                "breaker probe: provider=%s model=%s reason=%s",
-                state.provider,
-                state.model,
-                state.reason,
+                "breaker_probe", provider=state.provider, model=state.model, reason=state.reason
             )
             return True
         return int(claimed) == -1  # closed meanwhile: nothing to reject for
@@ -402,27 +399,27 @@ class Breaker:
                 scoped_model or "",
             )
         except Exception as exc:  # fail open
-            log.warning("breaker write failed: %s", type(exc).__name__)
+            log.warning("breaker_write_failed", error_kind=type(exc).__name__)
             return
         self._closed_seen.clear()
         from lps.metrics import LPS_BREAKER_OPENED
 
         LPS_BREAKER_OPENED.labels(provider=provider, model=model, reason=reason).inc()
         log.warning(
-            "breaker opened: provider=%s model=%s reason=%s probe in %.1fs",
-            provider,
-            scoped_model or "*",
-            reason,
-            self.probe_after_s,
+            "breaker_opened",
+            provider=provider,
+            model=scoped_model or "*",
+            reason=reason,
+            probe_in_s=round(self.probe_after_s, 1),
         )
 
     async def close(self, provider: str, model: str | None = None) -> None:
         try:
             await self.redis.delete(lkeys.breaker(self.keys, provider, model))
         except Exception as exc:
-            log.warning("breaker close failed: %s", type(exc).__name__)
+            log.warning("breaker_close_failed", error_kind=type(exc).__name__)
             return
-        log.warning("breaker closed: provider=%s model=%s", provider, model or "*")
+        log.warning("breaker_closed", provider=provider, model=model or "*")
 
 
 async def open_breakers(r: Any, keys: Keys, *, count: int = 1000) -> list[BreakerState]:

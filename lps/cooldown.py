@@ -14,19 +14,20 @@ open (logs, and reports no cooldown).
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from events.types import ErrorDetail
 from lps import keys as lkeys
 from lps.single_flight import SingleFlight
 from streams.keys import Keys
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -93,7 +94,7 @@ class Cooldown:
         try:
             raw = await self.redis.get(lkeys.cooldown(self.keys, *key))
         except Exception as exc:  # fail open
-            log.warning("cooldown read failed: %s", type(exc).__name__)
+            log.warning("cooldown_read_failed", error_kind=type(exc).__name__)
             return 0.0
         return self._saw(key, raw, now)
 
@@ -131,7 +132,7 @@ class Cooldown:
     def _learn(self, key: tuple[str, str], replies: list[Any] | BaseException, now: float) -> float:
         raw = replies if isinstance(replies, BaseException) else replies[0]
         if isinstance(raw, BaseException):  # fail open
-            log.warning("cooldown read failed: %s", type(raw).__name__)
+            log.warning("cooldown_read_failed", error_kind=type(raw).__name__)
             return 0.0
         return self._saw(key, raw, now)
 
@@ -149,7 +150,7 @@ class Cooldown:
                 _EXTEND, 1, lkeys.cooldown(self.keys, provider, model), repr(until), str(ttl_ms)
             )
         except Exception as exc:  # fail open
-            log.warning("cooldown write failed: %s", type(exc).__name__)
+            log.warning("cooldown_write_failed", error_kind=type(exc).__name__)
             return 0.0
         try:
             until_in_force = float(in_force)

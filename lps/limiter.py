@@ -32,7 +32,6 @@ Metrics: `lps_limiter_rate_per_minute`, `lps_limiter_waiting`, `lps_limiter_wait
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import time
 from collections import deque
@@ -40,6 +39,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
+
+import structlog
 
 from events.types import ComparisonRequested, TokenUsage
 from lps import keys as lkeys
@@ -56,7 +57,7 @@ from lps.providers.base import Judgement, Provider, ProviderError
 from streams.keys import Keys
 from streams.metrics import labelled
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 LIMITER_LUA = resources.files("lps").joinpath("limiter.lua").read_text()
 
@@ -383,7 +384,7 @@ class SharedLimiter:
         try:
             reply = await self._script(keys=[lane.key], args=args)
         except Exception as exc:  # fail open: judging goes on without pacing
-            log.warning("limiter unavailable: %s", type(exc).__name__)
+            log.warning("limiter_unavailable", error_kind=type(exc).__name__)
             return None
         return list(reply)
 

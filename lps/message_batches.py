@@ -37,12 +37,12 @@ recorded (by request count and creation time).
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+import structlog
 from anthropic.resources.messages.batches import AsyncBatches
 from anthropic.types.messages.batch_create_params import Request as BatchRequest
 
@@ -57,7 +57,7 @@ from lps.providers.anthropic import (
 )
 from lps.providers.base import Judgement, Provider, ProviderError
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,9 @@ class MessageBatches:
             request = by_custom_id.get(custom_id)
             if request is None:
                 log.warning(
-                    "batch %s: result for unknown custom_id %s", message_batch_id, custom_id
+                    "message_batch_result_unknown",
+                    message_batch_id=message_batch_id,
+                    custom_id=custom_id,
                 )
                 continue
             results[request.key] = self._result(

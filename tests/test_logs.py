@@ -7,12 +7,16 @@ import json
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from app.logs import configure
 from app.settings import Settings
 from app.wiring import InProcess
 from cj.continuation import advance
 from cj.registration import BatchIn, append_registration, build_registration, scale_of
+from events.types import ErrorDetail
+from lps.breaker import Breaker
+from lps.cooldown import Cooldown
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from projections.store import load_state
@@ -108,3 +112,41 @@ def test_a_bad_cjs_log_format_is_refused_by_name(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("CJS_LOG_FORMAT", "xml")
     with pytest.raises(ConfigError, match="CJS_LOG_FORMAT='xml'"):
         load()
+
+
+async def test_breaker_and_fail_open_lines_are_structured_json(
+    fake_redis: Any, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The breaker's openings and closings, and the shared state's reads that fail open (Redis
+    down), are JSON lines with their fields, as every other line of a worker: they went
+    through the standard library's logging, unconfigured, as bare text (and unscrubbed)."""
+    detail = ErrorDetail(
+        error_type="authentication",
+        retryable=False,
+        message="HTTP 401 authentication_error: invalid x-api-key",
+        provider="anthropic",
+        model="m",
+        status_code=401,
+    )
+    dead = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    configure(json_logs=True, level="INFO")
+    try:
+        breaker = Breaker(fake_redis, keys, probe_after_s=10.0)
+        await breaker.open(detail, "anthropic", "m")
+        await breaker.close("anthropic")
+        assert (
+            await Breaker(dead, keys, gate_timeout_s=0.1).admit("anthropic", "m")
+        ).rejected is None
+        assert await Cooldown(dead, keys).remaining("anthropic", "m") == 0.0
+    finally:
+        configure(json_logs=None, level="WARNING")
+        await dead.aclose()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    by_event = {r["event"]: r for r in records}
+    opened = by_event["breaker_opened"]
+    assert (opened["provider"], opened["model"], opened["reason"]) == ("anthropic", "*", "authentication")
+    assert opened["probe_in_s"] == 10.0 and opened["level"] == "warning"
+    assert by_event["breaker_closed"]["provider"] == "anthropic"
+    for event in ("breaker_read_failed", "cooldown_read_failed"):
+        assert by_event[event]["error_kind"] == "ConnectionError"
