@@ -28,10 +28,12 @@ from events.types import (
 from lps.providers.mock import PROFILES
 from lps.providers.registry import make_provider
 from projections.replay import replay
-from projections.store import load_state
+from projections.store import CallbackApplier, load_state
+from streams.client import connect
 from streams.keys import Keys
 from streams.paging import read_stream
 from tests.helpers import canonical, registration, snapshot
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -222,6 +224,69 @@ async def test_a_delivery_whose_reply_was_lost_is_read_again_by_its_consumer(
     assert state is not None
     assert state.callbacks_received == len(requests) and state.duplicates == 0
     assert lost_id
+
+
+async def test_after_a_redis_fault_the_consumer_advances_batches_whose_advance_was_lost(
+    redis_server: RedisServer, real_redis: Any
+) -> None:
+    """A fault between a page's apply (its callbacks acknowledged: never delivered again) and
+    its batch's advance leaves the batch complete and still: here the wave's callbacks are
+    applied as a consumer that then died applied them (delivered to it, acknowledged by the
+    apply, no advance). A running consumer that meets a Redis fault (its connection killed)
+    sweeps once Redis answers again, not a reaper pass later (600 s here)."""
+    r = real_redis
+    keys = Keys(f"p{uuid.uuid4().hex[:6]}:")
+    settings = Settings(block_ms=50, reaper_interval_s=600)
+    reg = registration(8, batch_id="b-lost-advance", budget=40)
+    await append_registration(r, keys, reg)
+    await advance(r, keys, reg.batch_id)
+    requests = [e for _, e in await _events(r, keys.requests) if isinstance(e, ComparisonRequested)]
+    client, _ = connect(redis_server.url, retries=0)  # the fault reaches the consumer's loop
+    consumer = cj_consumer(client, keys, settings, "cj-running")
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop, sweep_every_s=settings.reaper_interval_s))
+
+    async def consumer_reading() -> bool:
+        try:
+            return bool(await r.xinfo_consumers(keys.callbacks, CJ_GROUP))
+        except Exception:  # the group is not there yet
+            return False
+
+    async def next_wave_planned() -> bool:
+        state = await load_state(r, keys, reg.batch_id)
+        return state is not None and state.waves >= 2
+
+    try:
+        await _until(consumer_reading)
+        callbacks = [
+            ComparisonCompleted(
+                batch_id=q.batch_id,
+                correlation_id=q.correlation_id,
+                essay_a_id=q.essay_a.essay_id,
+                essay_b_id=q.essay_b.essay_id,
+                winner="essay_a",
+                confidence=3.0,
+            )
+            for q in requests
+        ]
+        async with r.pipeline(transaction=True) as pipe:
+            for c in callbacks:
+                pipe.xadd(keys.callbacks, codec.encode(c))
+            pipe.xreadgroup(CJ_GROUP, "cj-died", {keys.callbacks: ">"}, count=len(callbacks))
+            *ids, _ = await pipe.execute()
+        applier = CallbackApplier(r, keys, CJ_GROUP)
+        results = await applier.apply_page(
+            [(c, i.decode()) for c, i in zip(callbacks, ids, strict=True)]
+        )
+        assert [o for o, _ in results] == [b"accepted"] * len(callbacks)
+        state = await load_state(r, keys, reg.batch_id)
+        assert state is not None and (state.in_flight, state.waves) == (0, 1)
+        await r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await _until(next_wave_planned, 20.0)
+    finally:
+        stop.set()
+        await task
+        await client.aclose()
 
 
 async def _until(condition: Any, timeout_s: float = 30.0) -> None:
