@@ -68,3 +68,22 @@ async def test_a_lease_of_another_holder_is_not_let_go(engine: Engine, r: Any, k
 
     assert await lease.run("b3", outlived) is True
     assert await r.get(name) in (b"cj-2", "cj-2")
+
+
+async def test_a_holder_takes_back_the_lease_its_failed_release_left(
+    engine: Engine, r: Any, keys: Keys
+) -> None:
+    """A step whose release a Redis fault stopped leaves the lease in its holder's name: that
+    holder's next step takes it back at once; another consumer still leaves a note."""
+    name = lease_keys(keys, "b4")[0]
+    await r.set(name, "cj-1", px=600_000)  # as the failed release left it
+    runs: list[str] = []
+
+    async def step() -> bool:
+        runs.append("ran")
+        return True
+
+    assert await StepLease(await engine.client(), keys, "cj-2").run("b4", step) is False
+    assert await StepLease(r, keys, "cj-1").run("b4", step) is True
+    assert runs == ["ran", "ran"]  # its own step, then again for cj-2's note
+    assert not any([await r.exists(n) for n in lease_keys(keys, "b4")])
