@@ -27,7 +27,11 @@ took with it, each from its trace:
   callbacks or whose replay differs from the live projection (never expected);
 - `lag_bytes`: how far the victim's replica was behind it at the kill (replication offsets:
   the master's just before the kill less the replica's when last read), and `ack_short`:
-  commits whose WAIT timed out.
+  commits whose WAIT timed out;
+- `failover_s`: the kill to a promoted replica; `done_s_after_kill`: the kill to the end of
+  the last batch, what a user waits (median and max over the trials in the summary row);
+  `trials_failed`: trials that raised (a worker's task died, say), each printed with its
+  traceback and left out of the totals.
 
 On one machine the replica is a few microseconds behind its master: a kill rarely finds
 anything unreplicated. `--lag-ms N` cuts the replica off N ms before the kill (the replica
@@ -354,17 +358,20 @@ def main() -> None:
         try:
             for ack in args.acks:
                 rows = []
+                failed = 0
                 for _ in range(args.trials):
                     try:
                         rows.append(asyncio.run(trial(cluster, ack, args)))
                     except Exception:  # reported, and the next trial goes on
                         traceback.print_exc()
                         print({"ack": ack, "trial_failed": True})
+                        failed += 1
                     for node in cluster.nodes:  # a trial that failed left its victim down
                         if not node.alive():
                             node.start()
                     cluster.wait_ok()
                 if not rows:
+                    print({"ack": ack, "lag_ms": args.lag_ms, "trials": 0, "trials_failed": failed})
                     continue
                 for row in rows:
                     print(row)
@@ -392,9 +399,17 @@ def main() -> None:
                         "ack": ack,
                         "lag_ms": args.lag_ms,
                         "trials": len(rows),
+                        "trials_failed": failed,
                         **total,
                         "lag_bytes_median": statistics.median(lags),
                         "lag_bytes_max": max(lags),
+                        # How long the batches took to end after the kill (the failover
+                        # itself included): the user's wait.
+                        "done_s_after_kill_median": statistics.median(
+                            row["done_s_after_kill"] for row in rows
+                        ),
+                        "done_s_after_kill_max": max(row["done_s_after_kill"] for row in rows),
+                        "failover_s_max": max(row["failover_s"] for row in rows),
                     }
                 )
         finally:
