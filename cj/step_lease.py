@@ -18,6 +18,7 @@ step instead of waiting for it to expire (bench/failover.py: a batch's later wav
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,6 +77,13 @@ class StepLease:
         while again:
             try:
                 took = await step() or took
-            finally:
-                again = bool(await self._release(keys=names, args=args))
+            except BaseException:
+                # The step's error stays the caller's: a release failing too (Redis down) must
+                # not replace it, a cancellation least of all (the consumer's loop took the
+                # release's ConnectionError for an outage and went on, never cancelled). The
+                # lease then expires, or this holder takes it back at its next step.
+                with contextlib.suppress(Exception):
+                    await self._release(keys=names, args=args)
+                raise
+            again = bool(await self._release(keys=names, args=args))
         return took

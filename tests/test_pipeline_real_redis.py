@@ -13,7 +13,7 @@ from app.settings import Settings
 from app.wiring import InProcess, cj_consumer
 from cj.continuation import advance
 from cj.registration import append_registration
-from cj.step_lease import lease_keys
+from cj.step_lease import StepLease, lease_keys
 from events import codec
 from events.streams import CJ_GROUP, LPS_GROUP
 from events.types import (
@@ -286,6 +286,33 @@ async def test_after_a_redis_fault_the_consumer_advances_batches_whose_advance_w
     finally:
         stop.set()
         await task
+        await client.aclose()
+
+
+async def test_a_step_cancelled_while_redis_is_down_ends_cancelled(
+    redis_server: RedisServer,
+) -> None:
+    """The step lease lets go of its lease after its step, also when the step fails. When the
+    step is cancelled while Redis is down, that release fails too; its ConnectionError took
+    the cancellation's place, and the CJ consumer's loop, taking it for an outage, went on:
+    a consumer that could not be cancelled (asyncio.run's teardown waited for ever)."""
+    client, _ = connect(redis_server.url, retries=0)
+    lease = StepLease(client, Keys(f"p{uuid.uuid4().hex[:6]}:"), "cj-1")
+    down = asyncio.Event()
+
+    async def step() -> bool:
+        redis_server.stop(kill=True)
+        down.set()
+        await asyncio.Event().wait()  # until cancelled
+        return True
+
+    task = asyncio.create_task(lease.run("b-cancelled", step))
+    try:
+        await down.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
         await client.aclose()
 
 
