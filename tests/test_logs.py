@@ -145,7 +145,8 @@ async def test_breaker_and_fail_open_lines_are_structured_json(
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     by_event = {r["event"]: r for r in records}
     opened = by_event["breaker_opened"]
-    assert (opened["provider"], opened["model"], opened["reason"]) == ("anthropic", "*", "authentication")
+    assert (opened["provider"], opened["model"]) == ("anthropic", "*")
+    assert opened["reason"] == "authentication"
     assert opened["probe_in_s"] == 10.0 and opened["level"] == "warning"
     assert by_event["breaker_closed"]["provider"] == "anthropic"
     for event in ("breaker_read_failed", "cooldown_read_failed"):
