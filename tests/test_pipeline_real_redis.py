@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -184,25 +185,11 @@ async def test_a_delivery_whose_reply_was_lost_is_read_again_by_its_consumer(
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop, sweep_every_s=settings.reaper_interval_s))
 
-    async def consumer_reading() -> bool:
-        try:
-            return bool(await r.xinfo_consumers(keys.callbacks, CJ_GROUP))
-        except Exception:  # the group is not there yet
-            return False
-
     def callback(q: ComparisonRequested) -> dict[str, bytes]:
-        event = ComparisonCompleted(
-            batch_id=q.batch_id,
-            correlation_id=q.correlation_id,
-            essay_a_id=q.essay_a.essay_id,
-            essay_b_id=q.essay_b.essay_id,
-            winner="essay_a",
-            confidence=3.0,
-        )
-        return codec.encode(event)
+        return codec.encode(_answer(q))
 
     try:
-        await _until(consumer_reading)
+        await _until(_consumer_reading(r, keys))
         async with r.pipeline(transaction=True) as pipe:
             pipe.xadd(keys.callbacks, callback(requests[0]))
             pipe.xreadgroup(CJ_GROUP, "cj-lost-reply", {keys.callbacks: ">"}, count=1)
@@ -246,29 +233,13 @@ async def test_after_a_redis_fault_the_consumer_advances_batches_whose_advance_w
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop, sweep_every_s=settings.reaper_interval_s))
 
-    async def consumer_reading() -> bool:
-        try:
-            return bool(await r.xinfo_consumers(keys.callbacks, CJ_GROUP))
-        except Exception:  # the group is not there yet
-            return False
-
     async def next_wave_planned() -> bool:
         state = await load_state(r, keys, reg.batch_id)
         return state is not None and state.waves >= 2
 
     try:
-        await _until(consumer_reading)
-        callbacks = [
-            ComparisonCompleted(
-                batch_id=q.batch_id,
-                correlation_id=q.correlation_id,
-                essay_a_id=q.essay_a.essay_id,
-                essay_b_id=q.essay_b.essay_id,
-                winner="essay_a",
-                confidence=3.0,
-            )
-            for q in requests
-        ]
+        await _until(_consumer_reading(r, keys))
+        callbacks = [_answer(q) for q in requests]
         async with r.pipeline(transaction=True) as pipe:
             for c in callbacks:
                 pipe.xadd(keys.callbacks, codec.encode(c))
@@ -314,6 +285,30 @@ async def test_a_step_cancelled_while_redis_is_down_ends_cancelled(
             await task
     finally:
         await client.aclose()
+
+
+def _consumer_reading(r: Any, keys: Keys) -> Callable[[], Awaitable[bool]]:
+    """Whether a CJ consumer reads `keys`' callbacks (past its start-up sweep), for `_until`."""
+
+    async def consumer_reading() -> bool:
+        try:
+            return bool(await r.xinfo_consumers(keys.callbacks, CJ_GROUP))
+        except Exception:  # the group is not there yet
+            return False
+
+    return consumer_reading
+
+
+def _answer(q: ComparisonRequested) -> ComparisonCompleted:
+    """The judge's answer to `q` (essay A wins)."""
+    return ComparisonCompleted(
+        batch_id=q.batch_id,
+        correlation_id=q.correlation_id,
+        essay_a_id=q.essay_a.essay_id,
+        essay_b_id=q.essay_b.essay_id,
+        winner="essay_a",
+        confidence=3.0,
+    )
 
 
 async def _until(condition: Any, timeout_s: float = 30.0) -> None:
