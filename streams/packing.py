@@ -42,16 +42,21 @@ class _HiredisPacking:
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:
             await self._send_packed(command, check_health)
-        except AttributeError as exc:
-            # Closed under the send by another task: redis-py's cluster client closes every
-            # connection of its nodes, those in use too, when a command meets a failover
-            # (ClusterDownError, SlotNotCoveredError; MOVED now and then). A send that began
-            # while that close was under way finds redis-py's writer gone (None) and fails
-            # inside redis-py with AttributeError (bench/failover.py crashed an LPS worker's
-            # WAIT so). It is a lost connection, said as one for the retries that handle those.
-            if self._writer is not None:
+        except (AttributeError, RuntimeError) as exc:
+            # A send on a connection that is gone fails inside redis-py with neither a
+            # ConnectionError nor an OSError, which no retry or error policy takes for a lost
+            # connection (the worker's task died):
+            # - AttributeError, when another task closed it under the send: redis-py's cluster
+            #   client closes every connection of its nodes, those in use too, when a command
+            #   meets a failover (bench/failover.py crashed an LPS worker's WAIT so);
+            # - RuntimeError ("the handler is closed"), on uvloop (the workers' loop), when
+            #   its transport is closed: the server went away (a Redis restart killed an LPS
+            #   worker so in tests/test_worker_processes.py).
+            # Both are a lost connection, said as one for the retries that handle those.
+            writer = self._writer
+            if writer is not None and not writer.transport.is_closing():
                 raise
-            raise RedisConnectionError("Connection closed by another task while sending") from exc
+            raise RedisConnectionError(f"Connection lost while sending: {exc}") from exc
 
     async def _send_packed(self, command: Any, check_health: bool) -> None:
         base: Any = super()

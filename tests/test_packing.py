@@ -15,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import redis.utils
+import uvloop
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -185,33 +186,48 @@ async def test_a_hung_server_still_times_out(tmp_path: Path) -> None:
         server.stop(kill=True)
 
 
-async def test_a_send_on_a_connection_another_task_is_closing_fails_as_a_lost_connection(
-    shared_redis_server: Any,
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_send_on_a_connection_that_is_gone_fails_as_a_lost_connection(
+    shared_redis_server: Any, loop: str
 ) -> None:
-    """redis-py's cluster client closes every connection of its nodes, those in use too, when
-    a command meets a failover. A send begun while that close is under way (the transport
-    closing, redis-py's writer not yet dropped) failed inside redis-py with AttributeError,
-    which no retry or error policy takes for a lost connection: it crashed an LPS worker's
-    WAIT in bench/failover.py. It is a ConnectionError now, and the next command reconnects.
-    The close is let run 0, 1, 2, ... loop steps before the send, so that one send meets it
-    half done whatever the event loop's order."""
+    """A send on a connection that is gone failed inside redis-py with AttributeError or
+    RuntimeError, which no retry or error policy takes for a lost connection:
+    - closed under the send by another task (redis-py's cluster client closes its nodes'
+      connections, those in use too, in a failover: it crashed an LPS worker's WAIT in
+      bench/failover.py). The close is let run 0, 1, 2, ... loop steps before the send, so
+      that one send meets it half done whatever the event loop's order;
+    - its transport closed (the server went away): on uvloop, the workers' loop, RuntimeError
+      ("the handler is closed"; a Redis restart killed an LPS worker so).
+    Each is a ConnectionError now, and the next command on the connection reconnects."""
     cls = packing(Connection)
-    met_half_closed = False
-    for steps in range(8):
-        conn = cls(host="127.0.0.1", port=shared_redis_server.port, socket_timeout=5.0)
-        await conn.connect()
-        closing = asyncio.create_task(conn.disconnect())
-        for _ in range(steps):
-            await asyncio.sleep(0)
-        writer = conn._writer
-        met_half_closed |= writer is not None and writer.transport.is_closing()
-        try:
+    port = shared_redis_server.port
+
+    async def scenario() -> bool:
+        met_half_closed = False
+        for steps in [*range(8), -1]:  # -1: the transport closed, nothing else
+            conn = cls(host="127.0.0.1", port=port, socket_timeout=5.0)
+            await conn.connect()
+            closing = None
+            if steps < 0:
+                conn._writer.transport.close()
+            else:
+                closing = asyncio.create_task(conn.disconnect())
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                writer = conn._writer
+                met_half_closed |= writer is not None and writer.transport.is_closing()
+            try:
+                await conn.send_packed_command(conn.pack_command("PING"))
+                assert await conn.read_response() == b"PONG"
+            except RedisConnectionError:
+                pass  # lost, as a lost connection: what the callers retry
+            if closing is not None:
+                await closing
+            await conn.disconnect()
             await conn.send_packed_command(conn.pack_command("PING"))
             assert await conn.read_response() == b"PONG"
-        except RedisConnectionError:
-            pass  # lost, as a lost connection: what the callers retry
-        await closing
-        await conn.send_packed_command(conn.pack_command("PING"))
-        assert await conn.read_response() == b"PONG"
-        await conn.disconnect()
+            await conn.disconnect()
+        return met_half_closed
+
+    met_half_closed = uvloop.run(scenario()) if loop == "uvloop" else asyncio.run(scenario())
     assert met_half_closed, "no send met the close half done: the test did not test the race"
