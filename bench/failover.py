@@ -83,6 +83,7 @@ from projections.replay import replay
 from projections.store import CallbackApplier, encode_state, load_state
 from streams.client import connect
 from streams.consumer import GroupConsumer
+from streams.durability import wait_for_replicas
 from streams.keys import Keys
 from streams.paging import read_stream
 from streams.resilience import REDIS_ERRORS
@@ -214,6 +215,8 @@ async def trial(cluster: RedisClusterServer, ack: int, args: argparse.Namespace)
     for k in range(args.batches):
         event = registration(args.essays, budget=args.budget, seed=int(time.time()) % 1000 + k)
         ids.append((await register_once(r, keys, event))[0])
+        # As `cjs submit` does: a replica holds the batch before it is said registered.
+        await wait_for_replicas(r, keys.for_batch(ids[-1]), ack, s.replica_ack_timeout_ms)
     calls: Counter[str] = Counter()
     short0 = ack_short()
     ACK.reset()

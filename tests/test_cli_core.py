@@ -247,3 +247,28 @@ def test_submit_refuses_a_model_that_cannot_judge(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "forced tool use" in result.stderr
     ok = _run(["submit", str(path), "--provider", "anthropic", "--dry-run", "--json"])
     assert ok.exit_code == 0 and _one_json(ok.stdout)["model"] == "claude-sonnet-4-6"
+
+
+def test_submit_with_replica_acknowledgement_says_when_no_replica_held_it(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """CJS_MIN_REPLICAS_ACK=1: `submit` waits for a replica to hold the batch before it says
+    it is registered, as the workers' commits do (a failover right after the reply could take
+    an unreplicated batch with its master). A server without replicas never acknowledges:
+    the batch is registered, and the reply says that no replica holds it yet."""
+    env = {
+        "REDIS_URL": redis_server.url,
+        "CJS_PREFIX": "ack:",
+        "CJS_MIN_REPLICAS_ACK": "1",
+        "CJS_REPLICA_ACK_TIMEOUT_MS": "50",
+    }
+    reply = _one_json(_run(["submit", str(_write(tmp_path, "b.json", GOOD)), "--json"], env).stdout)
+    [warning] = [w for w in reply["warnings"] if "replica" in w]
+    assert "within 50 ms" in warning and reply["batch_id"] in warning
+    status = _one_json(_run(["status", reply["batch_id"], "--json"], env).stdout)
+    assert status["status"] in ("registered", "running")
+    env["CJS_MIN_REPLICAS_ACK"] = "0"
+    again = _one_json(
+        _run(["submit", str(_write(tmp_path, "c.json", GOOD)), "--json", "--new"], env).stdout
+    )
+    assert not [w for w in again["warnings"] if "replica" in w]  # not asked: not waited for
