@@ -15,6 +15,7 @@ from app import errors, settings
 from app.views import results_view
 from events.types import Mode
 from projections.batch import BatchState
+from streams.keys import Keys
 from tools import common
 
 
@@ -148,7 +149,6 @@ def submit(
         click.echo(f"warning: {warning}", err=True)
     from cj.continuation import advance  # scoring (numpy, scipy): only submit needs it
     from cj.registration import register_once
-    from streams.durability import wait_for_replicas
 
     async def register(r: Any) -> tuple[str, bool]:
         keys = settings.keys_for(s)
@@ -158,19 +158,10 @@ def submit(
                 await advance(r, keys, batch_id)
         except Contended as exc:
             raise errors.Conflict(str(exc)) from exc
-        # CJS_MIN_REPLICAS_ACK: the batch is said registered once a replica holds it (and its
-        # first wave), as the workers' commits are: a failover right after the reply could
-        # otherwise take it with the master (bench/failover.py lost 2 batches so, session 18).
-        acked = await wait_for_replicas(
-            r, keys.for_batch(batch_id), s.min_replicas_ack, s.replica_ack_timeout_ms
-        )
-        if acked is not None and acked < s.min_replicas_ack:
-            warnings.append(
-                f"no replica acknowledged the registration within {s.replica_ack_timeout_ms} ms "
-                "(CJS_REPLICA_ACK_TIMEOUT_MS): a failover now could lose the batch; "
-                f"`cjs status {batch_id}` shows whether it is there"
-            )
-            click.echo(f"warning: {warnings[-1]}", err=True)
+        unheld = await _replica_warning(r, keys, batch_id, s)
+        if unheld:
+            warnings.append(unheld)
+            click.echo(f"warning: {unheld}", err=True)
         return batch_id, new
 
     batch_id, new = common.with_redis(s, register)
@@ -184,6 +175,25 @@ def submit(
             err=True,
         )
     click.echo(batch_id)
+
+
+async def _replica_warning(r: Any, keys: Keys, batch_id: str, s: settings.Settings) -> str | None:
+    """With CJS_MIN_REPLICAS_ACK, wait for a replica to hold the batch (and its first wave)
+    before it is said registered, as the workers' commits are: a failover right after the
+    reply could otherwise take it with the master (bench/failover.py lost 2 batches so,
+    session 18). Why the user should know, when no replica did in time; else None."""
+    from streams.durability import wait_for_replicas
+
+    acked = await wait_for_replicas(
+        r, keys.for_batch(batch_id), s.min_replicas_ack, s.replica_ack_timeout_ms
+    )
+    if acked is None or acked >= s.min_replicas_ack:
+        return None
+    return (
+        f"no replica acknowledged the registration within {s.replica_ack_timeout_ms} ms "
+        "(CJS_REPLICA_ACK_TIMEOUT_MS): a failover now could lose the batch; "
+        f"`cjs status {batch_id}` shows whether it is there"
+    )
 
 
 def _print_plan(event: Any, scale_name: str, warnings: list[str], as_json: bool) -> None:
