@@ -40,8 +40,25 @@ class _HiredisPacking:
     _writer: Any
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        base: Any = super()
         try:
-            await self._send_packed(command, check_health)
+            if not self.socket_timeout or not self.is_connected:
+                await base.send_packed_command(command, check_health)
+                return
+            if check_health:
+                await base.check_health()
+            writer = self._writer
+            if writer is None or writer.transport.is_closing():  # lost: redis-py's errors
+                await base.send_packed_command(command, False)
+                return
+            if isinstance(command, str):
+                command = command.encode()
+            writer.writelines([command] if isinstance(command, bytes) else command)
+            transport = writer.transport
+            if transport.get_write_buffer_size() or transport.is_closing():
+                # Some of it waits in the buffer (or the write failed): the drain, under the
+                # socket timeout, and its errors as redis-py has them (it writes nothing more).
+                await base.send_packed_command([], False)
         except (AttributeError, RuntimeError) as exc:
             # A send on a connection that is gone fails inside redis-py with neither a
             # ConnectionError nor an OSError, which no retry or error policy takes for a lost
@@ -52,31 +69,12 @@ class _HiredisPacking:
             # - RuntimeError ("the handler is closed"), on uvloop (the workers' loop), when
             #   its transport is closed: the server went away (a Redis restart killed an LPS
             #   worker so in tests/test_worker_processes.py).
-            # Both are a lost connection, said as one for the retries that handle those.
-            writer = self._writer
-            if writer is not None and not writer.transport.is_closing():
+            # Both are a lost connection, said as one for the retries that handle those. In
+            # this method, not a wrapper around it: a coroutine frame more on every command.
+            gone = self._writer
+            if gone is not None and not gone.transport.is_closing():
                 raise
             raise RedisConnectionError(f"Connection lost while sending: {exc}") from exc
-
-    async def _send_packed(self, command: Any, check_health: bool) -> None:
-        base: Any = super()
-        if not self.socket_timeout or not self.is_connected:
-            await base.send_packed_command(command, check_health)
-            return
-        if check_health:
-            await base.check_health()
-        writer = self._writer
-        if writer is None or writer.transport.is_closing():  # lost: redis-py's errors
-            await base.send_packed_command(command, False)
-            return
-        if isinstance(command, str):
-            command = command.encode()
-        writer.writelines([command] if isinstance(command, bytes) else command)
-        transport = writer.transport
-        if transport.get_write_buffer_size() or transport.is_closing():
-            # Some of it waits in the buffer (or the write failed): the drain, under the
-            # socket timeout, and its errors as redis-py has them (it writes nothing more).
-            await base.send_packed_command([], False)
 
     def pack_command(self, *args: Any) -> list[bytes]:
         encoder = self.encoder
