@@ -412,7 +412,11 @@ def main() -> None:
                             row["done_s_after_kill"] for row in rows
                         ),
                         "done_s_after_kill_max": max(row["done_s_after_kill"] for row in rows),
-                        "failover_s_max": max(row["failover_s"] for row in rows),
+                        # None when no trial saw its replica promoted (within 180 s).
+                        "failover_s_max": max(
+                            (row["failover_s"] for row in rows if row["failover_s"] is not None),
+                            default=None,
+                        ),
                     }
                 )
         finally:
